@@ -1,0 +1,40 @@
+"""Nearest class centroid (Snell et al. 2017; SimpleShot, Wang et al. 2019). Inductive."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from fewshot.models.heads.base import FewShotHead, HeadState, check_support, class_means, sq_distances
+from fewshot.models.heads.transforms import transform_features
+
+
+@dataclass
+class CentroidState(HeadState):
+    """Prototypes ``(N, d)`` in transformed feature space."""
+
+    prototypes: torch.Tensor
+    transform: str
+    center: torch.Tensor | None
+    transductive = False
+
+    def classify(self, query: torch.Tensor) -> torch.Tensor:
+        """``(Q, d)`` -> ``(Q, N)``: softmax of negative squared distances to the prototypes."""
+        q = transform_features(query, self.transform, self.center)
+        return torch.softmax(-sq_distances(q, self.prototypes), dim=1)
+
+
+class CentroidHead(FewShotHead):
+    """Nearest centroid after a UN / L2N / CL2N feature transform."""
+
+    name = "centroid"
+
+    def __init__(self, transform: str = "CL2N", center: torch.Tensor | None = None) -> None:
+        transform_features(torch.zeros(1, 1 if center is None else len(center)), transform, center)  # validates
+        self.transform, self.center = transform, center
+
+    def fit(self, support: torch.Tensor, labels: torch.Tensor) -> CentroidState:
+        n = check_support(support, labels)
+        s = transform_features(support, self.transform, self.center)
+        return CentroidState(class_means(s, labels, n), self.transform, self.center)

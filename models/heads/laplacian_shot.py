@@ -1,0 +1,120 @@
+"""LaplacianShot (Ziko et al., "Laplacian Regularized Few-Shot Learning", ICML 2020). Transductive.
+
+Minimises over soft assignments ``Y`` of the queries
+``E(Y) = sum_q sum_c Y_qc log Y_qc + Y_qc a_qc - lambda sum_q sum_c (W Y)_qc Y_qc``
+with unary ``a_qc = ||x_q - m_c||^2`` (``m_c`` the class prototypes, optionally rectified) and a
+binary kNN affinity ``W`` among the query features, by the bound updates
+``Y <- softmax(-a + lambda W Y)``. Details follow the authors' code (see ``shared/METHODS.md``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from fewshot.models.heads.base import FewShotHead, HeadState, check_support, class_means, sq_distances
+from fewshot.models.heads.transforms import transform_features
+
+
+def knn_affinity(x: torch.Tensor, k: int) -> torch.Tensor:
+    """``(Q, d)`` -> ``(Q, Q)`` binary: ``W_ij = 1`` when ``j`` is among the ``k`` nearest of ``i``,
+    the point itself counted (so ``k = 3`` gives two neighbours); not symmetrised."""
+    k = min(k, x.shape[0])
+    idx = sq_distances(x, x).topk(k, dim=1, largest=False).indices
+    w = torch.zeros(x.shape[0], x.shape[0], dtype=x.dtype)
+    return w.scatter_(1, idx, 1.0)
+
+
+def rectify_prototypes(support: torch.Tensor, labels: torch.Tensor, query: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prototype rectification of the authors' code: shift the queries by
+    ``mean(support) - mean(query)``, assign support and shifted queries to the support means by
+    cosine, weight each point by ``softmax(10 cos)`` of its class, new prototype = mean of the
+    weighted points assigned to it (a class that receives no point keeps its support mean).
+
+    Returns ``(prototypes (N, d), shifted query (Q, d))``.
+    """
+    means = class_means(support, labels, n)
+    query = query + (support.mean(0) - query.mean(0))
+    points = torch.cat([support, query])
+    cos = torch.nn.functional.normalize(points, dim=1) @ torch.nn.functional.normalize(means, dim=1).T
+    weights = torch.softmax(10.0 * cos, dim=1)
+    assigned = cos.argmax(1)
+    protos = means.clone()
+    for c in range(n):  # row c is class c, whether or not it received points
+        mask = assigned == c
+        if mask.any():
+            protos[c] = (weights[mask, c:c + 1] * points[mask]).mean(0)
+    return protos, query
+
+
+def laplacian_energy(y: torch.Tensor, unary: torch.Tensor, w: torch.Tensor, lam: float) -> float:
+    """``sum(Y log Y + a Y - lambda (W Y) Y)``."""
+    return float((y * torch.log(y.clamp_min(1e-20)) + unary * y - lam * (w @ y) * y).sum())
+
+
+def laplacian_shot(prototypes: torch.Tensor, query: torch.Tensor, lam: float, knn: int = 3,
+                   max_iter: int = 20, tol: float = 1e-6) -> tuple[torch.Tensor, list[float]]:
+    """Bound updates of LaplacianShot.
+
+    Args:
+        prototypes: ``(N, d)``; query: ``(Q, d)`` (same feature space).
+    Returns:
+        ``Y (Q, N)`` soft assignments and the energy after each update. Stops after at most
+        ``max_iter`` updates, or (from the second update on) once the relative energy change is at
+        most ``tol``.
+    """
+    unary = sq_distances(query, prototypes)
+    w = knn_affinity(query, knn)
+    y = torch.softmax(-unary, dim=1)
+    energies: list[float] = []
+    for it in range(max_iter):
+        y = torch.softmax(-unary + lam * (w @ y), dim=1)
+        energies.append(laplacian_energy(y, unary, w, lam))
+        if it >= 1 and abs(energies[-1] - energies[-2]) <= tol * abs(energies[-2]):
+            break
+    return y, energies
+
+
+@dataclass
+class LaplacianShotState(HeadState):
+    """Support features of one task; each ``classify`` call is transductive over its own queries."""
+
+    support: torch.Tensor
+    labels: torch.Tensor
+    n_classes: int
+    transform: str
+    center: torch.Tensor | None
+    lam: float
+    knn: int
+    rectify: bool
+    transductive = True
+    last_energies: list[float] = field(default_factory=list, repr=False)
+
+    def classify(self, query: torch.Tensor) -> torch.Tensor:
+        """``(Q, d)`` -> ``(Q, N)`` soft assignments after the bound updates."""
+        q = transform_features(query, self.transform, self.center)
+        if self.rectify:
+            protos, q = rectify_prototypes(self.support, self.labels, q, self.n_classes)
+        else:
+            protos = class_means(self.support, self.labels, self.n_classes)
+        y, self.last_energies = laplacian_shot(protos, q, self.lam, self.knn)
+        return y
+
+
+class LaplacianShotHead(FewShotHead):
+    """LaplacianShot with a feature transform; ``lam`` is chosen per model and shot count on
+    validation tasks and stored in the model card."""
+
+    name = "laplacianshot"
+
+    def __init__(self, lam: float = 1.0, knn: int = 3, transform: str = "CL2N",
+                 center: torch.Tensor | None = None, rectify: bool = False) -> None:
+        if lam < 0 or knn < 1:
+            raise ValueError(f"lambda must be >= 0 and knn >= 1, got lambda={lam}, knn={knn}")
+        self.lam, self.knn, self.transform, self.center, self.rectify = lam, knn, transform, center, rectify
+
+    def fit(self, support: torch.Tensor, labels: torch.Tensor) -> LaplacianShotState:
+        n = check_support(support, labels)
+        s = transform_features(support, self.transform, self.center)
+        return LaplacianShotState(s, labels, n, self.transform, self.center, self.lam, self.knn, self.rectify)
