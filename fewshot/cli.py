@@ -35,13 +35,80 @@ def _run_train(args: argparse.Namespace) -> None:
     print(f"best checkpoint: {best}")
 
 
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="few-shot accuracy of a shipped model on seeded test tasks")
+    p.add_argument("--model", required=True, help="shipped model name (models/zoo) or a model folder")
+    p.add_argument("--dataset", choices=["omniglot", "tinyimagenet"], help="default: the model's training dataset")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--ways", type=int, default=5)
+    p.add_argument("--shots", type=int, default=1)
+    p.add_argument("--queries", type=int, default=15)
+    p.add_argument("--tasks", type=int, default=600)
+    p.add_argument("--head", choices=["centroid", "laplacianshot"], help="default: the model card's")
+    p.add_argument("--transform", choices=["UN", "L2N", "CL2N"], help="override the card's feature transform")
+    p.add_argument("--lam", type=float, help="override LaplacianShot's lambda")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "torch"])
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--data-root", help="default: $FEWSHOT_DATA or ../shared/data")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--progress", action="store_true", help="show a progress bar")
+
+
+def _run_eval(args: argparse.Namespace) -> None:
+    from fewshot.models.data import load_dataset
+    from fewshot.models.evaluation import evaluate
+    from fewshot.models.metric_adapter import MetricAdapter
+    from fewshot.models.zoo import load_model
+
+    model = load_model(args.model)
+    dataset = args.dataset or model.card["data"]["dataset"]
+    if dataset != model.card["data"]["dataset"]:
+        raise ValueError(f"model {model.name} takes {model.card['data']['dataset']} inputs, not {dataset}")
+    head_name = args.head or model.card["default_head"]
+    head = model.head(head_name, shots=args.shots, transform=args.transform, lam=args.lam)
+    data = load_dataset(dataset, args.split, args.data_root)
+    adapter = MetricAdapter(model.extractor(args.backend, args.device), head)
+    res = evaluate(adapter, data, model.spec.normalize, args.ways, args.shots, args.queries, args.tasks, args.seed,
+                   progress=args.progress)
+    row = {"model": model.name, "dataset": dataset, "split": args.split, "ways": args.ways, "shots": args.shots,
+           "queries": args.queries, "head": head_name, "transform": head.transform,
+           **({"lambda": head.lam, "rectify": head.rectify} if head_name == "laplacianshot" else {}),
+           "tasks": res.tasks, "seed": args.seed, "accuracy": round(res.accuracy, 2), "ci95": round(res.ci95, 2),
+           "seconds": round(res.seconds, 2)}
+    if args.json:
+        print(json.dumps(row))
+    else:
+        print(f"{model.name} {dataset}/{args.split} {args.ways}-way {args.shots}-shot {head_name}: "
+              f"{res.accuracy:.2f} +- {res.ci95:.2f} % over {res.tasks} tasks (seed {args.seed}, {res.seconds:.1f} s)")
+
+
+def _add_package(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("package", help="turn a training run into a shipped model (centering vector, tuned heads)")
+    p.add_argument("--run", required=True, help="training run folder (uses its best.pt)")
+    p.add_argument("--name", required=True)
+    p.add_argument("--train-command", default="", help="the training command, recorded in the model card")
+    p.add_argument("--out", default=None, help="default: models/zoo")
+    p.add_argument("--tune-tasks", type=int, default=500)
+
+
+def _run_package(args: argparse.Namespace) -> None:
+    from fewshot.models.zoo import ZOO_DIR, package_run
+
+    path = package_run(Path(args.run) / "best.pt", args.name, args.train_command, Path(args.out) if args.out else ZOO_DIR,
+                       args.tune_tasks)
+    print(f"packaged {args.name} into {path}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fewshot", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub)
+    _add_eval(sub)
+    _add_package(sub)
     args = parser.parse_args(argv)
     try:
-        {"train": _run_train}[args.command](args)
+        {"train": _run_train, "eval": _run_eval, "package": _run_package}[args.command](args)
     except (ValueError, FileNotFoundError, RuntimeError, KeyError) as exc:
         print(f"fewshot {args.command}: error: {exc}", file=sys.stderr)
         return 2

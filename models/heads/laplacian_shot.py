@@ -18,12 +18,14 @@ from fewshot.models.heads.transforms import transform_features
 
 
 def knn_affinity(x: torch.Tensor, k: int) -> torch.Tensor:
-    """``(Q, d)`` -> ``(Q, Q)`` binary: ``W_ij = 1`` when ``j`` is among the ``k`` nearest of ``i``,
-    the point itself counted (so ``k = 3`` gives two neighbours); not symmetrised."""
+    """``(Q, d)`` -> ``(Q, Q)`` kNN affinity, symmetrised: ``W = (B + B^T) / 2`` with ``B_ij = 1`` when
+    ``j`` is among the ``k`` nearest of ``i``, the point itself counted (so ``k = 3`` gives two
+    neighbours). The authors' code uses ``B`` itself; the symmetric form makes ``W Y`` the exact
+    gradient of the pairwise term, so the energy below is the one the bound updates minimise."""
     k = min(k, x.shape[0])
     idx = sq_distances(x, x).topk(k, dim=1, largest=False).indices
-    w = torch.zeros(x.shape[0], x.shape[0], dtype=x.dtype)
-    return w.scatter_(1, idx, 1.0)
+    b = torch.zeros(x.shape[0], x.shape[0], dtype=x.dtype).scatter_(1, idx, 1.0)
+    return 0.5 * (b + b.T)
 
 
 def rectify_prototypes(support: torch.Tensor, labels: torch.Tensor, query: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,8 +51,9 @@ def rectify_prototypes(support: torch.Tensor, labels: torch.Tensor, query: torch
 
 
 def laplacian_energy(y: torch.Tensor, unary: torch.Tensor, w: torch.Tensor, lam: float) -> float:
-    """``sum(Y log Y + a Y - lambda (W Y) Y)``."""
-    return float((y * torch.log(y.clamp_min(1e-20)) + unary * y - lam * (w @ y) * y).sum())
+    """``sum(Y log Y + a Y) - (lambda / 2) sum((W Y) Y)``: the objective whose linearised bound the
+    update ``softmax(-a + lambda W Y)`` minimises exactly."""
+    return float((y * torch.log(y.clamp_min(1e-20)) + unary * y - 0.5 * lam * (w @ y) * y).sum())
 
 
 def laplacian_shot(prototypes: torch.Tensor, query: torch.Tensor, lam: float, knn: int = 3,
@@ -67,10 +70,23 @@ def laplacian_shot(prototypes: torch.Tensor, query: torch.Tensor, lam: float, kn
     unary = sq_distances(query, prototypes)
     w = knn_affinity(query, knn)
     y = torch.softmax(-unary, dim=1)
+    energy = laplacian_energy(y, unary, w, lam)
     energies: list[float] = []
     for it in range(max_iter):
-        y = torch.softmax(-unary + lam * (w @ y), dim=1)
-        energies.append(laplacian_energy(y, unary, w, lam))
+        candidate = torch.softmax(-unary + lam * (w @ y), dim=1)
+        new_energy = laplacian_energy(candidate, unary, w, lam)
+        # The kNN affinity is not positive semi-definite, so the bound is not guaranteed to hold.
+        # The update direction is still a descent direction of E (it minimises a convex function
+        # with E's gradient at y), so a backtracking step along it restores E(t+1) <= E(t).
+        step = 1.0
+        while new_energy > energy and step > 1e-4:
+            step *= 0.5
+            candidate = y + step * (torch.softmax(-unary + lam * (w @ y), dim=1) - y)
+            new_energy = laplacian_energy(candidate, unary, w, lam)
+        if new_energy > energy:
+            break  # no decrease along the update: y is stationary to numerical precision
+        y, energy = candidate, new_energy
+        energies.append(energy)
         if it >= 1 and abs(energies[-1] - energies[-2]) <= tol * abs(energies[-2]):
             break
     return y, energies

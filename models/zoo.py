@@ -1,0 +1,166 @@
+"""Shipped models: ``models/zoo/<name>/`` holds ``weights.safetensors`` (backbone state and, for
+the metric family, the centering vector) and ``card.json`` (architecture, input spec, feature dim,
+training command, data, seed, head settings and measured accuracy).
+
+``package_run`` turns a training run into a shipped model: it picks the best checkpoint, computes
+the centering vector on the training classes and chooses the head settings (feature transform,
+LaplacianShot's lambda per shot count) on validation tasks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from itertools import product
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from fewshot.models.backbones import build_backbone
+from fewshot.models.data import load_dataset
+from fewshot.models.evaluation import evaluate_features
+from fewshot.models.features import FeatureExtractor, OnnxFeatures, TorchFeatures, backbone_to_onnx
+from fewshot.models.heads.base import FewShotHead
+from fewshot.models.heads.centroid import CentroidHead
+from fewshot.models.heads.laplacian_shot import LaplacianShotHead
+from fewshot.models.heads.transforms import TRANSFORMS
+from fewshot.models.preprocess import InputSpec
+from fewshot.models.training import extract_features, load_trained_backbone
+
+ZOO_DIR = Path(__file__).resolve().parent / "zoo"
+CARD_SCHEMA = 1
+#: LaplacianShot's lambda grid: the authors' grid (shared/METHODS.md) extended downwards, since on
+#: Conv-4 CL2N features the small values win on validation.
+LAMBDA_GRID = (0.01, 0.03, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.5)
+HEADS = ("centroid", "laplacianshot")
+
+
+class ModelNotFoundError(ValueError):
+    """Raised when a model name or folder does not hold a model card and weights."""
+
+
+@dataclass
+class ShippedModel:
+    """A loaded model: its card, backbone (eval mode) and centering vector."""
+
+    name: str
+    card: dict[str, Any]
+    backbone: torch.nn.Module
+    center: torch.Tensor | None
+    path: Path
+
+    @property
+    def spec(self) -> InputSpec:
+        return InputSpec.from_dict(self.card["input"])
+
+    def extractor(self, backend: str = "onnxruntime", device: str = "auto") -> FeatureExtractor:
+        """The backbone as a feature extractor, in ONNX Runtime (default) or torch."""
+        if backend == "torch":
+            return TorchFeatures(self.backbone, "cuda" if device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+        if backend == "onnxruntime":
+            spec = self.spec
+            return OnnxFeatures(backbone_to_onnx(self.backbone, spec.channels, spec.size), self.backbone.feature_dim, device)
+        raise ValueError(f"unknown feature backend {backend!r}: use onnxruntime or torch")
+
+    def head(self, name: str | None = None, shots: int = 1, **overrides: Any) -> FewShotHead:
+        """A head configured from the card (``overrides``: transform, lam, knn, rectify)."""
+        heads = self.card["heads"]
+        name = name or self.card["default_head"]
+        if name not in heads:
+            raise ValueError(f"model {self.name} has no head {name!r}: it offers {', '.join(heads)}")
+        cfg = dict(heads[name])
+        if name == "centroid":
+            return CentroidHead(overrides.get("transform") or cfg["transform"], self.center)
+        lam_by_shot = cfg["lambda"]
+        lam = overrides.get("lam")
+        if lam is None:  # the tuned value of the nearest tuned shot count
+            nearest = min(lam_by_shot, key=lambda k: abs(int(k) - shots))
+            lam = lam_by_shot[nearest]
+        return LaplacianShotHead(lam=float(lam), knn=int(overrides.get("knn") or cfg["knn"]),
+                                 transform=overrides.get("transform") or cfg["transform"], center=self.center,
+                                 rectify=bool(cfg["rectify"] if overrides.get("rectify") is None else overrides["rectify"]))
+
+
+def model_dir(name_or_path: str | os.PathLike) -> Path:
+    """A zoo name (``omniglot-conv4-directsum``) or a folder holding ``card.json``."""
+    path = Path(name_or_path)
+    if (path / "card.json").exists():
+        return path
+    if (ZOO_DIR / str(name_or_path) / "card.json").exists():
+        return ZOO_DIR / str(name_or_path)
+    names = sorted(p.name for p in ZOO_DIR.iterdir() if (p / "card.json").exists()) if ZOO_DIR.exists() else []
+    raise ModelNotFoundError(f"unknown model {name_or_path!r}: shipped models are {', '.join(names) or 'none'}")
+
+
+def load_model(name_or_path: str | os.PathLike) -> ShippedModel:
+    """Load a shipped model by zoo name or folder."""
+    path = model_dir(name_or_path)
+    card = json.loads((path / "card.json").read_text())
+    tensors = load_file(str(path / "weights.safetensors"))
+    center = tensors.pop("center", None)
+    backbone = build_backbone(card["architecture"])
+    backbone.load_state_dict({k.removeprefix("backbone."): v for k, v in tensors.items()})
+    return ShippedModel(card["name"], card, backbone.eval(), center, path)
+
+
+def save_card(path: Path, card: dict[str, Any]) -> None:
+    (path / "card.json").write_text(json.dumps(card, indent=2) + "\n")
+
+
+def _tune_heads(feats: torch.Tensor, val, center: torch.Tensor, tasks: int, seed: int) -> dict[str, Any]:
+    """Choose the centroid transform and LaplacianShot's (transform, lambda, rectify) per shot on
+    ``tasks`` validation tasks (5-way, 15 queries)."""
+    chosen: dict[str, Any] = {"centroid": {}, "laplacianshot": {"knn": 3, "lambda": {}}}
+    scores: dict[str, Any] = {}
+    best_t = max(TRANSFORMS, key=lambda t: evaluate_features(feats, val, CentroidHead(t, center), 5, 1, 15, tasks, seed).accuracy)
+    chosen["centroid"]["transform"] = best_t
+    lap_scores: dict[tuple, float] = {}
+    for shots in (1, 5):
+        for lam, rect in product(LAMBDA_GRID, (False, True)):
+            head = LaplacianShotHead(lam, 3, best_t, center, rect)
+            lap_scores[(shots, lam, rect)] = evaluate_features(feats, val, head, 5, shots, 15, tasks, seed).accuracy
+    rect = max((False, True), key=lambda r: sum(v for (s, l, rr), v in lap_scores.items() if rr == r))
+    for shots in (1, 5):
+        lam = max(LAMBDA_GRID, key=lambda l: lap_scores[(shots, l, rect)])
+        chosen["laplacianshot"]["lambda"][str(shots)] = lam
+        scores[f"laplacianshot_{shots}shot"] = lap_scores[(shots, lam, rect)]
+    chosen["laplacianshot"] |= {"transform": best_t, "rectify": rect}
+    chosen["validation"] = {"tasks": tasks, "seed": seed, "ways": 5, "queries": 15, "accuracy": scores,
+                            "lambda_grid": list(LAMBDA_GRID)}
+    return chosen
+
+
+def package_run(checkpoint: Path, name: str, command: str, out_dir: Path = ZOO_DIR, tune_tasks: int = 500,
+                center_per_class: int = 100) -> Path:
+    """Turn a training checkpoint into ``out_dir/name`` (weights + card)."""
+    backbone, ck = load_trained_backbone(checkpoint)
+    cfg = ck["config"]
+    spec = InputSpec.from_dict(ck["spec"])
+    train = load_dataset(cfg["dataset"], "train", cfg.get("data_root"), rotations=cfg.get("rotations", False))
+    rng = np.random.default_rng(cfg["seed"])
+    idx = np.sort(np.concatenate([rng.choice(ix, min(center_per_class, len(ix)), replace=False) for ix in train.indices_by_class()]))
+    center = extract_features(backbone, train.images[idx], spec).mean(0)
+    val = load_dataset(cfg["dataset"], "val", cfg.get("data_root"))
+    feats = extract_features(backbone, val.images, spec)
+    heads = _tune_heads(feats, val, center, tune_tasks, seed=cfg["seed"])
+    validation = heads.pop("validation")
+    path = out_dir / name
+    path.mkdir(parents=True, exist_ok=True)
+    save_file({**{f"backbone.{k}": v.contiguous() for k, v in backbone.state_dict().items()}, "center": center.contiguous()},
+              str(path / "weights.safetensors"))
+    card = {
+        "schema": CARD_SCHEMA, "name": name, "family": "metric", "method": "direct-sum supervised pre-training",
+        "architecture": backbone.config, "feature_dim": backbone.feature_dim, "input": spec.to_dict(),
+        "training": {"command": command, "config": cfg, "dataset": cfg["dataset"], "seed": cfg["seed"],
+                     "train_classes": len(ck["classes"]), "steps": ck["step"], "best_val_accuracy": ck["best"]},
+        "data": {"dataset": cfg["dataset"], "train_split": "train", "val_split": "val", "test_split": "test"},
+        "center": {"images_per_class": center_per_class, "split": "train", "seed": cfg["seed"]},
+        "default_head": "centroid", "heads": heads, "head_tuning": validation,
+        "limits": {"max_ways": 50, "max_shots": 50}, "accuracy": {},
+    }
+    save_card(path, card)
+    return path
