@@ -55,7 +55,8 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--progress", action="store_true", help="show a progress bar")
 
 
-def _run_eval(args: argparse.Namespace) -> None:
+def eval_row(args: argparse.Namespace) -> dict:
+    """Run ``fewshot eval`` with parsed ``args``; returns its JSON row."""
     from fewshot.models.data import load_dataset
     from fewshot.models.evaluation import evaluate
     from fewshot.models.metric_adapter import MetricAdapter
@@ -71,16 +72,21 @@ def _run_eval(args: argparse.Namespace) -> None:
     adapter = MetricAdapter(model.extractor(args.backend, args.device), head)
     res = evaluate(adapter, data, model.spec.normalize, args.ways, args.shots, args.queries, args.tasks, args.seed,
                    progress=args.progress)
-    row = {"model": model.name, "dataset": dataset, "split": args.split, "ways": args.ways, "shots": args.shots,
-           "queries": args.queries, "head": head_name, "transform": head.transform,
-           **({"lambda": head.lam, "rectify": head.rectify} if head_name == "laplacianshot" else {}),
-           "tasks": res.tasks, "seed": args.seed, "accuracy": round(res.accuracy, 2), "ci95": round(res.ci95, 2),
-           "seconds": round(res.seconds, 2)}
-    if args.json:
-        print(json.dumps(row))
-    else:
-        print(f"{model.name} {dataset}/{args.split} {args.ways}-way {args.shots}-shot {head_name}: "
-              f"{res.accuracy:.2f} +- {res.ci95:.2f} % over {res.tasks} tasks (seed {args.seed}, {res.seconds:.1f} s)")
+    return {"model": model.name, "dataset": dataset, "split": args.split, "ways": args.ways, "shots": args.shots,
+            "queries": args.queries, "head": head_name, "transform": head.transform,
+            **({"lambda": head.lam, "rectify": head.rectify} if head_name == "laplacianshot" else {}),
+            "tasks": res.tasks, "seed": args.seed, "accuracy": round(res.accuracy, 2), "ci95": round(res.ci95, 2),
+            "seconds": round(res.seconds, 2)}
+
+
+def _describe(row: dict) -> str:
+    return (f"{row['model']} {row['dataset']}/{row['split']} {row['ways']}-way {row['shots']}-shot {row['head']}: "
+            f"{row['accuracy']:.2f} +- {row['ci95']:.2f} % over {row['tasks']} tasks (seed {row['seed']}, {row['seconds']:.1f} s)")
+
+
+def _run_eval(args: argparse.Namespace) -> None:
+    row = eval_row(args)
+    print(json.dumps(row) if args.json else _describe(row))
 
 
 def _add_package(sub: argparse._SubParsersAction) -> None:
@@ -100,15 +106,40 @@ def _run_package(args: argparse.Namespace) -> None:
     print(f"packaged {args.name} into {path}")
 
 
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="evaluate every shipped model on a few real test tasks")
+    p.add_argument("--tasks", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _run_demo(args: argparse.Namespace) -> None:
+    from fewshot.models.zoo import ZOO_DIR, load_model
+
+    names = sorted(p.name for p in ZOO_DIR.iterdir() if (p / "card.json").exists())
+    print(f"shipped models: {', '.join(names)}\n{args.tasks} test tasks per row (seed {args.seed}), in-process ONNX Runtime")
+    parser = argparse.ArgumentParser()
+    _add_eval(parser.add_subparsers(dest="command"))
+    for name in names:
+        card = load_model(name).card
+        for shots in (1, 5):
+            for head in ("centroid", "laplacianshot"):
+                row = eval_row(parser.parse_args(["eval", "--model", name, "--shots", str(shots), "--head", head,
+                                                  "--tasks", str(args.tasks), "--seed", str(args.seed)]))
+                ref = card.get("accuracy", {}).get(f"5way_{shots}shot_{head}")
+                ref_txt = f"   [RESULTS.md, {ref['tasks']} tasks: {ref['accuracy']:.2f} +- {ref['ci95']:.2f}]" if ref else ""
+                print(_describe(row) + ref_txt)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fewshot", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub)
     _add_eval(sub)
     _add_package(sub)
+    _add_demo(sub)
     args = parser.parse_args(argv)
     try:
-        {"train": _run_train, "eval": _run_eval, "package": _run_package}[args.command](args)
+        {"train": _run_train, "eval": _run_eval, "package": _run_package, "demo": _run_demo}[args.command](args)
     except (ValueError, FileNotFoundError, RuntimeError, KeyError) as exc:
         print(f"fewshot {args.command}: error: {exc}", file=sys.stderr)
         return 2

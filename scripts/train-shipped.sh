@@ -5,6 +5,7 @@
 set -euo pipefail
 export MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=67108864 MALLOC_TOP_PAD_=67108864
 FEWSHOT=${FEWSHOT:-.venv/bin/fewshot}
+THREADS="--threads ${FEWSHOT_THREADS:-0}"  # 0: all cores; the budget is counted in epochs, not time
 TI="--dataset tinyimagenet --arch conv4 --width 64 --epochs 10 --batch-classes 32 --batch-shots 4 --lr 0.05 --temperature 64 --seed 0"
 OMNI="--dataset omniglot --arch conv4 --width 64 --pools 2 --epochs 20 --batch-classes 32 --batch-shots 4 --lr 0.05 --temperature 64 --seed 0"
 declare -A RUNS=(
@@ -17,5 +18,5 @@ names=("$@")
 [ ${#names[@]} -gt 0 ] || names=(tinyimagenet-conv4-sce-nca-directsum omniglot-conv4-directsum tinyimagenet-conv4-sce tinyimagenet-conv4-sce-nca-sum)
 for name in "${names[@]}"; do
   echo "== $name: fewshot train ${RUNS[$name]} --out runs/$name"
-  $FEWSHOT train ${RUNS[$name]} --out "runs/$name" --resume
+  $FEWSHOT train ${RUNS[$name]} $THREADS --out "runs/$name" --resume
 done

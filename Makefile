@@ -1,0 +1,36 @@
+# The two commands: `make demo` (set-up + the main job) and `make test`.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+export MALLOC_MMAP_THRESHOLD_ ?= 33554432
+export MALLOC_TRIM_THRESHOLD_ ?= 67108864
+export MALLOC_TOP_PAD_ ?= 67108864
+
+.PHONY: install test demo models results clean
+
+# torch is pinned to the CPU build that pip finds locally (see ../shared/ENVIRONMENT.md): a plain
+# `torch` would pull several GB of CUDA wheels. CPU machines get `onnxruntime`; the GPU image
+# installs `onnxruntime-gpu` instead (the two packages overwrite each other).
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(VENV)/bin/pip install -q --disable-pip-version-check -e '.[cpu,test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: install
+	$(PY) -m pytest
+
+demo: install
+	$(VENV)/bin/fewshot demo --tasks 100
+
+# Retrain the shipped backbones (hours on 2 CPU cores), package them, then re-measure RESULTS.md.
+models: install
+	scripts/train-shipped.sh
+	scripts/package-shipped.sh
+
+results: install
+	$(PY) scripts/results.py --tasks 600
+
+clean:
+	rm -rf $(VENV) .cache .pytest_cache
