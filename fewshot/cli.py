@@ -9,29 +9,54 @@ import sys
 from pathlib import Path
 
 
-def _add_train(sub: argparse._SubParsersAction) -> None:
+def _train_configs():
+    from fewshot.models.meta.training import MetaTrainConfig
     from fewshot.models.training import TrainConfig
 
-    p = sub.add_parser("train", help="train a backbone (supervised, direct-sum paper losses)")
-    defaults = TrainConfig()
-    for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        default = getattr(defaults, f.name)
-        if isinstance(default, bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
-        else:
-            kind = {int: int, float: float}.get(type(default), str)
-            p.add_argument(flag, type=kind, default=default)
+    return TrainConfig, MetaTrainConfig
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a backbone: supervised (--loss/--metric/--combine) or meta-trained (--method)",
+                       description="Without --method: supervised training with the direct-sum paper's losses. "
+                                   "With --method maml|fomaml|metasgd|mamlpp|boil|metacurvature|metalstm|cxgrad: "
+                                   "episodic meta-training of that inner loop.")
+    seen: dict[str, object] = {}
+    for cls in _train_configs():
+        for f in dataclasses.fields(cls):
+            if f.name in seen:
+                continue
+            default = getattr(cls(), f.name)
+            seen[f.name] = default
+            flag = "--" + f.name.replace("_", "-")
+            if isinstance(default, bool):
+                p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+            else:
+                kind = {int: int, float: float}.get(type(default), str)
+                p.add_argument(flag, type=kind, default=None, help=f"default {default}")
     p.add_argument("--out", required=True, help="run folder (checkpoints, metrics.jsonl, curves.png)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
 
 
 def _run_train(args: argparse.Namespace) -> None:
-    from fewshot.models.training import TrainConfig, train_supervised
+    supervised_cls, meta_cls = _train_configs()
+    cls = meta_cls if args.method else supervised_cls
+    names = {f.name for f in dataclasses.fields(cls)}
+    other = {f.name for f in dataclasses.fields(meta_cls if cls is supervised_cls else supervised_cls)} - names
+    stray = sorted("--" + n.replace("_", "-") for n in other if getattr(args, n) is not None)
+    if stray:
+        mode = "meta-training (--method)" if args.method else "supervised training (no --method)"
+        raise ValueError(f"{', '.join(stray)} do not apply to {mode}")
+    cfg = cls(**{n: getattr(args, n) for n in names if getattr(args, n) is not None})
+    if args.method:
+        from fewshot.models.meta.training import train_meta
 
-    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
-    best = train_supervised(cfg, Path(args.out), resume=args.resume, device=args.device)
+        best = train_meta(cfg, Path(args.out), resume=args.resume, device=args.device)
+    else:
+        from fewshot.models.training import train_supervised
+
+        best = train_supervised(cfg, Path(args.out), resume=args.resume, device=args.device)
     print(f"best checkpoint: {best}")
 
 

@@ -60,7 +60,7 @@ def evaluate(adapter: Adapter, dataset: ImageSet, normalize: Callable[[np.ndarra
         ep = sampler.episode(i)
         state = adapter.adapt(normalize(dataset.images[ep.support]), torch.as_tensor(ep.support_labels))
         probs = state.classify(normalize(dataset.images[ep.query]))
-        per_task.append(float((probs.argmax(1).numpy() == ep.query_labels).mean()))
+        per_task.append(float((probs.argmax(1).cpu().numpy() == ep.query_labels).mean()))
     return summarize(per_task, time.perf_counter() - start)
 
 
@@ -74,5 +74,5 @@ def evaluate_features(features: torch.Tensor, dataset: ImageSet, head: FewShotHe
         ep = sampler.episode(i)
         state = head.fit(features[ep.support], torch.as_tensor(ep.support_labels))
         probs = state.classify(features[ep.query])
-        per_task.append(float((probs.argmax(1).numpy() == ep.query_labels).mean()))
+        per_task.append(float((probs.argmax(1).cpu().numpy() == ep.query_labels).mean()))
     return summarize(per_task, time.perf_counter() - start)

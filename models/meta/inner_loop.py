@@ -1,0 +1,102 @@
+"""One functional inner-loop engine for every gradient-based method.
+
+``inner_loop(net, rule, params, support, labels, steps, create_graph)`` adapts the meta-parameters
+to one task and returns the adapted parameters (and, for the multi-step loss, those of every step).
+Meta-training, ``fewshot eval`` and the server all call it; :class:`InnerLoopAdapter` wraps it in the
+adapter interface (``adapt(support) -> task state``, ``state.classify(query)``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from fewshot.models.meta.network import BN_MODES, BNStats, MetaConv4, Params, support_statistics
+from fewshot.models.meta.rules import Context, UpdateRule
+
+
+@dataclass
+class Adaptation:
+    """Result of one inner loop: final parameters, the per-step parameters (after each step), the
+    support loss before each step and the rule's final context."""
+
+    params: Params
+    per_step: list[Params]
+    losses: list[float]
+    ctx: Context = field(default_factory=dict)
+
+
+def inner_loop(net: MetaConv4, rule: UpdateRule, params: Params, support: torch.Tensor, labels: torch.Tensor,
+               steps: int, create_graph: bool = False) -> Adaptation:
+    """Adapt ``params`` to the support set ``(S, C, H, W)``, ``(S,)`` with ``steps`` rule updates.
+
+    ``create_graph=True`` keeps the graph of every inner gradient (second-order meta-gradients);
+    ``False`` is first-order (and what evaluation and serving use: the adapted values are the same).
+    """
+    with torch.enable_grad():
+        params = {k: v if v.requires_grad else v.detach().requires_grad_(True) for k, v in params.items()}
+
+        def support_loss(p: Params, step: int) -> torch.Tensor:
+            return F.cross_entropy(net.forward(p, support, step=step), labels)
+
+        ctx = rule.begin(params, support_loss)
+        names = rule.adapted_names()
+        per_step, losses = [], []
+        for t in range(steps):
+            eff = rule.effective(params, ctx, t)
+            loss = support_loss(eff, t)
+            extra = rule.extra(ctx)
+            grads = torch.autograd.grad(loss, [eff[n] for n in names] + extra, create_graph=create_graph)
+            params, ctx = rule.update(t, eff, dict(zip(names, grads[: len(names)])), list(grads[len(names):]),
+                                      loss if create_graph else loss.detach(), ctx)
+            if not create_graph:
+                params = {k: v if v.requires_grad else v.detach().requires_grad_(True) for k, v in params.items()}
+            per_step.append(params)
+            losses.append(float(loss.detach()))
+    return Adaptation(params, per_step, losses, ctx)
+
+
+@dataclass
+class InnerLoopTask:
+    """Adapted weights of one task (detached) and, in ``support`` mode, the frozen BatchNorm statistics."""
+
+    net: MetaConv4
+    params: Params
+    bn_mode: str
+    bn_stats: BNStats | None
+    step: int
+    support_losses: list[float]
+
+    @property
+    def transductive(self) -> bool:
+        return self.bn_mode == "transductive"
+
+    @torch.no_grad()
+    def logits(self, query: torch.Tensor) -> torch.Tensor:
+        """``(Q, C, H, W)`` -> ``(Q, N)`` logits."""
+        return self.net.forward(self.params, query, self.bn_stats, step=self.step)
+
+    def classify(self, query: torch.Tensor) -> torch.Tensor:
+        """``(Q, C, H, W)`` -> ``(Q, N)`` probabilities."""
+        return torch.softmax(self.logits(query), dim=1)
+
+
+class InnerLoopAdapter:
+    """Adapter of the MAML family: ``adapt`` runs the inner loop, the task keeps the adapted weights."""
+
+    def __init__(self, net: MetaConv4, rule: UpdateRule, meta_params: Params, steps: int, bn_mode: str = "support") -> None:
+        if bn_mode not in BN_MODES:
+            raise ValueError(f"unknown BatchNorm mode {bn_mode!r}: use {' or '.join(BN_MODES)}")
+        self.net, self.rule, self.steps, self.bn_mode = net, rule, steps, bn_mode
+        self.meta_params = {k: v.detach() for k, v in meta_params.items()}
+
+    def adapt(self, support: torch.Tensor, labels: torch.Tensor) -> InnerLoopTask:
+        n = int(labels.max()) + 1
+        if n != self.net.ways:
+            raise ValueError(f"this model adapts {self.net.ways}-way tasks, got {n} classes")
+        result = inner_loop(self.net, self.rule, self.meta_params, support, labels, self.steps, create_graph=False)
+        params = {k: v.detach() for k, v in result.params.items()}
+        stats = support_statistics(self.net, params, support, self.steps) if self.bn_mode == "support" else None
+        return InnerLoopTask(self.net, params, self.bn_mode, stats, self.steps, result.losses)

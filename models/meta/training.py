@@ -1,0 +1,160 @@
+"""Episodic meta-training of the gradient-based methods (``fewshot train --method cxgrad ...``).
+
+Each iteration draws ``meta_batch`` training tasks, adapts with the method's inner loop (second-order
+unless ``--first-order``), and takes one Adam step on the query loss with respect to the initial
+weights and the rule's own parameters. Validation (every ``val_every`` iterations, ``support``
+BatchNorm) keeps the best checkpoint. Run folder as in supervised training: ``last.pt``, ``best.pt``,
+``metrics.jsonl``, ``curves.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from fewshot.models.data import load_dataset
+from fewshot.models.episodes import EpisodeSampler
+from fewshot.models.evaluation import evaluate
+from fewshot.models.meta.inner_loop import InnerLoopAdapter, inner_loop
+from fewshot.models.meta.network import MetaConv4, support_statistics
+from fewshot.models.meta.rules import UpdateRule, build_rule
+from fewshot.models.preprocess import InputSpec
+from fewshot.models.training import pick_device, plot_curves
+
+
+@dataclass
+class MetaTrainConfig:
+    """Everything a meta-training run depends on (saved in the checkpoint and the model card)."""
+
+    method: str = "maml"
+    dataset: str = "omniglot"
+    ways: int = 5
+    shots: int = 1
+    queries: int = 15
+    meta_batch: int = 4
+    iterations: int = 5000
+    inner_steps: int = 5
+    alpha: float = 0.01
+    beta: float = 1.0
+    outer_lr: float = 1e-3
+    first_order: bool = False
+    width: int = 64
+    bn_train: str = "transductive"
+    val_every: int = 250
+    val_tasks: int = 200
+    seed: int = 0
+    threads: int = 0
+    data_root: str | None = None
+
+
+def build_learner(cfg: MetaTrainConfig, spec: InputSpec) -> tuple[MetaConv4, UpdateRule]:
+    per_step_bn = cfg.inner_steps + 1 if cfg.method == "mamlpp" else 0
+    net = MetaConv4(spec.channels, cfg.width, spec.size, cfg.ways, per_step_bn)
+    return net, build_rule(cfg.method, net, cfg.inner_steps, cfg.alpha, cfg.beta)
+
+
+def query_loss(net: MetaConv4, cfg: MetaTrainConfig, adaptation, support: torch.Tensor, query: torch.Tensor,
+               labels: torch.Tensor, iteration: int) -> torch.Tensor:
+    """Query loss of one adapted task; MAML++ uses the multi-step loss with annealed weights."""
+
+    def loss_at(params, step):
+        stats = support_statistics(net, params, support, step, differentiable=True) if cfg.bn_train == "support" else None
+        return F.cross_entropy(net.forward(params, query, stats, step=step), labels)
+
+    if cfg.method != "mamlpp":
+        return loss_at(adaptation.params, cfg.inner_steps)
+    steps = cfg.inner_steps
+    # MAML++: uniform weights annealed towards the last step over the first 10% of training.
+    decay = min(1.0, iteration / max(1, 0.1 * cfg.iterations))
+    w = torch.full((steps,), (1.0 - decay) / steps)
+    w[-1] += decay
+    return sum(w[t] * loss_at(adaptation.per_step[t], t + 1) for t in range(steps) if w[t] > 0)
+
+
+def train_meta(cfg: MetaTrainConfig, out_dir: Path, resume: bool = False, device: str = "auto") -> Path:
+    """Meta-train and return the path of ``best.pt``."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    dev = pick_device(device)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    spec = InputSpec.for_dataset(cfg.dataset)
+    train = load_dataset(cfg.dataset, "train", cfg.data_root)
+    val = load_dataset(cfg.dataset, "val", cfg.data_root)
+    net, rule = build_learner(cfg, spec)
+    meta = nn.ParameterDict({k.replace(".", "__"): nn.Parameter(v) for k, v in net.init_params(torch.Generator().manual_seed(cfg.seed)).items()})
+    meta, rule = meta.to(dev), rule.to(dev)
+    opt = torch.optim.Adam(list(meta.parameters()) + list(rule.parameters()), lr=cfg.outer_lr)
+    it, best = 0, -1.0
+    last_path, best_path, metrics_path = out_dir / "last.pt", out_dir / "best.pt", out_dir / "metrics.jsonl"
+    if resume and last_path.exists():
+        ck = torch.load(last_path, weights_only=False, map_location=dev)
+        meta.load_state_dict(ck["meta"]), rule.load_state_dict(ck["rule"]), opt.load_state_dict(ck["opt"])
+        it, best = ck["iteration"], ck["best"]
+        print(f"resumed from {last_path} at iteration {it}/{cfg.iterations}")
+    elif metrics_path.exists():
+        metrics_path.unlink()
+    sampler = EpisodeSampler(train, cfg.ways, cfg.shots, cfg.queries, seed=cfg.seed + 10_000)
+    second_order = not (cfg.first_order or cfg.method == "fomaml")
+
+    def params() -> dict[str, torch.Tensor]:
+        return {k.replace("__", "."): v for k, v in meta.items()}
+
+    def save(path: Path) -> None:
+        torch.save({"meta": meta.state_dict(), "rule": rule.state_dict(), "opt": opt.state_dict(), "iteration": it,
+                    "best": best, "config": asdict(cfg), "net_config": net.config, "spec": spec.to_dict()},
+                   path.with_suffix(".tmp"))
+        path.with_suffix(".tmp").replace(path)
+
+    def batch(idx: np.ndarray) -> torch.Tensor:
+        return spec.normalize(train.images[idx]).to(dev)
+
+    log = metrics_path.open("a")
+    bar = tqdm(total=cfg.iterations, initial=it, desc=f"meta-train {out_dir.name}", mininterval=5)
+    t0, window = time.perf_counter(), []
+    while it < cfg.iterations:
+        opt.zero_grad(set_to_none=True)
+        total, acc = 0.0, 0.0
+        for b in range(cfg.meta_batch):
+            ep = sampler.episode(it * cfg.meta_batch + b)
+            xs, ys = batch(ep.support), torch.as_tensor(ep.support_labels, device=dev)
+            xq, yq = batch(ep.query), torch.as_tensor(ep.query_labels, device=dev)
+            ad = inner_loop(net, rule, params(), xs, ys, cfg.inner_steps, create_graph=second_order)
+            loss = query_loss(net, cfg, ad, xs, xq, yq, it)
+            (loss / cfg.meta_batch).backward()
+            total += float(loss.detach())
+            with torch.no_grad():
+                acc += float((net.forward({k: v.detach() for k, v in ad.params.items()}, xq, step=cfg.inner_steps).argmax(1) == yq).float().mean())
+        opt.step()
+        it += 1
+        window.append((total / cfg.meta_batch, acc / cfg.meta_batch))
+        bar.update(1)
+        if it % 25 == 0 or it == cfg.iterations:
+            row = {"kind": "train", "step": it, "loss": float(np.mean([w[0] for w in window])),
+                   "query_accuracy": 100 * float(np.mean([w[1] for w in window])),
+                   "seconds_per_iteration": (time.perf_counter() - t0) / len(window)}
+            log.write(json.dumps(row) + "\n"), log.flush()
+            bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['query_accuracy']:.1f}")
+            window, t0 = [], time.perf_counter()
+        if it % cfg.val_every == 0 or it == cfg.iterations:
+            adapter = InnerLoopAdapter(net, rule, params(), cfg.inner_steps, "support")
+            res = evaluate(adapter, val, lambda a: spec.normalize(a).to(dev), cfg.ways, cfg.shots, cfg.queries,
+                           cfg.val_tasks, seed=cfg.seed)
+            log.write(json.dumps({"kind": "val", "step": it, "accuracy": res.accuracy, "ci95": res.ci95}) + "\n"), log.flush()
+            tqdm.write(f"iteration {it}: val {cfg.ways}-way {cfg.shots}-shot (support BN) {res.accuracy:.2f} +- {res.ci95:.2f}")
+            if res.accuracy > best:
+                best = res.accuracy
+                save(best_path)
+            save(last_path)
+            plot_curves(metrics_path, out_dir / "curves.png")
+    bar.close()
+    log.close()
+    return best_path
