@@ -69,7 +69,10 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shots", type=int, default=1)
     p.add_argument("--queries", type=int, default=15)
     p.add_argument("--tasks", type=int, default=600)
-    p.add_argument("--head", choices=["centroid", "laplacianshot"], help="default: the model card's")
+    p.add_argument("--head", help="centroid or laplacianshot (metric models); default: the model's own method")
+    p.add_argument("--bn", choices=["support", "transductive"], help="BatchNorm at test time (gradient-adapted "
+                   "models): support (default, batch-invariant) or transductive (paper protocol)")
+    p.add_argument("--inner-steps", type=int, help="inner-loop steps (default: the model card's)")
     p.add_argument("--transform", choices=["UN", "L2N", "CL2N"], help="override the card's feature transform")
     p.add_argument("--lam", type=float, help="override LaplacianShot's lambda")
     p.add_argument("--seed", type=int, default=0)
@@ -92,15 +95,23 @@ def eval_row(args: argparse.Namespace) -> dict:
     if dataset != model.card["data"]["dataset"]:
         raise ValueError(f"model {model.name} takes {model.card['data']['dataset']} inputs, not {dataset}")
     head_name = args.head or model.card["default_head"]
-    head = model.head(head_name, shots=args.shots, transform=args.transform, lam=args.lam)
+    extra: dict = {}
+    if model.card["family"] == "inner_loop":
+        if head_name not in (model.card["method"], "inner_loop"):
+            raise ValueError(f"model {model.name} adapts with its own inner loop ({model.card['method']}), not {head_name!r}")
+        adapter = model.adapter(args.bn, args.inner_steps, args.device)
+        extra = {"method": model.card["method"], "bn": adapter.bn_mode, "inner_steps": adapter.steps}
+    else:
+        if args.bn or args.inner_steps:
+            raise ValueError(f"--bn and --inner-steps apply to gradient-adapted models; {model.name} is a metric model")
+        head = model.head(head_name, shots=args.shots, transform=args.transform, lam=args.lam)
+        adapter = MetricAdapter(model.extractor(args.backend, args.device), head)
+        extra = {"transform": head.transform, **({"lambda": head.lam, "rectify": head.rectify} if head_name == "laplacianshot" else {})}
     data = load_dataset(dataset, args.split, args.data_root)
-    adapter = MetricAdapter(model.extractor(args.backend, args.device), head)
     res = evaluate(adapter, data, model.spec.normalize, args.ways, args.shots, args.queries, args.tasks, args.seed,
                    progress=args.progress)
     return {"model": model.name, "dataset": dataset, "split": args.split, "ways": args.ways, "shots": args.shots,
-            "queries": args.queries, "head": head_name, "transform": head.transform,
-            **({"lambda": head.lam, "rectify": head.rectify} if head_name == "laplacianshot" else {}),
-            "tasks": res.tasks, "seed": args.seed, "accuracy": round(res.accuracy, 2), "ci95": round(res.ci95, 2),
+            "queries": args.queries, "head": head_name, **extra, "tasks": res.tasks, "seed": args.seed, "accuracy": round(res.accuracy, 2), "ci95": round(res.ci95, 2),
             "seconds": round(res.seconds, 2)}
 
 
@@ -116,7 +127,7 @@ def _run_eval(args: argparse.Namespace) -> None:
 
 def _add_package(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("package", help="turn a training run into a shipped model (centering vector, tuned heads)")
-    p.add_argument("--run", required=True, help="training run folder (uses its best.pt)")
+    p.add_argument("--run", required=True, help="training run folder (uses its best.pt; supervised or meta-trained)")
     p.add_argument("--name", required=True)
     p.add_argument("--train-command", default="", help="the training command, recorded in the model card")
     p.add_argument("--out", default=None, help="default: models/zoo")
@@ -124,10 +135,18 @@ def _add_package(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_package(args: argparse.Namespace) -> None:
-    from fewshot.models.zoo import ZOO_DIR, package_run
+    import torch
 
-    path = package_run(Path(args.run) / "best.pt", args.name, args.train_command, Path(args.out) if args.out else ZOO_DIR,
-                       args.tune_tasks)
+    from fewshot.models.zoo import ZOO_DIR, package_meta_run, package_run
+
+    best = Path(args.run) / "best.pt"
+    if not best.exists():
+        raise FileNotFoundError(f"{best} not found: is {args.run} a training run folder?")
+    out = Path(args.out) if args.out else ZOO_DIR
+    if "meta" in torch.load(best, map_location="cpu", weights_only=False):
+        path = package_meta_run(best, args.name, args.train_command, out)
+    else:
+        path = package_run(best, args.name, args.train_command, out, args.tune_tasks)
     print(f"packaged {args.name} into {path}")
 
 

@@ -96,15 +96,86 @@ def model_dir(name_or_path: str | os.PathLike) -> Path:
     raise ModelNotFoundError(f"unknown model {name_or_path!r}: shipped models are {', '.join(names) or 'none'}")
 
 
-def load_model(name_or_path: str | os.PathLike) -> ShippedModel:
-    """Load a shipped model by zoo name or folder."""
+def load_model(name_or_path: str | os.PathLike) -> "ShippedModel | ShippedMetaModel":
+    """Load a shipped model (either family) by zoo name or folder."""
     path = model_dir(name_or_path)
     card = json.loads((path / "card.json").read_text())
+    if card.get("family") == "inner_loop":
+        return load_meta_model(path, card)
     tensors = load_file(str(path / "weights.safetensors"))
     center = tensors.pop("center", None)
     backbone = build_backbone(card["architecture"])
     backbone.load_state_dict({k.removeprefix("backbone."): v for k, v in tensors.items()})
     return ShippedModel(card["name"], card, backbone.eval(), center, path)
+
+
+@dataclass
+class ShippedMetaModel:
+    """A loaded gradient-adapted model: meta-learned initial weights and update rule."""
+
+    name: str
+    card: dict[str, Any]
+    net: Any
+    rule: torch.nn.Module
+    meta_params: dict[str, torch.Tensor]
+    path: Path
+
+    @property
+    def spec(self) -> InputSpec:
+        return InputSpec.from_dict(self.card["input"])
+
+    def adapter(self, bn_mode: str | None = None, steps: int | None = None, device: str = "auto"):
+        """The model's inner loop as an adapter (``support`` BatchNorm unless asked otherwise)."""
+        from fewshot.models.meta.inner_loop import InnerLoopAdapter
+
+        loop = self.card["inner_loop"]
+        steps = loop["steps"] if steps is None else steps
+        if not 1 <= steps <= loop["max_steps"]:
+            raise ValueError(f"inner steps must be in 1..{loop['max_steps']} for {self.name}, got {steps}")
+        dev = torch.device("cuda" if device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+        params = {k: v.to(dev) for k, v in self.meta_params.items()}
+        return InnerLoopAdapter(self.net, self.rule.to(dev), params, steps, bn_mode or loop["bn_mode"])
+
+
+def load_meta_model(path: Path, card: dict[str, Any]) -> ShippedMetaModel:
+    from fewshot.models.meta.network import MetaConv4
+    from fewshot.models.meta.rules import build_rule
+
+    tensors = load_file(str(path / "weights.safetensors"))
+    arch = dict(card["architecture"])
+    arch.pop("arch")
+    net = MetaConv4(**arch)
+    loop = card["inner_loop"]
+    rule = build_rule(card["method"], net, loop["steps"], loop["alpha"], loop.get("beta", 1.0))
+    rule.load_state_dict({k.removeprefix("rule."): v for k, v in tensors.items() if k.startswith("rule.")})
+    params = {k.removeprefix("param."): v for k, v in tensors.items() if k.startswith("param.")}
+    return ShippedMetaModel(card["name"], card, net, rule.eval(), params, path)
+
+
+def package_meta_run(checkpoint: Path, name: str, command: str, out_dir: Path = ZOO_DIR) -> Path:
+    """Turn a meta-training checkpoint into ``out_dir/name`` (weights + card)."""
+    ck = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    cfg = ck["config"]
+    path = out_dir / name
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = {f"param.{k.replace('__', '.')}": v.contiguous() for k, v in ck["meta"].items()}
+    tensors |= {f"rule.{k}": v.contiguous() for k, v in ck["rule"].items()}
+    save_file(tensors, str(path / "weights.safetensors"))
+    method = cfg["method"]
+    card = {
+        "schema": CARD_SCHEMA, "name": name, "family": "inner_loop", "method": method,
+        "architecture": ck["net_config"], "input": ck["spec"], "feature_dim": None,
+        "inner_loop": {"steps": cfg["inner_steps"], "max_steps": 4 * cfg["inner_steps"], "alpha": cfg["alpha"],
+                       "beta": cfg["beta"], "bn_mode": "support", "bn_modes": ["support", "transductive"],
+                       "second_order_training": not (cfg["first_order"] or method == "fomaml")},
+        "training": {"command": command, "config": cfg, "dataset": cfg["dataset"], "seed": cfg["seed"],
+                     "iterations": ck["iteration"], "best_val_accuracy": ck["best"]},
+        "data": {"dataset": cfg["dataset"], "train_split": "train", "val_split": "val", "test_split": "test"},
+        "default_head": method, "heads": {method: {}},
+        "limits": {"min_ways": cfg["ways"], "max_ways": cfg["ways"], "max_shots": 50}, "accuracy": {},
+    }
+    save_card(path, card)
+    return path
 
 
 def save_card(path: Path, card: dict[str, Any]) -> None:

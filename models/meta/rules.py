@@ -128,9 +128,11 @@ class MetaCurvature(UpdateRule):
             return m_o @ grad
         if grad.ndim == 2:
             return m_o @ grad @ self.factors[f"{k}_i"].T
-        g = grad.reshape(grad.shape[0], grad.shape[1], -1)
-        out = torch.einsum("ab,cd,ef,bdf->ace", m_o, self.factors[f"{k}_i"], self.factors[f"{k}_f"], g)
-        return out.reshape(grad.shape)
+        o, i = grad.shape[:2]
+        g = (m_o @ grad.reshape(o, -1)).reshape(o, i, -1)  # x_1 M_o
+        g = torch.matmul(self.factors[f"{k}_i"], g)  # x_2 M_i: (i, i) @ (o, i, f)
+        g = g @ self.factors[f"{k}_f"].T  # x_3 M_f
+        return g.reshape(grad.shape)
 
 
 class MetaLSTM(UpdateRule):
@@ -190,7 +192,8 @@ class ContextualGradientScaling(UpdateRule):
         return out
 
     def begin(self, params: Params, support_loss: LossFn) -> Context:
-        nu = torch.zeros(self.context_dim, device=next(iter(params.values())).device, requires_grad=True)
+        ref = next(iter(self.g_phi.parameters()))
+        nu = torch.zeros(self.context_dim, device=ref.device, dtype=ref.dtype, requires_grad=True)
         loss = support_loss(self.scale(params, nu), 0)
         (g_nu,) = torch.autograd.grad(loss, [nu])  # no second-order graph (authors' code)
         return {"nu": (nu - self.beta * g_nu).detach().requires_grad_(True)}

@@ -1,0 +1,139 @@
+"""The gradient inner-loop engine and its update rules, on real Omniglot tasks."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fewshot.models.episodes import EpisodeSampler
+from fewshot.models.meta.inner_loop import InnerLoopAdapter, inner_loop
+from fewshot.models.meta.network import MetaConv4
+from fewshot.models.meta.rules import RULES, ContextualGradientScaling, UpdateRule, build_rule
+from fewshot.models.meta.training import MetaTrainConfig, build_learner, query_loss
+from fewshot.models.preprocess import InputSpec
+
+SPEC = InputSpec.for_dataset("omniglot")
+
+
+@pytest.fixture(scope="module")
+def task(omniglot_test):
+    ep = EpisodeSampler(omniglot_test, 5, 1, 15, seed=11).episode(0)
+    return (SPEC.normalize(omniglot_test.images[ep.support]), torch.as_tensor(ep.support_labels),
+            SPEC.normalize(omniglot_test.images[ep.query]), torch.as_tensor(ep.query_labels))
+
+
+def _trained_like(net: MetaConv4, seed: int = 0, dtype=torch.float32) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    p = {k: v.to(dtype) for k, v in net.init_params(g).items()}
+    p["head.weight"] = torch.randn(p["head.weight"].shape, generator=g, dtype=dtype) * 0.1
+    return p
+
+
+def test_implicit_gradient_scaling_keeps_output_and_scales_gradient_norms(task):
+    xs, ys, _, _ = task
+    net = MetaConv4(1, 32, 28, 5)
+    rule = ContextualGradientScaling(net, 5).double()
+    params = {k: v.requires_grad_(True) for k, v in _trained_like(net, dtype=torch.float64).items()}
+    nu = torch.randn(100, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    scaled = rule.scale(params, nu)
+    scaled = {k: (v.detach().requires_grad_(True) if k in net.conv_names else v) for k, v in scaled.items()}
+    x = xs.double()
+    out, out_scaled = net.forward(params, x), net.forward(scaled, x)
+    assert (out - out_scaled).abs().max() < 1e-5  # eq. (4)
+    g = torch.autograd.grad(F.cross_entropy(out, ys), [params[n] for n in net.conv_names])
+    g_scaled = torch.autograd.grad(F.cross_entropy(out_scaled, ys), [scaled[n] for n in net.conv_names])
+    gamma = rule.g_phi(nu).detach()
+    for l, name in enumerate(net.conv_names):
+        expected = params[name].norm() / gamma[l]  # eq. (5): ratio ||W_l|| / gamma_l
+        assert torch.isclose(g_scaled[l].norm() / g[l].norm(), expected, rtol=1e-4), name
+
+
+def test_second_order_meta_gradient_matches_finite_differences(omniglot_test):
+    torch.manual_seed(0)
+    net = MetaConv4(1, 3, 16, 2)
+    ep = EpisodeSampler(omniglot_test, 2, 2, 3, seed=4).episode(0)
+    spec = InputSpec(1, 16, (0.92,), (0.22,))
+    small = torch.nn.functional.interpolate(SPEC.normalize(omniglot_test.images), size=16, mode="bilinear").double()
+    xs, ys = small[ep.support], torch.as_tensor(ep.support_labels)
+    xq, yq = small[ep.query], torch.as_tensor(ep.query_labels)
+    for method in ("maml", "cxgrad"):
+        rule = build_rule(method, net, 2, alpha=0.1).double()
+        base = _trained_like(net, seed=2, dtype=torch.float64)
+
+        def meta_loss(p):
+            ad = inner_loop(net, rule, p, xs, ys, 2, create_graph=True)
+            return F.cross_entropy(net.forward(ad.params, xq), yq)
+
+        params = {k: v.clone().requires_grad_(True) for k, v in base.items()}
+        grads = torch.autograd.grad(meta_loss(params), list(params.values()))
+        direction = {k: torch.randn_like(v) for k, v in base.items()}
+        analytic = sum((g * direction[k]).sum() for g, k in zip(grads, params))
+        eps = 1e-6
+        plus = meta_loss({k: (v + eps * direction[k]).requires_grad_(True) for k, v in base.items()})
+        minus = meta_loss({k: (v - eps * direction[k]).requires_grad_(True) for k, v in base.items()})
+        numeric = (plus - minus) / (2 * eps)
+        assert abs(float(analytic.detach() - numeric.detach())) / abs(float(numeric.detach())) < 1e-3, method
+    assert spec.size == 16
+
+
+def test_engine_maml_equals_hand_written_loop(task):
+    xs, ys, _, _ = task
+    net = MetaConv4(1, 64, 28, 5)
+    params = _trained_like(net)
+    rule = UpdateRule(net, 5, alpha=0.4)
+    engine = inner_loop(net, rule, params, xs, ys, 5).params
+    names = net.conv_names + net.head_names
+    manual = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+    for _ in range(5):
+        loss = F.cross_entropy(net.forward(manual, xs), ys)
+        grads = torch.autograd.grad(loss, [manual[n] for n in names])
+        manual = dict(manual) | {n: (manual[n] - 0.4 * g).detach().requires_grad_(True) for n, g in zip(names, grads)}
+    for k in params:
+        assert (engine[k] - manual[k]).abs().max() < 1e-6, k
+
+
+@pytest.mark.parametrize("method", sorted(RULES))
+def test_every_rule_meta_trains_on_real_episodes(method, task):
+    torch.manual_seed(0)
+    xs, ys, xq, yq = task
+    cfg = MetaTrainConfig(method=method, ways=5, inner_steps=2, alpha=0.1, width=16, iterations=50)
+    net, rule = build_learner(cfg, SPEC)
+    meta = {k: torch.nn.Parameter(v) for k, v in net.init_params(torch.Generator().manual_seed(0)).items()}
+    opt = torch.optim.Adam(list(meta.values()) + list(rule.parameters()), lr=1e-2)
+    second_order = method != "fomaml"
+
+    def loss_now(iteration):
+        ad = inner_loop(net, rule, meta, xs, ys, cfg.inner_steps, create_graph=second_order)
+        return query_loss(net, cfg, ad, xs, xq, yq, iteration)
+
+    first = float(loss_now(0).detach())
+    for it in range(50):
+        opt.zero_grad()
+        loss_now(it).backward()
+        opt.step()
+    last = float(loss_now(50).detach())
+    assert last < first * 0.8, (method, first, last)
+
+
+def test_support_batchnorm_query_is_batch_invariant(task):
+    xs, ys, xq, _ = task
+    net = MetaConv4(1, 32, 28, 5)
+    for method in ("maml", "cxgrad"):
+        adapter = InnerLoopAdapter(net, build_rule(method, net, 3, 0.1), _trained_like(net), 3, bn_mode="support")
+        state = adapter.adapt(xs, ys)
+        together = state.logits(xq)
+        assert together.shape == (75, 5)
+        alone = torch.cat([state.logits(xq[i:i + 1]) for i in range(75)])
+        # identical up to float32 rounding (oneDNN picks different conv kernels per batch size)
+        assert (together - alone).abs().max() < 1e-5
+        assert torch.equal(together.argmax(1), alone.argmax(1))
+        # the paper's transductive mode is not batch invariant
+        trans = InnerLoopAdapter(net, build_rule(method, net, 3, 0.1), _trained_like(net), 3, bn_mode="transductive").adapt(xs, ys)
+        assert not torch.allclose(trans.logits(xq)[:5], trans.logits(xq[:5]))
+
+
+def test_adapter_rejects_wrong_way_count(task):
+    xs, _, _, _ = task
+    net = MetaConv4(1, 8, 28, 5)
+    adapter = InnerLoopAdapter(net, build_rule("maml", net, 1, 0.1), net.init_params(), 1)
+    with pytest.raises(ValueError, match="5-way"):
+        adapter.adapt(xs[:3], torch.tensor([0, 1, 2]))
