@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Packages the training runs of scripts/train-shipped.sh into models/zoo/<name>/ (weights + card:
-# centering vector from the training classes, head settings tuned on 500 validation tasks).
-# Usage: scripts/package-shipped.sh [name ...]   (default: every run folder present)
+# Packages the training runs of scripts/train-shipped.sh into models/zoo/<name>/ (weights + card).
+# Metric models: centering vector from the training classes, head settings tuned on 500 validation
+# tasks. Gradient-adapted models: initial weights and the learned update rule.
+# Usage: scripts/package-shipped.sh [name ...]   (default: every run folder with a best.pt)
 set -euo pipefail
 FEWSHOT=${FEWSHOT:-.venv/bin/fewshot}
 names=("$@")
@@ -9,11 +10,7 @@ if [ ${#names[@]} -eq 0 ]; then
   for d in runs/*/best.pt; do names+=("$(basename "$(dirname "$d")")"); done
 fi
 for name in "${names[@]}"; do
-  cmd=$(grep -F "[$name]=" scripts/train-shipped.sh | sed -E 's/.*="(.*)"/\1/')
-  base=$(grep -E "^(TI|OMNI)=" scripts/train-shipped.sh | sed -E 's/^(TI|OMNI)="(.*)"/\1=\2/')
-  case "$name" in omniglot*) prefix=$(echo "$base" | sed -n 's/^OMNI=//p');; *) prefix=$(echo "$base" | sed -n 's/^TI=//p');; esac
-  train_cmd="fewshot train ${cmd/\$TI/$prefix}"
-  train_cmd="${train_cmd/\$OMNI/$prefix} --out runs/$name"
-  echo "== packaging $name ($train_cmd)"
-  $FEWSHOT package --run "runs/$name" --name "$name" --train-command "$train_cmd"
+  cmd=$(cat "runs/$name/command.txt")
+  echo "== packaging $name ($cmd)"
+  $FEWSHOT package --run "runs/$name" --name "$name" --train-command "$cmd"
 done

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Trains the shipped metric-path backbones (issue: foundation). Same budget and seed within the
-# Tiny ImageNet ablation (SCE, SCE+NCA, SCE(+)NCA). About 25 minutes each on 2 CPU cores (bf16).
+# Trains the shipped models. Metric path (foundation issue): same budget and seed within the Tiny
+# ImageNet ablation (SCE, SCE+NCA, SCE(+)NCA), about 25 minutes each on 2 CPU cores (bf16).
+# Gradient path (gradient-adaptation issue): MAML and CxGrad pairs with the same budget per pair.
 # Usage: scripts/train-shipped.sh [name ...]   (default: all)
 set -euo pipefail
 export MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=67108864 MALLOC_TOP_PAD_=67108864
@@ -8,15 +9,23 @@ FEWSHOT=${FEWSHOT:-.venv/bin/fewshot}
 THREADS="--threads ${FEWSHOT_THREADS:-0}"  # 0: all cores; the budget is counted in epochs, not time
 TI="--dataset tinyimagenet --arch conv4 --width 64 --epochs 10 --batch-classes 32 --batch-shots 4 --lr 0.05 --temperature 64 --seed 0"
 OMNI="--dataset omniglot --arch conv4 --width 64 --pools 2 --epochs 20 --batch-classes 32 --batch-shots 4 --lr 0.05 --temperature 64 --seed 0"
+OMNI_META="--dataset omniglot --ways 5 --shots 1 --queries 15 --meta-batch 4 --inner-steps 5 --iterations 3000 --val-every 250 --val-tasks 200 --outer-lr 0.001 --seed 0"
+TI_META="--dataset tinyimagenet --ways 5 --shots 5 --queries 15 --meta-batch 2 --inner-steps 5 --iterations 1500 --val-every 250 --val-tasks 100 --outer-lr 0.001 --first-order --seed 0"
 declare -A RUNS=(
   [tinyimagenet-conv4-sce-nca-directsum]="$TI --loss sce --metric nca --combine directsum"
   [omniglot-conv4-directsum]="$OMNI --loss sce --metric nca --combine directsum"
   [tinyimagenet-conv4-sce]="$TI --loss sce --metric none"
   [tinyimagenet-conv4-sce-nca-sum]="$TI --loss sce --metric nca --combine sum"
+  [omniglot-conv4-maml]="$OMNI_META --method maml --alpha 0.1"
+  [omniglot-conv4-cxgrad]="$OMNI_META --method cxgrad --alpha 0.01 --beta 1.0"
+  [tinyimagenet-conv4-maml]="$TI_META --method maml --alpha 0.01"
+  [tinyimagenet-conv4-cxgrad]="$TI_META --method cxgrad --alpha 0.01 --beta 1.0"
 )
 names=("$@")
 [ ${#names[@]} -gt 0 ] || names=(tinyimagenet-conv4-sce-nca-directsum omniglot-conv4-directsum tinyimagenet-conv4-sce tinyimagenet-conv4-sce-nca-sum)
 for name in "${names[@]}"; do
-  echo "== $name: fewshot train ${RUNS[$name]} --out runs/$name"
+  mkdir -p "runs/$name"
+  echo "fewshot train ${RUNS[$name]} --out runs/$name" | tr -s ' ' > "runs/$name/command.txt"
+  echo "== $name: $(cat "runs/$name/command.txt")"
   $FEWSHOT train ${RUNS[$name]} $THREADS --out "runs/$name" --resume
 done
