@@ -174,6 +174,75 @@ def _run_demo(args: argparse.Namespace) -> None:
                 print(_describe(row) + ref_txt)
 
 
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="in-process latency of one adaptation and one classification (median and spread)")
+    p.add_argument("--model", required=True)
+    p.add_argument("--ways", type=int, default=5)
+    p.add_argument("--shots", type=int, default=5)
+    p.add_argument("--queries", type=int, default=15)
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--head", help="metric models: centroid or laplacianshot")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true")
+
+
+def _run_bench(args: argparse.Namespace) -> None:
+    import platform
+    import time
+
+    import numpy as np
+    import torch
+
+    from fewshot.models.data import load_dataset
+    from fewshot.models.episodes import EpisodeSampler
+    from fewshot.models.metric_adapter import MetricAdapter
+    from fewshot.models.zoo import load_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = load_model(args.model)
+    if model.card["family"] == "inner_loop":
+        adapter = model.adapter(None, None, args.device)
+        what = f"{model.card['method']} inner loop, {adapter.steps} steps, {adapter.bn_mode} BN"
+    else:
+        adapter = MetricAdapter(model.extractor("onnxruntime", args.device), model.head(args.head, shots=args.shots))
+        what = f"{args.head or model.card['default_head']} head on ONNX Runtime features"
+    data = load_dataset(model.card["data"]["dataset"], "test")
+    sampler = EpisodeSampler(data, args.ways, args.shots, args.queries, args.seed)
+    norm = model.spec.normalize
+    adapt_ms, classify_ms = [], []
+    for i in range(args.warmup + args.repeats):
+        ep = sampler.episode(i)
+        xs, ys, xq = norm(data.images[ep.support]), torch.as_tensor(ep.support_labels), norm(data.images[ep.query])
+        t0 = time.perf_counter()
+        state = adapter.adapt(xs, ys)
+        t1 = time.perf_counter()
+        state.classify(xq)
+        t2 = time.perf_counter()
+        if i >= args.warmup:
+            adapt_ms.append(1e3 * (t1 - t0))
+            classify_ms.append(1e3 * (t2 - t1))
+    device = "cuda" if args.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
+
+    def stats(v: list[float]) -> dict:
+        return {"median_ms": round(float(np.median(v)), 2), "p10_ms": round(float(np.percentile(v, 10)), 2),
+                "p90_ms": round(float(np.percentile(v, 90)), 2)}
+
+    row = {"model": model.name, "what": what, "ways": args.ways, "shots": args.shots, "queries": args.queries * args.ways,
+           "repeats": args.repeats, "device": device, "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
+           "adapt": stats(adapt_ms), "classify": stats(classify_ms)}
+    if args.json:
+        print(json.dumps(row))
+    else:
+        print(f"{model.name} ({what}), {args.ways}-way {args.shots}-shot, {args.repeats} tasks on {device} "
+              f"({row['threads']} threads): adapt median {row['adapt']['median_ms']} ms "
+              f"[p10 {row['adapt']['p10_ms']}, p90 {row['adapt']['p90_ms']}], classify {row['queries']} queries median "
+              f"{row['classify']['median_ms']} ms [p10 {row['classify']['p10_ms']}, p90 {row['classify']['p90_ms']}]")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fewshot", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -181,9 +250,10 @@ def main(argv: list[str] | None = None) -> int:
     _add_eval(sub)
     _add_package(sub)
     _add_demo(sub)
+    _add_bench(sub)
     args = parser.parse_args(argv)
     try:
-        {"train": _run_train, "eval": _run_eval, "package": _run_package, "demo": _run_demo}[args.command](args)
+        {"train": _run_train, "eval": _run_eval, "package": _run_package, "demo": _run_demo, "bench": _run_bench}[args.command](args)
     except (ValueError, FileNotFoundError, RuntimeError, KeyError) as exc:
         print(f"fewshot {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -58,6 +58,15 @@ class TrainConfig:
     amp: bool = True
     data_root: str | None = None
 
+    def __post_init__(self) -> None:
+        choices = {"dataset": ("omniglot", "tinyimagenet"), "arch": ("conv4", "resnet12"), "loss": ("sce", "bce", "none"),
+                   "metric": ("nca", "proto", "none"), "combine": ("sum", "directsum", "spectral")}
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"unknown --{key} {getattr(self, key)!r}: use one of {', '.join(allowed)}")
+        if self.epochs < 1 or self.batch_classes < 2 or self.batch_shots < 1:
+            raise ValueError("--epochs must be >= 1, --batch-classes >= 2 and --batch-shots >= 1")
+
 
 def make_backbone(cfg: TrainConfig, spec: InputSpec) -> Conv4 | ResNet12:
     if cfg.arch == "conv4":

@@ -54,6 +54,19 @@ class MetaTrainConfig:
     threads: int = 0
     data_root: str | None = None
 
+    def __post_init__(self) -> None:
+        from fewshot.models.meta.network import BN_MODES
+        from fewshot.models.meta.rules import RULES
+
+        if self.method not in RULES:
+            raise ValueError(f"unknown --method {self.method!r}: use one of {', '.join(RULES)}")
+        if self.bn_train not in BN_MODES:
+            raise ValueError(f"unknown --bn-train {self.bn_train!r}: use {' or '.join(BN_MODES)}")
+        if self.dataset not in ("omniglot", "tinyimagenet"):
+            raise ValueError(f"unknown --dataset {self.dataset!r}: use omniglot or tinyimagenet")
+        if self.ways < 2 or self.shots < 1 or self.inner_steps < 1 or self.meta_batch < 1:
+            raise ValueError("--ways must be >= 2 and --shots, --inner-steps, --meta-batch >= 1")
+
 
 def build_learner(cfg: MetaTrainConfig, spec: InputSpec) -> tuple[MetaConv4, UpdateRule]:
     per_step_bn = cfg.inner_steps + 1 if cfg.method == "mamlpp" else 0
