@@ -75,8 +75,9 @@ class InnerLoopTask:
 
     @torch.no_grad()
     def logits(self, query: torch.Tensor) -> torch.Tensor:
-        """``(Q, C, H, W)`` -> ``(Q, N)`` logits."""
-        return self.net.forward(self.params, query, self.bn_stats, step=self.step)
+        """``(Q, C, H, W)`` -> ``(Q, N)`` logits (on the CPU)."""
+        device = next(iter(self.params.values())).device
+        return self.net.forward(self.params, query.to(device), self.bn_stats, step=self.step).cpu()
 
     def classify(self, query: torch.Tensor) -> torch.Tensor:
         """``(Q, C, H, W)`` -> ``(Q, N)`` probabilities."""
@@ -96,6 +97,8 @@ class InnerLoopAdapter:
         n = int(labels.max()) + 1
         if n != self.net.ways:
             raise ValueError(f"this model adapts {self.net.ways}-way tasks, got {n} classes")
+        device = next(iter(self.meta_params.values())).device
+        support, labels = support.to(device), labels.to(device)
         result = inner_loop(self.net, self.rule, self.meta_params, support, labels, self.steps, create_graph=False)
         params = {k: v.detach() for k, v in result.params.items()}
         stats = support_statistics(self.net, params, support, self.steps) if self.bn_mode == "support" else None
