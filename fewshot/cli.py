@@ -243,6 +243,22 @@ def _run_bench(args: argparse.Namespace) -> None:
               f"{row['classify']['median_ms']} ms [p10 {row['classify']['p10_ms']}, p90 {row['classify']['p90_ms']}]")
 
 
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="export shipped models as bundles (ONNX + meta.safetensors + manifest.json)")
+    p.add_argument("--model", action="append", required=True, help="shipped model name (repeat for several)")
+    p.add_argument("--out", help="bundle directory (default: bundles/ in the repository)")
+    p.add_argument("--fp16", action="store_true", help="float16 ONNX graphs (checked: >= 99.5%% top-1 agreement)")
+    p.add_argument("--triton-repo", help="also write a Triton model repository here")
+
+
+def _run_export(args: argparse.Namespace) -> None:
+    from fewshot.export.bundle import DEFAULT_BUNDLE_DIR, export_model
+
+    out = Path(args.out) if args.out else DEFAULT_BUNDLE_DIR
+    for name in args.model:
+        export_model(name, out, fp16=args.fp16, triton_repo=Path(args.triton_repo) if args.triton_repo else None)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fewshot", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -251,9 +267,10 @@ def main(argv: list[str] | None = None) -> int:
     _add_package(sub)
     _add_demo(sub)
     _add_bench(sub)
+    _add_export(sub)
     args = parser.parse_args(argv)
     try:
-        {"train": _run_train, "eval": _run_eval, "package": _run_package, "demo": _run_demo, "bench": _run_bench}[args.command](args)
+        {"train": _run_train, "eval": _run_eval, "package": _run_package, "demo": _run_demo, "bench": _run_bench, "export": _run_export}[args.command](args)
     except (ValueError, FileNotFoundError, RuntimeError, KeyError) as exc:
         print(f"fewshot {args.command}: error: {exc}", file=sys.stderr)
         return 2

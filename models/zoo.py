@@ -68,21 +68,28 @@ class ShippedModel:
 
     def head(self, name: str | None = None, shots: int = 1, **overrides: Any) -> FewShotHead:
         """A head configured from the card (``overrides``: transform, lam, knn, rectify)."""
-        heads = self.card["heads"]
-        name = name or self.card["default_head"]
-        if name not in heads:
-            raise ValueError(f"model {self.name} has no head {name!r}: it offers {', '.join(heads)}")
-        cfg = dict(heads[name])
-        if name == "centroid":
-            return CentroidHead(overrides.get("transform") or cfg["transform"], self.center)
+        return build_head(self.card["heads"], name or self.card["default_head"], shots, self.center, self.name, **overrides)
+
+
+def build_head(heads: dict[str, Any], name: str, shots: int, center: torch.Tensor | None, model: str = "this model",
+               **overrides: Any) -> FewShotHead:
+    """A metric head from a card's (or manifest's) ``heads`` block; ``overrides`` (transform, lam, knn,
+    rectify) that are ``None`` keep the stored settings. LaplacianShot's lambda is the one tuned for
+    the nearest tuned shot count."""
+    if name not in heads or name not in HEADS:
+        offered = [h for h in heads if h in HEADS]
+        raise ValueError(f"model {model} has no head {name!r}: it offers {', '.join(offered)}")
+    cfg = dict(heads[name])
+    transform = overrides.get("transform") or cfg["transform"]
+    if name == "centroid":
+        return CentroidHead(transform, center)
+    lam = overrides.get("lam")
+    if lam is None:
         lam_by_shot = cfg["lambda"]
-        lam = overrides.get("lam")
-        if lam is None:  # the tuned value of the nearest tuned shot count
-            nearest = min(lam_by_shot, key=lambda k: abs(int(k) - shots))
-            lam = lam_by_shot[nearest]
-        return LaplacianShotHead(lam=float(lam), knn=int(overrides.get("knn") or cfg["knn"]),
-                                 transform=overrides.get("transform") or cfg["transform"], center=self.center,
-                                 rectify=bool(cfg["rectify"] if overrides.get("rectify") is None else overrides["rectify"]))
+        lam = lam_by_shot[min(lam_by_shot, key=lambda k: abs(int(k) - shots))]
+    rectify = cfg["rectify"] if overrides.get("rectify") is None else overrides["rectify"]
+    return LaplacianShotHead(lam=float(lam), knn=int(overrides.get("knn") or cfg["knn"]), transform=transform,
+                             center=center, rectify=bool(rectify))
 
 
 def model_dir(name_or_path: str | os.PathLike) -> Path:
