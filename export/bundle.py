@@ -204,14 +204,30 @@ def build_manifest(model, feature_dim: int, file_names: list[str], bundle: Path,
             "family": card["family"], "method": card["method"], "architecture": card["architecture"],
             "input": card["input"], "feature_dim": feature_dim, "precision": "fp16" if fp16 else "fp32",
             "opset": ONNX_OPSET, "default_head": card["default_head"], "heads": card["heads"],
-            "limits": card["limits"], "accuracy": card.get("accuracy", {}), "parity": parity,
-            "files": {f: {"sha256": sha256(bundle / f), "bytes": (bundle / f).stat().st_size} for f in file_names}}
+            "limits": card["limits"], "accuracy": card.get("accuracy", {}), "parity": parity, "data": card["data"],
+            "training": {"command": card["training"]["command"], "seed": card["training"]["seed"]},
+            "files": {f: {"sha256": sha256(bundle / f), "bytes": (bundle / f).stat().st_size} for f in file_names},
+            "source": source_fingerprint(model.path)}
     if card["family"] == "metric":
         meta["heads"] = dict(card["heads"]) | {"centering_vector": {"file": "meta.safetensors", "tensor": "center"}}
     else:
         meta["inner_loop"] = card["inner_loop"]
         meta["network_inputs"] = ["images", *network_input_names_for(model)]
     return meta
+
+
+def source_fingerprint(model_path: Path) -> dict[str, str]:
+    """sha256 of the shipped model's weights, so a stale bundle can be detected after retraining."""
+    return {"weights_sha256": sha256(model_path / "weights.safetensors")}
+
+
+def bundle_is_current(bundle_dir: Path, model_path: Path) -> bool:
+    """True when ``bundle_dir`` holds a manifest exported from the current weights of ``model_path``."""
+    try:
+        manifest = json.loads((bundle_dir / "manifest.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return manifest.get("source") == source_fingerprint(model_path)
 
 
 def network_input_names_for(model: ShippedMetaModel) -> list[str]:

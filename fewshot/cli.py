@@ -151,27 +151,46 @@ def _run_package(args: argparse.Namespace) -> None:
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="evaluate every shipped model on a few real test tasks")
+    p = sub.add_parser("demo", help="export missing bundles, then evaluate every bundle on a few real test tasks")
     p.add_argument("--tasks", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--bundles", help="bundle directory (default: bundles/ in the repository)")
 
 
 def _run_demo(args: argparse.Namespace) -> None:
-    from fewshot.models.zoo import ZOO_DIR, load_model
+    import torch
 
+    from fewshot.export.bundle import DEFAULT_BUNDLE_DIR, bundle_is_current, export_model
+    from fewshot.export.loader import bundle_adapter, bundle_spec
+    from fewshot.export.registry import Registry
+    from fewshot.models.data import load_dataset
+    from fewshot.models.evaluation import evaluate
+    from fewshot.models.zoo import ZOO_DIR
+
+    out = Path(args.bundles) if args.bundles else DEFAULT_BUNDLE_DIR
     names = sorted(p.name for p in ZOO_DIR.iterdir() if (p / "card.json").exists())
-    print(f"shipped models: {', '.join(names)}\n{args.tasks} test tasks per row (seed {args.seed}), in-process ONNX Runtime")
-    parser = argparse.ArgumentParser()
-    _add_eval(parser.add_subparsers(dest="command"))
     for name in names:
-        card = load_model(name).card
+        if not bundle_is_current(out / name, ZOO_DIR / name):
+            print(f"exporting {name} -> {out / name}")
+            export_model(name, out, log=lambda msg: print("  " + msg))
+    registry = Registry.load(out)
+    print(f"{len(registry.bundles)} bundles in {out}; {args.tasks} test tasks per row (seed {args.seed}), "
+          f"embedded ONNX Runtime ({'CUDA' if torch.cuda.is_available() else 'CPU'})")
+    for name in names:
+        bundle = registry.get(name)
+        m = bundle.manifest
+        data = load_dataset(m["data"]["dataset"], "test")
+        heads = ["centroid", "laplacianshot"] if m["family"] == "metric" else [m["method"]]
+        ways = m["limits"].get("min_ways", 5)
         for shots in (1, 5):
-            for head in ("centroid", "laplacianshot"):
-                row = eval_row(parser.parse_args(["eval", "--model", name, "--shots", str(shots), "--head", head,
-                                                  "--tasks", str(args.tasks), "--seed", str(args.seed)]))
-                ref = card.get("accuracy", {}).get(f"5way_{shots}shot_{head}")
+            for head in heads:
+                adapter = bundle_adapter(bundle, head, shots=shots)
+                res = evaluate(adapter, data, bundle_spec(bundle).normalize, ways, shots, 15, args.tasks, args.seed)
+                key = f"{ways}way_{shots}shot_{head}" + ("_support" if m["family"] == "inner_loop" else "")
+                ref = m.get("accuracy", {}).get(key)
                 ref_txt = f"   [RESULTS.md, {ref['tasks']} tasks: {ref['accuracy']:.2f} +- {ref['ci95']:.2f}]" if ref else ""
-                print(_describe(row) + ref_txt)
+                print(f"{name:40s} {ways}-way {shots}-shot {head:14s} {res.accuracy:6.2f} +- {res.ci95:.2f} "
+                      f"({res.seconds / args.tasks * 1e3:.0f} ms/task){ref_txt}")
 
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
