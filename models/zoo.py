@@ -29,7 +29,7 @@ from fewshot.models.heads.centroid import CentroidHead
 from fewshot.models.heads.laplacian_shot import LaplacianShotHead
 from fewshot.models.heads.transforms import TRANSFORMS
 from fewshot.models.preprocess import InputSpec
-from fewshot.models.training import extract_features, load_trained_backbone
+from fewshot.models.training import load_trained_backbone
 
 ZOO_DIR = Path(__file__).resolve().parent / "zoo"
 CARD_SCHEMA = 1
@@ -221,9 +221,15 @@ def package_run(checkpoint: Path, name: str, command: str, out_dir: Path = ZOO_D
     train = load_dataset(cfg["dataset"], "train", cfg.get("data_root"), rotations=cfg.get("rotations", False))
     rng = np.random.default_rng(cfg["seed"])
     idx = np.sort(np.concatenate([rng.choice(ix, min(center_per_class, len(ix)), replace=False) for ix in train.indices_by_class()]))
-    center = extract_features(backbone, train.images[idx], spec).mean(0)
+    # ONNX Runtime: about 8x faster than torch eager on CPU for the ~20k images involved.
+    extract = OnnxFeatures(backbone_to_onnx(backbone, spec.channels, spec.size), backbone.feature_dim, "auto")
+
+    def features(images: np.ndarray) -> torch.Tensor:
+        return torch.cat([extract(spec.normalize(images[i:i + 512])) for i in range(0, len(images), 512)])
+
+    center = features(train.images[idx]).mean(0)
     val = load_dataset(cfg["dataset"], "val", cfg.get("data_root"))
-    feats = extract_features(backbone, val.images, spec)
+    feats = features(val.images)
     heads = _tune_heads(feats, val, center, tune_tasks, seed=cfg["seed"])
     validation = heads.pop("validation")
     path = out_dir / name

@@ -19,7 +19,8 @@ from fewshot.models.zoo import ZOO_DIR, load_model, save_card
 SETTINGS = {"omniglot": [(5, 1), (5, 5), (20, 1), (20, 5)], "tinyimagenet": [(5, 1), (5, 5)]}
 HEADS = ("centroid", "laplacianshot")
 ORDER = ["omniglot-conv4-directsum", "tinyimagenet-conv4-sce", "tinyimagenet-conv4-sce-nca-sum",
-         "tinyimagenet-conv4-sce-nca-directsum"]
+         "tinyimagenet-conv4-sce-nca-directsum", "omniglot-conv4-maml", "omniglot-conv4-cxgrad", "tinyimagenet-conv4-maml",
+         "tinyimagenet-conv4-cxgrad"]
 
 
 def run_eval(args: list[str]) -> dict:
@@ -44,25 +45,38 @@ def main() -> None:
         model = load_model(name)
         dataset = model.card["data"]["dataset"]
         accuracy = {}
-        for ways, shots in SETTINGS[dataset]:
-            for head in HEADS:
-                cli = ["--model", name, "--dataset", dataset, "--ways", str(ways), "--shots", str(shots), "--queries", "15",
-                       "--tasks", str(args.tasks), "--head", head, "--seed", str(args.seed)]
-                row = run_eval(cli)
-                row["command"] = "fewshot eval " + " ".join(cli) + " --json"
-                rows.append(row)
-                accuracy[f"{ways}way_{shots}shot_{head}"] = {k: row[k] for k in ("accuracy", "ci95", "tasks", "seed")}
-                print(f"{name:40s} {ways:2d}-way {shots}-shot {head:14s} {row['accuracy']:6.2f} +- {row['ci95']:.2f}",
-                      file=sys.stderr)
+        if model.card["family"] == "metric":
+            runs = [(w, s, head, []) for w, s in SETTINGS[dataset] for head in HEADS]
+        else:  # the setting it was meta-trained for, both BatchNorm modes
+            cfg = model.card["training"]["config"]
+            runs = [(cfg["ways"], cfg["shots"], model.card["method"], ["--bn", bn]) for bn in ("support", "transductive")]
+        for ways, shots, head, extra in runs:
+            cli = ["--model", name, "--dataset", dataset, "--ways", str(ways), "--shots", str(shots), "--queries", "15",
+                   "--tasks", str(args.tasks), "--head", head, *extra, "--seed", str(args.seed)]
+            row = run_eval(cli)
+            row["command"] = "fewshot eval " + " ".join(cli) + " --json"
+            rows.append(row)
+            key = f"{ways}way_{shots}shot_{head}" + (f"_{row['bn']}" if "bn" in row else "")
+            accuracy[key] = {k: row[k] for k in ("accuracy", "ci95", "tasks", "seed")}
+            print(f"{name:40s} {ways:2d}-way {shots}-shot {head:14s} {row.get('bn', ''):12s} {row['accuracy']:6.2f} "
+                  f"+- {row['ci95']:.2f}", file=sys.stderr)
         model.card["accuracy"] = {"split": "test", "queries": 15, **accuracy}
         save_card(model.path, model.card)
+    # Rows of models not re-measured this time are kept from results.json (same file, same commands).
+    store = Path(args.out).with_name("results.json")
+    kept = [r for r in (json.loads(store.read_text()) if store.exists() else []) if r["model"] not in names]
+    rows = sorted(kept + rows, key=lambda r: (ORDER.index(r["model"]) if r["model"] in ORDER else 99, r["ways"], r["shots"]))
+    store.write_text(json.dumps(rows, indent=1) + "\n")
     write_markdown(rows, Path(args.out), args.tasks, args.seed)
 
 
+START, END = "<!-- results.py: start -->", "<!-- results.py: end -->"
+
+
 def write_markdown(rows: list[dict], path: Path, tasks: int, seed: int) -> None:
+    """Replace the generated block of ``path`` (between START and END), keeping the prose around it."""
     lines = [
-        "# Results",
-        "",
+        START,
         f"Few-shot accuracy (%) of the shipped models on {tasks} seeded test tasks (seed {seed}, 15 queries per class),",
         "mean and 95% confidence interval 1.96*std/sqrt(T) over per-task accuracies. The same seed gives the same",
         "tasks for every model and head, so rows of one dataset and setting are paired comparisons.",
@@ -73,11 +87,27 @@ def write_markdown(rows: list[dict], path: Path, tasks: int, seed: int) -> None:
         "| model | dataset | setting | head | accuracy | 95% CI | command |",
         "|---|---|---|---|---|---|---|",
     ]
-    for r in rows:
+    for r in (r for r in rows if "bn" not in r):
         head = r["head"] + (f" (lambda={r['lambda']}, {'rectified' if r['rectify'] else 'plain'})" if r["head"] == "laplacianshot" else "")
         lines.append(f"| {r['model']} | {r['dataset']} | {r['ways']}-way {r['shots']}-shot | {head}, {r['transform']} | "
                      f"{r['accuracy']:.2f} | {r['ci95']:.2f} | `{r['command']}` |")
-    path.write_text("\n".join(lines) + "\n")
+    inner = [r for r in rows if "bn" in r]
+    if inner:
+        lines += ["", "## Gradient path (meta-trained inner loops)", "",
+                  "`support`: BatchNorm statistics of the support set, frozen after adaptation (batch-invariant, what the "
+                  "server uses); `transductive`: each query batch normalised with its own statistics (the papers' protocol).",
+                  "", "| model | dataset | setting | method | BatchNorm | accuracy | 95% CI | command |", "|---|---|---|---|---|---|---|---|"]
+        for r in inner:
+            lines.append(f"| {r['model']} | {r['dataset']} | {r['ways']}-way {r['shots']}-shot | {r['method']} | {r['bn']} | "
+                         f"{r['accuracy']:.2f} | {r['ci95']:.2f} | `{r['command']}` |")
+    lines.append(END)
+    block = "\n".join(lines)
+    old = path.read_text() if path.exists() else "# Results\n\n" + START + END + "\n"
+    if START in old and END in old:
+        new = old[: old.index(START)] + block + old[old.index(END) + len(END):]
+    else:
+        new = old.rstrip() + "\n\n" + block + "\n"
+    path.write_text(new)
 
 
 if __name__ == "__main__":
