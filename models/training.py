@@ -56,6 +56,7 @@ class TrainConfig:
     val_shots: int = 1
     threads: int = 0
     amp: bool = True
+    max_steps: int = 0
     data_root: str | None = None
 
     def __post_init__(self) -> None:
@@ -175,8 +176,11 @@ def train_supervised(cfg: TrainConfig, out_dir: Path, resume: bool = False, devi
         raise ValueError(f"--combine directsum needs feature dim > classes, got d={backbone.feature_dim}, "
                          f"C={train.num_classes}: use fewer --pools, a wider backbone or --combine spectral")
     steps_per_epoch = len(train.images) // (cfg.batch_classes * cfg.batch_shots)
+    if cfg.max_steps:  # smoke runs: short epochs, same code path
+        steps_per_epoch = max(1, min(steps_per_epoch, cfg.max_steps // cfg.epochs))
     total = cfg.epochs * steps_per_epoch
     warmup = int(cfg.warmup_epochs * steps_per_epoch)
+    log_every = max(1, min(50, steps_per_epoch // 5))
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: (s + 1) / max(1, warmup) if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, total - warmup))))
@@ -224,7 +228,7 @@ def train_supervised(cfg: TrainConfig, out_dir: Path, resume: bool = False, devi
         seen += len(idx)
         acc_loss.append({k: float(v.detach()) for k, v in parts.items()})
         bar.update(1)
-        if step % 50 == 0 or step == total:
+        if step % log_every == 0 or step == total:
             row = {"kind": "train", "step": step, "epoch": step / steps_per_epoch, "lr": sched.get_last_lr()[0],
                    "images_per_s": seen / (time.perf_counter() - t0)}
             row |= {k: float(np.mean([a[k] for a in acc_loss])) for k in acc_loss[0]}

@@ -99,7 +99,11 @@ class MetaConv4:
                 h = F.batch_norm(h, None, None, gamma, beta, training=True, eps=self.bn_eps)
             else:
                 mean, var = bn_stats[l]
-                h = F.batch_norm(h, mean, var, gamma, beta, training=False, eps=self.bn_eps)
+                if mean.requires_grad or var.requires_grad:  # meta-training in support mode: keep the graph
+                    shape = (1, -1, 1, 1)
+                    h = (h - mean.view(shape)) / torch.sqrt(var.view(shape) + self.bn_eps) * gamma.view(shape) + beta.view(shape)
+                else:
+                    h = F.batch_norm(h, mean, var, gamma, beta, training=False, eps=self.bn_eps)
             h = F.max_pool2d(F.relu(h), 2)
         return F.linear(h.flatten(1), params["head.weight"], params["head.bias"])
 

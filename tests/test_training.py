@@ -1,0 +1,50 @@
+"""`fewshot train`: short real runs of both trainers, their artefacts and --resume."""
+
+import json
+import subprocess
+import sys
+
+
+def _train(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fewshot.cli", "train", *args], capture_output=True, text=True, timeout=600)
+
+
+def _rows(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_supervised_run_writes_checkpoints_metrics_curves_and_resumes(tmp_path):
+    run = tmp_path / "sup"
+    common = ["--dataset", "omniglot", "--width", "32", "--pools", "2", "--loss", "sce", "--metric", "nca",
+              "--combine", "directsum", "--temperature", "64", "--batch-classes", "16", "--batch-shots", "4",
+              "--val-tasks", "20", "--threads", "2", "--out", str(run)]
+    first = _train(*common, "--epochs", "1", "--max-steps", "25")
+    assert first.returncode == 0, first.stderr
+    for name in ("last.pt", "best.pt", "metrics.jsonl", "curves.png"):
+        assert (run / name).exists(), name
+    rows = _rows(run)
+    assert rows[-1]["kind"] == "val" and rows[-1]["step"] == 25 and 20 < rows[-1]["accuracy"] <= 100
+    train_rows = [r for r in rows if r["kind"] == "train"]
+    assert len(train_rows) >= 2 and all(0 < r["cls"] < 20 and 0 <= r["metric"] < 20 for r in train_rows)
+    second = _train(*common, "--epochs", "2", "--max-steps", "50", "--resume")
+    assert second.returncode == 0, second.stderr
+    assert "resumed" in second.stdout + second.stderr
+    assert _rows(run)[-1]["step"] == 50
+
+
+def test_meta_run_writes_checkpoints(tmp_path):
+    run = tmp_path / "meta"
+    proc = _train("--method", "cxgrad", "--dataset", "omniglot", "--width", "16", "--iterations", "4", "--val-every", "4",
+                  "--val-tasks", "5", "--meta-batch", "2", "--inner-steps", "2", "--bn-train", "support", "--threads", "2",
+                  "--out", str(run))
+    assert proc.returncode == 0, proc.stderr
+    assert (run / "best.pt").exists() and _rows(run)[-1]["kind"] == "val"
+
+
+def test_train_rejects_bad_options_in_one_line(tmp_path):
+    proc = _train("--dataset", "mnist", "--out", str(tmp_path))
+    assert proc.returncode == 2 and "unknown --dataset 'mnist'" in proc.stderr and proc.stderr.count("\n") == 1
+    proc = _train("--method", "maml", "--loss", "sce", "--out", str(tmp_path))
+    assert proc.returncode == 2 and "--loss do not apply to meta-training" in proc.stderr
+    proc = _train("--combine", "directsum", "--dataset", "omniglot", "--pools", "4", "--out", str(tmp_path), "--max-steps", "1")
+    assert proc.returncode == 2 and "feature dim > classes" in proc.stderr
