@@ -227,7 +227,3 @@ def build_rule(method: str, net: MetaConv4, steps: int, alpha: float, beta: floa
     if method == "cxgrad":
         return ContextualGradientScaling(net, steps, alpha, beta)
     return RULES[method](net, steps, alpha)
-
-
-def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits, labels)
