@@ -17,7 +17,6 @@ import math
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from fewshot.models.meta.network import MetaConv4, Params
