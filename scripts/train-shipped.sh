@@ -8,9 +8,9 @@ export MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=67108864 MALLOC_TO
 FEWSHOT=${FEWSHOT:-.venv/bin/fewshot}
 THREADS="--threads ${FEWSHOT_THREADS:-0}"  # 0: all cores; the budget is counted in epochs, not time
 TI="--dataset tinyimagenet --arch conv4 --width 64 --epochs 10 --batch-classes 32 --batch-shots 4 --lr 0.05 --temperature 64 --seed 0"
-OMNI="--dataset omniglot --arch conv4 --width 64 --pools 2 --epochs 20 --batch-classes 32 --batch-shots 4 --lr 0.05 --temperature 64 --seed 0"
+OMNI="--dataset omniglot --arch conv4 --width 64 --pools 2 --epochs 40 --batch-classes 32 --batch-shots 4 --lr 0.05 --temperature 64 --seed 0"
 OMNI_META="--bn-train support --dataset omniglot --ways 5 --shots 1 --queries 15 --meta-batch 4 --inner-steps 5 --iterations 3000 --val-every 250 --val-tasks 200 --outer-lr 0.001 --seed 0"
-TI_META="--bn-train support --dataset tinyimagenet --ways 5 --shots 5 --queries 15 --meta-batch 2 --inner-steps 5 --iterations 1500 --val-every 250 --val-tasks 100 --outer-lr 0.001 --first-order --seed 0"
+TI_META="--bn-train support --dataset tinyimagenet --width 32 --ways 5 --shots 5 --queries 15 --meta-batch 2 --inner-steps 5 --iterations 1500 --val-every 250 --val-tasks 100 --outer-lr 0.001 --first-order --seed 0"
 declare -A RUNS=(
   [tinyimagenet-conv4-sce-nca-directsum]="$TI --loss sce --metric nca --combine directsum"
   [omniglot-conv4-directsum]="$OMNI --loss sce --metric nca --combine directsum"

@@ -89,15 +89,16 @@ def test_engine_maml_equals_hand_written_loop(task):
         assert (engine[k] - manual[k]).abs().max() < 1e-6, k
 
 
-@pytest.mark.parametrize("method,bn_train", [(m, "transductive") for m in sorted(RULES)] + [("cxgrad", "support")])
-def test_every_rule_meta_trains_on_real_episodes(method, bn_train, task):
+@pytest.mark.parametrize("method,bn_train,first_order", [(m, "transductive", m == "fomaml") for m in sorted(RULES)]
+                         + [("cxgrad", "support", False), ("cxgrad", "support", True)])
+def test_every_rule_meta_trains_on_real_episodes(method, bn_train, first_order, task):
     torch.manual_seed(0)
     xs, ys, xq, yq = task
     cfg = MetaTrainConfig(method=method, ways=5, inner_steps=2, alpha=0.1, width=16, iterations=50, bn_train=bn_train)
     net, rule = build_learner(cfg, SPEC)
     meta = {k: torch.nn.Parameter(v) for k, v in net.init_params(torch.Generator().manual_seed(0)).items()}
     opt = torch.optim.Adam(list(meta.values()) + list(rule.parameters()), lr=1e-2)
-    second_order = method != "fomaml"
+    second_order = not first_order
 
     def loss_now(iteration):
         ad = inner_loop(net, rule, meta, xs, ys, cfg.inner_steps, create_graph=second_order)

@@ -48,7 +48,9 @@ def inner_loop(net: MetaConv4, rule: UpdateRule, params: Params, support: torch.
             eff = rule.effective(params, ctx, t)
             loss = support_loss(eff, t)
             extra = rule.extra(ctx)
-            grads = torch.autograd.grad(loss, [eff[n] for n in names] + extra, create_graph=create_graph)
+            # retain_graph: in first-order meta-training the outer graph (through the rule's own
+            # parameters, e.g. CxGrad's scaling) shares nodes with this loss and must survive it.
+            grads = torch.autograd.grad(loss, [eff[n] for n in names] + extra, create_graph=create_graph, retain_graph=True)
             params, ctx = rule.update(t, eff, dict(zip(names, grads[: len(names)])), list(grads[len(names):]),
                                       loss if create_graph else loss.detach(), ctx)
             if not create_graph:
