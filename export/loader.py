@@ -62,32 +62,67 @@ def bundle_spec(bundle: Bundle) -> InputSpec:
     return InputSpec.from_dict(bundle.manifest["input"])
 
 
+class BundleModel:
+    """One bundle loaded once (ONNX Runtime sessions, meta-parameters, update rule); ``adapter`` then
+    builds the adapter of any head and settings cheaply, sharing those sessions. The server keeps one
+    per model; ``fewshot demo`` and the round-trip tests use it through :func:`bundle_adapter`."""
+
+    def __init__(self, bundle: Bundle, device: str = "auto", threads: int = 0) -> None:
+        import onnxruntime as ort
+
+        m = self.manifest = bundle.manifest
+        self.bundle, self.name, self.family, self.spec = bundle, m["name"], m["family"], bundle_spec(bundle)
+        tensors = load_file(str(bundle.file("meta.safetensors")))
+        self.device = torch.device("cuda" if device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+        if self.family == "metric":
+            self.center = tensors.get("center")
+            self.extract = OnnxFeatures(str(bundle.file("backbone.onnx")), int(m["feature_dim"]), device, threads)
+            return
+        arch = {k: v for k, v in m["architecture"].items() if k != "arch"}
+        self.net = MetaConv4(**arch)
+        self.loop = loop = m["inner_loop"]
+        rule = build_rule(m["method"], self.net, loop["steps"], loop["alpha"], loop.get("beta", 1.0))
+        rule.load_state_dict({k.removeprefix("rule."): v for k, v in tensors.items() if k.startswith("rule.")})
+        self.rule = rule.to(self.device).eval()
+        self.params = {k.removeprefix("param."): v.to(self.device) for k, v in tensors.items() if k.startswith("param.")}
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        if threads:
+            opts.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(bundle.file("network.onnx")), opts, providers=onnx_providers(device))
+
+    @property
+    def methods(self) -> list[str]:
+        """The adaptation methods this model offers (``inner_loop`` for the gradient family)."""
+        if self.family == "metric":
+            return [h for h in ("centroid", "laplacianshot") if h in self.manifest["heads"]]
+        return ["inner_loop"]
+
+    @property
+    def default_method(self) -> str:
+        return self.manifest["default_head"] if self.family == "metric" else "inner_loop"
+
+    def adapter(self, head: str | None = None, shots: int = 1, bn_mode: str | None = None, steps: int | None = None,
+                **overrides: Any):
+        """The adapter for ``head`` (default: the model's own method) and per-task settings."""
+        m = self.manifest
+        head = head or m["default_head"]
+        if self.family == "metric":
+            if bn_mode or steps is not None:
+                raise ValueError(f"BatchNorm mode and inner steps apply to inner-loop models; {self.name} is a metric model")
+            return MetricAdapter(self.extract, build_head(m["heads"], head, shots, self.center, self.name, **overrides))
+        if head not in (m["method"], "inner_loop"):
+            raise ValueError(f"model {self.name} adapts with its inner loop ({m['method']}), not {head!r}")
+        if any(v is not None for v in overrides.values()):
+            raise ValueError(f"{', '.join(k for k, v in overrides.items() if v is not None)} apply to metric heads, not to {self.name}'s inner loop")
+        steps = self.loop["steps"] if steps is None else steps
+        if not 1 <= steps <= self.loop["max_steps"]:
+            raise ValueError(f"inner steps must be in 1..{self.loop['max_steps']} for {self.name}, got {steps}")
+        return OnnxInnerLoopAdapter(InnerLoopAdapter(self.net, self.rule, self.params, steps, bn_mode or self.loop["bn_mode"]),
+                                    self.session)
+
+
 def bundle_adapter(bundle: Bundle, head: str | None = None, device: str = "auto", shots: int = 1,
                    bn_mode: str | None = None, steps: int | None = None, **overrides: Any):
     """The adapter of ``bundle`` for ``head`` (default: the model's own method)."""
-    import onnxruntime as ort
-
-    m = bundle.manifest
-    tensors = load_file(str(bundle.file("meta.safetensors")))
-    head = head or m["default_head"]
-    if m["family"] == "metric":
-        extract = OnnxFeatures(str(bundle.file("backbone.onnx")), int(m["feature_dim"]), device)
-        return MetricAdapter(extract, build_head(m["heads"], head, shots, tensors.get("center"), m["name"], **overrides))
-    if head not in (m["method"], "inner_loop"):
-        raise ValueError(f"model {m['name']} adapts with its inner loop ({m['method']}), not {head!r}")
-    arch = {k: v for k, v in m["architecture"].items() if k != "arch"}
-    net = MetaConv4(**arch)
-    loop = m["inner_loop"]
-    rule = build_rule(m["method"], net, loop["steps"], loop["alpha"], loop.get("beta", 1.0))
-    rule.load_state_dict({k.removeprefix("rule."): v for k, v in tensors.items() if k.startswith("rule.")})
-    params = {k.removeprefix("param."): v for k, v in tensors.items() if k.startswith("param.")}
-    steps = loop["steps"] if steps is None else steps
-    if not 1 <= steps <= loop["max_steps"]:
-        raise ValueError(f"inner steps must be in 1..{loop['max_steps']} for {m['name']}, got {steps}")
-    dev = torch.device("cuda" if device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
-    adapter = InnerLoopAdapter(net, rule.to(dev).eval(), {k: v.to(dev) for k, v in params.items()}, steps,
-                               bn_mode or loop["bn_mode"])
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    session = ort.InferenceSession(str(bundle.file("network.onnx")), opts, providers=onnx_providers(device))
-    return OnnxInnerLoopAdapter(adapter, session)
+    return BundleModel(bundle, device).adapter(head, shots, bn_mode, steps, **overrides)

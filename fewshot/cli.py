@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -278,6 +279,47 @@ def _run_export(args: argparse.Namespace) -> None:
         export_model(name, out, fp16=args.fp16, triton_repo=Path(args.triton_repo) if args.triton_repo else None)
 
 
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    from fewshot.server.config import ServeConfig
+
+    d = ServeConfig(models=Path("bundles"))
+    p = sub.add_parser("serve", help="serve the bundles of a model directory over gRPC (fewshot.v1.FewShot)")
+    p.add_argument("--models", default=None, help="bundle directory (default: bundles/ in the repository)")
+    p.add_argument("--host", default=d.host, help=f"listen address (default {d.host}; 0.0.0.0 in a container)")
+    p.add_argument("--port", type=int, default=d.port, help="0 picks a free port (printed at start)")
+    p.add_argument("--device", default=d.device, choices=["auto", "cpu", "cuda"])
+    p.add_argument("--state-dir", default=str(d.state_dir), help="persistent task store (SQLite, WAL), shareable by processes")
+    p.add_argument("--metrics-port", type=int, default=d.metrics_port, help="Prometheus metrics port (0: off)")
+    p.add_argument("--token", default=os.environ.get("FEWSHOT_TOKEN"), help="require `authorization: Bearer TOKEN` "
+                   "(default: $FEWSHOT_TOKEN; unset: no auth)")
+    p.add_argument("--threads", type=int, default=d.threads, help="torch / ONNX Runtime threads per call (0: library default)")
+    p.add_argument("--workers", type=int, default=d.workers, help="worker threads for decoding, adaptation, inference")
+    p.add_argument("--batch-delay-ms", type=float, default=d.batch_delay_ms, help="how long Classify waits to merge requests")
+    p.add_argument("--max-batch", type=int, default=d.max_batch, help="images per merged backbone call")
+    p.add_argument("--cache-mb", type=int, default=d.cache_mb, help="memory budget of the task cache")
+    p.add_argument("--max-message-mb", type=int, default=d.max_message_mb)
+    p.add_argument("--max-support", type=int, default=d.max_support, help="images per support set")
+    p.add_argument("--max-queries", type=int, default=d.max_queries, help="images per Classify call")
+    p.add_argument("--default-ttl", type=int, default=d.default_ttl, help="task time-to-live in seconds when Adapt sets none")
+
+
+def _run_serve(args: argparse.Namespace) -> None:
+    from fewshot.export.bundle import DEFAULT_BUNDLE_DIR
+    from fewshot.export.registry import BundleError
+    from fewshot.server.app import run
+    from fewshot.server.config import ServeConfig
+
+    cfg = ServeConfig(models=Path(args.models) if args.models else DEFAULT_BUNDLE_DIR, host=args.host, port=args.port,
+                      device=args.device, state_dir=Path(args.state_dir), metrics_port=args.metrics_port, token=args.token,
+                      threads=args.threads, workers=args.workers, batch_delay_ms=args.batch_delay_ms, max_batch=args.max_batch,
+                      cache_mb=args.cache_mb, max_message_mb=args.max_message_mb, max_support=args.max_support,
+                      max_queries=args.max_queries, default_ttl=args.default_ttl)
+    try:
+        run(cfg)
+    except (BundleError, OSError) as exc:
+        raise RuntimeError(str(exc)) from None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fewshot", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -287,9 +329,11 @@ def main(argv: list[str] | None = None) -> int:
     _add_demo(sub)
     _add_bench(sub)
     _add_export(sub)
+    _add_serve(sub)
     args = parser.parse_args(argv)
     try:
-        {"train": _run_train, "eval": _run_eval, "package": _run_package, "demo": _run_demo, "bench": _run_bench, "export": _run_export}[args.command](args)
+        {"train": _run_train, "eval": _run_eval, "package": _run_package, "demo": _run_demo, "bench": _run_bench, "export": _run_export,
+         "serve": _run_serve}[args.command](args)
     except (ValueError, FileNotFoundError, RuntimeError, KeyError) as exc:
         print(f"fewshot {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -1,0 +1,200 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Image(_message.Message):
+    __slots__ = ("encoded", "tensor")
+    ENCODED_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_FIELD_NUMBER: _ClassVar[int]
+    encoded: bytes
+    tensor: RawTensor
+    def __init__(self, encoded: _Optional[bytes] = ..., tensor: _Optional[_Union[RawTensor, _Mapping]] = ...) -> None: ...
+
+class RawTensor(_message.Message):
+    __slots__ = ("shape", "dtype", "data")
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    dtype: str
+    data: bytes
+    def __init__(self, shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class LabelledImage(_message.Message):
+    __slots__ = ("image", "label")
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    image: Image
+    label: str
+    def __init__(self, image: _Optional[_Union[Image, _Mapping]] = ..., label: _Optional[str] = ...) -> None: ...
+
+class AdaptSettings(_message.Message):
+    __slots__ = ("inner_steps",)
+    INNER_STEPS_FIELD_NUMBER: _ClassVar[int]
+    LAMBDA_FIELD_NUMBER: _ClassVar[int]
+    inner_steps: int
+    def __init__(self, inner_steps: _Optional[int] = ..., **kwargs) -> None: ...
+
+class AdaptRequest(_message.Message):
+    __slots__ = ("model", "method", "support", "settings", "ttl_seconds")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    SUPPORT_FIELD_NUMBER: _ClassVar[int]
+    SETTINGS_FIELD_NUMBER: _ClassVar[int]
+    TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    method: str
+    support: _containers.RepeatedCompositeFieldContainer[LabelledImage]
+    settings: AdaptSettings
+    ttl_seconds: int
+    def __init__(self, model: _Optional[str] = ..., method: _Optional[str] = ..., support: _Optional[_Iterable[_Union[LabelledImage, _Mapping]]] = ..., settings: _Optional[_Union[AdaptSettings, _Mapping]] = ..., ttl_seconds: _Optional[int] = ...) -> None: ...
+
+class AdaptChunk(_message.Message):
+    __slots__ = ("model", "method", "settings", "ttl_seconds", "support")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    SETTINGS_FIELD_NUMBER: _ClassVar[int]
+    TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    SUPPORT_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    method: str
+    settings: AdaptSettings
+    ttl_seconds: int
+    support: _containers.RepeatedCompositeFieldContainer[LabelledImage]
+    def __init__(self, model: _Optional[str] = ..., method: _Optional[str] = ..., settings: _Optional[_Union[AdaptSettings, _Mapping]] = ..., ttl_seconds: _Optional[int] = ..., support: _Optional[_Iterable[_Union[LabelledImage, _Mapping]]] = ...) -> None: ...
+
+class AdaptResponse(_message.Message):
+    __slots__ = ("task_id", "labels", "support_accuracy", "adapt_seconds", "expires_at", "model", "method")
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    SUPPORT_ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    ADAPT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    labels: _containers.RepeatedScalarFieldContainer[str]
+    support_accuracy: float
+    adapt_seconds: float
+    expires_at: float
+    model: str
+    method: str
+    def __init__(self, task_id: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ..., support_accuracy: _Optional[float] = ..., adapt_seconds: _Optional[float] = ..., expires_at: _Optional[float] = ..., model: _Optional[str] = ..., method: _Optional[str] = ...) -> None: ...
+
+class ClassifyRequest(_message.Message):
+    __slots__ = ("task_id", "queries", "top_k")
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    QUERIES_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    queries: _containers.RepeatedCompositeFieldContainer[Image]
+    top_k: int
+    def __init__(self, task_id: _Optional[str] = ..., queries: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., top_k: _Optional[int] = ...) -> None: ...
+
+class LabelScore(_message.Message):
+    __slots__ = ("label", "probability")
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    PROBABILITY_FIELD_NUMBER: _ClassVar[int]
+    label: str
+    probability: float
+    def __init__(self, label: _Optional[str] = ..., probability: _Optional[float] = ...) -> None: ...
+
+class Prediction(_message.Message):
+    __slots__ = ("ranked", "probabilities")
+    RANKED_FIELD_NUMBER: _ClassVar[int]
+    PROBABILITIES_FIELD_NUMBER: _ClassVar[int]
+    ranked: _containers.RepeatedCompositeFieldContainer[LabelScore]
+    probabilities: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, ranked: _Optional[_Iterable[_Union[LabelScore, _Mapping]]] = ..., probabilities: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class ClassifyResponse(_message.Message):
+    __slots__ = ("predictions", "labels")
+    PREDICTIONS_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    predictions: _containers.RepeatedCompositeFieldContainer[Prediction]
+    labels: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, predictions: _Optional[_Iterable[_Union[Prediction, _Mapping]]] = ..., labels: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class GetTaskRequest(_message.Message):
+    __slots__ = ("task_id",)
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    def __init__(self, task_id: _Optional[str] = ...) -> None: ...
+
+class TaskInfo(_message.Message):
+    __slots__ = ("task_id", "model", "method", "labels", "created_at", "expires_at", "support_size")
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    SUPPORT_SIZE_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    model: str
+    method: str
+    labels: _containers.RepeatedScalarFieldContainer[str]
+    created_at: float
+    expires_at: float
+    support_size: int
+    def __init__(self, task_id: _Optional[str] = ..., model: _Optional[str] = ..., method: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ..., created_at: _Optional[float] = ..., expires_at: _Optional[float] = ..., support_size: _Optional[int] = ...) -> None: ...
+
+class DeleteTaskRequest(_message.Message):
+    __slots__ = ("task_id",)
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    def __init__(self, task_id: _Optional[str] = ...) -> None: ...
+
+class DeleteTaskResponse(_message.Message):
+    __slots__ = ("deleted",)
+    DELETED_FIELD_NUMBER: _ClassVar[int]
+    deleted: bool
+    def __init__(self, deleted: _Optional[bool] = ...) -> None: ...
+
+class ListModelsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class InputSpec(_message.Message):
+    __slots__ = ("channels", "size", "mean", "std", "resize")
+    CHANNELS_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    MEAN_FIELD_NUMBER: _ClassVar[int]
+    STD_FIELD_NUMBER: _ClassVar[int]
+    RESIZE_FIELD_NUMBER: _ClassVar[int]
+    channels: int
+    size: int
+    mean: _containers.RepeatedScalarFieldContainer[float]
+    std: _containers.RepeatedScalarFieldContainer[float]
+    resize: str
+    def __init__(self, channels: _Optional[int] = ..., size: _Optional[int] = ..., mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ..., resize: _Optional[str] = ...) -> None: ...
+
+class ModelInfo(_message.Message):
+    __slots__ = ("name", "family", "methods", "default_method", "input", "min_ways", "max_ways", "max_shots")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    FAMILY_FIELD_NUMBER: _ClassVar[int]
+    METHODS_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_METHOD_FIELD_NUMBER: _ClassVar[int]
+    INPUT_FIELD_NUMBER: _ClassVar[int]
+    MIN_WAYS_FIELD_NUMBER: _ClassVar[int]
+    MAX_WAYS_FIELD_NUMBER: _ClassVar[int]
+    MAX_SHOTS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    family: str
+    methods: _containers.RepeatedScalarFieldContainer[str]
+    default_method: str
+    input: InputSpec
+    min_ways: int
+    max_ways: int
+    max_shots: int
+    def __init__(self, name: _Optional[str] = ..., family: _Optional[str] = ..., methods: _Optional[_Iterable[str]] = ..., default_method: _Optional[str] = ..., input: _Optional[_Union[InputSpec, _Mapping]] = ..., min_ways: _Optional[int] = ..., max_ways: _Optional[int] = ..., max_shots: _Optional[int] = ...) -> None: ...
+
+class ListModelsResponse(_message.Message):
+    __slots__ = ("models",)
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
+    def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ...) -> None: ...

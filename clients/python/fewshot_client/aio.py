@@ -1,0 +1,99 @@
+"""The asyncio client: ``AsyncFewShotClient`` and its ``AsyncTask`` handles (grpc.aio)."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import grpc.aio
+
+from fewshot_client import messages
+from fewshot_client._proto import fewshot_pb2, fewshot_pb2_grpc
+from fewshot_client.images import ImageLike
+from fewshot_client.messages import ModelInfo, Prediction, TaskFields, TaskInfo
+
+
+@dataclass
+class AsyncTask(TaskFields):
+    """An adapted task on the server, with coroutine methods."""
+
+    client: AsyncFewShotClient = field(kw_only=True, repr=False, compare=False)
+
+    async def classify(self, images: Sequence[ImageLike], top_k: int = 1) -> list[Prediction]:
+        """One prediction per image, with the ``top_k`` best labels ranked."""
+        return await self.client.classify(self.id, images, top_k)
+
+    async def info(self) -> TaskInfo:
+        """The server's record of this task."""
+        return await self.client.task_info(self.id)
+
+    async def delete(self) -> bool:
+        """Deletes the task; False if it did not exist any more."""
+        return await self.client.delete(self.id)
+
+
+class AsyncFewShotClient:
+    """The asyncio twin of ``FewShotClient``: same arguments, same retries and errors; create it inside
+    a running event loop and ``await client.close()`` (or use ``async with``)."""
+
+    def __init__(self, target: str, token: str | None = None, timeout: float = 30.0, retries: int = 3,
+                 backoff: float = 0.2, max_message_mb: float = 64) -> None:
+        self._config = messages.ClientConfig.of(token, timeout, retries, backoff, max_message_mb)
+        self._channel = grpc.aio.insecure_channel(target, options=self._config.channel_options())
+        self._stub = fewshot_pb2_grpc.FewShotStub(self._channel)
+
+    async def _call(self, rpc: Any, request: messages.Request) -> Any:
+        for attempt in itertools.count():
+            try:
+                return await rpc(messages.sendable(request), **self._config.call_options)
+            except grpc.RpcError as err:
+                await asyncio.sleep(self._config.retry.delay_after(err, attempt))
+
+    async def adapt(self, images: Sequence[ImageLike], labels: Sequence[str], model: str,
+                    method: str | None = None, inner_steps: int | None = None, lam: float | None = None,
+                    ttl_seconds: int | None = None, stream: bool | None = None) -> AsyncTask:
+        """Adapts ``model`` to the labelled support set and returns the new task (see
+        ``FewShotClient.adapt``)."""
+        rpc, request = messages.adapt_call(self._stub, self._config.max_bytes, stream, images, labels, model,
+                                           method, inner_steps, lam, ttl_seconds)
+        response = await self._call(rpc, request)
+        return AsyncTask(**vars(messages.adapted_fields(response)), client=self)
+
+    async def classify(self, task_id: str, images: Sequence[ImageLike], top_k: int = 1) -> list[Prediction]:
+        """Classifies ``images`` against task ``task_id``."""
+        response = await self._call(self._stub.Classify, messages.classify_request(task_id, images, top_k))
+        return messages.predictions(response)
+
+    async def task_info(self, task_id: str) -> TaskInfo:
+        """The server's record of task ``task_id``; raises NotFound if there is none."""
+        response = await self._call(self._stub.GetTask, fewshot_pb2.GetTaskRequest(task_id=task_id))
+        return messages.task_info(response)
+
+    async def task(self, task_id: str) -> AsyncTask:
+        """A handle on the existing task ``task_id``; raises NotFound if there is none."""
+        info = await self.task_info(task_id)
+        return AsyncTask(**vars(messages.looked_up_fields(info)), client=self)
+
+    async def delete(self, task_id: str) -> bool:
+        """Deletes task ``task_id``; False if it did not exist."""
+        response = await self._call(self._stub.DeleteTask, fewshot_pb2.DeleteTaskRequest(task_id=task_id))
+        return response.deleted
+
+    async def models(self) -> list[ModelInfo]:
+        """The models the server offers."""
+        response = await self._call(self._stub.ListModels, fewshot_pb2.ListModelsRequest())
+        return messages.model_infos(response)
+
+    async def close(self) -> None:
+        """Closes the channel."""
+        await self._channel.close()
+
+    async def __aenter__(self) -> AsyncFewShotClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

@@ -1,0 +1,125 @@
+"""The ``fewshot-client`` command: adapt, classify, models, delete."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+from fewshot_client.client import FewShotClient
+from fewshot_client.errors import FewShotError
+
+PROG = "fewshot-client"
+
+
+class CommandError(Exception):
+    """A failure to report as one error line (exit code 1)."""
+
+
+def support_set(directory: Path) -> tuple[list[Path], list[str]]:
+    """The images and labels of a support directory: one subfolder per class, named by its label,
+    every regular file inside it an image."""
+    if not directory.is_dir():
+        raise CommandError(f"support directory {directory} does not exist")
+    images, labels = [], []
+    for folder in sorted(p for p in directory.iterdir() if p.is_dir()):
+        files = sorted(p for p in folder.iterdir() if p.is_file())
+        images += files
+        labels += [folder.name] * len(files)
+    if not images:
+        raise CommandError(f"support directory {directory} has no class subfolder with images")
+    return images, labels
+
+
+def cmd_adapt(client: FewShotClient, args: argparse.Namespace) -> None:
+    images, labels = support_set(args.support)
+    task = client.adapt(images, labels, args.model, method=args.method, inner_steps=args.inner_steps,
+                        lam=args.lam, ttl_seconds=args.ttl)
+    print(task.id)
+    print(f"adapted {task.model} ({task.method}) to {len(task.labels)} labels, {len(images)} images: "
+          f"support accuracy {task.support_accuracy:.3f}, {task.adapt_seconds:.3f} s", file=sys.stderr)
+
+
+def cmd_classify(client: FewShotClient, args: argparse.Namespace) -> None:
+    predictions = client.classify(args.task, args.images, top_k=args.top_k)
+    for path, p in zip(args.images, predictions):
+        if args.json:
+            print(json.dumps({"path": path, "label": p.label, "score": p.score, "ranked": p.ranked,
+                              "scores": p.scores}))
+        else:
+            print(f"{path}\t{p.label}\t{p.score:.6f}")
+
+
+def cmd_models(client: FewShotClient, args: argparse.Namespace) -> None:
+    for m in client.models():
+        spec = m.input
+        print(f"{m.name}\t{m.family}\tmethods {','.join(m.methods)} (default {m.default_method})\t"
+              f"input {spec.channels}x{spec.size}x{spec.size}\tways {m.min_ways}-{m.max_ways}\t"
+              f"shots <= {m.max_shots}")
+
+
+def cmd_delete(client: FewShotClient, args: argparse.Namespace) -> None:
+    if not client.delete(args.task):
+        raise CommandError(f"task {args.task} does not exist")
+    print(f"deleted {args.task}")
+
+
+def parser() -> argparse.ArgumentParser:
+    """The argument parser; each subcommand sets ``run``."""
+    p = argparse.ArgumentParser(prog=PROG, description="Client of the fewshot.v1.FewShot service.")
+    p.add_argument("--target", default=os.environ.get("FEWSHOT_TARGET", "127.0.0.1:50051"),
+                   help="HOST:PORT of the server (default: $FEWSHOT_TARGET or 127.0.0.1:50051)")
+    p.add_argument("--token", default=os.environ.get("FEWSHOT_TOKEN"),
+                   help="bearer token (default: $FEWSHOT_TOKEN)")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds per call (default 30)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    adapt = sub.add_parser("adapt", help="adapt a model to a support directory; prints the task id")
+    adapt.add_argument("--model", required=True)
+    adapt.add_argument("--support", required=True, type=Path, metavar="DIR",
+                       help="one subfolder per class (its name is the label) holding the images")
+    adapt.add_argument("--method", help="inner_loop, centroid or laplacianshot (default: the model's)")
+    adapt.add_argument("--inner-steps", type=int)
+    adapt.add_argument("--lam", type=float, help="the method's lambda")
+    adapt.add_argument("--ttl", type=int, help="task time-to-live in seconds (default: the server's)")
+    adapt.set_defaults(run=cmd_adapt)
+
+    classify = sub.add_parser("classify", help="classify images against a task")
+    classify.add_argument("--task", required=True, metavar="ID")
+    classify.add_argument("--top-k", type=int, default=1, metavar="K")
+    classify.add_argument("--json", action="store_true", help="print JSON lines")
+    classify.add_argument("images", nargs="+", metavar="IMAGE")
+    classify.set_defaults(run=cmd_classify)
+
+    sub.add_parser("models", help="list the served models").set_defaults(run=cmd_models)
+
+    delete = sub.add_parser("delete", help="delete a task")
+    delete.add_argument("--task", required=True, metavar="ID")
+    delete.set_defaults(run=cmd_delete)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the command; returns the exit code (1 on errors, 2 on usage errors)."""
+    try:
+        args = parser().parse_args(argv)
+    except SystemExit as exit_:
+        return exit_.code if isinstance(exit_.code, int) else 2
+    run: Callable[[FewShotClient, argparse.Namespace], None] = args.run
+    try:
+        with FewShotClient(args.target, token=args.token, timeout=args.timeout) as client:
+            run(client, args)
+    except (FewShotError, CommandError, OSError, ValueError, TypeError) as err:
+        message = " ".join(str(err).split())
+        print(f"{PROG}: error: {message}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,102 @@
+"""The synchronous client: ``FewShotClient`` and its ``Task`` handles."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from fewshot_client import messages
+from fewshot_client._proto import fewshot_pb2, fewshot_pb2_grpc
+from fewshot_client.images import ImageLike
+from fewshot_client.messages import ModelInfo, Prediction, TaskFields, TaskInfo
+
+
+@dataclass
+class Task(TaskFields):
+    """An adapted task on the server; classify queries against it."""
+
+    client: FewShotClient = field(kw_only=True, repr=False, compare=False)
+
+    def classify(self, images: Sequence[ImageLike], top_k: int = 1) -> list[Prediction]:
+        """One prediction per image, with the ``top_k`` best labels ranked."""
+        return self.client.classify(self.id, images, top_k)
+
+    def info(self) -> TaskInfo:
+        """The server's record of this task."""
+        return self.client.task_info(self.id)
+
+    def delete(self) -> bool:
+        """Deletes the task; False if it did not exist any more."""
+        return self.client.delete(self.id)
+
+
+class FewShotClient:
+    """Client of the ``fewshot.v1.FewShot`` service over an insecure channel.
+
+    Every call carries ``token`` as a bearer token (if given) and a ``timeout`` in seconds; UNAVAILABLE
+    is retried ``retries`` times with exponential ``backoff``; failures raise ``errors.FewShotError``
+    subclasses.
+    """
+
+    def __init__(self, target: str, token: str | None = None, timeout: float = 30.0, retries: int = 3,
+                 backoff: float = 0.2, max_message_mb: float = 64) -> None:
+        self._config = messages.ClientConfig.of(token, timeout, retries, backoff, max_message_mb)
+        self._channel = grpc.insecure_channel(target, options=self._config.channel_options())
+        self._stub = fewshot_pb2_grpc.FewShotStub(self._channel)
+
+    def _call(self, rpc: Any, request: messages.Request) -> Any:
+        for attempt in itertools.count():
+            try:
+                return rpc(messages.sendable(request), **self._config.call_options)
+            except grpc.RpcError as err:
+                time.sleep(self._config.retry.delay_after(err, attempt))
+
+    def adapt(self, images: Sequence[ImageLike], labels: Sequence[str], model: str, method: str | None = None,
+              inner_steps: int | None = None, lam: float | None = None, ttl_seconds: int | None = None,
+              stream: bool | None = None) -> Task:
+        """Adapts ``model`` to the labelled support set and returns the new task.
+
+        Large support sets (over half the message size limit), or any with ``stream=True``, go
+        through AdaptStream in chunks.
+        """
+        rpc, request = messages.adapt_call(self._stub, self._config.max_bytes, stream, images, labels, model,
+                                           method, inner_steps, lam, ttl_seconds)
+        return Task(**vars(messages.adapted_fields(self._call(rpc, request))), client=self)
+
+    def classify(self, task_id: str, images: Sequence[ImageLike], top_k: int = 1) -> list[Prediction]:
+        """Classifies ``images`` against task ``task_id``."""
+        request = messages.classify_request(task_id, images, top_k)
+        return messages.predictions(self._call(self._stub.Classify, request))
+
+    def task_info(self, task_id: str) -> TaskInfo:
+        """The server's record of task ``task_id``; raises NotFound if there is none."""
+        request = fewshot_pb2.GetTaskRequest(task_id=task_id)
+        return messages.task_info(self._call(self._stub.GetTask, request))
+
+    def task(self, task_id: str) -> Task:
+        """A handle on the existing task ``task_id``; raises NotFound if there is none."""
+        return Task(**vars(messages.looked_up_fields(self.task_info(task_id))), client=self)
+
+    def delete(self, task_id: str) -> bool:
+        """Deletes task ``task_id``; False if it did not exist."""
+        request = fewshot_pb2.DeleteTaskRequest(task_id=task_id)
+        return self._call(self._stub.DeleteTask, request).deleted
+
+    def models(self) -> list[ModelInfo]:
+        """The models the server offers."""
+        return messages.model_infos(self._call(self._stub.ListModels, fewshot_pb2.ListModelsRequest()))
+
+    def close(self) -> None:
+        """Closes the channel."""
+        self._channel.close()
+
+    def __enter__(self) -> FewShotClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

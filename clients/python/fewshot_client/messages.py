@@ -1,0 +1,218 @@
+"""Request building, response parsing and the retry policy shared by the sync and async clients."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Iterator, Union
+
+import grpc
+from google.protobuf.message import Message
+
+from fewshot_client._proto import fewshot_pb2
+from fewshot_client.errors import FewShotError, from_rpc_error
+from fewshot_client.images import ImageLike, to_image_proto
+
+# An RPC's request: one message, or the chunks of a client stream.
+Request = Union[Message, Sequence[fewshot_pb2.AdaptChunk]]
+
+
+@dataclass
+class Prediction:
+    """One query's result: the top-1 ``label`` and its ``score``, ``scores`` for every label of the
+    task, and the ``ranked`` top-k ``(label, probability)`` pairs, best first."""
+
+    label: str
+    score: float
+    scores: dict[str, float]
+    ranked: list[tuple[str, float]]
+
+
+@dataclass
+class InputSpec:
+    """What a model's backbone consumes: ``channels`` x ``size`` x ``size``, normalised by mean/std."""
+
+    channels: int
+    size: int
+    mean: list[float]
+    std: list[float]
+    resize: str
+
+
+@dataclass
+class ModelInfo:
+    """A served model, its adaptation methods and the task shapes it accepts."""
+
+    name: str
+    family: str
+    methods: list[str]
+    default_method: str
+    input: InputSpec
+    min_ways: int
+    max_ways: int
+    max_shots: int
+
+
+@dataclass
+class TaskInfo:
+    """The server's record of a task (GetTask)."""
+
+    task_id: str
+    model: str
+    method: str
+    labels: list[str]
+    created_at: float
+    expires_at: float
+    support_size: int
+
+
+@dataclass
+class TaskFields:
+    """The data part of a task handle; ``support_accuracy`` and ``adapt_seconds`` are only known to
+    the handle that Adapt returned, not to one looked up by id."""
+
+    id: str
+    labels: list[str]
+    model: str
+    method: str
+    expires_at: float
+    support_accuracy: float | None = None
+    adapt_seconds: float | None = None
+
+
+def adapt_request(images: Sequence[ImageLike], labels: Sequence[str], model: str, method: str | None,
+                  inner_steps: int | None, lam: float | None, ttl_seconds: int | None) -> fewshot_pb2.AdaptRequest:
+    """An AdaptRequest; raises ValueError/TypeError for mismatched or non-string labels."""
+    if len(images) != len(labels):
+        raise ValueError(f"{len(images)} images but {len(labels)} labels")
+    for label in labels:
+        if not isinstance(label, str):
+            raise TypeError(f"labels must be strings, got {type(label).__name__} {label!r}")
+    settings = {"inner_steps": inner_steps, "lambda": lam}
+    return fewshot_pb2.AdaptRequest(
+        model=model, method=method or "", ttl_seconds=ttl_seconds or 0,
+        settings=fewshot_pb2.AdaptSettings(**{k: v for k, v in settings.items() if v is not None}),
+        support=[fewshot_pb2.LabelledImage(image=to_image_proto(x), label=y) for x, y in zip(images, labels)])
+
+
+def adapt_chunks(request: fewshot_pb2.AdaptRequest, chunk_bytes: int) -> list[fewshot_pb2.AdaptChunk]:
+    """``request`` as AdaptStream chunks of at most about ``chunk_bytes`` each (one image per chunk at
+    least); the first chunk carries the model, method, settings and ttl."""
+    chunks = [fewshot_pb2.AdaptChunk(model=request.model, method=request.method,
+                                     settings=request.settings, ttl_seconds=request.ttl_seconds)]
+    size = chunks[0].ByteSize()
+    for item in request.support:
+        item_bytes = item.ByteSize() + 8  # field tag and length prefix
+        if size + item_bytes > chunk_bytes and len(chunks[-1].support):
+            chunks.append(fewshot_pb2.AdaptChunk())
+            size = 0
+        chunks[-1].support.append(item)
+        size += item_bytes
+    return chunks
+
+
+def adapt_call(stub: Any, max_bytes: int, stream: bool | None, images: Sequence[ImageLike],
+               labels: Sequence[str], model: str, method: str | None, inner_steps: int | None,
+               lam: float | None, ttl_seconds: int | None) -> tuple[Any, Request]:
+    """The stub method (Adapt or AdaptStream) and request to send: the stream is used when asked
+    (``stream=True``) or, unless ``stream=False``, when the request exceeds half of ``max_bytes``."""
+    request = adapt_request(images, labels, model, method, inner_steps, lam, ttl_seconds)
+    if stream is None:
+        stream = request.ByteSize() > max_bytes // 2
+    if stream:
+        return stub.AdaptStream, adapt_chunks(request, max_bytes // 4)
+    return stub.Adapt, request
+
+
+def classify_request(task_id: str, images: Sequence[ImageLike], top_k: int) -> fewshot_pb2.ClassifyRequest:
+    """A ClassifyRequest for ``images``."""
+    return fewshot_pb2.ClassifyRequest(task_id=task_id, top_k=top_k,
+                                       queries=[to_image_proto(x) for x in images])
+
+
+def predictions(response: fewshot_pb2.ClassifyResponse) -> list[Prediction]:
+    """The predictions of a ClassifyResponse, one per query."""
+    labels = list(response.labels)
+    result = []
+    for p in response.predictions:
+        scores = dict(zip(labels, (float(v) for v in p.probabilities)))
+        ranked = [(s.label, float(s.probability)) for s in p.ranked]
+        label, score = ranked[0] if ranked else max(scores.items(), key=lambda kv: kv[1])
+        result.append(Prediction(label=label, score=score, scores=scores, ranked=ranked))
+    return result
+
+
+def adapted_fields(response: fewshot_pb2.AdaptResponse) -> TaskFields:
+    """The task fields of an AdaptResponse."""
+    return TaskFields(id=response.task_id, labels=list(response.labels), model=response.model,
+                      method=response.method, expires_at=response.expires_at,
+                      support_accuracy=float(response.support_accuracy), adapt_seconds=response.adapt_seconds)
+
+
+def task_info(response: fewshot_pb2.TaskInfo) -> TaskInfo:
+    """A TaskInfo dataclass from its message."""
+    return TaskInfo(task_id=response.task_id, model=response.model, method=response.method,
+                    labels=list(response.labels), created_at=response.created_at,
+                    expires_at=response.expires_at, support_size=response.support_size)
+
+
+def looked_up_fields(info: TaskInfo) -> TaskFields:
+    """The task fields known from GetTask."""
+    return TaskFields(id=info.task_id, labels=info.labels, model=info.model, method=info.method,
+                      expires_at=info.expires_at)
+
+
+def model_infos(response: fewshot_pb2.ListModelsResponse) -> list[ModelInfo]:
+    """The ModelInfo dataclasses of a ListModelsResponse."""
+    return [ModelInfo(name=m.name, family=m.family, methods=list(m.methods), default_method=m.default_method,
+                      input=InputSpec(channels=m.input.channels, size=m.input.size, mean=list(m.input.mean),
+                                      std=list(m.input.std), resize=m.input.resize),
+                      min_ways=m.min_ways, max_ways=m.max_ways, max_shots=m.max_shots)
+            for m in response.models]
+
+
+def sendable(request: Request) -> Message | Iterator[fewshot_pb2.AdaptChunk]:
+    """What to pass to the stub for one attempt: the message, or a fresh iterator over the chunks."""
+    return request if isinstance(request, Message) else iter(request)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Retries UNAVAILABLE ``retries`` times, waiting ``backoff * 2**attempt`` seconds; nothing else."""
+
+    retries: int
+    backoff: float
+
+    def delay_after(self, err: grpc.RpcError, attempt: int) -> float:
+        """Seconds to wait before retrying after ``err`` failed attempt ``attempt`` (0-based).
+
+        Raises:
+            FewShotError: the typed error, when ``err`` is not retryable or no retry is left.
+        """
+        error: FewShotError = from_rpc_error(err)
+        if error.code != grpc.StatusCode.UNAVAILABLE or attempt >= self.retries:
+            raise error from None
+        return self.backoff * 2 ** attempt
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    """What both clients derive from their constructor arguments."""
+
+    max_bytes: int
+    call_options: dict[str, Any]
+    retry: RetryPolicy
+
+    @classmethod
+    def of(cls, token: str | None, timeout: float, retries: int, backoff: float,
+           max_message_mb: float) -> ClientConfig:
+        """The config of a client; ``token`` is sent as a bearer token with every call."""
+        metadata = (("authorization", f"Bearer {token}"),) if token else None
+        return cls(max_bytes=int(max_message_mb * 1024 * 1024),
+                   call_options={"timeout": timeout, "metadata": metadata},
+                   retry=RetryPolicy(retries, backoff))
+
+    def channel_options(self) -> list[tuple[str, int]]:
+        """gRPC channel options setting both message size limits to ``max_bytes``."""
+        return [("grpc.max_send_message_length", self.max_bytes),
+                ("grpc.max_receive_message_length", self.max_bytes)]

@@ -1,0 +1,29 @@
+"""Settings of ``fewshot serve`` (kept free of heavy imports so the CLI starts fast)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass
+class ServeConfig:
+    """Settings of ``fewshot serve`` (see its ``--help``)."""
+
+    models: Path
+    host: str = "127.0.0.1"
+    port: int = 50051
+    device: str = "auto"
+    state_dir: Path = Path(".fewshot-state")
+    metrics_port: int = 0
+    token: str | None = None
+    threads: int = 0
+    workers: int = 4
+    batch_delay_ms: float = 2.0
+    max_batch: int = 256
+    cache_mb: int = 256
+    max_message_mb: int = 64
+    max_support: int = 2500
+    max_queries: int = 1024
+    default_ttl: int = 24 * 3600
+    purge_every: float = 60.0

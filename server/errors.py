@@ -1,0 +1,29 @@
+"""The service's error hierarchy: each error carries the gRPC status it answers with."""
+
+from __future__ import annotations
+
+import grpc
+
+
+class ServiceError(Exception):
+    """A request the service refuses; ``code`` is the gRPC status, the message says what was wrong and what is allowed."""
+
+    code = grpc.StatusCode.INTERNAL
+
+
+class InvalidRequest(ServiceError):
+    """Malformed input: undecodable images, bad labels, settings out of bounds, unknown method."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class NotFound(ServiceError):
+    """Unknown model, or a task that is unknown, deleted or expired."""
+
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class TooLarge(ServiceError):
+    """A request past the server's size limits (support set, query batch)."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED

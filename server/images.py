@@ -1,0 +1,123 @@
+"""Decoding request images into a model's input, exactly as training and ``fewshot eval`` prepare them.
+
+An image arrives as encoded bytes (anything Pillow opens) or as a raw tensor ``(H, W)`` / ``(H, W, C)``
+of ``uint8`` (0..255) or ``float32`` (0..1). Both become ``(size, size, channels)`` float32 arrays in
+0..255 via :meth:`InputSpec.prepare` (the same conversion and resize as the data loaders), then
+:meth:`InputSpec.normalize` gives the network input. Limits are checked before any pixel is decoded,
+so a decompression bomb costs a header read.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from fewshot.models.preprocess import InputSpec
+from fewshot_client._proto import fewshot_pb2 as pb
+
+
+class ImageError(ValueError):
+    """An image the server cannot accept; the message says which image, what is wrong and what is allowed."""
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    """Per-image limits: encoded size in bytes and decoded pixel count (width x height)."""
+
+    max_bytes: int = 8 << 20
+    max_pixels: int = 4096 * 4096
+
+
+RAW_DTYPES = {"uint8": np.uint8, "float32": np.float32}
+
+
+def _from_pil(image: Image.Image, spec: InputSpec) -> np.ndarray:
+    array = spec.prepare(image)
+    return (array[..., None] if array.ndim == 2 else array).astype(np.float32)
+
+
+def _decode_encoded(data: bytes, spec: InputSpec, limits: ImageLimits) -> np.ndarray:
+    if len(data) > limits.max_bytes:
+        raise ImageError(f"is {len(data)} bytes encoded; at most {limits.max_bytes} are allowed")
+    if not data:
+        raise ImageError("is empty: send encoded bytes (PNG, JPEG, WebP, ...) or a raw tensor")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))  # reads the header only
+            width, height = image.size
+            if width * height > limits.max_pixels:
+                raise ImageError(f"is {width}x{height} pixels; at most {limits.max_pixels} pixels are allowed "
+                                 "(refused before decoding)")
+            return _from_pil(image, spec)
+    except ImageError:
+        raise
+    except Image.UnidentifiedImageError:
+        raise ImageError("is not in an image format Pillow recognises; send PNG, JPEG, WebP, ...") from None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageError(f"cannot be decoded ({exc}); send PNG, JPEG, WebP or any format Pillow opens") from None
+
+
+def _resize_float(array: np.ndarray, spec: InputSpec) -> np.ndarray:
+    """Resize a float (H, W, C) array channel by channel in Pillow's 32-bit float mode."""
+    from fewshot.models.preprocess import _RESAMPLE
+
+    planes = [np.asarray(Image.fromarray(array[..., c], mode="F").resize((spec.size, spec.size), _RESAMPLE[spec.resize]))
+              for c in range(array.shape[-1])]
+    return np.stack(planes, axis=-1).astype(np.float32)
+
+
+def _decode_raw(t: pb.RawTensor, spec: InputSpec, limits: ImageLimits) -> np.ndarray:
+    if t.dtype not in RAW_DTYPES:
+        raise ImageError(f"has raw dtype {t.dtype!r}; use 'uint8' (0..255) or 'float32' (0..1)")
+    shape = tuple(int(s) for s in t.shape)
+    if len(shape) not in (2, 3) or any(s <= 0 for s in shape):
+        raise ImageError(f"has raw shape {list(shape)}; use (H, W) or (H, W, C) with positive sizes")
+    height, width = shape[:2]
+    channels = shape[2] if len(shape) == 3 else 1
+    if height * width > limits.max_pixels:
+        raise ImageError(f"is {width}x{height} pixels; at most {limits.max_pixels} pixels are allowed")
+    if channels != spec.channels:
+        raise ImageError(f"has {channels} channels; this model takes {spec.channels}-channel images "
+                         f"(raw shape (H, W{', 3' if spec.channels == 3 else ''}))")
+    dtype = np.dtype(RAW_DTYPES[t.dtype]).newbyteorder("<")
+    expected = height * width * channels * dtype.itemsize
+    if len(t.data) != expected:
+        raise ImageError(f"has {len(t.data)} data bytes; shape {list(shape)} of {t.dtype} needs {expected}")
+    array = np.frombuffer(t.data, dtype=dtype).reshape(height, width, channels)
+    if t.dtype == "float32":
+        if not np.isfinite(array).all():
+            raise ImageError("holds NaN or Inf values; float32 pixels must be finite, in 0..1")
+        if array.min() < 0.0 or array.max() > 1.0:
+            raise ImageError(f"has float32 values in {array.min():.3g}..{array.max():.3g}; they must lie in 0..1")
+        array = array.astype(np.float32) * 255.0
+        return array if (height, width) == (spec.size, spec.size) else _resize_float(array, spec)
+    if (height, width) == (spec.size, spec.size):
+        return array.astype(np.float32)
+    return _from_pil(Image.fromarray(array[..., 0] if channels == 1 else array), spec)
+
+
+def decode_image(image: pb.Image, spec: InputSpec, limits: ImageLimits = ImageLimits()) -> np.ndarray:
+    """One request image -> float32 ``(size, size, channels)`` in 0..255 (raises :class:`ImageError`)."""
+    kind = image.WhichOneof("data")
+    if kind == "encoded":
+        return _decode_encoded(image.encoded, spec, limits)
+    if kind == "tensor":
+        return _decode_raw(image.tensor, spec, limits)
+    raise ImageError("carries no data: set `encoded` or `tensor`")
+
+
+def decode_batch(images: list[pb.Image], spec: InputSpec, limits: ImageLimits, what: str) -> torch.Tensor:
+    """Request images -> normalised ``(N, C, size, size)`` float32; errors name the image's index."""
+    arrays = []
+    for i, image in enumerate(images):
+        try:
+            arrays.append(decode_image(image, spec, limits))
+        except ImageError as exc:
+            raise ImageError(f"{what} image {i} {exc}") from None
+    return spec.normalize(np.stack(arrays))

@@ -1,0 +1,32 @@
+"""Prometheus metrics of the service (``--metrics-port``): per-RPC counts and latencies, cache events,
+stored tasks, merged batches."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class ServiceMetrics:
+    """One registry per server (tests run several servers in one process)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("fewshot_requests", "RPCs by name, method and status code",
+                                ["rpc", "method", "code"], registry=self.registry)
+        self.latency = Histogram("fewshot_request_seconds", "RPC latency", ["rpc", "method"],
+                                 buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.cache = Counter("fewshot_task_cache_events", "Task cache hits, misses and evictions", ["event"],
+                             registry=self.registry)
+        self.tasks = Gauge("fewshot_tasks_stored", "Live tasks in the persistent store", registry=self.registry)
+        self.batch_images = Histogram("fewshot_batch_images", "Images per merged Classify batch",
+                                      buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512), registry=self.registry)
+
+    def count_tasks_with(self, count: Callable[[], int]) -> None:
+        self.tasks.set_function(count)
+
+    def serve(self, port: int, host: str = "0.0.0.0") -> None:
+        start_http_server(port, addr=host, registry=self.registry)

@@ -1,0 +1,316 @@
+"""The ``fewshot.v1.FewShot`` servicer: Adapt (and AdaptStream), Classify, GetTask, DeleteTask, ListModels.
+
+Adaptation calls the bundle's adapter, the same code ``fewshot eval`` measures with; the adapted
+state is written to the task store before the answer goes out. Decoding, adaptation and inference
+run in a thread pool, off the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import secrets
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Awaitable, Callable
+
+import grpc
+import numpy as np
+import torch
+
+from fewshot.export.loader import BundleModel
+from fewshot.server.batcher import Batcher
+from fewshot.server.errors import InvalidRequest, NotFound, ServiceError, TooLarge
+from fewshot.server.images import ImageError, ImageLimits, decode_batch
+from fewshot.server.metrics import ServiceMetrics
+from fewshot.server.state import StateError, dump_task, load_task
+from fewshot.server.store import TaskRecord, TaskStore
+from fewshot_client._proto import fewshot_pb2 as pb
+from fewshot_client._proto import fewshot_pb2_grpc as pb_grpc
+
+log = logging.getLogger("fewshot.server")
+
+MAX_LAMBDA = 1000.0
+
+
+@dataclass(frozen=True)
+class ServiceLimits:
+    """Server-wide limits (per-model limits come from each manifest)."""
+
+    max_support: int = 2500
+    max_queries: int = 1024
+    default_ttl: int = 24 * 3600
+    max_ttl: int = 30 * 24 * 3600
+    image: ImageLimits = ImageLimits()
+
+
+@dataclass
+class _AdaptCall:
+    model: str
+    method: str
+    settings: pb.AdaptSettings
+    ttl: int
+    support: list[pb.LabelledImage]
+
+
+class FewShotService(pb_grpc.FewShotServicer):
+    """Async servicer over the loaded models, one task store and one thread pool."""
+
+    def __init__(self, models: dict[str, BundleModel], store: TaskStore, executor: ThreadPoolExecutor,
+                 metrics: ServiceMetrics, limits: ServiceLimits = ServiceLimits(), batch_delay: float = 0.002,
+                 max_batch: int = 256) -> None:
+        self.models, self.store, self.executor, self.metrics, self.limits = models, store, executor, metrics, limits
+        self.batcher = Batcher(executor, batch_delay, max_batch)
+
+    # -- plumbing -------------------------------------------------------------------------------
+    async def _call(self, rpc: str, context: grpc.aio.ServicerContext, body: Callable[[dict], Awaitable[Any]]) -> Any:
+        """Run ``body``, map service errors to statuses, record metrics and one log line."""
+        fields: dict[str, Any] = {"method": ""}
+        start, code, message = time.perf_counter(), grpc.StatusCode.OK, ""
+        try:
+            remaining = context.time_remaining()
+            if remaining is not None and remaining <= 0:
+                raise asyncio.TimeoutError
+            return await body(fields)
+        except ServiceError as exc:
+            code, message = exc.code, str(exc)
+        except asyncio.TimeoutError:
+            code, message = grpc.StatusCode.DEADLINE_EXCEEDED, "the call's deadline passed before the work finished"
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except Exception as exc:  # a bug: answer INTERNAL, keep serving, log the trace
+            log.exception("internal error in %s", rpc)
+            code, message = grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
+        finally:
+            seconds = time.perf_counter() - start
+            method = fields.get("method", "")
+            self.metrics.requests.labels(rpc, method, code.name).inc()
+            self.metrics.latency.labels(rpc, method).observe(seconds)
+            log.info(json.dumps({"rpc": rpc, "code": code.name, "ms": round(seconds * 1e3, 2), **fields,
+                                 **({"error": message} if message else {}), "peer": context.peer()}))
+        await context.abort(code, message)
+
+    async def _offload(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    def _model(self, name: str) -> BundleModel:
+        if not name:
+            raise InvalidRequest(f"no model named: set `model` to one of {', '.join(sorted(self.models))}")
+        if name not in self.models:
+            raise NotFound(f"unknown model {name!r}: this server has {', '.join(sorted(self.models))}")
+        return self.models[name]
+
+    # -- Adapt ----------------------------------------------------------------------------------
+    async def Adapt(self, request: pb.AdaptRequest, context: grpc.aio.ServicerContext) -> pb.AdaptResponse:
+        call = _AdaptCall(request.model, request.method, request.settings, request.ttl_seconds, list(request.support))
+        return await self._call("Adapt", context, lambda f: self._adapt(call, f))
+
+    async def AdaptStream(self, request_iterator: AsyncIterator[pb.AdaptChunk], context: grpc.aio.ServicerContext) -> pb.AdaptResponse:
+        async def body(fields: dict) -> pb.AdaptResponse:
+            call: _AdaptCall | None = None
+            async for chunk in request_iterator:
+                if call is None:
+                    call = _AdaptCall(chunk.model, chunk.method, chunk.settings, chunk.ttl_seconds, [])
+                call.support.extend(chunk.support)
+                if len(call.support) > self.limits.max_support:
+                    raise TooLarge(f"support set exceeds {self.limits.max_support} images (this server's limit)")
+            if call is None:
+                raise InvalidRequest("the stream carried no chunk: the first chunk names the model")
+            return await self._adapt(call, fields)
+
+        return await self._call("AdaptStream", context, body)
+
+    def _method(self, model: BundleModel, method: str) -> str:
+        method = method or model.default_method
+        if model.family == "inner_loop" and method == model.manifest["method"]:
+            method = "inner_loop"
+        if method not in model.methods:
+            raise InvalidRequest(f"unknown method {method!r} for model {model.name}: use {', '.join(model.methods)}")
+        return method
+
+    def _check_support(self, model: BundleModel, support: list[pb.LabelledImage]) -> tuple[list[str], torch.Tensor, int]:
+        """Labels in order of first appearance, ``(S,)`` indices and the smallest shot count."""
+        if not support:
+            raise InvalidRequest("the support set is empty: send at least one labelled image for each of 2 or more classes")
+        if len(support) > self.limits.max_support:
+            raise TooLarge(f"support set has {len(support)} images; this server takes at most {self.limits.max_support}")
+        names = [item.label for item in support]
+        if any(not n for n in names):
+            raise InvalidRequest(f"support image {names.index('')} has an empty label: every image needs its class label")
+        counts = Counter(names)
+        labels = list(counts)
+        limits = model.manifest["limits"]
+        ways, shots = len(labels), max(counts.values())
+        if ways < 2:
+            raise InvalidRequest(f"the support set has {ways} class ({labels[0]!r}); a task needs at least 2 classes")
+        if model.family == "inner_loop" and ways != model.net.ways:
+            raise InvalidRequest(f"model {model.name} adapts {model.net.ways}-way tasks (its head has {model.net.ways} "
+                                 f"outputs); the support set has {ways} classes")
+        if ways > limits.get("max_ways", ways):
+            raise InvalidRequest(f"the support set has {ways} classes; model {model.name} allows at most {limits['max_ways']}")
+        if shots > limits.get("max_shots", shots):
+            worst = max(counts, key=counts.get)
+            raise InvalidRequest(f"class {worst!r} has {shots} images; model {model.name} allows at most "
+                                 f"{limits['max_shots']} per class")
+        index = {n: i for i, n in enumerate(labels)}
+        return labels, torch.as_tensor([index[n] for n in names]), min(counts.values())
+
+    def _settings(self, model: BundleModel, method: str, settings: pb.AdaptSettings) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if settings.HasField("inner_steps"):
+            if method != "inner_loop":
+                raise InvalidRequest(f"inner_steps applies to inner-loop models; {model.name} uses {method}")
+            hi = model.loop["max_steps"]
+            if not 1 <= settings.inner_steps <= hi:
+                raise InvalidRequest(f"inner_steps must be in 1..{hi} for {model.name}, got {settings.inner_steps}")
+            out["steps"] = settings.inner_steps
+        if settings.HasField("lambda"):
+            lam = getattr(settings, "lambda")
+            if method != "laplacianshot":
+                raise InvalidRequest(f"lambda applies to the laplacianshot method, not {method}")
+            if not (math.isfinite(lam) and 0.0 <= lam <= MAX_LAMBDA):
+                raise InvalidRequest(f"lambda must be in 0..{MAX_LAMBDA:g}, got {lam}")
+            out["lam"] = float(lam)
+        return out
+
+    def _ttl(self, ttl: int) -> int:
+        if ttl == 0:
+            return self.limits.default_ttl
+        if ttl > self.limits.max_ttl:
+            raise InvalidRequest(f"ttl_seconds {ttl} exceeds this server's maximum of {self.limits.max_ttl}")
+        return ttl
+
+    async def _adapt(self, call: _AdaptCall, fields: dict) -> pb.AdaptResponse:
+        model = self._model(call.model)
+        method = self._method(model, call.method)
+        fields.update(model=model.name, method=method, support=len(call.support))
+        labels, targets, shots = self._check_support(model, call.support)
+        settings = self._settings(model, method, call.settings)
+        ttl = self._ttl(call.ttl)
+        adapter = model.adapter(method, shots=shots, **settings)
+        images = [item.image for item in call.support]
+
+        def work() -> tuple[Any, float, bytes, float]:
+            x = self._decode(images, model, "support")
+            start = time.perf_counter()
+            task = adapter.adapt(x, targets)
+            seconds = time.perf_counter() - start
+            accuracy = float((task.classify(x).argmax(1) == targets).float().mean())
+            return task, accuracy, dump_task(task), seconds
+
+        task, accuracy, blob, seconds = await self._offload(work)
+        now = time.time()
+        record = TaskRecord(secrets.token_hex(16), model.name, method, labels, now, now + ttl, len(images), blob)
+        await self._offload(self.store.put, record, task)  # durable before we acknowledge
+        fields["task"] = record.task_id
+        return pb.AdaptResponse(task_id=record.task_id, labels=labels, support_accuracy=accuracy, adapt_seconds=seconds,
+                                expires_at=record.expires_at, model=model.name, method=method)
+
+    def _decode(self, images: list[pb.Image], model: BundleModel, what: str) -> torch.Tensor:
+        try:
+            return decode_batch(images, model.spec, self.limits.image, what)
+        except ImageError as exc:
+            raise InvalidRequest(f"{exc} (model {model.name} takes {model.spec.channels}-channel images, "
+                                 f"resized to {model.spec.size}x{model.spec.size})") from None
+
+    # -- Classify -------------------------------------------------------------------------------
+    async def _task(self, task_id: str) -> tuple[TaskRecord, Any, BundleModel]:
+        if not task_id:
+            raise InvalidRequest("task_id is empty: use the id that Adapt returned")
+
+        def lookup() -> tuple[TaskRecord, Any] | None:
+            def decode(rec: TaskRecord) -> Any:
+                if rec.model not in self.models:
+                    raise NotFound(f"task {task_id} belongs to model {rec.model!r}, which this server does not load")
+                try:
+                    return load_task(rec.state, self.models[rec.model])
+                except StateError as exc:
+                    raise NotFound(f"task {task_id} cannot be restored: {exc}") from None
+
+            return self.store.get(task_id, decode)
+
+        found = await self._offload(lookup)
+        if found is None:
+            raise NotFound(f"task {task_id} is unknown, deleted or expired: adapt again")
+        record, task = found
+        return record, task, self.models[record.model]
+
+    async def Classify(self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext) -> pb.ClassifyResponse:
+        async def body(fields: dict) -> pb.ClassifyResponse:
+            fields["task"] = request.task_id
+            record, task, model = await self._task(request.task_id)
+            fields.update(model=model.name, method=record.method, queries=len(request.queries))
+            if not request.queries:
+                raise InvalidRequest("no query images: send at least one")
+            if len(request.queries) > self.limits.max_queries:
+                raise TooLarge(f"{len(request.queries)} query images; this server takes at most {self.limits.max_queries} per call")
+            x = await self._offload(self._decode, list(request.queries), model, "query")
+            probs = await self._classify(record, task, model, x)
+            return _response(probs.numpy(), record.labels, request.top_k)
+
+        return await self._call("Classify", context, body)
+
+    async def _classify(self, record: TaskRecord, task: Any, model: BundleModel, x: torch.Tensor) -> torch.Tensor:
+        """``(Q, C, H, W)`` -> ``(Q, N)`` probabilities; the heavy call is merged with concurrent requests."""
+        self.metrics.batch_images.observe(len(x))
+        if model.family == "metric":
+            features = await self.batcher.submit(("features", model.name), x, model.extract)
+            return await self._offload(task.classify_features, features)
+        if task.transductive:  # queries normalise each other: never merged with another request
+            return await self._offload(task.classify, x)
+        logits = await self.batcher.submit(("network", record.task_id), x, task.logits)
+        return torch.softmax(logits, dim=1)
+
+    # -- task and model info --------------------------------------------------------------------
+    async def GetTask(self, request: pb.GetTaskRequest, context: grpc.aio.ServicerContext) -> pb.TaskInfo:
+        async def body(fields: dict) -> pb.TaskInfo:
+            fields["task"] = request.task_id
+            if not request.task_id:
+                raise InvalidRequest("task_id is empty: use the id that Adapt returned")
+            rec = await self._offload(self.store.record, request.task_id)
+            if rec is None:
+                raise NotFound(f"task {request.task_id} is unknown, deleted or expired")
+            return pb.TaskInfo(task_id=rec.task_id, model=rec.model, method=rec.method, labels=rec.labels,
+                               created_at=rec.created_at, expires_at=rec.expires_at, support_size=rec.support_size)
+
+        return await self._call("GetTask", context, body)
+
+    async def DeleteTask(self, request: pb.DeleteTaskRequest, context: grpc.aio.ServicerContext) -> pb.DeleteTaskResponse:
+        async def body(fields: dict) -> pb.DeleteTaskResponse:
+            fields["task"] = request.task_id
+            if not request.task_id:
+                raise InvalidRequest("task_id is empty: use the id that Adapt returned")
+            if not await self._offload(self.store.delete, request.task_id):
+                raise NotFound(f"task {request.task_id} is unknown, already deleted or expired")
+            return pb.DeleteTaskResponse(deleted=True)
+
+        return await self._call("DeleteTask", context, body)
+
+    async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
+        async def body(fields: dict) -> pb.ListModelsResponse:
+            return pb.ListModelsResponse(models=[model_info(m) for _, m in sorted(self.models.items())])
+
+        return await self._call("ListModels", context, body)
+
+
+def model_info(model: BundleModel) -> pb.ModelInfo:
+    """A model's methods, input spec and limits as the API reports them."""
+    spec, limits = model.spec, model.manifest["limits"]
+    ways = model.net.ways if model.family == "inner_loop" else None
+    return pb.ModelInfo(name=model.name, family=model.family, methods=model.methods, default_method=model.default_method,
+                        input=pb.InputSpec(channels=spec.channels, size=spec.size, mean=spec.mean, std=spec.std, resize=spec.resize),
+                        min_ways=ways or 2, max_ways=ways or limits.get("max_ways", 0), max_shots=limits.get("max_shots", 0))
+
+
+def _response(probs: np.ndarray, labels: list[str], top_k: int) -> pb.ClassifyResponse:
+    """``(Q, N)`` probabilities -> ranked predictions (ties broken by label order)."""
+    k = min(max(top_k, 1), len(labels))
+    order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+    predictions = [pb.Prediction(ranked=[pb.LabelScore(label=labels[j], probability=float(p[j])) for j in idx],
+                                 probabilities=p.tolist()) for p, idx in zip(probs, order)]
+    return pb.ClassifyResponse(predictions=predictions, labels=labels)
