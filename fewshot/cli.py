@@ -81,6 +81,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--data-root", help="default: $FEWSHOT_DATA or ../shared/data")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--predictions", help="write every task's predicted query classes to this JSON file")
     p.add_argument("--progress", action="store_true", help="show a progress bar")
 
 
@@ -111,6 +112,9 @@ def eval_row(args: argparse.Namespace) -> dict:
     data = load_dataset(dataset, args.split, args.data_root)
     res = evaluate(adapter, data, model.spec.normalize, args.ways, args.shots, args.queries, args.tasks, args.seed,
                    progress=args.progress)
+    if getattr(args, "predictions", None):
+        Path(args.predictions).write_text(json.dumps({"seed": args.seed, "ways": args.ways, "shots": args.shots,
+                                                      "queries": args.queries, "predictions": res.predictions}))
     return {"model": model.name, "dataset": dataset, "split": args.split, "ways": args.ways, "shots": args.shots,
             "queries": args.queries, "head": head_name, **extra, "tasks": res.tasks, "seed": args.seed, "accuracy": round(res.accuracy, 2), "ci95": round(res.ci95, 2),
             "seconds": round(res.seconds, 2)}
@@ -297,7 +301,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-delay-ms", type=float, default=d.batch_delay_ms, help="how long Classify waits to merge requests")
     p.add_argument("--max-batch", type=int, default=d.max_batch, help="images per merged backbone call")
     p.add_argument("--cache-mb", type=int, default=d.cache_mb, help="memory budget of the task cache")
-    p.add_argument("--max-message-mb", type=int, default=d.max_message_mb)
+    p.add_argument("--max-message-mb", type=int, default=d.max_message_mb, help="gRPC message size limit")
+    p.add_argument("--max-image-mb", type=float, default=d.max_image_mb, help="encoded size limit per image")
     p.add_argument("--max-support", type=int, default=d.max_support, help="images per support set")
     p.add_argument("--max-queries", type=int, default=d.max_queries, help="images per Classify call")
     p.add_argument("--default-ttl", type=int, default=d.default_ttl, help="task time-to-live in seconds when Adapt sets none")
@@ -312,7 +317,7 @@ def _run_serve(args: argparse.Namespace) -> None:
     cfg = ServeConfig(models=Path(args.models) if args.models else DEFAULT_BUNDLE_DIR, host=args.host, port=args.port,
                       device=args.device, state_dir=Path(args.state_dir), metrics_port=args.metrics_port, token=args.token,
                       threads=args.threads, workers=args.workers, batch_delay_ms=args.batch_delay_ms, max_batch=args.max_batch,
-                      cache_mb=args.cache_mb, max_message_mb=args.max_message_mb, max_support=args.max_support,
+                      cache_mb=args.cache_mb, max_message_mb=args.max_message_mb, max_image_mb=args.max_image_mb, max_support=args.max_support,
                       max_queries=args.max_queries, default_ttl=args.default_ttl)
     try:
         run(cfg)

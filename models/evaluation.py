@@ -42,6 +42,8 @@ class EvalResult:
     tasks: int
     seconds: float
     per_task: list[float] = field(repr=False, default_factory=list)
+    #: Per task, the predicted class index of every query (in the episode's query order).
+    predictions: list[list[int]] = field(repr=False, default_factory=list)
 
 
 def summarize(per_task: list[float], seconds: float = 0.0) -> EvalResult:
@@ -55,13 +57,16 @@ def evaluate(adapter: Adapter, dataset: ImageSet, normalize: Callable[[np.ndarra
              shots: int, queries: int = 15, tasks: int = 600, seed: int = 0, progress: bool = False) -> EvalResult:
     """Run ``tasks`` episodes through ``adapter`` on images, as the server does."""
     sampler = EpisodeSampler(dataset, ways, shots, queries, seed)
-    start, per_task = time.perf_counter(), []
+    start, per_task, predictions = time.perf_counter(), [], []
     for i in tqdm(range(tasks), desc=f"{ways}-way {shots}-shot", disable=not progress, leave=False):
         ep = sampler.episode(i)
         state = adapter.adapt(normalize(dataset.images[ep.support]), torch.as_tensor(ep.support_labels))
-        probs = state.classify(normalize(dataset.images[ep.query]))
-        per_task.append(float((probs.argmax(1).cpu().numpy() == ep.query_labels).mean()))
-    return summarize(per_task, time.perf_counter() - start)
+        predicted = state.classify(normalize(dataset.images[ep.query])).argmax(1).cpu().numpy()
+        per_task.append(float((predicted == ep.query_labels).mean()))
+        predictions.append(predicted.tolist())
+    result = summarize(per_task, time.perf_counter() - start)
+    result.predictions = predictions
+    return result
 
 
 def evaluate_features(features: torch.Tensor, dataset: ImageSet, head: FewShotHead, ways: int, shots: int,

@@ -72,7 +72,7 @@ async def serve(cfg: ServeConfig, ready: asyncio.Event | None = None) -> None:
     metrics.count_tasks_with(store.count)
     executor = ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="fewshot-work")
     limits = ServiceLimits(max_support=cfg.max_support, max_queries=cfg.max_queries, default_ttl=cfg.default_ttl,
-                           image=ImageLimits())
+                           image=ImageLimits(max_bytes=int(cfg.max_image_mb * (1 << 20))))
     service = FewShotService(models, store, executor, metrics, limits, cfg.batch_delay_ms / 1e3, cfg.max_batch)
     size = cfg.max_message_mb << 20
     server = grpc.aio.server(interceptors=[TokenAuth(cfg.token)] if cfg.token else [],

@@ -36,14 +36,16 @@ class Batcher:
         max_batch: images per call; a batch is flushed as soon as it reaches this size.
     """
 
-    def __init__(self, executor: Executor, max_delay: float = 0.002, max_batch: int = 256) -> None:
+    def __init__(self, executor: Executor, max_delay: float = 0.002, max_batch: int = 256,
+                 on_batch: Callable[[int], None] | None = None) -> None:
         self.executor, self.max_delay, self.max_batch = executor, max_delay, max_batch
+        self.on_batch = on_batch or (lambda _: None)
         self._pending: dict[Hashable, _Pending] = {}
-        self.batches = 0
 
     async def submit(self, key: Hashable, images: torch.Tensor, run: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         loop = asyncio.get_running_loop()
         if len(images) >= self.max_batch:
+            self.on_batch(len(images))
             return await loop.run_in_executor(self.executor, run, images)
         pending = self._pending.get(key)
         if pending is not None and pending.size + len(images) > self.max_batch:
@@ -66,7 +68,6 @@ class Batcher:
             return
         if pending.timer is not None:
             pending.timer.cancel()
-        self.batches += 1
         asyncio.get_running_loop().create_task(self._run(pending))
 
     async def _run(self, pending: _Pending) -> None:
@@ -77,6 +78,7 @@ class Batcher:
         futures = [f for f, keep in zip(pending.futures, live) if keep]
         try:
             merged = torch.cat(inputs) if len(inputs) > 1 else inputs[0]
+            self.on_batch(len(merged))
             out = await asyncio.get_running_loop().run_in_executor(self.executor, pending.run, merged)
         except Exception as exc:  # every waiter gets the error (e.g. a backend that went away)
             for f in futures:

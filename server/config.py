@@ -23,6 +23,7 @@ class ServeConfig:
     max_batch: int = 256
     cache_mb: int = 256
     max_message_mb: int = 64
+    max_image_mb: float = 8.0
     max_support: int = 2500
     max_queries: int = 1024
     default_ttl: int = 24 * 3600

@@ -22,7 +22,7 @@ class ServiceMetrics:
         self.cache = Counter("fewshot_task_cache_events", "Task cache hits, misses and evictions", ["event"],
                              registry=self.registry)
         self.tasks = Gauge("fewshot_tasks_stored", "Live tasks in the persistent store", registry=self.registry)
-        self.batch_images = Histogram("fewshot_batch_images", "Images per merged Classify batch",
+        self.batch_images = Histogram("fewshot_batch_images", "Images per backbone or network call (merged Classify requests)",
                                       buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512), registry=self.registry)
 
     def count_tasks_with(self, count: Callable[[], int]) -> None:

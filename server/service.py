@@ -64,7 +64,7 @@ class FewShotService(pb_grpc.FewShotServicer):
                  metrics: ServiceMetrics, limits: ServiceLimits = ServiceLimits(), batch_delay: float = 0.002,
                  max_batch: int = 256) -> None:
         self.models, self.store, self.executor, self.metrics, self.limits = models, store, executor, metrics, limits
-        self.batcher = Batcher(executor, batch_delay, max_batch)
+        self.batcher = Batcher(executor, batch_delay, max_batch, on_batch=metrics.batch_images.observe)
 
     # -- plumbing -------------------------------------------------------------------------------
     async def _call(self, rpc: str, context: grpc.aio.ServicerContext, body: Callable[[dict], Awaitable[Any]]) -> Any:
@@ -257,7 +257,6 @@ class FewShotService(pb_grpc.FewShotServicer):
 
     async def _classify(self, record: TaskRecord, task: Any, model: BundleModel, x: torch.Tensor) -> torch.Tensor:
         """``(Q, C, H, W)`` -> ``(Q, N)`` probabilities; the heavy call is merged with concurrent requests."""
-        self.metrics.batch_images.observe(len(x))
         if model.family == "metric":
             features = await self.batcher.submit(("features", model.name), x, model.extract)
             return await self._offload(task.classify_features, features)

@@ -6,6 +6,9 @@ import pytest
 import torch
 
 from fewshot.models.data import load_omniglot
+from fewshot.models.zoo import ZOO_DIR
+
+SHIPPED = sorted(p.name for p in ZOO_DIR.iterdir() if (p / "card.json").exists())
 
 torch.set_num_threads(2)
 
@@ -20,3 +23,37 @@ def omniglot_model():
     from fewshot.models.zoo import load_model
 
     return load_model("omniglot-conv4-directsum")
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory):
+    """Every shipped model exported once: ``(bundle dir, Triton repository)``."""
+    from fewshot.export.bundle import export_model
+
+    out, repo = tmp_path_factory.mktemp("bundles"), tmp_path_factory.mktemp("triton")
+    for name in SHIPPED:
+        export_model(name, out, triton_repo=repo, log=lambda *_: None)
+    return out, repo
+
+
+@pytest.fixture(scope="session")
+def server(exported, tmp_path_factory):
+    """A real ``fewshot serve`` on loopback over every shipped bundle; small limits so the
+    RESOURCE_EXHAUSTED cases stay cheap, a longer batching window so concurrent calls merge."""
+    from serving import ServerProcess, free_port
+
+    metrics_port = free_port()
+    proc = ServerProcess(exported[0], tmp_path_factory.mktemp("state"), "--max-message-mb", "4", "--max-image-mb", "1", "--max-support", "300",
+                         "--max-queries", "200", "--batch-delay-ms", "30", "--metrics-port", str(metrics_port))
+    proc.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+    with proc:
+        yield proc
+
+
+@pytest.fixture(scope="session")
+def token_server(exported, tmp_path_factory):
+    """The same bundles behind ``--token secret-token``."""
+    from serving import ServerProcess
+
+    with ServerProcess(exported[0], tmp_path_factory.mktemp("state-token"), "--token", "secret-token") as proc:
+        yield proc

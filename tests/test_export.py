@@ -3,28 +3,18 @@
 import json
 import shutil
 
-import numpy as np
 import onnx
 import pytest
 import torch
 
-from fewshot.export.bundle import export_model
 from fewshot.export.loader import bundle_adapter
 from fewshot.export.registry import BundleError, Registry, load_bundle
 from fewshot.models.data import load_dataset
 from fewshot.models.episodes import EpisodeSampler
 from fewshot.models.metric_adapter import MetricAdapter
-from fewshot.models.zoo import ZOO_DIR, load_model
+from fewshot.models.zoo import load_model
 
-SHIPPED = sorted(p.name for p in ZOO_DIR.iterdir() if (p / "card.json").exists())
-
-
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    out, repo = tmp_path_factory.mktemp("bundles"), tmp_path_factory.mktemp("triton")
-    for name in SHIPPED:
-        export_model(name, out, triton_repo=repo, log=lambda *_: None)
-    return out, repo
+from conftest import SHIPPED
 
 
 def _torch_adapter(model, head):

@@ -32,7 +32,7 @@ class AsyncTask(TaskFields):
         return await self.client.task_info(self.id)
 
     async def delete(self) -> bool:
-        """Deletes the task; False if it did not exist any more."""
+        """Deletes the task (True); raises NotFound if it is already gone."""
         return await self.client.delete(self.id)
 
 
@@ -79,7 +79,7 @@ class AsyncFewShotClient:
         return AsyncTask(**vars(messages.looked_up_fields(info)), client=self)
 
     async def delete(self, task_id: str) -> bool:
-        """Deletes task ``task_id``; False if it did not exist."""
+        """Deletes task ``task_id`` (True); raises NotFound if there is none."""
         response = await self._call(self._stub.DeleteTask, fewshot_pb2.DeleteTaskRequest(task_id=task_id))
         return response.deleted
 

@@ -53,7 +53,7 @@ def cmd_classify(client: FewShotClient, args: argparse.Namespace) -> None:
             print(f"{path}\t{p.label}\t{p.score:.6f}")
 
 
-def cmd_models(client: FewShotClient, args: argparse.Namespace) -> None:
+def cmd_models(client: FewShotClient, _args: argparse.Namespace) -> None:
     for m in client.models():
         spec = m.input
         print(f"{m.name}\t{m.family}\tmethods {','.join(m.methods)} (default {m.default_method})\t"

@@ -31,7 +31,7 @@ class Task(TaskFields):
         return self.client.task_info(self.id)
 
     def delete(self) -> bool:
-        """Deletes the task; False if it did not exist any more."""
+        """Deletes the task (True); raises NotFound if it is already gone."""
         return self.client.delete(self.id)
 
 
@@ -83,7 +83,7 @@ class FewShotClient:
         return Task(**vars(messages.looked_up_fields(self.task_info(task_id))), client=self)
 
     def delete(self, task_id: str) -> bool:
-        """Deletes task ``task_id``; False if it did not exist."""
+        """Deletes task ``task_id`` (True); raises NotFound if there is none."""
         request = fewshot_pb2.DeleteTaskRequest(task_id=task_id)
         return self._call(self._stub.DeleteTask, request).deleted
 

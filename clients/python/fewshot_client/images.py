@@ -55,7 +55,7 @@ def _raw_tensor(array: np.ndarray) -> fewshot_pb2.RawTensor:
         raise ValueError(f"an image array must have shape (H, W) or (H, W, C), got {array.shape}")
     if array.dtype == np.uint8:
         dtype, data = "uint8", np.ascontiguousarray(array)
-    elif array.dtype in (np.float32, np.float64):
+    elif array.dtype.kind == "f" and array.dtype.itemsize in (4, 8):
         dtype, data = "float32", np.ascontiguousarray(array, dtype="<f4")
     else:
         raise TypeError(f"cannot send an array of dtype {array.dtype} as an image; expected {ACCEPTED}")

@@ -1,0 +1,81 @@
+"""A real ``fewshot serve`` process on loopback for the tests (started, probed through the standard
+health service, stopped or killed by PID)."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from PIL import Image
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """``fewshot serve --models DIR --state-dir DIR --port P [args]`` as a child process."""
+
+    def __init__(self, models: Path, state_dir: Path, *args: str, log: Path | None = None) -> None:
+        self.models, self.state_dir, self.args = Path(models), Path(state_dir), list(args)
+        self.port = free_port()
+        self.target = f"127.0.0.1:{self.port}"
+        self.log = log or self.state_dir / f"serve-{self.port}.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 90.0) -> "ServerProcess":
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "fewshot.cli", "serve", "--models", str(self.models), "--state-dir",
+               str(self.state_dir), "--port", str(self.port), "--threads", "1", "--workers", "2", *self.args]
+        self.proc = subprocess.Popen(cmd, stdout=self.log.open("ab"), stderr=subprocess.STDOUT, env=os.environ.copy())
+        deadline = time.monotonic() + timeout
+        with grpc.insecure_channel(self.target) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"fewshot serve exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
+                try:
+                    if stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0).status == health_pb2.HealthCheckResponse.SERVING:
+                        return self
+                except grpc.RpcError:
+                    time.sleep(0.2)
+        self.kill()
+        raise TimeoutError(f"fewshot serve did not become healthy in {timeout} s:\n{self.log.read_text()[-3000:]}")
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown code runs (the crash-safety case)."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(30)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def __enter__(self) -> "ServerProcess":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def png(image: np.ndarray) -> bytes:
+    """uint8 ``(H, W, C)`` -> PNG bytes (lossless)."""
+    buf = io.BytesIO()
+    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(buf, "PNG")
+    return buf.getvalue()

@@ -1,0 +1,262 @@
+"""The gRPC service end to end: a real ``fewshot serve`` process on loopback, real test tasks as PNG bytes."""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import numpy as np
+import pytest
+from conftest import SHIPPED
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from PIL import Image
+from serving import ServerProcess, png
+
+from fewshot.cli import main as fewshot_main
+from fewshot.models.data import load_dataset
+from fewshot.models.episodes import EpisodeSampler
+from fewshot.models.zoo import load_model
+from fewshot_client._proto import fewshot_pb2 as pb
+from fewshot_client._proto import fewshot_pb2_grpc as pb_grpc
+
+OMNI = "omniglot-conv4-directsum"
+TASKS = 20
+
+
+def _served_cases() -> list[tuple[str, str]]:
+    cases = []
+    for name in SHIPPED:
+        card = load_model(name).card
+        cases += [(name, m) for m in (("centroid", "laplacianshot") if card["family"] == "metric" else ("inner_loop",))]
+    return cases
+
+
+@pytest.fixture(scope="module")
+def stub(server):
+    with grpc.insecure_channel(server.target, options=[("grpc.max_send_message_length", 64 << 20)]) as channel:
+        yield pb_grpc.FewShotStub(channel)
+
+
+@pytest.fixture(scope="module")
+def omni_task(omniglot_test):
+    ep = EpisodeSampler(omniglot_test, 5, 1, 15, seed=7).episode(0)
+    support = [pb.LabelledImage(image=pb.Image(encoded=png(omniglot_test.images[i])), label=f"char-{c}")
+               for i, c in zip(ep.support, ep.support_labels)]
+    queries = [pb.Image(encoded=png(omniglot_test.images[i])) for i in ep.query]
+    return support, queries, [f"char-{c}" for c in ep.query_labels]
+
+
+def _adapt_request(support, model=OMNI, **kw) -> pb.AdaptRequest:
+    return pb.AdaptRequest(model=model, support=support, **kw)
+
+
+def _labels(response: pb.ClassifyResponse) -> list[str]:
+    return [p.ranked[0].label for p in response.predictions]
+
+
+def _assert_still_serves(stub, omni_task) -> None:
+    support, queries, truth = omni_task
+    task = stub.Adapt(_adapt_request(support))
+    predicted = _labels(stub.Classify(pb.ClassifyRequest(task_id=task.task_id, queries=queries)))
+    assert np.mean([p == t for p, t in zip(predicted, truth)]) >= 0.8
+
+
+@pytest.mark.parametrize("name,method", _served_cases())
+def test_served_predictions_equal_fewshot_eval(server, stub, tmp_path, name, method):
+    card = load_model(name).card
+    ways = 5
+    out = tmp_path / "eval.json"
+    args = ["eval", "--model", name, "--tasks", str(TASKS), "--ways", str(ways), "--shots", "1", "--seed", "0",
+            "--predictions", str(out)]
+    if card["family"] == "metric":
+        args += ["--head", method]
+    assert fewshot_main(args) == 0
+    expected = json.loads(out.read_text())["predictions"]
+    data = load_dataset(card["data"]["dataset"], "test")
+    sampler = EpisodeSampler(data, ways, 1, 15, seed=0)
+    for i in range(TASKS):
+        ep = sampler.episode(i)
+        support = [pb.LabelledImage(image=pb.Image(encoded=png(data.images[j])), label=f"class-{c}")
+                   for j, c in zip(ep.support, ep.support_labels)]
+        task = stub.Adapt(_adapt_request(support, name, method=method))
+        assert task.method == method and task.labels == [f"class-{c}" for c in range(ways)]
+        response = stub.Classify(pb.ClassifyRequest(task_id=task.task_id, queries=[pb.Image(encoded=png(data.images[j])) for j in ep.query]))
+        served = [int(label.removeprefix("class-")) for label in _labels(response)]
+        assert served == expected[i], (name, method, i)
+
+
+def _bomb() -> bytes:
+    buf = io.BytesIO()
+    Image.new("L", (6000, 6000)).save(buf, "PNG")  # 36 M pixels, ~35 KB compressed
+    return buf.getvalue()
+
+
+def _raw(array: np.ndarray, dtype: str) -> pb.Image:
+    return pb.Image(tensor=pb.RawTensor(shape=list(array.shape), dtype=dtype, data=array.tobytes()))
+
+
+def _bad_requests(support, queries):
+    """(name, rpc, request, expected status) for every kind of bad input."""
+    one = support[0]
+    adapt, classify = "Adapt", "Classify"
+    nan = np.full((28, 28), np.nan, dtype=np.float32)
+    many_ways = [pb.LabelledImage(image=one.image, label=f"c{i}") for i in range(51)]
+    many_shots = [pb.LabelledImage(image=one.image, label="a") for _ in range(51)] + [support[1]]
+    too_many = [pb.LabelledImage(image=one.image, label=f"c{i % 5}") for i in range(301)]
+    huge = [pb.LabelledImage(image=pb.Image(encoded=b"\x89PNG" + bytes(5 << 20)), label="a"), support[1]]
+    return [
+        ("undecodable image", adapt, _adapt_request([pb.LabelledImage(image=pb.Image(encoded=b"not an image"), label="a"), support[1]]), grpc.StatusCode.INVALID_ARGUMENT),
+        ("oversized image", adapt, _adapt_request([pb.LabelledImage(image=pb.Image(encoded=bytes(2 << 20)), label="a"), support[1]]), grpc.StatusCode.INVALID_ARGUMENT),
+        ("decompression bomb", adapt, _adapt_request([pb.LabelledImage(image=pb.Image(encoded=_bomb()), label="a"), support[1]]), grpc.StatusCode.INVALID_ARGUMENT),
+        ("wrong channel count", adapt, _adapt_request([pb.LabelledImage(image=_raw(np.zeros((28, 28, 3), np.uint8), "uint8"), label="a"), support[1]]), grpc.StatusCode.INVALID_ARGUMENT),
+        ("one class", adapt, _adapt_request(support[:1]), grpc.StatusCode.INVALID_ARGUMENT),
+        ("class without an image", adapt, _adapt_request([pb.LabelledImage(label="a"), *support[1:]]), grpc.StatusCode.INVALID_ARGUMENT),
+        ("empty label", adapt, _adapt_request([pb.LabelledImage(image=one.image, label=""), *support[1:]]), grpc.StatusCode.INVALID_ARGUMENT),
+        ("too many ways", adapt, _adapt_request(many_ways), grpc.StatusCode.INVALID_ARGUMENT),
+        ("too many shots", adapt, _adapt_request(many_shots), grpc.StatusCode.INVALID_ARGUMENT),
+        ("unknown method", adapt, _adapt_request(support, method="svm"), grpc.StatusCode.INVALID_ARGUMENT),
+        ("setting of another method", adapt, _adapt_request(support, settings=pb.AdaptSettings(inner_steps=3)), grpc.StatusCode.INVALID_ARGUMENT),
+        ("lambda out of bounds", adapt, _adapt_request(support, method="laplacianshot", settings=pb.AdaptSettings(**{"lambda": -1.0})), grpc.StatusCode.INVALID_ARGUMENT),
+        ("NaN raw tensor", classify, None, grpc.StatusCode.INVALID_ARGUMENT),
+        ("unknown model", adapt, _adapt_request(support, model="resnet-9000"), grpc.StatusCode.NOT_FOUND),
+        ("unknown task", classify, pb.ClassifyRequest(task_id="0" * 32, queries=queries[:1]), grpc.StatusCode.NOT_FOUND),
+        ("support past the server's limit", adapt, _adapt_request(too_many), grpc.StatusCode.RESOURCE_EXHAUSTED),
+        ("message past the size limit", adapt, _adapt_request(huge), grpc.StatusCode.RESOURCE_EXHAUSTED),
+        ("queries past the server's limit", classify, None, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    ], nan
+
+
+def test_bad_input_gets_its_status_and_harms_nothing(stub, omni_task):
+    support, queries, _ = omni_task
+    live = stub.Adapt(_adapt_request(support)).task_id
+    cases, nan = _bad_requests(support, queries)
+    for name, rpc, request, code in cases:
+        if name == "NaN raw tensor":
+            request = pb.ClassifyRequest(task_id=live, queries=[_raw(nan, "float32")])
+        elif name == "queries past the server's limit":
+            request = pb.ClassifyRequest(task_id=live, queries=queries[:1] * 201)
+        with pytest.raises(grpc.RpcError) as err:
+            getattr(stub, rpc)(request)
+        assert err.value.code() == code, (name, err.value.code(), err.value.details())
+        assert err.value.details(), name
+        _assert_still_serves(stub, omni_task)
+    # the task adapted before the bad requests is intact
+    assert len(stub.Classify(pb.ClassifyRequest(task_id=live, queries=queries)).predictions) == len(queries)
+
+
+def test_deleted_and_expired_tasks_are_not_found(stub, omni_task):
+    support, queries, _ = omni_task
+    task = stub.Adapt(_adapt_request(support))
+    assert stub.GetTask(pb.GetTaskRequest(task_id=task.task_id)).support_size == len(support)
+    assert stub.DeleteTask(pb.DeleteTaskRequest(task_id=task.task_id)).deleted
+    short = stub.Adapt(_adapt_request(support, ttl_seconds=1))
+    time.sleep(1.2)
+    for task_id in (task.task_id, short.task_id):
+        for call in (lambda: stub.Classify(pb.ClassifyRequest(task_id=task_id, queries=queries[:1])),
+                     lambda: stub.GetTask(pb.GetTaskRequest(task_id=task_id)),
+                     lambda: stub.DeleteTask(pb.DeleteTaskRequest(task_id=task_id))):
+            with pytest.raises(grpc.RpcError) as err:
+                call()
+            assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_raw_tensors_and_encoded_images_agree(stub, omniglot_test, omni_task):
+    support, queries, _ = omni_task
+    task = stub.Adapt(_adapt_request(support)).task_id
+    ep = EpisodeSampler(omniglot_test, 5, 1, 15, seed=7).episode(0)
+    arrays = [omniglot_test.images[i][..., 0] for i in ep.query]
+    as_uint8 = [_raw(a, "uint8") for a in arrays]
+    as_float = [_raw((a / 255.0).astype(np.float32), "float32") for a in arrays]
+    ref = stub.Classify(pb.ClassifyRequest(task_id=task, queries=queries))
+    for raw in (as_uint8, as_float):
+        got = stub.Classify(pb.ClassifyRequest(task_id=task, queries=raw))
+        assert _labels(got) == _labels(ref)
+        np.testing.assert_allclose([p.probabilities for p in got.predictions], [p.probabilities for p in ref.predictions], atol=1e-5)
+
+
+def test_a_query_is_classified_the_same_alone_and_merged(server, stub, omniglot_test):
+    sampler = EpisodeSampler(omniglot_test, 5, 1, 4, seed=21)
+    tasks = []
+    for i in range(8):
+        ep = sampler.episode(i)
+        support = [pb.LabelledImage(image=pb.Image(encoded=png(omniglot_test.images[j])), label=str(c))
+                   for j, c in zip(ep.support, ep.support_labels)]
+        method = "laplacianshot" if i % 2 else "centroid"
+        tasks.append((stub.Adapt(_adapt_request(support, method=method)).task_id,
+                      [pb.Image(encoded=png(omniglot_test.images[j])) for j in ep.query]))
+    requests = [pb.ClassifyRequest(task_id=t, queries=q) for t, q in tasks]
+    alone = [[list(p.probabilities) for p in stub.Classify(r).predictions] for r in requests]
+    before = _batch_histogram(server)
+    with ThreadPoolExecutor(len(requests)) as pool:  # concurrent: merged within the 30 ms window
+        merged = list(pool.map(lambda r: [list(p.probabilities) for p in stub.Classify(r).predictions], requests))
+    calls = {le: n - before.get(le, 0.0) for le, n in _batch_histogram(server).items()}
+    # 8 requests of 4 queries: fewer than 8 backbone calls, at least one with more than 4 images
+    assert calls["+Inf"] < len(requests) and calls["4.0"] < calls["+Inf"], calls
+    np.testing.assert_allclose(np.array(merged), np.array(alone), rtol=0, atol=1e-6)
+
+
+def _batch_histogram(server) -> dict[str, float]:
+    """Cumulative counts of backbone-call sizes (bucket bound -> calls), from the server's Prometheus metrics."""
+    text = urllib.request.urlopen(server.metrics_url, timeout=5).read().decode()
+    return {line.split('le="')[1].split('"')[0]: float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines() if line.startswith("fewshot_batch_images_bucket")}
+
+
+def test_an_acknowledged_task_survives_sigkill(exported, tmp_path, omni_task):
+    support, queries, _ = omni_task
+    state = tmp_path / "state"
+    first = ServerProcess(exported[0], state).start()
+    try:
+        with grpc.insecure_channel(first.target) as channel:
+            stub = pb_grpc.FewShotStub(channel)
+            task = stub.Adapt(_adapt_request(support, method="laplacianshot"))
+            before = stub.Classify(pb.ClassifyRequest(task_id=task.task_id, queries=queries, top_k=3))
+    finally:
+        first.kill()
+    with ServerProcess(exported[0], state) as second, grpc.insecure_channel(second.target) as channel:
+        after = pb_grpc.FewShotStub(channel).Classify(pb.ClassifyRequest(task_id=task.task_id, queries=queries, top_k=3))
+    assert after == before
+
+
+def test_token_is_required_when_set(token_server, omni_task):
+    support, _, _ = omni_task
+    with grpc.insecure_channel(token_server.target) as channel:
+        stub = pb_grpc.FewShotStub(channel)
+        for metadata in ((), (("authorization", "Bearer wrong"),), (("authorization", "secret-token"),)):
+            with pytest.raises(grpc.RpcError) as err:
+                stub.Adapt(_adapt_request(support), metadata=metadata)
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        ok = stub.Adapt(_adapt_request(support), metadata=(("authorization", "Bearer secret-token"),))
+        assert len(ok.task_id) == 32
+        # load balancers probe without credentials
+        health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_health_reflection_and_model_listing(server, stub):
+    with grpc.insecure_channel(server.target) as channel:
+        status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service="fewshot.v1.FewShot"))
+        assert status.status == health_pb2.HealthCheckResponse.SERVING
+        reflected = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+        services = {s.name for r in reflected for s in r.list_services_response.service}
+    assert {"fewshot.v1.FewShot", "grpc.health.v1.Health"} <= services
+    models = {m.name: m for m in stub.ListModels(pb.ListModelsRequest()).models}
+    assert set(models) == set(SHIPPED)
+    assert models[OMNI].input.channels == 1 and models[OMNI].input.size == 28
+    assert set(models[OMNI].methods) == {"centroid", "laplacianshot"} and models[OMNI].max_ways == 50
+
+
+def test_adapt_stream_equals_adapt(stub, omni_task):
+    support, queries, _ = omni_task
+    chunks = [pb.AdaptChunk(model=OMNI, method="laplacianshot", support=support[:2])] + [pb.AdaptChunk(support=[s]) for s in support[2:]]
+    streamed = stub.AdaptStream(iter(chunks))
+    unary = stub.Adapt(_adapt_request(support, method="laplacianshot"))
+    a = stub.Classify(pb.ClassifyRequest(task_id=streamed.task_id, queries=queries))
+    b = stub.Classify(pb.ClassifyRequest(task_id=unary.task_id, queries=queries))
+    assert streamed.labels == unary.labels and a.predictions == b.predictions
