@@ -156,51 +156,28 @@ def _run_package(args: argparse.Namespace) -> None:
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="export missing bundles, then evaluate every bundle on a few real test tasks")
-    p.add_argument("--tasks", type=int, default=100)
+    p = sub.add_parser("demo", help="export missing bundles, start the server, run the client SDK through real test tasks")
+    p.add_argument("--tasks", type=int, default=600, help="tasks per row (600: the same tasks as RESULTS.md)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model", action="append", help="model to demo (repeat; default: the flagship models)")
     p.add_argument("--bundles", help="bundle directory (default: bundles/ in the repository)")
 
 
 def _run_demo(args: argparse.Namespace) -> None:
-    import torch
+    from fewshot.export.bundle import DEFAULT_BUNDLE_DIR
+    from fewshot.server.demo import run_demo
 
-    from fewshot.export.bundle import DEFAULT_BUNDLE_DIR, bundle_is_current, export_model
-    from fewshot.export.loader import bundle_adapter, bundle_spec
-    from fewshot.export.registry import Registry
-    from fewshot.models.data import load_dataset
-    from fewshot.models.evaluation import evaluate
-    from fewshot.models.zoo import ZOO_DIR
-
-    out = Path(args.bundles) if args.bundles else DEFAULT_BUNDLE_DIR
-    names = sorted(p.name for p in ZOO_DIR.iterdir() if (p / "card.json").exists())
-    for name in names:
-        if not bundle_is_current(out / name, ZOO_DIR / name):
-            print(f"exporting {name} -> {out / name}")
-            export_model(name, out, log=lambda msg: print("  " + msg))
-    registry = Registry.load(out)
-    print(f"{len(registry.bundles)} bundles in {out}; {args.tasks} test tasks per row (seed {args.seed}), "
-          f"embedded ONNX Runtime ({'CUDA' if torch.cuda.is_available() else 'CPU'})")
-    for name in names:
-        bundle = registry.get(name)
-        m = bundle.manifest
-        data = load_dataset(m["data"]["dataset"], "test")
-        heads = ["centroid", "laplacianshot"] if m["family"] == "metric" else [m["method"]]
-        ways = m["limits"].get("min_ways", 5)
-        for shots in (1, 5):
-            for head in heads:
-                adapter = bundle_adapter(bundle, head, shots=shots)
-                res = evaluate(adapter, data, bundle_spec(bundle).normalize, ways, shots, 15, args.tasks, args.seed)
-                key = f"{ways}way_{shots}shot_{head}" + ("_support" if m["family"] == "inner_loop" else "")
-                ref = m.get("accuracy", {}).get(key)
-                ref_txt = f"   [RESULTS.md, {ref['tasks']} tasks: {ref['accuracy']:.2f} +- {ref['ci95']:.2f}]" if ref else ""
-                print(f"{name:40s} {ways}-way {shots}-shot {head:14s} {res.accuracy:6.2f} +- {res.ci95:.2f} "
-                      f"({res.seconds / args.tasks * 1e3:.0f} ms/task){ref_txt}")
+    run_demo(Path(args.bundles) if args.bundles else DEFAULT_BUNDLE_DIR, args.tasks, args.seed, args.model)
 
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="in-process latency of one adaptation and one classification (median and spread)")
-    p.add_argument("--model", required=True)
+    p = sub.add_parser("bench", help="in-process adaptation latency (--model), or a running server's latency and "
+                       "throughput (--target)")
+    p.add_argument("--model", action="append", help="model (in-process: exactly one; with --target: repeat, default all)")
+    p.add_argument("--target", help="HOST:PORT of a running `fewshot serve`: benchmark it through the client SDK")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8], help="with --target: client threads")
+    p.add_argument("--requests", type=int, default=64, help="with --target: Adapt and Classify calls per row")
+    p.add_argument("--token", default=os.environ.get("FEWSHOT_TOKEN"), help="with --target: bearer token")
     p.add_argument("--ways", type=int, default=5)
     p.add_argument("--shots", type=int, default=5)
     p.add_argument("--queries", type=int, default=15)
@@ -225,9 +202,20 @@ def _run_bench(args: argparse.Namespace) -> None:
     from fewshot.models.metric_adapter import MetricAdapter
     from fewshot.models.zoo import load_model
 
+    if args.target:
+        from fewshot.server.bench import bench_service, describe
+
+        print(f"fewshot bench --target {args.target}: {args.requests} calls per row, 5-way {args.shots}-shot, "
+              f"{args.queries} queries per class, PNG bytes through the client SDK")
+        for row in bench_service(args.target, args.model, tuple(args.concurrency), args.requests, args.shots,
+                                 args.queries, args.warmup, args.seed, args.token):
+            print(json.dumps(row) if args.json else describe(row), flush=True)
+        return
+    if not args.model or len(args.model) != 1:
+        raise ValueError("in-process bench takes exactly one --model (or use --target HOST:PORT)")
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = load_model(args.model)
+    model = load_model(args.model[0])
     if model.card["family"] == "inner_loop":
         adapter = model.adapter(None, None, args.device)
         what = f"{model.card['method']} inner loop, {adapter.steps} steps, {adapter.bn_mode} BN"

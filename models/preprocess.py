@@ -81,3 +81,12 @@ def load_image(source: str | os.PathLike | IO[bytes] | Image.Image, spec: InputS
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
         raise ImageDecodeError(f"cannot decode image: {exc}") from exc
     return array[..., None] if array.ndim == 2 else array
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """uint8 ``(H, W, C)`` -> PNG bytes (lossless: decoding gives the same array back)."""
+    import io
+
+    buf = io.BytesIO()
+    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(buf, "PNG")
+    return buf.getvalue()

@@ -8,6 +8,8 @@ import torch
 from fewshot.models.data import load_omniglot
 from fewshot.models.zoo import ZOO_DIR
 
+#: Test servers share 2 cores with pytest.
+SMALL = ("--threads", "1", "--workers", "2")
 SHIPPED = sorted(p.name for p in ZOO_DIR.iterdir() if (p / "card.json").exists())
 
 torch.set_num_threads(2)
@@ -40,10 +42,10 @@ def exported(tmp_path_factory):
 def server(exported, tmp_path_factory):
     """A real ``fewshot serve`` on loopback over every shipped bundle; small limits so the
     RESOURCE_EXHAUSTED cases stay cheap, a longer batching window so concurrent calls merge."""
-    from serving import ServerProcess, free_port
+    from fewshot.server.process import ServerProcess, free_port
 
     metrics_port = free_port()
-    proc = ServerProcess(exported[0], tmp_path_factory.mktemp("state"), "--max-message-mb", "4", "--max-image-mb", "1", "--max-support", "300",
+    proc = ServerProcess(exported[0], tmp_path_factory.mktemp("state"), *SMALL, "--max-message-mb", "4", "--max-image-mb", "1", "--max-support", "300",
                          "--max-queries", "200", "--batch-delay-ms", "30", "--metrics-port", str(metrics_port))
     proc.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
     with proc:
@@ -53,7 +55,7 @@ def server(exported, tmp_path_factory):
 @pytest.fixture(scope="session")
 def token_server(exported, tmp_path_factory):
     """The same bundles behind ``--token secret-token``."""
-    from serving import ServerProcess
+    from fewshot.server.process import ServerProcess
 
-    with ServerProcess(exported[0], tmp_path_factory.mktemp("state-token"), "--token", "secret-token") as proc:
+    with ServerProcess(exported[0], tmp_path_factory.mktemp("state-token"), *SMALL, "--token", "secret-token") as proc:
         yield proc

@@ -11,16 +11,17 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import numpy as np
 import pytest
-from conftest import SHIPPED
+from conftest import SHIPPED, SMALL
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from PIL import Image
-from serving import ServerProcess, png
 
 from fewshot.cli import main as fewshot_main
 from fewshot.models.data import load_dataset
 from fewshot.models.episodes import EpisodeSampler
+from fewshot.models.preprocess import encode_png as png
 from fewshot.models.zoo import load_model
+from fewshot.server.process import ServerProcess
 from fewshot_client._proto import fewshot_pb2 as pb
 from fewshot_client._proto import fewshot_pb2_grpc as pb_grpc
 
@@ -210,7 +211,7 @@ def _batch_histogram(server) -> dict[str, float]:
 def test_an_acknowledged_task_survives_sigkill(exported, tmp_path, omni_task):
     support, queries, _ = omni_task
     state = tmp_path / "state"
-    first = ServerProcess(exported[0], state).start()
+    first = ServerProcess(exported[0], state, *SMALL).start()
     try:
         with grpc.insecure_channel(first.target) as channel:
             stub = pb_grpc.FewShotStub(channel)
@@ -218,7 +219,7 @@ def test_an_acknowledged_task_survives_sigkill(exported, tmp_path, omni_task):
             before = stub.Classify(pb.ClassifyRequest(task_id=task.task_id, queries=queries, top_k=3))
     finally:
         first.kill()
-    with ServerProcess(exported[0], state) as second, grpc.insecure_channel(second.target) as channel:
+    with ServerProcess(exported[0], state, *SMALL) as second, grpc.insecure_channel(second.target) as channel:
         after = pb_grpc.FewShotStub(channel).Classify(pb.ClassifyRequest(task_id=task.task_id, queries=queries, top_k=3))
     assert after == before
 

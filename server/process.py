@@ -1,9 +1,9 @@
-"""A real ``fewshot serve`` process on loopback for the tests (started, probed through the standard
-health service, stopped or killed by PID)."""
+"""A ``fewshot serve`` child process on loopback: started, probed through the standard health
+service, stopped (SIGTERM) or killed (SIGKILL) by PID. ``fewshot demo``, ``fewshot bench`` and the
+tests run the real server this way."""
 
 from __future__ import annotations
 
-import io
 import os
 import signal
 import socket
@@ -13,9 +13,7 @@ import time
 from pathlib import Path
 
 import grpc
-import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from PIL import Image
 
 
 def free_port() -> int:
@@ -25,7 +23,7 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """``fewshot serve --models DIR --state-dir DIR --port P [args]`` as a child process."""
+    """``fewshot serve --models DIR --state-dir DIR --port P [args]`` as a child process (output in ``log``)."""
 
     def __init__(self, models: Path, state_dir: Path, *args: str, log: Path | None = None) -> None:
         self.models, self.state_dir, self.args = Path(models), Path(state_dir), list(args)
@@ -37,7 +35,7 @@ class ServerProcess:
     def start(self, timeout: float = 90.0) -> "ServerProcess":
         self.state_dir.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, "-m", "fewshot.cli", "serve", "--models", str(self.models), "--state-dir",
-               str(self.state_dir), "--port", str(self.port), "--threads", "1", "--workers", "2", *self.args]
+               str(self.state_dir), "--port", str(self.port), *self.args]
         self.proc = subprocess.Popen(cmd, stdout=self.log.open("ab"), stderr=subprocess.STDOUT, env=os.environ.copy())
         deadline = time.monotonic() + timeout
         with grpc.insecure_channel(self.target) as channel:
@@ -72,10 +70,3 @@ class ServerProcess:
 
     def __exit__(self, *exc) -> None:
         self.stop()
-
-
-def png(image: np.ndarray) -> bytes:
-    """uint8 ``(H, W, C)`` -> PNG bytes (lossless)."""
-    buf = io.BytesIO()
-    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(buf, "PNG")
-    return buf.getvalue()

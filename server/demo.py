@@ -1,0 +1,111 @@
+"""``fewshot demo``: the product end to end on embedded defaults.
+
+Exports any missing bundle, starts ``fewshot serve`` (in-process ONNX Runtime, on-disk task store),
+drives it with the client SDK through real Omniglot and Tiny ImageNet test tasks (support and
+queries as PNG bytes), prints accuracy with its 95% interval next to the RESULTS.md figure for the
+same settings and tasks, and per-call latency, then stops the server.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from fewshot.models.data import ImageSet, load_dataset
+from fewshot.models.episodes import Episode, EpisodeSampler
+from fewshot.models.evaluation import summarize
+from fewshot.models.preprocess import encode_png
+from fewshot.models.zoo import ZOO_DIR
+
+#: The flagship model of each path and dataset (the ablation and baseline models are served too).
+DEMO_MODELS = ("omniglot-conv4-directsum", "tinyimagenet-conv4-sce-nca-directsum", "omniglot-conv4-cxgrad",
+               "tinyimagenet-conv4-cxgrad")
+
+
+@dataclass
+class EncodedTask:
+    """One episode as the client sends it: PNG bytes and string labels."""
+
+    support: list[bytes]
+    support_labels: list[str]
+    queries: list[bytes]
+    query_labels: list[str]
+
+
+def encode_episode(data: ImageSet, ep: Episode) -> EncodedTask:
+    return EncodedTask([encode_png(data.images[i]) for i in ep.support], [f"class-{c}" for c in ep.support_labels],
+                       [encode_png(data.images[i]) for i in ep.query], [f"class-{c}" for c in ep.query_labels])
+
+
+def ensure_bundles(out: Path, names: list[str], log=print) -> None:
+    """Export every shipped model in ``names`` whose bundle is missing or older than its weights."""
+    from fewshot.export.bundle import bundle_is_current, export_model
+
+    for name in names:
+        if not bundle_is_current(out / name, ZOO_DIR / name):
+            log(f"exporting {name} -> {out / name}")
+            export_model(name, out, log=lambda msg: log("  " + msg))
+
+
+def shipped_models() -> list[str]:
+    return sorted(p.name for p in ZOO_DIR.iterdir() if (p / "card.json").exists())
+
+
+def run_demo(bundles: Path, tasks: int = 600, seed: int = 0, models: list[str] | None = None,
+             shots: tuple[int, ...] = (1, 5)) -> None:
+    from fewshot.export.registry import Registry
+    from fewshot.server.process import ServerProcess
+    from fewshot_client import FewShotClient
+
+    ensure_bundles(bundles, shipped_models())
+    manifests = {name: b.manifest for name, b in Registry.load(bundles).bundles.items()}
+    names = models or [m for m in DEMO_MODELS if m in manifests]
+    with tempfile.TemporaryDirectory(prefix="fewshot-demo-") as state:
+        server = ServerProcess(bundles, Path(state), log=Path(state) / "serve.log").start()
+        try:
+            print(f"fewshot serve on {server.target} (pid {server.proc.pid}): embedded ONNX Runtime, task store in {state}")
+            print(f"{tasks} test tasks per row (seed {seed}), 15 queries per class, PNG bytes through the client SDK")
+            with FewShotClient(server.target, timeout=120.0) as client:
+                infos = {m.name: m for m in client.models()}
+                for name in names:
+                    m = manifests[name]
+                    data = load_dataset(m["data"]["dataset"], "test")
+                    ways = infos[name].min_ways if m["family"] == "inner_loop" else 5
+                    for k in shots:
+                        for method in infos[name].methods:
+                            _demo_row(client, name, method, m, data, ways, k, tasks, seed)
+        finally:
+            server.stop()
+
+
+def _demo_row(client, name: str, method: str, manifest: dict, data: ImageSet, ways: int, shots: int, tasks: int,
+              seed: int) -> None:
+    sampler = EpisodeSampler(data, ways, shots, 15, seed)
+    per_task, adapt_ms, classify_ms = [], [], []
+    for i in range(tasks):
+        t = encode_episode(data, sampler.episode(i))
+        start = time.perf_counter()
+        task = client.adapt(t.support, t.support_labels, model=name, method=method)
+        mid = time.perf_counter()
+        predictions = task.classify(t.queries)
+        end = time.perf_counter()
+        task.delete()
+        per_task.append(float(np.mean([p.label == y for p, y in zip(predictions, t.query_labels)])))
+        adapt_ms.append(1e3 * (mid - start))
+        classify_ms.append(1e3 * (end - mid))
+    res = summarize(per_task)
+    key = f"{ways}way_{shots}shot_{method if method != 'inner_loop' else manifest['method']}"
+    key += "_support" if manifest["family"] == "inner_loop" else ""
+    ref = manifest.get("accuracy", {}).get(key)
+    ref_txt = "   [no RESULTS.md figure]"
+    if ref:
+        inside = abs(res.accuracy - ref["accuracy"]) <= ref["ci95"]
+        ref_txt = (f"   RESULTS.md ({ref['tasks']} tasks): {ref['accuracy']:.2f} +- {ref['ci95']:.2f}"
+                   f" {'(within its interval)' if inside else '(OUTSIDE its interval)'}")
+    print(f"{name:37s} {ways}-way {shots}-shot {method:13s} {res.accuracy:6.2f} +- {res.ci95:.2f}   "
+          f"adapt p50 {np.median(adapt_ms):6.1f} ms, classify {ways * 15} queries p50 {np.median(classify_ms):6.1f} ms"
+          f"{ref_txt}", flush=True)
