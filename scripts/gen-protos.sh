@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Regenerates the Python stubs of protos/fewshot/v1/fewshot.proto into the client SDK, which ships
+# Usage: scripts/gen-protos.sh [OUT_DIR]. Regenerates the Python stubs of protos/fewshot/v1/fewshot.proto into the client SDK, which ships
 # them (the server imports the same modules, so the descriptor is registered once).
 # Use the grpcio-tools of the venv that runs them: stubs made for protobuf 7 fail under 6.x.
 set -euo pipefail
 PY=${PY:-.venv/bin/python}
-out=clients/python/fewshot_client/_proto
+out=${1:-clients/python/fewshot_client/_proto}
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 $PY -m grpc_tools.protoc -I protos --python_out="$tmp" --pyi_out="$tmp" --grpc_python_out="$tmp" fewshot/v1/fewshot.proto
