@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from fewshot.export.onnx_graphs import network_inputs
 from fewshot.export.registry import Bundle
-from fewshot.models.features import OnnxFeatures, onnx_providers
+from fewshot.models.features import FeatureExtractor, OnnxFeatures, onnx_providers
 from fewshot.models.meta.inner_loop import InnerLoopAdapter, InnerLoopTask
 from fewshot.models.meta.network import MetaConv4
 from fewshot.models.meta.rules import build_rule
@@ -67,7 +67,9 @@ class BundleModel:
     builds the adapter of any head and settings cheaply, sharing those sessions. The server keeps one
     per model; ``fewshot demo`` and the round-trip tests use it through :func:`bundle_adapter`."""
 
-    def __init__(self, bundle: Bundle, device: str = "auto", threads: int = 0) -> None:
+    def __init__(self, bundle: Bundle, device: str = "auto", threads: int = 0, extract: FeatureExtractor | None = None) -> None:
+        """``extract``: where backbone features come from (default: ``backbone.onnx`` in ONNX Runtime,
+        in process; the Triton feature backend passes its own)."""
         import onnxruntime as ort
 
         m = self.manifest = bundle.manifest
@@ -76,7 +78,7 @@ class BundleModel:
         self.device = torch.device("cuda" if device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
         if self.family == "metric":
             self.center = tensors.get("center")
-            self.extract = OnnxFeatures(str(bundle.file("backbone.onnx")), int(m["feature_dim"]), device, threads)
+            self.extract = extract or OnnxFeatures(str(bundle.file("backbone.onnx")), int(m["feature_dim"]), device, threads)
             return
         arch = {k: v for k, v in m["architecture"].items() if k != "arch"}
         self.net = MetaConv4(**arch)

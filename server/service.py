@@ -10,10 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import math
-import secrets
 import time
-from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Awaitable, Callable
@@ -27,14 +24,14 @@ from fewshot.server.batcher import Batcher
 from fewshot.server.errors import InvalidRequest, NotFound, ServiceError, TooLarge
 from fewshot.server.images import ImageError, ImageLimits, decode_batch
 from fewshot.server.metrics import ServiceMetrics
-from fewshot.server.state import StateError, dump_task, load_task
+from fewshot.server.state import StateError, load_task
 from fewshot.server.store import TaskRecord, TaskStore
+from fewshot.server.tasks import AdaptRequest, resolve_method
 from fewshot_client._proto import fewshot_pb2 as pb
 from fewshot_client._proto import fewshot_pb2_grpc as pb_grpc
 
 log = logging.getLogger("fewshot.server")
 
-MAX_LAMBDA = 1000.0
 
 
 @dataclass(frozen=True)
@@ -46,6 +43,14 @@ class ServiceLimits:
     default_ttl: int = 24 * 3600
     max_ttl: int = 30 * 24 * 3600
     image: ImageLimits = ImageLimits()
+
+    def ttl(self, requested: int) -> int:
+        """Seconds a task lives: ``requested``, or the default when 0."""
+        if requested == 0:
+            return self.default_ttl
+        if requested > self.max_ttl:
+            raise InvalidRequest(f"ttl_seconds {requested} exceeds this server's maximum of {self.max_ttl}")
+        return requested
 
 
 @dataclass
@@ -125,91 +130,23 @@ class FewShotService(pb_grpc.FewShotServicer):
 
         return await self._call("AdaptStream", context, body)
 
-    def _method(self, model: BundleModel, method: str) -> str:
-        method = method or model.default_method
-        if model.family == "inner_loop" and method == model.manifest["method"]:
-            method = "inner_loop"
-        if method not in model.methods:
-            raise InvalidRequest(f"unknown method {method!r} for model {model.name}: use {', '.join(model.methods)}")
-        return method
-
-    def _check_support(self, model: BundleModel, support: list[pb.LabelledImage]) -> tuple[list[str], torch.Tensor, int]:
-        """Labels in order of first appearance, ``(S,)`` indices and the smallest shot count."""
-        if not support:
-            raise InvalidRequest("the support set is empty: send at least one labelled image for each of 2 or more classes")
-        if len(support) > self.limits.max_support:
-            raise TooLarge(f"support set has {len(support)} images; this server takes at most {self.limits.max_support}")
-        names = [item.label for item in support]
-        if any(not n for n in names):
-            raise InvalidRequest(f"support image {names.index('')} has an empty label: every image needs its class label")
-        counts = Counter(names)
-        labels = list(counts)
-        limits = model.manifest["limits"]
-        ways, shots = len(labels), max(counts.values())
-        if ways < 2:
-            raise InvalidRequest(f"the support set has {ways} class ({labels[0]!r}); a task needs at least 2 classes")
-        if model.family == "inner_loop" and ways != model.net.ways:
-            raise InvalidRequest(f"model {model.name} adapts {model.net.ways}-way tasks (its head has {model.net.ways} "
-                                 f"outputs); the support set has {ways} classes")
-        if ways > limits.get("max_ways", ways):
-            raise InvalidRequest(f"the support set has {ways} classes; model {model.name} allows at most {limits['max_ways']}")
-        if shots > limits.get("max_shots", shots):
-            worst = max(counts, key=counts.get)
-            raise InvalidRequest(f"class {worst!r} has {shots} images; model {model.name} allows at most "
-                                 f"{limits['max_shots']} per class")
-        index = {n: i for i, n in enumerate(labels)}
-        return labels, torch.as_tensor([index[n] for n in names]), min(counts.values())
-
-    def _settings(self, model: BundleModel, method: str, settings: pb.AdaptSettings) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        if settings.HasField("inner_steps"):
-            if method != "inner_loop":
-                raise InvalidRequest(f"inner_steps applies to inner-loop models; {model.name} uses {method}")
-            hi = model.loop["max_steps"]
-            if not 1 <= settings.inner_steps <= hi:
-                raise InvalidRequest(f"inner_steps must be in 1..{hi} for {model.name}, got {settings.inner_steps}")
-            out["steps"] = settings.inner_steps
-        if settings.HasField("lambda"):
-            lam = getattr(settings, "lambda")
-            if method != "laplacianshot":
-                raise InvalidRequest(f"lambda applies to the laplacianshot method, not {method}")
-            if not (math.isfinite(lam) and 0.0 <= lam <= MAX_LAMBDA):
-                raise InvalidRequest(f"lambda must be in 0..{MAX_LAMBDA:g}, got {lam}")
-            out["lam"] = float(lam)
-        return out
-
-    def _ttl(self, ttl: int) -> int:
-        if ttl == 0:
-            return self.limits.default_ttl
-        if ttl > self.limits.max_ttl:
-            raise InvalidRequest(f"ttl_seconds {ttl} exceeds this server's maximum of {self.limits.max_ttl}")
-        return ttl
-
     async def _adapt(self, call: _AdaptCall, fields: dict) -> pb.AdaptResponse:
         model = self._model(call.model)
-        method = self._method(model, call.method)
+        method = resolve_method(model, call.method)
         fields.update(model=model.name, method=method, support=len(call.support))
-        labels, targets, shots = self._check_support(model, call.support)
-        settings = self._settings(model, method, call.settings)
-        ttl = self._ttl(call.ttl)
-        adapter = model.adapter(method, shots=shots, **settings)
+        if len(call.support) > self.limits.max_support:
+            raise TooLarge(f"support set has {len(call.support)} images; this server takes at most {self.limits.max_support}")
+        names = [item.label for item in call.support]
+        settings = call.settings
+        request = AdaptRequest.check(model, method, names, settings.inner_steps if settings.HasField("inner_steps") else None,
+                                     getattr(settings, "lambda") if settings.HasField("lambda") else None,
+                                     self.limits.ttl(call.ttl))
         images = [item.image for item in call.support]
-
-        def work() -> tuple[Any, float, bytes, float]:
-            x = self._decode(images, model, "support")
-            start = time.perf_counter()
-            task = adapter.adapt(x, targets)
-            seconds = time.perf_counter() - start
-            accuracy = float((task.classify(x).argmax(1) == targets).float().mean())
-            return task, accuracy, dump_task(task), seconds
-
-        task, accuracy, blob, seconds = await self._offload(work)
-        now = time.time()
-        record = TaskRecord(secrets.token_hex(16), model.name, method, labels, now, now + ttl, len(images), blob)
+        record, task, accuracy = await self._offload(lambda: request.run(self._decode(images, model, "support")))
         await self._offload(self.store.put, record, task)  # durable before we acknowledge
         fields["task"] = record.task_id
-        return pb.AdaptResponse(task_id=record.task_id, labels=labels, support_accuracy=accuracy, adapt_seconds=seconds,
-                                expires_at=record.expires_at, model=model.name, method=method)
+        return pb.AdaptResponse(task_id=record.task_id, labels=record.labels, support_accuracy=accuracy,
+                                adapt_seconds=request.seconds, expires_at=record.expires_at, model=model.name, method=method)
 
     def _decode(self, images: list[pb.Image], model: BundleModel, what: str) -> torch.Tensor:
         try:

@@ -1,0 +1,115 @@
+"""Adapting a task, independent of the protocol that asked for it.
+
+The gRPC service and the Triton python-backend models both turn their request into an
+:class:`AdaptRequest` (validated against the model's limits), run it on decoded images, and store the
+resulting :class:`TaskRecord`. Validation messages say what was wrong and what is allowed.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from fewshot.export.loader import BundleModel
+from fewshot.server.errors import InvalidRequest
+from fewshot.server.state import dump_task
+from fewshot.server.store import TaskRecord
+
+MAX_LAMBDA = 1000.0
+
+
+def resolve_method(model: BundleModel, method: str | None) -> str:
+    """``method`` (empty: the model's own) as one of ``model.methods``; an inner-loop model also
+    accepts its method's name (e.g. ``cxgrad``) for ``inner_loop``."""
+    method = method or model.default_method
+    if model.family == "inner_loop" and method == model.manifest["method"]:
+        method = "inner_loop"
+    if method not in model.methods:
+        raise InvalidRequest(f"unknown method {method!r} for model {model.name}: use {', '.join(model.methods)}")
+    return method
+
+
+def check_labels(model: BundleModel, names: list[str]) -> tuple[list[str], torch.Tensor, int]:
+    """Support labels -> (classes in order of first appearance, ``(S,)`` class indices, fewest shots)."""
+    if not names:
+        raise InvalidRequest("the support set is empty: send at least one labelled image for each of 2 or more classes")
+    if any(not n for n in names):
+        raise InvalidRequest(f"support image {names.index('')} has an empty label: every image needs its class label")
+    counts = Counter(names)
+    labels = list(counts)
+    limits = model.manifest["limits"]
+    ways, shots = len(labels), max(counts.values())
+    if ways < 2:
+        raise InvalidRequest(f"the support set has 1 class ({labels[0]!r}); a task needs at least 2 classes")
+    if model.family == "inner_loop" and ways != model.net.ways:
+        raise InvalidRequest(f"model {model.name} adapts {model.net.ways}-way tasks (its head has {model.net.ways} "
+                             f"outputs); the support set has {ways} classes")
+    if ways > limits.get("max_ways", ways):
+        raise InvalidRequest(f"the support set has {ways} classes; model {model.name} allows at most {limits['max_ways']}")
+    if shots > limits.get("max_shots", shots):
+        worst = max(counts, key=counts.get)
+        raise InvalidRequest(f"class {worst!r} has {shots} images; model {model.name} allows at most "
+                             f"{limits['max_shots']} per class")
+    index = {n: i for i, n in enumerate(labels)}
+    return labels, torch.as_tensor([index[n] for n in names]), min(counts.values())
+
+
+def check_settings(model: BundleModel, method: str, inner_steps: int | None, lam: float | None) -> dict[str, Any]:
+    """Per-request settings within the bounds of the model card, as adapter keyword arguments."""
+    out: dict[str, Any] = {}
+    if inner_steps is not None:
+        if method != "inner_loop":
+            raise InvalidRequest(f"inner_steps applies to inner-loop models; {model.name} uses {method}")
+        hi = model.loop["max_steps"]
+        if not 1 <= inner_steps <= hi:
+            raise InvalidRequest(f"inner_steps must be in 1..{hi} for {model.name}, got {inner_steps}")
+        out["steps"] = int(inner_steps)
+    if lam is not None:
+        if method != "laplacianshot":
+            raise InvalidRequest(f"lambda applies to the laplacianshot method, not {method}")
+        if not (math.isfinite(lam) and 0.0 <= lam <= MAX_LAMBDA):
+            raise InvalidRequest(f"lambda must be in 0..{MAX_LAMBDA:g}, got {lam}")
+        out["lam"] = float(lam)
+    return out
+
+
+@dataclass
+class AdaptRequest:
+    """A validated Adapt: the model, method, class labels and per-image targets, the adapter to run."""
+
+    model: BundleModel
+    method: str
+    labels: list[str]
+    targets: torch.Tensor
+    adapter: Any
+    ttl: int
+    seconds: float = 0.0
+
+    @staticmethod
+    def check(model: BundleModel, method: str | None, names: list[str], inner_steps: int | None = None,
+              lam: float | None = None, ttl: int = 24 * 3600) -> "AdaptRequest":
+        method = resolve_method(model, method)
+        labels, targets, shots = check_labels(model, names)
+        settings = check_settings(model, method, inner_steps, lam)
+        try:
+            adapter = model.adapter(method, shots=shots, **settings)
+        except ValueError as exc:
+            raise InvalidRequest(str(exc)) from None
+        return AdaptRequest(model, method, labels, targets, adapter, ttl)
+
+    def run(self, images: torch.Tensor) -> tuple[TaskRecord, Any, float]:
+        """Adapt on normalised ``(S, C, H, W)`` images -> (record to store, task, support accuracy)."""
+        start = time.perf_counter()
+        task = self.adapter.adapt(images, self.targets)
+        self.seconds = time.perf_counter() - start
+        accuracy = float((task.classify(images).argmax(1) == self.targets).float().mean())
+        now = time.time()
+        record = TaskRecord(secrets.token_hex(16), self.model.name, self.method, self.labels, now, now + self.ttl,
+                            len(images), dump_task(task))
+        return record, task, accuracy
