@@ -8,7 +8,7 @@ model's.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -23,6 +23,14 @@ from fewshot.models.meta.rules import build_rule
 from fewshot.models.metric_adapter import MetricAdapter
 from fewshot.models.preprocess import InputSpec
 from fewshot.models.zoo import build_head
+
+
+class NetworkSession(Protocol):
+    """What runs ``network.onnx``: an ONNX Runtime ``InferenceSession``, or the Triton feature
+    backend's stand-in (``fewshot.server.triton_backend.TritonNetwork``)."""
+
+    def run(self, output_names: list[str] | None, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """``feeds`` (``images`` and the weight inputs) -> ``[logits]``."""
 
 
 @dataclass
@@ -67,9 +75,11 @@ class BundleModel:
     builds the adapter of any head and settings cheaply, sharing those sessions. The server keeps one
     per model; ``fewshot demo`` and the round-trip tests use it through :func:`bundle_adapter`."""
 
-    def __init__(self, bundle: Bundle, device: str = "auto", threads: int = 0, extract: FeatureExtractor | None = None) -> None:
-        """``extract``: where backbone features come from (default: ``backbone.onnx`` in ONNX Runtime,
-        in process; the Triton feature backend passes its own)."""
+    def __init__(self, bundle: Bundle, device: str = "auto", threads: int = 0, extract: FeatureExtractor | None = None,
+                 network: NetworkSession | None = None) -> None:
+        """``extract``: where backbone features come from (metric models), ``network``: what runs the
+        adapted network (inner-loop models). Default: ``backbone.onnx`` / ``network.onnx`` in ONNX
+        Runtime, in process; the Triton feature backend passes its own."""
         import onnxruntime as ort
 
         m = self.manifest = bundle.manifest
@@ -87,6 +97,9 @@ class BundleModel:
         rule.load_state_dict({k.removeprefix("rule."): v for k, v in tensors.items() if k.startswith("rule.")})
         self.rule = rule.to(self.device).eval()
         self.params = {k.removeprefix("param."): v.to(self.device) for k, v in tensors.items() if k.startswith("param.")}
+        if network is not None:
+            self.session = network
+            return
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
         if threads:

@@ -14,6 +14,11 @@ def backbone_model_name(name: str) -> str:
     return f"{name}_backbone"
 
 
+def network_model_name(name: str) -> str:
+    """Triton model name of an inner-loop bundle's adapted network (``network.onnx``): ``<name>_network``."""
+    return f"{name}_network"
+
+
 def backbone_config(name: str, channels: int, size: int, feature_dim: int) -> str:
     """``config.pbtxt`` for ``backbone.onnx``: batch axis managed by Triton (``max_batch_size``), so the
     dims exclude it; dynamic batching merges concurrent requests; ``KIND_AUTO`` places instances on

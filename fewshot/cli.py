@@ -294,6 +294,12 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-support", type=int, default=d.max_support, help="images per support set")
     p.add_argument("--max-queries", type=int, default=d.max_queries, help="images per Classify call")
     p.add_argument("--default-ttl", type=int, default=d.default_ttl, help="task time-to-live in seconds when Adapt sets none")
+    p.add_argument("--feature-backend", default=d.feature_backend, choices=["onnxruntime", "triton"],
+                   help="where backbone and adapted-network inference run: in-process ONNX Runtime, or a Triton server "
+                        "serving the repository of `fewshot export --triton-repo`")
+    p.add_argument("--triton-url", default=d.triton_url, help=f"Triton's gRPC HOST:PORT (default {d.triton_url})")
+    p.add_argument("--triton-timeout", type=float, default=d.triton_timeout,
+                   help="seconds one Triton call may take before the request fails with UNAVAILABLE")
 
 
 def _run_serve(args: argparse.Namespace) -> None:
@@ -306,7 +312,8 @@ def _run_serve(args: argparse.Namespace) -> None:
                       device=args.device, state_dir=Path(args.state_dir), metrics_port=args.metrics_port, token=args.token,
                       threads=args.threads, workers=args.workers, batch_delay_ms=args.batch_delay_ms, max_batch=args.max_batch,
                       cache_mb=args.cache_mb, max_message_mb=args.max_message_mb, max_image_mb=args.max_image_mb, max_support=args.max_support,
-                      max_queries=args.max_queries, default_ttl=args.default_ttl)
+                      max_queries=args.max_queries, default_ttl=args.default_ttl, feature_backend=args.feature_backend,
+                      triton_url=args.triton_url, triton_timeout=args.triton_timeout)
     try:
         run(cfg)
     except (BundleError, OSError) as exc:

@@ -22,6 +22,7 @@ from fewshot.server.images import ImageLimits
 from fewshot.server.metrics import ServiceMetrics
 from fewshot.server.service import FewShotService, ServiceLimits
 from fewshot.server.store import TaskStore
+from fewshot.server.triton_backend import TritonBackend, expected_signature
 from fewshot_client._proto import fewshot_pb2 as pb
 from fewshot_client._proto import fewshot_pb2_grpc as pb_grpc
 
@@ -54,10 +55,29 @@ class TokenAuth(grpc.aio.ServerInterceptor):
         return grpc.unary_unary_rpc_method_handler(deny, handler.request_deserializer, handler.response_serializer)
 
 
-def load_models(root: Path, device: str, threads: int) -> dict[str, BundleModel]:
-    """Every bundle of ``root``, verified by the registry and loaded once."""
-    registry = Registry.load(root)
-    return {name: BundleModel(bundle, device, threads) for name, bundle in registry.bundles.items()}
+def load_models(root: Path, device: str, threads: int, triton: TritonBackend | None = None) -> dict[str, BundleModel]:
+    """Every bundle of ``root``, verified by the registry and loaded once; with ``triton``, backbone
+    and adapted-network inference go to that Triton server instead of in-process ONNX Runtime."""
+    models = {}
+    for name, bundle in Registry.load(root).bundles.items():
+        extract = network = None
+        if triton is not None:
+            extract, network = triton.features(name, int(bundle.manifest["feature_dim"])), triton.network(name)
+        models[name] = BundleModel(bundle, device, threads, extract, network)
+    return models
+
+
+async def connect_triton(cfg: ServeConfig) -> tuple[TritonBackend, dict[str, BundleModel]]:
+    """The Triton backend of ``--feature-backend triton`` and the models that use it, once Triton is
+    live and serves every model they need (else :class:`TritonNotReady`, one message for all)."""
+    triton = TritonBackend(cfg.triton_url, cfg.triton_timeout)
+    try:
+        models = load_models(cfg.models, cfg.device, cfg.threads, triton)
+        await triton.check(expected_signature(m) for m in models.values())
+    except BaseException:
+        await triton.close()
+        raise
+    return triton, models
 
 
 async def serve(cfg: ServeConfig, ready: asyncio.Event | None = None) -> None:
@@ -66,7 +86,11 @@ async def serve(cfg: ServeConfig, ready: asyncio.Event | None = None) -> None:
         import torch
 
         torch.set_num_threads(cfg.threads)
-    models = load_models(cfg.models, cfg.device, cfg.threads)
+    triton = None
+    if cfg.feature_backend == "triton":
+        triton, models = await connect_triton(cfg)
+    else:
+        models = load_models(cfg.models, cfg.device, cfg.threads)
     metrics = ServiceMetrics()
     store = TaskStore(cfg.state_dir, cfg.cache_mb << 20, on_event=lambda e: metrics.cache.labels(e).inc())
     metrics.count_tasks_with(store.count)
@@ -100,7 +124,8 @@ async def serve(cfg: ServeConfig, ready: asyncio.Event | None = None) -> None:
             await loop.run_in_executor(executor, store.purge_expired)
 
     purger = loop.create_task(purge())
-    print(f"fewshot serve: listening on {cfg.host}:{port} with {', '.join(sorted(models))}; "
+    backend = f"Triton at {cfg.triton_url}" if triton else "ONNX Runtime in process"
+    print(f"fewshot serve: listening on {cfg.host}:{port} with {', '.join(sorted(models))} ({backend}); "
           f"state in {cfg.state_dir}; pid {os.getpid()}", flush=True)
     if ready is not None:
         ready.set()
@@ -110,6 +135,8 @@ async def serve(cfg: ServeConfig, ready: asyncio.Event | None = None) -> None:
     purger.cancel()
     await server.stop(grace=5.0)
     executor.shutdown(wait=True)
+    if triton is not None:
+        await triton.close()
     print("fewshot serve: stopped", flush=True)
 
 

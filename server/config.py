@@ -28,3 +28,7 @@ class ServeConfig:
     max_queries: int = 1024
     default_ttl: int = 24 * 3600
     purge_every: float = 60.0
+    #: ``onnxruntime`` (in process) or ``triton`` (backbone and adapted-network inference over gRPC).
+    feature_backend: str = "onnxruntime"
+    triton_url: str = "127.0.0.1:8001"
+    triton_timeout: float = 30.0

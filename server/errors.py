@@ -27,3 +27,10 @@ class TooLarge(ServiceError):
     """A request past the server's size limits (support set, query batch)."""
 
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class BackendUnavailable(ServiceError):
+    """The inference backend (Triton) cannot be reached or failed the call; nothing was stored or
+    changed, so the client may retry the same request once the backend is back."""
+
+    code = grpc.StatusCode.UNAVAILABLE
