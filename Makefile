@@ -6,7 +6,7 @@ export MALLOC_MMAP_THRESHOLD_ ?= 33554432
 export MALLOC_TRIM_THRESHOLD_ ?= 67108864
 export MALLOC_TOP_PAD_ ?= 67108864
 
-.PHONY: install test demo models results clean
+.PHONY: install test test-triton triton-env demo models results clean
 
 # torch is pinned to the CPU build that pip finds locally (see ../shared/ENVIRONMENT.md): a plain
 # `torch` would pull several GB of CUDA wheels. CPU machines get `onnxruntime`; the GPU image
@@ -18,8 +18,18 @@ $(STAMP): pyproject.toml clients/python/pyproject.toml
 
 install: $(STAMP)
 
+# The Triton tests (tests/test_triton*.py) run a real `tritonserver` from .venv-triton (nvidia-pytriton's
+# binary; scripts/triton-env.sh, quick once made). `make test` runs them too; they skip, printing why,
+# only where that binary cannot run (here: if the venv could not be made). `make test-triton` insists.
 test: install
+	scripts/triton-env.sh || echo "make test: .venv-triton could not be prepared; the Triton tests will skip and say why"
 	$(PY) -m pytest
+
+triton-env:
+	scripts/triton-env.sh
+
+test-triton: install triton-env
+	$(PY) -m pytest tests/test_triton*.py
 
 # Exports missing bundles, starts `fewshot serve`, runs the client SDK through the RESULTS.md test tasks.
 demo: install
@@ -34,4 +44,4 @@ results: install
 	$(PY) scripts/results.py --tasks 600
 
 clean:
-	rm -rf $(VENV) .cache .pytest_cache
+	rm -rf $(VENV) .venv-triton .cache .pytest_cache
