@@ -134,8 +134,10 @@ def _meta_tensors(model) -> dict[str, torch.Tensor]:
 
 
 def export_model(name: str, out_dir: Path = DEFAULT_BUNDLE_DIR, fp16: bool = False, triton_repo: Path | None = None,
-                 log=print) -> Path:
-    """Export shipped model ``name`` into ``out_dir/<name>/``; returns the bundle folder."""
+                 log=print, triton_backend: str = "onnxruntime_onnx", triton_state_dir: Path | None = None) -> Path:
+    """Export shipped model ``name`` into ``out_dir/<name>/``; returns the bundle folder. With
+    ``triton_repo``, also write its Triton models there (:func:`fewshot.export.triton.write_bundle_models`:
+    ``triton_backend`` ``onnxruntime_onnx`` or ``python``, tasks of ``fewshot_adapt`` in ``triton_state_dir``)."""
     model = load_model(name)
     name, spec = model.name, model.spec
     started = time.perf_counter()
@@ -191,9 +193,10 @@ def export_model(name: str, out_dir: Path = DEFAULT_BUNDLE_DIR, fp16: bool = Fal
     manifest = build_manifest(model, feature_dim, sorted(files) + ["meta.safetensors"], bundle, parity, fp16)
     (bundle / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     if triton_repo is not None:
-        from fewshot.export.triton import write_backbone_model
+        from fewshot.export.registry import Bundle
+        from fewshot.export.triton import write_bundle_models
 
-        write_backbone_model(triton_repo, name, bundle / "backbone.onnx", spec.channels, spec.size, feature_dim)
+        write_bundle_models(triton_repo, Bundle(bundle, manifest), triton_backend, triton_state_dir)
     log(f"{name}: bundle written to {bundle} ({time.perf_counter() - started:.1f} s)")
     return bundle
 

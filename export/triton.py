@@ -1,12 +1,45 @@
-"""Triton model repository entries for exported bundles (``fewshot export --triton-repo DIR``)."""
+"""Triton model repository entries for exported bundles (``fewshot export --triton-repo DIR``).
+
+For each bundle: ``<name>_backbone`` (``backbone.onnx``: images -> features, batched by Triton) and, for
+inner-loop bundles, ``<name>_network`` (``network.onnx``: images plus the task's weights and BatchNorm
+statistics -> logits; not batched across requests, since every task has its own weights). Beside
+them, the python-backend pair ``fewshot_adapt`` / ``fewshot_classify`` (``fewshot.server.triton_models``)
+serves Adapt and Classify over KServe v2 for every bundle of the bundle directory, with the tasks in
+the same store as ``fewshot serve``.
+
+Two variants of the ONNX models, chosen by ``backend``:
+
+- ``onnxruntime_onnx`` (production): Triton's ONNX Runtime backend, ``KIND_AUTO`` instances (a GPU
+  when present, else the CPU).
+- ``python``: for Triton builds without that backend (the ``tritonserver`` of the nvidia-pytriton
+  wheel): ``1/model.py`` (:mod:`fewshot.export.triton_onnx_model`, copied) runs ``1/model.onnx`` in
+  ONNX Runtime on the CPU, with the same inputs, outputs, dims and batching.
+
+Every config's tensors are read from the ONNX graph it serves, so the two cannot disagree.
+"""
 
 from __future__ import annotations
 
 import shutil
 from pathlib import Path
 
+import onnx
+
+from fewshot.export.registry import Bundle
+
 MAX_BATCH_SIZE = 256
 QUEUE_DELAY_US = 2000
+BACKENDS = ("onnxruntime_onnx", "python")
+ADAPT_MODEL, CLASSIFY_MODEL = "fewshot_adapt", "fewshot_classify"
+#: Threads per python-backend instance (torch and ONNX Runtime); Triton scales by instances.
+PYTHON_THREADS = 1
+_DATA_TYPES = {onnx.TensorProto.FLOAT: "TYPE_FP32"}
+_ONNX_WRAPPER = Path(__file__).with_name("triton_onnx_model.py")
+#: ``model.py`` of the few-shot models: the classes live in the installed package, so the repository
+#: holds no copy of the logic (the Triton python environment needs ``fewshot`` installed).
+_FEWSHOT_MODEL_PY = '''"""Triton python-backend model {name}: see fewshot.server.triton_models."""
+from fewshot.server.triton_models import {cls} as TritonPythonModel  # noqa: F401
+'''
 
 
 def backbone_model_name(name: str) -> str:
@@ -19,43 +52,116 @@ def network_model_name(name: str) -> str:
     return f"{name}_network"
 
 
-def backbone_config(name: str, channels: int, size: int, feature_dim: int) -> str:
-    """``config.pbtxt`` for ``backbone.onnx``: batch axis managed by Triton (``max_batch_size``), so the
-    dims exclude it; dynamic batching merges concurrent requests; ``KIND_AUTO`` places instances on
-    a GPU when present, else on the CPU."""
-    return f'''name: "{backbone_model_name(name)}"
-platform: "onnxruntime_onnx"
-max_batch_size: {MAX_BATCH_SIZE}
-input [
-  {{
-    name: "images"
-    data_type: TYPE_FP32
-    dims: [ {channels}, {size}, {size} ]
-  }}
-]
-output [
-  {{
-    name: "features"
-    data_type: TYPE_FP32
-    dims: [ {feature_dim} ]
-  }}
-]
-dynamic_batching {{
-  max_queue_delay_microseconds: {QUEUE_DELAY_US}
-}}
-instance_group [
-  {{
-    count: 1
-    kind: KIND_AUTO
-  }}
-]
-'''
+def _header(model_name: str, backend: str, max_batch_size: int) -> str:
+    runner = 'platform: "onnxruntime_onnx"' if backend == "onnxruntime_onnx" else 'backend: "python"'
+    return f'name: "{model_name}"\n{runner}\nmax_batch_size: {max_batch_size}\n'
 
 
-def write_backbone_model(repo: Path, name: str, onnx_path: Path, channels: int, size: int, feature_dim: int) -> Path:
-    """Write ``repo/<name>_backbone/{config.pbtxt, 1/model.onnx}``; returns the model folder."""
-    folder = Path(repo) / backbone_model_name(name)
+def _tensor(name: str, data_type: str, dims: list[int], optional: bool = False) -> str:
+    extra = "\n    optional: true" if optional else ""
+    return f'  {{\n    name: "{name}"\n    data_type: {data_type}\n    dims: [ {", ".join(map(str, dims))} ]{extra}\n  }}'
+
+
+def _tensors(kind: str, entries: list[str]) -> str:
+    return f"{kind} [\n" + ",\n".join(entries) + "\n]\n"
+
+
+def _parameters(values: dict[str, str]) -> str:
+    return "".join(f'parameters: {{\n  key: "{k}"\n  value: {{ string_value: "{v}" }}\n}}\n' for k, v in values.items())
+
+
+def _instances(kind: str, count: int = 1) -> str:
+    return f"instance_group [\n  {{\n    count: {count}\n    kind: {kind}\n  }}\n]\n"
+
+
+def _graph_tensors(values, batched: bool) -> list[str]:
+    """ONNX graph inputs or outputs as config entries; a dynamic axis is ``-1``, and with ``batched``
+    the leading (batch) axis is left out: Triton owns it through ``max_batch_size``."""
+    out = []
+    for v in values:
+        t = v.type.tensor_type
+        if t.elem_type not in _DATA_TYPES:
+            raise ValueError(f"tensor {v.name!r} has ONNX element type {t.elem_type}; Triton configs are written for float32")
+        dims = [d.dim_value if d.HasField("dim_value") else -1 for d in t.shape.dim]
+        out.append(_tensor(v.name, _DATA_TYPES[t.elem_type], dims[1:] if batched else dims))
+    return out
+
+
+def onnx_model_config(model_name: str, onnx_path: Path, batched: bool, backend: str = "onnxruntime_onnx") -> str:
+    """``config.pbtxt`` serving ``onnx_path``. ``batched``: the first axis is the batch, merged across
+    requests by dynamic batching (backbones); otherwise every request runs alone (``max_batch_size: 0``,
+    the network, whose weights are per-task inputs)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown Triton backend {backend!r}: use {' or '.join(BACKENDS)}")
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    initializers = {i.name for i in graph.initializer}
+    text = _header(model_name, backend, MAX_BATCH_SIZE if batched else 0)
+    text += _tensors("input", _graph_tensors([i for i in graph.input if i.name not in initializers], batched))
+    text += _tensors("output", _graph_tensors(graph.output, batched))
+    if batched:
+        text += f"dynamic_batching {{\n  max_queue_delay_microseconds: {QUEUE_DELAY_US}\n}}\n"
+    if backend == "python":
+        return text + _instances("KIND_CPU") + _parameters({"threads": str(PYTHON_THREADS)})
+    return text + _instances("KIND_AUTO")
+
+
+def write_onnx_model(repo: Path, model_name: str, onnx_path: Path, batched: bool, backend: str = "onnxruntime_onnx") -> Path:
+    """Write ``repo/<model_name>/{config.pbtxt, 1/model.onnx}`` (and ``1/model.py`` for the python
+    backend); returns the model folder."""
+    config = onnx_model_config(model_name, onnx_path, batched, backend)
+    folder = Path(repo) / model_name
     (folder / "1").mkdir(parents=True, exist_ok=True)
     shutil.copyfile(onnx_path, folder / "1" / "model.onnx")
-    (folder / "config.pbtxt").write_text(backbone_config(name, channels, size, feature_dim))
+    if backend == "python":
+        shutil.copyfile(_ONNX_WRAPPER, folder / "1" / "model.py")
+    else:
+        (folder / "1" / "model.py").unlink(missing_ok=True)  # a python variant written here before
+    (folder / "config.pbtxt").write_text(config)
     return folder
+
+
+def fewshot_model_configs(bundle_dir: Path, state_dir: Path, instances: int = 1) -> dict[str, str]:
+    """``config.pbtxt`` of ``fewshot_adapt`` and ``fewshot_classify`` (the tensor contract of README's
+    "Deploy behind Triton"). Strings travel as ``BYTES`` (``TYPE_STRING``): UTF-8 names and labels,
+    encoded image bytes (anything Pillow opens). ``bundle_dir`` and ``state_dir`` become parameters;
+    a relative path there is read from the repository's root."""
+    params = _parameters({"bundle_dir": str(bundle_dir), "state_dir": str(state_dir), "threads": str(PYTHON_THREADS)})
+    strings = "TYPE_STRING"
+    adapt = (_header(ADAPT_MODEL, "python", 0)
+             + _tensors("input", [_tensor("model", strings, [1]), _tensor("labels", strings, [-1]),
+                                  _tensor("images", strings, [-1]), _tensor("method", strings, [1], optional=True)])
+             + _tensors("output", [_tensor("task_id", strings, [1]), _tensor("labels", strings, [-1])]))
+    classify = (_header(CLASSIFY_MODEL, "python", 0)
+                + _tensors("input", [_tensor("task_id", strings, [1]), _tensor("images", strings, [-1])])
+                + _tensors("output", [_tensor("probabilities", "TYPE_FP32", [-1, -1]), _tensor("labels", strings, [-1])]))
+    return {ADAPT_MODEL: adapt + _instances("KIND_CPU", instances) + params,
+            CLASSIFY_MODEL: classify + _instances("KIND_CPU", instances) + params}
+
+
+def write_fewshot_models(repo: Path, bundle_dir: Path, state_dir: Path, instances: int = 1) -> list[Path]:
+    """Write ``fewshot_adapt`` and ``fewshot_classify`` (python backend) into ``repo``; they serve every
+    bundle of ``bundle_dir`` (a model whose backbone Triton has not loaded answers UNAVAILABLE), with
+    tasks in ``state_dir``."""
+    folders = []
+    for model_name, config in fewshot_model_configs(bundle_dir, state_dir, instances).items():
+        folder = Path(repo) / model_name
+        (folder / "1").mkdir(parents=True, exist_ok=True)
+        cls = "AdaptModel" if model_name == ADAPT_MODEL else "ClassifyModel"
+        (folder / "1" / "model.py").write_text(_FEWSHOT_MODEL_PY.format(name=model_name, cls=cls))
+        (folder / "config.pbtxt").write_text(config)
+        folders.append(folder)
+    return folders
+
+
+def write_bundle_models(repo: Path, bundle: Bundle, backend: str = "onnxruntime_onnx", state_dir: Path | None = None) -> list[Path]:
+    """Everything one bundle needs in ``repo``: its backbone and, for the inner-loop family, its network.
+    With ``state_dir``, also the few-shot pair over the bundle's directory with tasks there (opt-in:
+    those models need ``fewshot`` and torch in Triton's python environment, which a stock Triton image
+    lacks). Paths are written absolute."""
+    folder = bundle.path.resolve()
+    folders = [write_onnx_model(repo, backbone_model_name(bundle.name), folder / "backbone.onnx", True, backend)]
+    if bundle.manifest["family"] == "inner_loop":
+        folders.append(write_onnx_model(repo, network_model_name(bundle.name), folder / "network.onnx", False, backend))
+    if state_dir is not None:
+        folders += write_fewshot_models(repo, folder.parent, Path(state_dir).resolve())
+    return folders

@@ -260,7 +260,13 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", action="append", required=True, help="shipped model name (repeat for several)")
     p.add_argument("--out", help="bundle directory (default: bundles/ in the repository)")
     p.add_argument("--fp16", action="store_true", help="float16 ONNX graphs (checked: >= 99.5%% top-1 agreement)")
-    p.add_argument("--triton-repo", help="also write a Triton model repository here")
+    p.add_argument("--triton-repo", help="also write a Triton model repository here (backbones; networks of inner-loop models)")
+    p.add_argument("--triton-backend", default="onnxruntime_onnx", choices=["onnxruntime_onnx", "python"],
+                   help="how the repository runs the ONNX models: Triton's ONNX Runtime backend (default, production), or "
+                        "python-backend wrappers around ONNX Runtime for Triton builds without it")
+    p.add_argument("--triton-state-dir", help="also write the python-backend models fewshot_adapt/fewshot_classify "
+                   "(Adapt and Classify inside Triton; they need fewshot and torch in Triton's python environment), "
+                   "keeping tasks in this directory: give it `fewshot serve --state-dir` to share tasks with the service")
 
 
 def _run_export(args: argparse.Namespace) -> None:
@@ -268,7 +274,8 @@ def _run_export(args: argparse.Namespace) -> None:
 
     out = Path(args.out) if args.out else DEFAULT_BUNDLE_DIR
     for name in args.model:
-        export_model(name, out, fp16=args.fp16, triton_repo=Path(args.triton_repo) if args.triton_repo else None)
+        export_model(name, out, fp16=args.fp16, triton_repo=Path(args.triton_repo) if args.triton_repo else None,
+                     triton_backend=args.triton_backend, triton_state_dir=Path(args.triton_state_dir) if args.triton_state_dir else None)
 
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:

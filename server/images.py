@@ -12,13 +12,18 @@ from __future__ import annotations
 import io
 import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
 from fewshot.models.preprocess import InputSpec
+from fewshot.server.errors import InvalidRequest
 from fewshot_client._proto import fewshot_pb2 as pb
+
+if TYPE_CHECKING:
+    from fewshot.export.loader import BundleModel
 
 
 class ImageError(ValueError):
@@ -102,8 +107,11 @@ def _decode_raw(t: pb.RawTensor, spec: InputSpec, limits: ImageLimits) -> np.nda
     return _from_pil(Image.fromarray(array[..., 0] if channels == 1 else array), spec)
 
 
-def decode_image(image: pb.Image, spec: InputSpec, limits: ImageLimits = ImageLimits()) -> np.ndarray:
-    """One request image -> float32 ``(size, size, channels)`` in 0..255 (raises :class:`ImageError`)."""
+def decode_image(image: pb.Image | bytes, spec: InputSpec, limits: ImageLimits = ImageLimits()) -> np.ndarray:
+    """One request image (a ``pb.Image``, or encoded bytes as the Triton models receive them) -> float32
+    ``(size, size, channels)`` in 0..255 (raises :class:`ImageError`)."""
+    if isinstance(image, bytes):
+        return _decode_encoded(image, spec, limits)
     kind = image.WhichOneof("data")
     if kind == "encoded":
         return _decode_encoded(image.encoded, spec, limits)
@@ -112,7 +120,7 @@ def decode_image(image: pb.Image, spec: InputSpec, limits: ImageLimits = ImageLi
     raise ImageError("carries no data: set `encoded` or `tensor`")
 
 
-def decode_batch(images: list[pb.Image], spec: InputSpec, limits: ImageLimits, what: str) -> torch.Tensor:
+def decode_batch(images: Sequence[pb.Image | bytes], spec: InputSpec, limits: ImageLimits, what: str) -> torch.Tensor:
     """Request images -> normalised ``(N, C, size, size)`` float32; errors name the image's index."""
     arrays = []
     for i, image in enumerate(images):
@@ -121,3 +129,13 @@ def decode_batch(images: list[pb.Image], spec: InputSpec, limits: ImageLimits, w
         except ImageError as exc:
             raise ImageError(f"{what} image {i} {exc}") from None
     return spec.normalize(np.stack(arrays))
+
+
+def decode_for_model(images: Sequence[pb.Image | bytes], model: BundleModel, limits: ImageLimits, what: str) -> torch.Tensor:
+    """:func:`decode_batch` for ``model``'s input; a bad image raises :class:`InvalidRequest` naming the
+    image and the input the model takes."""
+    try:
+        return decode_batch(images, model.spec, limits, what)
+    except ImageError as exc:
+        raise InvalidRequest(f"{exc} (model {model.name} takes {model.spec.channels}-channel images, "
+                             f"resized to {model.spec.size}x{model.spec.size})") from None

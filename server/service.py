@@ -21,36 +21,18 @@ import torch
 
 from fewshot.export.loader import BundleModel
 from fewshot.server.batcher import Batcher
-from fewshot.server.errors import InvalidRequest, NotFound, ServiceError, TooLarge
-from fewshot.server.images import ImageError, ImageLimits, decode_batch
+from fewshot.server.errors import InvalidRequest, NotFound, ServiceError
+from fewshot.server.images import decode_for_model
 from fewshot.server.metrics import ServiceMetrics
-from fewshot.server.state import StateError, load_task
 from fewshot.server.store import TaskRecord, TaskStore
-from fewshot.server.tasks import AdaptRequest, resolve_method
+from fewshot.server.tasks import AdaptRequest, ServiceLimits, find_task, get_model, resolve_method
 from fewshot_client._proto import fewshot_pb2 as pb
 from fewshot_client._proto import fewshot_pb2_grpc as pb_grpc
 
+__all__ = ["FewShotService", "ServiceLimits", "model_info"]  # ServiceLimits lives in tasks.py, shared with Triton
+
 log = logging.getLogger("fewshot.server")
 
-
-
-@dataclass(frozen=True)
-class ServiceLimits:
-    """Server-wide limits (per-model limits come from each manifest)."""
-
-    max_support: int = 2500
-    max_queries: int = 1024
-    default_ttl: int = 24 * 3600
-    max_ttl: int = 30 * 24 * 3600
-    image: ImageLimits = ImageLimits()
-
-    def ttl(self, requested: int) -> int:
-        """Seconds a task lives: ``requested``, or the default when 0."""
-        if requested == 0:
-            return self.default_ttl
-        if requested > self.max_ttl:
-            raise InvalidRequest(f"ttl_seconds {requested} exceeds this server's maximum of {self.max_ttl}")
-        return requested
 
 
 @dataclass
@@ -103,13 +85,6 @@ class FewShotService(pb_grpc.FewShotServicer):
     async def _offload(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
-    def _model(self, name: str) -> BundleModel:
-        if not name:
-            raise InvalidRequest(f"no model named: set `model` to one of {', '.join(sorted(self.models))}")
-        if name not in self.models:
-            raise NotFound(f"unknown model {name!r}: this server has {', '.join(sorted(self.models))}")
-        return self.models[name]
-
     # -- Adapt ----------------------------------------------------------------------------------
     async def Adapt(self, request: pb.AdaptRequest, context: grpc.aio.ServicerContext) -> pb.AdaptResponse:
         call = _AdaptCall(request.model, request.method, request.settings, request.ttl_seconds, list(request.support))
@@ -122,8 +97,7 @@ class FewShotService(pb_grpc.FewShotServicer):
                 if call is None:
                     call = _AdaptCall(chunk.model, chunk.method, chunk.settings, chunk.ttl_seconds, [])
                 call.support.extend(chunk.support)
-                if len(call.support) > self.limits.max_support:
-                    raise TooLarge(f"support set exceeds {self.limits.max_support} images (this server's limit)")
+                self.limits.check_support(len(call.support))
             if call is None:
                 raise InvalidRequest("the stream carried no chunk: the first chunk names the model")
             return await self._adapt(call, fields)
@@ -131,62 +105,30 @@ class FewShotService(pb_grpc.FewShotServicer):
         return await self._call("AdaptStream", context, body)
 
     async def _adapt(self, call: _AdaptCall, fields: dict) -> pb.AdaptResponse:
-        model = self._model(call.model)
+        model = get_model(self.models, call.model)
         method = resolve_method(model, call.method)
         fields.update(model=model.name, method=method, support=len(call.support))
-        if len(call.support) > self.limits.max_support:
-            raise TooLarge(f"support set has {len(call.support)} images; this server takes at most {self.limits.max_support}")
+        self.limits.check_support(len(call.support))
         names = [item.label for item in call.support]
         settings = call.settings
         request = AdaptRequest.check(model, method, names, settings.inner_steps if settings.HasField("inner_steps") else None,
                                      getattr(settings, "lambda") if settings.HasField("lambda") else None,
                                      self.limits.ttl(call.ttl))
         images = [item.image for item in call.support]
-        record, task, accuracy = await self._offload(lambda: request.run(self._decode(images, model, "support")))
+        record, task, accuracy = await self._offload(lambda: request.run(decode_for_model(images, model, self.limits.image, "support")))
         await self._offload(self.store.put, record, task)  # durable before we acknowledge
         fields["task"] = record.task_id
         return pb.AdaptResponse(task_id=record.task_id, labels=record.labels, support_accuracy=accuracy,
                                 adapt_seconds=request.seconds, expires_at=record.expires_at, model=model.name, method=method)
 
-    def _decode(self, images: list[pb.Image], model: BundleModel, what: str) -> torch.Tensor:
-        try:
-            return decode_batch(images, model.spec, self.limits.image, what)
-        except ImageError as exc:
-            raise InvalidRequest(f"{exc} (model {model.name} takes {model.spec.channels}-channel images, "
-                                 f"resized to {model.spec.size}x{model.spec.size})") from None
-
     # -- Classify -------------------------------------------------------------------------------
-    async def _task(self, task_id: str) -> tuple[TaskRecord, Any, BundleModel]:
-        if not task_id:
-            raise InvalidRequest("task_id is empty: use the id that Adapt returned")
-
-        def lookup() -> tuple[TaskRecord, Any] | None:
-            def decode(rec: TaskRecord) -> Any:
-                if rec.model not in self.models:
-                    raise NotFound(f"task {task_id} belongs to model {rec.model!r}, which this server does not load")
-                try:
-                    return load_task(rec.state, self.models[rec.model])
-                except StateError as exc:
-                    raise NotFound(f"task {task_id} cannot be restored: {exc}") from None
-
-            return self.store.get(task_id, decode)
-
-        found = await self._offload(lookup)
-        if found is None:
-            raise NotFound(f"task {task_id} is unknown, deleted or expired: adapt again")
-        record, task = found
-        return record, task, self.models[record.model]
-
     async def Classify(self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext) -> pb.ClassifyResponse:
         async def body(fields: dict) -> pb.ClassifyResponse:
             fields["task"] = request.task_id
-            record, task, model = await self._task(request.task_id)
+            record, task, model = await self._offload(find_task, self.store, self.models, request.task_id)
             fields.update(model=model.name, method=record.method, queries=len(request.queries))
-            if not request.queries:
-                raise InvalidRequest("no query images: send at least one")
-            if len(request.queries) > self.limits.max_queries:
-                raise TooLarge(f"{len(request.queries)} query images; this server takes at most {self.limits.max_queries} per call")
-            x = await self._offload(self._decode, list(request.queries), model, "query")
+            self.limits.check_queries(len(request.queries))
+            x = await self._offload(decode_for_model, list(request.queries), model, self.limits.image, "query")
             probs = await self._classify(record, task, model, x)
             return _response(probs.numpy(), record.labels, request.top_k)
 

@@ -1,8 +1,9 @@
-"""Adapting a task, independent of the protocol that asked for it.
+"""Adapting and finding tasks, independent of the protocol that asked.
 
-The gRPC service and the Triton python-backend models both turn their request into an
-:class:`AdaptRequest` (validated against the model's limits), run it on decoded images, and store the
-resulting :class:`TaskRecord`. Validation messages say what was wrong and what is allowed.
+The gRPC service and the Triton python-backend models both check request sizes against
+:class:`ServiceLimits`, turn an Adapt into an :class:`AdaptRequest` (validated against the model's
+limits), run it on decoded images and store the resulting :class:`TaskRecord`, and look a task up with
+:func:`find_task`. Validation messages say what was wrong and what is allowed.
 """
 
 from __future__ import annotations
@@ -12,16 +13,76 @@ import secrets
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 
 from fewshot.export.loader import BundleModel
-from fewshot.server.errors import InvalidRequest
-from fewshot.server.state import dump_task
-from fewshot.server.store import TaskRecord
+from fewshot.server.errors import InvalidRequest, NotFound, TooLarge
+from fewshot.server.images import ImageLimits
+from fewshot.server.state import StateError, dump_task, load_task
+from fewshot.server.store import TaskRecord, TaskStore
 
 MAX_LAMBDA = 1000.0
+
+
+@dataclass(frozen=True)
+class ServiceLimits:
+    """Server-wide limits (per-model limits come from each manifest)."""
+
+    max_support: int = 2500
+    max_queries: int = 1024
+    default_ttl: int = 24 * 3600
+    max_ttl: int = 30 * 24 * 3600
+    image: ImageLimits = ImageLimits()
+
+    def ttl(self, requested: int) -> int:
+        """Seconds a task lives: ``requested``, or the default when 0."""
+        if requested == 0:
+            return self.default_ttl
+        if requested > self.max_ttl:
+            raise InvalidRequest(f"ttl_seconds {requested} exceeds this server's maximum of {self.max_ttl}")
+        return requested
+
+    def check_support(self, count: int) -> None:
+        if count > self.max_support:
+            raise TooLarge(f"support set has {count} images; this server takes at most {self.max_support}")
+
+    def check_queries(self, count: int) -> None:
+        if not count:
+            raise InvalidRequest("no query images: send at least one")
+        if count > self.max_queries:
+            raise TooLarge(f"{count} query images; this server takes at most {self.max_queries} per call")
+
+
+def get_model(models: Mapping[str, BundleModel], name: str) -> BundleModel:
+    """The served model called ``name`` (:class:`InvalidRequest` when empty, :class:`NotFound` when unknown)."""
+    if not name:
+        raise InvalidRequest(f"no model named: set `model` to one of {', '.join(sorted(models))}")
+    if name not in models:
+        raise NotFound(f"unknown model {name!r}: this server has {', '.join(sorted(models))}")
+    return models[name]
+
+
+def find_task(store: TaskStore, models: Mapping[str, BundleModel], task_id: str) -> tuple[TaskRecord, Any, BundleModel]:
+    """``(record, ready-to-classify task, its model)`` of a live task, from the store's cache or disk
+    (blocking); :class:`NotFound` for an unknown, deleted, expired or unrestorable task."""
+    if not task_id:
+        raise InvalidRequest("task_id is empty: use the id that Adapt returned")
+
+    def decode(rec: TaskRecord) -> Any:
+        if rec.model not in models:
+            raise NotFound(f"task {task_id} belongs to model {rec.model!r}, which this server does not load")
+        try:
+            return load_task(rec.state, models[rec.model])
+        except StateError as exc:
+            raise NotFound(f"task {task_id} cannot be restored: {exc}") from None
+
+    found = store.get(task_id, decode)
+    if found is None:
+        raise NotFound(f"task {task_id} is unknown, deleted or expired: adapt again")
+    record, task = found
+    return record, task, models[record.model]
 
 
 def resolve_method(model: BundleModel, method: str | None) -> str:

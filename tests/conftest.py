@@ -59,3 +59,26 @@ def token_server(exported, tmp_path_factory):
 
     with ServerProcess(exported[0], tmp_path_factory.mktemp("state-token"), *SMALL, "--token", "secret-token") as proc:
         yield proc
+
+
+@pytest.fixture(scope="session")
+def triton(exported, tmp_path_factory):
+    """A real ``tritonserver`` (the nvidia-pytriton binary of ``.venv-triton``, ``scripts/triton-env.sh``)
+    on the python-backend variant of the repository built from the ``exported`` bundles, every model
+    loaded, ``fewshot_adapt``/``fewshot_classify`` keeping tasks in ``triton.state_dir``. Skipped, with
+    the reason, only where the binary cannot run."""
+    from fewshot.export.registry import Registry
+    from fewshot.export.triton import write_bundle_models
+    from fewshot.server.tritonserver import TritonProcess, TritonUnavailable
+
+    repo, state = tmp_path_factory.mktemp("triton-python"), tmp_path_factory.mktemp("triton-state")
+    for bundle in Registry.load(exported[0]).bundles.values():
+        write_bundle_models(repo, bundle, "python", state)
+    proc = TritonProcess(repo, models=sorted(p.name for p in repo.iterdir()), log=state / "tritonserver.log")
+    proc.state_dir = state
+    try:
+        proc.start()
+    except TritonUnavailable as exc:
+        pytest.skip(f"the tritonserver binary cannot run here: {exc}")
+    yield proc
+    proc.stop()

@@ -81,24 +81,92 @@ def test_corrupt_bundles_are_refused_with_the_cause(exported, tmp_path):
     assert load_bundle(src).name == SHIPPED[0]
 
 
-def test_triton_configs_parse_and_match_the_onnx_files(exported):
+def _parse_config(folder):
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2
 
-    _, repo = exported
+    config = text_format.Parse((folder / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    assert config.name == folder.name
+    return config
+
+
+def _check_onnx_model(folder, config) -> None:
+    """``config`` serves ``1/model.onnx`` with its exact inputs and outputs (batch axis owned by Triton
+    when ``max_batch_size > 0``: the backbones, dynamically batched; the networks run per request)."""
+    from tritonclient.grpc import model_config_pb2
+
+    graph = onnx.load(str(folder / "1" / "model.onnx")).graph
+    batched = config.max_batch_size > 0
+    assert batched == folder.name.endswith("_backbone") and batched == config.HasField("dynamic_batching")
+    assert len(config.instance_group) == 1
+    for spec, tensor in ((config.input, graph.input), (config.output, graph.output)):
+        assert [s.name for s in spec] == [t.name for t in tensor]
+        for s, t in zip(spec, tensor):
+            dims = [d.dim_value if d.HasField("dim_value") else -1 for d in t.type.tensor_type.shape.dim]
+            assert list(s.dims) == (dims[1:] if batched else dims) and (not batched or dims[0] == -1)
+            assert s.data_type == model_config_pb2.TYPE_FP32 and t.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+
+
+def _expected_models(out) -> list[str]:
+    bundles = Registry.load(out).bundles.values()
+    return sorted([f"{b.name}_backbone" for b in bundles] + [f"{b.name}_network" for b in bundles if b.manifest["family"] == "inner_loop"])
+
+
+def test_triton_configs_parse_and_match_the_onnx_files(exported):
+    out, repo = exported
     folders = sorted(p for p in repo.iterdir() if p.is_dir())
-    assert [f.name for f in folders] == sorted(f"{n}_backbone" for n in SHIPPED)
+    assert [f.name for f in folders] == _expected_models(out)  # no few-shot pair unless a state dir is given
     for folder in folders:
-        config = text_format.Parse((folder / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
-        assert config.name == folder.name and config.platform == "onnxruntime_onnx" and config.max_batch_size > 0
-        assert config.HasField("dynamic_batching") and len(config.instance_group) == 1
-        graph = onnx.load(str(folder / "1" / "model.onnx")).graph
-        for spec, tensor in ((config.input, graph.input), (config.output, graph.output)):
-            assert [s.name for s in spec] == [t.name for t in tensor]
-            for s, t in zip(spec, tensor):
-                dims = [d.dim_value if d.HasField("dim_value") else -1 for d in t.type.tensor_type.shape.dim]
-                assert dims[0] == -1 and list(s.dims) == dims[1:]  # batch axis owned by Triton
-                assert s.data_type == model_config_pb2.TYPE_FP32 and t.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+        config = _parse_config(folder)
+        assert config.platform == "onnxruntime_onnx" and not config.backend and not (folder / "1" / "model.py").exists()
+        _check_onnx_model(folder, config)
+
+
+def test_python_backend_variant_serves_the_same_models_and_the_few_shot_pair(exported, tmp_path):
+    from tritonclient.grpc import model_config_pb2
+
+    from fewshot.export.triton import write_bundle_models
+    from fewshot.server import triton_models
+
+    out, _ = exported
+    for bundle in Registry.load(out).bundles.values():
+        write_bundle_models(tmp_path / "repo", bundle, "python", tmp_path / "state")
+    folders = {p.name: p for p in (tmp_path / "repo").iterdir()}
+    assert sorted(folders) == sorted(_expected_models(out) + ["fewshot_adapt", "fewshot_classify"])
+    for name, folder in folders.items():
+        config = _parse_config(folder)
+        assert config.backend == "python" and not config.platform and (folder / "1" / "model.py").is_file()
+        assert config.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_CPU
+        assert config.parameters["threads"].string_value == "1"
+        if name.startswith("fewshot_"):
+            continue
+        _check_onnx_model(folder, config)
+    string, optional = model_config_pb2.TYPE_STRING, {"method"}
+    adapt, classify = _parse_config(folders["fewshot_adapt"]), _parse_config(folders["fewshot_classify"])
+    assert [(t.name, t.data_type, list(t.dims), t.optional) for t in adapt.input] == [
+        (n, string, d, n in optional) for n, d in (("model", [1]), ("labels", [-1]), ("images", [-1]), ("method", [1]))]
+    assert [(t.name, t.data_type, list(t.dims)) for t in adapt.output] == [("task_id", string, [1]), ("labels", string, [-1])]
+    assert [(t.name, t.data_type, list(t.dims)) for t in classify.input] == [("task_id", string, [1]), ("images", string, [-1])]
+    assert [(t.name, t.data_type, list(t.dims)) for t in classify.output] == [
+        ("probabilities", model_config_pb2.TYPE_FP32, [-1, -1]), ("labels", string, [-1])]
+    for config in (adapt, classify):
+        assert config.max_batch_size == 0
+        assert config.parameters["bundle_dir"].string_value == str(out.resolve())
+        assert config.parameters["state_dir"].string_value == str((tmp_path / "state").resolve())
+    for name, cls in (("fewshot_adapt", "AdaptModel"), ("fewshot_classify", "ClassifyModel")):
+        assert f"import {cls} as TritonPythonModel" in (folders[name] / "1" / "model.py").read_text()
+        assert hasattr(getattr(triton_models, cls), "execute")
+
+
+def test_export_command_writes_the_python_variant_with_the_few_shot_pair(tmp_path):
+    from fewshot.cli import main
+
+    name = "omniglot-conv4-directsum"
+    assert main(["export", "--model", name, "--out", str(tmp_path / "bundles"), "--triton-repo", str(tmp_path / "repo"),
+                 "--triton-backend", "python", "--triton-state-dir", str(tmp_path / "state")]) == 0
+    assert sorted(p.name for p in (tmp_path / "repo").iterdir()) == ["fewshot_adapt", "fewshot_classify", f"{name}_backbone"]
+    assert _parse_config(tmp_path / "repo" / f"{name}_backbone").backend == "python"
+    assert _parse_config(tmp_path / "repo" / "fewshot_adapt").parameters["state_dir"].string_value == str(tmp_path / "state")
 
 
 def test_registry_errors_are_clear(tmp_path):

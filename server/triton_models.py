@@ -1,0 +1,178 @@
+"""Adapt and Classify as Triton python-backend models: ``fewshot_adapt`` and ``fewshot_classify``.
+
+``fewshot export --triton-repo`` writes both into the model repository (``model.py`` imports the classes
+below). They run the code the gRPC service runs (:mod:`fewshot.server.tasks`, :mod:`fewshot.server.images`,
+:mod:`fewshot.server.state`) and keep tasks in the same SQLite store (:class:`~fewshot.server.store.TaskStore`,
+the ``state_dir`` parameter), so a task adapted here is classifiable by ``fewshot serve --state-dir``
+on that directory, by another Triton instance or replica, and the reverse. Backbone features and
+adapted-network logits come from the repository's ``<name>_backbone`` / ``<name>_network`` models
+through business-logic scripting (BLS); heads and inner loops run here, in torch.
+
+Tensor contract (KServe v2; ``BYTES`` is Triton's ``TYPE_STRING``, one element per string):
+
+- ``fewshot_adapt``: inputs ``model`` BYTES [1], ``labels`` BYTES [S] (UTF-8, one per image),
+  ``images`` BYTES [S] (encoded image bytes, anything Pillow opens), optional ``method`` BYTES [1]
+  (``centroid``, ``laplacianshot``, ``inner_loop`` or the model's own method name; default: the model's).
+  Outputs ``task_id`` BYTES [1], ``labels`` BYTES [N] (the classes in order of first appearance).
+- ``fewshot_classify``: inputs ``task_id`` BYTES [1], ``images`` BYTES [Q]. Outputs ``probabilities``
+  FP32 [Q, N] (column j is class ``labels[j]``), ``labels`` BYTES [N].
+
+Bad input (an undecodable image, one class, an unknown model or task, ...) answers that request with a
+Triton error carrying the service's message and status (``INVALID_ARG``, ``NOT_FOUND``, ``UNAVAILABLE``
+when a backbone is not loaded); the model keeps serving. Each instance uses one torch and one ONNX
+Runtime thread (``threads`` parameter); Triton scales by instances.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fewshot.export.loader import BundleModel
+from fewshot.export.registry import Registry
+from fewshot.export.triton import backbone_model_name, network_model_name
+from fewshot.server.errors import BackendUnavailable, InvalidRequest, ServiceError
+from fewshot.server.images import decode_for_model
+from fewshot.server.store import TaskStore
+from fewshot.server.tasks import AdaptRequest, ServiceLimits, find_task, get_model
+
+#: Images per BLS call to a backbone (its config's ``max_batch_size``).
+BLS_MAX_BATCH = 256
+
+
+def _bls(pb: Any, model: str, inputs: dict[str, np.ndarray], output: str) -> np.ndarray:
+    """One BLS inference of Triton model ``model``; a failed call raises :class:`BackendUnavailable`."""
+    request = pb.InferenceRequest(model_name=model, requested_output_names=[output],
+                                  inputs=[pb.Tensor(k, np.ascontiguousarray(v, dtype=np.float32)) for k, v in inputs.items()])
+    response = request.exec()
+    if response.has_error():
+        raise BackendUnavailable(f"Triton model {model} failed: {response.error().message()} (is it in the repository "
+                                 f"and loaded? with --model-control-mode=explicit, pass --load-model={model})")
+    return pb.get_output_tensor_by_name(response, output).as_numpy()
+
+
+class BlsFeatures:
+    """A :class:`~fewshot.models.features.FeatureExtractor` served by ``<name>_backbone`` through BLS:
+    ``(N, C, H, W)`` normalised images -> ``(N, d)`` features (in chunks of :data:`BLS_MAX_BATCH`)."""
+
+    def __init__(self, pb: Any, name: str) -> None:
+        self.pb, self.model = pb, backbone_model_name(name)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.detach().cpu().numpy()
+        parts = [_bls(self.pb, self.model, {"images": x[i:i + BLS_MAX_BATCH]}, "features") for i in range(0, len(x), BLS_MAX_BATCH)]
+        return torch.from_numpy(np.concatenate(parts))
+
+
+class BlsNetwork:
+    """A :class:`~fewshot.export.loader.NetworkSession` served by ``<name>_network`` through BLS:
+    ``run(None, feeds)`` with ``images`` ``(Q, C, H, W)`` and the task's weights -> ``[(Q, N) logits]``."""
+
+    def __init__(self, pb: Any, name: str) -> None:
+        self.pb, self.model = pb, network_model_name(name)
+
+    def run(self, output_names: list[str] | None, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return [_bls(self.pb, self.model, feeds, "logits")]
+
+
+class _FewShotModel:
+    """What both models share: parameters, the models of the bundle directory, the task store, and
+    answering each request on its own (an error answers that request only)."""
+
+    #: Triton error code by the gRPC status of the service's error (Triton has no RESOURCE_EXHAUSTED).
+    CODES = {"INVALID_ARGUMENT": "INVALID_ARG", "RESOURCE_EXHAUSTED": "INVALID_ARG", "NOT_FOUND": "NOT_FOUND",
+             "UNAVAILABLE": "UNAVAILABLE"}
+
+    def initialize(self, args: dict[str, str]) -> None:
+        import triton_python_backend_utils as pb_utils
+
+        self.pb = pb_utils
+        config = json.loads(args["model_config"])
+        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        missing = [k for k in ("bundle_dir", "state_dir") if not params.get(k)]
+        if missing:
+            raise ValueError(f"{config['name']}: config.pbtxt lacks the parameter(s) {', '.join(missing)}: "
+                             "write the repository with `fewshot export --triton-repo`")
+        threads = int(params.get("threads", "1"))
+        torch.set_num_threads(threads)
+        torch.set_num_interop_threads(1)
+        root = Path(args["model_repository"]).parent  # relative paths in the config are read from the repository root
+        self.limits = ServiceLimits()
+        registry = Registry.load(root / params["bundle_dir"])
+        self.models = {name: BundleModel(b, "cpu", threads, extract=BlsFeatures(pb_utils, name), network=BlsNetwork(pb_utils, name))
+                       for name, b in registry.bundles.items()}
+        self.store = TaskStore(root / params["state_dir"])
+
+    def execute(self, requests: list[Any]) -> list[Any]:
+        return [self._answer(r) for r in requests]
+
+    def _answer(self, request: Any) -> Any:
+        pb = self.pb
+        try:
+            outputs = self.handle(request)
+            return pb.InferenceResponse(output_tensors=[pb.Tensor(k, v) for k, v in outputs.items()])
+        except ServiceError as exc:
+            message, code = str(exc), self.CODES.get(exc.code.name, "INTERNAL")
+        except Exception as exc:  # a bug: answer INTERNAL with the cause, keep serving
+            message, code = f"internal error: {type(exc).__name__}: {exc}", "INTERNAL"
+            pb.Logger.log_error(f"{type(self).__name__}: {message}")
+        return pb.InferenceResponse(error=pb.TritonError(message, getattr(pb.TritonError, code)))
+
+    def handle(self, request: Any) -> dict[str, np.ndarray]:
+        """One request -> its output tensors by name; raises a ServiceError for bad input."""
+        raise NotImplementedError
+
+    def _bytes(self, request: Any, name: str, optional: bool = False) -> list[bytes] | None:
+        tensor = self.pb.get_input_tensor_by_name(request, name)
+        if tensor is None:
+            if optional:
+                return None
+            raise InvalidRequest(f"input {name!r} is missing: send it as a BYTES tensor (see README, Deploy behind Triton)")
+        return [v if isinstance(v, bytes) else str(v).encode() for v in tensor.as_numpy().reshape(-1)]
+
+    def _strings(self, request: Any, name: str, optional: bool = False) -> list[str] | None:
+        values = self._bytes(request, name, optional)
+        try:
+            return None if values is None else [v.decode("utf-8") for v in values]
+        except UnicodeDecodeError:
+            raise InvalidRequest(f"input {name!r} is not UTF-8 text") from None
+
+    def _one(self, request: Any, name: str, optional: bool = False) -> str | None:
+        values = self._strings(request, name, optional)
+        if values is not None and len(values) != 1:
+            raise InvalidRequest(f"input {name!r} must hold exactly one string, got {len(values)}")
+        return None if values is None else values[0]
+
+
+def _strings_out(values: list[str]) -> np.ndarray:
+    return np.array([v.encode("utf-8") for v in values], dtype=np.object_)
+
+
+class AdaptModel(_FewShotModel):
+    """``fewshot_adapt``: a labelled support set -> a stored task (``task_id``, ``labels``)."""
+
+    def handle(self, request: Any) -> dict[str, np.ndarray]:
+        model = get_model(self.models, self._one(request, "model"))
+        names, images = self._strings(request, "labels"), self._bytes(request, "images")
+        if len(names) != len(images):
+            raise InvalidRequest(f"{len(images)} images but {len(names)} labels: send one label per support image")
+        self.limits.check_support(len(images))
+        adapt = AdaptRequest.check(model, self._one(request, "method", optional=True), names, ttl=self.limits.default_ttl)
+        record, _, _ = adapt.run(decode_for_model(images, model, self.limits.image, "support"))
+        self.store.put(record)  # durable before we answer; this process never classifies, so nothing to cache
+        return {"task_id": _strings_out([record.task_id]), "labels": _strings_out(record.labels)}
+
+
+class ClassifyModel(_FewShotModel):
+    """``fewshot_classify``: a task id and query images -> ``(Q, N)`` ``probabilities`` and ``labels``."""
+
+    def handle(self, request: Any) -> dict[str, np.ndarray]:
+        record, task, model = find_task(self.store, self.models, self._one(request, "task_id"))
+        images = self._bytes(request, "images")
+        self.limits.check_queries(len(images))
+        probs = task.classify(decode_for_model(images, model, self.limits.image, "query"))
+        return {"probabilities": probs.numpy().astype(np.float32), "labels": _strings_out(record.labels)}

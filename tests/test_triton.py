@@ -1,0 +1,223 @@
+"""A real Triton server (nvidia-pytriton's ``tritonserver``, python backend) on the python-backend
+variant of the repository: backbone parity with in-process ONNX Runtime, ``fewshot_adapt`` +
+``fewshot_classify`` against the gRPC service on real tasks, tasks shared with the service both ways,
+bad input, and the process harness itself."""
+
+from __future__ import annotations
+
+import functools
+
+import grpc
+import numpy as np
+import pytest
+import torch
+import tritonclient.grpc as grpcclient
+from conftest import SHIPPED, SMALL
+from tritonclient.utils import InferenceServerException
+
+from fewshot.export.registry import Registry
+from fewshot.export.triton import backbone_model_name, network_model_name, write_onnx_model
+from fewshot.models.data import ImageSet, load_dataset
+from fewshot.models.episodes import EpisodeSampler
+from fewshot.models.features import OnnxFeatures
+from fewshot.models.preprocess import encode_png as png
+from fewshot.models.zoo import load_model
+from fewshot.server.process import ServerProcess
+from fewshot.server.tritonserver import TritonProcess, TritonUnavailable
+from fewshot_client._proto import fewshot_pb2 as pb
+from fewshot_client._proto import fewshot_pb2_grpc as pb_grpc
+
+OMNI, TINY = "omniglot-conv4-directsum", "tinyimagenet-conv4-sce-nca-directsum"
+TASKS = 20
+
+
+@functools.cache
+def _data(dataset: str) -> ImageSet:
+    return load_dataset(dataset, "test")
+
+
+@pytest.fixture(scope="module")
+def client(triton):
+    c = grpcclient.InferenceServerClient(triton.grpc_url)
+    yield c
+    c.close()
+
+
+@pytest.fixture(scope="module")
+def stub(server):
+    with grpc.insecure_channel(server.target) as channel:
+        yield pb_grpc.FewShotStub(channel)
+
+
+# -- the KServe v2 tensor contract of README's "Deploy behind Triton" ---------------------------------
+def _strings(name: str, values: list[bytes | str]) -> grpcclient.InferInput:
+    array = np.array([v.encode() if isinstance(v, str) else v for v in values], dtype=np.object_)
+    tensor = grpcclient.InferInput(name, [len(values)], "BYTES")
+    tensor.set_data_from_numpy(array)
+    return tensor
+
+
+def _adapt_inputs(model: str, labels: list, images: list[bytes], method: str | None = None) -> list[grpcclient.InferInput]:
+    inputs = [_strings("model", [model]), _strings("labels", labels), _strings("images", images)]
+    return inputs + ([_strings("method", [method])] if method else [])
+
+
+def triton_adapt(client, model: str, labels: list[str], images: list[bytes], method: str | None = None) -> tuple[str, list[str]]:
+    """``fewshot_adapt`` -> (task id, class labels)."""
+    result = client.infer("fewshot_adapt", _adapt_inputs(model, labels, images, method))
+    return result.as_numpy("task_id")[0].decode(), [v.decode() for v in result.as_numpy("labels")]
+
+
+def triton_classify(client, task_id: str, images: list[bytes]) -> tuple[np.ndarray, list[str]]:
+    """``fewshot_classify`` -> ((Q, N) probabilities, class labels)."""
+    result = client.infer("fewshot_classify", [_strings("task_id", [task_id]), _strings("images", images)])
+    return result.as_numpy("probabilities"), [v.decode() for v in result.as_numpy("labels")]
+
+
+def service_adapt(stub, model: str, labels: list[str], images: list[bytes], method: str = "") -> pb.AdaptResponse:
+    support = [pb.LabelledImage(image=pb.Image(encoded=b), label=label) for b, label in zip(images, labels)]
+    return stub.Adapt(pb.AdaptRequest(model=model, method=method, support=support))
+
+
+def service_classify(stub, task_id: str, images: list[bytes]) -> np.ndarray:
+    """The service's Classify -> (Q, N) probabilities in the task's label order."""
+    response = stub.Classify(pb.ClassifyRequest(task_id=task_id, queries=[pb.Image(encoded=b) for b in images]))
+    return np.array([list(p.probabilities) for p in response.predictions], dtype=np.float32)
+
+
+def _task(data: ImageSet, episode) -> tuple[list[str], list[bytes], list[bytes], list[str]]:
+    """A real episode as PNG bytes: (support labels, support images, query images, query labels)."""
+    return ([f"class-{c}" for c in episode.support_labels], [png(data.images[i]) for i in episode.support],
+            [png(data.images[i]) for i in episode.query], [f"class-{c}" for c in episode.query_labels])
+
+
+def _first_of_each_family() -> list[str]:
+    families: dict[str, str] = {}
+    for name in SHIPPED:
+        families.setdefault(load_model(name).card["family"], name)
+    return sorted(families.values())
+
+
+# -- tests --------------------------------------------------------------------------------------------
+def test_backbone_features_equal_in_process_onnx_runtime(triton, client, exported):
+    for name, bundle in Registry.load(exported[0]).bundles.items():
+        m = bundle.manifest
+        data = _data(m["data"]["dataset"])
+        idx = np.sort(np.random.default_rng(0).choice(len(data.images), 100, replace=False))
+        spec = load_model(name).spec
+        x = spec.normalize(data.images[idx]).numpy()
+        images = grpcclient.InferInput("images", list(x.shape), "FP32")
+        images.set_data_from_numpy(x)
+        got = client.infer(backbone_model_name(name), [images]).as_numpy("features")
+        ref = OnnxFeatures(str(bundle.file("backbone.onnx")), int(m["feature_dim"]), "cpu", threads=1)(torch.from_numpy(x)).numpy()
+        assert got.shape == ref.shape and np.abs(got - ref).max() <= 1e-5, (name, np.abs(got - ref).max())
+        if m["family"] == "inner_loop":  # the adapted network: meta-initial weights, unit BatchNorm statistics
+            from fewshot.export.loader import BundleModel
+            from fewshot.export.onnx_graphs import network_inputs
+
+            model = BundleModel(bundle, "cpu", 1)
+            width = model.net.width
+            feeds = {k: v.numpy() for k, v in network_inputs(model.net, model.params, [(torch.zeros(width), torch.ones(width))] * 4,
+                                                              model.loop["steps"]).items()} | {"images": x}
+            inputs = []
+            for k, v in feeds.items():
+                inputs.append(grpcclient.InferInput(k, list(v.shape), "FP32"))
+                inputs[-1].set_data_from_numpy(np.ascontiguousarray(v, dtype=np.float32))
+            logits = client.infer(network_model_name(name), inputs).as_numpy("logits")
+            assert np.abs(logits - model.session.run(None, feeds)[0]).max() <= 1e-5, name
+
+
+@pytest.mark.parametrize("name,method", [(OMNI, "centroid"), (OMNI, "laplacianshot"), (TINY, "centroid"), (TINY, "laplacianshot")])
+def test_triton_predictions_equal_the_service(client, stub, name, method):
+    data = _data(load_model(name).card["data"]["dataset"])
+    sampler = EpisodeSampler(data, 5, 1, 15, seed=0)
+    for i in range(TASKS):
+        labels, support, queries, _ = _task(data, sampler.episode(i))
+        task_id, classes = triton_adapt(client, name, labels, support, method)
+        probs, classes_again = triton_classify(client, task_id, queries)
+        served = service_adapt(stub, name, labels, support, method)
+        expected = service_classify(stub, served.task_id, queries)
+        assert classes == classes_again == list(served.labels)
+        assert probs.shape == expected.shape == (len(queries), 5)
+        assert np.array_equal(probs.argmax(1), expected.argmax(1)), (name, method, i)
+        np.testing.assert_allclose(probs, expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", _first_of_each_family())
+def test_tasks_are_shared_with_the_service_both_ways(triton, client, exported, name):
+    card = load_model(name).card
+    data = _data(card["data"]["dataset"])
+    labels, support, queries, _ = _task(data, EpisodeSampler(data, 5, 1, 15, seed=11).episode(0))
+    methods = ["centroid", "laplacianshot"] if card["family"] == "metric" else [""]
+    with ServerProcess(exported[0], triton.state_dir, *SMALL) as service, grpc.insecure_channel(service.target) as channel:
+        stub = pb_grpc.FewShotStub(channel)
+        for method in methods:
+            task_id, classes = triton_adapt(client, name, labels, support, method or None)
+            probs, _ = triton_classify(client, task_id, queries)
+            np.testing.assert_allclose(service_classify(stub, task_id, queries), probs, atol=1e-5)  # adapted in Triton
+            served = service_adapt(stub, name, labels, support, method)
+            probs, classes = triton_classify(client, served.task_id, queries)  # adapted by the service
+            assert classes == list(served.labels)
+            np.testing.assert_allclose(probs, service_classify(stub, served.task_id, queries), atol=1e-5)
+
+
+def _bomb() -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("L", (6000, 6000)).save(buf, "PNG")  # 36 M pixels, ~35 KB compressed
+    return buf.getvalue()
+
+
+def test_bad_input_is_an_error_and_triton_keeps_serving(client, omniglot_test):
+    labels, support, queries, truth = _task(omniglot_test, EpisodeSampler(omniglot_test, 5, 1, 15, seed=7).episode(0))
+    live, _ = triton_adapt(client, OMNI, labels, support)
+    cases = [
+        ("undecodable image", "fewshot_adapt", _adapt_inputs(OMNI, labels, [b"not an image", *support[1:]]), "INVALID_ARGUMENT"),
+        ("decompression bomb", "fewshot_adapt", _adapt_inputs(OMNI, labels, [_bomb(), *support[1:]]), "INVALID_ARGUMENT"),
+        ("one class", "fewshot_adapt", _adapt_inputs(OMNI, ["a"] * len(support), support), "INVALID_ARGUMENT"),
+        ("empty label", "fewshot_adapt", _adapt_inputs(OMNI, ["", *labels[1:]], support), "INVALID_ARGUMENT"),
+        ("label not UTF-8", "fewshot_adapt", _adapt_inputs(OMNI, [b"\xff\xfe", *labels[1:]], support), "INVALID_ARGUMENT"),
+        ("fewer labels than images", "fewshot_adapt", _adapt_inputs(OMNI, labels[:-1], support), "INVALID_ARGUMENT"),
+        ("unknown method", "fewshot_adapt", _adapt_inputs(OMNI, labels, support, "svm"), "INVALID_ARGUMENT"),
+        ("unknown model", "fewshot_adapt", _adapt_inputs("resnet-9000", labels, support), "NOT_FOUND"),
+        ("missing input", "fewshot_adapt", _adapt_inputs(OMNI, labels, support)[1:], "INVALID_ARGUMENT"),
+        ("unknown task", "fewshot_classify", [_strings("task_id", ["0" * 32]), _strings("images", queries[:1])], "NOT_FOUND"),
+        ("undecodable query", "fewshot_classify", [_strings("task_id", [live]), _strings("images", [b"GIF89a"])], "INVALID_ARGUMENT"),
+    ]
+    for name, model, inputs, status in cases:
+        with pytest.raises(InferenceServerException) as err:
+            client.infer(model, inputs)
+        assert err.value.status() == f"StatusCode.{status}", (name, err.value.status(), err.value.message())
+        assert err.value.message(), name
+        task_id, _ = triton_adapt(client, OMNI, labels, support)  # still serving, and still right
+        probs, classes = triton_classify(client, task_id, queries)
+        assert np.mean([classes[j] == t for j, t in zip(probs.argmax(1), truth)]) >= 0.8, name
+    assert client.is_server_live() and client.is_model_ready("fewshot_adapt") and client.is_model_ready("fewshot_classify")
+    assert triton_classify(client, live, queries)[0].shape == (len(queries), 5)  # the task adapted first is intact
+
+
+def test_triton_process_stops_and_starts_again_on_the_same_repository(triton, exported, tmp_path):
+    """``triton`` only makes this skip where the binary cannot run; this test runs its own server."""
+    bundle = Registry.load(exported[0]).get(OMNI)
+    model = backbone_model_name(OMNI)
+    write_onnx_model(tmp_path / "repo", model, bundle.file("backbone.onnx"), batched=True, backend="python")
+    x = np.zeros((2, 1, 28, 28), dtype=np.float32)
+    images = grpcclient.InferInput("images", list(x.shape), "FP32")
+    images.set_data_from_numpy(x)
+    proc = TritonProcess(tmp_path / "repo", models=[model], log=tmp_path / "tritonserver.log")
+    runs = []
+    for _ in range(2):
+        with proc:
+            c = grpcclient.InferenceServerClient(proc.grpc_url)
+            runs.append(c.infer(model, [images]).as_numpy("features"))
+            c.close()
+        assert proc.proc.poll() is not None  # stopped by PID
+    np.testing.assert_array_equal(runs[0], runs[1])
+
+
+def test_a_missing_triton_environment_says_what_to_do(tmp_path):
+    with pytest.raises(TritonUnavailable, match="scripts/triton-env.sh"):
+        TritonProcess(tmp_path, venv=tmp_path / "nowhere").start()
