@@ -134,7 +134,8 @@ async def serve(cfg: ServeConfig, ready: asyncio.Event | None = None) -> None:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     purger.cancel()
     await server.stop(grace=5.0)
-    executor.shutdown(wait=True)
+    # Off the loop: a worker still waiting on Triton needs the loop to finish its call.
+    await loop.run_in_executor(None, executor.shutdown)
     if triton is not None:
         await triton.close()
     print("fewshot serve: stopped", flush=True)
