@@ -136,10 +136,14 @@ class TritonProcess:
         import tritonclient.grpc as grpcclient
         from tritonclient.utils import InferenceServerException
 
+        if self.proc is not None and self.proc.poll() is None:
+            raise RuntimeError(f"tritonserver (pid {self.proc.pid}) is already running on {self.grpc_url}: stop() it first")
         install = TritonInstall.locate(self.venv)
         install.check_runs()
         if not self.grpc_port:  # started again: same ports, so clients reconnect to the same address
-            self.grpc_port, self.http_port = free_port(), free_port()
+            self.grpc_port = self.http_port = free_port()
+            while self.http_port == self.grpc_port:
+                self.http_port = free_port()
         cmd = [str(install.binary), f"--model-repository={self.repo}", f"--backend-directory={install.backends()}",
                "--http-address=127.0.0.1", f"--http-port={self.http_port}", "--grpc-address=127.0.0.1",
                f"--grpc-port={self.grpc_port}", "--allow-metrics=false", "--allow-gpu-metrics=false",

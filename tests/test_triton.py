@@ -23,7 +23,7 @@ from fewshot.models.features import OnnxFeatures
 from fewshot.models.preprocess import encode_png as png
 from fewshot.models.zoo import load_model
 from fewshot.server.process import ServerProcess
-from fewshot.server.tritonserver import TritonProcess, TritonUnavailable
+from fewshot.server.tritonserver import TritonProcess, TritonStartError, TritonUnavailable
 from fewshot_client._proto import fewshot_pb2 as pb
 from fewshot_client._proto import fewshot_pb2_grpc as pb_grpc
 
@@ -197,6 +197,34 @@ def test_bad_input_is_an_error_and_triton_keeps_serving(client, omniglot_test):
         assert np.mean([classes[j] == t for j, t in zip(probs.argmax(1), truth)]) >= 0.8, name
     assert client.is_server_live() and client.is_model_ready("fewshot_adapt") and client.is_model_ready("fewshot_classify")
     assert triton_classify(client, live, queries)[0].shape == (len(queries), 5)  # the task adapted first is intact
+
+
+def test_a_backbone_triton_has_not_loaded_answers_unavailable(client, omniglot_test):
+    labels, support, _, _ = _task(omniglot_test, EpisodeSampler(omniglot_test, 5, 1, 15, seed=7).episode(0))
+    backbone = backbone_model_name(OMNI)
+    client.unload_model(backbone)
+    try:
+        with pytest.raises(InferenceServerException) as err:
+            triton_adapt(client, OMNI, labels, support)
+        assert err.value.status() == "StatusCode.UNAVAILABLE" and f"--load-model={backbone}" in err.value.message()
+    finally:
+        client.load_model(backbone)
+    assert triton_adapt(client, OMNI, labels, support)[1] == list(dict.fromkeys(labels))  # serving again
+
+
+def test_a_model_that_fails_to_load_is_named_with_the_reason(triton, tmp_path):
+    """``triton`` only makes this skip where the binary cannot run; this test runs its own server."""
+    folder = tmp_path / "repo" / "broken"
+    (folder / "1").mkdir(parents=True)
+    (folder / "config.pbtxt").write_text('name: "broken"\nbackend: "python"\nmax_batch_size: 0\n'
+                                         'input [ { name: "x" data_type: TYPE_FP32 dims: [ 1 ] } ]\n'
+                                         'output [ { name: "y" data_type: TYPE_FP32 dims: [ 1 ] } ]\n')
+    (folder / "1" / "model.py").write_text("class TritonPythonModel:\n    def initialize(self, args):\n"
+                                           "        raise RuntimeError('no weights here')\n")
+    proc = TritonProcess(tmp_path / "repo", models=["broken"], log=tmp_path / "tritonserver.log")
+    with pytest.raises(TritonStartError, match=r"(?s)did not load broken: .*no weights here"):
+        proc.start()
+    assert proc.proc.poll() is not None  # not left running
 
 
 def test_triton_process_stops_and_starts_again_on_the_same_repository(triton, exported, tmp_path):
