@@ -26,14 +26,20 @@ from fewshot_client._proto import fewshot_pb2 as pb
 from fewshot_client._proto import fewshot_pb2_grpc as pb_grpc
 
 OMNI = "omniglot-conv4-directsum"
-TASKS_PER_CASE = 5
+TASKS = 20
 
 
 def _cases() -> list[tuple[str, str]]:
-    """Omniglot and Tiny ImageNet metric models with both heads, and every inner-loop model shipped."""
+    """Omniglot and Tiny ImageNet metric models with both heads (backbones in Triton), and every
+    inner-loop model shipped (adapted networks in Triton)."""
     cases = [(OMNI, "centroid"), (OMNI, "laplacianshot"), ("tinyimagenet-conv4-sce-nca-directsum", "centroid"),
              ("tinyimagenet-conv4-sce-nca-directsum", "laplacianshot")]
     return cases + [(name, "inner_loop") for name in SHIPPED if load_model(name).card["family"] == "inner_loop"]
+
+
+CASES = _cases()
+#: Tasks per case, so that the cases together cover at least TASKS real tasks.
+TASKS_PER_CASE = -(-TASKS // len(CASES))
 
 
 def _serve_triton(bundles, state_dir, url: str, *args: str) -> ServerProcess:
@@ -75,7 +81,7 @@ def triton_service(exported, triton, tmp_path_factory):
         yield proc
 
 
-@pytest.mark.parametrize("model,method", _cases())
+@pytest.mark.parametrize("model,method", CASES)
 def test_triton_backend_predicts_what_the_in_process_backend_predicts(server, triton_service, model, method):
     """Adapt + Classify on the same real tasks through both services (the in-process one is the
     ``server`` fixture of test_server.py); Classify calls go out concurrently so they merge in the
