@@ -9,9 +9,10 @@ the venv's Python, the venv's Python library folder first on ``LD_LIBRARY_PATH``
 an older system libpython and model loading fails), the wheel's bundled libraries, and the venv's
 ``bin`` first on ``PATH`` (the python backend imports packages from that interpreter's environment).
 
-:class:`TritonProcess` starts it in explicit model-control mode, loads the requested models one by
-one through the gRPC API (so a model that fails to load is named with Triton's reason), and stops it
-by PID: SIGTERM, then SIGKILL. It can be started again on the same repository.
+:class:`TritonProcess` starts it in explicit model-control mode with the requested models loading (in
+parallel; ``--exit-on-error=false``, so a model that fails to load is reported by name with Triton's
+reason instead of the server exiting), waits until each is ready, and stops it by PID: SIGTERM, then
+SIGKILL. It can be started again on the same repository, on the same ports, so clients reconnect.
 """
 
 from __future__ import annotations
