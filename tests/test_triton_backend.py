@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -136,10 +137,24 @@ def test_triton_away_answers_unavailable_then_recovers(exported, own_triton, tmp
         assert TaskStore(state).count() == 1, "the Adapt that failed stored nothing"
         assert stub.GetTask(pb.GetTaskRequest(task_id=task.task_id)).labels == task.labels, "task-store calls still work"
         own_triton.start()
-        after = stub.Classify(pb.ClassifyRequest(task_id=task.task_id, queries=queries, top_k=len(task.labels)))
+        after = _until_recovered(lambda: stub.Classify(pb.ClassifyRequest(task_id=task.task_id, queries=queries,
+                                                                          top_k=len(task.labels))))
         _same((task, before), (task, after), "the task classifies as before the outage")
         assert stub.Adapt(pb.AdaptRequest(model=OMNI, support=other_support)).task_id
         assert TaskStore(state).count() == 2
+
+
+def _until_recovered(call, seconds: float = 10.0):
+    """``call()`` once Triton is reachable again: the service's channel to Triton reconnects with a
+    capped backoff (1 s), so calls in that window answer UNAVAILABLE, as a client that retries expects."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            return call()
+        except grpc.RpcError as err:
+            if err.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
 
 
 def _serve_and_fail(exported, tmp_path, url: str, *names: str) -> subprocess.CompletedProcess:
