@@ -18,11 +18,9 @@ from fewshot.export.onnx_graphs import network_inputs
 from fewshot.export.registry import Bundle
 from fewshot.models.features import FeatureExtractor, OnnxFeatures, onnx_providers
 from fewshot.models.meta.inner_loop import InnerLoopAdapter, InnerLoopTask
-from fewshot.models.meta.network import MetaConv4
-from fewshot.models.meta.rules import build_rule
 from fewshot.models.metric_adapter import MetricAdapter
 from fewshot.models.preprocess import InputSpec
-from fewshot.models.zoo import build_head
+from fewshot.models.zoo import build_head, inner_loop_adapter, meta_model_parts
 
 
 class NetworkSession(Protocol):
@@ -90,13 +88,10 @@ class BundleModel:
             self.center = tensors.get("center")
             self.extract = extract or OnnxFeatures(str(bundle.file("backbone.onnx")), int(m["feature_dim"]), device, threads)
             return
-        arch = {k: v for k, v in m["architecture"].items() if k != "arch"}
-        self.net = MetaConv4(**arch)
-        self.loop = loop = m["inner_loop"]
-        rule = build_rule(m["method"], self.net, loop["steps"], loop["alpha"], loop.get("beta", 1.0))
-        rule.load_state_dict({k.removeprefix("rule."): v for k, v in tensors.items() if k.startswith("rule.")})
-        self.rule = rule.to(self.device).eval()
-        self.params = {k.removeprefix("param."): v.to(self.device) for k, v in tensors.items() if k.startswith("param.")}
+        self.loop = m["inner_loop"]
+        self.net, rule, params = meta_model_parts(m["method"], m["architecture"], self.loop, tensors)
+        self.rule = rule.to(self.device)
+        self.params = {k: v.to(self.device) for k, v in params.items()}
         if network is not None:
             self.session = network
             return
@@ -130,10 +125,7 @@ class BundleModel:
             raise ValueError(f"model {self.name} adapts with its inner loop ({m['method']}), not {head!r}")
         if any(v is not None for v in overrides.values()):
             raise ValueError(f"{', '.join(k for k, v in overrides.items() if v is not None)} apply to metric heads, not to {self.name}'s inner loop")
-        steps = self.loop["steps"] if steps is None else steps
-        if not 1 <= steps <= self.loop["max_steps"]:
-            raise ValueError(f"inner steps must be in 1..{self.loop['max_steps']} for {self.name}, got {steps}")
-        return OnnxInnerLoopAdapter(InnerLoopAdapter(self.net, self.rule, self.params, steps, bn_mode or self.loop["bn_mode"]),
+        return OnnxInnerLoopAdapter(inner_loop_adapter(self.name, self.loop, self.net, self.rule, self.params, steps, bn_mode),
                                     self.session)
 
 

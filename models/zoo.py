@@ -133,30 +133,45 @@ class ShippedMetaModel:
 
     def adapter(self, bn_mode: str | None = None, steps: int | None = None, device: str = "auto"):
         """The model's inner loop as an adapter (``support`` BatchNorm unless asked otherwise)."""
-        from fewshot.models.meta.inner_loop import InnerLoopAdapter
-
-        loop = self.card["inner_loop"]
-        steps = loop["steps"] if steps is None else steps
-        if not 1 <= steps <= loop["max_steps"]:
-            raise ValueError(f"inner steps must be in 1..{loop['max_steps']} for {self.name}, got {steps}")
         dev = torch.device("cuda" if device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
         params = {k: v.to(dev) for k, v in self.meta_params.items()}
-        return InnerLoopAdapter(self.net, self.rule.to(dev), params, steps, bn_mode or loop["bn_mode"])
+        return inner_loop_adapter(self.name, self.card["inner_loop"], self.net, self.rule.to(dev), params, steps, bn_mode)
 
 
-def load_meta_model(path: Path, card: dict[str, Any]) -> ShippedMetaModel:
+def shipped_models(zoo: Path = ZOO_DIR) -> list[str]:
+    """Names of the shipped models (folders of ``zoo`` with a ``card.json``), sorted."""
+    return sorted(p.name for p in zoo.iterdir() if (p / "card.json").exists())
+
+
+def meta_model_parts(method: str, architecture: dict[str, Any], loop: dict[str, Any],
+                     tensors: dict[str, torch.Tensor]) -> tuple[Any, torch.nn.Module, dict[str, torch.Tensor]]:
+    """Network, update rule (eval mode) and meta-parameters of a gradient model, from its card's (or
+    bundle manifest's) ``method``, ``architecture`` and ``inner_loop`` and its ``param.*``/``rule.*`` tensors."""
     from fewshot.models.meta.network import MetaConv4
     from fewshot.models.meta.rules import build_rule
 
-    tensors = load_file(str(path / "weights.safetensors"))
-    arch = dict(card["architecture"])
-    arch.pop("arch")
-    net = MetaConv4(**arch)
-    loop = card["inner_loop"]
-    rule = build_rule(card["method"], net, loop["steps"], loop["alpha"], loop.get("beta", 1.0))
+    net = MetaConv4(**{k: v for k, v in architecture.items() if k != "arch"})
+    rule = build_rule(method, net, loop["steps"], loop["alpha"], loop.get("beta", 1.0))
     rule.load_state_dict({k.removeprefix("rule."): v for k, v in tensors.items() if k.startswith("rule.")})
     params = {k.removeprefix("param."): v for k, v in tensors.items() if k.startswith("param.")}
-    return ShippedMetaModel(card["name"], card, net, rule.eval(), params, path)
+    return net, rule.eval(), params
+
+
+def inner_loop_adapter(name: str, loop: dict[str, Any], net: Any, rule: torch.nn.Module,
+                       params: dict[str, torch.Tensor], steps: int | None = None, bn_mode: str | None = None):
+    """``InnerLoopAdapter`` with the card's defaults; ``steps`` must lie in ``1..loop["max_steps"]``."""
+    from fewshot.models.meta.inner_loop import InnerLoopAdapter
+
+    steps = loop["steps"] if steps is None else steps
+    if not 1 <= steps <= loop["max_steps"]:
+        raise ValueError(f"inner steps must be in 1..{loop['max_steps']} for {name}, got {steps}")
+    return InnerLoopAdapter(net, rule, params, steps, bn_mode or loop["bn_mode"])
+
+
+def load_meta_model(path: Path, card: dict[str, Any]) -> ShippedMetaModel:
+    net, rule, params = meta_model_parts(card["method"], card["architecture"], card["inner_loop"],
+                                         load_file(str(path / "weights.safetensors")))
+    return ShippedMetaModel(card["name"], card, net, rule, params, path)
 
 
 def package_meta_run(checkpoint: Path, name: str, command: str, out_dir: Path = ZOO_DIR) -> Path:

@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 
 from fewshot.export.bundle import export_model
-from fewshot.models.zoo import ZOO_DIR
+from fewshot.models.zoo import shipped_models
 
 START, END = "<!-- parity.py: start -->", "<!-- parity.py: end -->"
 
@@ -47,7 +47,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="*", help="default: every shipped model")
     parser.add_argument("--out", default="RESULTS.md")
     args = parser.parse_args()
-    names = args.models or sorted(p.name for p in ZOO_DIR.iterdir() if (p / "card.json").exists())
+    names = args.models or shipped_models()
     path = Path(args.out)
     text = path.read_text()
     old = {}

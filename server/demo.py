@@ -19,7 +19,7 @@ from fewshot.models.data import ImageSet, load_dataset
 from fewshot.models.episodes import Episode, EpisodeSampler
 from fewshot.models.evaluation import summarize
 from fewshot.models.preprocess import encode_png
-from fewshot.models.zoo import ZOO_DIR
+from fewshot.models.zoo import ZOO_DIR, shipped_models
 
 #: The flagship model of each path and dataset (the ablation and baseline models are served too).
 DEMO_MODELS = ("omniglot-conv4-directsum", "tinyimagenet-conv4-sce-nca-directsum", "omniglot-conv4-cxgrad",
@@ -49,10 +49,6 @@ def ensure_bundles(out: Path, names: list[str], log=print) -> None:
         if not bundle_is_current(out / name, ZOO_DIR / name):
             log(f"exporting {name} -> {out / name}")
             export_model(name, out, log=lambda msg: log("  " + msg))
-
-
-def shipped_models() -> list[str]:
-    return sorted(p.name for p in ZOO_DIR.iterdir() if (p / "card.json").exists())
 
 
 def run_demo(bundles: Path, tasks: int = 600, seed: int = 0, models: list[str] | None = None,

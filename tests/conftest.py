@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from fewshot.models.data import load_omniglot
-from fewshot.models.zoo import ZOO_DIR
+from fewshot.models.zoo import shipped_models
 
 #: Test servers share 2 cores with pytest.
 SMALL = ("--threads", "1", "--workers", "2")
-SHIPPED = sorted(p.name for p in ZOO_DIR.iterdir() if (p / "card.json").exists())
+SHIPPED = shipped_models()
 
 torch.set_num_threads(2)
 
