@@ -71,11 +71,20 @@ def run_demo(bundles: Path, tasks: int = 600, seed: int = 0, models: list[str] |
                     m = manifests[name]
                     data = load_dataset(m["data"]["dataset"], "test")
                     ways = infos[name].min_ways if m["family"] == "inner_loop" else 5
-                    for k in shots:
+                    for k in _measured_shots(m, ways, shots):
                         for method in infos[name].methods:
                             _demo_row(client, name, method, m, data, ways, k, tasks, seed)
         finally:
             server.stop()
+
+
+def _measured_shots(manifest: dict, ways: int, shots: tuple[int, ...]) -> list[int]:
+    """The shot counts among ``shots`` that RESULTS.md measured for this model at ``ways`` (its card's
+    ``accuracy`` keys, e.g. ``5way_1shot_cxgrad_support``), so every demo row has a figure to compare
+    with; all of ``shots`` when it has none."""
+    keys = [k.split("_") for k in manifest.get("accuracy", {}) if k[:1].isdigit()]
+    measured = {int(k[1].removesuffix("shot")) for k in keys if k[0] == f"{ways}way"}
+    return [k for k in shots if k in measured] or list(shots)
 
 
 def _demo_row(client, name: str, method: str, manifest: dict, data: ImageSet, ways: int, shots: int, tasks: int,
