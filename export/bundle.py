@@ -67,17 +67,27 @@ def _real_images(model, count: int = 256, seed: int = 0) -> torch.Tensor:
     return model.spec.normalize(data.images[idx])
 
 
-def _backbone_parity(backbone: torch.nn.Module, onnx_bytes: bytes, images: torch.Tensor) -> float:
+def _backbone_parity(backbone: torch.nn.Module, onnx_bytes: bytes, images: torch.Tensor) -> tuple[float, float]:
+    """(max abs difference, max abs torch output) of the features of ``images``."""
     ref = TorchFeatures(backbone)(images)
     got = OnnxFeatures(onnx_bytes, ref.shape[1], "cpu")(images)
-    return float((ref - got).abs().max())
+    return float((ref - got).abs().max()), float(ref.abs().max())
 
 
-def _network_parity(model: ShippedMetaModel, onnx_bytes: bytes, tasks: int = 4) -> float:
+def _check_fp32(name: str, file: str, diff: float, scale: float) -> None:
+    """fp32 parity holds when the max abs difference is within ``FP32_TOLERANCE`` times the output
+    scale (at least 1): float32 rounding grows with the magnitude of the activations, and the body of
+    a meta network (BatchNorm with unit running statistics) produces features in the hundreds."""
+    if diff > FP32_TOLERANCE * max(1.0, scale):
+        raise ExportError(f"{name}: {file} differs from torch by {diff:.2e} > {FP32_TOLERANCE} x max(1, {scale:.3g})")
+
+
+def _network_parity(model: ShippedMetaModel, onnx_bytes: bytes, tasks: int = 4) -> tuple[float, float]:
+    """(max abs difference, max abs torch logit) of ``network.onnx`` with adapted weights of real tasks."""
     data = load_dataset(model.card["data"]["dataset"], "test")
     net = model.net
     sampler = EpisodeSampler(data, net.ways, int(model.card["training"]["config"]["shots"]), 15, seed=0)
-    session, worst = _session(onnx_bytes), 0.0
+    session, worst, scale = _session(onnx_bytes), 0.0, 0.0
     adapter = model.adapter("support", device="cpu")
     for i in range(tasks):
         ep = sampler.episode(i)
@@ -85,8 +95,9 @@ def _network_parity(model: ShippedMetaModel, onnx_bytes: bytes, tasks: int = 4) 
         query = model.spec.normalize(data.images[ep.query])
         feeds = {k: v.numpy() for k, v in network_inputs(net, state.params, state.bn_stats, state.step).items()}
         got = session.run(None, {"images": query.numpy(), **feeds})[0]
-        worst = max(worst, float(np.abs(got - state.logits(query).numpy()).max()))
-    return worst
+        ref = state.logits(query).numpy()
+        worst, scale = max(worst, float(np.abs(got - ref).max())), max(scale, float(np.abs(ref).max()))
+    return worst, scale
 
 
 def _fp16_agreement(model, fp32: bytes, fp16: bytes, tasks: int = 600) -> float:
@@ -164,18 +175,18 @@ def export_model(name: str, out_dir: Path = DEFAULT_BUNDLE_DIR, fp16: bool = Fal
         feature_dim = backbone.feature_dim
     images = _real_images(model)
     files["backbone.onnx"] = backbone_to_onnx(backbone, spec.channels, spec.size)
-    parity["backbone_max_abs_diff"] = _backbone_parity(backbone, files["backbone.onnx"], images)
-    log(f"{name}: backbone.onnx fp32 parity on {len(images)} real images: max abs diff {parity['backbone_max_abs_diff']:.2e}")
-    if parity["backbone_max_abs_diff"] > FP32_TOLERANCE:
-        raise ExportError(f"{name}: backbone.onnx differs from torch by {parity['backbone_max_abs_diff']:.2e} > {FP32_TOLERANCE}")
+    parity["backbone_max_abs_diff"], parity["backbone_scale"] = _backbone_parity(backbone, files["backbone.onnx"], images)
+    log(f"{name}: backbone.onnx fp32 parity on {len(images)} real images: max abs diff {parity['backbone_max_abs_diff']:.2e}"
+        f" (outputs up to {parity['backbone_scale']:.3g})")
+    _check_fp32(name, "backbone.onnx", parity["backbone_max_abs_diff"], parity["backbone_scale"])
     if isinstance(model, ShippedMetaModel):
         step = model.card["inner_loop"]["steps"]
         example = network_inputs(model.net, model.meta_params, [(torch.zeros(model.net.width), torch.ones(model.net.width))] * 4, step)
         files["network.onnx"] = network_to_onnx(model.net, example, step)
-        parity["network_max_abs_diff"] = _network_parity(model, files["network.onnx"])
-        log(f"{name}: network.onnx fp32 parity (adapted weights of real tasks): max abs diff {parity['network_max_abs_diff']:.2e}")
-        if parity["network_max_abs_diff"] > FP32_TOLERANCE:
-            raise ExportError(f"{name}: network.onnx differs from torch by {parity['network_max_abs_diff']:.2e} > {FP32_TOLERANCE}")
+        parity["network_max_abs_diff"], parity["network_scale"] = _network_parity(model, files["network.onnx"])
+        log(f"{name}: network.onnx fp32 parity (adapted weights of real tasks): max abs diff {parity['network_max_abs_diff']:.2e}"
+            f" (logits up to {parity['network_scale']:.3g})")
+        _check_fp32(name, "network.onnx", parity["network_max_abs_diff"], parity["network_scale"])
     if fp16:
         key = "network.onnx" if "network.onnx" in files else "backbone.onnx"
         half = {k: _to_fp16(v) for k, v in files.items()}
