@@ -174,3 +174,12 @@ def test_registry_errors_are_clear(tmp_path):
         Registry.load(tmp_path / "nowhere")
     with pytest.raises(BundleError, match="holds no bundle"):
         Registry.load(tmp_path)
+
+
+def test_fp32_parity_tolerance_scales_with_the_output_magnitude():
+    from fewshot.export.bundle import ExportError, _check_fp32
+
+    _check_fp32("m", "backbone.onnx", 1.83e-4, 345.0)  # a meta network's body: features in the hundreds
+    _check_fp32("m", "network.onnx", 9e-5, 0.01)  # small outputs still get the absolute 1e-4
+    with pytest.raises(ExportError, match=r"m: backbone.onnx differs from torch by 2.00e-04 > 0.0001 x max\(1, 1.5\)"):
+        _check_fp32("m", "backbone.onnx", 2e-4, 1.5)
