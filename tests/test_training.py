@@ -32,13 +32,20 @@ def test_supervised_run_writes_checkpoints_metrics_curves_and_resumes(tmp_path):
     assert _rows(run)[-1]["step"] == 50
 
 
-def test_meta_run_writes_checkpoints(tmp_path):
+def test_meta_run_writes_checkpoints_and_resumes_with_a_new_outer_lr(tmp_path):
+    import torch
+
     run = tmp_path / "meta"
-    proc = _train("--method", "cxgrad", "--dataset", "omniglot", "--width", "16", "--iterations", "4", "--val-every", "4",
-                  "--val-tasks", "5", "--meta-batch", "2", "--inner-steps", "2", "--bn-train", "support", "--threads", "2",
-                  "--out", str(run))
+    common = ["--method", "cxgrad", "--dataset", "omniglot", "--width", "16", "--val-every", "4", "--val-tasks", "5",
+              "--meta-batch", "2", "--inner-steps", "2", "--bn-train", "support", "--threads", "2", "--out", str(run)]
+    proc = _train(*common, "--iterations", "4")
     assert proc.returncode == 0, proc.stderr
     assert (run / "best.pt").exists() and _rows(run)[-1]["kind"] == "val"
+    proc = _train(*common, "--iterations", "8", "--outer-lr", "0.0001", "--resume")
+    assert proc.returncode == 0, proc.stderr
+    assert "resumed from" in proc.stdout + proc.stderr and "at iteration 4/8 (outer lr 0.0001)" in proc.stdout + proc.stderr
+    last = torch.load(run / "last.pt", weights_only=False)
+    assert last["iteration"] == 8 and {g["lr"] for g in last["opt"]["param_groups"]} == {0.0001}
 
 
 def test_train_rejects_bad_options_in_one_line(tmp_path):

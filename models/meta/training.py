@@ -112,7 +112,9 @@ def train_meta(cfg: MetaTrainConfig, out_dir: Path, resume: bool = False, device
         ck = torch.load(last_path, weights_only=False, map_location=dev)
         meta.load_state_dict(ck["meta"]), rule.load_state_dict(ck["rule"]), opt.load_state_dict(ck["opt"])
         it, best = ck["iteration"], ck["best"]
-        print(f"resumed from {last_path} at iteration {it}/{cfg.iterations}")
+        for group in opt.param_groups:  # a resumed run takes the outer learning rate it is given now
+            group["lr"] = cfg.outer_lr
+        print(f"resumed from {last_path} at iteration {it}/{cfg.iterations} (outer lr {cfg.outer_lr})")
     elif metrics_path.exists():
         metrics_path.unlink()
     sampler = EpisodeSampler(train, cfg.ways, cfg.shots, cfg.queries, seed=cfg.seed + 10_000)
