@@ -138,6 +138,12 @@ class ShippedMetaModel:
         return inner_loop_adapter(self.name, self.card["inner_loop"], self.net, self.rule.to(dev), params, steps, bn_mode)
 
 
+def accuracy_key(ways: int, shots: int, head: str, bn: str | None = None) -> str:
+    """Key of a measured accuracy in a card's ``accuracy`` (written by scripts/results.py), e.g.
+    ``5way_1shot_centroid`` or, for inner-loop models, ``5way_1shot_cxgrad_support``."""
+    return f"{ways}way_{shots}shot_{head}" + (f"_{bn}" if bn else "")
+
+
 def shipped_models(zoo: Path = ZOO_DIR) -> list[str]:
     """Names of the shipped models (folders of ``zoo`` with a ``card.json``), sorted."""
     return sorted(p.name for p in zoo.iterdir() if (p / "card.json").exists())

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from fewshot.cli import main as fewshot_main
-from fewshot.models.zoo import ZOO_DIR, load_model, save_card
+from fewshot.models.zoo import ZOO_DIR, accuracy_key, load_model, save_card
 
 SETTINGS = {"omniglot": [(5, 1), (5, 5), (20, 1), (20, 5)], "tinyimagenet": [(5, 1), (5, 5)]}
 HEADS = ("centroid", "laplacianshot")
@@ -56,7 +56,7 @@ def main() -> None:
             row = run_eval(cli)
             row["command"] = "fewshot eval " + " ".join(cli) + " --json"
             rows.append(row)
-            key = f"{ways}way_{shots}shot_{head}" + (f"_{row['bn']}" if "bn" in row else "")
+            key = accuracy_key(ways, shots, head, row.get("bn"))
             accuracy[key] = {k: row[k] for k in ("accuracy", "ci95", "tasks", "seed")}
             print(f"{name:40s} {ways:2d}-way {shots}-shot {head:14s} {row.get('bn', ''):12s} {row['accuracy']:6.2f} "
                   f"+- {row['ci95']:.2f}", file=sys.stderr)

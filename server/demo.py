@@ -19,7 +19,7 @@ from fewshot.models.data import ImageSet, load_dataset
 from fewshot.models.episodes import Episode, EpisodeSampler
 from fewshot.models.evaluation import summarize
 from fewshot.models.preprocess import encode_png
-from fewshot.models.zoo import ZOO_DIR, shipped_models
+from fewshot.models.zoo import ZOO_DIR, accuracy_key, shipped_models
 
 #: The flagship model of each path and dataset (the ablation and baseline models are served too).
 DEMO_MODELS = ("omniglot-conv4-directsum", "tinyimagenet-conv4-sce-nca-directsum", "omniglot-conv4-cxgrad",
@@ -71,20 +71,19 @@ def run_demo(bundles: Path, tasks: int = 600, seed: int = 0, models: list[str] |
                     m = manifests[name]
                     data = load_dataset(m["data"]["dataset"], "test")
                     ways = infos[name].min_ways if m["family"] == "inner_loop" else 5
-                    for k in _measured_shots(m, ways, shots):
+                    measured = [k for k in shots if any(_figure(m, ways, k, meth) for meth in infos[name].methods)]
+                    for k in measured or shots:  # the RESULTS.md settings, so every row has a figure to compare with
                         for method in infos[name].methods:
                             _demo_row(client, name, method, m, data, ways, k, tasks, seed)
         finally:
             server.stop()
 
 
-def _measured_shots(manifest: dict, ways: int, shots: tuple[int, ...]) -> list[int]:
-    """The shot counts among ``shots`` that RESULTS.md measured for this model at ``ways`` (its card's
-    ``accuracy`` keys, e.g. ``5way_1shot_cxgrad_support``), so every demo row has a figure to compare
-    with; all of ``shots`` when it has none."""
-    keys = [k.split("_") for k in manifest.get("accuracy", {}) if k[:1].isdigit()]
-    measured = {int(k[1].removesuffix("shot")) for k in keys if k[0] == f"{ways}way"}
-    return [k for k in shots if k in measured] or list(shots)
+def _figure(manifest: dict, ways: int, shots: int, method: str) -> dict | None:
+    """The RESULTS.md figure (``accuracy``, ``ci95``, ``tasks``) the model's card holds for this setting."""
+    inner = manifest["family"] == "inner_loop"
+    key = accuracy_key(ways, shots, manifest["method"] if inner else method, "support" if inner else None)
+    return manifest.get("accuracy", {}).get(key)
 
 
 def _demo_row(client, name: str, method: str, manifest: dict, data: ImageSet, ways: int, shots: int, tasks: int,
@@ -103,9 +102,7 @@ def _demo_row(client, name: str, method: str, manifest: dict, data: ImageSet, wa
         adapt_ms.append(1e3 * (mid - start))
         classify_ms.append(1e3 * (end - mid))
     res = summarize(per_task)
-    key = f"{ways}way_{shots}shot_{method if method != 'inner_loop' else manifest['method']}"
-    key += "_support" if manifest["family"] == "inner_loop" else ""
-    ref = manifest.get("accuracy", {}).get(key)
+    ref = _figure(manifest, ways, shots, method)
     ref_txt = "   [no RESULTS.md figure]"
     if ref:
         inside = abs(res.accuracy - ref["accuracy"]) <= ref["ci95"]
