@@ -10,6 +10,9 @@ THREADS="--threads ${FEWSHOT_THREADS:-0}"  # 0: all cores; the budget is counted
 TI="--dataset tinyimagenet --arch conv4 --width 64 --epochs 10 --batch-classes 32 --batch-shots 4 --lr 0.05 --temperature 64 --seed 0"
 OMNI="--dataset omniglot --arch conv4 --width 64 --pools 2 --epochs 40 --batch-classes 32 --batch-shots 4 --lr 0.05 --temperature 64 --seed 0"
 OMNI_META="--bn-train support --dataset omniglot --ways 5 --shots 1 --queries 15 --meta-batch 4 --inner-steps 5 --iterations 6000 --val-every 250 --val-tasks 200 --outer-lr 0.001 --seed 0"
+# Stage 2 of the Omniglot pair, resumed from stage 1's last checkpoint: 90/180/270-degree rotations as new
+# classes (Finn et al. 2017's Omniglot protocol) and a cosine outer-lr decay, counted on the absolute iteration.
+OMNI_META_2="${OMNI_META/--iterations 6000/--iterations 11000} --rotations --outer-lr-schedule cosine"
 TI_META="--bn-train support --dataset tinyimagenet --width 32 --ways 5 --shots 5 --queries 15 --meta-batch 2 --inner-steps 5 --iterations 800 --val-every 250 --val-tasks 100 --outer-lr 0.001 --first-order --seed 0"
 declare -A RUNS=(
   [tinyimagenet-conv4-sce-nca-directsum]="$TI --loss sce --metric nca --combine directsum"
@@ -21,11 +24,18 @@ declare -A RUNS=(
   [tinyimagenet-conv4-maml]="$TI_META --method maml --alpha 0.01"
   [tinyimagenet-conv4-cxgrad]="$TI_META --method cxgrad --alpha 0.01 --beta 1.0"
 )
+declare -A STAGE2=(
+  [omniglot-conv4-maml]="$OMNI_META_2 --method maml --alpha 0.1"
+  [omniglot-conv4-cxgrad]="$OMNI_META_2 --method cxgrad --alpha 0.01 --beta 1.0"
+)
 names=("$@")
 [ ${#names[@]} -gt 0 ] || names=(tinyimagenet-conv4-sce-nca-directsum omniglot-conv4-directsum tinyimagenet-conv4-sce tinyimagenet-conv4-sce-nca-sum)
 for name in "${names[@]}"; do
   mkdir -p "runs/$name"
-  echo "fewshot train ${RUNS[$name]} --out runs/$name" | tr -s ' ' > "runs/$name/command.txt"
+  stages=("${RUNS[$name]}")
+  [ -z "${STAGE2[$name]:-}" ] || stages+=("${STAGE2[$name]}")
+  for i in "${!stages[@]}"; do echo "fewshot train ${stages[$i]} --out runs/$name$([ "$i" = 0 ] || echo ' --resume')"; done \
+    | tr -s ' ' | paste -sd'&' | sed 's/&/ \&\& /g' > "runs/$name/command.txt"
   echo "== $name: $(cat "runs/$name/command.txt")"
-  $FEWSHOT train ${RUNS[$name]} $THREADS --out "runs/$name" --resume
+  for stage in "${stages[@]}"; do $FEWSHOT train $stage $THREADS --out "runs/$name" --resume; done
 done

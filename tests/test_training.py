@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+from fewshot.models.meta.training import MetaTrainConfig
+
 
 def _train(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "fewshot.cli", "train", *args], capture_output=True, text=True, timeout=600)
@@ -32,7 +34,7 @@ def test_supervised_run_writes_checkpoints_metrics_curves_and_resumes(tmp_path):
     assert _rows(run)[-1]["step"] == 50
 
 
-def test_meta_run_writes_checkpoints_and_resumes_with_a_new_outer_lr(tmp_path):
+def test_meta_run_writes_checkpoints_and_resumes_with_a_new_outer_lr_and_schedule(tmp_path):
     import torch
 
     run = tmp_path / "meta"
@@ -46,6 +48,22 @@ def test_meta_run_writes_checkpoints_and_resumes_with_a_new_outer_lr(tmp_path):
     assert "resumed from" in proc.stdout + proc.stderr and "at iteration 4/8 (outer lr 0.0001)" in proc.stdout + proc.stderr
     last = torch.load(run / "last.pt", weights_only=False)
     assert last["iteration"] == 8 and {g["lr"] for g in last["opt"]["param_groups"]} == {0.0001}
+    # Stage 2 of the shipped Omniglot pair: rotated classes and the cosine decay on the absolute iteration.
+    proc = _train(*common, "--iterations", "10", "--rotations", "--outer-lr-schedule", "cosine", "--resume")
+    assert proc.returncode == 0, proc.stderr
+    last = torch.load(run / "last.pt", weights_only=False)
+    cfg = MetaTrainConfig(**{k: v for k, v in last["config"].items()})
+    assert cfg.rotations and cfg.outer_lr_schedule == "cosine" and cfg.iterations == 10
+    assert {g["lr"] for g in last["opt"]["param_groups"]} == {cfg.outer_lr_at(9)}
+    assert _rows(run)[-2]["kind"] == "train" and _rows(run)[-2]["outer_lr"] == cfg.outer_lr_at(9)
+
+
+def test_cosine_outer_lr_runs_from_outer_lr_to_a_hundredth():
+    cfg = MetaTrainConfig(outer_lr=1e-3, iterations=1000, outer_lr_schedule="cosine")
+    lrs = [cfg.outer_lr_at(i) for i in range(0, 1001, 50)]
+    assert lrs[0] == 1e-3 and abs(lrs[-1] - 1e-5) < 1e-12 and abs(cfg.outer_lr_at(500) - (1e-3 + 1e-5) / 2) < 1e-12
+    assert all(a > b for a, b in zip(lrs, lrs[1:]))
+    assert {MetaTrainConfig(outer_lr=1e-3, iterations=10).outer_lr_at(i) for i in range(10)} == {1e-3}
 
 
 def test_train_rejects_bad_options_in_one_line(tmp_path):
@@ -53,5 +71,9 @@ def test_train_rejects_bad_options_in_one_line(tmp_path):
     assert proc.returncode == 2 and "unknown --dataset 'mnist'" in proc.stderr and proc.stderr.count("\n") == 1
     proc = _train("--method", "maml", "--loss", "sce", "--out", str(tmp_path))
     assert proc.returncode == 2 and "--loss do not apply to meta-training" in proc.stderr
+    proc = _train("--method", "maml", "--dataset", "tinyimagenet", "--rotations", "--out", str(tmp_path))
+    assert proc.returncode == 2 and "--rotations applies to Omniglot only" in proc.stderr and proc.stderr.count("\n") == 1
+    proc = _train("--method", "maml", "--outer-lr-schedule", "linear", "--out", str(tmp_path))
+    assert proc.returncode == 2 and "unknown --outer-lr-schedule 'linear'" in proc.stderr
     proc = _train("--combine", "directsum", "--dataset", "omniglot", "--pools", "4", "--out", str(tmp_path), "--max-steps", "1")
     assert proc.returncode == 2 and "feature dim > classes" in proc.stderr

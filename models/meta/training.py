@@ -10,6 +10,7 @@ BatchNorm) keeps the best checkpoint. Run folder as in supervised training: ``la
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -45,6 +46,7 @@ class MetaTrainConfig:
     alpha: float = 0.01
     beta: float = 1.0
     outer_lr: float = 1e-3
+    outer_lr_schedule: str = "constant"
     first_order: bool = False
     width: int = 64
     bn_train: str = "transductive"
@@ -52,6 +54,7 @@ class MetaTrainConfig:
     val_tasks: int = 200
     seed: int = 0
     threads: int = 0
+    rotations: bool = False
     data_root: str | None = None
 
     def __post_init__(self) -> None:
@@ -66,6 +69,25 @@ class MetaTrainConfig:
             raise ValueError(f"unknown --dataset {self.dataset!r}: use omniglot or tinyimagenet")
         if self.ways < 2 or self.shots < 1 or self.inner_steps < 1 or self.meta_batch < 1:
             raise ValueError("--ways must be >= 2 and --shots, --inner-steps, --meta-batch >= 1")
+        if self.outer_lr_schedule not in OUTER_LR_SCHEDULES:
+            raise ValueError(f"unknown --outer-lr-schedule {self.outer_lr_schedule!r}: use {' or '.join(OUTER_LR_SCHEDULES)}")
+        if self.rotations and self.dataset != "omniglot":
+            raise ValueError("--rotations applies to Omniglot only")
+
+    def outer_lr_at(self, iteration: int) -> float:
+        """Outer (Adam) learning rate for ``iteration`` (0-based) of ``iterations``.
+
+        ``constant``: ``outer_lr`` throughout. ``cosine``: half a cosine from ``outer_lr`` at iteration 0 down to
+        ``outer_lr / 100`` at ``iterations``, counted on the absolute iteration, so a run resumed with a larger
+        ``--iterations`` continues on the longer schedule from where it stands.
+        """
+        if self.outer_lr_schedule == "constant":
+            return self.outer_lr
+        low = self.outer_lr / 100
+        return low + 0.5 * (self.outer_lr - low) * (1 + math.cos(math.pi * min(1.0, iteration / self.iterations)))
+
+
+OUTER_LR_SCHEDULES = ("constant", "cosine")
 
 
 def build_learner(cfg: MetaTrainConfig, spec: InputSpec) -> tuple[MetaConv4, UpdateRule]:
@@ -100,7 +122,7 @@ def train_meta(cfg: MetaTrainConfig, out_dir: Path, resume: bool = False, device
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     spec = InputSpec.for_dataset(cfg.dataset)
-    train = load_dataset(cfg.dataset, "train", cfg.data_root)
+    train = load_dataset(cfg.dataset, "train", cfg.data_root, rotations=cfg.rotations)
     val = load_dataset(cfg.dataset, "val", cfg.data_root)
     net, rule = build_learner(cfg, spec)
     meta = nn.ParameterDict({k.replace(".", "__"): nn.Parameter(v) for k, v in net.init_params(torch.Generator().manual_seed(cfg.seed)).items()})
@@ -112,9 +134,7 @@ def train_meta(cfg: MetaTrainConfig, out_dir: Path, resume: bool = False, device
         ck = torch.load(last_path, weights_only=False, map_location=dev)
         meta.load_state_dict(ck["meta"]), rule.load_state_dict(ck["rule"]), opt.load_state_dict(ck["opt"])
         it, best = ck["iteration"], ck["best"]
-        for group in opt.param_groups:  # a resumed run takes the outer learning rate it is given now
-            group["lr"] = cfg.outer_lr
-        print(f"resumed from {last_path} at iteration {it}/{cfg.iterations} (outer lr {cfg.outer_lr})")
+        print(f"resumed from {last_path} at iteration {it}/{cfg.iterations} (outer lr {cfg.outer_lr_at(it):.3g})")
     elif metrics_path.exists():
         metrics_path.unlink()
     sampler = EpisodeSampler(train, cfg.ways, cfg.shots, cfg.queries, seed=cfg.seed + 10_000)
@@ -136,6 +156,8 @@ def train_meta(cfg: MetaTrainConfig, out_dir: Path, resume: bool = False, device
     bar = tqdm(total=cfg.iterations, initial=it, desc=f"meta-train {out_dir.name}", mininterval=5)
     t0, window = time.perf_counter(), []
     while it < cfg.iterations:
+        for group in opt.param_groups:  # set every iteration: a resumed run takes the schedule it is given now
+            group["lr"] = cfg.outer_lr_at(it)
         opt.zero_grad(set_to_none=True)
         total, acc = 0.0, 0.0
         for b in range(cfg.meta_batch):
@@ -155,7 +177,8 @@ def train_meta(cfg: MetaTrainConfig, out_dir: Path, resume: bool = False, device
         if it % 25 == 0 or it == cfg.iterations:
             row = {"kind": "train", "step": it, "loss": float(np.mean([w[0] for w in window])),
                    "query_accuracy": 100 * float(np.mean([w[1] for w in window])),
-                   "seconds_per_iteration": (time.perf_counter() - t0) / len(window)}
+                   "seconds_per_iteration": (time.perf_counter() - t0) / len(window),
+                   "outer_lr": opt.param_groups[0]["lr"]}
             log.write(json.dumps(row) + "\n"), log.flush()
             bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['query_accuracy']:.1f}")
             window, t0 = [], time.perf_counter()
