@@ -61,6 +61,29 @@ def _run_train(args: argparse.Namespace) -> None:
     print(f"best checkpoint: {best}")
 
 
+def _add_average(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("average", help="average the weights of a meta-training run's last snapshots; keep if better "
+                       "on validation", description="Averages the meta-parameters (and learned update rule) of "
+                       "OUT/snapshots/ITER.pt for ITER >= --from-iteration, validates on the run's validation "
+                       "tasks and makes it OUT/best.pt only if it beats the best single checkpoint "
+                       "(kept as best-single.pt).")
+    p.add_argument("--run", required=True, help="meta-training run folder")
+    p.add_argument("--from-iteration", type=int, required=True, help="first snapshot iteration to average")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+
+
+def _run_average(args: argparse.Namespace) -> None:
+    from fewshot.models.meta.averaging import average_run
+
+    run = Path(args.run)
+    if not (run / "best.pt").exists():
+        raise ValueError(f"{run} is not a meta-training run folder (no best.pt)")
+    res = average_run(run, args.from_iteration, args.device)
+    print(f"average of {len(res.iterations)} snapshots ({res.iterations[0]}..{res.iterations[-1]}): val "
+          f"{res.accuracy:.2f} +- {res.ci95:.2f} vs best single {res.best_single:.2f}: "
+          f"{'kept as best.pt' if res.kept else 'not kept'}")
+
+
 def _add_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="few-shot accuracy of a shipped model on seeded test tasks")
     p.add_argument("--model", required=True, help="shipped model name (models/zoo) or a model folder")
@@ -331,6 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fewshot", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub)
+    _add_average(sub)
     _add_eval(sub)
     _add_package(sub)
     _add_demo(sub)
@@ -339,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_serve(sub)
     args = parser.parse_args(argv)
     try:
-        {"train": _run_train, "eval": _run_eval, "package": _run_package, "demo": _run_demo, "bench": _run_bench, "export": _run_export,
+        {"train": _run_train, "average": _run_average, "eval": _run_eval, "package": _run_package, "demo": _run_demo, "bench": _run_bench, "export": _run_export,
          "serve": _run_serve}[args.command](args)
     except (ValueError, FileNotFoundError, RuntimeError, KeyError) as exc:
         print(f"fewshot {args.command}: error: {exc}", file=sys.stderr)

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# shellcheck disable=SC2086  # option strings are split into words on purpose
 # Trains the shipped models. Metric path (foundation issue): same budget and seed within the Tiny
 # ImageNet ablation (SCE, SCE+NCA, SCE(+)NCA), about 25 minutes each on 2 CPU cores (bf16).
 # Gradient path (gradient-adaptation issue): MAML and CxGrad pairs with the same budget per pair.
@@ -24,6 +25,9 @@ declare -A RUNS=(
   [tinyimagenet-conv4-maml]="$TI_META --method maml --alpha 0.01"
   [tinyimagenet-conv4-cxgrad]="$TI_META --method cxgrad --alpha 0.01 --beta 1.0"
 )
+# Then the weights of the snapshots of the last 2000 iterations are averaged (fewshot average), kept only if the
+# average beats the best single checkpoint on the run's validation tasks.
+declare -A AVERAGE_FROM=([omniglot-conv4-maml]=9000 [omniglot-conv4-cxgrad]=9000)
 declare -A STAGE2=(
   [omniglot-conv4-maml]="$OMNI_META_2 --method maml --alpha 0.1"
   [omniglot-conv4-cxgrad]="$OMNI_META_2 --method cxgrad --alpha 0.01 --beta 1.0"
@@ -34,8 +38,10 @@ for name in "${names[@]}"; do
   mkdir -p "runs/$name"
   stages=("${RUNS[$name]}")
   [ -z "${STAGE2[$name]:-}" ] || stages+=("${STAGE2[$name]}")
-  for i in "${!stages[@]}"; do echo "fewshot train ${stages[$i]} --out runs/$name$([ "$i" = 0 ] || echo ' --resume')"; done \
-    | tr -s ' ' | paste -sd'&' | sed 's/&/ \&\& /g' > "runs/$name/command.txt"
+  average=${AVERAGE_FROM[$name]:+fewshot average --run runs/$name --from-iteration ${AVERAGE_FROM[$name]}}
+  { for i in "${!stages[@]}"; do echo "fewshot train ${stages[$i]} --out runs/$name$([ "$i" = 0 ] || echo ' --resume')"; done
+    [ -z "$average" ] || echo "$average"; } | tr -s ' ' | paste -sd'&' | sed 's/&/ \&\& /g' > "runs/$name/command.txt"
   echo "== $name: $(cat "runs/$name/command.txt")"
   for stage in "${stages[@]}"; do $FEWSHOT train $stage $THREADS --out "runs/$name" --resume; done
+  [ -z "$average" ] || $FEWSHOT ${average#fewshot }
 done

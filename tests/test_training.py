@@ -77,3 +77,34 @@ def test_train_rejects_bad_options_in_one_line(tmp_path):
     assert proc.returncode == 2 and "unknown --outer-lr-schedule 'linear'" in proc.stderr
     proc = _train("--combine", "directsum", "--dataset", "omniglot", "--pools", "4", "--out", str(tmp_path), "--max-steps", "1")
     assert proc.returncode == 2 and "feature dim > classes" in proc.stderr
+
+
+def test_average_of_snapshots_is_validated_and_kept_only_if_better(tmp_path):
+    import torch
+
+    run = tmp_path / "avg"
+    proc = _train("--method", "maml", "--dataset", "omniglot", "--width", "16", "--val-every", "2", "--val-tasks", "5",
+                  "--meta-batch", "2", "--inner-steps", "1", "--iterations", "6", "--threads", "2", "--out", str(run))
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in (run / "snapshots").iterdir()) == ["2.pt", "4.pt", "6.pt"]
+    trained_best = torch.load(run / "best.pt", weights_only=False)["best"]
+    proc = subprocess.run([sys.executable, "-m", "fewshot.cli", "average", "--run", str(run), "--from-iteration", "4"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    row = _rows(run)[-1]
+    assert row["kind"] == "val_average" and row["iterations"] == [4, 6] and row["best_single"] == trained_best
+    assert "average of 2 snapshots (4..6)" in proc.stdout
+    best = torch.load(run / "best.pt", weights_only=False)
+    single = torch.load(run / "best-single.pt", weights_only=False)
+    assert single["best"] == trained_best and "averaged_iterations" not in single
+    if row["kept"]:  # the averaged weights are the mean of the two snapshots and carry their validation score
+        snaps = [torch.load(run / "snapshots" / f"{i}.pt", weights_only=False) for i in (4, 6)]
+        assert best["averaged_iterations"] == [4, 6] and best["best"] == row["accuracy"] > trained_best
+        for k, v in best["meta"].items():
+            torch.testing.assert_close(v, (snaps[0]["meta"][k] + snaps[1]["meta"][k]) / 2)
+    else:
+        assert row["accuracy"] <= trained_best and best["best"] == trained_best and "averaged_iterations" not in best
+    proc = subprocess.run([sys.executable, "-m", "fewshot.cli", "average", "--run", str(run), "--from-iteration", "100"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2 and "fewer than 2 snapshots at or after iteration 100" in proc.stderr
+    assert proc.stderr.count("\n") == 1

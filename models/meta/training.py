@@ -114,6 +114,20 @@ def query_loss(net: MetaConv4, cfg: MetaTrainConfig, adaptation, support: torch.
     return sum(w[t] * loss_at(adaptation.per_step[t], t + 1) for t in range(steps) if w[t] > 0)
 
 
+SNAPSHOTS = "snapshots"
+
+
+def validate(cfg: MetaTrainConfig, net: MetaConv4, rule: UpdateRule, params: dict[str, torch.Tensor], val,
+             spec: InputSpec, dev: torch.device | str):
+    """Validation of meta-parameters: ``cfg.val_tasks`` seeded tasks of the val split, support BatchNorm.
+
+    The tasks depend only on ``cfg.seed``, so every validation of a run sees the same tasks (paired comparison).
+    """
+    adapter = InnerLoopAdapter(net, rule, params, cfg.inner_steps, "support")
+    return evaluate(adapter, val, lambda a: spec.normalize(a).to(dev), cfg.ways, cfg.shots, cfg.queries,
+                    cfg.val_tasks, seed=cfg.seed)
+
+
 def train_meta(cfg: MetaTrainConfig, out_dir: Path, resume: bool = False, device: str = "auto") -> Path:
     """Meta-train and return the path of ``best.pt``."""
     if cfg.threads:
@@ -144,6 +158,7 @@ def train_meta(cfg: MetaTrainConfig, out_dir: Path, resume: bool = False, device
         return {k.replace("__", "."): v for k, v in meta.items()}
 
     def save(path: Path) -> None:
+        path.parent.mkdir(exist_ok=True)
         torch.save({"meta": meta.state_dict(), "rule": rule.state_dict(), "opt": opt.state_dict(), "iteration": it,
                     "best": best, "config": asdict(cfg), "net_config": net.config, "spec": spec.to_dict()},
                    path.with_suffix(".tmp"))
@@ -183,15 +198,14 @@ def train_meta(cfg: MetaTrainConfig, out_dir: Path, resume: bool = False, device
             bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['query_accuracy']:.1f}")
             window, t0 = [], time.perf_counter()
         if it % cfg.val_every == 0 or it == cfg.iterations:
-            adapter = InnerLoopAdapter(net, rule, params(), cfg.inner_steps, "support")
-            res = evaluate(adapter, val, lambda a: spec.normalize(a).to(dev), cfg.ways, cfg.shots, cfg.queries,
-                           cfg.val_tasks, seed=cfg.seed)
+            res = validate(cfg, net, rule, params(), val, spec, dev)
             log.write(json.dumps({"kind": "val", "step": it, "accuracy": res.accuracy, "ci95": res.ci95}) + "\n"), log.flush()
             tqdm.write(f"iteration {it}: val {cfg.ways}-way {cfg.shots}-shot (support BN) {res.accuracy:.2f} +- {res.ci95:.2f}")
             if res.accuracy > best:
                 best = res.accuracy
                 save(best_path)
             save(last_path)
+            save(out_dir / SNAPSHOTS / f"{it}.pt")  # for fewshot average (weight averaging of the last snapshots)
             plot_curves(metrics_path, out_dir / "curves.png")
     bar.close()
     log.close()
