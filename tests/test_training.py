@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+from fewshot.models.meta.averaging import average_checkpoints
 from fewshot.models.meta.training import MetaTrainConfig
 
 
@@ -52,7 +53,7 @@ def test_meta_run_writes_checkpoints_and_resumes_with_a_new_outer_lr_and_schedul
     proc = _train(*common, "--iterations", "10", "--rotations", "--outer-lr-schedule", "cosine", "--resume")
     assert proc.returncode == 0, proc.stderr
     last = torch.load(run / "last.pt", weights_only=False)
-    cfg = MetaTrainConfig(**{k: v for k, v in last["config"].items()})
+    cfg = MetaTrainConfig(**last["config"])
     assert cfg.rotations and cfg.outer_lr_schedule == "cosine" and cfg.iterations == 10
     assert {g["lr"] for g in last["opt"]["param_groups"]} == {cfg.outer_lr_at(9)}
     assert _rows(run)[-2]["kind"] == "train" and _rows(run)[-2]["outer_lr"] == cfg.outer_lr_at(9)
@@ -87,6 +88,13 @@ def test_average_of_snapshots_is_validated_and_kept_only_if_better(tmp_path):
                   "--meta-batch", "2", "--inner-steps", "1", "--iterations", "6", "--threads", "2", "--out", str(run))
     assert proc.returncode == 0, proc.stderr
     assert sorted(p.name for p in (run / "snapshots").iterdir()) == ["2.pt", "4.pt", "6.pt"]
+    snaps = [torch.load(run / "snapshots" / f"{i}.pt", weights_only=False) for i in (4, 6)]
+    assert all("opt" not in s for s in snaps)  # snapshots hold weights only
+    mean = average_checkpoints([run / "snapshots" / f"{i}.pt" for i in (4, 6)])
+    assert mean["averaged_iterations"] == [4, 6] and "opt" not in mean
+    for part in ("meta", "rule"):
+        for k, v in mean[part].items():
+            torch.testing.assert_close(v, (snaps[0][part][k] + snaps[1][part][k]) / 2)
     trained_best = torch.load(run / "best.pt", weights_only=False)["best"]
     proc = subprocess.run([sys.executable, "-m", "fewshot.cli", "average", "--run", str(run), "--from-iteration", "4"],
                           capture_output=True, text=True, timeout=600)
@@ -98,7 +106,6 @@ def test_average_of_snapshots_is_validated_and_kept_only_if_better(tmp_path):
     single = torch.load(run / "best-single.pt", weights_only=False)
     assert single["best"] == trained_best and "averaged_iterations" not in single
     if row["kept"]:  # the averaged weights are the mean of the two snapshots and carry their validation score
-        snaps = [torch.load(run / "snapshots" / f"{i}.pt", weights_only=False) for i in (4, 6)]
         assert best["averaged_iterations"] == [4, 6] and best["best"] == row["accuracy"] > trained_best
         for k, v in best["meta"].items():
             torch.testing.assert_close(v, (snaps[0]["meta"][k] + snaps[1]["meta"][k]) / 2)

@@ -61,9 +61,11 @@ def average_run(run: Path, first_iteration: int, device: str = "auto") -> Averag
     ck = average_checkpoints([run / SNAPSHOTS / f"{i}.pt" for i in its])
     cfg = MetaTrainConfig(**ck["config"])
     best_path, single_path = run / "best.pt", run / "best-single.pt"
-    if "averaged_iterations" not in torch.load(best_path, map_location="cpu", weights_only=False):
+    single = torch.load(best_path, map_location="cpu", weights_only=False)
+    if "averaged_iterations" in single:  # an earlier average is best.pt: compare with training's own best again
+        single = torch.load(single_path, map_location="cpu", weights_only=False)
+    else:
         best_path.replace(single_path)  # training's own best checkpoint (a later call compares against it too)
-    single = torch.load(single_path, map_location="cpu", weights_only=False)
     dev = pick_device(device)
     spec = InputSpec.from_dict(ck["spec"])
     net, rule = build_learner(cfg, spec)

@@ -157,11 +157,11 @@ def train_meta(cfg: MetaTrainConfig, out_dir: Path, resume: bool = False, device
     def params() -> dict[str, torch.Tensor]:
         return {k.replace("__", "."): v for k, v in meta.items()}
 
-    def save(path: Path) -> None:
+    def save(path: Path, optimizer: bool = True) -> None:
         path.parent.mkdir(exist_ok=True)
-        torch.save({"meta": meta.state_dict(), "rule": rule.state_dict(), "opt": opt.state_dict(), "iteration": it,
-                    "best": best, "config": asdict(cfg), "net_config": net.config, "spec": spec.to_dict()},
-                   path.with_suffix(".tmp"))
+        torch.save({"meta": meta.state_dict(), "rule": rule.state_dict(), "iteration": it, "best": best,
+                    "config": asdict(cfg), "net_config": net.config, "spec": spec.to_dict(),
+                    **({"opt": opt.state_dict()} if optimizer else {})}, path.with_suffix(".tmp"))
         path.with_suffix(".tmp").replace(path)
 
     def batch(idx: np.ndarray) -> torch.Tensor:
@@ -205,7 +205,7 @@ def train_meta(cfg: MetaTrainConfig, out_dir: Path, resume: bool = False, device
                 best = res.accuracy
                 save(best_path)
             save(last_path)
-            save(out_dir / SNAPSHOTS / f"{it}.pt")  # for fewshot average (weight averaging of the last snapshots)
+            save(out_dir / SNAPSHOTS / f"{it}.pt", optimizer=False)  # for fewshot average (weights only)
             plot_curves(metrics_path, out_dir / "curves.png")
     bar.close()
     log.close()
