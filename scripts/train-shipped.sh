@@ -3,7 +3,7 @@
 # Trains the shipped models. Metric path (foundation issue): same budget and seed within the Tiny
 # ImageNet ablation (SCE, SCE+NCA, SCE(+)NCA), about 25 minutes each on 2 CPU cores (bf16).
 # Gradient path (gradient-adaptation issue): MAML and CxGrad pairs with the same budget per pair.
-# Usage: scripts/train-shipped.sh [name ...]   (default: all)
+# Usage: [COMMANDS_ONLY=1] scripts/train-shipped.sh [name ...]   (default: all)
 set -euo pipefail
 export MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=67108864 MALLOC_TOP_PAD_=67108864
 FEWSHOT=${FEWSHOT:-.venv/bin/fewshot}
@@ -14,6 +14,9 @@ OMNI_META="--bn-train support --dataset omniglot --ways 5 --shots 1 --queries 15
 # Stage 2 of the Omniglot pair, resumed from stage 1's last checkpoint: 90/180/270-degree rotations as new
 # classes (Finn et al. 2017's Omniglot protocol) and a cosine outer-lr decay, counted on the absolute iteration.
 OMNI_META_2="${OMNI_META/--iterations 6000/--iterations 11000} --rotations --outer-lr-schedule cosine"
+# Stage 3, resumed from stage 2's last checkpoint: the same settings on a longer cosine (the outer lr restarts at
+# the value a 17000-iteration cosine has at iteration 11000, 2.8e-4, and decays to 1e-5).
+OMNI_META_3="${OMNI_META_2/--iterations 11000/--iterations 17000}"
 TI_META="--bn-train support --dataset tinyimagenet --width 32 --ways 5 --shots 5 --queries 15 --meta-batch 2 --inner-steps 5 --iterations 800 --val-every 250 --val-tasks 100 --outer-lr 0.001 --first-order --seed 0"
 declare -A RUNS=(
   [tinyimagenet-conv4-sce-nca-directsum]="$TI --loss sce --metric nca --combine directsum"
@@ -25,23 +28,30 @@ declare -A RUNS=(
   [tinyimagenet-conv4-maml]="$TI_META --method maml --alpha 0.01"
   [tinyimagenet-conv4-cxgrad]="$TI_META --method cxgrad --alpha 0.01 --beta 1.0"
 )
-# Then the weights of the snapshots of the last 2000 iterations are averaged (fewshot average), kept only if the
-# average beats the best single checkpoint on the run's validation tasks.
-declare -A AVERAGE_FROM=([omniglot-conv4-maml]=9000 [omniglot-conv4-cxgrad]=9000)
-declare -A STAGE2=(
-  [omniglot-conv4-maml]="$OMNI_META_2 --method maml --alpha 0.1"
-  [omniglot-conv4-cxgrad]="$OMNI_META_2 --method cxgrad --alpha 0.01 --beta 1.0"
+# After stages 2 and 3 the weights of the snapshots of the last 2000 iterations are averaged (fewshot average),
+# kept only if the average beats the best single checkpoint on the run's validation tasks.
+declare -A LATER=(
+  [omniglot-conv4-maml]="$OMNI_META_2 --method maml --alpha 0.1|average 9000|$OMNI_META_3 --method maml --alpha 0.1|average 15000"
+  [omniglot-conv4-cxgrad]="$OMNI_META_2 --method cxgrad --alpha 0.01 --beta 1.0|average 9000|$OMNI_META_3 --method cxgrad --alpha 0.01 --beta 1.0|average 15000"
 )
 names=("$@")
 [ ${#names[@]} -gt 0 ] || names=(tinyimagenet-conv4-sce-nca-directsum omniglot-conv4-directsum tinyimagenet-conv4-sce tinyimagenet-conv4-sce-nca-sum)
 for name in "${names[@]}"; do
   mkdir -p "runs/$name"
-  stages=("${RUNS[$name]}")
-  [ -z "${STAGE2[$name]:-}" ] || stages+=("${STAGE2[$name]}")
-  average=${AVERAGE_FROM[$name]:+fewshot average --run runs/$name --from-iteration ${AVERAGE_FROM[$name]}}
-  { for i in "${!stages[@]}"; do echo "fewshot train ${stages[$i]} --out runs/$name$([ "$i" = 0 ] || echo ' --resume')"; done
-    [ -z "$average" ] || echo "$average"; } | tr -s ' ' | paste -sd'&' | sed 's/&/ \&\& /g' > "runs/$name/command.txt"
+  steps=("${RUNS[$name]}")
+  if [ -n "${LATER[$name]:-}" ]; then IFS='|' read -r -a later <<< "${LATER[$name]}"; steps+=("${later[@]}"); fi
+  for i in "${!steps[@]}"; do
+    case ${steps[$i]} in
+      average*) echo "fewshot average --run runs/$name --from-iteration ${steps[$i]#average }" ;;
+      *) echo "fewshot train ${steps[$i]} --out runs/$name$([ "$i" = 0 ] || echo ' --resume')" ;;
+    esac
+  done | tr -s ' ' | paste -sd'&' | sed 's/&/ \&\& /g' > "runs/$name/command.txt"
   echo "== $name: $(cat "runs/$name/command.txt")"
-  for stage in "${stages[@]}"; do $FEWSHOT train $stage $THREADS --out "runs/$name" --resume; done
-  [ -z "$average" ] || $FEWSHOT ${average#fewshot }
+  [ -z "${COMMANDS_ONLY:-}" ] || continue  # COMMANDS_ONLY=1: write runs/NAME/command.txt, train nothing
+  for step in "${steps[@]}"; do
+    case $step in
+      average*) $FEWSHOT average --run "runs/$name" --from-iteration "${step#average }" ;;
+      *) $FEWSHOT train $step $THREADS --out "runs/$name" --resume ;;
+    esac
+  done
 done

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from fewshot.models.episodes import EpisodeSampler
 from fewshot.models.meta.inner_loop import InnerLoopAdapter, inner_loop
-from fewshot.models.meta.network import MetaConv4
+from fewshot.models.meta.network import MetaConv4, support_statistics
 from fewshot.models.meta.rules import RULES, ContextualGradientScaling, UpdateRule, build_rule
 from fewshot.models.meta.training import MetaTrainConfig, build_learner, query_loss
 from fewshot.models.preprocess import InputSpec
@@ -136,3 +136,16 @@ def test_adapter_rejects_wrong_way_count(task):
     adapter = InnerLoopAdapter(net, build_rule("maml", net, 1, 0.1), net.init_params(), 1)
     with pytest.raises(ValueError, match="5-way"):
         adapter.adapt(xs[:3], torch.tensor([0, 1, 2]))
+
+
+def test_trained_support_batchnorm_equals_served_support_batchnorm(task):
+    """Meta-training's differentiable support statistics (folded into one affine map per channel) give the
+    logits of the frozen statistics the server uses, and carry gradients to the support set's parameters."""
+    xs, ys, xq, _ = task
+    net = MetaConv4(1, 32, 28, 5)
+    params = {k: v.requires_grad_() for k, v in _trained_like(net).items()}
+    trained = net.forward(params, xq, support_statistics(net, params, xs, differentiable=True))
+    served = net.forward({k: v.detach() for k, v in params.items()}, xq, support_statistics(net, params, xs))
+    assert (trained.detach() - served).abs().max() < 1e-4 * served.abs().max()
+    grads = torch.autograd.grad(trained.logsumexp(1).sum(), [params["conv0.weight"], params["bn3.weight"]])
+    assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)

@@ -99,19 +99,28 @@ def build_learner(cfg: MetaTrainConfig, spec: InputSpec) -> tuple[MetaConv4, Upd
 def query_loss(net: MetaConv4, cfg: MetaTrainConfig, adaptation, support: torch.Tensor, query: torch.Tensor,
                labels: torch.Tensor, iteration: int) -> torch.Tensor:
     """Query loss of one adapted task; MAML++ uses the multi-step loss with annealed weights."""
+    return query_loss_and_logits(net, cfg, adaptation, support, query, labels, iteration)[0]
+
+
+def query_loss_and_logits(net: MetaConv4, cfg: MetaTrainConfig, adaptation, support: torch.Tensor,
+                          query: torch.Tensor, labels: torch.Tensor, iteration: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``query_loss`` and the query logits ``(Q, N)`` (detached) of the adapted weights after the last step."""
+    logits: dict[int, torch.Tensor] = {}
 
     def loss_at(params, step):
         stats = support_statistics(net, params, support, step, differentiable=True) if cfg.bn_train == "support" else None
-        return F.cross_entropy(net.forward(params, query, stats, step=step), labels)
+        logits[step] = net.forward(params, query, stats, step=step)
+        return F.cross_entropy(logits[step], labels)
 
-    if cfg.method != "mamlpp":
-        return loss_at(adaptation.params, cfg.inner_steps)
     steps = cfg.inner_steps
+    if cfg.method != "mamlpp":
+        return loss_at(adaptation.params, steps), logits[steps].detach()
     # MAML++: uniform weights annealed towards the last step over the first 10% of training.
     decay = min(1.0, iteration / max(1, 0.1 * cfg.iterations))
     w = torch.full((steps,), (1.0 - decay) / steps)
     w[-1] += decay
-    return sum(w[t] * loss_at(adaptation.per_step[t], t + 1) for t in range(steps) if w[t] > 0)
+    loss = sum(w[t] * loss_at(adaptation.per_step[t], t + 1) for t in range(steps) if w[t] > 0)
+    return loss, logits[steps].detach()
 
 
 SNAPSHOTS = "snapshots"
@@ -180,11 +189,10 @@ def train_meta(cfg: MetaTrainConfig, out_dir: Path, resume: bool = False, device
             xs, ys = batch(ep.support), torch.as_tensor(ep.support_labels, device=dev)
             xq, yq = batch(ep.query), torch.as_tensor(ep.query_labels, device=dev)
             ad = inner_loop(net, rule, params(), xs, ys, cfg.inner_steps, create_graph=second_order)
-            loss = query_loss(net, cfg, ad, xs, xq, yq, it)
+            loss, logits = query_loss_and_logits(net, cfg, ad, xs, xq, yq, it)
             (loss / cfg.meta_batch).backward()
             total += float(loss.detach())
-            with torch.no_grad():
-                acc += float((net.forward({k: v.detach() for k, v in ad.params.items()}, xq, step=cfg.inner_steps).argmax(1) == yq).float().mean())
+            acc += float((logits.argmax(1) == yq).float().mean())  # in the --bn-train mode of the loss
         opt.step()
         it += 1
         window.append((total / cfg.meta_batch, acc / cfg.meta_batch))
