@@ -55,6 +55,7 @@ def main() -> None:
     args = parser.parse_args()
     names = args.models or shipped_models()
     path = Path(args.out)
+    rows = measure(names)  # minutes; the file is read only afterwards, so edits made meanwhile are kept
     text = path.read_text()
     old = {}
     if START in text:
@@ -65,7 +66,6 @@ def main() -> None:
         text = text.replace(block, "@@PARITY@@")
     else:
         text = text.rstrip() + "\n\n@@PARITY@@\n"
-    rows = measure(names)
     table = markdown(rows)
     kept = [line for model, line in old.items() if model not in names]  # rows of models not re-measured
     if kept:
