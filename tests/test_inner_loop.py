@@ -141,7 +141,7 @@ def test_adapter_rejects_wrong_way_count(task):
 def test_trained_support_batchnorm_equals_served_support_batchnorm(task):
     """Meta-training's differentiable support statistics (folded into one affine map per channel) give the
     logits of the frozen statistics the server uses, and carry gradients to the support set's parameters."""
-    xs, ys, xq, _ = task
+    xs, _, xq, _ = task
     net = MetaConv4(1, 32, 28, 5)
     params = {k: v.requires_grad_() for k, v in _trained_like(net).items()}
     trained = net.forward(params, xq, support_statistics(net, params, xs, differentiable=True))
