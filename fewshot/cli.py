@@ -313,7 +313,15 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--state-dir", default=str(d.state_dir), help="persistent task store (SQLite, WAL), shareable by processes")
     p.add_argument("--metrics-port", type=int, default=d.metrics_port, help="Prometheus metrics port (0: off)")
     p.add_argument("--token", default=os.environ.get("FEWSHOT_TOKEN"), help="require `authorization: Bearer TOKEN` "
-                   "(default: $FEWSHOT_TOKEN; unset: no auth)")
+                   "(default: $FEWSHOT_TOKEN; prefer it or --token-file: a command line is visible to other users)")
+    p.add_argument("--token-file", help="read the single token from this file (the default tenant)")
+    p.add_argument("--tokens", help="tenants file: one `tenant: sha256-of-token [max_tasks=N] [rps=R]` per line, "
+                   "reloaded on SIGHUP (`fewshot token-hash` prints a token's hash)")
+    p.add_argument("--tenant-max-tasks", type=int, default=d.tenant_max_tasks, help="live tasks per tenant (0: unlimited)")
+    p.add_argument("--tenant-rps", type=float, default=d.tenant_rps, help="requests per second per tenant (0: unlimited)")
+    p.add_argument("--tls-cert", help="PEM certificate chain: serve TLS (with --tls-key)")
+    p.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    p.add_argument("--tls-client-ca", help="PEM CA certificate(s): require client certificates signed by it (mutual TLS)")
     p.add_argument("--threads", type=int, default=d.threads, help="torch / ONNX Runtime threads per call (0: library default)")
     p.add_argument("--workers", type=int, default=d.workers, help="worker threads for decoding, adaptation, inference")
     p.add_argument("--batch-delay-ms", type=float, default=d.batch_delay_ms, help="how long Classify waits to merge requests")
@@ -324,6 +332,13 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-support", type=int, default=d.max_support, help="images per support set")
     p.add_argument("--max-queries", type=int, default=d.max_queries, help="images per Classify call")
     p.add_argument("--default-ttl", type=int, default=d.default_ttl, help="task time-to-live in seconds when Adapt sets none")
+    p.add_argument("--max-call-megapixels", type=float, default=d.max_call_megapixels,
+                   help="decoded pixels per call, all its images together (2**20 pixels each)")
+    p.add_argument("--max-image-steps", type=int, default=d.max_image_steps, help="support images x inner steps per Adapt")
+    p.add_argument("--max-request-mb", type=int, default=d.max_request_mb, help="bytes per Adapt or AdaptStream, all chunks")
+    p.add_argument("--max-inflight", type=int, default=d.max_inflight, help="Adapt/Classify calls running at once")
+    p.add_argument("--max-queue", type=int, default=d.max_queue,
+                   help="calls waiting beyond --max-inflight; past it, RESOURCE_EXHAUSTED and readiness NOT_SERVING")
     p.add_argument("--feature-backend", default=d.feature_backend, choices=["onnxruntime", "triton"],
                    help="where backbone and adapted-network inference run: in-process ONNX Runtime, or a Triton server "
                         "serving the repository of `fewshot export --triton-repo`")
@@ -338,8 +353,21 @@ def _run_serve(args: argparse.Namespace) -> None:
     from fewshot.server.app import run
     from fewshot.server.config import ServeConfig
 
+    token = args.token
+    if args.token_file:
+        try:
+            token = Path(args.token_file).read_text().strip()
+        except OSError as exc:
+            raise ValueError(f"cannot read --token-file {args.token_file}: {exc.strerror or exc}") from None
+        if not token:
+            raise ValueError(f"--token-file {args.token_file} is empty")
+    optional = lambda value: Path(value) if value else None  # noqa: E731
     cfg = ServeConfig(models=Path(args.models) if args.models else DEFAULT_BUNDLE_DIR, host=args.host, port=args.port,
-                      device=args.device, state_dir=Path(args.state_dir), metrics_port=args.metrics_port, token=args.token,
+                      device=args.device, state_dir=Path(args.state_dir), metrics_port=args.metrics_port, token=token,
+                      tokens_file=optional(args.tokens), tenant_max_tasks=args.tenant_max_tasks, tenant_rps=args.tenant_rps,
+                      tls_cert=optional(args.tls_cert), tls_key=optional(args.tls_key), tls_client_ca=optional(args.tls_client_ca),
+                      max_call_megapixels=args.max_call_megapixels, max_image_steps=args.max_image_steps,
+                      max_request_mb=args.max_request_mb, max_inflight=args.max_inflight, max_queue=args.max_queue,
                       threads=args.threads, workers=args.workers, batch_delay_ms=args.batch_delay_ms, max_batch=args.max_batch,
                       cache_mb=args.cache_mb, max_message_mb=args.max_message_mb, max_image_mb=args.max_image_mb, max_support=args.max_support,
                       max_queries=args.max_queries, default_ttl=args.default_ttl, feature_backend=args.feature_backend,
@@ -348,6 +376,19 @@ def _run_serve(args: argparse.Namespace) -> None:
         run(cfg)
     except (BundleError, OSError) as exc:
         raise RuntimeError(str(exc)) from None
+
+
+def _add_token_hash(sub: argparse._SubParsersAction) -> None:
+    sub.add_parser("token-hash", help="read a token on stdin, print the sha256 hash a --tokens file line holds")
+
+
+def _run_token_hash(args: argparse.Namespace) -> None:
+    from fewshot.server.auth import token_hash
+
+    token = sys.stdin.readline().strip()
+    if not token:
+        raise ValueError("no token on stdin: `printf %s TOKEN | fewshot token-hash`")
+    print(token_hash(token))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -361,10 +402,11 @@ def main(argv: list[str] | None = None) -> int:
     _add_bench(sub)
     _add_export(sub)
     _add_serve(sub)
+    _add_token_hash(sub)
     args = parser.parse_args(argv)
     try:
         {"train": _run_train, "average": _run_average, "eval": _run_eval, "package": _run_package, "demo": _run_demo, "bench": _run_bench, "export": _run_export,
-         "serve": _run_serve}[args.command](args)
+         "serve": _run_serve, "token-hash": _run_token_hash}[args.command](args)
     except (ValueError, FileNotFoundError, RuntimeError, KeyError) as exc:
         print(f"fewshot {args.command}: error: {exc}", file=sys.stderr)
         return 2

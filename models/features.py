@@ -14,7 +14,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from fewshot.models import interrupt
+
 ONNX_OPSET = 17
+#: Images per backbone run inside an interruptible (server) call: the stage between two checks.
+CHUNK = 256
 
 
 class FeatureExtractor(Protocol):
@@ -76,4 +80,10 @@ class OnnxFeatures:
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         x = np.ascontiguousarray(images.detach().cpu().numpy(), dtype=np.float32)
+        if interrupt.active() and len(x) > CHUNK:  # an interruptible call runs in stages
+            parts = []
+            for start in range(0, len(x), CHUNK):
+                interrupt.checkpoint(f"backbone images {start}..{min(start + CHUNK, len(x)) - 1}")
+                parts.append(self.session.run(None, {self.input_name: x[start:start + CHUNK]})[0])
+            return torch.from_numpy(np.concatenate(parts))
         return torch.from_numpy(self.session.run(None, {self.input_name: x})[0])

@@ -1,9 +1,13 @@
-"""``fewshot serve``: the gRPC server process (grpc.aio) with health, reflection, auth and metrics."""
+"""``fewshot serve``: the gRPC server process (grpc.aio) with health, reflection, auth, TLS and metrics.
+
+Health: the overall service (``""``) is SERVING while the process runs (liveness); ``fewshot.v1.FewShot``
+is the readiness signal: NOT_SERVING while the admission queue is full and while stopping.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import hmac
+import json
 import logging
 import os
 import signal
@@ -17,42 +21,36 @@ from grpc_reflection.v1alpha import reflection
 
 from fewshot.export.loader import BundleModel
 from fewshot.export.registry import Registry
+from fewshot.server.admission import Admission
+from fewshot.server.auth import Authenticator, TokensFileError
 from fewshot.server.config import ServeConfig
 from fewshot.server.images import ImageLimits
 from fewshot.server.metrics import ServiceMetrics
-from fewshot.server.service import FewShotService, ServiceLimits
+from fewshot.server.service import SERVICE_NAME, FewShotService, ServiceLimits
 from fewshot.server.store import TaskStore
 from fewshot.server.triton_backend import TritonBackend, expected_signature
-from fewshot_client._proto import fewshot_pb2 as pb
-from fewshot_client._proto import fewshot_pb2_grpc as pb_grpc
 
 log = logging.getLogger("fewshot.server")
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["FewShot"].full_name
-#: Calls that stay open without a token, so load balancers and grpcurl can probe the server.
-OPEN_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
 
 
-class TokenAuth(grpc.aio.ServerInterceptor):
-    """Refuses calls without ``authorization: Bearer <token>`` (health and reflection stay open)."""
+def server_credentials(cfg: ServeConfig) -> grpc.ServerCredentials | None:
+    """TLS credentials of ``--tls-cert``/``--tls-key`` (and ``--tls-client-ca``: mutual TLS), or ``None``."""
+    if cfg.tls_cert is None and cfg.tls_key is None:
+        if cfg.tls_client_ca is not None:
+            raise ValueError("--tls-client-ca needs --tls-cert and --tls-key (mutual TLS is TLS first)")
+        return None
+    if cfg.tls_cert is None or cfg.tls_key is None:
+        raise ValueError("TLS needs both --tls-cert and --tls-key")
 
-    def __init__(self, token: str) -> None:
-        self.expected = f"Bearer {token}".encode()
+    def read(path: Path, what: str) -> bytes:
+        try:
+            return Path(path).read_bytes()
+        except OSError as exc:
+            raise ValueError(f"cannot read the {what} {path}: {exc.strerror or exc}") from None
 
-    async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
-        handler = await continuation(details)
-        if handler is None or details.method.startswith(OPEN_PREFIXES):
-            return handler
-        given = dict(details.invocation_metadata or ()).get("authorization", "")
-        if hmac.compare_digest(given.encode() if isinstance(given, str) else given, self.expected):
-            return handler
-        message = "missing or wrong token: send metadata `authorization: Bearer <token>`"
-
-        async def deny(request, context):
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
-
-        if handler.request_streaming:
-            return grpc.stream_unary_rpc_method_handler(deny, handler.request_deserializer, handler.response_serializer)
-        return grpc.unary_unary_rpc_method_handler(deny, handler.request_deserializer, handler.response_serializer)
+    ca = read(cfg.tls_client_ca, "client CA certificate") if cfg.tls_client_ca else None
+    return grpc.ssl_server_credentials([(read(cfg.tls_key, "TLS key"), read(cfg.tls_cert, "TLS certificate"))],
+                                       root_certificates=ca, require_client_auth=ca is not None)
 
 
 def load_models(root: Path, device: str, threads: int, triton: TritonBackend | None = None) -> dict[str, BundleModel]:
@@ -91,21 +89,38 @@ async def serve(cfg: ServeConfig, ready: asyncio.Event | None = None) -> None:
         triton, models = await connect_triton(cfg)
     else:
         models = load_models(cfg.models, cfg.device, cfg.threads)
+    credentials = server_credentials(cfg)
+    auth = Authenticator(cfg.token, cfg.tokens_file, cfg.tenant_max_tasks, cfg.tenant_rps)
     metrics = ServiceMetrics()
     store = TaskStore(cfg.state_dir, cfg.cache_mb << 20, on_event=lambda e: metrics.cache.labels(e).inc())
     metrics.count_tasks_with(store.count)
+    metrics.cache_bytes.set_function(lambda: store.cached_bytes)
     executor = ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="fewshot-work")
     limits = ServiceLimits(max_support=cfg.max_support, max_queries=cfg.max_queries, default_ttl=cfg.default_ttl,
-                           image=ImageLimits(max_bytes=int(cfg.max_image_mb * (1 << 20))))
-    service = FewShotService(models, store, executor, metrics, limits, cfg.batch_delay_ms / 1e3, cfg.max_batch)
-    size = cfg.max_message_mb << 20
-    server = grpc.aio.server(interceptors=[TokenAuth(cfg.token)] if cfg.token else [],
-                             options=[("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size)])
-    pb_grpc.add_FewShotServicer_to_server(service, server)
+                           image=ImageLimits(max_bytes=int(cfg.max_image_mb * (1 << 20))),
+                           max_call_pixels=int(cfg.max_call_megapixels * (1 << 20)), max_image_steps=cfg.max_image_steps,
+                           max_request_bytes=cfg.max_request_mb << 20)
     health_servicer = health.aio.HealthServicer()
+    loop = asyncio.get_running_loop()
+    stopping = False
+
+    def readiness(saturated: bool) -> None:
+        if stopping:
+            return
+        status = health_pb2.HealthCheckResponse.NOT_SERVING if saturated else health_pb2.HealthCheckResponse.SERVING
+        loop.create_task(health_servicer.set(SERVICE_NAME, status))
+        log.warning(json.dumps({"event": "saturated" if saturated else "drained", "queue": cfg.max_queue}))
+
+    admission = Admission(cfg.max_inflight, cfg.max_queue, metrics.admission_changed, readiness)
+    service = FewShotService(models, store, executor, metrics, limits, cfg.batch_delay_ms / 1e3, cfg.max_batch,
+                             auth, admission)
+    size = cfg.max_message_mb << 20
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size)])
+    service.add_to_server(server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+    address = f"{cfg.host}:{cfg.port}"
+    port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"cannot listen on {cfg.host}:{cfg.port} (port in use or not allowed)")
     await server.start()
@@ -114,9 +129,18 @@ async def serve(cfg: ServeConfig, ready: asyncio.Event | None = None) -> None:
     if cfg.metrics_port:
         metrics.serve(cfg.metrics_port, cfg.host)
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+
+    def reload_tokens() -> None:
+        try:
+            count = auth.reload()
+            log.warning(json.dumps({"event": "tokens reloaded", "tenants": count}))
+        except TokensFileError as exc:
+            log.error(json.dumps({"event": "tokens reload failed; the previous tenants stay", "error": str(exc)}))
+
+    if cfg.tokens_file is not None:
+        loop.add_signal_handler(signal.SIGHUP, reload_tokens)
 
     async def purge() -> None:
         while True:
@@ -125,11 +149,14 @@ async def serve(cfg: ServeConfig, ready: asyncio.Event | None = None) -> None:
 
     purger = loop.create_task(purge())
     backend = f"Triton at {cfg.triton_url}" if triton else "ONNX Runtime in process"
-    print(f"fewshot serve: listening on {cfg.host}:{port} with {', '.join(sorted(models))} ({backend}); "
+    security = ("mutual TLS" if cfg.tls_client_ca else "TLS") if credentials else "plaintext"
+    security += f", {'tokens of ' + str(len(list(auth.tenant_names()))) + ' tenants' if cfg.tokens_file else 'one token' if cfg.token else 'no token'}"
+    print(f"fewshot serve: listening on {cfg.host}:{port} ({security}) with {', '.join(sorted(models))} ({backend}); "
           f"state in {cfg.state_dir}; pid {os.getpid()}", flush=True)
     if ready is not None:
         ready.set()
     await stop.wait()
+    stopping = True
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     purger.cancel()

@@ -17,6 +17,14 @@ class ServeConfig:
     state_dir: Path = Path(".fewshot-state")
     metrics_port: int = 0
     token: str | None = None
+    #: ``tenant: sha256 [max_tasks=N] [rps=R]`` lines, reloaded on SIGHUP (see ``fewshot.server.auth``).
+    tokens_file: Path | None = None
+    tenant_max_tasks: int = 0
+    tenant_rps: float = 0.0
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    #: With a client CA, clients must present a certificate it signed (mutual TLS).
+    tls_client_ca: Path | None = None
     threads: int = 0
     workers: int = 4
     batch_delay_ms: float = 2.0
@@ -26,6 +34,12 @@ class ServeConfig:
     max_image_mb: float = 8.0
     max_support: int = 2500
     max_queries: int = 1024
+    max_call_megapixels: float = 256.0
+    max_image_steps: int = 20000
+    max_request_mb: int = 256
+    #: Heavy calls (Adapt, Classify) running at once, and waiting beyond those (then RESOURCE_EXHAUSTED).
+    max_inflight: int = 16
+    max_queue: int = 64
     default_ttl: int = 24 * 3600
     purge_every: float = 60.0
     #: ``onnxruntime`` (in process) or ``triton`` (backbone and adapted-network inference over gRPC).

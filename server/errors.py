@@ -34,3 +34,31 @@ class BackendUnavailable(ServiceError):
     changed, so the client may retry the same request once the backend is back."""
 
     code = grpc.StatusCode.UNAVAILABLE
+
+
+class QuotaExceeded(TooLarge):
+    """A tenant's quota (live tasks, requests per second) is used up; the message says which."""
+
+
+class Overloaded(TooLarge):
+    """The server's admission queue is full; nothing was done, retry after a short back-off."""
+
+
+class Unauthenticated(ServiceError):
+    """No valid bearer token (``--token``, ``--token-file`` or ``--tokens``)."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class CallAbandoned(ServiceError):
+    """The client cancelled the call or its deadline passed; the work stopped at the next stage boundary."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def quoted(value: str, limit: int = 64) -> str:
+    """``repr(value)``, cut to ``limit`` characters with the full length said, so error messages and
+    log lines never echo unbounded input."""
+    if len(value) <= limit:
+        return repr(value)
+    return f"{value[:limit]!r}... ({len(value)} characters)"

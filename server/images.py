@@ -1,10 +1,12 @@
 """Decoding request images into a model's input, exactly as training and ``fewshot eval`` prepare them.
 
-An image arrives as encoded bytes (anything Pillow opens) or as a raw tensor ``(H, W)`` / ``(H, W, C)``
+An image arrives as encoded bytes in one of :data:`FORMATS` or as a raw tensor ``(H, W)`` / ``(H, W, C)``
 of ``uint8`` (0..255) or ``float32`` (0..1). Both become ``(size, size, channels)`` float32 arrays in
 0..255 via :meth:`InputSpec.prepare` (the same conversion and resize as the data loaders), then
-:meth:`InputSpec.normalize` gives the network input. Limits are checked before any pixel is decoded,
-so a decompression bomb costs a header read.
+:meth:`InputSpec.normalize` gives the network input. Only the plugins of :data:`FORMATS` are ever
+run on request bytes (Pillow's other plugins are many and some decode while opening, e.g. ICO), and
+the pixel limits are checked on the header before any pixel is decoded, so a decompression bomb costs
+a header read. Every decoder failure becomes :class:`ImageError` (INVALID_ARGUMENT).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 from PIL import Image
 
 from fewshot.models.preprocess import InputSpec
+from fewshot.server.budget import CallBudget
 from fewshot.server.errors import InvalidRequest
 from fewshot_client._proto import fewshot_pb2 as pb
 
@@ -30,12 +33,34 @@ class ImageError(ValueError):
     """An image the server cannot accept; the message says which image, what is wrong and what is allowed."""
 
 
+#: Encoded formats accepted (Pillow format ids): the formats cameras, browsers and image libraries
+#: write (Pillow's JPEG plugin also opens phones' multi-picture JPEGs). Anything else is refused by name.
+FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF")
+_ACCEPTED = "PNG, JPEG, WebP, BMP, GIF or TIFF"
+Image.init()  # registers every plugin, so the allow-list and the signature checks see them all
+
+
 @dataclass(frozen=True)
 class ImageLimits:
     """Per-image limits: encoded size in bytes and decoded pixel count (width x height)."""
 
     max_bytes: int = 8 << 20
     max_pixels: int = 4096 * 4096
+    formats: tuple[str, ...] = FORMATS
+
+
+def sniff_format(data: bytes) -> str | None:
+    """The Pillow format whose signature ``data`` starts with (only signature checks run: no plugin
+    opens the bytes), or ``None``."""
+    prefix = data[:64]
+    for name in Image.ID:
+        accept = Image.OPEN.get(name, (None, None))[1]
+        try:
+            if accept is not None and accept(prefix):
+                return name
+        except Exception:  # a signature check that cannot read this prefix: not that format
+            continue
+    return None
 
 
 RAW_DTYPES = {"uint8": np.uint8, "float32": np.float32}
@@ -50,22 +75,27 @@ def _decode_encoded(data: bytes, spec: InputSpec, limits: ImageLimits) -> np.nda
     if len(data) > limits.max_bytes:
         raise ImageError(f"is {len(data)} bytes encoded; at most {limits.max_bytes} are allowed")
     if not data:
-        raise ImageError("is empty: send encoded bytes (PNG, JPEG, WebP, ...) or a raw tensor")
+        raise ImageError(f"is empty: send encoded bytes ({_ACCEPTED}) or a raw tensor")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))  # reads the header only
+            # only the allowed plugins look at the bytes; opening reads the header, no pixels
+            image = Image.open(io.BytesIO(data), formats=limits.formats)
             width, height = image.size
             if width * height > limits.max_pixels:
                 raise ImageError(f"is {width}x{height} pixels; at most {limits.max_pixels} pixels are allowed "
-                                 "(refused before decoding)")
+                                 "(refused from its header, before decoding)")
             return _from_pil(image, spec)
-    except ImageError:
+    except (ImageError, InvalidRequest):
         raise
     except Image.UnidentifiedImageError:
-        raise ImageError("is not in an image format Pillow recognises; send PNG, JPEG, WebP, ...") from None
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageError(f"cannot be decoded ({exc}); send PNG, JPEG, WebP or any format Pillow opens") from None
+        found = sniff_format(data)
+        if found is not None and found not in limits.formats:
+            raise ImageError(f"is in the {found} format, which this server does not accept; send {_ACCEPTED}") from None
+        raise ImageError(f"is not a readable image; send {_ACCEPTED}") from None
+    except Exception as exc:  # every decoder failure is the image's fault, never the server's
+        detail = " ".join(str(exc).split())[:200]
+        raise ImageError(f"cannot be decoded ({type(exc).__name__}: {detail}); send {_ACCEPTED}") from None
 
 
 def _resize_float(array: np.ndarray, spec: InputSpec) -> np.ndarray:
@@ -120,10 +150,35 @@ def decode_image(image: pb.Image | bytes, spec: InputSpec, limits: ImageLimits =
     raise ImageError("carries no data: set `encoded` or `tensor`")
 
 
-def decode_batch(images: Sequence[pb.Image | bytes], spec: InputSpec, limits: ImageLimits, what: str) -> torch.Tensor:
-    """Request images -> normalised ``(N, C, size, size)`` float32; errors name the image's index."""
+def declared_pixels(image: pb.Image | bytes, limits: ImageLimits) -> int:
+    """Width x height an image says it has (its header, or a raw tensor's shape), without decoding;
+    0 when that cannot be read (decoding then reports the problem)."""
+    try:
+        if not isinstance(image, bytes) and image.WhichOneof("data") == "tensor":
+            shape = image.tensor.shape
+            return max(int(shape[0]), 0) * max(int(shape[1]), 0) if len(shape) >= 2 else 0
+        data = image if isinstance(image, bytes) else image.encoded
+        if not data or len(data) > limits.max_bytes:
+            return 0
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            width, height = Image.open(io.BytesIO(data), formats=limits.formats).size
+        return width * height
+    except Exception:
+        return 0
+
+
+def decode_batch(images: Sequence[pb.Image | bytes], spec: InputSpec, limits: ImageLimits, what: str,
+                 budget: CallBudget | None = None) -> torch.Tensor:
+    """Request images -> normalised ``(N, C, size, size)`` float32; errors name the image's index.
+    With ``budget``, the call's declared pixels are charged before anything is decoded, and its
+    liveness is checked before each image."""
+    if budget is not None:
+        budget.charge_pixels(sum(declared_pixels(image, limits) for image in images))
     arrays = []
     for i, image in enumerate(images):
+        if budget is not None:
+            budget.check(f"decoding {what} image {i}")
         try:
             arrays.append(decode_image(image, spec, limits))
         except ImageError as exc:
@@ -131,11 +186,12 @@ def decode_batch(images: Sequence[pb.Image | bytes], spec: InputSpec, limits: Im
     return spec.normalize(np.stack(arrays))
 
 
-def decode_for_model(images: Sequence[pb.Image | bytes], model: BundleModel, limits: ImageLimits, what: str) -> torch.Tensor:
+def decode_for_model(images: Sequence[pb.Image | bytes], model: BundleModel, limits: ImageLimits, what: str,
+                     budget: CallBudget | None = None) -> torch.Tensor:
     """:func:`decode_batch` for ``model``'s input; a bad image raises :class:`InvalidRequest` naming the
     image and the input the model takes."""
     try:
-        return decode_batch(images, model.spec, limits, what)
+        return decode_batch(images, model.spec, limits, what, budget)
     except ImageError as exc:
         raise InvalidRequest(f"{exc} (model {model.name} takes {model.spec.channels}-channel images, "
                              f"resized to {model.spec.size}x{model.spec.size})") from None

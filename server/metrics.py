@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, start_http_server
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -22,11 +22,21 @@ class ServiceMetrics:
         self.cache = Counter("fewshot_task_cache_events", "Task cache hits, misses and evictions", ["event"],
                              registry=self.registry)
         self.tasks = Gauge("fewshot_tasks_stored", "Live tasks in the persistent store", registry=self.registry)
+        self.running = Gauge("fewshot_admission_running", "Heavy calls (Adapt, Classify) running now", registry=self.registry)
+        self.queue_depth = Gauge("fewshot_admission_queue_depth", "Heavy calls waiting for an admission slot",
+                                 registry=self.registry)
+        self.cache_bytes = Gauge("fewshot_task_cache_bytes", "Bytes the task cache is charged (tensors + per-entry overhead)",
+                                 registry=self.registry)
+        ProcessCollector(registry=self.registry)  # process_resident_memory_bytes, CPU seconds, open fds
         self.batch_images = Histogram("fewshot_batch_images", "Images per backbone or network call (merged Classify requests)",
                                       buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512), registry=self.registry)
 
     def count_tasks_with(self, count: Callable[[], int]) -> None:
         self.tasks.set_function(count)
+
+    def admission_changed(self, running: int, waiting: int) -> None:
+        self.running.set(running)
+        self.queue_depth.set(waiting)
 
     def serve(self, port: int, host: str = "0.0.0.0") -> None:
         start_http_server(port, addr=host, registry=self.registry)

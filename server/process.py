@@ -25,8 +25,12 @@ def free_port() -> int:
 class ServerProcess:
     """``fewshot serve --models DIR --state-dir DIR --port P [args]`` as a child process (output in ``log``)."""
 
-    def __init__(self, models: Path, state_dir: Path, *args: str, log: Path | None = None) -> None:
+    def __init__(self, models: Path, state_dir: Path, *args: str, log: Path | None = None,
+                 credentials: grpc.ChannelCredentials | None = None, env: dict[str, str] | None = None) -> None:
+        """``credentials``: the TLS channel credentials the health probe uses (a server given
+        ``--tls-cert``); ``env``: extra environment variables of the child."""
         self.models, self.state_dir, self.args = Path(models), Path(state_dir), list(args)
+        self.credentials, self.env = credentials, env or {}
         self.port = free_port()
         self.target = f"127.0.0.1:{self.port}"
         self.log = log or self.state_dir / f"serve-{self.port}.log"
@@ -36,9 +40,10 @@ class ServerProcess:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, "-m", "fewshot.cli", "serve", "--models", str(self.models), "--state-dir",
                str(self.state_dir), "--port", str(self.port), *self.args]
-        self.proc = subprocess.Popen(cmd, stdout=self.log.open("ab"), stderr=subprocess.STDOUT, env=os.environ.copy())
+        self.proc = subprocess.Popen(cmd, stdout=self.log.open("ab"), stderr=subprocess.STDOUT,
+                                     env={**os.environ, **self.env})
         deadline = time.monotonic() + timeout
-        with grpc.insecure_channel(self.target) as channel:
+        with self.channel() as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             while time.monotonic() < deadline:
                 if self.proc.poll() is not None:
@@ -50,6 +55,17 @@ class ServerProcess:
                     time.sleep(0.2)
         self.kill()
         raise TimeoutError(f"fewshot serve did not become healthy in {timeout} s:\n{self.log.read_text()[-3000:]}")
+
+    def channel(self, **kw) -> grpc.Channel:
+        """A channel to the server (TLS when the process was given ``credentials``)."""
+        if self.credentials is not None:
+            return grpc.secure_channel(self.target, self.credentials, **kw)
+        return grpc.insecure_channel(self.target, **kw)
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
 
     def kill(self) -> None:
         """SIGKILL: no shutdown code runs (the crash-safety case)."""

@@ -3,6 +3,12 @@
 Adaptation calls the bundle's adapter, the same code ``fewshot eval`` measures with; the adapted
 state is written to the task store before the answer goes out. Decoding, adaptation and inference
 run in a thread pool, off the event loop.
+
+Every call goes through :meth:`FewShotService._call`, in this order: authenticate from metadata alone
+(a refused call's body is never parsed), parse the request bytes (a message that does not parse is
+INVALID_ARGUMENT, not UNKNOWN), validate, wait for an admission slot (heavy calls), then work in
+stages that stop once the client has gone. Errors map to the statuses of the README's error table;
+messages and log lines quote input only in bounded length, and log tasks by a short hash.
 """
 
 from __future__ import annotations
@@ -12,27 +18,64 @@ import json
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Any, AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
 
 import grpc
 import numpy as np
 import torch
+from google.protobuf.message import Message
 
 from fewshot.export.loader import BundleModel
+from fewshot.server.admission import Admission
+from fewshot.server.auth import Authenticator, Tenant
 from fewshot.server.batcher import Batcher
+from fewshot.server.budget import CallBudget
 from fewshot.server.errors import InvalidRequest, NotFound, ServiceError
 from fewshot.server.images import decode_for_model
 from fewshot.server.metrics import ServiceMetrics
 from fewshot.server.store import TaskRecord, TaskStore
-from fewshot.server.tasks import AdaptRequest, ServiceLimits, find_task, get_model, resolve_method
+from fewshot.server.tasks import AdaptRequest, ServiceLimits, check_task_id, find_task, get_model, resolve_method, task_ref
 from fewshot_client._proto import fewshot_pb2 as pb
-from fewshot_client._proto import fewshot_pb2_grpc as pb_grpc
 
-__all__ = ["FewShotService", "ServiceLimits", "model_info"]  # ServiceLimits lives in tasks.py, shared with Triton
+__all__ = ["FewShotService", "ServiceLimits", "model_info", "STATUSES"]  # ServiceLimits lives in tasks.py, shared with Triton
 
 log = logging.getLogger("fewshot.server")
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["FewShot"].full_name
+#: Every status the service answers with (the README's error table; the fuzz tests hold it to this).
+STATUSES = frozenset({grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
+                      grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.UNAVAILABLE,
+                      grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED, grpc.StatusCode.INTERNAL})
+#: Longest error text kept in a log line (messages are already bounded; this is the backstop).
+MAX_LOGGED_ERROR = 500
+M = TypeVar("M", bound=Message)
 
+
+def parse(kind: type[M], raw: bytes) -> M:
+    """``raw`` bytes as a ``kind`` message (:class:`InvalidRequest` when they do not parse, e.g. a
+    truncated message or a string field that is not UTF-8)."""
+    message = kind()
+    try:
+        message.ParseFromString(raw)
+    except Exception as exc:  # DecodeError, or the C parser's own errors
+        detail = " ".join(str(exc).split())[:120]
+        raise InvalidRequest(f"the request is not a valid {kind.DESCRIPTOR.full_name} message ({detail})") from None
+    return message
+
+
+@dataclass
+class _Call:
+    """One call in progress: its tenant, budget and the fields of its log line."""
+
+    tenant: Tenant
+    budget: CallBudget
+    fields: dict[str, Any] = field(default_factory=dict)
+    started: float = field(default_factory=time.monotonic)
+
+    def about(self, task_id: str) -> str:
+        """Note the task this call is about; the log line shows only its short hash."""
+        self.fields["task"], self.fields["_task_id"] = task_ref(task_id), task_id
+        return task_id
 
 
 @dataclass
@@ -44,92 +87,139 @@ class _AdaptCall:
     support: list[pb.LabelledImage]
 
 
-class FewShotService(pb_grpc.FewShotServicer):
-    """Async servicer over the loaded models, one task store and one thread pool."""
+class FewShotService:
+    """Async servicer over the loaded models, one task store and one thread pool.
+
+    Register it with :meth:`add_to_server`: its handlers take the raw request bytes, so that
+    authentication comes before parsing and a parse failure has a status of our choosing.
+    """
 
     def __init__(self, models: dict[str, BundleModel], store: TaskStore, executor: ThreadPoolExecutor,
                  metrics: ServiceMetrics, limits: ServiceLimits = ServiceLimits(), batch_delay: float = 0.002,
-                 max_batch: int = 256) -> None:
+                 max_batch: int = 256, auth: Authenticator | None = None, admission: Admission | None = None) -> None:
         self.models, self.store, self.executor, self.metrics, self.limits = models, store, executor, metrics, limits
+        self.auth = auth or Authenticator()
+        self.admission = admission or Admission(capacity=64, max_queue=256)
         self.batcher = Batcher(executor, batch_delay, max_batch, on_batch=metrics.batch_images.observe)
 
+    def add_to_server(self, server: grpc.aio.Server) -> None:
+        """Register the ``fewshot.v1.FewShot`` methods on ``server`` (request bytes are parsed by us)."""
+        def unary(fn: Callable) -> grpc.RpcMethodHandler:
+            return grpc.unary_unary_rpc_method_handler(fn, response_serializer=lambda m: m.SerializeToString())
+
+        handlers = {"Adapt": unary(self.Adapt), "Classify": unary(self.Classify), "GetTask": unary(self.GetTask),
+                    "DeleteTask": unary(self.DeleteTask), "ListModels": unary(self.ListModels),
+                    "AdaptStream": grpc.stream_unary_rpc_method_handler(
+                        self.AdaptStream, response_serializer=lambda m: m.SerializeToString())}
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+
     # -- plumbing -------------------------------------------------------------------------------
-    async def _call(self, rpc: str, context: grpc.aio.ServicerContext, body: Callable[[dict], Awaitable[Any]]) -> Any:
-        """Run ``body``, map service errors to statuses, record metrics and one log line."""
+    async def _call(self, rpc: str, context: grpc.aio.ServicerContext, body: Callable[[_Call], Awaitable[Any]]) -> Any:
+        """Authenticate, run ``body``, map service errors to statuses, record metrics and one log line."""
         fields: dict[str, Any] = {"method": ""}
         start, code, message = time.perf_counter(), grpc.StatusCode.OK, ""
+        budget = CallBudget.for_call(self.limits.max_call_pixels, context.time_remaining())
         try:
-            remaining = context.time_remaining()
-            if remaining is not None and remaining <= 0:
-                raise asyncio.TimeoutError
-            return await body(fields)
+            tenant = self.auth.authenticate(context.invocation_metadata() or (), context.peer())
+            if self.auth.required:
+                fields["tenant"] = tenant.name
+            budget.check("starting")
+            return await body(_Call(tenant, budget, fields))
         except ServiceError as exc:
             code, message = exc.code, str(exc)
         except asyncio.TimeoutError:
             code, message = grpc.StatusCode.DEADLINE_EXCEEDED, "the call's deadline passed before the work finished"
         except asyncio.CancelledError:
+            budget.abandon()  # the worker stops at its next stage boundary
             code = grpc.StatusCode.CANCELLED
             raise
         except Exception as exc:  # a bug: answer INTERNAL, keep serving, log the trace
             log.exception("internal error in %s", rpc)
-            code, message = grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
+            detail = " ".join(str(exc).split())[:200]
+            code, message = grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {detail}"
         finally:
             seconds = time.perf_counter() - start
             method = fields.get("method", "")
             self.metrics.requests.labels(rpc, method, code.name).inc()
             self.metrics.latency.labels(rpc, method).observe(seconds)
+            task_id = fields.pop("_task_id", None)
+            logged = message.replace(task_id, fields["task"]) if task_id and message else message
             log.info(json.dumps({"rpc": rpc, "code": code.name, "ms": round(seconds * 1e3, 2), **fields,
-                                 **({"error": message} if message else {}), "peer": context.peer()}))
+                                 **({"error": logged[:MAX_LOGGED_ERROR]} if logged else {}), "peer": context.peer()}))
         await context.abort(code, message)
 
     async def _offload(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
     # -- Adapt ----------------------------------------------------------------------------------
-    async def Adapt(self, request: pb.AdaptRequest, context: grpc.aio.ServicerContext) -> pb.AdaptResponse:
-        call = _AdaptCall(request.model, request.method, request.settings, request.ttl_seconds, list(request.support))
-        return await self._call("Adapt", context, lambda f: self._adapt(call, f))
+    async def Adapt(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.AdaptResponse:
+        async def body(call: _Call) -> pb.AdaptResponse:
+            self.limits.check_request_bytes(len(raw))
+            request = parse(pb.AdaptRequest, raw)
+            adapt = _AdaptCall(request.model, request.method, request.settings, request.ttl_seconds, list(request.support))
+            return await self._adapt(adapt, call)
 
-    async def AdaptStream(self, request_iterator: AsyncIterator[pb.AdaptChunk], context: grpc.aio.ServicerContext) -> pb.AdaptResponse:
-        async def body(fields: dict) -> pb.AdaptResponse:
-            call: _AdaptCall | None = None
-            async for chunk in request_iterator:
-                if call is None:
-                    call = _AdaptCall(chunk.model, chunk.method, chunk.settings, chunk.ttl_seconds, [])
-                call.support.extend(chunk.support)
-                self.limits.check_support(len(call.support))
-            if call is None:
+        return await self._call("Adapt", context, body)
+
+    async def AdaptStream(self, request_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> pb.AdaptResponse:
+        async def body(call: _Call) -> pb.AdaptResponse:
+            adapt: _AdaptCall | None = None
+            received = 0
+            async for raw in request_iterator:
+                received += len(raw)
+                self.limits.check_request_bytes(received)  # as chunks arrive, not once the stream ends
+                chunk = parse(pb.AdaptChunk, raw)
+                if adapt is None:
+                    adapt = _AdaptCall(chunk.model, chunk.method, chunk.settings, chunk.ttl_seconds, [])
+                adapt.support.extend(chunk.support)
+                self.limits.check_support(len(adapt.support))
+            if adapt is None:
                 raise InvalidRequest("the stream carried no chunk: the first chunk names the model")
-            return await self._adapt(call, fields)
+            return await self._adapt(adapt, call)
 
         return await self._call("AdaptStream", context, body)
 
-    async def _adapt(self, call: _AdaptCall, fields: dict) -> pb.AdaptResponse:
-        model = get_model(self.models, call.model)
-        method = resolve_method(model, call.method)
-        fields.update(model=model.name, method=method, support=len(call.support))
-        self.limits.check_support(len(call.support))
-        names = [item.label for item in call.support]
-        settings = call.settings
+    async def _adapt(self, adapt: _AdaptCall, call: _Call) -> pb.AdaptResponse:
+        model = get_model(self.models, adapt.model)
+        method = resolve_method(model, adapt.method)
+        call.fields.update(model=model.name, method=method, support=len(adapt.support))
+        self.limits.check_support(len(adapt.support))
+        names = [item.label for item in adapt.support]
+        settings = adapt.settings
         request = AdaptRequest.check(model, method, names, settings.inner_steps if settings.HasField("inner_steps") else None,
                                      getattr(settings, "lambda") if settings.HasField("lambda") else None,
-                                     self.limits.ttl(call.ttl))
-        images = [item.image for item in call.support]
-        record, task, accuracy = await self._offload(lambda: request.run(decode_for_model(images, model, self.limits.image, "support")))
-        await self._offload(self.store.put, record, task)  # durable before we acknowledge
-        fields["task"] = record.task_id
+                                     self.limits.ttl(adapt.ttl), self.limits.max_image_steps, call.tenant.name)
+        images = [item.image for item in adapt.support]
+        budget = call.budget
+
+        def work() -> tuple[TaskRecord, Any, float]:
+            x = decode_for_model(images, model, self.limits.image, "support", budget)
+            budget.check("adaptation")
+            return request.run(x, budget.check)
+
+        async with self.admission.slot():
+            record, task, accuracy = await self._offload(work)
+        # durable before we acknowledge; the tenant's quota is checked in the same transaction
+        await self._offload(lambda: self.store.put(record, task, self.auth.quota_tasks(call.tenant)))
+        call.about(record.task_id)
         return pb.AdaptResponse(task_id=record.task_id, labels=record.labels, support_accuracy=accuracy,
                                 adapt_seconds=request.seconds, expires_at=record.expires_at, model=model.name, method=method)
 
     # -- Classify -------------------------------------------------------------------------------
-    async def Classify(self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext) -> pb.ClassifyResponse:
-        async def body(fields: dict) -> pb.ClassifyResponse:
-            fields["task"] = request.task_id
-            record, task, model = await self._offload(find_task, self.store, self.models, request.task_id)
-            fields.update(model=model.name, method=record.method, queries=len(request.queries))
+    async def Classify(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.ClassifyResponse:
+        async def body(call: _Call) -> pb.ClassifyResponse:
+            request = parse(pb.ClassifyRequest, raw)
+            task_id = call.about(check_task_id(request.task_id))
             self.limits.check_queries(len(request.queries))
-            x = await self._offload(decode_for_model, list(request.queries), model, self.limits.image, "query")
-            probs = await self._classify(record, task, model, x)
+            record, task, model = await self._offload(find_task, self.store, self.models, task_id, call.tenant.name)
+            call.fields.update(model=model.name, method=record.method, queries=len(request.queries))
+            budget = call.budget
+            async with self.admission.slot():
+                x = await self._offload(decode_for_model, list(request.queries), model, self.limits.image, "query", budget)
+                budget.check("classification")
+                probs = await self._classify(record, task, model, x)
+            if self.store.deleted_since(task_id, call.started):  # DeleteTask answered while we worked
+                raise NotFound(f"task {task_id} was deleted during this call")
             return _response(probs.numpy(), record.labels, request.top_k)
 
         return await self._call("Classify", context, body)
@@ -145,32 +235,29 @@ class FewShotService(pb_grpc.FewShotServicer):
         return torch.softmax(logits, dim=1)
 
     # -- task and model info --------------------------------------------------------------------
-    async def GetTask(self, request: pb.GetTaskRequest, context: grpc.aio.ServicerContext) -> pb.TaskInfo:
-        async def body(fields: dict) -> pb.TaskInfo:
-            fields["task"] = request.task_id
-            if not request.task_id:
-                raise InvalidRequest("task_id is empty: use the id that Adapt returned")
-            rec = await self._offload(self.store.record, request.task_id)
+    async def GetTask(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.TaskInfo:
+        async def body(call: _Call) -> pb.TaskInfo:
+            task_id = call.about(check_task_id(parse(pb.GetTaskRequest, raw).task_id))
+            rec = await self._offload(self.store.record, task_id, call.tenant.name)
             if rec is None:
-                raise NotFound(f"task {request.task_id} is unknown, deleted or expired")
+                raise NotFound(f"task {task_id} is unknown, deleted or expired")
             return pb.TaskInfo(task_id=rec.task_id, model=rec.model, method=rec.method, labels=rec.labels,
                                created_at=rec.created_at, expires_at=rec.expires_at, support_size=rec.support_size)
 
         return await self._call("GetTask", context, body)
 
-    async def DeleteTask(self, request: pb.DeleteTaskRequest, context: grpc.aio.ServicerContext) -> pb.DeleteTaskResponse:
-        async def body(fields: dict) -> pb.DeleteTaskResponse:
-            fields["task"] = request.task_id
-            if not request.task_id:
-                raise InvalidRequest("task_id is empty: use the id that Adapt returned")
-            if not await self._offload(self.store.delete, request.task_id):
-                raise NotFound(f"task {request.task_id} is unknown, already deleted or expired")
+    async def DeleteTask(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.DeleteTaskResponse:
+        async def body(call: _Call) -> pb.DeleteTaskResponse:
+            task_id = call.about(check_task_id(parse(pb.DeleteTaskRequest, raw).task_id))
+            if not await self._offload(self.store.delete, task_id, call.tenant.name):
+                raise NotFound(f"task {task_id} is unknown, already deleted or expired")
             return pb.DeleteTaskResponse(deleted=True)
 
         return await self._call("DeleteTask", context, body)
 
-    async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
-        async def body(fields: dict) -> pb.ListModelsResponse:
+    async def ListModels(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
+        async def body(call: _Call) -> pb.ListModelsResponse:
+            parse(pb.ListModelsRequest, raw)
             return pb.ListModelsResponse(models=[model_info(m) for _, m in sorted(self.models.items())])
 
         return await self._call("ListModels", context, body)

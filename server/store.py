@@ -4,10 +4,26 @@
 restart; ``get`` serves from memory and reloads an evicted (or another process's) task from disk.
 Several server processes (and Triton model instances) can share one ``--state-dir``: SQLite in WAL
 mode lets readers and one writer work concurrently, and every row is immutable once written.
+
+Consistency of deletes (README, "Task state"):
+
+- In the process that deleted a task, no lookup that starts after :meth:`TaskStore.delete` returned
+  finds it: the row goes first, then the cache entry, and a concurrent reload that read the row before
+  the delete re-checks the row before caching (a delete generation counter tells it one happened).
+  :meth:`TaskStore.deleted_since` lets a caller that found a task before the delete refuse to answer
+  for it afterwards.
+- In every other process sharing the file, a cache hit re-reads the row when the entry was last
+  checked more than ``recheck`` seconds ago (default 0.5 s), so a task deleted (or expired) elsewhere
+  stops being served within ``recheck`` seconds plus one query.
+
+The cache charges each entry what it holds in memory: every tensor and array of the decoded task
+(unique storages, counted once) plus :data:`ENTRY_OVERHEAD` bytes for the Python objects; the
+serialised state is not kept once decoded.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sqlite3
 import threading
@@ -17,6 +33,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
+import torch
+
+from fewshot.server.errors import QuotaExceeded
+
+#: Schema versions (``PRAGMA user_version``): 1 = the first release, 2 adds ``tenant``.
+SCHEMA_VERSION = 2
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS tasks (
     task_id TEXT PRIMARY KEY,
@@ -26,15 +49,23 @@ CREATE TABLE IF NOT EXISTS tasks (
     created_at REAL NOT NULL,
     expires_at REAL NOT NULL,
     support_size INTEGER NOT NULL,
-    state BLOB NOT NULL
+    state BLOB NOT NULL,
+    tenant TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS tasks_expiry ON tasks (expires_at);
+CREATE INDEX IF NOT EXISTS tasks_tenant ON tasks (tenant, expires_at);
 """
+COLUMNS = "task_id, model, method, labels, created_at, expires_at, support_size, state, tenant"
+#: Bytes charged per cache entry on top of its tensors: the record, labels and Python objects.
+ENTRY_OVERHEAD = 4096
+#: How long this process remembers its own deletes (far longer than any lookup takes).
+TOMBSTONE_SECONDS = 300.0
 
 
 @dataclass
 class TaskRecord:
-    """One stored task: what GetTask reports plus the serialised adapted state."""
+    """One stored task: what GetTask reports plus the serialised adapted state; ``tenant`` owns it
+    (``""``: the default tenant, the one without a tokens file)."""
 
     task_id: str
     model: str
@@ -44,6 +75,7 @@ class TaskRecord:
     expires_at: float
     support_size: int
     state: bytes = field(repr=False)
+    tenant: str = ""
 
     def expired(self, now: float | None = None) -> bool:
         return (time.time() if now is None else now) >= self.expires_at
@@ -56,26 +88,64 @@ class CacheStats:
     evictions: int = 0
 
 
-class TaskStore:
-    """Persistent tasks with an LRU cache of decoded states holding at most ``cache_bytes``.
+@dataclass
+class _Entry:
+    record: TaskRecord  # state dropped: the decoded task is what is kept
+    task: Any
+    charge: int
+    checked: float  # time.monotonic() of the last row check
 
-    ``decode(record) -> object`` turns a record into a ready-to-classify task; cached objects are
-    charged the size of their serialised state. ``on_event(name)`` is called with ``hit``, ``miss``
-    and ``eviction`` (metrics).
+
+def resident_bytes(obj: Any, _seen: set[int] | None = None) -> int:
+    """Bytes of every tensor and array reachable from ``obj`` through dataclass fields, dicts, lists
+    and tuples (shared storages counted once). Other objects (ONNX sessions, network definitions,
+    extractors) belong to the served model, not to the task, and count 0."""
+    seen = set() if _seen is None else _seen
+    if isinstance(obj, torch.Tensor):
+        storage = obj.untyped_storage()
+        key = storage.data_ptr()
+        if key in seen:
+            return 0
+        seen.add(key)
+        return storage.nbytes()
+    if isinstance(obj, np.ndarray):
+        base = obj.base if obj.base is not None else obj
+        if id(base) in seen:
+            return 0
+        seen.add(id(base))
+        return base.nbytes if isinstance(base, np.ndarray) else obj.nbytes
+    if isinstance(obj, (bytes, bytearray)):
+        return len(obj)
+    if isinstance(obj, dict):
+        return sum(resident_bytes(v, seen) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(resident_bytes(v, seen) for v in obj)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return sum(resident_bytes(getattr(obj, f.name), seen) for f in dataclasses.fields(obj))
+    return 0
+
+
+class TaskStore:
+    """Persistent tasks with an LRU cache of decoded tasks holding at most ``cache_bytes``.
+
+    ``decode(record) -> object`` turns a record into a ready-to-classify task. ``on_event(name)`` is
+    called with ``hit``, ``miss`` and ``eviction`` (metrics). ``recheck``: seconds a cache hit trusts
+    its entry before re-reading the row (the bound on serving a task another process deleted).
     """
 
     def __init__(self, state_dir: str | Path, cache_bytes: int = 256 << 20,
-                 on_event: Callable[[str], None] | None = None) -> None:
+                 on_event: Callable[[str], None] | None = None, recheck: float = 0.5) -> None:
         self.path = Path(state_dir) / "tasks.sqlite3"
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.cache_bytes, self.on_event = cache_bytes, on_event or (lambda _: None)
+        self.cache_bytes, self.on_event, self.recheck = cache_bytes, on_event or (lambda _: None), recheck
         self.stats = CacheStats()
-        self._cache: OrderedDict[str, tuple[TaskRecord, Any, int]] = OrderedDict()
+        self._cache: OrderedDict[str, _Entry] = OrderedDict()
         self._cached_bytes = 0
         self._lock = threading.Lock()
         self._local = threading.local()
-        with self._db() as db:
-            db.executescript(SCHEMA)
+        self._deletes = 0  # generation: bumped (under the lock) after each delete of this process
+        self._tombstones: dict[str, float] = {}  # task id -> time.monotonic() of its delete here
+        self._migrate()
 
     def _db(self) -> sqlite3.Connection:
         """This thread's connection (sqlite3 connections must not cross threads)."""
@@ -88,88 +158,169 @@ class TaskStore:
             self._local.db = db
         return db
 
-    # -- writes ---------------------------------------------------------------------------------
-    def put(self, record: TaskRecord, task: Any = None) -> None:
-        """Write ``record`` durably, then cache ``task`` (its decoded form) if given."""
+    def _migrate(self) -> None:
+        """Create the schema, or bring an older store up to :data:`SCHEMA_VERSION` (in one transaction)."""
         db = self._db()
-        db.execute("INSERT INTO tasks VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                   (record.task_id, record.model, record.method, json.dumps(record.labels), record.created_at,
-                    record.expires_at, record.support_size, sqlite3.Binary(record.state)))
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise RuntimeError(f"task store {self.path} has schema version {version}; this server knows "
+                                   f"{SCHEMA_VERSION}: upgrade the server or use another --state-dir")
+            columns = {row[1] for row in db.execute("PRAGMA table_info(tasks)")}
+            if columns and "tenant" not in columns:  # version 1
+                db.execute("ALTER TABLE tasks ADD COLUMN tenant TEXT NOT NULL DEFAULT ''")
+            for statement in filter(str.strip, SCHEMA.split(";")):
+                db.execute(statement)
+            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    # -- writes ---------------------------------------------------------------------------------
+    def put(self, record: TaskRecord, task: Any = None, max_live: int | None = None) -> None:
+        """Write ``record`` durably, then cache ``task`` (its decoded form) if given. ``max_live``: the
+        tenant's quota of live tasks, checked in the same transaction as the insert
+        (:class:`QuotaExceeded` when it is reached)."""
+        db = self._db()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            if max_live is not None:
+                live = db.execute("SELECT COUNT(*) FROM tasks WHERE tenant = ? AND expires_at > ?",
+                                  (record.tenant, time.time())).fetchone()[0]
+                if live >= max_live:
+                    raise QuotaExceeded(f"this tenant has {live} live tasks, its quota: delete tasks or let them "
+                                        "expire, then adapt again")
+            db.execute(f"INSERT INTO tasks ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                       (record.task_id, record.model, record.method, json.dumps(record.labels), record.created_at,
+                        record.expires_at, record.support_size, sqlite3.Binary(record.state), record.tenant))
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
         if task is not None:
             self._remember(record, task)
 
-    def delete(self, task_id: str) -> bool:
-        """Remove a task; ``False`` when there was none (or it had expired)."""
-        with self._lock:
-            entry = self._cache.pop(task_id, None)
-            if entry:
-                self._cached_bytes -= entry[2]
-        cur = self._db().execute("DELETE FROM tasks WHERE task_id = ? RETURNING expires_at", (task_id,))
-        row = cur.fetchone()
+    def delete(self, task_id: str, tenant: str = "") -> bool:
+        """Remove ``tenant``'s task; ``False`` when there was none (or it had expired, or belongs to
+        another tenant). Once this returns, no lookup of this process finds the task."""
+        row = self._db().execute("DELETE FROM tasks WHERE task_id = ? AND tenant = ? RETURNING expires_at",
+                                 (task_id, tenant)).fetchone()
+        if row is not None:
+            with self._lock:
+                self._deletes += 1
+                now = time.monotonic()
+                self._tombstones[task_id] = now
+                if len(self._tombstones) > 4096:
+                    self._tombstones = {k: t for k, t in self._tombstones.items() if now - t < TOMBSTONE_SECONDS}
+                self._drop(task_id)
         return row is not None and row[0] > time.time()
+
+    def deleted_since(self, task_id: str, since: float) -> bool:
+        """Whether this process deleted ``task_id`` at or after ``since`` (``time.monotonic()``)."""
+        with self._lock:
+            at = self._tombstones.get(task_id)
+        return at is not None and at >= since
 
     def purge_expired(self, now: float | None = None) -> int:
         """Delete every expired task (memory and disk); returns how many rows went."""
         now = time.time() if now is None else now
         with self._lock:
-            for task_id in [k for k, (rec, _, _) in self._cache.items() if rec.expired(now)]:
-                self._cached_bytes -= self._cache.pop(task_id)[2]
+            for task_id in [k for k, e in self._cache.items() if e.record.expired(now)]:
+                self._drop(task_id)
         return self._db().execute("DELETE FROM tasks WHERE expires_at <= ?", (now,)).rowcount
 
     # -- reads ----------------------------------------------------------------------------------
-    def record(self, task_id: str) -> TaskRecord | None:
-        """The stored record of a live task, from disk (``None``: unknown, deleted or expired)."""
-        row = self._db().execute("SELECT * FROM tasks WHERE task_id = ?", (task_id,)).fetchone()
+    def record(self, task_id: str, tenant: str = "") -> TaskRecord | None:
+        """The stored record of ``tenant``'s live task, from disk (``None``: unknown, deleted, expired,
+        or another tenant's: the caller cannot tell which)."""
+        row = self._db().execute(f"SELECT {COLUMNS} FROM tasks WHERE task_id = ? AND tenant = ?",
+                                 (task_id, tenant)).fetchone()
         if row is None:
             return None
-        rec = TaskRecord(row[0], row[1], row[2], json.loads(row[3]), row[4], row[5], row[6], bytes(row[7]))
+        rec = TaskRecord(row[0], row[1], row[2], json.loads(row[3]), row[4], row[5], row[6], bytes(row[7]), row[8])
         return None if rec.expired() else rec
 
-    def get(self, task_id: str, decode: Callable[[TaskRecord], Any]) -> tuple[TaskRecord, Any] | None:
-        """``(record, decoded task)`` of a live task, from the cache or reloaded from disk."""
+    def _row_live(self, task_id: str) -> bool:
+        row = self._db().execute("SELECT expires_at FROM tasks WHERE task_id = ?", (task_id,)).fetchone()
+        return row is not None and row[0] > time.time()
+
+    def get(self, task_id: str, decode: Callable[[TaskRecord], Any], tenant: str = "") -> tuple[TaskRecord, Any] | None:
+        """``(record, decoded task)`` of ``tenant``'s live task, from the cache or reloaded from disk.
+        The cached record's ``state`` is empty (the decoded task is what is kept)."""
+        now = time.monotonic()
         with self._lock:
             entry = self._cache.get(task_id)
-            if entry is not None and not entry[0].expired():
+            if entry is not None and (entry.record.tenant != tenant or entry.record.expired()):
+                entry = None if entry.record.tenant != tenant else self._drop(task_id)
+            if entry is not None:
                 self._cache.move_to_end(task_id)
-                self.stats.hits += 1
-                hit = entry
-            else:
-                hit = None
-        if hit is not None:
+            generation = self._deletes
+        if entry is not None and now - entry.checked > self.recheck:
+            # another process may have deleted it: re-read the row (at most once per `recheck` seconds)
+            if not self._row_live(task_id):
+                with self._lock:
+                    self._drop(task_id)
+                entry = None
+                self.stats.misses += 1
+                self.on_event("miss")
+                return None
+            entry.checked = now
+        if entry is not None:
+            self.stats.hits += 1
             self.on_event("hit")
-            return hit[0], hit[1]
+            return entry.record, entry.task
         self.stats.misses += 1
         self.on_event("miss")
-        rec = self.record(task_id)
+        rec = self.record(task_id, tenant)
         if rec is None:
             return None
         task = decode(rec)
-        self._remember(rec, task)
-        return rec, task
+        while True:
+            with self._lock:
+                if self._deletes == generation:
+                    self._remember_locked(rec, task, now)
+                    return dataclasses.replace(rec, state=b""), task
+                generation = self._deletes
+            if task_id in self._tombstones or not self._row_live(task_id):  # deleted while we decoded
+                return None
 
     def count(self) -> int:
         """Live tasks on disk (all processes sharing the store)."""
         return self._db().execute("SELECT COUNT(*) FROM tasks WHERE expires_at > ?", (time.time(),)).fetchone()[0]
 
     def _remember(self, record: TaskRecord, task: Any) -> None:
-        size = len(record.state)
-        if size > self.cache_bytes:
-            return
-        evicted = 0
         with self._lock:
-            old = self._cache.pop(record.task_id, None)
-            if old:
-                self._cached_bytes -= old[2]
-            self._cache[record.task_id] = (record, task, size)
-            self._cached_bytes += size
-            while self._cached_bytes > self.cache_bytes:
-                _, (_, _, freed) = self._cache.popitem(last=False)
-                self._cached_bytes -= freed
-                evicted += 1
-            self.stats.evictions += evicted
+            self._remember_locked(record, task, time.monotonic())
+
+    def _remember_locked(self, record: TaskRecord, task: Any, checked: float) -> None:
+        charge = resident_bytes(task) + ENTRY_OVERHEAD + sum(len(label) for label in record.labels)
+        self._drop(record.task_id)
+        if charge > self.cache_bytes:
+            return
+        self._cache[record.task_id] = _Entry(dataclasses.replace(record, state=b""), task, charge, checked)
+        self._cached_bytes += charge
+        evicted = 0
+        while self._cached_bytes > self.cache_bytes:
+            _, old = self._cache.popitem(last=False)
+            self._cached_bytes -= old.charge
+            evicted += 1
+        self.stats.evictions += evicted
         for _ in range(evicted):
             self.on_event("eviction")
+
+    def _drop(self, task_id: str) -> None:
+        """Remove a cache entry (the caller holds the lock); returns ``None``."""
+        entry = self._cache.pop(task_id, None)
+        if entry is not None:
+            self._cached_bytes -= entry.charge
 
     @property
     def cached(self) -> int:
         return len(self._cache)
+
+    @property
+    def cached_bytes(self) -> int:
+        """What the cache is charged now (at most ``cache_bytes``)."""
+        return self._cached_bytes

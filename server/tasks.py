@@ -8,22 +8,36 @@ limits), run it on decoded images and store the resulting :class:`TaskRecord`, a
 
 from __future__ import annotations
 
+import hashlib
 import math
+import re
 import secrets
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 
 from fewshot.export.loader import BundleModel
-from fewshot.server.errors import InvalidRequest, NotFound, TooLarge
+from fewshot.models.interrupt import checkpoint, interruptible
+from fewshot.server.errors import InvalidRequest, NotFound, TooLarge, quoted
 from fewshot.server.images import ImageLimits
 from fewshot.server.state import StateError, dump_task, load_task
 from fewshot.server.store import TaskRecord, TaskStore
 
 MAX_LAMBDA = 1000.0
+#: Length limits of identifiers and names (characters); longer ones are refused, never echoed whole.
+MAX_MODEL_NAME = 128
+MAX_METHOD_NAME = 64
+MAX_TASK_ID = 64
+MAX_LABEL = 256
+TASK_ID = re.compile(r"[0-9A-Za-z_-]{1,64}")
+
+
+def task_ref(task_id: str) -> str:
+    """What logs say for a task: a short hash (a task id lets a caller of its tenant classify)."""
+    return hashlib.sha256(task_id.encode()).hexdigest()[:12]
 
 
 @dataclass(frozen=True)
@@ -35,6 +49,12 @@ class ServiceLimits:
     default_ttl: int = 24 * 3600
     max_ttl: int = 30 * 24 * 3600
     image: ImageLimits = ImageLimits()
+    #: Decoded pixels (width x height, summed over a call's images): about 16 images at the per-image limit.
+    max_call_pixels: int = 256 << 20
+    #: Inner-loop work of one Adapt: support images x inner steps.
+    max_image_steps: int = 20000
+    #: Bytes of one Adapt: the message, or all chunks of an AdaptStream together.
+    max_request_bytes: int = 256 << 20
 
     def ttl(self, requested: int) -> int:
         """Seconds a task lives: ``requested``, or the default when 0."""
@@ -48,6 +68,11 @@ class ServiceLimits:
         if count > self.max_support:
             raise TooLarge(f"support set has {count} images; this server takes at most {self.max_support}")
 
+    def check_request_bytes(self, size: int) -> None:
+        if size > self.max_request_bytes:
+            raise TooLarge(f"the Adapt carries more than {self.max_request_bytes} bytes ({size} so far); this server "
+                           "takes at most that per call or stream: send fewer or smaller images")
+
     def check_queries(self, count: int) -> None:
         if not count:
             raise InvalidRequest("no query images: send at least one")
@@ -59,16 +84,29 @@ def get_model(models: Mapping[str, BundleModel], name: str) -> BundleModel:
     """The served model called ``name`` (:class:`InvalidRequest` when empty, :class:`NotFound` when unknown)."""
     if not name:
         raise InvalidRequest(f"no model named: set `model` to one of {', '.join(sorted(models))}")
+    if len(name) > MAX_MODEL_NAME:
+        raise InvalidRequest(f"model name {quoted(name)} is longer than {MAX_MODEL_NAME} characters")
     if name not in models:
-        raise NotFound(f"unknown model {name!r}: this server has {', '.join(sorted(models))}")
+        raise NotFound(f"unknown model {quoted(name)}: this server has {', '.join(sorted(models))}")
     return models[name]
 
 
-def find_task(store: TaskStore, models: Mapping[str, BundleModel], task_id: str) -> tuple[TaskRecord, Any, BundleModel]:
-    """``(record, ready-to-classify task, its model)`` of a live task, from the store's cache or disk
-    (blocking); :class:`NotFound` for an unknown, deleted, expired or unrestorable task."""
+def check_task_id(task_id: str) -> str:
+    """``task_id`` if it can be one (:class:`InvalidRequest` when empty, too long or of other characters)."""
     if not task_id:
         raise InvalidRequest("task_id is empty: use the id that Adapt returned")
+    if not TASK_ID.fullmatch(task_id):
+        raise InvalidRequest(f"task_id {quoted(task_id, 16)} is not a task id: ids are at most {MAX_TASK_ID} "
+                             "letters, digits, '_' or '-' (Adapt returns 32 hex digits)")
+    return task_id
+
+
+def find_task(store: TaskStore, models: Mapping[str, BundleModel], task_id: str,
+              tenant: str = "") -> tuple[TaskRecord, Any, BundleModel]:
+    """``(record, ready-to-classify task, its model)`` of ``tenant``'s live task, from the store's cache
+    or disk (blocking); :class:`NotFound` for an unknown, deleted, expired or unrestorable task, or
+    one of another tenant (the same answer, so ids of other tenants cannot be probed)."""
+    check_task_id(task_id)
 
     def decode(rec: TaskRecord) -> Any:
         if rec.model not in models:
@@ -78,7 +116,7 @@ def find_task(store: TaskStore, models: Mapping[str, BundleModel], task_id: str)
         except StateError as exc:
             raise NotFound(f"task {task_id} cannot be restored: {exc}") from None
 
-    found = store.get(task_id, decode)
+    found = store.get(task_id, decode, tenant)
     if found is None:
         raise NotFound(f"task {task_id} is unknown, deleted or expired: adapt again")
     record, task = found
@@ -89,10 +127,12 @@ def resolve_method(model: BundleModel, method: str | None) -> str:
     """``method`` (empty: the model's own) as one of ``model.methods``; an inner-loop model also
     accepts its method's name (e.g. ``cxgrad``) for ``inner_loop``."""
     method = method or model.default_method
+    if len(method) > MAX_METHOD_NAME:
+        raise InvalidRequest(f"method {quoted(method)} is longer than {MAX_METHOD_NAME} characters")
     if model.family == "inner_loop" and method == model.manifest["method"]:
         method = "inner_loop"
     if method not in model.methods:
-        raise InvalidRequest(f"unknown method {method!r} for model {model.name}: use {', '.join(model.methods)}")
+        raise InvalidRequest(f"unknown method {quoted(method)} for model {model.name}: use {', '.join(model.methods)}")
     return method
 
 
@@ -102,12 +142,16 @@ def check_labels(model: BundleModel, names: list[str]) -> tuple[list[str], torch
         raise InvalidRequest("the support set is empty: send at least one labelled image for each of 2 or more classes")
     if any(not n for n in names):
         raise InvalidRequest(f"support image {names.index('')} has an empty label: every image needs its class label")
+    for i, n in enumerate(names):
+        if len(n) > MAX_LABEL:
+            raise InvalidRequest(f"support image {i} has a label of {len(n)} characters ({quoted(n, 32)}); "
+                                 f"labels are at most {MAX_LABEL}")
     counts = Counter(names)
     labels = list(counts)
     limits = model.manifest["limits"]
     ways, shots = len(labels), max(counts.values())
     if ways < 2:
-        raise InvalidRequest(f"the support set has 1 class ({labels[0]!r}); a task needs at least 2 classes")
+        raise InvalidRequest(f"the support set has 1 class ({quoted(labels[0])}); a task needs at least 2 classes")
     if model.family == "inner_loop" and ways != model.net.ways:
         raise InvalidRequest(f"model {model.name} adapts {model.net.ways}-way tasks (its head has {model.net.ways} "
                              f"outputs); the support set has {ways} classes")
@@ -115,7 +159,7 @@ def check_labels(model: BundleModel, names: list[str]) -> tuple[list[str], torch
         raise InvalidRequest(f"the support set has {ways} classes; model {model.name} allows at most {limits['max_ways']}")
     if shots > limits.get("max_shots", shots):
         worst = max(counts, key=counts.get)
-        raise InvalidRequest(f"class {worst!r} has {shots} images; model {model.name} allows at most "
+        raise InvalidRequest(f"class {quoted(worst)} has {shots} images; model {model.name} allows at most "
                              f"{limits['max_shots']} per class")
     index = {n: i for i, n in enumerate(labels)}
     return labels, torch.as_tensor([index[n] for n in names]), min(counts.values())
@@ -151,10 +195,12 @@ class AdaptRequest:
     adapter: Any
     ttl: int
     seconds: float = 0.0
+    tenant: str = ""
 
     @staticmethod
     def check(model: BundleModel, method: str | None, names: list[str], inner_steps: int | None = None,
-              lam: float | None = None, ttl: int = 24 * 3600) -> "AdaptRequest":
+              lam: float | None = None, ttl: int = 24 * 3600, max_image_steps: int | None = None,
+              tenant: str = "") -> "AdaptRequest":
         method = resolve_method(model, method)
         labels, targets, shots = check_labels(model, names)
         settings = check_settings(model, method, inner_steps, lam)
@@ -162,15 +208,22 @@ class AdaptRequest:
             adapter = model.adapter(method, shots=shots, **settings)
         except ValueError as exc:
             raise InvalidRequest(str(exc)) from None
-        return AdaptRequest(model, method, labels, targets, adapter, ttl)
+        steps = getattr(adapter, "steps", 0)
+        if max_image_steps is not None and len(names) * steps > max_image_steps:
+            raise TooLarge(f"{len(names)} support images x {steps} inner steps = {len(names) * steps} image-steps; this "
+                           f"server runs at most {max_image_steps} per Adapt: send fewer images or ask fewer inner_steps")
+        return AdaptRequest(model, method, labels, targets, adapter, ttl, tenant=tenant)
 
-    def run(self, images: torch.Tensor) -> tuple[TaskRecord, Any, float]:
-        """Adapt on normalised ``(S, C, H, W)`` images -> (record to store, task, support accuracy)."""
-        start = time.perf_counter()
-        task = self.adapter.adapt(images, self.targets)
-        self.seconds = time.perf_counter() - start
-        accuracy = float((task.classify(images).argmax(1) == self.targets).float().mean())
+    def run(self, images: torch.Tensor, check: Callable[[str], None] | None = None) -> tuple[TaskRecord, Any, float]:
+        """Adapt on normalised ``(S, C, H, W)`` images -> (record to store, task, support accuracy).
+        ``check(stage)`` is called at each stage boundary (it raises to stop an abandoned call)."""
+        with interruptible(check or (lambda stage: None)):
+            start = time.perf_counter()
+            task = self.adapter.adapt(images, self.targets)
+            self.seconds = time.perf_counter() - start
+            checkpoint("support accuracy")
+            accuracy = float((task.classify(images).argmax(1) == self.targets).float().mean())
         now = time.time()
         record = TaskRecord(secrets.token_hex(16), self.model.name, self.method, self.labels, now, now + self.ttl,
-                            len(images), dump_task(task))
+                            len(images), dump_task(task), self.tenant)
         return record, task, accuracy

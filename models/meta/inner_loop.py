@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from fewshot.models.interrupt import checkpoint
 from fewshot.models.meta.network import BN_MODES, BNStats, MetaConv4, Params, support_statistics
 from fewshot.models.meta.rules import Context, UpdateRule
 
@@ -45,6 +46,7 @@ def inner_loop(net: MetaConv4, rule: UpdateRule, params: Params, support: torch.
         names = rule.adapted_names()
         per_step, losses = [], []
         for t in range(steps):
+            checkpoint(f"inner step {t}")
             eff = rule.effective(params, ctx, t)
             loss = support_loss(eff, t)
             extra = rule.extra(ctx)

@@ -67,14 +67,53 @@ def cmd_delete(client: FewShotClient, args: argparse.Namespace) -> None:
     print(f"deleted {args.task}")
 
 
+def env_flag(name: str) -> bool:
+    """Whether environment variable ``name`` switches a flag on (1, true, yes or on)."""
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def env_path(name: str) -> Path | None:
+    """Environment variable ``name`` as a path; None when unset or empty."""
+    value = os.environ.get(name, "")
+    return Path(value) if value else None
+
+
+def read_token(path: Path) -> str:
+    """The bearer token in file ``path``, stripped; raises CommandError if it is unreadable or empty."""
+    try:
+        token = path.read_text(encoding="utf-8").strip()
+    except OSError as err:
+        raise CommandError(f"cannot read the token file {path}: {err.strerror or err}") from err
+    except UnicodeDecodeError as err:
+        raise CommandError(f"the token file {path} is not UTF-8 text") from err
+    if not token:
+        raise CommandError(f"the token file {path} is empty")
+    return token
+
+
 def parser() -> argparse.ArgumentParser:
     """The argument parser; each subcommand sets ``run``."""
     p = argparse.ArgumentParser(prog=PROG, description="Client of the fewshot.v1.FewShot service.")
     p.add_argument("--target", default=os.environ.get("FEWSHOT_TARGET", "127.0.0.1:50051"),
                    help="HOST:PORT of the server (default: $FEWSHOT_TARGET or 127.0.0.1:50051)")
-    p.add_argument("--token", default=os.environ.get("FEWSHOT_TOKEN"),
-                   help="bearer token (default: $FEWSHOT_TOKEN)")
+    token = p.add_mutually_exclusive_group()
+    token.add_argument("--token", default=os.environ.get("FEWSHOT_TOKEN"),
+                       help="bearer token (default: $FEWSHOT_TOKEN)")
+    token.add_argument("--token-file", type=Path, metavar="FILE",
+                       help="read the bearer token from FILE (surrounding whitespace stripped); "
+                            "overrides $FEWSHOT_TOKEN")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds per call (default 30)")
+    tls = p.add_argument_group("TLS", "any of --ca-cert, --client-cert, --client-key implies --tls")
+    tls.add_argument("--tls", action="store_true", default=env_flag("FEWSHOT_TLS"),
+                     help="connect over TLS, verifying the server against the system's CAs unless "
+                          "--ca-cert is given (default: on if $FEWSHOT_TLS is 1)")
+    tls.add_argument("--ca-cert", type=Path, metavar="FILE", default=env_path("FEWSHOT_CA_CERT"),
+                     help="PEM file of the CA(s) to verify the server against (default: $FEWSHOT_CA_CERT)")
+    tls.add_argument("--client-cert", type=Path, metavar="FILE", default=env_path("FEWSHOT_CLIENT_CERT"),
+                     help="PEM client certificate (chain) for mutual TLS, with --client-key "
+                          "(default: $FEWSHOT_CLIENT_CERT)")
+    tls.add_argument("--client-key", type=Path, metavar="FILE", default=env_path("FEWSHOT_CLIENT_KEY"),
+                     help="PEM private key of --client-cert (default: $FEWSHOT_CLIENT_KEY)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     adapt = sub.add_parser("adapt", help="adapt a model to a support directory; prints the task id")
@@ -110,7 +149,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exit_.code if isinstance(exit_.code, int) else 2
     run: Callable[[FewShotClient, argparse.Namespace], None] = args.run
     try:
-        with FewShotClient(args.target, token=args.token, timeout=args.timeout) as client:
+        token = read_token(args.token_file) if args.token_file else args.token
+        with FewShotClient(args.target, token=token, timeout=args.timeout, tls=args.tls,
+                           root_certificates=args.ca_cert, client_certificate=args.client_cert,
+                           client_key=args.client_key) as client:
             run(client, args)
     except (FewShotError, CommandError, OSError, ValueError, TypeError) as err:
         message = " ".join(str(err).split())

@@ -36,17 +36,29 @@ class Task(TaskFields):
 
 
 class FewShotClient:
-    """Client of the ``fewshot.v1.FewShot`` service over an insecure channel.
+    """Client of the ``fewshot.v1.FewShot`` service.
 
     Every call carries ``token`` as a bearer token (if given) and a ``timeout`` in seconds; UNAVAILABLE
     is retried ``retries`` times with exponential ``backoff``; failures raise ``errors.FewShotError``
     subclasses.
+
+    The channel is plaintext unless ``tls`` is true or any of ``root_certificates`` (the CAs to trust;
+    None: the system's roots), ``client_certificate`` and ``client_key`` (for mutual TLS, both or
+    neither) is given; each is PEM content (bytes) or a PEM file's path (str or os.PathLike). Bad
+    certificate arguments raise ValueError, unreadable files OSError (see
+    ``messages.channel_credentials``).
     """
 
     def __init__(self, target: str, token: str | None = None, timeout: float = 30.0, retries: int = 3,
-                 backoff: float = 0.2, max_message_mb: float = 64) -> None:
+                 backoff: float = 0.2, max_message_mb: float = 64, *, tls: bool = False,
+                 root_certificates: messages.PemSource | None = None,
+                 client_certificate: messages.PemSource | None = None,
+                 client_key: messages.PemSource | None = None) -> None:
         self._config = messages.ClientConfig.of(token, timeout, retries, backoff, max_message_mb)
-        self._channel = grpc.insecure_channel(target, options=self._config.channel_options())
+        credentials = messages.channel_credentials(tls, root_certificates, client_certificate, client_key)
+        options = self._config.channel_options()
+        self._channel = (grpc.insecure_channel(target, options=options) if credentials is None
+                         else grpc.secure_channel(target, credentials, options=options))
         self._stub = fewshot_pb2_grpc.FewShotStub(self._channel)
 
     def _call(self, rpc: Any, request: messages.Request) -> Any:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Union
 
 import grpc
@@ -15,6 +17,9 @@ from fewshot_client.images import ImageLike, to_image_proto
 
 # An RPC's request: one message, or the chunks of a client stream.
 Request = Union[Message, Sequence[fewshot_pb2.AdaptChunk]]
+
+# A PEM certificate or key: its content (bytes), or the path of a file holding it (str or os.PathLike).
+PemSource = Union[bytes, str, os.PathLike[str]]
 
 
 @dataclass
@@ -216,3 +221,61 @@ class ClientConfig:
         """gRPC channel options setting both message size limits to ``max_bytes``."""
         return [("grpc.max_send_message_length", self.max_bytes),
                 ("grpc.max_receive_message_length", self.max_bytes)]
+
+
+def read_pem(source: PemSource | None, what: str) -> bytes | None:
+    """The PEM bytes of ``source`` (None stays None): bytes are the content itself, a str or path names
+    a file to read.
+
+    Raises:
+        OSError: the file cannot be read (the message names ``what`` and the path).
+        ValueError: the content is not PEM, or a str holds PEM content instead of a path.
+        TypeError: ``source`` is of another type.
+    """
+    if source is None:
+        return None
+    if isinstance(source, (bytes, bytearray)):
+        data, origin = bytes(source), f"the {what}"
+    elif isinstance(source, (str, os.PathLike)):
+        if isinstance(source, str) and "-----BEGIN" in source:
+            raise ValueError(f"the {what} is given as a str holding PEM content; a str is a file path, "
+                             f"pass the content as bytes (.encode())")
+        path = Path(source)
+        try:
+            data = path.read_bytes()
+        except OSError as err:
+            message = f"cannot read the {what} file {path}: {err.strerror or err}"
+            raise (OSError(err.errno, message) if err.errno is not None else OSError(message)) from err
+        origin = f"the {what} file {path}"
+    else:
+        raise TypeError(f"the {what} must be bytes (PEM content) or a file path, got {type(source).__name__}")
+    if b"-----BEGIN" not in data:
+        raise ValueError(f"{origin} is not PEM (no '-----BEGIN' line)")
+    return data
+
+
+def channel_credentials(tls: bool = False, root_certificates: PemSource | None = None,
+                        client_certificate: PemSource | None = None,
+                        client_key: PemSource | None = None) -> grpc.ChannelCredentials | None:
+    """The TLS credentials of a channel, or None for a plaintext (insecure) one.
+
+    TLS is used when ``tls`` is true or any certificate or key is given. ``root_certificates`` are
+    the CAs that the server's certificate must chain to (None: the system's roots);
+    ``client_certificate`` (its chain) and ``client_key`` identify the client to a server that
+    requires mutual TLS, and go together. Each is PEM content (bytes) or the path of a PEM file
+    (str or os.PathLike).
+
+    Raises:
+        ValueError: a client certificate without a key or the reverse; content that is not PEM.
+        OSError: a file that cannot be read.
+    """
+    if (client_certificate is None) != (client_key is None):
+        given, missing = (("client_certificate", "client_key") if client_key is None
+                          else ("client_key", "client_certificate"))
+        raise ValueError(f"mutual TLS needs both a client certificate and its key: {given} was given "
+                         f"without {missing}")
+    if not (tls or root_certificates is not None or client_certificate is not None):
+        return None
+    return grpc.ssl_channel_credentials(root_certificates=read_pem(root_certificates, "CA certificate"),
+                                        private_key=read_pem(client_key, "client key"),
+                                        certificate_chain=read_pem(client_certificate, "client certificate"))
