@@ -12,6 +12,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 from fewshot.server.errors import CallAbandoned, TooLarge
 
@@ -25,11 +26,14 @@ class CallBudget:
     deadline: float | None = None
     pixels: int = 0
     abandoned: threading.Event = field(default_factory=threading.Event)
+    #: Called with the stage at which the work of an abandoned call stopped (metrics).
+    on_stop: Callable[[str], None] = lambda stage: None
 
     @staticmethod
-    def for_call(max_pixels: int, time_remaining: float | None) -> "CallBudget":
+    def for_call(max_pixels: int, time_remaining: float | None,
+                 on_stop: Callable[[str], None] = lambda stage: None) -> "CallBudget":
         deadline = None if time_remaining is None else time.monotonic() + time_remaining
-        return CallBudget(max_pixels, deadline)
+        return CallBudget(max_pixels, deadline, on_stop=on_stop)
 
     def abandon(self) -> None:
         """The client went away (cancellation seen by the event loop): stop at the next boundary."""
@@ -38,9 +42,11 @@ class CallBudget:
     def check(self, stage: str) -> None:
         """Raise :class:`CallAbandoned` if the call was cancelled or its deadline passed."""
         if self.abandoned.is_set():
+            self.on_stop(stage)
             raise CallAbandoned(f"the call was cancelled; its work stopped before {stage}")
         if self.deadline is not None and time.monotonic() >= self.deadline:
             self.abandoned.set()
+            self.on_stop(stage)
             raise CallAbandoned(f"the call's deadline passed; its work stopped before {stage}")
 
     def charge_pixels(self, pixels: int) -> None:

@@ -78,6 +78,7 @@ def _decode_encoded(data: bytes, spec: InputSpec, limits: ImageLimits) -> np.nda
         raise ImageError(f"is empty: send encoded bytes ({_ACCEPTED}) or a raw tensor")
     try:
         with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a damaged file's warnings say nothing the error will not
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             # only the allowed plugins look at the bytes; opening reads the header, no pixels
             image = Image.open(io.BytesIO(data), formats=limits.formats)

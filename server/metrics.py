@@ -25,6 +25,8 @@ class ServiceMetrics:
         self.running = Gauge("fewshot_admission_running", "Heavy calls (Adapt, Classify) running now", registry=self.registry)
         self.queue_depth = Gauge("fewshot_admission_queue_depth", "Heavy calls waiting for an admission slot",
                                  registry=self.registry)
+        self.stopped = Counter("fewshot_abandoned_work", "Work of cancelled or expired calls stopped, by stage",
+                               ["stage"], registry=self.registry)
         self.cache_bytes = Gauge("fewshot_task_cache_bytes", "Bytes the task cache is charged (tensors + per-entry overhead)",
                                  registry=self.registry)
         ProcessCollector(registry=self.registry)  # process_resident_memory_bytes, CPU seconds, open fds

@@ -118,7 +118,8 @@ class FewShotService:
         """Authenticate, run ``body``, map service errors to statuses, record metrics and one log line."""
         fields: dict[str, Any] = {"method": ""}
         start, code, message = time.perf_counter(), grpc.StatusCode.OK, ""
-        budget = CallBudget.for_call(self.limits.max_call_pixels, context.time_remaining())
+        budget = CallBudget.for_call(self.limits.max_call_pixels, context.time_remaining(),
+                                     lambda stage: self.metrics.stopped.labels(stage.split()[0]).inc())
         try:
             tenant = self.auth.authenticate(context.invocation_metadata() or (), context.peer())
             if self.auth.required:

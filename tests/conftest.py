@@ -39,6 +39,15 @@ def exported(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def omni_bundles(exported, tmp_path_factory):
+    """A bundle directory with only the Omniglot direct-sum and CxGrad models (a server starts quickly on it)."""
+    root = tmp_path_factory.mktemp("omni-bundles")
+    for name in ("omniglot-conv4-directsum", "omniglot-conv4-cxgrad"):
+        (root / name).symlink_to(exported[0] / name, target_is_directory=True)
+    return root
+
+
+@pytest.fixture(scope="session")
 def server(exported, tmp_path_factory):
     """A real ``fewshot serve`` on loopback over every shipped bundle; small limits so the
     RESOURCE_EXHAUSTED cases stay cheap, a longer batching window so concurrent calls merge."""

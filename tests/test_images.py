@@ -1,0 +1,88 @@
+"""Image decoding: the format allow-list, every decoder failure as ImageError, pixel limits from headers."""
+
+from __future__ import annotations
+
+import io
+import struct
+
+import numpy as np
+import pytest
+from PIL import Image, ImageFile
+
+from fewshot.models.preprocess import InputSpec
+from fewshot.server.budget import CallBudget
+from fewshot.server.errors import TooLarge
+from fewshot.server.images import FORMATS, ImageError, ImageLimits, decode_batch, decode_image
+
+SPEC = InputSpec(1, 28, (0.5,), (0.5,))
+
+
+def encoded(fmt: str, size: tuple[int, int] = (40, 30), mode: str = "L") -> bytes:
+    buf = io.BytesIO()
+    Image.new(mode, size, 128).save(buf, fmt)
+    return buf.getvalue()
+
+
+def dds() -> bytes:
+    """The 912-byte DDS of issue 13 (Pillow: NotImplementedError 'Unknown pixel format flags 0')."""
+    return (b"DDS " + struct.pack("<7I", 124, 0x1007, 28, 28, 0, 0, 0) + bytes(44)
+            + struct.pack("<8I", 32, 0, 0, 8, 0, 0, 0, 0) + bytes(20) + bytes(784))
+
+
+def ico_bomb(side: int = 9000) -> bytes:
+    """An ICO whose one entry is a ``side`` x ``side`` PNG (~80 KB; Pillow decodes it while opening)."""
+    png = encoded("PNG", (side, side))
+    return struct.pack("<HHH", 0, 1, 1) + struct.pack("<BBBBHHII", 0, 0, 0, 0, 1, 32, len(png), 22) + png
+
+
+def blp() -> bytes:
+    """A malformed BLP (Pillow: BLPFormatError)."""
+    return b"BLP1" + struct.pack("<5I", 9, 8, 28, 28, 0) + bytes(64)
+
+
+def spider() -> bytes:
+    """A SPIDER header that Pillow's plugin chokes on (it has no signature to refuse it by)."""
+    header = np.zeros(256, dtype=">f4")
+    header[[1, 2, 4, 11, 12, 22]] = [1, 28, 1, 28, 1, 1024]
+    return header.tobytes() + bytes(28 * 28 * 4)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_every_allowed_format_decodes(fmt):
+    assert decode_image(encoded(fmt, mode="L" if fmt != "JPEG" else "RGB"), SPEC).shape == (28, 28, 1)
+
+
+@pytest.mark.parametrize("data,name", [(dds(), "DDS"), (ico_bomb(), "ICO"), (blp(), "BLP"), (encoded("PCX"), "PCX"),
+                                       (encoded("PPM"), "PPM")])
+def test_formats_outside_the_allow_list_are_refused_by_name(data, name):
+    with pytest.raises(ImageError, match=rf"in the {name} format, which this server does not accept"):
+        decode_image(data, SPEC)
+
+
+@pytest.mark.parametrize("data", [spider(), b"\x89PNG\r\n\x1a\n" + bytes(40), encoded("PNG")[:60],
+                                  encoded("JPEG", mode="RGB")[:200], encoded("TIFF")[:50]])
+def test_malformed_images_are_image_errors(data):
+    with pytest.raises(ImageError):
+        decode_image(data, SPEC)
+
+
+def test_no_plugin_decodes_while_checking_limits(monkeypatch):
+    """Oversized images of every allowed format, and the ICO bomb, are refused without one pixel decoded."""
+    def no_decoding(self):
+        raise AssertionError(f"{self.format} pixels were decoded")
+
+    limits = ImageLimits(max_bytes=64 << 20, max_pixels=1 << 20)
+    images = {fmt: encoded(fmt, (1500, 1500), "L" if fmt != "JPEG" else "RGB") for fmt in FORMATS}
+    monkeypatch.setattr(ImageFile.ImageFile, "load", no_decoding)
+    for fmt, data in images.items():
+        with pytest.raises(ImageError, match="from its header, before decoding"):
+            decode_image(data, SPEC, limits)
+    with pytest.raises(ImageError, match="ICO format"):
+        decode_image(ico_bomb(), SPEC, limits)
+
+
+def test_a_calls_pixel_budget_is_charged_before_decoding(monkeypatch):
+    images = [encoded("PNG", (1024, 1024))] * 5
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: pytest.fail("decoded before the budget check"))
+    with pytest.raises(TooLarge, match="decoded pixels"):
+        decode_batch(images, SPEC, ImageLimits(), "query", CallBudget(max_pixels=4 << 20))

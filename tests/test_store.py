@@ -1,0 +1,126 @@
+"""The task store alone: delete consistency (one process, and two stores on one file), what the cache
+charges, tenants, quotas and the schema migration."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+
+import pytest
+import torch
+
+from fewshot.models.heads.centroid import CentroidState
+from fewshot.models.metric_adapter import MetricTask
+from fewshot.server.errors import QuotaExceeded
+from fewshot.server.store import ENTRY_OVERHEAD, TaskRecord, TaskStore, resident_bytes
+from fewshot.server.state import dump_task
+
+
+def _task(n: int = 5, d: int = 3136) -> MetricTask:
+    return MetricTask(CentroidState(torch.randn(n, d), "L2N", torch.randn(d)), extract=lambda x: x)
+
+
+def _record(task_id: str, task: MetricTask, tenant: str = "", ttl: float = 3600) -> TaskRecord:
+    now = time.time()
+    return TaskRecord(task_id, "m", "centroid", [f"c{i}" for i in range(5)], now, now + ttl, 5, dump_task(task), tenant)
+
+
+def test_a_deleted_task_is_never_found_again_under_concurrent_reloads(tmp_path):
+    """Defect 1: a lookup racing the delete must not re-cache the row it read before the delete."""
+    store = TaskStore(tmp_path, recheck=60.0)
+    slow = threading.Event()
+
+    def decode(rec: TaskRecord):
+        if slow.is_set():
+            time.sleep(0.01)  # widen the window between reading the row and caching it
+        return _task()
+
+    for round_ in range(20):
+        task_id = f"t{round_}"
+        store.put(_record(task_id, _task()))
+        stop, found_after = threading.Event(), []
+        deleted_at: list[float] = []
+
+        def lookups():
+            while not stop.is_set():
+                started = time.monotonic()
+                if store.get(task_id, decode) is not None and deleted_at and started > deleted_at[0]:
+                    found_after.append(started)
+                store._cache.pop(task_id, None)  # force reloads from disk, the racing path
+
+        slow.set()
+        threads = [threading.Thread(target=lookups) for _ in range(3)]
+        for t in threads:
+            t.start()
+        time.sleep(0.02)
+        assert store.delete(task_id)
+        deleted_at.append(time.monotonic())
+        time.sleep(0.05)
+        stop.set()
+        for t in threads:
+            t.join()
+        assert store.get(task_id, decode) is None and store.record(task_id) is None
+        assert not found_after, f"round {round_}: found {len(found_after)} times after the delete returned"
+
+
+def test_a_task_deleted_by_another_store_stops_being_served_within_recheck(tmp_path):
+    a, b = TaskStore(tmp_path, recheck=0.2), TaskStore(tmp_path, recheck=0.2)
+    a.put(_record("x", _task()))
+    assert b.get("x", lambda rec: _task()) is not None  # cached in b
+    assert a.delete("x")
+    deadline = time.monotonic() + 0.2 + 0.3
+    while b.get("x", lambda rec: _task()) is not None:
+        assert time.monotonic() < deadline, "b kept serving a task a deleted"
+        time.sleep(0.01)
+
+
+def test_the_cache_is_charged_what_its_entries_hold(tmp_path):
+    """Defect 6: the charge covers every tensor an entry holds, and entries do not keep the state bytes."""
+    store = TaskStore(tmp_path, cache_bytes=1 << 20)
+    for i in range(40):
+        task = _task()
+        store.put(_record(f"t{i}", task), task)
+    held = sum(resident_bytes(e.task) + len(e.record.state) for e in store._cache.values())
+    assert 0 < store.cached <= 40 and held + ENTRY_OVERHEAD * store.cached <= store.cache_bytes
+    assert store.cached_bytes == sum(e.charge for e in store._cache.values()) <= store.cache_bytes
+    assert all(e.record.state == b"" for e in store._cache.values())
+
+
+def test_resident_bytes_counts_shared_storage_once():
+    x = torch.zeros(1000)
+    assert resident_bytes({"a": x, "b": x[:10], "c": [x]}) == 4000
+
+
+def test_tenants_see_only_their_own_tasks(tmp_path):
+    store = TaskStore(tmp_path)
+    store.put(_record("a-task", _task(), tenant="a"))
+    assert store.record("a-task", "a") is not None
+    assert store.record("a-task", "b") is None and store.get("a-task", lambda r: _task(), "b") is None
+    assert not store.delete("a-task", "b") and store.record("a-task", "a") is not None
+    assert store.delete("a-task", "a")
+
+
+def test_the_live_task_quota_is_checked_with_the_insert(tmp_path):
+    store = TaskStore(tmp_path)
+    for i in range(3):
+        store.put(_record(f"q{i}", _task(), tenant="a"), max_live=3)
+    with pytest.raises(QuotaExceeded, match="3 live tasks"):
+        store.put(_record("q3", _task(), tenant="a"), max_live=3)
+    store.put(_record("other", _task(), tenant="b"), max_live=3)  # quotas are per tenant
+    assert store.record("q3", "a") is None
+
+
+def test_a_version_1_store_is_migrated(tmp_path):
+    db = sqlite3.connect(tmp_path / "tasks.sqlite3")
+    db.executescript("""CREATE TABLE tasks (task_id TEXT PRIMARY KEY, model TEXT NOT NULL, method TEXT NOT NULL,
+        labels TEXT NOT NULL, created_at REAL NOT NULL, expires_at REAL NOT NULL, support_size INTEGER NOT NULL,
+        state BLOB NOT NULL);""")
+    rec = _record("old", _task())
+    db.execute("INSERT INTO tasks VALUES (?, ?, ?, ?, ?, ?, ?, ?)", ("old", "m", "centroid", '["a", "b"]', rec.created_at,
+                                                                     rec.expires_at, 5, rec.state))
+    db.commit()
+    db.close()
+    store = TaskStore(tmp_path)
+    assert store.record("old").labels == ["a", "b"] and store.record("old").tenant == ""
+    assert store._db().execute("PRAGMA user_version").fetchone()[0] == 2
