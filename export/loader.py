@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from fewshot.export.onnx_graphs import network_inputs
 from fewshot.export.registry import Bundle
-from fewshot.models.features import FeatureExtractor, OnnxFeatures, onnx_providers
+from fewshot.models.features import FeatureExtractor, OnnxFeatures, onnx_providers, run_batch, run_in_chunks
 from fewshot.models.meta.inner_loop import InnerLoopAdapter, InnerLoopTask
 from fewshot.models.metric_adapter import MetricAdapter
 from fewshot.models.preprocess import InputSpec
@@ -46,8 +46,9 @@ class OnnxInnerLoopTask:
         if self.state.bn_mode != "support":
             return self.state.logits(query)  # transductive BatchNorm is not what network.onnx computes
         feeds = {k: v.cpu().numpy() for k, v in network_inputs(self.state.net, self.state.params, self.state.bn_stats, self.state.step).items()}
-        feeds["images"] = np.ascontiguousarray(query.cpu().numpy(), dtype=np.float32)
-        return torch.from_numpy(self.session.run(None, feeds)[0])
+        run = lambda part: self.session.run(None, {**feeds, "images": part})[0]  # noqa: E731
+        images = np.ascontiguousarray(query.cpu().numpy(), dtype=np.float32)
+        return torch.from_numpy(run_in_chunks(run, images, run_batch(self.session)))
 
     def classify(self, query: torch.Tensor) -> torch.Tensor:
         return torch.softmax(self.logits(query), dim=1)
