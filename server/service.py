@@ -45,7 +45,8 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["FewShot"].full_name
 #: Every status the service answers with (the README's error table; the fuzz tests hold it to this).
 STATUSES = frozenset({grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
                       grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.UNAVAILABLE,
-                      grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED, grpc.StatusCode.INTERNAL})
+                      grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNIMPLEMENTED,
+                      grpc.StatusCode.INTERNAL})
 #: Longest error text kept in a log line (messages are already bounded; this is the backstop).
 MAX_LOGGED_ERROR = 500
 M = TypeVar("M", bound=Message)
