@@ -9,7 +9,7 @@ binary kNN affinity ``W`` among the query features, by the bound updates
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -109,17 +109,20 @@ class LaplacianShotState(HeadState):
     knn: int
     rectify: bool
     transductive = True
-    last_energies: list[float] = field(default_factory=list, repr=False)
 
-    def classify(self, query: torch.Tensor) -> torch.Tensor:
-        """``(Q, d)`` -> ``(Q, N)`` soft assignments after the bound updates."""
+    def assign(self, query: torch.Tensor) -> tuple[torch.Tensor, list[float]]:
+        """``(Q, d)`` -> ``(Q, N)`` soft assignments after the bound updates, and the energy after each
+        update. Pure: the state is shared by concurrent calls (the server's task cache)."""
         q = transform_features(query, self.transform, self.center)
         if self.rectify:
             protos, q = rectify_prototypes(self.support, self.labels, q, self.n_classes)
         else:
             protos = class_means(self.support, self.labels, self.n_classes)
-        y, self.last_energies = laplacian_shot(protos, q, self.lam, self.knn)
-        return y
+        return laplacian_shot(protos, q, self.lam, self.knn)
+
+    def classify(self, query: torch.Tensor) -> torch.Tensor:
+        """``(Q, d)`` -> ``(Q, N)`` soft assignments after the bound updates."""
+        return self.assign(query)[0]
 
 
 class LaplacianShotHead(FewShotHead):
