@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
+from fewshot.errors import FewShotError
 from fewshot.export.onnx_graphs import ONNX_OPSET, backbone_to_onnx, network_inputs, network_to_onnx
 from fewshot.models.data import load_dataset
 from fewshot.models.episodes import EpisodeSampler
@@ -33,7 +34,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_BUNDLE_DIR = REPO_ROOT / "bundles"
 
 
-class ExportError(RuntimeError):
+class ExportError(FewShotError, RuntimeError):
     """Raised when an export cannot be made or fails its parity check."""
 
 

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
+from fewshot.errors import ConfigError
 from fewshot.export.onnx_graphs import network_inputs
 from fewshot.export.registry import Bundle
 from fewshot.models.features import FeatureExtractor, OnnxFeatures, onnx_providers, run_batch, run_in_chunks
@@ -120,12 +121,12 @@ class BundleModel:
         head = head or m["default_head"]
         if self.family == "metric":
             if bn_mode or steps is not None:
-                raise ValueError(f"BatchNorm mode and inner steps apply to inner-loop models; {self.name} is a metric model")
+                raise ConfigError(f"BatchNorm mode and inner steps apply to inner-loop models; {self.name} is a metric model")
             return MetricAdapter(self.extract, build_head(m["heads"], head, shots, self.center, self.name, **overrides))
         if head not in (m["method"], "inner_loop"):
-            raise ValueError(f"model {self.name} adapts with its inner loop ({m['method']}), not {head!r}")
+            raise ConfigError(f"model {self.name} adapts with its inner loop ({m['method']}), not {head!r}")
         if any(v is not None for v in overrides.values()):
-            raise ValueError(f"{', '.join(k for k, v in overrides.items() if v is not None)} apply to metric heads, not to {self.name}'s inner loop")
+            raise ConfigError(f"{', '.join(k for k, v in overrides.items() if v is not None)} apply to metric heads, not to {self.name}'s inner loop")
         return OnnxInnerLoopAdapter(inner_loop_adapter(self.name, self.loop, self.net, self.rule, self.params, steps, bn_mode),
                                     self.session)
 

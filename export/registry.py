@@ -11,13 +11,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fewshot.errors import FewShotError
 from fewshot.export.bundle import SCHEMA_VERSION, sha256
 
 REQUIRED_KEYS = ("schema_version", "name", "version", "family", "method", "input", "files", "limits", "default_head", "heads")
 REQUIRED_FILES = {"metric": ("backbone.onnx", "meta.safetensors"), "inner_loop": ("backbone.onnx", "network.onnx", "meta.safetensors")}
 
 
-class BundleError(ValueError):
+class UnknownBundle(FewShotError, KeyError):
+    """A model name the registry has no bundle for (also a ``KeyError``, as a mapping lookup is)."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class BundleError(FewShotError, ValueError):
     """Raised when a bundle is corrupt, truncated, incomplete or of an unknown schema."""
 
 
@@ -96,5 +104,5 @@ class Registry:
 
     def get(self, name: str) -> Bundle:
         if name not in self.bundles:
-            raise KeyError(f"unknown model {name!r}: this server has {', '.join(sorted(self.bundles))}")
+            raise UnknownBundle(f"unknown model {name!r}: this server has {', '.join(sorted(self.bundles))}")
         return self.bundles[name]

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import onnx
 
+from fewshot.errors import ConfigError
 from fewshot.export.registry import Bundle
 
 MAX_BATCH_SIZE = 256
@@ -81,7 +82,7 @@ def _graph_tensors(values, batched: bool) -> list[str]:
     for v in values:
         t = v.type.tensor_type
         if t.elem_type not in _DATA_TYPES:
-            raise ValueError(f"tensor {v.name!r} has ONNX element type {t.elem_type}; Triton configs are written for float32")
+            raise ConfigError(f"tensor {v.name!r} has ONNX element type {t.elem_type}; Triton configs are written for float32")
         dims = [d.dim_value if d.HasField("dim_value") else -1 for d in t.shape.dim]
         out.append(_tensor(v.name, _DATA_TYPES[t.elem_type], dims[1:] if batched else dims))
     return out
@@ -92,7 +93,7 @@ def onnx_model_config(model_name: str, onnx_path: Path, batched: bool, backend: 
     requests by dynamic batching (backbones); otherwise every request runs alone (``max_batch_size: 0``,
     the network, whose weights are per-task inputs)."""
     if backend not in BACKENDS:
-        raise ValueError(f"unknown Triton backend {backend!r}: use {' or '.join(BACKENDS)}")
+        raise ConfigError(f"unknown Triton backend {backend!r}: use {' or '.join(BACKENDS)}")
     graph = onnx.load(str(onnx_path), load_external_data=False).graph
     initializers = {i.name for i in graph.initializer}
     text = _header(model_name, backend, MAX_BATCH_SIZE if batched else 0)

@@ -9,6 +9,8 @@ import os
 import sys
 from pathlib import Path
 
+from fewshot.errors import ConfigError, FewShotError
+
 
 def _train_configs():
     from fewshot.models.meta.training import MetaTrainConfig
@@ -48,7 +50,7 @@ def _run_train(args: argparse.Namespace) -> None:
     stray = sorted("--" + n.replace("_", "-") for n in other if getattr(args, n) is not None)
     if stray:
         mode = "meta-training (--method)" if args.method else "supervised training (no --method)"
-        raise ValueError(f"{', '.join(stray)} do not apply to {mode}")
+        raise ConfigError(f"{', '.join(stray)} do not apply to {mode}")
     cfg = cls(**{n: getattr(args, n) for n in names if getattr(args, n) is not None})
     if args.method:
         from fewshot.models.meta.training import train_meta
@@ -77,7 +79,7 @@ def _run_average(args: argparse.Namespace) -> None:
 
     run = Path(args.run)
     if not (run / "best.pt").exists():
-        raise ValueError(f"{run} is not a meta-training run folder (no best.pt)")
+        raise ConfigError(f"{run} is not a meta-training run folder (no best.pt)")
     res = average_run(run, args.from_iteration, args.device)
     print(f"average of {len(res.iterations)} snapshots ({res.iterations[0]}..{res.iterations[-1]}): val "
           f"{res.accuracy:.2f} +- {res.ci95:.2f} vs best single {res.best_single:.2f}: "
@@ -118,17 +120,17 @@ def eval_row(args: argparse.Namespace) -> dict:
     model = load_model(args.model)
     dataset = args.dataset or model.card["data"]["dataset"]
     if dataset != model.card["data"]["dataset"]:
-        raise ValueError(f"model {model.name} takes {model.card['data']['dataset']} inputs, not {dataset}")
+        raise ConfigError(f"model {model.name} takes {model.card['data']['dataset']} inputs, not {dataset}")
     head_name = args.head or model.card["default_head"]
     extra: dict = {}
     if model.card["family"] == "inner_loop":
         if head_name not in (model.card["method"], "inner_loop"):
-            raise ValueError(f"model {model.name} adapts with its own inner loop ({model.card['method']}), not {head_name!r}")
+            raise ConfigError(f"model {model.name} adapts with its own inner loop ({model.card['method']}), not {head_name!r}")
         adapter = model.adapter(args.bn, args.inner_steps, args.device)
         extra = {"method": model.card["method"], "bn": adapter.bn_mode, "inner_steps": adapter.steps}
     else:
         if args.bn or args.inner_steps:
-            raise ValueError(f"--bn and --inner-steps apply to gradient-adapted models; {model.name} is a metric model")
+            raise ConfigError(f"--bn and --inner-steps apply to gradient-adapted models; {model.name} is a metric model")
         head = model.head(head_name, shots=args.shots, transform=args.transform, lam=args.lam)
         adapter = MetricAdapter(model.extractor(args.backend, args.device), head)
         extra = {"transform": head.transform, **({"lambda": head.lam, "rectify": head.rectify} if head_name == "laplacianshot" else {})}
@@ -235,7 +237,7 @@ def _run_bench(args: argparse.Namespace) -> None:
             print(json.dumps(row) if args.json else describe(row), flush=True)
         return
     if not args.model or len(args.model) != 1:
-        raise ValueError("in-process bench takes exactly one --model (or use --target HOST:PORT)")
+        raise ConfigError("in-process bench takes exactly one --model (or use --target HOST:PORT)")
     if args.threads:
         torch.set_num_threads(args.threads)
     model = load_model(args.model[0])
@@ -349,7 +351,6 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
 
 def _run_serve(args: argparse.Namespace) -> None:
     from fewshot.export.bundle import DEFAULT_BUNDLE_DIR
-    from fewshot.export.registry import BundleError
     from fewshot.server.app import run
     from fewshot.server.config import ServeConfig
 
@@ -358,9 +359,9 @@ def _run_serve(args: argparse.Namespace) -> None:
         try:
             token = Path(args.token_file).read_text().strip()
         except OSError as exc:
-            raise ValueError(f"cannot read --token-file {args.token_file}: {exc.strerror or exc}") from None
+            raise ConfigError(f"cannot read --token-file {args.token_file}: {exc.strerror or exc}") from None
         if not token:
-            raise ValueError(f"--token-file {args.token_file} is empty")
+            raise ConfigError(f"--token-file {args.token_file} is empty")
     optional = lambda value: Path(value) if value else None  # noqa: E731
     cfg = ServeConfig(models=Path(args.models) if args.models else DEFAULT_BUNDLE_DIR, host=args.host, port=args.port,
                       device=args.device, state_dir=Path(args.state_dir), metrics_port=args.metrics_port, token=token,
@@ -372,10 +373,7 @@ def _run_serve(args: argparse.Namespace) -> None:
                       cache_mb=args.cache_mb, max_message_mb=args.max_message_mb, max_image_mb=args.max_image_mb, max_support=args.max_support,
                       max_queries=args.max_queries, default_ttl=args.default_ttl, feature_backend=args.feature_backend,
                       triton_url=args.triton_url, triton_timeout=args.triton_timeout)
-    try:
-        run(cfg)
-    except (BundleError, OSError) as exc:
-        raise RuntimeError(str(exc)) from None
+    run(cfg)
 
 
 def _add_token_hash(sub: argparse._SubParsersAction) -> None:
@@ -387,7 +385,7 @@ def _run_token_hash(args: argparse.Namespace) -> None:
 
     token = sys.stdin.readline().strip()
     if not token:
-        raise ValueError("no token on stdin: `printf %s TOKEN | fewshot token-hash`")
+        raise ConfigError("no token on stdin: `printf %s TOKEN | fewshot token-hash`")
     print(token_hash(token))
 
 
@@ -407,8 +405,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         {"train": _run_train, "average": _run_average, "eval": _run_eval, "package": _run_package, "demo": _run_demo, "bench": _run_bench, "export": _run_export,
          "serve": _run_serve, "token-hash": _run_token_hash}[args.command](args)
-    except (ValueError, FileNotFoundError, RuntimeError, KeyError) as exc:
-        print(f"fewshot {args.command}: error: {exc}", file=sys.stderr)
+    except (FewShotError, OSError) as exc:  # anything else is a bug: its traceback is shown
+        print(f"fewshot {args.command}: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
     return 0
 

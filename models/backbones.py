@@ -11,6 +11,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from fewshot.errors import ConfigError
+
 
 class Conv4(nn.Module):
     """Four blocks of 3x3 conv (no bias) -> BatchNorm -> ReLU -> 2x2 max-pool, then flatten.
@@ -27,9 +29,9 @@ class Conv4(nn.Module):
     def __init__(self, in_channels: int = 3, width: int = 64, pools: int = 4, image_size: int = 84) -> None:
         super().__init__()
         if in_channels not in (1, 3):
-            raise ValueError(f"Conv4 takes 1 or 3 input channels, got {in_channels}")
+            raise ConfigError(f"Conv4 takes 1 or 3 input channels, got {in_channels}")
         if not 0 <= pools <= 4:
-            raise ValueError(f"pools must be in 0..4, got {pools}")
+            raise ConfigError(f"pools must be in 0..4, got {pools}")
         self.config: dict[str, Any] = {"arch": "conv4", "in_channels": in_channels, "width": width,
                                        "pools": pools, "image_size": image_size}
         layers: list[nn.Module] = []
@@ -101,4 +103,4 @@ def build_backbone(config: dict[str, Any]) -> Conv4 | ResNet12:
     if arch == "resnet12":
         cfg["widths"] = tuple(cfg.get("widths", (64, 160, 320, 640)))
         return ResNet12(**cfg)
-    raise ValueError(f"unknown architecture {arch!r}: use conv4 or resnet12")
+    raise ConfigError(f"unknown architecture {arch!r}: use conv4 or resnet12")

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from fewshot.errors import FewShotError
 from fewshot.models.preprocess import InputSpec, load_image
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -28,7 +29,7 @@ TINYIMAGENET_SIZE = 64
 OMNIGLOT_VAL_ALPHABETS = 5
 
 
-class DatasetError(ValueError):
+class DatasetError(FewShotError, ValueError):
     """Raised when a dataset cannot be found, decoded or split as asked."""
 
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fewshot.errors import ConfigError
 from fewshot.models.data import ImageSet
 
 
@@ -43,13 +44,13 @@ class EpisodeSampler:
 
     def __init__(self, dataset: ImageSet, ways: int, shots: int, queries: int, seed: int = 0) -> None:
         if ways < 2:
-            raise ValueError(f"ways must be at least 2, got {ways}")
+            raise ConfigError(f"ways must be at least 2, got {ways}")
         if shots < 1 or queries < 0:
-            raise ValueError(f"shots must be >= 1 and queries >= 0, got shots={shots}, queries={queries}")
+            raise ConfigError(f"shots must be >= 1 and queries >= 0, got shots={shots}, queries={queries}")
         self.by_class = dataset.indices_by_class()
         eligible = [c for c, idx in enumerate(self.by_class) if len(idx) >= shots + queries]
         if len(eligible) < ways:
-            raise ValueError(f"{ways}-way {shots}-shot {queries}-query needs {ways} classes with at least "
+            raise ConfigError(f"{ways}-way {shots}-shot {queries}-query needs {ways} classes with at least "
                              f"{shots + queries} images; this dataset has {len(eligible)}")
         self.eligible = np.array(eligible)
         self.ways, self.shots, self.queries, self.seed = ways, shots, queries, seed

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fewshot.errors import ConfigError
+
 ClsLoss = Literal["sce", "bce", "none"]
 MetricLoss = Literal["nca", "proto", "none"]
 Combine = Literal["sum", "directsum", "spectral"]
@@ -89,7 +91,7 @@ def complement_projection(x: torch.Tensor, weight: torch.Tensor, eps: float = DI
     w = weight.T  # (d, C): the paper's W
     d, c = w.shape
     if d <= c:
-        raise ValueError(f"the direct sum needs feature dim d > number of classes C, got d={d}, C={c}: "
+        raise ConfigError(f"the direct sum needs feature dim d > number of classes C, got d={d}, C={c}: "
                          "use --combine spectral (eq. 11) or a backbone with more feature dimensions")
     gram = w.T @ w + eps * torch.eye(c, dtype=w.dtype, device=w.device)  # (C, C)
     coeff = torch.linalg.solve(gram, w.T @ x.T)  # (C, n)
@@ -121,7 +123,7 @@ class CombinedLoss(nn.Module):
                  p: float = 0.3, metric_weight: float = 1.0, temperature: float = 1.0) -> None:
         super().__init__()
         if cls == "none" and metric == "none":
-            raise ValueError("at least one of the classification and metric losses is needed")
+            raise ConfigError("at least one of the classification and metric losses is needed")
         self.cls, self.metric, self.combine, self.p = cls, metric, combine, p
         self.metric_weight, self.temperature = metric_weight, temperature
 
@@ -133,7 +135,7 @@ class CombinedLoss(nn.Module):
             return complement_projection(x, weight.detach())  # eq. (7)-(8)
         if self.combine == "spectral":
             return spectral_projection(x, weight.detach(), self.p)  # eq. (11)
-        raise ValueError(f"unknown combination {self.combine!r}: use sum, directsum or spectral")
+        raise ConfigError(f"unknown combination {self.combine!r}: use sum, directsum or spectral")
 
     def forward(self, x: torch.Tensor, logits: torch.Tensor, y: torch.Tensor, weight: torch.Tensor) -> dict[str, torch.Tensor]:
         """Returns ``{"loss", "cls", "metric"}`` (scalars)."""

@@ -15,10 +15,12 @@ import numpy as np
 import torch
 from PIL import Image
 
+from fewshot.errors import ConfigError, FewShotError
+
 _RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC, "box": Image.Resampling.BOX}
 
 
-class ImageDecodeError(ValueError):
+class ImageDecodeError(FewShotError, ValueError):
     """Raised when an image cannot be decoded or has the wrong layout."""
 
 
@@ -46,7 +48,7 @@ class InputSpec:
             return InputSpec(channels=1, size=28, mean=(0.92,), std=(0.22,))
         if name == "tinyimagenet":
             return InputSpec(channels=3, size=64, mean=(0.480, 0.448, 0.398), std=(0.277, 0.269, 0.282))
-        raise ValueError(f"no input spec for dataset {name!r}")
+        raise ConfigError(f"no input spec for dataset {name!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self) | {"value_range": [0, 255], "layout": "NCHW"}

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from fewshot.errors import ConfigError, EnvironmentUnavailable
 from fewshot.models.backbones import Conv4, ResNet12, build_backbone
 from fewshot.models.data import ImageSet, load_dataset
 from fewshot.models.evaluation import evaluate_features
@@ -64,9 +65,9 @@ class TrainConfig:
                    "metric": ("nca", "proto", "none"), "combine": ("sum", "directsum", "spectral")}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
-                raise ValueError(f"unknown --{key} {getattr(self, key)!r}: use one of {', '.join(allowed)}")
+                raise ConfigError(f"unknown --{key} {getattr(self, key)!r}: use one of {', '.join(allowed)}")
         if self.epochs < 1 or self.batch_classes < 2 or self.batch_shots < 1:
-            raise ValueError("--epochs must be >= 1, --batch-classes >= 2 and --batch-shots >= 1")
+            raise ConfigError("--epochs must be >= 1, --batch-classes >= 2 and --batch-shots >= 1")
 
 
 def make_backbone(cfg: TrainConfig, spec: InputSpec) -> Conv4 | ResNet12:
@@ -74,7 +75,7 @@ def make_backbone(cfg: TrainConfig, spec: InputSpec) -> Conv4 | ResNet12:
         return Conv4(spec.channels, cfg.width, cfg.pools, spec.size)
     if cfg.arch == "resnet12":
         return ResNet12(spec.channels, image_size=spec.size)
-    raise ValueError(f"unknown --arch {cfg.arch!r}: use conv4 or resnet12")
+    raise ConfigError(f"unknown --arch {cfg.arch!r}: use conv4 or resnet12")
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -82,7 +83,7 @@ def pick_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda asked for, but no CUDA device is available")
+        raise EnvironmentUnavailable("--device cuda asked for, but no CUDA device is available")
     return torch.device(name)
 
 
@@ -173,7 +174,7 @@ def train_supervised(cfg: TrainConfig, out_dir: Path, resume: bool = False, devi
         model = model.to(memory_format=torch.channels_last)
     criterion = CombinedLoss(cfg.loss, cfg.metric, cfg.combine, cfg.p, cfg.metric_weight, cfg.temperature)
     if cfg.combine == "directsum" and backbone.feature_dim <= train.num_classes:
-        raise ValueError(f"--combine directsum needs feature dim > classes, got d={backbone.feature_dim}, "
+        raise ConfigError(f"--combine directsum needs feature dim > classes, got d={backbone.feature_dim}, "
                          f"C={train.num_classes}: use fewer --pools, a wider backbone or --combine spectral")
     steps_per_epoch = len(train.images) // (cfg.batch_classes * cfg.batch_shots)
     if cfg.max_steps:  # smoke runs: short epochs, same code path

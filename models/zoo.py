@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from fewshot.errors import ConfigError
 from fewshot.models.backbones import build_backbone
 from fewshot.models.data import load_dataset
 from fewshot.models.evaluation import evaluate_features
@@ -39,7 +40,7 @@ LAMBDA_GRID = (0.01, 0.03, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.5)
 HEADS = ("centroid", "laplacianshot")
 
 
-class ModelNotFoundError(ValueError):
+class ModelNotFoundError(ConfigError):
     """Raised when a model name or folder does not hold a model card and weights."""
 
 
@@ -64,7 +65,7 @@ class ShippedModel:
         if backend == "onnxruntime":
             spec = self.spec
             return OnnxFeatures(backbone_to_onnx(self.backbone, spec.channels, spec.size), self.backbone.feature_dim, device)
-        raise ValueError(f"unknown feature backend {backend!r}: use onnxruntime or torch")
+        raise ConfigError(f"unknown feature backend {backend!r}: use onnxruntime or torch")
 
     def head(self, name: str | None = None, shots: int = 1, **overrides: Any) -> FewShotHead:
         """A head configured from the card (``overrides``: transform, lam, knn, rectify)."""
@@ -78,7 +79,7 @@ def build_head(heads: dict[str, Any], name: str, shots: int, center: torch.Tenso
     the nearest tuned shot count."""
     if name not in heads or name not in HEADS:
         offered = [h for h in heads if h in HEADS]
-        raise ValueError(f"model {model} has no head {name!r}: it offers {', '.join(offered)}")
+        raise ConfigError(f"model {model} has no head {name!r}: it offers {', '.join(offered)}")
     cfg = dict(heads[name])
     transform = overrides.get("transform") or cfg["transform"]
     if name == "centroid":
@@ -170,7 +171,7 @@ def inner_loop_adapter(name: str, loop: dict[str, Any], net: Any, rule: torch.nn
 
     steps = loop["steps"] if steps is None else steps
     if not 1 <= steps <= loop["max_steps"]:
-        raise ValueError(f"inner steps must be in 1..{loop['max_steps']} for {name}, got {steps}")
+        raise ConfigError(f"inner steps must be in 1..{loop['max_steps']} for {name}, got {steps}")
     return InnerLoopAdapter(net, rule, params, steps, bn_mode or loop["bn_mode"])
 
 

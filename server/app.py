@@ -19,6 +19,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from fewshot.errors import ConfigError
 from fewshot.export.loader import BundleModel
 from fewshot.export.registry import Registry
 from fewshot.server.admission import Admission
@@ -37,16 +38,16 @@ def server_credentials(cfg: ServeConfig) -> grpc.ServerCredentials | None:
     """TLS credentials of ``--tls-cert``/``--tls-key`` (and ``--tls-client-ca``: mutual TLS), or ``None``."""
     if cfg.tls_cert is None and cfg.tls_key is None:
         if cfg.tls_client_ca is not None:
-            raise ValueError("--tls-client-ca needs --tls-cert and --tls-key (mutual TLS is TLS first)")
+            raise ConfigError("--tls-client-ca needs --tls-cert and --tls-key (mutual TLS is TLS first)")
         return None
     if cfg.tls_cert is None or cfg.tls_key is None:
-        raise ValueError("TLS needs both --tls-cert and --tls-key")
+        raise ConfigError("TLS needs both --tls-cert and --tls-key")
 
     def read(path: Path, what: str) -> bytes:
         try:
             return Path(path).read_bytes()
         except OSError as exc:
-            raise ValueError(f"cannot read the {what} {path}: {exc.strerror or exc}") from None
+            raise ConfigError(f"cannot read the {what} {path}: {exc.strerror or exc}") from None
 
     ca = read(cfg.tls_client_ca, "client CA certificate") if cfg.tls_client_ca else None
     return grpc.ssl_server_credentials([(read(cfg.tls_key, "TLS key"), read(cfg.tls_cert, "TLS certificate"))],

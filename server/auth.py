@@ -25,13 +25,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
+from fewshot.errors import FewShotError
 from fewshot.server.errors import QuotaExceeded, Unauthenticated
 
 TENANT_NAME = re.compile(r"[A-Za-z0-9_.@-]{1,64}")
 DEFAULT_TENANT = ""
 
 
-class TokensFileError(ValueError):
+class TokensFileError(FewShotError, ValueError):
     """A ``--tokens`` file that cannot be used; the message names the line and what is wrong."""
 
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import grpc
 
+from fewshot.errors import FewShotError
 
-class ServiceError(Exception):
+
+class ServiceError(FewShotError):
     """A request the service refuses; ``code`` is the gRPC status, the message says what was wrong and what is allowed."""
 
     code = grpc.StatusCode.INTERNAL

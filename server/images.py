@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from fewshot.errors import FewShotError
 from fewshot.models.preprocess import InputSpec
 from fewshot.server.budget import CallBudget
 from fewshot.server.errors import InvalidRequest
@@ -29,7 +30,7 @@ if TYPE_CHECKING:
     from fewshot.export.loader import BundleModel
 
 
-class ImageError(ValueError):
+class ImageError(FewShotError, ValueError):
     """An image the server cannot accept; the message says which image, what is wrong and what is allowed."""
 
 

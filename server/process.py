@@ -15,6 +15,12 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from fewshot.errors import FewShotError
+
+
+class ServerStartError(FewShotError, RuntimeError):
+    """``fewshot serve`` exited or did not become healthy in time; the message ends with its log."""
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -47,14 +53,14 @@ class ServerProcess:
             stub = health_pb2_grpc.HealthStub(channel)
             while time.monotonic() < deadline:
                 if self.proc.poll() is not None:
-                    raise RuntimeError(f"fewshot serve exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
+                    raise ServerStartError(f"fewshot serve exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
                 try:
                     if stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0).status == health_pb2.HealthCheckResponse.SERVING:
                         return self
                 except grpc.RpcError:
                     time.sleep(0.2)
         self.kill()
-        raise TimeoutError(f"fewshot serve did not become healthy in {timeout} s:\n{self.log.read_text()[-3000:]}")
+        raise ServerStartError(f"fewshot serve did not become healthy in {timeout} s:\n{self.log.read_text()[-3000:]}")
 
     def channel(self, **kw) -> grpc.Channel:
         """A channel to the server (TLS when the process was given ``credentials``)."""

@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from fewshot.errors import FewShotError
 from fewshot.export.loader import BundleModel, OnnxInnerLoopTask
 from fewshot.models.heads.centroid import CentroidState
 from fewshot.models.heads.laplacian_shot import LaplacianShotState
@@ -21,7 +22,7 @@ from fewshot.models.meta.inner_loop import InnerLoopTask
 from fewshot.models.metric_adapter import MetricTask
 
 
-class StateError(ValueError):
+class StateError(FewShotError, ValueError):
     """A stored task that this server cannot restore (another model version or a damaged record)."""
 
 

@@ -36,6 +36,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from fewshot.errors import FewShotError
 from fewshot.server.errors import QuotaExceeded
 
 #: Schema versions (``PRAGMA user_version``): 1 = the first release, 2 adds ``tenant``.
@@ -60,6 +61,10 @@ COLUMNS = "task_id, model, method, labels, created_at, expires_at, support_size,
 ENTRY_OVERHEAD = 4096
 #: How long this process remembers its own deletes (far longer than any lookup takes).
 TOMBSTONE_SECONDS = 300.0
+
+
+class StoreVersionError(FewShotError, RuntimeError):
+    """A task store written by a newer server (its schema version is unknown here)."""
 
 
 @dataclass
@@ -165,7 +170,7 @@ class TaskStore:
         try:
             version = db.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
-                raise RuntimeError(f"task store {self.path} has schema version {version}; this server knows "
+                raise StoreVersionError(f"task store {self.path} has schema version {version}; this server knows "
                                    f"{SCHEMA_VERSION}: upgrade the server or use another --state-dir")
             columns = {row[1] for row in db.execute("PRAGMA table_info(tasks)")}
             if columns and "tenant" not in columns:  # version 1

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Iterable
 import numpy as np
 import torch
 
+from fewshot.errors import FewShotError
 from fewshot.export.triton import backbone_model_name, network_model_name
 from fewshot.server.errors import BackendUnavailable
 
@@ -44,7 +45,7 @@ MAX_RECONNECT_BACKOFF_MS = 1000
 MAX_MESSAGE_BYTES = 2**31 - 1
 
 
-class TritonNotReady(RuntimeError):
+class TritonNotReady(FewShotError, RuntimeError):
     """Start-up check failed: Triton is not live, or a model the bundles need is missing or differs."""
 
 

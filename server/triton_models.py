@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fewshot.errors import ConfigError
 from fewshot.export.loader import BundleModel
 from fewshot.export.registry import Registry
 from fewshot.export.triton import backbone_model_name, network_model_name
@@ -95,7 +96,7 @@ class _FewShotModel:
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         missing = [k for k in ("bundle_dir", "state_dir") if not params.get(k)]
         if missing:
-            raise ValueError(f"{config['name']}: config.pbtxt lacks the parameter(s) {', '.join(missing)}: "
+            raise ConfigError(f"{config['name']}: config.pbtxt lacks the parameter(s) {', '.join(missing)}: "
                              "write the repository with `fewshot export --triton-repo`")
         threads = int(params.get("threads", "1"))
         torch.set_num_threads(threads)

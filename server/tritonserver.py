@@ -28,19 +28,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from fewshot.errors import FewShotError
 from fewshot.server.process import free_port
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_VENV = REPO_ROOT / ".venv-triton"
 
 
-class TritonUnavailable(RuntimeError):
+class TritonUnavailable(FewShotError, RuntimeError):
     """The ``tritonserver`` binary cannot run on this machine (the venv or wheel is missing, or the binary
     does not execute: wrong glibc, missing libraries); the message says why and what to do. The tests
     skip on this, and only on this."""
 
 
-class TritonStartError(RuntimeError):
+class TritonStartError(FewShotError, RuntimeError):
     """The binary runs, but the server did not come up serving the models: it exited, timed out, or a
     model failed to load (the message carries Triton's reason and its log)."""
 

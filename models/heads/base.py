@@ -6,18 +6,20 @@ from abc import ABC, abstractmethod
 
 import torch
 
+from fewshot.errors import ConfigError
+
 
 def check_support(features: torch.Tensor, labels: torch.Tensor) -> int:
     """Validate a support set; returns the number of classes ``N`` (labels must cover ``0..N-1``)."""
     if features.ndim != 2 or labels.ndim != 1 or len(features) != len(labels):
-        raise ValueError(f"support features (S, d) and labels (S,) expected, got {tuple(features.shape)} and {tuple(labels.shape)}")
+        raise ConfigError(f"support features (S, d) and labels (S,) expected, got {tuple(features.shape)} and {tuple(labels.shape)}")
     n = int(labels.max()) + 1 if len(labels) else 0
     counts = torch.bincount(labels, minlength=n)
     if n < 2:
-        raise ValueError(f"a task needs at least 2 classes, got {n}")
+        raise ConfigError(f"a task needs at least 2 classes, got {n}")
     if (counts == 0).any():
         missing = torch.nonzero(counts == 0).flatten().tolist()
-        raise ValueError(f"classes {missing} have no support image")
+        raise ConfigError(f"classes {missing} have no support image")
     return n
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fewshot.errors import ConfigError
 from fewshot.models.heads.base import FewShotHead, HeadState, check_support, class_means, sq_distances
 from fewshot.models.heads.transforms import transform_features
 
@@ -134,7 +135,7 @@ class LaplacianShotHead(FewShotHead):
     def __init__(self, lam: float = 1.0, knn: int = 3, transform: str = "CL2N",
                  center: torch.Tensor | None = None, rectify: bool = False) -> None:
         if lam < 0 or knn < 1:
-            raise ValueError(f"lambda must be >= 0 and knn >= 1, got lambda={lam}, knn={knn}")
+            raise ConfigError(f"lambda must be >= 0 and knn >= 1, got lambda={lam}, knn={knn}")
         self.lam, self.knn, self.transform, self.center, self.rectify = lam, knn, transform, center, rectify
 
     def fit(self, support: torch.Tensor, labels: torch.Tensor) -> LaplacianShotState:

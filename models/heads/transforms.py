@@ -7,6 +7,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from fewshot.errors import ConfigError
+
 Transform = Literal["UN", "L2N", "CL2N"]
 TRANSFORMS: tuple[str, ...] = ("UN", "L2N", "CL2N")
 
@@ -25,6 +27,6 @@ def transform_features(x: torch.Tensor, kind: str, center: torch.Tensor | None =
         return F.normalize(x, dim=1)
     if kind == "CL2N":
         if center is None:
-            raise ValueError("CL2N needs the model's centering vector (mean training-class feature)")
+            raise ConfigError("CL2N needs the model's centering vector (mean training-class feature)")
         return F.normalize(x - center.to(x.dtype), dim=1)
-    raise ValueError(f"unknown feature transform {kind!r}: use one of {', '.join(TRANSFORMS)}")
+    raise ConfigError(f"unknown feature transform {kind!r}: use one of {', '.join(TRANSFORMS)}")

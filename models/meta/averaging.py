@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from fewshot.errors import ConfigError
 from fewshot.models.data import load_dataset
 from fewshot.models.meta.training import SNAPSHOTS, MetaTrainConfig, build_learner, validate
 from fewshot.models.preprocess import InputSpec
@@ -40,13 +41,13 @@ def average_checkpoints(paths: list[Path]) -> dict:
     Configuration, architecture and input spec come from the last path; ``averaged_iterations`` lists the inputs.
     """
     if not paths:
-        raise ValueError("no snapshots to average")
+        raise ConfigError("no snapshots to average")
     cks = [torch.load(p, map_location="cpu", weights_only=False) for p in paths]
     out = {k: v for k, v in cks[-1].items() if k != "opt"}
     for part in ("meta", "rule"):
         keys = cks[-1][part].keys()
         if any(ck[part].keys() != keys for ck in cks):
-            raise ValueError(f"snapshots disagree on their {part} parameters: not from one run")
+            raise ConfigError(f"snapshots disagree on their {part} parameters: not from one run")
         out[part] = {k: torch.stack([ck[part][k].float() for ck in cks]).mean(0).to(cks[-1][part][k].dtype) for k in keys}
     out["averaged_iterations"] = [int(ck["iteration"]) for ck in cks]
     return out
@@ -56,7 +57,7 @@ def average_run(run: Path, first_iteration: int, device: str = "auto") -> Averag
     """Average the snapshots of ``run`` from ``first_iteration`` on, validate, keep as ``best.pt`` if better."""
     its = [i for i in snapshot_iterations(run) if i >= first_iteration]
     if len(its) < 2:
-        raise ValueError(f"{run}: fewer than 2 snapshots at or after iteration {first_iteration} "
+        raise ConfigError(f"{run}: fewer than 2 snapshots at or after iteration {first_iteration} "
                          f"(have {snapshot_iterations(run) or 'none'}); train longer or lower --from-iteration")
     ck = average_checkpoints([run / SNAPSHOTS / f"{i}.pt" for i in its])
     cfg = MetaTrainConfig(**ck["config"])

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from fewshot.errors import ConfigError
 from fewshot.models.interrupt import checkpoint
 from fewshot.models.meta.network import BN_MODES, BNStats, MetaConv4, Params, support_statistics
 from fewshot.models.meta.rules import Context, UpdateRule
@@ -93,14 +94,14 @@ class InnerLoopAdapter:
 
     def __init__(self, net: MetaConv4, rule: UpdateRule, meta_params: Params, steps: int, bn_mode: str = "support") -> None:
         if bn_mode not in BN_MODES:
-            raise ValueError(f"unknown BatchNorm mode {bn_mode!r}: use {' or '.join(BN_MODES)}")
+            raise ConfigError(f"unknown BatchNorm mode {bn_mode!r}: use {' or '.join(BN_MODES)}")
         self.net, self.rule, self.steps, self.bn_mode = net, rule, steps, bn_mode
         self.meta_params = {k: v.detach() for k, v in meta_params.items()}
 
     def adapt(self, support: torch.Tensor, labels: torch.Tensor) -> InnerLoopTask:
         n = int(labels.max()) + 1
         if n != self.net.ways:
-            raise ValueError(f"this model adapts {self.net.ways}-way tasks, got {n} classes")
+            raise ConfigError(f"this model adapts {self.net.ways}-way tasks, got {n} classes")
         device = next(iter(self.meta_params.values())).device
         support, labels = support.to(device), labels.to(device)
         result = inner_loop(self.net, self.rule, self.meta_params, support, labels, self.steps, create_graph=False)

@@ -19,6 +19,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from fewshot.errors import ConfigError
 from fewshot.models.meta.network import MetaConv4, Params
 
 Context = dict[str, Any]
@@ -222,7 +223,7 @@ RULES: dict[str, type[UpdateRule]] = {
 def build_rule(method: str, net: MetaConv4, steps: int, alpha: float, beta: float = 1.0) -> UpdateRule:
     """The update rule of ``method`` (one of :data:`RULES`)."""
     if method not in RULES:
-        raise ValueError(f"unknown method {method!r}: use one of {', '.join(RULES)}")
+        raise ConfigError(f"unknown method {method!r}: use one of {', '.join(RULES)}")
     if method == "cxgrad":
         return ContextualGradientScaling(net, steps, alpha, beta)
     return RULES[method](net, steps, alpha)

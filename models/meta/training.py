@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from fewshot.errors import ConfigError
 from fewshot.models.data import load_dataset
 from fewshot.models.episodes import EpisodeSampler
 from fewshot.models.evaluation import evaluate
@@ -62,17 +63,17 @@ class MetaTrainConfig:
         from fewshot.models.meta.rules import RULES
 
         if self.method not in RULES:
-            raise ValueError(f"unknown --method {self.method!r}: use one of {', '.join(RULES)}")
+            raise ConfigError(f"unknown --method {self.method!r}: use one of {', '.join(RULES)}")
         if self.bn_train not in BN_MODES:
-            raise ValueError(f"unknown --bn-train {self.bn_train!r}: use {' or '.join(BN_MODES)}")
+            raise ConfigError(f"unknown --bn-train {self.bn_train!r}: use {' or '.join(BN_MODES)}")
         if self.dataset not in ("omniglot", "tinyimagenet"):
-            raise ValueError(f"unknown --dataset {self.dataset!r}: use omniglot or tinyimagenet")
+            raise ConfigError(f"unknown --dataset {self.dataset!r}: use omniglot or tinyimagenet")
         if self.ways < 2 or self.shots < 1 or self.inner_steps < 1 or self.meta_batch < 1:
-            raise ValueError("--ways must be >= 2 and --shots, --inner-steps, --meta-batch >= 1")
+            raise ConfigError("--ways must be >= 2 and --shots, --inner-steps, --meta-batch >= 1")
         if self.outer_lr_schedule not in OUTER_LR_SCHEDULES:
-            raise ValueError(f"unknown --outer-lr-schedule {self.outer_lr_schedule!r}: use {' or '.join(OUTER_LR_SCHEDULES)}")
+            raise ConfigError(f"unknown --outer-lr-schedule {self.outer_lr_schedule!r}: use {' or '.join(OUTER_LR_SCHEDULES)}")
         if self.rotations and self.dataset != "omniglot":
-            raise ValueError("--rotations applies to Omniglot only")
+            raise ConfigError("--rotations applies to Omniglot only")
 
     def outer_lr_at(self, iteration: int) -> float:
         """Outer (Adam) learning rate for ``iteration`` (0-based) of ``iterations``.
