@@ -15,17 +15,19 @@ Two variants of the ONNX models, chosen by ``backend``:
   wheel): ``1/model.py`` (:mod:`fewshot.export.triton_onnx_model`, copied) runs ``1/model.onnx`` in
   ONNX Runtime on the CPU, with the same inputs, outputs, dims and batching.
 
-Every config's tensors are read from the ONNX graph it serves, so the two cannot disagree.
+Every config's tensors are read from the ONNX graph it serves, so the two cannot disagree, and every
+config is built through Triton's ``model_config_pb2`` schema (never string templates).
 """
 
 from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Any
 
 import onnx
 
-from fewshot.errors import ConfigError
+from fewshot.errors import ConfigError, EnvironmentUnavailable
 from fewshot.export.registry import Bundle
 
 MAX_BATCH_SIZE = 256
@@ -53,29 +55,31 @@ def network_model_name(name: str) -> str:
     return f"{name}_network"
 
 
-def _header(model_name: str, backend: str, max_batch_size: int) -> str:
-    runner = 'platform: "onnxruntime_onnx"' if backend == "onnxruntime_onnx" else 'backend: "python"'
-    return f'name: "{model_name}"\n{runner}\nmax_batch_size: {max_batch_size}\n'
+def _tensor(name: str, data_type: str, dims: list[int], optional: bool = False) -> dict[str, Any]:
+    return {"name": name, "data_type": data_type, "dims": dims, **({"optional": True} if optional else {})}
 
 
-def _tensor(name: str, data_type: str, dims: list[int], optional: bool = False) -> str:
-    extra = "\n    optional: true" if optional else ""
-    return f'  {{\n    name: "{name}"\n    data_type: {data_type}\n    dims: [ {", ".join(map(str, dims))} ]{extra}\n  }}'
+def _config(model_name: str, backend: str, max_batch_size: int, inputs: list[dict], outputs: list[dict],
+            instances: tuple[str, int], parameters: dict[str, str] | None = None, batching: bool = False) -> str:
+    """A ``config.pbtxt`` built through Triton's own schema (``model_config_pb2.ModelConfig``, parsed
+    from a dict and written with ``text_format``, as Triton's tooling does): a field that does not
+    exist fails here, not when Triton loads the model."""
+    try:
+        from google.protobuf import json_format, text_format
+        from tritonclient.grpc import model_config_pb2
+    except ImportError:
+        raise EnvironmentUnavailable("writing a Triton repository needs tritonclient: pip install 'fewshot[triton]'") from None
+    spec: dict[str, Any] = {"name": model_name, "max_batch_size": max_batch_size, "input": inputs, "output": outputs,
+                            "instance_group": [{"kind": instances[0], "count": instances[1]}]}
+    spec["platform" if backend == "onnxruntime_onnx" else "backend"] = backend
+    if batching:
+        spec["dynamic_batching"] = {"max_queue_delay_microseconds": QUEUE_DELAY_US}
+    if parameters:
+        spec["parameters"] = {k: {"string_value": v} for k, v in parameters.items()}
+    return text_format.MessageToString(json_format.ParseDict(spec, model_config_pb2.ModelConfig()))
 
 
-def _tensors(kind: str, entries: list[str]) -> str:
-    return f"{kind} [\n" + ",\n".join(entries) + "\n]\n"
-
-
-def _parameters(values: dict[str, str]) -> str:
-    return "".join(f'parameters: {{\n  key: "{k}"\n  value: {{ string_value: "{v}" }}\n}}\n' for k, v in values.items())
-
-
-def _instances(kind: str, count: int = 1) -> str:
-    return f"instance_group [\n  {{\n    count: {count}\n    kind: {kind}\n  }}\n]\n"
-
-
-def _graph_tensors(values, batched: bool) -> list[str]:
+def _graph_tensors(values, batched: bool) -> list[dict[str, Any]]:
     """ONNX graph inputs or outputs as config entries; a dynamic axis is ``-1``, and with ``batched``
     the leading (batch) axis is left out: Triton owns it through ``max_batch_size``."""
     out = []
@@ -96,14 +100,12 @@ def onnx_model_config(model_name: str, onnx_path: Path, batched: bool, backend: 
         raise ConfigError(f"unknown Triton backend {backend!r}: use {' or '.join(BACKENDS)}")
     graph = onnx.load(str(onnx_path), load_external_data=False).graph
     initializers = {i.name for i in graph.initializer}
-    text = _header(model_name, backend, MAX_BATCH_SIZE if batched else 0)
-    text += _tensors("input", _graph_tensors([i for i in graph.input if i.name not in initializers], batched))
-    text += _tensors("output", _graph_tensors(graph.output, batched))
-    if batched:
-        text += f"dynamic_batching {{\n  max_queue_delay_microseconds: {QUEUE_DELAY_US}\n}}\n"
+    inputs = _graph_tensors([i for i in graph.input if i.name not in initializers], batched)
+    outputs = _graph_tensors(graph.output, batched)
     if backend == "python":
-        return text + _instances("KIND_CPU") + _parameters({"threads": str(PYTHON_THREADS)})
-    return text + _instances("KIND_AUTO")
+        return _config(model_name, backend, MAX_BATCH_SIZE if batched else 0, inputs, outputs, ("KIND_CPU", 1),
+                       {"threads": str(PYTHON_THREADS)}, batched)
+    return _config(model_name, backend, MAX_BATCH_SIZE if batched else 0, inputs, outputs, ("KIND_AUTO", 1), None, batched)
 
 
 def write_onnx_model(repo: Path, model_name: str, onnx_path: Path, batched: bool, backend: str = "onnxruntime_onnx") -> Path:
@@ -126,17 +128,15 @@ def fewshot_model_configs(bundle_dir: Path, state_dir: Path, instances: int = 1)
     "Deploy behind Triton"). Strings travel as ``BYTES`` (``TYPE_STRING``): UTF-8 names and labels,
     encoded image bytes (anything Pillow opens). ``bundle_dir`` and ``state_dir`` become parameters;
     a relative path there is read from the repository's root."""
-    params = _parameters({"bundle_dir": str(bundle_dir), "state_dir": str(state_dir), "threads": str(PYTHON_THREADS)})
+    params = {"bundle_dir": str(bundle_dir), "state_dir": str(state_dir), "threads": str(PYTHON_THREADS)}
     strings = "TYPE_STRING"
-    adapt = (_header(ADAPT_MODEL, "python", 0)
-             + _tensors("input", [_tensor("model", strings, [1]), _tensor("labels", strings, [-1]),
-                                  _tensor("images", strings, [-1]), _tensor("method", strings, [1], optional=True)])
-             + _tensors("output", [_tensor("task_id", strings, [1]), _tensor("labels", strings, [-1])]))
-    classify = (_header(CLASSIFY_MODEL, "python", 0)
-                + _tensors("input", [_tensor("task_id", strings, [1]), _tensor("images", strings, [-1])])
-                + _tensors("output", [_tensor("probabilities", "TYPE_FP32", [-1, -1]), _tensor("labels", strings, [-1])]))
-    return {ADAPT_MODEL: adapt + _instances("KIND_CPU", instances) + params,
-            CLASSIFY_MODEL: classify + _instances("KIND_CPU", instances) + params}
+    adapt_in = [_tensor("model", strings, [1]), _tensor("labels", strings, [-1]), _tensor("images", strings, [-1]),
+                _tensor("method", strings, [1], optional=True)]
+    adapt_out = [_tensor("task_id", strings, [1]), _tensor("labels", strings, [-1])]
+    classify_in = [_tensor("task_id", strings, [1]), _tensor("images", strings, [-1])]
+    classify_out = [_tensor("probabilities", "TYPE_FP32", [-1, -1]), _tensor("labels", strings, [-1])]
+    return {ADAPT_MODEL: _config(ADAPT_MODEL, "python", 0, adapt_in, adapt_out, ("KIND_CPU", instances), params),
+            CLASSIFY_MODEL: _config(CLASSIFY_MODEL, "python", 0, classify_in, classify_out, ("KIND_CPU", instances), params)}
 
 
 def write_fewshot_models(repo: Path, bundle_dir: Path, state_dir: Path, instances: int = 1) -> list[Path]:
