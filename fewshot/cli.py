@@ -190,7 +190,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 
 def _run_demo(args: argparse.Namespace) -> None:
     from fewshot.export.bundle import DEFAULT_BUNDLE_DIR
-    from fewshot.server.demo import run_demo
+    from fewshot.tools.demo import run_demo
 
     run_demo(Path(args.bundles) if args.bundles else DEFAULT_BUNDLE_DIR, args.tasks, args.seed, args.model)
 
@@ -228,7 +228,7 @@ def _run_bench(args: argparse.Namespace) -> None:
     from fewshot.models.zoo import load_model
 
     if args.target:
-        from fewshot.server.bench import bench_service, describe
+        from fewshot.tools.bench import bench_service, describe
 
         print(f"fewshot bench --target {args.target}: {args.requests} calls per row, 5-way {args.shots}-shot, "
               f"{args.queries} queries per class, PNG bytes through the client SDK")

@@ -87,7 +87,7 @@ def episode_pool(models: Sequence[str], infos: dict[str, Any], bundles: Path | N
     """``per_setting`` test episodes of each model and shot count, seeded like ``fewshot eval``."""
     from fewshot.models.data import ImageSet, load_dataset
     from fewshot.models.episodes import EpisodeSampler
-    from fewshot.server.demo import encode_episode
+    from fewshot.tools.demo import encode_episode
 
     datasets: dict[str, ImageSet] = {}
     pool: list[PoolEpisode] = []
@@ -448,8 +448,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             else:
                 from fewshot.export.bundle import DEFAULT_BUNDLE_DIR
                 from fewshot.models.zoo import shipped_models
-                from fewshot.server.demo import ensure_bundles
-                from fewshot.server.process import ServerProcess
+                from fewshot.tools.demo import ensure_bundles
+                from fewshot.tools.process import ServerProcess
 
                 bundles = Path(args.bundles) if args.bundles else DEFAULT_BUNDLE_DIR
                 ensure_bundles(bundles, [m for m in args.models if m in shipped_models()], log=log)

@@ -51,7 +51,7 @@ def omni_bundles(exported, tmp_path_factory):
 def server(exported, tmp_path_factory):
     """A real ``fewshot serve`` on loopback over every shipped bundle; small limits so the
     RESOURCE_EXHAUSTED cases stay cheap, a longer batching window so concurrent calls merge."""
-    from fewshot.server.process import ServerProcess, free_port
+    from fewshot.tools.process import ServerProcess, free_port
 
     metrics_port = free_port()
     proc = ServerProcess(exported[0], tmp_path_factory.mktemp("state"), *SMALL, "--max-message-mb", "4", "--max-image-mb", "1", "--max-support", "300",
@@ -64,7 +64,7 @@ def server(exported, tmp_path_factory):
 @pytest.fixture(scope="session")
 def token_server(exported, tmp_path_factory):
     """The same bundles behind ``--token secret-token``."""
-    from fewshot.server.process import ServerProcess
+    from fewshot.tools.process import ServerProcess
 
     with ServerProcess(exported[0], tmp_path_factory.mktemp("state-token"), *SMALL, "--token", "secret-token") as proc:
         yield proc
@@ -78,7 +78,7 @@ def triton(exported, tmp_path_factory):
     the reason, only where the binary cannot run."""
     from fewshot.export.registry import Registry
     from fewshot.export.triton import write_bundle_models
-    from fewshot.server.tritonserver import TritonProcess, TritonUnavailable
+    from fewshot.tools.tritonserver import TritonProcess, TritonUnavailable
 
     repo, state = tmp_path_factory.mktemp("triton-python"), tmp_path_factory.mktemp("triton-state")
     for bundle in Registry.load(exported[0]).bundles.values():

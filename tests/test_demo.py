@@ -8,7 +8,7 @@ import re
 import subprocess
 import sys
 
-from fewshot.server.demo import DEMO_MODELS
+from fewshot.tools.demo import DEMO_MODELS
 
 ROW = re.compile(r"^(\S+)\s+(\d+)-way (\d+)-shot (\S+)\s+([\d.]+) \+- ([\d.]+)\s+adapt p50.*RESULTS\.md \((\d+) tasks\)")
 TASKS = 3

@@ -13,7 +13,7 @@ from fewshot.cli import main
 from fewshot.errors import FewShotError
 
 
-PACKAGES = ("fewshot", "fewshot.models", "fewshot.models.heads", "fewshot.models.meta", "fewshot.export", "fewshot.server")
+PACKAGES = ("fewshot", "fewshot.tools", "fewshot.models", "fewshot.models.heads", "fewshot.models.meta", "fewshot.export", "fewshot.server")
 
 
 def _modules():

@@ -22,7 +22,7 @@ from test_images import blp, dds, ico_bomb, spider
 
 from fewshot.models.episodes import EpisodeSampler
 from fewshot.models.preprocess import encode_png as png
-from fewshot.server.process import ServerProcess, free_port
+from fewshot.tools.process import ServerProcess, free_port
 from fewshot_client._proto import fewshot_pb2 as pb
 from fewshot_client._proto import fewshot_pb2_grpc as pb_grpc
 

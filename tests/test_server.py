@@ -21,7 +21,7 @@ from fewshot.models.data import load_dataset
 from fewshot.models.episodes import EpisodeSampler
 from fewshot.models.preprocess import encode_png as png
 from fewshot.models.zoo import load_model
-from fewshot.server.process import ServerProcess
+from fewshot.tools.process import ServerProcess
 from fewshot_client._proto import fewshot_pb2 as pb
 from fewshot_client._proto import fewshot_pb2_grpc as pb_grpc
 

@@ -22,8 +22,8 @@ from fewshot.models.episodes import EpisodeSampler
 from fewshot.models.features import OnnxFeatures
 from fewshot.models.preprocess import encode_png as png
 from fewshot.models.zoo import load_model
-from fewshot.server.process import ServerProcess
-from fewshot.server.tritonserver import TritonProcess, TritonStartError, TritonUnavailable
+from fewshot.tools.process import ServerProcess
+from fewshot.tools.tritonserver import TritonProcess, TritonStartError, TritonUnavailable
 from fewshot_client._proto import fewshot_pb2 as pb
 from fewshot_client._proto import fewshot_pb2_grpc as pb_grpc
 

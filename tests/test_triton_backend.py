@@ -20,9 +20,9 @@ from fewshot.models.data import load_dataset
 from fewshot.models.episodes import EpisodeSampler
 from fewshot.models.preprocess import encode_png as png
 from fewshot.models.zoo import load_model
-from fewshot.server.process import ServerProcess, free_port
+from fewshot.tools.process import ServerProcess, free_port
 from fewshot.server.store import TaskStore
-from fewshot.server.tritonserver import TritonProcess
+from fewshot.tools.tritonserver import TritonProcess
 from fewshot_client._proto import fewshot_pb2 as pb
 from fewshot_client._proto import fewshot_pb2_grpc as pb_grpc
 

@@ -54,7 +54,7 @@ def ensure_bundles(out: Path, names: list[str], log=print) -> None:
 def run_demo(bundles: Path, tasks: int = 600, seed: int = 0, models: list[str] | None = None,
              shots: tuple[int, ...] = (1, 5)) -> None:
     from fewshot.export.registry import Registry
-    from fewshot.server.process import ServerProcess
+    from fewshot.tools.process import ServerProcess
     from fewshot_client import FewShotClient
 
     ensure_bundles(bundles, shipped_models())

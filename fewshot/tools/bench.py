@@ -17,7 +17,7 @@ import numpy as np
 from fewshot.models.data import load_dataset
 from fewshot.models.episodes import EpisodeSampler
 from fewshot.models.zoo import load_model
-from fewshot.server.demo import EncodedTask, encode_episode
+from fewshot.tools.demo import EncodedTask, encode_episode
 
 
 def percentiles(ms: list[float]) -> dict[str, float]:

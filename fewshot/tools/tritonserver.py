@@ -29,10 +29,10 @@ from pathlib import Path
 from typing import Sequence
 
 from fewshot.errors import FewShotError
-from fewshot.server.process import free_port
+from fewshot.tools.process import free_port
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_VENV = REPO_ROOT / ".venv-triton"
+#: ``scripts/triton-env.sh`` makes it in the checkout (``$FEWSHOT_TRITON_VENV`` points elsewhere).
+DEFAULT_VENV = Path(os.environ.get("FEWSHOT_TRITON_VENV", Path(__file__).resolve().parents[2] / ".venv-triton"))
 
 
 class TritonUnavailable(FewShotError, RuntimeError):
