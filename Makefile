@@ -6,7 +6,7 @@ export MALLOC_MMAP_THRESHOLD_ ?= 33554432
 export MALLOC_TRIM_THRESHOLD_ ?= 67108864
 export MALLOC_TOP_PAD_ ?= 67108864
 
-.PHONY: install test test-triton triton-env demo models results clean
+.PHONY: install test test-unit test-triton triton-env demo models results clean
 
 # torch is pinned to the CPU build that pip finds locally (see ../shared/ENVIRONMENT.md): a plain
 # `torch` would pull several GB of CUDA wheels. CPU machines get `onnxruntime`; the GPU image
@@ -24,6 +24,10 @@ install: $(STAMP)
 test: install
 	scripts/triton-env.sh || echo "make test: .venv-triton could not be prepared; the Triton tests will skip and say why"
 	$(PY) -m pytest
+
+# The fast tier alone (about 35 s): validation, state, images, store, heads, losses, inner loops; no export, no server.
+test-unit: install
+	$(PY) -m pytest -m unit
 
 triton-env:
 	scripts/triton-env.sh

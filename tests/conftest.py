@@ -6,11 +6,8 @@ import pytest
 import torch
 
 from fewshot.models.data import load_omniglot
-from fewshot.models.zoo import shipped_models
+from support import SHIPPED, SMALL
 
-#: Test servers share 2 cores with pytest.
-SMALL = ("--threads", "1", "--workers", "2")
-SHIPPED = shipped_models()
 
 torch.set_num_threads(2)
 

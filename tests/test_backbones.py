@@ -1,9 +1,12 @@
 """Backbones: feature shapes and torch.func.functional_call with explicit parameters and buffers."""
 
+import pytest
 import torch
 from torch.func import functional_call
 
 from fewshot.models.backbones import Conv4, ResNet12, build_backbone
+
+pytestmark = pytest.mark.unit
 
 
 def test_conv4_feature_dims():

@@ -7,6 +7,8 @@ from PIL import Image
 from fewshot.models.data import DatasetError, load_image_folder, load_omniglot, tinyimagenet_split
 from fewshot.models.preprocess import InputSpec
 
+pytestmark = pytest.mark.unit
+
 
 def test_omniglot_splits_are_28x28_and_disjoint(omniglot_test):
     train, val = load_omniglot("train"), load_omniglot("val")

@@ -5,6 +5,8 @@ import pytest
 
 from fewshot.models.episodes import EpisodeSampler
 
+pytestmark = pytest.mark.unit
+
 
 def test_no_class_in_two_roles_and_no_image_in_support_and_query(omniglot_test):
     sampler = EpisodeSampler(omniglot_test, ways=20, shots=5, queries=15, seed=3)

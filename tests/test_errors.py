@@ -12,6 +12,8 @@ import pytest
 from fewshot.cli import main
 from fewshot.errors import FewShotError
 
+pytestmark = pytest.mark.unit
+
 
 PACKAGES = ("fewshot", "fewshot.tools", "fewshot.models", "fewshot.models.heads", "fewshot.models.meta", "fewshot.export", "fewshot.server")
 

@@ -11,6 +11,8 @@ import pytest
 from fewshot.models.evaluation import evaluate, summarize
 from fewshot.models.metric_adapter import MetricAdapter
 
+pytestmark = pytest.mark.unit
+
 
 def test_confidence_interval_formula():
     acc = [0.2, 0.4, 0.6, 0.8]

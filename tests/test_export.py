@@ -14,7 +14,7 @@ from fewshot.models.episodes import EpisodeSampler
 from fewshot.models.metric_adapter import MetricAdapter
 from fewshot.models.zoo import load_model
 
-from conftest import SHIPPED
+from support import SHIPPED
 
 
 def _torch_adapter(model, head):

@@ -69,18 +69,21 @@ def _decodes_or_refuses(data: bytes) -> None:
     assert out.shape == (32, 32, 3) and out.dtype == np.float32 and np.isfinite(out).all()
 
 
+@pytest.mark.unit
 @fuzz(1500)
 @given(st.binary(max_size=4096))
 def test_random_bytes_decode_or_raise_image_error(data):
     _decodes_or_refuses(data)
 
 
+@pytest.mark.unit
 @fuzz(2500)
 @given(mutated_images())
 def test_mutated_images_decode_or_raise_image_error(data):
     _decodes_or_refuses(data)
 
 
+@pytest.mark.unit
 @fuzz(1000)
 @given(shape=st.lists(st.integers(-3, 70), max_size=4), dtype=st.sampled_from(["uint8", "float32", "float64", "", "int8"]),
        data=st.binary(max_size=4 * 40 * 40 * 3), fill=st.none() | st.floats(allow_nan=True, allow_infinity=True, width=32))

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import numpy as np
 import pytest
-from conftest import SMALL
+from support import SMALL
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 from test_images import blp, dds, ico_bomb, spider

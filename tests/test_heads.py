@@ -9,6 +9,8 @@ from fewshot.models.heads.centroid import CentroidHead
 from fewshot.models.heads.laplacian_shot import LaplacianShotHead, rectify_prototypes
 from fewshot.models.heads.transforms import transform_features
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.fixture(scope="module")
 def features(omniglot_model, omniglot_test):

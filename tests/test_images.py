@@ -14,6 +14,8 @@ from fewshot.server.budget import CallBudget
 from fewshot.server.errors import TooLarge
 from fewshot.server.images import FORMATS, ImageError, ImageLimits, decode_batch, decode_image
 
+pytestmark = pytest.mark.unit
+
 SPEC = InputSpec(1, 28, (0.5,), (0.5,))
 
 

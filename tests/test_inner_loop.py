@@ -11,6 +11,8 @@ from fewshot.models.meta.rules import RULES, ContextualGradientScaling, UpdateRu
 from fewshot.models.meta.training import MetaTrainConfig, build_learner, query_loss
 from fewshot.models.preprocess import InputSpec
 
+pytestmark = pytest.mark.unit
+
 SPEC = InputSpec.for_dataset("omniglot")
 
 

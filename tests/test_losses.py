@@ -1,9 +1,12 @@
 """Direct-sum paper losses: eqs. (1)-(11)."""
 
+import pytest
 import torch
 
 from fewshot.models.losses import (CombinedLoss, bce_loss, complement_projection, nca_loss, proto_loss, sce_loss,
                                    spectral_projection)
+
+pytestmark = pytest.mark.unit
 
 
 def _full_rank(d: int, c: int, seed: int = 0) -> torch.Tensor:

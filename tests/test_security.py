@@ -9,7 +9,7 @@ import time
 import grpc
 import pytest
 from certs import make_certificates
-from conftest import SMALL
+from support import SMALL
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 

@@ -16,6 +16,8 @@ from fewshot.server.errors import QuotaExceeded
 from fewshot.server.store import ENTRY_OVERHEAD, TaskRecord, TaskStore, resident_bytes
 from fewshot.server.state import dump_task
 
+pytestmark = pytest.mark.unit
+
 
 def _task(n: int = 5, d: int = 3136) -> MetricTask:
     return MetricTask(CentroidState(torch.randn(n, d), "L2N", torch.randn(d)), extract=lambda x: x)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import tritonclient.grpc as grpcclient
-from conftest import SHIPPED, SMALL
+from support import SHIPPED, SMALL
 from tritonclient.utils import InferenceServerException
 
 from fewshot.export.registry import Registry

@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import numpy as np
 import pytest
-from conftest import SHIPPED, SMALL
+from support import SHIPPED, SMALL
 
 from fewshot.export.triton import backbone_model_name, write_onnx_model
 from fewshot.models.data import load_dataset
