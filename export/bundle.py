@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -30,8 +31,9 @@ SCHEMA_VERSION = 1
 BUNDLE_VERSION = "1"
 FP32_TOLERANCE = 1e-4
 FP16_MIN_AGREEMENT = 99.5
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_BUNDLE_DIR = REPO_ROOT / "bundles"
+#: Where bundles go and are served from by default: ``$FEWSHOT_BUNDLES``, else ``bundles`` in the
+#: working directory (never derived from where the package is installed).
+DEFAULT_BUNDLE_DIR = Path(os.environ.get("FEWSHOT_BUNDLES", "bundles"))
 
 
 class ExportError(FewShotError, RuntimeError):

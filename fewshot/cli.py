@@ -185,7 +185,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tasks", type=int, default=600, help="tasks per row (600: the same tasks as RESULTS.md)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model", action="append", help="model to demo (repeat; default: the flagship models)")
-    p.add_argument("--bundles", help="bundle directory (default: bundles/ in the repository)")
+    p.add_argument("--bundles", help="bundle directory (default: $FEWSHOT_BUNDLES, else bundles/ in the working directory)")
 
 
 def _run_demo(args: argparse.Namespace) -> None:
@@ -283,7 +283,7 @@ def _run_bench(args: argparse.Namespace) -> None:
 def _add_export(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="export shipped models as bundles (ONNX + meta.safetensors + manifest.json)")
     p.add_argument("--model", action="append", required=True, help="shipped model name (repeat for several)")
-    p.add_argument("--out", help="bundle directory (default: bundles/ in the repository)")
+    p.add_argument("--out", help="bundle directory (default: $FEWSHOT_BUNDLES, else bundles/ in the working directory)")
     p.add_argument("--fp16", action="store_true", help="float16 ONNX graphs (checked: >= 99.5%% top-1 agreement)")
     p.add_argument("--triton-repo", help="also write a Triton model repository here (backbones; networks of inner-loop models)")
     p.add_argument("--triton-backend", default="onnxruntime_onnx", choices=["onnxruntime_onnx", "python"],
@@ -308,7 +308,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
 
     d = ServeConfig(models=Path("bundles"))
     p = sub.add_parser("serve", help="serve the bundles of a model directory over gRPC (fewshot.v1.FewShot)")
-    p.add_argument("--models", default=None, help="bundle directory (default: bundles/ in the repository)")
+    p.add_argument("--models", default=None, help="bundle directory (default: $FEWSHOT_BUNDLES, else bundles/ in the working directory)")
     p.add_argument("--host", default=d.host, help=f"listen address (default {d.host}; 0.0.0.0 in a container)")
     p.add_argument("--port", type=int, default=d.port, help="0 picks a free port (printed at start)")
     p.add_argument("--device", default=d.device, choices=["auto", "cpu", "cuda"])

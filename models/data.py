@@ -20,7 +20,6 @@ from PIL import Image
 from fewshot.errors import FewShotError
 from fewshot.models.preprocess import InputSpec, load_image
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 SPLITS_DIR = Path(__file__).resolve().parent / "splits"
 
 OMNIGLOT_SIZE = 28
@@ -34,18 +33,20 @@ class DatasetError(FewShotError, ValueError):
 
 
 def data_root(explicit: str | os.PathLike | None = None) -> Path:
-    """The data folder: ``explicit``, else ``$FEWSHOT_DATA``, else ``../shared/data`` beside the repo."""
+    """The data folder: ``explicit``, else ``$FEWSHOT_DATA``, else ``../shared/data`` from the working
+    directory (a checkout beside ``shared/``, where ``make`` runs). Never derived from where the package
+    is installed."""
     if explicit:
         return Path(explicit)
     env = os.environ.get("FEWSHOT_DATA")
     if env:
         return Path(env)
-    return REPO_ROOT.parent / "shared" / "data"
+    return Path("..") / "shared" / "data"
 
 
 def cache_dir() -> Path:
-    """Where decoded arrays are kept: ``$FEWSHOT_CACHE`` or ``<repo>/.cache``."""
-    path = Path(os.environ.get("FEWSHOT_CACHE", REPO_ROOT / ".cache"))
+    """Where decoded arrays are kept: ``$FEWSHOT_CACHE``, else ``.cache`` in the working directory."""
+    path = Path(os.environ.get("FEWSHOT_CACHE", ".cache"))
     path.mkdir(parents=True, exist_ok=True)
     return path
 

@@ -410,7 +410,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--pid", type=int, help="with --target: the server's PID (its VmRSS is sampled)")
     p.add_argument("--token", default=os.environ.get("FEWSHOT_TOKEN"),
                    help="bearer token (default $FEWSHOT_TOKEN, which a server started here reads too)")
-    p.add_argument("--bundles", help="without --target: bundle directory to serve (default: bundles/ in the repo)")
+    p.add_argument("--bundles", help="without --target: bundle directory to serve (default: $FEWSHOT_BUNDLES, else ./bundles)")
     p.add_argument("--serve-arg", action="append", default=[], metavar="ARG",
                    help=f"without --target: extra `fewshot serve` argument, repeat (after {' '.join(DEFAULT_SERVE_ARGS)}); "
                         "write it as --serve-arg=--cache-mb=64")
