@@ -25,6 +25,7 @@ from fewshot.export.onnx_graphs import ONNX_OPSET, backbone_to_onnx, network_inp
 from fewshot.models.data import load_dataset
 from fewshot.models.episodes import EpisodeSampler
 from fewshot.models.features import OnnxFeatures, TorchFeatures
+from fewshot.models.runtime import onnx_session
 from fewshot.models.zoo import ShippedMetaModel, ShippedModel, load_model
 
 SCHEMA_VERSION = 1
@@ -49,11 +50,7 @@ def sha256(path: Path) -> str:
 
 
 def _session(model_bytes: bytes):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    return ort.InferenceSession(model_bytes, opts, providers=["CPUExecutionProvider"])
+    return onnx_session(model_bytes, "cpu")
 
 
 def _to_fp16(model_bytes: bytes) -> bytes:

@@ -17,10 +17,11 @@ from safetensors.torch import load_file
 from fewshot.errors import ConfigError
 from fewshot.export.onnx_graphs import network_inputs
 from fewshot.export.registry import Bundle
-from fewshot.models.features import FeatureExtractor, OnnxFeatures, onnx_providers, run_batch, run_in_chunks
+from fewshot.models.features import FeatureExtractor, OnnxFeatures, run_batch, run_in_chunks
 from fewshot.models.meta.inner_loop import InnerLoopAdapter, InnerLoopTask
 from fewshot.models.metric_adapter import MetricAdapter
 from fewshot.models.preprocess import InputSpec
+from fewshot.models.runtime import onnx_session, torch_device
 from fewshot.models.zoo import build_head, inner_loop_adapter, meta_model_parts
 
 
@@ -80,12 +81,10 @@ class BundleModel:
         """``extract``: where backbone features come from (metric models), ``network``: what runs the
         adapted network (inner-loop models). Default: ``backbone.onnx`` / ``network.onnx`` in ONNX
         Runtime, in process; the Triton feature backend passes its own."""
-        import onnxruntime as ort
-
         m = self.manifest = bundle.manifest
         self.bundle, self.name, self.family, self.spec = bundle, m["name"], m["family"], bundle_spec(bundle)
         tensors = load_file(str(bundle.file("meta.safetensors")))
-        self.device = torch.device("cuda" if device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+        self.device = torch_device(device)
         if self.family == "metric":
             self.center = tensors.get("center")
             self.extract = extract or OnnxFeatures(str(bundle.file("backbone.onnx")), int(m["feature_dim"]), device, threads)
@@ -97,11 +96,7 @@ class BundleModel:
         if network is not None:
             self.session = network
             return
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        if threads:
-            opts.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(bundle.file("network.onnx")), opts, providers=onnx_providers(device))
+        self.session = onnx_session(str(bundle.file("network.onnx")), device, threads)
 
     @property
     def methods(self) -> list[str]:

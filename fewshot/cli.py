@@ -225,6 +225,7 @@ def _run_bench(args: argparse.Namespace) -> None:
     from fewshot.models.data import load_dataset
     from fewshot.models.episodes import EpisodeSampler
     from fewshot.models.metric_adapter import MetricAdapter
+    from fewshot.models.runtime import torch_device
     from fewshot.models.zoo import load_model
 
     if args.target:
@@ -262,7 +263,7 @@ def _run_bench(args: argparse.Namespace) -> None:
         if i >= args.warmup:
             adapt_ms.append(1e3 * (t1 - t0))
             classify_ms.append(1e3 * (t2 - t1))
-    device = "cuda" if args.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
+    device = str(torch_device(args.device))
 
     def stats(v: list[float]) -> dict:
         return {"median_ms": round(float(np.median(v)), 2), "p10_ms": round(float(np.percentile(v, 10)), 2),

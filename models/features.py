@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from fewshot.models import interrupt
+from fewshot.models.runtime import onnx_session
 
 ONNX_OPSET = 17
 #: Images per ONNX Runtime run. On CPU, 32-image runs of the Tiny ImageNet Conv-4 were as fast as
@@ -76,27 +77,11 @@ def backbone_to_onnx(backbone: nn.Module, channels: int, size: int) -> bytes:
     return buf.getvalue()
 
 
-def onnx_providers(device: str = "auto") -> list[str]:
-    """CUDA provider first when asked for (or ``auto``) and available, CPU always."""
-    import onnxruntime as ort
-
-    available = ort.get_available_providers()
-    if device in ("auto", "cuda") and "CUDAExecutionProvider" in available:
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    return ["CPUExecutionProvider"]
-
-
 class OnnxFeatures:
     """Backbone in ONNX Runtime (in process)."""
 
     def __init__(self, model: bytes | str, feature_dim: int, device: str = "auto", threads: int = 0) -> None:
-        import onnxruntime as ort
-
-        opts = ort.SessionOptions()
-        if threads:
-            opts.intra_op_num_threads = threads
-        opts.log_severity_level = 3
-        self.session = ort.InferenceSession(model, opts, providers=onnx_providers(device))
+        self.session = onnx_session(model, device, threads)
         self.input_name = self.session.get_inputs()[0].name
         self.feature_dim = feature_dim
         self.run_batch = run_batch(self.session)

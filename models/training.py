@@ -21,13 +21,14 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from fewshot.errors import ConfigError, EnvironmentUnavailable
+from fewshot.errors import ConfigError
 from fewshot.models.backbones import Conv4, ResNet12, build_backbone
 from fewshot.models.data import ImageSet, load_dataset
 from fewshot.models.evaluation import evaluate_features
 from fewshot.models.heads.centroid import CentroidHead
 from fewshot.models.losses import CombinedLoss
 from fewshot.models.preprocess import InputSpec
+from fewshot.models.runtime import torch_device
 
 
 @dataclass
@@ -79,12 +80,8 @@ def make_backbone(cfg: TrainConfig, spec: InputSpec) -> Conv4 | ResNet12:
 
 
 def pick_device(name: str = "auto") -> torch.device:
-    """``auto`` picks CUDA when available, else CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise EnvironmentUnavailable("--device cuda asked for, but no CUDA device is available")
-    return torch.device(name)
+    """``auto`` picks CUDA when available, else CPU; ``cuda`` without a GPU is an error here."""
+    return torch_device(name, strict=True)
 
 
 class _BalancedBatches:

@@ -31,6 +31,7 @@ from fewshot.models.heads.laplacian_shot import LaplacianShotHead
 from fewshot.models.heads.transforms import TRANSFORMS
 from fewshot.models.preprocess import InputSpec
 from fewshot.models.training import load_trained_backbone
+from fewshot.models.runtime import torch_device
 
 ZOO_DIR = Path(__file__).resolve().parent / "zoo"
 CARD_SCHEMA = 1
@@ -61,7 +62,7 @@ class ShippedModel:
     def extractor(self, backend: str = "onnxruntime", device: str = "auto") -> FeatureExtractor:
         """The backbone as a feature extractor, in ONNX Runtime (default) or torch."""
         if backend == "torch":
-            return TorchFeatures(self.backbone, "cuda" if device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+            return TorchFeatures(self.backbone, str(torch_device(device)))
         if backend == "onnxruntime":
             spec = self.spec
             return OnnxFeatures(backbone_to_onnx(self.backbone, spec.channels, spec.size), self.backbone.feature_dim, device)
@@ -134,7 +135,7 @@ class ShippedMetaModel:
 
     def adapter(self, bn_mode: str | None = None, steps: int | None = None, device: str = "auto"):
         """The model's inner loop as an adapter (``support`` BatchNorm unless asked otherwise)."""
-        dev = torch.device("cuda" if device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+        dev = torch_device(device)
         params = {k: v.to(dev) for k, v in self.meta_params.items()}
         return inner_loop_adapter(self.name, self.card["inner_loop"], self.net, self.rule.to(dev), params, steps, bn_mode)
 
