@@ -1,7 +1,8 @@
 """Serialising a task's adapted state to bytes (safetensors) and back.
 
-Only what the adapter produced is stored: nearest-centroid prototypes, LaplacianShot's support
-features, or the inner loop's adapted weights and frozen BatchNorm statistics. The model-level parts
+Only what the adapter produced is stored: a head's state as it describes itself
+(:meth:`HeadState.to_stored`: nearest-centroid prototypes, LaplacianShot's support features, ...), or the
+inner loop's adapted weights and frozen BatchNorm statistics. The model-level parts
 (ONNX sessions, the network definition) come from the served model when a task is loaded, so a stored
 task is small and is classified by the same code as a fresh one.
 """
@@ -16,8 +17,8 @@ from safetensors.torch import save as st_save
 
 from fewshot.errors import FewShotError
 from fewshot.export.loader import BundleModel, OnnxInnerLoopTask
-from fewshot.models.heads.centroid import CentroidState
-from fewshot.models.heads.laplacian_shot import LaplacianShotState
+from fewshot.models.heads import centroid, laplacian_shot  # noqa: F401  (registers their state kinds)
+from fewshot.models.heads.base import STATE_KINDS
 from fewshot.models.meta.inner_loop import InnerLoopTask
 from fewshot.models.metric_adapter import MetricTask
 
@@ -29,18 +30,9 @@ class StateError(FewShotError, ValueError):
 def dump_task(task: MetricTask | OnnxInnerLoopTask) -> bytes:
     """The adapted state of ``task`` as one safetensors blob (tensors + JSON metadata)."""
     tensors: dict[str, torch.Tensor]
-    if isinstance(task, MetricTask) and isinstance(task.state, CentroidState):
-        s = task.state
-        tensors, meta = {"prototypes": s.prototypes}, {"kind": "centroid", "transform": s.transform}
-        if s.center is not None:
-            tensors["center"] = s.center
-    elif isinstance(task, MetricTask) and isinstance(task.state, LaplacianShotState):
-        s = task.state
-        tensors = {"support": s.support, "labels": s.labels}
-        meta = {"kind": "laplacianshot", "n_classes": s.n_classes, "transform": s.transform, "lam": s.lam,
-                "knn": s.knn, "rectify": s.rectify}
-        if s.center is not None:
-            tensors["center"] = s.center
+    if isinstance(task, MetricTask) and task.state.kind:
+        tensors, meta = task.state.to_stored()
+        meta = {"kind": task.state.kind, **meta}
     elif isinstance(task, OnnxInnerLoopTask):
         s = task.state
         tensors = {f"param.{k}": v for k, v in s.params.items()}
@@ -62,14 +54,12 @@ def load_task(blob: bytes, model: BundleModel) -> MetricTask | OnnxInnerLoopTask
         meta = json.loads(json.loads(blob[8:8 + header_len])["__metadata__"]["fewshot"])
     except Exception as exc:  # safetensors raises its own error types
         raise StateError(f"stored task is damaged ({exc})") from None
-    kind = meta.get("kind")
-    center = tensors.get("center")
-    if kind == "centroid":
-        return MetricTask(CentroidState(tensors["prototypes"], meta["transform"], center), model.extract)
-    if kind == "laplacianshot":
-        state = LaplacianShotState(tensors["support"], tensors["labels"], meta["n_classes"], meta["transform"], center,
-                                   meta["lam"], meta["knn"], meta["rectify"])
-        return MetricTask(state, model.extract)
+    kind = meta.pop("kind", None)
+    if kind in STATE_KINDS:
+        try:
+            return MetricTask(STATE_KINDS[kind].from_stored(tensors, meta), model.extract)
+        except (KeyError, TypeError) as exc:
+            raise StateError(f"stored {kind} task is incomplete ({exc})") from None
     if kind == "inner_loop":
         params = {k.removeprefix("param."): v.to(model.device) for k, v in tensors.items() if k.startswith("param.")}
         stats = [(tensors[f"bn.{i}.mean"].to(model.device), tensors[f"bn.{i}.var"].to(model.device))

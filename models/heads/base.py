@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
+from typing import Any, ClassVar
 
 import torch
 
@@ -35,15 +37,57 @@ def sq_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return ((a[:, None, :] - b[None, :, :]) ** 2).sum(-1)
 
 
-class HeadState(ABC):
-    """What a head keeps for one task."""
+#: Head states by their stored ``kind`` (filled as the state classes are defined).
+STATE_KINDS: dict[str, type["HeadState"]] = {}
 
+
+class HeadState(ABC):
+    """What a head keeps for one task: a dataclass whose tensor fields are its state.
+
+    A subclass that sets ``kind`` is registered, and stores and restores itself without further code:
+    :meth:`to_stored` puts every tensor field into the tensors (``None`` left out) and every other
+    field into the metadata; :meth:`from_stored` reverses it. So a new head needs no change in the
+    server's task persistence (``fewshot.server.state``).
+    """
+
+    #: The name its stored form carries (``centroid``, ``laplacianshot``, ...).
+    kind: ClassVar[str] = ""
     #: True when the prediction for one query depends on the other queries of the same call.
     transductive: bool = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.__dict__.get("kind"):
+            STATE_KINDS[cls.kind] = cls
 
     @abstractmethod
     def classify(self, query: torch.Tensor) -> torch.Tensor:
         """``(Q, d)`` query features -> ``(Q, N)`` class probabilities."""
+
+    def to_stored(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """``(tensors, JSON-able metadata)`` of this state."""
+        tensors, meta = {}, {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, torch.Tensor):
+                tensors[f.name] = value
+            elif value is not None:
+                meta[f.name] = value
+        return tensors, meta
+
+    @classmethod
+    def from_stored(cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> "HeadState":
+        """The state :meth:`to_stored` described; a missing optional field (``X | None``, e.g. ``center``)
+        is ``None``, a missing required one raises ``KeyError``."""
+        values = {}
+        for f in dataclasses.fields(cls):
+            if f.name in tensors or f.name in meta:
+                values[f.name] = tensors[f.name] if f.name in tensors else meta[f.name]
+            elif "None" in str(f.type):
+                values[f.name] = None
+            else:
+                raise KeyError(f"{cls.kind} state lacks {f.name!r}")
+        return cls(**values)
 
 
 class FewShotHead(ABC):

@@ -17,6 +17,7 @@ class CentroidState(HeadState):
     prototypes: torch.Tensor
     transform: str
     center: torch.Tensor | None
+    kind = "centroid"
     transductive = False
 
     def classify(self, query: torch.Tensor) -> torch.Tensor:

@@ -109,6 +109,7 @@ class LaplacianShotState(HeadState):
     lam: float
     knn: int
     rectify: bool
+    kind = "laplacianshot"
     transductive = True
 
     def assign(self, query: torch.Tensor) -> tuple[torch.Tensor, list[float]]:
