@@ -20,6 +20,7 @@ from fewshot.export.registry import Bundle
 from fewshot.models.features import FeatureExtractor, OnnxFeatures, run_batch, run_in_chunks
 from fewshot.models.meta.inner_loop import InnerLoopAdapter, InnerLoopTask
 from fewshot.models.metric_adapter import MetricAdapter
+from fewshot.models.plan import ClassifyPlan, softmax_rows
 from fewshot.models.preprocess import InputSpec
 from fewshot.models.runtime import onnx_session, torch_device
 from fewshot.models.zoo import build_head, inner_loop_adapter, meta_model_parts
@@ -52,8 +53,14 @@ class OnnxInnerLoopTask:
         images = np.ascontiguousarray(query.cpu().numpy(), dtype=np.float32)
         return torch.from_numpy(run_in_chunks(run, images, run_batch(self.session)))
 
+    def plan(self) -> ClassifyPlan:
+        """The adapted network, then a softmax. Under frozen (support) BatchNorm each query is
+        independent, so concurrent requests of this task merge into one network call; transductive
+        BatchNorm normalises over the call, so it never merges (``key`` None)."""
+        return ClassifyPlan(None if self.transductive else ("network", id(self)), self.logits, softmax_rows)
+
     def classify(self, query: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.logits(query), dim=1)
+        return self.plan().run(query)
 
 
 class OnnxInnerLoopAdapter:

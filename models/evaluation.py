@@ -15,6 +15,7 @@ from tqdm import tqdm
 from fewshot.models.data import ImageSet
 from fewshot.models.episodes import EpisodeSampler
 from fewshot.models.heads.base import FewShotHead
+from fewshot.models.plan import ClassifyPlan
 
 
 class TaskState(Protocol):
@@ -23,7 +24,10 @@ class TaskState(Protocol):
     transductive: bool
 
     def classify(self, query: torch.Tensor) -> torch.Tensor:
-        """``(Q, C, H, W)`` normalised query images -> ``(Q, N)`` probabilities."""
+        """``(Q, C, H, W)`` normalised query images -> ``(Q, N)`` probabilities (``plan().run``)."""
+
+    def plan(self) -> ClassifyPlan:
+        """The same classification as a mergeable plan (``fewshot.models.plan``)."""
 
 
 class Adapter(Protocol):

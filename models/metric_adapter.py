@@ -13,6 +13,7 @@ import torch
 
 from fewshot.models.features import FeatureExtractor
 from fewshot.models.heads.base import FewShotHead, HeadState
+from fewshot.models.plan import ClassifyPlan
 
 
 @dataclass
@@ -26,13 +27,14 @@ class MetricTask:
     def transductive(self) -> bool:
         return self.state.transductive
 
+    def plan(self) -> ClassifyPlan:
+        """Backbone features (batch-invariant: merged across requests of the same backbone), then the
+        head on this request's features alone (LaplacianShot stays transductive over one request)."""
+        return ClassifyPlan(("features", id(self.extract)), self.extract, self.state.classify)
+
     def classify(self, query: torch.Tensor) -> torch.Tensor:
         """``(Q, C, H, W)`` normalised images -> ``(Q, N)`` probabilities."""
-        return self.classify_features(self.extract(query))
-
-    def classify_features(self, features: torch.Tensor) -> torch.Tensor:
-        """``(Q, d)`` features (already extracted, e.g. in a merged batch) -> ``(Q, N)``."""
-        return self.state.classify(features)
+        return self.plan().run(query)
 
 
 class MetricAdapter:

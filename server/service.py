@@ -219,22 +219,21 @@ class FewShotService:
             async with self.admission.slot():
                 x = await self._offload(decode_for_model, list(request.queries), model, self.limits.image, "query", budget)
                 budget.check("classification")
-                probs = await self._classify(record, task, model, x)
+                probs = await self._classify(task, x)
             if self.store.deleted_since(task_id, call.started):  # DeleteTask answered while we worked
                 raise NotFound(f"task {task_id} was deleted during this call")
             return _response(probs.numpy(), record.labels, request.top_k)
 
         return await self._call("Classify", context, body)
 
-    async def _classify(self, record: TaskRecord, task: Any, model: BundleModel, x: torch.Tensor) -> torch.Tensor:
-        """``(Q, C, H, W)`` -> ``(Q, N)`` probabilities; the heavy call is merged with concurrent requests."""
-        if model.family == "metric":
-            features = await self.batcher.submit(("features", model.name), x, model.extract)
-            return await self._offload(task.classify_features, features)
-        if task.transductive:  # queries normalise each other: never merged with another request
-            return await self._offload(task.classify, x)
-        logits = await self.batcher.submit(("network", record.task_id), x, task.logits)
-        return torch.softmax(logits, dim=1)
+    async def _classify(self, task: Any, x: torch.Tensor) -> torch.Tensor:
+        """``(Q, C, H, W)`` -> ``(Q, N)`` probabilities by the task's own plan (what ``task.classify``
+        runs); its heavy part is merged with concurrent requests of the same key."""
+        plan = task.plan()
+        if plan.key is None:  # depends on the whole batch: never merged with another request
+            return await self._offload(plan.run, x)
+        heavy = await self.batcher.submit(plan.key, x, plan.heavy)
+        return await self._offload(plan.finish, heavy)
 
     # -- task and model info --------------------------------------------------------------------
     async def GetTask(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.TaskInfo:

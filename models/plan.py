@@ -1,0 +1,34 @@
+"""How a task classifies, as a plan the server's batcher can merge across requests.
+
+``task.plan()`` returns a :class:`ClassifyPlan`: ``heavy`` is the batch-invariant, per-image part
+(backbone features; the adapted network under frozen BatchNorm statistics), which requests with the same
+``key`` may run together in one call; ``finish`` is the per-request rest (the head on features, a
+softmax). ``task.classify(x)`` *is* ``plan.run(x)``, so ``fewshot eval``, the gRPC service and the
+Triton models all run the same code, merged or not. ``key`` is ``None`` when the heavy part depends on
+the whole batch (transductive BatchNorm): such a request always runs alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Hashable
+
+import torch
+
+
+@dataclass(frozen=True)
+class ClassifyPlan:
+    """``(Q, C, H, W)`` query images -> ``finish(heavy(x))``: ``(Q, N)`` probabilities."""
+
+    key: Hashable | None
+    heavy: Callable[[torch.Tensor], torch.Tensor]
+    finish: Callable[[torch.Tensor], torch.Tensor]
+
+    def run(self, query: torch.Tensor) -> torch.Tensor:
+        """The plan alone, unmerged: what ``classify`` returns."""
+        return self.finish(self.heavy(query))
+
+
+def softmax_rows(logits: torch.Tensor) -> torch.Tensor:
+    """``(Q, N)`` logits -> ``(Q, N)`` probabilities."""
+    return torch.softmax(logits, dim=1)
