@@ -92,11 +92,15 @@ class TokenBucket:
     def __init__(self, rate: float, burst: float) -> None:
         self.rate, self.burst, self.tokens, self.at = rate, burst, burst, time.monotonic()
 
-    def take(self) -> bool:
+    def refill(self) -> float:
+        """Add what accrued since the last call; returns the tokens now available."""
         now = time.monotonic()
         self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate)
         self.at = now
-        if self.tokens >= 1.0:
+        return self.tokens
+
+    def take(self) -> bool:
+        if self.refill() >= 1.0:
             self.tokens -= 1.0
             return True
         return False
@@ -163,7 +167,7 @@ class Authenticator:
         address = peer_address(peer)
         with self._lock:
             failures = self._failures.get(address)
-            if failures is not None and failures.tokens < 1.0 and failures.take() is False:
+            if failures is not None and failures.refill() < 1.0:  # out of failed attempts: no comparison
                 raise QuotaExceeded(f"too many failed authentications from this address; retry in "
                                     f"{failures.wait():.0f} s with a valid token")
         given = ""

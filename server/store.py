@@ -257,8 +257,11 @@ class TaskStore:
         now = time.monotonic()
         with self._lock:
             entry = self._cache.get(task_id)
-            if entry is not None and (entry.record.tenant != tenant or entry.record.expired()):
-                entry = None if entry.record.tenant != tenant else self._drop(task_id)
+            if entry is not None and entry.record.expired():
+                self._drop(task_id)
+                entry = None
+            if entry is not None and entry.record.tenant != tenant:
+                entry = None  # another tenant's: answered as unknown, from the disk lookup below
             if entry is not None:
                 self._cache.move_to_end(task_id)
             generation = self._deletes
@@ -316,7 +319,7 @@ class TaskStore:
             self.on_event("eviction")
 
     def _drop(self, task_id: str) -> None:
-        """Remove a cache entry (the caller holds the lock); returns ``None``."""
+        """Remove a cache entry (the caller holds the lock)."""
         entry = self._cache.pop(task_id, None)
         if entry is not None:
             self._cached_bytes -= entry.charge
