@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from fewshot.errors import ConfigError, FewShotError
+from fewshot.errors import ConfigError, FewShotError, one_line
 
 
 def _train_configs():
@@ -407,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
         {"train": _run_train, "average": _run_average, "eval": _run_eval, "package": _run_package, "demo": _run_demo, "bench": _run_bench, "export": _run_export,
          "serve": _run_serve, "token-hash": _run_token_hash}[args.command](args)
     except (FewShotError, OSError) as exc:  # anything else is a bug: its traceback is shown
-        print(f"fewshot {args.command}: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        print(f"fewshot {args.command}: error: {one_line(str(exc), 2000)}", file=sys.stderr)
         return 2
     return 0
 

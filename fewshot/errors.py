@@ -20,3 +20,9 @@ class ConfigError(FewShotError, ValueError):
 
 class EnvironmentUnavailable(FewShotError, RuntimeError):
     """Something this machine lacks for the asked operation (e.g. ``--device cuda`` without a GPU)."""
+
+
+def one_line(text: str, limit: int) -> str:
+    """``text`` with its whitespace runs collapsed to single spaces, cut to ``limit`` characters (for
+    messages and log lines that quote another library's error)."""
+    return " ".join(text.split())[:limit]

@@ -13,14 +13,15 @@ from __future__ import annotations
 
 import io
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
-from fewshot.errors import FewShotError
+from fewshot.errors import FewShotError, one_line
 from fewshot.models.preprocess import InputSpec
 from fewshot.server.budget import CallBudget
 from fewshot.server.errors import InvalidRequest
@@ -72,22 +73,15 @@ def _from_pil(image: Image.Image, spec: InputSpec) -> np.ndarray:
     return (array[..., None] if array.ndim == 2 else array).astype(np.float32)
 
 
-def _decode_encoded(data: bytes, spec: InputSpec, limits: ImageLimits) -> np.ndarray:
-    if len(data) > limits.max_bytes:
-        raise ImageError(f"is {len(data)} bytes encoded; at most {limits.max_bytes} are allowed")
-    if not data:
-        raise ImageError(f"is empty: send encoded bytes ({_ACCEPTED}) or a raw tensor")
+@contextmanager
+def _decoder_errors(data: bytes, limits: ImageLimits) -> Iterator[None]:
+    """Map whatever Pillow raises on ``data`` to :class:`ImageError`: every decoder failure is the
+    image's fault, never the server's."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # a damaged file's warnings say nothing the error will not
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            # only the allowed plugins look at the bytes; opening reads the header, no pixels
-            image = Image.open(io.BytesIO(data), formats=limits.formats)
-            width, height = image.size
-            if width * height > limits.max_pixels:
-                raise ImageError(f"is {width}x{height} pixels; at most {limits.max_pixels} pixels are allowed "
-                                 "(refused from its header, before decoding)")
-            return _from_pil(image, spec)
+            yield
     except (ImageError, InvalidRequest):
         raise
     except Image.UnidentifiedImageError:
@@ -95,9 +89,32 @@ def _decode_encoded(data: bytes, spec: InputSpec, limits: ImageLimits) -> np.nda
         if found is not None and found not in limits.formats:
             raise ImageError(f"is in the {found} format, which this server does not accept; send {_ACCEPTED}") from None
         raise ImageError(f"is not a readable image; send {_ACCEPTED}") from None
-    except Exception as exc:  # every decoder failure is the image's fault, never the server's
-        detail = " ".join(str(exc).split())[:200]
-        raise ImageError(f"cannot be decoded ({type(exc).__name__}: {detail}); send {_ACCEPTED}") from None
+    except Exception as exc:
+        raise ImageError(f"cannot be decoded ({type(exc).__name__}: {one_line(str(exc), 200)}); send {_ACCEPTED}") from None
+
+
+def _open_encoded(data: bytes, limits: ImageLimits) -> Image.Image:
+    """``data`` opened by the allowed plugins only: its header read and its size checked, no pixel decoded."""
+    if len(data) > limits.max_bytes:
+        raise ImageError(f"is {len(data)} bytes encoded; at most {limits.max_bytes} are allowed")
+    if not data:
+        raise ImageError(f"is empty: send encoded bytes ({_ACCEPTED}) or a raw tensor")
+    with _decoder_errors(data, limits):
+        image = Image.open(io.BytesIO(data), formats=limits.formats)
+        width, height = image.size
+    if width * height > limits.max_pixels:
+        raise ImageError(f"is {width}x{height} pixels; at most {limits.max_pixels} pixels are allowed "
+                         "(refused from its header, before decoding)")
+    return image
+
+
+def _decode_opened(image: Image.Image, data: bytes, spec: InputSpec, limits: ImageLimits) -> np.ndarray:
+    with _decoder_errors(data, limits):
+        return _from_pil(image, spec)
+
+
+def _decode_encoded(data: bytes, spec: InputSpec, limits: ImageLimits) -> np.ndarray:
+    return _decode_opened(_open_encoded(data, limits), data, spec, limits)
 
 
 def _resize_float(array: np.ndarray, spec: InputSpec) -> np.ndarray:
@@ -152,40 +169,46 @@ def decode_image(image: pb.Image | bytes, spec: InputSpec, limits: ImageLimits =
     raise ImageError("carries no data: set `encoded` or `tensor`")
 
 
-def declared_pixels(image: pb.Image | bytes, limits: ImageLimits) -> int:
-    """Width x height an image says it has (its header, or a raw tensor's shape), without decoding;
-    0 when that cannot be read (decoding then reports the problem)."""
-    try:
-        if not isinstance(image, bytes) and image.WhichOneof("data") == "tensor":
-            shape = image.tensor.shape
-            return max(int(shape[0]), 0) * max(int(shape[1]), 0) if len(shape) >= 2 else 0
-        data = image if isinstance(image, bytes) else image.encoded
-        if not data or len(data) > limits.max_bytes:
-            return 0
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            width, height = Image.open(io.BytesIO(data), formats=limits.formats).size
-        return width * height
-    except Exception:
-        return 0
+def _encoded_bytes(image: pb.Image | bytes) -> bytes | None:
+    if isinstance(image, bytes):
+        return image
+    return image.encoded if image.WhichOneof("data") == "encoded" else None
 
 
 def decode_batch(images: Sequence[pb.Image | bytes], spec: InputSpec, limits: ImageLimits, what: str,
                  budget: CallBudget | None = None) -> torch.Tensor:
     """Request images -> normalised ``(N, C, size, size)`` float32; errors name the image's index.
-    With ``budget``, the call's declared pixels are charged before anything is decoded, and its
-    liveness is checked before each image."""
-    if budget is not None:
-        budget.charge_pixels(sum(declared_pixels(image, limits) for image in images))
-    arrays = []
+
+    Every encoded image is opened once, its header read and checked, before any is decoded; with
+    ``budget``, the call's pixels (headers, raw tensors' shapes) are then charged, and its liveness is
+    checked before each image is decoded."""
+    opened: list[Image.Image | None] = []
     for i, image in enumerate(images):
+        data = _encoded_bytes(image)
+        try:
+            opened.append(None if data is None else _open_encoded(data, limits))
+        except ImageError as exc:
+            raise ImageError(f"{what} image {i} {exc}") from None
+    if budget is not None:
+        budget.charge_pixels(sum(o.size[0] * o.size[1] if o is not None else _raw_pixels(image)
+                                 for o, image in zip(opened, images)))
+    arrays = []
+    for i, (image, header) in enumerate(zip(images, opened)):
         if budget is not None:
             budget.check(f"decoding {what} image {i}")
         try:
-            arrays.append(decode_image(image, spec, limits))
+            arrays.append(decode_image(image, spec, limits) if header is None
+                          else _decode_opened(header, _encoded_bytes(image), spec, limits))
         except ImageError as exc:
             raise ImageError(f"{what} image {i} {exc}") from None
     return spec.normalize(np.stack(arrays))
+
+
+def _raw_pixels(image: pb.Image | bytes) -> int:
+    """Width x height of a raw tensor by its shape (0 for anything else; decoding reports problems)."""
+    if isinstance(image, bytes) or image.WhichOneof("data") != "tensor" or len(image.tensor.shape) < 2:
+        return 0
+    return max(int(image.tensor.shape[0]), 0) * max(int(image.tensor.shape[1]), 0)
 
 
 def decode_for_model(images: Sequence[pb.Image | bytes], model: BundleModel, limits: ImageLimits, what: str,

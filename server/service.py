@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from google.protobuf.message import Message
 
+from fewshot.errors import one_line
 from fewshot.export.loader import BundleModel
 from fewshot.server.admission import Admission
 from fewshot.server.auth import Authenticator, Tenant
@@ -59,8 +60,8 @@ def parse(kind: type[M], raw: bytes) -> M:
     try:
         message.ParseFromString(raw)
     except Exception as exc:  # DecodeError, or the C parser's own errors
-        detail = " ".join(str(exc).split())[:120]
-        raise InvalidRequest(f"the request is not a valid {kind.DESCRIPTOR.full_name} message ({detail})") from None
+        raise InvalidRequest(f"the request is not a valid {kind.DESCRIPTOR.full_name} message "
+                             f"({one_line(str(exc), 120)})") from None
     return message
 
 
@@ -137,8 +138,7 @@ class FewShotService:
             raise
         except Exception as exc:  # a bug: answer INTERNAL, keep serving, log the trace
             log.exception("internal error in %s", rpc)
-            detail = " ".join(str(exc).split())[:200]
-            code, message = grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {detail}"
+            code, message = grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {one_line(str(exc), 200)}"
         finally:
             seconds = time.perf_counter() - start
             method = fields.get("method", "")
