@@ -24,6 +24,7 @@ serialised state is not kept once decoded.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import sqlite3
 import threading
@@ -157,15 +158,26 @@ class TaskStore:
         db = getattr(self._local, "db", None)
         if db is None:
             db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
-            db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=FULL")  # an acknowledged task survives a power cut too
             db.execute("PRAGMA busy_timeout=30000")
             self._local.db = db
         return db
 
     def _migrate(self) -> None:
-        """Create the schema, or bring an older store up to :data:`SCHEMA_VERSION` (in one transaction)."""
+        """Switch the file to WAL, create the schema or bring an older store up to :data:`SCHEMA_VERSION`
+        (in one transaction). Processes opening one store at once (Triton loads its models in parallel)
+        take turns on an advisory lock beside the file: changing the journal mode does not wait for
+        SQLite's busy timeout, it fails with "database is locked"."""
+        with open(self.path.with_suffix(".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                self._migrate_locked()
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _migrate_locked(self) -> None:
         db = self._db()
+        db.execute("PRAGMA journal_mode=WAL")  # persistent in the file: later connections need not set it
         db.execute("BEGIN IMMEDIATE")
         try:
             version = db.execute("PRAGMA user_version").fetchone()[0]

@@ -127,3 +127,32 @@ def test_a_version_1_store_is_migrated(tmp_path):
     store = TaskStore(tmp_path)
     assert store.record("old").labels == ["a", "b"] and store.record("old").tenant == ""
     assert store._db().execute("PRAGMA user_version").fetchone()[0] == 2
+
+
+
+def test_a_store_opened_while_another_is_migrating_waits_for_it(tmp_path):
+    """Triton loads its models in parallel, each opening the store. Switching a fresh file to WAL does
+    not wait for SQLite's busy timeout: it fails at once with "database is locked" (CI saw it). Here
+    another opener holds the store mid-migration (its advisory lock and a write lock on the still
+    rollback-journal file) for 0.5 s; this one must wait, then open."""
+    import fcntl
+
+    tmp_path.mkdir(exist_ok=True)
+    lock = open(tmp_path / "tasks.lock", "a")
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    other = sqlite3.connect(tmp_path / "tasks.sqlite3", isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")
+    other.execute("CREATE TABLE early (x)")
+
+    def finish() -> None:
+        time.sleep(0.5)
+        other.execute("COMMIT")
+        fcntl.flock(lock, fcntl.LOCK_UN)
+
+    releaser = threading.Thread(target=finish)
+    releaser.start()
+    store = TaskStore(tmp_path)
+    releaser.join()
+    store.put(_record("t1", _task()))
+    assert store.count() == 1
+    assert store._db().execute("PRAGMA journal_mode").fetchone()[0] == "wal"
