@@ -45,7 +45,7 @@ models: install
 	scripts/package-shipped.sh
 
 results: install
-	$(PY) scripts/results.py --tasks 600
+	$(PY) -m fewshot.tools.results --tasks 600
 
 clean:
 	rm -rf $(VENV) .venv-triton .cache .pytest_cache

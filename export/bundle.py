@@ -21,14 +21,16 @@ import torch
 from safetensors.torch import save_file
 
 from fewshot.errors import FewShotError
-from fewshot.export.onnx_graphs import ONNX_OPSET, backbone_to_onnx, network_inputs, network_to_onnx
+from fewshot.models.features import ONNX_OPSET
+from fewshot.models.meta.onnx_network import network_inputs
+from fewshot.models.card import MANIFEST_SCHEMA
 from fewshot.models.data import load_dataset
 from fewshot.models.episodes import EpisodeSampler
-from fewshot.models.features import OnnxFeatures, TorchFeatures
-from fewshot.models.runtime import onnx_session
-from fewshot.models.zoo import ShippedMetaModel, ShippedModel, load_model
+from fewshot.models.family import family_of, open_shipped
+from fewshot.models.runtime import OnnxEngines, onnx_session
+from fewshot.models.zoo import load_model
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = MANIFEST_SCHEMA
 BUNDLE_VERSION = "1"
 FP32_TOLERANCE = 1e-4
 FP16_MIN_AGREEMENT = 99.5
@@ -62,16 +64,19 @@ def _to_fp16(model_bytes: bytes) -> bytes:
 
 
 def _real_images(model, count: int = 256, seed: int = 0) -> torch.Tensor:
-    data = load_dataset(model.card["data"]["dataset"], "test")
+    data = load_dataset(model.card.dataset, "test")
     idx = np.sort(np.random.default_rng(seed).choice(len(data.images), count, replace=False))
     return model.spec.normalize(data.images[idx])
 
 
-def _backbone_parity(backbone: torch.nn.Module, onnx_bytes: bytes, images: torch.Tensor) -> tuple[float, float]:
-    """(max abs difference, max abs torch output) of the features of ``images``."""
-    ref = TorchFeatures(backbone)(images)
-    got = OnnxFeatures(onnx_bytes, ref.shape[1], "cpu")(images)
-    return float((ref - got).abs().max()), float(ref.abs().max())
+def _part_parity(model, part: str, onnx_bytes: bytes, feeds: list[dict[str, np.ndarray]]) -> tuple[float, float]:
+    """(max abs difference, max abs torch output) of ONNX ``part`` against the torch module on ``feeds``."""
+    ref, got = model.torch_parts("cpu")[part], _session(onnx_bytes)
+    worst = scale = 0.0
+    for f in feeds:
+        a, b = ref.run(None, f)[0], got.run(None, f)[0]
+        worst, scale = max(worst, float(np.abs(a - b).max())), max(scale, float(np.abs(a).max()))
+    return worst, scale
 
 
 def _check_fp32(name: str, file: str, diff: float, scale: float) -> None:
@@ -82,66 +87,41 @@ def _check_fp32(name: str, file: str, diff: float, scale: float) -> None:
         raise ExportError(f"{name}: {file} differs from torch by {diff:.2e} > {FP32_TOLERANCE} x max(1, {scale:.3g})")
 
 
-def _network_parity(model: ShippedMetaModel, onnx_bytes: bytes, tasks: int = 4) -> tuple[float, float]:
-    """(max abs difference, max abs torch logit) of ``network.onnx`` with adapted weights of real tasks."""
-    data = load_dataset(model.card["data"]["dataset"], "test")
-    net = model.net
-    sampler = EpisodeSampler(data, net.ways, int(model.card["training"]["config"]["shots"]), 15, seed=0)
-    session, worst, scale = _session(onnx_bytes), 0.0, 0.0
-    adapter = model.adapter("support", device="cpu")
+def _network_feeds(model, tasks: int = 4) -> list[dict[str, np.ndarray]]:
+    """``network.onnx`` feeds with the adapted weights of ``tasks`` real tasks and their queries."""
+    data = load_dataset(model.card.dataset, "test")
+    family = open_shipped(model, "torch", "cpu")
+    ways = family.way_range()[0]
+    sampler = EpisodeSampler(data, ways, int(model.card.training["config"]["shots"]), 15, seed=0)
+    adapter = family.adapter(bn_mode="support").adapter
+    feeds = []
     for i in range(tasks):
         ep = sampler.episode(i)
         state = adapter.adapt(model.spec.normalize(data.images[ep.support]), torch.as_tensor(ep.support_labels))
-        query = model.spec.normalize(data.images[ep.query])
-        feeds = {k: v.numpy() for k, v in network_inputs(net, state.params, state.bn_stats, state.step).items()}
-        got = session.run(None, {"images": query.numpy(), **feeds})[0]
-        ref = state.logits(query).numpy()
-        worst, scale = max(worst, float(np.abs(got - ref).max())), max(scale, float(np.abs(ref).max()))
-    return worst, scale
+        weights = network_inputs(state.net, state.params, state.bn_stats, state.step)
+        feeds.append({k: v.numpy() for k, v in weights.items()} | {"images": model.spec.normalize(data.images[ep.query]).numpy()})
+    return feeds
 
 
-def _fp16_agreement(model, fp32: bytes, fp16: bytes, tasks: int = 600) -> float:
-    """Top-1 agreement (%) of fp16 against fp32 predictions on the queries of ``tasks`` real tasks."""
-    from fewshot.models.metric_adapter import MetricAdapter
-
-    data = load_dataset(model.card["data"]["dataset"], "test")
-    if isinstance(model, ShippedModel):
-        d = model.backbone.feature_dim
-        head = model.head("centroid")
-        ad32, ad16 = MetricAdapter(OnnxFeatures(fp32, d, "cpu"), head), MetricAdapter(OnnxFeatures(fp16, d, "cpu"), head)
-        sampler = EpisodeSampler(data, 5, 1, 15, seed=0)
-        same = total = 0
-        for i in range(tasks):
-            ep = sampler.episode(i)
-            xs, ys, xq = (model.spec.normalize(data.images[ep.support]), torch.as_tensor(ep.support_labels),
-                          model.spec.normalize(data.images[ep.query]))
-            p32 = ad32.adapt(xs, ys).classify(xq).argmax(1)
-            p16 = ad16.adapt(xs, ys).classify(xq).argmax(1)
-            same, total = same + int((p32 == p16).sum()), total + len(p32)
-        return 100.0 * same / total
-    net, adapter = model.net, model.adapter("support", device="cpu")
-    s32, s16 = _session(fp32), _session(fp16)
-    sampler = EpisodeSampler(data, net.ways, 1, 15, seed=0)
+def _fp16_agreement(model, fp32: dict[str, bytes], fp16: dict[str, bytes], tasks: int = 600) -> float:
+    """Top-1 agreement (%) of the model's default method served from fp16 against fp32 graphs, on the
+    queries of ``tasks`` real 1-shot tasks (the family objects the server builds from a bundle)."""
+    data = load_dataset(model.card.dataset, "test")
+    parts = lambda files: {k.removesuffix(".onnx"): v for k, v in files.items()}  # noqa: E731
+    card = model.card.to_dict()
+    a32 = family_of(card)(card, model.meta_tensors(), OnnxEngines(parts(fp32), "cpu")).adapter()
+    f16 = family_of(card)(card, model.meta_tensors(), OnnxEngines(parts(fp16), "cpu"))
+    a16 = f16.adapter()
+    lo, hi = f16.way_range()
+    sampler = EpisodeSampler(data, max(lo, min(5, hi)), 1, 15, seed=0)
     same = total = 0
     for i in range(tasks):
         ep = sampler.episode(i)
-        state = adapter.adapt(model.spec.normalize(data.images[ep.support]), torch.as_tensor(ep.support_labels))
-        feeds = {k: v.numpy() for k, v in network_inputs(net, state.params, state.bn_stats, state.step).items()}
-        feeds["images"] = model.spec.normalize(data.images[ep.query]).numpy()
-        a, b = s32.run(None, feeds)[0].argmax(1), s16.run(None, feeds)[0].argmax(1)
-        same, total = same + int((a == b).sum()), total + len(a)
+        xs, ys, xq = (model.spec.normalize(data.images[ep.support]), torch.as_tensor(ep.support_labels),
+                      model.spec.normalize(data.images[ep.query]))
+        p32, p16 = a32.adapt(xs, ys).classify(xq).argmax(1), a16.adapt(xs, ys).classify(xq).argmax(1)
+        same, total = same + int((p32 == p16).sum()), total + len(p32)
     return 100.0 * same / total
-
-
-def _meta_tensors(model) -> dict[str, torch.Tensor]:
-    if isinstance(model, ShippedModel):
-        out = {f"backbone.{k}": v for k, v in model.backbone.state_dict().items()}
-        if model.center is not None:
-            out["center"] = model.center
-        return {k: v.detach().contiguous().float() for k, v in out.items()}
-    out = {f"param.{k}": v for k, v in model.meta_params.items()}
-    out |= {f"rule.{k}": v for k, v in model.rule.state_dict().items()}
-    return {k: v.detach().contiguous() for k, v in out.items()}
 
 
 def export_model(name: str, out_dir: Path = DEFAULT_BUNDLE_DIR, fp16: bool = False, triton_repo: Path | None = None,
@@ -150,47 +130,22 @@ def export_model(name: str, out_dir: Path = DEFAULT_BUNDLE_DIR, fp16: bool = Fal
     ``triton_repo``, also write its Triton models there (:func:`fewshot.export.triton.write_bundle_models`:
     ``triton_backend`` ``onnxruntime_onnx`` or ``python``, tasks of ``fewshot_adapt`` in ``triton_state_dir``)."""
     model = load_model(name)
-    name, spec = model.name, model.spec
+    name = model.name
     started = time.perf_counter()
-    files: dict[str, bytes] = {}
+    files = {f"{part}.onnx": export() for part, export in model.onnx_parts().items()}
     parity: dict[str, Any] = {"images": 256, "tolerance": FP32_TOLERANCE}
-    if isinstance(model, ShippedModel):
-        backbone, feature_dim = model.backbone, model.backbone.feature_dim
-    else:
-        from fewshot.models.backbones import Conv4
-
-        # The meta network's body as a plain backbone: its features are what a metric head would use.
-        backbone = Conv4(spec.channels, model.net.width, 4, spec.size)
-        sd = {}
-        for l in range(4):
-            base = 4 * l
-            sd[f"encoder.{base}.weight"] = model.meta_params[f"conv{l}.weight"]
-            suffix = ".0" if model.net.per_step_bn else ""
-            sd[f"encoder.{base + 1}.weight"] = model.meta_params[f"bn{l}.weight{suffix}"]
-            sd[f"encoder.{base + 1}.bias"] = model.meta_params[f"bn{l}.bias{suffix}"]
-            sd[f"encoder.{base + 1}.running_mean"] = torch.zeros(model.net.width)
-            sd[f"encoder.{base + 1}.running_var"] = torch.ones(model.net.width)
-        backbone.load_state_dict(sd, strict=False)
-        backbone.eval()
-        feature_dim = backbone.feature_dim
     images = _real_images(model)
-    files["backbone.onnx"] = backbone_to_onnx(backbone, spec.channels, spec.size)
-    parity["backbone_max_abs_diff"], parity["backbone_scale"] = _backbone_parity(backbone, files["backbone.onnx"], images)
-    log(f"{name}: backbone.onnx fp32 parity on {len(images)} real images: max abs diff {parity['backbone_max_abs_diff']:.2e}"
-        f" (outputs up to {parity['backbone_scale']:.3g})")
-    _check_fp32(name, "backbone.onnx", parity["backbone_max_abs_diff"], parity["backbone_scale"])
-    if isinstance(model, ShippedMetaModel):
-        step = model.card["inner_loop"]["steps"]
-        example = network_inputs(model.net, model.meta_params, [(torch.zeros(model.net.width), torch.ones(model.net.width))] * 4, step)
-        files["network.onnx"] = network_to_onnx(model.net, example, step)
-        parity["network_max_abs_diff"], parity["network_scale"] = _network_parity(model, files["network.onnx"])
-        log(f"{name}: network.onnx fp32 parity (adapted weights of real tasks): max abs diff {parity['network_max_abs_diff']:.2e}"
-            f" (logits up to {parity['network_scale']:.3g})")
-        _check_fp32(name, "network.onnx", parity["network_max_abs_diff"], parity["network_scale"])
+    feeds = {"backbone": [{"images": images.numpy()}], "network": _network_feeds(model) if "network.onnx" in files else []}
+    for part, what in (("backbone", f"{len(images)} real images"), ("network", "adapted weights of real tasks")):
+        if f"{part}.onnx" not in files:
+            continue
+        diff, scale = _part_parity(model, part, files[f"{part}.onnx"], feeds[part])
+        parity[f"{part}_max_abs_diff"], parity[f"{part}_scale"] = diff, scale
+        log(f"{name}: {part}.onnx fp32 parity on {what}: max abs diff {diff:.2e} (outputs up to {scale:.3g})")
+        _check_fp32(name, f"{part}.onnx", diff, scale)
     if fp16:
-        key = "network.onnx" if "network.onnx" in files else "backbone.onnx"
         half = {k: _to_fp16(v) for k, v in files.items()}
-        parity["fp16_top1_agreement"] = _fp16_agreement(model, files[key], half[key])
+        parity["fp16_top1_agreement"] = _fp16_agreement(model, files, half)
         parity["fp16_tasks"] = 600
         log(f"{name}: fp16 top-1 agreement with fp32 on 600 real tasks: {parity['fp16_top1_agreement']:.2f}%")
         if parity["fp16_top1_agreement"] < FP16_MIN_AGREEMENT:
@@ -200,8 +155,9 @@ def export_model(name: str, out_dir: Path = DEFAULT_BUNDLE_DIR, fp16: bool = Fal
     bundle.mkdir(parents=True, exist_ok=True)
     for fname, blob in files.items():
         (bundle / fname).write_bytes(blob)
-    save_file(_meta_tensors(model), str(bundle / "meta.safetensors"))
-    manifest = build_manifest(model, feature_dim, sorted(files) + ["meta.safetensors"], bundle, parity, fp16)
+    tensors = model.meta_tensors()
+    save_file(tensors, str(bundle / "meta.safetensors"))
+    manifest = build_manifest(model, sorted(files) + ["meta.safetensors"], bundle, parity, fp16, "center" in tensors)
     (bundle / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     if triton_repo is not None:
         from fewshot.export.registry import Bundle
@@ -212,22 +168,35 @@ def export_model(name: str, out_dir: Path = DEFAULT_BUNDLE_DIR, fp16: bool = Fal
     return bundle
 
 
-def build_manifest(model, feature_dim: int, file_names: list[str], bundle: Path, parity: dict, fp16: bool) -> dict[str, Any]:
+def _graph_inputs(path: Path) -> list[str]:
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    initializers = {i.name for i in graph.initializer}
+    return [i.name for i in graph.input if i.name not in initializers]
+
+
+def build_manifest(model, file_names: list[str], bundle: Path, parity: dict, fp16: bool, centered: bool) -> dict[str, Any]:
+    """The manifest of ``bundle``, built from the model's card (:meth:`ModelCard.manifest`): the files
+    with their sha256, the parity figures, each ONNX part's inputs and where the centering vector is."""
     card = model.card
-    meta = {"schema_version": SCHEMA_VERSION, "name": card["name"], "version": BUNDLE_VERSION,
-            "family": card["family"], "method": card["method"], "architecture": card["architecture"],
-            "input": card["input"], "feature_dim": feature_dim, "precision": "fp16" if fp16 else "fp32",
-            "opset": ONNX_OPSET, "default_head": card["default_head"], "heads": card["heads"],
-            "limits": card["limits"], "accuracy": card.get("accuracy", {}), "parity": parity, "data": card["data"],
-            "training": {"command": card["training"]["command"], "seed": card["training"]["seed"]},
-            "files": {f: {"sha256": sha256(bundle / f), "bytes": (bundle / f).stat().st_size} for f in file_names},
-            "source": source_fingerprint(model.path)}
-    if card["family"] == "metric":
-        meta["heads"] = dict(card["heads"]) | {"centering_vector": {"file": "meta.safetensors", "tensor": "center"}}
-    else:
-        meta["inner_loop"] = card["inner_loop"]
-        meta["network_inputs"] = ["images", *network_input_names_for(model)]
+    files = {f: {"sha256": sha256(bundle / f), "bytes": (bundle / f).stat().st_size} for f in file_names}
+    extra: dict[str, Any] = {}
+    if "network.onnx" in file_names:
+        extra["network_inputs"] = _graph_inputs(bundle / "network.onnx")
+    meta = card.manifest(card.feature_dim or _graph_output_dim(bundle / "backbone.onnx"), files, parity,
+                         "fp16" if fp16 else "fp32", ONNX_OPSET, source_fingerprint(model.path), BUNDLE_VERSION, extra)
+    if centered:
+        meta["heads"] = dict(card.heads) | {"centering_vector": {"file": "meta.safetensors", "tensor": "center"}}
     return meta
+
+
+def _graph_output_dim(path: Path) -> int:
+    """The feature size of a backbone graph (its output's last axis)."""
+    import onnx
+
+    dims = onnx.load(str(path), load_external_data=False).graph.output[0].type.tensor_type.shape.dim
+    return int(dims[-1].dim_value)
 
 
 def source_fingerprint(model_path: Path) -> dict[str, str]:
@@ -242,9 +211,3 @@ def bundle_is_current(bundle_dir: Path, model_path: Path) -> bool:
     except (OSError, json.JSONDecodeError):
         return False
     return manifest.get("source") == source_fingerprint(model_path)
-
-
-def network_input_names_for(model: ShippedMetaModel) -> list[str]:
-    from fewshot.export.onnx_graphs import network_input_names
-
-    return network_input_names(model.net, model.card["inner_loop"]["steps"])

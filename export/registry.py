@@ -11,11 +11,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fewshot.errors import FewShotError
+from fewshot.errors import ConfigError, FewShotError
+from fewshot.models.family import family_of
 from fewshot.export.bundle import SCHEMA_VERSION, sha256
 
 REQUIRED_KEYS = ("schema_version", "name", "version", "family", "method", "input", "files", "limits", "default_head", "heads")
-REQUIRED_FILES = {"metric": ("backbone.onnx", "meta.safetensors"), "inner_loop": ("backbone.onnx", "network.onnx", "meta.safetensors")}
 
 
 class UnknownBundle(FewShotError, KeyError):
@@ -63,12 +63,13 @@ def load_bundle(path: str | Path) -> Bundle:
     missing = [k for k in REQUIRED_KEYS if k not in manifest]
     if missing:
         raise BundleError(f"{where}: manifest.json lacks {', '.join(missing)}")
-    family = manifest["family"]
-    if family not in REQUIRED_FILES:
-        raise BundleError(f"{where}: manifest.json has unknown family {family!r}")
-    for required in REQUIRED_FILES[family]:
+    try:
+        family = family_of(manifest)
+    except ConfigError as exc:
+        raise BundleError(f"{where}: manifest.json: {exc}") from None
+    for required in [f"{p.name}.onnx" for p in family.parts] + ["meta.safetensors"]:
         if required not in manifest["files"]:
-            raise BundleError(f"{where}: manifest.json does not list {required}, required for {family} models")
+            raise BundleError(f"{where}: manifest.json does not list {required}, required for {family.family} models")
     for fname, info in manifest["files"].items():
         f = path / fname
         if not f.is_file():

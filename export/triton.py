@@ -29,6 +29,8 @@ import onnx
 
 from fewshot.errors import ConfigError, EnvironmentUnavailable
 from fewshot.export.registry import Bundle
+from fewshot.models.family import family_of
+from fewshot.models.runtime import part_model_name
 
 MAX_BATCH_SIZE = 256
 QUEUE_DELAY_US = 2000
@@ -47,12 +49,12 @@ from fewshot.server.triton_models import {cls} as TritonPythonModel  # noqa: F40
 
 def backbone_model_name(name: str) -> str:
     """Triton model name of a bundle's backbone: ``<name>_backbone``."""
-    return f"{name}_backbone"
+    return part_model_name(name, "backbone")
 
 
 def network_model_name(name: str) -> str:
     """Triton model name of an inner-loop bundle's adapted network (``network.onnx``): ``<name>_network``."""
-    return f"{name}_network"
+    return part_model_name(name, "network")
 
 
 def _tensor(name: str, data_type: str, dims: list[int], optional: bool = False) -> dict[str, Any]:
@@ -155,14 +157,13 @@ def write_fewshot_models(repo: Path, bundle_dir: Path, state_dir: Path, instance
 
 
 def write_bundle_models(repo: Path, bundle: Bundle, backend: str = "onnxruntime_onnx", state_dir: Path | None = None) -> list[Path]:
-    """Everything one bundle needs in ``repo``: its backbone and, for the inner-loop family, its network.
-    With ``state_dir``, also the few-shot pair over the bundle's directory with tasks there (opt-in:
+    """Everything one bundle needs in ``repo``: a Triton model per ONNX part its family declares (the
+    backbone; for the inner-loop family also the network), batched as the part says. With ``state_dir``, also the few-shot pair over the bundle's directory with tasks there (opt-in:
     those models need ``fewshot`` and torch in Triton's python environment, which a stock Triton image
     lacks). Paths are written absolute."""
     folder = bundle.path.resolve()
-    folders = [write_onnx_model(repo, backbone_model_name(bundle.name), folder / "backbone.onnx", True, backend)]
-    if bundle.manifest["family"] == "inner_loop":
-        folders.append(write_onnx_model(repo, network_model_name(bundle.name), folder / "network.onnx", False, backend))
+    folders = [write_onnx_model(repo, part_model_name(bundle.name, p.name), folder / f"{p.name}.onnx", p.batched, backend)
+               for p in family_of(bundle.manifest).parts]
     if state_dir is not None:
         folders += write_fewshot_models(repo, folder.parent, Path(state_dir).resolve())
     return folders

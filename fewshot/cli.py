@@ -95,12 +95,14 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shots", type=int, default=1)
     p.add_argument("--queries", type=int, default=15)
     p.add_argument("--tasks", type=int, default=600)
-    p.add_argument("--head", help="centroid or laplacianshot (metric models); default: the model's own method")
+    p.add_argument("--head", help="metric models: centroid, laplacianshot, logreg (the heads its card has); "
+                   "default: the model's own method")
     p.add_argument("--bn", choices=["support", "transductive"], help="BatchNorm at test time (gradient-adapted "
                    "models): support (default, batch-invariant) or transductive (paper protocol)")
     p.add_argument("--inner-steps", type=int, help="inner-loop steps (default: the model card's)")
     p.add_argument("--transform", choices=["UN", "L2N", "CL2N"], help="override the card's feature transform")
     p.add_argument("--lam", type=float, help="override LaplacianShot's lambda")
+    p.add_argument("--weight-decay", type=float, help="override logistic regression's weight decay")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "torch"])
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -111,29 +113,23 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 
 
 def eval_row(args: argparse.Namespace) -> dict:
-    """Run ``fewshot eval`` with parsed ``args``; returns its JSON row."""
+    """Run ``fewshot eval`` with parsed ``args``; returns its JSON row. The model is its family's object
+    (:func:`~fewshot.models.family.open_shipped`), the one the server builds from a bundle."""
     from fewshot.models.data import load_dataset
     from fewshot.models.evaluation import evaluate
-    from fewshot.models.metric_adapter import MetricAdapter
+    from fewshot.models.family import open_shipped
     from fewshot.models.zoo import load_model
 
-    model = load_model(args.model)
-    dataset = args.dataset or model.card["data"]["dataset"]
-    if dataset != model.card["data"]["dataset"]:
-        raise ConfigError(f"model {model.name} takes {model.card['data']['dataset']} inputs, not {dataset}")
-    head_name = args.head or model.card["default_head"]
-    extra: dict = {}
-    if model.card["family"] == "inner_loop":
-        if head_name not in (model.card["method"], "inner_loop"):
-            raise ConfigError(f"model {model.name} adapts with its own inner loop ({model.card['method']}), not {head_name!r}")
-        adapter = model.adapter(args.bn, args.inner_steps, args.device)
-        extra = {"method": model.card["method"], "bn": adapter.bn_mode, "inner_steps": adapter.steps}
-    else:
-        if args.bn or args.inner_steps:
-            raise ConfigError(f"--bn and --inner-steps apply to gradient-adapted models; {model.name} is a metric model")
-        head = model.head(head_name, shots=args.shots, transform=args.transform, lam=args.lam)
-        adapter = MetricAdapter(model.extractor(args.backend, args.device), head)
-        extra = {"transform": head.transform, **({"lambda": head.lam, "rectify": head.rectify} if head_name == "laplacianshot" else {})}
+    shipped = load_model(args.model)
+    dataset = args.dataset or shipped.card.dataset
+    if dataset != shipped.card.dataset:
+        raise ConfigError(f"model {shipped.name} takes {shipped.card.dataset} inputs, not {dataset}")
+    model = open_shipped(shipped, args.backend, args.device)
+    method = model.resolve_method(args.head)
+    settings = model.check_settings(method, {"transform": args.transform, "lambda": args.lam,
+                                             "weight_decay": args.weight_decay, "bn": args.bn,
+                                             "inner_steps": args.inner_steps})
+    adapter = model.adapter(method, shots=args.shots, **settings)
     data = load_dataset(dataset, args.split, args.data_root)
     res = evaluate(adapter, data, model.spec.normalize, args.ways, args.shots, args.queries, args.tasks, args.seed,
                    progress=args.progress)
@@ -141,8 +137,8 @@ def eval_row(args: argparse.Namespace) -> dict:
         Path(args.predictions).write_text(json.dumps({"seed": args.seed, "ways": args.ways, "shots": args.shots,
                                                       "queries": args.queries, "predictions": res.predictions}))
     return {"model": model.name, "dataset": dataset, "split": args.split, "ways": args.ways, "shots": args.shots,
-            "queries": args.queries, "head": head_name, **extra, "tasks": res.tasks, "seed": args.seed, "accuracy": round(res.accuracy, 2), "ci95": round(res.ci95, 2),
-            "seconds": round(res.seconds, 2)}
+            "queries": args.queries, "head": args.head or method, **model.describe(adapter), "tasks": res.tasks,
+            "seed": args.seed, "accuracy": round(res.accuracy, 2), "ci95": round(res.ci95, 2), "seconds": round(res.seconds, 2)}
 
 
 def _describe(row: dict) -> str:
@@ -167,7 +163,8 @@ def _add_package(sub: argparse._SubParsersAction) -> None:
 def _run_package(args: argparse.Namespace) -> None:
     import torch
 
-    from fewshot.models.zoo import ZOO_DIR, package_meta_run, package_run
+    from fewshot.models.packaging import package_meta_run, package_run
+    from fewshot.models.zoo import ZOO_DIR
 
     best = Path(args.run) / "best.pt"
     if not best.exists():
@@ -178,6 +175,25 @@ def _run_package(args: argparse.Namespace) -> None:
     else:
         path = package_run(best, args.name, args.train_command, out, args.tune_tasks)
     print(f"packaged {args.name} into {path}")
+
+
+def _add_tune(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("tune", help="choose head settings of a shipped metric model on its validation tasks, "
+                       "into its card (e.g. for a newly added head)")
+    p.add_argument("--model", required=True, help="shipped metric model name (models/zoo) or a model folder")
+    p.add_argument("--head", action="append", required=True, help="head to tune (repeat); see `fewshot eval --head`")
+    p.add_argument("--tasks", type=int, help="validation tasks (default: the count its card recorded)")
+
+
+def _run_tune(args: argparse.Namespace) -> None:
+    from fewshot.models.heads import HEADS
+    from fewshot.models.packaging import tune_shipped
+
+    unknown = [h for h in args.head if h not in HEADS]
+    if unknown:
+        raise ConfigError(f"unknown head {', '.join(unknown)}: heads are {', '.join(HEADS)}")
+    for key, accuracy in tune_shipped(args.model, args.head, args.tasks).items():
+        print(f"{args.model}: validation {key} {accuracy:.2f}")
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
@@ -208,7 +224,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--queries", type=int, default=15)
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--head", help="metric models: centroid or laplacianshot")
+    p.add_argument("--head", help="metric models: one of the heads its card has (default: its default head)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--seed", type=int, default=0)
@@ -224,7 +240,7 @@ def _run_bench(args: argparse.Namespace) -> None:
 
     from fewshot.models.data import load_dataset
     from fewshot.models.episodes import EpisodeSampler
-    from fewshot.models.metric_adapter import MetricAdapter
+    from fewshot.models.family import open_shipped
     from fewshot.models.runtime import torch_device
     from fewshot.models.zoo import load_model
 
@@ -241,14 +257,12 @@ def _run_bench(args: argparse.Namespace) -> None:
         raise ConfigError("in-process bench takes exactly one --model (or use --target HOST:PORT)")
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = load_model(args.model[0])
-    if model.card["family"] == "inner_loop":
-        adapter = model.adapter(None, None, args.device)
-        what = f"{model.card['method']} inner loop, {adapter.steps} steps, {adapter.bn_mode} BN"
-    else:
-        adapter = MetricAdapter(model.extractor("onnxruntime", args.device), model.head(args.head, shots=args.shots))
-        what = f"{args.head or model.card['default_head']} head on ONNX Runtime features"
-    data = load_dataset(model.card["data"]["dataset"], "test")
+    shipped = load_model(args.model[0])
+    model = open_shipped(shipped, "onnxruntime", args.device)
+    method = model.resolve_method(args.head)
+    adapter = model.adapter(method, shots=args.shots)
+    what = f"{method} ({', '.join(f'{k} {v}' for k, v in model.describe(adapter).items())})"
+    data = load_dataset(shipped.card.dataset, "test")
     sampler = EpisodeSampler(data, args.ways, args.shots, args.queries, args.seed)
     norm = model.spec.normalize
     adapt_ms, classify_ms = [], []
@@ -397,6 +411,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_average(sub)
     _add_eval(sub)
     _add_package(sub)
+    _add_tune(sub)
     _add_demo(sub)
     _add_bench(sub)
     _add_export(sub)
@@ -404,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_token_hash(sub)
     args = parser.parse_args(argv)
     try:
-        {"train": _run_train, "average": _run_average, "eval": _run_eval, "package": _run_package, "demo": _run_demo, "bench": _run_bench, "export": _run_export,
+        {"train": _run_train, "average": _run_average, "eval": _run_eval, "package": _run_package, "tune": _run_tune, "demo": _run_demo, "bench": _run_bench, "export": _run_export,
          "serve": _run_serve, "token-hash": _run_token_hash}[args.command](args)
     except (FewShotError, OSError) as exc:  # anything else is a bug: its traceback is shown
         print(f"fewshot {args.command}: error: {one_line(str(exc), 2000)}", file=sys.stderr)

@@ -26,9 +26,10 @@ CPU_RUN_BATCH, GPU_RUN_BATCH = 32, 256
 
 
 def run_batch(session: Any) -> int:
-    """Images per run for an ONNX Runtime session (by the provider it runs on)."""
-    if not hasattr(session, "get_providers"):  # a remote backend (Triton) batches and splits on its own
-        return 1 << 30
+    """Images per run for a session: an ONNX Runtime session's by the provider it runs on; another
+    session's own ``max_batch`` if it has one (Triton's BLS), else unlimited (Triton splits on its own)."""
+    if not hasattr(session, "get_providers"):
+        return int(getattr(session, "max_batch", 1 << 30))
     return GPU_RUN_BATCH if "CUDAExecutionProvider" in session.get_providers() else CPU_RUN_BATCH
 
 
@@ -77,16 +78,22 @@ def backbone_to_onnx(backbone: nn.Module, channels: int, size: int) -> bytes:
     return buf.getvalue()
 
 
-class OnnxFeatures:
-    """Backbone in ONNX Runtime (in process)."""
+class SessionFeatures:
+    """The backbone part of a model run by a :class:`~fewshot.models.runtime.Session` (ONNX Runtime,
+    torch, Triton), in runs of at most :func:`run_batch` images."""
 
-    def __init__(self, model: bytes | str, feature_dim: int, device: str = "auto", threads: int = 0) -> None:
-        self.session = onnx_session(model, device, threads)
-        self.input_name = self.session.get_inputs()[0].name
-        self.feature_dim = feature_dim
-        self.run_batch = run_batch(self.session)
+    def __init__(self, session: Any, feature_dim: int) -> None:
+        self.session, self.feature_dim = session, int(feature_dim)
+        self.run_batch = run_batch(session)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         x = np.ascontiguousarray(images.detach().cpu().numpy(), dtype=np.float32)
-        run = lambda part: self.session.run(None, {self.input_name: part})[0]  # noqa: E731
+        run = lambda part: self.session.run(None, {"images": part})[0]  # noqa: E731
         return torch.from_numpy(run_in_chunks(run, x, self.run_batch))
+
+
+class OnnxFeatures(SessionFeatures):
+    """Backbone in ONNX Runtime (in process)."""
+
+    def __init__(self, model: bytes | str, feature_dim: int, device: str = "auto", threads: int = 0) -> None:
+        super().__init__(onnx_session(model, device, threads), feature_dim)

@@ -1,44 +1,47 @@
-"""The metric family's adapter: features of a frozen backbone plus a few-shot head.
+"""The metric family: features of a frozen backbone plus a few-shot head.
 
 ``MetricAdapter.adapt(support images, labels)`` returns a :class:`MetricTask` whose
-``classify(query images)`` gives ``(Q, N)`` probabilities. ``fewshot eval`` and the server both use
-this class, so served accuracy is measured accuracy.
+``classify(query images)`` gives ``(Q, N)`` probabilities. :class:`MetricFamily` builds them for any
+registered head (:data:`fewshot.models.heads.HEADS`) from the model's card or manifest, so
+``fewshot eval``, the gRPC service and the Triton models run the same objects.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Mapping
 
 import torch
 
-from fewshot.models.features import FeatureExtractor
-from fewshot.models.heads.base import FewShotHead, HeadState
-from fewshot.models.plan import ClassifyPlan
+from fewshot.errors import ConfigError
+from fewshot.models.family import Family, Part
+from fewshot.models.features import FeatureExtractor, SessionFeatures
+from fewshot.models.heads import HEADS, STATE_KINDS, FewShotHead, HeadState
+from fewshot.models.heads.transforms import TRANSFORMS
+from fewshot.models.plan import ClassifyPlan, PlannedTask
+from fewshot.models.runtime import Engines, TensorSpec
+from fewshot.models.settings import Setting
 
 
 @dataclass
-class MetricTask:
+class MetricTask(PlannedTask):
     """A task's head state and the extractor that maps query images into its feature space."""
 
     state: HeadState
     extract: FeatureExtractor
-
-    @property
-    def transductive(self) -> bool:
-        return self.state.transductive
 
     def plan(self) -> ClassifyPlan:
         """Backbone features (batch-invariant: merged across requests of the same backbone), then the
         head on this request's features alone (LaplacianShot stays transductive over one request)."""
         return ClassifyPlan(("features", id(self.extract)), self.extract, self.state.classify)
 
-    def classify(self, query: torch.Tensor) -> torch.Tensor:
-        """``(Q, C, H, W)`` normalised images -> ``(Q, N)`` probabilities."""
-        return self.plan().run(query)
+    def to_stored(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        tensors, meta = self.state.to_stored()
+        return tensors, {"kind": self.state.kind, **meta}
 
 
 class MetricAdapter:
-    """Frozen backbone features + head (nearest centroid or LaplacianShot)."""
+    """Frozen backbone features + head (nearest centroid, LaplacianShot, logistic regression, ...)."""
 
     def __init__(self, extract: FeatureExtractor, head: FewShotHead) -> None:
         self.extract, self.head = extract, head
@@ -46,3 +49,65 @@ class MetricAdapter:
     def adapt(self, support: torch.Tensor, labels: torch.Tensor) -> MetricTask:
         """``(S, C, H, W)`` normalised images, ``(S,)`` labels in ``0..N-1``."""
         return MetricTask(self.head.fit(self.extract(support), labels), self.extract)
+
+
+#: Every metric head takes the feature transform as a setting (``fewshot eval --transform``).
+TRANSFORM = Setting("transform", "transform", choices=TRANSFORMS)
+
+
+class MetricFamily(Family):
+    """A backbone (``backbone.onnx``: images -> features), its centering vector and the heads its card
+    configured: the methods are the registered heads the card has settings for."""
+
+    family = "metric"
+    parts = (Part("backbone", "features", batched=True),)
+
+    def __init__(self, manifest: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], engines: Engines,
+                 device: str = "auto") -> None:
+        super().__init__(manifest, tensors, engines, device)
+        self.center: torch.Tensor | None = tensors.get("center")
+        self.feature_dim = int(self.manifest["feature_dim"])
+        self.extract = SessionFeatures(engines.session("backbone"), self.feature_dim)
+
+    @classmethod
+    def load_shipped(cls, path: Any, card: Any, tensors: dict[str, torch.Tensor]) -> Any:
+        from fewshot.models.zoo import load_metric_model
+
+        return load_metric_model(path, card, tensors)
+
+    @classmethod
+    def methods_for(cls, manifest: Mapping[str, Any]) -> list[str]:
+        """The registered heads the card has settings for."""
+        return [h for h in HEADS if h in manifest["heads"]]
+
+    @property
+    def default_method(self) -> str:
+        return self.manifest["default_head"]
+
+    def way_range(self) -> tuple[int, int]:
+        return 2, int(self.limits.get("max_ways", 50))
+
+    def settings(self, method: str) -> dict[str, Setting]:
+        return {"transform": TRANSFORM, **HEADS[method].settings}
+
+    def adapter(self, method: str | None = None, shots: int = 1, **settings: Any) -> MetricAdapter:
+        method = self.resolve_method(method)
+        return MetricAdapter(self.extract, HEADS[method].from_card(self.manifest["heads"][method], shots, self.center, **settings))
+
+    def describe(self, adapter: MetricAdapter) -> dict[str, Any]:
+        return adapter.head.describe()
+
+    def decode(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> MetricTask:
+        meta = dict(meta)
+        kind = meta.pop("kind", None)
+        if kind not in STATE_KINDS:
+            raise ConfigError(f"a stored task of kind {kind!r} is not a metric head's ({', '.join(sorted(STATE_KINDS))})")
+        return MetricTask(STATE_KINDS[kind].from_stored(tensors, meta), self.extract)
+
+    @classmethod
+    def result_runs(cls, card: Mapping[str, Any], settings: list[tuple[int, int]]) -> list[tuple[int, int, str, list[str]]]:
+        """Every setting of the dataset with every head the card configures."""
+        return [(w, s, head, []) for w, s in settings for head in HEADS if head in card["heads"]]
+
+    def part_output(self, part: Part) -> TensorSpec:
+        return TensorSpec("features", "FP32", (-1, self.feature_dim))

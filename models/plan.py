@@ -11,7 +11,7 @@ the whole batch (transductive BatchNorm): such a request always runs alone.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Hashable
+from typing import Any, Callable, Hashable
 
 import torch
 
@@ -32,3 +32,21 @@ class ClassifyPlan:
 def softmax_rows(logits: torch.Tensor) -> torch.Tensor:
     """``(Q, N)`` logits -> ``(Q, N)`` probabilities."""
     return torch.softmax(logits, dim=1)
+
+
+class PlannedTask:
+    """Base of the adapted tasks: ``classify`` *is* ``plan().run`` and a task is transductive when its
+    state is. Subclasses hold a ``state`` and say how they classify in :meth:`plan`."""
+
+    state: Any
+
+    @property
+    def transductive(self) -> bool:
+        return bool(self.state.transductive)
+
+    def plan(self) -> ClassifyPlan:
+        raise NotImplementedError
+
+    def classify(self, query: torch.Tensor) -> torch.Tensor:
+        """``(Q, C, H, W)`` normalised images -> ``(Q, N)`` probabilities."""
+        return self.plan().run(query)

@@ -20,7 +20,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from fewshot.errors import ConfigError
-from fewshot.export.loader import BundleModel
+from fewshot.export.loader import open_bundle
+from fewshot.models.family import Family, family_of
 from fewshot.export.registry import Registry
 from fewshot.server.admission import Admission
 from fewshot.server.auth import Authenticator, TokensFileError
@@ -29,7 +30,7 @@ from fewshot.server.images import ImageLimits
 from fewshot.server.metrics import ServiceMetrics
 from fewshot.server.service import SERVICE_NAME, FewShotService, ServiceLimits
 from fewshot.server.store import TaskStore
-from fewshot.server.triton_backend import TritonBackend, expected_signature
+from fewshot.server.triton_backend import TritonBackend
 
 log = logging.getLogger("fewshot.server")
 
@@ -54,25 +55,23 @@ def server_credentials(cfg: ServeConfig) -> grpc.ServerCredentials | None:
                                        root_certificates=ca, require_client_auth=ca is not None)
 
 
-def load_models(root: Path, device: str, threads: int, triton: TritonBackend | None = None) -> dict[str, BundleModel]:
+def load_models(root: Path, device: str, threads: int, triton: TritonBackend | None = None) -> dict[str, Family]:
     """Every bundle of ``root``, verified by the registry and loaded once; with ``triton``, backbone
     and adapted-network inference go to that Triton server instead of in-process ONNX Runtime."""
     models = {}
     for name, bundle in Registry.load(root).bundles.items():
-        extract = network = None
-        if triton is not None:
-            extract, network = triton.features(name, int(bundle.manifest["feature_dim"])), triton.network(name)
-        models[name] = BundleModel(bundle, device, threads, extract, network)
+        engines = triton.engines(name, family_of(bundle.manifest).parts) if triton is not None else None
+        models[name] = open_bundle(bundle, device, threads, engines)
     return models
 
 
-async def connect_triton(cfg: ServeConfig) -> tuple[TritonBackend, dict[str, BundleModel]]:
+async def connect_triton(cfg: ServeConfig) -> tuple[TritonBackend, dict[str, Family]]:
     """The Triton backend of ``--feature-backend triton`` and the models that use it, once Triton is
     live and serves every model they need (else :class:`TritonNotReady`, one message for all)."""
     triton = TritonBackend(cfg.triton_url, cfg.triton_timeout)
     try:
         models = load_models(cfg.models, cfg.device, cfg.threads, triton)
-        await triton.check(expected_signature(m) for m in models.values())
+        await triton.check(sig for m in models.values() for sig in m.signatures())
     except BaseException:
         await triton.close()
         raise

@@ -28,7 +28,7 @@ from fewshot.server.errors import InvalidRequest
 from fewshot_client._proto import fewshot_pb2 as pb
 
 if TYPE_CHECKING:
-    from fewshot.export.loader import BundleModel
+    from fewshot.models.family import Family
 
 
 class ImageError(FewShotError, ValueError):
@@ -211,7 +211,7 @@ def _raw_pixels(image: pb.Image | bytes) -> int:
     return max(int(image.tensor.shape[0]), 0) * max(int(image.tensor.shape[1]), 0)
 
 
-def decode_for_model(images: Sequence[pb.Image | bytes], model: BundleModel, limits: ImageLimits, what: str,
+def decode_for_model(images: Sequence[pb.Image | bytes], model: Family, limits: ImageLimits, what: str,
                      budget: CallBudget | None = None) -> torch.Tensor:
     """:func:`decode_batch` for ``model``'s input; a bad image raises :class:`InvalidRequest` naming the
     image and the input the model takes."""

@@ -27,7 +27,7 @@ import torch
 from google.protobuf.message import Message
 
 from fewshot.errors import one_line
-from fewshot.export.loader import BundleModel
+from fewshot.models.family import Family
 from fewshot.server.admission import Admission
 from fewshot.server.auth import Authenticator, Tenant
 from fewshot.server.batcher import Batcher
@@ -96,7 +96,7 @@ class FewShotService:
     authentication comes before parsing and a parse failure has a status of our choosing.
     """
 
-    def __init__(self, models: dict[str, BundleModel], store: TaskStore, executor: ThreadPoolExecutor,
+    def __init__(self, models: dict[str, Family], store: TaskStore, executor: ThreadPoolExecutor,
                  metrics: ServiceMetrics, limits: ServiceLimits = ServiceLimits(), batch_delay: float = 0.002,
                  max_batch: int = 256, auth: Authenticator | None = None, admission: Admission | None = None) -> None:
         self.models, self.store, self.executor, self.metrics, self.limits = models, store, executor, metrics, limits
@@ -187,10 +187,10 @@ class FewShotService:
         call.fields.update(model=model.name, method=method, support=len(adapt.support))
         self.limits.check_support(len(adapt.support))
         names = [item.label for item in adapt.support]
-        settings = adapt.settings
-        request = AdaptRequest.check(model, method, names, settings.inner_steps if settings.HasField("inner_steps") else None,
-                                     getattr(settings, "lambda") if settings.HasField("lambda") else None,
-                                     self.limits.ttl(adapt.ttl), self.limits.max_image_steps, call.tenant.name)
+        # Every set field of AdaptSettings, by its name: the model's family says which apply.
+        settings = {f.name: getattr(adapt.settings, f.name) for f, _ in adapt.settings.ListFields()}
+        request = AdaptRequest.check(model, method, names, settings, self.limits.ttl(adapt.ttl),
+                                     self.limits.max_image_steps, call.tenant.name)
         images = [item.image for item in adapt.support]
         budget = call.budget
 
@@ -264,13 +264,12 @@ class FewShotService:
         return await self._call("ListModels", context, body)
 
 
-def model_info(model: BundleModel) -> pb.ModelInfo:
+def model_info(model: Family) -> pb.ModelInfo:
     """A model's methods, input spec and limits as the API reports them."""
-    spec, limits = model.spec, model.manifest["limits"]
-    ways = model.net.ways if model.family == "inner_loop" else None
+    spec, (min_ways, max_ways) = model.spec, model.way_range()
     return pb.ModelInfo(name=model.name, family=model.family, methods=model.methods, default_method=model.default_method,
                         input=pb.InputSpec(channels=spec.channels, size=spec.size, mean=spec.mean, std=spec.std, resize=spec.resize),
-                        min_ways=ways or 2, max_ways=ways or limits.get("max_ways", 0), max_shots=limits.get("max_shots", 0))
+                        min_ways=min_ways, max_ways=max_ways, max_shots=model.limits.get("max_shots", 0))
 
 
 def _response(probs: np.ndarray, labels: list[str], top_k: int) -> pb.ClassifyResponse:

@@ -9,7 +9,6 @@ limits), run it on decoded images and store the resulting :class:`TaskRecord`, a
 from __future__ import annotations
 
 import hashlib
-import math
 import re
 import secrets
 import time
@@ -19,14 +18,14 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from fewshot.export.loader import BundleModel
+from fewshot.models.family import Family
+from fewshot.errors import ConfigError
 from fewshot.models.interrupt import checkpoint, interruptible
 from fewshot.server.errors import InvalidRequest, NotFound, TooLarge, quoted
 from fewshot.server.images import ImageLimits
 from fewshot.server.state import StateError, dump_task, load_task
 from fewshot.server.store import TaskRecord, TaskStore
 
-MAX_LAMBDA = 1000.0
 #: Length limits of identifiers and names (characters); longer ones are refused, never echoed whole.
 MAX_MODEL_NAME = 128
 MAX_METHOD_NAME = 64
@@ -80,7 +79,7 @@ class ServiceLimits:
             raise TooLarge(f"{count} query images; this server takes at most {self.max_queries} per call")
 
 
-def get_model(models: Mapping[str, BundleModel], name: str) -> BundleModel:
+def get_model(models: Mapping[str, Family], name: str) -> Family:
     """The served model called ``name`` (:class:`InvalidRequest` when empty, :class:`NotFound` when unknown)."""
     if not name:
         raise InvalidRequest(f"no model named: set `model` to one of {', '.join(sorted(models))}")
@@ -101,8 +100,8 @@ def check_task_id(task_id: str) -> str:
     return task_id
 
 
-def find_task(store: TaskStore, models: Mapping[str, BundleModel], task_id: str,
-              tenant: str = "") -> tuple[TaskRecord, Any, BundleModel]:
+def find_task(store: TaskStore, models: Mapping[str, Family], task_id: str,
+              tenant: str = "") -> tuple[TaskRecord, Any, Family]:
     """``(record, ready-to-classify task, its model)`` of ``tenant``'s live task, from the store's cache
     or disk (blocking); :class:`NotFound` for an unknown, deleted, expired or unrestorable task, or
     one of another tenant (the same answer, so ids of other tenants cannot be probed)."""
@@ -123,20 +122,18 @@ def find_task(store: TaskStore, models: Mapping[str, BundleModel], task_id: str,
     return record, task, models[record.model]
 
 
-def resolve_method(model: BundleModel, method: str | None) -> str:
-    """``method`` (empty: the model's own) as one of ``model.methods``; an inner-loop model also
-    accepts its method's name (e.g. ``cxgrad``) for ``inner_loop``."""
-    method = method or model.default_method
-    if len(method) > MAX_METHOD_NAME:
+def resolve_method(model: Family, method: str | None) -> str:
+    """``method`` (empty: the model's own) as one of ``model.methods``, or any name its family accepts
+    for one (an inner-loop model's own method, e.g. ``cxgrad``, for ``inner_loop``)."""
+    if method and len(method) > MAX_METHOD_NAME:
         raise InvalidRequest(f"method {quoted(method)} is longer than {MAX_METHOD_NAME} characters")
-    if model.family == "inner_loop" and method == model.manifest["method"]:
-        method = "inner_loop"
-    if method not in model.methods:
-        raise InvalidRequest(f"unknown method {quoted(method)} for model {model.name}: use {', '.join(model.methods)}")
-    return method
+    try:
+        return model.resolve_method(method)
+    except ConfigError:
+        raise InvalidRequest(f"unknown method {quoted(method or '')} for model {model.name}: use {', '.join(model.methods)}") from None
 
 
-def check_labels(model: BundleModel, names: list[str]) -> tuple[list[str], torch.Tensor, int]:
+def check_labels(model: Family, names: list[str]) -> tuple[list[str], torch.Tensor, int]:
     """Support labels -> (classes in order of first appearance, ``(S,)`` class indices, fewest shots)."""
     if not names:
         raise InvalidRequest("the support set is empty: send at least one labelled image for each of 2 or more classes")
@@ -148,47 +145,36 @@ def check_labels(model: BundleModel, names: list[str]) -> tuple[list[str], torch
                                  f"labels are at most {MAX_LABEL}")
     counts = Counter(names)
     labels = list(counts)
-    limits = model.manifest["limits"]
     ways, shots = len(labels), max(counts.values())
     if ways < 2:
         raise InvalidRequest(f"the support set has 1 class ({quoted(labels[0])}); a task needs at least 2 classes")
-    if model.family == "inner_loop" and ways != model.net.ways:
-        raise InvalidRequest(f"model {model.name} adapts {model.net.ways}-way tasks (its head has {model.net.ways} "
-                             f"outputs); the support set has {ways} classes")
-    if ways > limits.get("max_ways", ways):
-        raise InvalidRequest(f"the support set has {ways} classes; model {model.name} allows at most {limits['max_ways']}")
-    if shots > limits.get("max_shots", shots):
+    try:
+        model.check_ways(ways)
+    except ConfigError as exc:
+        raise InvalidRequest(str(exc)) from None
+    max_shots = model.limits.get("max_shots")
+    if max_shots is not None and shots > max_shots:
         worst = max(counts, key=counts.get)
         raise InvalidRequest(f"class {quoted(worst)} has {shots} images; model {model.name} allows at most "
-                             f"{limits['max_shots']} per class")
+                             f"{max_shots} per class")
     index = {n: i for i, n in enumerate(labels)}
     return labels, torch.as_tensor([index[n] for n in names]), min(counts.values())
 
 
-def check_settings(model: BundleModel, method: str, inner_steps: int | None, lam: float | None) -> dict[str, Any]:
-    """Per-request settings within the bounds of the model card, as adapter keyword arguments."""
-    out: dict[str, Any] = {}
-    if inner_steps is not None:
-        if method != "inner_loop":
-            raise InvalidRequest(f"inner_steps applies to inner-loop models; {model.name} uses {method}")
-        hi = model.loop["max_steps"]
-        if not 1 <= inner_steps <= hi:
-            raise InvalidRequest(f"inner_steps must be in 1..{hi} for {model.name}, got {inner_steps}")
-        out["steps"] = int(inner_steps)
-    if lam is not None:
-        if method != "laplacianshot":
-            raise InvalidRequest(f"lambda applies to the laplacianshot method, not {method}")
-        if not (math.isfinite(lam) and 0.0 <= lam <= MAX_LAMBDA):
-            raise InvalidRequest(f"lambda must be in 0..{MAX_LAMBDA:g}, got {lam}")
-        out["lam"] = float(lam)
-    return out
+def check_settings(model: Family, method: str, settings: Mapping[str, Any]) -> dict[str, Any]:
+    """Per-request settings by API name (``None``: not given) within the bounds the model's family
+    declares for ``method``, as adapter keyword arguments."""
+    try:
+        return model.check_settings(method, settings)
+    except ConfigError as exc:
+        raise InvalidRequest(str(exc)) from None
 
 
 @dataclass
 class AdaptRequest:
     """A validated Adapt: the model, method, class labels and per-image targets, the adapter to run."""
 
-    model: BundleModel
+    model: Family
     method: str
     labels: list[str]
     targets: torch.Tensor
@@ -198,12 +184,12 @@ class AdaptRequest:
     tenant: str = ""
 
     @staticmethod
-    def check(model: BundleModel, method: str | None, names: list[str], inner_steps: int | None = None,
-              lam: float | None = None, ttl: int = 24 * 3600, max_image_steps: int | None = None,
-              tenant: str = "") -> "AdaptRequest":
+    def check(model: Family, method: str | None, names: list[str], settings: Mapping[str, Any] | None = None,
+              ttl: int = 24 * 3600, max_image_steps: int | None = None, tenant: str = "") -> "AdaptRequest":
+        """``settings``: the request's per-task settings by API name (``inner_steps``, ``lambda``; ``None``: not given)."""
         method = resolve_method(model, method)
         labels, targets, shots = check_labels(model, names)
-        settings = check_settings(model, method, inner_steps, lam)
+        settings = check_settings(model, method, settings or {})
         try:
             adapter = model.adapter(method, shots=shots, **settings)
         except ValueError as exc:

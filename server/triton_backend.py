@@ -27,17 +27,14 @@ from __future__ import annotations
 import asyncio
 import threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import Iterable
 
 import numpy as np
-import torch
 
 from fewshot.errors import FewShotError
-from fewshot.export.triton import backbone_model_name, network_model_name
+from fewshot.models.family import Part
+from fewshot.models.runtime import SessionEngines, Signature, part_model_name
 from fewshot.server.errors import BackendUnavailable
-
-if TYPE_CHECKING:
-    from fewshot.export.loader import BundleModel
 
 #: Cap on the gRPC reconnect backoff, so the service notices a returning Triton within about a second.
 MAX_RECONNECT_BACKOFF_MS = 1000
@@ -47,56 +44,6 @@ MAX_MESSAGE_BYTES = 2**31 - 1
 
 class TritonNotReady(FewShotError, RuntimeError):
     """Start-up check failed: Triton is not live, or a model the bundles need is missing or differs."""
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """One input or output as Triton's model metadata reports it (batch axis included, ``-1``)."""
-
-    name: str
-    datatype: str
-    shape: tuple[int, ...]
-
-    def describe(self) -> str:
-        return f"{self.name} {self.datatype} {list(self.shape)}"
-
-
-@dataclass(frozen=True)
-class Signature:
-    """The Triton model a bundle needs and the tensors it must have."""
-
-    model: str
-    inputs: tuple[TensorSpec, ...]
-    outputs: tuple[TensorSpec, ...]
-
-    def problems(self, metadata: dict[str, Any]) -> list[str]:
-        """What differs between this signature and ``get_model_metadata(as_json=True)``."""
-        out = []
-        for kind, expected in (("input", self.inputs), ("output", self.outputs)):
-            served = {t["name"]: TensorSpec(t["name"], t["datatype"], tuple(int(d) for d in t.get("shape", ())))
-                      for t in metadata.get(f"{kind}s", ())}
-            for spec in expected:
-                got = served.get(spec.name)
-                if got is None:
-                    out.append(f"{self.model} has no {kind} {spec.name!r} (it has {', '.join(sorted(served)) or 'none'})")
-                elif got != spec:
-                    out.append(f"{self.model} {kind} is {got.describe()}, the bundle needs {spec.describe()}")
-        return out
-
-
-def expected_signature(model: BundleModel) -> Signature:
-    """The Triton model ``model`` needs, from its manifest (and, for the network, its weights' shapes)."""
-    spec = model.spec
-    images = TensorSpec("images", "FP32", (-1, spec.channels, spec.size, spec.size))
-    if model.family == "metric":
-        features = TensorSpec("features", "FP32", (-1, int(model.manifest["feature_dim"])))
-        return Signature(backbone_model_name(model.name), (images,), (features,))
-    from fewshot.export.onnx_graphs import network_inputs
-
-    width = model.net.width
-    weights = network_inputs(model.net, model.params, [(torch.zeros(width), torch.ones(width))] * 4, model.loop["steps"])
-    inputs = (images, *(TensorSpec(n, "FP32", tuple(t.shape)) for n, t in weights.items()))
-    return Signature(network_model_name(model.name), inputs, (TensorSpec("logits", "FP32", (-1, model.net.ways)),))
 
 
 class TritonBackend:
@@ -194,35 +141,22 @@ class TritonBackend:
             raise RuntimeError("TritonBackend.infer_blocking called on the event loop thread: await infer() there")
         return asyncio.run_coroutine_threadsafe(self.infer(model, feeds, output), self.loop).result()
 
-    def features(self, model_name: str, feature_dim: int) -> "TritonFeatures":
-        return TritonFeatures(self, backbone_model_name(model_name), feature_dim)
-
-    def network(self, model_name: str) -> "TritonNetwork":
-        return TritonNetwork(self, network_model_name(model_name))
+    def engines(self, model_name: str, parts: Iterable[Part]) -> SessionEngines:
+        """Engines running each of ``parts`` of ``model_name`` in its Triton model ``<name>_<part>``."""
+        return SessionEngines({p.name: TritonSession(self, part_model_name(model_name, p.name), p.output) for p in parts})
 
 
 @dataclass
-class TritonFeatures:
-    """A :class:`~fewshot.models.features.FeatureExtractor` whose backbone runs in Triton."""
+class TritonSession:
+    """A :class:`~fewshot.models.runtime.Session` (the ONNX Runtime ``run`` call) served by Triton model
+    ``model``, whose one output is ``output``."""
 
     backend: TritonBackend
     model: str
-    feature_dim: int
-
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        x = images.detach().cpu().numpy()
-        return torch.from_numpy(self.backend.infer_blocking(self.model, {"images": x}, "features"))
-
-
-@dataclass
-class TritonNetwork:
-    """A :class:`~fewshot.export.loader.NetworkSession` (the ONNX Runtime ``run`` call) served by Triton."""
-
-    backend: TritonBackend
-    model: str
+    output: str
 
     def run(self, output_names: list[str] | None, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        return [self.backend.infer_blocking(self.model, feeds, "logits")]
+        return [self.backend.infer_blocking(self.model, feeds, self.output)]
 
 
 def _reason(exc: Exception) -> str:

@@ -12,7 +12,7 @@ Tensor contract (KServe v2; ``BYTES`` is Triton's ``TYPE_STRING``, one element p
 
 - ``fewshot_adapt``: inputs ``model`` BYTES [1], ``labels`` BYTES [S] (UTF-8, one per image),
   ``images`` BYTES [S] (encoded image bytes, anything Pillow opens), optional ``method`` BYTES [1]
-  (``centroid``, ``laplacianshot``, ``inner_loop`` or the model's own method name; default: the model's).
+  (one of the model's methods, as ``ListModels`` reports them, or the model's own method name; default: the model's).
   Outputs ``task_id`` BYTES [1], ``labels`` BYTES [N] (the classes in order of first appearance).
 - ``fewshot_classify``: inputs ``task_id`` BYTES [1], ``images`` BYTES [Q]. Outputs ``probabilities``
   FP32 [Q, N] (column j is class ``labels[j]``), ``labels`` BYTES [N].
@@ -33,9 +33,10 @@ import numpy as np
 import torch
 
 from fewshot.errors import ConfigError
-from fewshot.export.loader import BundleModel
+from fewshot.export.loader import open_bundle
+from fewshot.models.family import family_of
+from fewshot.models.runtime import SessionEngines, part_model_name
 from fewshot.export.registry import Registry
-from fewshot.export.triton import backbone_model_name, network_model_name
 from fewshot.server.errors import BackendUnavailable, InvalidRequest, ServiceError
 from fewshot.server.images import decode_for_model
 from fewshot.server.store import TaskStore
@@ -56,28 +57,17 @@ def _bls(pb: Any, model: str, inputs: dict[str, np.ndarray], output: str) -> np.
     return pb.get_output_tensor_by_name(response, output).as_numpy()
 
 
-class BlsFeatures:
-    """A :class:`~fewshot.models.features.FeatureExtractor` served by ``<name>_backbone`` through BLS:
-    ``(N, C, H, W)`` normalised images -> ``(N, d)`` features (in chunks of :data:`BLS_MAX_BATCH`)."""
+class BlsSession:
+    """A :class:`~fewshot.models.runtime.Session` served by Triton model ``model`` through BLS, in runs
+    of at most :data:`BLS_MAX_BATCH` images (``max_batch``, read by the feature extractor)."""
 
-    def __init__(self, pb: Any, name: str) -> None:
-        self.pb, self.model = pb, backbone_model_name(name)
+    max_batch = BLS_MAX_BATCH
 
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        x = images.detach().cpu().numpy()
-        parts = [_bls(self.pb, self.model, {"images": x[i:i + BLS_MAX_BATCH]}, "features") for i in range(0, len(x), BLS_MAX_BATCH)]
-        return torch.from_numpy(np.concatenate(parts))
-
-
-class BlsNetwork:
-    """A :class:`~fewshot.export.loader.NetworkSession` served by ``<name>_network`` through BLS:
-    ``run(None, feeds)`` with ``images`` ``(Q, C, H, W)`` and the task's weights -> ``[(Q, N) logits]``."""
-
-    def __init__(self, pb: Any, name: str) -> None:
-        self.pb, self.model = pb, network_model_name(name)
+    def __init__(self, pb: Any, model: str, output: str) -> None:
+        self.pb, self.model, self.output = pb, model, output
 
     def run(self, output_names: list[str] | None, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        return [_bls(self.pb, self.model, feeds, "logits")]
+        return [_bls(self.pb, self.model, feeds, self.output)]
 
 
 class _FewShotModel:
@@ -104,8 +94,9 @@ class _FewShotModel:
         root = Path(args["model_repository"]).parent  # relative paths in the config are read from the repository root
         self.limits = ServiceLimits()
         registry = Registry.load(root / params["bundle_dir"])
-        self.models = {name: BundleModel(b, "cpu", threads, extract=BlsFeatures(pb_utils, name), network=BlsNetwork(pb_utils, name))
-                       for name, b in registry.bundles.items()}
+        self.models = {name: open_bundle(b, "cpu", threads, SessionEngines(
+            {p.name: BlsSession(pb_utils, part_model_name(name, p.name), p.output) for p in family_of(b.manifest).parts}))
+            for name, b in registry.bundles.items()}
         self.store = TaskStore(root / params["state_dir"])
 
     def execute(self, requests: list[Any]) -> list[Any]:

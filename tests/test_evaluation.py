@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from fewshot.models.evaluation import evaluate, summarize
-from fewshot.models.metric_adapter import MetricAdapter
+from fewshot.models.family import open_shipped
 
 pytestmark = pytest.mark.unit
 
@@ -23,7 +23,7 @@ def test_confidence_interval_formula():
 
 
 def test_same_seed_same_numbers(omniglot_model, omniglot_test):
-    adapter = MetricAdapter(omniglot_model.extractor("onnxruntime", "cpu"), omniglot_model.head("centroid"))
+    adapter = open_shipped(omniglot_model, "onnxruntime", "cpu").adapter("centroid")
     runs = [evaluate(adapter, omniglot_test, omniglot_model.spec.normalize, 5, 1, 15, 30, seed=5) for _ in range(2)]
     assert runs[0].per_task == runs[1].per_task
     other = evaluate(adapter, omniglot_test, omniglot_model.spec.normalize, 5, 1, 15, 30, seed=6)
@@ -31,8 +31,7 @@ def test_same_seed_same_numbers(omniglot_model, omniglot_test):
 
 
 def test_torch_and_onnxruntime_backends_agree(omniglot_model, omniglot_test):
-    head = omniglot_model.head("centroid")
-    res = [evaluate(MetricAdapter(omniglot_model.extractor(b, "cpu"), head), omniglot_test,
+    res = [evaluate(open_shipped(omniglot_model, b, "cpu").adapter("centroid"), omniglot_test,
                     omniglot_model.spec.normalize, 5, 1, 15, 20, seed=0) for b in ("torch", "onnxruntime")]
     assert res[0].per_task == res[1].per_task
 

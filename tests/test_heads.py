@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from fewshot.models.episodes import EpisodeSampler
+from fewshot.models.family import open_shipped
 from fewshot.models.heads.centroid import CentroidHead
 from fewshot.models.heads.laplacian_shot import LaplacianShotHead, rectify_prototypes
 from fewshot.models.heads.transforms import transform_features
@@ -16,7 +17,7 @@ pytestmark = pytest.mark.unit
 def features(omniglot_model, omniglot_test):
     """Real features of 40 test classes (all 20 drawings each)."""
     idx = np.flatnonzero(omniglot_test.labels < 40)
-    extract = omniglot_model.extractor("onnxruntime", "cpu")
+    extract = open_shipped(omniglot_model, "onnxruntime", "cpu").extract
     feats = extract(omniglot_model.spec.normalize(omniglot_test.images[idx]))
     return feats, omniglot_test.subset(list(range(40)))
 

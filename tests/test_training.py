@@ -33,6 +33,19 @@ def test_supervised_run_writes_checkpoints_metrics_curves_and_resumes(tmp_path):
     assert second.returncode == 0, second.stderr
     assert "resumed" in second.stdout + second.stderr
     assert _rows(run)[-1]["step"] == 50
+    # packaging tunes every registered head on validation tasks; the packaged model evaluates with each
+    zoo = tmp_path / "zoo"
+    packaged = subprocess.run([sys.executable, "-m", "fewshot.cli", "package", "--run", str(run), "--name", "tiny",
+                               "--out", str(zoo), "--tune-tasks", "10"], capture_output=True, text=True, timeout=600)
+    assert packaged.returncode == 0, packaged.stderr
+    card = json.loads((zoo / "tiny" / "card.json").read_text())
+    assert set(card["heads"]) == {"centroid", "laplacianshot", "logreg"}
+    assert set(card["head_tuning"]["accuracy"]) >= {"logreg_1shot", "logreg_5shot", "laplacianshot_1shot"}
+    assert card["heads"]["logreg"]["weight_decay"]["1"] in card["heads"]["logreg"]["weight_decay_grid"]
+    row = subprocess.run([sys.executable, "-m", "fewshot.cli", "eval", "--model", str(zoo / "tiny"), "--head", "logreg",
+                          "--tasks", "5", "--json"], capture_output=True, text=True, timeout=600)
+    assert row.returncode == 0, row.stderr
+    assert json.loads(row.stdout)["head"] == "logreg" and 20 < json.loads(row.stdout)["accuracy"] <= 100
 
 
 def test_meta_run_writes_checkpoints_and_resumes_with_a_new_outer_lr_and_schedule(tmp_path):

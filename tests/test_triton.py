@@ -19,6 +19,7 @@ from fewshot.export.registry import Registry
 from fewshot.export.triton import backbone_model_name, network_model_name, write_onnx_model
 from fewshot.models.data import ImageSet, load_dataset
 from fewshot.models.episodes import EpisodeSampler
+from fewshot.models.family import family_of, methods_of
 from fewshot.models.features import OnnxFeatures
 from fewshot.models.preprocess import encode_png as png
 from fewshot.models.zoo import load_model
@@ -94,7 +95,7 @@ def _task(data: ImageSet, episode) -> tuple[list[str], list[bytes], list[bytes],
 def _first_of_each_family() -> list[str]:
     families: dict[str, str] = {}
     for name in SHIPPED:
-        families.setdefault(load_model(name).card["family"], name)
+        families.setdefault(family_of(load_model(name).card), name)
     return sorted(families.values())
 
 
@@ -111,11 +112,11 @@ def test_backbone_features_equal_in_process_onnx_runtime(triton, client, exporte
         got = client.infer(backbone_model_name(name), [images]).as_numpy("features")
         ref = OnnxFeatures(str(bundle.file("backbone.onnx")), int(m["feature_dim"]), "cpu", threads=1)(torch.from_numpy(x)).numpy()
         assert got.shape == ref.shape and np.abs(got - ref).max() <= 1e-5, (name, np.abs(got - ref).max())
-        if m["family"] == "inner_loop":  # the adapted network: meta-initial weights, unit BatchNorm statistics
-            from fewshot.export.loader import BundleModel
-            from fewshot.export.onnx_graphs import network_inputs
+        if "network.onnx" in m["files"]:  # the adapted network: meta-initial weights, unit BatchNorm statistics
+            from fewshot.export.loader import open_bundle
+            from fewshot.models.meta.onnx_network import network_inputs
 
-            model = BundleModel(bundle, "cpu", 1)
+            model = open_bundle(bundle, "cpu", 1)
             width = model.net.width
             feeds = {k: v.numpy() for k, v in network_inputs(model.net, model.params, [(torch.zeros(width), torch.ones(width))] * 4,
                                                               model.loop["steps"]).items()} | {"images": x}
@@ -127,9 +128,9 @@ def test_backbone_features_equal_in_process_onnx_runtime(triton, client, exporte
             assert np.abs(logits - model.session.run(None, feeds)[0]).max() <= 1e-5, name
 
 
-@pytest.mark.parametrize("name,method", [(OMNI, "centroid"), (OMNI, "laplacianshot"), (TINY, "centroid"), (TINY, "laplacianshot")])
+@pytest.mark.parametrize("name,method", [(n, m) for n in (OMNI, TINY) for m in methods_of(load_model(n).card)])
 def test_triton_predictions_equal_the_service(client, stub, name, method):
-    data = _data(load_model(name).card["data"]["dataset"])
+    data = _data(load_model(name).card.dataset)
     sampler = EpisodeSampler(data, 5, 1, 15, seed=0)
     for i in range(TASKS):
         labels, support, queries, _ = _task(data, sampler.episode(i))
@@ -146,13 +147,13 @@ def test_triton_predictions_equal_the_service(client, stub, name, method):
 @pytest.mark.parametrize("name", _first_of_each_family())
 def test_tasks_are_shared_with_the_service_both_ways(triton, client, exported, name):
     card = load_model(name).card
-    data = _data(card["data"]["dataset"])
+    data = _data(card.dataset)
     labels, support, queries, _ = _task(data, EpisodeSampler(data, 5, 1, 15, seed=11).episode(0))
-    methods = ["centroid", "laplacianshot"] if card["family"] == "metric" else [""]
+    methods = methods_of(card)
     with ServerProcess(exported[0], triton.state_dir, *SMALL) as service, grpc.insecure_channel(service.target) as channel:
         stub = pb_grpc.FewShotStub(channel)
         for method in methods:
-            task_id, classes = triton_adapt(client, name, labels, support, method or None)
+            task_id, classes = triton_adapt(client, name, labels, support, method)
             probs, _ = triton_classify(client, task_id, queries)
             np.testing.assert_allclose(service_classify(stub, task_id, queries), probs, atol=1e-5)  # adapted in Triton
             served = service_adapt(stub, name, labels, support, method)

@@ -18,6 +18,7 @@ from support import SHIPPED, SMALL
 from fewshot.export.triton import backbone_model_name, write_onnx_model
 from fewshot.models.data import load_dataset
 from fewshot.models.episodes import EpisodeSampler
+from fewshot.models.family import methods_of
 from fewshot.models.preprocess import encode_png as png
 from fewshot.models.zoo import load_model
 from fewshot.tools.process import ServerProcess, free_port
@@ -35,7 +36,7 @@ def _cases() -> list[tuple[str, str]]:
     inner-loop model shipped (adapted networks in Triton)."""
     cases = [(OMNI, "centroid"), (OMNI, "laplacianshot"), ("tinyimagenet-conv4-sce-nca-directsum", "centroid"),
              ("tinyimagenet-conv4-sce-nca-directsum", "laplacianshot")]
-    return cases + [(name, "inner_loop") for name in SHIPPED if load_model(name).card["family"] == "inner_loop"]
+    return cases + [(name, "inner_loop") for name in SHIPPED if "inner_loop" in methods_of(load_model(name).card)]
 
 
 CASES = _cases()
@@ -87,7 +88,7 @@ def test_triton_backend_predicts_what_the_in_process_backend_predicts(server, tr
     """Adapt + Classify on the same real tasks through both services (the in-process one is the
     ``server`` fixture of test_server.py); Classify calls go out concurrently so they merge in the
     batcher and in Triton's dynamic batching."""
-    data = load_dataset(load_model(model).card["data"]["dataset"], "test")
+    data = load_dataset(load_model(model).card.dataset, "test")
     tasks = [_task(data, 5, 1, i) for i in range(TASKS_PER_CASE)]
     with grpc.insecure_channel(server.target) as a, grpc.insecure_channel(triton_service.target) as b, ThreadPoolExecutor(4) as pool:
         local = list(pool.map(lambda t: _adapt_and_classify(_stub(a), model, method, *t), tasks))

@@ -42,8 +42,8 @@ def bench_service(target: str, models: list[str] | None = None, concurrency: tup
         for info in infos:
             if models and info.name not in models:
                 continue
-            data = load_dataset(load_model(info.name).card["data"]["dataset"], "test")
-            ways = info.min_ways if info.family == "inner_loop" else 5
+            data = load_dataset(load_model(info.name).card.dataset, "test")
+            ways = max(info.min_ways, min(5, info.max_ways))
             sampler = EpisodeSampler(data, ways, shots, queries, seed)
             episodes = [encode_episode(data, sampler.episode(i)) for i in range(requests + warmup)]
             for method in info.methods:

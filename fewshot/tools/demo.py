@@ -19,7 +19,8 @@ from fewshot.models.data import ImageSet, load_dataset
 from fewshot.models.episodes import Episode, EpisodeSampler
 from fewshot.models.evaluation import summarize
 from fewshot.models.preprocess import encode_png
-from fewshot.models.zoo import ZOO_DIR, accuracy_key, shipped_models
+from fewshot.models.family import family_of
+from fewshot.models.zoo import ZOO_DIR, shipped_models
 
 #: The flagship model of each path and dataset (the ablation and baseline models are served too).
 DEMO_MODELS = ("omniglot-conv4-directsum", "tinyimagenet-conv4-sce-nca-directsum", "omniglot-conv4-cxgrad",
@@ -70,7 +71,7 @@ def run_demo(bundles: Path, tasks: int = 600, seed: int = 0, models: list[str] |
                 for name in names:
                     m = manifests[name]
                     data = load_dataset(m["data"]["dataset"], "test")
-                    ways = infos[name].min_ways if m["family"] == "inner_loop" else 5
+                    ways = max(infos[name].min_ways, min(5, infos[name].max_ways))
                     measured = [k for k in shots if any(_figure(m, ways, k, meth) for meth in infos[name].methods)]
                     for k in measured or shots:  # the RESULTS.md settings, so every row has a figure to compare with
                         for method in infos[name].methods:
@@ -81,9 +82,7 @@ def run_demo(bundles: Path, tasks: int = 600, seed: int = 0, models: list[str] |
 
 def _figure(manifest: dict, ways: int, shots: int, method: str) -> dict | None:
     """The RESULTS.md figure (``accuracy``, ``ci95``, ``tasks``) the model's card holds for this setting."""
-    inner = manifest["family"] == "inner_loop"
-    key = accuracy_key(ways, shots, manifest["method"] if inner else method, "support" if inner else None)
-    return manifest.get("accuracy", {}).get(key)
+    return manifest.get("accuracy", {}).get(family_of(manifest).accuracy_key(manifest, ways, shots, method))
 
 
 def _demo_row(client, name: str, method: str, manifest: dict, data: ImageSet, ways: int, shots: int, tasks: int,

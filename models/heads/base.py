@@ -1,14 +1,26 @@
-"""The few-shot head interface: ``fit(support features) -> HeadState``, ``state.classify(query features)``."""
+"""The few-shot head interface: ``fit(support features) -> HeadState``, ``state.classify(query features)``.
+
+A head is one module under ``models/heads/``: a :class:`FewShotHead` subclass with a ``name`` (which
+registers it in :data:`HEADS`), how it is built from a model card (:meth:`FewShotHead.from_card`), how
+its settings are chosen on validation tasks (:meth:`FewShotHead.tune`), the settings a request may
+give, and a :class:`HeadState` subclass with a ``kind`` (which registers its stored form). Importing the
+module in ``models/heads/__init__.py`` is the one registration line; evaluation, packaging, export,
+the gRPC service, the Triton models and task persistence then know it.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping
 
 import torch
 
 from fewshot.errors import ConfigError
+from fewshot.models.settings import Setting
+
+if TYPE_CHECKING:
+    from fewshot.models.tuning import TuningTasks
 
 
 def check_support(features: torch.Tensor, labels: torch.Tensor) -> int:
@@ -90,10 +102,45 @@ class HeadState(ABC):
         return cls(**values)
 
 
-class FewShotHead(ABC):
-    """A classifier built from support features."""
+#: Heads by name (filled as the head classes are defined; ``models/heads/__init__.py`` imports them all).
+HEADS: dict[str, type["FewShotHead"]] = {}
 
-    name: str
+
+def nearest_shot(by_shot: Mapping[str, Any], shots: int) -> Any:
+    """The value tuned for the shot count nearest ``shots`` in a card's ``{"1": v, "5": w}``."""
+    return by_shot[min(by_shot, key=lambda k: abs(int(k) - shots))]
+
+
+class FewShotHead(ABC):
+    """A classifier built from support features.
+
+    Subclasses set ``name`` (registered in :data:`HEADS`) and ``settings`` (what a request may override,
+    by API name; the feature ``transform`` is always one).
+    """
+
+    name: ClassVar[str] = ""
+    settings: ClassVar[dict[str, Setting]] = {}
+    transform: str
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.__dict__.get("name"):
+            HEADS[cls.name] = cls
+
+    @classmethod
+    @abstractmethod
+    def from_card(cls, cfg: dict[str, Any], shots: int, center: torch.Tensor | None, **settings: Any) -> "FewShotHead":
+        """The head as the card's ``heads[name]`` block ``cfg`` configures it for ``shots``-shot tasks;
+        ``settings`` (adapter keywords, already validated) override the card."""
+
+    @classmethod
+    @abstractmethod
+    def tune(cls, val: "TuningTasks") -> tuple[dict[str, Any], dict[str, float]]:
+        """Choose this head's settings on validation tasks: ``(card block, validation accuracy by key)``."""
+
+    def describe(self) -> dict[str, Any]:
+        """The settings this head runs with, as ``fewshot eval`` reports them."""
+        return {"transform": self.transform}
 
     @abstractmethod
     def fit(self, support: torch.Tensor, labels: torch.Tensor) -> HeadState:

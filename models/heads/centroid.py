@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from fewshot.models.heads.base import FewShotHead, HeadState, check_support, class_means, sq_distances
 from fewshot.models.heads.transforms import transform_features
+
+if TYPE_CHECKING:
+    from fewshot.models.tuning import TuningTasks
 
 
 @dataclass
@@ -34,6 +38,15 @@ class CentroidHead(FewShotHead):
     def __init__(self, transform: str = "CL2N", center: torch.Tensor | None = None) -> None:
         transform_features(torch.zeros(1, 1 if center is None else len(center)), transform, center)  # validates
         self.transform, self.center = transform, center
+
+    @classmethod
+    def from_card(cls, cfg: dict[str, Any], shots: int, center: torch.Tensor | None, **settings: Any) -> "CentroidHead":
+        return cls(settings.get("transform") or cfg["transform"], center)
+
+    @classmethod
+    def tune(cls, val: "TuningTasks") -> tuple[dict[str, Any], dict[str, float]]:
+        """Nothing beyond the model's transform (chosen by this head's validation accuracy)."""
+        return {"transform": val.transform}, {}
 
     def fit(self, support: torch.Tensor, labels: torch.Tensor) -> CentroidState:
         n = check_support(support, labels)

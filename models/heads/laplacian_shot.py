@@ -10,12 +10,24 @@ binary kNN affinity ``W`` among the query features, by the bound updates
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import product
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from fewshot.errors import ConfigError
-from fewshot.models.heads.base import FewShotHead, HeadState, check_support, class_means, sq_distances
+from fewshot.models.heads.base import FewShotHead, HeadState, check_support, class_means, nearest_shot, sq_distances
 from fewshot.models.heads.transforms import transform_features
+from fewshot.models.settings import Setting
+
+if TYPE_CHECKING:
+    from fewshot.models.tuning import TuningTasks
+
+#: The lambda grid: the authors' grid (shared/METHODS.md) extended downwards, since on Conv-4 features
+#: the small values win on validation.
+LAMBDA_GRID = (0.01, 0.03, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.5)
+#: The largest lambda a request may ask for.
+MAX_LAMBDA = 1000.0
 
 
 def knn_affinity(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -132,6 +144,7 @@ class LaplacianShotHead(FewShotHead):
     validation tasks and stored in the model card."""
 
     name = "laplacianshot"
+    settings = {"lambda": Setting("lambda", "lam", 0.0, MAX_LAMBDA)}
 
     def __init__(self, lam: float = 1.0, knn: int = 3, transform: str = "CL2N",
                  center: torch.Tensor | None = None, rectify: bool = False) -> None:
@@ -143,3 +156,24 @@ class LaplacianShotHead(FewShotHead):
         n = check_support(support, labels)
         s = transform_features(support, self.transform, self.center)
         return LaplacianShotState(s, labels, n, self.transform, self.center, self.lam, self.knn, self.rectify)
+
+    @classmethod
+    def from_card(cls, cfg: dict[str, Any], shots: int, center: torch.Tensor | None, **settings: Any) -> "LaplacianShotHead":
+        """lambda: the one tuned for the nearest tuned shot count, unless the request gives one."""
+        lam = settings.get("lam")
+        return cls(lam=float(nearest_shot(cfg["lambda"], shots) if lam is None else lam), knn=int(cfg["knn"]),
+                   transform=settings.get("transform") or cfg["transform"], center=center, rectify=bool(cfg["rectify"]))
+
+    @classmethod
+    def tune(cls, val: "TuningTasks") -> tuple[dict[str, Any], dict[str, float]]:
+        """lambda per shot count over :data:`LAMBDA_GRID`; rectification on or off for every shot count
+        (whichever sums to more accuracy), under the model's transform, with ``knn = 3``."""
+        scores = {(shots, lam, rect): val.accuracy(cls(lam, 3, val.transform, val.center, rect), shots)
+                  for shots in (1, 5) for lam, rect in product(LAMBDA_GRID, (False, True))}
+        rect = max((False, True), key=lambda r: sum(v for (_, _, rr), v in scores.items() if rr == r))
+        lam = {str(shots): max(LAMBDA_GRID, key=lambda l: scores[(shots, l, rect)]) for shots in (1, 5)}
+        block = {"knn": 3, "lambda": lam, "transform": val.transform, "rectify": rect, "lambda_grid": list(LAMBDA_GRID)}
+        return block, {f"laplacianshot_{s}shot": scores[(s, lam[str(s)], rect)] for s in (1, 5)}
+
+    def describe(self) -> dict[str, Any]:
+        return {"transform": self.transform, "lambda": self.lam, "rectify": self.rectify}

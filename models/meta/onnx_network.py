@@ -1,6 +1,6 @@
-"""ONNX graphs of a model: the backbone (images -> features) and, for gradient-adapted models, the
-whole classifier with its weights and BatchNorm statistics as graph inputs ("functional ONNX"), so
-the adapted weights of any task run in ONNX Runtime or Triton without re-exporting.
+"""The adapted network as one ONNX graph with its weights and BatchNorm statistics as graph inputs
+("functional ONNX"), so the adapted weights of any task run in ONNX Runtime or Triton without
+re-exporting: ``network.onnx`` of an inner-loop bundle, and what ``fewshot eval`` runs.
 """
 
 from __future__ import annotations
@@ -11,10 +11,9 @@ import warnings
 import torch
 from torch import nn
 
-from fewshot.models.features import ONNX_OPSET, backbone_to_onnx
+from fewshot.models.features import ONNX_OPSET
 from fewshot.models.meta.network import MetaConv4
 
-__all__ = ["backbone_to_onnx", "network_input_names", "network_to_onnx", "network_inputs", "ONNX_OPSET"]
 
 
 def network_input_names(net: MetaConv4, step: int) -> list[str]:
@@ -38,7 +37,7 @@ def network_inputs(net: MetaConv4, params: dict[str, torch.Tensor], stats, step:
     return out
 
 
-class _FunctionalNetwork(nn.Module):
+class FunctionalNetwork(nn.Module):
     """``forward(images, *weights)`` -> logits, the weights in :func:`network_input_names` order."""
 
     def __init__(self, net: MetaConv4, step: int) -> None:
@@ -54,7 +53,7 @@ class _FunctionalNetwork(nn.Module):
 def network_to_onnx(net: MetaConv4, example: dict[str, torch.Tensor], step: int) -> bytes:
     """Serialise the classifier with BatchNorm in ``support`` mode; inputs ``images`` (dynamic batch)
     and the weights of :func:`network_input_names`; output ``logits``."""
-    module = _FunctionalNetwork(net, step).eval()
+    module = FunctionalNetwork(net, step).eval()
     names = module.names
     images = torch.zeros(2, net.in_channels, net.image_size, net.image_size)
     buf = io.BytesIO()

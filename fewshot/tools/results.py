@@ -1,0 +1,145 @@
+"""Measure the shipped models on 600 seeded test tasks; ``results.json`` is the one source of the figures.
+
+``python -m fewshot.tools.results [--models M ...] [--heads H ...]`` runs ``fewshot eval ... --json`` for
+what each model's family says to measure (:meth:`~fewshot.models.family.Family.result_runs`; the command
+is stored with each row), replaces those rows in ``results.json`` and then renders from that file alone:
+the generated block of ``RESULTS.md`` and the ``accuracy`` of every model card (which bundles carry and
+``fewshot demo`` compares with). ``--render`` only renders. ``tests/test_results.py`` checks that
+RESULTS.md and the cards are what ``results.json`` renders to.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from fewshot.cli import main as fewshot_main
+from fewshot.models.family import family_of
+from fewshot.models.card import ModelCard
+from fewshot.models.zoo import ZOO_DIR, accuracy_key, load_model, shipped_models
+
+SETTINGS = {"omniglot": [(5, 1), (5, 5), (20, 1), (20, 5)], "tinyimagenet": [(5, 1), (5, 5)]}
+ORDER = ["omniglot-conv4-directsum", "tinyimagenet-conv4-sce", "tinyimagenet-conv4-sce-nca-sum",
+         "tinyimagenet-conv4-sce-nca-directsum", "omniglot-conv4-maml", "omniglot-conv4-cxgrad", "tinyimagenet-conv4-maml",
+         "tinyimagenet-conv4-cxgrad"]
+#: Fields of every row; the others are the settings the method ran with.
+ROW_FIELDS = ("model", "dataset", "split", "ways", "shots", "queries", "head", "tasks", "seed", "accuracy", "ci95",
+              "seconds", "command")
+START, END = "<!-- results.py: start -->", "<!-- results.py: end -->"
+
+
+def run_eval(args: list[str]) -> dict:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = fewshot_main(["eval", *args, "--json"])
+    if code:
+        raise SystemExit(f"fewshot eval {' '.join(args)} failed")
+    return json.loads(out.getvalue().strip().splitlines()[-1])
+
+
+def row_key(row: dict[str, Any]) -> tuple:
+    return row["model"], row["ways"], row["shots"], row["head"], row.get("bn")
+
+
+def measure(names: list[str], heads: list[str] | None, tasks: int, seed: int) -> list[dict]:
+    rows = []
+    for name in names:
+        card = load_model(name).card.to_dict()
+        dataset = card["data"]["dataset"]
+        for ways, shots, head, extra in family_of(card).result_runs(card, SETTINGS[dataset]):
+            if heads and head not in heads:
+                continue
+            cli = ["--model", name, "--dataset", dataset, "--ways", str(ways), "--shots", str(shots), "--queries", "15",
+                   "--tasks", str(tasks), "--head", head, *extra, "--seed", str(seed)]
+            row = run_eval(cli)
+            row["command"] = "fewshot eval " + " ".join(cli) + " --json"
+            rows.append(row)
+            print(f"{name:40s} {ways:2d}-way {shots}-shot {head:14s} {row.get('bn', ''):12s} {row['accuracy']:6.2f} "
+                  f"+- {row['ci95']:.2f}", file=sys.stderr)
+    return rows
+
+
+def sort_rows(rows: list[dict]) -> list[dict]:
+    return sorted(rows, key=lambda r: (ORDER.index(r["model"]) if r["model"] in ORDER else 99, r["ways"], r["shots"]))
+
+
+def render(rows: list[dict], results_md: Path, zoo: Path = ZOO_DIR) -> None:
+    """RESULTS.md's generated block and each model card's ``accuracy``, from ``rows`` alone."""
+    write_markdown(rows, results_md)
+    for name in shipped_models(zoo):
+        path = zoo / name
+        card = ModelCard.load(path)
+        card.accuracy = card_accuracy(rows, name)
+        card.save(path)
+
+
+def card_accuracy(rows: list[dict], name: str) -> dict[str, Any]:
+    """A card's ``accuracy`` block: its rows by :func:`~fewshot.models.zoo.accuracy_key`."""
+    mine = [r for r in rows if r["model"] == name]
+    return {"split": "test", "queries": 15, **{accuracy_key(r["ways"], r["shots"], r["head"], r.get("bn")):
+                                              {k: r[k] for k in ("accuracy", "ci95", "tasks", "seed")} for r in mine}}
+
+
+def _settings(row: dict) -> str:
+    """The settings a row's method ran with (everything but the common fields), e.g. ``lambda=0.7``."""
+    return ", ".join(f"{k}={v}" for k, v in row.items() if k not in ROW_FIELDS)
+
+
+def write_markdown(rows: list[dict], path: Path) -> None:
+    """Replace the generated block of ``path`` (between START and END), keeping the prose around it."""
+    tasks = sorted({r["tasks"] for r in rows})
+    seeds = sorted({r["seed"] for r in rows})
+    lines = [
+        START,
+        f"Few-shot accuracy (%) of the shipped models on {'/'.join(map(str, tasks))} seeded test tasks (seed "
+        f"{'/'.join(map(str, seeds))}, 15 queries per class),",
+        "mean and 95% confidence interval 1.96*std/sqrt(T) over per-task accuracies. The same seed gives the same",
+        "tasks for every model and head, so rows of one dataset and setting are paired comparisons.",
+        "Generated from `results.json` by `make results` (`python -m fewshot.tools.results`); each row's command",
+        "reproduces it alone.",
+        "",
+        "| model | dataset | setting | method | settings | accuracy | 95% CI | command |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['dataset']} | {r['ways']}-way {r['shots']}-shot | {r['head']} | {_settings(r)} | "
+                     f"{r['accuracy']:.2f} | {r['ci95']:.2f} | `{r['command']}` |")
+    lines += ["", "Inner-loop rows: `bn=support` is BatchNorm with the support set's statistics, frozen after adaptation "
+              "(batch-invariant, what the server uses); `bn=transductive` normalises each query batch with its own "
+              "statistics (the papers' protocol).", END]
+    block = "\n".join(lines)
+    old = path.read_text() if path.exists() else "# Results\n\n" + START + END + "\n"
+    if START in old and END in old:
+        new = old[: old.index(START)] + block + old[old.index(END) + len(END):]
+    else:
+        new = old.rstrip() + "\n\n" + block + "\n"
+    path.write_text(new)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--tasks", type=int, default=600)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="RESULTS.md")
+    parser.add_argument("--models", nargs="*", help="default: every shipped model")
+    parser.add_argument("--heads", nargs="*", help="only these methods (e.g. logreg); default: all")
+    parser.add_argument("--render", action="store_true", help="only render RESULTS.md and the cards from results.json")
+    args = parser.parse_args()
+    store = Path(args.out).with_name("results.json")
+    rows = json.loads(store.read_text()) if store.exists() else []
+    if not args.render:
+        names = args.models or [n for n in ORDER if (ZOO_DIR / n / "card.json").exists()]
+        new = measure(names, args.heads, args.tasks, args.seed)
+        replaced = {row_key(r) for r in new}
+        rows = sort_rows([r for r in rows if row_key(r) not in replaced] + new)
+        store.write_text(json.dumps(rows, indent=1) + "\n")
+    render(rows, Path(args.out))
+
+
+if __name__ == "__main__":
+    main()

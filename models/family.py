@@ -1,0 +1,229 @@
+"""Model families: the one place that knows what a model's ``family`` means.
+
+A family is a type. :data:`FAMILIES` maps the ``family`` field of a model card or bundle manifest to
+its class (``metric``: :class:`~fewshot.models.metric_adapter.MetricFamily`; ``inner_loop``:
+:class:`~fewshot.models.meta.family.InnerLoopFamily`). An instance is one loaded model (manifest,
+tensors, the engines that run its ONNX parts) and owns everything that differs between families:
+its methods and their defaults, validation of a task's classes and settings, building the adapter for a
+method, restoring a stored task, and the ONNX parts a bundle carries with the Triton signature of each.
+``fewshot eval`` (:func:`open_shipped`), export, the gRPC service and the Triton models all use it, and
+nothing else branches on the family.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Protocol
+
+import torch
+
+from fewshot.errors import ConfigError
+from fewshot.models.plan import ClassifyPlan
+from fewshot.models.preprocess import InputSpec
+from fewshot.models.runtime import Engines, OnnxEngines, SessionEngines, Signature, TensorSpec, part_model_name, torch_device
+from fewshot.models.settings import Setting, check_settings
+
+if TYPE_CHECKING:
+    from fewshot.models.zoo import ShippedModel
+
+#: Families by the name cards and manifests carry (filled as the family classes are defined).
+FAMILIES: dict[str, type["Family"]] = {}
+
+
+class Task(Protocol):
+    """An adapted task: ``classify`` is ``plan().run``; ``to_stored`` is what the task store keeps."""
+
+    transductive: bool
+
+    def plan(self) -> ClassifyPlan: ...
+
+    def classify(self, query: torch.Tensor) -> torch.Tensor:
+        """``(Q, C, H, W)`` normalised images -> ``(Q, N)`` probabilities."""
+
+    def to_stored(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """``(tensors, JSON-able metadata with its "kind")`` from which :meth:`Family.decode` rebuilds it."""
+
+
+class Adapter(Protocol):
+    def adapt(self, support: torch.Tensor, labels: torch.Tensor) -> Task:
+        """``(S, C, H, W)`` normalised images, ``(S,)`` labels in ``0..N-1`` -> the task."""
+
+
+@dataclass(frozen=True)
+class Part:
+    """An ONNX graph of a model (``<name>.onnx`` in a bundle): ``images`` (and, for the network, the
+    task's weights) -> ``output``. ``batched``: its first axis is a batch that Triton may merge across
+    requests (the backbone); the network's weights are per task, so it is not. ``served``: the server
+    runs it (an inner-loop bundle's backbone is exported for other uses, not served)."""
+
+    name: str
+    output: str
+    batched: bool
+    served: bool = True
+
+
+def family_of(manifest: Any) -> type["Family"]:
+    """The family class of a card or manifest (:class:`ConfigError` for an unknown family)."""
+    load_families()
+    name = _get(manifest, "family")
+    if name not in FAMILIES:
+        raise ConfigError(f"model {_get(manifest, 'name')} has unknown family {name!r} (this version knows "
+                          f"{', '.join(sorted(FAMILIES))})")
+    return FAMILIES[name]
+
+
+class Family(ABC):
+    """One loaded model of a family.
+
+    Args:
+        manifest: the bundle manifest (or model card): ``name``, ``input``, ``limits``, ``heads`` ...
+        tensors: ``meta.safetensors`` (or the shipped weights in the same layout).
+        engines: what runs the model's :attr:`parts`.
+        device: where torch work (inner loops) runs.
+    """
+
+    #: The name cards and manifests carry in ``family``.
+    family: ClassVar[str] = ""
+    #: The ONNX graphs a bundle of this family holds.
+    parts: ClassVar[tuple[Part, ...]] = ()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.__dict__.get("family"):
+            FAMILIES[cls.family] = cls
+
+    def __init__(self, manifest: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], engines: Engines,
+                 device: str = "auto") -> None:
+        self.manifest, self.engines = dict(manifest), engines
+        self.name: str = self.manifest["name"]
+        self.spec = InputSpec.from_dict(self.manifest["input"])
+        self.limits: dict[str, Any] = dict(self.manifest.get("limits", {}))
+        self.device = torch_device(device)
+
+    @classmethod
+    @abstractmethod
+    def load_shipped(cls, path: Any, card: Any, tensors: dict[str, torch.Tensor]) -> Any:
+        """The shipped model of ``models/zoo/<name>/`` (``card.json``, ``weights.safetensors``) in its
+        trainable torch form (:mod:`fewshot.models.zoo`)."""
+
+    # -- methods and validation -------------------------------------------------------------------
+    @classmethod
+    @abstractmethod
+    def methods_for(cls, manifest: Mapping[str, Any]) -> list[str]:
+        """The adaptation methods a model of this card or manifest offers (``Adapt(method=...)``)."""
+
+    @property
+    def methods(self) -> list[str]:
+        return self.methods_for(self.manifest)
+
+    @property
+    @abstractmethod
+    def default_method(self) -> str:
+        """The method used when a request names none."""
+
+    def aliases(self) -> dict[str, str]:
+        """Other names a request may use for a method."""
+        return {}
+
+    def resolve_method(self, method: str | None) -> str:
+        """``method`` (empty: the default) as one of :attr:`methods`."""
+        method = method or self.default_method
+        method = self.aliases().get(method, method)
+        if method not in self.methods:
+            raise ConfigError(f"unknown method {method!r} for model {self.name}: use {', '.join(self.methods)}")
+        return method
+
+    @abstractmethod
+    def way_range(self) -> tuple[int, int]:
+        """``(fewest, most)`` classes of a task."""
+
+    def check_ways(self, ways: int) -> None:
+        """:class:`ConfigError` unless a task of ``ways`` classes fits this model."""
+        lo, hi = self.way_range()
+        if lo == hi and ways != lo:
+            raise ConfigError(f"model {self.name} adapts {lo}-way tasks (its head has {lo} outputs); the support "
+                              f"set has {ways} classes")
+        if ways > hi:
+            raise ConfigError(f"the support set has {ways} classes; model {self.name} allows at most {hi}")
+
+    @abstractmethod
+    def settings(self, method: str) -> dict[str, Setting]:
+        """The settings ``method`` accepts, by API name."""
+
+    def check_settings(self, method: str, given: Mapping[str, Any]) -> dict[str, Any]:
+        """Settings by API name (``None``: not given) -> adapter keywords, each within its bounds."""
+        return check_settings(self.settings(method), given, method, self.name)
+
+    # -- adaptation and stored tasks --------------------------------------------------------------
+    @abstractmethod
+    def adapter(self, method: str | None = None, shots: int = 1, **settings: Any) -> Adapter:
+        """The adapter of ``method`` (default: the model's) for ``shots``-shot tasks; ``settings`` are
+        adapter keywords from :meth:`check_settings`."""
+
+    @abstractmethod
+    def describe(self, adapter: Adapter) -> dict[str, Any]:
+        """The settings ``adapter`` runs with (``fewshot eval`` rows)."""
+
+    @abstractmethod
+    def decode(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Task:
+        """The task that ``task.to_stored()`` described (``KeyError``/``ConfigError`` when it cannot be)."""
+
+    @classmethod
+    def accuracy_key(cls, manifest: Mapping[str, Any], ways: int, shots: int, method: str) -> str:
+        """Key of the measured accuracy in a card's ``accuracy`` for a served method at its default settings."""
+        return f"{ways}way_{shots}shot_{method}"
+
+    @classmethod
+    @abstractmethod
+    def result_runs(cls, card: Mapping[str, Any], settings: list[tuple[int, int]]) -> list[tuple[int, int, str, list[str]]]:
+        """What ``make results`` measures for this model: ``(ways, shots, --head, other fewshot eval
+        arguments)`` rows, given the dataset's ``(ways, shots)`` settings."""
+
+    # -- Triton -----------------------------------------------------------------------------------
+    def signatures(self) -> list[Signature]:
+        """The Triton model of each served part and the tensors it must have."""
+        images = TensorSpec("images", "FP32", (-1, self.spec.channels, self.spec.size, self.spec.size))
+        return [Signature(part_model_name(self.name, p.name), (images, *self.part_inputs(p)), (self.part_output(p),))
+                for p in self.parts if p.served]
+
+    def part_inputs(self, part: Part) -> tuple[TensorSpec, ...]:
+        """Inputs of ``part`` besides ``images``."""
+        return ()
+
+    @abstractmethod
+    def part_output(self, part: Part) -> TensorSpec:
+        """The output of ``part``."""
+
+
+def _get(manifest: Any, key: str) -> Any:
+    return manifest.get(key) if isinstance(manifest, Mapping) else getattr(manifest, key, None)
+
+
+def _mapping(manifest: Any) -> Mapping[str, Any]:
+    """A manifest as it is, a :class:`~fewshot.models.card.ModelCard` as its JSON form."""
+    return manifest if isinstance(manifest, Mapping) else manifest.to_dict()
+
+
+def methods_of(manifest: Any) -> list[str]:
+    """The methods of the model a card or manifest describes (without loading it)."""
+    return family_of(manifest).methods_for(_mapping(manifest))
+
+
+def open_shipped(model: "ShippedModel", backend: str = "onnxruntime", device: str = "auto", threads: int = 0) -> Family:
+    """A shipped model as its family's object, its parts exported in memory to ONNX Runtime (default)
+    or run by the torch modules themselves (``backend="torch"``): what ``fewshot eval`` runs."""
+    if backend == "onnxruntime":
+        engines: Engines = OnnxEngines(model.onnx_parts(), device, threads)
+    elif backend == "torch":
+        engines = SessionEngines(model.torch_parts(device))
+    else:
+        raise ConfigError(f"unknown backend {backend!r}: use onnxruntime or torch")
+    card = model.card.to_dict()
+    return family_of(card)(card, model.meta_tensors(), engines, device)
+
+
+def load_families() -> None:
+    """Import every family module (each registers itself)."""
+    from fewshot.models import metric_adapter  # noqa: F401
+    from fewshot.models.meta import family  # noqa: F401

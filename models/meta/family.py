@@ -1,0 +1,172 @@
+"""The inner-loop family (MAML, CxGrad, ...): meta-learned initial weights and update rule; a task is
+adapted by the inner loop in torch and classified by the adapted network, ``network.onnx`` with the
+task's weights as inputs, in whatever runs the model's parts (ONNX Runtime, Triton, or torch for
+``fewshot eval --backend torch``). ``fewshot eval`` and the server classify through the same
+:class:`NetworkTask`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+from fewshot.errors import ConfigError
+from fewshot.models.family import Family, Part
+from fewshot.models.features import run_batch, run_in_chunks
+from fewshot.models.meta.inner_loop import InnerLoopAdapter, InnerLoopTask
+from fewshot.models.meta.network import BN_MODES
+from fewshot.models.meta.onnx_network import network_input_names, network_inputs
+from fewshot.models.plan import ClassifyPlan, PlannedTask, softmax_rows
+from fewshot.models.runtime import Engines, Session, TensorSpec
+from fewshot.models.settings import Setting
+
+#: The one method an inner-loop model offers (a request may also name the model's own, e.g. ``cxgrad``).
+METHOD = "inner_loop"
+
+
+def meta_model_parts(method: str, architecture: dict[str, Any], loop: dict[str, Any],
+                     tensors: Mapping[str, torch.Tensor]) -> tuple[Any, torch.nn.Module, dict[str, torch.Tensor]]:
+    """Network, update rule (eval mode) and meta-parameters of a gradient model, from its card's (or
+    bundle manifest's) ``method``, ``architecture`` and ``inner_loop`` and its ``param.*``/``rule.*`` tensors."""
+    from fewshot.models.meta.network import MetaConv4
+    from fewshot.models.meta.rules import build_rule
+
+    net = MetaConv4(**{k: v for k, v in architecture.items() if k != "arch"})
+    rule = build_rule(method, net, loop["steps"], loop["alpha"], loop.get("beta", 1.0))
+    rule.load_state_dict({k.removeprefix("rule."): v for k, v in tensors.items() if k.startswith("rule.")})
+    params = {k.removeprefix("param."): v for k, v in tensors.items() if k.startswith("param.")}
+    return net, rule.eval(), params
+
+
+@dataclass
+class NetworkTask(PlannedTask):
+    """An adapted task whose classification runs the network part with the task's weights as inputs."""
+
+    state: InnerLoopTask
+    session: Session
+
+    def logits(self, query: torch.Tensor) -> torch.Tensor:
+        """``(Q, C, H, W)`` -> ``(Q, N)``. Transductive BatchNorm normalises each call with its own
+        statistics, which ``network.onnx`` (support statistics as inputs) does not compute: that mode
+        runs the torch network."""
+        if self.state.bn_mode != "support":
+            return self.state.logits(query)
+        s = self.state
+        feeds = {k: v.cpu().numpy() for k, v in network_inputs(s.net, s.params, s.bn_stats, s.step).items()}
+        run = lambda part: self.session.run(None, {**feeds, "images": part})[0]  # noqa: E731
+        images = np.ascontiguousarray(query.cpu().numpy(), dtype=np.float32)
+        return torch.from_numpy(run_in_chunks(run, images, run_batch(self.session)))
+
+    def plan(self) -> ClassifyPlan:
+        """The adapted network, then a softmax. Under frozen (support) BatchNorm each query is
+        independent, so concurrent requests of this task merge into one network call; transductive
+        BatchNorm normalises over the call, so it never merges (``key`` None)."""
+        return ClassifyPlan(None if self.transductive else ("network", id(self)), self.logits, softmax_rows)
+
+    def to_stored(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        s = self.state
+        tensors = {f"param.{k}": v for k, v in s.params.items()}
+        for i, (mean, var) in enumerate(s.bn_stats or []):
+            tensors[f"bn.{i}.mean"], tensors[f"bn.{i}.var"] = mean, var
+        return tensors, {"kind": METHOD, "bn_mode": s.bn_mode, "step": s.step, "bn_layers": len(s.bn_stats or []),
+                         "support_losses": s.support_losses}
+
+
+class NetworkAdapter:
+    """The inner loop (torch), with classification by the network part."""
+
+    def __init__(self, adapter: InnerLoopAdapter, session: Session) -> None:
+        self.adapter, self.session = adapter, session
+        self.steps, self.bn_mode = adapter.steps, adapter.bn_mode
+
+    def adapt(self, support: torch.Tensor, labels: torch.Tensor) -> NetworkTask:
+        return NetworkTask(self.adapter.adapt(support, labels), self.session)
+
+
+class InnerLoopFamily(Family):
+    """``network.onnx`` (and ``backbone.onnx``, the network's body, for Triton's feature models), the
+    meta-parameters and the learned update rule of ``meta.safetensors``; one method, the inner loop."""
+
+    family = "inner_loop"
+    parts = (Part("backbone", "features", batched=True, served=False), Part("network", "logits", batched=False))
+
+    def __init__(self, manifest: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], engines: Engines,
+                 device: str = "auto") -> None:
+        super().__init__(manifest, tensors, engines, device)
+        self.loop: dict[str, Any] = self.manifest["inner_loop"]
+        self.net, rule, params = meta_model_parts(self.manifest["method"], self.manifest["architecture"], self.loop, tensors)
+        self.rule = rule.to(self.device)
+        self.params = {k: v.to(self.device) for k, v in params.items()}
+        self.session = engines.session("network")
+
+    @classmethod
+    def load_shipped(cls, path: Any, card: Any, tensors: dict[str, torch.Tensor]) -> Any:
+        from fewshot.models.zoo import load_meta_model
+
+        return load_meta_model(path, card, tensors)
+
+    @classmethod
+    def methods_for(cls, manifest: Mapping[str, Any]) -> list[str]:
+        return [METHOD]
+
+    @property
+    def default_method(self) -> str:
+        return METHOD
+
+    def aliases(self) -> dict[str, str]:
+        return {self.manifest["method"]: METHOD}
+
+    def way_range(self) -> tuple[int, int]:
+        return self.net.ways, self.net.ways
+
+    def settings(self, method: str) -> dict[str, Setting]:
+        return {"inner_steps": Setting("inner_steps", "steps", 1, self.loop["max_steps"], integer=True),
+                "bn": Setting("bn", "bn_mode", choices=tuple(self.loop.get("bn_modes", BN_MODES)))}
+
+    def adapter(self, method: str | None = None, shots: int = 1, steps: int | None = None,
+                bn_mode: str | None = None) -> NetworkAdapter:
+        self.resolve_method(method)
+        steps = self.loop["steps"] if steps is None else steps
+        if not 1 <= steps <= self.loop["max_steps"]:
+            raise ConfigError(f"inner steps must be in 1..{self.loop['max_steps']} for {self.name}, got {steps}")
+        return NetworkAdapter(InnerLoopAdapter(self.net, self.rule, self.params, steps, bn_mode or self.loop["bn_mode"]),
+                              self.session)
+
+    def describe(self, adapter: NetworkAdapter) -> dict[str, Any]:
+        return {"method": self.manifest["method"], "bn": adapter.bn_mode, "inner_steps": adapter.steps}
+
+    def decode(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> NetworkTask:
+        if meta.get("kind") != METHOD:
+            raise ConfigError(f"a stored task of kind {meta.get('kind')!r} is not an inner-loop task")
+        params = {k.removeprefix("param."): v.to(self.device) for k, v in tensors.items() if k.startswith("param.")}
+        stats = [(tensors[f"bn.{i}.mean"].to(self.device), tensors[f"bn.{i}.var"].to(self.device))
+                 for i in range(meta["bn_layers"])] or None
+        return NetworkTask(InnerLoopTask(self.net, params, meta["bn_mode"], stats, meta["step"], meta["support_losses"]),
+                           self.session)
+
+    @classmethod
+    def accuracy_key(cls, manifest: Mapping[str, Any], ways: int, shots: int, method: str) -> str:
+        """Inner-loop figures are keyed by the model's own method and the served BatchNorm mode."""
+        return f"{ways}way_{shots}shot_{manifest['method']}_{manifest['inner_loop']['bn_mode']}"
+
+    @classmethod
+    def result_runs(cls, card: Mapping[str, Any], settings: list[tuple[int, int]]) -> list[tuple[int, int, str, list[str]]]:
+        """The setting it was meta-trained for, in each BatchNorm mode."""
+        cfg = card["training"]["config"]
+        return [(cfg["ways"], cfg["shots"], card["method"], ["--bn", bn]) for bn in card["inner_loop"]["bn_modes"]]
+
+    def part_inputs(self, part: Part) -> tuple[TensorSpec, ...]:
+        if part.name != "network":
+            return ()
+        width = self.net.width
+        weights = network_inputs(self.net, self.params, [(torch.zeros(width), torch.ones(width))] * 4, self.loop["steps"])
+        return tuple(TensorSpec(n, "FP32", tuple(t.shape)) for n, t in weights.items())
+
+    def part_output(self, part: Part) -> TensorSpec:
+        return TensorSpec("logits", "FP32", (-1, self.net.ways))
+
+    def network_input_names(self) -> list[str]:
+        return network_input_names(self.net, self.loop["steps"])
