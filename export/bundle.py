@@ -200,8 +200,9 @@ def _graph_output_dim(path: Path) -> int:
 
 
 def source_fingerprint(model_path: Path) -> dict[str, str]:
-    """sha256 of the shipped model's weights, so a stale bundle can be detected after retraining."""
-    return {"weights_sha256": sha256(model_path / "weights.safetensors")}
+    """sha256 of the shipped model's weights and card, so a stale bundle is detected after retraining,
+    re-tuning or re-measuring (a new head in the card, new accuracy figures)."""
+    return {"weights_sha256": sha256(model_path / "weights.safetensors"), "card_sha256": sha256(model_path / "card.json")}
 
 
 def bundle_is_current(bundle_dir: Path, model_path: Path) -> bool:

@@ -216,6 +216,11 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
                        "throughput (--target)")
     p.add_argument("--model", action="append", help="model (in-process: exactly one; with --target: repeat, default all)")
     p.add_argument("--target", help="HOST:PORT of a running `fewshot serve`: benchmark it through the client SDK")
+    p.add_argument("--compare", action="store_true", help="the served path against its own engine in one run: "
+                   "Classify through a `fewshot serve` child (SDK, PNG bytes) vs the ONNX Runtime session on tensors, "
+                   "at 1/8/64 queries and concurrency 1/8; Adapt of the engine vs a plain torch reference loop")
+    p.add_argument("--bundles", help="with --compare: bundle directory (default: $FEWSHOT_BUNDLES, else bundles/)")
+    p.add_argument("--calls", type=int, default=32, help="with --compare: Classify calls per round")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8], help="with --target: client threads")
     p.add_argument("--requests", type=int, default=64, help="with --target: Adapt and Classify calls per row")
     p.add_argument("--token", default=os.environ.get("FEWSHOT_TOKEN"), help="with --target: bearer token")
@@ -242,8 +247,26 @@ def _run_bench(args: argparse.Namespace) -> None:
     from fewshot.models.episodes import EpisodeSampler
     from fewshot.models.family import open_shipped
     from fewshot.models.runtime import torch_device
-    from fewshot.models.zoo import load_model
+    from fewshot.models.zoo import load_model, shipped_models
 
+    if args.compare:
+        from fewshot.export.bundle import DEFAULT_BUNDLE_DIR
+        from fewshot.tools.compare import compare_adapt, compare_classify
+        from fewshot.tools.demo import ensure_bundles
+
+        bundles = Path(args.bundles) if args.bundles else DEFAULT_BUNDLE_DIR
+        log = (lambda row: None) if args.json else print
+        if not args.bundles:
+            ensure_bundles(bundles, args.model or shipped_models())
+        print(f"fewshot bench --compare: {torch.get_num_threads()} torch threads, threads={args.threads} per call, "
+              f"{platform.processor() or platform.machine()}; ratios, not times, are what carry between machines")
+        rows = compare_classify(bundles, args.model, calls=args.calls, threads=args.threads, seed=args.seed,
+                                log=lambda m: log(m)) + compare_adapt(bundles, args.model, args.shots, args.repeats,
+                                                                      args.warmup, args.seed, log=lambda m: log(m))
+        if args.json:
+            for row in rows:
+                print(json.dumps(row))
+        return
     if args.target:
         from fewshot.tools.bench import bench_service, describe
 
@@ -356,6 +379,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-inflight", type=int, default=d.max_inflight, help="Adapt/Classify calls running at once")
     p.add_argument("--max-queue", type=int, default=d.max_queue,
                    help="calls waiting beyond --max-inflight; past it, RESOURCE_EXHAUSTED and readiness NOT_SERVING")
+    p.add_argument("--warmup-tasks", type=int, default=d.warmup_tasks,
+                   help="synthetic tasks per model and method run before the port opens, so the first call is fast (0: none)")
     p.add_argument("--feature-backend", default=d.feature_backend, choices=["onnxruntime", "triton"],
                    help="where backbone and adapted-network inference run: in-process ONNX Runtime, or a Triton server "
                         "serving the repository of `fewshot export --triton-repo`")
@@ -387,7 +412,7 @@ def _run_serve(args: argparse.Namespace) -> None:
                       threads=args.threads, workers=args.workers, batch_delay_ms=args.batch_delay_ms, max_batch=args.max_batch,
                       cache_mb=args.cache_mb, max_message_mb=args.max_message_mb, max_image_mb=args.max_image_mb, max_support=args.max_support,
                       max_queries=args.max_queries, default_ttl=args.default_ttl, feature_backend=args.feature_backend,
-                      triton_url=args.triton_url, triton_timeout=args.triton_timeout)
+                      triton_url=args.triton_url, triton_timeout=args.triton_timeout, warmup_tasks=args.warmup_tasks)
     run(cfg)
 
 

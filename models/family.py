@@ -49,6 +49,10 @@ class Adapter(Protocol):
     def adapt(self, support: torch.Tensor, labels: torch.Tensor) -> Task:
         """``(S, C, H, W)`` normalised images, ``(S,)`` labels in ``0..N-1`` -> the task."""
 
+    def adapt_scored(self, support: torch.Tensor, labels: torch.Tensor) -> tuple[Task, torch.Tensor]:
+        """The task and ``task.classify(support)``, without a second pass of the backbone where the
+        family can avoid it (the server reports the support accuracy of every Adapt)."""
+
 
 @dataclass(frozen=True)
 class Part:

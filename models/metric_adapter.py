@@ -48,7 +48,14 @@ class MetricAdapter:
 
     def adapt(self, support: torch.Tensor, labels: torch.Tensor) -> MetricTask:
         """``(S, C, H, W)`` normalised images, ``(S,)`` labels in ``0..N-1``."""
-        return MetricTask(self.head.fit(self.extract(support), labels), self.extract)
+        return self.adapt_scored(support, labels)[0]
+
+    def adapt_scored(self, support: torch.Tensor, labels: torch.Tensor) -> tuple[MetricTask, torch.Tensor]:
+        """The task and its ``(S, N)`` probabilities on the support set itself (what ``classify(support)``
+        gives), from one backbone pass over the support images."""
+        features = self.extract(support)
+        task = MetricTask(self.head.fit(features, labels), self.extract)
+        return task, task.state.classify(features)
 
 
 #: Every metric head takes the feature transform as a setting (``fewshot eval --transform``).

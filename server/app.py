@@ -31,6 +31,7 @@ from fewshot.server.metrics import ServiceMetrics
 from fewshot.server.service import SERVICE_NAME, FewShotService, ServiceLimits
 from fewshot.server.store import TaskStore
 from fewshot.server.triton_backend import TritonBackend
+from fewshot.server.warmup import warm_up
 
 log = logging.getLogger("fewshot.server")
 
@@ -123,6 +124,9 @@ async def serve(cfg: ServeConfig, ready: asyncio.Event | None = None) -> None:
     port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"cannot listen on {cfg.host}:{cfg.port} (port in use or not allowed)")
+    if cfg.warmup_tasks:
+        warmed = await loop.run_in_executor(executor, warm_up, models, cfg.warmup_tasks)
+        log.warning(json.dumps({"event": "warmed up", "tasks_per_method": cfg.warmup_tasks, "seconds": warmed}))
     await server.start()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

@@ -1,8 +1,10 @@
 """Merging concurrent Classify requests into one backbone (or adapted-network) call.
 
 Requests that share a key (the model, for metric heads; the task, for inner-loop networks whose
-weights are per task) and arrive within ``max_delay`` are concatenated along the batch axis, run
-once, and split back. Only batch-invariant computations are merged: per-image backbone features and
+weights are per task) are concatenated along the batch axis, run once, and split back. Continuous
+batching: a request whose key has nothing running starts at once (no wait at low load); requests that
+arrive while a call of their key runs are queued, and the queue starts when that call ends, after
+``max_delay``, or when it holds ``max_batch`` images, whichever comes first. Only batch-invariant computations are merged: per-image backbone features and
 the support-BatchNorm network; transductive heads (LaplacianShot) then run on exactly one request's
 features, never across requests.
 """
@@ -12,27 +14,38 @@ from __future__ import annotations
 import asyncio
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import Callable, Hashable
+from typing import Any, Callable, Hashable
 
 import torch
 
 
+Fn = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
 @dataclass
 class _Pending:
-    run: Callable[[torch.Tensor], torch.Tensor]
+    key: Hashable
+    run: Fn
     inputs: list[torch.Tensor] = field(default_factory=list)
+    finishes: list[Fn] = field(default_factory=list)
     futures: list[asyncio.Future] = field(default_factory=list)
     size: int = 0
     timer: asyncio.TimerHandle | None = None
 
 
 class Batcher:
-    """``await batcher.submit(key, images, run)`` returns ``run(images)`` computed in a merged batch.
+    """``await batcher.submit(key, images, run, finish)`` returns ``finish(run(images))``, ``run``
+    computed in a merged batch, then each request's ``finish`` on its own rows in the same worker call
+    (one executor hop per batch, not one more per request); a ``finish`` that raises fails its own
+    request only.
 
     Args:
         executor: where ``run`` executes (off the event loop).
-        max_delay: seconds the first request of a batch waits for others (0: merge only what is
-            already queued).
+        max_delay: the longest a queued request waits for the running call of its key to end.
         max_batch: images per call; a batch is flushed as soon as it reaches this size.
     """
 
@@ -41,26 +54,42 @@ class Batcher:
         self.executor, self.max_delay, self.max_batch = executor, max_delay, max_batch
         self.on_batch = on_batch or (lambda _: None)
         self._pending: dict[Hashable, _Pending] = {}
+        self._running: dict[Hashable, int] = {}  # calls of each key now in the executor
 
-    async def submit(self, key: Hashable, images: torch.Tensor, run: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    async def submit(self, key: Hashable, images: torch.Tensor, run: Fn, finish: Fn | None = None) -> torch.Tensor:
+        finish = finish or _identity
         loop = asyncio.get_running_loop()
-        if len(images) >= self.max_batch:
-            self.on_batch(len(images))
-            return await loop.run_in_executor(self.executor, run, images)
         pending = self._pending.get(key)
+        if len(images) >= self.max_batch or (pending is None and not self._running.get(key)):
+            self.on_batch(len(images))
+            return await self._execute(key, lambda: finish(run(images)))
         if pending is not None and pending.size + len(images) > self.max_batch:
             self._flush(key)
             pending = None
         if pending is None:
-            pending = self._pending[key] = _Pending(run)
+            pending = self._pending[key] = _Pending(key, run)
             pending.timer = loop.call_later(self.max_delay, self._flush, key)
         future = loop.create_future()
         pending.inputs.append(images)
+        pending.finishes.append(finish)
         pending.futures.append(future)
         pending.size += len(images)
         if pending.size >= self.max_batch:
             self._flush(key)
         return await future
+
+    async def _execute(self, key: Hashable, work: Callable[[], Any]) -> Any:
+        """``work()`` in the executor, counted as running for ``key``; when the last running call of
+        ``key`` ends, its queue starts."""
+        self._running[key] = self._running.get(key, 0) + 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.executor, work)
+        finally:
+            self._running[key] -= 1
+            if not self._running[key]:
+                del self._running[key]
+                if key in self._pending:
+                    self._flush(key)
 
     def _flush(self, key: Hashable) -> None:
         pending = self._pending.pop(key, None)
@@ -75,18 +104,31 @@ class Batcher:
         if not any(live):
             return
         inputs = [x for x, keep in zip(pending.inputs, live) if keep]
+        finishes = [fn for fn, keep in zip(pending.finishes, live) if keep]
         futures = [f for f, keep in zip(pending.futures, live) if keep]
-        try:
+
+        def work() -> list[Any]:
             merged = torch.cat(inputs) if len(inputs) > 1 else inputs[0]
-            self.on_batch(len(merged))
-            out = await asyncio.get_running_loop().run_in_executor(self.executor, pending.run, merged)
+            out, start, results = pending.run(merged), 0, []
+            for x, finish in zip(inputs, finishes):
+                try:
+                    results.append(finish(out[start:start + len(x)]))
+                except Exception as exc:  # this request's head failed; the others keep their answers
+                    results.append(exc)
+                start += len(x)
+            return results
+
+        try:
+            self.on_batch(sum(len(x) for x in inputs))
+            results = await self._execute(pending.key, work)
         except Exception as exc:  # every waiter gets the error (e.g. a backend that went away)
             for f in futures:
                 if not f.done():
                     f.set_exception(exc)
             return
-        start = 0
-        for x, f in zip(inputs, futures):
+        for f, result in zip(futures, results):
             if not f.done():
-                f.set_result(out[start:start + len(x)])
-            start += len(x)
+                if isinstance(result, Exception):
+                    f.set_exception(result)
+                else:
+                    f.set_result(result)

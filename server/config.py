@@ -42,6 +42,8 @@ class ServeConfig:
     max_queue: int = 64
     default_ttl: int = 24 * 3600
     purge_every: float = 60.0
+    #: Synthetic tasks per model and method run before the port opens (0: none; ``server/warmup.py``).
+    warmup_tasks: int = 1
     #: ``onnxruntime`` (in process) or ``triton`` (backbone and adapted-network inference over gRPC).
     feature_backend: str = "onnxruntime"
     triton_url: str = "127.0.0.1:8001"

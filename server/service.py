@@ -213,11 +213,15 @@ class FewShotService:
             request = parse(pb.ClassifyRequest, raw)
             task_id = call.about(check_task_id(request.task_id))
             self.limits.check_queries(len(request.queries))
-            record, task, model = await self._offload(find_task, self.store, self.models, task_id, call.tenant.name)
-            call.fields.update(model=model.name, method=record.method, queries=len(request.queries))
-            budget = call.budget
+            budget, queries = call.budget, list(request.queries)
+
+            def find_and_decode() -> tuple[TaskRecord, Any, Family, torch.Tensor]:
+                record, task, model = find_task(self.store, self.models, task_id, call.tenant.name)
+                return record, task, model, decode_for_model(queries, model, self.limits.image, "query", budget)
+
             async with self.admission.slot():
-                x = await self._offload(decode_for_model, list(request.queries), model, self.limits.image, "query", budget)
+                record, task, model, x = await self._offload(find_and_decode)  # one hop: lookup, then decoding
+                call.fields.update(model=model.name, method=record.method, queries=len(queries))
                 budget.check("classification")
                 probs = await self._classify(task, x)
             if self.store.deleted_since(task_id, call.started):  # DeleteTask answered while we worked
@@ -232,8 +236,7 @@ class FewShotService:
         plan = task.plan()
         if plan.key is None:  # depends on the whole batch: never merged with another request
             return await self._offload(plan.run, x)
-        heavy = await self.batcher.submit(plan.key, x, plan.heavy)
-        return await self._offload(plan.finish, heavy)
+        return await self.batcher.submit(plan.key, x, plan.heavy, plan.finish)
 
     # -- task and model info --------------------------------------------------------------------
     async def GetTask(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.TaskInfo:

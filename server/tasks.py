@@ -20,7 +20,7 @@ import torch
 
 from fewshot.models.family import Family
 from fewshot.errors import ConfigError
-from fewshot.models.interrupt import checkpoint, interruptible
+from fewshot.models.interrupt import interruptible
 from fewshot.server.errors import InvalidRequest, NotFound, TooLarge, quoted
 from fewshot.server.images import ImageLimits
 from fewshot.server.state import StateError, dump_task, load_task
@@ -205,10 +205,9 @@ class AdaptRequest:
         ``check(stage)`` is called at each stage boundary (it raises to stop an abandoned call)."""
         with interruptible(check or (lambda stage: None)):
             start = time.perf_counter()
-            task = self.adapter.adapt(images, self.targets)
+            task, support_probabilities = self.adapter.adapt_scored(images, self.targets)
             self.seconds = time.perf_counter() - start
-            checkpoint("support accuracy")
-            accuracy = float((task.classify(images).argmax(1) == self.targets).float().mean())
+            accuracy = float((support_probabilities.argmax(1) == self.targets).float().mean())
         now = time.time()
         record = TaskRecord(secrets.token_hex(16), self.model.name, self.method, self.labels, now, now + self.ttl,
                             len(images), dump_task(task), self.tenant)

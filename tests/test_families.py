@@ -162,3 +162,21 @@ def test_a_new_head_is_one_class_and_then_works_through_the_family():
     finally:
         HEADS.pop("test-1nn", None)
         STATE_KINDS.pop("test-1nn", None)
+
+
+def test_warm_up_runs_every_method_of_every_model_once_per_round():
+    from fewshot.server.warmup import WARM_QUERIES, warm_up
+
+    seen: list[int] = []
+
+    class Counting(torch.nn.Flatten):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            seen.append(len(x))
+            return super().forward(x)
+
+    engines = SessionEngines({"backbone": TorchSession(Counting(), ["images"], "cpu")})
+    model = family_of(MANIFEST)(MANIFEST, {}, engines, "cpu")
+    spent = warm_up({"toy": model}, rounds=2)
+    assert set(spent) == {"toy"} and spent["toy"] >= 0
+    # per method and round: one support pass (5 ways x 5 shots), then one pass per query count
+    assert seen == [25, *WARM_QUERIES] * (len(model.methods) * 2)

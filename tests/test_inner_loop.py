@@ -91,6 +91,21 @@ def test_engine_maml_equals_hand_written_loop(task):
         assert (engine[k] - manual[k]).abs().max() < 1e-6, k
 
 
+def test_the_benchmarks_reference_loop_equals_the_engine(task):
+    """`fewshot bench --compare` times the engine against a plain loop (its own Conv-4, autograd.grad,
+    theta -= alpha g): both adapt to the same weights and support statistics, so the timing is of the
+    same computation."""
+    from fewshot.tools.compare import reference_forward, reference_maml
+
+    xs, ys, xq, _ = task
+    net = MetaConv4(1, 32, 28, 5)
+    params = _trained_like(net, seed=3)
+    state = InnerLoopAdapter(net, UpdateRule(net, 5, alpha=0.4), params, 5, "support").adapt(xs, ys)
+    ref_params, ref_stats = reference_maml(params, xs, ys, 5, 0.4, net.bn_eps)
+    with torch.no_grad():
+        assert (reference_forward(ref_params, xq, ref_stats, net.bn_eps) - state.logits(xq)).abs().max() < 1e-4
+
+
 @pytest.mark.parametrize("method,bn_train,first_order", [(m, "transductive", m == "fomaml") for m in sorted(RULES)]
                          + [("cxgrad", "support", False), ("cxgrad", "support", True)])
 def test_every_rule_meta_trains_on_real_episodes(method, bn_train, first_order, task):

@@ -250,6 +250,9 @@ def test_health_reflection_and_model_listing(server, stub):
     assert set(models) == set(SHIPPED)
     assert models[OMNI].input.channels == 1 and models[OMNI].input.size == 28
     assert set(models[OMNI].methods) == {"centroid", "laplacianshot", "logreg"} and models[OMNI].max_ways == 50
+    # every model was warmed up (each method run on a synthetic task) before the port opened
+    warmed = [json.loads(line) for line in server.log.read_text().splitlines() if '"warmed up"' in line]
+    assert len(warmed) == 1 and set(warmed[0]["seconds"]) == set(SHIPPED)
 
 
 def test_adapt_stream_equals_adapt(stub, omni_task):

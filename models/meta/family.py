@@ -85,6 +85,11 @@ class NetworkAdapter:
     def adapt(self, support: torch.Tensor, labels: torch.Tensor) -> NetworkTask:
         return NetworkTask(self.adapter.adapt(support, labels), self.session)
 
+    def adapt_scored(self, support: torch.Tensor, labels: torch.Tensor) -> tuple[NetworkTask, torch.Tensor]:
+        """The task and its ``(S, N)`` probabilities on the support set (one network pass)."""
+        task = self.adapt(support, labels)
+        return task, task.classify(support)
+
 
 class InnerLoopFamily(Family):
     """``network.onnx`` (and ``backbone.onnx``, the network's body, for Triton's feature models), the

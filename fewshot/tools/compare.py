@@ -1,0 +1,217 @@
+"""``fewshot bench --compare``: the served path against its own engine, side by side in one run.
+
+**Classify.** For each model: the raw engine is the ONNX Runtime session the server itself runs (the
+backbone; for inner-loop models the adapted network with a task's weights), called in this process on
+pre-decoded, normalised tensors with the same thread count; the served path is a real ``fewshot serve``
+child process on loopback, called through the client SDK with PNG bytes of the same images. Both run
+for 1, 8 and 64 queries per call at concurrency 1 and 8, alternating raw and served rounds so that
+drift on a shared machine hits both; a row gives each side's p50 latency and images/s and the ratio
+served / raw throughput.
+
+**Adapt.** The engine's inner loop (``fewshot.models.meta.inner_loop``) against a plain reference loop
+written here the obvious way (functional Conv-4, ``torch.autograd.grad``, ``theta -= alpha g``, the
+same steps and BatchNorm semantics) on the same support sets. The reference covers the rules whose
+update is plain gradient descent on every parameter (MAML); other rules are reported without it. The
+adapted logits of both must agree within 1e-4 (checked on every repeat).
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fewshot.export.loader import open_bundle
+from fewshot.export.registry import Registry
+from fewshot.models.data import load_dataset
+from fewshot.models.episodes import EpisodeSampler
+from fewshot.models.meta.onnx_network import network_inputs
+from fewshot.models.preprocess import encode_png
+
+QUERIES, CONCURRENCY = (1, 8, 64), (1, 8)
+
+
+def _calls(fn: Callable[[int], Any], calls: int, concurrency: int) -> tuple[list[float], float]:
+    """``fn(i)`` for ``i < calls`` from ``concurrency`` threads -> (per-call ms, wall seconds)."""
+    def timed(i: int) -> float:
+        start = time.perf_counter()
+        fn(i)
+        return 1e3 * (time.perf_counter() - start)
+
+    with ThreadPoolExecutor(concurrency) as pool:
+        start = time.perf_counter()
+        ms = list(pool.map(timed, range(calls)))
+        return ms, time.perf_counter() - start
+
+
+def _side(ms_rounds: list[list[float]], walls: list[float], images: int) -> dict[str, float]:
+    """Median over rounds of p50 latency and of throughput."""
+    return {"p50_ms": round(statistics.median(float(np.median(m)) for m in ms_rounds), 2),
+            "p90_ms": round(statistics.median(float(np.percentile(m, 90)) for m in ms_rounds), 2),
+            "images_per_s": round(statistics.median(images / w for w in walls), 1)}
+
+
+def compare_classify(bundles: Path, models: list[str] | None = None, queries: tuple[int, ...] = QUERIES,
+                     concurrency: tuple[int, ...] = CONCURRENCY, calls: int = 32, rounds: int = 3, threads: int = 0,
+                     seed: int = 0, log: Callable[[str], None] = print) -> list[dict]:
+    """One row per (model, queries per call, concurrency)."""
+    from fewshot.tools.process import ServerProcess
+    from fewshot_client import FewShotClient
+
+    registry = Registry.load(bundles)
+    names = models or sorted(registry.bundles)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="fewshot-compare-") as state:
+        with ServerProcess(bundles, Path(state), "--threads", str(threads), "--metrics-port", "0",
+                           log=Path(state) / "serve.log") as server, FewShotClient(server.target, timeout=300) as client:
+            for name in names:
+                model = open_bundle(registry.get(name), "cpu", threads)
+                data = load_dataset(model.manifest["data"]["dataset"], "test")
+                ways = max(model.way_range()[0], min(5, model.way_range()[1]))
+                ep = EpisodeSampler(data, ways, 5, 15, seed).episode(0)
+                support = model.spec.normalize(data.images[ep.support])
+                task = model.adapter().adapt(support, torch.as_tensor(ep.support_labels))
+                served = client.adapt([encode_png(data.images[i]) for i in ep.support],
+                                      [f"class-{c}" for c in ep.support_labels], model=name)
+                pool = np.random.default_rng(seed).choice(len(data.images), max(queries) * 4, replace=False)
+                raw_run = _raw_engine(model, task)
+                for q in queries:
+                    picks = [pool[(i * q) % len(pool):][:q] for i in range(calls)]
+                    picks = [p if len(p) == q else pool[:q] for p in picks]
+                    tensors = [np.ascontiguousarray(model.spec.normalize(data.images[p]).numpy()) for p in picks]
+                    pngs = [[encode_png(data.images[i]) for i in p] for p in picks]
+                    for c in concurrency:
+                        raw_ms, raw_wall, srv_ms, srv_wall = [], [], [], []
+                        raw_run(tensors[0])  # warm both sides for this shape
+                        served.classify(pngs[0])
+                        for _ in range(rounds):
+                            ms, wall = _calls(lambda i: raw_run(tensors[i]), calls, c)
+                            raw_ms.append(ms)
+                            raw_wall.append(wall)
+                            ms, wall = _calls(lambda i: served.classify(pngs[i]), calls, c)
+                            srv_ms.append(ms)
+                            srv_wall.append(wall)
+                        raw, srv = _side(raw_ms, raw_wall, q * calls), _side(srv_ms, srv_wall, q * calls)
+                        row = {"model": name, "queries": q, "concurrency": c, "calls": calls, "rounds": rounds,
+                               "threads": threads, "raw": raw, "served": srv,
+                               "throughput_ratio": round(srv["images_per_s"] / raw["images_per_s"], 2),
+                               "p50_overhead_ms": round(srv["p50_ms"] - raw["p50_ms"], 2)}
+                        log(describe_classify(row))
+                        rows.append(row)
+                served.delete()
+    return rows
+
+
+def _raw_engine(model: Any, task: Any) -> Callable[[np.ndarray], np.ndarray]:
+    """What the server's engine runs for a Classify of ``images``: the backbone session (metric
+    models) or the network session with the task's weights (inner-loop models), nothing else."""
+    if hasattr(task, "extract"):
+        session = task.extract.session
+        return lambda images: session.run(None, {"images": images})[0]
+    s = task.state
+    feeds = {k: v.cpu().numpy() for k, v in network_inputs(s.net, s.params, s.bn_stats, s.step).items()}
+    return lambda images: task.session.run(None, {**feeds, "images": images})[0]
+
+
+def describe_classify(row: dict) -> str:
+    r, s = row["raw"], row["served"]
+    return (f"{row['model']:37s} Classify {row['queries']:2d} queries c={row['concurrency']}: raw engine p50 "
+            f"{r['p50_ms']:7.2f} ms {r['images_per_s']:7.0f} img/s | served p50 {s['p50_ms']:7.2f} ms "
+            f"{s['images_per_s']:7.0f} img/s | ratio {row['throughput_ratio']:.2f}, overhead {row['p50_overhead_ms']:+.2f} ms")
+
+
+# -- adaptation -------------------------------------------------------------------------------------
+def reference_forward(p: dict[str, torch.Tensor], x: torch.Tensor, stats: list | None, eps: float,
+                      record: list | None = None) -> torch.Tensor:
+    """Conv-4 + linear head written plainly: conv (no bias) -> BatchNorm -> ReLU -> 2x2 max-pool, x4.
+    ``stats`` None: batch statistics (appended to ``record`` when given); else the frozen (mean, var)
+    per layer."""
+    h = x
+    for l in range(4):
+        h = F.conv2d(h, p[f"conv{l}.weight"], padding=1)
+        if stats is None:
+            if record is not None:
+                record.append((h.mean((0, 2, 3)), h.var((0, 2, 3), unbiased=False)))
+            h = F.batch_norm(h, None, None, p[f"bn{l}.weight"], p[f"bn{l}.bias"], training=True, eps=eps)
+        else:
+            h = F.batch_norm(h, stats[l][0], stats[l][1], p[f"bn{l}.weight"], p[f"bn{l}.bias"], training=False, eps=eps)
+        h = F.max_pool2d(F.relu(h), 2)
+    return F.linear(h.flatten(1), p["head.weight"], p["head.bias"])
+
+
+def reference_maml(params: dict[str, torch.Tensor], support: torch.Tensor, labels: torch.Tensor, steps: int,
+                   alpha: float, eps: float) -> tuple[dict[str, torch.Tensor], list]:
+    """``steps`` of ``theta -= alpha * grad`` on the support loss (batch BatchNorm) for the convolutions
+    and the head (MAML adapts those; the BatchNorm affine parameters are meta-learned only), then the
+    support set's BatchNorm statistics under the adapted weights."""
+    adapted = [f"conv{l}.weight" for l in range(4)] + ["head.weight", "head.bias"]
+    p = {k: v.detach().clone().requires_grad_(k in adapted) for k, v in params.items()}
+    for _ in range(steps):
+        loss = F.cross_entropy(reference_forward(p, support, None, eps), labels)
+        grads = torch.autograd.grad(loss, [p[k] for k in adapted])
+        p |= {k: (p[k] - alpha * g).detach().requires_grad_(True) for k, g in zip(adapted, grads)}
+    stats: list = []
+    with torch.no_grad():
+        reference_forward(p, support, None, eps, record=stats)
+    return {k: v.detach() for k, v in p.items()}, stats
+
+
+def compare_adapt(bundles: Path, models: list[str] | None = None, shots: int = 5, repeats: int = 10, warmup: int = 3,
+                  seed: int = 0, log: Callable[[str], None] = print) -> list[dict]:
+    """One row per inner-loop model: engine and reference p50 of one Adapt, ratio, logit agreement."""
+    registry = Registry.load(bundles)
+    rows = []
+    for name in models or sorted(registry.bundles):
+        model = open_bundle(registry.get(name), "cpu")
+        if "inner_loop" not in model.methods:
+            continue
+        loop = model.manifest["inner_loop"]
+        plain = model.manifest["method"] == "maml" and not model.net.per_step_bn
+        data = load_dataset(model.manifest["data"]["dataset"], "test")
+        ways = model.way_range()[0]
+        sampler = EpisodeSampler(data, ways, shots, 15, seed)
+        adapter = model.adapter(bn_mode="support").adapter
+        engine_ms, ref_ms, worst = [], [], 0.0
+        for i in range(warmup + repeats):
+            ep = sampler.episode(i)
+            xs, ys = model.spec.normalize(data.images[ep.support]), torch.as_tensor(ep.support_labels)
+            xq = model.spec.normalize(data.images[ep.query])
+            start = time.perf_counter()
+            state = adapter.adapt(xs, ys)
+            mid = time.perf_counter()
+            if plain:
+                params, stats = reference_maml(model.params, xs, ys, loop["steps"], loop["alpha"], model.net.bn_eps)
+            end = time.perf_counter()
+            if i < warmup:
+                continue
+            engine_ms.append(1e3 * (mid - start))
+            if plain:
+                ref_ms.append(1e3 * (end - mid))
+                with torch.no_grad():
+                    ref = reference_forward(params, xq, stats, model.net.bn_eps)
+                worst = max(worst, float((ref - state.logits(xq)).abs().max()))
+        row = {"model": name, "method": model.manifest["method"], "ways": ways, "shots": shots, "steps": loop["steps"],
+               "repeats": repeats, "threads": torch.get_num_threads(), "engine_p50_ms": round(float(np.median(engine_ms)), 1)}
+        if plain:
+            row |= {"reference_p50_ms": round(float(np.median(ref_ms)), 1),
+                    "speedup": round(float(np.median(ref_ms)) / float(np.median(engine_ms)), 2),
+                    "max_abs_logit_diff": worst}
+            if worst > 1e-4:
+                raise AssertionError(f"{name}: the engine and the reference loop differ by {worst:.2e} > 1e-4")
+        log(describe_adapt(row))
+        rows.append(row)
+    return rows
+
+
+def describe_adapt(row: dict) -> str:
+    ref = (f"reference loop p50 {row['reference_p50_ms']:.1f} ms, engine {row['speedup']:.2f}x the reference, logits "
+           f"within {row['max_abs_logit_diff']:.1e}") if "speedup" in row else "no plain reference for this rule"
+    return (f"{row['model']:37s} Adapt {row['ways']}-way {row['shots']}-shot, {row['steps']} steps: engine p50 "
+            f"{row['engine_p50_ms']:.1f} ms | {ref}")
