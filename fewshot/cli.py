@@ -251,7 +251,7 @@ def _run_bench(args: argparse.Namespace) -> None:
 
     if args.compare:
         from fewshot.export.bundle import DEFAULT_BUNDLE_DIR
-        from fewshot.tools.compare import compare_adapt, compare_classify
+        from fewshot.tools.compare import compare_adapt, compare_classify, compare_cold_start
         from fewshot.tools.demo import ensure_bundles
 
         bundles = Path(args.bundles) if args.bundles else DEFAULT_BUNDLE_DIR
@@ -263,6 +263,7 @@ def _run_bench(args: argparse.Namespace) -> None:
         rows = compare_classify(bundles, args.model, calls=args.calls, threads=args.threads, seed=args.seed,
                                 log=lambda m: log(m)) + compare_adapt(bundles, args.model, args.shots, args.repeats,
                                                                       args.warmup, args.seed, log=lambda m: log(m))
+        rows += compare_cold_start(bundles, args.model, seed=args.seed, log=lambda m: log(m))
         if args.json:
             for row in rows:
                 print(json.dumps(row))

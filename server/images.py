@@ -12,7 +12,9 @@ a header read. Every decoder failure becomes :class:`ImageError` (INVALID_ARGUME
 from __future__ import annotations
 
 import io
+import threading
 import warnings
+from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator, Sequence
@@ -69,8 +71,20 @@ RAW_DTYPES = {"uint8": np.uint8, "float32": np.float32}
 
 
 def _from_pil(image: Image.Image, spec: InputSpec) -> np.ndarray:
+    """uint8 ``(size, size, channels)`` (normalisation converts the stacked batch once)."""
     array = spec.prepare(image)
-    return (array[..., None] if array.ndim == 2 else array).astype(np.float32)
+    return array[..., None] if array.ndim == 2 else array
+
+
+@contextmanager
+def _quiet_pillow() -> Iterator[None]:
+    """Pillow's warnings off while a request's images are decoded (a damaged file's warnings say nothing
+    the error will not), a decompression-bomb warning made an error. Entered once per call, not per
+    image: ``catch_warnings`` swaps the process's filter list, which cost more than decoding a small PNG."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        yield
 
 
 @contextmanager
@@ -78,10 +92,7 @@ def _decoder_errors(data: bytes, limits: ImageLimits) -> Iterator[None]:
     """Map whatever Pillow raises on ``data`` to :class:`ImageError`: every decoder failure is the
     image's fault, never the server's."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # a damaged file's warnings say nothing the error will not
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            yield
+        yield
     except (ImageError, InvalidRequest):
         raise
     except Image.UnidentifiedImageError:
@@ -156,9 +167,9 @@ def _decode_raw(t: pb.RawTensor, spec: InputSpec, limits: ImageLimits) -> np.nda
     return _from_pil(Image.fromarray(array[..., 0] if channels == 1 else array), spec)
 
 
-def decode_image(image: pb.Image | bytes, spec: InputSpec, limits: ImageLimits = ImageLimits()) -> np.ndarray:
-    """One request image (a ``pb.Image``, or encoded bytes as the Triton models receive them) -> float32
-    ``(size, size, channels)`` in 0..255 (raises :class:`ImageError`)."""
+def _decode_one(image: pb.Image | bytes, spec: InputSpec, limits: ImageLimits) -> np.ndarray:
+    """:func:`decode_image` inside the caller's :func:`_quiet_pillow`: uint8 for encoded images,
+    float32 for raw float tensors."""
     if isinstance(image, bytes):
         return _decode_encoded(image, spec, limits)
     kind = image.WhichOneof("data")
@@ -167,6 +178,13 @@ def decode_image(image: pb.Image | bytes, spec: InputSpec, limits: ImageLimits =
     if kind == "tensor":
         return _decode_raw(image.tensor, spec, limits)
     raise ImageError("carries no data: set `encoded` or `tensor`")
+
+
+def decode_image(image: pb.Image | bytes, spec: InputSpec, limits: ImageLimits = ImageLimits()) -> np.ndarray:
+    """One request image (a ``pb.Image``, or encoded bytes as the Triton models receive them) -> float32
+    ``(size, size, channels)`` in 0..255 (raises :class:`ImageError`)."""
+    with _quiet_pillow():
+        return _decode_one(image, spec, limits).astype(np.float32)
 
 
 def _encoded_bytes(image: pb.Image | bytes) -> bytes | None:
@@ -182,6 +200,12 @@ def decode_batch(images: Sequence[pb.Image | bytes], spec: InputSpec, limits: Im
     Every encoded image is opened once, its header read and checked, before any is decoded; with
     ``budget``, the call's pixels (headers, raw tensors' shapes) are then charged, and its liveness is
     checked before each image is decoded."""
+    with _quiet_pillow():
+        return _decode_batch(images, spec, limits, what, budget)
+
+
+def _decode_batch(images: Sequence[pb.Image | bytes], spec: InputSpec, limits: ImageLimits, what: str,
+                  budget: CallBudget | None) -> torch.Tensor:
     opened: list[Image.Image | None] = []
     for i, image in enumerate(images):
         data = _encoded_bytes(image)
@@ -192,16 +216,42 @@ def decode_batch(images: Sequence[pb.Image | bytes], spec: InputSpec, limits: Im
     if budget is not None:
         budget.charge_pixels(sum(o.size[0] * o.size[1] if o is not None else _raw_pixels(image)
                                  for o, image in zip(opened, images)))
-    arrays = []
-    for i, (image, header) in enumerate(zip(images, opened)):
+    def decode(i: int) -> np.ndarray:
+        image, header = images[i], opened[i]
         if budget is not None:
             budget.check(f"decoding {what} image {i}")
         try:
-            arrays.append(decode_image(image, spec, limits) if header is None
-                          else _decode_opened(header, _encoded_bytes(image), spec, limits))
+            return (_decode_one(image, spec, limits) if header is None
+                    else _decode_opened(header, _encoded_bytes(image), spec, limits))
         except ImageError as exc:
             raise ImageError(f"{what} image {i} {exc}") from None
+
+    if len(images) < PARALLEL_FROM:
+        arrays = [decode(i) for i in range(len(images))]
+    else:  # Pillow's decoders release the GIL: the second half decodes on another core meanwhile
+        half = len(images) // 2
+        second = _decode_pool().submit(lambda: [decode(i) for i in range(half, len(images))])
+        try:
+            arrays = [decode(i) for i in range(half)]
+        except BaseException:
+            wait([second])  # the helper is done with this call's images before the error is reported
+            raise
+        arrays += second.result()
     return spec.normalize(np.stack(arrays))
+
+
+#: Images per call from which decoding is split over two threads.
+PARALLEL_FROM = 16
+_POOL: list[ThreadPoolExecutor] = []
+_POOL_LOCK = threading.Lock()
+
+
+def _decode_pool() -> ThreadPoolExecutor:
+    """The process's decoding helpers (2 threads, made on first use)."""
+    with _POOL_LOCK:
+        if not _POOL:
+            _POOL.append(ThreadPoolExecutor(2, thread_name_prefix="fewshot-decode"))
+        return _POOL[0]
 
 
 def _raw_pixels(image: pb.Image | bytes) -> int:

@@ -52,7 +52,8 @@ def server(exported, tmp_path_factory):
 
     metrics_port = free_port()
     proc = ServerProcess(exported[0], tmp_path_factory.mktemp("state"), *SMALL, "--max-message-mb", "4", "--max-image-mb", "1", "--max-support", "300",
-                         "--max-queries", "200", "--batch-delay-ms", "30", "--metrics-port", str(metrics_port))
+                         "--max-queries", "200", "--batch-delay-ms", "30", "--metrics-port", str(metrics_port),
+                         "--warmup-tasks", "1")
     proc.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
     with proc:
         yield proc

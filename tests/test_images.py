@@ -88,3 +88,20 @@ def test_a_calls_pixel_budget_is_charged_before_decoding(monkeypatch):
     monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: pytest.fail("decoded before the budget check"))
     with pytest.raises(TooLarge, match="decoded pixels"):
         decode_batch(images, SPEC, ImageLimits(), "query", CallBudget(max_pixels=4 << 20))
+
+
+def test_a_large_batch_decodes_in_two_threads_to_the_same_arrays_and_names_a_bad_image():
+    from fewshot.models.preprocess import encode_png
+    from fewshot.server.images import PARALLEL_FROM
+
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (28, 28, 1), dtype=np.uint8) for _ in range(PARALLEL_FROM + 5)]
+    encoded = [encode_png(a) for a in images]
+    batch = decode_batch(encoded, SPEC, ImageLimits(), "query")
+    one_by_one = SPEC.normalize(np.stack([decode_image(b, SPEC) for b in encoded]))
+    assert batch.shape == (len(images), 1, 28, 28) and np.array_equal(batch.numpy(), one_by_one.numpy())
+    for bad in (3, len(images) - 2):  # in the first half, and in the half a helper thread decodes
+        broken = list(encoded)
+        broken[bad] = broken[bad][:40]  # header intact, pixel data cut
+        with pytest.raises(ImageError, match=f"query image {bad} "):
+            decode_batch(broken, SPEC, ImageLimits(), "query")

@@ -215,3 +215,39 @@ def describe_adapt(row: dict) -> str:
            f"within {row['max_abs_logit_diff']:.1e}") if "speedup" in row else "no plain reference for this rule"
     return (f"{row['model']:37s} Adapt {row['ways']}-way {row['shots']}-shot, {row['steps']} steps: engine p50 "
             f"{row['engine_p50_ms']:.1f} ms | {ref}")
+
+
+# -- cold start -------------------------------------------------------------------------------------
+def compare_cold_start(bundles: Path, models: list[str] | None = None, later: int = 5, seed: int = 0,
+                       log: Callable[[str], None] = print) -> list[dict]:
+    """Per model and ``--warmup-tasks`` 0 or 1: a fresh ``fewshot serve``, then the first Adapt and the
+    median of the ``later`` ones after it (5-way 5-shot real tasks of the model's own method)."""
+    from fewshot.tools.process import ServerProcess
+    from fewshot_client import FewShotClient
+
+    registry = Registry.load(bundles)
+    rows = []
+    for name in models or sorted(registry.bundles):
+        manifest = registry.get(name).manifest
+        data = load_dataset(manifest["data"]["dataset"], "test")
+        ways = max(int(manifest["limits"].get("min_ways", 2)), min(5, int(manifest["limits"].get("max_ways", 5))))
+        sampler = EpisodeSampler(data, ways, 5, 15, seed)
+        tasks = [sampler.episode(i) for i in range(later + 1)]
+        encoded = [([encode_png(data.images[i]) for i in ep.support], [f"class-{c}" for c in ep.support_labels]) for ep in tasks]
+        for warm in (0, 1):
+            with tempfile.TemporaryDirectory(prefix="fewshot-cold-") as state:
+                started = time.perf_counter()
+                with ServerProcess(bundles, Path(state), "--warmup-tasks", str(warm), log=Path(state) / "serve.log") as server:
+                    ready = time.perf_counter() - started
+                    with FewShotClient(server.target, timeout=300) as client:
+                        ms = []
+                        for images, labels in encoded:
+                            start = time.perf_counter()
+                            client.adapt(images, labels, model=name).delete()
+                            ms.append(1e3 * (time.perf_counter() - start))
+            row = {"model": name, "warmup_tasks": warm, "start_s": round(ready, 1), "first_adapt_ms": round(ms[0], 1),
+                   "later_adapt_p50_ms": round(float(np.median(ms[1:])), 1)}
+            log(f"{name:37s} --warmup-tasks {warm}: server ready in {row['start_s']:5.1f} s, first Adapt "
+                f"{row['first_adapt_ms']:7.1f} ms, next {later} p50 {row['later_adapt_p50_ms']:7.1f} ms")
+            rows.append(row)
+    return rows
