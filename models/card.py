@@ -102,3 +102,9 @@ class ModelCard:
                 "training": {"command": self.training["command"], "seed": self.training["seed"]},
                 "files": files, "source": source, **{k: v for k, v in self.family_blocks.items() if k == "inner_loop"},
                 **(extra or {})}
+
+
+def accuracy_key(ways: int, shots: int, head: str, bn: str | None = None) -> str:
+    """Key of a measured accuracy in a card's ``accuracy`` (written by scripts/results.py), e.g.
+    ``5way_1shot_centroid`` or, for inner-loop models, ``5way_1shot_cxgrad_support``."""
+    return f"{ways}way_{shots}shot_{head}" + (f"_{bn}" if bn else "")

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Protocol
 import torch
 
 from fewshot.errors import ConfigError
+from fewshot.models.card import accuracy_key
 from fewshot.models.plan import ClassifyPlan
 from fewshot.models.preprocess import InputSpec
 from fewshot.models.runtime import Engines, OnnxEngines, SessionEngines, Signature, TensorSpec, part_model_name, torch_device
@@ -176,7 +177,7 @@ class Family(ABC):
     @classmethod
     def accuracy_key(cls, manifest: Mapping[str, Any], ways: int, shots: int, method: str) -> str:
         """Key of the measured accuracy in a card's ``accuracy`` for a served method at its default settings."""
-        return f"{ways}way_{shots}shot_{method}"
+        return accuracy_key(ways, shots, method)
 
     @classmethod
     @abstractmethod

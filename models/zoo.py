@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from fewshot.errors import ConfigError
 from fewshot.models.backbones import Conv4, build_backbone
-from fewshot.models.card import ModelCard
+from fewshot.models.card import ModelCard, accuracy_key  # noqa: F401  (re-exported for the tools)
 from fewshot.models.features import backbone_to_onnx
 from fewshot.models.family import family_of
 from fewshot.models.preprocess import InputSpec
@@ -122,12 +122,6 @@ class ShippedMetaModel:
     def torch_parts(self, device: str = "auto") -> dict[str, TorchSession]:
         module, names = self.network_module()
         return {"backbone": TorchSession(self.body(), ["images"], device), "network": TorchSession(module, names, device)}
-
-
-def accuracy_key(ways: int, shots: int, head: str, bn: str | None = None) -> str:
-    """Key of a measured accuracy in a card's ``accuracy`` (written by scripts/results.py), e.g.
-    ``5way_1shot_centroid`` or, for inner-loop models, ``5way_1shot_cxgrad_support``."""
-    return f"{ways}way_{shots}shot_{head}" + (f"_{bn}" if bn else "")
 
 
 def model_dir(name_or_path: str | os.PathLike) -> Path:

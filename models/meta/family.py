@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from fewshot.errors import ConfigError
+from fewshot.models.card import accuracy_key
 from fewshot.models.family import Family, Part
 from fewshot.models.features import run_batch, run_in_chunks
 from fewshot.models.meta.inner_loop import InnerLoopAdapter, InnerLoopTask
@@ -155,7 +156,7 @@ class InnerLoopFamily(Family):
     @classmethod
     def accuracy_key(cls, manifest: Mapping[str, Any], ways: int, shots: int, method: str) -> str:
         """Inner-loop figures are keyed by the model's own method and the served BatchNorm mode."""
-        return f"{ways}way_{shots}shot_{manifest['method']}_{manifest['inner_loop']['bn_mode']}"
+        return accuracy_key(ways, shots, manifest["method"], manifest["inner_loop"]["bn_mode"])
 
     @classmethod
     def result_runs(cls, card: Mapping[str, Any], settings: list[tuple[int, int]]) -> list[tuple[int, int, str, list[str]]]:
