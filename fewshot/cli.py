@@ -382,6 +382,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                    help="calls waiting beyond --max-inflight; past it, RESOURCE_EXHAUSTED and readiness NOT_SERVING")
     p.add_argument("--warmup-tasks", type=int, default=d.warmup_tasks,
                    help="synthetic tasks per model and method run before the port opens, so the first call is fast (0: none)")
+    p.add_argument("--merge-tasks", default=d.merge_tasks, choices=["auto", "on", "off"],
+                   help="merge Classify requests of different inner-loop tasks into one stacked call (auto: on CUDA only)")
     p.add_argument("--feature-backend", default=d.feature_backend, choices=["onnxruntime", "triton"],
                    help="where backbone and adapted-network inference run: in-process ONNX Runtime, or a Triton server "
                         "serving the repository of `fewshot export --triton-repo`")
@@ -413,7 +415,8 @@ def _run_serve(args: argparse.Namespace) -> None:
                       threads=args.threads, workers=args.workers, batch_delay_ms=args.batch_delay_ms, max_batch=args.max_batch,
                       cache_mb=args.cache_mb, max_message_mb=args.max_message_mb, max_image_mb=args.max_image_mb, max_support=args.max_support,
                       max_queries=args.max_queries, default_ttl=args.default_ttl, feature_backend=args.feature_backend,
-                      triton_url=args.triton_url, triton_timeout=args.triton_timeout, warmup_tasks=args.warmup_tasks)
+                      triton_url=args.triton_url, triton_timeout=args.triton_timeout, warmup_tasks=args.warmup_tasks,
+                      merge_tasks=args.merge_tasks)
     run(cfg)
 
 

@@ -167,6 +167,10 @@ class Family(ABC):
         adapter keywords from :meth:`check_settings`."""
 
     @abstractmethod
+    def merge_tasks(self, on: bool) -> None:
+        """Merge Classify requests of different tasks into one call where the family can (inner-loop
+        networks, stacked weights); metric heads already share one backbone call per model."""
+
     def describe(self, adapter: Adapter) -> dict[str, Any]:
         """The settings ``adapter`` runs with (``fewshot eval`` rows)."""
 

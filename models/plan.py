@@ -5,7 +5,8 @@
 ``key`` may run together in one call; ``finish`` is the per-request rest (the head on features, a
 softmax). ``task.classify(x)`` *is* ``plan.run(x)``, so ``fewshot eval``, the gRPC service and the
 Triton models all run the same code, merged or not. ``key`` is ``None`` when the heavy part depends on
-the whole batch (transductive BatchNorm): such a request always runs alone.
+the whole batch (transductive BatchNorm): such a request always runs alone. ``group``, where set,
+merges requests of different tasks of one model into one call (:mod:`fewshot.models.meta.stacked`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,10 @@ from typing import Any, Callable, Hashable
 
 import torch
 
+#: Given a request's query images: ``(key, item, run_many)`` to merge it with requests of *other*
+#: tasks (``run_many([item, ...])`` -> one ``(Q, N)`` probability tensor per item), or ``None``.
+Group = Callable[[torch.Tensor], "tuple[Hashable, Any, Callable[[list[Any]], list[Any]]] | None"]
+
 
 @dataclass(frozen=True)
 class ClassifyPlan:
@@ -23,6 +28,8 @@ class ClassifyPlan:
     key: Hashable | None
     heavy: Callable[[torch.Tensor], torch.Tensor]
     finish: Callable[[torch.Tensor], torch.Tensor]
+    #: Cross-task merging (inner-loop tasks of one network, stacked weights), where the model enables it.
+    group: Group | None = None
 
     def run(self, query: torch.Tensor) -> torch.Tensor:
         """The plan alone, unmerged: what ``classify`` returns."""

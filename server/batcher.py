@@ -20,18 +20,37 @@ import torch
 
 
 Fn = Callable[[torch.Tensor], torch.Tensor]
+#: Runs a batch of requests' items at once -> one result (or the exception it raised) per item.
+RunMany = Callable[[list[Any]], list[Any]]
 
 
 def _identity(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def concatenated(run: Fn) -> RunMany:
+    """``run`` over the concatenation of ``(images, finish)`` items, then each item's ``finish`` on
+    its own rows (a ``finish`` that raises fails its own item only)."""
+
+    def run_many(items: list[tuple[torch.Tensor, Fn]]) -> list[Any]:
+        inputs = [x for x, _ in items]
+        out, start, results = run(torch.cat(inputs) if len(inputs) > 1 else inputs[0]), 0, []
+        for x, finish in items:
+            try:
+                results.append(finish(out[start:start + len(x)]))
+            except Exception as exc:  # this request's head failed; the others keep their answers
+                results.append(exc)
+            start += len(x)
+        return results
+
+    return run_many
+
+
 @dataclass
 class _Pending:
     key: Hashable
-    run: Fn
-    inputs: list[torch.Tensor] = field(default_factory=list)
-    finishes: list[Fn] = field(default_factory=list)
+    run_many: RunMany
+    items: list[Any] = field(default_factory=list)
     futures: list[asyncio.Future] = field(default_factory=list)
     size: int = 0
     timer: asyncio.TimerHandle | None = None
@@ -41,7 +60,8 @@ class Batcher:
     """``await batcher.submit(key, images, run, finish)`` returns ``finish(run(images))``, ``run``
     computed in a merged batch, then each request's ``finish`` on its own rows in the same worker call
     (one executor hop per batch, not one more per request); a ``finish`` that raises fails its own
-    request only.
+    request only. ``submit_many(key, item, size, run_many)`` is the general form: ``run_many`` gets
+    the items of every request queued under ``key`` (e.g. different tasks' weights, stacked).
 
     Args:
         executor: where ``run`` executes (off the event loop).
@@ -57,23 +77,26 @@ class Batcher:
         self._running: dict[Hashable, int] = {}  # calls of each key now in the executor
 
     async def submit(self, key: Hashable, images: torch.Tensor, run: Fn, finish: Fn | None = None) -> torch.Tensor:
-        finish = finish or _identity
+        return await self.submit_many(key, (images, finish or _identity), len(images), concatenated(run))
+
+    async def submit_many(self, key: Hashable, item: Any, size: int, run_many: RunMany) -> Any:
+        """``run_many([item, ...])``'s result for ``item``, run with the items queued under ``key``
+        (``run_many`` of the first request of a batch runs them all); ``size`` counts towards ``max_batch``."""
         loop = asyncio.get_running_loop()
         pending = self._pending.get(key)
-        if len(images) >= self.max_batch or (pending is None and not self._running.get(key)):
-            self.on_batch(len(images))
-            return await self._execute(key, lambda: finish(run(images)))
-        if pending is not None and pending.size + len(images) > self.max_batch:
+        if size >= self.max_batch or (pending is None and not self._running.get(key)):
+            self.on_batch(size)
+            return _unwrap((await self._execute(key, lambda: run_many([item])))[0])
+        if pending is not None and pending.size + size > self.max_batch:
             self._flush(key)
             pending = None
         if pending is None:
-            pending = self._pending[key] = _Pending(key, run)
+            pending = self._pending[key] = _Pending(key, run_many)
             pending.timer = loop.call_later(self.max_delay, self._flush, key)
         future = loop.create_future()
-        pending.inputs.append(images)
-        pending.finishes.append(finish)
+        pending.items.append(item)
         pending.futures.append(future)
-        pending.size += len(images)
+        pending.size += size
         if pending.size >= self.max_batch:
             self._flush(key)
         return await future
@@ -103,24 +126,11 @@ class Batcher:
         live = [not f.cancelled() for f in pending.futures]
         if not any(live):
             return
-        inputs = [x for x, keep in zip(pending.inputs, live) if keep]
-        finishes = [fn for fn, keep in zip(pending.finishes, live) if keep]
+        items = [x for x, keep in zip(pending.items, live) if keep]
         futures = [f for f, keep in zip(pending.futures, live) if keep]
-
-        def work() -> list[Any]:
-            merged = torch.cat(inputs) if len(inputs) > 1 else inputs[0]
-            out, start, results = pending.run(merged), 0, []
-            for x, finish in zip(inputs, finishes):
-                try:
-                    results.append(finish(out[start:start + len(x)]))
-                except Exception as exc:  # this request's head failed; the others keep their answers
-                    results.append(exc)
-                start += len(x)
-            return results
-
         try:
-            self.on_batch(sum(len(x) for x in inputs))
-            results = await self._execute(pending.key, work)
+            self.on_batch(pending.size)
+            results = await self._execute(pending.key, lambda: pending.run_many(items))
         except Exception as exc:  # every waiter gets the error (e.g. a backend that went away)
             for f in futures:
                 if not f.done():
@@ -132,3 +142,9 @@ class Batcher:
                     f.set_exception(result)
                 else:
                     f.set_result(result)
+
+
+def _unwrap(result: Any) -> Any:
+    if isinstance(result, Exception):
+        raise result
+    return result

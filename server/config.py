@@ -44,6 +44,9 @@ class ServeConfig:
     purge_every: float = 60.0
     #: Synthetic tasks per model and method run before the port opens (0: none; ``server/warmup.py``).
     warmup_tasks: int = 1
+    #: Merge Classify requests of different inner-loop tasks into one stacked call: ``auto`` (on CUDA,
+    #: where it wins; off on CPU, where one call per task is as fast: BENCHMARKS.md), ``on`` or ``off``.
+    merge_tasks: str = "auto"
     #: ``onnxruntime`` (in process) or ``triton`` (backbone and adapted-network inference over gRPC).
     feature_backend: str = "onnxruntime"
     triton_url: str = "127.0.0.1:8001"

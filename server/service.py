@@ -234,6 +234,10 @@ class FewShotService:
         """``(Q, C, H, W)`` -> ``(Q, N)`` probabilities by the task's own plan (what ``task.classify``
         runs); its heavy part is merged with concurrent requests of the same key."""
         plan = task.plan()
+        grouped = plan.group(x) if plan.group is not None else None
+        if grouped is not None:  # with other tasks' requests of this model, stacked
+            key, item, run_many = grouped
+            return await self.batcher.submit_many(key, item, len(x), run_many)
         if plan.key is None:  # depends on the whole batch: never merged with another request
             return await self._offload(plan.run, x)
         return await self.batcher.submit(plan.key, x, plan.heavy, plan.finish)

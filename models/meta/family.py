@@ -20,6 +20,7 @@ from fewshot.models.features import run_batch, run_in_chunks
 from fewshot.models.meta.inner_loop import InnerLoopAdapter, InnerLoopTask
 from fewshot.models.meta.network import BN_MODES
 from fewshot.models.meta.onnx_network import network_input_names, network_inputs
+from fewshot.models.meta.stacked import StackedClassify, bucket
 from fewshot.models.plan import ClassifyPlan, PlannedTask, softmax_rows
 from fewshot.models.runtime import Engines, Session, TensorSpec
 from fewshot.models.settings import Setting
@@ -48,6 +49,8 @@ class NetworkTask(PlannedTask):
 
     state: InnerLoopTask
     session: Session
+    #: The model's cross-task merger (stacked weights, :mod:`fewshot.models.meta.stacked`); ``None``: off.
+    stacker: StackedClassify | None = None
 
     def logits(self, query: torch.Tensor) -> torch.Tensor:
         """``(Q, C, H, W)`` -> ``(Q, N)``. Transductive BatchNorm normalises each call with its own
@@ -65,7 +68,16 @@ class NetworkTask(PlannedTask):
         """The adapted network, then a softmax. Under frozen (support) BatchNorm each query is
         independent, so concurrent requests of this task merge into one network call; transductive
         BatchNorm normalises over the call, so it never merges (``key`` None)."""
-        return ClassifyPlan(None if self.transductive else ("network", id(self)), self.logits, softmax_rows)
+        if self.transductive:
+            return ClassifyPlan(None, self.logits, softmax_rows)
+        return ClassifyPlan(("network", id(self)), self.logits, softmax_rows, self._group if self.stacker else None)
+
+    def _group(self, query: torch.Tensor) -> tuple[Any, Any, Any] | None:
+        """Requests of up to 16 queries merge with other tasks' of this model and step, by padded size."""
+        size = bucket(len(query))
+        if size is None or self.stacker is None:
+            return None
+        return ("stacked", id(self.stacker), self.state.step, size), (self.state, query, softmax_rows), self.stacker.run_many
 
     def to_stored(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         s = self.state
@@ -79,12 +91,16 @@ class NetworkTask(PlannedTask):
 class NetworkAdapter:
     """The inner loop (torch), with classification by the network part."""
 
-    def __init__(self, adapter: InnerLoopAdapter, session: Session) -> None:
-        self.adapter, self.session = adapter, session
+    def __init__(self, adapter: InnerLoopAdapter, session: Session, stacker: StackedClassify | None = None) -> None:
+        self.adapter, self.session, self.stacker = adapter, session, stacker
         self.steps, self.bn_mode = adapter.steps, adapter.bn_mode
 
     def adapt(self, support: torch.Tensor, labels: torch.Tensor) -> NetworkTask:
-        return NetworkTask(self.adapter.adapt(support, labels), self.session)
+        return NetworkTask(self.adapter.adapt(support, labels), self.session, self.stacker)
+
+    def adapt_many(self, supports: list[torch.Tensor], labels: list[torch.Tensor]) -> list[NetworkTask]:
+        """Several tasks, one stacked inner loop where the rule and shapes allow (equal to :meth:`adapt` each)."""
+        return [NetworkTask(s, self.session, self.stacker) for s in self.adapter.adapt_many(supports, labels)]
 
     def adapt_scored(self, support: torch.Tensor, labels: torch.Tensor) -> tuple[NetworkTask, torch.Tensor]:
         """The task and its ``(S, N)`` probabilities on the support set (one network pass)."""
@@ -107,6 +123,13 @@ class InnerLoopFamily(Family):
         self.rule = rule.to(self.device)
         self.params = {k: v.to(self.device) for k, v in params.items()}
         self.session = engines.session("network")
+        #: Cross-task Classify merging (stacked weights, in torch on the model's device): on where it
+        #: wins, CUDA; on CPU one network call per task is as fast (BENCHMARKS.md). ``merge_tasks`` sets it.
+        self.stacker: StackedClassify | None = StackedClassify(self.net) if self.device.type == "cuda" else None
+
+    def merge_tasks(self, on: bool) -> None:
+        """Merge Classify requests of different tasks into one stacked call (``True``) or not."""
+        self.stacker = StackedClassify(self.net) if on else None
 
     @classmethod
     def load_shipped(cls, path: Any, card: Any, tensors: dict[str, torch.Tensor]) -> Any:
@@ -139,7 +162,7 @@ class InnerLoopFamily(Family):
         if not 1 <= steps <= self.loop["max_steps"]:
             raise ConfigError(f"inner steps must be in 1..{self.loop['max_steps']} for {self.name}, got {steps}")
         return NetworkAdapter(InnerLoopAdapter(self.net, self.rule, self.params, steps, bn_mode or self.loop["bn_mode"]),
-                              self.session)
+                              self.session, self.stacker)
 
     def describe(self, adapter: NetworkAdapter) -> dict[str, Any]:
         return {"method": self.manifest["method"], "bn": adapter.bn_mode, "inner_steps": adapter.steps}
@@ -151,7 +174,7 @@ class InnerLoopFamily(Family):
         stats = [(tensors[f"bn.{i}.mean"].to(self.device), tensors[f"bn.{i}.var"].to(self.device))
                  for i in range(meta["bn_layers"])] or None
         return NetworkTask(InnerLoopTask(self.net, params, meta["bn_mode"], stats, meta["step"], meta["support_losses"]),
-                           self.session)
+                           self.session, self.stacker)
 
     @classmethod
     def accuracy_key(cls, manifest: Mapping[str, Any], ways: int, shots: int, method: str) -> str:

@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from fewshot.errors import ConfigError
 from fewshot.models.interrupt import checkpoint
@@ -22,7 +21,8 @@ from fewshot.models.meta.rules import Context, UpdateRule
 @dataclass
 class Adaptation:
     """Result of one inner loop: final parameters, the per-step parameters (after each step), the
-    support loss before each step and the rule's final context."""
+    support loss before each step (a float; for stacked tasks a list, one per task) and the rule's
+    final context."""
 
     params: Params
     per_step: list[Params]
@@ -34,14 +34,21 @@ def inner_loop(net: MetaConv4, rule: UpdateRule, params: Params, support: torch.
                steps: int, create_graph: bool = False) -> Adaptation:
     """Adapt ``params`` to the support set ``(S, C, H, W)``, ``(S,)`` with ``steps`` rule updates.
 
+    ``net`` may be a :class:`~fewshot.models.meta.stacked.StackedConv4` over ``T`` tasks of one
+    support shape (``(T, S, C, H, W)``, ``(T, S)``, parameters ``(T, ...)``): the loss is the sum of
+    the tasks' losses, so each task's gradient is its own, and one backward pass serves them all.
+
     ``create_graph=True`` keeps the graph of every inner gradient (second-order meta-gradients);
     ``False`` is first-order (and what evaluation and serving use: the adapted values are the same).
     """
     with torch.enable_grad():
         params = {k: v if v.requires_grad else v.detach().requires_grad_(True) for k, v in params.items()}
 
+        def task_losses(p: Params, step: int) -> torch.Tensor:
+            return net.task_losses(net.forward(p, support, step=step), labels)
+
         def support_loss(p: Params, step: int) -> torch.Tensor:
-            return F.cross_entropy(net.forward(p, support, step=step), labels)
+            return task_losses(p, step).sum()
 
         ctx = rule.begin(params, support_loss)
         names = rule.adapted_names()
@@ -49,7 +56,8 @@ def inner_loop(net: MetaConv4, rule: UpdateRule, params: Params, support: torch.
         for t in range(steps):
             checkpoint(f"inner step {t}")
             eff = rule.effective(params, ctx, t)
-            loss = support_loss(eff, t)
+            values = task_losses(eff, t)  # () for one task, (T,) for stacked tasks (their sum: independent gradients)
+            loss = values.sum()
             extra = rule.extra(ctx)
             # retain_graph: in first-order meta-training the outer graph (through the rule's own
             # parameters, e.g. CxGrad's scaling) shares nodes with this loss and must survive it.
@@ -59,7 +67,7 @@ def inner_loop(net: MetaConv4, rule: UpdateRule, params: Params, support: torch.
             if not create_graph:
                 params = {k: v if v.requires_grad else v.detach().requires_grad_(True) for k, v in params.items()}
             per_step.append(params)
-            losses.append(float(loss.detach()))
+            losses.append(values.detach().tolist())
     return Adaptation(params, per_step, losses, ctx)
 
 
@@ -98,13 +106,32 @@ class InnerLoopAdapter:
         self.net, self.rule, self.steps, self.bn_mode = net, rule, steps, bn_mode
         self.meta_params = {k: v.detach() for k, v in meta_params.items()}
 
-    def adapt(self, support: torch.Tensor, labels: torch.Tensor) -> InnerLoopTask:
+    def _check(self, support: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         n = int(labels.max()) + 1
         if n != self.net.ways:
             raise ConfigError(f"this model adapts {self.net.ways}-way tasks, got {n} classes")
         device = next(iter(self.meta_params.values())).device
-        support, labels = support.to(device), labels.to(device)
+        return support.to(device), labels.to(device)
+
+    def adapt(self, support: torch.Tensor, labels: torch.Tensor) -> InnerLoopTask:
+        support, labels = self._check(support, labels)
         result = inner_loop(self.net, self.rule, self.meta_params, support, labels, self.steps, create_graph=False)
         params = {k: v.detach() for k, v in result.params.items()}
         stats = support_statistics(self.net, params, support, self.steps) if self.bn_mode == "support" else None
         return InnerLoopTask(self.net, params, self.bn_mode, stats, self.steps, result.losses)
+
+    def stacks(self, shapes: list[tuple[int, ...]]) -> bool:
+        """Whether tasks of these support shapes adapt as one stacked call (:meth:`adapt_many`)."""
+        return bool(self.rule.stackable) and len(set(shapes)) == 1
+
+    def adapt_many(self, supports: list[torch.Tensor], labels: list[torch.Tensor]) -> list[InnerLoopTask]:
+        """Several tasks at once: one stacked inner loop (:mod:`fewshot.models.meta.stacked`) when
+        the rule allows it and the support shapes agree, else one :meth:`adapt` each. Equal to
+        :meth:`adapt` per task to float rounding."""
+        from fewshot.models.meta.stacked import stacked_inner_loop
+
+        if len(supports) == 1 or not self.stacks([tuple(x.shape) for x in supports]):
+            return [self.adapt(x, y) for x, y in zip(supports, labels)]
+        checked = [self._check(x, y) for x, y in zip(supports, labels)]
+        return stacked_inner_loop(self.net, self.rule, self.meta_params, [x for x, _ in checked], [y for _, y in checked],
+                                  self.steps, self.bn_mode)

@@ -111,6 +111,10 @@ class MetaConv4:
             h = F.max_pool2d(F.relu(h), 2)
         return F.linear(h.flatten(1), params["head.weight"], params["head.bias"])
 
+    def task_losses(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The support loss (cross-entropy, mean over the batch): a 0-dim tensor."""
+        return F.cross_entropy(logits, labels)
+
 
 def support_statistics(net: MetaConv4, params: Params, support: torch.Tensor, step: int | None = None,
                        differentiable: bool = False) -> BNStats:

@@ -30,6 +30,9 @@ class UpdateRule(nn.Module):
     """Plain gradient descent ``theta <- theta - alpha * grad`` (MAML, first- or second-order)."""
 
     name = "maml"
+    #: Whether the rule runs on stacked tasks (parameters with a leading task axis, one summed loss;
+    #: :func:`fewshot.models.meta.stacked.stacked_inner_loop`): its update is elementwise or per task.
+    stackable = True
 
     def __init__(self, net: MetaConv4, steps: int, alpha: float = 0.01) -> None:
         super().__init__()
@@ -110,6 +113,7 @@ class MetaCurvature(UpdateRule):
     weights use ``M_o, M_i`` and vectors ``M_o``. All factors start as identities."""
 
     name = "metacurvature"
+    stackable = False  # the Kronecker factors act on each task's whole gradient matrix
 
     def __init__(self, net: MetaConv4, steps: int, alpha: float = 0.01, shapes: dict[str, torch.Size] | None = None) -> None:
         super().__init__(net, steps, alpha)
@@ -141,6 +145,7 @@ class MetaLSTM(UpdateRule):
     weights shared by all coordinates. Initialised so that ``i = alpha`` and ``f ~ 1`` (plain SGD)."""
 
     name = "metalstm"
+    stackable = False  # its gates read the task's own loss
 
     def __init__(self, net: MetaConv4, steps: int, alpha: float = 0.01) -> None:
         super().__init__(net, steps, alpha)
@@ -183,17 +188,23 @@ class ContextualGradientScaling(UpdateRule):
                                    nn.Softplus())
 
     def scale(self, params: Params, nu: torch.Tensor) -> Params:
-        """Algorithm 2 (IGS): the conv weights rescaled to norms ``g_phi(nu)`` (eq. 8)."""
+        """Algorithm 2 (IGS): the conv weights rescaled to norms ``g_phi(nu)`` (eq. 8). Stacked tasks
+        (``nu`` ``(T, 100)``, weights ``(T, O, I, k, k)``) each get their own norms and factors."""
         gamma = self.g_phi(nu)
         out = dict(params)
         for l, name in enumerate(self.conv_names):
             w = params[name]
-            out[name] = gamma[l] * w / w.norm()
+            if nu.ndim == 1:
+                out[name] = gamma[l] * w / w.norm()
+            else:
+                per_task = (-1,) + (1,) * (w.ndim - 1)
+                out[name] = gamma[:, l].view(per_task) * w / w.flatten(1).norm(dim=1).view(per_task)
         return out
 
     def begin(self, params: Params, support_loss: LossFn) -> Context:
         ref = next(iter(self.g_phi.parameters()))
-        nu = torch.zeros(self.context_dim, device=ref.device, dtype=ref.dtype, requires_grad=True)
+        tasks = params[self.conv_names[0]].shape[:-4]  # () for one task, (T,) for stacked tasks
+        nu = torch.zeros(*tasks, self.context_dim, device=ref.device, dtype=ref.dtype, requires_grad=True)
         loss = support_loss(self.scale(params, nu), 0)
         (g_nu,) = torch.autograd.grad(loss, [nu])  # no second-order graph (authors' code)
         return {"nu": (nu - self.beta * g_nu).detach().requires_grad_(True)}

@@ -1,0 +1,129 @@
+"""Many inner-loop tasks in one call (stacked weights): merged Classify equals per-task Classify,
+batched Adapt equals sequential Adapt, for every rule that stacks, on real Omniglot tasks."""
+
+import pytest
+import torch
+
+from fewshot.models.episodes import EpisodeSampler
+from fewshot.models.family import open_shipped
+from fewshot.models.meta.inner_loop import InnerLoopAdapter
+from fewshot.models.meta.network import MetaConv4
+from fewshot.models.meta.rules import build_rule
+from fewshot.models.meta.stacked import StackedClassify, bucket, stack, stacked_forward
+from fewshot.models.plan import softmax_rows
+from fewshot.models.preprocess import InputSpec
+from fewshot.models.zoo import load_model
+
+pytestmark = pytest.mark.unit
+
+SPEC = InputSpec.for_dataset("omniglot")
+
+
+@pytest.fixture(scope="module")
+def episodes(omniglot_test):
+    sampler = EpisodeSampler(omniglot_test, 5, 1, 3, seed=5)
+    out = []
+    for i in range(6):
+        ep = sampler.episode(i)
+        out.append((SPEC.normalize(omniglot_test.images[ep.support]), torch.as_tensor(ep.support_labels),
+                    SPEC.normalize(omniglot_test.images[ep.query])))
+    return out
+
+
+@pytest.fixture(scope="module")
+def cxgrad():
+    return open_shipped(load_model("omniglot-conv4-cxgrad"), "onnxruntime", "cpu")
+
+
+def _params(net: MetaConv4, seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    p = net.init_params(g)
+    p["head.weight"] = torch.randn(p["head.weight"].shape, generator=g) * 0.1
+    return p
+
+
+@pytest.mark.parametrize("per_step_bn", [0, 3])
+def test_stacked_forward_equals_one_forward_per_task(episodes, per_step_bn):
+    net = MetaConv4(1, 16, 28, 5, per_step_bn=per_step_bn)
+    params = [_params(net, seed) for seed in range(4)]
+    x = torch.stack([q for _, _, q in episodes[:4]])
+    for frozen in (False, True):
+        stats = None
+        if frozen:  # per task (T, O) statistics of its own support set
+            recorded = []
+            stacked_forward(net, stack(params), torch.stack([s for s, _, _ in episodes[:4]]), None, 2, record=recorded)
+            stats = recorded
+        out = stacked_forward(net, stack(params), x, stats, step=2)
+        for t, p in enumerate(params):
+            mine = [(m[t], v[t]) for m, v in stats] if stats else None
+            torch.testing.assert_close(out[t], net.forward(p, x[t], mine, step=2), rtol=1e-5, atol=1e-5)
+
+
+def test_merged_classify_of_different_tasks_equals_per_task_classify(cxgrad, episodes):
+    """Shipped CxGrad model, support BatchNorm: the tasks' own classify runs network.onnx in ONNX
+    Runtime one task at a time; the merged call runs them as one stacked torch call, with requests of
+    1, 2 and 3 queries padded to one length."""
+    adapter = cxgrad.adapter(bn_mode="support")
+    tasks = [adapter.adapt(s, y) for s, y, _ in episodes[:4]]
+    queries = [q[: 1 + t % 3] for t, (_, _, q) in enumerate(episodes[:4])]
+    merger = StackedClassify(cxgrad.net)
+    merged = merger.run_many([(task.state, q, softmax_rows) for task, q in zip(tasks, queries)])
+    for task, q, probs in zip(tasks, queries, merged):
+        assert probs.shape == (len(q), 5)
+        torch.testing.assert_close(probs, task.classify(q), rtol=0, atol=1e-5)
+        assert torch.equal(probs.argmax(1), task.classify(q).argmax(1))
+
+
+def test_a_plan_merges_only_support_mode_requests_of_at_most_16_queries(cxgrad, episodes):
+    support, labels, query = episodes[0]
+    cxgrad.merge_tasks(True)
+    try:
+        frozen = cxgrad.adapter(bn_mode="support").adapt(support, labels)
+        transductive = cxgrad.adapter(bn_mode="transductive").adapt(support, labels)
+        key, item, run_many = frozen.plan().group(query[:3])
+        assert key[-1] == bucket(3) == 4 and run_many([item])[0].shape == (3, 5)
+        assert frozen.plan().group(torch.zeros(17, 1, 28, 28)) is None  # big requests amortise their own call
+        assert transductive.plan().group is None  # its statistics are the call's own
+    finally:
+        cxgrad.merge_tasks(False)
+    assert cxgrad.adapter(bn_mode="support").adapt(support, labels).plan().group is None
+
+
+@pytest.mark.parametrize("method", ["maml", "mamlpp", "metasgd", "boil", "cxgrad"])
+@pytest.mark.parametrize("bn_mode", ["support", "transductive"])
+def test_batched_adapt_equals_sequential_adapt(episodes, method, bn_mode):
+    net = MetaConv4(1, 16, 28, 5, per_step_bn=3 if method == "mamlpp" else 0)
+    rule = build_rule(method, net, 3, alpha=0.1).eval()
+    adapter = InnerLoopAdapter(net, rule, _params(net, 1), 3, bn_mode)
+    supports, labels = [s for s, _, _ in episodes], [y for _, y, _ in episodes]
+    assert adapter.stacks([tuple(s.shape) for s in supports])
+    batched = adapter.adapt_many(supports, labels)
+    for (s, y, q), task in zip(episodes, batched):
+        alone = adapter.adapt(s, y)
+        torch.testing.assert_close(task.logits(q), alone.logits(q), rtol=1e-4, atol=1e-4)
+        assert task.support_losses == pytest.approx(alone.support_losses, rel=1e-4, abs=1e-5)
+        for name, value in alone.params.items():
+            torch.testing.assert_close(task.params[name], value, rtol=1e-4, atol=1e-4)
+            assert task.params[name].untyped_storage().nbytes() == value.numel() * 4  # not a view of the stack
+
+
+def test_batched_adapt_of_the_shipped_cxgrad_model_equals_sequential(cxgrad, episodes):
+    adapter = cxgrad.adapter(bn_mode="support")
+    supports, labels = [s for s, _, _ in episodes[:3]], [y for _, y, _ in episodes[:3]]
+    for task, (s, y, q) in zip(adapter.adapt_many(supports, labels), episodes):
+        torch.testing.assert_close(task.classify(q), adapter.adapt(s, y).classify(q), rtol=0, atol=1e-5)
+
+
+def test_rules_that_do_not_stack_and_mixed_shapes_adapt_one_by_one(episodes):
+    net = MetaConv4(1, 8, 28, 5)
+    rule = build_rule("metacurvature", net, 2, alpha=0.1).eval()
+    adapter = InnerLoopAdapter(net, rule, _params(net, 2), 2, "support")
+    assert not adapter.stacks([(5, 1, 28, 28)] * 2)
+    (s0, y0, q0), (s1, y1, _) = episodes[:2]
+    tasks = adapter.adapt_many([s0, s1], [y0, y1])
+    torch.testing.assert_close(tasks[0].logits(q0), adapter.adapt(s0, y0).logits(q0))
+    maml = InnerLoopAdapter(net, build_rule("maml", net, 2, 0.1), _params(net, 2), 2, "support")
+    assert not maml.stacks([(5, 1, 28, 28), (10, 1, 28, 28)])  # 5-way 1-shot with 5-way 2-shot
+    two_shot = torch.cat([s0, s1]), torch.cat([y0, y1])
+    mixed = maml.adapt_many([s0, two_shot[0]], [y0, two_shot[1]])
+    torch.testing.assert_close(mixed[1].logits(q0), maml.adapt(*two_shot).logits(q0))
