@@ -221,6 +221,9 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
                    "at 1/8/64 queries and concurrency 1/8; Adapt of the engine vs a plain torch reference loop")
     p.add_argument("--bundles", help="with --compare: bundle directory (default: $FEWSHOT_BUNDLES, else bundles/)")
     p.add_argument("--calls", type=int, default=32, help="with --compare: Classify calls per round")
+    p.add_argument("--sections", nargs="+", choices=["classify", "adapt", "cold", "many"],
+                   default=["classify", "adapt", "cold", "many"],
+                   help="with --compare: which comparisons (many: inner-loop tasks merged and batched)")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8], help="with --target: client threads")
     p.add_argument("--requests", type=int, default=64, help="with --target: Adapt and Classify calls per row")
     p.add_argument("--token", default=os.environ.get("FEWSHOT_TOKEN"), help="with --target: bearer token")
@@ -251,7 +254,7 @@ def _run_bench(args: argparse.Namespace) -> None:
 
     if args.compare:
         from fewshot.export.bundle import DEFAULT_BUNDLE_DIR
-        from fewshot.tools.compare import compare_adapt, compare_classify, compare_cold_start
+        from fewshot.tools.compare import compare_adapt, compare_classify, compare_cold_start, compare_many_tasks
         from fewshot.tools.demo import ensure_bundles
 
         bundles = Path(args.bundles) if args.bundles else DEFAULT_BUNDLE_DIR
@@ -260,10 +263,15 @@ def _run_bench(args: argparse.Namespace) -> None:
             ensure_bundles(bundles, args.model or shipped_models())
         print(f"fewshot bench --compare: {torch.get_num_threads()} torch threads, threads={args.threads} per call, "
               f"{platform.processor() or platform.machine()}; ratios, not times, are what carry between machines")
-        rows = compare_classify(bundles, args.model, calls=args.calls, threads=args.threads, seed=args.seed,
-                                log=lambda m: log(m)) + compare_adapt(bundles, args.model, args.shots, args.repeats,
-                                                                      args.warmup, args.seed, log=lambda m: log(m))
-        rows += compare_cold_start(bundles, args.model, seed=args.seed, log=lambda m: log(m))
+        rows = []
+        if "classify" in args.sections:
+            rows += compare_classify(bundles, args.model, calls=args.calls, threads=args.threads, seed=args.seed, log=log)
+        if "adapt" in args.sections:
+            rows += compare_adapt(bundles, args.model, args.shots, args.repeats, args.warmup, args.seed, log=log)
+        if "cold" in args.sections:
+            rows += compare_cold_start(bundles, args.model, seed=args.seed, log=log)
+        if "many" in args.sections:
+            rows += compare_many_tasks(bundles, args.model, seed=args.seed, log=log)
         if args.json:
             for row in rows:
                 print(json.dumps(row))
@@ -384,6 +392,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                    help="synthetic tasks per model and method run before the port opens, so the first call is fast (0: none)")
     p.add_argument("--merge-tasks", default=d.merge_tasks, choices=["auto", "on", "off"],
                    help="merge Classify requests of different inner-loop tasks into one stacked call (auto: on CUDA only)")
+    p.add_argument("--task-dtype", default=d.task_dtype, choices=["float32", "float16"],
+                   help="what inner-loop tasks' adapted weights are held and stored in (float16: half the memory per task)")
     p.add_argument("--feature-backend", default=d.feature_backend, choices=["onnxruntime", "triton"],
                    help="where backbone and adapted-network inference run: in-process ONNX Runtime, or a Triton server "
                         "serving the repository of `fewshot export --triton-repo`")
@@ -416,7 +426,7 @@ def _run_serve(args: argparse.Namespace) -> None:
                       cache_mb=args.cache_mb, max_message_mb=args.max_message_mb, max_image_mb=args.max_image_mb, max_support=args.max_support,
                       max_queries=args.max_queries, default_ttl=args.default_ttl, feature_backend=args.feature_backend,
                       triton_url=args.triton_url, triton_timeout=args.triton_timeout, warmup_tasks=args.warmup_tasks,
-                      merge_tasks=args.merge_tasks)
+                      merge_tasks=args.merge_tasks, task_dtype=args.task_dtype)
     run(cfg)
 
 

@@ -166,11 +166,15 @@ class Family(ABC):
         """The adapter of ``method`` (default: the model's) for ``shots``-shot tasks; ``settings`` are
         adapter keywords from :meth:`check_settings`."""
 
-    @abstractmethod
+    def hold_tasks_in(self, dtype: torch.dtype) -> None:
+        """Hold (and store) adapted task state in ``dtype`` where the family supports it (inner-loop
+        weights in float16); metric heads keep float32."""
+
     def merge_tasks(self, on: bool) -> None:
         """Merge Classify requests of different tasks into one call where the family can (inner-loop
         networks, stacked weights); metric heads already share one backbone call per model."""
 
+    @abstractmethod
     def describe(self, adapter: Adapter) -> dict[str, Any]:
         """The settings ``adapter`` runs with (``fewshot eval`` rows)."""
 

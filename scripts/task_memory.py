@@ -10,8 +10,9 @@ beside it::
     python scripts/task_memory.py --bundles bundles --tasks 1000 --seed 0 \\
         --runs tinyimagenet-conv4-cxgrad:inner_loop omniglot-conv4-directsum:laplacianshot
 
-``--dtype float16`` stores the adapted weights of inner-loop tasks in half precision (the server's
-``--task-dtype``).
+``--dtype float16`` holds the adapted weights of inner-loop tasks in half precision (the server's
+``--task-dtype``). ``--agreement 600`` instead adapts 600 tasks (5-way 5-shot, 15 queries per class)
+once and prints the top-1 agreement of their float16 and float32 weights on the queries.
 """
 
 from __future__ import annotations
@@ -41,8 +42,7 @@ def _one(bundles: str, model_name: str, method: str, tasks: int, seed: int, dtyp
 
     torch.set_num_threads(1)
     model = open_bundle(Registry.load(bundles).get(model_name), "cpu")
-    if dtype != "float32":
-        model.task_dtype = getattr(torch, dtype)
+    model.hold_tasks_in(getattr(torch, dtype))
     data = load_dataset(model.manifest["data"]["dataset"], "test")
     ways = max(model.way_range()[0], min(5, model.way_range()[1]))
     sampler = EpisodeSampler(data, ways, 5, 1, seed)
@@ -74,8 +74,36 @@ def _one(bundles: str, model_name: str, method: str, tasks: int, seed: int, dtyp
             "tensor_bytes_per_task_kb": round(params / 1024, 1), "rss_end_mb": round(samples[-1][1] / 2 ** 20, 1)}
 
 
+def agreement(bundles: str, model_name: str, tasks: int, seed: int) -> dict:
+    """Top-1 agreement of float16 and float32 adapted weights, the same adapted tasks, on their queries."""
+    import torch
+
+    from fewshot.export.loader import open_bundle
+    from fewshot.export.registry import Registry
+    from fewshot.models.data import load_dataset
+    from fewshot.models.episodes import EpisodeSampler
+    from fewshot.models.meta.inner_loop import pack
+
+    model = open_bundle(Registry.load(bundles).get(model_name), "cpu")
+    data = load_dataset(model.manifest["data"]["dataset"], "test")
+    sampler = EpisodeSampler(data, model.way_range()[0], 5, 15, seed)
+    adapter = model.adapter()
+    same = total = correct32 = correct16 = 0
+    for i in range(tasks):
+        ep = sampler.episode(i)
+        task = adapter.adapt(model.spec.normalize(data.images[ep.support]), torch.as_tensor(ep.support_labels))
+        xq, yq = model.spec.normalize(data.images[ep.query]), torch.as_tensor(ep.query_labels)
+        full = task.classify(xq).argmax(1)
+        s = task.state
+        s.params, s.bn_stats = pack(s.params, s.bn_stats, torch.float16)
+        half = task.classify(xq).argmax(1)
+        same, total = same + int((full == half).sum()), total + len(yq)
+        correct32, correct16 = correct32 + int((full == yq).sum()), correct16 + int((half == yq).sum())
+    return {"model": model_name, "tasks": tasks, "seed": seed, "queries": total, "top1_agreement": same / total,
+            "accuracy_float32": correct32 / total, "accuracy_float16": correct16 / total}
+
+
 def main() -> None:
-    if "PACK" in __import__("os").environ: sys.path.insert(0, "/tmp"); import pack_patch  # noqa
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--bundles", default="bundles")
@@ -83,8 +111,13 @@ def main() -> None:
     ap.add_argument("--tasks", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dtype", default="float32", choices=("float32", "float16"))
+    ap.add_argument("--agreement", type=int, metavar="TASKS", help="float16 vs float32 top-1 agreement on TASKS tasks")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.agreement:
+        for run in args.runs:
+            print(json.dumps(agreement(args.bundles, run.split(":")[0], args.agreement, args.seed)))
+        return
     if args.one:
         model, method = args.one.split(":")
         print(json.dumps(_one(args.bundles, model, method, args.tasks, args.seed, args.dtype)))

@@ -90,8 +90,9 @@ async def serve(cfg: ServeConfig, ready: asyncio.Event | None = None) -> None:
         triton, models = await connect_triton(cfg)
     else:
         models = load_models(cfg.models, cfg.device, cfg.threads)
-        if cfg.merge_tasks != "auto":
-            for model in models.values():
+        for model in models.values():
+            model.hold_tasks_in(getattr(torch, cfg.task_dtype))
+            if cfg.merge_tasks != "auto":
                 model.merge_tasks(cfg.merge_tasks == "on")
     credentials = server_credentials(cfg)
     auth = Authenticator(cfg.token, cfg.tokens_file, cfg.tenant_max_tasks, cfg.tenant_rps)

@@ -47,6 +47,8 @@ class ServeConfig:
     #: Merge Classify requests of different inner-loop tasks into one stacked call: ``auto`` (on CUDA,
     #: where it wins; off on CPU, where one call per task is as fast: BENCHMARKS.md), ``on`` or ``off``.
     merge_tasks: str = "auto"
+    #: What inner-loop tasks' adapted weights are held and stored in: ``float32`` or ``float16`` (half the memory).
+    task_dtype: str = "float32"
     #: ``onnxruntime`` (in process) or ``triton`` (backbone and adapted-network inference over gRPC).
     feature_backend: str = "onnxruntime"
     triton_url: str = "127.0.0.1:8001"

@@ -26,7 +26,7 @@ from fewshot.tools.process import ServerProcess
 from fewshot_client._proto import fewshot_pb2 as pb
 from fewshot_client._proto import fewshot_pb2_grpc as pb_grpc
 
-OMNI = "omniglot-conv4-directsum"
+OMNI, CXGRAD = "omniglot-conv4-directsum", "omniglot-conv4-cxgrad"
 TASKS = 12  # per (model, method): 900 queries each, every shipped model and method
 
 
@@ -198,6 +198,36 @@ def test_a_query_is_classified_the_same_alone_and_merged(server, stub, omniglot_
     # 8 requests of 4 queries: fewer than 8 backbone calls, at least one with more than 4 images
     assert calls["+Inf"] < len(requests) and calls["4.0"] < calls["+Inf"], calls
     np.testing.assert_allclose(np.array(merged), np.array(alone), rtol=0, atol=1e-6)
+
+
+def test_merged_classify_of_different_inner_loop_tasks_equals_per_task(server, stub, omni_bundles, tmp_path, omniglot_test):
+    """``--merge-tasks on``: concurrent one-query Classify calls of 8 different CxGrad tasks run as
+    stacked calls; each answer equals the per-task network call of the session server (merging off)."""
+    from fewshot.tools.process import free_port
+
+    sampler = EpisodeSampler(omniglot_test, 5, 1, 1, seed=23)
+    episodes = [sampler.episode(i) for i in range(8)]
+    supports = [[pb.LabelledImage(image=pb.Image(encoded=png(omniglot_test.images[j])), label=str(c))
+                 for j, c in zip(ep.support, ep.support_labels)] for ep in episodes]
+    queries = [[pb.Image(encoded=png(omniglot_test.images[ep.query[0]]))] for ep in episodes]
+
+    def probabilities(target_stub, task_id, q):
+        return [list(p.probabilities) for p in target_stub.Classify(pb.ClassifyRequest(task_id=task_id, queries=q)).predictions]
+
+    alone = [probabilities(stub, stub.Adapt(_adapt_request(s, CXGRAD)).task_id, q) for s, q in zip(supports, queries)]
+    port = free_port()
+    merging = ServerProcess(omni_bundles, tmp_path / "state", *SMALL, "--merge-tasks", "on", "--batch-delay-ms", "30",
+                            "--metrics-port", str(port))
+    merging.metrics_url = f"http://127.0.0.1:{port}/metrics"
+    with merging, grpc.insecure_channel(merging.target) as channel:
+        merged_stub = pb_grpc.FewShotStub(channel)
+        ids = [merged_stub.Adapt(_adapt_request(s, CXGRAD)).task_id for s in supports]
+        before = _batch_histogram(merging)
+        with ThreadPoolExecutor(len(ids)) as pool:
+            merged = list(pool.map(lambda i: probabilities(merged_stub, ids[i], queries[i]), range(len(ids))))
+        calls = {le: n - before.get(le, 0.0) for le, n in _batch_histogram(merging).items()}
+    assert calls["+Inf"] < len(ids) and calls["1.0"] < calls["+Inf"], calls  # some calls held several tasks
+    np.testing.assert_allclose(np.array(merged), np.array(alone), rtol=0, atol=1e-5)
 
 
 def _batch_histogram(server) -> dict[str, float]:

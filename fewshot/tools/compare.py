@@ -251,3 +251,100 @@ def compare_cold_start(bundles: Path, models: list[str] | None = None, later: in
                 f"{row['first_adapt_ms']:7.1f} ms, next {later} p50 {row['later_adapt_p50_ms']:7.1f} ms")
             rows.append(row)
     return rows
+
+
+# -- many tasks at once -----------------------------------------------------------------------------
+def compare_many_tasks(bundles: Path, models: list[str] | None = None, tasks: int = 16, calls: int = 24, rounds: int = 2,
+                       adapt_tasks: tuple[int, ...] = (1, 8, 32), seed: int = 0, log: Callable[[str], None] = print) -> list[dict]:
+    """Per inner-loop model: (1) the engine: ``tasks`` tasks' one-query Classify as one network call
+    each vs one stacked call (:class:`~fewshot.models.meta.stacked.StackedClassify`), and Adapt of
+    ``n`` 5-way 1-shot tasks one by one vs stacked (``adapt_many``); (2) served: ``tasks`` client
+    threads, each classifying one query at a time against its own task, on a ``fewshot serve
+    --merge-tasks off`` and an ``on`` child, rounds alternating."""
+    from fewshot.models.meta.stacked import StackedClassify
+    from fewshot.tools.process import ServerProcess
+    from fewshot_client import FewShotClient
+
+    registry = Registry.load(bundles)
+    names = [n for n in models or sorted(registry.bundles) if registry.get(n).manifest.get("family") == "inner_loop"]
+    rows = []
+    for name in names:
+        model = open_bundle(registry.get(name), "cpu")
+        data = load_dataset(model.manifest["data"]["dataset"], "test")
+        ways = model.way_range()[0]
+        sampler = EpisodeSampler(data, ways, 1, 1, seed)
+        episodes = [sampler.episode(i) for i in range(max(tasks, *adapt_tasks))]
+        supports = [model.spec.normalize(data.images[ep.support]) for ep in episodes]
+        labels = [torch.as_tensor(ep.support_labels) for ep in episodes]
+        queries = [model.spec.normalize(data.images[ep.query[:1]]) for ep in episodes]
+        adapter = model.adapter(bn_mode="support")
+        adapted = [adapter.adapt(x, y) for x, y in zip(supports[:tasks], labels[:tasks])]
+        merger = StackedClassify(model.net)
+        states = [t.state for t in adapted]
+
+        def per_task() -> None:
+            for t, q in zip(adapted, queries):
+                t.logits(q)
+
+        times = {"per_task": [], "stacked": []}
+        for _ in range(3 + 20):
+            for key, fn in (("per_task", per_task), ("stacked", lambda: merger.logits(states, queries[:tasks]))):
+                start = time.perf_counter()
+                fn()
+                times[key].append(1e3 * (time.perf_counter() - start))
+        per, stacked = (float(np.median(times[k][3:])) for k in ("per_task", "stacked"))
+        row = {"model": name, "section": "engine classify", "tasks": tasks, "per_task_p50_ms": round(per, 2),
+               "stacked_p50_ms": round(stacked, 2), "speedup": round(per / stacked, 2)}
+        log(f"{name:37s} engine: {tasks} tasks x 1 query, one call each p50 {per:.2f} ms, stacked {stacked:.2f} ms: "
+            f"{row['speedup']:.2f}x")
+        rows.append(row)
+        for n in adapt_tasks:
+            seq_s, many_s = [], []
+            for r in range(3):
+                start = time.perf_counter()
+                for x, y in zip(supports[:n], labels[:n]):
+                    adapter.adapt(x, y)
+                mid = time.perf_counter()
+                adapter.adapt_many(supports[:n], labels[:n])
+                seq_s.append(mid - start)
+                many_s.append(time.perf_counter() - mid)
+            seq, many = float(np.median(seq_s)), float(np.median(many_s))
+            row = {"model": name, "section": "engine adapt", "tasks": n, "sequential_tasks_per_s": round(n / seq, 1),
+                   "batched_tasks_per_s": round(n / many, 1), "speedup": round(seq / many, 2)}
+            log(f"{name:37s} engine: Adapt {n:2d} tasks 5-way 1-shot, one by one {row['sequential_tasks_per_s']:.1f} "
+                f"tasks/s, stacked {row['batched_tasks_per_s']:.1f} tasks/s: {row['speedup']:.2f}x")
+            rows.append(row)
+        encoded = [([encode_png(data.images[i]) for i in ep.support], [f"c{c}" for c in ep.support_labels],
+                    [encode_png(data.images[ep.query[0]])]) for ep in episodes[:tasks]]
+        with tempfile.TemporaryDirectory(prefix="fewshot-many-") as state:
+            off = ServerProcess(bundles, Path(state) / "off", "--merge-tasks", "off", "--warmup-tasks", "0",
+                                "--metrics-port", "0", log=Path(state) / "off.log")
+            on = ServerProcess(bundles, Path(state) / "on", "--merge-tasks", "on", "--warmup-tasks", "0",
+                               "--metrics-port", "0", log=Path(state) / "on.log")
+            with off, on, FewShotClient(off.target, timeout=300) as c_off, FewShotClient(on.target, timeout=300) as c_on:
+                served = {}
+                for key, client in (("off", c_off), ("on", c_on)):
+                    handles = [client.adapt(s, l, model=name) for s, l, _ in encoded]
+                    served[key] = [(h, q) for h, (_, _, q) in zip(handles, encoded)]
+                    for h, q in served[key]:
+                        h.classify(q)
+                walls: dict[str, list[float]] = {"off": [], "on": []}
+                for _ in range(rounds):
+                    for key in ("off", "on"):
+                        def client_loop(i: int, pairs=served[key]) -> None:
+                            handle, q = pairs[i]
+                            for _ in range(calls):
+                                handle.classify(q)
+
+                        with ThreadPoolExecutor(tasks) as pool:
+                            start = time.perf_counter()
+                            list(pool.map(client_loop, range(tasks)))
+                            walls[key].append(time.perf_counter() - start)
+            ips = {k: tasks * calls / float(np.median(w)) for k, w in walls.items()}
+            row = {"model": name, "section": "served classify", "clients": tasks, "calls_per_client": calls, "rounds": rounds,
+                   "merge_off_images_per_s": round(ips["off"], 1), "merge_on_images_per_s": round(ips["on"], 1),
+                   "speedup": round(ips["on"] / ips["off"], 2)}
+            log(f"{name:37s} served: {tasks} clients x 1 query on {tasks} tasks, --merge-tasks off {ips['off']:.0f} images/s, "
+                f"on {ips['on']:.0f} images/s: {row['speedup']:.2f}x")
+            rows.append(row)
+    return rows

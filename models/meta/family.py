@@ -17,7 +17,7 @@ from fewshot.errors import ConfigError
 from fewshot.models.card import accuracy_key
 from fewshot.models.family import Family, Part
 from fewshot.models.features import run_batch, run_in_chunks
-from fewshot.models.meta.inner_loop import InnerLoopAdapter, InnerLoopTask
+from fewshot.models.meta.inner_loop import InnerLoopAdapter, InnerLoopTask, pack
 from fewshot.models.meta.network import BN_MODES
 from fewshot.models.meta.onnx_network import network_input_names, network_inputs
 from fewshot.models.meta.stacked import StackedClassify, bucket
@@ -59,7 +59,7 @@ class NetworkTask(PlannedTask):
         if self.state.bn_mode != "support":
             return self.state.logits(query)
         s = self.state
-        feeds = {k: v.cpu().numpy() for k, v in network_inputs(s.net, s.params, s.bn_stats, s.step).items()}
+        feeds = {k: v.cpu().numpy() for k, v in network_inputs(s.net, *s.weights(), s.step).items()}
         run = lambda part: self.session.run(None, {**feeds, "images": part})[0]  # noqa: E731
         images = np.ascontiguousarray(query.cpu().numpy(), dtype=np.float32)
         return torch.from_numpy(run_in_chunks(run, images, run_batch(self.session)))
@@ -126,6 +126,12 @@ class InnerLoopFamily(Family):
         #: Cross-task Classify merging (stacked weights, in torch on the model's device): on where it
         #: wins, CUDA; on CPU one network call per task is as fast (BENCHMARKS.md). ``merge_tasks`` sets it.
         self.stacker: StackedClassify | None = StackedClassify(self.net) if self.device.type == "cuda" else None
+        #: What adapted weights are held (and stored) in: float32, or float16 (``--task-dtype``, half the memory).
+        self.task_dtype = torch.float32
+
+    def hold_tasks_in(self, dtype: torch.dtype) -> None:
+        """Adapted weights held in ``dtype`` (float16: half the memory; agreement in BENCHMARKS.md)."""
+        self.task_dtype = dtype
 
     def merge_tasks(self, on: bool) -> None:
         """Merge Classify requests of different tasks into one stacked call (``True``) or not."""
@@ -161,8 +167,8 @@ class InnerLoopFamily(Family):
         steps = self.loop["steps"] if steps is None else steps
         if not 1 <= steps <= self.loop["max_steps"]:
             raise ConfigError(f"inner steps must be in 1..{self.loop['max_steps']} for {self.name}, got {steps}")
-        return NetworkAdapter(InnerLoopAdapter(self.net, self.rule, self.params, steps, bn_mode or self.loop["bn_mode"]),
-                              self.session, self.stacker)
+        return NetworkAdapter(InnerLoopAdapter(self.net, self.rule, self.params, steps, bn_mode or self.loop["bn_mode"],
+                                               self.task_dtype), self.session, self.stacker)
 
     def describe(self, adapter: NetworkAdapter) -> dict[str, Any]:
         return {"method": self.manifest["method"], "bn": adapter.bn_mode, "inner_steps": adapter.steps}
@@ -173,6 +179,7 @@ class InnerLoopFamily(Family):
         params = {k.removeprefix("param."): v.to(self.device) for k, v in tensors.items() if k.startswith("param.")}
         stats = [(tensors[f"bn.{i}.mean"].to(self.device), tensors[f"bn.{i}.var"].to(self.device))
                  for i in range(meta["bn_layers"])] or None
+        params, stats = pack(params, stats, self.task_dtype)
         return NetworkTask(InnerLoopTask(self.net, params, meta["bn_mode"], stats, meta["step"], meta["support_losses"]),
                            self.session, self.stacker)
 

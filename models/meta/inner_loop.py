@@ -71,6 +71,24 @@ def inner_loop(net: MetaConv4, rule: UpdateRule, params: Params, support: torch.
     return Adaptation(params, per_step, losses, ctx)
 
 
+def pack(params: Params, stats: BNStats | None, dtype: torch.dtype = torch.float32) -> tuple[Params, BNStats | None]:
+    """The task's tensors as views of one buffer of ``dtype``: one allocation per task instead of one
+    per tensor, made after the inner loop's temporaries are freed, so a cache of many tasks holds about
+    their bytes (BENCHMARKS.md: per-tensor allocations interleaved with those temporaries held 1.5-7x);
+    ``float16`` halves it (``--task-dtype``)."""
+    tensors = list(params.values()) + [x for pair in stats or [] for x in pair]
+    flat = torch.empty(sum(t.numel() for t in tensors), dtype=dtype, device=tensors[0].device)
+    views, start = [], 0
+    for t in tensors:
+        view = flat[start:start + t.numel()].view(t.shape)
+        view.copy_(t.detach())
+        views.append(view)
+        start += t.numel()
+    packed = dict(zip(params, views))
+    rest = views[len(params):]
+    return packed, ([(rest[i], rest[i + 1]) for i in range(0, len(rest), 2)] if stats is not None else None)
+
+
 @dataclass
 class InnerLoopTask:
     """Adapted weights of one task (detached) and, in ``support`` mode, the frozen BatchNorm statistics."""
@@ -86,11 +104,19 @@ class InnerLoopTask:
     def transductive(self) -> bool:
         return self.bn_mode == "transductive"
 
+    def weights(self) -> tuple[Params, BNStats | None]:
+        """Parameters and statistics in float32 (the stored ones may be float16: ``--task-dtype``)."""
+        if next(iter(self.params.values())).dtype == torch.float32:
+            return self.params, self.bn_stats
+        stats = [(m.float(), v.float()) for m, v in self.bn_stats] if self.bn_stats is not None else None
+        return {k: v.float() for k, v in self.params.items()}, stats
+
     @torch.no_grad()
     def logits(self, query: torch.Tensor) -> torch.Tensor:
         """``(Q, C, H, W)`` -> ``(Q, N)`` logits (on the CPU)."""
-        device = next(iter(self.params.values())).device
-        return self.net.forward(self.params, query.to(device), self.bn_stats, step=self.step).cpu()
+        params, stats = self.weights()
+        device = next(iter(params.values())).device
+        return self.net.forward(params, query.to(device), stats, step=self.step).cpu()
 
     def classify(self, query: torch.Tensor) -> torch.Tensor:
         """``(Q, C, H, W)`` -> ``(Q, N)`` probabilities."""
@@ -100,10 +126,11 @@ class InnerLoopTask:
 class InnerLoopAdapter:
     """Adapter of the MAML family: ``adapt`` runs the inner loop, the task keeps the adapted weights."""
 
-    def __init__(self, net: MetaConv4, rule: UpdateRule, meta_params: Params, steps: int, bn_mode: str = "support") -> None:
+    def __init__(self, net: MetaConv4, rule: UpdateRule, meta_params: Params, steps: int, bn_mode: str = "support",
+                 dtype: torch.dtype = torch.float32) -> None:
         if bn_mode not in BN_MODES:
             raise ConfigError(f"unknown BatchNorm mode {bn_mode!r}: use {' or '.join(BN_MODES)}")
-        self.net, self.rule, self.steps, self.bn_mode = net, rule, steps, bn_mode
+        self.net, self.rule, self.steps, self.bn_mode, self.dtype = net, rule, steps, bn_mode, dtype
         self.meta_params = {k: v.detach() for k, v in meta_params.items()}
 
     def _check(self, support: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -118,6 +145,7 @@ class InnerLoopAdapter:
         result = inner_loop(self.net, self.rule, self.meta_params, support, labels, self.steps, create_graph=False)
         params = {k: v.detach() for k, v in result.params.items()}
         stats = support_statistics(self.net, params, support, self.steps) if self.bn_mode == "support" else None
+        params, stats = pack(params, stats, self.dtype)
         return InnerLoopTask(self.net, params, self.bn_mode, stats, self.steps, result.losses)
 
     def stacks(self, shapes: list[tuple[int, ...]]) -> bool:
@@ -134,4 +162,4 @@ class InnerLoopAdapter:
             return [self.adapt(x, y) for x, y in zip(supports, labels)]
         checked = [self._check(x, y) for x, y in zip(supports, labels)]
         return stacked_inner_loop(self.net, self.rule, self.meta_params, [x for x, _ in checked], [y for _, y in checked],
-                                  self.steps, self.bn_mode)
+                                  self.steps, self.bn_mode, self.dtype)

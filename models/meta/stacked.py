@@ -18,7 +18,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from fewshot.models.meta.inner_loop import InnerLoopTask, inner_loop
+from fewshot.models.meta.inner_loop import InnerLoopTask, inner_loop, pack
 from fewshot.models.meta.network import BNStats, MetaConv4, Params
 from fewshot.models.meta.rules import UpdateRule
 
@@ -29,8 +29,8 @@ def stack(params: Sequence[Params]) -> Params:
 
 
 def unstack(params: Params, t: int) -> Params:
-    """Task ``t``'s parameters of a stacked dict (contiguous copies: a task must not pin the stack)."""
-    return {k: v[t].clone() for k, v in params.items()}
+    """Task ``t``'s parameters of a stacked dict (views: :func:`~fewshot.models.meta.inner_loop.pack` copies them)."""
+    return {k: v[t] for k, v in params.items()}
 
 
 def stacked_forward(net: MetaConv4, params: Params, x: torch.Tensor, bn_stats: BNStats | None = None,
@@ -76,7 +76,8 @@ class StackedConv4:
 
 
 def stacked_inner_loop(net: MetaConv4, rule: UpdateRule, meta_params: Params, supports: Sequence[torch.Tensor],
-                       labels: Sequence[torch.Tensor], steps: int, bn_mode: str) -> list[InnerLoopTask]:
+                       labels: Sequence[torch.Tensor], steps: int, bn_mode: str,
+                       dtype: torch.dtype = torch.float32) -> list[InnerLoopTask]:
     """Adapt ``T`` tasks of one support shape ``(S, C, H, W)`` together (first-order, as serving):
     the same tasks as ``T`` calls of :class:`~fewshot.models.meta.inner_loop.InnerLoopAdapter` to float
     rounding (tested). ``rule.stackable`` must hold."""
@@ -92,9 +93,11 @@ def stacked_inner_loop(net: MetaConv4, rule: UpdateRule, meta_params: Params, su
         with torch.no_grad():
             stacked_forward(net, adapted, x, None, steps, record=stats)
     losses = list(zip(*result.losses))  # per step, per task -> per task, per step
-    return [InnerLoopTask(net, unstack(adapted, t), bn_mode,
-                          [(m[t].clone(), v[t].clone()) for m, v in stats] if stats is not None else None,
-                          steps, list(losses[t])) for t in range(tasks)]
+    tasks_out = []
+    for t in range(tasks):  # each task packed into its own buffer: none pins the stack
+        params, mine = pack(unstack(adapted, t), [(m[t], v[t]) for m, v in stats] if stats is not None else None, dtype)
+        tasks_out.append(InnerLoopTask(net, params, bn_mode, mine, steps, list(losses[t])))
+    return tasks_out
 
 
 #: Query counts a merged call pads to: requests of up to 16 queries merge with others of their bucket.
@@ -121,11 +124,12 @@ class StackedClassify:
     def logits(self, states: Sequence[Any], images: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Per task ``(Q_t, C, H, W)`` -> ``(Q_t, ways)`` logits, in one stacked call."""
         longest = max(len(x) for x in images)
-        params = stack([s.params for s in states])
+        weights = [s.weights() for s in states]
+        params = stack([p for p, _ in weights])
         x = torch.zeros(len(images), longest, *images[0].shape[1:], device=params["head.bias"].device)
         for t, q in enumerate(images):
             x[t, :len(q)] = q
-        stats = [(torch.stack([s.bn_stats[l][0] for s in states]), torch.stack([s.bn_stats[l][1] for s in states]))
+        stats = [(torch.stack([st[l][0] for _, st in weights]), torch.stack([st[l][1] for _, st in weights]))
                  for l in range(4)]
         out = stacked_forward(self.net, params, x, stats, step=states[0].step)
         out = out.cpu()
