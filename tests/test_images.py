@@ -105,3 +105,51 @@ def test_a_large_batch_decodes_in_two_threads_to_the_same_arrays_and_names_a_bad
         broken[bad] = broken[bad][:40]  # header intact, pixel data cut
         with pytest.raises(ImageError, match=f"query image {bad} "):
             decode_batch(broken, SPEC, ImageLimits(), "query")
+
+
+def _pillow_only(data: bytes, spec: InputSpec) -> np.ndarray:
+    """What Pillow alone makes of ``data`` (the reference of the libspng fast path)."""
+    array = spec.prepare(Image.open(io.BytesIO(data)))
+    return array[..., None] if array.ndim == 2 else array
+
+
+def test_the_libspng_fast_path_gives_pillows_pixels(omniglot_test):
+    """Real dataset images, resized ones, and PNGs the fast path must leave to Pillow (transparency,
+    16-bit, palette, the other channel count): every batch equals Pillow's decoding exactly."""
+    from fewshot.models.data import load_dataset
+    from fewshot.models.preprocess import encode_png
+    from fewshot.server.images import png_fast_header
+
+    tiny = load_dataset("tinyimagenet", "test")
+    rgb_spec, gray_spec = InputSpec.for_dataset("tinyimagenet"), InputSpec.for_dataset("omniglot")
+    rng = np.random.default_rng(1)
+
+    def png(array: np.ndarray, **save) -> bytes:
+        buf = io.BytesIO()
+        Image.fromarray(array).save(buf, "PNG", **save)
+        return buf.getvalue()
+
+    cases = {
+        gray_spec: [encode_png(omniglot_test.images[i]) for i in range(20)] + [png(rng.integers(0, 256, (40, 33), dtype=np.uint8))],
+        rgb_spec: [encode_png(tiny.images[i]) for i in range(20)] + [png(rng.integers(0, 256, (50, 70, 3), dtype=np.uint8)),
+                   png(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8), transparency=(1, 2, 3)),
+                   png(rng.integers(0, 256, (64, 64), dtype=np.uint8)),  # grayscale for an RGB model
+                   png(rng.integers(0, 256, (64, 64, 4), dtype=np.uint8)),
+                   png(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8), optimize=True, bits=4)],
+    }
+    cases[gray_spec].append(png((rng.integers(0, 65535, (28, 28))).astype(np.uint16)))
+    for spec, images in cases.items():
+        fast = [png_fast_header(b, spec) is not None for b in images]
+        assert all(fast[:20]) and not all(fast)  # the dataset PNGs take the fast path, the odd ones do not
+        batch = decode_batch(images, spec, ImageLimits(), "query")
+        expected = spec.normalize(np.stack([_pillow_only(b, spec) for b in images]))
+        assert np.array_equal(batch.numpy(), expected.numpy())
+
+
+def test_a_damaged_png_on_the_fast_path_is_an_image_error(omniglot_test):
+    from fewshot.models.preprocess import encode_png
+
+    good = encode_png(omniglot_test.images[0])
+    damaged = good[:-30] + bytes(30)  # the header and chunk list intact, the image data not
+    with pytest.raises(ImageError, match="query image 1 "):
+        decode_batch([good, damaged], SPEC, ImageLimits(), "query")
