@@ -66,13 +66,17 @@ class InputSpec:
 
     def normalize(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
         """uint8 ``(N, H, W, C)`` -> float32 ``(N, C, H, W)`` normalised."""
-        x = torch.as_tensor(np.asarray(images)) if not isinstance(images, torch.Tensor) else images
+        x = images.numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
         if x.ndim != 4 or x.shape[-1] != self.channels:
             raise ImageDecodeError(f"expected (N, H, W, {self.channels}) images, got {tuple(x.shape)}")
-        x = x.permute(0, 3, 1, 2).float().div_(255.0)
-        mean = torch.tensor(self.mean, dtype=torch.float32).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, dtype=torch.float32).view(1, -1, 1, 1)
-        return (x - mean) / std
+        # numpy, not torch: the same float32 operations in the same order (so the same values), in the
+        # calling thread; torch split these small arrays over its intra-op threads, which cost a
+        # Classify of 64 Omniglot queries 3-6 ms on a busy 2-core machine instead of 0.3 ms.
+        x = x.transpose(0, 3, 1, 2).astype(np.float32, order="C")
+        x /= np.float32(255.0)
+        x -= np.asarray(self.mean, dtype=np.float32).reshape(1, -1, 1, 1)
+        x /= np.asarray(self.std, dtype=np.float32).reshape(1, -1, 1, 1)
+        return torch.from_numpy(x)
 
 
 def load_image(source: str | os.PathLike | IO[bytes] | Image.Image, spec: InputSpec) -> np.ndarray:

@@ -286,17 +286,25 @@ def _decode_batch(images: Sequence[pb.Image | bytes], spec: InputSpec, limits: I
         except ImageError as exc:
             raise ImageError(f"{what} image {i} {exc}") from None
 
-    if len(images) < PARALLEL_FROM:
-        arrays = [decode(i) for i in range(len(images))]
+    arrays: list[np.ndarray | None] = [None] * len(images)
+    slow = [i for i, header in enumerate(opened) if not isinstance(header, PngHeader)]
+    for i in range(len(images)):  # libspng's images (microseconds each) in this thread
+        if isinstance(opened[i], PngHeader):
+            arrays[i] = decode(i)
+    if len(slow) < PARALLEL_FROM:
+        for i in slow:
+            arrays[i] = decode(i)
     else:  # Pillow's decoders release the GIL: the second half decodes on another core meanwhile
-        half = len(images) // 2
-        second = _decode_pool().submit(lambda: [decode(i) for i in range(half, len(images))])
+        half = len(slow) // 2
+        second = _decode_pool().submit(lambda: [decode(i) for i in slow[half:]])
         try:
-            arrays = [decode(i) for i in range(half)]
+            for i in slow[:half]:
+                arrays[i] = decode(i)
         except BaseException:
             wait([second])  # the helper is done with this call's images before the error is reported
             raise
-        arrays += second.result()
+        for i, array in zip(slow[half:], second.result()):
+            arrays[i] = array
     return spec.normalize(np.stack(arrays))
 
 
