@@ -12,6 +12,7 @@ features, never across requests.
 from __future__ import annotations
 
 import asyncio
+import threading
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable
@@ -75,6 +76,30 @@ class Batcher:
         self.on_batch = on_batch or (lambda _: None)
         self._pending: dict[Hashable, _Pending] = {}
         self._running: dict[Hashable, int] = {}  # calls of each key now in the executor
+        self._direct: dict[Hashable, int] = {}  # calls of each key run by run_if_idle (worker threads)
+        self._lock = threading.Lock()  # guards _direct
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def run_if_idle(self, key: Hashable, size: int, work: Callable[[], Any]) -> tuple[bool, Any]:
+        """From a worker thread: ``(True, work())`` at once when nothing of ``key`` runs or waits (the
+        request then costs one executor hop, not two: there is nothing to merge it with), else
+        ``(False, None)`` and the caller submits. Requests that arrive meanwhile queue behind it."""
+        with self._lock:
+            if key in self._pending or self._running.get(key) or self._direct.get(key):
+                return False, None
+            self._direct[key] = 1
+        try:
+            self.on_batch(size)
+            return True, work()
+        finally:
+            with self._lock:
+                del self._direct[key]
+            if self._loop is not None:
+                self._loop.call_soon_threadsafe(self._start_if_idle, key)
+
+    def _start_if_idle(self, key: Hashable) -> None:
+        if key in self._pending and not self._running.get(key) and not self._direct.get(key):
+            self._flush(key)
 
     async def submit(self, key: Hashable, images: torch.Tensor, run: Fn, finish: Fn | None = None) -> torch.Tensor:
         return await self.submit_many(key, (images, finish or _identity), len(images), concatenated(run))
@@ -82,9 +107,9 @@ class Batcher:
     async def submit_many(self, key: Hashable, item: Any, size: int, run_many: RunMany) -> Any:
         """``run_many([item, ...])``'s result for ``item``, run with the items queued under ``key``
         (``run_many`` of the first request of a batch runs them all); ``size`` counts towards ``max_batch``."""
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         pending = self._pending.get(key)
-        if size >= self.max_batch or (pending is None and not self._running.get(key)):
+        if size >= self.max_batch or (pending is None and not self._running.get(key) and not self._direct.get(key)):
             self.on_batch(size)
             return _unwrap((await self._execute(key, lambda: run_many([item])))[0])
         if pending is not None and pending.size + size > self.max_batch:
@@ -111,8 +136,7 @@ class Batcher:
             self._running[key] -= 1
             if not self._running[key]:
                 del self._running[key]
-                if key in self._pending:
-                    self._flush(key)
+                self._start_if_idle(key)
 
     def _flush(self, key: Hashable) -> None:
         pending = self._pending.pop(key, None)

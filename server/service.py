@@ -28,6 +28,7 @@ from google.protobuf.message import Message
 
 from fewshot.errors import one_line
 from fewshot.models.family import Family
+from fewshot.models.plan import ClassifyPlan
 from fewshot.server.admission import Admission
 from fewshot.server.auth import Authenticator, Tenant
 from fewshot.server.batcher import Batcher
@@ -215,32 +216,52 @@ class FewShotService:
             self.limits.check_queries(len(request.queries))
             budget, queries = call.budget, list(request.queries)
 
-            def find_and_decode() -> tuple[TaskRecord, Any, Family, torch.Tensor]:
+            def find_decode_run() -> tuple[TaskRecord, Family, Any, torch.Tensor, pb.ClassifyResponse | None]:
+                """One hop: the lookup, decoding and, when nothing could merge with it, the work and
+                the response itself."""
                 record, task, model = find_task(self.store, self.models, task_id, call.tenant.name)
-                return record, task, model, decode_for_model(queries, model, self.limits.image, "query", budget)
+                x = decode_for_model(queries, model, self.limits.image, "query", budget)
+                budget.check("classification")
+                plan = task.plan()
+                key, _ = self._merge(plan, x)
+                if key is None:  # depends on the whole batch: never merged
+                    ran, probs = True, plan.run(x)
+                else:
+                    ran, probs = self.batcher.run_if_idle(key, len(x), lambda: plan.run(x))
+                return record, model, plan, x, _response(probs.numpy(), record.labels, request.top_k) if ran else None
 
             async with self.admission.slot():
-                record, task, model, x = await self._offload(find_and_decode)  # one hop: lookup, then decoding
+                record, model, plan, x, response = await self._offload(find_decode_run)
                 call.fields.update(model=model.name, method=record.method, queries=len(queries))
-                budget.check("classification")
-                probs = await self._classify(task, x)
+                if response is None:  # merged with concurrent requests
+                    probs = await self._classify(plan, x)
+                    response = _response(probs.numpy(), record.labels, request.top_k)
             if self.store.deleted_since(task_id, call.started):  # DeleteTask answered while we worked
                 raise NotFound(f"task {task_id} was deleted during this call")
-            return _response(probs.numpy(), record.labels, request.top_k)
+            return response
 
         return await self._call("Classify", context, body)
 
-    async def _classify(self, task: Any, x: torch.Tensor) -> torch.Tensor:
-        """``(Q, C, H, W)`` -> ``(Q, N)`` probabilities by the task's own plan (what ``task.classify``
-        runs); its heavy part is merged with concurrent requests of the same key."""
-        plan = task.plan()
+    @staticmethod
+    def _merge(plan: ClassifyPlan, x: torch.Tensor) -> tuple[Any, Any]:
+        """The batcher key under which this request merges, with the group (``item``, ``run_many``) when it
+        merges with other tasks' requests; key ``None``: it runs alone."""
         grouped = plan.group(x) if plan.group is not None else None
-        if grouped is not None:  # with other tasks' requests of this model, stacked
-            key, item, run_many = grouped
+        if grouped is not None:
+            return grouped[0], grouped[1:]
+        return plan.key, None
+
+    async def _classify(self, plan: ClassifyPlan, x: torch.Tensor) -> torch.Tensor:
+        """``(Q, C, H, W)`` -> ``(Q, N)`` probabilities by the task's own plan (what ``task.classify``
+        runs), its heavy part merged with concurrent requests of the same key (or, stacked, of other
+        tasks of the model)."""
+        key, grouped = self._merge(plan, x)
+        if grouped is not None:
+            item, run_many = grouped
             return await self.batcher.submit_many(key, item, len(x), run_many)
-        if plan.key is None:  # depends on the whole batch: never merged with another request
+        if key is None:
             return await self._offload(plan.run, x)
-        return await self.batcher.submit(plan.key, x, plan.heavy, plan.finish)
+        return await self.batcher.submit(key, x, plan.heavy, plan.finish)
 
     # -- task and model info --------------------------------------------------------------------
     async def GetTask(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.TaskInfo:

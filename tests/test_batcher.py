@@ -92,3 +92,39 @@ def test_each_request_finishes_its_own_rows_and_a_failing_finish_fails_only_its_
                 await failing
 
     asyncio.run(main())
+
+
+def test_an_idle_key_runs_in_the_callers_thread_and_arrivals_meanwhile_queue_behind_it():
+    """``run_if_idle``: the request that finds its key idle runs in its own worker call (one hop);
+    while it runs, the key is busy: another direct attempt is refused and submitted requests queue and
+    start when it ends (not at the 30 s timer)."""
+    calls: list[int] = []
+    inside, release = threading.Event(), threading.Event()
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        calls.append(len(x))
+        return x + 1
+
+    async def main() -> None:
+        with ThreadPoolExecutor(4) as pool:
+            batcher = Batcher(pool, max_delay=30.0, max_batch=64)
+            loop = asyncio.get_running_loop()
+            await batcher.submit("k", torch.zeros(1, 1), run)  # the batcher knows its loop
+
+            def direct() -> tuple[bool, object]:
+                return batcher.run_if_idle("k", 2, lambda: (inside.set(), release.wait(5), run(torch.zeros(2, 1)))[2])
+
+            first = loop.run_in_executor(pool, direct)
+            await loop.run_in_executor(None, inside.wait, 5)
+            assert batcher.run_if_idle("k", 1, lambda: run(torch.zeros(1, 1))) == (False, None)  # busy
+            queued = [asyncio.ensure_future(batcher.submit("k", torch.full((n, 1), float(n)), run)) for n in (3, 4)]
+            await asyncio.sleep(0.05)
+            assert calls == [1]  # the queued ones wait for the direct call
+            release.set()
+            ran, out = await first
+            assert ran and torch.equal(out, torch.ones(2, 1))
+            results = await asyncio.wait_for(asyncio.gather(*queued), 5)
+            assert [r.tolist() for r in results] == [[[4.0]] * 3, [[5.0]] * 4]
+        assert calls == [1, 2, 7]  # the direct call, then the two queued requests merged
+
+    asyncio.run(main())
