@@ -100,6 +100,8 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--bn", choices=["support", "transductive"], help="BatchNorm at test time (gradient-adapted "
                    "models): support (default, batch-invariant) or transductive (paper protocol)")
     p.add_argument("--inner-steps", type=int, help="inner-loop steps (default: the model card's)")
+    p.add_argument("--inner-precision", default="float32", choices=["float32", "bfloat16"],
+                   help="what the inner loop computes in (as `fewshot serve --inner-precision`)")
     p.add_argument("--transform", choices=["UN", "L2N", "CL2N"], help="override the card's feature transform")
     p.add_argument("--lam", type=float, help="override LaplacianShot's lambda")
     p.add_argument("--weight-decay", type=float, help="override logistic regression's weight decay")
@@ -115,6 +117,8 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 def eval_row(args: argparse.Namespace) -> dict:
     """Run ``fewshot eval`` with parsed ``args``; returns its JSON row. The model is its family's object
     (:func:`~fewshot.models.family.open_shipped`), the one the server builds from a bundle."""
+    import torch
+
     from fewshot.models.data import load_dataset
     from fewshot.models.evaluation import evaluate
     from fewshot.models.family import open_shipped
@@ -125,6 +129,7 @@ def eval_row(args: argparse.Namespace) -> dict:
     if dataset != shipped.card.dataset:
         raise ConfigError(f"model {shipped.name} takes {shipped.card.dataset} inputs, not {dataset}")
     model = open_shipped(shipped, args.backend, args.device)
+    model.adapt_in(getattr(torch, getattr(args, "inner_precision", "float32")))
     method = model.resolve_method(args.head)
     settings = model.check_settings(method, {"transform": args.transform, "lambda": args.lam,
                                              "weight_decay": args.weight_decay, "bn": args.bn,
@@ -394,6 +399,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                    help="merge Classify requests of different inner-loop tasks into one stacked call (auto: on CUDA only)")
     p.add_argument("--task-dtype", default=d.task_dtype, choices=["float32", "float16"],
                    help="what inner-loop tasks' adapted weights are held and stored in (float16: half the memory per task)")
+    p.add_argument("--inner-precision", default=d.inner_precision, choices=["float32", "bfloat16"],
+                   help="what the inner loop computes in (bfloat16: autocast, on CPUs with native bfloat16 or CUDA)")
     p.add_argument("--feature-backend", default=d.feature_backend, choices=["onnxruntime", "triton"],
                    help="where backbone and adapted-network inference run: in-process ONNX Runtime, or a Triton server "
                         "serving the repository of `fewshot export --triton-repo`")
@@ -426,7 +433,7 @@ def _run_serve(args: argparse.Namespace) -> None:
                       cache_mb=args.cache_mb, max_message_mb=args.max_message_mb, max_image_mb=args.max_image_mb, max_support=args.max_support,
                       max_queries=args.max_queries, default_ttl=args.default_ttl, feature_backend=args.feature_backend,
                       triton_url=args.triton_url, triton_timeout=args.triton_timeout, warmup_tasks=args.warmup_tasks,
-                      merge_tasks=args.merge_tasks, task_dtype=args.task_dtype)
+                      merge_tasks=args.merge_tasks, task_dtype=args.task_dtype, inner_precision=args.inner_precision)
     run(cfg)
 
 

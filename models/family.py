@@ -170,6 +170,10 @@ class Family(ABC):
         """Hold (and store) adapted task state in ``dtype`` where the family supports it (inner-loop
         weights in float16); metric heads keep float32."""
 
+    def adapt_in(self, precision: torch.dtype) -> None:
+        """Run adaptation in ``precision`` where the family supports it (the inner loop under bfloat16
+        autocast); metric heads fit in float32."""
+
     def merge_tasks(self, on: bool) -> None:
         """Merge Classify requests of different tasks into one call where the family can (inner-loop
         networks, stacked weights); metric heads already share one backbone call per model."""

@@ -92,6 +92,7 @@ async def serve(cfg: ServeConfig, ready: asyncio.Event | None = None) -> None:
         models = load_models(cfg.models, cfg.device, cfg.threads)
         for model in models.values():
             model.hold_tasks_in(getattr(torch, cfg.task_dtype))
+            model.adapt_in(getattr(torch, cfg.inner_precision))
             if cfg.merge_tasks != "auto":
                 model.merge_tasks(cfg.merge_tasks == "on")
     credentials = server_credentials(cfg)

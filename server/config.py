@@ -49,6 +49,8 @@ class ServeConfig:
     merge_tasks: str = "auto"
     #: What inner-loop tasks' adapted weights are held and stored in: ``float32`` or ``float16`` (half the memory).
     task_dtype: str = "float32"
+    #: What the inner loop computes in: ``float32`` or ``bfloat16`` (autocast; CPUs with native bfloat16, or CUDA).
+    inner_precision: str = "float32"
     #: ``onnxruntime`` (in process) or ``triton`` (backbone and adapted-network inference over gRPC).
     feature_backend: str = "onnxruntime"
     triton_url: str = "127.0.0.1:8001"

@@ -54,7 +54,7 @@ def stacked_forward(net: MetaConv4, params: Params, x: torch.Tensor, bn_stats: B
         else:
             mean, var = bn_stats[l]
             h = F.batch_norm(h, mean.reshape(-1), var.reshape(-1), gamma, beta, training=False, eps=net.bn_eps)
-        h = F.max_pool2d(F.relu(h), 2)
+        h = F.relu(F.max_pool2d(h, 2))  # as MetaConv4.forward
     features = h.reshape(batch, tasks, -1).transpose(0, 1)  # (T, B, d), each task's flatten order
     return torch.baddbmm(params["head.bias"].unsqueeze(1), features, params["head.weight"].transpose(1, 2))
 
@@ -90,7 +90,7 @@ def stacked_inner_loop(net: MetaConv4, rule: UpdateRule, meta_params: Params, su
     stats: BNStats | None = None
     if bn_mode == "support":
         stats = []
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast(x.device.type, enabled=False):  # float32 statistics, as classification
             stacked_forward(net, adapted, x, None, steps, record=stats)
     losses = list(zip(*result.losses))  # per step, per task -> per task, per step
     tasks_out = []
