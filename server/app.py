@@ -81,9 +81,9 @@ async def connect_triton(cfg: ServeConfig) -> tuple[TritonBackend, dict[str, Fam
 
 async def serve(cfg: ServeConfig, ready: asyncio.Event | None = None) -> None:
     """Run the server until SIGINT/SIGTERM (graceful stop: in-flight calls get 5 s)."""
-    if cfg.threads:
-        import torch
+    import torch
 
+    if cfg.threads:
         torch.set_num_threads(cfg.threads)
     triton = None
     if cfg.feature_backend == "triton":

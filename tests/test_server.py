@@ -216,8 +216,8 @@ def test_merged_classify_of_different_inner_loop_tasks_equals_per_task(server, s
 
     alone = [probabilities(stub, stub.Adapt(_adapt_request(s, CXGRAD)).task_id, q) for s, q in zip(supports, queries)]
     port = free_port()
-    merging = ServerProcess(omni_bundles, tmp_path / "state", *SMALL, "--merge-tasks", "on", "--batch-delay-ms", "30",
-                            "--metrics-port", str(port))
+    merging = ServerProcess(omni_bundles, tmp_path / "state", "--workers", "2", "--warmup-tasks", "0", "--merge-tasks", "on",
+                            "--batch-delay-ms", "30", "--metrics-port", str(port))  # torch's own thread count (--threads 0)
     merging.metrics_url = f"http://127.0.0.1:{port}/metrics"
     with merging, grpc.insecure_channel(merging.target) as channel:
         merged_stub = pb_grpc.FewShotStub(channel)
