@@ -156,3 +156,31 @@ def test_a_store_opened_while_another_is_migrating_waits_for_it(tmp_path):
     store.put(_record("t1", _task()))
     assert store.count() == 1
     assert store._db().execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_cached_inner_loop_tasks_are_charged_exactly_the_buffer_each_holds(tmp_path, omniglot_test, dtype):
+    """Real CxGrad tasks (shipped model, `--task-dtype` float32 or float16) in a cache that holds three:
+    each task's weights and statistics are one buffer of its own (packed after the inner loop, not views
+    of the loop's tensors), the charge is that buffer plus the entry overhead and labels, and the cache
+    stays within its budget while it evicts (the resident-memory slope is BENCHMARKS.md's)."""
+    from fewshot.models.episodes import EpisodeSampler
+    from fewshot.models.family import open_shipped
+    from fewshot.models.preprocess import InputSpec
+    from fewshot.models.zoo import load_model
+
+    model = open_shipped(load_model("omniglot-conv4-cxgrad"), "onnxruntime", "cpu")
+    model.hold_tasks_in(dtype)
+    adapter, spec = model.adapter(), InputSpec.for_dataset("omniglot")
+    sampler = EpisodeSampler(omniglot_test, 5, 1, 1, seed=9)
+    params = sum(v.numel() for v in model.params.values()) + 2 * 4 * model.net.width  # + frozen mean and var
+    per_task = params * torch.finfo(dtype).bits // 8 + ENTRY_OVERHEAD + sum(len(f"c{i}") for i in range(5))
+    store = TaskStore(tmp_path, cache_bytes=3 * per_task + per_task // 2)
+    for i in range(6):
+        ep = sampler.episode(i)
+        task = adapter.adapt(spec.normalize(omniglot_test.images[ep.support]), torch.as_tensor(ep.support_labels))
+        tensors = list(task.state.params.values()) + [t for pair in task.state.bn_stats for t in pair]
+        assert {t.dtype for t in tensors} == {dtype} and len({t.untyped_storage().data_ptr() for t in tensors}) == 1
+        assert resident_bytes(task) == params * torch.finfo(dtype).bits // 8
+        store.put(_record(f"t{i}", task), task)
+    assert store.cached == 3 and store.cached_bytes == 3 * per_task <= store.cache_bytes
