@@ -397,6 +397,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                    help="synthetic tasks per model and method run before the port opens, so the first call is fast (0: none)")
     p.add_argument("--merge-tasks", default=d.merge_tasks, choices=["auto", "on", "off"],
                    help="merge Classify requests of different inner-loop tasks into one stacked call (auto: on CUDA only)")
+    p.add_argument("--batch-adapts", default=d.batch_adapts, choices=["auto", "on", "off"],
+                   help="run concurrent Adapts of one inner-loop model and support shape as one stacked inner loop "
+                        "(auto: on CUDA only; on a CPU it wins for small images, BENCHMARKS.md)")
     p.add_argument("--task-dtype", default=d.task_dtype, choices=["float32", "float16"],
                    help="what inner-loop tasks' adapted weights are held and stored in (float16: half the memory per task)")
     p.add_argument("--inner-precision", default=d.inner_precision, choices=["float32", "bfloat16"],
@@ -433,7 +436,8 @@ def _run_serve(args: argparse.Namespace) -> None:
                       cache_mb=args.cache_mb, max_message_mb=args.max_message_mb, max_image_mb=args.max_image_mb, max_support=args.max_support,
                       max_queries=args.max_queries, default_ttl=args.default_ttl, feature_backend=args.feature_backend,
                       triton_url=args.triton_url, triton_timeout=args.triton_timeout, warmup_tasks=args.warmup_tasks,
-                      merge_tasks=args.merge_tasks, task_dtype=args.task_dtype, inner_precision=args.inner_precision)
+                      merge_tasks=args.merge_tasks, task_dtype=args.task_dtype, inner_precision=args.inner_precision,
+                      batch_adapts=args.batch_adapts)
     run(cfg)
 
 

@@ -174,6 +174,14 @@ class Family(ABC):
         """Run adaptation in ``precision`` where the family supports it (the inner loop under bfloat16
         autocast); metric heads fit in float32."""
 
+    def batch_adapts(self, on: bool) -> None:
+        """Run concurrent Adapts of one shape as one call where the family can (the stacked inner loop)."""
+
+    def adapt_batch_key(self, adapter: Adapter, support_shape: tuple[int, ...]) -> Any:
+        """The key under which an Adapt by ``adapter`` of this support shape may run with others
+        (``adapter.adapt_many``), or ``None``: it runs alone."""
+        return None
+
     def merge_tasks(self, on: bool) -> None:
         """Merge Classify requests of different tasks into one call where the family can (inner-loop
         networks, stacked weights); metric heads already share one backbone call per model."""

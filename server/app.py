@@ -95,6 +95,8 @@ async def serve(cfg: ServeConfig, ready: asyncio.Event | None = None) -> None:
             model.adapt_in(getattr(torch, cfg.inner_precision))
             if cfg.merge_tasks != "auto":
                 model.merge_tasks(cfg.merge_tasks == "on")
+            if cfg.batch_adapts != "auto":
+                model.batch_adapts(cfg.batch_adapts == "on")
     credentials = server_credentials(cfg)
     auth = Authenticator(cfg.token, cfg.tokens_file, cfg.tenant_max_tasks, cfg.tenant_rps)
     metrics = ServiceMetrics()

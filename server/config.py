@@ -47,6 +47,9 @@ class ServeConfig:
     #: Merge Classify requests of different inner-loop tasks into one stacked call: ``auto`` (on CUDA,
     #: where it wins; off on CPU, where one call per task is as fast: BENCHMARKS.md), ``on`` or ``off``.
     merge_tasks: str = "auto"
+    #: Concurrent Adapts of one inner-loop model and support shape as one stacked inner loop: ``auto``
+    #: (on CUDA), ``on`` or ``off``.
+    batch_adapts: str = "auto"
     #: What inner-loop tasks' adapted weights are held and stored in: ``float32`` or ``float16`` (half the memory).
     task_dtype: str = "float32"
     #: What the inner loop computes in: ``float32`` or ``bfloat16`` (autocast; CPUs with native bfloat16, or CUDA).

@@ -32,6 +32,8 @@ class ServiceMetrics:
         ProcessCollector(registry=self.registry)  # process_resident_memory_bytes, CPU seconds, open fds
         self.batch_images = Histogram("fewshot_batch_images", "Images per backbone or network call (merged Classify requests)",
                                       buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512), registry=self.registry)
+        self.adapt_batch_tasks = Histogram("fewshot_adapt_batch_tasks", "Tasks per inner-loop call (stacked concurrent Adapts)",
+                                           buckets=(1, 2, 4, 8, 16, 32), registry=self.registry)
 
     def count_tasks_with(self, count: Callable[[], int]) -> None:
         self.tasks.set_function(count)

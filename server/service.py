@@ -104,6 +104,8 @@ class FewShotService:
         self.auth = auth or Authenticator()
         self.admission = admission or Admission(capacity=64, max_queue=256)
         self.batcher = Batcher(executor, batch_delay, max_batch, on_batch=metrics.batch_images.observe)
+        #: Adapts, where the model stacks them: sizes count tasks, at most 32 per stacked inner loop
+        self.adapt_batcher = Batcher(executor, batch_delay, 32, on_batch=metrics.adapt_batch_tasks.observe)
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
         """Register the ``fewshot.v1.FewShot`` methods on ``server`` (request bytes are parsed by us)."""
@@ -195,13 +197,20 @@ class FewShotService:
         images = [item.image for item in adapt.support]
         budget = call.budget
 
-        def work() -> tuple[TaskRecord, Any, float]:
+        def work() -> tuple[Any, torch.Tensor, tuple[TaskRecord, Any, float] | None]:
             x = decode_for_model(images, model, self.limits.image, "support", budget)
             budget.check("adaptation")
-            return request.run(x, budget.check)
+            key = request.batch_key(x)
+            if key is None:
+                return None, x, request.run(x, budget.check)
+            ran, result = self.adapt_batcher.run_if_idle(key, 1, lambda: request.run(x, budget.check))
+            return key, x, result if ran else None
 
         async with self.admission.slot():
-            record, task, accuracy = await self._offload(work)
+            key, x, result = await self._offload(work)
+            if result is None:  # with concurrent Adapts of its shape, as one stacked inner loop
+                result = await self.adapt_batcher.submit_many(key, (request, x), 1, AdaptRequest.run_many)
+            record, task, accuracy = result
         # durable before we acknowledge; the tenant's quota is checked in the same transaction
         await self._offload(lambda: self.store.put(record, task, self.auth.quota_tasks(call.tenant)))
         call.about(record.task_id)

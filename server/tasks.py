@@ -14,7 +14,7 @@ import secrets
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Hashable, Mapping
 
 import torch
 
@@ -207,8 +207,30 @@ class AdaptRequest:
             start = time.perf_counter()
             task, support_probabilities = self.adapter.adapt_scored(images, self.targets)
             self.seconds = time.perf_counter() - start
-            accuracy = float((support_probabilities.argmax(1) == self.targets).float().mean())
+        return self._result(task, support_probabilities, len(images))
+
+    def batch_key(self, images: torch.Tensor) -> Hashable | None:
+        """The key under which this Adapt may run with concurrent ones of the same model, settings and
+        support shape (:meth:`run_many`), or ``None`` (it runs alone)."""
+        return self.model.adapt_batch_key(self.adapter, tuple(images.shape))
+
+    @staticmethod
+    def run_many(items: list[tuple["AdaptRequest", torch.Tensor]]) -> list[tuple[TaskRecord, Any, float]]:
+        """Adapts of one :meth:`batch_key` as one call (``adapter.adapt_many``, equal to one by one to
+        float rounding); each request's ``seconds`` is the batch's."""
+        first = items[0][0]
+        start = time.perf_counter()
+        tasks = first.adapter.adapt_many([x for _, x in items], [request.targets for request, _ in items])
+        seconds = time.perf_counter() - start
+        results = []
+        for (request, images), task in zip(items, tasks):
+            request.seconds = seconds
+            results.append(request._result(task, task.classify(images), len(images)))
+        return results
+
+    def _result(self, task: Any, support_probabilities: torch.Tensor, images: int) -> tuple[TaskRecord, Any, float]:
+        accuracy = float((support_probabilities.argmax(1) == self.targets).float().mean())
         now = time.time()
         record = TaskRecord(secrets.token_hex(16), self.model.name, self.method, self.labels, now, now + self.ttl,
-                            len(images), dump_task(task), self.tenant)
+                            images, dump_task(task), self.tenant)
         return record, task, accuracy

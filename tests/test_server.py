@@ -192,12 +192,13 @@ def test_a_query_is_classified_the_same_alone_and_merged(server, stub, omniglot_
     requests = [pb.ClassifyRequest(task_id=t, queries=q) for t, q in tasks]
     alone = [[list(p.probabilities) for p in stub.Classify(r).predictions] for r in requests]
     before = _batch_histogram(server)
-    with ThreadPoolExecutor(len(requests)) as pool:  # concurrent: merged within the 30 ms window
-        merged = list(pool.map(lambda r: [list(p.probabilities) for p in stub.Classify(r).predictions], requests))
+    rounds = 3  # each request 3 times from 24 threads: those that find the model's key busy merge
+    with ThreadPoolExecutor(rounds * len(requests)) as pool:
+        merged = list(pool.map(lambda r: [list(p.probabilities) for p in stub.Classify(r).predictions], requests * rounds))
     calls = {le: n - before.get(le, 0.0) for le, n in _batch_histogram(server).items()}
-    # 8 requests of 4 queries: fewer than 8 backbone calls, at least one with more than 4 images
-    assert calls["+Inf"] < len(requests) and calls["4.0"] < calls["+Inf"], calls
-    np.testing.assert_allclose(np.array(merged), np.array(alone), rtol=0, atol=1e-6)
+    # 24 requests of 4 queries: fewer than 24 backbone calls, at least one with more than 4 images
+    assert calls["+Inf"] < rounds * len(requests) and calls["4.0"] < calls["+Inf"], calls
+    np.testing.assert_allclose(np.array(merged), np.array(alone * rounds), rtol=0, atol=1e-6)
 
 
 def test_merged_classify_of_different_inner_loop_tasks_equals_per_task(server, stub, omni_bundles, tmp_path, omniglot_test):
@@ -223,11 +224,13 @@ def test_merged_classify_of_different_inner_loop_tasks_equals_per_task(server, s
         merged_stub = pb_grpc.FewShotStub(channel)
         ids = [merged_stub.Adapt(_adapt_request(s, CXGRAD)).task_id for s in supports]
         before = _batch_histogram(merging)
-        with ThreadPoolExecutor(len(ids)) as pool:
-            merged = list(pool.map(lambda i: probabilities(merged_stub, ids[i], queries[i]), range(len(ids))))
+        rounds = 4  # each task 4 times from 32 threads: requests that find their key busy merge
+        with ThreadPoolExecutor(rounds * len(ids)) as pool:
+            merged = list(pool.map(lambda i: probabilities(merged_stub, ids[i % len(ids)], queries[i % len(ids)]),
+                                   range(rounds * len(ids))))
         calls = {le: n - before.get(le, 0.0) for le, n in _batch_histogram(merging).items()}
-    assert calls["+Inf"] < len(ids) and calls["1.0"] < calls["+Inf"], calls  # some calls held several tasks
-    np.testing.assert_allclose(np.array(merged), np.array(alone), rtol=0, atol=1e-5)
+    assert calls["+Inf"] < rounds * len(ids) and calls["1.0"] < calls["+Inf"], calls  # some calls held several tasks
+    np.testing.assert_allclose(np.array(merged), np.array(alone * rounds), rtol=0, atol=1e-5)
 
 
 def _batch_histogram(server) -> dict[str, float]:
@@ -293,3 +296,34 @@ def test_adapt_stream_equals_adapt(stub, omni_task):
     a = stub.Classify(pb.ClassifyRequest(task_id=streamed.task_id, queries=queries))
     b = stub.Classify(pb.ClassifyRequest(task_id=unary.task_id, queries=queries))
     assert streamed.labels == unary.labels and a.predictions == b.predictions
+
+
+def test_concurrent_adapts_batched_into_one_inner_loop_equal_adapts_one_by_one(stub, omni_bundles, tmp_path, omniglot_test):
+    """``--batch-adapts on``: 8 concurrent CxGrad Adapts of one shape run as stacked inner loops (the
+    server's histogram shows calls of several tasks); each task classifies as the same task adapted
+    alone by the session server."""
+    from fewshot.tools.process import free_port
+
+    sampler = EpisodeSampler(omniglot_test, 5, 1, 2, seed=29)
+    episodes = [sampler.episode(i) for i in range(8)]
+    supports = [[pb.LabelledImage(image=pb.Image(encoded=png(omniglot_test.images[j])), label=str(c))
+                 for j, c in zip(ep.support, ep.support_labels)] for ep in episodes]
+    queries = [[pb.Image(encoded=png(omniglot_test.images[j])) for j in ep.query] for ep in episodes]
+
+    def probabilities(target_stub, task_id, q):
+        return [list(p.probabilities) for p in target_stub.Classify(pb.ClassifyRequest(task_id=task_id, queries=q)).predictions]
+
+    alone = [probabilities(stub, stub.Adapt(_adapt_request(s, CXGRAD)).task_id, q) for s, q in zip(supports, queries)]
+    port = free_port()
+    batching = ServerProcess(omni_bundles, tmp_path / "state", *SMALL, "--batch-adapts", "on", "--batch-delay-ms", "50",
+                             "--metrics-port", str(port))
+    with batching, grpc.insecure_channel(batching.target) as channel:
+        batched_stub = pb_grpc.FewShotStub(channel)
+        with ThreadPoolExecutor(len(supports)) as pool:
+            ids = list(pool.map(lambda s: batched_stub.Adapt(_adapt_request(s, CXGRAD)).task_id, supports))
+        batched = [probabilities(batched_stub, t, q) for t, q in zip(ids, queries)]
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    calls = {line.split('le="')[1].split('"')[0]: float(line.rsplit(" ", 1)[1])
+             for line in text.splitlines() if line.startswith("fewshot_adapt_batch_tasks_bucket")}
+    assert calls["+Inf"] < len(supports) and calls["1.0"] < calls["+Inf"], calls  # some calls stacked tasks
+    np.testing.assert_allclose(np.array(batched), np.array(alone), rtol=0, atol=1e-4)

@@ -138,6 +138,9 @@ class InnerLoopFamily(Family):
         self.task_dtype = torch.float32
         #: What the inner loop computes in: float32, or bfloat16 autocast (``--inner-precision``).
         self.precision = torch.float32
+        #: Concurrent Adapts of one shape as one stacked inner loop (``--batch-adapts``): on CUDA by
+        #: default; on this CPU it won 1.2-1.4x for Omniglot and lost on Tiny ImageNet (BENCHMARKS.md).
+        self.adapt_batching = self.device.type == "cuda"
 
     def hold_tasks_in(self, dtype: torch.dtype) -> None:
         """Adapted weights held in ``dtype`` (float16: half the memory; agreement in BENCHMARKS.md)."""
@@ -150,6 +153,14 @@ class InnerLoopFamily(Family):
             raise ConfigError("--inner-precision bfloat16 needs a CPU with native bfloat16 (AVX-512 BF16 or AMX) "
                               "or a CUDA device; this one has neither: use float32")
         self.precision = precision
+
+    def batch_adapts(self, on: bool) -> None:
+        self.adapt_batching = on
+
+    def adapt_batch_key(self, adapter: NetworkAdapter, support_shape: tuple[int, ...]) -> Any:
+        if not self.adapt_batching or not adapter.adapter.stacks([support_shape]):
+            return None
+        return ("adapt", id(self), adapter.steps, adapter.bn_mode, str(adapter.adapter.dtype), support_shape)
 
     def merge_tasks(self, on: bool) -> None:
         """Merge Classify requests of different tasks into one stacked call (``True``) or not."""
