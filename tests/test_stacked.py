@@ -130,3 +130,32 @@ def test_rules_that_do_not_stack_and_mixed_shapes_adapt_one_by_one(episodes):
     two_shot = torch.cat([s0, s1]), torch.cat([y0, y1])
     mixed = maml.adapt_many([s0, two_shot[0]], [y0, two_shot[1]])
     torch.testing.assert_close(mixed[1].logits(q0), maml.adapt(*two_shot).logits(q0))
+
+
+def test_bfloat16_inner_loop_agrees_with_float32_and_is_refused_without_native_support(cxgrad, episodes, monkeypatch):
+    """``--inner-precision bfloat16``: the inner loop under autocast, weights and frozen statistics in
+    float32; on a CPU without native bfloat16 the setting is refused with what to use instead."""
+    from fewshot.errors import ConfigError
+    from fewshot.models.meta import family as inner_family
+
+    if not inner_family.bfloat16_supported():
+        with pytest.raises(ConfigError, match="use float32"):
+            cxgrad.adapt_in(torch.bfloat16)
+        pytest.skip("this CPU has no native bfloat16: the refusal is what there is to test")
+    cxgrad.adapt_in(torch.bfloat16)
+    try:
+        half = cxgrad.adapter(bn_mode="support")
+        assert cxgrad.describe(half)["inner_precision"] == "bfloat16"
+        pairs = [(half.adapt(s, y), q) for s, y, q in episodes]
+    finally:
+        cxgrad.adapt_in(torch.float32)
+    full = cxgrad.adapter(bn_mode="support")
+    agree = total = 0
+    for (task, q), (s, y, _) in zip(pairs, episodes):
+        assert all(t.dtype == torch.float32 for t in task.state.params.values())
+        agree += int((task.classify(q).argmax(1) == full.adapt(s, y).classify(q).argmax(1)).sum())
+        total += len(q)
+    assert agree / total >= 0.9  # BENCHMARKS.md: 100% on Omniglot over 750 queries
+    monkeypatch.setattr(inner_family, "bfloat16_supported", lambda: False)
+    with pytest.raises(ConfigError, match="needs a CPU with native bfloat16"):
+        cxgrad.adapt_in(torch.bfloat16)
