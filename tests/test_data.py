@@ -52,3 +52,20 @@ def test_image_folder_errors_name_the_problem(tmp_path):
     Image.new("L", (8, 8)).save(tmp_path / "a" / "x.png")
     with pytest.raises(DatasetError, match="has no images"):
         load_image_folder(tmp_path, spec)
+
+
+def test_normalize_gives_the_torch_formulas_values_bit_for_bit(omniglot_test):
+    """``InputSpec.normalize`` runs in numpy (no intra-op thread hand-off for small batches); its values
+    are those of ``(x / 255 - mean) / std`` in torch float32, on which every shipped model was trained."""
+    import torch
+
+    from fewshot.models.preprocess import InputSpec
+
+    rng = np.random.default_rng(0)
+    for spec, images in ((InputSpec.for_dataset("omniglot"), omniglot_test.images[:500]),
+                         (InputSpec.for_dataset("tinyimagenet"), rng.integers(0, 256, (200, 64, 64, 3), dtype=np.uint8))):
+        x = torch.as_tensor(images).permute(0, 3, 1, 2).float().div_(255.0)
+        expected = (x - torch.tensor(spec.mean).view(1, -1, 1, 1)) / torch.tensor(spec.std).view(1, -1, 1, 1)
+        got = spec.normalize(images)
+        assert got.dtype == torch.float32 and got.is_contiguous() and torch.equal(got, expected)
+        assert torch.equal(spec.normalize(torch.as_tensor(images)), expected)
