@@ -111,6 +111,9 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data-root", help="default: $FEWSHOT_DATA or ../shared/data")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--predictions", help="write every task's predicted query classes to this JSON file")
+    p.add_argument("--open-set", action="store_true", help="open-set protocol: each task's queries also hold --queries "
+                   "images of each of --ways unseen test classes; reports closed-set accuracy and the AUROC of the "
+                   "maximum probability, known vs unknown (first step of issue 16)")
     p.add_argument("--progress", action="store_true", help="show a progress bar")
 
 
@@ -136,6 +139,17 @@ def eval_row(args: argparse.Namespace) -> dict:
                                              "inner_steps": args.inner_steps})
     adapter = model.adapter(method, shots=args.shots, **settings)
     data = load_dataset(dataset, args.split, args.data_root)
+    if getattr(args, "open_set", False):
+        from fewshot.models.openset import evaluate_open_set
+
+        if getattr(args, "predictions", None):
+            raise ConfigError("--predictions is for closed-set runs; drop it or --open-set")
+        res = evaluate_open_set(adapter, data, model.spec.normalize, args.ways, args.shots, args.queries, args.tasks, args.seed)
+        return {"model": model.name, "dataset": dataset, "split": args.split, "ways": args.ways, "shots": args.shots,
+                "queries": args.queries, "head": args.head or method, **model.describe(adapter), "tasks": res.tasks,
+                "seed": args.seed, "open_set": True, "accuracy": round(res.accuracy, 2), "ci95": round(res.accuracy_ci95, 2),
+                "auroc": round(res.auroc, 2), "auroc_ci95": round(res.auroc_ci95, 2), "score": "max_probability",
+                "seconds": round(res.seconds, 2)}
     res = evaluate(adapter, data, model.spec.normalize, args.ways, args.shots, args.queries, args.tasks, args.seed,
                    progress=args.progress)
     if getattr(args, "predictions", None):
@@ -147,8 +161,10 @@ def eval_row(args: argparse.Namespace) -> dict:
 
 
 def _describe(row: dict) -> str:
+    open_set = f", open-set AUROC {row['auroc']:.2f} +- {row['auroc_ci95']:.2f} (max probability)" if row.get("open_set") else ""
     return (f"{row['model']} {row['dataset']}/{row['split']} {row['ways']}-way {row['shots']}-shot {row['head']}: "
-            f"{row['accuracy']:.2f} +- {row['ci95']:.2f} % over {row['tasks']} tasks (seed {row['seed']}, {row['seconds']:.1f} s)")
+            f"{row['accuracy']:.2f} +- {row['ci95']:.2f} %{open_set} over {row['tasks']} tasks (seed {row['seed']}, "
+            f"{row['seconds']:.1f} s)")
 
 
 def _run_eval(args: argparse.Namespace) -> None:
