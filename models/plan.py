@@ -36,6 +36,18 @@ class ClassifyPlan:
         return self.finish(self.heavy(query))
 
 
+def finish_each(outputs: list[torch.Tensor], finishes: list[Callable[[torch.Tensor], Any]]) -> list[Any]:
+    """``finish(output)`` per request of a merged call; a ``finish`` that raises gives its exception as
+    that request's result, and the others keep their answers."""
+    results: list[Any] = []
+    for out, finish in zip(outputs, finishes):
+        try:
+            results.append(finish(out))
+        except Exception as exc:  # this request's head failed
+            results.append(exc)
+    return results
+
+
 def softmax_rows(logits: torch.Tensor) -> torch.Tensor:
     """``(Q, N)`` logits -> ``(Q, N)`` probabilities."""
     return torch.softmax(logits, dim=1)

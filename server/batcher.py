@@ -19,6 +19,8 @@ from typing import Any, Callable, Hashable
 
 import torch
 
+from fewshot.models.plan import finish_each
+
 
 Fn = Callable[[torch.Tensor], torch.Tensor]
 #: Runs a batch of requests' items at once -> one result (or the exception it raised) per item.
@@ -35,14 +37,8 @@ def concatenated(run: Fn) -> RunMany:
 
     def run_many(items: list[tuple[torch.Tensor, Fn]]) -> list[Any]:
         inputs = [x for x, _ in items]
-        out, start, results = run(torch.cat(inputs) if len(inputs) > 1 else inputs[0]), 0, []
-        for x, finish in items:
-            try:
-                results.append(finish(out[start:start + len(x)]))
-            except Exception as exc:  # this request's head failed; the others keep their answers
-                results.append(exc)
-            start += len(x)
-        return results
+        out = run(torch.cat(inputs) if len(inputs) > 1 else inputs[0])
+        return finish_each(list(out.split([len(x) for x in inputs])), [finish for _, finish in items])
 
     return run_many
 

@@ -225,25 +225,26 @@ class FewShotService:
             self.limits.check_queries(len(request.queries))
             budget, queries = call.budget, list(request.queries)
 
-            def find_decode_run() -> tuple[TaskRecord, Family, Any, torch.Tensor, pb.ClassifyResponse | None]:
+            def find_decode_run() -> tuple[TaskRecord, Family, tuple[Any, ...], pb.ClassifyResponse | None]:
                 """One hop: the lookup, decoding and, when nothing could merge with it, the work and
                 the response itself."""
                 record, task, model = find_task(self.store, self.models, task_id, call.tenant.name)
                 x = decode_for_model(queries, model, self.limits.image, "query", budget)
                 budget.check("classification")
                 plan = task.plan()
-                key, _ = self._merge(plan, x)
+                key, grouped = self._merge(plan, x)
                 if key is None:  # depends on the whole batch: never merged
                     ran, probs = True, plan.run(x)
                 else:
                     ran, probs = self.batcher.run_if_idle(key, len(x), lambda: plan.run(x))
-                return record, model, plan, x, _response(probs.numpy(), record.labels, request.top_k) if ran else None
+                return (record, model, (plan, x, key, grouped),
+                        _response(probs.numpy(), record.labels, request.top_k) if ran else None)
 
             async with self.admission.slot():
-                record, model, plan, x, response = await self._offload(find_decode_run)
+                record, model, work, response = await self._offload(find_decode_run)
                 call.fields.update(model=model.name, method=record.method, queries=len(queries))
                 if response is None:  # merged with concurrent requests
-                    probs = await self._classify(plan, x)
+                    probs = await self._classify(*work)
                     response = _response(probs.numpy(), record.labels, request.top_k)
             if self.store.deleted_since(task_id, call.started):  # DeleteTask answered while we worked
                 raise NotFound(f"task {task_id} was deleted during this call")
@@ -260,16 +261,13 @@ class FewShotService:
             return grouped[0], grouped[1:]
         return plan.key, None
 
-    async def _classify(self, plan: ClassifyPlan, x: torch.Tensor) -> torch.Tensor:
+    async def _classify(self, plan: ClassifyPlan, x: torch.Tensor, key: Any, grouped: Any) -> torch.Tensor:
         """``(Q, C, H, W)`` -> ``(Q, N)`` probabilities by the task's own plan (what ``task.classify``
-        runs), its heavy part merged with concurrent requests of the same key (or, stacked, of other
-        tasks of the model)."""
-        key, grouped = self._merge(plan, x)
+        runs), its heavy part merged with concurrent requests of the same ``key`` (or, stacked, of other
+        tasks of the model: ``grouped``), as :meth:`_merge` gave them."""
         if grouped is not None:
             item, run_many = grouped
             return await self.batcher.submit_many(key, item, len(x), run_many)
-        if key is None:
-            return await self._offload(plan.run, x)
         return await self.batcher.submit(key, x, plan.heavy, plan.finish)
 
     # -- task and model info --------------------------------------------------------------------

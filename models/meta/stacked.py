@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from fewshot.models.meta.inner_loop import InnerLoopTask, inner_loop, pack
 from fewshot.models.meta.network import BNStats, MetaConv4, Params
 from fewshot.models.meta.rules import UpdateRule
+from fewshot.models.plan import finish_each
 
 
 def stack(params: Sequence[Params]) -> Params:
@@ -136,11 +137,4 @@ class StackedClassify:
         return [out[t, :len(q)] for t, q in enumerate(images)]
 
     def run_many(self, items: Sequence[tuple[Any, torch.Tensor, Callable[[torch.Tensor], Any]]]) -> list[Any]:
-        outs = self.logits([s for s, _, _ in items], [x for _, x, _ in items])
-        results: list[Any] = []
-        for out, (_, _, finish) in zip(outs, items):
-            try:
-                results.append(finish(out))
-            except Exception as exc:  # this request's finish failed; the others keep their answers
-                results.append(exc)
-        return results
+        return finish_each(self.logits([s for s, _, _ in items], [x for _, x, _ in items]), [f for _, _, f in items])
