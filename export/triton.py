@@ -135,8 +135,13 @@ def fewshot_model_configs(bundle_dir: Path, state_dir: Path, instances: int = 1)
     adapt_in = [_tensor("model", strings, [1]), _tensor("labels", strings, [-1]), _tensor("images", strings, [-1]),
                 _tensor("method", strings, [1], optional=True)]
     adapt_out = [_tensor("task_id", strings, [1]), _tensor("labels", strings, [-1])]
-    classify_in = [_tensor("task_id", strings, [1]), _tensor("images", strings, [-1])]
-    classify_out = [_tensor("probabilities", "TYPE_FP32", [-1, -1]), _tensor("labels", strings, [-1])]
+    classify_in = [_tensor("task_id", strings, [1]), _tensor("images", strings, [-1]),
+                   _tensor("reject_unknown", "TYPE_BOOL", [1], optional=True),
+                   _tensor("threshold", "TYPE_FP64", [1], optional=True),
+                   _tensor("target_recall", "TYPE_FP64", [1], optional=True)]
+    classify_out = [_tensor("probabilities", "TYPE_FP32", [-1, -1]), _tensor("labels", strings, [-1]),
+                    _tensor("unknown", "TYPE_BOOL", [-1]), _tensor("scores", "TYPE_FP64", [-1]),
+                    _tensor("threshold", "TYPE_FP64", [1])]
     return {ADAPT_MODEL: _config(ADAPT_MODEL, "python", 0, adapt_in, adapt_out, ("KIND_CPU", instances), params),
             CLASSIFY_MODEL: _config(CLASSIFY_MODEL, "python", 0, classify_in, classify_out, ("KIND_CPU", instances), params)}
 

@@ -112,8 +112,9 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--predictions", help="write every task's predicted query classes to this JSON file")
     p.add_argument("--open-set", action="store_true", help="open-set protocol: each task's queries also hold --queries "
-                   "images of each of --ways unseen test classes; reports closed-set accuracy and the AUROC of the "
-                   "maximum probability, known vs unknown (first step of issue 16)")
+                   "images of each of --ways unseen test classes; reports closed-set accuracy, the AUROC of the "
+                   "method's calibrated score (known vs unknown), known acceptance and unknown rejection at the "
+                   "calibrated threshold, and the ECE before and after temperature scaling")
     p.add_argument("--progress", action="store_true", help="show a progress bar")
 
 
@@ -144,12 +145,17 @@ def eval_row(args: argparse.Namespace) -> dict:
 
         if getattr(args, "predictions", None):
             raise ConfigError("--predictions is for closed-set runs; drop it or --open-set")
-        res = evaluate_open_set(adapter, data, model.spec.normalize, args.ways, args.shots, args.queries, args.tasks, args.seed)
+        res = evaluate_open_set(adapter, data, lambda idx: model.spec.normalize(data.images[idx]), args.ways, args.shots,
+                                args.queries, args.tasks, args.seed, progress=args.progress)
+        r2 = lambda v: None if v is None or v != v else round(v, 2)  # noqa: E731  (NaN: no threshold)
         return {"model": model.name, "dataset": dataset, "split": args.split, "ways": args.ways, "shots": args.shots,
                 "queries": args.queries, "head": args.head or method, **model.describe(adapter), "tasks": res.tasks,
-                "seed": args.seed, "open_set": True, "accuracy": round(res.accuracy, 2), "ci95": round(res.accuracy_ci95, 2),
-                "auroc": round(res.auroc, 2), "auroc_ci95": round(res.auroc_ci95, 2), "score": "max_probability",
-                "seconds": round(res.seconds, 2)}
+                "seed": args.seed, "open_set": True, "accuracy": r2(res.accuracy), "ci95": r2(res.accuracy_ci95),
+                "auroc": r2(res.auroc), "auroc_ci95": r2(res.auroc_ci95), "score": res.score,
+                "temperature": round(res.temperature, 4), "threshold": res.threshold,
+                "acceptance": r2(res.acceptance), "acceptance_ci95": r2(res.acceptance_ci95),
+                "rejection": r2(res.rejection), "rejection_ci95": r2(res.rejection_ci95),
+                "ece_before": r2(res.ece_before), "ece_after": r2(res.ece_after), "seconds": r2(res.seconds)}
     res = evaluate(adapter, data, model.spec.normalize, args.ways, args.shots, args.queries, args.tasks, args.seed,
                    progress=args.progress)
     if getattr(args, "predictions", None):
@@ -161,7 +167,13 @@ def eval_row(args: argparse.Namespace) -> dict:
 
 
 def _describe(row: dict) -> str:
-    open_set = f", open-set AUROC {row['auroc']:.2f} +- {row['auroc_ci95']:.2f} (max probability)" if row.get("open_set") else ""
+    open_set = ""
+    if row.get("open_set"):
+        open_set = f", open-set AUROC {row['auroc']:.2f} +- {row['auroc_ci95']:.2f} ({row['score']})"
+        if row.get("acceptance") is not None:
+            open_set += (f", at the calibrated threshold known accepted {row['acceptance']:.2f} +- {row['acceptance_ci95']:.2f} %, "
+                         f"unknown rejected {row['rejection']:.2f} +- {row['rejection_ci95']:.2f} %")
+        open_set += f", ECE {row['ece_before']:.2f} -> {row['ece_after']:.2f} (T={row['temperature']:g})"
     return (f"{row['model']} {row['dataset']}/{row['split']} {row['ways']}-way {row['shots']}-shot {row['head']}: "
             f"{row['accuracy']:.2f} +- {row['ci95']:.2f} %{open_set} over {row['tasks']} tasks (seed {row['seed']}, "
             f"{row['seconds']:.1f} s)")
@@ -215,6 +227,24 @@ def _run_tune(args: argparse.Namespace) -> None:
         raise ConfigError(f"unknown head {', '.join(unknown)}: heads are {', '.join(HEADS)}")
     for key, accuracy in tune_shipped(args.model, args.head, args.tasks).items():
         print(f"{args.model}: validation {key} {accuracy:.2f}")
+
+
+def _add_calibrate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("calibrate", help="open-set calibration of a shipped model on validation episodes with "
+                       "distractor classes (temperature, score, thresholds per method and shot count), into its card")
+    p.add_argument("--model", required=True, help="shipped model name (models/zoo) or a model folder")
+    p.add_argument("--method", action="append", help="method to calibrate (repeat; default: every method)")
+    p.add_argument("--tasks", type=int, default=300, help="validation episodes per method and shot count")
+    p.add_argument("--seed", type=int, help="default: the card's training seed")
+    p.add_argument("--data-root", help="default: $FEWSHOT_DATA or ../shared/data")
+
+
+def _run_calibrate(args: argparse.Namespace) -> None:
+    from fewshot.models.packaging import calibrate_shipped
+
+    if args.tasks < 1:
+        raise ConfigError(f"--tasks must be at least 1, got {args.tasks}")
+    calibrate_shipped(args.model, args.tasks, args.seed, args.data_root, args.method, log=print)
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
@@ -478,6 +508,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_eval(sub)
     _add_package(sub)
     _add_tune(sub)
+    _add_calibrate(sub)
     _add_demo(sub)
     _add_bench(sub)
     _add_export(sub)
@@ -485,7 +516,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_token_hash(sub)
     args = parser.parse_args(argv)
     try:
-        {"train": _run_train, "average": _run_average, "eval": _run_eval, "package": _run_package, "tune": _run_tune, "demo": _run_demo, "bench": _run_bench, "export": _run_export,
+        {"train": _run_train, "average": _run_average, "eval": _run_eval, "package": _run_package, "tune": _run_tune, "calibrate": _run_calibrate, "demo": _run_demo, "bench": _run_bench, "export": _run_export,
          "serve": _run_serve, "token-hash": _run_token_hash}[args.command](args)
     except (FewShotError, OSError) as exc:  # anything else is a bug: its traceback is shown
         print(f"fewshot {args.command}: error: {one_line(str(exc), 2000)}", file=sys.stderr)

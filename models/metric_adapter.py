@@ -14,6 +14,7 @@ from typing import Any, Mapping
 import torch
 
 from fewshot.errors import ConfigError
+from fewshot.models.calibration import UNCALIBRATED, OpenSetCalibration, calibration_for
 from fewshot.models.family import Family, Part
 from fewshot.models.features import FeatureExtractor, SessionFeatures
 from fewshot.models.heads import HEADS, STATE_KINDS, FewShotHead, HeadState
@@ -29,22 +30,28 @@ class MetricTask(PlannedTask):
 
     state: HeadState
     extract: FeatureExtractor
+    open_set: OpenSetCalibration = UNCALIBRATED
 
     def plan(self) -> ClassifyPlan:
         """Backbone features (batch-invariant: merged across requests of the same backbone), then the
-        head on this request's features alone (LaplacianShot stays transductive over one request)."""
-        return ClassifyPlan(("features", id(self.extract)), self.extract, self.state.classify)
+        head on this request's features alone (LaplacianShot stays transductive over one request) and
+        the temperature."""
+        return ClassifyPlan(("features", id(self.extract)), self.extract, self.head_logits)
+
+    def head_logits(self, features: torch.Tensor) -> torch.Tensor:
+        """``(Q, d)`` features -> ``(Q, N)`` calibrated logits."""
+        return self.open_set.calibrate(self.state.logits(features))
 
     def to_stored(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         tensors, meta = self.state.to_stored()
-        return tensors, {"kind": self.state.kind, **meta}
+        return tensors, {"kind": self.state.kind, **meta, "open_set": self.open_set.to_dict()}
 
 
 class MetricAdapter:
     """Frozen backbone features + head (nearest centroid, LaplacianShot, logistic regression, ...)."""
 
-    def __init__(self, extract: FeatureExtractor, head: FewShotHead) -> None:
-        self.extract, self.head = extract, head
+    def __init__(self, extract: FeatureExtractor, head: FewShotHead, open_set: OpenSetCalibration = UNCALIBRATED) -> None:
+        self.extract, self.head, self.open_set = extract, head, open_set
 
     def adapt(self, support: torch.Tensor, labels: torch.Tensor) -> MetricTask:
         """``(S, C, H, W)`` normalised images, ``(S,)`` labels in ``0..N-1``."""
@@ -54,8 +61,8 @@ class MetricAdapter:
         """The task and its ``(S, N)`` probabilities on the support set itself (what ``classify(support)``
         gives), from one backbone pass over the support images."""
         features = self.extract(support)
-        task = MetricTask(self.head.fit(features, labels), self.extract)
-        return task, task.state.classify(features)
+        task = MetricTask(self.head.fit(features, labels), self.extract, self.open_set)
+        return task, torch.softmax(task.head_logits(features), dim=1)
 
 
 #: Every metric head takes the feature transform as a setting (``fewshot eval --transform``).
@@ -99,7 +106,8 @@ class MetricFamily(Family):
 
     def adapter(self, method: str | None = None, shots: int = 1, **settings: Any) -> MetricAdapter:
         method = self.resolve_method(method)
-        return MetricAdapter(self.extract, HEADS[method].from_card(self.manifest["heads"][method], shots, self.center, **settings))
+        return MetricAdapter(self.extract, HEADS[method].from_card(self.manifest["heads"][method], shots, self.center, **settings),
+                             calibration_for(self.manifest, method, shots))
 
     def describe(self, adapter: MetricAdapter) -> dict[str, Any]:
         return adapter.head.describe()
@@ -107,9 +115,10 @@ class MetricFamily(Family):
     def decode(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> MetricTask:
         meta = dict(meta)
         kind = meta.pop("kind", None)
+        open_set = OpenSetCalibration.from_dict(meta.pop("open_set", None))
         if kind not in STATE_KINDS:
             raise ConfigError(f"a stored task of kind {kind!r} is not a metric head's ({', '.join(sorted(STATE_KINDS))})")
-        return MetricTask(STATE_KINDS[kind].from_stored(tensors, meta), self.extract)
+        return MetricTask(STATE_KINDS[kind].from_stored(tensors, meta), self.extract, open_set)
 
     @classmethod
     def result_runs(cls, card: Mapping[str, Any], settings: list[tuple[int, int]]) -> list[tuple[int, int, str, list[str]]]:

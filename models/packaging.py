@@ -4,13 +4,15 @@
 vector on training classes and tunes every registered head on validation tasks
 (:mod:`fewshot.models.tuning`); ``package_meta_run`` (meta-trained, inner-loop family) records the inner
 loop's settings. ``tune_shipped`` re-tunes heads of an already shipped model (``fewshot tune``), e.g.
-after a new head was added.
+after a new head was added. Both end with :func:`calibrate_shipped` (also ``fewshot calibrate``): the
+open-set calibration of every method at 1 and 5 shots on validation episodes with distractor classes,
+written into the card's ``open_set`` block (and from there into every exported bundle's manifest).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -66,6 +68,7 @@ def package_run(checkpoint: Path, name: str, command: str, out_dir: Path = ZOO_D
         "limits": {"max_ways": 50, "max_shots": 50}, "accuracy": {},
     }
     ModelCard.from_dict(card).save(path)
+    calibrate_shipped(path)
     return path
 
 
@@ -86,7 +89,53 @@ def tune_shipped(name: str, heads: Iterable[str], tasks: int | None = None) -> d
     card.family_blocks["head_tuning"] = {**record, "tasks": tasks, "seed": seed,
                                          "accuracy": {**record.get("accuracy", {}), **new["accuracy"]}}
     card.save(model.path)
+    calibrate_shipped(model.path, methods=list(heads))  # the heads' logits changed: so does their calibration
     return new["accuracy"]
+
+
+#: Open-set calibration: 5-way validation episodes, 15 known and 15 distractor queries per class.
+CALIBRATION_WAYS, CALIBRATION_QUERIES, CALIBRATION_SHOTS, CALIBRATION_TASKS = 5, 15, (1, 5), 300
+
+
+def calibrate_shipped(name: str | Path, tasks: int = CALIBRATION_TASKS, seed: int | None = None,
+                      data_root: str | None = None, methods: Iterable[str] | None = None,
+                      log: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
+    """Calibrate every method (or ``methods``) of shipped model ``name`` at 1 and 5 shots on ``tasks``
+    open-set validation episodes (:func:`fewshot.models.openset.calibrate`) and write the card's
+    ``open_set`` block; returns it. Metric heads run on precomputed validation features (the backbone
+    is batch-invariant, so this equals adapting on images); inner-loop models adapt on images, with
+    the served BatchNorm mode. Seed: the card's training seed."""
+    from fewshot.models.family import open_shipped
+    from fewshot.models.metric_adapter import MetricAdapter
+    from fewshot.models.openset import calibrate
+
+    shipped = load_model(name)
+    card = shipped.card
+    seed = int(card.training["seed"]) if seed is None else seed
+    family = open_shipped(shipped)
+    val: ImageSet = load_dataset(card.dataset, "val", data_root)
+    if family.family == "metric":
+        feats = torch.cat([family.extract(family.spec.normalize(val.images[i:i + 512])) for i in range(0, len(val.images), 512)])
+        inputs = lambda idx: feats[idx]  # noqa: E731
+    else:
+        inputs = lambda idx: family.spec.normalize(val.images[idx])  # noqa: E731
+    block: dict[str, Any] = {"tasks": tasks, "seed": seed, "ways": CALIBRATION_WAYS, "queries": CALIBRATION_QUERIES,
+                             "split": "val", "methods": dict(card.family_blocks.get("open_set", {}).get("methods", {}))}
+    for method in methods or family.methods:
+        by_shots, records = {}, {}
+        for shots in CALIBRATION_SHOTS:
+            adapter = family.adapter(method, shots=shots)
+            if isinstance(adapter, MetricAdapter):
+                adapter = MetricAdapter(lambda f: f, adapter.head)
+            cal, record = calibrate(adapter, val, inputs, CALIBRATION_WAYS, shots, CALIBRATION_QUERIES, tasks, seed)
+            by_shots[str(shots)], records[str(shots)] = cal.to_dict(), record
+            log(f"{card.name} {method} {shots}-shot: T={cal.temperature:.4g}, score {cal.score}, {record}")
+        block["methods"][method] = {"by_shots": by_shots, "validation": records}
+    card.family_blocks["open_set"] = block
+    card.save(shipped.path)
+    return block
+
+
 def package_meta_run(checkpoint: Path, name: str, command: str, out_dir: Path = ZOO_DIR) -> Path:
     """Turn a meta-training checkpoint into ``out_dir/name`` (weights + card)."""
     ck = torch.load(checkpoint, map_location="cpu", weights_only=False)
@@ -111,6 +160,7 @@ def package_meta_run(checkpoint: Path, name: str, command: str, out_dir: Path = 
         "limits": {"min_ways": cfg["ways"], "max_ways": cfg["ways"], "max_shots": 50}, "accuracy": {},
     }
     ModelCard.from_dict(card).save(path)
+    calibrate_shipped(path)
     return path
 
 

@@ -16,14 +16,16 @@ from typing import Any, Callable, Hashable
 
 import torch
 
+from fewshot.models.calibration import OpenSetCalibration
+
 #: Given a request's query images: ``(key, item, run_many)`` to merge it with requests of *other*
-#: tasks (``run_many([item, ...])`` -> one ``(Q, N)`` probability tensor per item), or ``None``.
+#: tasks (``run_many([item, ...])`` -> one ``(Q, N)`` calibrated-logit tensor per item), or ``None``.
 Group = Callable[[torch.Tensor], "tuple[Hashable, Any, Callable[[list[Any]], list[Any]]] | None"]
 
 
 @dataclass(frozen=True)
 class ClassifyPlan:
-    """``(Q, C, H, W)`` query images -> ``finish(heavy(x))``: ``(Q, N)`` probabilities."""
+    """``(Q, C, H, W)`` query images -> ``finish(heavy(x))``: ``(Q, N)`` calibrated logits."""
 
     key: Hashable | None
     heavy: Callable[[torch.Tensor], torch.Tensor]
@@ -32,7 +34,7 @@ class ClassifyPlan:
     group: Group | None = None
 
     def run(self, query: torch.Tensor) -> torch.Tensor:
-        """The plan alone, unmerged: what ``classify`` returns."""
+        """The plan alone, unmerged: what ``calibrated_logits`` returns."""
         return self.finish(self.heavy(query))
 
 
@@ -48,16 +50,13 @@ def finish_each(outputs: list[torch.Tensor], finishes: list[Callable[[torch.Tens
     return results
 
 
-def softmax_rows(logits: torch.Tensor) -> torch.Tensor:
-    """``(Q, N)`` logits -> ``(Q, N)`` probabilities."""
-    return torch.softmax(logits, dim=1)
-
-
 class PlannedTask:
-    """Base of the adapted tasks: ``classify`` *is* ``plan().run`` and a task is transductive when its
-    state is. Subclasses hold a ``state`` and say how they classify in :meth:`plan`."""
+    """Base of the adapted tasks: ``classify`` is ``softmax(plan().run)`` and a task is transductive when
+    its state is. Subclasses hold a ``state`` and their :class:`~fewshot.models.calibration.OpenSetCalibration`
+    (``open_set``), and say how they classify in :meth:`plan`."""
 
     state: Any
+    open_set: OpenSetCalibration
 
     @property
     def transductive(self) -> bool:
@@ -66,6 +65,10 @@ class PlannedTask:
     def plan(self) -> ClassifyPlan:
         raise NotImplementedError
 
-    def classify(self, query: torch.Tensor) -> torch.Tensor:
-        """``(Q, C, H, W)`` normalised images -> ``(Q, N)`` probabilities."""
+    def calibrated_logits(self, query: torch.Tensor) -> torch.Tensor:
+        """``(Q, C, H, W)`` normalised images -> ``(Q, N)`` calibrated logits (``plan().run``)."""
         return self.plan().run(query)
+
+    def classify(self, query: torch.Tensor) -> torch.Tensor:
+        """``(Q, C, H, W)`` normalised images -> ``(Q, N)`` calibrated probabilities."""
+        return torch.softmax(self.calibrated_logits(query), dim=1)

@@ -27,6 +27,7 @@ import torch
 from google.protobuf.message import Message
 
 from fewshot.errors import one_line
+from fewshot.models.calibration import OpenSetCalibration
 from fewshot.models.family import Family
 from fewshot.models.plan import ClassifyPlan
 from fewshot.server.admission import Admission
@@ -37,7 +38,7 @@ from fewshot.server.errors import InvalidRequest, NotFound, ServiceError
 from fewshot.server.images import decode_for_model
 from fewshot.server.metrics import ServiceMetrics
 from fewshot.server.store import TaskRecord, TaskStore
-from fewshot.server.tasks import AdaptRequest, ServiceLimits, check_task_id, find_task, get_model, resolve_method, task_ref
+from fewshot.server.tasks import AdaptRequest, Rejection, ServiceLimits, check_task_id, find_task, get_model, resolve_method, task_ref
 from fewshot_client._proto import fewshot_pb2 as pb
 
 __all__ = ["FewShotService", "ServiceLimits", "model_info", "STATUSES"]  # ServiceLimits lives in tasks.py, shared with Triton
@@ -223,9 +224,11 @@ class FewShotService:
             request = parse(pb.ClassifyRequest, raw)
             task_id = call.about(check_task_id(request.task_id))
             self.limits.check_queries(len(request.queries))
+            rejection = Rejection.check(request.reject_unknown, request.threshold if request.HasField("threshold") else None,
+                                        request.target_recall if request.HasField("target_recall") else None)
             budget, queries = call.budget, list(request.queries)
 
-            def find_decode_run() -> tuple[TaskRecord, Family, tuple[Any, ...], pb.ClassifyResponse | None]:
+            def find_decode_run() -> tuple[TaskRecord, Family, Any, tuple[Any, ...], pb.ClassifyResponse | None]:
                 """One hop: the lookup, decoding and, when nothing could merge with it, the work and
                 the response itself."""
                 record, task, model = find_task(self.store, self.models, task_id, call.tenant.name)
@@ -234,18 +237,18 @@ class FewShotService:
                 plan = task.plan()
                 key, grouped = self._merge(plan, x)
                 if key is None:  # depends on the whole batch: never merged
-                    ran, probs = True, plan.run(x)
+                    ran, logits = True, plan.run(x)
                 else:
-                    ran, probs = self.batcher.run_if_idle(key, len(x), lambda: plan.run(x))
-                return (record, model, (plan, x, key, grouped),
-                        _response(probs.numpy(), record.labels, request.top_k) if ran else None)
+                    ran, logits = self.batcher.run_if_idle(key, len(x), lambda: plan.run(x))
+                return (record, model, task, (plan, x, key, grouped),
+                        _response(logits, record.labels, request.top_k, task.open_set, rejection) if ran else None)
 
             async with self.admission.slot():
-                record, model, work, response = await self._offload(find_decode_run)
+                record, model, task, work, response = await self._offload(find_decode_run)
                 call.fields.update(model=model.name, method=record.method, queries=len(queries))
                 if response is None:  # merged with concurrent requests
-                    probs = await self._classify(*work)
-                    response = _response(probs.numpy(), record.labels, request.top_k)
+                    logits = await self._classify(*work)
+                    response = _response(logits, record.labels, request.top_k, task.open_set, rejection)
             if self.store.deleted_since(task_id, call.started):  # DeleteTask answered while we worked
                 raise NotFound(f"task {task_id} was deleted during this call")
             return response
@@ -262,7 +265,7 @@ class FewShotService:
         return plan.key, None
 
     async def _classify(self, plan: ClassifyPlan, x: torch.Tensor, key: Any, grouped: Any) -> torch.Tensor:
-        """``(Q, C, H, W)`` -> ``(Q, N)`` probabilities by the task's own plan (what ``task.classify``
+        """``(Q, C, H, W)`` -> ``(Q, N)`` calibrated logits by the task's own plan (what ``task.classify``
         runs), its heavy part merged with concurrent requests of the same ``key`` (or, stacked, of other
         tasks of the model: ``grouped``), as :meth:`_merge` gave them."""
         if grouped is not None:
@@ -307,10 +310,18 @@ def model_info(model: Family) -> pb.ModelInfo:
                         min_ways=min_ways, max_ways=max_ways, max_shots=model.limits.get("max_shots", 0))
 
 
-def _response(probs: np.ndarray, labels: list[str], top_k: int) -> pb.ClassifyResponse:
-    """``(Q, N)`` probabilities -> ranked predictions (ties broken by label order)."""
+def _response(logits: torch.Tensor, labels: list[str], top_k: int, open_set: OpenSetCalibration,
+              rejection: Rejection | None) -> pb.ClassifyResponse:
+    """``(Q, N)`` calibrated logits -> ranked predictions by probability (ties broken by label order),
+    each marked ``unknown`` or not when ``rejection`` is asked for."""
+    probs = torch.softmax(logits, dim=1).numpy()
     k = min(max(top_k, 1), len(labels))
     order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
     predictions = [pb.Prediction(ranked=[pb.LabelScore(label=labels[j], probability=float(p[j])) for j in idx],
                                  probabilities=p.tolist()) for p, idx in zip(probs, order)]
+    if rejection is not None:
+        scores, threshold = rejection.apply(open_set, logits)
+        for prediction, score in zip(predictions, scores):
+            prediction.unknown, prediction.score, prediction.threshold = bool(score < threshold), float(score), threshold
+            prediction.score_name = open_set.score
     return pb.ClassifyResponse(predictions=predictions, labels=labels)

@@ -16,8 +16,12 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable, Hashable, Mapping
 
+import math
+
+import numpy as np
 import torch
 
+from fewshot.models.calibration import ACCEPTANCE_LEVELS, DEFAULT_ACCEPTANCE, OpenSetCalibration
 from fewshot.models.family import Family
 from fewshot.errors import ConfigError
 from fewshot.models.interrupt import interruptible
@@ -77,6 +81,44 @@ class ServiceLimits:
             raise InvalidRequest("no query images: send at least one")
         if count > self.max_queries:
             raise TooLarge(f"{count} query images; this server takes at most {self.max_queries} per call")
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """A Classify's open-set option: a query whose calibrated score is below the threshold is ``unknown``.
+    The threshold is the request's own, or the one at which ``target_recall`` of known validation
+    queries were accepted (the model card's calibration; default :data:`DEFAULT_ACCEPTANCE`)."""
+
+    threshold: float | None = None
+    target_recall: float | None = None
+
+    @staticmethod
+    def check(reject: bool, threshold: float | None, target_recall: float | None) -> "Rejection | None":
+        """The option of a request, validated; ``None`` when rejection is not asked for."""
+        if not reject:
+            if threshold is not None or target_recall is not None:
+                raise InvalidRequest("threshold and target_recall apply only with reject_unknown: set it, or drop them")
+            return None
+        if threshold is not None and target_recall is not None:
+            raise InvalidRequest("give a threshold or a target_recall, not both")
+        if threshold is not None and not math.isfinite(threshold):
+            raise InvalidRequest(f"threshold must be a finite number, got {threshold}")
+        lo, hi = ACCEPTANCE_LEVELS[0], ACCEPTANCE_LEVELS[-1]
+        if target_recall is not None and not lo <= target_recall <= hi:
+            raise InvalidRequest(f"target_recall must be in {lo}..{hi}, got {target_recall:g}")
+        return Rejection(threshold, target_recall)
+
+    def apply(self, open_set: OpenSetCalibration, calibrated: torch.Tensor) -> tuple[np.ndarray, float]:
+        """``(Q, N)`` calibrated logits -> ``((Q,) scores, threshold)``; a query is unknown when its score
+        is below the threshold. :class:`InvalidRequest` when the task's model has no calibration and no
+        threshold was given."""
+        threshold = self.threshold
+        if threshold is None:
+            try:
+                threshold = open_set.threshold(DEFAULT_ACCEPTANCE if self.target_recall is None else self.target_recall)
+            except ConfigError as exc:
+                raise InvalidRequest(str(exc)) from None
+        return open_set.scores(calibrated).double().numpy(), float(threshold)
 
 
 def get_model(models: Mapping[str, Family], name: str) -> Family:

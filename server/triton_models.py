@@ -14,8 +14,10 @@ Tensor contract (KServe v2; ``BYTES`` is Triton's ``TYPE_STRING``, one element p
   ``images`` BYTES [S] (encoded image bytes, anything Pillow opens), optional ``method`` BYTES [1]
   (one of the model's methods, as ``ListModels`` reports them, or the model's own method name; default: the model's).
   Outputs ``task_id`` BYTES [1], ``labels`` BYTES [N] (the classes in order of first appearance).
-- ``fewshot_classify``: inputs ``task_id`` BYTES [1], ``images`` BYTES [Q]. Outputs ``probabilities``
-  FP32 [Q, N] (column j is class ``labels[j]``), ``labels`` BYTES [N].
+- ``fewshot_classify``: inputs ``task_id`` BYTES [1], ``images`` BYTES [Q], optional ``reject_unknown``
+  BOOL [1] with at most one of ``threshold`` / ``target_recall`` FP64 [1] (the gRPC Classify's open-set
+  option). Outputs ``probabilities`` FP32 [Q, N] (column j is class ``labels[j]``), ``labels`` BYTES [N];
+  with ``reject_unknown`` also ``unknown`` BOOL [Q], ``scores`` FP64 [Q] and ``threshold`` FP64 [1].
 
 Bad input (an undecodable image, one class, an unknown model or task, ...) answers that request with a
 Triton error carrying the service's message and status (``INVALID_ARG``, ``NOT_FOUND``, ``UNAVAILABLE``
@@ -40,7 +42,7 @@ from fewshot.export.registry import Registry
 from fewshot.server.errors import BackendUnavailable, InvalidRequest, ServiceError
 from fewshot.server.images import decode_for_model
 from fewshot.server.store import TaskStore
-from fewshot.server.tasks import AdaptRequest, ServiceLimits, find_task, get_model
+from fewshot.server.tasks import AdaptRequest, Rejection, ServiceLimits, find_task, get_model
 
 #: Images per BLS call to a backbone (its config's ``max_batch_size``).
 BLS_MAX_BATCH = 256
@@ -166,5 +168,21 @@ class ClassifyModel(_FewShotModel):
         record, task, model = find_task(self.store, self.models, self._one(request, "task_id"))
         images = self._bytes(request, "images")
         self.limits.check_queries(len(images))
-        probs = task.classify(decode_for_model(images, model, self.limits.image, "query"))
-        return {"probabilities": probs.numpy().astype(np.float32), "labels": _strings_out(record.labels)}
+        rejection = Rejection.check(bool(self._number(request, "reject_unknown")), self._number(request, "threshold"),
+                                    self._number(request, "target_recall"))
+        logits = task.calibrated_logits(decode_for_model(images, model, self.limits.image, "query"))
+        out = {"probabilities": torch.softmax(logits, dim=1).numpy().astype(np.float32), "labels": _strings_out(record.labels)}
+        if rejection is not None:
+            scores, threshold = rejection.apply(task.open_set, logits)
+            out |= {"unknown": scores < threshold, "scores": scores, "threshold": np.array([threshold])}
+        return out
+
+    def _number(self, request: Any, name: str) -> float | None:
+        """An optional one-element input (BOOL or FP64) as a float, or ``None`` when absent."""
+        tensor = self.pb.get_input_tensor_by_name(request, name)
+        if tensor is None:
+            return None
+        values = tensor.as_numpy().reshape(-1)
+        if len(values) != 1:
+            raise InvalidRequest(f"input {name!r} must hold exactly one value, got {len(values)}")
+        return float(values[0])

@@ -1,4 +1,4 @@
-"""Open-set episodes and the AUROC of the known-vs-unknown score (issue 16, first step)."""
+"""Open-set episodes, the AUROC of the known-vs-unknown score, and rejection served over gRPC (issue 16)."""
 
 import numpy as np
 import pytest
@@ -34,8 +34,12 @@ def test_open_set_evaluation_of_a_real_model(omniglot_model, omniglot_test):
     from fewshot.models.family import open_shipped
 
     model = open_shipped(omniglot_model, "onnxruntime", "cpu")
-    result = evaluate_open_set(model.adapter("centroid"), omniglot_test, model.spec.normalize, 5, 1, 5, tasks=20)
-    assert result.tasks == 20 and result.accuracy > 80 and 70 < result.auroc <= 100 and result.auroc_ci95 > 0
+    adapter = model.adapter("centroid")
+    result = evaluate_open_set(adapter, omniglot_test, lambda idx: model.spec.normalize(omniglot_test.images[idx]), 5, 1, 5, tasks=20)
+    assert result.tasks == 20 and result.accuracy > 80 and 90 < result.auroc <= 100 and result.auroc_ci95 > 0
+    assert result.score == adapter.open_set.score and result.temperature == adapter.open_set.temperature < 1
+    assert 85 < result.acceptance <= 100 and 50 < result.rejection <= 100
+    assert result.ece_after < result.ece_before  # temperature scaling: the raw distances are far too unsure
 
 
 def test_fewshot_eval_open_set_reports_auroc(capsys):
@@ -45,4 +49,5 @@ def test_fewshot_eval_open_set_reports_auroc(capsys):
 
     assert main(["eval", "--model", "omniglot-conv4-directsum", "--open-set", "--tasks", "3", "--queries", "4", "--json"]) == 0
     row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert row["open_set"] and row["score"] == "max_probability" and 0 <= row["auroc"] <= 100 and row["tasks"] == 3
+    assert row["open_set"] and row["score"] in ("max_logit", "energy") and 0 <= row["auroc"] <= 100 and row["tasks"] == 3
+    assert 0 <= row["acceptance"] <= 100 and 0 <= row["rejection"] <= 100 and row["ece_before"] >= 0 and row["ece_after"] >= 0

@@ -10,7 +10,6 @@ from fewshot.models.meta.inner_loop import InnerLoopAdapter
 from fewshot.models.meta.network import MetaConv4
 from fewshot.models.meta.rules import build_rule
 from fewshot.models.meta.stacked import StackedClassify, bucket, stack, stacked_forward
-from fewshot.models.plan import softmax_rows
 from fewshot.models.preprocess import InputSpec
 from fewshot.models.zoo import load_model
 
@@ -67,8 +66,9 @@ def test_merged_classify_of_different_tasks_equals_per_task_classify(cxgrad, epi
     tasks = [adapter.adapt(s, y) for s, y, _ in episodes[:4]]
     queries = [q[: 1 + t % 3] for t, (_, _, q) in enumerate(episodes[:4])]
     merger = StackedClassify(cxgrad.net)
-    merged = merger.run_many([(task.state, q, softmax_rows) for task, q in zip(tasks, queries)])
-    for task, q, probs in zip(tasks, queries, merged):
+    merged = merger.run_many([(task.state, q, task.open_set.calibrate) for task, q in zip(tasks, queries)])
+    for task, q, logits in zip(tasks, queries, merged):
+        probs = torch.softmax(logits, dim=1)
         assert probs.shape == (len(q), 5)
         torch.testing.assert_close(probs, task.classify(q), rtol=0, atol=1e-5)
         assert torch.equal(probs.argmax(1), task.classify(q).argmax(1))

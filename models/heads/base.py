@@ -1,4 +1,4 @@
-"""The few-shot head interface: ``fit(support features) -> HeadState``, ``state.classify(query features)``.
+"""The few-shot head interface: ``fit(support features) -> HeadState``, ``state.logits(query features)``.
 
 A head is one module under ``models/heads/``: a :class:`FewShotHead` subclass with a ``name`` (which
 registers it in :data:`HEADS`), how it is built from a model card (:meth:`FewShotHead.from_card`), how
@@ -73,8 +73,13 @@ class HeadState(ABC):
             STATE_KINDS[cls.kind] = cls
 
     @abstractmethod
+    def logits(self, query: torch.Tensor) -> torch.Tensor:
+        """``(Q, d)`` query features -> ``(Q, N)`` the head's own logits (before temperature scaling:
+        :mod:`fewshot.models.calibration`)."""
+
     def classify(self, query: torch.Tensor) -> torch.Tensor:
-        """``(Q, d)`` query features -> ``(Q, N)`` class probabilities."""
+        """``(Q, d)`` query features -> ``(Q, N)`` class probabilities, ``softmax(logits)``."""
+        return torch.softmax(self.logits(query), dim=1)
 
     def to_stored(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """``(tensors, JSON-able metadata)`` of this state."""

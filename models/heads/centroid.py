@@ -24,10 +24,10 @@ class CentroidState(HeadState):
     kind = "centroid"
     transductive = False
 
-    def classify(self, query: torch.Tensor) -> torch.Tensor:
-        """``(Q, d)`` -> ``(Q, N)``: softmax of negative squared distances to the prototypes."""
+    def logits(self, query: torch.Tensor) -> torch.Tensor:
+        """``(Q, d)`` -> ``(Q, N)``: negative squared distances to the prototypes."""
         q = transform_features(query, self.transform, self.center)
-        return torch.softmax(-sq_distances(q, self.prototypes), dim=1)
+        return -sq_distances(q, self.prototypes)
 
 
 class CentroidHead(FewShotHead):

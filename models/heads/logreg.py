@@ -43,10 +43,10 @@ class LogRegState(HeadState):
     center: torch.Tensor | None
     kind = "logreg"
 
-    def classify(self, query: torch.Tensor) -> torch.Tensor:
-        """``(Q, d)`` -> ``(Q, N)``: ``softmax(W q + b)``."""
+    def logits(self, query: torch.Tensor) -> torch.Tensor:
+        """``(Q, d)`` -> ``(Q, N)``: ``W q + b``."""
         q = transform_features(query, self.transform, self.center)
-        return torch.softmax(q @ self.weight.T.to(q.dtype) + self.bias.to(q.dtype), dim=1)
+        return q @ self.weight.T.to(q.dtype) + self.bias.to(q.dtype)
 
 
 def fit_logistic_regression(x: torch.Tensor, labels: torch.Tensor, n: int, weight_decay: float,

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from fewshot.errors import ConfigError
+from fewshot.models.calibration import UNCALIBRATED, OpenSetCalibration, calibration_for
 from fewshot.models.card import accuracy_key
 from fewshot.models.family import Family, Part
 from fewshot.models.features import run_batch, run_in_chunks
@@ -21,7 +22,7 @@ from fewshot.models.meta.inner_loop import InnerLoopAdapter, InnerLoopTask, pack
 from fewshot.models.meta.network import BN_MODES
 from fewshot.models.meta.onnx_network import network_input_names, network_inputs
 from fewshot.models.meta.stacked import StackedClassify, bucket
-from fewshot.models.plan import ClassifyPlan, PlannedTask, softmax_rows
+from fewshot.models.plan import ClassifyPlan, PlannedTask
 from fewshot.models.runtime import Engines, Session, TensorSpec
 from fewshot.models.settings import Setting
 
@@ -59,6 +60,7 @@ class NetworkTask(PlannedTask):
     session: Session
     #: The model's cross-task merger (stacked weights, :mod:`fewshot.models.meta.stacked`); ``None``: off.
     stacker: StackedClassify | None = None
+    open_set: OpenSetCalibration = UNCALIBRATED
 
     def logits(self, query: torch.Tensor) -> torch.Tensor:
         """``(Q, C, H, W)`` -> ``(Q, N)``. Transductive BatchNorm normalises each call with its own
@@ -73,19 +75,19 @@ class NetworkTask(PlannedTask):
         return torch.from_numpy(run_in_chunks(run, images, run_batch(self.session)))
 
     def plan(self) -> ClassifyPlan:
-        """The adapted network, then a softmax. Under frozen (support) BatchNorm each query is
+        """The adapted network, then the temperature. Under frozen (support) BatchNorm each query is
         independent, so concurrent requests of this task merge into one network call; transductive
         BatchNorm normalises over the call, so it never merges (``key`` None)."""
         if self.transductive:
-            return ClassifyPlan(None, self.logits, softmax_rows)
-        return ClassifyPlan(("network", id(self)), self.logits, softmax_rows, self._group if self.stacker else None)
+            return ClassifyPlan(None, self.logits, self.open_set.calibrate)
+        return ClassifyPlan(("network", id(self)), self.logits, self.open_set.calibrate, self._group if self.stacker else None)
 
     def _group(self, query: torch.Tensor) -> tuple[Any, Any, Any] | None:
         """Requests of up to 16 queries merge with other tasks' of this model and step, by padded size."""
         size = bucket(len(query))
         if size is None or self.stacker is None:
             return None
-        return ("stacked", id(self.stacker), self.state.step, size), (self.state, query, softmax_rows), self.stacker.run_many
+        return ("stacked", id(self.stacker), self.state.step, size), (self.state, query, self.open_set.calibrate), self.stacker.run_many
 
     def to_stored(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         s = self.state
@@ -93,22 +95,23 @@ class NetworkTask(PlannedTask):
         for i, (mean, var) in enumerate(s.bn_stats or []):
             tensors[f"bn.{i}.mean"], tensors[f"bn.{i}.var"] = mean, var
         return tensors, {"kind": METHOD, "bn_mode": s.bn_mode, "step": s.step, "bn_layers": len(s.bn_stats or []),
-                         "support_losses": s.support_losses}
+                         "support_losses": s.support_losses, "open_set": self.open_set.to_dict()}
 
 
 class NetworkAdapter:
     """The inner loop (torch), with classification by the network part."""
 
-    def __init__(self, adapter: InnerLoopAdapter, session: Session, stacker: StackedClassify | None = None) -> None:
-        self.adapter, self.session, self.stacker = adapter, session, stacker
+    def __init__(self, adapter: InnerLoopAdapter, session: Session, stacker: StackedClassify | None = None,
+                 open_set: OpenSetCalibration = UNCALIBRATED) -> None:
+        self.adapter, self.session, self.stacker, self.open_set = adapter, session, stacker, open_set
         self.steps, self.bn_mode = adapter.steps, adapter.bn_mode
 
     def adapt(self, support: torch.Tensor, labels: torch.Tensor) -> NetworkTask:
-        return NetworkTask(self.adapter.adapt(support, labels), self.session, self.stacker)
+        return NetworkTask(self.adapter.adapt(support, labels), self.session, self.stacker, self.open_set)
 
     def adapt_many(self, supports: list[torch.Tensor], labels: list[torch.Tensor]) -> list[NetworkTask]:
         """Several tasks, one stacked inner loop where the rule and shapes allow (equal to :meth:`adapt` each)."""
-        return [NetworkTask(s, self.session, self.stacker) for s in self.adapter.adapt_many(supports, labels)]
+        return [NetworkTask(s, self.session, self.stacker, self.open_set) for s in self.adapter.adapt_many(supports, labels)]
 
     def adapt_scored(self, support: torch.Tensor, labels: torch.Tensor) -> tuple[NetworkTask, torch.Tensor]:
         """The task and its ``(S, N)`` probabilities on the support set (one network pass)."""
@@ -197,7 +200,8 @@ class InnerLoopFamily(Family):
         if not 1 <= steps <= self.loop["max_steps"]:
             raise ConfigError(f"inner steps must be in 1..{self.loop['max_steps']} for {self.name}, got {steps}")
         return NetworkAdapter(InnerLoopAdapter(self.net, self.rule, self.params, steps, bn_mode or self.loop["bn_mode"],
-                                               self.task_dtype, self.precision), self.session, self.stacker)
+                                               self.task_dtype, self.precision), self.session, self.stacker,
+                              calibration_for(self.manifest, METHOD, shots))
 
     def describe(self, adapter: NetworkAdapter) -> dict[str, Any]:
         row = {"method": self.manifest["method"], "bn": adapter.bn_mode, "inner_steps": adapter.steps}
@@ -211,7 +215,7 @@ class InnerLoopFamily(Family):
                  for i in range(meta["bn_layers"])] or None
         params, stats = pack(params, stats, self.task_dtype)
         return NetworkTask(InnerLoopTask(self.net, params, meta["bn_mode"], stats, meta["step"], meta["support_losses"]),
-                           self.session, self.stacker)
+                           self.session, self.stacker, OpenSetCalibration.from_dict(meta.get("open_set")))
 
     @classmethod
     def accuracy_key(cls, manifest: Mapping[str, Any], ways: int, shots: int, method: str) -> str:

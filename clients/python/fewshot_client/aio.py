@@ -23,9 +23,12 @@ class AsyncTask(TaskFields):
 
     client: AsyncFewShotClient = field(kw_only=True, repr=False, compare=False)
 
-    async def classify(self, images: Sequence[ImageLike], top_k: int = 1) -> list[Prediction]:
-        """One prediction per image, with the ``top_k`` best labels ranked."""
-        return await self.client.classify(self.id, images, top_k)
+    async def classify(self, images: Sequence[ImageLike], top_k: int = 1, reject_unknown: bool = False,
+                 threshold: float | None = None, target_recall: float | None = None) -> list[Prediction]:
+        """One prediction per image, with the ``top_k`` best labels ranked; ``reject_unknown``: each says
+        whether it fits none of the labels (``prediction.unknown``), at the model's calibrated threshold
+        for 95% acceptance of known classes, or at ``target_recall`` (0.5..0.99), or at ``threshold``."""
+        return await self.client.classify(self.id, images, top_k, reject_unknown, threshold, target_recall)
 
     async def info(self) -> TaskInfo:
         """The server's record of this task."""
@@ -69,9 +72,11 @@ class AsyncFewShotClient:
         response = await self._call(rpc, request)
         return AsyncTask(**vars(messages.adapted_fields(response)), client=self)
 
-    async def classify(self, task_id: str, images: Sequence[ImageLike], top_k: int = 1) -> list[Prediction]:
-        """Classifies ``images`` against task ``task_id``."""
-        response = await self._call(self._stub.Classify, messages.classify_request(task_id, images, top_k))
+    async def classify(self, task_id: str, images: Sequence[ImageLike], top_k: int = 1, reject_unknown: bool = False,
+                       threshold: float | None = None, target_recall: float | None = None) -> list[Prediction]:
+        """Classifies ``images`` against task ``task_id`` (open-set options: :meth:`AsyncTask.classify`)."""
+        request = messages.classify_request(task_id, images, top_k, reject_unknown, threshold, target_recall)
+        response = await self._call(self._stub.Classify, request)
         return messages.predictions(response)
 
     async def task_info(self, task_id: str) -> TaskInfo:

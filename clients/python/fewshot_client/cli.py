@@ -44,13 +44,18 @@ def cmd_adapt(client: FewShotClient, args: argparse.Namespace) -> None:
 
 
 def cmd_classify(client: FewShotClient, args: argparse.Namespace) -> None:
-    predictions = client.classify(args.task, args.images, top_k=args.top_k)
+    reject = args.reject_unknown or args.threshold is not None or args.target_recall is not None
+    predictions = client.classify(args.task, args.images, top_k=args.top_k, reject_unknown=reject,
+                                  threshold=args.threshold, target_recall=args.target_recall)
     for path, p in zip(args.images, predictions):
         if args.json:
+            open_set = {"unknown": p.unknown, "open_set_score": p.open_set_score, "threshold": p.threshold,
+                        "score_name": p.score_name} if reject else {}
             print(json.dumps({"path": path, "label": p.label, "score": p.score, "ranked": p.ranked,
-                              "scores": p.scores}))
+                              "scores": p.scores, **open_set}))
         else:
-            print(f"{path}\t{p.label}\t{p.score:.6f}")
+            verdict = ("\tunknown" if p.unknown else "\tknown") if reject else ""
+            print(f"{path}\t{p.label}\t{p.score:.6f}{verdict}")
 
 
 def cmd_models(client: FewShotClient, _args: argparse.Namespace) -> None:
@@ -130,6 +135,11 @@ def parser() -> argparse.ArgumentParser:
     classify.add_argument("--task", required=True, metavar="ID")
     classify.add_argument("--top-k", type=int, default=1, metavar="K")
     classify.add_argument("--json", action="store_true", help="print JSON lines")
+    classify.add_argument("--reject-unknown", action="store_true", help="say for each image whether it fits none of "
+                          "the task's labels (at the model's calibrated threshold for 95%% acceptance of known ones)")
+    classify.add_argument("--target-recall", type=float, metavar="R", help="with rejection: accept this fraction "
+                          "(0.5..0.99) of known-class images instead")
+    classify.add_argument("--threshold", type=float, metavar="S", help="with rejection: this score threshold instead")
     classify.add_argument("images", nargs="+", metavar="IMAGE")
     classify.set_defaults(run=cmd_classify)
 

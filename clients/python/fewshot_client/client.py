@@ -22,9 +22,12 @@ class Task(TaskFields):
 
     client: FewShotClient = field(kw_only=True, repr=False, compare=False)
 
-    def classify(self, images: Sequence[ImageLike], top_k: int = 1) -> list[Prediction]:
-        """One prediction per image, with the ``top_k`` best labels ranked."""
-        return self.client.classify(self.id, images, top_k)
+    def classify(self, images: Sequence[ImageLike], top_k: int = 1, reject_unknown: bool = False,
+                 threshold: float | None = None, target_recall: float | None = None) -> list[Prediction]:
+        """One prediction per image, with the ``top_k`` best labels ranked; ``reject_unknown``: each says
+        whether it fits none of the labels (``prediction.unknown``), at the model's calibrated threshold
+        for 95% acceptance of known classes, or at ``target_recall`` (0.5..0.99), or at ``threshold``."""
+        return self.client.classify(self.id, images, top_k, reject_unknown, threshold, target_recall)
 
     def info(self) -> TaskInfo:
         """The server's record of this task."""
@@ -80,9 +83,10 @@ class FewShotClient:
                                            method, inner_steps, lam, ttl_seconds)
         return Task(**vars(messages.adapted_fields(self._call(rpc, request))), client=self)
 
-    def classify(self, task_id: str, images: Sequence[ImageLike], top_k: int = 1) -> list[Prediction]:
-        """Classifies ``images`` against task ``task_id``."""
-        request = messages.classify_request(task_id, images, top_k)
+    def classify(self, task_id: str, images: Sequence[ImageLike], top_k: int = 1, reject_unknown: bool = False,
+                 threshold: float | None = None, target_recall: float | None = None) -> list[Prediction]:
+        """Classifies ``images`` against task ``task_id`` (open-set options: :meth:`Task.classify`)."""
+        request = messages.classify_request(task_id, images, top_k, reject_unknown, threshold, target_recall)
         return messages.predictions(self._call(self._stub.Classify, request))
 
     def task_info(self, task_id: str) -> TaskInfo:

@@ -24,13 +24,19 @@ PemSource = Union[bytes, str, os.PathLike[str]]
 
 @dataclass
 class Prediction:
-    """One query's result: the top-1 ``label`` and its ``score``, ``scores`` for every label of the
-    task, and the ``ranked`` top-k ``(label, probability)`` pairs, best first."""
+    """One query's result: the top-1 ``label`` and its ``score`` (probability), ``scores`` for every
+    label of the task, and the ``ranked`` top-k ``(label, probability)`` pairs, best first. With
+    ``reject_unknown``: ``unknown`` is True when the query fits none of the task's classes (the ranked
+    labels are still there), by its ``open_set_score`` (``score_name``) against ``threshold``."""
 
     label: str
     score: float
     scores: dict[str, float]
     ranked: list[tuple[str, float]]
+    unknown: bool = False
+    open_set_score: float | None = None
+    threshold: float | None = None
+    score_name: str | None = None
 
 
 @dataclass
@@ -129,9 +135,11 @@ def adapt_call(stub: Any, max_bytes: int, stream: bool | None, images: Sequence[
     return stub.Adapt, request
 
 
-def classify_request(task_id: str, images: Sequence[ImageLike], top_k: int) -> fewshot_pb2.ClassifyRequest:
-    """A ClassifyRequest for ``images``."""
-    return fewshot_pb2.ClassifyRequest(task_id=task_id, top_k=top_k,
+def classify_request(task_id: str, images: Sequence[ImageLike], top_k: int, reject_unknown: bool = False,
+                     threshold: float | None = None, target_recall: float | None = None) -> fewshot_pb2.ClassifyRequest:
+    """A ClassifyRequest for ``images`` (with the open-set option when ``reject_unknown``)."""
+    optional = {k: v for k, v in (("threshold", threshold), ("target_recall", target_recall)) if v is not None}
+    return fewshot_pb2.ClassifyRequest(task_id=task_id, top_k=top_k, reject_unknown=reject_unknown, **optional,
                                        queries=[to_image_proto(x) for x in images])
 
 
@@ -143,7 +151,8 @@ def predictions(response: fewshot_pb2.ClassifyResponse) -> list[Prediction]:
         scores = dict(zip(labels, (float(v) for v in p.probabilities)))
         ranked = [(s.label, float(s.probability)) for s in p.ranked]
         label, score = ranked[0] if ranked else max(scores.items(), key=lambda kv: kv[1])
-        result.append(Prediction(label=label, score=score, scores=scores, ranked=ranked))
+        open_set = {"open_set_score": p.score, "threshold": p.threshold, "score_name": p.score_name} if p.score_name else {}
+        result.append(Prediction(label=label, score=score, scores=scores, ranked=ranked, unknown=p.unknown, **open_set))
     return result
 
 

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x66\x65wshot/v1/fewshot.proto\x12\nfewshot.v1\"K\n\x05Image\x12\x11\n\x07\x65ncoded\x18\x01 \x01(\x0cH\x00\x12\'\n\x06tensor\x18\x02 \x01(\x0b\x32\x15.fewshot.v1.RawTensorH\x00\x42\x06\n\x04\x64\x61ta\"7\n\tRawTensor\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"@\n\rLabelledImage\x12 \n\x05image\x18\x01 \x01(\x0b\x32\x11.fewshot.v1.Image\x12\r\n\x05label\x18\x02 \x01(\t\"Y\n\rAdaptSettings\x12\x18\n\x0binner_steps\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x13\n\x06lambda\x18\x02 \x01(\x02H\x01\x88\x01\x01\x42\x0e\n\x0c_inner_stepsB\t\n\x07_lambda\"\x9b\x01\n\x0c\x41\x64\x61ptRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06method\x18\x02 \x01(\t\x12*\n\x07support\x18\x03 \x03(\x0b\x32\x19.fewshot.v1.LabelledImage\x12+\n\x08settings\x18\x04 \x01(\x0b\x32\x19.fewshot.v1.AdaptSettings\x12\x13\n\x0bttl_seconds\x18\x05 \x01(\r\"\x99\x01\n\nAdaptChunk\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06method\x18\x02 \x01(\t\x12+\n\x08settings\x18\x03 \x01(\x0b\x32\x19.fewshot.v1.AdaptSettings\x12\x13\n\x0bttl_seconds\x18\x04 \x01(\r\x12*\n\x07support\x18\x05 \x03(\x0b\x32\x19.fewshot.v1.LabelledImage\"\x94\x01\n\rAdaptResponse\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0e\n\x06labels\x18\x02 \x03(\t\x12\x18\n\x10support_accuracy\x18\x03 \x01(\x02\x12\x15\n\radapt_seconds\x18\x04 \x01(\x01\x12\x12\n\nexpires_at\x18\x05 \x01(\x01\x12\r\n\x05model\x18\x06 \x01(\t\x12\x0e\n\x06method\x18\x07 \x01(\t\"U\n\x0f\x43lassifyRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\"\n\x07queries\x18\x02 \x03(\x0b\x32\x11.fewshot.v1.Image\x12\r\n\x05top_k\x18\x03 \x01(\r\"0\n\nLabelScore\x12\r\n\x05label\x18\x01 \x01(\t\x12\x13\n\x0bprobability\x18\x02 \x01(\x02\"K\n\nPrediction\x12&\n\x06ranked\x18\x01 \x03(\x0b\x32\x16.fewshot.v1.LabelScore\x12\x15\n\rprobabilities\x18\x02 \x03(\x02\"O\n\x10\x43lassifyResponse\x12+\n\x0bpredictions\x18\x01 \x03(\x0b\x32\x16.fewshot.v1.Prediction\x12\x0e\n\x06labels\x18\x02 \x03(\t\"!\n\x0eGetTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"\x88\x01\n\x08TaskInfo\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06method\x18\x03 \x01(\t\x12\x0e\n\x06labels\x18\x04 \x03(\t\x12\x12\n\ncreated_at\x18\x05 \x01(\x01\x12\x12\n\nexpires_at\x18\x06 \x01(\x01\x12\x14\n\x0csupport_size\x18\x07 \x01(\r\"$\n\x11\x44\x65leteTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"%\n\x12\x44\x65leteTaskResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x08\"\x13\n\x11ListModelsRequest\"V\n\tInputSpec\x12\x10\n\x08\x63hannels\x18\x01 \x01(\r\x12\x0c\n\x04size\x18\x02 \x01(\r\x12\x0c\n\x04mean\x18\x03 \x03(\x02\x12\x0b\n\x03std\x18\x04 \x03(\x02\x12\x0e\n\x06resize\x18\x05 \x01(\t\"\xaf\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12\x0f\n\x07methods\x18\x03 \x03(\t\x12\x16\n\x0e\x64\x65\x66\x61ult_method\x18\x04 \x01(\t\x12$\n\x05input\x18\x05 \x01(\x0b\x32\x15.fewshot.v1.InputSpec\x12\x10\n\x08min_ways\x18\x06 \x01(\r\x12\x10\n\x08max_ways\x18\x07 \x01(\r\x12\x11\n\tmax_shots\x18\x08 \x01(\r\";\n\x12ListModelsResponse\x12%\n\x06models\x18\x01 \x03(\x0b\x32\x15.fewshot.v1.ModelInfo2\xa9\x03\n\x07\x46\x65wShot\x12<\n\x05\x41\x64\x61pt\x12\x18.fewshot.v1.AdaptRequest\x1a\x19.fewshot.v1.AdaptResponse\x12\x42\n\x0b\x41\x64\x61ptStream\x12\x16.fewshot.v1.AdaptChunk\x1a\x19.fewshot.v1.AdaptResponse(\x01\x12\x45\n\x08\x43lassify\x12\x1b.fewshot.v1.ClassifyRequest\x1a\x1c.fewshot.v1.ClassifyResponse\x12;\n\x07GetTask\x12\x1a.fewshot.v1.GetTaskRequest\x1a\x14.fewshot.v1.TaskInfo\x12K\n\nDeleteTask\x12\x1d.fewshot.v1.DeleteTaskRequest\x1a\x1e.fewshot.v1.DeleteTaskResponse\x12K\n\nListModels\x12\x1d.fewshot.v1.ListModelsRequest\x1a\x1e.fewshot.v1.ListModelsResponseB\x02P\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x66\x65wshot/v1/fewshot.proto\x12\nfewshot.v1\"K\n\x05Image\x12\x11\n\x07\x65ncoded\x18\x01 \x01(\x0cH\x00\x12\'\n\x06tensor\x18\x02 \x01(\x0b\x32\x15.fewshot.v1.RawTensorH\x00\x42\x06\n\x04\x64\x61ta\"7\n\tRawTensor\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"@\n\rLabelledImage\x12 \n\x05image\x18\x01 \x01(\x0b\x32\x11.fewshot.v1.Image\x12\r\n\x05label\x18\x02 \x01(\t\"Y\n\rAdaptSettings\x12\x18\n\x0binner_steps\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x13\n\x06lambda\x18\x02 \x01(\x02H\x01\x88\x01\x01\x42\x0e\n\x0c_inner_stepsB\t\n\x07_lambda\"\x9b\x01\n\x0c\x41\x64\x61ptRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06method\x18\x02 \x01(\t\x12*\n\x07support\x18\x03 \x03(\x0b\x32\x19.fewshot.v1.LabelledImage\x12+\n\x08settings\x18\x04 \x01(\x0b\x32\x19.fewshot.v1.AdaptSettings\x12\x13\n\x0bttl_seconds\x18\x05 \x01(\r\"\x99\x01\n\nAdaptChunk\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06method\x18\x02 \x01(\t\x12+\n\x08settings\x18\x03 \x01(\x0b\x32\x19.fewshot.v1.AdaptSettings\x12\x13\n\x0bttl_seconds\x18\x04 \x01(\r\x12*\n\x07support\x18\x05 \x03(\x0b\x32\x19.fewshot.v1.LabelledImage\"\x94\x01\n\rAdaptResponse\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0e\n\x06labels\x18\x02 \x03(\t\x12\x18\n\x10support_accuracy\x18\x03 \x01(\x02\x12\x15\n\radapt_seconds\x18\x04 \x01(\x01\x12\x12\n\nexpires_at\x18\x05 \x01(\x01\x12\r\n\x05model\x18\x06 \x01(\t\x12\x0e\n\x06method\x18\x07 \x01(\t\"\xc1\x01\n\x0f\x43lassifyRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\"\n\x07queries\x18\x02 \x03(\x0b\x32\x11.fewshot.v1.Image\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x16\n\x0ereject_unknown\x18\x04 \x01(\x08\x12\x16\n\tthreshold\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12\x1a\n\rtarget_recall\x18\x06 \x01(\x01H\x01\x88\x01\x01\x42\x0c\n\n_thresholdB\x10\n\x0e_target_recall\"0\n\nLabelScore\x12\r\n\x05label\x18\x01 \x01(\t\x12\x13\n\x0bprobability\x18\x02 \x01(\x02\"\x92\x01\n\nPrediction\x12&\n\x06ranked\x18\x01 \x03(\x0b\x32\x16.fewshot.v1.LabelScore\x12\x15\n\rprobabilities\x18\x02 \x03(\x02\x12\x0f\n\x07unknown\x18\x03 \x01(\x08\x12\r\n\x05score\x18\x04 \x01(\x01\x12\x11\n\tthreshold\x18\x05 \x01(\x01\x12\x12\n\nscore_name\x18\x06 \x01(\t\"O\n\x10\x43lassifyResponse\x12+\n\x0bpredictions\x18\x01 \x03(\x0b\x32\x16.fewshot.v1.Prediction\x12\x0e\n\x06labels\x18\x02 \x03(\t\"!\n\x0eGetTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"\x88\x01\n\x08TaskInfo\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06method\x18\x03 \x01(\t\x12\x0e\n\x06labels\x18\x04 \x03(\t\x12\x12\n\ncreated_at\x18\x05 \x01(\x01\x12\x12\n\nexpires_at\x18\x06 \x01(\x01\x12\x14\n\x0csupport_size\x18\x07 \x01(\r\"$\n\x11\x44\x65leteTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"%\n\x12\x44\x65leteTaskResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x08\"\x13\n\x11ListModelsRequest\"V\n\tInputSpec\x12\x10\n\x08\x63hannels\x18\x01 \x01(\r\x12\x0c\n\x04size\x18\x02 \x01(\r\x12\x0c\n\x04mean\x18\x03 \x03(\x02\x12\x0b\n\x03std\x18\x04 \x03(\x02\x12\x0e\n\x06resize\x18\x05 \x01(\t\"\xaf\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12\x0f\n\x07methods\x18\x03 \x03(\t\x12\x16\n\x0e\x64\x65\x66\x61ult_method\x18\x04 \x01(\t\x12$\n\x05input\x18\x05 \x01(\x0b\x32\x15.fewshot.v1.InputSpec\x12\x10\n\x08min_ways\x18\x06 \x01(\r\x12\x10\n\x08max_ways\x18\x07 \x01(\r\x12\x11\n\tmax_shots\x18\x08 \x01(\r\";\n\x12ListModelsResponse\x12%\n\x06models\x18\x01 \x03(\x0b\x32\x15.fewshot.v1.ModelInfo2\xa9\x03\n\x07\x46\x65wShot\x12<\n\x05\x41\x64\x61pt\x12\x18.fewshot.v1.AdaptRequest\x1a\x19.fewshot.v1.AdaptResponse\x12\x42\n\x0b\x41\x64\x61ptStream\x12\x16.fewshot.v1.AdaptChunk\x1a\x19.fewshot.v1.AdaptResponse(\x01\x12\x45\n\x08\x43lassify\x12\x1b.fewshot.v1.ClassifyRequest\x1a\x1c.fewshot.v1.ClassifyResponse\x12;\n\x07GetTask\x12\x1a.fewshot.v1.GetTaskRequest\x1a\x14.fewshot.v1.TaskInfo\x12K\n\nDeleteTask\x12\x1d.fewshot.v1.DeleteTaskRequest\x1a\x1e.fewshot.v1.DeleteTaskResponse\x12K\n\nListModels\x12\x1d.fewshot.v1.ListModelsRequest\x1a\x1e.fewshot.v1.ListModelsResponseB\x02P\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -46,30 +46,30 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ADAPTCHUNK']._serialized_end=643
   _globals['_ADAPTRESPONSE']._serialized_start=646
   _globals['_ADAPTRESPONSE']._serialized_end=794
-  _globals['_CLASSIFYREQUEST']._serialized_start=796
-  _globals['_CLASSIFYREQUEST']._serialized_end=881
-  _globals['_LABELSCORE']._serialized_start=883
-  _globals['_LABELSCORE']._serialized_end=931
-  _globals['_PREDICTION']._serialized_start=933
-  _globals['_PREDICTION']._serialized_end=1008
-  _globals['_CLASSIFYRESPONSE']._serialized_start=1010
-  _globals['_CLASSIFYRESPONSE']._serialized_end=1089
-  _globals['_GETTASKREQUEST']._serialized_start=1091
-  _globals['_GETTASKREQUEST']._serialized_end=1124
-  _globals['_TASKINFO']._serialized_start=1127
-  _globals['_TASKINFO']._serialized_end=1263
-  _globals['_DELETETASKREQUEST']._serialized_start=1265
-  _globals['_DELETETASKREQUEST']._serialized_end=1301
-  _globals['_DELETETASKRESPONSE']._serialized_start=1303
-  _globals['_DELETETASKRESPONSE']._serialized_end=1340
-  _globals['_LISTMODELSREQUEST']._serialized_start=1342
-  _globals['_LISTMODELSREQUEST']._serialized_end=1361
-  _globals['_INPUTSPEC']._serialized_start=1363
-  _globals['_INPUTSPEC']._serialized_end=1449
-  _globals['_MODELINFO']._serialized_start=1452
-  _globals['_MODELINFO']._serialized_end=1627
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1629
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1688
-  _globals['_FEWSHOT']._serialized_start=1691
-  _globals['_FEWSHOT']._serialized_end=2116
+  _globals['_CLASSIFYREQUEST']._serialized_start=797
+  _globals['_CLASSIFYREQUEST']._serialized_end=990
+  _globals['_LABELSCORE']._serialized_start=992
+  _globals['_LABELSCORE']._serialized_end=1040
+  _globals['_PREDICTION']._serialized_start=1043
+  _globals['_PREDICTION']._serialized_end=1189
+  _globals['_CLASSIFYRESPONSE']._serialized_start=1191
+  _globals['_CLASSIFYRESPONSE']._serialized_end=1270
+  _globals['_GETTASKREQUEST']._serialized_start=1272
+  _globals['_GETTASKREQUEST']._serialized_end=1305
+  _globals['_TASKINFO']._serialized_start=1308
+  _globals['_TASKINFO']._serialized_end=1444
+  _globals['_DELETETASKREQUEST']._serialized_start=1446
+  _globals['_DELETETASKREQUEST']._serialized_end=1482
+  _globals['_DELETETASKRESPONSE']._serialized_start=1484
+  _globals['_DELETETASKRESPONSE']._serialized_end=1521
+  _globals['_LISTMODELSREQUEST']._serialized_start=1523
+  _globals['_LISTMODELSREQUEST']._serialized_end=1542
+  _globals['_INPUTSPEC']._serialized_start=1544
+  _globals['_INPUTSPEC']._serialized_end=1630
+  _globals['_MODELINFO']._serialized_start=1633
+  _globals['_MODELINFO']._serialized_end=1808
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1810
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1869
+  _globals['_FEWSHOT']._serialized_start=1872
+  _globals['_FEWSHOT']._serialized_end=2297
 # @@protoc_insertion_point(module_scope)

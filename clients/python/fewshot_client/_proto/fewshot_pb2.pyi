@@ -86,14 +86,20 @@ class AdaptResponse(_message.Message):
     def __init__(self, task_id: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ..., support_accuracy: _Optional[float] = ..., adapt_seconds: _Optional[float] = ..., expires_at: _Optional[float] = ..., model: _Optional[str] = ..., method: _Optional[str] = ...) -> None: ...
 
 class ClassifyRequest(_message.Message):
-    __slots__ = ("task_id", "queries", "top_k")
+    __slots__ = ("task_id", "queries", "top_k", "reject_unknown", "threshold", "target_recall")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     QUERIES_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
+    REJECT_UNKNOWN_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    TARGET_RECALL_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     queries: _containers.RepeatedCompositeFieldContainer[Image]
     top_k: int
-    def __init__(self, task_id: _Optional[str] = ..., queries: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., top_k: _Optional[int] = ...) -> None: ...
+    reject_unknown: bool
+    threshold: float
+    target_recall: float
+    def __init__(self, task_id: _Optional[str] = ..., queries: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., top_k: _Optional[int] = ..., reject_unknown: _Optional[bool] = ..., threshold: _Optional[float] = ..., target_recall: _Optional[float] = ...) -> None: ...
 
 class LabelScore(_message.Message):
     __slots__ = ("label", "probability")
@@ -104,12 +110,20 @@ class LabelScore(_message.Message):
     def __init__(self, label: _Optional[str] = ..., probability: _Optional[float] = ...) -> None: ...
 
 class Prediction(_message.Message):
-    __slots__ = ("ranked", "probabilities")
+    __slots__ = ("ranked", "probabilities", "unknown", "score", "threshold", "score_name")
     RANKED_FIELD_NUMBER: _ClassVar[int]
     PROBABILITIES_FIELD_NUMBER: _ClassVar[int]
+    UNKNOWN_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    SCORE_NAME_FIELD_NUMBER: _ClassVar[int]
     ranked: _containers.RepeatedCompositeFieldContainer[LabelScore]
     probabilities: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, ranked: _Optional[_Iterable[_Union[LabelScore, _Mapping]]] = ..., probabilities: _Optional[_Iterable[float]] = ...) -> None: ...
+    unknown: bool
+    score: float
+    threshold: float
+    score_name: str
+    def __init__(self, ranked: _Optional[_Iterable[_Union[LabelScore, _Mapping]]] = ..., probabilities: _Optional[_Iterable[float]] = ..., unknown: _Optional[bool] = ..., score: _Optional[float] = ..., threshold: _Optional[float] = ..., score_name: _Optional[str] = ...) -> None: ...
 
 class ClassifyResponse(_message.Message):
     __slots__ = ("predictions", "labels")
