@@ -52,6 +52,19 @@ class Unauthenticated(ServiceError):
     code = grpc.StatusCode.UNAUTHENTICATED
 
 
+class Conflict(ServiceError):
+    """UpdateTask lost to concurrent updates of the same task (or the task is not at the version the
+    request expected); nothing was changed: read the task's version and retry."""
+
+    code = grpc.StatusCode.ABORTED
+
+
+class NotUpdatable(ServiceError):
+    """A task that cannot be updated: it was stored without its support set (adapted before UpdateTask existed)."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
 class CallAbandoned(ServiceError):
     """The client cancelled the call or its deadline passed; the work stopped at the next stage boundary."""
 

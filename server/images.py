@@ -260,12 +260,19 @@ def decode_batch(images: Sequence[pb.Image | bytes], spec: InputSpec, limits: Im
     Every encoded image is opened once, its header read and checked, before any is decoded; with
     ``budget``, the call's pixels (headers, raw tensors' shapes) are then charged, and its liveness is
     checked before each image is decoded."""
+    return spec.normalize(decode_pixels(images, spec, limits, what, budget))
+
+
+def decode_pixels(images: Sequence[pb.Image | bytes], spec: InputSpec, limits: ImageLimits, what: str,
+                  budget: CallBudget | None = None) -> np.ndarray:
+    """:func:`decode_batch` before normalisation: ``(N, size, size, C)`` pixels in 0..255, uint8 when every
+    image was encoded or a uint8 tensor, else float32 (``spec.normalize`` of it is what :func:`decode_batch` gives)."""
     with _quiet_pillow():
         return _decode_batch(images, spec, limits, what, budget)
 
 
 def _decode_batch(images: Sequence[pb.Image | bytes], spec: InputSpec, limits: ImageLimits, what: str,
-                  budget: CallBudget | None) -> torch.Tensor:
+                  budget: CallBudget | None) -> np.ndarray:
     opened: list[Image.Image | PngHeader | None] = []
     for i, image in enumerate(images):
         data = _encoded_bytes(image)
@@ -305,7 +312,7 @@ def _decode_batch(images: Sequence[pb.Image | bytes], spec: InputSpec, limits: I
             raise
         for i, array in zip(slow[half:], second.result()):
             arrays[i] = array
-    return spec.normalize(np.stack(arrays))
+    return np.stack(arrays)
 
 
 #: Images per call from which decoding is split over two threads.
@@ -333,8 +340,14 @@ def decode_for_model(images: Sequence[pb.Image | bytes], model: Family, limits: 
                      budget: CallBudget | None = None) -> torch.Tensor:
     """:func:`decode_batch` for ``model``'s input; a bad image raises :class:`InvalidRequest` naming the
     image and the input the model takes."""
+    return model.spec.normalize(decode_pixels_for_model(images, model, limits, what, budget))
+
+
+def decode_pixels_for_model(images: Sequence[pb.Image | bytes], model: Family, limits: ImageLimits, what: str,
+                            budget: CallBudget | None = None) -> np.ndarray:
+    """:func:`decode_pixels` for ``model``'s input (what a task keeps of its support images for UpdateTask)."""
     try:
-        return decode_batch(images, model.spec, limits, what, budget)
+        return decode_pixels(images, model.spec, limits, what, budget)
     except ImageError as exc:
         raise InvalidRequest(f"{exc} (model {model.name} takes {model.spec.channels}-channel images, "
                              f"resized to {model.spec.size}x{model.spec.size})") from None

@@ -1,4 +1,4 @@
-"""The ``fewshot.v1.FewShot`` servicer: Adapt (and AdaptStream), Classify, GetTask, DeleteTask, ListModels.
+"""The ``fewshot.v1.FewShot`` servicer: Adapt (and AdaptStream), Classify, UpdateTask, GetTask, DeleteTask, ListModels.
 
 Adaptation calls the bundle's adapter, the same code ``fewshot eval`` measures with; the adapted
 state is written to the task store before the answer goes out. Decoding, adaptation and inference
@@ -35,10 +35,10 @@ from fewshot.server.auth import Authenticator, Tenant
 from fewshot.server.batcher import Batcher
 from fewshot.server.budget import CallBudget
 from fewshot.server.errors import InvalidRequest, NotFound, ServiceError
-from fewshot.server.images import decode_for_model
+from fewshot.server.images import decode_for_model, decode_pixels_for_model
 from fewshot.server.metrics import ServiceMetrics
 from fewshot.server.store import TaskRecord, TaskStore
-from fewshot.server.tasks import AdaptRequest, Rejection, ServiceLimits, check_task_id, find_task, get_model, resolve_method, task_ref
+from fewshot.server.tasks import AdaptRequest, Rejection, ServiceLimits, TaskUpdate, check_task_id, find_task, get_model, resolve_method, task_ref
 from fewshot_client._proto import fewshot_pb2 as pb
 
 __all__ = ["FewShotService", "ServiceLimits", "model_info", "STATUSES"]  # ServiceLimits lives in tasks.py, shared with Triton
@@ -49,7 +49,9 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["FewShot"].full_name
 STATUSES = frozenset({grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
                       grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.UNAVAILABLE,
                       grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNIMPLEMENTED,
-                      grpc.StatusCode.INTERNAL})
+                      grpc.StatusCode.ABORTED, grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.INTERNAL})
+#: Locks serialising UpdateTask calls of one task in this process (a task id hashes to one of them).
+UPDATE_LOCKS = 64
 #: Longest error text kept in a log line (messages are already bounded; this is the backstop).
 MAX_LOGGED_ERROR = 500
 M = TypeVar("M", bound=Message)
@@ -107,6 +109,7 @@ class FewShotService:
         self.batcher = Batcher(executor, batch_delay, max_batch, on_batch=metrics.batch_images.observe)
         #: Adapts, where the model stacks them: sizes count tasks, at most 32 per stacked inner loop
         self.adapt_batcher = Batcher(executor, batch_delay, 32, on_batch=metrics.adapt_batch_tasks.observe)
+        self._update_locks: list[asyncio.Lock] = []  # made in the event loop, on the first UpdateTask
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
         """Register the ``fewshot.v1.FewShot`` methods on ``server`` (request bytes are parsed by us)."""
@@ -114,6 +117,7 @@ class FewShotService:
             return grpc.unary_unary_rpc_method_handler(fn, response_serializer=lambda m: m.SerializeToString())
 
         handlers = {"Adapt": unary(self.Adapt), "Classify": unary(self.Classify), "GetTask": unary(self.GetTask),
+                    "UpdateTask": unary(self.UpdateTask),
                     "DeleteTask": unary(self.DeleteTask), "ListModels": unary(self.ListModels),
                     "AdaptStream": grpc.stream_unary_rpc_method_handler(
                         self.AdaptStream, response_serializer=lambda m: m.SerializeToString())}
@@ -199,7 +203,8 @@ class FewShotService:
         budget = call.budget
 
         def work() -> tuple[Any, torch.Tensor, tuple[TaskRecord, Any, float] | None]:
-            x = decode_for_model(images, model, self.limits.image, "support", budget)
+            request.pixels = decode_pixels_for_model(images, model, self.limits.image, "support", budget)
+            x = model.spec.normalize(request.pixels)
             budget.check("adaptation")
             key = request.batch_key(x)
             if key is None:
@@ -273,6 +278,44 @@ class FewShotService:
             return await self.batcher.submit_many(key, item, len(x), run_many)
         return await self.batcher.submit(key, x, plan.heavy, plan.finish)
 
+    # -- UpdateTask -----------------------------------------------------------------------------
+    async def UpdateTask(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.UpdateTaskResponse:
+        async def body(call: _Call) -> pb.UpdateTaskResponse:
+            self.limits.check_request_bytes(len(raw))
+            request = parse(pb.UpdateTaskRequest, raw)
+            task_id = call.about(check_task_id(request.task_id))
+            self.limits.check_support(len(request.add))
+            update = TaskUpdate(task_id, None, [item.label for item in request.add], list(dict.fromkeys(request.remove_labels)),
+                                request.expected_version if request.HasField("expected_version") else None)
+            images, budget = [item.image for item in request.add], call.budget
+
+            def work() -> tuple[TaskRecord, float, float]:
+                if images:
+                    record = self.store.record(task_id, call.tenant.name)
+                    if record is None or record.model not in self.models:
+                        raise NotFound(f"task {task_id} is unknown, deleted or expired: adapt again")
+                    update.pixels = decode_pixels_for_model(images, self.models[record.model], self.limits.image, "added", budget)
+                budget.check("adaptation")
+                record, _, accuracy, seconds = update.apply(self.store, self.models, call.tenant.name, self.limits,
+                                                            check=budget.check)
+                return record, accuracy, seconds
+
+            # one update of a task at a time in this process (others wait here, not in a worker thread);
+            # across processes the store's compare-and-set serialises them
+            async with self._update_lock(task_id), self.admission.slot():
+                record, accuracy, seconds = await self._offload(work)
+            call.fields.update(model=record.model, method=record.method, support=record.support_size, version=record.version)
+            return pb.UpdateTaskResponse(task_id=record.task_id, version=record.version, labels=record.labels,
+                                         shots=record.shots, support_accuracy=accuracy, adapt_seconds=seconds)
+
+        return await self._call("UpdateTask", context, body)
+
+    def _update_lock(self, task_id: str) -> asyncio.Lock:
+        """One of :data:`UPDATE_LOCKS` locks, by the task id's hash (bounded memory, rare sharing)."""
+        if not self._update_locks:
+            self._update_locks = [asyncio.Lock() for _ in range(UPDATE_LOCKS)]
+        return self._update_locks[hash(task_id) % UPDATE_LOCKS]
+
     # -- task and model info --------------------------------------------------------------------
     async def GetTask(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.TaskInfo:
         async def body(call: _Call) -> pb.TaskInfo:
@@ -281,7 +324,8 @@ class FewShotService:
             if rec is None:
                 raise NotFound(f"task {task_id} is unknown, deleted or expired")
             return pb.TaskInfo(task_id=rec.task_id, model=rec.model, method=rec.method, labels=rec.labels,
-                               created_at=rec.created_at, expires_at=rec.expires_at, support_size=rec.support_size)
+                               created_at=rec.created_at, expires_at=rec.expires_at, support_size=rec.support_size,
+                               version=rec.version, shots=rec.shots)
 
         return await self._call("GetTask", context, body)
 

@@ -1,7 +1,9 @@
 """Serialising a task's adapted state to bytes (safetensors) and back.
 
 Only what the adapter produced is stored, as the task describes itself (``task.to_stored()``: a head's
-state, or the inner loop's adapted weights and frozen BatchNorm statistics). The model-level parts
+state, or the inner loop's adapted weights and frozen BatchNorm statistics), and, beside it, the
+support set it was adapted on (:class:`StoredSupport`: the decoded pixels, labels and request
+settings), which UpdateTask re-adapts on with the new images; the cached task does not hold it. The model-level parts
 (ONNX sessions, the network definition) come from the served model's family when a task is loaded
 (:meth:`~fewshot.models.family.Family.decode`), so a stored task is small and is classified by the same
 code as a fresh one.
@@ -10,7 +12,10 @@ code as a fresh one.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
 
 import torch
 from safetensors.torch import load as st_load
@@ -24,22 +29,70 @@ class StateError(FewShotError, ValueError):
     """A stored task that this server cannot restore (another model version or a damaged record)."""
 
 
-def dump_task(task: Task) -> bytes:
-    """The adapted state of ``task`` as one safetensors blob (tensors + JSON metadata)."""
+#: Prefix of the support set's tensors in a stored task.
+SUPPORT = "support."
+
+
+@dataclass
+class StoredSupport:
+    """The support set of a task: ``pixels (S, H, W, C)`` as decoded (0..255; uint8 unless an image
+    came as a float tensor with fractional values), the class label of each image and the request's
+    settings by API name (re-applied when the task is re-adapted)."""
+
+    pixels: np.ndarray
+    names: list[str]
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def compact(self) -> np.ndarray:
+        """The pixels as uint8 when that loses nothing (normalising either gives the same values)."""
+        p = self.pixels
+        if p.dtype != np.uint8 and np.array_equal(p, np.clip(np.rint(p), 0, 255)):
+            return p.astype(np.uint8)
+        return p
+
+
+def dump_task(task: Task, support: StoredSupport | None = None) -> bytes:
+    """The adapted state of ``task`` (and its support set) as one safetensors blob (tensors + JSON metadata)."""
     if not hasattr(task, "to_stored"):
         raise TypeError(f"cannot store a task of type {type(task).__name__}")
     tensors, meta = task.to_stored()
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    return st_save(tensors, metadata={"fewshot": json.dumps(meta)})
+    extra = {}
+    if support is not None:
+        labels = list(dict.fromkeys(support.names))
+        index = {n: i for i, n in enumerate(labels)}
+        tensors[SUPPORT + "pixels"] = torch.from_numpy(np.ascontiguousarray(support.compact()))
+        tensors[SUPPORT + "targets"] = torch.as_tensor([index[n] for n in support.names], dtype=torch.int32)
+        extra["support"] = json.dumps({"labels": labels, "settings": support.settings})
+    return st_save(tensors, metadata={"fewshot": json.dumps(meta), **extra})
 
 
-def load_task(blob: bytes, model: Family) -> Any:
-    """Rebuild a task stored by :func:`dump_task` for ``model``."""
+def _read(blob: bytes) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     try:
         tensors: dict[str, torch.Tensor] = st_load(blob)
         header_len = int.from_bytes(blob[:8], "little")
-        meta = json.loads(json.loads(blob[8:8 + header_len])["__metadata__"]["fewshot"])
+        return tensors, json.loads(blob[8:8 + header_len])["__metadata__"]
     except Exception as exc:  # safetensors raises its own error types
+        raise StateError(f"stored task is damaged ({exc})") from None
+
+
+def load_support(blob: bytes) -> StoredSupport | None:
+    """The support set stored beside a task (``None`` for a task stored without one, before UpdateTask)."""
+    tensors, metadata = _read(blob)
+    if "support" not in metadata or SUPPORT + "pixels" not in tensors:
+        return None
+    info = json.loads(metadata["support"])
+    names = [info["labels"][int(t)] for t in tensors[SUPPORT + "targets"]]
+    return StoredSupport(tensors[SUPPORT + "pixels"].numpy(), names, info.get("settings", {}))
+
+
+def load_task(blob: bytes, model: Family) -> Any:
+    """Rebuild a task stored by :func:`dump_task` for ``model`` (its support set is not loaded)."""
+    tensors, metadata = _read(blob)
+    tensors = {k: v for k, v in tensors.items() if not k.startswith(SUPPORT)}
+    try:
+        meta = json.loads(metadata["fewshot"])
+    except (KeyError, ValueError) as exc:
         raise StateError(f"stored task is damaged ({exc})") from None
     try:
         return model.decode(tensors, meta)

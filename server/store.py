@@ -3,18 +3,23 @@
 ``put`` commits the task to disk before it returns, so an acknowledged Adapt survives a crash or a
 restart; ``get`` serves from memory and reloads an evicted (or another process's) task from disk.
 Several server processes (and Triton model instances) can share one ``--state-dir``: SQLite in WAL
-mode lets readers and one writer work concurrently, and every row is immutable once written.
+mode lets readers and one writer work concurrently. A row changes only by :meth:`TaskStore.update`
+(UpdateTask), which commits a new version by compare-and-set: of concurrent updates one wins, the
+others see ``False`` and retry on the new version.
 
 Consistency of deletes (README, "Task state"):
 
 - In the process that deleted a task, no lookup that starts after :meth:`TaskStore.delete` returned
   finds it: the row goes first, then the cache entry, and a concurrent reload that read the row before
-  the delete re-checks the row before caching (a delete generation counter tells it one happened).
+  the delete re-checks the row before caching (a generation counter of deletes and updates tells it one
+  happened; after an update it loads the new version).
   :meth:`TaskStore.deleted_since` lets a caller that found a task before the delete refuse to answer
   for it afterwards.
 - In every other process sharing the file, a cache hit re-reads the row when the entry was last
   checked more than ``recheck`` seconds ago (default 0.5 s), so a task deleted (or expired) elsewhere
-  stops being served within ``recheck`` seconds plus one query.
+  stops being served within ``recheck`` seconds plus one query, and one updated elsewhere is served at
+  its new version within that bound (the row's version differs from the cached one: it is reloaded).
+  In the process that updated it, every lookup after :meth:`TaskStore.update` returned gets the new version.
 
 The cache charges each entry what it holds in memory: every tensor and array of the decoded task
 (unique storages, counted once) plus :data:`ENTRY_OVERHEAD` bytes for the Python objects; the
@@ -40,8 +45,9 @@ import torch
 from fewshot.errors import FewShotError
 from fewshot.server.errors import QuotaExceeded
 
-#: Schema versions (``PRAGMA user_version``): 1 = the first release, 2 adds ``tenant``.
-SCHEMA_VERSION = 2
+#: Schema versions (``PRAGMA user_version``): 1 = the first release, 2 adds ``tenant``, 3 adds ``version``
+#: and ``shots`` (UpdateTask).
+SCHEMA_VERSION = 3
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS tasks (
     task_id TEXT PRIMARY KEY,
@@ -52,12 +58,14 @@ CREATE TABLE IF NOT EXISTS tasks (
     expires_at REAL NOT NULL,
     support_size INTEGER NOT NULL,
     state BLOB NOT NULL,
-    tenant TEXT NOT NULL DEFAULT ''
+    tenant TEXT NOT NULL DEFAULT '',
+    version INTEGER NOT NULL DEFAULT 1,
+    shots TEXT NOT NULL DEFAULT '[]'
 );
 CREATE INDEX IF NOT EXISTS tasks_expiry ON tasks (expires_at);
 CREATE INDEX IF NOT EXISTS tasks_tenant ON tasks (tenant, expires_at);
 """
-COLUMNS = "task_id, model, method, labels, created_at, expires_at, support_size, state, tenant"
+COLUMNS = "task_id, model, method, labels, created_at, expires_at, support_size, state, tenant, version, shots"
 #: Bytes charged per cache entry on top of its tensors: the record, labels and Python objects.
 ENTRY_OVERHEAD = 4096
 #: How long this process remembers its own deletes (far longer than any lookup takes).
@@ -82,6 +90,10 @@ class TaskRecord:
     support_size: int
     state: bytes = field(repr=False)
     tenant: str = ""
+    #: 1 when adapted; each committed UpdateTask adds 1.
+    version: int = 1
+    #: Support images per class, in label order (empty for a task stored before version 3).
+    shots: list[int] = field(default_factory=list)
 
     def expired(self, now: float | None = None) -> bool:
         return (time.time() if now is None else now) >= self.expires_at
@@ -149,7 +161,7 @@ class TaskStore:
         self._cached_bytes = 0
         self._lock = threading.Lock()
         self._local = threading.local()
-        self._deletes = 0  # generation: bumped (under the lock) after each delete of this process
+        self._changes = 0  # generation: bumped (under the lock) after each delete or update of this process
         self._tombstones: dict[str, float] = {}  # task id -> time.monotonic() of its delete here
         self._migrate()
 
@@ -187,6 +199,9 @@ class TaskStore:
             columns = {row[1] for row in db.execute("PRAGMA table_info(tasks)")}
             if columns and "tenant" not in columns:  # version 1
                 db.execute("ALTER TABLE tasks ADD COLUMN tenant TEXT NOT NULL DEFAULT ''")
+            if columns and "version" not in columns:  # version 2
+                db.execute("ALTER TABLE tasks ADD COLUMN version INTEGER NOT NULL DEFAULT 1")
+                db.execute("ALTER TABLE tasks ADD COLUMN shots TEXT NOT NULL DEFAULT '[]'")
             for statement in filter(str.strip, SCHEMA.split(";")):
                 db.execute(statement)
             db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
@@ -209,15 +224,39 @@ class TaskStore:
                 if live >= max_live:
                     raise QuotaExceeded(f"this tenant has {live} live tasks, its quota: delete tasks or let them "
                                         "expire, then adapt again")
-            db.execute(f"INSERT INTO tasks ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            db.execute(f"INSERT INTO tasks ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                        (record.task_id, record.model, record.method, json.dumps(record.labels), record.created_at,
-                        record.expires_at, record.support_size, sqlite3.Binary(record.state), record.tenant))
+                        record.expires_at, record.support_size, sqlite3.Binary(record.state), record.tenant,
+                        record.version, json.dumps(record.shots)))
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
             raise
         if task is not None:
             self._remember(record, task)
+
+    def update(self, record: TaskRecord, task: Any = None) -> bool:
+        """Commit ``record`` as version ``record.version`` of its task if the stored one is still version
+        ``record.version - 1`` (compare and set, in one transaction); then cache ``task``. ``False``: the
+        task changed meanwhile (another update won) or is gone; nothing was written."""
+        db = self._db()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            changed = db.execute("UPDATE tasks SET labels = ?, support_size = ?, state = ?, version = ?, shots = ? "
+                                 "WHERE task_id = ? AND tenant = ? AND version = ? AND expires_at > ?",
+                                 (json.dumps(record.labels), record.support_size, sqlite3.Binary(record.state),
+                                  record.version, json.dumps(record.shots), record.task_id, record.tenant,
+                                  record.version - 1, time.time())).rowcount
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        with self._lock:
+            self._changes += 1
+            self._drop(record.task_id)  # the old version (or, when we lost, whatever we held) is stale
+            if changed and task is not None:
+                self._remember_locked(record, task, time.monotonic())
+        return bool(changed)
 
     def delete(self, task_id: str, tenant: str = "") -> bool:
         """Remove ``tenant``'s task; ``False`` when there was none (or it had expired, or belongs to
@@ -226,7 +265,7 @@ class TaskStore:
                                  (task_id, tenant)).fetchone()
         if row is not None:
             with self._lock:
-                self._deletes += 1
+                self._changes += 1
                 now = time.monotonic()
                 self._tombstones[task_id] = now
                 if len(self._tombstones) > 4096:
@@ -256,12 +295,17 @@ class TaskStore:
                                  (task_id, tenant)).fetchone()
         if row is None:
             return None
-        rec = TaskRecord(row[0], row[1], row[2], json.loads(row[3]), row[4], row[5], row[6], bytes(row[7]), row[8])
+        rec = TaskRecord(row[0], row[1], row[2], json.loads(row[3]), row[4], row[5], row[6], bytes(row[7]), row[8],
+                         row[9], json.loads(row[10]))
         return None if rec.expired() else rec
 
+    def _row_version(self, task_id: str) -> int | None:
+        """The stored version of a live task, ``None`` when it is gone or expired."""
+        row = self._db().execute("SELECT expires_at, version FROM tasks WHERE task_id = ?", (task_id,)).fetchone()
+        return row[1] if row is not None and row[0] > time.time() else None
+
     def _row_live(self, task_id: str) -> bool:
-        row = self._db().execute("SELECT expires_at FROM tasks WHERE task_id = ?", (task_id,)).fetchone()
-        return row is not None and row[0] > time.time()
+        return self._row_version(task_id) is not None
 
     def get(self, task_id: str, decode: Callable[[TaskRecord], Any], tenant: str = "") -> tuple[TaskRecord, Any] | None:
         """``(record, decoded task)`` of ``tenant``'s live task, from the cache or reloaded from disk.
@@ -276,17 +320,23 @@ class TaskStore:
                 entry = None  # another tenant's: answered as unknown, from the disk lookup below
             if entry is not None:
                 self._cache.move_to_end(task_id)
-            generation = self._deletes
+            generation = self._changes
         if entry is not None and now - entry.checked > self.recheck:
-            # another process may have deleted it: re-read the row (at most once per `recheck` seconds)
-            if not self._row_live(task_id):
+            # another process may have deleted or updated it: re-read the row (at most once per `recheck` s)
+            version = self._row_version(task_id)
+            if version is None:
                 with self._lock:
                     self._drop(task_id)
                 entry = None
                 self.stats.misses += 1
                 self.on_event("miss")
                 return None
-            entry.checked = now
+            if version != entry.record.version:  # updated elsewhere: reload below
+                with self._lock:
+                    self._drop(task_id)
+                entry = None
+            else:
+                entry.checked = now
         if entry is not None:
             self.stats.hits += 1
             self.on_event("hit")
@@ -294,17 +344,23 @@ class TaskStore:
         self.stats.misses += 1
         self.on_event("miss")
         rec = self.record(task_id, tenant)
-        if rec is None:
-            return None
-        task = decode(rec)
-        while True:
-            with self._lock:
-                if self._deletes == generation:
-                    self._remember_locked(rec, task, now)
-                    return dataclasses.replace(rec, state=b""), task
-                generation = self._deletes
-            if task_id in self._tombstones or not self._row_live(task_id):  # deleted while we decoded
-                return None
+        while rec is not None:
+            task = decode(rec)
+            while True:
+                with self._lock:
+                    if self._changes == generation:
+                        self._remember_locked(rec, task, now)
+                        return dataclasses.replace(rec, state=b""), task
+                    generation = self._changes
+                if task_id in self._tombstones:  # deleted while we decoded
+                    return None
+                version = self._row_version(task_id)
+                if version is None:
+                    return None
+                if version != rec.version:  # updated while we decoded: load the new version
+                    break
+            rec = self.record(task_id, tenant)
+        return None
 
     def count(self) -> int:
         """Live tasks on disk (all processes sharing the store)."""

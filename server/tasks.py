@@ -13,7 +13,8 @@ import re
 import secrets
 import time
 from collections import Counter
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable, Mapping
 
 import math
@@ -25,9 +26,9 @@ from fewshot.models.calibration import ACCEPTANCE_LEVELS, DEFAULT_ACCEPTANCE, Op
 from fewshot.models.family import Family
 from fewshot.errors import ConfigError
 from fewshot.models.interrupt import interruptible
-from fewshot.server.errors import InvalidRequest, NotFound, TooLarge, quoted
+from fewshot.server.errors import Conflict, InvalidRequest, NotFound, NotUpdatable, TooLarge, quoted
 from fewshot.server.images import ImageLimits
-from fewshot.server.state import StateError, dump_task, load_task
+from fewshot.server.state import StateError, StoredSupport, dump_task, load_support, load_task
 from fewshot.server.store import TaskRecord, TaskStore
 
 #: Length limits of identifiers and names (characters); longer ones are refused, never echoed whole.
@@ -224,6 +225,12 @@ class AdaptRequest:
     ttl: int
     seconds: float = 0.0
     tenant: str = ""
+    #: The request's settings by API name and each image's label: stored with the task (UpdateTask re-adapts with them).
+    settings: dict[str, Any] = field(default_factory=dict)
+    names: list[str] = field(default_factory=list)
+    #: The decoded support pixels (``decode_pixels_for_model``), set by the caller: stored with the task
+    #: so that UpdateTask can re-adapt on the union; ``None``: not kept (the task cannot be updated).
+    pixels: np.ndarray | None = None
 
     @staticmethod
     def check(model: Family, method: str | None, names: list[str], settings: Mapping[str, Any] | None = None,
@@ -231,6 +238,7 @@ class AdaptRequest:
         """``settings``: the request's per-task settings by API name (``inner_steps``, ``lambda``; ``None``: not given)."""
         method = resolve_method(model, method)
         labels, targets, shots = check_labels(model, names)
+        given = {k: v for k, v in (settings or {}).items() if v is not None}
         settings = check_settings(model, method, settings or {})
         try:
             adapter = model.adapter(method, shots=shots, **settings)
@@ -240,7 +248,7 @@ class AdaptRequest:
         if max_image_steps is not None and len(names) * steps > max_image_steps:
             raise TooLarge(f"{len(names)} support images x {steps} inner steps = {len(names) * steps} image-steps; this "
                            f"server runs at most {max_image_steps} per Adapt: send fewer images or ask fewer inner_steps")
-        return AdaptRequest(model, method, labels, targets, adapter, ttl, tenant=tenant)
+        return AdaptRequest(model, method, labels, targets, adapter, ttl, tenant=tenant, settings=given, names=list(names))
 
     def run(self, images: torch.Tensor, check: Callable[[str], None] | None = None) -> tuple[TaskRecord, Any, float]:
         """Adapt on normalised ``(S, C, H, W)`` images -> (record to store, task, support accuracy).
@@ -273,6 +281,77 @@ class AdaptRequest:
     def _result(self, task: Any, support_probabilities: torch.Tensor, images: int) -> tuple[TaskRecord, Any, float]:
         accuracy = float((support_probabilities.argmax(1) == self.targets).float().mean())
         now = time.time()
+        support = None if self.pixels is None else StoredSupport(self.pixels, self.names, self.settings)
+        shots = torch.bincount(self.targets, minlength=len(self.labels)).tolist()
         record = TaskRecord(secrets.token_hex(16), self.model.name, self.method, self.labels, now, now + self.ttl,
-                            images, dump_task(task), self.tenant)
+                            images, dump_task(task, support), self.tenant, 1, shots)
         return record, task, accuracy
+
+
+@dataclass
+class TaskUpdate:
+    """A validated UpdateTask: images to add (decoded pixels, one label each), classes to remove."""
+
+    task_id: str
+    pixels: np.ndarray | None
+    names: list[str]
+    remove: list[str]
+    expected_version: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.names and not self.remove:
+            raise InvalidRequest("the update adds no image and removes no class: send images to add or labels to remove")
+        for i, n in enumerate(self.names):
+            if not n:
+                raise InvalidRequest(f"added image {i} has an empty label: every image needs its class label")
+            if len(n) > MAX_LABEL:
+                raise InvalidRequest(f"added image {i} has a label of {len(n)} characters ({quoted(n, 32)}); labels are "
+                                     f"at most {MAX_LABEL}")
+        both = set(self.names) & set(self.remove)
+        if both:
+            raise InvalidRequest(f"class {quoted(sorted(both)[0])} is both added to and removed from: do one per update")
+
+    def apply(self, store: TaskStore, models: Mapping[str, Family], tenant: str, limits: ServiceLimits,
+              attempts: int = 5, check: Callable[[str], None] | None = None) -> tuple[TaskRecord, Any, float, float]:
+        """Re-adapt the task on (its stored support minus the removed classes) + the added images, with the
+        method and settings of its Adapt, and commit it as the next version (compare and set). A
+        concurrent update that committed first makes this one start again from the new version, at
+        most ``attempts`` times, then :class:`Conflict`. Returns ``(record, task, support accuracy, seconds)``."""
+        for _ in range(attempts):
+            current = store.record(self.task_id, tenant)
+            if current is None:
+                raise NotFound(f"task {self.task_id} is unknown, deleted or expired: adapt again")
+            if self.expected_version is not None and current.version != self.expected_version:
+                raise Conflict(f"task {self.task_id} is at version {current.version}, not {self.expected_version}: "
+                               "read it again (GetTask) and retry")
+            if current.model not in models:
+                raise NotFound(f"task {self.task_id} belongs to model {current.model!r}, which this server does not load")
+            model = models[current.model]
+            try:
+                support = load_support(current.state)
+            except StateError as exc:
+                raise NotFound(f"task {self.task_id} cannot be restored: {exc}") from None
+            if support is None:
+                raise NotUpdatable(f"task {self.task_id} was stored without its support images (adapted by an older "
+                                   "server) and cannot be updated: adapt again with the whole support set")
+            unknown = [n for n in self.remove if n not in current.labels]
+            if unknown:
+                raise InvalidRequest(f"cannot remove {quoted(unknown[0])}: the task's classes are "
+                                     f"{', '.join(map(quoted, current.labels[:20]))}")
+            keep = np.array([n not in self.remove for n in support.names], dtype=bool)
+            names = [n for n, k in zip(support.names, keep) if k] + self.names
+            limits.check_support(len(names))
+            pixels = support.pixels[keep]
+            if self.pixels is not None and len(self.pixels):
+                if self.pixels.shape[1:] != pixels.shape[1:]:
+                    raise InvalidRequest(f"added images decode to {self.pixels.shape[1:]}, the task's to {pixels.shape[1:]}")
+                pixels = np.concatenate([pixels, self.pixels.astype(np.promote_types(pixels.dtype, self.pixels.dtype))])
+            request = AdaptRequest.check(model, current.method, names, support.settings, 0, limits.max_image_steps, tenant)
+            request.pixels = pixels
+            record, task, accuracy = request.run(model.spec.normalize(pixels), check)
+            record = dataclasses.replace(record, task_id=current.task_id, created_at=current.created_at,
+                                         expires_at=current.expires_at, version=current.version + 1)
+            if store.update(record, task):
+                return record, task, accuracy, request.seconds
+        raise Conflict(f"task {self.task_id} was updated by {attempts} other calls while this update ran; nothing "
+                       "was changed by this one: retry it")

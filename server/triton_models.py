@@ -40,7 +40,7 @@ from fewshot.models.family import family_of
 from fewshot.models.runtime import SessionEngines, part_model_name
 from fewshot.export.registry import Registry
 from fewshot.server.errors import BackendUnavailable, InvalidRequest, ServiceError
-from fewshot.server.images import decode_for_model
+from fewshot.server.images import decode_for_model, decode_pixels_for_model
 from fewshot.server.store import TaskStore
 from fewshot.server.tasks import AdaptRequest, Rejection, ServiceLimits, find_task, get_model
 
@@ -156,7 +156,8 @@ class AdaptModel(_FewShotModel):
             raise InvalidRequest(f"{len(images)} images but {len(names)} labels: send one label per support image")
         self.limits.check_support(len(images))
         adapt = AdaptRequest.check(model, self._one(request, "method", optional=True), names, ttl=self.limits.default_ttl)
-        record, _, _ = adapt.run(decode_for_model(images, model, self.limits.image, "support"))
+        adapt.pixels = decode_pixels_for_model(images, model, self.limits.image, "support")
+        record, _, _ = adapt.run(model.spec.normalize(adapt.pixels))
         self.store.put(record)  # durable before we answer; this process never classifies, so nothing to cache
         return {"task_id": _strings_out([record.task_id]), "labels": _strings_out(record.labels)}
 

@@ -123,9 +123,10 @@ class _NearestNeighbourState(HeadState):
     n_classes: int
     kind = "test-1nn"
 
-    def classify(self, query: torch.Tensor) -> torch.Tensor:
-        nearest = torch.cdist(query, self.support).argmin(1)
-        return torch.nn.functional.one_hot(self.labels[nearest], self.n_classes).float()
+    def logits(self, query: torch.Tensor) -> torch.Tensor:
+        """Minus the distance to the nearest support image of each class."""
+        d = torch.cdist(query, self.support)
+        return torch.stack([-d[:, self.labels == c].min(1).values for c in range(self.n_classes)], 1)
 
 
 def test_a_new_head_is_one_class_and_then_works_through_the_family():
@@ -162,6 +163,26 @@ def test_a_new_head_is_one_class_and_then_works_through_the_family():
     finally:
         HEADS.pop("test-1nn", None)
         STATE_KINDS.pop("test-1nn", None)
+
+
+@pytest.mark.parametrize("method", ["centroid", "laplacianshot", "logreg"])
+def test_a_task_carries_its_methods_calibration_through_storage(method):
+    """The card's open-set block gives the adapter of (method, nearest shot count) its temperature, score
+    and thresholds; the task's probabilities are softmax(logits / T), and a stored task restores with them."""
+    from fewshot.models.calibration import OpenSetCalibration
+
+    cal = OpenSetCalibration(0.25, "energy", {0.5: -1.0, 0.95: -2.0})
+    manifest = {**MANIFEST, "open_set": {"methods": {method: {"by_shots": {"1": {"temperature": 1.0, "score": "max_logit"},
+                                                                             "5": cal.to_dict()}}}}}
+    model = _toy(manifest)
+    support, labels, query, _ = _task_data(shots=4)
+    task = model.adapter(method, shots=4).adapt(support, labels)
+    assert task.open_set == cal and model.adapter(method, shots=1).open_set.score == "max_logit"
+    raw = task.state.logits(model.extract(query))
+    torch.testing.assert_close(task.calibrated_logits(query), raw / 0.25)
+    torch.testing.assert_close(task.classify(query), torch.softmax(raw / 0.25, 1))
+    restored = load_task(dump_task(task), model)
+    assert restored.open_set == cal and torch.equal(restored.calibrated_logits(query), task.calibrated_logits(query))
 
 
 def test_warm_up_runs_every_method_of_every_model_once_per_round():

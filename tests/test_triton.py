@@ -28,7 +28,7 @@ from fewshot.tools.tritonserver import TritonProcess, TritonStartError, TritonUn
 from fewshot_client._proto import fewshot_pb2 as pb
 from fewshot_client._proto import fewshot_pb2_grpc as pb_grpc
 
-OMNI, TINY = "omniglot-conv4-directsum", "tinyimagenet-conv4-sce-nca-directsum"
+OMNI, TINY, CXGRAD = "omniglot-conv4-directsum", "tinyimagenet-conv4-sce-nca-directsum", "omniglot-conv4-cxgrad"
 TASKS = 20
 
 
@@ -90,6 +90,13 @@ def _task(data: ImageSet, episode) -> tuple[list[str], list[bytes], list[bytes],
     """A real episode as PNG bytes: (support labels, support images, query images, query labels)."""
     return ([f"class-{c}" for c in episode.support_labels], [png(data.images[i]) for i in episode.support],
             [png(data.images[i]) for i in episode.query], [f"class-{c}" for c in episode.query_labels])
+
+
+def _scalar(name: str, value: float | bool) -> grpcclient.InferInput:
+    dtype = "BOOL" if isinstance(value, bool) else "FP64"
+    tensor = grpcclient.InferInput(name, [1], dtype)
+    tensor.set_data_from_numpy(np.array([value], dtype=bool if dtype == "BOOL" else np.float64))
+    return tensor
 
 
 def _first_of_each_family() -> list[str]:
@@ -198,6 +205,36 @@ def test_bad_input_is_an_error_and_triton_keeps_serving(client, omniglot_test):
         assert np.mean([classes[j] == t for j, t in zip(probs.argmax(1), truth)]) >= 0.8, name
     assert client.is_server_live() and client.is_model_ready("fewshot_adapt") and client.is_model_ready("fewshot_classify")
     assert triton_classify(client, live, queries)[0].shape == (len(queries), 5)  # the task adapted first is intact
+
+
+@pytest.mark.parametrize("name", [OMNI, CXGRAD])
+def test_triton_rejects_unknown_queries_as_the_service_does(client, stub, name):
+    """fewshot_classify's reject_unknown (and target_recall) option: the same unknown flags, scores and
+    threshold as the service's Classify of the same task; bad options are INVALID_ARGUMENT."""
+    from fewshot.models.openset import OpenSetSampler
+
+    data = _data("omniglot")
+    ep = OpenSetSampler(data, 5, 1, 5, seed=2).episode(0)
+    labels = [f"c{c}" for c in ep.known.support_labels]
+    support = [png(data.images[i]) for i in ep.known.support]
+    queries = [png(data.images[i]) for i in np.concatenate([ep.known.query, ep.unknown])]
+    task_id, _ = triton_adapt(client, name, labels, support)
+    for option in ([], [_scalar("target_recall", 0.8)]):
+        result = client.infer("fewshot_classify", [_strings("task_id", [task_id]), _strings("images", queries),
+                                                   _scalar("reject_unknown", True), *option])
+        recall = {"target_recall": 0.8} if option else {}
+        served = stub.Classify(pb.ClassifyRequest(task_id=task_id, queries=[pb.Image(encoded=b) for b in queries],
+                                                  reject_unknown=True, **recall))
+        assert list(result.as_numpy("unknown")) == [p.unknown for p in served.predictions]
+        np.testing.assert_allclose(result.as_numpy("scores"), [p.score for p in served.predictions], rtol=1e-6, atol=1e-6)
+        assert result.as_numpy("threshold")[0] == pytest.approx(served.predictions[0].threshold)
+        assert result.as_numpy("unknown")[len(ep.known.query):].mean() >= 0.5
+    plain = client.infer("fewshot_classify", [_strings("task_id", [task_id]), _strings("images", queries)])
+    assert plain.as_numpy("unknown") is None  # without the option: the outputs of before
+    with pytest.raises(InferenceServerException) as err:
+        client.infer("fewshot_classify", [_strings("task_id", [task_id]), _strings("images", queries[:1]),
+                                          _scalar("reject_unknown", True), _scalar("target_recall", 2.0)])
+    assert err.value.status() == "StatusCode.INVALID_ARGUMENT" and "0.5..0.99" in err.value.message()
 
 
 def test_a_backbone_triton_has_not_loaded_answers_unavailable(client, omniglot_test):

@@ -30,6 +30,14 @@ class AsyncTask(TaskFields):
         for 95% acceptance of known classes, or at ``target_recall`` (0.5..0.99), or at ``threshold``."""
         return await self.client.classify(self.id, images, top_k, reject_unknown, threshold, target_recall)
 
+    async def update(self, images: Sequence[ImageLike] = (), labels: Sequence[str] = (), remove: Sequence[str] = (),
+                     expected_version: int | None = None) -> AsyncTask:
+        """As :meth:`fewshot_client.client.Task.update`."""
+        response = await self.client.update(self.id, images, labels, remove, expected_version)
+        self.labels, self.version = list(response.labels), response.version
+        self.support_accuracy, self.adapt_seconds = float(response.support_accuracy), response.adapt_seconds
+        return self
+
     async def info(self) -> TaskInfo:
         """The server's record of this task."""
         return await self.client.task_info(self.id)
@@ -78,6 +86,12 @@ class AsyncFewShotClient:
         request = messages.classify_request(task_id, images, top_k, reject_unknown, threshold, target_recall)
         response = await self._call(self._stub.Classify, request)
         return messages.predictions(response)
+
+    async def update(self, task_id: str, images: Sequence[ImageLike] = (), labels: Sequence[str] = (),
+                     remove: Sequence[str] = (), expected_version: int | None = None) -> fewshot_pb2.UpdateTaskResponse:
+        """UpdateTask on ``task_id``."""
+        return await self._call(self._stub.UpdateTask, messages.update_request(task_id, images, labels, remove,
+                                                                                 expected_version))
 
     async def task_info(self, task_id: str) -> TaskInfo:
         """The server's record of task ``task_id``; raises NotFound if there is none."""

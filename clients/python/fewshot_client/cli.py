@@ -1,4 +1,4 @@
-"""The ``fewshot-client`` command: adapt, classify, models, delete."""
+"""The ``fewshot-client`` command: adapt, update, classify, models, delete."""
 
 from __future__ import annotations
 
@@ -41,6 +41,17 @@ def cmd_adapt(client: FewShotClient, args: argparse.Namespace) -> None:
     print(task.id)
     print(f"adapted {task.model} ({task.method}) to {len(task.labels)} labels, {len(images)} images: "
           f"support accuracy {task.support_accuracy:.3f}, {task.adapt_seconds:.3f} s", file=sys.stderr)
+
+
+def cmd_update(client: FewShotClient, args: argparse.Namespace) -> None:
+    images, labels = support_set(args.support) if args.support else ([], [])
+    if not images and not args.remove:
+        raise CommandError("nothing to update: give --support DIR (images to add) and/or --remove LABEL")
+    response = client.update(args.task, images, labels, args.remove or [])
+    print(response.version)
+    shots = ", ".join(f"{label} {n}" for label, n in zip(response.labels, response.shots))
+    print(f"updated {args.task} to version {response.version}: {len(response.labels)} labels ({shots}), support "
+          f"accuracy {response.support_accuracy:.3f}, {response.adapt_seconds:.3f} s", file=sys.stderr)
 
 
 def cmd_classify(client: FewShotClient, args: argparse.Namespace) -> None:
@@ -130,6 +141,13 @@ def parser() -> argparse.ArgumentParser:
     adapt.add_argument("--lam", type=float, help="the method's lambda")
     adapt.add_argument("--ttl", type=int, help="task time-to-live in seconds (default: the server's)")
     adapt.set_defaults(run=cmd_adapt)
+
+    update = sub.add_parser("update", help="add images (new shots or classes) to a task or remove classes; prints "
+                            "the new version")
+    update.add_argument("--task", required=True, metavar="ID")
+    update.add_argument("--support", type=Path, metavar="DIR", help="images to add: one subfolder per class")
+    update.add_argument("--remove", action="append", metavar="LABEL", help="class to remove (repeat)")
+    update.set_defaults(run=cmd_update)
 
     classify = sub.add_parser("classify", help="classify images against a task")
     classify.add_argument("--task", required=True, metavar="ID")

@@ -29,6 +29,17 @@ class Task(TaskFields):
         for 95% acceptance of known classes, or at ``target_recall`` (0.5..0.99), or at ``threshold``."""
         return self.client.classify(self.id, images, top_k, reject_unknown, threshold, target_recall)
 
+    def update(self, images: Sequence[ImageLike] = (), labels: Sequence[str] = (), remove: Sequence[str] = (),
+               expected_version: int | None = None) -> Task:
+        """Adds labelled images (more shots, or new classes) and/or removes classes; the server re-adapts
+        the task on the union support set under the same id and the next version. This handle's labels,
+        version and support accuracy follow; returns it. ``expected_version``: apply only at that version
+        (else ``Aborted``)."""
+        response = self.client.update(self.id, images, labels, remove, expected_version)
+        self.labels, self.version = list(response.labels), response.version
+        self.support_accuracy, self.adapt_seconds = float(response.support_accuracy), response.adapt_seconds
+        return self
+
     def info(self) -> TaskInfo:
         """The server's record of this task."""
         return self.client.task_info(self.id)
@@ -88,6 +99,13 @@ class FewShotClient:
         """Classifies ``images`` against task ``task_id`` (open-set options: :meth:`Task.classify`)."""
         request = messages.classify_request(task_id, images, top_k, reject_unknown, threshold, target_recall)
         return messages.predictions(self._call(self._stub.Classify, request))
+
+    def update(self, task_id: str, images: Sequence[ImageLike] = (), labels: Sequence[str] = (),
+               remove: Sequence[str] = (), expected_version: int | None = None) -> fewshot_pb2.UpdateTaskResponse:
+        """UpdateTask on ``task_id`` (see :meth:`Task.update`); the response has the new version,
+        labels and per-class shots."""
+        request = messages.update_request(task_id, images, labels, remove, expected_version)
+        return self._call(self._stub.UpdateTask, request)
 
     def task_info(self, task_id: str) -> TaskInfo:
         """The server's record of task ``task_id``; raises NotFound if there is none."""

@@ -38,8 +38,16 @@ class DeadlineExceeded(FewShotError):
     """The call did not finish within the client's timeout."""
 
 
+class Aborted(FewShotError):
+    """An update lost to concurrent updates of the task (or it was not at the expected version): retry."""
+
+
+class FailedPrecondition(FewShotError):
+    """The task cannot do this (e.g. an update of a task stored without its support images)."""
+
+
 class ServiceError(FewShotError):
-    """Any other status code (INTERNAL, UNKNOWN, FAILED_PRECONDITION, ...)."""
+    """Any other status code (INTERNAL, UNKNOWN, ...)."""
 
 
 _BY_CODE: dict[grpc.StatusCode, type[FewShotError]] = {
@@ -49,6 +57,8 @@ _BY_CODE: dict[grpc.StatusCode, type[FewShotError]] = {
     grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
     grpc.StatusCode.UNAVAILABLE: Unavailable,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
+    grpc.StatusCode.ABORTED: Aborted,
+    grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
 }
 
 

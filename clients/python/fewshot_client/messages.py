@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
 
@@ -75,6 +75,10 @@ class TaskInfo:
     created_at: float
     expires_at: float
     support_size: int
+    #: 1 when adapted, +1 per committed update.
+    version: int = 1
+    #: Support images per label (empty for tasks stored before updates existed).
+    shots: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -89,6 +93,7 @@ class TaskFields:
     expires_at: float
     support_accuracy: float | None = None
     adapt_seconds: float | None = None
+    version: int = 1
 
 
 def adapt_request(images: Sequence[ImageLike], labels: Sequence[str], model: str, method: str | None,
@@ -167,13 +172,28 @@ def task_info(response: fewshot_pb2.TaskInfo) -> TaskInfo:
     """A TaskInfo dataclass from its message."""
     return TaskInfo(task_id=response.task_id, model=response.model, method=response.method,
                     labels=list(response.labels), created_at=response.created_at,
-                    expires_at=response.expires_at, support_size=response.support_size)
+                    expires_at=response.expires_at, support_size=response.support_size,
+                    version=response.version or 1, shots=dict(zip(response.labels, response.shots)))
 
 
 def looked_up_fields(info: TaskInfo) -> TaskFields:
     """The task fields known from GetTask."""
     return TaskFields(id=info.task_id, labels=info.labels, model=info.model, method=info.method,
-                      expires_at=info.expires_at)
+                      expires_at=info.expires_at, version=info.version)
+
+
+def update_request(task_id: str, images: Sequence[ImageLike], labels: Sequence[str], remove: Sequence[str],
+                   expected_version: int | None) -> fewshot_pb2.UpdateTaskRequest:
+    """An UpdateTaskRequest; raises ValueError/TypeError for mismatched or non-string labels."""
+    if len(images) != len(labels):
+        raise ValueError(f"{len(images)} images but {len(labels)} labels")
+    for label in [*labels, *remove]:
+        if not isinstance(label, str):
+            raise TypeError(f"labels must be strings, got {type(label).__name__} {label!r}")
+    optional = {} if expected_version is None else {"expected_version": expected_version}
+    return fewshot_pb2.UpdateTaskRequest(
+        task_id=task_id, remove_labels=list(remove), **optional,
+        add=[fewshot_pb2.LabelledImage(image=to_image_proto(x), label=y) for x, y in zip(images, labels)])
 
 
 def model_infos(response: fewshot_pb2.ListModelsResponse) -> list[ModelInfo]:

@@ -140,7 +140,7 @@ class GetTaskRequest(_message.Message):
     def __init__(self, task_id: _Optional[str] = ...) -> None: ...
 
 class TaskInfo(_message.Message):
-    __slots__ = ("task_id", "model", "method", "labels", "created_at", "expires_at", "support_size")
+    __slots__ = ("task_id", "model", "method", "labels", "created_at", "expires_at", "support_size", "version", "shots")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
@@ -148,6 +148,8 @@ class TaskInfo(_message.Message):
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
     SUPPORT_SIZE_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    SHOTS_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     model: str
     method: str
@@ -155,7 +157,37 @@ class TaskInfo(_message.Message):
     created_at: float
     expires_at: float
     support_size: int
-    def __init__(self, task_id: _Optional[str] = ..., model: _Optional[str] = ..., method: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ..., created_at: _Optional[float] = ..., expires_at: _Optional[float] = ..., support_size: _Optional[int] = ...) -> None: ...
+    version: int
+    shots: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, task_id: _Optional[str] = ..., model: _Optional[str] = ..., method: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ..., created_at: _Optional[float] = ..., expires_at: _Optional[float] = ..., support_size: _Optional[int] = ..., version: _Optional[int] = ..., shots: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class UpdateTaskRequest(_message.Message):
+    __slots__ = ("task_id", "add", "remove_labels", "expected_version")
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    ADD_FIELD_NUMBER: _ClassVar[int]
+    REMOVE_LABELS_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_VERSION_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    add: _containers.RepeatedCompositeFieldContainer[LabelledImage]
+    remove_labels: _containers.RepeatedScalarFieldContainer[str]
+    expected_version: int
+    def __init__(self, task_id: _Optional[str] = ..., add: _Optional[_Iterable[_Union[LabelledImage, _Mapping]]] = ..., remove_labels: _Optional[_Iterable[str]] = ..., expected_version: _Optional[int] = ...) -> None: ...
+
+class UpdateTaskResponse(_message.Message):
+    __slots__ = ("task_id", "version", "labels", "shots", "support_accuracy", "adapt_seconds")
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    SHOTS_FIELD_NUMBER: _ClassVar[int]
+    SUPPORT_ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    ADAPT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    version: int
+    labels: _containers.RepeatedScalarFieldContainer[str]
+    shots: _containers.RepeatedScalarFieldContainer[int]
+    support_accuracy: float
+    adapt_seconds: float
+    def __init__(self, task_id: _Optional[str] = ..., version: _Optional[int] = ..., labels: _Optional[_Iterable[str]] = ..., shots: _Optional[_Iterable[int]] = ..., support_accuracy: _Optional[float] = ..., adapt_seconds: _Optional[float] = ...) -> None: ...
 
 class DeleteTaskRequest(_message.Message):
     __slots__ = ("task_id",)

@@ -49,6 +49,11 @@ class FewShotStub:
                 request_serializer=fewshot_dot_v1_dot_fewshot__pb2.ClassifyRequest.SerializeToString,
                 response_deserializer=fewshot_dot_v1_dot_fewshot__pb2.ClassifyResponse.FromString,
                 _registered_method=True)
+        self.UpdateTask = channel.unary_unary(
+                '/fewshot.v1.FewShot/UpdateTask',
+                request_serializer=fewshot_dot_v1_dot_fewshot__pb2.UpdateTaskRequest.SerializeToString,
+                response_deserializer=fewshot_dot_v1_dot_fewshot__pb2.UpdateTaskResponse.FromString,
+                _registered_method=True)
         self.GetTask = channel.unary_unary(
                 '/fewshot.v1.FewShot/GetTask',
                 request_serializer=fewshot_dot_v1_dot_fewshot__pb2.GetTaskRequest.SerializeToString,
@@ -90,6 +95,14 @@ class FewShotServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UpdateTask(self, request, context):
+        """Add labelled images (more shots of a class, or new classes) to a task and/or remove classes: the
+        task keeps its id and gets the next version, adapted on the union support set.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetTask(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -125,6 +138,11 @@ def add_FewShotServicer_to_server(servicer, server):
                     servicer.Classify,
                     request_deserializer=fewshot_dot_v1_dot_fewshot__pb2.ClassifyRequest.FromString,
                     response_serializer=fewshot_dot_v1_dot_fewshot__pb2.ClassifyResponse.SerializeToString,
+            ),
+            'UpdateTask': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateTask,
+                    request_deserializer=fewshot_dot_v1_dot_fewshot__pb2.UpdateTaskRequest.FromString,
+                    response_serializer=fewshot_dot_v1_dot_fewshot__pb2.UpdateTaskResponse.SerializeToString,
             ),
             'GetTask': grpc.unary_unary_rpc_method_handler(
                     servicer.GetTask,
@@ -223,6 +241,33 @@ class FewShot:
             '/fewshot.v1.FewShot/Classify',
             fewshot_dot_v1_dot_fewshot__pb2.ClassifyRequest.SerializeToString,
             fewshot_dot_v1_dot_fewshot__pb2.ClassifyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateTask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fewshot.v1.FewShot/UpdateTask',
+            fewshot_dot_v1_dot_fewshot__pb2.UpdateTaskRequest.SerializeToString,
+            fewshot_dot_v1_dot_fewshot__pb2.UpdateTaskResponse.FromString,
             options,
             channel_credentials,
             insecure,
