@@ -112,7 +112,8 @@ def test_adapt_chunks_are_bounded_and_carry_settings_first():
     (grpc.StatusCode.RESOURCE_EXHAUSTED, errors.ResourceExhausted),
     (grpc.StatusCode.UNAUTHENTICATED, errors.Unauthenticated), (grpc.StatusCode.UNAVAILABLE, errors.Unavailable),
     (grpc.StatusCode.DEADLINE_EXCEEDED, errors.DeadlineExceeded), (grpc.StatusCode.INTERNAL, errors.ServiceError),
-    (grpc.StatusCode.FAILED_PRECONDITION, errors.ServiceError),
+    (grpc.StatusCode.FAILED_PRECONDITION, errors.FailedPrecondition), (grpc.StatusCode.ABORTED, errors.Aborted),
+    (grpc.StatusCode.UNKNOWN, errors.ServiceError),
 ])
 def test_rpc_errors_map_to_typed_exceptions(code, cls):
     rpc_error = grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details="what went wrong")

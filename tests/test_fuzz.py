@@ -105,6 +105,10 @@ def _valid_requests() -> list[tuple[str, bytes]]:
             ("Adapt", pb.AdaptRequest(model="omniglot-conv4-directsum", method="laplacianshot", support=support,
                                       settings=pb.AdaptSettings(**{"lambda": 0.5}), ttl_seconds=60).SerializeToString()),
             ("Classify", pb.ClassifyRequest(task_id="0" * 32, queries=[pb.Image(encoded=png)], top_k=2).SerializeToString()),
+            ("Classify", pb.ClassifyRequest(task_id="0" * 32, queries=[pb.Image(encoded=png)], reject_unknown=True,
+                                            target_recall=0.9).SerializeToString()),
+            ("UpdateTask", pb.UpdateTaskRequest(task_id="ef" * 16, add=support[:1], remove_labels=["c1"],
+                                                expected_version=1).SerializeToString()),
             ("GetTask", pb.GetTaskRequest(task_id="ab" * 16).SerializeToString()),
             ("DeleteTask", pb.DeleteTaskRequest(task_id="cd" * 16).SerializeToString()),
             ("ListModels", b"")]

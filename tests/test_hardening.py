@@ -266,7 +266,8 @@ def test_long_identifiers_are_invalid_argument_with_short_messages(server, omnig
                     (stub.Adapt, pb.AdaptRequest(model=OMNI, support=[pb.LabelledImage(image=s.image, label=long + s.label)
                                                                       for s in support])),
                     (stub.Classify, pb.ClassifyRequest(task_id=long, queries=queries[:1])),
-                    (stub.GetTask, pb.GetTaskRequest(task_id=long)), (stub.DeleteTask, pb.DeleteTaskRequest(task_id=long))]
+                    (stub.GetTask, pb.GetTaskRequest(task_id=long)), (stub.DeleteTask, pb.DeleteTaskRequest(task_id=long)),
+                    (stub.UpdateTask, pb.UpdateTaskRequest(task_id=long, remove_labels=["a"]))]
         for rpc, request in requests:
             with pytest.raises(grpc.RpcError) as err:
                 rpc(request)
@@ -281,7 +282,8 @@ def test_messages_that_do_not_parse_are_invalid_argument(server):
     adapt = b"\x0a" + bytes([len(OMNI)]) + OMNI.encode() + b"\x1a" + bytes([len(label)]) + label
     with grpc.insecure_channel(server.target) as channel:
         for method, raw in [("Adapt", adapt), ("Adapt", b"\xff\xff\xff"), ("Classify", b"\x0a\x05ab"),
-                            ("GetTask", b"\x0a\x02\xc3\x28"), ("DeleteTask", b"\x08"), ("ListModels", b"\x0b")]:
+                            ("GetTask", b"\x0a\x02\xc3\x28"), ("DeleteTask", b"\x08"), ("ListModels", b"\x0b"),
+                            ("UpdateTask", b"\x0a\x02\xc3\x28")]:
             call = channel.unary_unary(f"/fewshot.v1.FewShot/{method}")
             with pytest.raises(grpc.RpcError) as err:
                 call(raw)

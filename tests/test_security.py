@@ -109,7 +109,8 @@ def test_tenants_never_see_each_others_tasks(tenants, episode):
         task = acme.adapt(support, labels, model=OMNI)
         assert len(acme.classify(task.id, queries)) == len(queries)
         unknown = "0" * 32
-        for call in (lambda t: globex.classify(t, queries), globex.task_info, globex.delete):
+        for call in (lambda t: globex.classify(t, queries), globex.task_info, lambda t: globex.update(t, remove=labels[:1]),
+                     lambda t: globex.update(t, support[:1], labels[:1]), globex.delete):
             with pytest.raises(NotFound) as theirs:
                 call(task.id)
             with pytest.raises(NotFound) as nobodys:

@@ -126,7 +126,27 @@ def test_a_version_1_store_is_migrated(tmp_path):
     db.close()
     store = TaskStore(tmp_path)
     assert store.record("old").labels == ["a", "b"] and store.record("old").tenant == ""
-    assert store._db().execute("PRAGMA user_version").fetchone()[0] == 2
+    assert store.record("old").version == 1 and store.record("old").shots == []  # stored before UpdateTask
+    assert store._db().execute("PRAGMA user_version").fetchone()[0] == 3
+
+
+def test_an_update_is_a_compare_and_set_seen_by_other_processes(tmp_path):
+    """Version 2 commits only over version 1; a stale writer gets False and nothing changes. A store
+    (another process) that cached version 1 serves version 2 after its recheck interval."""
+    import dataclasses
+
+    mine, theirs = TaskStore(tmp_path, recheck=0.05), TaskStore(tmp_path, recheck=0.05)
+    v1 = _record("t", _task())
+    mine.put(v1, "task v1")
+    assert theirs.get("t", lambda r: f"task v{r.version}")[1] == "task v1"
+    v2 = dataclasses.replace(v1, labels=v1.labels + ["new"], version=2, shots=[1] * 6)
+    assert mine.update(v2, "task v2") and mine.get("t", lambda r: "reloaded")[1] == "task v2"
+    assert not mine.update(dataclasses.replace(v1, version=2))  # lost: the task is already at version 2
+    stored = mine.record("t")
+    assert stored.version == 2 and stored.labels == v2.labels and stored.shots == [1] * 6
+    time.sleep(0.06)
+    assert theirs.get("t", lambda r: f"task v{r.version}")[1] == "task v2"
+    assert not mine.update(dataclasses.replace(v2, task_id="missing", version=3))
 
 
 
