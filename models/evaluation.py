@@ -24,7 +24,7 @@ class TaskState(Protocol):
     transductive: bool
 
     def classify(self, query: torch.Tensor) -> torch.Tensor:
-        """``(Q, C, H, W)`` normalised query images -> ``(Q, N)`` probabilities (``plan().run``)."""
+        """``(Q, C, H, W)`` normalised query images -> ``(Q, N)`` probabilities (``softmax(plan().run)``)."""
 
     def plan(self) -> ClassifyPlan:
         """The same classification as a mergeable plan (``fewshot.models.plan``)."""

@@ -33,11 +33,15 @@ FAMILIES: dict[str, type["Family"]] = {}
 
 
 class Task(Protocol):
-    """An adapted task: ``classify`` is ``plan().run``; ``to_stored`` is what the task store keeps."""
+    """An adapted task: ``calibrated_logits`` is ``plan().run`` and ``classify`` its softmax; ``open_set`` its
+    calibration (:mod:`fewshot.models.calibration`); ``to_stored`` is what the task store keeps."""
 
     transductive: bool
 
     def plan(self) -> ClassifyPlan: ...
+
+    def calibrated_logits(self, query: torch.Tensor) -> torch.Tensor:
+        """``(Q, C, H, W)`` normalised images -> ``(Q, N)`` logits divided by the calibrated temperature."""
 
     def classify(self, query: torch.Tensor) -> torch.Tensor:
         """``(Q, C, H, W)`` normalised images -> ``(Q, N)`` probabilities."""
