@@ -149,9 +149,13 @@ def test_python_backend_variant_serves_the_same_models_and_the_few_shot_pair(exp
     assert [(t.name, t.data_type, list(t.dims), t.optional) for t in adapt.input] == [
         (n, string, d, n in optional) for n, d in (("model", [1]), ("labels", [-1]), ("images", [-1]), ("method", [1]))]
     assert [(t.name, t.data_type, list(t.dims)) for t in adapt.output] == [("task_id", string, [1]), ("labels", string, [-1])]
-    assert [(t.name, t.data_type, list(t.dims)) for t in classify.input] == [("task_id", string, [1]), ("images", string, [-1])]
+    fp64, boolean = model_config_pb2.TYPE_FP64, model_config_pb2.TYPE_BOOL
+    assert [(t.name, t.data_type, list(t.dims), t.optional) for t in classify.input] == [
+        ("task_id", string, [1], False), ("images", string, [-1], False), ("reject_unknown", boolean, [1], True),
+        ("threshold", fp64, [1], True), ("target_recall", fp64, [1], True)]
     assert [(t.name, t.data_type, list(t.dims)) for t in classify.output] == [
-        ("probabilities", model_config_pb2.TYPE_FP32, [-1, -1]), ("labels", string, [-1])]
+        ("probabilities", model_config_pb2.TYPE_FP32, [-1, -1]), ("labels", string, [-1]), ("unknown", boolean, [-1]),
+        ("scores", fp64, [-1]), ("threshold", fp64, [1])]
     for config in (adapt, classify):
         assert config.max_batch_size == 0
         assert config.parameters["bundle_dir"].string_value == str(out.resolve())
