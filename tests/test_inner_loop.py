@@ -166,3 +166,29 @@ def test_trained_support_batchnorm_equals_served_support_batchnorm(task):
     assert (trained.detach() - served).abs().max() < 1e-4 * served.abs().max()
     grads = torch.autograd.grad(trained.logsumexp(1).sum(), [params["conv0.weight"], params["bn3.weight"]])
     assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
+
+
+def test_a_prototype_head_is_minus_the_squared_distance_and_adapts_any_number_of_classes(omniglot_test):
+    """Proto-MAML's head: logits -||h - m_c||^2 up to a per-query constant, so before any step the task
+    is nearest centroid on the body's features; with it a 5-way-trained network adapts 2-, 3- and 7-way tasks."""
+    from fewshot.models.meta.inner_loop import prototype_head
+
+    net = MetaConv4(1, 8, 28, 5)
+    params = _trained_like(net)
+    for ways in (2, 3, 7):
+        ep = EpisodeSampler(omniglot_test, ways, 2, 3, seed=ways).episode(0)
+        xs, ys = SPEC.normalize(omniglot_test.images[ep.support]), torch.as_tensor(ep.support_labels)
+        head = prototype_head(net, params, xs, ys)
+        assert head["head.weight"].shape == (ways, net.feature_dim) and head["head.bias"].shape == (ways,)
+        h = net.features(params, xs)
+        means = torch.stack([h[ys == c].mean(0) for c in range(ways)])
+        logits = net.forward(head, xs)
+        distance = -((h[:, None] - means[None]) ** 2).sum(-1)
+        torch.testing.assert_close(logits - logits[:, :1], distance - distance[:, :1], rtol=1e-4, atol=1e-3)
+        task = InnerLoopAdapter(net, build_rule("cxgrad", net, 2, 0.1), params, 2, head_init="prototypes").adapt(xs, ys)
+        xq = SPEC.normalize(omniglot_test.images[ep.query])
+        assert task.classify(xq).shape == (len(xq), ways)
+    with pytest.raises(ValueError, match="head initialisation"):
+        InnerLoopAdapter(net, build_rule("maml", net, 1, 0.1), params, 1, head_init="zeros")
+    with pytest.raises(ValueError, match="head-init"):
+        MetaTrainConfig(head_init="zeros")

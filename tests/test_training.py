@@ -72,6 +72,26 @@ def test_meta_run_writes_checkpoints_and_resumes_with_a_new_outer_lr_and_schedul
     assert _rows(run)[-2]["kind"] == "train" and _rows(run)[-2]["outer_lr"] == cfg.outer_lr_at(9)
 
 
+def test_fine_tuning_a_shipped_model_with_a_prototype_head(tmp_path):
+    """--init-from starts from the shipped meta-parameters and rule; --head-init prototypes meta-trains the
+    Proto-MAML head (the learned head rows stay as they were: nothing reads them)."""
+    import torch
+    from safetensors.torch import load_file
+
+    run = tmp_path / "proto"
+    proc = _train("--method", "cxgrad", "--dataset", "omniglot", "--val-every", "2", "--val-tasks", "3", "--meta-batch", "1",
+                  "--inner-steps", "1", "--bn-train", "support", "--threads", "2", "--iterations", "2", "--outer-lr", "1e-12",
+                  "--head-init", "prototypes", "--init-from", "omniglot-conv4-cxgrad", "--out", str(run))
+    assert proc.returncode == 0, proc.stderr
+    from fewshot.models.zoo import ZOO_DIR
+
+    shipped = load_file(str(ZOO_DIR / "omniglot-conv4-cxgrad" / "weights.safetensors"))
+    last = torch.load(run / "last.pt", weights_only=False)
+    assert last["config"]["head_init"] == "prototypes"
+    torch.testing.assert_close(last["meta"]["conv0__weight"], shipped["param.conv0.weight"], rtol=0, atol=1e-9)
+    assert torch.equal(last["meta"]["head__weight"], shipped["param.head.weight"])
+
+
 def test_cosine_outer_lr_runs_from_outer_lr_to_a_hundredth():
     cfg = MetaTrainConfig(outer_lr=1e-3, iterations=1000, outer_lr_schedule="cosine")
     lrs = [cfg.outer_lr_at(i) for i in range(0, 1001, 50)]

@@ -30,8 +30,26 @@ class Adaptation:
     ctx: Context = field(default_factory=dict)
 
 
+#: How an inner loop starts its head: ``learned`` (the meta-learned ``(ways, d)`` head: tasks of exactly
+#: the training ways) or ``prototypes`` (Proto-MAML, Triantafillou et al., ICLR 2020: ``W_c = 2 m_c``,
+#: ``b_c = -||m_c||^2`` from the class means ``m_c`` of the body's support features: any number of classes).
+HEAD_INITS = ("learned", "prototypes")
+
+
+def prototype_head(net: MetaConv4, params: Params, support: torch.Tensor, labels: torch.Tensor) -> Params:
+    """``params`` with the head replaced by the prototype head of the support set ``(S, C, H, W)``,
+    ``(S,)`` labels in ``0..N-1``: ``(N, d)`` weights ``2 m_c`` and ``(N,)`` biases ``-||m_c||^2``, so the
+    logits are ``-||h - m_c||^2`` up to a per-query constant. Features under the support set's own
+    BatchNorm statistics, as the loop's first step sees them; differentiable (meta-training backpropagates
+    through the prototypes, as Proto-MAML does)."""
+    h = net.features(params, support)
+    onehot = torch.nn.functional.one_hot(labels, int(labels.max()) + 1).to(h.dtype)
+    means = (onehot.T @ h) / onehot.sum(0)[:, None]
+    return {**params, "head.weight": 2.0 * means, "head.bias": -(means * means).sum(1)}
+
+
 def inner_loop(net: MetaConv4, rule: UpdateRule, params: Params, support: torch.Tensor, labels: torch.Tensor,
-               steps: int, create_graph: bool = False) -> Adaptation:
+               steps: int, create_graph: bool = False, head_init: str = "learned") -> Adaptation:
     """Adapt ``params`` to the support set ``(S, C, H, W)``, ``(S,)`` with ``steps`` rule updates.
 
     ``net`` may be a :class:`~fewshot.models.meta.stacked.StackedConv4` over ``T`` tasks of one
@@ -40,8 +58,13 @@ def inner_loop(net: MetaConv4, rule: UpdateRule, params: Params, support: torch.
 
     ``create_graph=True`` keeps the graph of every inner gradient (second-order meta-gradients);
     ``False`` is first-order (and what evaluation and serving use: the adapted values are the same).
+    ``head_init="prototypes"`` starts the head from the support prototypes (:func:`prototype_head`).
     """
+    if head_init not in HEAD_INITS:
+        raise ConfigError(f"unknown head initialisation {head_init!r}: use {' or '.join(HEAD_INITS)}")
     with torch.enable_grad():
+        if head_init == "prototypes":
+            params = prototype_head(net, params, support, labels)
         params = {k: v if v.requires_grad else v.detach().requires_grad_(True) for k, v in params.items()}
 
         def task_losses(p: Params, step: int) -> torch.Tensor:
@@ -127,19 +150,22 @@ class InnerLoopAdapter:
     """Adapter of the MAML family: ``adapt`` runs the inner loop, the task keeps the adapted weights."""
 
     def __init__(self, net: MetaConv4, rule: UpdateRule, meta_params: Params, steps: int, bn_mode: str = "support",
-                 dtype: torch.dtype = torch.float32, precision: torch.dtype = torch.float32) -> None:
+                 dtype: torch.dtype = torch.float32, precision: torch.dtype = torch.float32,
+                 head_init: str = "learned") -> None:
         """``dtype``: what the adapted weights are held in (:func:`pack`); ``precision``: what the inner
         loop computes in (``bfloat16``: autocast, on CPUs with native bfloat16 or on CUDA; the weights,
         gradients and the frozen statistics stay float32)."""
         if bn_mode not in BN_MODES:
             raise ConfigError(f"unknown BatchNorm mode {bn_mode!r}: use {' or '.join(BN_MODES)}")
+        if head_init not in HEAD_INITS:
+            raise ConfigError(f"unknown head initialisation {head_init!r}: use {' or '.join(HEAD_INITS)}")
         self.net, self.rule, self.steps, self.bn_mode, self.dtype = net, rule, steps, bn_mode, dtype
-        self.precision = precision
+        self.precision, self.head_init = precision, head_init
         self.meta_params = {k: v.detach() for k, v in meta_params.items()}
 
     def _check(self, support: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         n = int(labels.max()) + 1
-        if n != self.net.ways:
+        if self.head_init == "learned" and n != self.net.ways:
             raise ConfigError(f"this model adapts {self.net.ways}-way tasks, got {n} classes")
         device = next(iter(self.meta_params.values())).device
         return support.to(device), labels.to(device)
@@ -150,7 +176,8 @@ class InnerLoopAdapter:
         # Tiny ImageNet's 64x64 inputs, BENCHMARKS.md); values equal to float rounding
         support = support.contiguous(memory_format=torch.channels_last)
         with torch.autocast(support.device.type, dtype=self.precision, enabled=self.precision != torch.float32):
-            result = inner_loop(self.net, self.rule, self.meta_params, support, labels, self.steps, create_graph=False)
+            result = inner_loop(self.net, self.rule, self.meta_params, support, labels, self.steps, create_graph=False,
+                                head_init=self.head_init)
         params = {k: v.detach() for k, v in result.params.items()}
         stats = support_statistics(self.net, params, support, self.steps) if self.bn_mode == "support" else None
         params, stats = pack(params, stats, self.dtype)
@@ -158,7 +185,7 @@ class InnerLoopAdapter:
 
     def stacks(self, shapes: list[tuple[int, ...]]) -> bool:
         """Whether tasks of these support shapes adapt as one stacked call (:meth:`adapt_many`)."""
-        return bool(self.rule.stackable) and len(set(shapes)) == 1
+        return bool(self.rule.stackable) and self.head_init == "learned" and len(set(shapes)) == 1
 
     def adapt_many(self, supports: list[torch.Tensor], labels: list[torch.Tensor]) -> list[InnerLoopTask]:
         """Several tasks at once: one stacked inner loop (:mod:`fewshot.models.meta.stacked`) when

@@ -82,7 +82,13 @@ class MetaConv4:
 
     def forward(self, params: Params, x: torch.Tensor, bn_stats: BNStats | None = None, step: int | None = None,
                 record: BNStats | None = None) -> torch.Tensor:
-        """``(B, C, H, W)`` -> logits ``(B, ways)``.
+        """``(B, C, H, W)`` -> logits ``(B, N)``: :meth:`features`, then the linear head (``N`` is the head's
+        number of rows: ``ways``, or a task's own number of classes with a prototype head)."""
+        return F.linear(self.features(params, x, bn_stats, step, record), params["head.weight"], params["head.bias"])
+
+    def features(self, params: Params, x: torch.Tensor, bn_stats: BNStats | None = None, step: int | None = None,
+                 record: BNStats | None = None) -> torch.Tensor:
+        """``(B, C, H, W)`` -> ``(B, feature_dim)``, the body's flattened output.
 
         Args:
             bn_stats: frozen per-layer (mean, var) (``support`` mode); ``None`` normalises with the
@@ -111,7 +117,7 @@ class MetaConv4:
                 else:
                     h = F.batch_norm(h, mean, var, gamma, beta, training=False, eps=self.bn_eps)
             h = F.relu(F.max_pool2d(h, 2))  # = max_pool(relu(h)) (relu is monotone), on a quarter of the values
-        return F.linear(h.flatten(1), params["head.weight"], params["head.bias"])
+        return h.flatten(1)
 
     def task_losses(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The support loss (cross-entropy, mean over the batch): a 0-dim tensor."""

@@ -57,6 +57,10 @@ class MetaTrainConfig:
     threads: int = 0
     rotations: bool = False
     data_root: str | None = None
+    #: ``learned`` (a (ways, d) head) or ``prototypes`` (Proto-MAML: any number of classes at test time).
+    head_init: str = "learned"
+    #: Start from this model's meta-parameters and rule (a models/zoo name or folder, or a run's .pt): fine-tuning.
+    init_from: str = ""
 
     def __post_init__(self) -> None:
         from fewshot.models.meta.network import BN_MODES
@@ -74,6 +78,10 @@ class MetaTrainConfig:
             raise ConfigError(f"unknown --outer-lr-schedule {self.outer_lr_schedule!r}: use {' or '.join(OUTER_LR_SCHEDULES)}")
         if self.rotations and self.dataset != "omniglot":
             raise ConfigError("--rotations applies to Omniglot only")
+        from fewshot.models.meta.inner_loop import HEAD_INITS
+
+        if self.head_init not in HEAD_INITS:
+            raise ConfigError(f"unknown --head-init {self.head_init!r}: use {' or '.join(HEAD_INITS)}")
 
     def outer_lr_at(self, iteration: int) -> float:
         """Outer (Adam) learning rate for ``iteration`` (0-based) of ``iterations``.
@@ -133,9 +141,30 @@ def validate(cfg: MetaTrainConfig, net: MetaConv4, rule: UpdateRule, params: dic
 
     The tasks depend only on ``cfg.seed``, so every validation of a run sees the same tasks (paired comparison).
     """
-    adapter = InnerLoopAdapter(net, rule, params, cfg.inner_steps, "support")
+    adapter = InnerLoopAdapter(net, rule, params, cfg.inner_steps, "support", head_init=cfg.head_init)
     return evaluate(adapter, val, lambda a: spec.normalize(a).to(dev), cfg.ways, cfg.shots, cfg.queries,
                     cfg.val_tasks, seed=cfg.seed)
+
+
+def _load_initial(source: str, meta: nn.ParameterDict, rule: UpdateRule) -> None:
+    """Meta-parameters and rule from a shipped model (``weights.safetensors``: ``param.*``, ``rule.*``) or
+    a meta-training checkpoint (``meta``, ``rule``), for fine-tuning; shapes must match."""
+    path = Path(source)
+    if path.suffix == ".pt":
+        ck = torch.load(path, map_location="cpu", weights_only=False)
+        params, rules = {k.replace("__", "."): v for k, v in ck["meta"].items()}, ck["rule"]
+    else:
+        from safetensors.torch import load_file
+
+        from fewshot.models.zoo import model_dir
+
+        tensors = load_file(str(model_dir(source) / "weights.safetensors"))
+        params = {k.removeprefix("param."): v for k, v in tensors.items() if k.startswith("param.")}
+        rules = {k.removeprefix("rule."): v for k, v in tensors.items() if k.startswith("rule.")}
+    with torch.no_grad():
+        for k, v in params.items():
+            meta[k.replace(".", "__")].copy_(v)
+    rule.load_state_dict(rules)
 
 
 def train_meta(cfg: MetaTrainConfig, out_dir: Path, resume: bool = False, device: str = "auto") -> Path:
@@ -150,6 +179,8 @@ def train_meta(cfg: MetaTrainConfig, out_dir: Path, resume: bool = False, device
     val = load_dataset(cfg.dataset, "val", cfg.data_root)
     net, rule = build_learner(cfg, spec)
     meta = nn.ParameterDict({k.replace(".", "__"): nn.Parameter(v) for k, v in net.init_params(torch.Generator().manual_seed(cfg.seed)).items()})
+    if cfg.init_from and not (resume and (out_dir / "last.pt").exists()):
+        _load_initial(cfg.init_from, meta, rule)
     meta, rule = meta.to(dev), rule.to(dev)
     opt = torch.optim.Adam(list(meta.parameters()) + list(rule.parameters()), lr=cfg.outer_lr)
     it, best = 0, -1.0
@@ -189,7 +220,7 @@ def train_meta(cfg: MetaTrainConfig, out_dir: Path, resume: bool = False, device
             ep = sampler.episode(it * cfg.meta_batch + b)
             xs, ys = batch(ep.support), torch.as_tensor(ep.support_labels, device=dev)
             xq, yq = batch(ep.query), torch.as_tensor(ep.query_labels, device=dev)
-            ad = inner_loop(net, rule, params(), xs, ys, cfg.inner_steps, create_graph=second_order)
+            ad = inner_loop(net, rule, params(), xs, ys, cfg.inner_steps, create_graph=second_order, head_init=cfg.head_init)
             loss, logits = query_loss_and_logits(net, cfg, ad, xs, xq, yq, it)
             (loss / cfg.meta_batch).backward()
             total += float(loss.detach())
