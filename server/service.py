@@ -290,14 +290,9 @@ class FewShotService:
             images, budget = [item.image for item in request.add], call.budget
 
             def work() -> tuple[TaskRecord, float, float]:
-                if images:
-                    record = self.store.record(task_id, call.tenant.name)
-                    if record is None or record.model not in self.models:
-                        raise NotFound(f"task {task_id} is unknown, deleted or expired: adapt again")
-                    update.pixels = decode_pixels_for_model(images, self.models[record.model], self.limits.image, "added", budget)
-                budget.check("adaptation")
+                decode = (lambda model: decode_pixels_for_model(images, model, self.limits.image, "added", budget)) if images else None
                 record, _, accuracy, seconds = update.apply(self.store, self.models, call.tenant.name, self.limits,
-                                                            check=budget.check)
+                                                            check=budget.check, decode=decode)
                 return record, accuracy, seconds
 
             # one update of a task at a time in this process (others wait here, not in a worker thread);

@@ -312,11 +312,14 @@ class TaskUpdate:
             raise InvalidRequest(f"class {quoted(sorted(both)[0])} is both added to and removed from: do one per update")
 
     def apply(self, store: TaskStore, models: Mapping[str, Family], tenant: str, limits: ServiceLimits,
-              attempts: int = 5, check: Callable[[str], None] | None = None) -> tuple[TaskRecord, Any, float, float]:
+              attempts: int = 5, check: Callable[[str], None] | None = None,
+              decode: Callable[[Family], np.ndarray] | None = None) -> tuple[TaskRecord, Any, float, float]:
         """Re-adapt the task on (its stored support minus the removed classes) + the added images, with the
         method and settings of its Adapt, and commit it as the next version (compare and set). A
         concurrent update that committed first makes this one start again from the new version, at
-        most ``attempts`` times, then :class:`Conflict`. Returns ``(record, task, support accuracy, seconds)``."""
+        most ``attempts`` times, then :class:`Conflict`. ``decode(model)`` gives the added images' pixels
+        once the task's model is known (when :attr:`pixels` is not set yet); it runs once, whatever the
+        attempts. Returns ``(record, task, support accuracy, seconds)``."""
         for _ in range(attempts):
             current = store.record(self.task_id, tenant)
             if current is None:
@@ -327,6 +330,8 @@ class TaskUpdate:
             if current.model not in models:
                 raise NotFound(f"task {self.task_id} belongs to model {current.model!r}, which this server does not load")
             model = models[current.model]
+            if self.pixels is None and decode is not None:
+                self.pixels = decode(model)
             try:
                 support = load_support(current.state)
             except StateError as exc:
