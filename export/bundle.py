@@ -88,15 +88,17 @@ def _check_fp32(name: str, file: str, diff: float, scale: float) -> None:
 
 
 def _network_feeds(model, tasks: int = 4) -> list[dict[str, np.ndarray]]:
-    """``network.onnx`` feeds with the adapted weights of ``tasks`` real tasks and their queries."""
+    """``network.onnx`` feeds with the adapted weights of ``tasks`` real tasks and their queries, the
+    tasks cycling over the smallest, 5 and the largest number of classes the model adapts (up to 10)."""
     data = load_dataset(model.card.dataset, "test")
     family = open_shipped(model, "torch", "cpu")
-    ways = family.way_range()[0]
-    sampler = EpisodeSampler(data, ways, int(model.card.training["config"]["shots"]), 15, seed=0)
+    lo, hi = family.way_range()
+    shots = int(model.card.training["config"]["shots"])
+    samplers = [EpisodeSampler(data, w, shots, 15, seed=0) for w in sorted({lo, max(lo, min(5, hi)), min(10, hi)})]
     adapter = family.adapter(bn_mode="support").adapter
     feeds = []
     for i in range(tasks):
-        ep = sampler.episode(i)
+        ep = samplers[i % len(samplers)].episode(i)
         state = adapter.adapt(model.spec.normalize(data.images[ep.support]), torch.as_tensor(ep.support_labels))
         weights = network_inputs(state.net, state.params, state.bn_stats, state.step)
         feeds.append({k: v.numpy() for k, v in weights.items()} | {"images": model.spec.normalize(data.images[ep.query]).numpy()})

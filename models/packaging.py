@@ -27,6 +27,9 @@ from fewshot.models.tuning import TuningTasks, tune_heads
 from fewshot.models.card import CARD_SCHEMA, ModelCard
 from fewshot.models.zoo import ZOO_DIR, ShippedModel, load_model
 
+#: Classes per task of an inner-loop model with a prototype head (the metric models' maximum, 50).
+MIN_WAYS, MAX_WAYS = 2, 50
+
 
 def _featurizer(backbone: torch.nn.Module, spec: InputSpec) -> Callable[[np.ndarray], torch.Tensor]:
     """``(n, H, W[, C])`` raw images -> ``(n, d)`` features, in ONNX Runtime (about 8x faster than torch
@@ -146,18 +149,25 @@ def package_meta_run(checkpoint: Path, name: str, command: str, out_dir: Path = 
     tensors |= {f"rule.{k}": v.contiguous() for k, v in ck["rule"].items()}
     save_file(tensors, str(path / "weights.safetensors"))
     method = cfg["method"]
+    head_init = cfg.get("head_init", "learned")
+    training = {"command": command, "config": cfg, "dataset": cfg["dataset"], "seed": cfg["seed"],
+                "iterations": ck["iteration"], "best_val_accuracy": ck["best"],
+                **({"averaged_iterations": ck["averaged_iterations"]} if "averaged_iterations" in ck else {})}
+    if cfg.get("init_from") and (out_dir / cfg["init_from"] / "card.json").exists():
+        # fine-tuned from a shipped model (e.g. this one before a new head initialisation): keep its record
+        training["initialised_from"] = ModelCard.load(out_dir / cfg["init_from"]).training
+    # a prototype head adapts any number of classes (the card's range); a learned head its own rows only
+    ways = {"min_ways": MIN_WAYS, "max_ways": MAX_WAYS} if head_init == "prototypes" else {"min_ways": cfg["ways"], "max_ways": cfg["ways"]}
     card = {
         "schema": CARD_SCHEMA, "name": name, "family": "inner_loop", "method": method,
         "architecture": ck["net_config"], "input": ck["spec"], "feature_dim": None,
         "inner_loop": {"steps": cfg["inner_steps"], "max_steps": 4 * cfg["inner_steps"], "alpha": cfg["alpha"],
                        "beta": cfg["beta"], "bn_mode": "support", "bn_modes": ["support", "transductive"],
-                       "second_order_training": not (cfg["first_order"] or method == "fomaml")},
-        "training": {"command": command, "config": cfg, "dataset": cfg["dataset"], "seed": cfg["seed"],
-                     "iterations": ck["iteration"], "best_val_accuracy": ck["best"],
-                     **({"averaged_iterations": ck["averaged_iterations"]} if "averaged_iterations" in ck else {})},
+                       "second_order_training": not (cfg["first_order"] or method == "fomaml"), "head_init": head_init},
+        "training": training,
         "data": {"dataset": cfg["dataset"], "train_split": "train", "val_split": "val", "test_split": "test"},
         "default_head": method, "heads": {method: {}},
-        "limits": {"min_ways": cfg["ways"], "max_ways": cfg["ways"], "max_shots": 50}, "accuracy": {},
+        "limits": {**ways, "max_shots": 50}, "accuracy": {},
     }
     ModelCard.from_dict(card).save(path)
     calibrate_shipped(path)

@@ -12,5 +12,7 @@ fi
 for name in "${names[@]}"; do
   cmd=$(cat "runs/$name/command.txt")
   echo "== packaging $name ($cmd)"
-  $FEWSHOT package --run "runs/$name" --name "$name" --train-command "$cmd"
+  run="runs/$name"
+  [ ! -f "$run/prototypes/best.pt" ] || run="$run/prototypes"  # the prototype-head fine-tune, when it ran
+  $FEWSHOT package --run "$run" --name "$name" --train-command "$cmd"
 done

@@ -70,7 +70,8 @@ def test_merged_classify_of_different_tasks_equals_per_task_classify(cxgrad, epi
     for task, q, logits in zip(tasks, queries, merged):
         probs = torch.softmax(logits, dim=1)
         assert probs.shape == (len(q), 5)
-        torch.testing.assert_close(probs, task.classify(q), rtol=0, atol=1e-5)
+        # a prototype head's biases -||m_c||^2 are in the hundreds: the two engines' float32 sums round apart
+        torch.testing.assert_close(probs, task.classify(q), rtol=0, atol=5e-5)
         assert torch.equal(probs.argmax(1), task.classify(q).argmax(1))
 
 

@@ -26,6 +26,9 @@ from fewshot.models.plan import ClassifyPlan, PlannedTask
 from fewshot.models.runtime import Engines, Session, TensorSpec
 from fewshot.models.settings import Setting
 
+#: Ways measured for an inner-loop model with a prototype head (RESULTS.md), besides the dataset's settings.
+WAY_SWEEP = (2, 3, 5, 10)
+
 #: The one method an inner-loop model offers (a request may also name the model's own, e.g. ``cxgrad``).
 METHOD = "inner_loop"
 
@@ -87,7 +90,8 @@ class NetworkTask(PlannedTask):
         size = bucket(len(query))
         if size is None or self.stacker is None:
             return None
-        return ("stacked", id(self.stacker), self.state.step, size), (self.state, query, self.open_set.calibrate), self.stacker.run_many
+        ways = self.state.params["head.bias"].shape[-1]
+        return ("stacked", id(self.stacker), self.state.step, ways, size), (self.state, query, self.open_set.calibrate), self.stacker.run_many
 
     def to_stored(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         s = self.state
@@ -130,6 +134,9 @@ class InnerLoopFamily(Family):
                  device: str = "auto") -> None:
         super().__init__(manifest, tensors, engines, device)
         self.loop: dict[str, Any] = self.manifest["inner_loop"]
+        #: How the head starts (:data:`~fewshot.models.meta.inner_loop.HEAD_INITS`): ``prototypes`` adapts any
+        #: number of classes in the card's range; ``learned`` (cards before it) exactly the training ways.
+        self.head_init: str = self.loop.get("head_init", "learned")
         self.net, rule, params = meta_model_parts(self.manifest["method"], self.manifest["architecture"], self.loop, tensors)
         self.rule = rule.to(self.device)
         self.params = {k: v.to(self.device) for k, v in params.items()}
@@ -187,7 +194,11 @@ class InnerLoopFamily(Family):
         return {self.manifest["method"]: METHOD}
 
     def way_range(self) -> tuple[int, int]:
-        return self.net.ways, self.net.ways
+        """Classes per task: the card's ``limits`` with a prototype head; the head's rows with a learned one."""
+        if self.head_init == "learned":
+            return self.net.ways, self.net.ways
+        limits = self.manifest.get("limits", {})
+        return int(limits.get("min_ways", 2)), int(limits.get("max_ways", self.net.ways))
 
     def settings(self, method: str) -> dict[str, Setting]:
         return {"inner_steps": Setting("inner_steps", "steps", 1, self.loop["max_steps"], integer=True),
@@ -200,7 +211,7 @@ class InnerLoopFamily(Family):
         if not 1 <= steps <= self.loop["max_steps"]:
             raise ConfigError(f"inner steps must be in 1..{self.loop['max_steps']} for {self.name}, got {steps}")
         return NetworkAdapter(InnerLoopAdapter(self.net, self.rule, self.params, steps, bn_mode or self.loop["bn_mode"],
-                                               self.task_dtype, self.precision), self.session, self.stacker,
+                                               self.task_dtype, self.precision, self.head_init), self.session, self.stacker,
                               calibration_for(self.manifest, METHOD, shots))
 
     def describe(self, adapter: NetworkAdapter) -> dict[str, Any]:
@@ -224,19 +235,28 @@ class InnerLoopFamily(Family):
 
     @classmethod
     def result_runs(cls, card: Mapping[str, Any], settings: list[tuple[int, int]]) -> list[tuple[int, int, str, list[str]]]:
-        """The setting it was meta-trained for, in each BatchNorm mode."""
-        cfg = card["training"]["config"]
-        return [(cfg["ways"], cfg["shots"], card["method"], ["--bn", bn]) for bn in card["inner_loop"]["bn_modes"]]
+        """The setting it was meta-trained for, in each BatchNorm mode; with a prototype head also, as
+        served (support BatchNorm), :data:`WAY_SWEEP` ways at the training shots and the dataset's
+        settings of more ways at those shots (Omniglot's 20-way 1-shot)."""
+        cfg, method, loop = card["training"]["config"], card["method"], card["inner_loop"]
+        runs = [(cfg["ways"], cfg["shots"], method, ["--bn", bn]) for bn in loop["bn_modes"]]
+        if loop.get("head_init", "learned") == "learned":
+            return runs
+        more = [w for w in WAY_SWEEP if w != cfg["ways"]]
+        more += [w for w, s in settings if s == cfg["shots"] and w not in WAY_SWEEP and w != cfg["ways"]]
+        return runs + [(w, cfg["shots"], method, ["--bn", loop["bn_mode"]]) for w in sorted(set(more))]
 
     def part_inputs(self, part: Part) -> tuple[TensorSpec, ...]:
         if part.name != "network":
             return ()
         width = self.net.width
         weights = network_inputs(self.net, self.params, [(torch.zeros(width), torch.ones(width))] * 4, self.loop["steps"])
-        return tuple(TensorSpec(n, "FP32", tuple(t.shape)) for n, t in weights.items())
+        return tuple(TensorSpec(n, "FP32", (-1, *t.shape[1:]) if n.startswith("head.") else tuple(t.shape))
+                     for n, t in weights.items())
 
     def part_output(self, part: Part) -> TensorSpec:
-        return TensorSpec("logits", "FP32", (-1, self.net.ways))
+        """``(batch, ways)``: the head's rows are a graph input (any number of classes)."""
+        return TensorSpec("logits", "FP32", (-1, -1))
 
     def network_input_names(self) -> list[str]:
         return network_input_names(self.net, self.loop["steps"])

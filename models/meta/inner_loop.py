@@ -42,7 +42,7 @@ def prototype_head(net: MetaConv4, params: Params, support: torch.Tensor, labels
     logits are ``-||h - m_c||^2`` up to a per-query constant. Features under the support set's own
     BatchNorm statistics, as the loop's first step sees them; differentiable (meta-training backpropagates
     through the prototypes, as Proto-MAML does)."""
-    h = net.features(params, support)
+    h = net.features(params, support).to(params["head.weight"].dtype)  # float32 under bfloat16 autocast too
     onehot = torch.nn.functional.one_hot(labels, int(labels.max()) + 1).to(h.dtype)
     means = (onehot.T @ h) / onehot.sum(0)[:, None]
     return {**params, "head.weight": 2.0 * means, "head.bias": -(means * means).sum(1)}

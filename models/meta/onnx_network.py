@@ -52,7 +52,8 @@ class FunctionalNetwork(nn.Module):
 
 def network_to_onnx(net: MetaConv4, example: dict[str, torch.Tensor], step: int) -> bytes:
     """Serialise the classifier with BatchNorm in ``support`` mode; inputs ``images`` (dynamic batch)
-    and the weights of :func:`network_input_names`; output ``logits``."""
+    and the weights of :func:`network_input_names` (the head's ``ways`` rows dynamic: any number of
+    classes); output ``logits`` ``(batch, ways)``."""
     module = FunctionalNetwork(net, step).eval()
     names = module.names
     images = torch.zeros(2, net.in_channels, net.image_size, net.image_size)
@@ -61,5 +62,6 @@ def network_to_onnx(net: MetaConv4, example: dict[str, torch.Tensor], step: int)
         warnings.simplefilter("ignore")
         torch.onnx.export(module, (images, *[example[n].detach().float() for n in names]), buf, dynamo=False,
                           input_names=["images", *names], output_names=["logits"], opset_version=ONNX_OPSET,
-                          dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}})
+                          dynamic_axes={"images": {0: "batch"}, "head.weight": {0: "ways"}, "head.bias": {0: "ways"},
+                                        "logits": {0: "batch", 1: "ways"}})
     return buf.getvalue()
