@@ -41,8 +41,8 @@ PROTO="--head-init prototypes --outer-lr 0.0005 --outer-lr-schedule cosine"
 declare -A FINETUNE=(
   [omniglot-conv4-maml]="${OMNI_META_2/--iterations 11000/--iterations 1500} --val-every 500 --method maml --alpha 0.1 $PROTO"
   [omniglot-conv4-cxgrad]="${OMNI_META_2/--iterations 11000/--iterations 1500} --val-every 500 --method cxgrad --alpha 0.01 --beta 1.0 $PROTO"
-  [tinyimagenet-conv4-maml]="$TI_META --val-every 400 --method maml --alpha 0.01 $PROTO"
-  [tinyimagenet-conv4-cxgrad]="$TI_META --val-every 400 --method cxgrad --alpha 0.01 --beta 1.0 $PROTO"
+  [tinyimagenet-conv4-maml]="${TI_META/--iterations 800/--iterations 600} --val-every 300 --method maml --alpha 0.01 $PROTO"
+  [tinyimagenet-conv4-cxgrad]="${TI_META/--iterations 800/--iterations 600} --val-every 300 --method cxgrad --alpha 0.01 --beta 1.0 $PROTO"
 )
 names=("$@")
 [ ${#names[@]} -gt 0 ] || names=(tinyimagenet-conv4-sce-nca-directsum omniglot-conv4-directsum tinyimagenet-conv4-sce tinyimagenet-conv4-sce-nca-sum)
