@@ -410,7 +410,11 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default=d.host, help=f"listen address (default {d.host}; 0.0.0.0 in a container)")
     p.add_argument("--port", type=int, default=d.port, help="0 picks a free port (printed at start)")
     p.add_argument("--device", default=d.device, choices=["auto", "cpu", "cuda"])
-    p.add_argument("--state-dir", default=str(d.state_dir), help="persistent task store (SQLite, WAL), shareable by processes")
+    p.add_argument("--state-dir", default=str(d.state_dir), help="persistent task store (SQLite, WAL), shareable by "
+                   "the processes of one host (the embedded default)")
+    p.add_argument("--store", default=os.environ.get("FEWSHOT_STORE"),
+                   help="task database instead of --state-dir: postgresql://USER[:PASSWORD]@HOST:PORT/DB (replicas on "
+                        "any number of hosts share it) or sqlite:PATH (default: $FEWSHOT_STORE; prefer it for a password)")
     p.add_argument("--metrics-port", type=int, default=d.metrics_port, help="Prometheus metrics port (0: off)")
     p.add_argument("--token", default=os.environ.get("FEWSHOT_TOKEN"), help="require `authorization: Bearer TOKEN` "
                    "(default: $FEWSHOT_TOKEN; prefer it or --token-file: a command line is visible to other users)")
@@ -473,7 +477,7 @@ def _run_serve(args: argparse.Namespace) -> None:
             raise ConfigError(f"--token-file {args.token_file} is empty")
     optional = lambda value: Path(value) if value else None  # noqa: E731
     cfg = ServeConfig(models=Path(args.models) if args.models else DEFAULT_BUNDLE_DIR, host=args.host, port=args.port,
-                      device=args.device, state_dir=Path(args.state_dir), metrics_port=args.metrics_port, token=token,
+                      device=args.device, state_dir=Path(args.state_dir), store=args.store or None, metrics_port=args.metrics_port, token=token,
                       tokens_file=optional(args.tokens), tenant_max_tasks=args.tenant_max_tasks, tenant_rps=args.tenant_rps,
                       tls_cert=optional(args.tls_cert), tls_key=optional(args.tls_key), tls_client_ca=optional(args.tls_client_ca),
                       max_call_megapixels=args.max_call_megapixels, max_image_steps=args.max_image_steps,

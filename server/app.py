@@ -100,7 +100,7 @@ async def serve(cfg: ServeConfig, ready: asyncio.Event | None = None) -> None:
     credentials = server_credentials(cfg)
     auth = Authenticator(cfg.token, cfg.tokens_file, cfg.tenant_max_tasks, cfg.tenant_rps)
     metrics = ServiceMetrics()
-    store = TaskStore(cfg.state_dir, cfg.cache_mb << 20, on_event=lambda e: metrics.cache.labels(e).inc())
+    store = TaskStore(cfg.store or cfg.state_dir, cfg.cache_mb << 20, on_event=lambda e: metrics.cache.labels(e).inc())
     metrics.count_tasks_with(store.count)
     metrics.cache_bytes.set_function(lambda: store.cached_bytes)
     executor = ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="fewshot-work")
@@ -163,7 +163,7 @@ async def serve(cfg: ServeConfig, ready: asyncio.Event | None = None) -> None:
     security = ("mutual TLS" if cfg.tls_client_ca else "TLS") if credentials else "plaintext"
     security += f", {'tokens of ' + str(len(list(auth.tenant_names()))) + ' tenants' if cfg.tokens_file else 'one token' if cfg.token else 'no token'}"
     print(f"fewshot serve: listening on {cfg.host}:{port} ({security}) with {', '.join(sorted(models))} ({backend}); "
-          f"state in {cfg.state_dir}; pid {os.getpid()}", flush=True)
+          f"tasks in {store}; pid {os.getpid()}", flush=True)
     if ready is not None:
         ready.set()
     await stop.wait()
@@ -176,6 +176,7 @@ async def serve(cfg: ServeConfig, ready: asyncio.Event | None = None) -> None:
     await loop.run_in_executor(None, executor.shutdown)
     if triton is not None:
         await triton.close()
+    store.close()
     print("fewshot serve: stopped", flush=True)
 
 

@@ -15,6 +15,8 @@ class ServeConfig:
     port: int = 50051
     device: str = "auto"
     state_dir: Path = Path(".fewshot-state")
+    #: The task database when not ``state_dir``'s SQLite file: ``postgresql://...`` or ``sqlite:PATH``.
+    store: str | None = None
     metrics_port: int = 0
     token: str | None = None
     #: ``tenant: sha256 [max_tasks=N] [rps=R]`` lines, reloaded on SIGHUP (see ``fewshot.server.auth``).

@@ -1,9 +1,11 @@
-"""Task state: a byte-budgeted in-memory LRU cache over a persistent SQLite store (WAL mode).
+"""Task state: a byte-budgeted in-memory LRU cache over a task database, the embedded SQLite file
+(:mod:`~fewshot.server.store_sqlite`, WAL mode) or a networked PostgreSQL
+(:mod:`~fewshot.server.store_postgres`).
 
-``put`` commits the task to disk before it returns, so an acknowledged Adapt survives a crash or a
-restart; ``get`` serves from memory and reloads an evicted (or another process's) task from disk.
-Several server processes (and Triton model instances) can share one ``--state-dir``: SQLite in WAL
-mode lets readers and one writer work concurrently. A row changes only by :meth:`TaskStore.update`
+``put`` commits the task before it returns, so an acknowledged Adapt survives a crash or a restart;
+``get`` serves from memory and reloads an evicted (or another process's) task from the database.
+Several server processes (and Triton model instances) share one database: on one host through the
+SQLite file, on any number of hosts through PostgreSQL. A row changes only by :meth:`TaskStore.update`
 (UpdateTask), which commits a new version by compare-and-set: of concurrent updates one wins, the
 others see ``False`` and retry on the new version.
 
@@ -15,11 +17,17 @@ Consistency of deletes (README, "Task state"):
   happened; after an update it loads the new version).
   :meth:`TaskStore.deleted_since` lets a caller that found a task before the delete refuse to answer
   for it afterwards.
-- In every other process sharing the file, a cache hit re-reads the row when the entry was last
+- In every other process sharing the database, a cache hit re-reads the row when the entry was last
   checked more than ``recheck`` seconds ago (default 0.5 s), so a task deleted (or expired) elsewhere
   stops being served within ``recheck`` seconds plus one query, and one updated elsewhere is served at
   its new version within that bound (the row's version differs from the cached one: it is reloaded).
+  PostgreSQL also pushes every delete and update (LISTEN/NOTIFY, sent in the writing transaction, so
+  delivered at its commit): the other replicas drop the entry when the notification arrives
+  (milliseconds); the re-read bounds what a missed notification could cost.
   In the process that updated it, every lookup after :meth:`TaskStore.update` returned gets the new version.
+- While the database cannot be reached, a cache hit whose re-read fails is still served (the task
+  was live when last checked); everything else that needs the database raises
+  :class:`~fewshot.server.store_schema.StoreUnavailable` (UNAVAILABLE) and nothing is acknowledged.
 
 The cache charges each entry what it holds in memory: every tensor and array of the decoded task
 (unique storages, counted once) plus :data:`ENTRY_OVERHEAD` bytes for the Python objects; the
@@ -29,9 +37,6 @@ serialised state is not kept once decoded.
 from __future__ import annotations
 
 import dataclasses
-import fcntl
-import json
-import sqlite3
 import threading
 import time
 from collections import OrderedDict
@@ -42,61 +47,14 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from fewshot.errors import FewShotError
-from fewshot.server.errors import QuotaExceeded
+from fewshot.errors import ConfigError
+from fewshot.server.errors import QuotaExceeded  # noqa: F401 - raised by the databases' insert
+from fewshot.server.store_schema import COLUMNS, StoreUnavailable, StoreVersionError, TaskRecord  # noqa: F401
 
-#: Schema versions (``PRAGMA user_version``): 1 = the first release, 2 adds ``tenant``, 3 adds ``version``
-#: and ``shots`` (UpdateTask).
-SCHEMA_VERSION = 3
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS tasks (
-    task_id TEXT PRIMARY KEY,
-    model TEXT NOT NULL,
-    method TEXT NOT NULL,
-    labels TEXT NOT NULL,
-    created_at REAL NOT NULL,
-    expires_at REAL NOT NULL,
-    support_size INTEGER NOT NULL,
-    state BLOB NOT NULL,
-    tenant TEXT NOT NULL DEFAULT '',
-    version INTEGER NOT NULL DEFAULT 1,
-    shots TEXT NOT NULL DEFAULT '[]'
-);
-CREATE INDEX IF NOT EXISTS tasks_expiry ON tasks (expires_at);
-CREATE INDEX IF NOT EXISTS tasks_tenant ON tasks (tenant, expires_at);
-"""
-COLUMNS = "task_id, model, method, labels, created_at, expires_at, support_size, state, tenant, version, shots"
 #: Bytes charged per cache entry on top of its tensors: the record, labels and Python objects.
 ENTRY_OVERHEAD = 4096
 #: How long this process remembers its own deletes (far longer than any lookup takes).
 TOMBSTONE_SECONDS = 300.0
-
-
-class StoreVersionError(FewShotError, RuntimeError):
-    """A task store written by a newer server (its schema version is unknown here)."""
-
-
-@dataclass
-class TaskRecord:
-    """One stored task: what GetTask reports plus the serialised adapted state; ``tenant`` owns it
-    (``""``: the default tenant, the one without a tokens file)."""
-
-    task_id: str
-    model: str
-    method: str
-    labels: list[str]
-    created_at: float
-    expires_at: float
-    support_size: int
-    state: bytes = field(repr=False)
-    tenant: str = ""
-    #: 1 when adapted; each committed UpdateTask adds 1.
-    version: int = 1
-    #: Support images per class, in label order (empty for a task stored before version 3).
-    shots: list[int] = field(default_factory=list)
-
-    def expired(self, now: float | None = None) -> bool:
-        return (time.time() if now is None else now) >= self.expires_at
 
 
 @dataclass
@@ -146,92 +104,52 @@ def resident_bytes(obj: Any, _seen: set[int] | None = None) -> int:
 class TaskStore:
     """Persistent tasks with an LRU cache of decoded tasks holding at most ``cache_bytes``.
 
-    ``decode(record) -> object`` turns a record into a ready-to-classify task. ``on_event(name)`` is
-    called with ``hit``, ``miss`` and ``eviction`` (metrics). ``recheck``: seconds a cache hit trusts
-    its entry before re-reading the row (the bound on serving a task another process deleted).
+    ``where``: a task database (:class:`~fewshot.server.store_sqlite.SQLiteDatabase`,
+    :class:`~fewshot.server.store_postgres.PostgresDatabase`) or what :func:`open_database` opens
+    (a ``--state-dir`` folder, ``sqlite:PATH``, ``postgresql://...``). ``decode(record) -> object``
+    turns a record into a ready-to-classify task. ``on_event(name)`` is called with ``hit``, ``miss``
+    and ``eviction`` (metrics). ``recheck``: seconds a cache hit trusts its entry before re-reading the
+    row (the bound on serving a task another process deleted or updated, where no notification came).
     """
 
-    def __init__(self, state_dir: str | Path, cache_bytes: int = 256 << 20,
+    def __init__(self, where: Any, cache_bytes: int = 256 << 20,
                  on_event: Callable[[str], None] | None = None, recheck: float = 0.5) -> None:
-        self.path = Path(state_dir) / "tasks.sqlite3"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.database = where if hasattr(where, "compare_and_set") else open_database(where)
         self.cache_bytes, self.on_event, self.recheck = cache_bytes, on_event or (lambda _: None), recheck
         self.stats = CacheStats()
         self._cache: OrderedDict[str, _Entry] = OrderedDict()
         self._cached_bytes = 0
         self._lock = threading.Lock()
-        self._local = threading.local()
-        self._changes = 0  # generation: bumped (under the lock) after each delete or update of this process
+        self._changes = 0  # generation: bumped (under the lock) after each delete or update seen here
         self._tombstones: dict[str, float] = {}  # task id -> time.monotonic() of its delete here
-        self._migrate()
+        self.database.listen(self._changed_elsewhere)
 
-    def _db(self) -> sqlite3.Connection:
-        """This thread's connection (sqlite3 connections must not cross threads)."""
-        db = getattr(self._local, "db", None)
-        if db is None:
-            db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
-            db.execute("PRAGMA synchronous=FULL")  # an acknowledged task survives a power cut too
-            db.execute("PRAGMA busy_timeout=30000")
-            self._local.db = db
-        return db
+    def __str__(self) -> str:
+        return str(self.database)
 
-    def _migrate(self) -> None:
-        """Switch the file to WAL, create the schema or bring an older store up to :data:`SCHEMA_VERSION`
-        (in one transaction). Processes opening one store at once (Triton loads its models in parallel)
-        take turns on an advisory lock beside the file: changing the journal mode does not wait for
-        SQLite's busy timeout, it fails with "database is locked"."""
-        with open(self.path.with_suffix(".lock"), "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                self._migrate_locked()
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+    def close(self) -> None:
+        self.database.close()
 
-    def _migrate_locked(self) -> None:
-        db = self._db()
-        db.execute("PRAGMA journal_mode=WAL")  # persistent in the file: later connections need not set it
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            version = db.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
-                raise StoreVersionError(f"task store {self.path} has schema version {version}; this server knows "
-                                   f"{SCHEMA_VERSION}: upgrade the server or use another --state-dir")
-            columns = {row[1] for row in db.execute("PRAGMA table_info(tasks)")}
-            if columns and "tenant" not in columns:  # version 1
-                db.execute("ALTER TABLE tasks ADD COLUMN tenant TEXT NOT NULL DEFAULT ''")
-            if columns and "version" not in columns:  # version 2
-                db.execute("ALTER TABLE tasks ADD COLUMN version INTEGER NOT NULL DEFAULT 1")
-                db.execute("ALTER TABLE tasks ADD COLUMN shots TEXT NOT NULL DEFAULT '[]'")
-            for statement in filter(str.strip, SCHEMA.split(";")):
-                db.execute(statement)
-            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
+    def _changed_elsewhere(self, task_id: str | None, version: int = 0) -> None:
+        """A database notification: ``task_id`` was deleted (``version`` 0) or committed at ``version``
+        by some process (this one too); ``None``: notifications may have been missed (the listener
+        reconnected), so every entry re-reads its row at its next hit."""
+        with self._lock:
+            self._changes += 1
+            if task_id is None:
+                for entry in self._cache.values():
+                    entry.checked = float("-inf")
+                return
+            entry = self._cache.get(task_id)
+            if entry is not None and (version == 0 or entry.record.version < version):
+                self._drop(task_id)
 
     # -- writes ---------------------------------------------------------------------------------
     def put(self, record: TaskRecord, task: Any = None, max_live: int | None = None) -> None:
-        """Write ``record`` durably, then cache ``task`` (its decoded form) if given. ``max_live``: the
-        tenant's quota of live tasks, checked in the same transaction as the insert
-        (:class:`QuotaExceeded` when it is reached)."""
-        db = self._db()
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            if max_live is not None:
-                live = db.execute("SELECT COUNT(*) FROM tasks WHERE tenant = ? AND expires_at > ?",
-                                  (record.tenant, time.time())).fetchone()[0]
-                if live >= max_live:
-                    raise QuotaExceeded(f"this tenant has {live} live tasks, its quota: delete tasks or let them "
-                                        "expire, then adapt again")
-            db.execute(f"INSERT INTO tasks ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                       (record.task_id, record.model, record.method, json.dumps(record.labels), record.created_at,
-                        record.expires_at, record.support_size, sqlite3.Binary(record.state), record.tenant,
-                        record.version, json.dumps(record.shots)))
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
+        """Write ``record`` durably (committed when this returns), then cache ``task`` (its decoded form)
+        if given. ``max_live``: the tenant's quota of live tasks, checked in the same transaction as the
+        insert (:class:`QuotaExceeded` when it is reached)."""
+        self.database.insert(record, max_live)
         if task is not None:
             self._remember(record, task)
 
@@ -239,31 +157,19 @@ class TaskStore:
         """Commit ``record`` as version ``record.version`` of its task if the stored one is still version
         ``record.version - 1`` (compare and set, in one transaction); then cache ``task``. ``False``: the
         task changed meanwhile (another update won) or is gone; nothing was written."""
-        db = self._db()
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            changed = db.execute("UPDATE tasks SET labels = ?, support_size = ?, state = ?, version = ?, shots = ? "
-                                 "WHERE task_id = ? AND tenant = ? AND version = ? AND expires_at > ?",
-                                 (json.dumps(record.labels), record.support_size, sqlite3.Binary(record.state),
-                                  record.version, json.dumps(record.shots), record.task_id, record.tenant,
-                                  record.version - 1, time.time())).rowcount
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
+        changed = self.database.compare_and_set(record)
         with self._lock:
             self._changes += 1
             self._drop(record.task_id)  # the old version (or, when we lost, whatever we held) is stale
             if changed and task is not None:
                 self._remember_locked(record, task, time.monotonic())
-        return bool(changed)
+        return changed
 
     def delete(self, task_id: str, tenant: str = "") -> bool:
         """Remove ``tenant``'s task; ``False`` when there was none (or it had expired, or belongs to
         another tenant). Once this returns, no lookup of this process finds the task."""
-        row = self._db().execute("DELETE FROM tasks WHERE task_id = ? AND tenant = ? RETURNING expires_at",
-                                 (task_id, tenant)).fetchone()
-        if row is not None:
+        expires_at = self.database.delete(task_id, tenant)
+        if expires_at is not None:
             with self._lock:
                 self._changes += 1
                 now = time.monotonic()
@@ -271,7 +177,7 @@ class TaskStore:
                 if len(self._tombstones) > 4096:
                     self._tombstones = {k: t for k, t in self._tombstones.items() if now - t < TOMBSTONE_SECONDS}
                 self._drop(task_id)
-        return row is not None and row[0] > time.time()
+        return expires_at is not None and expires_at > time.time()
 
     def deleted_since(self, task_id: str, since: float) -> bool:
         """Whether this process deleted ``task_id`` at or after ``since`` (``time.monotonic()``)."""
@@ -280,28 +186,24 @@ class TaskStore:
         return at is not None and at >= since
 
     def purge_expired(self, now: float | None = None) -> int:
-        """Delete every expired task (memory and disk); returns how many rows went."""
+        """Delete every expired task (memory and database); returns how many rows this call removed
+        (replicas purging at once share the work: each row goes once)."""
         now = time.time() if now is None else now
         with self._lock:
             for task_id in [k for k, e in self._cache.items() if e.record.expired(now)]:
                 self._drop(task_id)
-        return self._db().execute("DELETE FROM tasks WHERE expires_at <= ?", (now,)).rowcount
+        return self.database.purge_expired(now)
 
     # -- reads ----------------------------------------------------------------------------------
     def record(self, task_id: str, tenant: str = "") -> TaskRecord | None:
-        """The stored record of ``tenant``'s live task, from disk (``None``: unknown, deleted, expired,
-        or another tenant's: the caller cannot tell which)."""
-        row = self._db().execute(f"SELECT {COLUMNS} FROM tasks WHERE task_id = ? AND tenant = ?",
-                                 (task_id, tenant)).fetchone()
-        if row is None:
-            return None
-        rec = TaskRecord(row[0], row[1], row[2], json.loads(row[3]), row[4], row[5], row[6], bytes(row[7]), row[8],
-                         row[9], json.loads(row[10]))
-        return None if rec.expired() else rec
+        """The stored record of ``tenant``'s live task, from the database (``None``: unknown, deleted,
+        expired, or another tenant's: the caller cannot tell which)."""
+        rec = self.database.fetch(task_id, tenant)
+        return None if rec is None or rec.expired() else rec
 
     def _row_version(self, task_id: str) -> int | None:
         """The stored version of a live task, ``None`` when it is gone or expired."""
-        row = self._db().execute("SELECT expires_at, version FROM tasks WHERE task_id = ?", (task_id,)).fetchone()
+        row = self.database.version_of(task_id)
         return row[1] if row is not None and row[0] > time.time() else None
 
     def _row_live(self, task_id: str) -> bool:
@@ -323,7 +225,10 @@ class TaskStore:
             generation = self._changes
         if entry is not None and now - entry.checked > self.recheck:
             # another process may have deleted or updated it: re-read the row (at most once per `recheck` s)
-            version = self._row_version(task_id)
+            try:
+                version = self._row_version(task_id)
+            except StoreUnavailable:  # the database is away: serve what was live when last checked
+                version = entry.record.version
             if version is None:
                 with self._lock:
                     self._drop(task_id)
@@ -363,8 +268,8 @@ class TaskStore:
         return None
 
     def count(self) -> int:
-        """Live tasks on disk (all processes sharing the store)."""
-        return self._db().execute("SELECT COUNT(*) FROM tasks WHERE expires_at > ?", (time.time(),)).fetchone()[0]
+        """Live tasks in the database (all processes sharing it)."""
+        return self.database.count(time.time())
 
     def _remember(self, record: TaskRecord, task: Any) -> None:
         with self._lock:
@@ -400,3 +305,21 @@ class TaskStore:
     def cached_bytes(self) -> int:
         """What the cache is charged now (at most ``cache_bytes``)."""
         return self._cached_bytes
+
+
+def open_database(where: str | Path) -> Any:
+    """The task database ``where`` names: ``postgresql://...`` (or ``postgres://``), ``sqlite:PATH``
+    (the file), or a folder (``--state-dir``: ``tasks.sqlite3`` in it)."""
+    text = str(where)
+    if "://" in text and not text.startswith(("postgresql://", "postgres://")):
+        raise ConfigError(f"unknown task database {text.split('://')[0]!r}: use postgresql://USER@HOST:PORT/DB, "
+                          "sqlite:PATH or a --state-dir folder")
+    if text.startswith(("postgresql://", "postgres://")):
+        from fewshot.server.store_postgres import PostgresDatabase
+
+        return PostgresDatabase(text)
+    from fewshot.server.store_sqlite import SQLiteDatabase
+
+    if text.startswith("sqlite:"):
+        return SQLiteDatabase(Path(text.removeprefix("sqlite:")))
+    return SQLiteDatabase(Path(text) / "tasks.sqlite3")

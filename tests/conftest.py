@@ -89,3 +89,25 @@ def triton(exported, tmp_path_factory):
         pytest.skip(f"the tritonserver binary cannot run here: {exc}")
     yield proc
     proc.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A real PostgreSQL server from the machine's packages, in a temporary folder on a loopback port
+    (as ``nobody`` when the tests run as root), for the whole session."""
+    from fewshot.tools.postgres import PostgresServer
+
+    with PostgresServer() as pg:
+        yield pg
+
+
+_databases = iter(range(1 << 30))
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database(request, tmp_path):
+    """Where a test's task stores live, once per backend: a fresh SQLite folder, or a fresh database
+    in the session's PostgreSQL. Every store test runs against both."""
+    if request.param == "sqlite":
+        return tmp_path
+    return request.getfixturevalue("postgres").create_database(f"t{next(_databases)}")

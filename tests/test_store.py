@@ -1,10 +1,13 @@
-"""The task store alone: delete consistency (one process, and two stores on one file), what the cache
-charges, tenants, quotas and the schema migration."""
+"""The task store alone, on both databases (the ``database`` fixture: SQLite and a real PostgreSQL):
+delete consistency (one process, and two stores on one database), what the cache charges, tenants,
+quotas, compare-and-set updates; SQLite's schema migration and WAL; PostgreSQL's notifications,
+shared expiry purge and outage."""
 
 from __future__ import annotations
 
 import sqlite3
 import threading
+from concurrent.futures import ThreadPoolExecutor
 import time
 
 import pytest
@@ -28,9 +31,9 @@ def _record(task_id: str, task: MetricTask, tenant: str = "", ttl: float = 3600)
     return TaskRecord(task_id, "m", "centroid", [f"c{i}" for i in range(5)], now, now + ttl, 5, dump_task(task), tenant)
 
 
-def test_a_deleted_task_is_never_found_again_under_concurrent_reloads(tmp_path):
+def test_a_deleted_task_is_never_found_again_under_concurrent_reloads(database):
     """Defect 1: a lookup racing the delete must not re-cache the row it read before the delete."""
-    store = TaskStore(tmp_path)
+    store = TaskStore(database)
     slow = threading.Event()
 
     def decode(rec: TaskRecord):
@@ -67,8 +70,8 @@ def test_a_deleted_task_is_never_found_again_under_concurrent_reloads(tmp_path):
         assert not found_after, f"round {round_}: found {len(found_after)} times after the delete returned"
 
 
-def test_a_task_deleted_by_another_store_stops_being_served_within_recheck(tmp_path):
-    a, b = TaskStore(tmp_path, recheck=0.2), TaskStore(tmp_path, recheck=0.2)
+def test_a_task_deleted_by_another_store_stops_being_served_within_recheck(database):
+    a, b = TaskStore(database, recheck=0.2), TaskStore(database, recheck=0.2)
     a.put(_record("x", _task()))
     assert b.get("x", lambda rec: _task()) is not None  # cached in b
     assert a.delete("x")
@@ -78,9 +81,9 @@ def test_a_task_deleted_by_another_store_stops_being_served_within_recheck(tmp_p
         time.sleep(0.01)
 
 
-def test_the_cache_is_charged_what_its_entries_hold(tmp_path):
+def test_the_cache_is_charged_what_its_entries_hold(database):
     """Defect 6: the charge covers every tensor an entry holds, and entries do not keep the state bytes."""
-    store = TaskStore(tmp_path, cache_bytes=1 << 20)
+    store = TaskStore(database, cache_bytes=1 << 20)
     for i in range(40):
         task = _task()
         store.put(_record(f"t{i}", task), task)
@@ -95,8 +98,8 @@ def test_resident_bytes_counts_shared_storage_once():
     assert resident_bytes({"a": x, "b": x[:10], "c": [x]}) == 4000
 
 
-def test_tenants_see_only_their_own_tasks(tmp_path):
-    store = TaskStore(tmp_path)
+def test_tenants_see_only_their_own_tasks(database):
+    store = TaskStore(database)
     store.put(_record("a-task", _task(), tenant="a"))
     assert store.record("a-task", "a") is not None
     assert store.record("a-task", "b") is None and store.get("a-task", lambda r: _task(), "b") is None
@@ -104,8 +107,8 @@ def test_tenants_see_only_their_own_tasks(tmp_path):
     assert store.delete("a-task", "a")
 
 
-def test_the_live_task_quota_is_checked_with_the_insert(tmp_path):
-    store = TaskStore(tmp_path)
+def test_the_live_task_quota_is_checked_with_the_insert(database):
+    store = TaskStore(database)
     for i in range(3):
         store.put(_record(f"q{i}", _task(), tenant="a"), max_live=3)
     with pytest.raises(QuotaExceeded, match="3 live tasks"):
@@ -127,15 +130,15 @@ def test_a_version_1_store_is_migrated(tmp_path):
     store = TaskStore(tmp_path)
     assert store.record("old").labels == ["a", "b"] and store.record("old").tenant == ""
     assert store.record("old").version == 1 and store.record("old").shots == []  # stored before UpdateTask
-    assert store._db().execute("PRAGMA user_version").fetchone()[0] == 3
+    assert store.database.db().execute("PRAGMA user_version").fetchone()[0] == 3
 
 
-def test_an_update_is_a_compare_and_set_seen_by_other_processes(tmp_path):
+def test_an_update_is_a_compare_and_set_seen_by_other_processes(database):
     """Version 2 commits only over version 1; a stale writer gets False and nothing changes. A store
     (another process) that cached version 1 serves version 2 after its recheck interval."""
     import dataclasses
 
-    mine, theirs = TaskStore(tmp_path, recheck=0.05), TaskStore(tmp_path, recheck=0.05)
+    mine, theirs = TaskStore(database, recheck=0.05), TaskStore(database, recheck=0.05)
     v1 = _record("t", _task())
     mine.put(v1, "task v1")
     assert theirs.get("t", lambda r: f"task v{r.version}")[1] == "task v1"
@@ -175,7 +178,7 @@ def test_a_store_opened_while_another_is_migrating_waits_for_it(tmp_path):
     releaser.join()
     store.put(_record("t1", _task()))
     assert store.count() == 1
-    assert store._db().execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert store.database.db().execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -204,3 +207,99 @@ def test_cached_inner_loop_tasks_are_charged_exactly_the_buffer_each_holds(tmp_p
         assert resident_bytes(task) == params * torch.finfo(dtype).bits // 8
         store.put(_record(f"t{i}", task), task)
     assert store.cached == 3 and store.cached_bytes == 3 * per_task <= store.cache_bytes
+
+
+# -- PostgreSQL: what only the networked database does ---------------------------------------------
+def test_postgres_pushes_deletes_and_updates_to_the_other_stores_at_once(postgres):
+    """With a recheck interval of a minute, only the notification can make the other store drop its
+    entry: a delete and an update made by one store reach the other's cache within 1 s."""
+    import dataclasses
+
+    url = postgres.create_database("pushed")
+    a, b = TaskStore(url, recheck=60), TaskStore(url, recheck=60)
+    try:
+        v1 = _record("n", _task())
+        a.put(v1)
+        assert b.get("n", lambda r: f"v{r.version}")[1] == "v1"
+        assert a.update(dataclasses.replace(v1, version=2), "v2")
+        deadline = time.monotonic() + 1.0
+        while b.get("n", lambda r: f"v{r.version}")[1] != "v2":
+            assert time.monotonic() < deadline, "b still serves version 1 a second after a's update"
+            time.sleep(0.01)
+        assert a.delete("n")
+        while b.get("n", lambda r: "found") is not None:
+            assert time.monotonic() < deadline + 1.0, "b still serves a task a deleted a second ago"
+            time.sleep(0.01)
+    finally:
+        a.close(), b.close()
+
+
+def test_postgres_schema_is_created_once_with_its_version_and_state_as_bytea(postgres):
+    import psycopg
+
+    from fewshot.server.store_postgres import SCHEMA_VERSION
+
+    url = postgres.create_database("schema")
+    stores = [TaskStore(url) for _ in range(3)]  # replicas starting together: the migration takes turns
+    try:
+        assert stores[0].database.schema_version() == SCHEMA_VERSION
+        with psycopg.connect(url) as conn:
+            assert conn.execute("SELECT count(*) FROM fewshot_schema").fetchone()[0] == 1
+            kind = conn.execute("SELECT data_type FROM information_schema.columns WHERE table_name = 'tasks' "
+                                "AND column_name = 'state'").fetchone()[0]
+            assert kind == "bytea"
+            conn.execute("UPDATE fewshot_schema SET version = 99")
+        from fewshot.server.store import StoreVersionError
+
+        with pytest.raises(StoreVersionError, match="schema version 99"):
+            TaskStore(url)
+    finally:
+        for s in stores:
+            s.close()
+
+
+def test_postgres_expiry_is_purged_by_replicas_together_without_double_work(postgres):
+    url = postgres.create_database("purge")
+    stores = [TaskStore(url) for _ in range(3)]
+    try:
+        for i in range(1200):
+            stores[0].put(_record(f"e{i}", _task(2, 8), ttl=-1 if i < 1100 else 3600))
+        with ThreadPoolExecutor(3) as pool:
+            purged = list(pool.map(lambda s: s.purge_expired(), stores))
+        assert sum(purged) == 1100 and stores[1].count() == 100
+    finally:
+        for s in stores:
+            s.close()
+
+
+def test_postgres_outage_answers_unavailable_keeps_cached_tasks_and_loses_nothing():
+    """The database stops: writes and uncached reads raise StoreUnavailable (UNAVAILABLE) within the
+    connect timeout, a cached task is still served; once it is back, every acknowledged task is there
+    and new writes succeed."""
+    from fewshot.server.store import StoreUnavailable
+    from fewshot.tools.postgres import PostgresServer
+
+    with PostgresServer() as pg:
+        store = TaskStore(pg.url, recheck=0.0)
+        try:
+            for i in range(5):
+                store.put(_record(f"k{i}", _task(2, 8)), f"task {i}" if i == 0 else None)
+            pg.stop()
+            with pytest.raises(StoreUnavailable, match="cannot be reached|failed the call"):
+                store.put(_record("lost", _task(2, 8)))
+            with pytest.raises(StoreUnavailable):
+                store.get("k1", lambda r: "decoded")
+            assert store.get("k0", lambda r: "decoded")[1] == "task 0"  # cached: still classifies
+            pg.start()
+            deadline = time.monotonic() + 10
+            while True:
+                try:
+                    assert {store.record(f"k{i}") is not None for i in range(5)} == {True}
+                    break
+                except StoreUnavailable:
+                    assert time.monotonic() < deadline, "the store did not reconnect within 10 s"
+                    time.sleep(0.2)
+            store.put(_record("after", _task(2, 8)))
+            assert store.count() == 6 and store.record("lost") is None
+        finally:
+            store.close()

@@ -1,0 +1,231 @@
+"""The networked task database: PostgreSQL through psycopg 3 and its connection pool
+(``fewshot serve --store postgresql://USER@HOST:PORT/DB``), shared by replicas on any number of hosts.
+
+- **Schema** created and migrated by the service in one transaction under an advisory lock (replicas
+  starting together take turns); ``fewshot_schema`` holds the version. The adapted state is ``bytea``.
+- **Acknowledged means committed**: every write is one transaction, committed before the method returns.
+- **Changes are pushed**: a delete or update sends ``NOTIFY fewshot_tasks, 'TASK_ID VERSION'`` in its
+  own transaction (delivered at commit, never for a rolled-back write); each process LISTENs on a
+  dedicated connection and drops the entry from its cache. When that connection is lost the listener
+  reconnects with back-off and tells the cache that notifications may have been missed (every entry
+  re-reads its row at its next hit; the cache's ``recheck`` bounds staleness in any case).
+- **Expiry** is purged by any replica in batches of :data:`PURGE_BATCH` rows with ``FOR UPDATE SKIP
+  LOCKED``: replicas purging at once take different rows, none deletes a row twice.
+- **The database going away**: a call that needs it raises :class:`StoreUnavailable` (UNAVAILABLE, the
+  message names the database) after at most :data:`CONNECT_TIMEOUT` seconds; the pool reconnects with
+  back-off and the next call succeeds once the database is back.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
+from urllib.parse import urlsplit
+
+import psycopg
+from psycopg_pool import ConnectionPool, PoolTimeout
+
+from fewshot.server.errors import QuotaExceeded
+from fewshot.server.store_schema import COLUMNS, StoreUnavailable, StoreVersionError, TaskRecord
+
+#: This schema's version (``fewshot_schema.version``); migrations from older versions go in :func:`_migrate`.
+SCHEMA_VERSION = 1
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS fewshot_schema (version INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS tasks (
+    task_id TEXT PRIMARY KEY,
+    model TEXT NOT NULL,
+    method TEXT NOT NULL,
+    labels TEXT NOT NULL,
+    created_at DOUBLE PRECISION NOT NULL,
+    expires_at DOUBLE PRECISION NOT NULL,
+    support_size INTEGER NOT NULL,
+    state BYTEA NOT NULL,
+    tenant TEXT NOT NULL DEFAULT '',
+    version INTEGER NOT NULL DEFAULT 1,
+    shots TEXT NOT NULL DEFAULT '[]'
+);
+CREATE INDEX IF NOT EXISTS tasks_expiry ON tasks (expires_at);
+CREATE INDEX IF NOT EXISTS tasks_tenant ON tasks (tenant, expires_at);
+"""
+#: The notification channel of deletes and updates.
+CHANNEL = "fewshot_tasks"
+#: Key of the advisory lock the migration holds (any constant shared by every replica).
+MIGRATION_LOCK = 0x66657773
+#: Expired rows deleted per statement by :meth:`PostgresDatabase.purge_expired`.
+PURGE_BATCH = 500
+#: Seconds a call waits for a connection before answering UNAVAILABLE.
+CONNECT_TIMEOUT = 3.0
+#: Connections of the pool (the service's worker threads share them).
+POOL_SIZE = 8
+
+log = logging.getLogger(__name__)
+# the pool logs every failed reconnection attempt; an outage is reported once here, and each call that
+# needed the database answers UNAVAILABLE with the reason
+logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
+
+
+def _reason(error: BaseException) -> str:
+    """The first line of a psycopg error, cut to 200 characters."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+
+
+def _redacted(url: str) -> str:
+    """The URL without its password, for messages and logs."""
+    parts = urlsplit(url)
+    host = parts.hostname or "localhost"
+    return f"postgresql://{parts.username + '@' if parts.username else ''}{host}{f':{parts.port}' if parts.port else ''}{parts.path}"
+
+
+class PostgresDatabase:
+    """The tasks table in PostgreSQL at ``url`` (libpq URL; a password in it is never logged)."""
+
+    pushes_changes = True
+
+    def __init__(self, url: str, pool_size: int = POOL_SIZE, connect_timeout: float = CONNECT_TIMEOUT) -> None:
+        self.url, self.where, self.connect_timeout = url, _redacted(url), connect_timeout
+        self._pool = ConnectionPool(url, min_size=1, max_size=pool_size, open=False, name="fewshot-tasks",
+                                    kwargs={"autocommit": True, "connect_timeout": max(1, int(connect_timeout))},
+                                    check=ConnectionPool.check_connection)
+        self._pool.open(wait=False)
+        self._stop = threading.Event()
+        self._listener: threading.Thread | None = None
+        self._migrate()
+
+    def __str__(self) -> str:
+        return self.where
+
+    @contextmanager
+    def _connection(self) -> Iterator[psycopg.Connection]:
+        """A pooled connection; connection failures become :class:`StoreUnavailable` with the database named."""
+        try:
+            with self._pool.connection(timeout=self.connect_timeout) as conn:
+                yield conn
+        except PoolTimeout as e:
+            raise StoreUnavailable(f"the task database {self.where} cannot be reached (no connection within "
+                                   f"{self.connect_timeout:g} s); nothing was stored: retry when it is back") from e
+        except psycopg.OperationalError as e:
+            raise StoreUnavailable(f"the task database {self.where} failed the call ({_reason(e)}); "
+                                   "nothing of this call was acknowledged: retry") from e
+
+    def _migrate(self) -> None:
+        with self._connection() as conn, conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
+            exists = conn.execute("SELECT to_regclass('fewshot_schema') IS NOT NULL").fetchone()[0]
+            version = conn.execute("SELECT max(version) FROM fewshot_schema").fetchone()[0] if exists else None
+            if version is not None and version > SCHEMA_VERSION:
+                raise StoreVersionError(f"task database {self.where} has schema version {version}; this server knows "
+                                        f"{SCHEMA_VERSION}: upgrade the server or use another database")
+            for statement in filter(str.strip, SCHEMA.split(";")):
+                conn.execute(statement)
+            if version is None:
+                conn.execute("INSERT INTO fewshot_schema (version) VALUES (%s)", (SCHEMA_VERSION,))
+            elif version < SCHEMA_VERSION:
+                conn.execute("UPDATE fewshot_schema SET version = %s", (SCHEMA_VERSION,))
+
+    def schema_version(self) -> int:
+        with self._connection() as conn:
+            return conn.execute("SELECT max(version) FROM fewshot_schema").fetchone()[0]
+
+    # -- writes -----------------------------------------------------------------------------------
+    def insert(self, record: TaskRecord, max_live: int | None) -> None:
+        with self._connection() as conn, conn.transaction():
+            if max_live is not None:
+                # one tenant's inserts take turns (transaction lock), so the count and the insert are one step
+                conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"tenant:{record.tenant}",))
+                live = conn.execute("SELECT COUNT(*) FROM tasks WHERE tenant = %s AND expires_at > %s",
+                                    (record.tenant, time.time())).fetchone()[0]
+                if live >= max_live:
+                    raise QuotaExceeded(f"this tenant has {live} live tasks, its quota: delete tasks or let them "
+                                        "expire, then adapt again")
+            conn.execute(f"INSERT INTO tasks ({COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                         (record.task_id, record.model, record.method, json.dumps(record.labels), record.created_at,
+                          record.expires_at, record.support_size, record.state, record.tenant, record.version,
+                          json.dumps(record.shots)))
+
+    def compare_and_set(self, record: TaskRecord) -> bool:
+        with self._connection() as conn, conn.transaction():
+            changed = conn.execute("UPDATE tasks SET labels = %s, support_size = %s, state = %s, version = %s, shots = %s "
+                                   "WHERE task_id = %s AND tenant = %s AND version = %s AND expires_at > %s",
+                                   (json.dumps(record.labels), record.support_size, record.state, record.version,
+                                    json.dumps(record.shots), record.task_id, record.tenant, record.version - 1,
+                                    time.time())).rowcount
+            if changed:
+                conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, f"{record.task_id} {record.version}"))
+        return bool(changed)
+
+    def delete(self, task_id: str, tenant: str) -> float | None:
+        with self._connection() as conn, conn.transaction():
+            row = conn.execute("DELETE FROM tasks WHERE task_id = %s AND tenant = %s RETURNING expires_at",
+                               (task_id, tenant)).fetchone()
+            if row is not None:
+                conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, f"{task_id} 0"))
+        return None if row is None else row[0]
+
+    def purge_expired(self, now: float) -> int:
+        total = 0
+        while True:
+            with self._connection() as conn:
+                gone = conn.execute("DELETE FROM tasks WHERE task_id IN (SELECT task_id FROM tasks WHERE expires_at <= %s "
+                                    "LIMIT %s FOR UPDATE SKIP LOCKED)", (now, PURGE_BATCH)).rowcount
+            total += gone
+            if gone < PURGE_BATCH:
+                return total
+
+    # -- reads ------------------------------------------------------------------------------------
+    def fetch(self, task_id: str, tenant: str) -> TaskRecord | None:
+        with self._connection() as conn:
+            row = conn.execute(f"SELECT {COLUMNS} FROM tasks WHERE task_id = %s AND tenant = %s", (task_id, tenant)).fetchone()
+        if row is None:
+            return None
+        return TaskRecord(row[0], row[1], row[2], json.loads(row[3]), row[4], row[5], row[6], bytes(row[7]), row[8],
+                          row[9], json.loads(row[10]))
+
+    def version_of(self, task_id: str) -> tuple[float, int] | None:
+        with self._connection() as conn:
+            row = conn.execute("SELECT expires_at, version FROM tasks WHERE task_id = %s", (task_id,)).fetchone()
+        return None if row is None else (row[0], row[1])
+
+    def count(self, now: float) -> int:
+        with self._connection() as conn:
+            return conn.execute("SELECT COUNT(*) FROM tasks WHERE expires_at > %s", (now,)).fetchone()[0]
+
+    # -- notifications ----------------------------------------------------------------------------
+    def listen(self, on_change: Callable[..., Any]) -> None:
+        """Call ``on_change(task_id, version)`` for every delete (version 0) and update committed by any
+        process, and ``on_change(None)`` after the listening connection was lost and is back."""
+        self._listener = threading.Thread(target=self._listen, args=(on_change,), name="fewshot-store-listen", daemon=True)
+        self._listener.start()
+
+    def _listen(self, on_change: Callable[..., Any]) -> None:
+        backoff, connected_before, reported = 0.1, False, False
+        while not self._stop.is_set():
+            try:
+                with psycopg.connect(self.url, autocommit=True, connect_timeout=max(1, int(self.connect_timeout))) as conn:
+                    conn.execute(f"LISTEN {CHANNEL}")
+                    if connected_before:
+                        on_change(None)  # what happened while we were away is unknown
+                    connected_before, backoff, reported = True, 0.1, False
+                    while not self._stop.is_set():
+                        for note in conn.notifies(timeout=0.5):
+                            task_id, _, version = note.payload.partition(" ")
+                            on_change(task_id, int(version or 0))
+            except psycopg.Error as e:
+                if self._stop.is_set():
+                    return
+                if not reported:  # once per outage
+                    log.warning("task database %s: notifications lost (%s); reconnecting with back-off", self.where, _reason(e))
+                    reported = True
+                connected_before = True
+                self._stop.wait(backoff)
+                backoff = min(2 * backoff, 2.0)
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._listener is not None:
+            self._listener.join(timeout=2.0)
+        self._pool.close()
