@@ -108,7 +108,7 @@ class PostgresDatabase:
         except PoolTimeout as e:
             raise StoreUnavailable(f"the task database {self.where} cannot be reached (no connection within "
                                    f"{self.connect_timeout:g} s); nothing was stored: retry when it is back") from e
-        except psycopg.OperationalError as e:
+        except (psycopg.OperationalError, psycopg.InterfaceError) as e:
             raise StoreUnavailable(f"the task database {self.where} failed the call ({_reason(e)}); "
                                    "nothing of this call was acknowledged: retry") from e
 

@@ -51,7 +51,7 @@ class AsyncFewShotClient:
     """The asyncio twin of ``FewShotClient``: same arguments (TLS ones included), same retries and
     errors; create it inside a running event loop and ``await client.close()`` (or use ``async with``)."""
 
-    def __init__(self, target: str, token: str | None = None, timeout: float = 30.0, retries: int = 3,
+    def __init__(self, target: str | Sequence[str], token: str | None = None, timeout: float = 30.0, retries: int = 3,
                  backoff: float = 0.2, max_message_mb: float = 64, *, tls: bool = False,
                  root_certificates: messages.PemSource | None = None,
                  client_certificate: messages.PemSource | None = None,
@@ -59,6 +59,8 @@ class AsyncFewShotClient:
         self._config = messages.ClientConfig.of(token, timeout, retries, backoff, max_message_mb)
         credentials = messages.channel_credentials(tls, root_certificates, client_certificate, client_key)
         options = self._config.channel_options()
+        target, balancing = messages.channel_target(target)
+        options = options + balancing
         self._channel = (grpc.aio.insecure_channel(target, options=options) if credentials is None
                          else grpc.aio.secure_channel(target, credentials, options=options))
         self._stub = fewshot_pb2_grpc.FewShotStub(self._channel)

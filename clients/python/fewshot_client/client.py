@@ -52,6 +52,10 @@ class Task(TaskFields):
 class FewShotClient:
     """Client of the ``fewshot.v1.FewShot`` service.
 
+    ``target``: one server (``HOST:PORT``), or replicas: a list of ``IP:PORT`` or a ``dns:///NAME:PORT``
+    name with an address per replica; calls are spread over the ready replicas (round robin), and a
+    retried UNAVAILABLE goes to another (``messages.channel_target``).
+
     Every call carries ``token`` as a bearer token (if given) and a ``timeout`` in seconds; UNAVAILABLE
     is retried ``retries`` times with exponential ``backoff``; failures raise ``errors.FewShotError``
     subclasses.
@@ -63,7 +67,7 @@ class FewShotClient:
     ``messages.channel_credentials``).
     """
 
-    def __init__(self, target: str, token: str | None = None, timeout: float = 30.0, retries: int = 3,
+    def __init__(self, target: str | Sequence[str], token: str | None = None, timeout: float = 30.0, retries: int = 3,
                  backoff: float = 0.2, max_message_mb: float = 64, *, tls: bool = False,
                  root_certificates: messages.PemSource | None = None,
                  client_certificate: messages.PemSource | None = None,
@@ -71,6 +75,8 @@ class FewShotClient:
         self._config = messages.ClientConfig.of(token, timeout, retries, backoff, max_message_mb)
         credentials = messages.channel_credentials(tls, root_certificates, client_certificate, client_key)
         options = self._config.channel_options()
+        target, balancing = messages.channel_target(target)
+        options = options + balancing
         self._channel = (grpc.insecure_channel(target, options=options) if credentials is None
                          else grpc.secure_channel(target, credentials, options=options))
         self._stub = fewshot_pb2_grpc.FewShotStub(self._channel)

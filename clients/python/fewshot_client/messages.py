@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -250,6 +251,39 @@ class ClientConfig:
         """gRPC channel options setting both message size limits to ``max_bytes``."""
         return [("grpc.max_send_message_length", self.max_bytes),
                 ("grpc.max_receive_message_length", self.max_bytes)]
+
+
+def channel_target(target: str | Sequence[str]) -> tuple[str, list[tuple[str, str]]]:
+    """The gRPC target and load-balancing options for one server or several replicas.
+
+    ``target`` is ``HOST:PORT``; a list of ``IP:PORT`` replicas (an ``ipv4:``/``ipv6:`` address list);
+    or a ``dns:///NAME:PORT`` name whose every address is a replica. Several replicas are balanced
+    per call (gRPC's ``round_robin``): each call goes to the next ready one, and a retried UNAVAILABLE
+    goes to another.
+
+    Raises:
+        ValueError: an empty list, or a list entry that is not an IP literal with a port (use a DNS name).
+    """
+    if isinstance(target, str):
+        return target, ([("grpc.lb_policy_name", "round_robin")] if target.startswith("dns:") else [])
+    targets = list(target)
+    if not targets:
+        raise ValueError("no target: give HOST:PORT, a list of IP:PORT replicas or dns:///NAME:PORT")
+    if len(targets) == 1:
+        return channel_target(targets[0])
+    v6 = [t.startswith("[") for t in targets]
+    for t in targets:
+        host, _, port = t.rpartition(":")
+        try:
+            ipaddress.ip_address(host.strip("[]"))
+        except ValueError:
+            raise ValueError(f"replica {t!r} is not IP:PORT: list IP addresses, or give one dns:///NAME:PORT whose "
+                             "addresses are the replicas") from None
+        if not port.isdigit():
+            raise ValueError(f"replica {t!r} has no port")
+    if any(v6) and not all(v6):
+        raise ValueError("mix of IPv4 and IPv6 replicas: list one family (or use a DNS name)")
+    return f"{'ipv6' if v6[0] else 'ipv4'}:{','.join(targets)}", [("grpc.lb_policy_name", "round_robin")]
 
 
 def read_pem(source: PemSource | None, what: str) -> bytes | None:
