@@ -11,6 +11,8 @@
 #   FEWSHOT_PORT             gRPC port                                 (50051)
 #   FEWSHOT_METRICS_PORT     Prometheus port, 0 for none               (9090)
 #   FEWSHOT_STATE_DIR        task store directory                      (/var/lib/fewshot/state)
+#   FEWSHOT_STORE            task database URL instead (postgresql://...); read by `fewshot serve`
+#                            itself, so a password in it never reaches a command line
 #   FEWSHOT_DEVICE           auto | cpu | cuda                         (auto)
 #   FEWSHOT_THREADS          torch / ONNX Runtime threads, 0 = library default (0)
 #   FEWSHOT_WORKERS          worker threads                            (4)

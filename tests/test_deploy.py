@@ -56,19 +56,53 @@ def compose() -> dict:
     return yaml.safe_load((DEPLOY / "compose.yaml").read_text())
 
 
-def test_compose_runs_triton_the_service_and_the_task_store(compose):
+def test_compose_runs_triton_the_service_replicas_and_postgresql(compose):
     services = compose["services"]
-    assert set(services) == {"triton", "fewshot"} and set(compose["volumes"]) == {"tasks"}
+    assert set(services) == {"triton", "fewshot", "postgres"} and set(compose["volumes"]) == {"pgdata"}
     triton, service = services["triton"], services["fewshot"]
     assert "--model-repository=/models" in triton["command"]
     assert any(v.endswith(":/models:ro") for v in triton["volumes"]), "the generated repository is mounted read-only"
     assert service["depends_on"]["triton"]["condition"] == "service_healthy"
     assert service["environment"]["FEWSHOT_FEATURE_BACKEND"] == "triton"
     assert service["environment"]["FEWSHOT_TRITON_URL"] == "triton:8001"
-    assert "tasks:/var/lib/fewshot/state" in service["volumes"], "tasks live on the named volume"
+    assert service["depends_on"]["postgres"]["condition"] == "service_healthy"
+    assert service["environment"]["FEWSHOT_STORE"].startswith("postgresql://fewshot:${FEWSHOT_DB_PASSWORD")
+    assert "pgdata:/var/lib/postgresql/data" in services["postgres"]["volumes"], "tasks live on the named volume"
+    assert all(re.search(r"\d+-\d+}:\d+$", port) for port in service["ports"]), "a host port range: --scale fewshot=N"
     for name, svc in services.items():
         assert svc["healthcheck"]["test"][0] == "CMD", name
-        assert svc["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"], name
+    for name in ("triton", "fewshot"):
+        assert services[name]["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"], name
+
+
+# -- Kubernetes -------------------------------------------------------------------------------------
+def _k8s() -> dict[tuple[str, str], dict]:
+    docs = [d for f in sorted((DEPLOY / "k8s").glob("*.yaml")) for d in yaml.safe_load_all(f.read_text()) if d]
+    return {(d["kind"], d["metadata"]["name"]): d for d in docs}
+
+
+def test_kubernetes_manifests_validate_against_the_api_schemas():
+    """Offline: ``kubernetes-validate --strict`` (the Kubernetes OpenAPI schemas, unknown fields refused)."""
+    files = sorted(str(f) for f in (DEPLOY / "k8s").glob("*.yaml"))
+    result = subprocess.run([_tool("kubernetes-validate"), "--strict", "-k", "1.31.0", *files],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("passed") == 5
+
+
+def test_kubernetes_runs_replicas_with_grpc_probes_a_secret_store_and_triton_apart():
+    k = _k8s()
+    app = k["Deployment", "fewshot"]
+    container = app["spec"]["template"]["spec"]["containers"][0]
+    assert app["spec"]["replicas"] >= 2
+    assert container["readinessProbe"]["grpc"] == {"port": 50051, "service": "fewshot.v1.FewShot"}
+    assert container["livenessProbe"]["grpc"]["port"] == 50051
+    store = next(e for e in container["env"] if e["name"] == "FEWSHOT_STORE")
+    assert store["valueFrom"]["secretKeyRef"] == {"name": "fewshot-store", "key": "url"}
+    assert k["Service", "fewshot"]["spec"]["clusterIP"] == "None", "headless: DNS gives every replica to the SDK"
+    assert ("Deployment", "triton") in k and ("Service", "triton") in k
+    assert {"name": "FEWSHOT_TRITON_URL", "value": "triton:8001"} in container["env"]
+    assert app["spec"]["template"]["spec"]["securityContext"]["runAsUser"] == 1000  # the image's user
 
 
 def test_compose_file_is_valid_for_docker_compose():
