@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from fewshot.models.meta.averaging import average_checkpoints
 from fewshot.models.meta.training import MetaTrainConfig
 
@@ -148,3 +150,36 @@ def test_average_of_snapshots_is_validated_and_kept_only_if_better(tmp_path):
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 2 and "fewer than 2 snapshots at or after iteration 100" in proc.stderr
     assert proc.stderr.count("\n") == 1
+
+
+def test_meta_training_under_torchrun_equals_one_process_on_the_same_tasks(tmp_path):
+    """Two CPU processes under ``torchrun`` (Gloo): each adapts half of every meta-batch, gradients are
+    all-reduced, rank 0 alone writes the run. After a few iterations (and a resume) the weights equal
+    the single-process run's on the same tasks to float rounding, and the metrics have one writer."""
+    import os
+    from pathlib import Path
+
+    import torch
+
+    common = ["--method", "cxgrad", "--dataset", "omniglot", "--width", "16", "--val-every", "3", "--val-tasks", "5",
+              "--meta-batch", "4", "--inner-steps", "2", "--bn-train", "support", "--threads", "1", "--seed", "3"]
+    alone, together = tmp_path / "alone", tmp_path / "together"
+    for iterations, resume in (("3", []), ("5", ["--resume"])):  # the same stages as below: the same log windows
+        assert _train(*common, "--iterations", iterations, "--out", str(alone), *resume).returncode == 0
+    torchrun = Path(sys.executable).parent / "torchrun"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for iterations, resume in (("3", []), ("5", ["--resume"])):
+        proc = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "fewshot.cli", "train", *common,
+                               "--iterations", iterations, "--out", str(together), *resume],
+                              capture_output=True, text=True, timeout=600, env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = (torch.load(run / "last.pt", weights_only=False) for run in (alone, together))
+    assert a["iteration"] == b["iteration"] == 5
+    for part in ("meta", "rule"):
+        for name, value in a[part].items():
+            torch.testing.assert_close(b[part][name], value, rtol=1e-4, atol=1e-6, msg=f"{part}.{name}")
+    rows = _rows(together)
+    assert [r["step"] for r in rows if r["kind"] == "val"] == [3, 5]  # one writer: no duplicated rows
+    # each task adapted once over both ranks (Adam alone would hide a doubled gradient; the summed loss does not)
+    losses = [[r["loss"] for r in _rows(run) if r["kind"] == "train"] for run in (alone, together)]
+    assert len(losses[0]) == 2 and losses[1] == pytest.approx(losses[0], rel=1e-5)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ from tqdm import tqdm
 
 from fewshot.errors import ConfigError
 from fewshot.models.data import load_dataset
+from fewshot.models.distributed import Ranks
 from fewshot.models.episodes import EpisodeSampler
 from fewshot.models.evaluation import evaluate
 from fewshot.models.meta.inner_loop import InnerLoopAdapter, inner_loop
@@ -172,6 +174,7 @@ def train_meta(cfg: MetaTrainConfig, out_dir: Path, resume: bool = False, device
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     dev = pick_device(device)
+    ranks = Ranks.from_environment(dev)  # under torchrun: this process's share of each meta-batch
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     spec = InputSpec.for_dataset(cfg.dataset)
@@ -182,6 +185,7 @@ def train_meta(cfg: MetaTrainConfig, out_dir: Path, resume: bool = False, device
     if cfg.init_from and not (resume and (out_dir / "last.pt").exists()):
         _load_initial(cfg.init_from, meta, rule)
     meta, rule = meta.to(dev), rule.to(dev)
+    ranks.broadcast(list(meta.parameters()) + list(rule.parameters()))
     opt = torch.optim.Adam(list(meta.parameters()) + list(rule.parameters()), lr=cfg.outer_lr)
     it, best = 0, -1.0
     last_path, best_path, metrics_path = out_dir / "last.pt", out_dir / "best.pt", out_dir / "metrics.jsonl"
@@ -190,8 +194,9 @@ def train_meta(cfg: MetaTrainConfig, out_dir: Path, resume: bool = False, device
         meta.load_state_dict(ck["meta"]), rule.load_state_dict(ck["rule"]), opt.load_state_dict(ck["opt"])
         it, best = ck["iteration"], ck["best"]
         print(f"resumed from {last_path} at iteration {it}/{cfg.iterations} (outer lr {cfg.outer_lr_at(it):.3g})")
-    elif metrics_path.exists():
+    elif metrics_path.exists() and ranks.writer:
         metrics_path.unlink()
+    ranks.barrier()
     sampler = EpisodeSampler(train, cfg.ways, cfg.shots, cfg.queries, seed=cfg.seed + 10_000)
     second_order = not (cfg.first_order or cfg.method == "fomaml")
 
@@ -208,15 +213,15 @@ def train_meta(cfg: MetaTrainConfig, out_dir: Path, resume: bool = False, device
     def batch(idx: np.ndarray) -> torch.Tensor:
         return spec.normalize(train.images[idx]).to(dev)
 
-    log = metrics_path.open("a")
-    bar = tqdm(total=cfg.iterations, initial=it, desc=f"meta-train {out_dir.name}", mininterval=5)
+    log = metrics_path.open("a") if ranks.writer else open(os.devnull, "w")
+    bar = tqdm(total=cfg.iterations, initial=it, desc=f"meta-train {out_dir.name}", mininterval=5, disable=not ranks.writer)
     t0, window = time.perf_counter(), []
     while it < cfg.iterations:
         for group in opt.param_groups:  # set every iteration: a resumed run takes the schedule it is given now
             group["lr"] = cfg.outer_lr_at(it)
         opt.zero_grad(set_to_none=True)
         total, acc = 0.0, 0.0
-        for b in range(cfg.meta_batch):
+        for b in ranks.mine(cfg.meta_batch):  # all of them alone; every world-th under torchrun
             ep = sampler.episode(it * cfg.meta_batch + b)
             xs, ys = batch(ep.support), torch.as_tensor(ep.support_labels, device=dev)
             xq, yq = batch(ep.query), torch.as_tensor(ep.query_labels, device=dev)
@@ -225,6 +230,8 @@ def train_meta(cfg: MetaTrainConfig, out_dir: Path, resume: bool = False, device
             (loss / cfg.meta_batch).backward()
             total += float(loss.detach())
             acc += float((logits.argmax(1) == yq).float().mean())  # in the --bn-train mode of the loss
+        ranks.sum_gradients(list(meta.parameters()) + list(rule.parameters()))
+        total, acc = ranks.sum([total, acc], dev)
         opt.step()
         it += 1
         window.append((total / cfg.meta_batch, acc / cfg.meta_batch))
@@ -237,7 +244,9 @@ def train_meta(cfg: MetaTrainConfig, out_dir: Path, resume: bool = False, device
             log.write(json.dumps(row) + "\n"), log.flush()
             bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['query_accuracy']:.1f}")
             window, t0 = [], time.perf_counter()
-        if it % cfg.val_every == 0 or it == cfg.iterations:
+        if (it % cfg.val_every == 0 or it == cfg.iterations) and not ranks.writer:
+            ranks.barrier()  # rank 0 validates and writes the checkpoints meanwhile
+        elif it % cfg.val_every == 0 or it == cfg.iterations:
             res = validate(cfg, net, rule, params(), val, spec, dev)
             log.write(json.dumps({"kind": "val", "step": it, "accuracy": res.accuracy, "ci95": res.ci95}) + "\n"), log.flush()
             tqdm.write(f"iteration {it}: val {cfg.ways}-way {cfg.shots}-shot (support BN) {res.accuracy:.2f} +- {res.ci95:.2f}")
@@ -247,6 +256,8 @@ def train_meta(cfg: MetaTrainConfig, out_dir: Path, resume: bool = False, device
             save(last_path)
             save(out_dir / SNAPSHOTS / f"{it}.pt", optimizer=False)  # for fewshot average (weights only)
             plot_curves(metrics_path, out_dir / "curves.png")
+            ranks.barrier()
     bar.close()
     log.close()
+    ranks.close()
     return best_path
