@@ -111,7 +111,8 @@ def parser() -> argparse.ArgumentParser:
     """The argument parser; each subcommand sets ``run``."""
     p = argparse.ArgumentParser(prog=PROG, description="Client of the fewshot.v1.FewShot service.")
     p.add_argument("--target", default=os.environ.get("FEWSHOT_TARGET", "127.0.0.1:50051"),
-                   help="HOST:PORT of the server (default: $FEWSHOT_TARGET or 127.0.0.1:50051)")
+                   help="HOST:PORT of the server, IP:PORT,IP:PORT,... of replicas or dns:///NAME:PORT (calls "
+                        "balanced over them; default: $FEWSHOT_TARGET or 127.0.0.1:50051)")
     token = p.add_mutually_exclusive_group()
     token.add_argument("--token", default=os.environ.get("FEWSHOT_TOKEN"),
                        help="bearer token (default: $FEWSHOT_TOKEN)")
@@ -178,7 +179,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     run: Callable[[FewShotClient, argparse.Namespace], None] = args.run
     try:
         token = read_token(args.token_file) if args.token_file else args.token
-        with FewShotClient(args.target, token=token, timeout=args.timeout, tls=args.tls,
+        targets = args.target.split(",") if "," in args.target else args.target
+        with FewShotClient(targets, token=token, timeout=args.timeout, tls=args.tls,
                            root_certificates=args.ca_cert, client_certificate=args.client_cert,
                            client_key=args.client_key) as client:
             run(client, args)
