@@ -416,6 +416,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                    help="task database instead of --state-dir: postgresql://USER[:PASSWORD]@HOST:PORT/DB (replicas on "
                         "any number of hosts share it) or sqlite:PATH (default: $FEWSHOT_STORE; prefer it for a password)")
     p.add_argument("--metrics-port", type=int, default=d.metrics_port, help="Prometheus metrics port (0: off)")
+    p.add_argument("--http-port", type=int, default=None, help="also serve the HTTP/JSON API and the web console on "
+                   "this port (0 picks a free one, printed at start; default: off)")
     p.add_argument("--token", default=os.environ.get("FEWSHOT_TOKEN"), help="require `authorization: Bearer TOKEN` "
                    "(default: $FEWSHOT_TOKEN; prefer it or --token-file: a command line is visible to other users)")
     p.add_argument("--token-file", help="read the single token from this file (the default tenant)")
@@ -477,7 +479,7 @@ def _run_serve(args: argparse.Namespace) -> None:
             raise ConfigError(f"--token-file {args.token_file} is empty")
     optional = lambda value: Path(value) if value else None  # noqa: E731
     cfg = ServeConfig(models=Path(args.models) if args.models else DEFAULT_BUNDLE_DIR, host=args.host, port=args.port,
-                      device=args.device, state_dir=Path(args.state_dir), store=args.store or None, metrics_port=args.metrics_port, token=token,
+                      device=args.device, state_dir=Path(args.state_dir), store=args.store or None, http_port=args.http_port, metrics_port=args.metrics_port, token=token,
                       tokens_file=optional(args.tokens), tenant_max_tasks=args.tenant_max_tasks, tenant_rps=args.tenant_rps,
                       tls_cert=optional(args.tls_cert), tls_key=optional(args.tls_key), tls_client_ca=optional(args.tls_client_ca),
                       max_call_megapixels=args.max_call_megapixels, max_image_steps=args.max_image_steps,

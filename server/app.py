@@ -112,9 +112,12 @@ async def serve(cfg: ServeConfig, ready: asyncio.Event | None = None) -> None:
     loop = asyncio.get_running_loop()
     stopping = False
 
+    serving = {"now": False}  # what the health service says, for the HTTP API's /healthz
+
     def readiness(saturated: bool) -> None:
         if stopping:
             return
+        serving["now"] = not saturated
         status = health_pb2.HealthCheckResponse.NOT_SERVING if saturated else health_pb2.HealthCheckResponse.SERVING
         loop.create_task(health_servicer.set(SERVICE_NAME, status))
         log.warning(json.dumps({"event": "saturated" if saturated else "drained", "queue": cfg.max_queue}))
@@ -135,8 +138,16 @@ async def serve(cfg: ServeConfig, ready: asyncio.Event | None = None) -> None:
         warmed = await loop.run_in_executor(executor, warm_up, models, cfg.warmup_tasks)
         log.warning(json.dumps({"event": "warmed up", "tasks_per_method": cfg.warmup_tasks, "seconds": warmed}))
     await server.start()
+    http = None
+    if cfg.http_port is not None:
+        from fewshot.server.http_api import HttpServer, http_app
+
+        http = HttpServer(http_app(service, limits.max_request_bytes, lambda: serving["now"] and not stopping), cfg.host,
+                          cfg.http_port, str(cfg.tls_cert) if cfg.tls_cert else None, str(cfg.tls_key) if cfg.tls_key else None)
+        http_port = await http.start()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    serving["now"] = True
     if cfg.metrics_port:
         metrics.serve(cfg.metrics_port, cfg.host)
     stop = asyncio.Event()
@@ -163,7 +174,7 @@ async def serve(cfg: ServeConfig, ready: asyncio.Event | None = None) -> None:
     security = ("mutual TLS" if cfg.tls_client_ca else "TLS") if credentials else "plaintext"
     security += f", {'tokens of ' + str(len(list(auth.tenant_names()))) + ' tenants' if cfg.tokens_file else 'one token' if cfg.token else 'no token'}"
     print(f"fewshot serve: listening on {cfg.host}:{port} ({security}) with {', '.join(sorted(models))} ({backend}); "
-          f"tasks in {store}; pid {os.getpid()}", flush=True)
+          f"tasks in {store}; {f'HTTP/JSON on {cfg.host}:{http_port}; ' if http else ''}pid {os.getpid()}", flush=True)
     if ready is not None:
         ready.set()
     await stop.wait()
@@ -171,6 +182,8 @@ async def serve(cfg: ServeConfig, ready: asyncio.Event | None = None) -> None:
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     purger.cancel()
+    if http is not None:
+        await http.stop()
     await server.stop(grace=5.0)
     # Off the loop: a worker still waiting on Triton needs the loop to finish its call.
     await loop.run_in_executor(None, executor.shutdown)

@@ -18,6 +18,8 @@ class ServeConfig:
     #: The task database when not ``state_dir``'s SQLite file: ``postgresql://...`` or ``sqlite:PATH``.
     store: str | None = None
     metrics_port: int = 0
+    #: The HTTP/JSON API's port (``None``: off; 0 picks a free one, printed at start).
+    http_port: int | None = None
     token: str | None = None
     #: ``tenant: sha256 [max_tasks=N] [rps=R]`` lines, reloaded on SIGHUP (see ``fewshot.server.auth``).
     tokens_file: Path | None = None

@@ -127,7 +127,7 @@ class FewShotService:
     async def _call(self, rpc: str, context: grpc.aio.ServicerContext, body: Callable[[_Call], Awaitable[Any]]) -> Any:
         """Authenticate, run ``body``, map service errors to statuses, record metrics and one log line."""
         fields: dict[str, Any] = {"method": ""}
-        start, code, message = time.perf_counter(), grpc.StatusCode.OK, ""
+        start, code, message, http_status = time.perf_counter(), grpc.StatusCode.OK, "", 500
         budget = CallBudget.for_call(self.limits.max_call_pixels, context.time_remaining(),
                                      lambda stage: self.metrics.stopped.labels(stage.split()[0]).inc())
         try:
@@ -137,9 +137,9 @@ class FewShotService:
             budget.check("starting")
             return await body(_Call(tenant, budget, fields))
         except ServiceError as exc:
-            code, message = exc.code, str(exc)
+            code, message, http_status = exc.code, str(exc), exc.http_status
         except asyncio.TimeoutError:
-            code, message = grpc.StatusCode.DEADLINE_EXCEEDED, "the call's deadline passed before the work finished"
+            code, message, http_status = grpc.StatusCode.DEADLINE_EXCEEDED, "the call's deadline passed before the work finished", 504
         except asyncio.CancelledError:
             budget.abandon()  # the worker stops at its next stage boundary
             code = grpc.StatusCode.CANCELLED
@@ -156,6 +156,8 @@ class FewShotService:
             logged = message.replace(task_id, fields["task"]) if task_id and message else message
             log.info(json.dumps({"rpc": rpc, "code": code.name, "ms": round(seconds * 1e3, 2), **fields,
                                  **({"error": logged[:MAX_LOGGED_ERROR]} if logged else {}), "peer": context.peer()}))
+        if hasattr(context, "http_status"):  # the HTTP/JSON API's context (server/http_api.py)
+            context.http_status = http_status
         await context.abort(code, message)
 
     async def _offload(self, fn: Callable[..., Any], *args: Any) -> Any:

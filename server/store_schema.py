@@ -23,6 +23,7 @@ class StoreUnavailable(ServiceError):
     acknowledged, and nothing acknowledged before is lost; retry once the database is back."""
 
     code = grpc.StatusCode.UNAVAILABLE
+    http_status = 503
 
 
 @dataclass

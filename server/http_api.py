@@ -1,0 +1,262 @@
+"""The HTTP/JSON API (``fewshot serve --http-port``): the gRPC service's operations over HTTP, in the
+same process and through the same service core (:class:`~fewshot.server.service.FewShotService`).
+
+Each route turns its HTTP request into the protobuf request of the RPC (JSON bodies are protobuf's
+JSON mapping of that message, so images are base64 strings in ``image.encoded``; multipart bodies
+carry image files), serialises it and calls the service's handler with an :class:`HttpContext` in
+place of gRPC's: authentication, validation, budgets, admission, metrics and the log line are the
+service's, so both APIs answer the same request with the same result, status and message. The status
+maps to HTTP by the error's class (``http_status``: 400, 401, 404, 409, 412, 413, 429, 503, 504).
+
+    POST   /v1/tasks                  Adapt        (JSON AdaptRequest, or multipart: model, images + labels)
+    POST   /v1/tasks/{id}/classify    Classify     (JSON ClassifyRequest without task_id, or multipart images)
+    PATCH  /v1/tasks/{id}             UpdateTask   (JSON UpdateTaskRequest without task_id, or multipart)
+    GET    /v1/tasks/{id}             GetTask
+    DELETE /v1/tasks/{id}             DeleteTask
+    GET    /v1/models                 ListModels
+    GET    /healthz                   200 while serving, 503 while saturated or stopping
+    GET    /openapi.json, /docs       the OpenAPI document (FastAPI's)
+"""
+
+from __future__ import annotations
+
+from typing import Any, Awaitable, Callable
+
+import grpc
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from google.protobuf import json_format
+from google.protobuf.message import Message
+
+from fewshot_client._proto import fewshot_pb2 as pb
+
+#: Form fields of a multipart Adapt, Classify or UpdateTask besides the image files, by their protobuf type.
+FORM_NUMBERS = {"ttl_seconds": int, "top_k": int, "inner_steps": int, "lambda": float, "threshold": float,
+                "target_recall": float, "expected_version": int}
+
+
+#: A prediction's fields that only a Classify with ``reject_unknown`` fills.
+OPEN_SET_FIELDS = ("unknown", "score", "threshold", "score_name")
+
+
+class HttpAbort(Exception):
+    """What :meth:`HttpContext.abort` raises: the service's status and message, and the HTTP status."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, http_status: int) -> None:
+        super().__init__(message)
+        self.code, self.message, self.http_status = code, message, http_status
+
+
+class HttpContext:
+    """The part of ``grpc.aio.ServicerContext`` the service uses, for one HTTP request: its bearer
+    token as call metadata, its peer address, no deadline (HTTP has none; the server's budgets bound the work)."""
+
+    def __init__(self, request: Request) -> None:
+        self.request = request
+        self.http_status = 500
+
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        value = self.request.headers.get("authorization")
+        return (("authorization", value),) if value is not None else ()
+
+    def peer(self) -> str:
+        client = self.request.client
+        return f"ipv4:{client.host}:{client.port}" if client else "unknown"
+
+    def time_remaining(self) -> float | None:
+        return None
+
+    async def abort(self, code: grpc.StatusCode, message: str) -> None:
+        raise HttpAbort(code, message, self.http_status)
+
+
+def _error(status: int, code: str, message: str) -> JSONResponse:
+    return JSONResponse({"code": code, "message": message}, status_code=status)
+
+
+def _as_json(message: Message) -> dict[str, Any]:
+    return json_format.MessageToDict(message, preserving_proto_field_name=True,
+                                     always_print_fields_with_no_presence=True)
+
+
+async def _body(request: Request, limit: int) -> bytes:
+    """The request body, refused (413) past ``limit`` bytes before it is all read."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise HttpAbort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"the request has {int(declared)} bytes; the server "
+                        f"accepts at most {limit} per request: send fewer or smaller images", 413)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise HttpAbort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"the request is over {limit} bytes, what the server "
+                            "accepts per request: send fewer or smaller images", 413)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _request(request: Request, kind: type[Message], limit: int, fixed: dict[str, Any]) -> Message:
+    """The protobuf ``kind`` of an HTTP request: its JSON body (protobuf's JSON mapping), or its
+    multipart form (image files in ``images``, their ``labels``, the other fields by name); ``fixed``
+    fields (the path's task id) are set last."""
+    message = kind()
+    content_type = request.headers.get("content-type", "")
+    body = await _body(request, limit)
+    if content_type.startswith("multipart/form-data"):
+        await _from_form(request, body, message)
+    elif body.strip():
+        try:
+            json_format.Parse(body, message)
+        except (json_format.ParseError, UnicodeDecodeError) as exc:
+            raise HttpAbort(grpc.StatusCode.INVALID_ARGUMENT, f"the body is not a {kind.DESCRIPTOR.name} in JSON "
+                            f"({' '.join(str(exc).split())[:200]})", 400) from None
+    for name, value in fixed.items():
+        setattr(message, name, value)
+    return message
+
+
+async def _from_form(request: Request, body: bytes, message: Message) -> None:
+    """Fill an AdaptRequest, ClassifyRequest or UpdateTaskRequest from a multipart form."""
+    from starlette.datastructures import UploadFile
+    from starlette.requests import Request as Replayed
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    try:
+        form = await Replayed(request.scope, receive).form(max_files=100_000, max_fields=100_000)
+    except Exception as exc:  # a malformed multipart body
+        raise HttpAbort(grpc.StatusCode.INVALID_ARGUMENT, f"the multipart body does not parse ({exc})", 400) from None
+    images = [await f.read() for f in form.getlist("images") if isinstance(f, UploadFile)]
+    labels = [str(v) for v in form.getlist("labels")]
+    fields = {f.name for f in message.DESCRIPTOR.fields}
+    if "support" in fields or "add" in fields:
+        if len(labels) != len(images):
+            raise HttpAbort(grpc.StatusCode.INVALID_ARGUMENT, f"{len(images)} image files and {len(labels)} labels: "
+                            "give one `labels` field per `images` file, in the same order", 400)
+        items = getattr(message, "support" if "support" in fields else "add")
+        items.extend(pb.LabelledImage(image=pb.Image(encoded=b), label=label) for b, label in zip(images, labels))
+    elif "queries" in fields:
+        message.queries.extend(pb.Image(encoded=b) for b in images)
+    for key in set(form.keys()) - {"images", "labels"}:
+        values = [str(v) for v in form.getlist(key)]
+        try:
+            _set_form_field(message, key, values)
+        except (ValueError, TypeError, AttributeError) as exc:
+            raise HttpAbort(grpc.StatusCode.INVALID_ARGUMENT, f"form field {key!r}: {exc}", 400) from None
+
+
+def _set_form_field(message: Message, key: str, values: list[str]) -> None:
+    if key in ("inner_steps", "lambda") and hasattr(message, "settings"):
+        setattr(message.settings, key, FORM_NUMBERS[key](values[-1]))
+    elif key == "remove_labels":
+        message.remove_labels.extend(values)
+    elif key in ("reject_unknown",):
+        message.reject_unknown = values[-1].lower() in ("1", "true", "yes", "on")
+    elif key in FORM_NUMBERS:
+        setattr(message, key, FORM_NUMBERS[key](values[-1]))
+    elif key in {f.name for f in message.DESCRIPTOR.fields}:
+        setattr(message, key, values[-1])
+    else:
+        raise ValueError(f"{message.DESCRIPTOR.name} has no such field")
+
+
+def http_app(service: Any, max_request_bytes: int, serving: Callable[[], bool] = lambda: True) -> FastAPI:
+    """The ASGI application over ``service`` (a :class:`~fewshot.server.service.FewShotService`)."""
+    app = FastAPI(title="fewshot", version="1", description="Few-shot adaptation: adapt a model to labelled images, "
+                  "then classify queries. The same operations, validation and statuses as the gRPC API fewshot.v1.FewShot.")
+
+    async def call(request: Request, handler: Callable[[bytes, Any], Awaitable[Message]], message: Message) -> Any:
+        context = HttpContext(request)
+        try:
+            return _as_json(await handler(message.SerializeToString(), context))
+        except HttpAbort as abort:
+            return _error(abort.http_status, abort.code.name, abort.message)
+
+    async def guarded(request: Request, handler: Callable[[bytes, Any], Awaitable[Message]], kind: type[Message],
+                      **fixed: Any) -> Any:
+        try:
+            message = await _request(request, kind, max_request_bytes, fixed)
+        except HttpAbort as abort:
+            return _error(abort.http_status, abort.code.name, abort.message)
+        return await call(request, handler, message)
+
+    @app.get("/v1/models", summary="ListModels: the models, their methods, input and limits")
+    async def list_models(request: Request) -> Any:
+        return await call(request, service.ListModels, pb.ListModelsRequest())
+
+    @app.post("/v1/tasks", summary="Adapt: a new task from labelled images (JSON AdaptRequest or multipart: "
+              "model, method, images files with one labels field each)")
+    async def adapt(request: Request) -> Any:
+        return await guarded(request, service.Adapt, pb.AdaptRequest)
+
+    @app.post("/v1/tasks/{task_id}/classify", summary="Classify queries (JSON ClassifyRequest or multipart images; "
+              "reject_unknown, threshold, target_recall, top_k)")
+    async def classify(request: Request, task_id: str) -> Any:
+        try:
+            message = await _request(request, pb.ClassifyRequest, max_request_bytes, {"task_id": task_id})
+        except HttpAbort as abort:
+            return _error(abort.http_status, abort.code.name, abort.message)
+        answer = await call(request, service.Classify, message)
+        if isinstance(answer, dict) and not message.reject_unknown:  # as over gRPC: no open-set fields unless asked
+            for prediction in answer["predictions"]:
+                for key in OPEN_SET_FIELDS:
+                    prediction.pop(key, None)
+        return answer
+
+    @app.patch("/v1/tasks/{task_id}", summary="UpdateTask: add labelled images, remove classes")
+    async def update(request: Request, task_id: str) -> Any:
+        return await guarded(request, service.UpdateTask, pb.UpdateTaskRequest, task_id=task_id)
+
+    @app.get("/v1/tasks/{task_id}", summary="GetTask: a task's record")
+    async def get_task(request: Request, task_id: str) -> Any:
+        return await call(request, service.GetTask, pb.GetTaskRequest(task_id=task_id))
+
+    @app.delete("/v1/tasks/{task_id}", summary="DeleteTask")
+    async def delete_task(request: Request, task_id: str) -> Any:
+        return await call(request, service.DeleteTask, pb.DeleteTaskRequest(task_id=task_id))
+
+    @app.get("/healthz", summary="200 while serving; 503 while saturated or stopping")
+    async def health() -> Any:
+        ok = serving()
+        return JSONResponse({"status": "SERVING" if ok else "NOT_SERVING"}, status_code=200 if ok else 503)
+
+    return app
+
+
+class HttpServer:
+    """uvicorn serving :func:`http_app` inside the gRPC server's event loop (signals stay the server's)."""
+
+    def __init__(self, app: FastAPI, host: str, port: int, tls_cert: str | None = None, tls_key: str | None = None) -> None:
+        import uvicorn
+
+        class Quiet(uvicorn.Server):
+            def install_signal_handlers(self) -> None:  # the gRPC server owns SIGINT/SIGTERM
+                pass
+
+            def capture_signals(self):  # noqa: ANN202 - uvicorn >= 0.29's name for the same hook
+                import contextlib
+
+                return contextlib.nullcontext()
+
+        config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off", access_log=False,
+                                ssl_certfile=tls_cert, ssl_keyfile=tls_key)
+        self.server = Quiet(config)
+        self.task: Any = None
+
+    async def start(self) -> int:
+        """Serve in the background; returns the bound port once listening."""
+        import asyncio
+
+        self.task = asyncio.get_running_loop().create_task(self.server.serve())
+        while not self.server.started:
+            if self.task.done():
+                self.task.result()  # raises why it could not start
+                raise OSError("the HTTP server stopped before it started")
+            await asyncio.sleep(0.02)
+        return self.server.servers[0].sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        self.server.should_exit = True
+        if self.task is not None:
+            await self.task
