@@ -26,6 +26,7 @@ import grpc
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from google.protobuf import json_format
+from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
 from fewshot_client._proto import fewshot_pb2 as pb
@@ -75,8 +76,28 @@ def _error(status: int, code: str, message: str) -> JSONResponse:
 
 
 def _as_json(message: Message) -> dict[str, Any]:
-    return json_format.MessageToDict(message, preserving_proto_field_name=True,
-                                     always_print_fields_with_no_presence=True)
+    """Protobuf's JSON mapping of ``message``, with its 64-bit integers as JSON numbers (the mapping
+    writes them as strings; ours, versions and sizes, are far below 2**53)."""
+    return _numbers(message, json_format.MessageToDict(message, preserving_proto_field_name=True,
+                                                       always_print_fields_with_no_presence=True))
+
+
+def _numbers(message: Message, out: dict[str, Any]) -> dict[str, Any]:
+    wide = (FieldDescriptor.TYPE_INT64, FieldDescriptor.TYPE_UINT64, FieldDescriptor.TYPE_SINT64,
+            FieldDescriptor.TYPE_FIXED64, FieldDescriptor.TYPE_SFIXED64)
+    for field in message.DESCRIPTOR.fields:
+        if field.name not in out:
+            continue
+        repeated = field.is_repeated
+        if field.type in wide:
+            out[field.name] = [int(v) for v in out[field.name]] if repeated else int(out[field.name])
+        elif field.type == FieldDescriptor.TYPE_MESSAGE and field.message_type.GetOptions().map_entry is False:
+            value = getattr(message, field.name)
+            if repeated:
+                out[field.name] = [_numbers(m, o) for m, o in zip(value, out[field.name])]
+            else:
+                out[field.name] = _numbers(value, out[field.name])
+    return out
 
 
 async def _body(request: Request, limit: int) -> bytes:

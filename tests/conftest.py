@@ -50,11 +50,12 @@ def server(exported, tmp_path_factory):
     RESOURCE_EXHAUSTED cases stay cheap, a longer batching window so concurrent calls merge."""
     from fewshot.tools.process import ServerProcess, free_port
 
-    metrics_port = free_port()
+    metrics_port, http_port = free_port(), free_port()
     proc = ServerProcess(exported[0], tmp_path_factory.mktemp("state"), *SMALL, "--max-message-mb", "4", "--max-image-mb", "1", "--max-support", "300",
                          "--max-queries", "200", "--batch-delay-ms", "30", "--metrics-port", str(metrics_port),
-                         "--warmup-tasks", "1")
+                         "--warmup-tasks", "1", "--http-port", str(http_port))
     proc.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+    proc.http_url = f"http://127.0.0.1:{http_port}"  # the HTTP/JSON API of the same process
     with proc:
         yield proc
 
@@ -62,9 +63,12 @@ def server(exported, tmp_path_factory):
 @pytest.fixture(scope="session")
 def token_server(exported, tmp_path_factory):
     """The same bundles behind ``--token secret-token``."""
-    from fewshot.tools.process import ServerProcess
+    from fewshot.tools.process import ServerProcess, free_port
 
-    with ServerProcess(exported[0], tmp_path_factory.mktemp("state-token"), *SMALL, "--token", "secret-token") as proc:
+    http_port = free_port()
+    with ServerProcess(exported[0], tmp_path_factory.mktemp("state-token"), *SMALL, "--token", "secret-token",
+                       "--http-port", str(http_port)) as proc:
+        proc.http_url = f"http://127.0.0.1:{http_port}"
         yield proc
 
 
