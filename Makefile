@@ -23,6 +23,7 @@ install: $(STAMP)
 # only where that binary cannot run (here: if the venv could not be made). `make test-triton` insists.
 test: install
 	scripts/triton-env.sh || echo "make test: .venv-triton could not be prepared; the Triton tests will skip and say why"
+	scripts/browser-env.sh
 	$(PY) -m pytest
 
 # The fast tier alone (about 45 s, 129 tests): families, heads, validation, state, images, store, batcher, results, inner loops; no export, no server.

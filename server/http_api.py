@@ -16,15 +16,17 @@ maps to HTTP by the error's class (``http_status``: 400, 401, 404, 409, 412, 413
     GET    /v1/models                 ListModels
     GET    /healthz                   200 while serving, 503 while saturated or stopping
     GET    /openapi.json, /docs       the OpenAPI document (FastAPI's)
+    GET    /                          the web console (``server/console/index.html``)
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 import grpc
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 from google.protobuf import json_format
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
@@ -236,6 +238,13 @@ def http_app(service: Any, max_request_bytes: int, serving: Callable[[], bool] =
     @app.delete("/v1/tasks/{task_id}", summary="DeleteTask")
     async def delete_task(request: Request, task_id: str) -> Any:
         return await call(request, service.DeleteTask, pb.DeleteTaskRequest(task_id=task_id))
+
+    console = (Path(__file__).parent / "console" / "index.html").read_text()
+
+    @app.get("/", include_in_schema=False)
+    async def web_console() -> HTMLResponse:
+        """The web console: one page over this API (``server/console/index.html``, no build step)."""
+        return HTMLResponse(console)
 
     @app.get("/healthz", summary="200 while serving; 503 while saturated or stopping")
     async def health() -> Any:
