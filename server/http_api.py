@@ -126,7 +126,7 @@ async def _request(request: Request, kind: type[Message], limit: int, fixed: dic
     content_type = request.headers.get("content-type", "")
     body = await _body(request, limit)
     if content_type.startswith("multipart/form-data"):
-        await _from_form(request, body, message)
+        await _from_form(request, body, message, limit)
     elif body.strip():
         try:
             json_format.Parse(body, message)
@@ -138,8 +138,9 @@ async def _request(request: Request, kind: type[Message], limit: int, fixed: dic
     return message
 
 
-async def _from_form(request: Request, body: bytes, message: Message) -> None:
-    """Fill an AdaptRequest, ClassifyRequest or UpdateTaskRequest from a multipart form."""
+async def _from_form(request: Request, body: bytes, message: Message, limit: int) -> None:
+    """Fill an AdaptRequest, ClassifyRequest or UpdateTaskRequest from a multipart form (already read,
+    within ``limit`` bytes; a part may be as large as the body: the service checks each image's size)."""
     from starlette.datastructures import UploadFile
     from starlette.requests import Request as Replayed
 
@@ -147,7 +148,7 @@ async def _from_form(request: Request, body: bytes, message: Message) -> None:
         return {"type": "http.request", "body": body, "more_body": False}
 
     try:
-        form = await Replayed(request.scope, receive).form(max_files=100_000, max_fields=100_000)
+        form = await Replayed(request.scope, receive).form(max_files=100_000, max_fields=100_000, max_part_size=limit)
     except Exception as exc:  # a malformed multipart body
         raise HttpAbort(grpc.StatusCode.INVALID_ARGUMENT, f"the multipart body does not parse ({exc})", 400) from None
     images = [await f.read() for f in form.getlist("images") if isinstance(f, UploadFile)]
