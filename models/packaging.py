@@ -157,7 +157,7 @@ def package_meta_run(checkpoint: Path, name: str, command: str, out_dir: Path = 
         # fine-tuned from a shipped model (e.g. this one before a new head initialisation): keep its record
         training["initialised_from"] = ModelCard.load(out_dir / cfg["init_from"]).training
     # a prototype head adapts any number of classes (the card's range); a learned head its own rows only
-    ways = {"min_ways": MIN_WAYS, "max_ways": MAX_WAYS} if head_init == "prototypes" else {"min_ways": cfg["ways"], "max_ways": cfg["ways"]}
+    ways = {"min_ways": MIN_WAYS, "max_ways": MAX_WAYS} if head_init != "learned" else {"min_ways": cfg["ways"], "max_ways": cfg["ways"]}
     card = {
         "schema": CARD_SCHEMA, "name": name, "family": "inner_loop", "method": method,
         "architecture": ck["net_config"], "input": ck["spec"], "feature_dim": None,

@@ -192,3 +192,22 @@ def test_a_prototype_head_is_minus_the_squared_distance_and_adapts_any_number_of
         InnerLoopAdapter(net, build_rule("maml", net, 1, 0.1), params, 1, head_init="zeros")
     with pytest.raises(ValueError, match="head-init"):
         MetaTrainConfig(head_init="zeros")
+
+
+def test_a_shared_head_starts_uniform_and_adapts_any_number_of_classes(omniglot_test):
+    """Ye and Chao's single row replicated per class: every task starts at the uniform prediction (support
+    loss log N at the first step, where a 1-shot prototype head starts near 0), the inner loop separates
+    the classes, and the meta-gradient reaches the one stored row."""
+    net = MetaConv4(1, 8, 28, 5)
+    params = {k: v.requires_grad_(True) for k, v in _trained_like(net).items()}
+    for ways in (3, 7):
+        ep = EpisodeSampler(omniglot_test, ways, 1, 2, seed=ways).episode(0)
+        xs, ys = SPEC.normalize(omniglot_test.images[ep.support]), torch.as_tensor(ep.support_labels)
+        ad = inner_loop(net, build_rule("maml", net, 3, 0.1), params, xs, ys, 3, create_graph=True, head_init="shared")
+        assert ad.params["head.weight"].shape == (ways, net.feature_dim)
+        assert ad.losses[0] == pytest.approx(float(torch.log(torch.tensor(ways))), rel=1e-4)
+        assert float(F.cross_entropy(net.forward(ad.params, xs), ys)) < ad.losses[0]
+        xq = SPEC.normalize(omniglot_test.images[ep.query])
+        loss = F.cross_entropy(net.forward(ad.params, xq), torch.as_tensor(ep.query_labels))
+        grad = torch.autograd.grad(loss, params["head.weight"])[0]
+        assert torch.isfinite(grad).all() and grad.abs().sum() > 0

@@ -31,9 +31,22 @@ class Adaptation:
 
 
 #: How an inner loop starts its head: ``learned`` (the meta-learned ``(ways, d)`` head: tasks of exactly
-#: the training ways) or ``prototypes`` (Proto-MAML, Triantafillou et al., ICLR 2020: ``W_c = 2 m_c``,
-#: ``b_c = -||m_c||^2`` from the class means ``m_c`` of the body's support features: any number of classes).
-HEAD_INITS = ("learned", "prototypes")
+#: the training ways), ``prototypes`` (Proto-MAML, Triantafillou et al., ICLR 2020: ``W_c = 2 m_c``,
+#: ``b_c = -||m_c||^2`` from the class means ``m_c`` of the body's support features: any number of classes)
+#: or ``shared`` (Ye and Chao, ICLR 2022, "How to train your MAML to excel in few-shot classification":
+#: one meta-learned row, the mean of the stored head's rows, replicated for every class, so every task
+#: starts at the uniform prediction and the inner loop does the separating; any number of classes).
+#: With ``prototypes`` a 1-shot support set sits on its own prototypes: its loss starts near 0 and the
+#: inner loop has almost nothing to do (RESULTS.md); ``shared`` keeps it at work.
+HEAD_INITS = ("learned", "prototypes", "shared")
+
+
+def shared_head(params: Params, labels: torch.Tensor) -> Params:
+    """``params`` with the head replaced by its mean row and bias repeated for the ``N`` classes of
+    ``labels`` (differentiable: the meta-gradient of the one row is the sum over classes)."""
+    n = int(labels.max()) + 1
+    w, b = params["head.weight"], params["head.bias"]
+    return {**params, "head.weight": w.mean(0, keepdim=True).expand(n, -1), "head.bias": b.mean().expand(n)}
 
 
 def prototype_head(net: MetaConv4, params: Params, support: torch.Tensor, labels: torch.Tensor) -> Params:
@@ -65,6 +78,8 @@ def inner_loop(net: MetaConv4, rule: UpdateRule, params: Params, support: torch.
     with torch.enable_grad():
         if head_init == "prototypes":
             params = prototype_head(net, params, support, labels)
+        elif head_init == "shared":
+            params = shared_head(params, labels)
         params = {k: v if v.requires_grad else v.detach().requires_grad_(True) for k, v in params.items()}
 
         def task_losses(p: Params, step: int) -> torch.Tensor:
