@@ -13,6 +13,8 @@ for name in "${names[@]}"; do
   cmd=$(cat "runs/$name/command.txt")
   echo "== packaging $name ($cmd)"
   run="runs/$name"
-  [ ! -f "$run/prototypes/best.pt" ] || run="$run/prototypes"  # the prototype-head fine-tune, when it ran
+  for head in prototypes shared; do  # the fine-tune with a head of any number of classes, when it ran
+    [ ! -f "runs/$name/$head/best.pt" ] || run="runs/$name/$head"
+  done
   $FEWSHOT package --run "$run" --name "$name" --train-command "$cmd"
 done
