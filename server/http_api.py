@@ -31,6 +31,7 @@ from google.protobuf import json_format
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
+from fewshot.errors import FewShotError
 from fewshot_client._proto import fewshot_pb2 as pb
 
 #: Form fields of a multipart Adapt, Classify or UpdateTask besides the image files, by their protobuf type.
@@ -42,7 +43,7 @@ FORM_NUMBERS = {"ttl_seconds": int, "top_k": int, "inner_steps": int, "lambda": 
 OPEN_SET_FIELDS = ("unknown", "score", "threshold", "score_name")
 
 
-class HttpAbort(Exception):
+class HttpAbort(FewShotError):
     """What :meth:`HttpContext.abort` raises: the service's status and message, and the HTTP status."""
 
     def __init__(self, code: grpc.StatusCode, message: str, http_status: int) -> None:

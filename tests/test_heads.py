@@ -33,7 +33,8 @@ def test_laplacian_energy_never_increases(features, omniglot_model, lam, transfo
         state = head.fit(feats[ep.support], torch.as_tensor(ep.support_labels))
         probs, e = state.assign(feats[ep.query])
         # classify is softmax(logits); the logits are log Y shifted per query, so softmax gives Y back
-        assert torch.allclose(probs, state.classify(feats[ep.query]), atol=1e-6)
+        # (to float32 rounding of exp(log Y - shift): 1.6e-6 measured on a 0.97 / 0.03 query)
+        assert torch.allclose(probs, state.classify(feats[ep.query]), atol=1e-5)
         assert len(e) >= 1 and probs.shape == (75, 5)
         assert all(b <= a for a, b in zip(e, e[1:])), e
         assert torch.allclose(probs.sum(1), torch.ones(75), atol=1e-5)
