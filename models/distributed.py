@@ -2,8 +2,9 @@
 
 Under ``torchrun`` (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` in the environment) every process joins one
 ``torch.distributed`` group: NCCL when it trains on CUDA, Gloo on CPU. Rank ``r`` of ``W`` takes the work
-items ``r, r + W, r + 2W, ...`` of each step (the tasks of a meta-batch), the gradients are summed over
-ranks (all-reduce) before the one optimizer step every rank takes, so every rank holds the same
+items ``r, r + W, r + 2W, ...`` of each step (the tasks of a meta-batch, the images of a supervised
+batch, whose features are then gathered so a batch-wide loss sees them all), the gradients are summed
+over ranks (all-reduce) before the one optimizer step every rank takes, so every rank holds the same
 weights; only rank 0 writes checkpoints, metrics and progress. Alone (no ``torchrun``) it is one rank
 and every call is a no-op, so the single-process path is the same code.
 """
@@ -58,6 +59,22 @@ class Ranks:
         for p, g in zip(params, grads):
             p.grad = flat[start:start + g.numel()].view_as(g).clone()
             start += g.numel()
+
+    def scale_gradients(self, params: Iterable[torch.Tensor], factor: float) -> None:
+        if self.world == 1:
+            return
+        for p in params:
+            if p.grad is not None:
+                p.grad.mul_(factor)
+
+    def gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Every rank's ``tensor`` concatenated along dim 0, rank by rank, differentiable (the backward
+        pass hands each rank the gradient of its own part, summed over the ranks' losses)."""
+        if self.world == 1:
+            return tensor
+        from torch.distributed.nn.functional import all_gather
+
+        return torch.cat(all_gather(tensor.contiguous()), dim=0)
 
     def sum(self, values: list[float], device: torch.device) -> list[float]:
         """Sum a few floats over ranks (losses and accuracies for the log)."""

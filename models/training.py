@@ -9,6 +9,7 @@ the metric loss always has positive pairs. A run folder holds ``last.pt`` (for `
 from __future__ import annotations
 
 import json
+import os
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -23,6 +24,7 @@ from tqdm import tqdm
 
 from fewshot.errors import ConfigError
 from fewshot.models.backbones import Conv4, ResNet12, build_backbone
+from fewshot.models.distributed import Ranks
 from fewshot.models.data import ImageSet, load_dataset
 from fewshot.models.evaluation import evaluate_features
 from fewshot.models.heads.centroid import CentroidHead
@@ -159,6 +161,7 @@ def train_supervised(cfg: TrainConfig, out_dir: Path, resume: bool = False, devi
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     dev = pick_device(device)
+    ranks = Ranks.from_environment(dev)  # under torchrun: this process's share of each batch
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     spec = InputSpec.for_dataset(cfg.dataset)
@@ -191,8 +194,10 @@ def train_supervised(cfg: TrainConfig, out_dir: Path, resume: bool = False, devi
         model.load_state_dict(ck["model"]), opt.load_state_dict(ck["opt"]), sched.load_state_dict(ck["sched"])
         step, best, rng, gen = ck["step"], ck["best"], ck["rng"], ck["gen"]
         print(f"resumed from {last_path} at step {step}/{total}")
-    elif metrics_path.exists():
+    elif metrics_path.exists() and ranks.writer:
         metrics_path.unlink()
+    ranks.barrier()
+    ranks.broadcast(list(model.parameters()) + list(model.buffers()))
     batches = _BalancedBatches(train, cfg.batch_classes, cfg.batch_shots, rng)
     flip = spec.channels == 3
 
@@ -202,8 +207,8 @@ def train_supervised(cfg: TrainConfig, out_dir: Path, resume: bool = False, devi
                     "spec": spec.to_dict(), "classes": train.class_names}, path.with_suffix(".tmp"))
         path.with_suffix(".tmp").replace(path)
 
-    log = metrics_path.open("a")
-    bar = tqdm(total=total, initial=step, desc=f"train {out_dir.name}", mininterval=5)
+    log = metrics_path.open("a") if ranks.writer else open(os.devnull, "w")
+    bar = tqdm(total=total, initial=step, desc=f"train {out_dir.name}", mininterval=5, disable=not ranks.writer)
     t0, seen, acc_loss = time.perf_counter(), 0, []
     model.train()
     while step < total:
@@ -212,15 +217,23 @@ def train_supervised(cfg: TrainConfig, out_dir: Path, resume: bool = False, devi
         x = spec.normalize(train.images[idx])
         if cfg.augment:
             x = _augment(x, flip, gen)
+        # under torchrun each rank embeds every world-th image of the (same) batch; the batch's features are
+        # gathered, rank by rank, so the loss (NCA and the direct sum are over the whole batch) is the whole
+        # batch's on every rank; BatchNorm normalises each rank's share (SyncBatchNorm is GPU-only)
+        x, y = x[ranks.rank::ranks.world], torch.cat([y[r::ranks.world] for r in range(ranks.world)])
         x = x.to(dev).contiguous(memory_format=torch.channels_last) if dev.type == "cpu" else x.to(dev)
         # bfloat16 autocast: 2.5x faster Conv-4 training on AVX512-BF16 CPUs; losses stay float32.
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.amp):
-            feats = backbone(x)
+            feats = ranks.gather(backbone(x))
             logits = classifier(feats)
         parts = criterion(feats.float(), logits.float(), y, classifier.weight)
         opt.zero_grad(set_to_none=True)
         parts["loss"].backward()
+        # every rank's loss is the whole batch's: the summed gradients count it world times
+        ranks.sum_gradients(list(model.parameters()))
+        ranks.scale_gradients(model.parameters(), 1.0 / ranks.world)
         opt.step()
+        ranks.broadcast(list(model.buffers()))  # BatchNorm's running statistics: rank 0's, as DDP does
         sched.step()
         step += 1
         seen += len(idx)
@@ -233,7 +246,9 @@ def train_supervised(cfg: TrainConfig, out_dir: Path, resume: bool = False, devi
             log.write(json.dumps(row) + "\n"), log.flush()
             bar.set_postfix(loss=f"{row['loss']:.3f}", ips=f"{row['images_per_s']:.0f}")
             acc_loss, seen, t0 = [], 0, time.perf_counter()
-        if step % steps_per_epoch == 0 or step == total:
+        if (step % steps_per_epoch == 0 or step == total) and not ranks.writer:
+            ranks.barrier()  # rank 0 validates and writes the checkpoints meanwhile
+        elif step % steps_per_epoch == 0 or step == total:
             feats_val = extract_features(backbone, val.images, spec)
             res = evaluate_features(feats_val, val, CentroidHead("L2N"), 5, cfg.val_shots, 15, cfg.val_tasks, seed=cfg.seed)
             log.write(json.dumps({"kind": "val", "step": step, "epoch": step / steps_per_epoch,
@@ -245,8 +260,10 @@ def train_supervised(cfg: TrainConfig, out_dir: Path, resume: bool = False, devi
             save(last_path)
             plot_curves(metrics_path, out_dir / "curves.png")
             model.train()
+            ranks.barrier()
     bar.close()
     log.close()
+    ranks.close()
     return best_path
 
 
