@@ -36,9 +36,10 @@ triton-env:
 test-triton: install triton-env
 	$(PY) -m pytest tests/test_triton*.py
 
-# Exports missing bundles, starts `fewshot serve`, runs the client SDK through the RESULTS.md test tasks.
+# Exports the flagship bundles if missing, starts `fewshot serve` (with the web console), runs the client SDK
+# through 40 test tasks per row (FULL=1: RESULTS.md's 600; KEEP=1: the server stays up afterwards).
 demo: install
-	$(VENV)/bin/fewshot demo
+	$(VENV)/bin/fewshot demo $(if $(FULL),--tasks 600) $(if $(KEEP),--keep)
 
 # Retrain the shipped backbones (hours on 2 CPU cores), package them, then re-measure RESULTS.md.
 models: install

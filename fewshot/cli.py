@@ -249,7 +249,9 @@ def _run_calibrate(args: argparse.Namespace) -> None:
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="export missing bundles, start the server, run the client SDK through real test tasks")
-    p.add_argument("--tasks", type=int, default=600, help="tasks per row (600: the same tasks as RESULTS.md)")
+    p.add_argument("--tasks", type=int, default=40, help="tasks per row (default 40: minutes; 600: RESULTS.md's "
+                   "tasks, `make demo FULL=1`)")
+    p.add_argument("--keep", action="store_true", help="keep the server (gRPC, HTTP API, web console) up after the rows, until Ctrl-C")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model", action="append", help="model to demo (repeat; default: the flagship models)")
     p.add_argument("--bundles", help="bundle directory (default: $FEWSHOT_BUNDLES, else bundles/ in the working directory)")
@@ -259,7 +261,7 @@ def _run_demo(args: argparse.Namespace) -> None:
     from fewshot.export.bundle import DEFAULT_BUNDLE_DIR
     from fewshot.tools.demo import run_demo
 
-    run_demo(Path(args.bundles) if args.bundles else DEFAULT_BUNDLE_DIR, args.tasks, args.seed, args.model)
+    run_demo(Path(args.bundles) if args.bundles else DEFAULT_BUNDLE_DIR, args.tasks, args.seed, args.model, keep=args.keep)
 
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
