@@ -64,8 +64,8 @@ def _to_fp16(model_bytes: bytes) -> bytes:
 
 
 def _real_images(model, count: int = 256, seed: int = 0) -> torch.Tensor:
-    data = load_dataset(model.card.dataset, "test")
-    idx = np.sort(np.random.default_rng(seed).choice(len(data.images), count, replace=False))
+    data = load_dataset(model.card.dataset, "test", spec=model.spec)
+    idx = np.sort(np.random.default_rng(seed).choice(len(data.images), min(count, len(data.images)), replace=False))
     return model.spec.normalize(data.images[idx])
 
 
@@ -90,7 +90,7 @@ def _check_fp32(name: str, file: str, diff: float, scale: float) -> None:
 def _network_feeds(model, tasks: int = 4) -> list[dict[str, np.ndarray]]:
     """``network.onnx`` feeds with the adapted weights of ``tasks`` real tasks and their queries, the
     tasks cycling over the smallest, 5 and the largest number of classes the model adapts (up to 10)."""
-    data = load_dataset(model.card.dataset, "test")
+    data = load_dataset(model.card.dataset, "test", spec=model.spec)
     family = open_shipped(model, "torch", "cpu")
     lo, hi = family.way_range()
     shots = int(model.card.training["config"]["shots"])
@@ -108,7 +108,7 @@ def _network_feeds(model, tasks: int = 4) -> list[dict[str, np.ndarray]]:
 def _fp16_agreement(model, fp32: dict[str, bytes], fp16: dict[str, bytes], tasks: int = 600) -> float:
     """Top-1 agreement (%) of the model's default method served from fp16 against fp32 graphs, on the
     queries of ``tasks`` real 1-shot tasks (the family objects the server builds from a bundle)."""
-    data = load_dataset(model.card.dataset, "test")
+    data = load_dataset(model.card.dataset, "test", spec=model.spec)
     parts = lambda files: {k.removesuffix(".onnx"): v for k, v in files.items()}  # noqa: E731
     card = model.card.to_dict()
     a32 = family_of(card)(card, model.meta_tensors(), OnnxEngines(parts(fp32), "cpu")).adapter()

@@ -89,7 +89,8 @@ def _run_average(args: argparse.Namespace) -> None:
 def _add_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="few-shot accuracy of a shipped model on seeded test tasks")
     p.add_argument("--model", required=True, help="shipped model name (models/zoo) or a model folder")
-    p.add_argument("--dataset", choices=["omniglot", "tinyimagenet"], help="default: the model's training dataset")
+    p.add_argument("--dataset", help="omniglot, tinyimagenet or folder:PATH (your own images, one subfolder per class, "
+                   "split as `fewshot train` splits them; any model, at its input size); default: the model's training dataset")
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
     p.add_argument("--ways", type=int, default=5)
     p.add_argument("--shots", type=int, default=1)
@@ -126,11 +127,12 @@ def eval_row(args: argparse.Namespace) -> dict:
     from fewshot.models.data import load_dataset
     from fewshot.models.evaluation import evaluate
     from fewshot.models.family import open_shipped
+    from fewshot.models.folders import canonical, is_folder
     from fewshot.models.zoo import load_model
 
     shipped = load_model(args.model)
-    dataset = args.dataset or shipped.card.dataset
-    if dataset != shipped.card.dataset:
+    dataset = canonical(args.dataset) if args.dataset else shipped.card.dataset
+    if dataset != shipped.card.dataset and not is_folder(dataset):
         raise ConfigError(f"model {shipped.name} takes {shipped.card.dataset} inputs, not {dataset}")
     model = open_shipped(shipped, args.backend, args.device)
     model.adapt_in(getattr(torch, getattr(args, "inner_precision", "float32")))
@@ -139,7 +141,7 @@ def eval_row(args: argparse.Namespace) -> dict:
                                              "weight_decay": args.weight_decay, "bn": args.bn,
                                              "inner_steps": args.inner_steps})
     adapter = model.adapter(method, shots=args.shots, **settings)
-    data = load_dataset(dataset, args.split, args.data_root)
+    data = load_dataset(dataset, args.split, args.data_root, spec=shipped.spec)  # a folder: at the model's input size
     if getattr(args, "open_set", False):
         from fewshot.models.openset import evaluate_open_set
 
@@ -190,7 +192,8 @@ def _add_package(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--name", required=True)
     p.add_argument("--train-command", default="", help="the training command, recorded in the model card")
     p.add_argument("--out", default=None, help="default: models/zoo")
-    p.add_argument("--tune-tasks", type=int, default=500)
+    p.add_argument("--tune-tasks", type=int, default=500, help="validation tasks for choosing head settings (metric models)")
+    p.add_argument("--calibration-tasks", type=int, default=300, help="open-set validation tasks per method and shot count")
 
 
 def _run_package(args: argparse.Namespace) -> None:
@@ -204,9 +207,9 @@ def _run_package(args: argparse.Namespace) -> None:
         raise FileNotFoundError(f"{best} not found: is {args.run} a training run folder?")
     out = Path(args.out) if args.out else ZOO_DIR
     if "meta" in torch.load(best, map_location="cpu", weights_only=False):
-        path = package_meta_run(best, args.name, args.train_command, out)
+        path = package_meta_run(best, args.name, args.train_command, out, calibration_tasks=args.calibration_tasks)
     else:
-        path = package_run(best, args.name, args.train_command, out, args.tune_tasks)
+        path = package_run(best, args.name, args.train_command, out, args.tune_tasks, calibration_tasks=args.calibration_tasks)
     print(f"packaged {args.name} into {path}")
 
 
@@ -347,7 +350,7 @@ def _run_bench(args: argparse.Namespace) -> None:
     method = model.resolve_method(args.head)
     adapter = model.adapter(method, shots=args.shots)
     what = f"{method} ({', '.join(f'{k} {v}' for k, v in model.describe(adapter).items())})"
-    data = load_dataset(shipped.card.dataset, "test")
+    data = load_dataset(shipped.card.dataset, "test", spec=shipped.spec)
     sampler = EpisodeSampler(data, args.ways, args.shots, args.queries, args.seed)
     norm = model.spec.normalize
     adapt_ms, classify_ms = [], []

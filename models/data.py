@@ -11,13 +11,14 @@ import io
 import json
 import os
 import tarfile
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from fewshot.errors import FewShotError
+from fewshot.errors import ConfigError, FewShotError
 from fewshot.models.preprocess import InputSpec, load_image
 
 SPLITS_DIR = Path(__file__).resolve().parent / "splits"
@@ -49,6 +50,23 @@ def cache_dir() -> Path:
     path = Path(os.environ.get("FEWSHOT_CACHE", ".cache"))
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def atomic_save(path: Path, **arrays: np.ndarray) -> None:
+    """Write ``arrays`` to ``path`` (``.npy`` for one unnamed ``array``, else ``.npz``) through a temporary file
+    of this process's own in the same folder, renamed into place: readers see the whole file or none, and
+    several processes decoding the same dataset at once (parallel trainings) do not trip over each other."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            if path.suffix == ".npy":
+                np.save(f, arrays["array"])
+            else:
+                np.savez(f, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 @dataclass
@@ -107,9 +125,7 @@ def _omniglot_array(root: Path, part: str) -> tuple[np.ndarray, list[str]]:
     spec = InputSpec.for_dataset("omniglot")
     small = np.stack([np.stack([spec.prepare(Image.fromarray(img)) for img in drawings]) for drawings in raw])
     names = [f"{a}/{c}" for a, c in zip(alphabets, characters)]
-    tmp = cached.with_suffix(".tmp.npz")
-    np.savez(tmp, images=small, names=np.array(names))
-    tmp.replace(cached)
+    atomic_save(cached, images=small, names=np.array(names))
     return small, names
 
 
@@ -176,9 +192,8 @@ def _tinyimagenet_arrays(root: Path) -> tuple[np.ndarray, np.ndarray, list[str]]
         images[i] = load_image(io.BytesIO(files[name]), InputSpec.for_dataset("tinyimagenet"))
     index = {w: i for i, w in enumerate(wnids)}
     labels = np.array([index[w] for w, _ in items], dtype=np.int64)
-    np.save(img_path.with_suffix(".tmp.npy"), images)
-    img_path.with_suffix(".tmp.npy").replace(img_path)
-    np.save(lab_path, labels)
+    atomic_save(img_path, array=images)
+    atomic_save(lab_path, array=labels)
     wnid_path.write_text(json.dumps(wnids))
     return np.load(img_path, mmap_mode="r"), labels, wnids
 
@@ -225,12 +240,49 @@ def load_image_folder(path: str | os.PathLike, spec: InputSpec) -> ImageSet:
     return ImageSet(np.stack(images), np.array(labels, dtype=np.int64), [c.name for c in classes])
 
 
-def load_dataset(name: str, split: str, root: str | os.PathLike | None = None, rotations: bool = False) -> ImageSet:
-    """``omniglot`` or ``tinyimagenet`` by split; any other name is read as an image folder path."""
+def load_dataset(name: str, split: str, root: str | os.PathLike | None = None, rotations: bool = False,
+                 spec: "InputSpec | None" = None) -> ImageSet:
+    """``omniglot``, ``tinyimagenet`` or ``folder:PATH`` (:mod:`fewshot.models.folders`) by split. A folder is
+    decoded at ``spec``'s size and channels (the model's input spec), which it therefore needs."""
+    if name.startswith("folder:"):
+        from fewshot.models.folders import load_folder
+
+        if rotations:
+            raise DatasetError("--rotations applies to Omniglot only")
+        if spec is None:
+            raise DatasetError(f"{name}: a folder dataset is decoded at a model's input size; give its input spec")
+        return load_folder(name, split, spec)
     if name == "omniglot":
         return load_omniglot(split, root, rotations=rotations)
     if name == "tinyimagenet":
         if rotations:
             raise DatasetError("--rotations applies to Omniglot only")
         return load_tinyimagenet(split, root)
-    raise DatasetError(f"unknown dataset {name!r}: use omniglot or tinyimagenet")
+    raise DatasetError(f"unknown dataset {name!r}: use omniglot, tinyimagenet or folder:PATH")
+
+
+def dataset_spec(name: str, image_size: int = 0, channels: int = 0) -> InputSpec:
+    """The input spec a model trained on dataset ``name`` takes: the built-in datasets' own (``image_size``
+    and ``channels`` must then be 0 or theirs), or for ``folder:PATH`` the requested size and channels with
+    the training classes' statistics (:func:`fewshot.models.folders.folder_spec`)."""
+    if name.startswith("folder:"):
+        from fewshot.models.folders import folder_spec
+
+        return folder_spec(name, image_size, channels)
+    if name not in DATASETS:
+        raise DatasetError(f"unknown dataset {name!r}: use omniglot, tinyimagenet or folder:PATH")
+    spec = InputSpec.for_dataset(name)
+    if image_size not in (0, spec.size) or channels not in (0, spec.channels):
+        raise ConfigError(f"{name} images are {spec.size}x{spec.size} with {spec.channels} channel(s): "
+                          "--image-size and --channels apply to folder:PATH datasets")
+    return spec
+
+
+#: The built-in datasets (besides ``folder:PATH``).
+DATASETS = ("omniglot", "tinyimagenet")
+
+
+def check_dataset(name: str) -> None:
+    """A :class:`~fewshot.errors.ConfigError` unless ``name`` is a built-in dataset or ``folder:PATH``."""
+    if name not in DATASETS and not name.startswith("folder:"):
+        raise ConfigError(f"unknown --dataset {name!r}: use omniglot, tinyimagenet or folder:PATH")

@@ -39,23 +39,23 @@ def _featurizer(backbone: torch.nn.Module, spec: InputSpec) -> Callable[[np.ndar
 
 
 def _validation(features: Callable[[np.ndarray], torch.Tensor], dataset: str, data_root: str | None,
-                center: torch.Tensor | None, tasks: int, seed: int) -> TuningTasks:
-    val: ImageSet = load_dataset(dataset, "val", data_root)
+                center: torch.Tensor | None, tasks: int, seed: int, spec: InputSpec) -> TuningTasks:
+    val: ImageSet = load_dataset(dataset, "val", data_root, spec=spec)
     return TuningTasks(features(val.images), val, center, tasks, seed)
 
 
 def package_run(checkpoint: Path, name: str, command: str, out_dir: Path = ZOO_DIR, tune_tasks: int = 500,
-                center_per_class: int = 100) -> Path:
+                center_per_class: int = 100, calibration_tasks: int = 300) -> Path:
     """Turn a supervised training checkpoint into ``out_dir/name`` (weights + card)."""
     backbone, ck = load_trained_backbone(checkpoint)
     cfg = ck["config"]
     spec = InputSpec.from_dict(ck["spec"])
     features = _featurizer(backbone, spec)
-    train = load_dataset(cfg["dataset"], "train", cfg.get("data_root"), rotations=cfg.get("rotations", False))
+    train = load_dataset(cfg["dataset"], "train", cfg.get("data_root"), rotations=cfg.get("rotations", False), spec=spec)
     rng = np.random.default_rng(cfg["seed"])
     idx = np.sort(np.concatenate([rng.choice(ix, min(center_per_class, len(ix)), replace=False) for ix in train.indices_by_class()]))
     center = features(train.images[idx]).mean(0)
-    heads, validation = tune_heads(_validation(features, cfg["dataset"], cfg.get("data_root"), center, tune_tasks, cfg["seed"]))
+    heads, validation = tune_heads(_validation(features, cfg["dataset"], cfg.get("data_root"), center, tune_tasks, cfg["seed"], spec))
     path = out_dir / name
     path.mkdir(parents=True, exist_ok=True)
     save_file({**{f"backbone.{k}": v.contiguous() for k, v in backbone.state_dict().items()}, "center": center.contiguous()},
@@ -65,13 +65,13 @@ def package_run(checkpoint: Path, name: str, command: str, out_dir: Path = ZOO_D
         "architecture": backbone.config, "feature_dim": backbone.feature_dim, "input": spec.to_dict(),
         "training": {"command": command, "config": cfg, "dataset": cfg["dataset"], "seed": cfg["seed"],
                      "train_classes": len(ck["classes"]), "steps": ck["step"], "best_val_accuracy": ck["best"]},
-        "data": {"dataset": cfg["dataset"], "train_split": "train", "val_split": "val", "test_split": "test"},
+        "data": _data_record(cfg["dataset"]),
         "center": {"images_per_class": center_per_class, "split": "train", "seed": cfg["seed"]},
         "default_head": "centroid", "heads": heads, "head_tuning": validation,
         "limits": {"max_ways": 50, "max_shots": 50}, "accuracy": {},
     }
     ModelCard.from_dict(card).save(path)
-    calibrate_shipped(path)
+    calibrate_shipped(path, calibration_tasks, log=print)
     return path
 
 
@@ -86,7 +86,7 @@ def tune_shipped(name: str, heads: Iterable[str], tasks: int | None = None) -> d
     record = card.family_blocks.get("head_tuning", {})
     tasks = tasks or int(record.get("tasks", 500))
     seed = int(record.get("seed", card.training["seed"]))
-    val = _validation(_featurizer(model.backbone, model.spec), card.dataset, None, model.center, tasks, seed)
+    val = _validation(_featurizer(model.backbone, model.spec), card.dataset, None, model.center, tasks, seed, model.spec)
     block, new = tune_heads(val, list(heads))
     card.heads |= block
     card.family_blocks["head_tuning"] = {**record, "tasks": tasks, "seed": seed,
@@ -98,6 +98,28 @@ def tune_shipped(name: str, heads: Iterable[str], tasks: int | None = None) -> d
 
 #: Open-set calibration: 5-way validation episodes, 15 known and 15 distractor queries per class.
 CALIBRATION_WAYS, CALIBRATION_QUERIES, CALIBRATION_SHOTS, CALIBRATION_TASKS = 5, 15, (1, 5), 300
+
+
+def _calibration_shape(val: ImageSet, way_range: tuple[int, int]) -> tuple[int, int]:
+    """Ways and queries of the calibration episodes: :data:`CALIBRATION_WAYS` (within the model's ``way_range``)
+    and :data:`CALIBRATION_QUERIES`, fewer on a small validation split (a user's folder): as many distractor
+    classes as known ones, and every class must hold the largest shot count plus the queries. ``(0, 0)``: the
+    split is too small to calibrate on."""
+    smallest = min(len(ix) for ix in val.indices_by_class())
+    queries = min(CALIBRATION_QUERIES, smallest - max(CALIBRATION_SHOTS))
+    ways = max(way_range[0], min(CALIBRATION_WAYS, way_range[1], val.num_classes // 2))
+    return (ways, queries) if queries >= 1 and 2 * ways <= val.num_classes else (0, 0)
+
+
+def _data_record(dataset: str) -> dict[str, Any]:
+    """The card's ``data`` block: the dataset and its split names; for ``folder:PATH`` also the class names of
+    each split (the recorded seeded split, :func:`fewshot.models.folders.folder_split`)."""
+    from fewshot.models.folders import folder_split, is_folder
+
+    record: dict[str, Any] = {"dataset": dataset, "train_split": "train", "val_split": "val", "test_split": "test"}
+    if is_folder(dataset):
+        record["classes"] = folder_split(dataset)
+    return record
 
 
 def calibrate_shipped(name: str | Path, tasks: int = CALIBRATION_TASKS, seed: int | None = None,
@@ -116,13 +138,19 @@ def calibrate_shipped(name: str | Path, tasks: int = CALIBRATION_TASKS, seed: in
     card = shipped.card
     seed = int(card.training["seed"]) if seed is None else seed
     family = open_shipped(shipped)
-    val: ImageSet = load_dataset(card.dataset, "val", data_root)
+    val: ImageSet = load_dataset(card.dataset, "val", data_root, spec=family.spec)
+    ways, queries = _calibration_shape(val, family.way_range())
+    if not ways:
+        log(f"{card.name}: {val.num_classes} validation classes, or fewer than {max(CALIBRATION_SHOTS) + 1} images in one: "
+            f"too few for open-set calibration (it needs twice the {max(2, family.way_range()[0])} ways of its tasks); "
+            "the model's tasks answer with uncalibrated probabilities")
+        return {}
     if family.family == "metric":
         feats = torch.cat([family.extract(family.spec.normalize(val.images[i:i + 512])) for i in range(0, len(val.images), 512)])
         inputs = lambda idx: feats[idx]  # noqa: E731
     else:
         inputs = lambda idx: family.spec.normalize(val.images[idx])  # noqa: E731
-    block: dict[str, Any] = {"tasks": tasks, "seed": seed, "ways": CALIBRATION_WAYS, "queries": CALIBRATION_QUERIES,
+    block: dict[str, Any] = {"tasks": tasks, "seed": seed, "ways": ways, "queries": queries,
                              "split": "val", "methods": dict(card.family_blocks.get("open_set", {}).get("methods", {}))}
     for method in methods or family.methods:
         by_shots, records = {}, {}
@@ -130,7 +158,7 @@ def calibrate_shipped(name: str | Path, tasks: int = CALIBRATION_TASKS, seed: in
             adapter = family.adapter(method, shots=shots)
             if isinstance(adapter, MetricAdapter):
                 adapter = MetricAdapter(lambda f: f, adapter.head)
-            cal, record = calibrate(adapter, val, inputs, CALIBRATION_WAYS, shots, CALIBRATION_QUERIES, tasks, seed)
+            cal, record = calibrate(adapter, val, inputs, ways, shots, queries, tasks, seed)
             by_shots[str(shots)], records[str(shots)] = cal.to_dict(), record
             log(f"{card.name} {method} {shots}-shot: T={cal.temperature:.4g}, score {cal.score}, {record}")
         block["methods"][method] = {"by_shots": by_shots, "validation": records}
@@ -139,7 +167,8 @@ def calibrate_shipped(name: str | Path, tasks: int = CALIBRATION_TASKS, seed: in
     return block
 
 
-def package_meta_run(checkpoint: Path, name: str, command: str, out_dir: Path = ZOO_DIR) -> Path:
+def package_meta_run(checkpoint: Path, name: str, command: str, out_dir: Path = ZOO_DIR,
+                     calibration_tasks: int = 300) -> Path:
     """Turn a meta-training checkpoint into ``out_dir/name`` (weights + card)."""
     ck = torch.load(checkpoint, map_location="cpu", weights_only=False)
     cfg = ck["config"]
@@ -165,12 +194,12 @@ def package_meta_run(checkpoint: Path, name: str, command: str, out_dir: Path = 
                        "beta": cfg["beta"], "bn_mode": "support", "bn_modes": ["support", "transductive"],
                        "second_order_training": not (cfg["first_order"] or method == "fomaml"), "head_init": head_init},
         "training": training,
-        "data": {"dataset": cfg["dataset"], "train_split": "train", "val_split": "val", "test_split": "test"},
+        "data": _data_record(cfg["dataset"]),
         "default_head": method, "heads": {method: {}},
         "limits": {**ways, "max_shots": 50}, "accuracy": {},
     }
     ModelCard.from_dict(card).save(path)
-    calibrate_shipped(path)
+    calibrate_shipped(path, calibration_tasks, log=print)
     return path
 
 

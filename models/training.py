@@ -25,10 +25,11 @@ from tqdm import tqdm
 from fewshot.errors import ConfigError
 from fewshot.models.backbones import Conv4, ResNet12, build_backbone
 from fewshot.models.distributed import Ranks
-from fewshot.models.data import ImageSet, load_dataset
+from fewshot.models.data import ImageSet, check_dataset, dataset_spec, load_dataset
 from fewshot.models.evaluation import evaluate_features
 from fewshot.models.heads.centroid import CentroidHead
 from fewshot.models.losses import CombinedLoss
+from fewshot.models.folders import canonical
 from fewshot.models.preprocess import InputSpec
 from fewshot.models.runtime import torch_device
 
@@ -62,9 +63,14 @@ class TrainConfig:
     amp: bool = True
     max_steps: int = 0
     data_root: str | None = None
+    #: ``folder:PATH`` datasets: the model's input side and channels (0: 84 and 3); built-ins: their own.
+    image_size: int = 0
+    channels: int = 0
 
     def __post_init__(self) -> None:
-        choices = {"dataset": ("omniglot", "tinyimagenet"), "arch": ("conv4", "resnet12"), "loss": ("sce", "bce", "none"),
+        check_dataset(self.dataset)
+        self.dataset = canonical(self.dataset)
+        choices = {"arch": ("conv4", "resnet12"), "loss": ("sce", "bce", "none"),
                    "metric": ("nca", "proto", "none"), "combine": ("sum", "directsum", "spectral")}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
@@ -164,9 +170,9 @@ def train_supervised(cfg: TrainConfig, out_dir: Path, resume: bool = False, devi
     ranks = Ranks.from_environment(dev)  # under torchrun: this process's share of each batch
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
-    spec = InputSpec.for_dataset(cfg.dataset)
-    train = load_dataset(cfg.dataset, "train", cfg.data_root, rotations=cfg.rotations)
-    val = _val_subset(load_dataset(cfg.dataset, "val", cfg.data_root), 40, cfg.seed)
+    spec = dataset_spec(cfg.dataset, cfg.image_size, cfg.channels)
+    train = load_dataset(cfg.dataset, "train", cfg.data_root, rotations=cfg.rotations, spec=spec)
+    val = _val_subset(load_dataset(cfg.dataset, "val", cfg.data_root, spec=spec), 40, cfg.seed)
     backbone = make_backbone(cfg, spec).to(dev)
     classifier = nn.Linear(backbone.feature_dim, train.num_classes).to(dev)
     model = nn.ModuleDict({"backbone": backbone, "classifier": classifier})

@@ -51,11 +51,17 @@ for name in "${names[@]}"; do
   mkdir -p "runs/$name"
   steps=("${RUNS[$name]}")
   if [ -n "${LATER[$name]:-}" ]; then IFS='|' read -r -a later <<< "${LATER[$name]}"; steps+=("${later[@]}"); fi
-  if [ -n "${HEAD_INIT:-}" ] && [ -n "${FINETUNE[$name]:-}" ]; then steps+=("finetune ${FINETUNE[$name]}"); fi
+  if [ -n "${HEAD_INIT:-}" ] && [ -n "${FINETUNE[$name]:-}" ]; then
+    # FINETUNE_ONLY=1: only the last stage, from the shipped model's weights (models/zoo/NAME) instead of
+    # runs/NAME/best.pt (a checkout that has not trained the stages above).
+    if [ -n "${FINETUNE_ONLY:-}" ]; then steps=(); fi
+    steps+=("finetune ${FINETUNE[$name]}")
+  fi
+  init="runs/$name/best.pt"; [ -z "${FINETUNE_ONLY:-}" ] || init="$name"
   for i in "${!steps[@]}"; do
     case ${steps[$i]} in
       average*) echo "fewshot average --run runs/$name --from-iteration ${steps[$i]#average }" ;;
-      finetune*) echo "fewshot train ${steps[$i]#finetune } --init-from runs/$name/best.pt --out runs/$name/$HEAD_INIT" ;;
+      finetune*) echo "fewshot train ${steps[$i]#finetune } --init-from $init --out runs/$name/$HEAD_INIT" ;;
       *) echo "fewshot train ${steps[$i]} --out runs/$name$([ "$i" = 0 ] || echo ' --resume')" ;;
     esac
   done | tr -s ' ' | paste -sd'&' | sed 's/&/ \&\& /g' > "runs/$name/command.txt"
@@ -64,7 +70,7 @@ for name in "${names[@]}"; do
   for step in "${steps[@]}"; do
     case $step in
       average*) $FEWSHOT average --run "runs/$name" --from-iteration "${step#average }" ;;
-      finetune*) $FEWSHOT train ${step#finetune } $THREADS --init-from "runs/$name/best.pt" --out "runs/$name/$HEAD_INIT" --resume ;;
+      finetune*) $FEWSHOT train ${step#finetune } $THREADS --init-from "$init" --out "runs/$name/$HEAD_INIT" --resume ;;
       *) $FEWSHOT train $step $THREADS --out "runs/$name" --resume ;;
     esac
   done

@@ -73,7 +73,7 @@ def average_run(run: Path, first_iteration: int, device: str = "auto") -> Averag
     rule.load_state_dict(ck["rule"])
     rule.to(dev)
     params = {k.replace("__", "."): v.to(dev) for k, v in ck["meta"].items()}
-    res = validate(cfg, net, rule, params, load_dataset(cfg.dataset, "val", cfg.data_root), spec, dev)
+    res = validate(cfg, net, rule, params, load_dataset(cfg.dataset, "val", cfg.data_root, spec=spec), spec, dev)
     kept = res.accuracy > single["best"]
     ck["best"] = res.accuracy if kept else single["best"]
     torch.save(ck if kept else single, best_path.with_suffix(".tmp"))

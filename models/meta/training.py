@@ -23,13 +23,14 @@ from torch import nn
 from tqdm import tqdm
 
 from fewshot.errors import ConfigError
-from fewshot.models.data import load_dataset
+from fewshot.models.data import check_dataset, dataset_spec, load_dataset
 from fewshot.models.distributed import Ranks
 from fewshot.models.episodes import EpisodeSampler
 from fewshot.models.evaluation import evaluate
 from fewshot.models.meta.inner_loop import InnerLoopAdapter, inner_loop
 from fewshot.models.meta.network import MetaConv4, support_statistics
 from fewshot.models.meta.rules import UpdateRule, build_rule
+from fewshot.models.folders import canonical
 from fewshot.models.preprocess import InputSpec
 from fewshot.models.training import pick_device, plot_curves
 
@@ -63,6 +64,9 @@ class MetaTrainConfig:
     head_init: str = "learned"
     #: Start from this model's meta-parameters and rule (a models/zoo name or folder, or a run's .pt): fine-tuning.
     init_from: str = ""
+    #: ``folder:PATH`` datasets: the model's input side and channels (0: 84 and 3); built-ins: their own.
+    image_size: int = 0
+    channels: int = 0
 
     def __post_init__(self) -> None:
         from fewshot.models.meta.network import BN_MODES
@@ -72,8 +76,8 @@ class MetaTrainConfig:
             raise ConfigError(f"unknown --method {self.method!r}: use one of {', '.join(RULES)}")
         if self.bn_train not in BN_MODES:
             raise ConfigError(f"unknown --bn-train {self.bn_train!r}: use {' or '.join(BN_MODES)}")
-        if self.dataset not in ("omniglot", "tinyimagenet"):
-            raise ConfigError(f"unknown --dataset {self.dataset!r}: use omniglot or tinyimagenet")
+        check_dataset(self.dataset)
+        self.dataset = canonical(self.dataset)
         if self.ways < 2 or self.shots < 1 or self.inner_steps < 1 or self.meta_batch < 1:
             raise ConfigError("--ways must be >= 2 and --shots, --inner-steps, --meta-batch >= 1")
         if self.outer_lr_schedule not in OUTER_LR_SCHEDULES:
@@ -177,9 +181,9 @@ def train_meta(cfg: MetaTrainConfig, out_dir: Path, resume: bool = False, device
     ranks = Ranks.from_environment(dev)  # under torchrun: this process's share of each meta-batch
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
-    spec = InputSpec.for_dataset(cfg.dataset)
-    train = load_dataset(cfg.dataset, "train", cfg.data_root, rotations=cfg.rotations)
-    val = load_dataset(cfg.dataset, "val", cfg.data_root)
+    spec = dataset_spec(cfg.dataset, cfg.image_size, cfg.channels)
+    train = load_dataset(cfg.dataset, "train", cfg.data_root, rotations=cfg.rotations, spec=spec)
+    val = load_dataset(cfg.dataset, "val", cfg.data_root, spec=spec)
     net, rule = build_learner(cfg, spec)
     meta = nn.ParameterDict({k.replace(".", "__"): nn.Parameter(v) for k, v in net.init_params(torch.Generator().manual_seed(cfg.seed)).items()})
     if cfg.init_from and not (resume and (out_dir / "last.pt").exists()):
