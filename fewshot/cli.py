@@ -406,6 +406,42 @@ def _run_export(args: argparse.Namespace) -> None:
                      triton_backend=args.triton_backend, triton_state_dir=Path(args.triton_state_dir) if args.triton_state_dir else None)
 
 
+def _add_import(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("import", help="turn your own ONNX image embedder into a metric bundle (served like a shipped one)",
+                       description="Checks that the graph maps a float batch of images (N, C, S, S) to one vector per "
+                       "image (N, D), renames its input and output to images/features and writes a bundle of the metric "
+                       "family (centroid, LaplacianShot, logistic regression) into --out.")
+    p.add_argument("--onnx", required=True, help="the ONNX file (images -> one feature vector per image)")
+    p.add_argument("--name", required=True, help="the bundle's model name")
+    p.add_argument("--input-size", type=int, required=True, help="the side S of the square images the model takes")
+    p.add_argument("--channels", type=int, default=3, choices=[1, 3])
+    p.add_argument("--mean", default="0.485,0.456,0.406", help="per-channel mean of pixels in [0, 1] the model was "
+                   "trained with (default: ImageNet's, as torchvision and timm models)")
+    p.add_argument("--std", default="0.229,0.224,0.225", help="per-channel standard deviation (default: ImageNet's)")
+    p.add_argument("--resize", default="bilinear", choices=["bilinear", "bicubic", "box"])
+    p.add_argument("--output", help="the graph output holding the features, when it has several")
+    p.add_argument("--sample-folder", help="images (any layout) whose mean feature becomes the centering vector")
+    p.add_argument("--val-folder", help="one subfolder per class: tune the heads and calibrate open-set rejection on it")
+    p.add_argument("--out", help="bundle directory (default: $FEWSHOT_BUNDLES, else bundles/)")
+    p.add_argument("--triton-repo", help="also write its Triton model here")
+    p.add_argument("--tune-tasks", type=int, default=300, help="seeded validation tasks for choosing head settings")
+    p.add_argument("--calibration-tasks", type=int, default=300, help="open-set validation tasks per method and shot count")
+
+
+def _run_import(args: argparse.Namespace) -> None:
+    from fewshot.export.bundle import DEFAULT_BUNDLE_DIR
+    from fewshot.export.importer import import_onnx, parse_floats
+    from fewshot.models.preprocess import InputSpec
+
+    if not 16 <= args.input_size <= 1024:
+        raise ConfigError(f"--input-size must be within 16..1024, got {args.input_size}")
+    spec = InputSpec(args.channels, args.input_size, parse_floats(args.mean, args.channels, "mean"),
+                     parse_floats(args.std, args.channels, "std"), args.resize)
+    import_onnx(Path(args.onnx), args.name, spec, Path(args.out) if args.out else DEFAULT_BUNDLE_DIR,
+                Path(args.sample_folder) if args.sample_folder else None, Path(args.val_folder) if args.val_folder else None,
+                args.output, Path(args.triton_repo) if args.triton_repo else None, args.tune_tasks, args.calibration_tasks)
+
+
 def _add_serve(sub: argparse._SubParsersAction) -> None:
     from fewshot.server.config import ServeConfig
 
@@ -523,11 +559,13 @@ def main(argv: list[str] | None = None) -> int:
     _add_demo(sub)
     _add_bench(sub)
     _add_export(sub)
+    _add_import(sub)
     _add_serve(sub)
     _add_token_hash(sub)
     args = parser.parse_args(argv)
     try:
         {"train": _run_train, "average": _run_average, "eval": _run_eval, "package": _run_package, "tune": _run_tune, "calibrate": _run_calibrate, "demo": _run_demo, "bench": _run_bench, "export": _run_export,
+         "import": _run_import,
          "serve": _run_serve, "token-hash": _run_token_hash}[args.command](args)
     except (FewShotError, OSError) as exc:  # anything else is a bug: its traceback is shown
         print(f"fewshot {args.command}: error: {one_line(str(exc), 2000)}", file=sys.stderr)

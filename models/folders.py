@@ -95,15 +95,28 @@ def load_folder(dataset: str, split: str, spec: InputSpec, progress: bool = True
         raise DatasetError(f"unknown split {split!r}: use {', '.join(SPLITS)}")
     root = folder_root(dataset)
     classes = folder_split(dataset)[split]
-    files = [(i, f) for i, d in enumerate(_split_folders(root, split, classes)) for f in _image_files(d)]
-    key = hashlib.sha256(json.dumps([str(root.resolve()), split, spec.size, spec.channels, spec.resize, classes,
+    return _decode(root, split, classes, _split_folders(root, split, classes), spec, progress)
+
+
+def load_classes(folder: Path, spec: InputSpec, progress: bool = True) -> ImageSet:
+    """Every class subfolder of ``folder`` (one class each, no split), decoded at ``spec`` (cached)."""
+    root = folder_root(f"{FOLDER_PREFIX}{folder}")
+    dirs = [p for p in _class_folders(root) if _image_files(p)]
+    if len(dirs) < MIN_SPLIT_CLASSES:
+        raise DatasetError(f"{root} has {len(dirs)} class subfolders with images; it needs at least {MIN_SPLIT_CLASSES}")
+    return _decode(root, "all", [p.name for p in dirs], dirs, spec, progress)
+
+
+def _decode(root: Path, tag: str, classes: list[str], dirs: list[Path], spec: InputSpec, progress: bool) -> ImageSet:
+    files = [(i, f) for i, d in enumerate(dirs) for f in _image_files(d)]
+    key = hashlib.sha256(json.dumps([str(root.resolve()), tag, spec.size, spec.channels, spec.resize, classes,
                                      [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for _, f in files]]).encode()).hexdigest()[:16]
-    cached = cache_dir() / f"folder_{root.name}_{split}_{key}.npz"
+    cached = cache_dir() / f"folder_{root.name}_{tag}_{key}.npz"
     if cached.exists():
         with np.load(cached, allow_pickle=False) as z:
             return ImageSet(z["images"], z["labels"], [str(c) for c in z["names"]])
     images = np.empty((len(files), spec.size, spec.size, spec.channels), dtype=np.uint8)
-    for j, (_, f) in enumerate(tqdm(files, desc=f"decode {root.name}/{split}", unit="img", mininterval=2,
+    for j, (_, f) in enumerate(tqdm(files, desc=f"decode {root.name}/{tag}", unit="img", mininterval=2,
                                     disable=not progress or len(files) < 500)):
         try:
             images[j] = load_image(f, spec)
@@ -112,6 +125,16 @@ def load_folder(dataset: str, split: str, spec: InputSpec, progress: bool = True
     labels = np.array([i for i, _ in files], dtype=np.int64)
     atomic_save(cached, images=images, labels=labels, names=np.array(classes))
     return ImageSet(images, labels, classes)
+
+
+def image_files(folder: Path, limit: int) -> list[Path]:
+    """Up to ``limit`` image files anywhere under ``folder`` (sorted; an even spread when there are more)."""
+    root = folder_root(f"{FOLDER_PREFIX}{folder}")
+    known = {ext for ext, _ in Image.registered_extensions().items()}
+    files = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in known)
+    if not files:
+        raise DatasetError(f"no images under {root}")
+    return files if len(files) <= limit else [files[i] for i in np.linspace(0, len(files) - 1, limit).astype(int)]
 
 
 def folder_spec(dataset: str, image_size: int = 0, channels: int = 0) -> InputSpec:
@@ -130,4 +153,5 @@ def folder_spec(dataset: str, image_size: int = 0, channels: int = 0) -> InputSp
     return InputSpec(channels, size, tuple(round(float(m), 4) for m in mean), tuple(round(max(float(s), 1e-3), 4) for s in std))
 
 
-__all__ = ["FOLDER_PREFIX", "canonical", "folder_root", "folder_spec", "folder_split", "is_folder", "load_folder"]
+__all__ = ["FOLDER_PREFIX", "canonical", "folder_root", "folder_spec", "folder_split", "image_files", "is_folder",
+           "load_classes", "load_folder"]

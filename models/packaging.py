@@ -131,17 +131,30 @@ def calibrate_shipped(name: str | Path, tasks: int = CALIBRATION_TASKS, seed: in
     is batch-invariant, so this equals adapting on images); inner-loop models adapt on images, with
     the served BatchNorm mode. Seed: the card's training seed."""
     from fewshot.models.family import open_shipped
-    from fewshot.models.metric_adapter import MetricAdapter
-    from fewshot.models.openset import calibrate
 
     shipped = load_model(name)
     card = shipped.card
     seed = int(card.training["seed"]) if seed is None else seed
     family = open_shipped(shipped)
     val: ImageSet = load_dataset(card.dataset, "val", data_root, spec=family.spec)
+    block = calibrate_family(family, card.name, val, tasks, seed, methods, card.family_blocks.get("open_set", {}), log)
+    if block:
+        card.family_blocks["open_set"] = block
+        card.save(shipped.path)
+    return block
+
+
+def calibrate_family(family: Any, name: str, val: ImageSet, tasks: int, seed: int, methods: Iterable[str] | None = None,
+                     previous: dict[str, Any] | None = None, log: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
+    """The ``open_set`` block of a model's family object (a shipped model's or a bundle's) calibrated on
+    the validation classes ``val`` (see :func:`calibrate_shipped`); ``{}`` when ``val`` is too small.
+    ``previous``: the block so far (its other methods are kept)."""
+    from fewshot.models.metric_adapter import MetricAdapter
+    from fewshot.models.openset import calibrate
+
     ways, queries = _calibration_shape(val, family.way_range())
     if not ways:
-        log(f"{card.name}: {val.num_classes} validation classes, or fewer than {max(CALIBRATION_SHOTS) + 1} images in one: "
+        log(f"{name}: {val.num_classes} validation classes, or fewer than {max(CALIBRATION_SHOTS) + 1} images in one: "
             f"too few for open-set calibration (it needs twice the {max(2, family.way_range()[0])} ways of its tasks); "
             "the model's tasks answer with uncalibrated probabilities")
         return {}
@@ -151,7 +164,7 @@ def calibrate_shipped(name: str | Path, tasks: int = CALIBRATION_TASKS, seed: in
     else:
         inputs = lambda idx: family.spec.normalize(val.images[idx])  # noqa: E731
     block: dict[str, Any] = {"tasks": tasks, "seed": seed, "ways": ways, "queries": queries,
-                             "split": "val", "methods": dict(card.family_blocks.get("open_set", {}).get("methods", {}))}
+                             "split": "val", "methods": dict((previous or {}).get("methods", {}))}
     for method in methods or family.methods:
         by_shots, records = {}, {}
         for shots in CALIBRATION_SHOTS:
@@ -160,10 +173,8 @@ def calibrate_shipped(name: str | Path, tasks: int = CALIBRATION_TASKS, seed: in
                 adapter = MetricAdapter(lambda f: f, adapter.head)
             cal, record = calibrate(adapter, val, inputs, ways, shots, queries, tasks, seed)
             by_shots[str(shots)], records[str(shots)] = cal.to_dict(), record
-            log(f"{card.name} {method} {shots}-shot: T={cal.temperature:.4g}, score {cal.score}, {record}")
+            log(f"{name} {method} {shots}-shot: T={cal.temperature:.4g}, score {cal.score}, {record}")
         block["methods"][method] = {"by_shots": by_shots, "validation": records}
-    card.family_blocks["open_set"] = block
-    card.save(shipped.path)
     return block
 
 
