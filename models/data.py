@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from tqdm import tqdm
 
 from fewshot.errors import ConfigError, FewShotError
 from fewshot.models.preprocess import InputSpec, load_image
@@ -168,7 +169,7 @@ def _tinyimagenet_arrays(root: Path) -> tuple[np.ndarray, np.ndarray, list[str]]
     files: dict[str, bytes] = {}
     val_annotations = ""
     with tarfile.open(src, "r:gz") as tar:
-        for member in tar:
+        for member in tqdm(tar, desc="read Tiny ImageNet archive", unit="file", mininterval=2):
             if not member.isfile():
                 continue
             name = member.name
@@ -188,7 +189,7 @@ def _tinyimagenet_arrays(root: Path) -> tuple[np.ndarray, np.ndarray, list[str]]
     # Order: by class, then train images before val images, each by file name: fixed and reproducible.
     items.sort(key=lambda t: (t[0], "/val/" in t[1], t[1]))
     images = np.empty((len(items), TINYIMAGENET_SIZE, TINYIMAGENET_SIZE, 3), dtype=np.uint8)
-    for i, (_, name) in enumerate(items):
+    for i, (_, name) in enumerate(tqdm(items, desc="decode Tiny ImageNet (once, into the cache)", unit="img", mininterval=2)):
         images[i] = load_image(io.BytesIO(files[name]), InputSpec.for_dataset("tinyimagenet"))
     index = {w: i for i, w in enumerate(wnids)}
     labels = np.array([index[w] for w, _ in items], dtype=np.int64)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from fewshot.models.data import ImageSet, load_dataset
 from fewshot.models.episodes import Episode, EpisodeSampler
@@ -105,7 +106,7 @@ def _demo_row(client, name: str, method: str, manifest: dict, data: ImageSet, wa
               seed: int) -> None:
     sampler = EpisodeSampler(data, ways, shots, 15, seed)
     per_task, adapt_ms, classify_ms = [], [], []
-    for i in range(tasks):
+    for i in tqdm(range(tasks), desc=f"{name} {method} {shots}-shot", unit="task", leave=False, mininterval=1):
         t = encode_episode(data, sampler.episode(i))
         start = time.perf_counter()
         task = client.adapt(t.support, t.support_labels, model=name, method=method)
