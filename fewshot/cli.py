@@ -21,7 +21,9 @@ def _train_configs():
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a backbone: supervised (--loss/--metric/--combine) or meta-trained (--method)",
-                       description="Without --method: supervised training with the direct-sum paper's losses. "
+                       description="--dataset omniglot, tinyimagenet or folder:PATH (your own images, one subfolder "
+                                   "per class; --image-size, --channels). "
+                                   "Without --method: supervised training with the direct-sum paper's losses. "
                                    "With --method maml|fomaml|metasgd|mamlpp|boil|metacurvature|metalstm|cxgrad: "
                                    "episodic meta-training of that inner loop.")
     seen: dict[str, object] = {}
