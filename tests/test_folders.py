@@ -51,6 +51,7 @@ def photos(tmp_path_factory) -> Path:
 SMALL_SPEC = InputSpec(3, 32, (0.5,) * 3, (0.25,) * 3)
 
 
+@pytest.mark.unit
 def test_the_seeded_split_covers_every_class_once_and_is_stable(photos):
     split = folder_split(f"folder:{photos}")
     assert [len(split[s]) for s in ("train", "val", "test")] == [18, 6, 6]
@@ -59,6 +60,7 @@ def test_the_seeded_split_covers_every_class_once_and_is_stable(photos):
     assert folder_split(f"folder:{photos}") == split  # seeded: the same folder, the same split
 
 
+@pytest.mark.unit
 def test_a_users_own_split_is_kept(photos, tmp_path):
     names = sorted(p.name for p in photos.iterdir() if p.is_dir())
     for s, chosen in (("train", names[:4]), ("val", names[4:6]), ("test", names[6:9])):
@@ -69,6 +71,7 @@ def test_a_users_own_split_is_kept(photos, tmp_path):
     assert data.class_names == names[6:9] and np.bincount(data.labels).tolist() == [PER_CLASS] * 3
 
 
+@pytest.mark.unit
 def test_images_decode_once_at_the_models_size_non_images_ignored(photos, tmp_path, monkeypatch):
     monkeypatch.setenv("FEWSHOT_CACHE", str(tmp_path))
     data = load_folder(f"folder:{photos}", "val", SMALL_SPEC, progress=False)
@@ -81,6 +84,7 @@ def test_images_decode_once_at_the_models_size_non_images_ignored(photos, tmp_pa
     assert gray.images.shape == (6 * PER_CLASS, 28, 28, 1)
 
 
+@pytest.mark.unit
 def test_bad_folders_get_errors_a_user_can_act_on(photos, tmp_path):
     with pytest.raises(DatasetError, match="dataset folder not found"):
         folder_split(f"folder:{tmp_path / 'missing'}")

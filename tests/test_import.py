@@ -53,6 +53,7 @@ class _Maps(torch.nn.Module):
         return self.conv(x)
 
 
+@pytest.mark.unit
 def test_graph_checks_say_what_is_wrong(tmp_path):
     import onnx
 
