@@ -107,7 +107,7 @@ def _demo_row(client, name: str, method: str, manifest: dict, data: ImageSet, wa
     sampler = EpisodeSampler(data, ways, shots, 15, seed)
     per_task, adapt_ms, classify_ms = [], [], []
     for i in tqdm(range(tasks), desc=f"{name} {method} {shots}-shot", unit="task", leave=False, mininterval=1,
-                  disable=None)  # a bar on a terminal, none in a log:
+                  disable=None):  # a bar on a terminal, none in a log
         t = encode_episode(data, sampler.episode(i))
         start = time.perf_counter()
         task = client.adapt(t.support, t.support_labels, model=name, method=method)
