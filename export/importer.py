@@ -127,7 +127,7 @@ def _features_of(session: Any, spec: InputSpec) -> Callable[[np.ndarray], torch.
 def import_onnx(onnx_path: Path, name: str, spec: InputSpec, out_dir: Path, sample_folder: Path | None = None,
                 val_folder: Path | None = None, output: str | None = None, triton_repo: Path | None = None,
                 tune_tasks: int = TUNE_TASKS, calibration_tasks: int = CALIBRATION_TASKS,
-                log: Callable[[str], None] = print) -> Path:
+                log: Callable[[str], None] = print, triton_backend: str = "onnxruntime_onnx") -> Path:
     """Write the metric bundle ``out_dir/name`` of the ONNX embedder at ``onnx_path``; returns its folder."""
     import onnx
 
@@ -199,7 +199,7 @@ def import_onnx(onnx_path: Path, name: str, spec: InputSpec, out_dir: Path, samp
     if triton_repo is not None:
         from fewshot.export.triton import write_bundle_models
 
-        write_bundle_models(triton_repo, Bundle(loaded.path, loaded.manifest))
+        write_bundle_models(triton_repo, Bundle(loaded.path, loaded.manifest), triton_backend)
     log(f"{name}: bundle of {onnx_path} written to {bundle} ({dim}-d features, {time.perf_counter() - started:.1f} s)")
     return bundle
 

@@ -426,6 +426,8 @@ def _add_import(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--val-folder", help="one subfolder per class: tune the heads and calibrate open-set rejection on it")
     p.add_argument("--out", help="bundle directory (default: $FEWSHOT_BUNDLES, else bundles/)")
     p.add_argument("--triton-repo", help="also write its Triton model here")
+    p.add_argument("--triton-backend", default="onnxruntime_onnx", choices=["onnxruntime_onnx", "python"],
+                   help="as `fewshot export --triton-backend`")
     p.add_argument("--tune-tasks", type=int, default=300, help="seeded validation tasks for choosing head settings")
     p.add_argument("--calibration-tasks", type=int, default=300, help="open-set validation tasks per method and shot count")
 
@@ -441,7 +443,8 @@ def _run_import(args: argparse.Namespace) -> None:
                      parse_floats(args.std, args.channels, "std"), args.resize)
     import_onnx(Path(args.onnx), args.name, spec, Path(args.out) if args.out else DEFAULT_BUNDLE_DIR,
                 Path(args.sample_folder) if args.sample_folder else None, Path(args.val_folder) if args.val_folder else None,
-                args.output, Path(args.triton_repo) if args.triton_repo else None, args.tune_tasks, args.calibration_tasks)
+                args.output, Path(args.triton_repo) if args.triton_repo else None, args.tune_tasks, args.calibration_tasks,
+                triton_backend=args.triton_backend)
 
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:

@@ -167,3 +167,37 @@ def test_readme_block_imports_with_sample_and_validation_folders(foreign, tmp_pa
     ep = EpisodeSampler(val, 5, 1, 2, seed=1).episode(0)
     task = family.adapter("laplacianshot", shots=1).adapt(family.spec.normalize(val.images[ep.support]), torch.as_tensor(ep.support_labels))
     assert task.classify(family.spec.normalize(val.images[ep.query])).shape == (10, 5)
+
+
+def test_an_imported_backbone_serves_through_a_real_triton(foreign, omniglot_test, tmp_path):
+    """``--triton-repo``: the imported bundle's backbone model in a real ``tritonserver`` (python backend, as the
+    ``triton`` fixture's; skipped, with the reason, only where the binary cannot run) gives the features the
+    bundle gives in process."""
+    import tritonclient.grpc as grpcclient
+
+    from fewshot.export.loader import open_bundle
+    from fewshot.export.registry import load_bundle
+    from fewshot.export.triton import backbone_model_name
+    from fewshot.tools.tritonserver import TritonProcess, TritonUnavailable
+
+    run = _cli("import", "--onnx", str(foreign), "--name", "imported", "--input-size", "28", "--channels", "1",
+               "--mean", "0.92", "--std", "0.22", "--out", "bundles", "--triton-repo", "repo", "--triton-backend", "python",
+               cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    family = open_bundle(load_bundle(tmp_path / "bundles" / "imported"), "cpu", 1)
+    x = family.spec.normalize(omniglot_test.images[:64])
+    model = backbone_model_name("imported")
+    proc = TritonProcess(tmp_path / "repo", models=[model], log=tmp_path / "tritonserver.log")
+    try:
+        proc.start()
+    except TritonUnavailable as exc:
+        pytest.skip(f"the tritonserver binary cannot run here: {exc}")
+    try:
+        client = grpcclient.InferenceServerClient(proc.grpc_url)
+        images = grpcclient.InferInput("images", list(x.shape), "FP32")
+        images.set_data_from_numpy(x.numpy())
+        served = client.infer(model, [images]).as_numpy("features")
+        client.close()
+    finally:
+        proc.stop()
+    np.testing.assert_allclose(served, family.extract(x).numpy(), atol=1e-5)
