@@ -37,6 +37,8 @@ def test_demo_serves_every_flagship_row_and_matches_fewshot_eval(exported):
     assert sorted((r[0], int(r[2]), r[3]) for r in rows) == sorted(figures), out
     assert all(len(methods[n]) >= 3 for n in DEMO_MODELS[:2]), methods  # the metric flagships: centroid, laplacianshot, logreg
     assert "[no RESULTS.md figure]" not in out
+    samples = [line for line in out.splitlines() if line.startswith("    served: query of class-")]
+    assert len(samples) == 3 * len(DEMO_MODELS), out  # three served predictions under each model's first row
     for name, ways, shots, method, accuracy, *_ in rows:
         if method != "centroid" and method != "inner_loop":
             continue

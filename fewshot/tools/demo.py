@@ -84,9 +84,11 @@ def run_demo(bundles: Path, tasks: int = QUICK_TASKS, seed: int = 0, models: lis
                     data = load_dataset(m["data"]["dataset"], "test")
                     ways = max(infos[name].min_ways, min(5, infos[name].max_ways))
                     measured = [k for k in shots if any(_figure(m, ways, k, meth) for meth in infos[name].methods)]
+                    first = True
                     for k in measured or shots:  # the RESULTS.md settings, so every row has a figure to compare with
                         for method in infos[name].methods:
-                            _demo_row(client, name, method, m, data, ways, k, tasks, seed)
+                            _demo_row(client, name, method, m, data, ways, k, tasks, seed, sample=first)
+                            first = False
             if keep:
                 print(f"serving until Ctrl-C: gRPC {server.target}, web console http://127.0.0.1:{http_port}/", flush=True)
                 try:
@@ -103,7 +105,10 @@ def _figure(manifest: dict, ways: int, shots: int, method: str) -> dict | None:
 
 
 def _demo_row(client, name: str, method: str, manifest: dict, data: ImageSet, ways: int, shots: int, tasks: int,
-              seed: int) -> None:
+              seed: int, sample: bool = False) -> None:
+    """One row: ``tasks`` tasks adapted and classified through the SDK; with ``sample``, the first task's first
+    three served predictions are printed under it (label, then the ranked top 3 with probabilities)."""
+    samples: list[str] = []
     sampler = EpisodeSampler(data, ways, shots, 15, seed)
     per_task, adapt_ms, classify_ms = [], [], []
     for i in tqdm(range(tasks), desc=f"{name} {method} {shots}-shot", unit="task", leave=False, mininterval=1,
@@ -112,8 +117,11 @@ def _demo_row(client, name: str, method: str, manifest: dict, data: ImageSet, wa
         start = time.perf_counter()
         task = client.adapt(t.support, t.support_labels, model=name, method=method)
         mid = time.perf_counter()
-        predictions = task.classify(t.queries)
+        predictions = task.classify(t.queries, top_k=3)
         end = time.perf_counter()
+        if sample and i == 0:
+            samples = [f"    served: query of {y} -> " + ", ".join(f"{label} {p:.3f}" for label, p in pred.ranked)
+                       for pred, y in zip(predictions[::15][:3], t.query_labels[::15][:3])]
         task.delete()
         per_task.append(float(np.mean([p.label == y for p, y in zip(predictions, t.query_labels)])))
         adapt_ms.append(1e3 * (mid - start))
@@ -129,3 +137,5 @@ def _demo_row(client, name: str, method: str, manifest: dict, data: ImageSet, wa
     print(f"{name:37s} {ways}-way {shots}-shot {method:13s} {res.accuracy:6.2f} +- {res.ci95:.2f}   "
           f"adapt p50 {np.median(adapt_ms):6.1f} ms, classify {ways * 15} queries p50 {np.median(classify_ms):6.1f} ms"
           f"{ref_txt}", flush=True)
+    for line in samples:
+        print(line, flush=True)
