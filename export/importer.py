@@ -29,14 +29,12 @@ from safetensors.torch import save_file
 from fewshot.errors import FewShotError
 from fewshot.export.bundle import BUNDLE_VERSION, sha256
 from fewshot.models.card import CARD_SCHEMA, ModelCard
-from fewshot.models.preprocess import InputSpec, load_image
+from fewshot.models.preprocess import InputSpec
 
 #: Images of ``sample_folder`` used for the centering vector (an even spread when it holds more).
 SAMPLE_LIMIT = 5000
 #: Seeded validation tasks for head tuning and calibration when ``val_folder`` is given.
 TUNE_TASKS, CALIBRATION_TASKS, SEED = 300, 300, 0
-#: ONNX element type of float32 tensors (``onnx.TensorProto.FLOAT``).
-_FLOAT = 1
 
 
 class ImportError_(FewShotError, ValueError):  # noqa: N801  (not the builtin ImportError)
@@ -60,6 +58,8 @@ def _dims(value_info: Any) -> list[int | str]:
 def check_embedder(model: Any, channels: int, size: int, output: str | None = None) -> tuple[str, str]:
     """``(input name, output name)`` of ``model`` (an ``onnx.ModelProto``) if it is an image embedder for
     ``channels`` x ``size`` x ``size`` images; otherwise :class:`ImportError_` saying what is wrong."""
+    from onnx import TensorProto
+
     graph = model.graph
     initializers = {i.name for i in graph.initializer}
     inputs = [i for i in graph.input if i.name not in initializers]
@@ -68,7 +68,7 @@ def check_embedder(model: Any, channels: int, size: int, output: str | None = No
                            "embedder takes one: a batch of images (N, C, H, W)")
     (x,) = inputs
     shape = _dims(x)
-    if x.type.tensor_type.elem_type != _FLOAT:
+    if x.type.tensor_type.elem_type != TensorProto.FLOAT:
         raise ImportError_(f"input {x.name!r} is not float32 (ONNX element type {x.type.tensor_type.elem_type}); "
                            "export the model in float32")
     if len(shape) != 4:
@@ -116,14 +116,6 @@ def _renamed(model: Any, old_in: str, old_out: str) -> bytes:
     return model.SerializeToString()
 
 
-def _features_of(session: Any, spec: InputSpec) -> Callable[[np.ndarray], torch.Tensor]:
-    """uint8 ``(n, S, S, C)`` images -> ``(n, D)`` float32 features, 256 at a time."""
-    def run(images: np.ndarray) -> torch.Tensor:
-        chunks = [session.run(None, {"images": spec.normalize(images[i:i + 256]).numpy()})[0] for i in range(0, len(images), 256)]
-        return torch.from_numpy(np.concatenate(chunks).astype(np.float32))
-    return run
-
-
 def import_onnx(onnx_path: Path, name: str, spec: InputSpec, out_dir: Path, sample_folder: Path | None = None,
                 val_folder: Path | None = None, output: str | None = None, triton_repo: Path | None = None,
                 tune_tasks: int = TUNE_TASKS, calibration_tasks: int = CALIBRATION_TASKS,
@@ -131,8 +123,12 @@ def import_onnx(onnx_path: Path, name: str, spec: InputSpec, out_dir: Path, samp
     """Write the metric bundle ``out_dir/name`` of the ONNX embedder at ``onnx_path``; returns its folder."""
     import onnx
 
+    from fewshot.export.loader import open_bundle
     from fewshot.export.registry import Bundle, load_bundle
-    from fewshot.models.folders import image_files, load_classes
+    from fewshot.models.data import decode_file, load_image_folder
+    from fewshot.models.features import SessionFeatures
+    from fewshot.models.folders import sample_files
+    from fewshot.models.packaging import calibrate_family, image_features
     from fewshot.models.runtime import onnx_session
     from fewshot.models.tuning import TuningTasks, tune_heads
 
@@ -154,18 +150,18 @@ def import_onnx(onnx_path: Path, name: str, spec: InputSpec, out_dir: Path, samp
         raise ImportError_(f"{onnx_path} gave {probe.shape} {'finite' if np.isfinite(probe).all() else 'non-finite'} "
                            "outputs for 2 images; an image embedder gives 2 finite vectors")
     dim = int(probe.shape[1])
-    features = _features_of(session, spec)
+    features = image_features(SessionFeatures(session, dim), spec)
     tensors: dict[str, torch.Tensor] = {}
     center = None
     if sample_folder is not None:
-        files = image_files(sample_folder, SAMPLE_LIMIT)
-        center = features(np.stack([load_image(f, spec) for f in files])).mean(0)
+        files = sample_files(sample_folder, SAMPLE_LIMIT)
+        center = features(np.stack([decode_file(f, spec) for f in files])).mean(0)
         tensors["center"] = center.contiguous()
         log(f"{name}: centering vector from {len(files)} images of {sample_folder}")
     record: dict[str, Any] = {}
     val = None
     if val_folder is not None:
-        val = load_classes(val_folder, spec)
+        val = load_image_folder(val_folder, spec)
         heads, record = tune_heads(TuningTasks(features(val.images), val, center, tune_tasks, SEED))
         log(f"{name}: heads tuned on {tune_tasks} tasks of {val.num_classes} classes of {val_folder}: {record['accuracy']}")
     else:
@@ -186,15 +182,11 @@ def import_onnx(onnx_path: Path, name: str, spec: InputSpec, out_dir: Path, samp
     (bundle / "backbone.onnx").write_bytes(graph)
     save_file(tensors, str(bundle / "meta.safetensors"))  # empty without a sample folder
     manifest = _manifest(card, bundle, center is not None, opset=max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0))
-    (bundle / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    if val is not None:
-        from fewshot.export.loader import open_bundle
-        from fewshot.models.packaging import calibrate_family
-
-        block = calibrate_family(open_bundle(load_bundle(bundle), "cpu"), name, val, calibration_tasks, SEED, log=log)
+    if val is not None:  # calibrated on the bundle's own family object, before its manifest is written
+        block = calibrate_family(open_bundle(Bundle(bundle, manifest), "cpu"), name, val, calibration_tasks, SEED, log=log)
         if block:
             manifest["open_set"] = block
-            (bundle / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    (bundle / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     loaded = load_bundle(bundle)  # verified as the server will verify it
     if triton_repo is not None:
         from fewshot.export.triton import write_bundle_models

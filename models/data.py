@@ -220,6 +220,33 @@ def load_tinyimagenet(split: str, root: str | os.PathLike | None = None) -> Imag
 
 # ----------------------------------------------------------------------------- image folders
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+#: ``folder:PATH`` names the user's image folder as a dataset (:mod:`fewshot.models.folders`).
+FOLDER_PREFIX = "folder:"
+#: The built-in datasets (besides ``folder:PATH``).
+DATASETS = ("omniglot", "tinyimagenet")
+
+
+def is_folder(dataset: str) -> bool:
+    """Whether ``dataset`` names an image folder (``folder:PATH``)."""
+    return dataset.startswith(FOLDER_PREFIX)
+
+
+def image_files(folder: Path) -> list[Path]:
+    """The image files (by :data:`IMAGE_SUFFIXES`) directly in ``folder``, sorted; hidden files skipped."""
+    return sorted(f for f in folder.iterdir() if f.is_file() and not f.name.startswith(".") and f.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def class_folders(folder: Path) -> list[Path]:
+    """The subfolders of ``folder`` (one class each), sorted; hidden ones skipped."""
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def decode_file(path: Path, spec: InputSpec) -> np.ndarray:
+    """One image file at ``spec``; a file Pillow cannot decode is a :class:`DatasetError` naming it."""
+    try:
+        return load_image(path, spec)
+    except FewShotError as exc:
+        raise DatasetError(f"cannot read image {path}: {exc}") from exc
 
 
 def load_image_folder(path: str | os.PathLike, spec: InputSpec) -> ImageSet:
@@ -227,16 +254,16 @@ def load_image_folder(path: str | os.PathLike, spec: InputSpec) -> ImageSet:
     root = Path(path)
     if not root.is_dir():
         raise DatasetError(f"image folder not found: {root}")
-    classes = sorted(p for p in root.iterdir() if p.is_dir())
+    classes = class_folders(root)
     if len(classes) < 2:
         raise DatasetError(f"{root} needs at least two class subfolders, found {len(classes)}")
     images, labels = [], []
     for label, folder in enumerate(classes):
-        files = sorted(f for f in folder.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+        files = image_files(folder)
         if not files:
             raise DatasetError(f"class folder {folder} has no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
         for f in files:
-            images.append(load_image(f, spec))
+            images.append(decode_file(f, spec))
             labels.append(label)
     return ImageSet(np.stack(images), np.array(labels, dtype=np.int64), [c.name for c in classes])
 
@@ -245,7 +272,7 @@ def load_dataset(name: str, split: str, root: str | os.PathLike | None = None, r
                  spec: "InputSpec | None" = None) -> ImageSet:
     """``omniglot``, ``tinyimagenet`` or ``folder:PATH`` (:mod:`fewshot.models.folders`) by split. A folder is
     decoded at ``spec``'s size and channels (the model's input spec), which it therefore needs."""
-    if name.startswith("folder:"):
+    if is_folder(name):
         from fewshot.models.folders import load_folder
 
         if rotations:
@@ -266,12 +293,11 @@ def dataset_spec(name: str, image_size: int = 0, channels: int = 0) -> InputSpec
     """The input spec a model trained on dataset ``name`` takes: the built-in datasets' own (``image_size``
     and ``channels`` must then be 0 or theirs), or for ``folder:PATH`` the requested size and channels with
     the training classes' statistics (:func:`fewshot.models.folders.folder_spec`)."""
-    if name.startswith("folder:"):
+    check_dataset(name)
+    if is_folder(name):
         from fewshot.models.folders import folder_spec
 
         return folder_spec(name, image_size, channels)
-    if name not in DATASETS:
-        raise DatasetError(f"unknown dataset {name!r}: use omniglot, tinyimagenet or folder:PATH")
     spec = InputSpec.for_dataset(name)
     if image_size not in (0, spec.size) or channels not in (0, spec.channels):
         raise ConfigError(f"{name} images are {spec.size}x{spec.size} with {spec.channels} channel(s): "
@@ -279,11 +305,8 @@ def dataset_spec(name: str, image_size: int = 0, channels: int = 0) -> InputSpec
     return spec
 
 
-#: The built-in datasets (besides ``folder:PATH``).
-DATASETS = ("omniglot", "tinyimagenet")
-
 
 def check_dataset(name: str) -> None:
     """A :class:`~fewshot.errors.ConfigError` unless ``name`` is a built-in dataset or ``folder:PATH``."""
-    if name not in DATASETS and not name.startswith("folder:"):
+    if name not in DATASETS and not is_folder(name):
         raise ConfigError(f"unknown --dataset {name!r}: use omniglot, tinyimagenet or folder:PATH")

@@ -19,25 +19,18 @@ import json
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 from tqdm import tqdm
 
 from fewshot.errors import ConfigError
-from fewshot.models.data import DatasetError, ImageSet, atomic_save, cache_dir
-from fewshot.models.preprocess import InputSpec, load_image
-
-FOLDER_PREFIX = "folder:"
+from fewshot.models.data import (FOLDER_PREFIX, IMAGE_SUFFIXES, DatasetError, ImageSet, atomic_save, cache_dir, class_folders,
+                                  decode_file, image_files, is_folder)
+from fewshot.models.preprocess import InputSpec
 SPLITS = ("train", "val", "test")
 #: The seeded split of a folder without ``train/val/test``: 60% / 20% / 20% of the classes (at least
 #: :data:`MIN_SPLIT_CLASSES` each), permuted by ``numpy.random.default_rng(SPLIT_SEED)``.
 SPLIT_FRACTIONS, SPLIT_SEED, MIN_SPLIT_CLASSES = (0.6, 0.2, 0.2), 0, 2
 #: Input size and channels of a folder model when ``--image-size`` / ``--channels`` are not given.
 DEFAULT_SIZE, DEFAULT_CHANNELS = 84, 3
-
-
-def is_folder(dataset: str) -> bool:
-    """Whether ``dataset`` names an image folder (``folder:PATH``)."""
-    return dataset.startswith(FOLDER_PREFIX)
 
 
 def folder_root(dataset: str) -> Path:
@@ -54,22 +47,13 @@ def canonical(dataset: str) -> str:
     return FOLDER_PREFIX + str(folder_root(dataset).resolve()) if is_folder(dataset) else dataset
 
 
-def _image_files(folder: Path) -> list[Path]:
-    known = {ext for ext, _ in Image.registered_extensions().items()}
-    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in known)
-
-
-def _class_folders(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
-
-
 def folder_split(dataset: str) -> dict[str, list[str]]:
     """``{"train": [...], "val": [...], "test": [...]}`` class names (subfolder names) of ``folder:PATH``."""
     root = folder_root(dataset)
     if all((root / s).is_dir() for s in SPLITS):
-        split = {s: [p.name for p in _class_folders(root / s) if _image_files(p)] for s in SPLITS}
+        split = {s: [p.name for p in class_folders(root / s) if image_files(p)] for s in SPLITS}
     else:
-        names = [p.name for p in _class_folders(root) if _image_files(p)]
+        names = [p.name for p in class_folders(root) if image_files(p)]
         n = len(names)
         n_val, n_test = (max(MIN_SPLIT_CLASSES, round(f * n)) for f in SPLIT_FRACTIONS[1:])
         if n - n_val - n_test < MIN_SPLIT_CLASSES:
@@ -98,17 +82,8 @@ def load_folder(dataset: str, split: str, spec: InputSpec, progress: bool = True
     return _decode(root, split, classes, _split_folders(root, split, classes), spec, progress)
 
 
-def load_classes(folder: Path, spec: InputSpec, progress: bool = True) -> ImageSet:
-    """Every class subfolder of ``folder`` (one class each, no split), decoded at ``spec`` (cached)."""
-    root = folder_root(f"{FOLDER_PREFIX}{folder}")
-    dirs = [p for p in _class_folders(root) if _image_files(p)]
-    if len(dirs) < MIN_SPLIT_CLASSES:
-        raise DatasetError(f"{root} has {len(dirs)} class subfolders with images; it needs at least {MIN_SPLIT_CLASSES}")
-    return _decode(root, "all", [p.name for p in dirs], dirs, spec, progress)
-
-
 def _decode(root: Path, tag: str, classes: list[str], dirs: list[Path], spec: InputSpec, progress: bool) -> ImageSet:
-    files = [(i, f) for i, d in enumerate(dirs) for f in _image_files(d)]
+    files = [(i, f) for i, d in enumerate(dirs) for f in image_files(d)]
     key = hashlib.sha256(json.dumps([str(root.resolve()), tag, spec.size, spec.channels, spec.resize, classes,
                                      [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for _, f in files]]).encode()).hexdigest()[:16]
     cached = cache_dir() / f"folder_{root.name}_{tag}_{key}.npz"
@@ -118,22 +93,18 @@ def _decode(root: Path, tag: str, classes: list[str], dirs: list[Path], spec: In
     images = np.empty((len(files), spec.size, spec.size, spec.channels), dtype=np.uint8)
     for j, (_, f) in enumerate(tqdm(files, desc=f"decode {root.name}/{tag}", unit="img", mininterval=2,
                                     disable=not progress or len(files) < 500)):
-        try:
-            images[j] = load_image(f, spec)
-        except Exception as exc:  # noqa: BLE001  (any decoder failure: name the file)
-            raise DatasetError(f"cannot read image {f}: {exc}") from exc
+        images[j] = decode_file(f, spec)
     labels = np.array([i for i, _ in files], dtype=np.int64)
     atomic_save(cached, images=images, labels=labels, names=np.array(classes))
     return ImageSet(images, labels, classes)
 
 
-def image_files(folder: Path, limit: int) -> list[Path]:
+def sample_files(folder: Path, limit: int) -> list[Path]:
     """Up to ``limit`` image files anywhere under ``folder`` (sorted; an even spread when there are more)."""
     root = folder_root(f"{FOLDER_PREFIX}{folder}")
-    known = {ext for ext, _ in Image.registered_extensions().items()}
-    files = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in known)
+    files = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
-        raise DatasetError(f"no images under {root}")
+        raise DatasetError(f"no images under {root} ({', '.join(sorted(IMAGE_SUFFIXES))})")
     return files if len(files) <= limit else [files[i] for i in np.linspace(0, len(files) - 1, limit).astype(int)]
 
 
@@ -153,5 +124,5 @@ def folder_spec(dataset: str, image_size: int = 0, channels: int = 0) -> InputSp
     return InputSpec(channels, size, tuple(round(float(m), 4) for m in mean), tuple(round(max(float(s), 1e-3), 4) for s in std))
 
 
-__all__ = ["FOLDER_PREFIX", "canonical", "folder_root", "folder_spec", "folder_split", "image_files", "is_folder",
-           "load_classes", "load_folder"]
+__all__ = ["FOLDER_PREFIX", "canonical", "folder_root", "folder_spec", "folder_split", "is_folder", "load_folder",
+           "sample_files"]
