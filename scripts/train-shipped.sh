@@ -34,11 +34,13 @@ declare -A LATER=(
   [omniglot-conv4-maml]="$OMNI_META_2 --method maml --alpha 0.1|average 9000|$OMNI_META_3 --method maml --alpha 0.1|average 15000"
   [omniglot-conv4-cxgrad]="$OMNI_META_2 --method cxgrad --alpha 0.01 --beta 1.0|average 9000|$OMNI_META_3 --method cxgrad --alpha 0.01 --beta 1.0|average 15000"
 )
-# With HEAD_INIT=prototypes or shared (issue 16, not what ships yet: RESULTS.md), a last stage of the inner-loop
-# models: fine-tuned with a head that adapts any number of classes (Proto-MAML's prototypes, or Ye and Chao's
-# shared row) from the weights the stages above produced, on a short cosine into runs/NAME/HEAD_INIT
-# (scripts/package-shipped.sh packages that run when it exists).
-PROTO="--head-init ${HEAD_INIT:-prototypes} --outer-lr 0.0005 --outer-lr-schedule cosine"
+# A last stage of the inner-loop models (issue 16): fine-tuned with a head that adapts any number of classes
+# from the weights the stages above produced, on a short cosine into runs/NAME/HEAD (scripts/package-shipped.sh
+# packages that run when it exists). HEAD is what ships (SHIPPED_HEAD: the Omniglot pair has Ye and Chao's
+# shared row; the Tiny ImageNet pair keeps its 5-row learned head, RESULTS.md) unless HEAD_INIT names one:
+# shared, prototypes (Proto-MAML's, measured and not shipped) or learned (no fine-tune).
+declare -A SHIPPED_HEAD=([omniglot-conv4-maml]=shared [omniglot-conv4-cxgrad]=shared)
+PROTO="--outer-lr 0.0005 --outer-lr-schedule cosine"
 declare -A FINETUNE=(
   [omniglot-conv4-maml]="${OMNI_META_2/--iterations 11000/--iterations 1500} --val-every 500 --method maml --alpha 0.1 $PROTO"
   [omniglot-conv4-cxgrad]="${OMNI_META_2/--iterations 11000/--iterations 1500} --val-every 500 --method cxgrad --alpha 0.01 --beta 1.0 $PROTO"
@@ -51,17 +53,18 @@ for name in "${names[@]}"; do
   mkdir -p "runs/$name"
   steps=("${RUNS[$name]}")
   if [ -n "${LATER[$name]:-}" ]; then IFS='|' read -r -a later <<< "${LATER[$name]}"; steps+=("${later[@]}"); fi
-  if [ -n "${HEAD_INIT:-}" ] && [ -n "${FINETUNE[$name]:-}" ]; then
+  head=${HEAD_INIT:-${SHIPPED_HEAD[$name]:-learned}}
+  if [ "$head" != learned ] && [ -n "${FINETUNE[$name]:-}" ]; then
     # FINETUNE_ONLY=1: only the last stage, from the shipped model's weights (models/zoo/NAME) instead of
     # runs/NAME/best.pt (a checkout that has not trained the stages above).
     if [ -n "${FINETUNE_ONLY:-}" ]; then steps=(); fi
-    steps+=("finetune ${FINETUNE[$name]}")
+    steps+=("finetune ${FINETUNE[$name]} --head-init $head")
   fi
   init="runs/$name/best.pt"; [ -z "${FINETUNE_ONLY:-}" ] || init="$name"
   for i in "${!steps[@]}"; do
     case ${steps[$i]} in
       average*) echo "fewshot average --run runs/$name --from-iteration ${steps[$i]#average }" ;;
-      finetune*) echo "fewshot train ${steps[$i]#finetune } --init-from $init --out runs/$name/$HEAD_INIT" ;;
+      finetune*) echo "fewshot train ${steps[$i]#finetune } --init-from $init --out runs/$name/$head" ;;
       *) echo "fewshot train ${steps[$i]} --out runs/$name$([ "$i" = 0 ] || echo ' --resume')" ;;
     esac
   done | tr -s ' ' | paste -sd'&' | sed 's/&/ \&\& /g' > "runs/$name/command.txt"
@@ -70,7 +73,7 @@ for name in "${names[@]}"; do
   for step in "${steps[@]}"; do
     case $step in
       average*) $FEWSHOT average --run "runs/$name" --from-iteration "${step#average }" ;;
-      finetune*) $FEWSHOT train ${step#finetune } $THREADS --init-from "$init" --out "runs/$name/$HEAD_INIT" --resume ;;
+      finetune*) $FEWSHOT train ${step#finetune } $THREADS --init-from "$init" --out "runs/$name/$head" --resume ;;
       *) $FEWSHOT train $step $THREADS --out "runs/$name" --resume ;;
     esac
   done

@@ -148,6 +148,8 @@ def test_support_batchnorm_query_is_batch_invariant(task):
 
 
 def test_adapter_rejects_wrong_way_count(task):
+    """A learned head (``head_init="learned"``, bundles packaged before issue 16) has one row per training
+    way: a task of another number of classes is refused with the number it takes."""
     xs, _, _, _ = task
     net = MetaConv4(1, 8, 28, 5)
     adapter = InnerLoopAdapter(net, build_rule("maml", net, 1, 0.1), net.init_params(), 1)

@@ -151,6 +151,21 @@ def test_triton_predictions_equal_the_service(client, stub, name, method):
         np.testing.assert_allclose(probs, expected, atol=1e-4)
 
 
+@pytest.mark.parametrize("ways", [3, 10])
+def test_triton_serves_inner_loop_tasks_of_any_number_of_classes(client, stub, ways):
+    """The network model's head rows are dynamic: a 3- and a 10-way CxGrad task through Triton's
+    ``fewshot_adapt``/``fewshot_classify`` answer as the service does."""
+    data = _data(load_model(CXGRAD).card.dataset)
+    labels, support, queries, _ = _task(data, EpisodeSampler(data, ways, 1, 3, seed=ways).episode(0))
+    task_id, classes = triton_adapt(client, CXGRAD, labels, support)
+    probs, _ = triton_classify(client, task_id, queries)
+    served = service_adapt(stub, CXGRAD, labels, support)
+    expected = service_classify(stub, served.task_id, queries)
+    assert classes == list(served.labels) and probs.shape == expected.shape == (len(queries), ways)
+    assert np.array_equal(probs.argmax(1), expected.argmax(1))
+    np.testing.assert_allclose(probs, expected, atol=1e-4)
+
+
 @pytest.mark.parametrize("name", _first_of_each_family())
 def test_tasks_are_shared_with_the_service_both_ways(triton, client, exported, name):
     card = load_model(name).card

@@ -52,7 +52,7 @@ def _probabilities(task, queries) -> np.ndarray:
 
 
 @pytest.mark.parametrize("name,method,ways", [(OMNI, "centroid", 7), (OMNI, "laplacianshot", 7), (OMNI, "logreg", 7),
-                                              (CXGRAD, "inner_loop", 5)])
+                                              (CXGRAD, "inner_loop", 7)])
 def test_an_update_equals_a_fresh_adapt_on_the_union(client, data, name, method, ways):
     """Start from a 1-shot task; add shots (and, where the model allows more ways, new classes); then
     remove a class (metric heads). After each step the task predicts exactly as a fresh Adapt on the
@@ -171,7 +171,8 @@ def test_bad_updates_get_clear_statuses_and_change_nothing(client, server, data)
         ("past the support limit", lambda: client.update(task.id, images[:1] * 301, ["x"] * 301), ResourceExhausted, "at most 300"),
         ("union past the support limit", lambda: client.update(task.id, images[:1] * 296, ["x"] * 296), ResourceExhausted, "at most 300"),
         ("stale expected version", lambda: client.update(task.id, images[:1], labels[:1], expected_version=7), Aborted, "version 1"),
-        ("a 6th class on a 5-way head", lambda: client.update(cx.id, images[:1], ["sixth"]), InvalidArgument, "5-way"),
+        ("past the model's most classes", lambda: client.update(cx.id, images[:1] * 46, [f"n{i}" for i in range(46)]),
+         InvalidArgument, "at most 50"),
     ]
     for name, call, error, message in cases:
         with pytest.raises(error) as err:
