@@ -62,7 +62,7 @@ def test_served_open_set_figures_equal_fewshot_eval(client, capsys, name, method
     expected = [row["accuracy"], row["auroc"], row["acceptance"], row["rejection"]]
     # the row rounds to 0.01; AUROC also to 0.02: a shared head's max probabilities crowd near 1, where float
     # rounding between the server's threads and the evaluator can swap a near-tie of a known and an unknown score
-    np.testing.assert_allclose(served, expected, atol=np.array([0.006, 0.02, 0.006, 0.006]))
+    assert np.all(np.abs(served - np.asarray(expected)) <= [0.006, 0.02, 0.006, 0.006]), (served, expected)
     assert row["auroc"] > 85 and row["rejection"] > 40  # unseen characters are told apart
 
 
