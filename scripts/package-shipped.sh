@@ -13,7 +13,7 @@ for name in "${names[@]}"; do
   cmd=$(cat "runs/$name/command.txt")
   echo "== packaging $name ($cmd)"
   run="runs/$name"
-  for head in prototypes shared; do  # the fine-tune with a head of any number of classes, when it ran
+  for head in prototypes shared ways; do  # the fine-tunes for any number of classes (the last that ran)
     [ ! -f "runs/$name/$head/best.pt" ] || run="runs/$name/$head"
   done
   $FEWSHOT package --run "$run" --name "$name" --train-command "$cmd"

@@ -47,6 +47,15 @@ declare -A FINETUNE=(
   [tinyimagenet-conv4-maml]="${TI_META/--iterations 800/--iterations 600} --val-every 300 --method maml --alpha 0.01 $PROTO"
   [tinyimagenet-conv4-cxgrad]="${TI_META/--iterations 800/--iterations 600} --val-every 300 --method cxgrad --alpha 0.01 --beta 1.0 $PROTO"
 )
+# Then, for the heads of any number of classes (SHIPPED_WAYS: the Omniglot pair), episodes of 2..20 classes
+# drawn per episode (5 queries per class, so a step costs about what a 5-way 15-query one did), from the
+# fine-tune above into runs/NAME/ways; validation at 5 and 20 ways. CxGrad's head takes MAML's larger step
+# share (--head-alpha 0.03: IGS leaves the head at alpha, RESULTS.md). WAYS=0 skips it.
+OMNI_WAYS="--bn-train support --dataset omniglot --ways 5 --min-ways 2 --max-ways 20 --shots 1 --queries 5 --meta-batch 4 --inner-steps 5 --iterations 1000 --val-every 250 --val-tasks 200 --seed 0 --rotations $PROTO"
+declare -A SHIPPED_WAYS=(
+  [omniglot-conv4-maml]="$OMNI_WAYS --method maml --alpha 0.1"
+  [omniglot-conv4-cxgrad]="$OMNI_WAYS --method cxgrad --alpha 0.01 --head-alpha 0.03 --beta 1.0"
+)
 names=("$@")
 [ ${#names[@]} -gt 0 ] || names=(tinyimagenet-conv4-sce-nca-directsum omniglot-conv4-directsum tinyimagenet-conv4-sce tinyimagenet-conv4-sce-nca-sum)
 for name in "${names[@]}"; do
@@ -59,12 +68,16 @@ for name in "${names[@]}"; do
     # runs/NAME/best.pt (a checkout that has not trained the stages above).
     if [ -n "${FINETUNE_ONLY:-}" ]; then steps=(); fi
     steps+=("finetune ${FINETUNE[$name]} --head-init $head")
+    if [ "$head" != learned ] && [ -n "${SHIPPED_WAYS[$name]:-}" ] && [ "${WAYS:-1}" != 0 ]; then
+      steps+=("ways ${SHIPPED_WAYS[$name]} --head-init $head")
+    fi
   fi
   init="runs/$name/best.pt"; [ -z "${FINETUNE_ONLY:-}" ] || init="$name"
   for i in "${!steps[@]}"; do
     case ${steps[$i]} in
       average*) echo "fewshot average --run runs/$name --from-iteration ${steps[$i]#average }" ;;
       finetune*) echo "fewshot train ${steps[$i]#finetune } --init-from $init --out runs/$name/$head" ;;
+      ways*) echo "fewshot train ${steps[$i]#ways } --init-from runs/$name/$head/best.pt --out runs/$name/ways" ;;
       *) echo "fewshot train ${steps[$i]} --out runs/$name$([ "$i" = 0 ] || echo ' --resume')" ;;
     esac
   done | tr -s ' ' | paste -sd'&' | sed 's/&/ \&\& /g' > "runs/$name/command.txt"
@@ -74,6 +87,7 @@ for name in "${names[@]}"; do
     case $step in
       average*) $FEWSHOT average --run "runs/$name" --from-iteration "${step#average }" ;;
       finetune*) $FEWSHOT train ${step#finetune } $THREADS --init-from "$init" --out "runs/$name/$head" --resume ;;
+      ways*) $FEWSHOT train ${step#ways } $THREADS --init-from "runs/$name/$head/best.pt" --out "runs/$name/ways" --resume ;;
       *) $FEWSHOT train $step $THREADS --out "runs/$name" --resume ;;
     esac
   done

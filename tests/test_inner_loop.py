@@ -213,3 +213,30 @@ def test_a_shared_head_starts_uniform_and_adapts_any_number_of_classes(omniglot_
         loss = F.cross_entropy(net.forward(ad.params, xq), torch.as_tensor(ep.query_labels))
         grad = torch.autograd.grad(loss, params["head.weight"])[0]
         assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+def test_cxgrad_head_alpha_steps_the_head_alone(task):
+    """``head_alpha`` (issue 16): the head moves by ``head_alpha`` times its gradient, every conv layer
+    exactly as with the authors' single ``alpha``; the card's ``inner_loop`` carries it to serving."""
+    from fewshot.models.meta.family import meta_model_parts
+
+    xs, ys, _, _ = task
+    net = MetaConv4(1, 8, 28, 5)
+    params = _trained_like(net)
+    same = ContextualGradientScaling(net, 1, alpha=0.01)
+    rule = ContextualGradientScaling(net, 1, alpha=0.01, head_alpha=0.05)
+    rule.load_state_dict(same.state_dict())
+    base = inner_loop(net, same, params, xs, ys, 1, head_init="shared")
+    wider = inner_loop(net, rule, params, xs, ys, 1, head_init="shared")
+    for name in net.conv_names:
+        torch.testing.assert_close(wider.params[name], base.params[name], rtol=0, atol=0)
+    start = params["head.weight"].mean(0, keepdim=True).expand(5, -1)
+    torch.testing.assert_close(wider.params["head.weight"] - start, 5 * (base.params["head.weight"] - start),
+                               rtol=1e-4, atol=1e-7)
+    assert ContextualGradientScaling(net, 1, alpha=0.01).step_size("head.weight", 0) == 0.01  # authors' default
+    loop = {"steps": 1, "alpha": 0.01, "beta": 1.0, "head_alpha": 0.05}
+    tensors = {f"param.{k}": v for k, v in params.items()} | {f"rule.{k}": v for k, v in rule.state_dict().items()}
+    _, served, _ = meta_model_parts("cxgrad", net.config, loop, tensors)
+    assert served.step_size("head.weight", 0) == 0.05 and served.step_size(net.conv_names[0], 0) == 0.01
+    with pytest.raises(Exception, match="--head-alpha applies to --method cxgrad only"):
+        MetaTrainConfig(method="maml", head_alpha=0.1)

@@ -94,6 +94,31 @@ def test_fine_tuning_a_shipped_model_with_a_prototype_head(tmp_path):
     assert torch.equal(last["meta"]["head__weight"], shipped["param.head.weight"])
 
 
+def test_a_ways_range_draws_each_episode_its_ways_and_validates_at_both_ends(tmp_path):
+    """--min-ways/--max-ways (issue 16): training episodes of 2..6 classes, validation at --ways and
+    --max-ways, the kept checkpoint chosen on their mean; the draw is seeded per episode."""
+    from fewshot.models.data import load_dataset
+    from fewshot.models.meta.training import WaysSampler
+
+    val = load_dataset("omniglot", "val")
+    sampler = WaysSampler(val, 2, 6, 1, 2, seed=3)
+    ways = [len(sampler.episode(i).classes) for i in range(60)]
+    assert set(ways) == {2, 3, 4, 5, 6} and ways == [len(sampler.episode(i).classes) for i in range(60)]
+    fixed = WaysSampler(val, 5, 5, 1, 2, seed=3).episode(7)  # a fixed ways draws what EpisodeSampler drew before
+    from fewshot.models.episodes import EpisodeSampler
+
+    assert (fixed.support == EpisodeSampler(val, 5, 1, 2, seed=3).episode(7).support).all()
+    run = tmp_path / "ways"
+    proc = _train("--method", "cxgrad", "--dataset", "omniglot", "--width", "16", "--val-every", "2", "--val-tasks", "3",
+                  "--meta-batch", "2", "--inner-steps", "1", "--bn-train", "support", "--threads", "2", "--iterations", "2",
+                  "--head-init", "shared", "--ways", "3", "--min-ways", "2", "--max-ways", "6", "--out", str(run))
+    assert proc.returncode == 0, proc.stderr
+    row = _rows(run)[-1]
+    assert row["kind"] == "val" and set(row["by_ways"]) == {"3", "6"} and row["accuracy"] == row["by_ways"]["3"][0]
+    assert abs(row["score"] - (row["by_ways"]["3"][0] + row["by_ways"]["6"][0]) / 2) < 1e-9
+    assert "6-way" in proc.stdout + proc.stderr
+
+
 def test_cosine_outer_lr_runs_from_outer_lr_to_a_hundredth():
     cfg = MetaTrainConfig(outer_lr=1e-3, iterations=1000, outer_lr_schedule="cosine")
     lrs = [cfg.outer_lr_at(i) for i in range(0, 1001, 50)]
@@ -109,6 +134,10 @@ def test_train_rejects_bad_options_in_one_line(tmp_path):
     assert proc.returncode == 2 and "--loss do not apply to meta-training" in proc.stderr
     proc = _train("--method", "maml", "--dataset", "tinyimagenet", "--rotations", "--out", str(tmp_path))
     assert proc.returncode == 2 and "--rotations applies to Omniglot only" in proc.stderr and proc.stderr.count("\n") == 1
+    proc = _train("--method", "maml", "--max-ways", "20", "--out", str(tmp_path))
+    assert proc.returncode == 2 and "need a head that adapts any number of classes" in proc.stderr
+    proc = _train("--method", "maml", "--head-init", "shared", "--min-ways", "6", "--max-ways", "20", "--out", str(tmp_path))
+    assert proc.returncode == 2 and "2 <= min-ways <= --ways (5) <= max-ways" in proc.stderr and proc.stderr.count("\n") == 1
     proc = _train("--method", "maml", "--outer-lr-schedule", "linear", "--out", str(tmp_path))
     assert proc.returncode == 2 and "unknown --outer-lr-schedule 'linear'" in proc.stderr
     proc = _train("--combine", "directsum", "--dataset", "omniglot", "--pools", "4", "--out", str(tmp_path), "--max-steps", "1")

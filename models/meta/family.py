@@ -41,7 +41,7 @@ def meta_model_parts(method: str, architecture: dict[str, Any], loop: dict[str, 
     from fewshot.models.meta.rules import build_rule
 
     net = MetaConv4(**{k: v for k, v in architecture.items() if k != "arch"})
-    rule = build_rule(method, net, loop["steps"], loop["alpha"], loop.get("beta", 1.0))
+    rule = build_rule(method, net, loop["steps"], loop["alpha"], loop.get("beta", 1.0), loop.get("head_alpha", 0.0))
     rule.load_state_dict({k.removeprefix("rule."): v for k, v in tensors.items() if k.startswith("rule.")})
     params = {k.removeprefix("param."): v for k, v in tensors.items() if k.startswith("param.")}
     return net, rule.eval(), params

@@ -176,16 +176,27 @@ class ContextualGradientScaling(UpdateRule):
     invariant (eq. 4) while the gradient norm of ``W_l`` is multiplied by ``||W_l|| / gamma_l``
     (eq. 5). Per task: one update of ``nu`` from the support loss before the loop (no second-order
     graph), then at each step: scale, one gradient w.r.t. (theta, nu), ``theta -= alpha g_theta``,
-    ``nu -= beta g_nu`` (eq. 7)."""
+    ``nu -= beta g_nu`` (eq. 7).
+
+    ``head_alpha`` (default ``alpha``, as the authors' code) is the step size of the linear head alone. IGS
+    rescales the conv layers only, so their effective step is ``alpha`` over ``gamma_l^2`` (eq. 5) and
+    ``g_phi`` learns it, while the head's step is ``alpha`` itself; with a shared head (any number of
+    classes) that step is what separates the classes' rows, and a larger one (MAML's 0.1 on Omniglot)
+    keeps many-way tasks within reach of five inner steps (RESULTS.md, issue 16)."""
 
     name = "cxgrad"
 
-    def __init__(self, net: MetaConv4, steps: int, alpha: float = 0.01, beta: float = 1.0, context_dim: int = 100) -> None:
+    def __init__(self, net: MetaConv4, steps: int, alpha: float = 0.01, beta: float = 1.0, context_dim: int = 100,
+                 head_alpha: float = 0.0) -> None:
         super().__init__(net, steps, alpha)
         self.beta, self.context_dim = beta, context_dim
+        self.head_alpha, self.head_names = head_alpha or alpha, set(net.head_names)
         self.conv_names = list(net.conv_names)
         self.g_phi = nn.Sequential(nn.Linear(context_dim, context_dim), nn.ReLU(), nn.Linear(context_dim, len(self.conv_names)),
                                    nn.Softplus())
+
+    def step_size(self, name: str, step: int) -> float:
+        return self.head_alpha if name in self.head_names else self.alpha
 
     def scale(self, params: Params, nu: torch.Tensor) -> Params:
         """Algorithm 2 (IGS): the conv weights rescaled to norms ``g_phi(nu)`` (eq. 8). Stacked tasks
@@ -231,10 +242,11 @@ RULES: dict[str, type[UpdateRule]] = {
 }
 
 
-def build_rule(method: str, net: MetaConv4, steps: int, alpha: float, beta: float = 1.0) -> UpdateRule:
-    """The update rule of ``method`` (one of :data:`RULES`)."""
+def build_rule(method: str, net: MetaConv4, steps: int, alpha: float, beta: float = 1.0,
+               head_alpha: float = 0.0) -> UpdateRule:
+    """The update rule of ``method`` (one of :data:`RULES`); ``head_alpha`` (CxGrad only; 0: ``alpha``)."""
     if method not in RULES:
         raise ConfigError(f"unknown method {method!r}: use one of {', '.join(RULES)}")
     if method == "cxgrad":
-        return ContextualGradientScaling(net, steps, alpha, beta)
+        return ContextualGradientScaling(net, steps, alpha, beta, head_alpha=head_alpha)
     return RULES[method](net, steps, alpha)

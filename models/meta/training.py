@@ -49,6 +49,8 @@ class MetaTrainConfig:
     inner_steps: int = 5
     alpha: float = 0.01
     beta: float = 1.0
+    #: CxGrad only: the inner step size of the linear head (0: ``alpha``, the authors' setting).
+    head_alpha: float = 0.0
     outer_lr: float = 1e-3
     outer_lr_schedule: str = "constant"
     first_order: bool = False
@@ -62,6 +64,11 @@ class MetaTrainConfig:
     data_root: str | None = None
     #: ``learned`` (a (ways, d) head) or ``prototypes`` (Proto-MAML: any number of classes at test time).
     head_init: str = "learned"
+    #: Ways of the training episodes drawn per episode, uniformly from ``min_ways..max_ways`` (0: ``ways``;
+    #: a range needs a head that adapts any number of classes); validation then runs at ``ways`` and at
+    #: ``max_ways`` and keeps the checkpoint with the best mean of the two.
+    min_ways: int = 0
+    max_ways: int = 0
     #: Start from this model's meta-parameters and rule (a models/zoo name or folder, or a run's .pt): fine-tuning.
     init_from: str = ""
     #: ``folder:PATH`` datasets: the model's input side and channels (0: 84 and 3); built-ins: their own.
@@ -82,12 +89,31 @@ class MetaTrainConfig:
             raise ConfigError("--ways must be >= 2 and --shots, --inner-steps, --meta-batch >= 1")
         if self.outer_lr_schedule not in OUTER_LR_SCHEDULES:
             raise ConfigError(f"unknown --outer-lr-schedule {self.outer_lr_schedule!r}: use {' or '.join(OUTER_LR_SCHEDULES)}")
+        if self.head_alpha and self.method != "cxgrad":
+            raise ConfigError("--head-alpha applies to --method cxgrad only (the other rules step every layer by --alpha)")
+        if self.head_alpha < 0:
+            raise ConfigError(f"--head-alpha must be positive (0: --alpha), got {self.head_alpha}")
         if self.rotations and self.dataset != "omniglot":
             raise ConfigError("--rotations applies to Omniglot only")
         from fewshot.models.meta.inner_loop import HEAD_INITS
 
         if self.head_init not in HEAD_INITS:
             raise ConfigError(f"unknown --head-init {self.head_init!r}: use {' or '.join(HEAD_INITS)}")
+        low, high = self.way_range()
+        if not 2 <= low <= self.ways <= high:
+            raise ConfigError(f"--min-ways {low} and --max-ways {high} must satisfy 2 <= min-ways <= --ways "
+                              f"({self.ways}) <= max-ways")
+        if (low, high) != (self.ways, self.ways) and self.head_init == "learned":
+            raise ConfigError("--min-ways/--max-ways need a head that adapts any number of classes: "
+                              "--head-init shared or prototypes (the learned head has --ways rows)")
+
+    def way_range(self) -> tuple[int, int]:
+        """``(min_ways, max_ways)`` of the training episodes (``(ways, ways)`` unless a range is set)."""
+        return self.min_ways or self.ways, self.max_ways or self.ways
+
+    def validation_ways(self) -> list[int]:
+        """The ways validation runs at: ``ways``, and ``max_ways`` when training draws a range."""
+        return sorted({self.ways, self.way_range()[1]})
 
     def outer_lr_at(self, iteration: int) -> float:
         """Outer (Adam) learning rate for ``iteration`` (0-based) of ``iterations``.
@@ -108,7 +134,7 @@ OUTER_LR_SCHEDULES = ("constant", "cosine")
 def build_learner(cfg: MetaTrainConfig, spec: InputSpec) -> tuple[MetaConv4, UpdateRule]:
     per_step_bn = cfg.inner_steps + 1 if cfg.method == "mamlpp" else 0
     net = MetaConv4(spec.channels, cfg.width, spec.size, cfg.ways, per_step_bn)
-    return net, build_rule(cfg.method, net, cfg.inner_steps, cfg.alpha, cfg.beta)
+    return net, build_rule(cfg.method, net, cfg.inner_steps, cfg.alpha, cfg.beta, cfg.head_alpha)
 
 
 def query_loss(net: MetaConv4, cfg: MetaTrainConfig, adaptation, support: torch.Tensor, query: torch.Tensor,
@@ -142,14 +168,28 @@ SNAPSHOTS = "snapshots"
 
 
 def validate(cfg: MetaTrainConfig, net: MetaConv4, rule: UpdateRule, params: dict[str, torch.Tensor], val,
-             spec: InputSpec, dev: torch.device | str):
-    """Validation of meta-parameters: ``cfg.val_tasks`` seeded tasks of the val split, support BatchNorm.
+             spec: InputSpec, dev: torch.device | str, ways: int | None = None):
+    """Validation of meta-parameters: ``cfg.val_tasks`` seeded ``ways``-way tasks (default ``cfg.ways``) of
+    the val split, support BatchNorm.
 
     The tasks depend only on ``cfg.seed``, so every validation of a run sees the same tasks (paired comparison).
     """
     adapter = InnerLoopAdapter(net, rule, params, cfg.inner_steps, "support", head_init=cfg.head_init)
-    return evaluate(adapter, val, lambda a: spec.normalize(a).to(dev), cfg.ways, cfg.shots, cfg.queries,
+    return evaluate(adapter, val, lambda a: spec.normalize(a).to(dev), ways or cfg.ways, cfg.shots, cfg.queries,
                     cfg.val_tasks, seed=cfg.seed)
+
+
+class WaysSampler:
+    """Training episodes whose number of classes is drawn per episode, uniformly from ``low..high``;
+    episode ``i`` depends only on ``(seed, i)`` (so a resumed run draws the same tasks)."""
+
+    def __init__(self, dataset, low: int, high: int, shots: int, queries: int, seed: int) -> None:
+        self.samplers = {n: EpisodeSampler(dataset, n, shots, queries, seed=seed) for n in range(low, high + 1)}
+        self.low, self.high, self.seed = low, high, seed
+
+    def episode(self, index: int):
+        ways = int(np.random.default_rng([self.seed, 1, index]).integers(self.low, self.high + 1)) if self.high > self.low else self.low
+        return self.samplers[ways].episode(index)
 
 
 def _load_initial(source: str, meta: nn.ParameterDict, rule: UpdateRule) -> None:
@@ -201,7 +241,7 @@ def train_meta(cfg: MetaTrainConfig, out_dir: Path, resume: bool = False, device
     elif metrics_path.exists() and ranks.writer:
         metrics_path.unlink()
     ranks.barrier()
-    sampler = EpisodeSampler(train, cfg.ways, cfg.shots, cfg.queries, seed=cfg.seed + 10_000)
+    sampler = WaysSampler(train, *cfg.way_range(), cfg.shots, cfg.queries, seed=cfg.seed + 10_000)
     second_order = not (cfg.first_order or cfg.method == "fomaml")
 
     def params() -> dict[str, torch.Tensor]:
@@ -251,11 +291,17 @@ def train_meta(cfg: MetaTrainConfig, out_dir: Path, resume: bool = False, device
         if (it % cfg.val_every == 0 or it == cfg.iterations) and not ranks.writer:
             ranks.barrier()  # rank 0 validates and writes the checkpoints meanwhile
         elif it % cfg.val_every == 0 or it == cfg.iterations:
-            res = validate(cfg, net, rule, params(), val, spec, dev)
-            log.write(json.dumps({"kind": "val", "step": it, "accuracy": res.accuracy, "ci95": res.ci95}) + "\n"), log.flush()
-            tqdm.write(f"iteration {it}: val {cfg.ways}-way {cfg.shots}-shot (support BN) {res.accuracy:.2f} +- {res.ci95:.2f}")
-            if res.accuracy > best:
-                best = res.accuracy
+            results = {n: validate(cfg, net, rule, params(), val, spec, dev, n) for n in cfg.validation_ways()}
+            res = results[cfg.ways]
+            score = float(np.mean([r.accuracy for r in results.values()]))
+            row = {"kind": "val", "step": it, "accuracy": res.accuracy, "ci95": res.ci95}
+            if len(results) > 1:
+                row.update(score=score, by_ways={str(n): [r.accuracy, r.ci95] for n, r in results.items()})
+            log.write(json.dumps(row) + "\n"), log.flush()
+            others = "".join(f", {n}-way {r.accuracy:.2f} +- {r.ci95:.2f}" for n, r in results.items() if n != cfg.ways)
+            tqdm.write(f"iteration {it}: val {cfg.ways}-way {cfg.shots}-shot (support BN) {res.accuracy:.2f} +- {res.ci95:.2f}{others}")
+            if score > best:
+                best = score
                 save(best_path)
             save(last_path)
             save(out_dir / SNAPSHOTS / f"{it}.pt", optimizer=False)  # for fewshot average (weights only)
