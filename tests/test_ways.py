@@ -1,9 +1,8 @@
 """Any number of classes on the inner-loop models (issue 16, part 3): a shipped inner-loop model whose head
 initialisation does not fix the number of classes (``inner_loop.head_init`` ``shared``: Ye and Chao's one
-meta-learned row replicated per class; every shipped CxGrad and MAML model) adapts 2- to 50-way tasks, and
+meta-learned row replicated per class; the Omniglot CxGrad and MAML models) adapts 2- to 50-way tasks, and
 over gRPC each served prediction equals the bundle's own family object in process, at 2, 3, 5, 10 and 20
-ways. A learned head (bundles packaged before issue 16: one row per training class) refuses another number
-of classes; ``tests/test_inner_loop.py`` pins that on a built one."""
+ways. A learned head (the Tiny ImageNet pair, still 5 rows: RESULTS.md) refuses another number of classes."""
 
 from __future__ import annotations
 
