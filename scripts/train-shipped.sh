@@ -36,10 +36,11 @@ declare -A LATER=(
 )
 # A last stage of the inner-loop models (issue 16): fine-tuned with a head that adapts any number of classes
 # from the weights the stages above produced, on a short cosine into runs/NAME/HEAD (scripts/package-shipped.sh
-# packages that run when it exists). HEAD is what ships (SHIPPED_HEAD: the Omniglot pair has Ye and Chao's
-# shared row; the Tiny ImageNet pair keeps its 5-row learned head, RESULTS.md) unless HEAD_INIT names one:
-# shared, prototypes (Proto-MAML's, measured and not shipped) or learned (no fine-tune).
-declare -A SHIPPED_HEAD=([omniglot-conv4-maml]=shared [omniglot-conv4-cxgrad]=shared)
+# packages that run when it exists). HEAD is what ships (SHIPPED_HEAD: every inner-loop model has Ye and Chao's
+# shared row, RESULTS.md) unless HEAD_INIT names one: shared, prototypes (Proto-MAML's, measured and not
+# shipped) or learned (no fine-tune).
+declare -A SHIPPED_HEAD=([omniglot-conv4-maml]=shared [omniglot-conv4-cxgrad]=shared [tinyimagenet-conv4-maml]=shared
+  [tinyimagenet-conv4-cxgrad]=shared)
 PROTO="--outer-lr 0.0005 --outer-lr-schedule cosine"
 declare -A FINETUNE=(
   [omniglot-conv4-maml]="${OMNI_META_2/--iterations 11000/--iterations 1500} --val-every 500 --method maml --alpha 0.1 $PROTO"
@@ -47,15 +48,20 @@ declare -A FINETUNE=(
   [tinyimagenet-conv4-maml]="${TI_META/--iterations 800/--iterations 600} --val-every 300 --method maml --alpha 0.01 $PROTO"
   [tinyimagenet-conv4-cxgrad]="${TI_META/--iterations 800/--iterations 600} --val-every 300 --method cxgrad --alpha 0.01 --beta 1.0 $PROTO"
 )
-# Then, for the heads of any number of classes (SHIPPED_WAYS: the Omniglot pair), episodes of 2..20 classes
-# drawn per episode (5 queries per class, so a step costs about what a 5-way 15-query one did), from the
-# fine-tune above into runs/NAME/ways; validation at 5 and 20 ways. CxGrad's head takes MAML's larger step
-# share (--head-alpha 0.03: IGS leaves the head at alpha, RESULTS.md). WAYS=0 skips it.
+# Then, for the heads of any number of classes (SHIPPED_WAYS), episodes of 2..20 classes drawn per episode
+# (5 queries per class, so a step costs about what a 5-way 15-query one did), from the fine-tune above into
+# runs/NAME/ways; validation at 5 and 20 ways. CxGrad's head takes a larger step (--head-alpha 0.03: IGS
+# leaves the head at alpha, RESULTS.md). WAYS=0 skips it. The Tiny ImageNet pair (WAYS_ONLY) skips the
+# 5-way fine-tune: its ways stage starts from the learned-head weights (what was measured and shipped).
+TI_WAYS="--bn-train support --dataset tinyimagenet --width 32 --ways 5 --min-ways 2 --max-ways 20 --shots 5 --queries 5 --meta-batch 2 --inner-steps 5 --iterations 600 --val-every 300 --val-tasks 100 --first-order --seed 0 $PROTO"
 OMNI_WAYS="--bn-train support --dataset omniglot --ways 5 --min-ways 2 --max-ways 20 --shots 1 --queries 5 --meta-batch 4 --inner-steps 5 --iterations 1000 --val-every 250 --val-tasks 200 --seed 0 --rotations $PROTO"
 declare -A SHIPPED_WAYS=(
   [omniglot-conv4-maml]="$OMNI_WAYS --method maml --alpha 0.1"
   [omniglot-conv4-cxgrad]="$OMNI_WAYS --method cxgrad --alpha 0.01 --head-alpha 0.03 --beta 1.0"
+  [tinyimagenet-conv4-maml]="$TI_WAYS --method maml --alpha 0.01"
+  [tinyimagenet-conv4-cxgrad]="$TI_WAYS --method cxgrad --alpha 0.01 --head-alpha 0.03 --beta 1.0"
 )
+declare -A WAYS_ONLY=([tinyimagenet-conv4-maml]=1 [tinyimagenet-conv4-cxgrad]=1)
 names=("$@")
 [ ${#names[@]} -gt 0 ] || names=(tinyimagenet-conv4-sce-nca-directsum omniglot-conv4-directsum tinyimagenet-conv4-sce tinyimagenet-conv4-sce-nca-sum)
 for name in "${names[@]}"; do
@@ -67,17 +73,18 @@ for name in "${names[@]}"; do
     # FINETUNE_ONLY=1: only the last stage, from the shipped model's weights (models/zoo/NAME) instead of
     # runs/NAME/best.pt (a checkout that has not trained the stages above).
     if [ -n "${FINETUNE_ONLY:-}" ]; then steps=(); fi
-    steps+=("finetune ${FINETUNE[$name]} --head-init $head")
+    [ -n "${WAYS_ONLY[$name]:-}" ] && [ "$head" = shared ] || steps+=("finetune ${FINETUNE[$name]} --head-init $head")
     if [ "$head" != learned ] && [ -n "${SHIPPED_WAYS[$name]:-}" ] && [ "${WAYS:-1}" != 0 ]; then
       steps+=("ways ${SHIPPED_WAYS[$name]} --head-init $head")
     fi
   fi
   init="runs/$name/best.pt"; [ -z "${FINETUNE_ONLY:-}" ] || init="$name"
+  ways_init="runs/$name/$head/best.pt"; [ -z "${WAYS_ONLY[$name]:-}" ] || ways_init=$init
   for i in "${!steps[@]}"; do
     case ${steps[$i]} in
       average*) echo "fewshot average --run runs/$name --from-iteration ${steps[$i]#average }" ;;
       finetune*) echo "fewshot train ${steps[$i]#finetune } --init-from $init --out runs/$name/$head" ;;
-      ways*) echo "fewshot train ${steps[$i]#ways } --init-from runs/$name/$head/best.pt --out runs/$name/ways" ;;
+      ways*) echo "fewshot train ${steps[$i]#ways } --init-from $ways_init --out runs/$name/ways" ;;
       *) echo "fewshot train ${steps[$i]} --out runs/$name$([ "$i" = 0 ] || echo ' --resume')" ;;
     esac
   done | tr -s ' ' | paste -sd'&' | sed 's/&/ \&\& /g' > "runs/$name/command.txt"
@@ -87,7 +94,7 @@ for name in "${names[@]}"; do
     case $step in
       average*) $FEWSHOT average --run "runs/$name" --from-iteration "${step#average }" ;;
       finetune*) $FEWSHOT train ${step#finetune } $THREADS --init-from "$init" --out "runs/$name/$head" --resume ;;
-      ways*) $FEWSHOT train ${step#ways } $THREADS --init-from "runs/$name/$head/best.pt" --out "runs/$name/ways" --resume ;;
+      ways*) $FEWSHOT train ${step#ways } $THREADS --init-from "$ways_init" --out "runs/$name/ways" --resume ;;
       *) $FEWSHOT train $step $THREADS --out "runs/$name" --resume ;;
     esac
   done

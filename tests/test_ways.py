@@ -1,8 +1,8 @@
 """Any number of classes on the inner-loop models (issue 16, part 3): a shipped inner-loop model whose head
 initialisation does not fix the number of classes (``inner_loop.head_init`` ``shared``: Ye and Chao's one
-meta-learned row replicated per class; the Omniglot CxGrad and MAML models) adapts 2- to 50-way tasks, and
+meta-learned row replicated per class; every shipped CxGrad and MAML model) adapts 2- to 50-way tasks, and
 over gRPC each served prediction equals the bundle's own family object in process, at 2, 3, 5, 10 and 20
-ways. A learned head (the Tiny ImageNet pair, still 5 rows: RESULTS.md) refuses another number of classes."""
+ways. A learned head (none shipped now) refuses another number of classes: ``tests/test_inner_loop.py``."""
 
 from __future__ import annotations
 
@@ -26,7 +26,6 @@ from fewshot_client._proto import fewshot_pb2_grpc as pb_grpc
 
 INNER_LOOP = [n for n in shipped_models() if load_model(n).card.family == "inner_loop"]
 ANY_WAYS = [n for n in INNER_LOOP if load_model(n).card.family_blocks["inner_loop"].get("head_init", "learned") != "learned"]
-LEARNED = [n for n in INNER_LOOP if n not in ANY_WAYS]
 
 
 @pytest.fixture(scope="module")
@@ -48,19 +47,11 @@ def _support(data, ep) -> list[pb.LabelledImage]:
 def test_listmodels_reports_the_range_of_classes_of_every_inner_loop_model(stub):
     """2..50 with a shared head; a learned head's own rows (its training ways) otherwise; as the card says."""
     served = {m.name: m for m in stub.ListModels(pb.ListModelsRequest()).models}
-    assert {"omniglot-conv4-cxgrad", "omniglot-conv4-maml"} <= set(ANY_WAYS)
+    assert {"omniglot-conv4-cxgrad", "omniglot-conv4-maml", "tinyimagenet-conv4-cxgrad", "tinyimagenet-conv4-maml"} <= set(ANY_WAYS)
     for name in INNER_LOOP:
         card = load_model(name).card
         expected = (MIN_WAYS, MAX_WAYS) if name in ANY_WAYS else (card.training["config"]["ways"],) * 2
         assert (served[name].min_ways, served[name].max_ways) == expected == (card.limits["min_ways"], card.limits["max_ways"])
-
-
-@pytest.mark.parametrize("name", LEARNED)
-def test_a_learned_head_refuses_another_number_of_classes_with_its_own(stub, name):
-    data = _test_split(load_model(name).card.dataset)
-    with pytest.raises(grpc.RpcError) as err:
-        stub.Adapt(pb.AdaptRequest(model=name, support=_support(data, EpisodeSampler(data, 7, 1, 1, seed=3).episode(0))))
-    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "adapts 5-way tasks" in err.value.details()
 
 
 #: Every shipped inner-loop model of any number of classes at the WAY_SWEEP ways and at 20 (Lake et al.'s Omniglot benchmark).
