@@ -208,7 +208,9 @@ def package_meta_run(checkpoint: Path, name: str, command: str, out_dir: Path = 
         "schema": CARD_SCHEMA, "name": name, "family": "inner_loop", "method": method,
         "architecture": ck["net_config"], "input": ck["spec"], "feature_dim": None,
         "inner_loop": {"steps": cfg["inner_steps"], "max_steps": 4 * cfg["inner_steps"], "alpha": cfg["alpha"],
-                       "beta": cfg["beta"], "bn_mode": "support", "bn_modes": ["support", "transductive"],
+                       "beta": cfg["beta"], "bn_mode": "support",
+                       # a network with frozen statistics (--init-backbone) never reads a batch's: one mode
+                       "bn_modes": ["support"] if ck["net_config"].get("frozen_bn") else ["support", "transductive"],
                        "second_order_training": not (cfg["first_order"] or method == "fomaml"), "head_init": head_init,
                        **({"head_alpha": cfg["head_alpha"]} if cfg.get("head_alpha") else {})},
         "training": training,

@@ -84,21 +84,29 @@ class ShippedMetaModel:
         return {k: v.detach().contiguous() for k, v in out.items()}
 
     def body(self) -> Conv4:
-        """The meta network's body as a plain backbone (unit BatchNorm statistics): its features are
-        what a metric head would use; a bundle ships it as ``backbone.onnx``."""
+        """The meta network's body as a plain backbone (unit BatchNorm statistics, or the frozen ones of a
+        network initialised from a metric backbone): its features are what a metric head would use; a
+        bundle ships it as ``backbone.onnx``."""
         spec, net, p = self.spec, self.net, self.meta_params
-        backbone = Conv4(spec.channels, net.width, 4, spec.size)
+        backbone = Conv4(spec.channels, net.width, net.pools, spec.size)
         suffix = ".0" if net.per_step_bn else ""
-        sd = {}
-        for l in range(4):
-            base = 4 * l
-            sd[f"encoder.{base}.weight"] = p[f"conv{l}.weight"]
-            sd[f"encoder.{base + 1}.weight"] = p[f"bn{l}.weight{suffix}"]
-            sd[f"encoder.{base + 1}.bias"] = p[f"bn{l}.bias{suffix}"]
-            sd[f"encoder.{base + 1}.running_mean"] = torch.zeros(net.width)
-            sd[f"encoder.{base + 1}.running_var"] = torch.ones(net.width)
-        backbone.load_state_dict(sd, strict=False)
+        convs = [m for m in backbone.encoder if isinstance(m, torch.nn.Conv2d)]
+        norms = [m for m in backbone.encoder if isinstance(m, torch.nn.BatchNorm2d)]
+        stats = net.frozen_statistics(p) if net.frozen_bn else [(torch.zeros(net.width), torch.ones(net.width))] * 4
+        with torch.no_grad():
+            for l, (conv, bn) in enumerate(zip(convs, norms)):
+                conv.weight.copy_(p[f"conv{l}.weight"])
+                bn.weight.copy_(p[f"bn{l}.weight{suffix}"]), bn.bias.copy_(p[f"bn{l}.bias{suffix}"])
+                bn.running_mean.copy_(stats[l][0]), bn.running_var.copy_(stats[l][1])
+                if net.frozen_bn:  # the frozen statistics carry the backbone's epsilon (training.backbone_params)
+                    bn.eps = net.bn_eps
         return backbone.eval()
+
+    def example_statistics(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """BatchNorm statistics to trace the network with: the frozen ones, or unit ones."""
+        if self.net.frozen_bn:
+            return [(m.detach(), v.detach()) for m, v in self.net.frozen_statistics(self.meta_params)]
+        return [(torch.zeros(self.net.width), torch.ones(self.net.width))] * 4
 
     def network_module(self) -> tuple[torch.nn.Module, list[str]]:
         """The classifier as ``module(images, *weights)`` and its input names (``network.onnx``'s)."""
@@ -114,7 +122,7 @@ class ShippedMetaModel:
         spec, net, step = self.spec, self.net, self.card.family_blocks["inner_loop"]["steps"]
 
         def network() -> bytes:
-            example = network_inputs(net, self.meta_params, [(torch.zeros(net.width), torch.ones(net.width))] * 4, step)
+            example = network_inputs(net, self.meta_params, self.example_statistics(), step)
             return network_to_onnx(net, example, step)
 
         return {"backbone": lambda: backbone_to_onnx(self.body(), spec.channels, spec.size), "network": network}

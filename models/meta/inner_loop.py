@@ -37,8 +37,10 @@ class Adaptation:
 #: one meta-learned row, the mean of the stored head's rows, replicated for every class, so every task
 #: starts at the uniform prediction and the inner loop does the separating; any number of classes).
 #: With ``prototypes`` a 1-shot support set sits on its own prototypes: its loss starts near 0 and the
-#: inner loop has almost nothing to do (RESULTS.md); ``shared`` keeps it at work.
-HEAD_INITS = ("learned", "prototypes", "shared")
+#: inner loop has almost nothing to do (RESULTS.md); ``shared`` keeps it at work. ``centroid`` (issue 33):
+#: the metric path's nearest-centroid classifier on the network's transformed features, with the
+#: meta-learned temperature ``exp(head.log_scale)`` (:func:`centroid_head`): zero steps answer as the centroid.
+HEAD_INITS = ("learned", "prototypes", "shared", "centroid")
 
 
 def shared_head(params: Params, labels: torch.Tensor) -> Params:
@@ -61,6 +63,22 @@ def prototype_head(net: MetaConv4, params: Params, support: torch.Tensor, labels
     return {**params, "head.weight": 2.0 * means, "head.bias": -(means * means).sum(1)}
 
 
+def centroid_head(net: MetaConv4, params: Params, support: torch.Tensor, labels: torch.Tensor) -> Params:
+    """``params`` with the head replaced by the nearest-centroid classifier on the transformed features
+    ``z`` (``net.transform``, e.g. CL2N) of the support set ``(S, ...)``: prototypes ``p_c`` (class means of
+    ``z``, as the metric path's centroid head), weights ``2 tau p_c`` and biases ``-tau ||p_c||^2`` with
+    ``tau = exp(head.log_scale)``, so the logits are ``-tau ||z - p_c||^2`` up to a per-query constant:
+    the centroid's ranking, at the learned temperature. Differentiable in the body and ``tau``."""
+    if not net.transform:
+        raise ConfigError("the centroid head starts from transformed features: a network with a feature transform "
+                          "(initialised from a metric backbone, --init-backbone)")
+    z = net.embed(params, support).to(params["head.weight"].dtype)
+    onehot = torch.nn.functional.one_hot(labels, int(labels.max()) + 1).to(z.dtype)
+    means = (onehot.T @ z) / onehot.sum(0)[:, None]
+    tau = params["head.log_scale"].exp()
+    return {**params, "head.weight": 2.0 * tau * means, "head.bias": -tau * (means * means).sum(1)}
+
+
 def inner_loop(net: MetaConv4, rule: UpdateRule, params: Params, support: torch.Tensor, labels: torch.Tensor,
                steps: int, create_graph: bool = False, head_init: str = "learned") -> Adaptation:
     """Adapt ``params`` to the support set ``(S, C, H, W)``, ``(S,)`` with ``steps`` rule updates.
@@ -80,6 +98,8 @@ def inner_loop(net: MetaConv4, rule: UpdateRule, params: Params, support: torch.
             params = prototype_head(net, params, support, labels)
         elif head_init == "shared":
             params = shared_head(params, labels)
+        elif head_init == "centroid":
+            params = centroid_head(net, params, support, labels)
         params = {k: v if v.requires_grad else v.detach().requires_grad_(True) for k, v in params.items()}
 
         def task_losses(p: Params, step: int) -> torch.Tensor:
@@ -191,7 +211,10 @@ class InnerLoopAdapter:
         # Tiny ImageNet's 64x64 inputs, BENCHMARKS.md); values equal to float rounding
         support = support.contiguous(memory_format=torch.channels_last)
         with torch.autocast(support.device.type, dtype=self.precision, enabled=self.precision != torch.float32):
-            result = inner_loop(self.net, self.rule, self.meta_params, support, labels, self.steps, create_graph=False,
+            net, inputs = self.net, support
+            if self.net.adapt_from:  # a fixed stem runs once; the loop runs the adapted blocks on its output
+                net, inputs = self.net.tail(), self.net.stem(self.meta_params, support)
+            result = inner_loop(net, self.rule, self.meta_params, inputs, labels, self.steps, create_graph=False,
                                 head_init=self.head_init)
         params = {k: v.detach() for k, v in result.params.items()}
         stats = support_statistics(self.net, params, support, self.steps) if self.bn_mode == "support" else None

@@ -22,7 +22,7 @@ def network_input_names(net: MetaConv4, step: int) -> list[str]:
     names = []
     for l in range(4):
         names += [f"conv{l}.weight", f"bn{l}.weight{suffix}", f"bn{l}.bias{suffix}", f"bn{l}.running_mean", f"bn{l}.running_var"]
-    return names + ["head.weight", "head.bias"]
+    return names + ["head.weight", "head.bias"] + (["center"] if net.transform == "CL2N" else [])
 
 
 def network_inputs(net: MetaConv4, params: dict[str, torch.Tensor], stats, step: int) -> dict[str, torch.Tensor]:

@@ -34,9 +34,11 @@ class UpdateRule(nn.Module):
     #: :func:`fewshot.models.meta.stacked.stacked_inner_loop`): its update is elementwise or per task.
     stackable = True
 
-    def __init__(self, net: MetaConv4, steps: int, alpha: float = 0.01) -> None:
+    def __init__(self, net: MetaConv4, steps: int, alpha: float = 0.01, head_alpha: float = 0.0) -> None:
+        """``head_alpha``: the step size of the linear head (0: ``alpha``)."""
         super().__init__()
         self.steps, self.alpha = steps, alpha
+        self.head_alpha, self.head_names = head_alpha or alpha, set(net.head_names)
         self._adapted = net.conv_names + net.head_names
 
     def adapted_names(self) -> list[str]:
@@ -53,7 +55,10 @@ class UpdateRule(nn.Module):
         return []
 
     def step_size(self, name: str, step: int) -> torch.Tensor | float:
-        return self.alpha
+        return self.head_alpha if name in self.head_names else self.alpha
+
+    def start_at(self, params: Params) -> None:
+        """Set the rule's own parameters for an initialisation ``params`` (a pretrained backbone): nothing here."""
 
     def direction(self, name: str, grad: torch.Tensor, step: int, ctx: Context, params: Params,
                   loss: torch.Tensor) -> torch.Tensor:
@@ -188,15 +193,22 @@ class ContextualGradientScaling(UpdateRule):
 
     def __init__(self, net: MetaConv4, steps: int, alpha: float = 0.01, beta: float = 1.0, context_dim: int = 100,
                  head_alpha: float = 0.0) -> None:
-        super().__init__(net, steps, alpha)
+        super().__init__(net, steps, alpha, head_alpha)
         self.beta, self.context_dim = beta, context_dim
-        self.head_alpha, self.head_names = head_alpha or alpha, set(net.head_names)
         self.conv_names = list(net.conv_names)
         self.g_phi = nn.Sequential(nn.Linear(context_dim, context_dim), nn.ReLU(), nn.Linear(context_dim, len(self.conv_names)),
                                    nn.Softplus())
 
-    def step_size(self, name: str, step: int) -> float:
-        return self.head_alpha if name in self.head_names else self.alpha
+    @torch.no_grad()
+    def start_at(self, params: Params) -> None:
+        """``g_phi(0)`` set to the norms of the adapted conv weights of ``params`` (through the last layer's
+        bias): IGS then leaves a pretrained backbone's weights as they are and the first inner step is
+        MAML's at the same ``alpha``; meta-training moves the scales from there."""
+        hidden = torch.relu(self.g_phi[0].bias)
+        last = self.g_phi[2]
+        norms = torch.stack([params[n].norm() for n in self.conv_names]).to(last.bias)
+        softplus_inverse = norms + torch.log(-torch.expm1(-norms))
+        last.bias.copy_(softplus_inverse - last.weight @ hidden)
 
     def scale(self, params: Params, nu: torch.Tensor) -> Params:
         """Algorithm 2 (IGS): the conv weights rescaled to norms ``g_phi(nu)`` (eq. 8). Stacked tasks
@@ -232,6 +244,50 @@ class ContextualGradientScaling(UpdateRule):
         return new, {"nu": nu if nu.requires_grad else nu.requires_grad_(True)}
 
 
+class TaskContextScaling(ContextualGradientScaling):
+    """CxGrad with a context that carries the task (issue 33). In the paper's formulation the context
+    ``nu`` is updated by the gradient of the support loss, which BatchNorm (or frozen statistics in units
+    of the weight norm) makes zero (eq. 4): ``nu`` never leaves 0 and ``g_phi`` learns one fixed scale per
+    layer. Here ``g_phi`` reads quantities of the task that are not zero and do not depend on the IGS
+    rescaling, as ALFA's generator reads gradients and weights: the support loss and, per adapted conv
+    layer, ``log(||dL/dW_l|| * ||W_l||)`` (invariant to the scale of ``W_l``), measured before the loop and
+    after every step (no second-order graph through them, as the authors' ``nu`` update).
+    ``g_phi = Linear(L+1, 100)-ReLU-Linear(100, L)-Softplus``; scaling as CxGrad (Algorithm 2)."""
+
+    name = "cxgrad-task"
+    stackable = False  # the context is read from each task's own loss and gradients
+
+    def __init__(self, net: MetaConv4, steps: int, alpha: float = 0.01, beta: float = 1.0, head_alpha: float = 0.0) -> None:
+        super().__init__(net, steps, alpha, beta, head_alpha=head_alpha)
+        layers = len(self.conv_names)
+        self.context_dim = layers + 1
+        self.g_phi = nn.Sequential(nn.Linear(layers + 1, 100), nn.ReLU(), nn.Linear(100, layers), nn.Softplus())
+
+    @torch.no_grad()
+    def start_at(self, params: Params) -> None:
+        """``g_phi`` constant at the norms of ``params``' adapted convs (its last weights zeroed): the first
+        steps are MAML's; meta-training makes the scales depend on the context from there."""
+        self.g_phi[2].weight.zero_()
+        super().start_at(params)
+
+    def _context(self, loss: torch.Tensor, weights: list[torch.Tensor], grads: list[torch.Tensor]) -> torch.Tensor:
+        invariant = [torch.log(g.norm() * w.norm() + 1e-12) for g, w in zip(grads, weights)]
+        return torch.stack([loss.reshape(()), *invariant]).detach().to(next(self.g_phi.parameters()))
+
+    def begin(self, params: Params, support_loss: LossFn) -> Context:
+        weights = [params[n] for n in self.conv_names]
+        loss = support_loss(params, 0)
+        grads = torch.autograd.grad(loss, weights, retain_graph=True)
+        return {"nu": self._context(loss, weights, list(grads))}
+
+    def extra(self, ctx: Context) -> list[torch.Tensor]:
+        return []
+
+    def update(self, step, params, grads, extra_grads, loss, ctx):
+        new, _ = UpdateRule.update(self, step, params, grads, [], loss, ctx)
+        return new, {"nu": self._context(loss, [params[n] for n in self.conv_names], [grads[n] for n in self.conv_names])}
+
+
 def _key(name: str) -> str:
     return name.replace(".", "__")
 
@@ -239,6 +295,7 @@ def _key(name: str) -> str:
 RULES: dict[str, type[UpdateRule]] = {
     "maml": UpdateRule, "fomaml": UpdateRule, "metasgd": MetaSGD, "mamlpp": MAMLPlusPlus, "boil": BOIL,
     "metacurvature": MetaCurvature, "metalstm": MetaLSTM, "cxgrad": ContextualGradientScaling,
+    "cxgrad-task": TaskContextScaling,
 }
 
 
@@ -247,6 +304,8 @@ def build_rule(method: str, net: MetaConv4, steps: int, alpha: float, beta: floa
     """The update rule of ``method`` (one of :data:`RULES`); ``head_alpha`` (CxGrad only; 0: ``alpha``)."""
     if method not in RULES:
         raise ConfigError(f"unknown method {method!r}: use one of {', '.join(RULES)}")
-    if method == "cxgrad":
-        return ContextualGradientScaling(net, steps, alpha, beta, head_alpha=head_alpha)
+    if method in ("cxgrad", "cxgrad-task"):
+        return RULES[method](net, steps, alpha, beta, head_alpha=head_alpha)
+    if method in ("maml", "fomaml"):
+        return UpdateRule(net, steps, alpha, head_alpha)
     return RULES[method](net, steps, alpha)

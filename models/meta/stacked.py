@@ -55,8 +55,12 @@ def stacked_forward(net: MetaConv4, params: Params, x: torch.Tensor, bn_stats: B
         else:
             mean, var = bn_stats[l]
             h = F.batch_norm(h, mean.reshape(-1), var.reshape(-1), gamma, beta, training=False, eps=net.bn_eps)
-        h = F.relu(F.max_pool2d(h, 2))  # as MetaConv4.forward
+        h = F.relu(F.max_pool2d(h, 2)) if l < net.pools else F.relu(h)  # as MetaConv4.forward
     features = h.reshape(batch, tasks, -1).transpose(0, 1)  # (T, B, d), each task's flatten order
+    if net.transform == "CL2N":
+        features = features - params["center"].unsqueeze(1)
+    if net.transform:
+        features = F.normalize(features, dim=-1)
     return torch.baddbmm(params["head.bias"].unsqueeze(1), features, params["head.weight"].transpose(1, 2))
 
 

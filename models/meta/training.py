@@ -28,7 +28,7 @@ from fewshot.models.distributed import Ranks
 from fewshot.models.episodes import EpisodeSampler
 from fewshot.models.evaluation import evaluate
 from fewshot.models.meta.inner_loop import InnerLoopAdapter, inner_loop
-from fewshot.models.meta.network import MetaConv4, support_statistics
+from fewshot.models.meta.network import MetaConv4, Params, support_statistics
 from fewshot.models.meta.rules import UpdateRule, build_rule
 from fewshot.models.folders import canonical
 from fewshot.models.preprocess import InputSpec
@@ -52,6 +52,10 @@ class MetaTrainConfig:
     #: CxGrad only: the inner step size of the linear head (0: ``alpha``, the authors' setting).
     head_alpha: float = 0.0
     outer_lr: float = 1e-3
+    #: Outer learning rate of the update rule's own parameters (CxGrad's g_phi, learned step sizes; 0:
+    #: ``outer_lr``); follows the same schedule. From a pretrained backbone the scales start at the weight
+    #: norms (tens), where ``outer_lr`` would move them by a few percent over a whole run.
+    rule_lr: float = 0.0
     outer_lr_schedule: str = "constant"
     first_order: bool = False
     width: int = 64
@@ -74,6 +78,16 @@ class MetaTrainConfig:
     #: ``folder:PATH`` datasets: the model's input side and channels (0: 84 and 3); built-ins: their own.
     image_size: int = 0
     channels: int = 0
+    #: Pre-train, then meta-train (issue 33; Meta-Baseline, Chen et al. 2021): a shipped metric model
+    #: (models/zoo name) whose conv and BatchNorm weights start the network, with its running statistics
+    #: frozen (in units of each conv weight's norm: scale-invariant, as CxGrad's eq. 4 needs) and its
+    #: feature transform (CL2N / L2N) before the head; the architecture (width, pools) is the backbone's.
+    init_backbone: str = ""
+    #: The first block the inner loop adapts (0: all four); the blocks before it are a fixed stem, neither
+    #: adapted nor meta-trained, computed once per training image (needs --init-backbone).
+    adapt_from: int = 0
+    #: Initial temperature of the centroid head (--head-init centroid), meta-learned from there.
+    head_temperature: float = 10.0
 
     def __post_init__(self) -> None:
         from fewshot.models.meta.network import BN_MODES
@@ -89,8 +103,9 @@ class MetaTrainConfig:
             raise ConfigError("--ways must be >= 2 and --shots, --inner-steps, --meta-batch >= 1")
         if self.outer_lr_schedule not in OUTER_LR_SCHEDULES:
             raise ConfigError(f"unknown --outer-lr-schedule {self.outer_lr_schedule!r}: use {' or '.join(OUTER_LR_SCHEDULES)}")
-        if self.head_alpha and self.method != "cxgrad":
-            raise ConfigError("--head-alpha applies to --method cxgrad only (the other rules step every layer by --alpha)")
+        if self.head_alpha and self.method not in ("cxgrad", "cxgrad-task", "maml", "fomaml"):
+            raise ConfigError("--head-alpha applies to --method cxgrad, cxgrad-task, maml and fomaml only (the other rules step every "
+                              "layer by --alpha or learn their steps)")
         if self.head_alpha < 0:
             raise ConfigError(f"--head-alpha must be positive (0: --alpha), got {self.head_alpha}")
         if self.rotations and self.dataset != "omniglot":
@@ -103,6 +118,14 @@ class MetaTrainConfig:
         if not 2 <= low <= self.ways <= high:
             raise ConfigError(f"--min-ways {low} and --max-ways {high} must satisfy 2 <= min-ways <= --ways "
                               f"({self.ways}) <= max-ways")
+        if self.init_backbone and self.bn_train != "support":
+            raise ConfigError("--init-backbone keeps the backbone's BatchNorm statistics frozen: use --bn-train support")
+        if self.adapt_from and not self.init_backbone:
+            raise ConfigError("--adapt-from needs --init-backbone (a fixed stem is a pretrained one)")
+        if self.head_init == "centroid" and not self.init_backbone:
+            raise ConfigError("--head-init centroid starts from a metric backbone's transformed features: give --init-backbone")
+        if self.head_temperature <= 0:
+            raise ConfigError(f"--head-temperature must be positive, got {self.head_temperature}")
         if (low, high) != (self.ways, self.ways) and self.head_init == "learned":
             raise ConfigError("--min-ways/--max-ways need a head that adapts any number of classes: "
                               "--head-init shared or prototypes (the learned head has --ways rows)")
@@ -133,8 +156,51 @@ OUTER_LR_SCHEDULES = ("constant", "cosine")
 
 def build_learner(cfg: MetaTrainConfig, spec: InputSpec) -> tuple[MetaConv4, UpdateRule]:
     per_step_bn = cfg.inner_steps + 1 if cfg.method == "mamlpp" else 0
-    net = MetaConv4(spec.channels, cfg.width, spec.size, cfg.ways, per_step_bn)
+    if cfg.init_backbone:
+        from fewshot.models.zoo import load_model
+
+        backbone = load_model(cfg.init_backbone)
+        arch = backbone.card.architecture
+        if arch.get("arch") != "conv4" or arch["width"] != cfg.width:
+            raise ConfigError(f"--init-backbone {cfg.init_backbone} is a {arch.get('arch')} of width {arch.get('width')}: "
+                              f"meta-training takes a Conv-4 of --width {cfg.width}")
+        if backbone.spec.to_dict() != spec.to_dict():
+            raise ConfigError(f"--init-backbone {cfg.init_backbone} was trained on other inputs than --dataset {cfg.dataset}")
+        if per_step_bn:
+            raise ConfigError("--init-backbone does not apply to --method mamlpp (per-step BatchNorm)")
+        transform = backbone.card.heads.get("centroid", {}).get("transform", "L2N")
+        net = MetaConv4(spec.channels, cfg.width, spec.size, cfg.ways, 0, pools=arch.get("pools", 4), frozen_bn=True,
+                        transform="" if transform == "UN" else transform, adapt_from=cfg.adapt_from)
+    else:
+        net = MetaConv4(spec.channels, cfg.width, spec.size, cfg.ways, per_step_bn)
     return net, build_rule(cfg.method, net, cfg.inner_steps, cfg.alpha, cfg.beta, cfg.head_alpha)
+
+
+def backbone_params(net: MetaConv4, backbone, temperature: float) -> Params:
+    """Meta-parameters of ``net`` (``frozen_bn``) from a loaded metric model (:class:`~fewshot.models.zoo.ShippedModel`):
+    its convs and BatchNorm affine weights; its running statistics in units of each conv weight's norm
+    (``mu / ||W||``, ``(sigma^2 + eps_backbone - eps_net) / ||W||^2``, so the network equals the backbone's
+    eval mode to float rounding); its centering vector; the head at the centroid's place with temperature
+    ``temperature``."""
+    convs = [m for m in backbone.backbone.modules() if isinstance(m, nn.Conv2d)]
+    norms = [m for m in backbone.backbone.modules() if isinstance(m, nn.BatchNorm2d)]
+    if len(convs) != 4 or len(norms) != 4:
+        raise ConfigError("--init-backbone must be a Conv-4 (four conv + BatchNorm blocks)")
+    params = net.init_params()
+    for l, (conv, bn) in enumerate(zip(convs, norms)):
+        w = conv.weight.detach().float()
+        n = w.norm()
+        params[f"conv{l}.weight"] = w.clone()
+        params[f"bn{l}.weight"], params[f"bn{l}.bias"] = bn.weight.detach().clone(), bn.bias.detach().clone()
+        params[f"bn{l}.mean"] = bn.running_mean.detach() / n
+        params[f"bn{l}.var"] = (bn.running_var.detach() + bn.eps - net.bn_eps) / (n * n)
+    if net.transform == "CL2N":
+        if backbone.center is None:
+            raise ConfigError(f"--init-backbone {backbone.name} has no centering vector (CL2N needs one)")
+        params["center"] = backbone.center.detach().float().clone()
+    if net.transform:
+        params["head.log_scale"] = torch.tensor(math.log(temperature))
+    return params
 
 
 def query_loss(net: MetaConv4, cfg: MetaTrainConfig, adaptation, support: torch.Tensor, query: torch.Tensor,
@@ -192,6 +258,32 @@ class WaysSampler:
         return self.samplers[ways].episode(index)
 
 
+def _stem_features(net: MetaConv4, params: Params, images: np.ndarray, spec: InputSpec, dev: torch.device | str,
+                   chunk: int = 500) -> torch.Tensor:
+    """The fixed stem's output for every image ``(N, width, h, w)``, on the CPU (float32; 16 KB per Tiny
+    ImageNet image: about 1 GB for its training split). Kept in the data cache under a digest of the stem's
+    weights and the images, so the runs of one backbone (MAML, CxGrad, resumed ones) compute it once."""
+    import hashlib
+
+    from fewshot.models.data import atomic_save, cache_dir
+
+    digest = hashlib.sha256()
+    for name in sorted(params):
+        if any(name.startswith(f"{kind}{l}.") for l in range(net.adapt_from) for kind in ("conv", "bn")):
+            digest.update(name.encode() + params[name].detach().cpu().numpy().tobytes())
+    digest.update(str((images.shape, spec.to_dict())).encode() + images[:: max(1, len(images) // 64)].tobytes())
+    path = cache_dir() / f"stem-{digest.hexdigest()[:16]}.npy"
+    if path.exists():
+        return torch.from_numpy(np.load(path))
+    out = []
+    for i in tqdm(range(0, len(images), chunk), desc="stem features (once)", mininterval=5):
+        x = spec.normalize(images[i:i + chunk]).to(dev).contiguous(memory_format=torch.channels_last)
+        out.append(net.stem(params, x).cpu().contiguous())
+    features = torch.cat(out)
+    atomic_save(path, array=features.numpy())
+    return features
+
+
 def _load_initial(source: str, meta: nn.ParameterDict, rule: UpdateRule) -> None:
     """Meta-parameters and rule from a shipped model (``weights.safetensors``: ``param.*``, ``rule.*``) or
     a meta-training checkpoint (``meta``, ``rule``), for fine-tuning; shapes must match."""
@@ -225,17 +317,33 @@ def train_meta(cfg: MetaTrainConfig, out_dir: Path, resume: bool = False, device
     train = load_dataset(cfg.dataset, "train", cfg.data_root, rotations=cfg.rotations, spec=spec)
     val = load_dataset(cfg.dataset, "val", cfg.data_root, spec=spec)
     net, rule = build_learner(cfg, spec)
-    meta = nn.ParameterDict({k.replace(".", "__"): nn.Parameter(v) for k, v in net.init_params(torch.Generator().manual_seed(cfg.seed)).items()})
+    if cfg.init_backbone:
+        from fewshot.models.zoo import load_model
+
+        initial = backbone_params(net, load_model(cfg.init_backbone), cfg.head_temperature)
+        rule.start_at(initial)
+    else:
+        initial = net.init_params(torch.Generator().manual_seed(cfg.seed))
+    frozen = set(net.frozen_names())
+    meta = nn.ParameterDict({k.replace(".", "__"): nn.Parameter(v, requires_grad=k not in frozen) for k, v in initial.items()})
     if cfg.init_from and not (resume and (out_dir / "last.pt").exists()):
         _load_initial(cfg.init_from, meta, rule)
     meta, rule = meta.to(dev), rule.to(dev)
     ranks.broadcast(list(meta.parameters()) + list(rule.parameters()))
-    opt = torch.optim.Adam(list(meta.parameters()) + list(rule.parameters()), lr=cfg.outer_lr)
+    trained = [p for p in meta.parameters() if p.requires_grad] + list(rule.parameters())
+    groups = [{"params": [p for p in meta.parameters() if p.requires_grad], "scale": 1.0}]
+    if list(rule.parameters()):
+        groups.append({"params": list(rule.parameters()), "scale": (cfg.rule_lr or cfg.outer_lr) / cfg.outer_lr})
+    opt = torch.optim.Adam(groups, lr=cfg.outer_lr)
     it, best = 0, -1.0
     last_path, best_path, metrics_path = out_dir / "last.pt", out_dir / "best.pt", out_dir / "metrics.jsonl"
     if resume and last_path.exists():
         ck = torch.load(last_path, weights_only=False, map_location=dev)
-        meta.load_state_dict(ck["meta"]), rule.load_state_dict(ck["rule"]), opt.load_state_dict(ck["opt"])
+        meta.load_state_dict(ck["meta"]), rule.load_state_dict(ck["rule"])
+        if len(ck["opt"]["param_groups"]) == len(opt.param_groups):
+            opt.load_state_dict(ck["opt"])
+        else:  # a checkpoint from before the rule had its own group: Adam's moments start afresh
+            print("the checkpoint's optimiser has other parameter groups: Adam's moment estimates restart")
         it, best = ck["iteration"], ck["best"]
         print(f"resumed from {last_path} at iteration {it}/{cfg.iterations} (outer lr {cfg.outer_lr_at(it):.3g})")
     elif metrics_path.exists() and ranks.writer:
@@ -254,27 +362,39 @@ def train_meta(cfg: MetaTrainConfig, out_dir: Path, resume: bool = False, device
                     **({"opt": opt.state_dict()} if optimizer else {})}, path.with_suffix(".tmp"))
         path.with_suffix(".tmp").replace(path)
 
+    learner = net.tail() if net.adapt_from else net
+    stem_cache = _stem_features(net, params(), train.images, spec, dev) if net.adapt_from else None
+
     def batch(idx: np.ndarray) -> torch.Tensor:
+        if stem_cache is not None:  # the fixed stem's output, computed once per image
+            return stem_cache[torch.as_tensor(idx)].to(dev)
         return spec.normalize(train.images[idx]).to(dev)
 
     log = metrics_path.open("a") if ranks.writer else open(os.devnull, "w")
+    if it == 0 and ranks.writer and cfg.init_backbone:
+        # where meta-training starts (the centroid's answer with --head-init centroid): the curve's first point
+        for n in cfg.validation_ways():
+            res = validate(cfg, net, rule, params(), val, spec, dev, n)
+            log.write(json.dumps({"kind": "val", "step": 0, "ways": n, "accuracy": res.accuracy, "ci95": res.ci95}) + "\n")
+            tqdm.write(f"iteration 0: val {n}-way {cfg.shots}-shot {res.accuracy:.2f} +- {res.ci95:.2f}")
+        log.flush()
     bar = tqdm(total=cfg.iterations, initial=it, desc=f"meta-train {out_dir.name}", mininterval=5, disable=not ranks.writer)
     t0, window = time.perf_counter(), []
     while it < cfg.iterations:
         for group in opt.param_groups:  # set every iteration: a resumed run takes the schedule it is given now
-            group["lr"] = cfg.outer_lr_at(it)
+            group["lr"] = cfg.outer_lr_at(it) * group.get("scale", 1.0)
         opt.zero_grad(set_to_none=True)
         total, acc = 0.0, 0.0
         for b in ranks.mine(cfg.meta_batch):  # all of them alone; every world-th under torchrun
             ep = sampler.episode(it * cfg.meta_batch + b)
             xs, ys = batch(ep.support), torch.as_tensor(ep.support_labels, device=dev)
             xq, yq = batch(ep.query), torch.as_tensor(ep.query_labels, device=dev)
-            ad = inner_loop(net, rule, params(), xs, ys, cfg.inner_steps, create_graph=second_order, head_init=cfg.head_init)
-            loss, logits = query_loss_and_logits(net, cfg, ad, xs, xq, yq, it)
+            ad = inner_loop(learner, rule, params(), xs, ys, cfg.inner_steps, create_graph=second_order, head_init=cfg.head_init)
+            loss, logits = query_loss_and_logits(learner, cfg, ad, xs, xq, yq, it)
             (loss / cfg.meta_batch).backward()
             total += float(loss.detach())
             acc += float((logits.argmax(1) == yq).float().mean())  # in the --bn-train mode of the loss
-        ranks.sum_gradients(list(meta.parameters()) + list(rule.parameters()))
+        ranks.sum_gradients(trained)
         total, acc = ranks.sum([total, acc], dev)
         opt.step()
         it += 1
