@@ -18,35 +18,47 @@ OMNI_META_2="${OMNI_META/--iterations 6000/--iterations 11000} --rotations --out
 # the value a 17000-iteration cosine has at iteration 11000, 2.8e-4, and decays to 1e-5).
 OMNI_META_3="${OMNI_META_2/--iterations 11000/--iterations 17000}"
 TI_META="--bn-train support --dataset tinyimagenet --width 32 --ways 5 --shots 5 --queries 15 --meta-batch 2 --inner-steps 5 --iterations 800 --val-every 250 --val-tasks 100 --outer-lr 0.001 --first-order --seed 0"
+# The inner-loop models (issue 33): pre-train, then meta-train. Each starts from the shipped direct-sum model of its
+# dataset (its convs and BatchNorm, the running statistics frozen in units of each weight's norm, its CL2N / L2N
+# transform), the head at that model's nearest centroid with a learned temperature (zero steps answer as the
+# centroid); the first three blocks stay fixed (computed once per image), the last block and the head adapt.
+# MAML and CxGrad of one dataset share every setting but the rule's own (CxGrad: beta, --rule-lr for g_phi).
+TI_BB="--bn-train support --dataset tinyimagenet --ways 5 --shots 5 --queries 15 --meta-batch 4 --inner-steps 5 --iterations 3000 --val-every 500 --val-tasks 200 --init-backbone tinyimagenet-conv4-sce-nca-directsum --head-init centroid --adapt-from 3 --outer-lr 0.0005 --outer-lr-schedule cosine --seed 0"
+OMNI_BB="--bn-train support --dataset omniglot --ways 5 --min-ways 2 --max-ways 20 --shots 1 --queries 5 --meta-batch 4 --inner-steps 5 --iterations 2000 --val-every 500 --val-tasks 200 --rotations --init-backbone omniglot-conv4-directsum --head-init centroid --adapt-from 3 --outer-lr 0.0005 --outer-lr-schedule cosine --seed 0"
 declare -A RUNS=(
   [tinyimagenet-conv4-sce-nca-directsum]="$TI --loss sce --metric nca --combine directsum"
   [omniglot-conv4-directsum]="$OMNI --loss sce --metric nca --combine directsum"
   [tinyimagenet-conv4-sce]="$TI --loss sce --metric none"
   [tinyimagenet-conv4-sce-nca-sum]="$TI --loss sce --metric nca --combine sum"
-  [omniglot-conv4-maml]="$OMNI_META --method maml --alpha 0.1"
-  [omniglot-conv4-cxgrad]="$OMNI_META --method cxgrad --alpha 0.01 --beta 1.0"
-  [tinyimagenet-conv4-maml]="$TI_META --method maml --alpha 0.01"
-  [tinyimagenet-conv4-cxgrad]="$TI_META --method cxgrad --alpha 0.01 --beta 1.0"
+  [omniglot-conv4-maml]="$OMNI_BB --method maml --alpha 0.1 --head-alpha 1.0"
+  [omniglot-conv4-cxgrad]="$OMNI_BB --method cxgrad --alpha 0.1 --head-alpha 1.0 --beta 1.0 --rule-lr 0.01"
+  [tinyimagenet-conv4-maml]="$TI_BB --method maml --alpha 0.1 --head-alpha 1.0"
+  [tinyimagenet-conv4-cxgrad]="$TI_BB --method cxgrad --alpha 0.1 --head-alpha 1.0 --beta 1.0"
+  # the models these replaced (trained from scratch, width 32 on Tiny ImageNet; RESULTS.md, git history before issue 33)
+  [omniglot-conv4-maml-scratch]="$OMNI_META --method maml --alpha 0.1"
+  [omniglot-conv4-cxgrad-scratch]="$OMNI_META --method cxgrad --alpha 0.01 --beta 1.0"
+  [tinyimagenet-conv4-maml-scratch]="$TI_META --method maml --alpha 0.01"
+  [tinyimagenet-conv4-cxgrad-scratch]="$TI_META --method cxgrad --alpha 0.01 --beta 1.0"
 )
 # After stages 2 and 3 the weights of the snapshots of the last 2000 iterations are averaged (fewshot average),
 # kept only if the average beats the best single checkpoint on the run's validation tasks.
 declare -A LATER=(
-  [omniglot-conv4-maml]="$OMNI_META_2 --method maml --alpha 0.1|average 9000|$OMNI_META_3 --method maml --alpha 0.1|average 15000"
-  [omniglot-conv4-cxgrad]="$OMNI_META_2 --method cxgrad --alpha 0.01 --beta 1.0|average 9000|$OMNI_META_3 --method cxgrad --alpha 0.01 --beta 1.0|average 15000"
+  [omniglot-conv4-maml-scratch]="$OMNI_META_2 --method maml --alpha 0.1|average 9000|$OMNI_META_3 --method maml --alpha 0.1|average 15000"
+  [omniglot-conv4-cxgrad-scratch]="$OMNI_META_2 --method cxgrad --alpha 0.01 --beta 1.0|average 9000|$OMNI_META_3 --method cxgrad --alpha 0.01 --beta 1.0|average 15000"
 )
 # A last stage of the inner-loop models (issue 16): fine-tuned with a head that adapts any number of classes
 # from the weights the stages above produced, on a short cosine into runs/NAME/HEAD (scripts/package-shipped.sh
 # packages that run when it exists). HEAD is what ships (SHIPPED_HEAD: every inner-loop model has Ye and Chao's
 # shared row, RESULTS.md) unless HEAD_INIT names one: shared, prototypes (Proto-MAML's, measured and not
 # shipped) or learned (no fine-tune).
-declare -A SHIPPED_HEAD=([omniglot-conv4-maml]=shared [omniglot-conv4-cxgrad]=shared [tinyimagenet-conv4-maml]=shared
-  [tinyimagenet-conv4-cxgrad]=shared)
+declare -A SHIPPED_HEAD=([omniglot-conv4-maml-scratch]=shared [omniglot-conv4-cxgrad-scratch]=shared [tinyimagenet-conv4-maml-scratch]=shared
+  [tinyimagenet-conv4-cxgrad-scratch]=shared)
 PROTO="--outer-lr 0.0005 --outer-lr-schedule cosine"
 declare -A FINETUNE=(
-  [omniglot-conv4-maml]="${OMNI_META_2/--iterations 11000/--iterations 1500} --val-every 500 --method maml --alpha 0.1 $PROTO"
-  [omniglot-conv4-cxgrad]="${OMNI_META_2/--iterations 11000/--iterations 1500} --val-every 500 --method cxgrad --alpha 0.01 --beta 1.0 $PROTO"
-  [tinyimagenet-conv4-maml]="${TI_META/--iterations 800/--iterations 600} --val-every 300 --method maml --alpha 0.01 $PROTO"
-  [tinyimagenet-conv4-cxgrad]="${TI_META/--iterations 800/--iterations 600} --val-every 300 --method cxgrad --alpha 0.01 --beta 1.0 $PROTO"
+  [omniglot-conv4-maml-scratch]="${OMNI_META_2/--iterations 11000/--iterations 1500} --val-every 500 --method maml --alpha 0.1 $PROTO"
+  [omniglot-conv4-cxgrad-scratch]="${OMNI_META_2/--iterations 11000/--iterations 1500} --val-every 500 --method cxgrad --alpha 0.01 --beta 1.0 $PROTO"
+  [tinyimagenet-conv4-maml-scratch]="${TI_META/--iterations 800/--iterations 600} --val-every 300 --method maml --alpha 0.01 $PROTO"
+  [tinyimagenet-conv4-cxgrad-scratch]="${TI_META/--iterations 800/--iterations 600} --val-every 300 --method cxgrad --alpha 0.01 --beta 1.0 $PROTO"
 )
 # Then, for the heads of any number of classes (SHIPPED_WAYS), episodes of 2..20 classes drawn per episode
 # (5 queries per class, so a step costs about what a 5-way 15-query one did), from the fine-tune above into
@@ -56,12 +68,12 @@ declare -A FINETUNE=(
 TI_WAYS="--bn-train support --dataset tinyimagenet --width 32 --ways 5 --min-ways 2 --max-ways 20 --shots 5 --queries 5 --meta-batch 2 --inner-steps 5 --iterations 600 --val-every 300 --val-tasks 100 --first-order --seed 0 $PROTO"
 OMNI_WAYS="--bn-train support --dataset omniglot --ways 5 --min-ways 2 --max-ways 20 --shots 1 --queries 5 --meta-batch 4 --inner-steps 5 --iterations 1000 --val-every 250 --val-tasks 200 --seed 0 --rotations $PROTO"
 declare -A SHIPPED_WAYS=(
-  [omniglot-conv4-maml]="$OMNI_WAYS --method maml --alpha 0.1"
-  [omniglot-conv4-cxgrad]="$OMNI_WAYS --method cxgrad --alpha 0.01 --head-alpha 0.03 --beta 1.0"
-  [tinyimagenet-conv4-maml]="$TI_WAYS --method maml --alpha 0.01"
-  [tinyimagenet-conv4-cxgrad]="$TI_WAYS --method cxgrad --alpha 0.01 --head-alpha 0.03 --beta 1.0"
+  [omniglot-conv4-maml-scratch]="$OMNI_WAYS --method maml --alpha 0.1"
+  [omniglot-conv4-cxgrad-scratch]="$OMNI_WAYS --method cxgrad --alpha 0.01 --head-alpha 0.03 --beta 1.0"
+  [tinyimagenet-conv4-maml-scratch]="$TI_WAYS --method maml --alpha 0.01"
+  [tinyimagenet-conv4-cxgrad-scratch]="$TI_WAYS --method cxgrad --alpha 0.01 --head-alpha 0.03 --beta 1.0"
 )
-declare -A WAYS_ONLY=([tinyimagenet-conv4-maml]=1 [tinyimagenet-conv4-cxgrad]=1)
+declare -A WAYS_ONLY=([tinyimagenet-conv4-maml-scratch]=1 [tinyimagenet-conv4-cxgrad-scratch]=1)
 names=("$@")
 [ ${#names[@]} -gt 0 ] || names=(tinyimagenet-conv4-sce-nca-directsum omniglot-conv4-directsum tinyimagenet-conv4-sce tinyimagenet-conv4-sce-nca-sum)
 for name in "${names[@]}"; do

@@ -262,6 +262,26 @@ def test_an_acknowledged_task_survives_sigkill(exported, tmp_path, omni_task):
     assert len(tasks) >= 3 and after == before  # every head's task, restored from the store
 
 
+def test_an_inner_loop_tasks_open_set_answers_are_identical_after_a_restart(omni_bundles, tmp_path, omni_task):
+    """The inner-loop model's open-set score (its card's calibrated score, temperature and threshold, stored
+    with each task) is restored with the task: every answer with rejection asked for is the same after SIGKILL."""
+    support, queries, _ = omni_task
+    state = tmp_path / "state"
+    first = ServerProcess(omni_bundles, state, *SMALL).start()
+    try:
+        with grpc.insecure_channel(first.target) as channel:
+            stub = pb_grpc.FewShotStub(channel)
+            task = stub.Adapt(_adapt_request(support, model=CXGRAD)).task_id
+            before = stub.Classify(pb.ClassifyRequest(task_id=task, queries=queries, top_k=3, reject_unknown=True))
+    finally:
+        first.kill()
+    with ServerProcess(omni_bundles, state, *SMALL) as second, grpc.insecure_channel(second.target) as channel:
+        after = pb_grpc.FewShotStub(channel).Classify(pb.ClassifyRequest(task_id=task, queries=queries, top_k=3,
+                                                                          reject_unknown=True))
+    assert all(p.score_name and p.threshold for p in before.predictions)
+    assert after == before
+
+
 def test_token_is_required_when_set(token_server, omni_task):
     support, _, _ = omni_task
     with grpc.insecure_channel(token_server.target) as channel:

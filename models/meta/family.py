@@ -244,7 +244,10 @@ class InnerLoopFamily(Family):
             return runs
         more = [w for w in WAY_SWEEP if w != cfg["ways"]]
         more += [w for w, s in settings if s == cfg["shots"] and w not in WAY_SWEEP and w != cfg["ways"]]
-        return runs + [(w, cfg["shots"], method, ["--bn", loop["bn_mode"]]) for w in sorted(set(more))]
+        runs += [(w, cfg["shots"], method, ["--bn", loop["bn_mode"]]) for w in sorted(set(more))]
+        if loop.get("head_init") == "centroid":  # from a metric backbone: the dataset's other shots too (issue 33)
+            runs += [(w, s, method, ["--bn", loop["bn_mode"]]) for w, s in settings if s != cfg["shots"]]
+        return runs
 
     def part_inputs(self, part: Part) -> tuple[TensorSpec, ...]:
         if part.name != "network":
