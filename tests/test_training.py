@@ -74,24 +74,35 @@ def test_meta_run_writes_checkpoints_and_resumes_with_a_new_outer_lr_and_schedul
     assert _rows(run)[-2]["kind"] == "train" and _rows(run)[-2]["outer_lr"] == cfg.outer_lr_at(9)
 
 
-def test_fine_tuning_a_shipped_model_with_a_prototype_head(tmp_path):
-    """--init-from starts from the shipped meta-parameters and rule; --head-init prototypes meta-trains the
-    Proto-MAML head (the learned head rows stay as they were: nothing reads them)."""
+def test_fine_tuning_a_shipped_model_from_its_backbone_keeps_its_stem_and_resumes_its_weights(tmp_path):
+    """--init-backbone builds the shipped inner-loop model's network (frozen statistics, transform, fixed stem);
+    --init-from then starts from its meta-parameters and rule. The stem and the frozen statistics stay exactly
+    as shipped (not meta-trained), the validation before the first step is written, and the run resumes."""
     import torch
     from safetensors.torch import load_file
 
-    run = tmp_path / "proto"
-    proc = _train("--method", "cxgrad", "--dataset", "omniglot", "--val-every", "2", "--val-tasks", "3", "--meta-batch", "1",
-                  "--inner-steps", "1", "--bn-train", "support", "--threads", "2", "--iterations", "2", "--outer-lr", "1e-12",
-                  "--head-init", "prototypes", "--init-from", "omniglot-conv4-cxgrad", "--out", str(run))
-    assert proc.returncode == 0, proc.stderr
     from fewshot.models.zoo import ZOO_DIR
 
+    run = tmp_path / "from-backbone"
+    common = ["--method", "cxgrad", "--dataset", "omniglot", "--val-every", "2", "--val-tasks", "3", "--meta-batch", "1",
+              "--inner-steps", "1", "--bn-train", "support", "--threads", "2", "--outer-lr", "1e-3", "--rule-lr", "1e-2",
+              "--init-backbone", "omniglot-conv4-directsum", "--head-init", "centroid", "--adapt-from", "3",
+              "--init-from", "omniglot-conv4-cxgrad", "--out", str(run)]
+    proc = _train(*common, "--iterations", "2")
+    assert proc.returncode == 0, proc.stderr
     shipped = load_file(str(ZOO_DIR / "omniglot-conv4-cxgrad" / "weights.safetensors"))
     last = torch.load(run / "last.pt", weights_only=False)
-    assert last["config"]["head_init"] == "prototypes"
-    torch.testing.assert_close(last["meta"]["conv0__weight"], shipped["param.conv0.weight"], rtol=0, atol=1e-9)
-    assert torch.equal(last["meta"]["head__weight"], shipped["param.head.weight"])
+    assert last["config"]["head_init"] == "centroid" and last["net_config"]["adapt_from"] == 3
+    for name in ("conv0__weight", "conv2__weight", "bn1__bias", "bn3__mean", "bn3__var", "center"):
+        key = "param." + name.replace("__", ".")
+        if key in shipped:
+            assert torch.equal(last["meta"][name], shipped[key]), name
+    assert not torch.equal(last["meta"]["conv3__weight"], shipped["param.conv3.weight"])  # the adapted block trains
+    rows = _rows(run)
+    assert [r["step"] for r in rows if r["kind"] == "val"] == [0, 2]  # where it starts, then after 2 iterations
+    resumed = _train(*common, "--iterations", "4", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed" in resumed.stdout + resumed.stderr and _rows(run)[-1]["step"] == 4
 
 
 def test_a_ways_range_draws_each_episode_its_ways_and_validates_at_both_ends(tmp_path):
