@@ -324,10 +324,11 @@ def test_adapt_stream_equals_adapt(stub, omni_task):
     assert streamed.labels == unary.labels and a.predictions == b.predictions
 
 
-def test_concurrent_adapts_batched_into_one_inner_loop_equal_adapts_one_by_one(stub, omni_bundles, tmp_path, omniglot_test):
-    """``--batch-adapts on``: 8 concurrent CxGrad Adapts of one shape run as stacked inner loops (the
-    server's histogram shows calls of several tasks); each task classifies as the same task adapted
-    alone by the session server."""
+def test_concurrent_adapts_with_batching_on_equal_adapts_one_by_one(stub, omni_bundles, tmp_path, omniglot_test):
+    """``--batch-adapts on``: 8 concurrent CxGrad Adapts of one shape. The shipped CxGrad (from a metric backbone,
+    issue 33: frozen statistics, a fixed stem, a centroid head) does not stack (``InnerLoopAdapter.stacks``), so
+    the server runs each task alone (the histogram of stacked calls stays empty) and every task classifies
+    exactly as the same task adapted by the session server. The stacked loop itself: tests/test_stacked.py."""
     from fewshot.tools.process import free_port
 
     sampler = EpisodeSampler(omniglot_test, 5, 1, 2, seed=29)
@@ -351,9 +352,6 @@ def test_concurrent_adapts_batched_into_one_inner_loop_equal_adapts_one_by_one(s
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     calls = {line.split('le="')[1].split('"')[0]: float(line.rsplit(" ", 1)[1])
              for line in text.splitlines() if line.startswith("fewshot_adapt_batch_tasks_bucket")}
-    assert calls["+Inf"] < len(supports) and calls["1.0"] < calls["+Inf"], calls  # some calls stacked tasks
-    # CxGrad's shared-head loop starts from the uniform prediction and its context step amplifies float
-    # rounding (stacked convolutions sum in another order): equal answers, probabilities to 2e-2 (8.1e-3
-    # measured on the ways-range CxGrad, whose head takes a 3x larger step; 9e-4 before it)
+    assert calls.get("+Inf", 0.0) == 0.0, calls  # no stacked call: each task ran its own loop
     assert np.array_equal(np.array(batched).argmax(-1), np.array(alone).argmax(-1))
-    np.testing.assert_allclose(np.array(batched), np.array(alone), rtol=0, atol=2e-2)
+    np.testing.assert_allclose(np.array(batched), np.array(alone), rtol=0, atol=1e-5)
