@@ -330,10 +330,10 @@ def train_meta(cfg: MetaTrainConfig, out_dir: Path, resume: bool = False, device
         _load_initial(cfg.init_from, meta, rule)
     meta, rule = meta.to(dev), rule.to(dev)
     ranks.broadcast(list(meta.parameters()) + list(rule.parameters()))
-    trained = [p for p in meta.parameters() if p.requires_grad] + list(rule.parameters())
     groups = [{"params": [p for p in meta.parameters() if p.requires_grad], "scale": 1.0}]
     if list(rule.parameters()):
         groups.append({"params": list(rule.parameters()), "scale": (cfg.rule_lr or cfg.outer_lr) / cfg.outer_lr})
+    trained = [p for g in groups for p in g["params"]]
     opt = torch.optim.Adam(groups, lr=cfg.outer_lr)
     it, best = 0, -1.0
     last_path, best_path, metrics_path = out_dir / "last.pt", out_dir / "best.pt", out_dir / "metrics.jsonl"
