@@ -24,7 +24,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                        description="--dataset omniglot, tinyimagenet or folder:PATH (your own images, one subfolder "
                                    "per class; --image-size, --channels). "
                                    "Without --method: supervised training with the direct-sum paper's losses. "
-                                   "With --method maml|fomaml|metasgd|mamlpp|boil|metacurvature|metalstm|cxgrad: "
+                                   "With --method maml|fomaml|metasgd|mamlpp|maml-lslr|boil|metacurvature|metalstm|cxgrad|cxgrad-task: "
                                    "episodic meta-training of that inner loop.")
     seen: dict[str, object] = {}
     for cls in _train_configs():

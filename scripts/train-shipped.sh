@@ -34,6 +34,10 @@ declare -A RUNS=(
   [omniglot-conv4-cxgrad]="$OMNI_BB --method cxgrad --alpha 0.1 --head-alpha 1.0 --beta 1.0 --rule-lr 0.01"
   [tinyimagenet-conv4-maml]="$TI_BB --method maml --alpha 0.1 --head-alpha 1.0"
   [tinyimagenet-conv4-cxgrad]="$TI_BB --method cxgrad --alpha 0.1 --head-alpha 1.0 --beta 1.0"
+  # the fair comparison's other rows (RESULTS.md, issue 33): MAML with learned per-layer step sizes (what the paper's
+  # CxGrad reduces to) and CxGrad with a context that carries the task; same start, budget and settings as the pair above
+  [tinyimagenet-conv4-maml-lslr]="$TI_BB --method maml-lslr --alpha 0.1 --head-alpha 1.0"
+  [tinyimagenet-conv4-cxgrad-task]="$TI_BB --method cxgrad-task --alpha 0.1 --head-alpha 1.0 --beta 1.0"
   # the models these replaced (trained from scratch, width 32 on Tiny ImageNet; RESULTS.md, git history before issue 33)
   [omniglot-conv4-maml-scratch]="$OMNI_META --method maml --alpha 0.1"
   [omniglot-conv4-cxgrad-scratch]="$OMNI_META --method cxgrad --alpha 0.01 --beta 1.0"

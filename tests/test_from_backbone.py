@@ -164,3 +164,23 @@ def test_options_that_need_a_backbone_are_refused_in_one_line():
     net = MetaConv4(1, 8, 28, 5)
     with pytest.raises(ConfigError, match="transformed"):
         centroid_head(net, net.init_params(), torch.zeros(2, 1, 28, 28), torch.tensor([0, 1]))
+
+
+def test_maml_with_learned_layer_steps_starts_as_maml_and_learns_its_step_sizes(episode):
+    """The fair comparison's third row (MAML-LSLR): its step sizes start at MAML's (``alpha`` for the convs,
+    ``head_alpha`` for the head), so before meta-training it adapts exactly as MAML; the query loss gives every
+    used step size a meta-gradient, first-order too."""
+    xs, ys, xq, yq = episode
+    dataset = "omniglot" if xs.shape[1] == 1 else "tinyimagenet"
+    cfg, _, net, lslr, params, _ = _learner(dataset, "maml-lslr")
+    maml = build_rule("maml", net, 2, 0.1, head_alpha=1.0)
+    assert lslr.lrs.shape == (cfg.inner_steps, len(net.conv_names) + len(net.head_names))
+    a = inner_loop(net, lslr, params, xs, ys, 2, head_init="centroid").params
+    b = inner_loop(net, maml, params, xs, ys, 2, head_init="centroid").params
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in b)
+    params = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+    adaptation = inner_loop(net, lslr, params, xs, ys, 2, create_graph=False, head_init="centroid")
+    query_loss(net, cfg, adaptation, xs, xq, yq, 0).backward()
+    assert lslr.lrs.grad is not None and float(lslr.lrs.grad[:2].abs().sum()) > 0
+    with pytest.raises(ConfigError, match="--head-alpha"):
+        MetaTrainConfig(method="mamlpp", dataset=dataset, head_alpha=1.0)

@@ -87,7 +87,25 @@ class MetaSGD(UpdateRule):
         return self.alphas[_key(name)]
 
 
-class MAMLPlusPlus(UpdateRule):
+class LearnedLayerSteps(UpdateRule):
+    """MAML with learned per-layer, per-step step sizes (MAML++'s LSLR, Antoniou et al. 2019, without its
+    multi-step loss and per-step BatchNorm): ``theta_l <- theta_l - alpha_{t,l} grad_l``, ``alpha_{t,l}`` a
+    meta-parameter started at ``alpha`` (``head_alpha`` for the head). What the paper's CxGrad reduces to where
+    its context carries nothing (issue 33): one learned step size per layer."""
+
+    name = "maml-lslr"
+
+    def __init__(self, net: MetaConv4, steps: int, alpha: float = 0.01, head_alpha: float = 0.0) -> None:
+        super().__init__(net, steps, alpha, head_alpha)
+        self.layer_of = {n: i for i, n in enumerate(self._adapted)}
+        start = torch.tensor([self.head_alpha if n in self.head_names else alpha for n in self._adapted])
+        self.lrs = nn.Parameter(start.repeat(steps, 1))
+
+    def step_size(self, name: str, step: int) -> torch.Tensor:
+        return self.lrs[min(step, self.steps - 1), self.layer_of[name]]
+
+
+class MAMLPlusPlus(LearnedLayerSteps):
     """MAML++ (Antoniou et al. 2019): learned per-layer, per-step step sizes (LSLR). The multi-step
     loss and per-step BatchNorm are set up by the meta-trainer and :class:`MetaConv4`."""
 
@@ -95,11 +113,6 @@ class MAMLPlusPlus(UpdateRule):
 
     def __init__(self, net: MetaConv4, steps: int, alpha: float = 0.01) -> None:
         super().__init__(net, steps, alpha)
-        self.layer_of = {n: i for i, n in enumerate(self._adapted)}
-        self.lrs = nn.Parameter(torch.full((steps, len(self._adapted)), alpha))
-
-    def step_size(self, name: str, step: int) -> torch.Tensor:
-        return self.lrs[min(step, self.steps - 1), self.layer_of[name]]
 
 
 class BOIL(UpdateRule):
@@ -295,17 +308,19 @@ def _key(name: str) -> str:
 RULES: dict[str, type[UpdateRule]] = {
     "maml": UpdateRule, "fomaml": UpdateRule, "metasgd": MetaSGD, "mamlpp": MAMLPlusPlus, "boil": BOIL,
     "metacurvature": MetaCurvature, "metalstm": MetaLSTM, "cxgrad": ContextualGradientScaling,
-    "cxgrad-task": TaskContextScaling,
+    "cxgrad-task": TaskContextScaling, "maml-lslr": LearnedLayerSteps,
 }
 
 
 def build_rule(method: str, net: MetaConv4, steps: int, alpha: float, beta: float = 1.0,
                head_alpha: float = 0.0) -> UpdateRule:
-    """The update rule of ``method`` (one of :data:`RULES`); ``head_alpha`` (CxGrad only; 0: ``alpha``)."""
+    """The update rule of ``method`` (one of :data:`RULES`); ``head_alpha`` (CxGrad, MAML, MAML-LSLR; 0: ``alpha``)."""
     if method not in RULES:
         raise ConfigError(f"unknown method {method!r}: use one of {', '.join(RULES)}")
     if method in ("cxgrad", "cxgrad-task"):
         return RULES[method](net, steps, alpha, beta, head_alpha=head_alpha)
     if method in ("maml", "fomaml"):
         return UpdateRule(net, steps, alpha, head_alpha)
+    if method == "maml-lslr":
+        return LearnedLayerSteps(net, steps, alpha, head_alpha)
     return RULES[method](net, steps, alpha)

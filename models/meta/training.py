@@ -103,8 +103,8 @@ class MetaTrainConfig:
             raise ConfigError("--ways must be >= 2 and --shots, --inner-steps, --meta-batch >= 1")
         if self.outer_lr_schedule not in OUTER_LR_SCHEDULES:
             raise ConfigError(f"unknown --outer-lr-schedule {self.outer_lr_schedule!r}: use {' or '.join(OUTER_LR_SCHEDULES)}")
-        if self.head_alpha and self.method not in ("cxgrad", "cxgrad-task", "maml", "fomaml"):
-            raise ConfigError("--head-alpha applies to --method cxgrad, cxgrad-task, maml and fomaml only (the other rules step every "
+        if self.head_alpha and self.method not in ("cxgrad", "cxgrad-task", "maml", "fomaml", "maml-lslr"):
+            raise ConfigError("--head-alpha applies to --method cxgrad, cxgrad-task, maml, fomaml and maml-lslr only (the other rules step every "
                               "layer by --alpha or learn their steps)")
         if self.head_alpha < 0:
             raise ConfigError(f"--head-alpha must be positive (0: --alpha), got {self.head_alpha}")
