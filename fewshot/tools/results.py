@@ -15,6 +15,7 @@ import contextlib
 import io
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +62,10 @@ def open_set_runs(card: dict[str, Any]) -> list[tuple[int, int, str, list[str]]]
     return [(w, s, h, [*extra, "--open-set"]) for w, s, h, extra in family_of(card).result_runs(card, OPEN_SET_SETTINGS)]
 
 
-def measure(names: list[str], heads: list[str] | None, tasks: int, seed: int, open_set: bool = False) -> list[dict]:
+def measure(names: list[str], heads: list[str] | None, tasks: int, seed: int, open_set: bool = False,
+            on_row: Callable[[dict], None] = lambda row: None) -> list[dict]:
+    """The rows of ``names`` (each handed to ``on_row`` as soon as it is measured, so a long run that is
+    stopped keeps what it measured)."""
     rows = []
     for name in names:
         card = load_model(name).card.to_dict()
@@ -75,6 +79,7 @@ def measure(names: list[str], heads: list[str] | None, tasks: int, seed: int, op
             row = run_eval(cli)
             row["command"] = "fewshot eval " + " ".join(cli) + " --json"
             rows.append(row)
+            on_row(row)
             extra_info = f" AUROC {row['auroc']:.2f} accept {row['acceptance']} reject {row['rejection']}" if open_set else ""
             print(f"{name:40s} {ways:2d}-way {shots}-shot {head:14s} {row.get('bn', ''):12s} {row['accuracy']:6.2f} "
                   f"+- {row['ci95']:.2f}{extra_info}", file=sys.stderr, flush=True)
@@ -183,10 +188,15 @@ def main() -> None:
     rows = json.loads(store.read_text()) if store.exists() else []
     if not args.render:
         names = args.models or [n for n in (OPEN_SET_MODELS if args.open_set else ORDER) if (ZOO_DIR / n / "card.json").exists()]
-        new = measure(names, args.heads, args.tasks, args.seed, args.open_set)
-        replaced = {row_key(r) for r in new}
-        rows = sort_rows([r for r in rows if row_key(r) not in replaced] + new)
-        store.write_text(json.dumps(rows, indent=1) + "\n")
+        if not args.heads:  # a model measured anew loses the rows of settings it no longer has
+            rows = [r for r in rows if r["model"] not in names or bool(r.get("open_set")) != args.open_set]
+
+        def keep(row: dict) -> None:
+            nonlocal rows
+            rows = sort_rows([r for r in rows if row_key(r) != row_key(row)] + [row])
+            store.write_text(json.dumps(rows, indent=1) + "\n")
+
+        measure(names, args.heads, args.tasks, args.seed, args.open_set, on_row=keep)
     render(rows, Path(args.out))
 
 
