@@ -488,6 +488,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                    help="decoded pixels per call, all its images together (2**20 pixels each)")
     p.add_argument("--max-image-steps", type=int, default=d.max_image_steps, help="support images x inner steps per Adapt")
     p.add_argument("--max-request-mb", type=int, default=d.max_request_mb, help="bytes per Adapt or AdaptStream, all chunks")
+    p.add_argument("--max-inflight-body-mb", type=int, default=d.max_inflight_body_mb,
+                   help="bytes of request bodies all calls in flight hold together (past it, RESOURCE_EXHAUSTED)")
     p.add_argument("--max-inflight", type=int, default=d.max_inflight, help="Adapt/Classify calls running at once")
     p.add_argument("--max-queue", type=int, default=d.max_queue,
                    help="calls waiting beyond --max-inflight; past it, RESOURCE_EXHAUSTED and readiness NOT_SERVING")
@@ -529,7 +531,7 @@ def _run_serve(args: argparse.Namespace) -> None:
                       tokens_file=optional(args.tokens), tenant_max_tasks=args.tenant_max_tasks, tenant_rps=args.tenant_rps,
                       tls_cert=optional(args.tls_cert), tls_key=optional(args.tls_key), tls_client_ca=optional(args.tls_client_ca),
                       max_call_megapixels=args.max_call_megapixels, max_image_steps=args.max_image_steps,
-                      max_request_mb=args.max_request_mb, max_inflight=args.max_inflight, max_queue=args.max_queue,
+                      max_request_mb=args.max_request_mb, max_inflight_body_mb=args.max_inflight_body_mb, max_inflight=args.max_inflight, max_queue=args.max_queue,
                       threads=args.threads, workers=args.workers, batch_delay_ms=args.batch_delay_ms, max_batch=args.max_batch,
                       cache_mb=args.cache_mb, max_message_mb=args.max_message_mb, max_image_mb=args.max_image_mb, max_support=args.max_support,
                       max_queries=args.max_queries, default_ttl=args.default_ttl, feature_backend=args.feature_backend,

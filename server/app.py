@@ -25,6 +25,8 @@ from fewshot.models.family import Family, family_of
 from fewshot.export.registry import Registry
 from fewshot.server.admission import Admission
 from fewshot.server.auth import Authenticator, TokensFileError
+from fewshot.server import memory
+from fewshot.server.budget import BodyBudget
 from fewshot.server.config import ServeConfig
 from fewshot.server.images import ImageLimits
 from fewshot.server.metrics import ServiceMetrics
@@ -123,8 +125,11 @@ async def serve(cfg: ServeConfig, ready: asyncio.Event | None = None) -> None:
         log.warning(json.dumps({"event": "saturated" if saturated else "drained", "queue": cfg.max_queue}))
 
     admission = Admission(cfg.max_inflight, cfg.max_queue, metrics.admission_changed, readiness)
+    allocator = memory.configure()  # calls' memory goes back to the system when they end (server/memory.py)
+    bodies = BodyBudget(cfg.max_inflight_body_mb << 20, on_release=memory.Trimmer().after if allocator else lambda size: None)
+    metrics.body_bytes.set_function(lambda: bodies.held)
     service = FewShotService(models, store, executor, metrics, limits, cfg.batch_delay_ms / 1e3, cfg.max_batch,
-                             auth, admission)
+                             auth, admission, bodies)
     size = cfg.max_message_mb << 20
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size)])
     service.add_to_server(server)

@@ -9,8 +9,9 @@ Two ways to configure it, usable together (README, "Security model"):
 
 Every task belongs to the tenant that adapted it, and another tenant is answered NOT_FOUND for it,
 exactly as for a task that never existed. Checks read only the call's metadata, so a refused call's
-body is never parsed. A peer address that keeps failing is refused for a while (RESOURCE_EXHAUSTED)
-without comparing its tokens.
+body is never parsed. Failed authentications are throttled per peer address and per presented token: past
+the rate, the *failing* calls are answered RESOURCE_EXHAUSTED, while a valid token from the same address
+is still accepted (it is compared first).
 """
 
 from __future__ import annotations
@@ -135,7 +136,7 @@ class Authenticator:
         self._tenants: dict[str, Tenant] = {}
         self._lock = threading.Lock()
         self._buckets: dict[str, TokenBucket] = {}
-        self._failures: OrderedDict[str, TokenBucket] = OrderedDict()
+        self._failures: OrderedDict[tuple[str, str], TokenBucket] = OrderedDict()
         if tokens_file is not None:
             self.reload()
 
@@ -160,42 +161,54 @@ class Authenticator:
         return sorted({t.name for t in self._tenants.values()})
 
     def authenticate(self, metadata: Iterable[tuple[str, str | bytes]], peer: str) -> Tenant:
-        """The calling tenant, after its rate limit (raises :class:`Unauthenticated` or
-        :class:`QuotaExceeded`). Without any token configured, every call is the default tenant."""
+        """The calling tenant, after its rate limit (raises :class:`Unauthenticated` or :class:`QuotaExceeded`).
+        Without any token configured, every call is the default tenant.
+
+        The presented token is compared first (its sha256 digest, in constant time against the shared token),
+        so a valid token is never refused for what other clients did: failures are throttled per address and
+        per presented token, and only the failing calls themselves are then answered RESOURCE_EXHAUSTED. An
+        attacker's failures cost the attacker, not the users behind the same NAT, proxy or ingress."""
         if not self.required:
             return self._admit(Tenant(DEFAULT_TENANT))
-        address = peer_address(peer)
-        with self._lock:
-            failures = self._failures.get(address)
-            if failures is not None and failures.refill() < 1.0:  # out of failed attempts: no comparison
-                raise QuotaExceeded(f"too many failed authentications from this address; retry in "
-                                    f"{failures.wait():.0f} s with a valid token")
-        given = ""
-        for key, value in metadata:
-            if key == "authorization":
-                given = value.decode(errors="replace") if isinstance(value, bytes) else value
-                break
-        scheme, _, token = given.partition(" ")
-        tenant = None
-        if scheme.lower() == "bearer" and token:
-            digest = token_hash(token.strip())
-            if self.token_digest is not None and hmac.compare_digest(digest, self.token_digest):
-                tenant = Tenant(DEFAULT_TENANT)
-            else:
-                with self._lock:
-                    tenant = self._tenants.get(digest)
-        if tenant is None:
-            self._failed(address)
-            raise Unauthenticated("missing or wrong token: send metadata `authorization: Bearer <token>`")
-        return self._admit(tenant)
+        given = [value.decode(errors="replace") if isinstance(value, bytes) else value
+                 for key, value in metadata if key == "authorization"]
+        digest = ""
+        if len(given) > 1:
+            tenant, why = None, f"{len(given)} authorization headers: send exactly one, `authorization: Bearer <token>`"
+        else:
+            scheme, _, token = (given[0] if given else "").partition(" ")
+            tenant, why = None, "missing or wrong token: send metadata `authorization: Bearer <token>`"
+            if scheme.lower() == "bearer" and token.strip():
+                digest = token_hash(token.strip())
+                tenant = self._tenant_of(digest)
+        if tenant is not None:
+            return self._admit(tenant)
+        self._failed(peer_address(peer), digest)
+        raise Unauthenticated(why)
 
-    def _failed(self, address: str) -> None:
+    def _tenant_of(self, digest: str) -> Tenant | None:
+        if self.token_digest is not None and hmac.compare_digest(digest, self.token_digest):
+            return Tenant(DEFAULT_TENANT)
         with self._lock:
-            bucket = self._failures.pop(address, None) or TokenBucket(self.failure_rate, max(1.0, self.failure_rate * 60))
-            self._failures[address] = bucket
-            if len(self._failures) > 10000:
+            return self._tenants.get(digest)  # keyed by sha256 digests: a lookup reveals nothing of a token
+
+    def _failed(self, address: str, digest: str) -> None:
+        """Count a failed authentication against its address and its presented token (if any); past either's
+        rate, :class:`QuotaExceeded` (the failing call is refused without more work)."""
+        keys = [("address", address)] + ([("token", digest)] if digest else [])
+        with self._lock:
+            spent = []
+            for key in keys:
+                bucket = self._failures.pop(key, None) or TokenBucket(self.failure_rate, max(1.0, self.failure_rate * 60))
+                self._failures[key] = bucket
+                if not bucket.take():
+                    spent.append((key[0], bucket.wait()))
+            while len(self._failures) > 10000:
                 self._failures.popitem(last=False)
-            bucket.take()
+        if spent:
+            what, wait = max(spent, key=lambda s: s[1])
+            raise QuotaExceeded(f"too many failed authentications from this {what}; a valid token is still accepted, "
+                                f"failing ones are refused for {wait:.0f} s")
 
     def quota_tasks(self, tenant: Tenant) -> int | None:
         """The tenant's live-task quota (``None``: unlimited)."""

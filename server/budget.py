@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from fewshot.server.errors import CallAbandoned, TooLarge
+from fewshot.server.errors import CallAbandoned, Overloaded, TooLarge
 
 
 @dataclass
@@ -55,3 +55,62 @@ class CallBudget:
         if self.pixels > self.max_pixels:
             raise TooLarge(f"the call's images hold more than {self.max_pixels} decoded pixels (width x height "
                            f"summed; {self.pixels} so far); send fewer or smaller images per call")
+
+
+class BodyBudget:
+    """Bytes of request bodies that calls in flight hold, all calls of the process together (issue 34).
+
+    Each call charges its body as it arrives (a unary message once received, each AdaptStream chunk and
+    each HTTP body chunk before it is kept) and gives it all back when the call ends. A charge past
+    ``limit`` is refused at once (:class:`~fewshot.server.errors.Overloaded`, RESOURCE_EXHAUSTED / 429): nothing
+    was done, the client retries after a back-off. With ``--max-request-mb`` bounding one call, this bounds
+    all of them together, so clients cannot make the process hold more than ``limit`` of bodies at once."""
+
+    def __init__(self, limit: int, flag: str = "--max-inflight-body-mb",
+                 on_release: Callable[[int], None] = lambda size: None) -> None:
+        """``on_release``: called with what a call held once it gave it back (the allocator's trim)."""
+        self.limit, self.flag, self.on_release = limit, flag, on_release
+        self.held = 0
+        self._lock = threading.Lock()
+
+    def charge(self, size: int) -> None:
+        with self._lock:
+            if self.held + size > self.limit:
+                held = self.held
+            else:
+                self.held += size
+                return
+        raise Overloaded(f"the server's budget for request bodies in flight is used up ({held >> 20} of "
+                         f"{self.limit >> 20} MB held by calls now running, {self.flag}); nothing was done: retry "
+                         "after a short back-off, or send fewer images per call")
+
+    def release(self, size: int) -> None:
+        with self._lock:
+            self.held -= size
+        self.on_release(size)
+
+    def hold(self) -> "BodyHold":
+        """A call's share: charge it as bytes arrive, release it all once (``with`` or :meth:`BodyHold.close`)."""
+        return BodyHold(self)
+
+
+class BodyHold:
+    """What one call holds of a :class:`BodyBudget`."""
+
+    def __init__(self, budget: BodyBudget) -> None:
+        self.budget, self.size = budget, 0
+
+    def charge(self, size: int) -> None:
+        self.budget.charge(size)
+        self.size += size
+
+    def close(self) -> None:
+        size, self.size = self.size, 0
+        if size:
+            self.budget.release(size)
+
+    def __enter__(self) -> "BodyHold":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -41,6 +41,8 @@ class ServeConfig:
     max_call_megapixels: float = 256.0
     max_image_steps: int = 20000
     max_request_mb: int = 256
+    #: Bytes of request bodies all calls in flight hold together (unary messages count twice: bytes and parsed copy).
+    max_inflight_body_mb: int = 512
     #: Heavy calls (Adapt, Classify) running at once, and waiting beyond those (then RESOURCE_EXHAUSTED).
     max_inflight: int = 16
     max_queue: int = 64

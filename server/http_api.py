@@ -26,12 +26,19 @@ from typing import Any, Awaitable, Callable
 
 import grpc
 from fastapi import FastAPI, Request
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 from google.protobuf import json_format
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
 from fewshot.errors import FewShotError
+from fewshot.server.budget import BodyHold
+from fewshot.server.errors import ServiceError
+from fewshot.server.openapi import error_statuses, form_schema, json_body, message_schemas, responses
+from fewshot.server.tasks import MAX_TASK_ID, TASK_ID
 from fewshot_client._proto import fewshot_pb2 as pb
 
 #: Form fields of a multipart Adapt, Classify or UpdateTask besides the image files, by their protobuf type.
@@ -60,8 +67,7 @@ class HttpContext:
         self.http_status = 500
 
     def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
-        value = self.request.headers.get("authorization")
-        return (("authorization", value),) if value is not None else ()
+        return tuple(("authorization", value) for value in self.request.headers.getlist("authorization"))
 
     def peer(self) -> str:
         client = self.request.client
@@ -103,8 +109,9 @@ def _numbers(message: Message, out: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-async def _body(request: Request, limit: int) -> bytes:
-    """The request body, refused (413) past ``limit`` bytes before it is all read."""
+async def _body(request: Request, limit: int, hold: BodyHold | None = None) -> bytes:
+    """The request body, refused (413) past ``limit`` bytes before it is all read; each chunk charged to
+    ``hold`` (the process-wide budget for bodies in flight: 429 when it is used up) before it is kept."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise HttpAbort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"the request has {int(declared)} bytes; the server "
@@ -115,17 +122,23 @@ async def _body(request: Request, limit: int) -> bytes:
         if size > limit:
             raise HttpAbort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"the request is over {limit} bytes, what the server "
                             "accepts per request: send fewer or smaller images", 413)
+        if hold is not None:
+            try:
+                hold.charge(len(chunk))
+            except ServiceError as exc:
+                raise HttpAbort(exc.code, str(exc), exc.http_status) from None
         chunks.append(chunk)
     return b"".join(chunks)
 
 
-async def _request(request: Request, kind: type[Message], limit: int, fixed: dict[str, Any]) -> Message:
+async def _request(request: Request, kind: type[Message], limit: int, fixed: dict[str, Any],
+                   hold: BodyHold | None = None) -> Message:
     """The protobuf ``kind`` of an HTTP request: its JSON body (protobuf's JSON mapping), or its
     multipart form (image files in ``images``, their ``labels``, the other fields by name); ``fixed``
     fields (the path's task id) are set last."""
     message = kind()
     content_type = request.headers.get("content-type", "")
-    body = await _body(request, limit)
+    body = await _body(request, limit, hold)
     if content_type.startswith("multipart/form-data"):
         await _from_form(request, body, message, limit)
     elif body.strip():
@@ -135,6 +148,8 @@ async def _request(request: Request, kind: type[Message], limit: int, fixed: dic
             raise HttpAbort(grpc.StatusCode.INVALID_ARGUMENT, f"the body is not a {kind.DESCRIPTOR.name} in JSON "
                             f"({' '.join(str(exc).split())[:200]})", 400) from None
     for name, value in fixed.items():
+        if getattr(message, name):
+            raise HttpAbort(grpc.StatusCode.INVALID_ARGUMENT, f"{name} comes from the path: leave it out of the body", 400)
         setattr(message, name, value)
     return message
 
@@ -200,44 +215,53 @@ def http_app(service: Any, max_request_bytes: int, serving: Callable[[], bool] =
 
     async def guarded(request: Request, handler: Callable[[bytes, Any], Awaitable[Message]], kind: type[Message],
                       **fixed: Any) -> Any:
-        try:
-            message = await _request(request, kind, max_request_bytes, fixed)
-        except HttpAbort as abort:
-            return _error(abort.http_status, abort.code.name, abort.message)
-        return await call(request, handler, message)
+        with service.bodies.hold() as hold:  # the body and what is parsed from it, until the call ends
+            try:
+                message = await _request(request, kind, max_request_bytes, fixed, hold)
+            except HttpAbort as abort:
+                return _error(abort.http_status, abort.code.name, abort.message)
+            return await call(request, handler, message)
 
-    @app.get("/v1/models", summary="ListModels: the models, their methods, input and limits")
+    statuses = error_statuses()
+
+    @app.get("/v1/models", operation_id="ListModels", summary="ListModels: the models, their methods, input and limits",
+             responses=responses("ListModelsResponse", statuses))
     async def list_models(request: Request) -> Any:
         return await call(request, service.ListModels, pb.ListModelsRequest())
 
-    @app.post("/v1/tasks", summary="Adapt: a new task from labelled images (JSON AdaptRequest or multipart: "
-              "model, method, images files with one labels field each)")
+    @app.post("/v1/tasks", operation_id="Adapt", summary="Adapt: a new task from labelled images (JSON AdaptRequest or multipart: "
+              "model, method, images files with one labels field each)", responses=responses("AdaptResponse", statuses),
+              openapi_extra=json_body("AdaptRequest", form_schema(pb.AdaptRequest.DESCRIPTOR, FORM_NUMBERS, images=True)))
     async def adapt(request: Request) -> Any:
         return await guarded(request, service.Adapt, pb.AdaptRequest)
 
-    @app.post("/v1/tasks/{task_id}/classify", summary="Classify queries (JSON ClassifyRequest or multipart images; "
-              "reject_unknown, threshold, target_recall, top_k)")
+    @app.post("/v1/tasks/{task_id}/classify", operation_id="Classify", summary="Classify queries (JSON ClassifyRequest or multipart images; "
+              "reject_unknown, threshold, target_recall, top_k)", responses=responses("ClassifyResponse", statuses),
+              openapi_extra=json_body("ClassifyBody", form_schema(pb.ClassifyRequest.DESCRIPTOR, FORM_NUMBERS, images=False)))
     async def classify(request: Request, task_id: str) -> Any:
-        try:
-            message = await _request(request, pb.ClassifyRequest, max_request_bytes, {"task_id": task_id})
-        except HttpAbort as abort:
-            return _error(abort.http_status, abort.code.name, abort.message)
-        answer = await call(request, service.Classify, message)
+        with service.bodies.hold() as hold:
+            try:
+                message = await _request(request, pb.ClassifyRequest, max_request_bytes, {"task_id": task_id}, hold)
+            except HttpAbort as abort:
+                return _error(abort.http_status, abort.code.name, abort.message)
+            answer = await call(request, service.Classify, message)
         if isinstance(answer, dict) and not message.reject_unknown:  # as over gRPC: no open-set fields unless asked
             for prediction in answer["predictions"]:
                 for key in OPEN_SET_FIELDS:
                     prediction.pop(key, None)
         return answer
 
-    @app.patch("/v1/tasks/{task_id}", summary="UpdateTask: add labelled images, remove classes")
+    @app.patch("/v1/tasks/{task_id}", operation_id="UpdateTask", summary="UpdateTask: add labelled images, remove classes",
+               responses=responses("UpdateTaskResponse", statuses),
+               openapi_extra=json_body("UpdateTaskBody", form_schema(pb.UpdateTaskRequest.DESCRIPTOR, FORM_NUMBERS, images=True)))
     async def update(request: Request, task_id: str) -> Any:
         return await guarded(request, service.UpdateTask, pb.UpdateTaskRequest, task_id=task_id)
 
-    @app.get("/v1/tasks/{task_id}", summary="GetTask: a task's record")
+    @app.get("/v1/tasks/{task_id}", operation_id="GetTask", summary="GetTask: a task's record", responses=responses("TaskInfo", statuses))
     async def get_task(request: Request, task_id: str) -> Any:
         return await call(request, service.GetTask, pb.GetTaskRequest(task_id=task_id))
 
-    @app.delete("/v1/tasks/{task_id}", summary="DeleteTask")
+    @app.delete("/v1/tasks/{task_id}", operation_id="DeleteTask", summary="DeleteTask", responses=responses("DeleteTaskResponse", statuses))
     async def delete_task(request: Request, task_id: str) -> Any:
         return await call(request, service.DeleteTask, pb.DeleteTaskRequest(task_id=task_id))
 
@@ -248,12 +272,62 @@ def http_app(service: Any, max_request_bytes: int, serving: Callable[[], bool] =
         """The web console: one page over this API (``server/console/index.html``, no build step)."""
         return HTMLResponse(console)
 
-    @app.get("/healthz", summary="200 while serving; 503 while saturated or stopping")
+    @app.get("/healthz", operation_id="Health", summary="200 while serving; 503 while saturated or stopping",
+             responses={200: {"description": "serving", "content": {"application/json": {"schema": _HEALTH}}},
+                        503: {"description": "saturated or stopping", "content": {"application/json": {"schema": _HEALTH}}}})
     async def health() -> Any:
         ok = serving()
         return JSONResponse({"status": "SERVING" if ok else "NOT_SERVING"}, status_code=200 if ok else 503)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def routing_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        """Unknown paths (404) and methods (405) in the service's error body; a 405's ``Allow`` lists every
+        method of the path (Starlette's names only the first route that matched it)."""
+        if exc.status_code != 405:
+            return _error(exc.status_code, "NOT_FOUND" if exc.status_code == 404 else "INVALID_ARGUMENT", str(exc.detail))
+        allowed = set()
+        for route in app.router.routes:
+            if route.matches({"type": "http", "path": request.url.path, "method": ""})[0] != Match.NONE:
+                allowed |= set(getattr(route, "methods", None) or ())
+        allowed.discard("HEAD")
+        response = _error(405, "UNIMPLEMENTED", f"{request.method[:16]} is not a method of {request.url.path[:128]}: use "
+                          f"{', '.join(sorted(allowed))}")
+        response.headers["Allow"] = ", ".join(sorted(allowed))
+        return response
+
+    def document() -> dict[str, Any]:
+        """FastAPI's document of the routes, with the message schemas, the task id's pattern, and without the
+        422 FastAPI adds (its own validation never runs: every body is read and checked by the service)."""
+        if app.openapi_schema is None:
+            doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            for path in doc["paths"].values():
+                for operation in path.values():
+                    operation["responses"].pop("422", None)
+                    for parameter in operation.get("parameters", []):
+                        if parameter["name"] == "task_id":
+                            parameter["schema"] = {"type": "string", "pattern": f"^{TASK_ID.pattern}$", "maxLength": MAX_TASK_ID}
+            # the task an Adapt answers with is what the task routes take (OpenAPI links: clients and testers follow them)
+            doc["paths"]["/v1/tasks"]["post"]["responses"]["200"]["links"] = {
+                op: {"operationId": op, "parameters": {"task_id": "$response.body#/task_id"}}
+                for op in ("Classify", "UpdateTask", "GetTask", "DeleteTask")}
+            schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+            schemas.pop("HTTPValidationError", None), schemas.pop("ValidationError", None)
+            schemas.update(message_schemas(MESSAGES))
+            app.openapi_schema = doc
+        return app.openapi_schema
+
+    app.openapi = document  # type: ignore[method-assign]
     return app
+
+
+#: The messages of the document: the routes' bodies (the path's task id left out) and answers.
+MESSAGES = [(pb.AdaptRequest.DESCRIPTOR, (), "AdaptRequest"), (pb.ClassifyRequest.DESCRIPTOR, ("task_id",), "ClassifyBody"),
+            (pb.UpdateTaskRequest.DESCRIPTOR, ("task_id",), "UpdateTaskBody"), (pb.AdaptResponse.DESCRIPTOR, (), "AdaptResponse"),
+            (pb.ClassifyResponse.DESCRIPTOR, (), "ClassifyResponse"), (pb.UpdateTaskResponse.DESCRIPTOR, (), "UpdateTaskResponse"),
+            (pb.TaskInfo.DESCRIPTOR, (), "TaskInfo"), (pb.DeleteTaskResponse.DESCRIPTOR, (), "DeleteTaskResponse"),
+            (pb.ListModelsResponse.DESCRIPTOR, (), "ListModelsResponse")]
+_HEALTH = {"type": "object", "required": ["status"], "additionalProperties": False,
+           "properties": {"status": {"type": "string", "enum": ["SERVING", "NOT_SERVING"]}}}
 
 
 class HttpServer:

@@ -29,6 +29,8 @@ class ServiceMetrics:
                                ["stage"], registry=self.registry)
         self.cache_bytes = Gauge("fewshot_task_cache_bytes", "Bytes the task cache is charged (tensors + per-entry overhead)",
                                  registry=self.registry)
+        self.body_bytes = Gauge("fewshot_request_body_bytes", "Bytes of request bodies held by calls in flight "
+                                "(--max-inflight-body-mb bounds it)", registry=self.registry)
         ProcessCollector(registry=self.registry)  # process_resident_memory_bytes, CPU seconds, open fds
         self.batch_images = Histogram("fewshot_batch_images", "Images per backbone or network call (merged Classify requests)",
                                       buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512), registry=self.registry)

@@ -33,7 +33,7 @@ from fewshot.models.plan import ClassifyPlan
 from fewshot.server.admission import Admission
 from fewshot.server.auth import Authenticator, Tenant
 from fewshot.server.batcher import Batcher
-from fewshot.server.budget import CallBudget
+from fewshot.server.budget import BodyBudget, BodyHold, CallBudget
 from fewshot.server.errors import InvalidRequest, NotFound, ServiceError
 from fewshot.server.images import decode_for_model, decode_pixels_for_model
 from fewshot.server.metrics import ServiceMetrics
@@ -75,6 +75,8 @@ class _Call:
 
     tenant: Tenant
     budget: CallBudget
+    #: The call's share of the process-wide budget for request bodies in flight.
+    body: BodyHold
     fields: dict[str, Any] = field(default_factory=dict)
     started: float = field(default_factory=time.monotonic)
 
@@ -102,8 +104,11 @@ class FewShotService:
 
     def __init__(self, models: dict[str, Family], store: TaskStore, executor: ThreadPoolExecutor,
                  metrics: ServiceMetrics, limits: ServiceLimits = ServiceLimits(), batch_delay: float = 0.002,
-                 max_batch: int = 256, auth: Authenticator | None = None, admission: Admission | None = None) -> None:
+                 max_batch: int = 256, auth: Authenticator | None = None, admission: Admission | None = None,
+                 bodies: BodyBudget | None = None) -> None:
         self.models, self.store, self.executor, self.metrics, self.limits = models, store, executor, metrics, limits
+        #: Request bytes all calls in flight hold together (``--max-inflight-body-mb``).
+        self.bodies = bodies or BodyBudget(2 * limits.max_request_bytes)
         self.auth = auth or Authenticator()
         self.admission = admission or Admission(capacity=64, max_queue=256)
         self.batcher = Batcher(executor, batch_delay, max_batch, on_batch=metrics.batch_images.observe)
@@ -124,18 +129,24 @@ class FewShotService:
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
 
     # -- plumbing -------------------------------------------------------------------------------
-    async def _call(self, rpc: str, context: grpc.aio.ServicerContext, body: Callable[[_Call], Awaitable[Any]]) -> Any:
-        """Authenticate, run ``body``, map service errors to statuses, record metrics and one log line."""
+    async def _call(self, rpc: str, context: grpc.aio.ServicerContext, body: Callable[[_Call], Awaitable[Any]],
+                    size: int = 0) -> Any:
+        """Authenticate, charge ``size`` bytes to the body budget (a unary call: twice its message, the bytes and
+        their parsed copy, both held until it ends), run ``body``,
+        map service errors to statuses, record metrics and one log line; the body's charge is given back
+        when the call ends."""
         fields: dict[str, Any] = {"method": ""}
         start, code, message, http_status = time.perf_counter(), grpc.StatusCode.OK, "", 500
         budget = CallBudget.for_call(self.limits.max_call_pixels, context.time_remaining(),
                                      lambda stage: self.metrics.stopped.labels(stage.split()[0]).inc())
+        hold = self.bodies.hold()
         try:
             tenant = self.auth.authenticate(context.invocation_metadata() or (), context.peer())
             if self.auth.required:
                 fields["tenant"] = tenant.name
+            hold.charge(size)
             budget.check("starting")
-            return await body(_Call(tenant, budget, fields))
+            return await body(_Call(tenant, budget, hold, fields))
         except ServiceError as exc:
             code, message, http_status = exc.code, str(exc), exc.http_status
         except asyncio.TimeoutError:
@@ -148,6 +159,7 @@ class FewShotService:
             log.exception("internal error in %s", rpc)
             code, message = grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {one_line(str(exc), 200)}"
         finally:
+            hold.close()
             seconds = time.perf_counter() - start
             method = fields.get("method", "")
             self.metrics.requests.labels(rpc, method, code.name).inc()
@@ -171,25 +183,44 @@ class FewShotService:
             adapt = _AdaptCall(request.model, request.method, request.settings, request.ttl_seconds, list(request.support))
             return await self._adapt(adapt, call)
 
-        return await self._call("Adapt", context, body)
+        return await self._call("Adapt", context, body, 2 * len(raw))
 
     async def AdaptStream(self, request_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> pb.AdaptResponse:
         async def body(call: _Call) -> pb.AdaptResponse:
-            adapt: _AdaptCall | None = None
-            received = 0
-            async for raw in request_iterator:
-                received += len(raw)
-                self.limits.check_request_bytes(received)  # as chunks arrive, not once the stream ends
-                chunk = parse(pb.AdaptChunk, raw)
-                if adapt is None:
-                    adapt = _AdaptCall(chunk.model, chunk.method, chunk.settings, chunk.ttl_seconds, [])
-                adapt.support.extend(chunk.support)
-                self.limits.check_support(len(adapt.support))
-            if adapt is None:
-                raise InvalidRequest("the stream carried no chunk: the first chunk names the model")
-            return await self._adapt(adapt, call)
+            support: list[pb.LabelledImage] = []
+            try:
+                adapt = await self._read_stream(request_iterator, call, support)
+                return await self._adapt(adapt, call)
+            finally:  # what the stream read is dropped before the call gives its charge back
+                support.clear()
 
         return await self._call("AdaptStream", context, body)
+
+    async def _read_stream(self, request_iterator: AsyncIterator[bytes], call: _Call,
+                           support: list[pb.LabelledImage]) -> _AdaptCall:
+        """The AdaptStream's chunks as one Adapt (its images appended to ``support``), each chunk charged to
+        the call's body budget and checked against the per-call limits as it arrives."""
+        adapt: _AdaptCall | None = None
+        received = 0
+        async for raw in request_iterator:
+            received += len(raw)
+            self.limits.check_request_bytes(received)  # as chunks arrive, not once the stream ends
+            call.body.charge(len(raw))  # before it is kept: the parsed chunk holds as much
+            chunk = parse(pb.AdaptChunk, raw)
+            del raw
+            if adapt is None:
+                adapt = _AdaptCall(chunk.model, chunk.method, chunk.settings, chunk.ttl_seconds, support)
+            else:  # later chunks may repeat the first chunk's model and method, not name others
+                for name, first in (("model", adapt.model), ("method", adapt.method)):
+                    later = getattr(chunk, name)
+                    if later and later != first:
+                        raise InvalidRequest(f"a later AdaptStream chunk names {name} {one_line(later, 64)!r}, the "
+                                             f"first named {one_line(first, 64)!r}: set it in the first chunk only")
+            support.extend(chunk.support)
+            self.limits.check_support(len(support))
+        if adapt is None:
+            raise InvalidRequest("the stream carried no chunk: the first chunk names the model")
+        return adapt
 
     async def _adapt(self, adapt: _AdaptCall, call: _Call) -> pb.AdaptResponse:
         model = get_model(self.models, adapt.model)
@@ -260,7 +291,7 @@ class FewShotService:
                 raise NotFound(f"task {task_id} was deleted during this call")
             return response
 
-        return await self._call("Classify", context, body)
+        return await self._call("Classify", context, body, 2 * len(raw))
 
     @staticmethod
     def _merge(plan: ClassifyPlan, x: torch.Tensor) -> tuple[Any, Any]:
@@ -305,7 +336,7 @@ class FewShotService:
             return pb.UpdateTaskResponse(task_id=record.task_id, version=record.version, labels=record.labels,
                                          shots=record.shots, support_accuracy=accuracy, adapt_seconds=seconds)
 
-        return await self._call("UpdateTask", context, body)
+        return await self._call("UpdateTask", context, body, 2 * len(raw))
 
     def _update_lock(self, task_id: str) -> asyncio.Lock:
         """One of :data:`UPDATE_LOCKS` locks, by the task id's hash (bounded memory, rare sharing)."""
@@ -324,7 +355,7 @@ class FewShotService:
                                created_at=rec.created_at, expires_at=rec.expires_at, support_size=rec.support_size,
                                version=rec.version, shots=rec.shots)
 
-        return await self._call("GetTask", context, body)
+        return await self._call("GetTask", context, body, 2 * len(raw))
 
     async def DeleteTask(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.DeleteTaskResponse:
         async def body(call: _Call) -> pb.DeleteTaskResponse:
@@ -333,14 +364,14 @@ class FewShotService:
                 raise NotFound(f"task {task_id} is unknown, already deleted or expired")
             return pb.DeleteTaskResponse(deleted=True)
 
-        return await self._call("DeleteTask", context, body)
+        return await self._call("DeleteTask", context, body, 2 * len(raw))
 
     async def ListModels(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
         async def body(call: _Call) -> pb.ListModelsResponse:
             parse(pb.ListModelsRequest, raw)
             return pb.ListModelsResponse(models=[model_info(m) for _, m in sorted(self.models.items())])
 
-        return await self._call("ListModels", context, body)
+        return await self._call("ListModels", context, body, 2 * len(raw))
 
 
 def model_info(model: Family) -> pb.ModelInfo:
