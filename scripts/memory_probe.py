@@ -21,7 +21,6 @@ import json
 import os
 import sys
 import tempfile
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -29,44 +28,9 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from fewshot.tools.process import ServerProcess
+from fewshot.tools.process import ResidentMemory as Sampler, ServerProcess, resident_mb as rss_mb
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def rss_mb(pid: int) -> float:
-    """Resident memory of process ``pid`` in MB (``/proc``)."""
-    with open(f"/proc/{pid}/status") as f:
-        return int(f.read().split("VmRSS:")[1].split()[0]) / 1024
-
-
-class Sampler:
-    """Samples a process's resident memory every ``every`` seconds in a thread; ``peak`` since :meth:`reset`."""
-
-    def __init__(self, pid: int, every: float = 0.1) -> None:
-        self.pid, self.every, self.peak, self.samples = pid, every, 0.0, 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.every):
-            try:
-                value = rss_mb(self.pid)
-            except (OSError, IndexError):
-                return
-            self.peak, self.samples = max(self.peak, value), self.samples + 1
-
-    def reset(self) -> None:
-        self.peak = rss_mb(self.pid)
-
-    def __enter__(self) -> "Sampler":
-        self.reset()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 def streams(target: str, pid: int, clients: int, chunks: int, chunk_mb: float, model: str) -> dict:

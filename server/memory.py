@@ -74,3 +74,19 @@ def trim() -> None:
     """Give the free pages of every malloc arena back to the system."""
     if _LIBC is not None:
         _LIBC.malloc_trim(0)
+
+
+#: Resident memory above the level after warm-up, beyond the task cache and the request bodies, at the peak
+#: (ONNX Runtime arenas, gRPC's buffers, allocator slack): measured 87 MB under 3 clients adapting 20-way tasks
+#: with --cache-mb 256, 70 MB under six refused 8.3 MB-chunk streams (scripts/memory_probe.py, README).
+OVERHEAD_MB = 128
+#: Resident bytes per byte of request body charged (the bytes, what is parsed from them, gRPC's own copies).
+BODY_FACTOR = 1.5
+
+
+def peak_bound_mb(cache_mb: float, body_mb: float = 0.0) -> float:
+    """The README's bound on resident memory above its level after warm-up, at the peak: the task cache
+    (``--cache-mb``), ``BODY_FACTOR`` times the request bodies in flight (at most ``--max-inflight-body-mb``)
+    and ``OVERHEAD_MB``. Decoded pixels of the calls running come on top (each call at most
+    ``--max-call-megapixels``; a few MB for the shipped models' image sizes)."""
+    return cache_mb + BODY_FACTOR * body_mb + OVERHEAD_MB

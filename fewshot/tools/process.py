@@ -92,3 +92,41 @@ class ServerProcess:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def resident_mb(pid: int) -> float:
+    """Resident memory of process ``pid`` in MB (``/proc``, Linux)."""
+    with open(f"/proc/{pid}/status") as f:
+        return int(f.read().split("VmRSS:")[1].split()[0]) / 1024
+
+
+class ResidentMemory:
+    """Samples a process's resident memory every ``every`` seconds in a thread while the block runs:
+    ``peak`` (MB) since the start or :meth:`reset`, ``samples`` taken."""
+
+    def __init__(self, pid: int, every: float = 0.1) -> None:
+        import threading
+
+        self.pid, self.every, self.peak, self.samples = pid, every, 0.0, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            try:
+                value = resident_mb(self.pid)
+            except (OSError, IndexError):
+                return
+            self.peak, self.samples = max(self.peak, value), self.samples + 1
+
+    def reset(self) -> None:
+        self.peak = resident_mb(self.pid)
+
+    def __enter__(self) -> "ResidentMemory":
+        self.reset()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
