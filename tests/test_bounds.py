@@ -143,3 +143,21 @@ def test_memory_stays_within_its_peak_bound_under_sustained_concurrent_adapts(om
           f"(bound {bound:.0f} MB)")
     assert samples >= 20
     assert peak - warm <= bound, f"peak {peak - warm:.0f} MB over warm-up, bound {bound:.0f} MB"
+
+
+@pytest.mark.unit
+def test_the_body_budget_refuses_past_its_limit_and_gives_back_what_a_call_held():
+    from fewshot.server.budget import BodyBudget
+    from fewshot.server.errors import Overloaded
+
+    released = []
+    budget = BodyBudget(100, on_release=released.append)
+    with budget.hold() as a, budget.hold() as b:
+        a.charge(60)
+        with pytest.raises(Overloaded, match="--max-inflight-body-mb"):
+            b.charge(41)
+        b.charge(40)
+        assert budget.held == 100
+    assert budget.held == 0 and sorted(released) == [40, 60]
+    with budget.hold() as c:
+        c.charge(100)  # all of it again once given back
