@@ -448,74 +448,17 @@ def _run_import(args: argparse.Namespace) -> None:
 
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:
-    from fewshot.server.config import ServeConfig
+    from fewshot.server.config import add_arguments
 
-    d = ServeConfig(models=Path("bundles"))
     p = sub.add_parser("serve", help="serve the bundles of a model directory over gRPC (fewshot.v1.FewShot)")
-    p.add_argument("--models", default=None, help="bundle directory (default: $FEWSHOT_BUNDLES, else bundles/ in the working directory)")
-    p.add_argument("--host", default=d.host, help=f"listen address (default {d.host}; 0.0.0.0 in a container)")
-    p.add_argument("--port", type=int, default=d.port, help="0 picks a free port (printed at start)")
-    p.add_argument("--device", default=d.device, choices=["auto", "cpu", "cuda"])
-    p.add_argument("--state-dir", default=str(d.state_dir), help="persistent task store (SQLite, WAL), shareable by "
-                   "the processes of one host (the embedded default)")
-    p.add_argument("--store", default=os.environ.get("FEWSHOT_STORE"),
-                   help="task database instead of --state-dir: postgresql://USER[:PASSWORD]@HOST:PORT/DB (replicas on "
-                        "any number of hosts share it) or sqlite:PATH (default: $FEWSHOT_STORE; prefer it for a password)")
-    p.add_argument("--metrics-port", type=int, default=d.metrics_port, help="Prometheus metrics port (0: off)")
-    p.add_argument("--http-port", type=int, default=None, help="also serve the HTTP/JSON API and the web console on "
-                   "this port (0 picks a free one, printed at start; default: off)")
-    p.add_argument("--token", default=os.environ.get("FEWSHOT_TOKEN"), help="require `authorization: Bearer TOKEN` "
-                   "(default: $FEWSHOT_TOKEN; prefer it or --token-file: a command line is visible to other users)")
+    add_arguments(p)  # every ServeConfig field (server/config.py), declared once there
     p.add_argument("--token-file", help="read the single token from this file (the default tenant)")
-    p.add_argument("--tokens", help="tenants file: one `tenant: sha256-of-token [max_tasks=N] [rps=R]` per line, "
-                   "reloaded on SIGHUP (`fewshot token-hash` prints a token's hash)")
-    p.add_argument("--tenant-max-tasks", type=int, default=d.tenant_max_tasks, help="live tasks per tenant (0: unlimited)")
-    p.add_argument("--tenant-rps", type=float, default=d.tenant_rps, help="requests per second per tenant (0: unlimited)")
-    p.add_argument("--tls-cert", help="PEM certificate chain: serve TLS (with --tls-key)")
-    p.add_argument("--tls-key", help="PEM private key of --tls-cert")
-    p.add_argument("--tls-client-ca", help="PEM CA certificate(s): require client certificates signed by it (mutual TLS)")
-    p.add_argument("--threads", type=int, default=d.threads, help="torch / ONNX Runtime threads per call (0: library default)")
-    p.add_argument("--workers", type=int, default=d.workers, help="worker threads for decoding, adaptation, inference")
-    p.add_argument("--batch-delay-ms", type=float, default=d.batch_delay_ms, help="how long Classify waits to merge requests")
-    p.add_argument("--max-batch", type=int, default=d.max_batch, help="images per merged backbone call")
-    p.add_argument("--cache-mb", type=int, default=d.cache_mb, help="memory budget of the task cache")
-    p.add_argument("--max-message-mb", type=int, default=d.max_message_mb, help="gRPC message size limit")
-    p.add_argument("--max-image-mb", type=float, default=d.max_image_mb, help="encoded size limit per image")
-    p.add_argument("--max-support", type=int, default=d.max_support, help="images per support set")
-    p.add_argument("--max-queries", type=int, default=d.max_queries, help="images per Classify call")
-    p.add_argument("--default-ttl", type=int, default=d.default_ttl, help="task time-to-live in seconds when Adapt sets none")
-    p.add_argument("--max-call-megapixels", type=float, default=d.max_call_megapixels,
-                   help="decoded pixels per call, all its images together (2**20 pixels each)")
-    p.add_argument("--max-image-steps", type=int, default=d.max_image_steps, help="support images x inner steps per Adapt")
-    p.add_argument("--max-request-mb", type=int, default=d.max_request_mb, help="bytes per Adapt or AdaptStream, all chunks")
-    p.add_argument("--max-inflight-body-mb", type=int, default=d.max_inflight_body_mb,
-                   help="bytes of request bodies all calls in flight hold together (past it, RESOURCE_EXHAUSTED)")
-    p.add_argument("--max-inflight", type=int, default=d.max_inflight, help="Adapt/Classify calls running at once")
-    p.add_argument("--max-queue", type=int, default=d.max_queue,
-                   help="calls waiting beyond --max-inflight; past it, RESOURCE_EXHAUSTED and readiness NOT_SERVING")
-    p.add_argument("--warmup-tasks", type=int, default=d.warmup_tasks,
-                   help="synthetic tasks per model and method run before the port opens, so the first call is fast (0: none)")
-    p.add_argument("--merge-tasks", default=d.merge_tasks, choices=["auto", "on", "off"],
-                   help="merge Classify requests of different inner-loop tasks into one stacked call (auto: on CUDA only)")
-    p.add_argument("--batch-adapts", default=d.batch_adapts, choices=["auto", "on", "off"],
-                   help="run concurrent Adapts of one inner-loop model and support shape as one stacked inner loop "
-                        "(auto: on CUDA only; on a CPU it wins for small images, BENCHMARKS.md)")
-    p.add_argument("--task-dtype", default=d.task_dtype, choices=["float32", "float16"],
-                   help="what inner-loop tasks' adapted weights are held and stored in (float16: half the memory per task)")
-    p.add_argument("--inner-precision", default=d.inner_precision, choices=["float32", "bfloat16"],
-                   help="what the inner loop computes in (bfloat16: autocast, on CPUs with native bfloat16 or CUDA)")
-    p.add_argument("--feature-backend", default=d.feature_backend, choices=["onnxruntime", "triton"],
-                   help="where backbone and adapted-network inference run: in-process ONNX Runtime, or a Triton server "
-                        "serving the repository of `fewshot export --triton-repo`")
-    p.add_argument("--triton-url", default=d.triton_url, help=f"Triton's gRPC HOST:PORT (default {d.triton_url})")
-    p.add_argument("--triton-timeout", type=float, default=d.triton_timeout,
-                   help="seconds one Triton call may take before the request fails with UNAVAILABLE")
 
 
 def _run_serve(args: argparse.Namespace) -> None:
     from fewshot.export.bundle import DEFAULT_BUNDLE_DIR
     from fewshot.server.app import run
-    from fewshot.server.config import ServeConfig
+    from fewshot.server.config import from_arguments
 
     token = args.token
     if args.token_file:
@@ -525,20 +468,7 @@ def _run_serve(args: argparse.Namespace) -> None:
             raise ConfigError(f"cannot read --token-file {args.token_file}: {exc.strerror or exc}") from None
         if not token:
             raise ConfigError(f"--token-file {args.token_file} is empty")
-    optional = lambda value: Path(value) if value else None  # noqa: E731
-    cfg = ServeConfig(models=Path(args.models) if args.models else DEFAULT_BUNDLE_DIR, host=args.host, port=args.port,
-                      device=args.device, state_dir=Path(args.state_dir), store=args.store or None, http_port=args.http_port, metrics_port=args.metrics_port, token=token,
-                      tokens_file=optional(args.tokens), tenant_max_tasks=args.tenant_max_tasks, tenant_rps=args.tenant_rps,
-                      tls_cert=optional(args.tls_cert), tls_key=optional(args.tls_key), tls_client_ca=optional(args.tls_client_ca),
-                      max_call_megapixels=args.max_call_megapixels, max_image_steps=args.max_image_steps,
-                      max_request_mb=args.max_request_mb, max_inflight_body_mb=args.max_inflight_body_mb, max_inflight=args.max_inflight, max_queue=args.max_queue,
-                      threads=args.threads, workers=args.workers, batch_delay_ms=args.batch_delay_ms, max_batch=args.max_batch,
-                      cache_mb=args.cache_mb, max_message_mb=args.max_message_mb, max_image_mb=args.max_image_mb, max_support=args.max_support,
-                      max_queries=args.max_queries, default_ttl=args.default_ttl, feature_backend=args.feature_backend,
-                      triton_url=args.triton_url, triton_timeout=args.triton_timeout, warmup_tasks=args.warmup_tasks,
-                      merge_tasks=args.merge_tasks, task_dtype=args.task_dtype, inner_precision=args.inner_precision,
-                      batch_adapts=args.batch_adapts)
-    run(cfg)
+    run(from_arguments(args, models=args.models or DEFAULT_BUNDLE_DIR, token=token, store=args.store or None))
 
 
 def _add_token_hash(sub: argparse._SubParsersAction) -> None:

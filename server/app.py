@@ -28,7 +28,6 @@ from fewshot.server.auth import Authenticator, TokensFileError
 from fewshot.server import memory
 from fewshot.server.budget import BodyBudget
 from fewshot.server.config import ServeConfig
-from fewshot.server.images import ImageLimits
 from fewshot.server.metrics import ServiceMetrics
 from fewshot.server.service import SERVICE_NAME, FewShotService, ServiceLimits
 from fewshot.server.store import TaskStore
@@ -106,10 +105,7 @@ async def serve(cfg: ServeConfig, ready: asyncio.Event | None = None) -> None:
     metrics.count_tasks_with(store.count)
     metrics.cache_bytes.set_function(lambda: store.cached_bytes)
     executor = ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="fewshot-work")
-    limits = ServiceLimits(max_support=cfg.max_support, max_queries=cfg.max_queries, default_ttl=cfg.default_ttl,
-                           image=ImageLimits(max_bytes=int(cfg.max_image_mb * (1 << 20))),
-                           max_call_pixels=int(cfg.max_call_megapixels * (1 << 20)), max_image_steps=cfg.max_image_steps,
-                           max_request_bytes=cfg.max_request_mb << 20)
+    limits = ServiceLimits.from_config(cfg)
     health_servicer = health.aio.HealthServicer()
     loop = asyncio.get_running_loop()
     stopping = False

@@ -34,6 +34,7 @@ from fewshot.server.admission import Admission
 from fewshot.server.auth import Authenticator, Tenant
 from fewshot.server.batcher import Batcher
 from fewshot.server.budget import BodyBudget, BodyHold, CallBudget
+from fewshot.server.config import ServeConfig
 from fewshot.server.errors import InvalidRequest, NotFound, ServiceError
 from fewshot.server.images import decode_for_model, decode_pixels_for_model
 from fewshot.server.metrics import ServiceMetrics
@@ -108,7 +109,7 @@ class FewShotService:
                  bodies: BodyBudget | None = None) -> None:
         self.models, self.store, self.executor, self.metrics, self.limits = models, store, executor, metrics, limits
         #: Request bytes all calls in flight hold together (``--max-inflight-body-mb``).
-        self.bodies = bodies or BodyBudget(2 * limits.max_request_bytes)
+        self.bodies = bodies or BodyBudget(ServeConfig().max_inflight_body_mb << 20)
         self.auth = auth or Authenticator()
         self.admission = admission or Admission(capacity=64, max_queue=256)
         self.batcher = Batcher(executor, batch_delay, max_batch, on_batch=metrics.batch_images.observe)

@@ -26,6 +26,7 @@ from fewshot.models.calibration import ACCEPTANCE_LEVELS, DEFAULT_ACCEPTANCE, Op
 from fewshot.models.family import Family
 from fewshot.errors import ConfigError
 from fewshot.models.interrupt import interruptible
+from fewshot.server.config import ServeConfig
 from fewshot.server.errors import Conflict, InvalidRequest, NotFound, NotUpdatable, TooLarge, quoted
 from fewshot.server.images import ImageLimits
 from fewshot.server.state import StateError, StoredSupport, dump_task, load_support, load_task
@@ -44,21 +45,32 @@ def task_ref(task_id: str) -> str:
     return hashlib.sha256(task_id.encode()).hexdigest()[:12]
 
 
+_DEFAULTS = ServeConfig()
+
+
 @dataclass(frozen=True)
 class ServiceLimits:
-    """Server-wide limits (per-model limits come from each manifest)."""
+    """Server-wide limits (per-model limits come from each manifest); :meth:`from_config` makes them from
+    ``fewshot serve``'s settings, and the defaults are those settings' defaults (``server/config.py``)."""
 
-    max_support: int = 2500
-    max_queries: int = 1024
-    default_ttl: int = 24 * 3600
+    max_support: int = _DEFAULTS.max_support
+    max_queries: int = _DEFAULTS.max_queries
+    default_ttl: int = _DEFAULTS.default_ttl
     max_ttl: int = 30 * 24 * 3600
-    image: ImageLimits = ImageLimits()
+    image: ImageLimits = ImageLimits(max_bytes=int(_DEFAULTS.max_image_mb * (1 << 20)))
     #: Decoded pixels (width x height, summed over a call's images): about 16 images at the per-image limit.
-    max_call_pixels: int = 256 << 20
+    max_call_pixels: int = int(_DEFAULTS.max_call_megapixels * (1 << 20))
     #: Inner-loop work of one Adapt: support images x inner steps.
-    max_image_steps: int = 20000
+    max_image_steps: int = _DEFAULTS.max_image_steps
     #: Bytes of one Adapt: the message, or all chunks of an AdaptStream together.
-    max_request_bytes: int = 256 << 20
+    max_request_bytes: int = _DEFAULTS.max_request_mb << 20
+
+    @classmethod
+    def from_config(cls, cfg: ServeConfig) -> "ServiceLimits":
+        return cls(max_support=cfg.max_support, max_queries=cfg.max_queries, default_ttl=cfg.default_ttl,
+                   image=ImageLimits(max_bytes=int(cfg.max_image_mb * (1 << 20))),
+                   max_call_pixels=int(cfg.max_call_megapixels * (1 << 20)), max_image_steps=cfg.max_image_steps,
+                   max_request_bytes=cfg.max_request_mb << 20)
 
     def ttl(self, requested: int) -> int:
         """Seconds a task lives: ``requested``, or the default when 0."""

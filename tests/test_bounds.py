@@ -161,3 +161,26 @@ def test_the_body_budget_refuses_past_its_limit_and_gives_back_what_a_call_held(
     assert budget.held == 0 and sorted(released) == [40, 60]
     with budget.hold() as c:
         c.charge(100)  # all of it again once given back
+
+
+@pytest.mark.unit
+def test_serve_flags_are_generated_from_the_config_with_its_defaults(monkeypatch):
+    """Issue 35 (server options written once): every ServeConfig field is a `fewshot serve` flag with the field's
+    default; a field with an environment variable takes it; the service limits' defaults are the config's."""
+    import argparse
+    from dataclasses import fields
+
+    from fewshot.server.config import ServeConfig, add_arguments, from_arguments
+    from fewshot.server.tasks import ServiceLimits
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert from_arguments(parser.parse_args([])) == ServeConfig()
+    cfg = from_arguments(parser.parse_args(["--cache-mb", "32", "--tokens", "t.txt", "--http-port", "0"]))
+    assert (cfg.cache_mb, str(cfg.tokens_file), cfg.http_port) == (32, "t.txt", 0)
+    assert len(parser._actions) == len(fields(ServeConfig)) + 1  # and -h
+    monkeypatch.setenv("FEWSHOT_STORE", "sqlite:/tmp/x.db")
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert from_arguments(parser.parse_args([])).store == "sqlite:/tmp/x.db"
+    assert ServiceLimits.from_config(ServeConfig()) == ServiceLimits()
