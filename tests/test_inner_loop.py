@@ -238,6 +238,6 @@ def test_cxgrad_head_alpha_steps_the_head_alone(task):
     tensors = {f"param.{k}": v for k, v in params.items()} | {f"rule.{k}": v for k, v in rule.state_dict().items()}
     _, served, _ = meta_model_parts("cxgrad", net.config, loop, tensors)
     assert served.step_size("head.weight", 0) == 0.05 and served.step_size(net.conv_names[0], 0) == 0.01
-    with pytest.raises(Exception, match="--head-alpha applies to --method cxgrad, cxgrad-task, maml and fomaml only"):
+    with pytest.raises(Exception, match="--head-alpha applies to --method cxgrad, cxgrad-task, maml, fomaml and maml-lslr only"):
         MetaTrainConfig(method="metasgd", head_alpha=0.1)
     assert build_rule("maml", net, 1, 0.01, head_alpha=0.05).step_size("head.bias", 0) == 0.05  # MAML: the same knob

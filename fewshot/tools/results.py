@@ -191,10 +191,11 @@ def main() -> None:
         if not args.heads:  # a model measured anew loses the rows of settings it no longer has
             rows = [r for r in rows if r["model"] not in names or bool(r.get("open_set")) != args.open_set]
 
-        def keep(row: dict) -> None:
+        def keep(row: dict) -> None:  # results.json, RESULTS.md and the cards agree after every row
             nonlocal rows
             rows = sort_rows([r for r in rows if row_key(r) != row_key(row)] + [row])
             store.write_text(json.dumps(rows, indent=1) + "\n")
+            render(rows, Path(args.out))
 
         measure(names, args.heads, args.tasks, args.seed, args.open_set, on_row=keep)
     render(rows, Path(args.out))
