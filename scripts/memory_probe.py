@@ -28,7 +28,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from fewshot.tools.process import ResidentMemory as Sampler, ServerProcess, resident_mb as rss_mb
+from fewshot.tools.process import ResidentMemory as Sampler, ServerProcess, adapt_load, resident_mb as rss_mb
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -64,7 +64,6 @@ def adapt(target: str, pid: int, clients: int, ways: int, tasks: int, model: str
     from fewshot.models.data import load_dataset
     from fewshot.models.episodes import EpisodeSampler
     from fewshot_client._proto import fewshot_pb2 as pb
-    from fewshot_client._proto import fewshot_pb2_grpc as pb_grpc
 
     test = load_dataset("tinyimagenet", "test")
     sampler = EpisodeSampler(test, ways, 5, 1, seed=0)
@@ -80,28 +79,11 @@ def adapt(target: str, pid: int, clients: int, ways: int, tasks: int, model: str
         ep = sampler.episode(e)
         supports.append(([pb.LabelledImage(image=raw(j), label=f"c{c}") for j, c in zip(ep.support, ep.support_labels)],
                          [raw(ep.query[0])]))
-    channel = grpc.insecure_channel(target, options=[("grpc.max_send_message_length", 64 << 20)])
-    stub = pb_grpc.FewShotStub(channel)
-
-    def one(i: int) -> None:
-        support, query = supports[i % len(supports)]
-        task = stub.Adapt(pb.AdaptRequest(model=model, method="centroid", support=support), timeout=120)
-        stub.Classify(pb.ClassifyRequest(task_id=task.task_id, queries=query), timeout=120)
-
-    with ThreadPoolExecutor(clients) as pool:
-        list(pool.map(one, range(warm)))
-        after_warmup = rss_mb(pid)
-        started = time.monotonic()
-        with Sampler(pid) as sampler:
-            list(pool.map(one, range(warm, tasks)))
-            peak, samples = sampler.peak, sampler.samples
-        seconds = time.monotonic() - started
+    load = adapt_load(target, pid, model, supports, clients, warm, tasks)
     time.sleep(3)
-    channel.close()
     return {"load": "adapt", "clients": clients, "ways": ways, "tasks": tasks, "cache_mb": cache_mb,
-            "rss_after_warmup_mb": round(after_warmup, 1), "rss_peak_mb": round(peak, 1),
-            "peak_growth_mb": round(peak - after_warmup, 1), "rss_3s_after_mb": round(rss_mb(pid), 1),
-            "samples": samples, "seconds": round(seconds, 1)}
+            **{k: round(v, 1) for k, v in load.items()}, "rss_3s_after_mb": round(rss_mb(pid), 1),
+            "peak_growth_mb": round(load["rss_peak_mb"] - load["rss_after_warmup_mb"], 1)}
 
 
 def main() -> None:

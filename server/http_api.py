@@ -214,13 +214,15 @@ def http_app(service: Any, max_request_bytes: int, serving: Callable[[], bool] =
             return _error(abort.http_status, abort.code.name, abort.message)
 
     async def guarded(request: Request, handler: Callable[[bytes, Any], Awaitable[Message]], kind: type[Message],
-                      **fixed: Any) -> Any:
-        with service.bodies.hold() as hold:  # the body and what is parsed from it, until the call ends
+                      **fixed: Any) -> tuple[Message | None, Any]:
+        """``(the request message, the answer)``: the body read and parsed (charged to the body budget until the
+        call ends), then the handler called; ``(None, the error)`` when the body cannot be read."""
+        with service.bodies.hold() as hold:
             try:
                 message = await _request(request, kind, max_request_bytes, fixed, hold)
             except HttpAbort as abort:
-                return _error(abort.http_status, abort.code.name, abort.message)
-            return await call(request, handler, message)
+                return None, _error(abort.http_status, abort.code.name, abort.message)
+            return message, await call(request, handler, message)
 
     statuses = error_statuses()
 
@@ -233,19 +235,14 @@ def http_app(service: Any, max_request_bytes: int, serving: Callable[[], bool] =
               "model, method, images files with one labels field each)", responses=responses("AdaptResponse", statuses),
               openapi_extra=json_body("AdaptRequest", form_schema(pb.AdaptRequest.DESCRIPTOR, FORM_NUMBERS, images=True)))
     async def adapt(request: Request) -> Any:
-        return await guarded(request, service.Adapt, pb.AdaptRequest)
+        return (await guarded(request, service.Adapt, pb.AdaptRequest))[1]
 
     @app.post("/v1/tasks/{task_id}/classify", operation_id="Classify", summary="Classify queries (JSON ClassifyRequest or multipart images; "
               "reject_unknown, threshold, target_recall, top_k)", responses=responses("ClassifyResponse", statuses),
               openapi_extra=json_body("ClassifyBody", form_schema(pb.ClassifyRequest.DESCRIPTOR, FORM_NUMBERS, images=False)))
     async def classify(request: Request, task_id: str) -> Any:
-        with service.bodies.hold() as hold:
-            try:
-                message = await _request(request, pb.ClassifyRequest, max_request_bytes, {"task_id": task_id}, hold)
-            except HttpAbort as abort:
-                return _error(abort.http_status, abort.code.name, abort.message)
-            answer = await call(request, service.Classify, message)
-        if isinstance(answer, dict) and not message.reject_unknown:  # as over gRPC: no open-set fields unless asked
+        message, answer = await guarded(request, service.Classify, pb.ClassifyRequest, task_id=task_id)
+        if isinstance(answer, dict) and message is not None and not message.reject_unknown:  # as over gRPC: no open-set fields unless asked
             for prediction in answer["predictions"]:
                 for key in OPEN_SET_FIELDS:
                     prediction.pop(key, None)
@@ -255,7 +252,7 @@ def http_app(service: Any, max_request_bytes: int, serving: Callable[[], bool] =
                responses=responses("UpdateTaskResponse", statuses),
                openapi_extra=json_body("UpdateTaskBody", form_schema(pb.UpdateTaskRequest.DESCRIPTOR, FORM_NUMBERS, images=True)))
     async def update(request: Request, task_id: str) -> Any:
-        return await guarded(request, service.UpdateTask, pb.UpdateTaskRequest, task_id=task_id)
+        return (await guarded(request, service.UpdateTask, pb.UpdateTaskRequest, task_id=task_id))[1]
 
     @app.get("/v1/tasks/{task_id}", operation_id="GetTask", summary="GetTask: a task's record", responses=responses("TaskInfo", statuses))
     async def get_task(request: Request, task_id: str) -> Any:

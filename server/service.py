@@ -104,10 +104,11 @@ class FewShotService:
     """
 
     def __init__(self, models: dict[str, Family], store: TaskStore, executor: ThreadPoolExecutor,
-                 metrics: ServiceMetrics, limits: ServiceLimits = ServiceLimits(), batch_delay: float = 0.002,
+                 metrics: ServiceMetrics, limits: ServiceLimits | None = None, batch_delay: float = 0.002,
                  max_batch: int = 256, auth: Authenticator | None = None, admission: Admission | None = None,
                  bodies: BodyBudget | None = None) -> None:
-        self.models, self.store, self.executor, self.metrics, self.limits = models, store, executor, metrics, limits
+        self.models, self.store, self.executor, self.metrics = models, store, executor, metrics
+        self.limits = limits or ServiceLimits.default()
         #: Request bytes all calls in flight hold together (``--max-inflight-body-mb``).
         self.bodies = bodies or BodyBudget(ServeConfig().max_inflight_body_mb << 20)
         self.auth = auth or Authenticator()
@@ -133,9 +134,8 @@ class FewShotService:
     async def _call(self, rpc: str, context: grpc.aio.ServicerContext, body: Callable[[_Call], Awaitable[Any]],
                     size: int = 0) -> Any:
         """Authenticate, charge ``size`` bytes to the body budget (a unary call: twice its message, the bytes and
-        their parsed copy, both held until it ends), run ``body``,
-        map service errors to statuses, record metrics and one log line; the body's charge is given back
-        when the call ends."""
+        their parsed copy, both held until it ends), run ``body``, map service errors to statuses, record metrics
+        and one log line; the call's charge is given back when it ends."""
         fields: dict[str, Any] = {"method": ""}
         start, code, message, http_status = time.perf_counter(), grpc.StatusCode.OK, "", 500
         budget = CallBudget.for_call(self.limits.max_call_pixels, context.time_remaining(),

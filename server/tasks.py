@@ -45,25 +45,22 @@ def task_ref(task_id: str) -> str:
     return hashlib.sha256(task_id.encode()).hexdigest()[:12]
 
 
-_DEFAULTS = ServeConfig()
-
-
 @dataclass(frozen=True)
 class ServiceLimits:
-    """Server-wide limits (per-model limits come from each manifest); :meth:`from_config` makes them from
-    ``fewshot serve``'s settings, and the defaults are those settings' defaults (``server/config.py``)."""
+    """Server-wide limits (per-model limits come from each manifest), made from ``fewshot serve``'s settings by
+    :meth:`from_config` (:meth:`default`: from those settings' defaults, ``server/config.py``)."""
 
-    max_support: int = _DEFAULTS.max_support
-    max_queries: int = _DEFAULTS.max_queries
-    default_ttl: int = _DEFAULTS.default_ttl
-    max_ttl: int = 30 * 24 * 3600
-    image: ImageLimits = ImageLimits(max_bytes=int(_DEFAULTS.max_image_mb * (1 << 20)))
+    max_support: int
+    max_queries: int
+    default_ttl: int
+    image: ImageLimits
     #: Decoded pixels (width x height, summed over a call's images): about 16 images at the per-image limit.
-    max_call_pixels: int = int(_DEFAULTS.max_call_megapixels * (1 << 20))
+    max_call_pixels: int
     #: Inner-loop work of one Adapt: support images x inner steps.
-    max_image_steps: int = _DEFAULTS.max_image_steps
+    max_image_steps: int
     #: Bytes of one Adapt: the message, or all chunks of an AdaptStream together.
-    max_request_bytes: int = _DEFAULTS.max_request_mb << 20
+    max_request_bytes: int
+    max_ttl: int = 30 * 24 * 3600
 
     @classmethod
     def from_config(cls, cfg: ServeConfig) -> "ServiceLimits":
@@ -71,6 +68,10 @@ class ServiceLimits:
                    image=ImageLimits(max_bytes=int(cfg.max_image_mb * (1 << 20))),
                    max_call_pixels=int(cfg.max_call_megapixels * (1 << 20)), max_image_steps=cfg.max_image_steps,
                    max_request_bytes=cfg.max_request_mb << 20)
+
+    @classmethod
+    def default(cls) -> "ServiceLimits":
+        return cls.from_config(ServeConfig())
 
     def ttl(self, requested: int) -> int:
         """Seconds a task lives: ``requested``, or the default when 0."""

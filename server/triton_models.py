@@ -94,7 +94,7 @@ class _FewShotModel:
         torch.set_num_threads(threads)
         torch.set_num_interop_threads(1)
         root = Path(args["model_repository"]).parent  # relative paths in the config are read from the repository root
-        self.limits = ServiceLimits()
+        self.limits = ServiceLimits.default()
         registry = Registry.load(root / params["bundle_dir"])
         self.models = {name: open_bundle(b, "cpu", threads, SessionEngines(
             {p.name: BlsSession(pb_utils, part_model_name(name, p.name), p.output) for p in family_of(b.manifest).parts}))

@@ -19,20 +19,19 @@ from support import SMALL
 from fewshot.models.episodes import EpisodeSampler
 from fewshot.models.preprocess import encode_png as png
 from fewshot.server.memory import peak_bound_mb
-from fewshot.tools.process import ResidentMemory, ServerProcess, free_port, resident_mb
+from fewshot.tools.process import ResidentMemory, ServerProcess, adapt_load, free_port, resident_mb
 from fewshot_client._proto import fewshot_pb2 as pb
 from fewshot_client._proto import fewshot_pb2_grpc as pb_grpc
 
 OMNI = "omniglot-conv4-directsum"
 
 
-def _stream(target: str, chunks: int, chunk_mb: float, first: dict | None = None) -> grpc.RpcError | None:
+def _stream(target: str, chunks: int, chunk_mb: float) -> grpc.RpcError | None:
     blob = np.random.default_rng(0).integers(0, 256, int(chunk_mb * 2 ** 20), dtype=np.uint8).tobytes()
 
     def messages():
         for k in range(chunks):
-            names = (first or {"model": OMNI}) if k == 0 else {}
-            yield pb.AdaptChunk(**names, support=[pb.LabelledImage(image=pb.Image(encoded=blob), label=f"c{k}")])
+            yield pb.AdaptChunk(model=OMNI if k == 0 else "", support=[pb.LabelledImage(image=pb.Image(encoded=blob), label=f"c{k}")])
 
     with grpc.insecure_channel(target, options=[("grpc.max_send_message_length", 64 << 20)]) as channel:
         try:
@@ -123,21 +122,9 @@ def test_memory_stays_within_its_peak_bound_under_sustained_concurrent_adapts(om
         ep = sampler.episode(e)
         supports.append(([pb.LabelledImage(image=pb.Image(encoded=png(omniglot_test.images[j])), label=f"c{c}")
                           for j, c in zip(ep.support, ep.support_labels)], [pb.Image(encoded=png(omniglot_test.images[ep.query[0]]))]))
-    with ServerProcess(omni_bundles, tmp_path / "state", *SMALL, "--cache-mb", str(cache_mb)) as proc, \
-            grpc.insecure_channel(proc.target) as channel:
-        stub = pb_grpc.FewShotStub(channel)
-
-        def one(i: int) -> None:
-            support, query = supports[i % len(supports)]
-            task = stub.Adapt(pb.AdaptRequest(model=OMNI, method="centroid", support=support), timeout=120)
-            stub.Classify(pb.ClassifyRequest(task_id=task.task_id, queries=query), timeout=120)
-
-        with ThreadPoolExecutor(clients) as pool:
-            list(pool.map(one, range(30)))  # warm-up: sessions, arenas
-            warm = resident_mb(proc.pid)
-            with ResidentMemory(proc.pid) as rss:
-                list(pool.map(one, range(30, tasks)))
-                peak, samples = rss.peak, rss.samples
+    with ServerProcess(omni_bundles, tmp_path / "state", *SMALL, "--cache-mb", str(cache_mb)) as proc:
+        load = adapt_load(proc.target, proc.pid, OMNI, supports, clients, 30, tasks)
+    warm, peak, samples = load["rss_after_warmup_mb"], load["rss_peak_mb"], load["samples"]
     bound = peak_bound_mb(cache_mb=cache_mb, body_mb=clients * 2 * sum(len(s.SerializeToString()) for s in supports[0][0]) / 2 ** 20)
     print(f"resident memory after warm-up {warm:.0f} MB, peak +{peak - warm:.0f} MB over {samples} samples "
           f"(bound {bound:.0f} MB)")
@@ -183,4 +170,5 @@ def test_serve_flags_are_generated_from_the_config_with_its_defaults(monkeypatch
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     assert from_arguments(parser.parse_args([])).store == "sqlite:/tmp/x.db"
-    assert ServiceLimits.from_config(ServeConfig()) == ServiceLimits()
+    limits, defaults = ServiceLimits.default(), ServeConfig()
+    assert (limits.max_support, limits.max_request_bytes) == (defaults.max_support, defaults.max_request_mb << 20)

@@ -130,3 +130,31 @@ class ResidentMemory:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
+
+
+def adapt_load(target: str, pid: int, model: str, supports: list[tuple[list, list]], clients: int, warm: int,
+               tasks: int) -> dict[str, float]:
+    """``clients`` threads adapt centroid tasks of ``model`` from ``supports`` (``(support, queries)`` messages,
+    cycled) and classify each task's queries, ``tasks`` in all; the first ``warm`` are warm-up. Returns the
+    server's resident memory after warm-up and its peak over the rest (MB, sampled every 100 ms), the samples
+    taken and the seconds the load took."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fewshot_client._proto import fewshot_pb2 as pb
+    from fewshot_client._proto import fewshot_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(target, options=[("grpc.max_send_message_length", 64 << 20)]) as channel:
+        stub = pb_grpc.FewShotStub(channel)
+
+        def one(i: int) -> None:
+            support, queries = supports[i % len(supports)]
+            task = stub.Adapt(pb.AdaptRequest(model=model, method="centroid", support=support), timeout=120)
+            stub.Classify(pb.ClassifyRequest(task_id=task.task_id, queries=queries), timeout=120)
+
+        with ThreadPoolExecutor(clients) as pool:
+            list(pool.map(one, range(warm)))
+            after_warmup, started = resident_mb(pid), time.monotonic()
+            with ResidentMemory(pid) as rss:
+                list(pool.map(one, range(warm, tasks)))
+    return {"rss_after_warmup_mb": after_warmup, "rss_peak_mb": rss.peak, "samples": rss.samples,
+            "seconds": time.monotonic() - started}
