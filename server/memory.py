@@ -82,11 +82,16 @@ def trim() -> None:
 OVERHEAD_MB = 128
 #: Resident bytes per byte of request body charged (the bytes, what is parsed from them, gRPC's own copies).
 BODY_FACTOR = 1.5
+#: Resident bytes per byte of a message gRPC is still receiving, not yet charged (its own buffer, then the
+#: bytes it hands the server before they are charged).
+RECEIVING_FACTOR = 2.0
 
 
-def peak_bound_mb(cache_mb: float, body_mb: float = 0.0) -> float:
+def peak_bound_mb(cache_mb: float, body_mb: float = 0.0, receiving_mb: float = 0.0) -> float:
     """The README's bound on resident memory above its level after warm-up, at the peak: the task cache
-    (``--cache-mb``), ``BODY_FACTOR`` times the request bodies in flight (at most ``--max-inflight-body-mb``)
-    and ``OVERHEAD_MB``. Decoded pixels of the calls running come on top (each call at most
-    ``--max-call-megapixels``; a few MB for the shipped models' image sizes)."""
-    return cache_mb + BODY_FACTOR * body_mb + OVERHEAD_MB
+    (``--cache-mb``), ``BODY_FACTOR`` times the request bodies in flight (at most ``--max-inflight-body-mb``),
+    ``RECEIVING_FACTOR`` times the messages being received (``receiving_mb``: at most one message per open call,
+    which gRPC assembles whole before the server sees and charges it) and ``OVERHEAD_MB``. Decoded pixels of the
+    calls running come on top (each call at most ``--max-call-megapixels``; a few MB for the shipped models'
+    image sizes)."""
+    return cache_mb + BODY_FACTOR * body_mb + RECEIVING_FACTOR * receiving_mb + OVERHEAD_MB

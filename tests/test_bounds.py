@@ -63,7 +63,8 @@ def test_concurrent_oversized_streams_share_one_body_budget(omni_bundles, tmp_pa
             peak = rss.peak
         assert all(e is not None and e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED for e in errors)
         assert any("--max-inflight-body-mb" in e.details() for e in errors), [e.details() for e in errors]
-        bound = peak_bound_mb(cache_mb=0, body_mb=budget_mb)
+        # each open stream may hold one more chunk in gRPC's receive path, not yet charged
+        bound = peak_bound_mb(cache_mb=0, body_mb=budget_mb, receiving_mb=streams * chunk_mb)
         assert peak - start <= bound, f"peak {peak - start:.0f} MB over start-up, bound {bound:.0f} MB"
         idle = _settle(proc.pid, start, 100)
         assert idle - start <= 100, f"idle {idle - start:.0f} MB over start-up"
