@@ -22,15 +22,15 @@ RUN apt-get update \
     && python3 -m venv /opt/venv
 
 WORKDIR /opt/fewshot
-# The client SDK first: the server imports its generated stubs.
+# The wire format (generated stubs) and the client SDK first: the server depends on both.
+COPY protos ./protos
 COPY clients/python ./clients/python
-RUN pip install ./clients/python
+RUN pip install ./protos/python ./clients/python
 COPY pyproject.toml README.md ./
 COPY fewshot ./fewshot
 COPY models ./models
 COPY export ./export
 COPY server ./server
-COPY protos ./protos
 # Versions are pinned in pyproject.toml: torch==2.13.0 from PyPI is the CUDA build; the `gpu` extra is
 # onnxruntime-gpu[cuda,cudnn] (never together with the CPU `onnxruntime`, which writes into the same
 # folder); `triton` adds tritonclient.

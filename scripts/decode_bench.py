@@ -16,7 +16,7 @@ from fewshot.models.data import load_dataset
 from fewshot.models.preprocess import encode_png
 from fewshot.server import images as decoding
 from fewshot.server.images import ImageLimits, decode_for_model
-from fewshot_client._proto import fewshot_pb2 as pb
+from fewshot_proto import fewshot_pb2 as pb
 
 MODELS = {"omniglot-conv4-directsum": "omniglot", "tinyimagenet-conv4-sce-nca-directsum": "tinyimagenet"}
 

@@ -34,8 +34,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def streams(target: str, pid: int, clients: int, chunks: int, chunk_mb: float, model: str) -> dict:
-    from fewshot_client._proto import fewshot_pb2 as pb
-    from fewshot_client._proto import fewshot_pb2_grpc as pb_grpc
+    from fewshot_proto import fewshot_pb2 as pb
+    from fewshot_proto import fewshot_pb2_grpc as pb_grpc
 
     blob = np.random.default_rng(0).integers(0, 256, int(chunk_mb * 2 ** 20), dtype=np.uint8).tobytes()
 
@@ -63,7 +63,7 @@ def streams(target: str, pid: int, clients: int, chunks: int, chunk_mb: float, m
 def adapt(target: str, pid: int, clients: int, ways: int, tasks: int, model: str, cache_mb: int, warm: int = 60) -> dict:
     from fewshot.models.data import load_dataset
     from fewshot.models.episodes import EpisodeSampler
-    from fewshot_client._proto import fewshot_pb2 as pb
+    from fewshot_proto import fewshot_pb2 as pb
 
     test = load_dataset("tinyimagenet", "test")
     sampler = EpisodeSampler(test, ways, 5, 1, seed=0)

@@ -39,7 +39,7 @@ from fewshot.server.budget import BodyHold
 from fewshot.server.errors import ServiceError
 from fewshot.server.openapi import error_statuses, form_schema, json_body, message_schemas, responses
 from fewshot.server.tasks import MAX_TASK_ID, TASK_ID
-from fewshot_client._proto import fewshot_pb2 as pb
+from fewshot_proto import fewshot_pb2 as pb
 
 #: Form fields of a multipart Adapt, Classify or UpdateTask besides the image files, by their protobuf type.
 FORM_NUMBERS = {"ttl_seconds": int, "top_k": int, "inner_steps": int, "lambda": float, "threshold": float,

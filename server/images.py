@@ -37,7 +37,7 @@ from fewshot.errors import FewShotError, one_line
 from fewshot.models.preprocess import InputSpec
 from fewshot.server.budget import CallBudget
 from fewshot.server.errors import InvalidRequest
-from fewshot_client._proto import fewshot_pb2 as pb
+from fewshot_proto import fewshot_pb2 as pb
 
 if TYPE_CHECKING:
     from fewshot.models.family import Family

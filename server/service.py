@@ -40,7 +40,7 @@ from fewshot.server.images import decode_for_model, decode_pixels_for_model
 from fewshot.server.metrics import ServiceMetrics
 from fewshot.server.store import TaskRecord, TaskStore
 from fewshot.server.tasks import AdaptRequest, Rejection, ServiceLimits, TaskUpdate, check_task_id, find_task, get_model, resolve_method, task_ref
-from fewshot_client._proto import fewshot_pb2 as pb
+from fewshot_proto import fewshot_pb2 as pb
 
 __all__ = ["FewShotService", "ServiceLimits", "model_info", "STATUSES"]  # ServiceLimits lives in tasks.py, shared with Triton
 

@@ -23,7 +23,7 @@ from fewshot.server.budget import CallBudget
 from fewshot.server.errors import TooLarge
 from fewshot.server.images import FORMATS, ImageError, ImageLimits, decode_batch, decode_image
 from fewshot.server.service import STATUSES
-from fewshot_client._proto import fewshot_pb2 as pb
+from fewshot_proto import fewshot_pb2 as pb
 
 SCALE = int(os.environ.get("FEWSHOT_FUZZ_SCALE", "1"))
 SPEC = InputSpec(3, 32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))

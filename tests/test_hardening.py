@@ -24,8 +24,8 @@ from fewshot.models.episodes import EpisodeSampler
 from fewshot.models.preprocess import encode_png as png
 from fewshot.server.memory import peak_bound_mb
 from fewshot.tools.process import ResidentMemory, ServerProcess, free_port
-from fewshot_client._proto import fewshot_pb2 as pb
-from fewshot_client._proto import fewshot_pb2_grpc as pb_grpc
+from fewshot_proto import fewshot_pb2 as pb
+from fewshot_proto import fewshot_pb2_grpc as pb_grpc
 
 OMNI, CXGRAD = "omniglot-conv4-directsum", "omniglot-conv4-cxgrad"
 

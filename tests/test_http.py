@@ -27,8 +27,8 @@ from fewshot.models.preprocess import encode_png as png
 from fewshot.models.zoo import load_model
 from fewshot.tools.postgres import PostgresServer
 from fewshot.tools.process import ServerProcess, free_port
-from fewshot_client._proto import fewshot_pb2 as pb
-from fewshot_client._proto import fewshot_pb2_grpc as pb_grpc
+from fewshot_proto import fewshot_pb2 as pb
+from fewshot_proto import fewshot_pb2_grpc as pb_grpc
 
 ROOT = Path(__file__).resolve().parent.parent
 OMNI = "omniglot-conv4-directsum"

@@ -9,7 +9,7 @@ import pytest
 pytestmark = pytest.mark.unit
 
 ROOT = Path(__file__).resolve().parents[1]
-STUBS = ROOT / "clients/python/fewshot_client/_proto"
+STUBS = ROOT / "protos/python/fewshot_proto"
 
 
 def test_shipped_stubs_match_the_proto(tmp_path):

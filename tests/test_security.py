@@ -22,8 +22,8 @@ from fewshot.tools.process import ServerProcess, free_port
 from fewshot_client import FewShotClient
 from fewshot_client.cli import main as client_main
 from fewshot_client.errors import NotFound, ResourceExhausted, Unauthenticated, Unavailable
-from fewshot_client._proto import fewshot_pb2 as pb
-from fewshot_client._proto import fewshot_pb2_grpc as pb_grpc
+from fewshot_proto import fewshot_pb2 as pb
+from fewshot_proto import fewshot_pb2_grpc as pb_grpc
 
 OMNI = "omniglot-conv4-directsum"
 

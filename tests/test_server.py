@@ -23,8 +23,8 @@ from fewshot.models.family import methods_of
 from fewshot.models.preprocess import encode_png as png
 from fewshot.models.zoo import load_model
 from fewshot.tools.process import ServerProcess
-from fewshot_client._proto import fewshot_pb2 as pb
-from fewshot_client._proto import fewshot_pb2_grpc as pb_grpc
+from fewshot_proto import fewshot_pb2 as pb
+from fewshot_proto import fewshot_pb2_grpc as pb_grpc
 
 OMNI, CXGRAD = "omniglot-conv4-directsum", "omniglot-conv4-cxgrad"
 TASKS = 12  # per (model, method): 900 queries each, every shipped model and method

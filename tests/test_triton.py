@@ -25,8 +25,8 @@ from fewshot.models.preprocess import encode_png as png
 from fewshot.models.zoo import load_model
 from fewshot.tools.process import ServerProcess
 from fewshot.tools.tritonserver import TritonProcess, TritonStartError, TritonUnavailable
-from fewshot_client._proto import fewshot_pb2 as pb
-from fewshot_client._proto import fewshot_pb2_grpc as pb_grpc
+from fewshot_proto import fewshot_pb2 as pb
+from fewshot_proto import fewshot_pb2_grpc as pb_grpc
 
 OMNI, TINY, CXGRAD = "omniglot-conv4-directsum", "tinyimagenet-conv4-sce-nca-directsum", "omniglot-conv4-cxgrad"
 TASKS = 20

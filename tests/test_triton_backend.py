@@ -24,8 +24,8 @@ from fewshot.models.zoo import load_model
 from fewshot.tools.process import ServerProcess, free_port
 from fewshot.server.store import TaskStore
 from fewshot.tools.tritonserver import TritonProcess
-from fewshot_client._proto import fewshot_pb2 as pb
-from fewshot_client._proto import fewshot_pb2_grpc as pb_grpc
+from fewshot_proto import fewshot_pb2 as pb
+from fewshot_proto import fewshot_pb2_grpc as pb_grpc
 
 OMNI = "omniglot-conv4-directsum"
 TASKS = 20

@@ -21,8 +21,8 @@ from fewshot.models.meta.family import WAY_SWEEP
 from fewshot.models.packaging import MAX_WAYS, MIN_WAYS
 from fewshot.models.preprocess import encode_png as png
 from fewshot.models.zoo import load_model, shipped_models
-from fewshot_client._proto import fewshot_pb2 as pb
-from fewshot_client._proto import fewshot_pb2_grpc as pb_grpc
+from fewshot_proto import fewshot_pb2 as pb
+from fewshot_proto import fewshot_pb2_grpc as pb_grpc
 
 INNER_LOOP = [n for n in shipped_models() if load_model(n).card.family == "inner_loop"]
 ANY_WAYS = [n for n in INNER_LOOP if load_model(n).card.family_blocks["inner_loop"].get("head_init", "learned") != "learned"]

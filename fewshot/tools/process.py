@@ -140,8 +140,8 @@ def adapt_load(target: str, pid: int, model: str, supports: list[tuple[list, lis
     taken and the seconds the load took."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from fewshot_client._proto import fewshot_pb2 as pb
-    from fewshot_client._proto import fewshot_pb2_grpc as pb_grpc
+    from fewshot_proto import fewshot_pb2 as pb
+    from fewshot_proto import fewshot_pb2_grpc as pb_grpc
 
     with grpc.insecure_channel(target, options=[("grpc.max_send_message_length", 64 << 20)]) as channel:
         stub = pb_grpc.FewShotStub(channel)

@@ -12,7 +12,7 @@ import grpc
 import grpc.aio
 
 from fewshot_client import messages
-from fewshot_client._proto import fewshot_pb2, fewshot_pb2_grpc
+from fewshot_proto import fewshot_pb2, fewshot_pb2_grpc
 from fewshot_client.images import ImageLike
 from fewshot_client.messages import ModelInfo, Prediction, TaskFields, TaskInfo
 

@@ -11,7 +11,7 @@ from typing import Any
 import grpc
 
 from fewshot_client import messages
-from fewshot_client._proto import fewshot_pb2, fewshot_pb2_grpc
+from fewshot_proto import fewshot_pb2, fewshot_pb2_grpc
 from fewshot_client.images import ImageLike
 from fewshot_client.messages import ModelInfo, Prediction, TaskFields, TaskInfo
 

@@ -9,7 +9,7 @@ from typing import Union
 import numpy as np
 from PIL import Image as PILImage
 
-from fewshot_client._proto import fewshot_pb2
+from fewshot_proto import fewshot_pb2
 
 ImageLike = Union[str, os.PathLike, bytes, bytearray, memoryview, PILImage.Image, np.ndarray]
 

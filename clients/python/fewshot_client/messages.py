@@ -12,7 +12,7 @@ from typing import Any, Union
 import grpc
 from google.protobuf.message import Message
 
-from fewshot_client._proto import fewshot_pb2
+from fewshot_proto import fewshot_pb2
 from fewshot_client.errors import FewShotError, from_rpc_error
 from fewshot_client.images import ImageLike, to_image_proto
 

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from fewshot_client._proto import fewshot_pb2 as fewshot_dot_v1_dot_fewshot__pb2
+from fewshot_proto import fewshot_pb2 as fewshot_dot_v1_dot_fewshot__pb2
 
 GRPC_GENERATED_VERSION = '1.81.1'
 GRPC_VERSION = grpc.__version__

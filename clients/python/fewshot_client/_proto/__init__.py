@@ -1,1 +1,0 @@
-"""Generated gRPC stubs of protos/fewshot/v1/fewshot.proto (scripts/gen-protos.sh)."""
