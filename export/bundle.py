@@ -1,6 +1,6 @@
 """``fewshot export``: one versioned, self-contained bundle per model.
 
-A bundle ``DIR/<name>/`` holds ``backbone.onnx`` (images -> features), for gradient-adapted models
+A bundle ``DIR/<name>/`` holds ``backbone.onnx`` (images -> features), for inner-loop models
 ``network.onnx`` (the classifier with its weights and BatchNorm statistics as inputs),
 ``meta.safetensors`` (everything adaptation needs) and ``manifest.json`` (schema-versioned, with the
 sha256 of every file). Parity with torch is checked before anything is written; an export that
@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 
 from fewshot.errors import FewShotError
 from fewshot.models.features import ONNX_OPSET
-from fewshot.models.meta.onnx_network import network_inputs
+from fewshot.models.inner_loop.onnx_network import network_inputs
 from fewshot.models.card import MANIFEST_SCHEMA
 from fewshot.models.data import load_dataset
 from fewshot.models.episodes import EpisodeSampler

@@ -29,6 +29,7 @@ from safetensors.torch import save_file
 from fewshot.errors import FewShotError
 from fewshot.export.bundle import BUNDLE_VERSION, sha256
 from fewshot.models.card import CARD_SCHEMA, ModelCard
+from fewshot.models.metric_adapter import MetricFamily
 from fewshot.models.preprocess import InputSpec
 
 #: Images of ``sample_folder`` used for the centering vector (an even spread when it holds more).
@@ -167,7 +168,7 @@ def import_onnx(onnx_path: Path, name: str, spec: InputSpec, out_dir: Path, samp
     else:
         heads = default_heads("CL2N" if center is not None else "L2N")
     card = ModelCard.from_dict({
-        "schema": CARD_SCHEMA, "name": name, "family": "metric", "method": "imported ONNX embedder",
+        "schema": CARD_SCHEMA, "name": name, "family": MetricFamily.family, "method": "imported ONNX embedder",
         "architecture": {"arch": "onnx", "file": Path(onnx_path).name, "sha256": sha256(Path(onnx_path)),
                          "input_name": old_in, "output_name": old_out},
         "input": spec.to_dict(), "feature_dim": dim,

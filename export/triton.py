@@ -133,7 +133,7 @@ def fewshot_model_configs(bundle_dir: Path, state_dir: Path, instances: int = 1)
     params = {"bundle_dir": str(bundle_dir), "state_dir": str(state_dir), "threads": str(PYTHON_THREADS)}
     strings = "TYPE_STRING"
     adapt_in = [_tensor("model", strings, [1]), _tensor("labels", strings, [-1]), _tensor("images", strings, [-1]),
-                _tensor("method", strings, [1], optional=True)]
+                _tensor("method", strings, [1], optional=True), _tensor("settings", strings, [1], optional=True)]
     adapt_out = [_tensor("task_id", strings, [1]), _tensor("labels", strings, [-1])]
     classify_in = [_tensor("task_id", strings, [1]), _tensor("images", strings, [-1]),
                    _tensor("reject_unknown", "TYPE_BOOL", [1], optional=True),

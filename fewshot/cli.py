@@ -13,7 +13,7 @@ from fewshot.errors import ConfigError, FewShotError, one_line
 
 
 def _train_configs():
-    from fewshot.models.meta.training import MetaTrainConfig
+    from fewshot.models.inner_loop.training import MetaTrainConfig
     from fewshot.models.training import TrainConfig
 
     return TrainConfig, MetaTrainConfig
@@ -55,7 +55,7 @@ def _run_train(args: argparse.Namespace) -> None:
         raise ConfigError(f"{', '.join(stray)} do not apply to {mode}")
     cfg = cls(**{n: getattr(args, n) for n in names if getattr(args, n) is not None})
     if args.method:
-        from fewshot.models.meta.training import train_meta
+        from fewshot.models.inner_loop.training import train_meta
 
         best = train_meta(cfg, Path(args.out), resume=args.resume, device=args.device)
     else:
@@ -77,7 +77,7 @@ def _add_average(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_average(args: argparse.Namespace) -> None:
-    from fewshot.models.meta.averaging import average_run
+    from fewshot.models.inner_loop.averaging import average_run
 
     run = Path(args.run)
     if not (run / "best.pt").exists():
@@ -86,6 +86,17 @@ def _run_average(args: argparse.Namespace) -> None:
     print(f"average of {len(res.iterations)} snapshots ({res.iterations[0]}..{res.iterations[-1]}): val "
           f"{res.accuracy:.2f} +- {res.ci95:.2f} vs best single {res.best_single:.2f}: "
           f"{'kept as best.pt' if res.kept else 'not kept'}")
+
+
+def _setting(text: str) -> tuple[str, float | str]:
+    """``NAME=VALUE`` -> ``(name, value)``: a number when VALUE reads as one, else the text (a choice)."""
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    try:
+        return name, float(value)
+    except ValueError:
+        return name, value
 
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
@@ -100,14 +111,12 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tasks", type=int, default=600)
     p.add_argument("--head", help="metric models: centroid, laplacianshot, logreg (the heads its card has); "
                    "default: the model's own method")
-    p.add_argument("--bn", choices=["support", "transductive"], help="BatchNorm at test time (gradient-adapted "
-                   "models): support (default, batch-invariant) or transductive (paper protocol)")
-    p.add_argument("--inner-steps", type=int, help="inner-loop steps (default: the model card's)")
+    p.add_argument("--set", type=_setting, action="append", metavar="NAME=VALUE", default=[],
+                   help="a per-request setting of the method, as the server takes it (repeatable; e.g. inner_steps=10, "
+                   "bn=transductive, lambda=0.5, transform=L2N); the model's settings and their bounds are listed "
+                   "when one is wrong, and by `fewshot-client models`")
     p.add_argument("--inner-precision", default="float32", choices=["float32", "bfloat16"],
                    help="what the inner loop computes in (as `fewshot serve --inner-precision`)")
-    p.add_argument("--transform", choices=["UN", "L2N", "CL2N"], help="override the card's feature transform")
-    p.add_argument("--lam", type=float, help="override LaplacianShot's lambda")
-    p.add_argument("--weight-decay", type=float, help="override logistic regression's weight decay")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "torch"])
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -139,9 +148,7 @@ def eval_row(args: argparse.Namespace) -> dict:
     model = open_shipped(shipped, args.backend, args.device)
     model.adapt_in(getattr(torch, getattr(args, "inner_precision", "float32")))
     method = model.resolve_method(args.head)
-    settings = model.check_settings(method, {"transform": args.transform, "lambda": args.lam,
-                                             "weight_decay": args.weight_decay, "bn": args.bn,
-                                             "inner_steps": args.inner_steps})
+    settings = model.check_settings(method, dict(getattr(args, "set", [])))
     adapter = model.adapter(method, shots=args.shots, **settings)
     data = load_dataset(dataset, args.split, args.data_root, spec=shipped.spec)  # a folder: at the model's input size
     if getattr(args, "open_set", False):
@@ -298,91 +305,9 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_bench(args: argparse.Namespace) -> None:
-    import platform
-    import time
+    from fewshot.tools.bench import run_bench
 
-    import numpy as np
-    import torch
-
-    from fewshot.models.data import load_dataset
-    from fewshot.models.episodes import EpisodeSampler
-    from fewshot.models.family import open_shipped
-    from fewshot.models.runtime import torch_device
-    from fewshot.models.zoo import load_model, shipped_models
-
-    if args.compare:
-        from fewshot.export.bundle import DEFAULT_BUNDLE_DIR
-        from fewshot.tools.compare import compare_adapt, compare_classify, compare_cold_start, compare_many_tasks
-        from fewshot.tools.demo import ensure_bundles
-
-        bundles = Path(args.bundles) if args.bundles else DEFAULT_BUNDLE_DIR
-        log = (lambda row: None) if args.json else print
-        if not args.bundles:
-            ensure_bundles(bundles, args.model or shipped_models())
-        print(f"fewshot bench --compare: {torch.get_num_threads()} torch threads, threads={args.threads} per call, "
-              f"{platform.processor() or platform.machine()}; ratios, not times, are what carry between machines")
-        rows = []
-        if "classify" in args.sections:
-            rows += compare_classify(bundles, args.model, calls=args.calls, threads=args.threads, seed=args.seed, log=log)
-        if "adapt" in args.sections:
-            rows += compare_adapt(bundles, args.model, args.shots, args.repeats, args.warmup, args.seed, log=log)
-        if "cold" in args.sections:
-            rows += compare_cold_start(bundles, args.model, seed=args.seed, log=log)
-        if "many" in args.sections:
-            rows += compare_many_tasks(bundles, args.model, seed=args.seed, log=log)
-        if args.json:
-            for row in rows:
-                print(json.dumps(row))
-        return
-    if args.target:
-        from fewshot.tools.bench import bench_service, describe
-
-        print(f"fewshot bench --target {args.target}: {args.requests} calls per row, 5-way {args.shots}-shot, "
-              f"{args.queries} queries per class, PNG bytes through the client SDK")
-        for row in bench_service(args.target, args.model, tuple(args.concurrency), args.requests, args.shots,
-                                 args.queries, args.warmup, args.seed, args.token):
-            print(json.dumps(row) if args.json else describe(row), flush=True)
-        return
-    if not args.model or len(args.model) != 1:
-        raise ConfigError("in-process bench takes exactly one --model (or use --target HOST:PORT)")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    shipped = load_model(args.model[0])
-    model = open_shipped(shipped, "onnxruntime", args.device)
-    method = model.resolve_method(args.head)
-    adapter = model.adapter(method, shots=args.shots)
-    what = f"{method} ({', '.join(f'{k} {v}' for k, v in model.describe(adapter).items())})"
-    data = load_dataset(shipped.card.dataset, "test", spec=shipped.spec)
-    sampler = EpisodeSampler(data, args.ways, args.shots, args.queries, args.seed)
-    norm = model.spec.normalize
-    adapt_ms, classify_ms = [], []
-    for i in range(args.warmup + args.repeats):
-        ep = sampler.episode(i)
-        xs, ys, xq = norm(data.images[ep.support]), torch.as_tensor(ep.support_labels), norm(data.images[ep.query])
-        t0 = time.perf_counter()
-        state = adapter.adapt(xs, ys)
-        t1 = time.perf_counter()
-        state.classify(xq)
-        t2 = time.perf_counter()
-        if i >= args.warmup:
-            adapt_ms.append(1e3 * (t1 - t0))
-            classify_ms.append(1e3 * (t2 - t1))
-    device = str(torch_device(args.device))
-
-    def stats(v: list[float]) -> dict:
-        return {"median_ms": round(float(np.median(v)), 2), "p10_ms": round(float(np.percentile(v, 10)), 2),
-                "p90_ms": round(float(np.percentile(v, 90)), 2)}
-
-    row = {"model": model.name, "what": what, "ways": args.ways, "shots": args.shots, "queries": args.queries * args.ways,
-           "repeats": args.repeats, "device": device, "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
-           "adapt": stats(adapt_ms), "classify": stats(classify_ms)}
-    if args.json:
-        print(json.dumps(row))
-    else:
-        print(f"{model.name} ({what}), {args.ways}-way {args.shots}-shot, {args.repeats} tasks on {device} "
-              f"({row['threads']} threads): adapt median {row['adapt']['median_ms']} ms "
-              f"[p10 {row['adapt']['p10_ms']}, p90 {row['adapt']['p90_ms']}], classify {row['queries']} queries median "
-              f"{row['classify']['median_ms']} ms [p10 {row['classify']['p10_ms']}, p90 {row['classify']['p90_ms']}]")
+    run_bench(args)
 
 
 def _add_export(sub: argparse._SubParsersAction) -> None:

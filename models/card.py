@@ -106,6 +106,6 @@ class ModelCard:
 
 
 def accuracy_key(ways: int, shots: int, head: str, bn: str | None = None) -> str:
-    """Key of a measured accuracy in a card's ``accuracy`` (written by scripts/results.py), e.g.
-    ``5way_1shot_centroid`` or, for inner-loop models, ``5way_1shot_cxgrad_support``."""
+    """Key of a measured accuracy in a card's ``accuracy`` (written by ``fewshot/tools/results.py``, ``make
+    results``), e.g. ``5way_1shot_centroid`` or, for inner-loop models, ``5way_1shot_cxgrad_support``."""
     return f"{ways}way_{shots}shot_{head}" + (f"_{bn}" if bn else "")

@@ -2,7 +2,7 @@
 
 A family is a type. :data:`FAMILIES` maps the ``family`` field of a model card or bundle manifest to
 its class (``metric``: :class:`~fewshot.models.metric_adapter.MetricFamily`; ``inner_loop``:
-:class:`~fewshot.models.meta.family.InnerLoopFamily`). An instance is one loaded model (manifest,
+:class:`~fewshot.models.inner_loop.family.InnerLoopFamily`). An instance is one loaded model (manifest,
 tensors, the engines that run its ONNX parts) and owns everything that differs between families:
 its methods and their defaults, validation of a task's classes and settings, building the adapter for a
 method, restoring a stored task, and the ONNX parts a bundle carries with the Triton signature of each.
@@ -12,9 +12,12 @@ nothing else branches on the family.
 
 from __future__ import annotations
 
+import importlib
+import os
+import sys
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Protocol
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping, Protocol
 
 import torch
 
@@ -170,6 +173,21 @@ class Family(ABC):
         """The adapter of ``method`` (default: the model's) for ``shots``-shot tasks; ``settings`` are
         adapter keywords from :meth:`check_settings`."""
 
+    def inner_steps(self, adapter: Adapter) -> int:
+        """Inner-loop steps ``adapter`` runs per support image (the server caps support images x steps per
+        Adapt); 0 for families that adapt without an inner loop."""
+        return 0
+
+    def calibration_inputs(self, images: Any) -> Callable[[Any], torch.Tensor]:
+        """What open-set calibration feeds its adapters (:meth:`calibration_adapter`) from validation ``images``
+        (a uint8 array): index array -> inputs. By default normalised images; a family may compute once what
+        every task shares (a metric family: the backbone's features)."""
+        return lambda idx: self.spec.normalize(images[idx])
+
+    def calibration_adapter(self, method: str, shots: int) -> Adapter:
+        """The adapter open-set calibration runs on :meth:`calibration_inputs`, uncalibrated."""
+        return self.adapter(method, shots=shots)
+
     def hold_tasks_in(self, dtype: torch.dtype) -> None:
         """Hold (and store) adapted task state in ``dtype`` where the family supports it (inner-loop
         weights in float16); metric heads keep float32."""
@@ -208,6 +226,11 @@ class Family(ABC):
     def result_runs(cls, card: Mapping[str, Any], settings: list[tuple[int, int]]) -> list[tuple[int, int, str, list[str]]]:
         """What ``make results`` measures for this model: ``(ways, shots, --head, other fewshot eval
         arguments)`` rows, given the dataset's ``(ways, shots)`` settings."""
+
+    @classmethod
+    def open_set_runs(cls, card: Mapping[str, Any], settings: list[tuple[int, int]]) -> list[tuple[int, int, str, list[str]]]:
+        """The open-set rows ``make results`` measures: by default :meth:`result_runs` with ``--open-set``."""
+        return [(w, s, h, [*extra, "--open-set"]) for w, s, h, extra in cls.result_runs(card, settings)]
 
     # -- Triton -----------------------------------------------------------------------------------
     def signatures(self) -> list[Signature]:
@@ -252,7 +275,20 @@ def open_shipped(model: "ShippedModel", backend: str = "onnxruntime", device: st
     return family_of(card)(card, model.meta_tensors(), engines, device)
 
 
+#: Modules to import after the built-in families (comma-separated): a head, a family or a setting of your own,
+#: added without changing this package (each module registers what it adds, as the built-in ones do).
+PLUGINS_ENV = "FEWSHOT_PLUGINS"
+
+
 def load_families() -> None:
-    """Import every family module (each registers itself)."""
+    """Import every family module (each registers itself), then the modules of ``$FEWSHOT_PLUGINS``."""
     from fewshot.models import metric_adapter  # noqa: F401
-    from fewshot.models.meta import family  # noqa: F401
+    from fewshot.models.inner_loop import family  # noqa: F401
+
+    for name in filter(None, (n.strip() for n in os.environ.get(PLUGINS_ENV, "").split(","))):
+        if name not in sys.modules:
+            try:
+                importlib.import_module(name)
+            except ImportError as exc:
+                raise ConfigError(f"${PLUGINS_ENV} names module {name!r}, which does not import ({exc}): "
+                                  "put its folder on PYTHONPATH, or fix the name") from None

@@ -9,7 +9,7 @@ registered head (:data:`fewshot.models.heads.HEADS`) from the model's card or ma
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -111,6 +111,16 @@ class MetricFamily(Family):
 
     def describe(self, adapter: MetricAdapter) -> dict[str, Any]:
         return adapter.head.describe()
+
+    def calibration_inputs(self, images: Any) -> Callable[[Any], torch.Tensor]:
+        """The backbone's features of every validation image, computed once: the heads fit on them."""
+        from fewshot.models.packaging import image_features
+
+        features = image_features(self.extract, self.spec)(images)
+        return lambda idx: features[idx]
+
+    def calibration_adapter(self, method: str, shots: int) -> MetricAdapter:
+        return MetricAdapter(lambda f: f, self.adapter(method, shots=shots).head)
 
     def decode(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> MetricTask:
         meta = dict(meta)

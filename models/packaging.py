@@ -25,6 +25,7 @@ from fewshot.models.preprocess import InputSpec
 from fewshot.models.training import load_trained_backbone
 from fewshot.models.tuning import TuningTasks, tune_heads
 from fewshot.models.card import CARD_SCHEMA, ModelCard
+from fewshot.models.metric_adapter import MetricFamily
 from fewshot.models.zoo import ZOO_DIR, ShippedModel, load_model
 
 #: Classes per task of an inner-loop model with a prototype head (the metric models' maximum, 50).
@@ -67,7 +68,7 @@ def package_run(checkpoint: Path, name: str, command: str, out_dir: Path = ZOO_D
     save_file({**{f"backbone.{k}": v.contiguous() for k, v in backbone.state_dict().items()}, "center": center.contiguous()},
               str(path / "weights.safetensors"))
     card = {
-        "schema": CARD_SCHEMA, "name": name, "family": "metric", "method": "direct-sum supervised pre-training",
+        "schema": CARD_SCHEMA, "name": name, "family": MetricFamily.family, "method": "direct-sum supervised pre-training",
         "architecture": backbone.config, "feature_dim": backbone.feature_dim, "input": spec.to_dict(),
         "training": {"command": command, "config": cfg, "dataset": cfg["dataset"], "seed": cfg["seed"],
                      "train_classes": len(ck["classes"]), "steps": ck["step"], "best_val_accuracy": ck["best"]},
@@ -155,7 +156,6 @@ def calibrate_family(family: Any, name: str, val: ImageSet, tasks: int, seed: in
     """The ``open_set`` block of a model's family object (a shipped model's or a bundle's) calibrated on
     the validation classes ``val`` (see :func:`calibrate_shipped`); ``{}`` when ``val`` is too small.
     ``previous``: the block so far (its other methods are kept)."""
-    from fewshot.models.metric_adapter import MetricAdapter
     from fewshot.models.openset import calibrate
 
     ways, queries = _calibration_shape(val, family.way_range())
@@ -164,19 +164,13 @@ def calibrate_family(family: Any, name: str, val: ImageSet, tasks: int, seed: in
             f"too few for open-set calibration (it needs twice the {max(2, family.way_range()[0])} ways of its tasks); "
             "the model's tasks answer with uncalibrated probabilities")
         return {}
-    if family.family == "metric":
-        feats = image_features(family.extract, family.spec)(val.images)
-        inputs = lambda idx: feats[idx]  # noqa: E731
-    else:
-        inputs = lambda idx: family.spec.normalize(val.images[idx])  # noqa: E731
+    inputs = family.calibration_inputs(val.images)
     block: dict[str, Any] = {"tasks": tasks, "seed": seed, "ways": ways, "queries": queries,
                              "split": "val", "methods": dict((previous or {}).get("methods", {}))}
     for method in methods or family.methods:
         by_shots, records = {}, {}
         for shots in CALIBRATION_SHOTS:
-            adapter = family.adapter(method, shots=shots)
-            if isinstance(adapter, MetricAdapter):
-                adapter = MetricAdapter(lambda f: f, adapter.head)
+            adapter = family.calibration_adapter(method, shots)
             cal, record = calibrate(adapter, val, inputs, ways, shots, queries, tasks, seed)
             by_shots[str(shots)], records[str(shots)] = cal.to_dict(), record
             log(f"{name} {method} {shots}-shot: T={cal.temperature:.4g}, score {cal.score}, {record}")
@@ -187,6 +181,8 @@ def calibrate_family(family: Any, name: str, val: ImageSet, tasks: int, seed: in
 def package_meta_run(checkpoint: Path, name: str, command: str, out_dir: Path = ZOO_DIR,
                      calibration_tasks: int = 300) -> Path:
     """Turn a meta-training checkpoint into ``out_dir/name`` (weights + card)."""
+    from fewshot.models.inner_loop.family import InnerLoopFamily
+
     ck = torch.load(checkpoint, map_location="cpu", weights_only=False)
     cfg = ck["config"]
     path = out_dir / name
@@ -205,7 +201,7 @@ def package_meta_run(checkpoint: Path, name: str, command: str, out_dir: Path = 
     # a prototype head adapts any number of classes (the card's range); a learned head its own rows only
     ways = {"min_ways": MIN_WAYS, "max_ways": MAX_WAYS} if head_init != "learned" else {"min_ways": cfg["ways"], "max_ways": cfg["ways"]}
     card = {
-        "schema": CARD_SCHEMA, "name": name, "family": "inner_loop", "method": method,
+        "schema": CARD_SCHEMA, "name": name, "family": InnerLoopFamily.family, "method": method,
         "architecture": ck["net_config"], "input": ck["spec"], "feature_dim": None,
         "inner_loop": {"steps": cfg["inner_steps"], "max_steps": 4 * cfg["inner_steps"], "alpha": cfg["alpha"],
                        "beta": cfg["beta"], "bn_mode": "support",

@@ -6,7 +6,7 @@
 softmax). ``task.classify(x)`` *is* ``plan.run(x)``, so ``fewshot eval``, the gRPC service and the
 Triton models all run the same code, merged or not. ``key`` is ``None`` when the heavy part depends on
 the whole batch (transductive BatchNorm): such a request always runs alone. ``group``, where set,
-merges requests of different tasks of one model into one call (:mod:`fewshot.models.meta.stacked`).
+merges requests of different tasks of one model into one call (:mod:`fewshot.models.inner_loop.stacked`).
 """
 
 from __future__ import annotations

@@ -33,7 +33,10 @@ class Setting:
             if value not in self.choices:
                 raise ConfigError(f"{self.api} must be one of {', '.join(self.choices)}, got {value!r}")
             return value
-        number = float(value)
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{self.api} must be a number in {self.lo:g}..{self.hi:g}, got {value!r}") from None
         if not (math.isfinite(number) and self.lo <= number <= self.hi) or (self.integer and number != int(number)):
             kind = "an integer" if self.integer else "a number"
             raise ConfigError(f"{self.api} must be {kind} in {self.lo:g}..{self.hi:g}, got {value}")

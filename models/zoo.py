@@ -63,8 +63,8 @@ class ShippedModel:
 
 
 @dataclass
-class ShippedMetaModel:
-    """A loaded gradient-adapted model: meta-learned initial weights and update rule."""
+class ShippedInnerLoopModel:
+    """A loaded inner-loop model: meta-learned initial weights and update rule."""
 
     name: str
     card: ModelCard
@@ -110,14 +110,14 @@ class ShippedMetaModel:
 
     def network_module(self) -> tuple[torch.nn.Module, list[str]]:
         """The classifier as ``module(images, *weights)`` and its input names (``network.onnx``'s)."""
-        from fewshot.models.meta.onnx_network import FunctionalNetwork
+        from fewshot.models.inner_loop.onnx_network import FunctionalNetwork
 
         module = FunctionalNetwork(self.net, self.card.family_blocks["inner_loop"]["steps"])
         return module, ["images", *module.names]
 
     def onnx_parts(self) -> dict[str, Callable[[], bytes]]:
         """Each ONNX part, exported when called."""
-        from fewshot.models.meta.onnx_network import network_inputs, network_to_onnx
+        from fewshot.models.inner_loop.onnx_network import network_inputs, network_to_onnx
 
         spec, net, step = self.spec, self.net, self.card.family_blocks["inner_loop"]["steps"]
 
@@ -143,7 +143,7 @@ def model_dir(name_or_path: str | os.PathLike) -> Path:
     raise ModelNotFoundError(f"unknown model {name_or_path!r}: shipped models are {', '.join(names) or 'none'}")
 
 
-def load_model(name_or_path: str | os.PathLike) -> "ShippedModel | ShippedMetaModel":
+def load_model(name_or_path: str | os.PathLike) -> "ShippedModel | ShippedInnerLoopModel":
     """Load a shipped model (of any family) by zoo name or folder."""
     path = model_dir(name_or_path)
     card = ModelCard.load(path)
@@ -157,11 +157,11 @@ def load_metric_model(path: Path, card: ModelCard, tensors: dict[str, torch.Tens
     return ShippedModel(card.name, card, backbone.eval(), center, path)
 
 
-def load_meta_model(path: Path, card: ModelCard, tensors: dict[str, torch.Tensor]) -> ShippedMetaModel:
-    from fewshot.models.meta.family import meta_model_parts
+def load_inner_loop_model(path: Path, card: ModelCard, tensors: dict[str, torch.Tensor]) -> ShippedInnerLoopModel:
+    from fewshot.models.inner_loop.family import inner_loop_model_parts
 
-    net, rule, params = meta_model_parts(card.method, card.architecture, card.family_blocks["inner_loop"], tensors)
-    return ShippedMetaModel(card.name, card, net, rule, params, path)
+    net, rule, params = inner_loop_model_parts(card.method, card.architecture, card.family_blocks["inner_loop"], tensors)
+    return ShippedInnerLoopModel(card.name, card, net, rule, params, path)
 
 
 def shipped_models(zoo: Path = ZOO_DIR) -> list[str]:

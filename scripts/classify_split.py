@@ -15,7 +15,7 @@ import numpy as np
 from fewshot.models.data import load_dataset
 from fewshot.models.episodes import EpisodeSampler
 from fewshot.models.preprocess import encode_png
-from fewshot.tools.process import ServerProcess
+from fewshot.tools.launch import ServerProcess
 from fewshot_client import FewShotClient
 
 

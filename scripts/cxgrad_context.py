@@ -14,7 +14,7 @@ import torch
 
 from fewshot.models.data import load_dataset
 from fewshot.models.episodes import EpisodeSampler
-from fewshot.models.meta.inner_loop import inner_loop
+from fewshot.models.inner_loop.engine import inner_loop
 from fewshot.models.zoo import load_model
 
 

@@ -21,9 +21,9 @@ import torch
 
 from fewshot.models.data import load_dataset
 from fewshot.models.evaluation import evaluate
-from fewshot.models.meta.inner_loop import InnerLoopAdapter
-from fewshot.models.meta.rules import UpdateRule
-from fewshot.models.meta.training import MetaTrainConfig, backbone_params, build_learner
+from fewshot.models.inner_loop.engine import InnerLoopAdapter
+from fewshot.models.inner_loop.rules import UpdateRule
+from fewshot.models.inner_loop.training import MetaTrainConfig, backbone_params, build_learner
 from fewshot.models.zoo import load_model
 
 

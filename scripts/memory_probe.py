@@ -28,9 +28,11 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from fewshot.tools.process import ResidentMemory as Sampler, ServerProcess, adapt_load, resident_mb as rss_mb
+from fewshot.tools.launch import ServerProcess
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))  # the memory probes are test fixtures (tests/fixtures/), not in the installed package
+from fixtures.memory import ResidentMemory as Sampler, adapt_load, resident_mb as rss_mb  # noqa: E402  (after the path)
 
 
 def streams(target: str, pid: int, clients: int, chunks: int, chunk_mb: float, model: str) -> dict:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Packages the training runs of scripts/train-shipped.sh into models/zoo/<name>/ (weights + card).
 # Metric models: centering vector from the training classes, head settings tuned on 500 validation
-# tasks. Gradient-adapted models: initial weights and the learned update rule.
+# tasks. Inner-loop models: initial weights and the learned update rule.
 # Usage: scripts/package-shipped.sh [name ...]   (default: every run folder with a best.pt)
 set -euo pipefail
 FEWSHOT=${FEWSHOT:-.venv/bin/fewshot}

@@ -1,7 +1,7 @@
 """Export every shipped model with ``--fp16`` and record the parity figures the export checks in RESULTS.md.
 
 Each row is ``fewshot export --model NAME --fp16 --out DIR``: fp32 ONNX Runtime vs torch on 256 real
-images (max abs difference; for gradient-adapted models also the logits of ``network.onnx`` under
+images (max abs difference; for inner-loop models also the logits of ``network.onnx`` under
 adapted weights of real tasks) and fp16 vs fp32 top-1 agreement on the queries of 600 real tasks.
 Usage: ``python scripts/parity.py [--models NAME ...]`` (rewrites the block between the markers).
 """

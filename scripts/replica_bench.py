@@ -17,6 +17,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import threading
 import time
@@ -27,9 +28,11 @@ import numpy as np
 from fewshot.models.data import load_dataset
 from fewshot.models.episodes import EpisodeSampler
 from fewshot.tools.demo import encode_episode
-from fewshot.tools.postgres import PostgresServer
-from fewshot.tools.process import ServerProcess
+from fewshot.tools.launch import ServerProcess
 from fewshot_client import FewShotClient
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # PostgresServer is a test fixture, not in the installed package
+from fixtures.postgres import PostgresServer  # noqa: E402  (after the path)
 
 MODEL = "omniglot-conv4-directsum"
 

@@ -449,7 +449,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 from fewshot.export.bundle import DEFAULT_BUNDLE_DIR
                 from fewshot.models.zoo import shipped_models
                 from fewshot.tools.demo import ensure_bundles
-                from fewshot.tools.process import ServerProcess
+                from fewshot.tools.launch import ServerProcess
 
                 bundles = Path(args.bundles) if args.bundles else DEFAULT_BUNDLE_DIR
                 ensure_bundles(bundles, [m for m in args.models if m in shipped_models()], log=log)

@@ -82,7 +82,7 @@ def agreement(bundles: str, model_name: str, tasks: int, seed: int) -> dict:
     from fewshot.export.registry import Registry
     from fewshot.models.data import load_dataset
     from fewshot.models.episodes import EpisodeSampler
-    from fewshot.models.meta.inner_loop import pack
+    from fewshot.models.inner_loop.engine import pack
 
     model = open_bundle(Registry.load(bundles).get(model_name), "cpu")
     data = load_dataset(model.manifest["data"]["dataset"], "test")

@@ -16,13 +16,13 @@ PYTHON=${PYTHON:-python3}
 # protobuf pin together.
 REQUIREMENTS=("numpy<2" "torch==2.13.0" "onnxruntime" "nvidia-pytriton==0.7.0")
 STAMP="$VENV/.installed-stamp"
-fingerprint=$( { printf '%s\n' "${REQUIREMENTS[@]}"; cat "$0" pyproject.toml clients/python/pyproject.toml; } | sha256sum | cut -d' ' -f1)
+fingerprint=$( { printf '%s\n' "${REQUIREMENTS[@]}"; cat "$0" pyproject.toml protos/python/pyproject.toml clients/python/pyproject.toml; } | sha256sum | cut -d' ' -f1)
 if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$fingerprint" && -x "$VENV/bin/python" ]]; then
     exit 0
 fi
 test -x "$VENV/bin/python" || "$PYTHON" -m venv "$VENV"
 # pip's notes about local index folders lacking a package are noise here; real errors still show.
-"$VENV/bin/python" -m pip install -q --disable-pip-version-check "${REQUIREMENTS[@]}" -e clients/python -e . \
+"$VENV/bin/python" -m pip install -q --disable-pip-version-check "${REQUIREMENTS[@]}" -e protos/python -e clients/python -e . \
     2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
 "$VENV/bin/python" -m pip check --disable-pip-version-check
 "$VENV/bin/python" -c "import numpy, torch, onnxruntime, pytriton, fewshot.server.tasks; assert numpy.__version__ < '2', numpy.__version__"

@@ -30,20 +30,28 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
-from google.protobuf import json_format
+from google.protobuf import json_format, struct_pb2
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
 from fewshot.errors import FewShotError
 from fewshot.server.budget import BodyHold
 from fewshot.server.errors import ServiceError
-from fewshot.server.openapi import error_statuses, form_schema, json_body, message_schemas, responses
+from fewshot.server.openapi import error_statuses, form_schema, json_body, message_schemas, responses, settings_schema
+from fewshot.server.requests import model_settings, support_of
 from fewshot.server.tasks import MAX_TASK_ID, TASK_ID
 from fewshot_proto import fewshot_pb2 as pb
 
 #: Form fields of a multipart Adapt, Classify or UpdateTask besides the image files, by their protobuf type.
-FORM_NUMBERS = {"ttl_seconds": int, "top_k": int, "inner_steps": int, "lambda": float, "threshold": float,
-                "target_recall": float, "expected_version": int}
+FORM_NUMBERS = {"ttl_seconds": int, "top_k": int, "threshold": float, "target_recall": float, "expected_version": int}
+
+
+def _form_setting(text: str) -> struct_pb2.Value:
+    try:
+        number = float(text)
+    except ValueError:
+        return struct_pb2.Value(string_value=text)
+    return struct_pb2.Value(number_value=number)
 
 
 #: A prediction's fields that only a Classify with ``reject_unknown`` fills.
@@ -171,11 +179,11 @@ async def _from_form(request: Request, body: bytes, message: Message, limit: int
     labels = [str(v) for v in form.getlist("labels")]
     fields = {f.name for f in message.DESCRIPTOR.fields}
     if "support" in fields or "add" in fields:
-        if len(labels) != len(images):
-            raise HttpAbort(grpc.StatusCode.INVALID_ARGUMENT, f"{len(images)} image files and {len(labels)} labels: "
-                            "give one `labels` field per `images` file, in the same order", 400)
-        items = getattr(message, "support" if "support" in fields else "add")
-        items.extend(pb.LabelledImage(image=pb.Image(encoded=b), label=label) for b, label in zip(images, labels))
+        try:
+            support = support_of(labels, images, "`images` files")
+        except ServiceError as exc:
+            raise HttpAbort(exc.code, str(exc), exc.http_status) from None
+        getattr(message, "support" if "support" in fields else "add").extend(support)
     elif "queries" in fields:
         message.queries.extend(pb.Image(encoded=b) for b in images)
     for key in set(form.keys()) - {"images", "labels"}:
@@ -187,9 +195,9 @@ async def _from_form(request: Request, body: bytes, message: Message, limit: int
 
 
 def _set_form_field(message: Message, key: str, values: list[str]) -> None:
-    if key in ("inner_steps", "lambda") and hasattr(message, "settings"):
-        setattr(message.settings, key, FORM_NUMBERS[key](values[-1]))
-    elif key == "remove_labels":
+    """A form field as the message's field of that name or, for an Adapt, as the setting of that name (a
+    number when it reads as one, else a string; the model's family checks it)."""
+    if key == "remove_labels":
         message.remove_labels.extend(values)
     elif key in ("reject_unknown",):
         message.reject_unknown = values[-1].lower() in ("1", "true", "yes", "on")
@@ -197,6 +205,8 @@ def _set_form_field(message: Message, key: str, values: list[str]) -> None:
         setattr(message, key, FORM_NUMBERS[key](values[-1]))
     elif key in {f.name for f in message.DESCRIPTOR.fields}:
         setattr(message, key, values[-1])
+    elif "settings" in message.DESCRIPTOR.fields_by_name:
+        message.settings.values[key].CopyFrom(_form_setting(values[-1]))
     else:
         raise ValueError(f"{message.DESCRIPTOR.name} has no such field")
 
@@ -225,6 +235,8 @@ def http_app(service: Any, max_request_bytes: int, serving: Callable[[], bool] =
             return message, await call(request, handler, message)
 
     statuses = error_statuses()
+    #: What each served model declares (``SettingInfo``): the schema of ``AdaptSettings.values`` and the form's settings.
+    settings = settings_schema(info for model in service.models.values() for info in model_settings(model))
 
     @app.get("/v1/models", operation_id="ListModels", summary="ListModels: the models, their methods, input and limits",
              responses=responses("ListModelsResponse", statuses))
@@ -233,7 +245,7 @@ def http_app(service: Any, max_request_bytes: int, serving: Callable[[], bool] =
 
     @app.post("/v1/tasks", operation_id="Adapt", summary="Adapt: a new task from labelled images (JSON AdaptRequest or multipart: "
               "model, method, images files with one labels field each)", responses=responses("AdaptResponse", statuses),
-              openapi_extra=json_body("AdaptRequest", form_schema(pb.AdaptRequest.DESCRIPTOR, FORM_NUMBERS, images=True)))
+              openapi_extra=json_body("AdaptRequest", form_schema(pb.AdaptRequest.DESCRIPTOR, FORM_NUMBERS, images=True, settings=settings)))
     async def adapt(request: Request) -> Any:
         return (await guarded(request, service.Adapt, pb.AdaptRequest))[1]
 
@@ -310,6 +322,7 @@ def http_app(service: Any, max_request_bytes: int, serving: Callable[[], bool] =
             schemas = doc.setdefault("components", {}).setdefault("schemas", {})
             schemas.pop("HTTPValidationError", None), schemas.pop("ValidationError", None)
             schemas.update(message_schemas(MESSAGES))
+            schemas["AdaptSettings"]["properties"]["values"] = settings
             app.openapi_schema = doc
         return app.openapi_schema
 

@@ -10,7 +10,7 @@ document, and the statuses come from the error classes of ``server/errors.py``.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterable
 
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 
@@ -45,7 +45,32 @@ def _ref(name: str) -> dict[str, str]:
     return {"$ref": f"#/components/schemas/{name}"}
 
 
+def settings_schema(settings: Iterable[Any]) -> dict[str, Any]:
+    """``AdaptSettings.values`` as the served models declare their settings (``SettingInfo``s, from each model's
+    family): one property per setting name, its type, and its bounds or choices over all models (each model's
+    own: ``ListModels``). A setting added to a head appears here with nothing else written."""
+    merged: dict[str, dict[str, Any]] = {}
+    for info in settings:
+        if info.kind == "choice":
+            entry = merged.setdefault(info.name, {"type": "string", "enum": []})
+            entry["enum"] += [c for c in info.choices if c not in entry["enum"]]
+        else:
+            entry = merged.setdefault(info.name, {"type": info.kind, "minimum": info.min, "maximum": info.max})
+            entry["minimum"], entry["maximum"] = min(entry["minimum"], info.min), max(entry["maximum"], info.max)
+            if info.kind == "number":
+                entry["type"] = "number"
+    for entry in merged.values():
+        entry["description"] = "bounds over the served models; each model's own: ListModels"
+    return {"type": "object", "properties": dict(sorted(merged.items())), "additionalProperties": False}
+
+
+#: Well-known protobuf messages whose JSON mapping is not an object of their fields: any JSON value.
+_WELL_KNOWN = {"google.protobuf.Value": {}}
+
+
 def _field_schema(field: FieldDescriptor, out: dict[str, Any]) -> dict[str, Any]:
+    if field.type == FieldDescriptor.TYPE_MESSAGE and field.message_type.full_name in _WELL_KNOWN:
+        return dict(_WELL_KNOWN[field.message_type.full_name])
     if field.type == FieldDescriptor.TYPE_MESSAGE:
         entry = field.message_type
         if entry.GetOptions().map_entry:
@@ -102,9 +127,11 @@ def message_schemas(descriptors: list[tuple[Descriptor, tuple[str, ...], str]]) 
     return out
 
 
-def form_schema(descriptor: Descriptor, numbers: dict[str, type], images: bool) -> dict[str, Any]:
+def form_schema(descriptor: Descriptor, numbers: dict[str, type], images: bool,
+                settings: dict[str, Any] | None = None) -> dict[str, Any]:
     """The multipart form of a request with image files: ``images`` (files) and, for labelled ones, one
-    ``labels`` field per file; the message's other scalar fields (and its settings') by name."""
+    ``labels`` field per file; the message's other scalar fields by name (``numbers``: their types in a form)
+    and, for an Adapt, each setting of ``settings`` (:func:`settings_schema`) by its name."""
     properties: dict[str, Any] = {"images": {"type": "array", "items": {"type": "string", "format": "binary"}}}
     if images:
         properties["labels"] = {"type": "array", "items": {"type": "string"}}
@@ -112,16 +139,11 @@ def form_schema(descriptor: Descriptor, numbers: dict[str, type], images: bool) 
         if field.type == FieldDescriptor.TYPE_MESSAGE or field.name == "task_id":
             continue
         properties[field.name] = _field_schema(field, {})
-    for name, kind in numbers.items():
-        if name in properties or name not in _settings_names(descriptor):
-            continue
-        properties[name] = {"type": "integer" if kind is int else "number"}
+        if field.name in numbers and properties[field.name].get("type") == "string":
+            properties[field.name] = {"type": "integer" if numbers[field.name] is int else "number"}
+    if settings is not None and "settings" in descriptor.fields_by_name:
+        properties.update({k: v for k, v in settings["properties"].items() if k not in properties})
     return {"type": "object", "properties": properties, "additionalProperties": False}
-
-
-def _settings_names(descriptor: Descriptor) -> set[str]:
-    settings = descriptor.fields_by_name.get("settings")
-    return {f.name for f in settings.message_type.fields} if settings is not None else set()
 
 
 def json_body(schema_name: str, form: dict[str, Any] | None = None) -> dict[str, Any]:

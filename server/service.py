@@ -22,12 +22,10 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
 
 import grpc
-import numpy as np
 import torch
 from google.protobuf.message import Message
 
 from fewshot.errors import one_line
-from fewshot.models.calibration import OpenSetCalibration
 from fewshot.models.family import Family
 from fewshot.models.plan import ClassifyPlan
 from fewshot.server.admission import Admission
@@ -39,10 +37,11 @@ from fewshot.server.errors import InvalidRequest, NotFound, ServiceError
 from fewshot.server.images import decode_for_model, decode_pixels_for_model
 from fewshot.server.metrics import ServiceMetrics
 from fewshot.server.store import TaskRecord, TaskStore
-from fewshot.server.tasks import AdaptRequest, Rejection, ServiceLimits, TaskUpdate, check_task_id, find_task, get_model, resolve_method, task_ref
+from fewshot.server.requests import adapt_response, check_adapt, check_classify, classify_response, model_info
+from fewshot.server.tasks import AdaptRequest, ServiceLimits, TaskUpdate, check_task_id, find_task, task_ref
 from fewshot_proto import fewshot_pb2 as pb
 
-__all__ = ["FewShotService", "ServiceLimits", "model_info", "STATUSES"]  # ServiceLimits lives in tasks.py, shared with Triton
+__all__ = ["FewShotService", "ServiceLimits", "STATUSES"]  # ServiceLimits lives in tasks.py, shared with Triton
 
 log = logging.getLogger("fewshot.server")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["FewShot"].full_name
@@ -224,15 +223,10 @@ class FewShotService:
         return adapt
 
     async def _adapt(self, adapt: _AdaptCall, call: _Call) -> pb.AdaptResponse:
-        model = get_model(self.models, adapt.model)
-        method = resolve_method(model, adapt.method)
-        call.fields.update(model=model.name, method=method, support=len(adapt.support))
-        self.limits.check_support(len(adapt.support))
-        names = [item.label for item in adapt.support]
-        # Every set field of AdaptSettings, by its name: the model's family says which apply.
-        settings = {f.name: getattr(adapt.settings, f.name) for f, _ in adapt.settings.ListFields()}
-        request = AdaptRequest.check(model, method, names, settings, self.limits.ttl(adapt.ttl),
-                                     self.limits.max_image_steps, call.tenant.name)
+        request = check_adapt(self.models, self.limits, adapt.model, adapt.method, adapt.support, adapt.settings,
+                              adapt.ttl, call.tenant.name)
+        model = request.model
+        call.fields.update(model=model.name, method=request.method, support=len(adapt.support))
         images = [item.image for item in adapt.support]
         budget = call.budget
 
@@ -254,17 +248,14 @@ class FewShotService:
         # durable before we acknowledge; the tenant's quota is checked in the same transaction
         await self._offload(lambda: self.store.put(record, task, self.auth.quota_tasks(call.tenant)))
         call.about(record.task_id)
-        return pb.AdaptResponse(task_id=record.task_id, labels=record.labels, support_accuracy=accuracy,
-                                adapt_seconds=request.seconds, expires_at=record.expires_at, model=model.name, method=method)
+        return adapt_response(request, record, accuracy)
 
     # -- Classify -------------------------------------------------------------------------------
     async def Classify(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.ClassifyResponse:
         async def body(call: _Call) -> pb.ClassifyResponse:
             request = parse(pb.ClassifyRequest, raw)
-            task_id = call.about(check_task_id(request.task_id))
-            self.limits.check_queries(len(request.queries))
-            rejection = Rejection.check(request.reject_unknown, request.threshold if request.HasField("threshold") else None,
-                                        request.target_recall if request.HasField("target_recall") else None)
+            task_id, rejection = check_classify(self.limits, request)
+            call.about(task_id)
             budget, queries = call.budget, list(request.queries)
 
             def find_decode_run() -> tuple[TaskRecord, Family, Any, tuple[Any, ...], pb.ClassifyResponse | None]:
@@ -280,14 +271,14 @@ class FewShotService:
                 else:
                     ran, logits = self.batcher.run_if_idle(key, len(x), lambda: plan.run(x))
                 return (record, model, task, (plan, x, key, grouped),
-                        _response(logits, record.labels, request.top_k, task.open_set, rejection) if ran else None)
+                        classify_response(logits, record.labels, request.top_k, task.open_set, rejection) if ran else None)
 
             async with self.admission.slot():
                 record, model, task, work, response = await self._offload(find_decode_run)
                 call.fields.update(model=model.name, method=record.method, queries=len(queries))
                 if response is None:  # merged with concurrent requests
                     logits = await self._classify(*work)
-                    response = _response(logits, record.labels, request.top_k, task.open_set, rejection)
+                    response = classify_response(logits, record.labels, request.top_k, task.open_set, rejection)
             if self.store.deleted_since(task_id, call.started):  # DeleteTask answered while we worked
                 raise NotFound(f"task {task_id} was deleted during this call")
             return response
@@ -373,28 +364,3 @@ class FewShotService:
             return pb.ListModelsResponse(models=[model_info(m) for _, m in sorted(self.models.items())])
 
         return await self._call("ListModels", context, body, 2 * len(raw))
-
-
-def model_info(model: Family) -> pb.ModelInfo:
-    """A model's methods, input spec and limits as the API reports them."""
-    spec, (min_ways, max_ways) = model.spec, model.way_range()
-    return pb.ModelInfo(name=model.name, family=model.family, methods=model.methods, default_method=model.default_method,
-                        input=pb.InputSpec(channels=spec.channels, size=spec.size, mean=spec.mean, std=spec.std, resize=spec.resize),
-                        min_ways=min_ways, max_ways=max_ways, max_shots=model.limits.get("max_shots", 0))
-
-
-def _response(logits: torch.Tensor, labels: list[str], top_k: int, open_set: OpenSetCalibration,
-              rejection: Rejection | None) -> pb.ClassifyResponse:
-    """``(Q, N)`` calibrated logits -> ranked predictions by probability (ties broken by label order),
-    each marked ``unknown`` or not when ``rejection`` is asked for."""
-    probs = torch.softmax(logits, dim=1).numpy()
-    k = min(max(top_k, 1), len(labels))
-    order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
-    predictions = [pb.Prediction(ranked=[pb.LabelScore(label=labels[j], probability=float(p[j])) for j in idx],
-                                 probabilities=p.tolist()) for p, idx in zip(probs, order)]
-    if rejection is not None:
-        scores, threshold = rejection.apply(open_set, logits)
-        for prediction, score in zip(predictions, scores):
-            prediction.unknown, prediction.score, prediction.threshold = bool(score < threshold), float(score), threshold
-            prediction.score_name = open_set.score
-    return pb.ClassifyResponse(predictions=predictions, labels=labels)

@@ -257,7 +257,7 @@ class AdaptRequest:
             adapter = model.adapter(method, shots=shots, **settings)
         except ValueError as exc:
             raise InvalidRequest(str(exc)) from None
-        steps = getattr(adapter, "steps", 0)
+        steps = model.inner_steps(adapter)
         if max_image_steps is not None and len(names) * steps > max_image_steps:
             raise TooLarge(f"{len(names)} support images x {steps} inner steps = {len(names) * steps} image-steps; this "
                            f"server runs at most {max_image_steps} per Adapt: send fewer images or ask fewer inner_steps")

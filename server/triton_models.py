@@ -12,7 +12,9 @@ Tensor contract (KServe v2; ``BYTES`` is Triton's ``TYPE_STRING``, one element p
 
 - ``fewshot_adapt``: inputs ``model`` BYTES [1], ``labels`` BYTES [S] (UTF-8, one per image),
   ``images`` BYTES [S] (encoded image bytes, anything Pillow opens), optional ``method`` BYTES [1]
-  (one of the model's methods, as ``ListModels`` reports them, or the model's own method name; default: the model's).
+  (one of the model's methods, as ``ListModels`` reports them, or the model's own method name; default: the model's)
+  and optional ``settings`` BYTES [1] (one JSON object of per-request settings by name, as ``ListModels``
+  describes them, e.g. ``{"inner_steps": 3}``).
   Outputs ``task_id`` BYTES [1], ``labels`` BYTES [N] (the classes in order of first appearance).
 - ``fewshot_classify``: inputs ``task_id`` BYTES [1], ``images`` BYTES [Q], optional ``reject_unknown``
   BOOL [1] with at most one of ``threshold`` / ``target_recall`` FP64 [1] (the gRPC Classify's open-set
@@ -39,10 +41,14 @@ from fewshot.export.loader import open_bundle
 from fewshot.models.family import family_of
 from fewshot.models.runtime import SessionEngines, part_model_name
 from fewshot.export.registry import Registry
+from fewshot.server.auth import DEFAULT_TENANT
+from fewshot.server.budget import CallBudget
 from fewshot.server.errors import BackendUnavailable, InvalidRequest, ServiceError
 from fewshot.server.images import decode_for_model, decode_pixels_for_model
+from fewshot.server.requests import adapt_response, check_adapt, check_classify, classify_response, settings_message, support_of
 from fewshot.server.store import TaskStore
-from fewshot.server.tasks import AdaptRequest, Rejection, ServiceLimits, find_task, get_model
+from fewshot.server.tasks import ServiceLimits, find_task
+from fewshot_proto import fewshot_pb2 as pb
 
 #: Images per BLS call to a backbone (its config's ``max_batch_size``).
 BLS_MAX_BATCH = 256
@@ -147,35 +153,57 @@ def _strings_out(values: list[str]) -> np.ndarray:
 
 
 class AdaptModel(_FewShotModel):
-    """``fewshot_adapt``: a labelled support set -> a stored task (``task_id``, ``labels``)."""
+    """``fewshot_adapt``: a labelled support set -> a stored task (``task_id``, ``labels``), checked and answered
+    by the service's own Adapt handling (:mod:`fewshot.server.requests`)."""
 
     def handle(self, request: Any) -> dict[str, np.ndarray]:
-        model = get_model(self.models, self._one(request, "model"))
-        names, images = self._strings(request, "labels"), self._bytes(request, "images")
-        if len(names) != len(images):
-            raise InvalidRequest(f"{len(images)} images but {len(names)} labels: send one label per support image")
-        self.limits.check_support(len(images))
-        adapt = AdaptRequest.check(model, self._one(request, "method", optional=True), names, ttl=self.limits.default_ttl)
-        adapt.pixels = decode_pixels_for_model(images, model, self.limits.image, "support")
-        record, _, _ = adapt.run(model.spec.normalize(adapt.pixels))
+        support = support_of(self._strings(request, "labels"), self._bytes(request, "images"))
+        adapt = check_adapt(self.models, self.limits, self._one(request, "model"), self._one(request, "method", optional=True) or "",
+                            support, self._settings(request), 0, DEFAULT_TENANT)
+        budget = CallBudget(self.limits.max_call_pixels)  # the per-call pixel cap; Triton bounds the time
+        adapt.pixels = decode_pixels_for_model([item.image for item in support], adapt.model, self.limits.image, "support", budget)
+        record, _, accuracy = adapt.run(adapt.model.spec.normalize(adapt.pixels))
         self.store.put(record)  # durable before we answer; this process never classifies, so nothing to cache
-        return {"task_id": _strings_out([record.task_id]), "labels": _strings_out(record.labels)}
+        response = adapt_response(adapt, record, accuracy)
+        return {"task_id": _strings_out([response.task_id]), "labels": _strings_out(list(response.labels))}
+
+    def _settings(self, request: Any) -> pb.AdaptSettings:
+        """The optional ``settings`` input: one JSON object of settings by name (``{"inner_steps": 3}``)."""
+        text = self._one(request, "settings", optional=True)
+        if not text:
+            return pb.AdaptSettings()
+        try:
+            values = json.loads(text)
+        except ValueError as exc:
+            raise InvalidRequest(f"input 'settings' is not JSON ({exc}): send one object of settings by name") from None
+        if not isinstance(values, dict):
+            raise InvalidRequest("input 'settings' must be a JSON object of settings by name, e.g. {\"inner_steps\": 3}")
+        return settings_message(values)
 
 
 class ClassifyModel(_FewShotModel):
-    """``fewshot_classify``: a task id and query images -> ``(Q, N)`` ``probabilities`` and ``labels``."""
+    """``fewshot_classify``: a task id and query images -> ``(Q, N)`` ``probabilities`` and ``labels``, checked
+    and answered by the service's own Classify handling (:mod:`fewshot.server.requests`)."""
 
     def handle(self, request: Any) -> dict[str, np.ndarray]:
-        record, task, model = find_task(self.store, self.models, self._one(request, "task_id"))
-        images = self._bytes(request, "images")
-        self.limits.check_queries(len(images))
-        rejection = Rejection.check(bool(self._number(request, "reject_unknown")), self._number(request, "threshold"),
-                                    self._number(request, "target_recall"))
-        logits = task.calibrated_logits(decode_for_model(images, model, self.limits.image, "query"))
-        out = {"probabilities": torch.softmax(logits, dim=1).numpy().astype(np.float32), "labels": _strings_out(record.labels)}
+        message = pb.ClassifyRequest(task_id=self._one(request, "task_id") or "",
+                                     queries=[pb.Image(encoded=b) for b in self._bytes(request, "images")],
+                                     reject_unknown=bool(self._number(request, "reject_unknown")))
+        for name in ("threshold", "target_recall"):
+            value = self._number(request, name)
+            if value is not None:
+                setattr(message, name, value)
+        task_id, rejection = check_classify(self.limits, message)
+        record, task, model = find_task(self.store, self.models, task_id, DEFAULT_TENANT)
+        budget = CallBudget(self.limits.max_call_pixels)
+        logits = task.calibrated_logits(decode_for_model(list(message.queries), model, self.limits.image, "query", budget))
+        response = classify_response(logits, record.labels, len(record.labels), task.open_set, rejection)
+        out = {"probabilities": np.array([p.probabilities for p in response.predictions], dtype=np.float32).reshape(len(logits), -1),
+               "labels": _strings_out(list(response.labels))}
         if rejection is not None:
-            scores, threshold = rejection.apply(task.open_set, logits)
-            out |= {"unknown": scores < threshold, "scores": scores, "threshold": np.array([threshold])}
+            out |= {"unknown": np.array([p.unknown for p in response.predictions], dtype=bool),
+                    "scores": np.array([p.score for p in response.predictions], dtype=np.float64),
+                    "threshold": np.array([response.predictions[0].threshold if response.predictions else np.nan])}
         return out
 
     def _number(self, request: Any, name: str) -> float | None:

@@ -48,7 +48,7 @@ def omni_bundles(exported, tmp_path_factory):
 def server(exported, tmp_path_factory):
     """A real ``fewshot serve`` on loopback over every shipped bundle; small limits so the
     RESOURCE_EXHAUSTED cases stay cheap, a longer batching window so concurrent calls merge."""
-    from fewshot.tools.process import ServerProcess, free_port
+    from fewshot.tools.launch import ServerProcess, free_port
 
     metrics_port, http_port = free_port(), free_port()
     proc = ServerProcess(exported[0], tmp_path_factory.mktemp("state"), *SMALL, "--max-message-mb", "4", "--max-image-mb", "1", "--max-support", "300",
@@ -63,7 +63,7 @@ def server(exported, tmp_path_factory):
 @pytest.fixture(scope="session")
 def token_server(exported, tmp_path_factory):
     """The same bundles behind ``--token secret-token``."""
-    from fewshot.tools.process import ServerProcess, free_port
+    from fewshot.tools.launch import ServerProcess, free_port
 
     http_port = free_port()
     with ServerProcess(exported[0], tmp_path_factory.mktemp("state-token"), *SMALL, "--token", "secret-token",
@@ -80,7 +80,7 @@ def triton(exported, tmp_path_factory):
     the reason, only where the binary cannot run."""
     from fewshot.export.registry import Registry
     from fewshot.export.triton import write_bundle_models
-    from fewshot.tools.tritonserver import TritonProcess, TritonUnavailable
+    from fixtures.tritonserver import TritonProcess, TritonUnavailable
 
     repo, state = tmp_path_factory.mktemp("triton-python"), tmp_path_factory.mktemp("triton-state")
     for bundle in Registry.load(exported[0]).bundles.values():
@@ -99,7 +99,7 @@ def triton(exported, tmp_path_factory):
 def postgres():
     """A real PostgreSQL server from the machine's packages, in a temporary folder on a loopback port
     (as ``nobody`` when the tests run as root), for the whole session."""
-    from fewshot.tools.postgres import PostgresServer
+    from fixtures.postgres import PostgresServer
 
     with PostgresServer() as pg:
         yield pg

@@ -22,7 +22,7 @@ from fewshot_client import (AsyncFewShotClient, FewShotClient, InvalidArgument, 
 from fewshot_client.cli import main as cli_main
 from fewshot_client.messages import RetryPolicy, adapt_chunks, adapt_request
 from fewshot.models.preprocess import encode_png as png_bytes
-from fewshot.tools.process import free_port as closed_port  # nothing listens on it
+from fewshot.tools.launch import free_port as closed_port  # nothing listens on it
 
 OMNIGLOT = "omniglot-conv4-directsum"
 TINY = "tinyimagenet-conv4-sce-nca-directsum"

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fewshot.tools.process import free_port
+from fewshot.tools.launch import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"

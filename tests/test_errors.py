@@ -15,7 +15,7 @@ from fewshot.errors import FewShotError
 pytestmark = pytest.mark.unit
 
 
-PACKAGES = ("fewshot", "fewshot.tools", "fewshot.models", "fewshot.models.heads", "fewshot.models.meta", "fewshot.export", "fewshot.server")
+PACKAGES = ("fewshot", "fewshot.tools", "fewshot.models", "fewshot.models.heads", "fewshot.models.inner_loop", "fewshot.export", "fewshot.server")
 
 
 def _modules():

@@ -126,7 +126,7 @@ TEST_BUDGETS = {"--image-size 84": "--image-size 32", "--epochs 30": "--epochs 1
 @pytest.fixture(scope="module")
 def readme_run(photos):
     """The README's "Use your own images" block, run by bash beside ``my-photos`` with the test budgets."""
-    block = re.search(r"```bash\n(# Use your own images.*?)```", (ROOT / "README.md").read_text(), re.S).group(1)
+    block = re.search(r"```bash\n(# Use your own images.*?)```", (ROOT / "docs/training.md").read_text(), re.S).group(1)
     for old, new in TEST_BUDGETS.items():
         assert old in block, f"README block lost {old!r}"
         block = block.replace(old, new)
@@ -158,7 +158,7 @@ def test_served_answers_on_the_folder_equal_the_bundle_in_process(readme_run, ph
 
     from fewshot.export.loader import open_bundle
     from fewshot.export.registry import load_bundle
-    from fewshot.tools.process import ServerProcess
+    from fewshot.tools.launch import ServerProcess
 
     work, _ = readme_run
     bundle = load_bundle(work / "bundles" / model)

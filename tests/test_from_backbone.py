@@ -10,10 +10,10 @@ from fewshot.errors import ConfigError
 from fewshot.models.data import dataset_spec, load_dataset
 from fewshot.models.episodes import EpisodeSampler
 from fewshot.models.heads.centroid import CentroidHead
-from fewshot.models.meta.inner_loop import InnerLoopAdapter, centroid_head, inner_loop
-from fewshot.models.meta.network import MetaConv4
-from fewshot.models.meta.rules import TaskContextScaling, build_rule
-from fewshot.models.meta.training import MetaTrainConfig, backbone_params, build_learner, query_loss
+from fewshot.models.inner_loop.engine import InnerLoopAdapter, centroid_head, inner_loop
+from fewshot.models.inner_loop.network import MetaConv4
+from fewshot.models.inner_loop.rules import TaskContextScaling, build_rule
+from fewshot.models.inner_loop.training import MetaTrainConfig, backbone_params, build_learner, query_loss
 from fewshot.models.zoo import load_model
 
 pytestmark = pytest.mark.unit

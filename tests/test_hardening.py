@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import numpy as np
 import pytest
+from fixtures.memory import ResidentMemory
 from support import SMALL
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
@@ -23,7 +24,7 @@ from test_images import blp, dds, ico_bomb, spider
 from fewshot.models.episodes import EpisodeSampler
 from fewshot.models.preprocess import encode_png as png
 from fewshot.server.memory import peak_bound_mb
-from fewshot.tools.process import ResidentMemory, ServerProcess, free_port
+from fewshot.tools.launch import ServerProcess, free_port
 from fewshot_proto import fewshot_pb2 as pb
 from fewshot_proto import fewshot_pb2_grpc as pb_grpc
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from fixtures.postgres import PostgresServer
 from support import SHIPPED
 
 from fewshot.models.data import load_dataset
@@ -25,8 +26,7 @@ from fewshot.models.episodes import EpisodeSampler
 from fewshot.models.family import methods_of
 from fewshot.models.preprocess import encode_png as png
 from fewshot.models.zoo import load_model
-from fewshot.tools.postgres import PostgresServer
-from fewshot.tools.process import ServerProcess, free_port
+from fewshot.tools.launch import ServerProcess, free_port
 from fewshot_proto import fewshot_pb2 as pb
 from fewshot_proto import fewshot_pb2_grpc as pb_grpc
 

@@ -102,7 +102,7 @@ def test_an_imported_backbone_serves_the_shipped_models_predictions(foreign, exp
     1-shot tasks, nearest centroid (the default method), over one real server holding both bundles."""
     from fewshot_client import FewShotClient
 
-    from fewshot.tools.process import ServerProcess
+    from fewshot.tools.launch import ServerProcess
 
     bundles = tmp_path / "bundles"
     run = _cli("import", "--onnx", str(foreign), "--name", "imported", "--input-size", "28", "--channels", "1",
@@ -138,7 +138,7 @@ def test_readme_block_imports_with_sample_and_validation_folders(foreign, tmp_pa
         for j in ix:
             Image.fromarray(val.images[j][..., 0]).save(photos / "val" / f"class{c:02d}" / f"{j}.png")
     (tmp_path / "my-embedder.onnx").write_bytes(foreign.read_bytes())
-    block = re.search(r"```bash\n(# Use your own backbone.*?)```", (ROOT / "README.md").read_text(), re.S).group(1)
+    block = re.search(r"```bash\n(# Use your own backbone.*?)```", (ROOT / "docs/bundles.md").read_text(), re.S).group(1)
     command = next(line for line in block.replace("\\\n", " ").splitlines() if line.startswith("fewshot import"))
     subs = {"--input-size 224": "--input-size 28 --channels 1", "--mean 0.485,0.456,0.406 --std 0.229,0.224,0.225":
             "--mean 0.92 --std 0.22", "--out bundles": "--out bundles --tune-tasks 20 --calibration-tasks 20"}
@@ -178,7 +178,7 @@ def test_an_imported_backbone_serves_through_a_real_triton(foreign, omniglot_tes
     from fewshot.export.loader import open_bundle
     from fewshot.export.registry import load_bundle
     from fewshot.export.triton import backbone_model_name
-    from fewshot.tools.tritonserver import TritonProcess, TritonUnavailable
+    from fixtures.tritonserver import TritonProcess, TritonUnavailable
 
     run = _cli("import", "--onnx", str(foreign), "--name", "imported", "--input-size", "28", "--channels", "1",
                "--mean", "0.92", "--std", "0.22", "--out", "bundles", "--triton-repo", "repo", "--triton-backend", "python",

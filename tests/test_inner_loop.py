@@ -5,10 +5,10 @@ import torch
 import torch.nn.functional as F
 
 from fewshot.models.episodes import EpisodeSampler
-from fewshot.models.meta.inner_loop import InnerLoopAdapter, inner_loop
-from fewshot.models.meta.network import MetaConv4, support_statistics
-from fewshot.models.meta.rules import RULES, ContextualGradientScaling, UpdateRule, build_rule
-from fewshot.models.meta.training import MetaTrainConfig, build_learner, query_loss
+from fewshot.models.inner_loop.engine import InnerLoopAdapter, inner_loop
+from fewshot.models.inner_loop.network import MetaConv4, support_statistics
+from fewshot.models.inner_loop.rules import RULES, ContextualGradientScaling, UpdateRule, build_rule
+from fewshot.models.inner_loop.training import MetaTrainConfig, build_learner, query_loss
 from fewshot.models.preprocess import InputSpec
 
 pytestmark = pytest.mark.unit
@@ -91,11 +91,11 @@ def test_engine_maml_equals_hand_written_loop(task):
         assert (engine[k] - manual[k]).abs().max() < 1e-6, k
 
 
-def test_the_benchmarks_reference_loop_equals_the_engine(task):
-    """`fewshot bench --compare` times the engine against a plain loop (its own Conv-4, autograd.grad,
-    theta -= alpha g): both adapt to the same weights and support statistics, so the timing is of the
-    same computation."""
-    from fewshot.tools.compare import reference_forward, reference_maml
+def test_the_reference_loop_equals_the_engine(task):
+    """The plain reference loop (`models/inner_loop/reference.py`: its own Conv-4, autograd.grad,
+    theta -= alpha g), which `fewshot bench --compare` times the engine against: both adapt to the same
+    weights and support statistics, so the timing is of the same computation."""
+    from fewshot.models.inner_loop.reference import reference_forward, reference_maml
 
     xs, ys, xq, _ = task
     net = MetaConv4(1, 32, 28, 5)
@@ -173,7 +173,7 @@ def test_trained_support_batchnorm_equals_served_support_batchnorm(task):
 def test_a_prototype_head_is_minus_the_squared_distance_and_adapts_any_number_of_classes(omniglot_test):
     """Proto-MAML's head: logits -||h - m_c||^2 up to a per-query constant, so before any step the task
     is nearest centroid on the body's features; with it a 5-way-trained network adapts 2-, 3- and 7-way tasks."""
-    from fewshot.models.meta.inner_loop import prototype_head
+    from fewshot.models.inner_loop.engine import prototype_head
 
     net = MetaConv4(1, 8, 28, 5)
     params = _trained_like(net)
@@ -218,7 +218,7 @@ def test_a_shared_head_starts_uniform_and_adapts_any_number_of_classes(omniglot_
 def test_cxgrad_head_alpha_steps_the_head_alone(task):
     """``head_alpha`` (issue 16): the head moves by ``head_alpha`` times its gradient, every conv layer
     exactly as with the authors' single ``alpha``; the card's ``inner_loop`` carries it to serving."""
-    from fewshot.models.meta.family import meta_model_parts
+    from fewshot.models.inner_loop.family import inner_loop_model_parts
 
     xs, ys, _, _ = task
     net = MetaConv4(1, 8, 28, 5)
@@ -236,7 +236,7 @@ def test_cxgrad_head_alpha_steps_the_head_alone(task):
     assert ContextualGradientScaling(net, 1, alpha=0.01).step_size("head.weight", 0) == 0.01  # authors' default
     loop = {"steps": 1, "alpha": 0.01, "beta": 1.0, "head_alpha": 0.05}
     tensors = {f"param.{k}": v for k, v in params.items()} | {f"rule.{k}": v for k, v in rule.state_dict().items()}
-    _, served, _ = meta_model_parts("cxgrad", net.config, loop, tensors)
+    _, served, _ = inner_loop_model_parts("cxgrad", net.config, loop, tensors)
     assert served.step_size("head.weight", 0) == 0.05 and served.step_size(net.conv_names[0], 0) == 0.01
     with pytest.raises(Exception, match="--head-alpha applies to --method cxgrad, cxgrad-task, maml, fomaml and maml-lslr only"):
         MetaTrainConfig(method="metasgd", head_alpha=0.1)

@@ -11,12 +11,12 @@ import time
 
 import grpc
 import pytest
+from fixtures.postgres import PostgresServer
 from support import SMALL
 
 from fewshot.models.episodes import EpisodeSampler
 from fewshot.models.preprocess import encode_png as png
-from fewshot.tools.postgres import PostgresServer
-from fewshot.tools.process import ServerProcess
+from fewshot.tools.launch import ServerProcess
 from fewshot_client import FewShotClient
 from fewshot_proto import fewshot_pb2 as pb
 from fewshot_proto import fewshot_pb2_grpc as pb_grpc

@@ -18,7 +18,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from fewshot.models.episodes import EpisodeSampler
 from fewshot.models.preprocess import encode_png as png
 from fewshot.server.auth import TokensFileError, parse_tokens, token_hash
-from fewshot.tools.process import ServerProcess, free_port
+from fewshot.tools.launch import ServerProcess, free_port
 from fewshot_client import FewShotClient
 from fewshot_client.cli import main as client_main
 from fewshot_client.errors import NotFound, ResourceExhausted, Unauthenticated, Unavailable

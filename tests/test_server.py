@@ -22,7 +22,7 @@ from fewshot.models.episodes import EpisodeSampler
 from fewshot.models.family import methods_of
 from fewshot.models.preprocess import encode_png as png
 from fewshot.models.zoo import load_model
-from fewshot.tools.process import ServerProcess
+from fewshot.tools.launch import ServerProcess
 from fewshot_proto import fewshot_pb2 as pb
 from fewshot_proto import fewshot_pb2_grpc as pb_grpc
 
@@ -204,7 +204,7 @@ def test_a_query_is_classified_the_same_alone_and_merged(server, stub, omniglot_
 def test_merged_classify_of_different_inner_loop_tasks_equals_per_task(server, stub, omni_bundles, tmp_path, omniglot_test):
     """``--merge-tasks on``: concurrent one-query Classify calls of 8 different CxGrad tasks run as
     stacked calls; each answer equals the per-task network call of the session server (merging off)."""
-    from fewshot.tools.process import free_port
+    from fewshot.tools.launch import free_port
 
     sampler = EpisodeSampler(omniglot_test, 5, 1, 1, seed=23)
     episodes = [sampler.episode(i) for i in range(8)]
@@ -329,7 +329,7 @@ def test_concurrent_adapts_with_batching_on_equal_adapts_one_by_one(stub, omni_b
     issue 33: frozen statistics, a fixed stem, a centroid head) does not stack (``InnerLoopAdapter.stacks``), so
     the server runs each task alone (the histogram of stacked calls stays empty) and every task classifies
     exactly as the same task adapted by the session server. The stacked loop itself: tests/test_stacked.py."""
-    from fewshot.tools.process import free_port
+    from fewshot.tools.launch import free_port
 
     sampler = EpisodeSampler(omniglot_test, 5, 1, 2, seed=29)
     episodes = [sampler.episode(i) for i in range(8)]

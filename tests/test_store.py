@@ -277,7 +277,7 @@ def test_postgres_outage_answers_unavailable_keeps_cached_tasks_and_loses_nothin
     connect timeout, a cached task is still served; once it is back, every acknowledged task is there
     and new writes succeed."""
     from fewshot.server.store import StoreUnavailable
-    from fewshot.tools.postgres import PostgresServer
+    from fixtures.postgres import PostgresServer
 
     with PostgresServer() as pg:
         store = TaskStore(pg.url, recheck=0.0)

@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from fewshot.models.meta.averaging import average_checkpoints
-from fewshot.models.meta.training import MetaTrainConfig
+from fewshot.models.inner_loop.averaging import average_checkpoints
+from fewshot.models.inner_loop.training import MetaTrainConfig
 
 
 def _train(*args: str) -> subprocess.CompletedProcess:
@@ -109,7 +109,7 @@ def test_a_ways_range_draws_each_episode_its_ways_and_validates_at_both_ends(tmp
     """--min-ways/--max-ways (issue 16): training episodes of 2..6 classes, validation at --ways and
     --max-ways, the kept checkpoint chosen on their mean; the draw is seeded per episode."""
     from fewshot.models.data import load_dataset
-    from fewshot.models.meta.training import WaysSampler
+    from fewshot.models.inner_loop.training import WaysSampler
 
     val = load_dataset("omniglot", "val")
     sampler = WaysSampler(val, 2, 6, 1, 2, seed=3)

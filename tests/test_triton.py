@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import tritonclient.grpc as grpcclient
+from fixtures.tritonserver import TritonProcess, TritonStartError, TritonUnavailable
 from support import SHIPPED, SMALL
 from tritonclient.utils import InferenceServerException
 
@@ -23,8 +24,7 @@ from fewshot.models.family import family_of, methods_of
 from fewshot.models.features import OnnxFeatures
 from fewshot.models.preprocess import encode_png as png
 from fewshot.models.zoo import load_model
-from fewshot.tools.process import ServerProcess
-from fewshot.tools.tritonserver import TritonProcess, TritonStartError, TritonUnavailable
+from fewshot.tools.launch import ServerProcess
 from fewshot_proto import fewshot_pb2 as pb
 from fewshot_proto import fewshot_pb2_grpc as pb_grpc
 
@@ -121,7 +121,7 @@ def test_backbone_features_equal_in_process_onnx_runtime(triton, client, exporte
         assert got.shape == ref.shape and np.abs(got - ref).max() <= 1e-5, (name, np.abs(got - ref).max())
         if "network.onnx" in m["files"]:  # the adapted network: meta-initial weights, unit BatchNorm statistics
             from fewshot.export.loader import open_bundle
-            from fewshot.models.meta.onnx_network import network_inputs
+            from fewshot.models.inner_loop.onnx_network import network_inputs
 
             model = open_bundle(bundle, "cpu", 1)
             width = model.net.width

@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import numpy as np
 import pytest
+from fixtures.tritonserver import TritonProcess
 from support import SHIPPED, SMALL
 
 from fewshot.export.triton import backbone_model_name, write_onnx_model
@@ -21,9 +22,8 @@ from fewshot.models.episodes import EpisodeSampler
 from fewshot.models.family import methods_of
 from fewshot.models.preprocess import encode_png as png
 from fewshot.models.zoo import load_model
-from fewshot.tools.process import ServerProcess, free_port
 from fewshot.server.store import TaskStore
-from fewshot.tools.tritonserver import TritonProcess
+from fewshot.tools.launch import ServerProcess, free_port
 from fewshot_proto import fewshot_pb2 as pb
 from fewshot_proto import fewshot_pb2_grpc as pb_grpc
 

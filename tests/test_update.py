@@ -18,7 +18,7 @@ from support import SMALL
 from fewshot.models.data import load_dataset
 from fewshot.models.episodes import EpisodeSampler
 from fewshot.models.preprocess import encode_png as png
-from fewshot.tools.process import ServerProcess
+from fewshot.tools.launch import ServerProcess
 from fewshot_client import Aborted, FewShotClient, InvalidArgument, NotFound, ResourceExhausted
 from fewshot_proto import fewshot_pb2 as pb
 from fewshot_proto import fewshot_pb2_grpc as pb_grpc

@@ -17,7 +17,7 @@ from fewshot.export.loader import open_bundle
 from fewshot.export.registry import load_bundle
 from fewshot.models.data import load_dataset
 from fewshot.models.episodes import EpisodeSampler
-from fewshot.models.meta.family import WAY_SWEEP
+from fewshot.models.inner_loop.family import WAY_SWEEP
 from fewshot.models.packaging import MAX_WAYS, MIN_WAYS
 from fewshot.models.preprocess import encode_png as png
 from fewshot.models.zoo import load_model, shipped_models

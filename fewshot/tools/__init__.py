@@ -1,3 +1,4 @@
 """Development tools, kept out of the serving package: ``demo`` (``fewshot demo``), ``bench`` (``fewshot
-bench --target``), ``process`` (a ``fewshot serve`` child process, as the demo, bench, soak script and tests
-start it) and ``tritonserver`` (a real ``tritonserver`` child process for the tests)."""
+bench``: in process, ``--target`` a running server), ``compare`` (``fewshot bench --compare``), ``results``
+(``make results``) and ``launch`` (a ``fewshot serve`` child process, as the demo and the compare bench
+start it). The test fixtures (PostgreSQL, ``tritonserver``, memory probes) live in ``tests/fixtures/``."""

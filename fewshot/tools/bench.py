@@ -1,19 +1,33 @@
-"""``fewshot bench --target HOST:PORT``: service latency and throughput, measured through the client SDK.
+"""``fewshot bench``: Adapt and Classify latency, in three modes (:func:`run_bench` picks one from the
+subcommand's arguments and prints one line, or one JSON object, per row).
 
-For each served model and method, and each concurrency level: ``requests`` Adapt calls on real test
-tasks (5-way, ``shots``-shot, PNG bytes), then ``requests`` Classify calls of ``queries`` per class
-against those tasks, from ``concurrency`` client threads. Reports p50/p90/p99 latency of each RPC and
-Classify throughput in images/s (query images over the wall time of the Classify phase).
+**In process** (``--model M``, :func:`bench_in_process`): one shipped model's Adapt and Classify on seeded
+test tasks (``ways``-way, ``shots``-shot, ``queries`` per class), called on normalised tensors in this
+process through its family's adapter (the object the server builds), no transport; median, p10 and p90.
+
+**A running server** (``--target HOST:PORT``, :func:`bench_service`): for each served model and method,
+and each concurrency level: ``requests`` Adapt calls on real test tasks (5-way, ``shots``-shot, PNG
+bytes), then ``requests`` Classify calls of ``queries`` per class against those tasks, from
+``concurrency`` client threads. Reports p50/p90/p99 latency of each RPC and Classify throughput in
+images/s (query images over the wall time of the Classify phase).
+
+**The served path against its own engine** (``--compare``): :mod:`fewshot.tools.compare`.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
+import platform
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
+from fewshot.errors import ConfigError
 from fewshot.models.data import load_dataset
 from fewshot.models.episodes import EpisodeSampler
 from fewshot.models.zoo import load_model
@@ -77,8 +91,100 @@ def _bench_one(client, model: str, method: str, episodes: list[EncodedTask], war
             "classify_images_per_s": round(images / classify_wall, 1)}
 
 
-def describe(row: dict) -> str:
+def describe_service(row: dict) -> str:
     a, c = row["adapt"], row["classify"]
     return (f"{row['model']:37s} {row['method']:13s} c={row['concurrency']:<2d} Adapt ({row['ways']}x{row['shots']}) "
             f"p50/p90/p99 {a['p50_ms']:.1f}/{a['p90_ms']:.1f}/{a['p99_ms']:.1f} ms | Classify ({row['queries_per_call']} images) "
             f"p50/p90/p99 {c['p50_ms']:.1f}/{c['p90_ms']:.1f}/{c['p99_ms']:.1f} ms, {row['classify_images_per_s']:.0f} images/s")
+
+
+def _spread(ms: list[float]) -> dict[str, float]:
+    return {"median_ms": round(float(np.median(ms)), 2), "p10_ms": round(float(np.percentile(ms, 10)), 2),
+            "p90_ms": round(float(np.percentile(ms, 90)), 2)}
+
+
+def bench_in_process(model_name: str, ways: int = 5, shots: int = 5, queries: int = 15, repeats: int = 20,
+                     warmup: int = 3, head: str | None = None, device: str = "auto", threads: int = 0,
+                     seed: int = 0) -> dict:
+    """One row: ``repeats`` timed tasks (after ``warmup`` untimed ones) of the model's ``head`` (default:
+    its own method), the backbone in ONNX Runtime; ``threads`` > 0 sets torch's thread count."""
+    from fewshot.models.family import open_shipped
+    from fewshot.models.runtime import torch_device
+
+    if threads:
+        torch.set_num_threads(threads)
+    shipped = load_model(model_name)
+    model = open_shipped(shipped, "onnxruntime", device)
+    method = model.resolve_method(head)
+    adapter = model.adapter(method, shots=shots)
+    what = f"{method} ({', '.join(f'{k} {v}' for k, v in model.describe(adapter).items())})"
+    data = load_dataset(shipped.card.dataset, "test", spec=shipped.spec)
+    sampler = EpisodeSampler(data, ways, shots, queries, seed)
+    norm = model.spec.normalize
+    adapt_ms, classify_ms = [], []
+    for i in range(warmup + repeats):
+        ep = sampler.episode(i)
+        xs, ys, xq = norm(data.images[ep.support]), torch.as_tensor(ep.support_labels), norm(data.images[ep.query])
+        t0 = time.perf_counter()
+        state = adapter.adapt(xs, ys)
+        t1 = time.perf_counter()
+        state.classify(xq)
+        t2 = time.perf_counter()
+        if i >= warmup:
+            adapt_ms.append(1e3 * (t1 - t0))
+            classify_ms.append(1e3 * (t2 - t1))
+    return {"model": model.name, "what": what, "ways": ways, "shots": shots, "queries": queries * ways,
+            "repeats": repeats, "device": str(torch_device(device)), "threads": torch.get_num_threads(),
+            "cpu": platform.processor() or platform.machine(), "adapt": _spread(adapt_ms), "classify": _spread(classify_ms)}
+
+
+def describe_in_process(row: dict) -> str:
+    a, c = row["adapt"], row["classify"]
+    return (f"{row['model']} ({row['what']}), {row['ways']}-way {row['shots']}-shot, {row['repeats']} tasks on {row['device']} "
+            f"({row['threads']} threads): adapt median {a['median_ms']} ms [p10 {a['p10_ms']}, p90 {a['p90_ms']}], "
+            f"classify {row['queries']} queries median {c['median_ms']} ms [p10 {c['p10_ms']}, p90 {c['p90_ms']}]")
+
+
+def _compare(args: argparse.Namespace) -> None:
+    from fewshot.export.bundle import DEFAULT_BUNDLE_DIR
+    from fewshot.models.zoo import shipped_models
+    from fewshot.tools.compare import compare_adapt, compare_classify, compare_cold_start, compare_many_tasks
+    from fewshot.tools.demo import ensure_bundles
+
+    bundles = Path(args.bundles) if args.bundles else DEFAULT_BUNDLE_DIR
+    log = (lambda row: None) if args.json else print
+    if not args.bundles:
+        ensure_bundles(bundles, args.model or shipped_models())
+    print(f"fewshot bench --compare: {torch.get_num_threads()} torch threads, threads={args.threads} per call, "
+          f"{platform.processor() or platform.machine()}; ratios, not times, are what carry between machines")
+    rows = []
+    if "classify" in args.sections:
+        rows += compare_classify(bundles, args.model, calls=args.calls, threads=args.threads, seed=args.seed, log=log)
+    if "adapt" in args.sections:
+        rows += compare_adapt(bundles, args.model, args.shots, args.repeats, args.warmup, args.seed, log=log)
+    if "cold" in args.sections:
+        rows += compare_cold_start(bundles, args.model, seed=args.seed, log=log)
+    if "many" in args.sections:
+        rows += compare_many_tasks(bundles, args.model, seed=args.seed, log=log)
+    if args.json:
+        for row in rows:
+            print(json.dumps(row))
+
+
+def run_bench(args: argparse.Namespace) -> None:
+    """``fewshot bench`` with its parsed arguments (declared in :mod:`fewshot.cli`): ``--compare``, else
+    ``--target``, else in process on exactly one ``--model``."""
+    if args.compare:
+        _compare(args)
+    elif args.target:
+        print(f"fewshot bench --target {args.target}: {args.requests} calls per row, 5-way {args.shots}-shot, "
+              f"{args.queries} queries per class, PNG bytes through the client SDK")
+        for row in bench_service(args.target, args.model, tuple(args.concurrency), args.requests, args.shots,
+                                 args.queries, args.warmup, args.seed, args.token):
+            print(json.dumps(row) if args.json else describe_service(row), flush=True)
+    else:
+        if not args.model or len(args.model) != 1:
+            raise ConfigError("in-process bench takes exactly one --model (or use --target HOST:PORT)")
+        row = bench_in_process(args.model[0], args.ways, args.shots, args.queries, args.repeats, args.warmup,
+                               args.head, args.device, args.threads, args.seed)
+        print(json.dumps(row) if args.json else describe_in_process(row))

@@ -8,9 +8,9 @@ for 1, 8 and 64 queries per call at concurrency 1 and 8, alternating raw and ser
 drift on a shared machine hits both; a row gives each side's p50 latency and images/s and the ratio
 served / raw throughput.
 
-**Adapt.** The engine's inner loop (``fewshot.models.meta.inner_loop``) against a plain reference loop
-written here the obvious way (functional Conv-4, ``torch.autograd.grad``, ``theta -= alpha g``, the
-same steps and BatchNorm semantics) on the same support sets. The reference covers the rules whose
+**Adapt.** The engine's inner loop (``fewshot.models.inner_loop.engine``) against the plain reference loop
+(``fewshot.models.inner_loop.reference``: functional Conv-4, ``torch.autograd.grad``, ``theta -= alpha g``,
+the same steps and BatchNorm semantics) on the same support sets. The reference covers the rules whose
 update is plain gradient descent on every parameter (MAML); other rules are reported without it. The
 adapted probabilities must agree within 1e-4 (checked on every repeat) with the reference loop run on
 the engine's channels-last layout (the same rounding; the timed reference is the obvious NCHW loop,
@@ -30,14 +30,15 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from fewshot.export.loader import open_bundle
 from fewshot.export.registry import Registry
 from fewshot.models.data import load_dataset
 from fewshot.models.episodes import EpisodeSampler
-from fewshot.models.meta.family import bfloat16_supported
-from fewshot.models.meta.onnx_network import network_inputs
+from fewshot.models.family import family_of
+from fewshot.models.inner_loop.family import InnerLoopFamily, bfloat16_supported
+from fewshot.models.inner_loop.onnx_network import network_inputs
+from fewshot.models.inner_loop.reference import reference_forward, reference_maml
 from fewshot.models.preprocess import encode_png
 
 QUERIES, CONCURRENCY = (1, 8, 64), (1, 8)
@@ -67,7 +68,7 @@ def compare_classify(bundles: Path, models: list[str] | None = None, queries: tu
                      concurrency: tuple[int, ...] = CONCURRENCY, calls: int = 32, rounds: int = 3, threads: int = 0,
                      seed: int = 0, log: Callable[[str], None] = print) -> list[dict]:
     """One row per (model, queries per call, concurrency)."""
-    from fewshot.tools.process import ServerProcess
+    from fewshot.tools.launch import ServerProcess
     from fewshot_client import FewShotClient
 
     registry = Registry.load(bundles)
@@ -133,41 +134,6 @@ def describe_classify(row: dict) -> str:
 
 
 # -- adaptation -------------------------------------------------------------------------------------
-def reference_forward(p: dict[str, torch.Tensor], x: torch.Tensor, stats: list | None, eps: float,
-                      record: list | None = None) -> torch.Tensor:
-    """Conv-4 + linear head written plainly: conv (no bias) -> BatchNorm -> ReLU -> 2x2 max-pool, x4.
-    ``stats`` None: batch statistics (appended to ``record`` when given); else the frozen (mean, var)
-    per layer."""
-    h = x
-    for l in range(4):
-        h = F.conv2d(h, p[f"conv{l}.weight"], padding=1)
-        if stats is None:
-            if record is not None:
-                record.append((h.mean((0, 2, 3)), h.var((0, 2, 3), unbiased=False)))
-            h = F.batch_norm(h, None, None, p[f"bn{l}.weight"], p[f"bn{l}.bias"], training=True, eps=eps)
-        else:
-            h = F.batch_norm(h, stats[l][0], stats[l][1], p[f"bn{l}.weight"], p[f"bn{l}.bias"], training=False, eps=eps)
-        h = F.max_pool2d(F.relu(h), 2)
-    return F.linear(h.flatten(1), p["head.weight"], p["head.bias"])
-
-
-def reference_maml(params: dict[str, torch.Tensor], support: torch.Tensor, labels: torch.Tensor, steps: int,
-                   alpha: float, eps: float) -> tuple[dict[str, torch.Tensor], list]:
-    """``steps`` of ``theta -= alpha * grad`` on the support loss (batch BatchNorm) for the convolutions
-    and the head (MAML adapts those; the BatchNorm affine parameters are meta-learned only), then the
-    support set's BatchNorm statistics under the adapted weights."""
-    adapted = [f"conv{l}.weight" for l in range(4)] + ["head.weight", "head.bias"]
-    p = {k: v.detach().clone().requires_grad_(k in adapted) for k, v in params.items()}
-    for _ in range(steps):
-        loss = F.cross_entropy(reference_forward(p, support, None, eps), labels)
-        grads = torch.autograd.grad(loss, [p[k] for k in adapted])
-        p |= {k: (p[k] - alpha * g).detach().requires_grad_(True) for k, g in zip(adapted, grads)}
-    stats: list = []
-    with torch.no_grad():
-        reference_forward(p, support, None, eps, record=stats)
-    return {k: v.detach() for k, v in p.items()}, stats
-
-
 def compare_adapt(bundles: Path, models: list[str] | None = None, shots: int = 5, repeats: int = 10, warmup: int = 3,
                   seed: int = 0, log: Callable[[str], None] = print) -> list[dict]:
     """One row per inner-loop model: engine and reference p50 of one Adapt, ratio, logit agreement."""
@@ -175,10 +141,10 @@ def compare_adapt(bundles: Path, models: list[str] | None = None, shots: int = 5
     rows = []
     for name in models or sorted(registry.bundles):
         model = open_bundle(registry.get(name), "cpu")
-        if "inner_loop" not in model.methods:
+        if not isinstance(model, InnerLoopFamily):
             continue
-        loop = model.manifest["inner_loop"]
-        plain = model.manifest["method"] == "maml" and not model.net.per_step_bn
+        loop = model.loop
+        plain = model.plain_sgd
         data = load_dataset(model.manifest["data"]["dataset"], "test")
         ways = model.way_range()[0]
         sampler = EpisodeSampler(data, ways, shots, 15, seed)
@@ -250,7 +216,7 @@ def compare_cold_start(bundles: Path, models: list[str] | None = None, later: in
                        log: Callable[[str], None] = print) -> list[dict]:
     """Per model and ``--warmup-tasks`` 0 or 1: a fresh ``fewshot serve``, then the first Adapt and the
     median of the ``later`` ones after it (5-way 5-shot real tasks of the model's own method)."""
-    from fewshot.tools.process import ServerProcess
+    from fewshot.tools.launch import ServerProcess
     from fewshot_client import FewShotClient
 
     registry = Registry.load(bundles)
@@ -285,16 +251,16 @@ def compare_cold_start(bundles: Path, models: list[str] | None = None, later: in
 def compare_many_tasks(bundles: Path, models: list[str] | None = None, tasks: int = 16, calls: int = 24, rounds: int = 2,
                        adapt_tasks: tuple[int, ...] = (1, 8, 32), seed: int = 0, log: Callable[[str], None] = print) -> list[dict]:
     """Per inner-loop model: (1) the engine: ``tasks`` tasks' one-query Classify as one network call
-    each vs one stacked call (:class:`~fewshot.models.meta.stacked.StackedClassify`), and Adapt of
+    each vs one stacked call (:class:`~fewshot.models.inner_loop.stacked.StackedClassify`), and Adapt of
     ``n`` 5-way 1-shot tasks one by one vs stacked (``adapt_many``); (2) served: ``tasks`` client
     threads, each classifying one query at a time against its own task, on a ``fewshot serve
     --merge-tasks off`` and an ``on`` child, rounds alternating."""
-    from fewshot.models.meta.stacked import StackedClassify
-    from fewshot.tools.process import ServerProcess
+    from fewshot.models.inner_loop.stacked import StackedClassify
+    from fewshot.tools.launch import ServerProcess
     from fewshot_client import FewShotClient
 
     registry = Registry.load(bundles)
-    names = [n for n in models or sorted(registry.bundles) if registry.get(n).manifest.get("family") == "inner_loop"]
+    names = [n for n in models or sorted(registry.bundles) if issubclass(family_of(registry.get(n).manifest), InnerLoopFamily)]
     rows = []
     for name in names:
         model = open_bundle(registry.get(name), "cpu")

@@ -61,14 +61,14 @@ def run_demo(bundles: Path, tasks: int = QUICK_TASKS, seed: int = 0, models: lis
              shots: tuple[int, ...] = (1, 5), keep: bool = False) -> None:
     """The demo rows; with ``keep`` the server stays up afterwards (HTTP API and web console too) until Ctrl-C."""
     from fewshot.export.registry import Registry
-    from fewshot.tools.process import ServerProcess
+    from fewshot.tools.launch import ServerProcess
     from fewshot_client import FewShotClient
 
     wanted = models or [m for m in DEMO_MODELS if m in shipped_models()]
     ensure_bundles(bundles, wanted)  # only what the demo shows: each export checks parity on real images
     manifests = {name: b.manifest for name, b in Registry.load(bundles).bundles.items()}
     names = [m for m in wanted if m in manifests]
-    from fewshot.tools.process import free_port
+    from fewshot.tools.launch import free_port
 
     http_port = free_port()
     with tempfile.TemporaryDirectory(prefix="fewshot-demo-") as state:

@@ -55,11 +55,9 @@ def row_key(row: dict[str, Any]) -> tuple:
 
 
 def open_set_runs(card: dict[str, Any]) -> list[tuple[int, int, str, list[str]]]:
-    """Every method of the model at :data:`OPEN_SET_SETTINGS`, as served (inner loop: the served BatchNorm;
-    its :meth:`~fewshot.models.family.Family.result_runs` give only the training setting)."""
-    if card["family"] == "inner_loop":
-        return [(w, s, card["method"], ["--bn", card["inner_loop"]["bn_mode"], "--open-set"]) for w, s in OPEN_SET_SETTINGS]
-    return [(w, s, h, [*extra, "--open-set"]) for w, s, h, extra in family_of(card).result_runs(card, OPEN_SET_SETTINGS)]
+    """The open-set rows of the model at :data:`OPEN_SET_SETTINGS` (its family's
+    :meth:`~fewshot.models.family.Family.open_set_runs`)."""
+    return family_of(card).open_set_runs(card, OPEN_SET_SETTINGS)
 
 
 def measure(names: list[str], heads: list[str] | None, tasks: int, seed: int, open_set: bool = False,

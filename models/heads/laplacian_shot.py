@@ -4,7 +4,7 @@ Minimises over soft assignments ``Y`` of the queries
 ``E(Y) = sum_q sum_c Y_qc log Y_qc + Y_qc a_qc - lambda sum_q sum_c (W Y)_qc Y_qc``
 with unary ``a_qc = ||x_q - m_c||^2`` (``m_c`` the class prototypes, optionally rectified) and a
 binary kNN affinity ``W`` among the query features, by the bound updates
-``Y <- softmax(-a + lambda W Y)``. Details follow the authors' code (see ``shared/METHODS.md``).
+``Y <- softmax(-a + lambda W Y)``. Details follow the authors' code (see ``../shared/METHODS.md``).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from fewshot.models.settings import Setting
 if TYPE_CHECKING:
     from fewshot.models.tuning import TuningTasks
 
-#: The lambda grid: the authors' grid (shared/METHODS.md) extended downwards, since on Conv-4 features
+#: The lambda grid: the authors' grid (../shared/METHODS.md) extended downwards, since on Conv-4 features
 #: the small values win on validation.
 LAMBDA_GRID = (0.01, 0.03, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.5)
 #: The largest lambda a request may ask for.

@@ -6,11 +6,11 @@ from fewshot_client.client import FewShotClient, Task
 from fewshot_client.errors import (Aborted, DeadlineExceeded, FailedPrecondition, FewShotError, InvalidArgument, NotFound,
                                    ResourceExhausted, ServiceError, Unauthenticated, Unavailable)
 from fewshot_client.images import to_image_proto
-from fewshot_client.messages import InputSpec, ModelInfo, Prediction, TaskInfo
+from fewshot_client.messages import InputSpec, ModelInfo, Prediction, SettingInfo, TaskInfo
 
 __all__ = [
     "Aborted", "AsyncFewShotClient", "AsyncTask", "DeadlineExceeded", "FailedPrecondition", "FewShotClient",
     "FewShotError", "InputSpec",
-    "InvalidArgument", "ModelInfo", "NotFound", "Prediction", "ResourceExhausted", "ServiceError", "Task",
+    "InvalidArgument", "ModelInfo", "NotFound", "Prediction", "ResourceExhausted", "ServiceError", "SettingInfo", "Task",
     "TaskInfo", "Unauthenticated", "Unavailable", "errors", "to_image_proto",
 ]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -74,11 +74,12 @@ class AsyncFewShotClient:
 
     async def adapt(self, images: Sequence[ImageLike], labels: Sequence[str], model: str,
                     method: str | None = None, inner_steps: int | None = None, lam: float | None = None,
-                    ttl_seconds: int | None = None, stream: bool | None = None) -> AsyncTask:
+                    ttl_seconds: int | None = None, stream: bool | None = None,
+                    settings: Mapping[str, messages.SettingValue] | None = None) -> AsyncTask:
         """Adapts ``model`` to the labelled support set and returns the new task (see
-        ``FewShotClient.adapt``)."""
+        ``FewShotClient.adapt``, settings included)."""
         rpc, request = messages.adapt_call(self._stub, self._config.max_bytes, stream, images, labels, model,
-                                           method, inner_steps, lam, ttl_seconds)
+                                           method, messages.merge_settings(settings, inner_steps, lam), ttl_seconds)
         response = await self._call(rpc, request)
         return AsyncTask(**vars(messages.adapted_fields(response)), client=self)
 

@@ -11,6 +11,7 @@ from typing import Callable, Sequence
 
 from fewshot_client.client import FewShotClient
 from fewshot_client.errors import FewShotError
+from fewshot_client.messages import SettingInfo
 
 PROG = "fewshot-client"
 
@@ -34,10 +35,21 @@ def support_set(directory: Path) -> tuple[list[Path], list[str]]:
     return images, labels
 
 
+def setting(text: str) -> tuple[str, float | str]:
+    """``NAME=VALUE`` -> ``(name, value)``: a number when VALUE reads as one, else the text (a choice)."""
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    try:
+        return name, float(value)
+    except ValueError:
+        return name, value
+
+
 def cmd_adapt(client: FewShotClient, args: argparse.Namespace) -> None:
     images, labels = support_set(args.support)
     task = client.adapt(images, labels, args.model, method=args.method, inner_steps=args.inner_steps,
-                        lam=args.lam, ttl_seconds=args.ttl)
+                        lam=args.lam, ttl_seconds=args.ttl, settings=dict(args.set or []))
     print(task.id)
     print(f"adapted {task.model} ({task.method}) to {len(task.labels)} labels, {len(images)} images: "
           f"support accuracy {task.support_accuracy:.3f}, {task.adapt_seconds:.3f} s", file=sys.stderr)
@@ -74,7 +86,13 @@ def cmd_models(client: FewShotClient, _args: argparse.Namespace) -> None:
         spec = m.input
         print(f"{m.name}\t{m.family}\tmethods {','.join(m.methods)} (default {m.default_method})\t"
               f"input {spec.channels}x{spec.size}x{spec.size}\tways {m.min_ways}-{m.max_ways}\t"
-              f"shots <= {m.max_shots}")
+              f"shots <= {m.max_shots}\tsettings {', '.join(map(_describe_setting, m.settings)) or 'none'}")
+
+
+def _describe_setting(s: SettingInfo) -> str:
+    """``name in lo..hi`` or ``name one of a|b``, with the methods that take it."""
+    what = f"one of {'|'.join(s.choices)}" if s.kind == "choice" else f"in {s.min:g}..{s.max:g}"
+    return f"{s.name} {what} ({'/'.join(s.methods)})"
 
 
 def cmd_delete(client: FewShotClient, args: argparse.Namespace) -> None:
@@ -138,8 +156,11 @@ def parser() -> argparse.ArgumentParser:
     adapt.add_argument("--support", required=True, type=Path, metavar="DIR",
                        help="one subfolder per class (its name is the label) holding the images")
     adapt.add_argument("--method", help="inner_loop, centroid or laplacianshot (default: the model's)")
-    adapt.add_argument("--inner-steps", type=int)
-    adapt.add_argument("--lam", type=float, help="the method's lambda")
+    adapt.add_argument("--set", type=setting, action="append", metavar="NAME=VALUE",
+                       help="a per-request setting (repeatable); which ones each model takes, with bounds: "
+                            f"`{PROG} models`")
+    adapt.add_argument("--inner-steps", type=int, help="shortcut for --set inner_steps=N")
+    adapt.add_argument("--lam", type=float, help="shortcut for --set lambda=X")
     adapt.add_argument("--ttl", type=int, help="task time-to-live in seconds (default: the server's)")
     adapt.set_defaults(run=cmd_adapt)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -90,14 +90,18 @@ class FewShotClient:
 
     def adapt(self, images: Sequence[ImageLike], labels: Sequence[str], model: str, method: str | None = None,
               inner_steps: int | None = None, lam: float | None = None, ttl_seconds: int | None = None,
-              stream: bool | None = None) -> Task:
+              stream: bool | None = None, settings: Mapping[str, messages.SettingValue] | None = None) -> Task:
         """Adapts ``model`` to the labelled support set and returns the new task.
+
+        ``settings``: per-request settings by name, e.g. ``{"inner_steps": 3, "bn": "support"}``; which ones a
+        model's methods take, with their bounds, is in :meth:`models` (``ModelInfo.settings``). ``inner_steps``
+        and ``lam`` are shortcuts for the settings ``inner_steps`` and ``lambda``.
 
         Large support sets (over half the message size limit), or any with ``stream=True``, go
         through AdaptStream in chunks.
         """
         rpc, request = messages.adapt_call(self._stub, self._config.max_bytes, stream, images, labels, model,
-                                           method, inner_steps, lam, ttl_seconds)
+                                           method, messages.merge_settings(settings, inner_steps, lam), ttl_seconds)
         return Task(**vars(messages.adapted_fields(self._call(rpc, request))), client=self)
 
     def classify(self, task_id: str, images: Sequence[ImageLike], top_k: int = 1, reject_unknown: bool = False,

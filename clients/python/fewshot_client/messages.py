@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
@@ -52,8 +52,21 @@ class InputSpec:
 
 
 @dataclass
+class SettingInfo:
+    """A per-request setting a model declares: ``kind`` "number", "integer" (``min``..``max``) or "choice"
+    (one of ``choices``), and the ``methods`` that take it. Pass it to ``adapt(settings={name: value})``."""
+
+    name: str
+    kind: str
+    min: float | None
+    max: float | None
+    choices: list[str]
+    methods: list[str]
+
+
+@dataclass
 class ModelInfo:
-    """A served model, its adaptation methods and the task shapes it accepts."""
+    """A served model, its adaptation methods, the task shapes and the per-request settings it accepts."""
 
     name: str
     family: str
@@ -63,6 +76,7 @@ class ModelInfo:
     min_ways: int
     max_ways: int
     max_shots: int
+    settings: list[SettingInfo] = field(default_factory=list)
 
 
 @dataclass
@@ -97,18 +111,45 @@ class TaskFields:
     version: int = 1
 
 
+#: A per-request setting's value: a number, or the name of one of its choices.
+SettingValue = Union[int, float, str]
+
+
+def merge_settings(settings: Mapping[str, SettingValue] | None, inner_steps: int | None = None,
+                   lam: float | None = None) -> dict[str, SettingValue]:
+    """``settings`` with the two keyword shortcuts ``inner_steps`` and ``lam`` (the setting ``lambda``) added."""
+    out = dict(settings or {})
+    for name, value in (("inner_steps", inner_steps), ("lambda", lam)):
+        if value is not None:
+            if name in out and out[name] != value:
+                raise ValueError(f"{name} given twice with different values ({out[name]!r} and {value!r})")
+            out[name] = value
+    return out
+
+
+def settings_message(settings: Mapping[str, SettingValue]) -> fewshot_pb2.AdaptSettings:
+    """Settings by name as the wire's ``AdaptSettings.values`` (which ones a model takes: ``models()``)."""
+    message = fewshot_pb2.AdaptSettings()
+    for name, value in settings.items():
+        if isinstance(value, str):
+            message.values[name].string_value = value
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            message.values[name].number_value = float(value)
+        else:
+            raise TypeError(f"setting {name!r} must be a number or a string, got {type(value).__name__}")
+    return message
+
+
 def adapt_request(images: Sequence[ImageLike], labels: Sequence[str], model: str, method: str | None,
-                  inner_steps: int | None, lam: float | None, ttl_seconds: int | None) -> fewshot_pb2.AdaptRequest:
+                  settings: Mapping[str, SettingValue], ttl_seconds: int | None) -> fewshot_pb2.AdaptRequest:
     """An AdaptRequest; raises ValueError/TypeError for mismatched or non-string labels."""
     if len(images) != len(labels):
         raise ValueError(f"{len(images)} images but {len(labels)} labels")
     for label in labels:
         if not isinstance(label, str):
             raise TypeError(f"labels must be strings, got {type(label).__name__} {label!r}")
-    settings = {"inner_steps": inner_steps, "lambda": lam}
     return fewshot_pb2.AdaptRequest(
-        model=model, method=method or "", ttl_seconds=ttl_seconds or 0,
-        settings=fewshot_pb2.AdaptSettings(**{k: v for k, v in settings.items() if v is not None}),
+        model=model, method=method or "", ttl_seconds=ttl_seconds or 0, settings=settings_message(settings),
         support=[fewshot_pb2.LabelledImage(image=to_image_proto(x), label=y) for x, y in zip(images, labels)])
 
 
@@ -129,11 +170,11 @@ def adapt_chunks(request: fewshot_pb2.AdaptRequest, chunk_bytes: int) -> list[fe
 
 
 def adapt_call(stub: Any, max_bytes: int, stream: bool | None, images: Sequence[ImageLike],
-               labels: Sequence[str], model: str, method: str | None, inner_steps: int | None,
-               lam: float | None, ttl_seconds: int | None) -> tuple[Any, Request]:
+               labels: Sequence[str], model: str, method: str | None, settings: Mapping[str, SettingValue],
+               ttl_seconds: int | None) -> tuple[Any, Request]:
     """The stub method (Adapt or AdaptStream) and request to send: the stream is used when asked
     (``stream=True``) or, unless ``stream=False``, when the request exceeds half of ``max_bytes``."""
-    request = adapt_request(images, labels, model, method, inner_steps, lam, ttl_seconds)
+    request = adapt_request(images, labels, model, method, settings, ttl_seconds)
     if stream is None:
         stream = request.ByteSize() > max_bytes // 2
     if stream:
@@ -202,7 +243,10 @@ def model_infos(response: fewshot_pb2.ListModelsResponse) -> list[ModelInfo]:
     return [ModelInfo(name=m.name, family=m.family, methods=list(m.methods), default_method=m.default_method,
                       input=InputSpec(channels=m.input.channels, size=m.input.size, mean=list(m.input.mean),
                                       std=list(m.input.std), resize=m.input.resize),
-                      min_ways=m.min_ways, max_ways=m.max_ways, max_shots=m.max_shots)
+                      min_ways=m.min_ways, max_ways=m.max_ways, max_shots=m.max_shots,
+                      settings=[SettingInfo(name=s.name, kind=s.kind, min=None if s.kind == "choice" else s.min,
+                                            max=None if s.kind == "choice" else s.max, choices=list(s.choices),
+                                            methods=list(s.methods)) for s in m.settings])
             for m in response.models]
 
 

@@ -22,9 +22,10 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x66\x65wshot/v1/fewshot.proto\x12\nfewshot.v1\"K\n\x05Image\x12\x11\n\x07\x65ncoded\x18\x01 \x01(\x0cH\x00\x12\'\n\x06tensor\x18\x02 \x01(\x0b\x32\x15.fewshot.v1.RawTensorH\x00\x42\x06\n\x04\x64\x61ta\"7\n\tRawTensor\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"@\n\rLabelledImage\x12 \n\x05image\x18\x01 \x01(\x0b\x32\x11.fewshot.v1.Image\x12\r\n\x05label\x18\x02 \x01(\t\"Y\n\rAdaptSettings\x12\x18\n\x0binner_steps\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x13\n\x06lambda\x18\x02 \x01(\x02H\x01\x88\x01\x01\x42\x0e\n\x0c_inner_stepsB\t\n\x07_lambda\"\x9b\x01\n\x0c\x41\x64\x61ptRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06method\x18\x02 \x01(\t\x12*\n\x07support\x18\x03 \x03(\x0b\x32\x19.fewshot.v1.LabelledImage\x12+\n\x08settings\x18\x04 \x01(\x0b\x32\x19.fewshot.v1.AdaptSettings\x12\x13\n\x0bttl_seconds\x18\x05 \x01(\r\"\x99\x01\n\nAdaptChunk\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06method\x18\x02 \x01(\t\x12+\n\x08settings\x18\x03 \x01(\x0b\x32\x19.fewshot.v1.AdaptSettings\x12\x13\n\x0bttl_seconds\x18\x04 \x01(\r\x12*\n\x07support\x18\x05 \x03(\x0b\x32\x19.fewshot.v1.LabelledImage\"\x94\x01\n\rAdaptResponse\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0e\n\x06labels\x18\x02 \x03(\t\x12\x18\n\x10support_accuracy\x18\x03 \x01(\x02\x12\x15\n\radapt_seconds\x18\x04 \x01(\x01\x12\x12\n\nexpires_at\x18\x05 \x01(\x01\x12\r\n\x05model\x18\x06 \x01(\t\x12\x0e\n\x06method\x18\x07 \x01(\t\"\xc1\x01\n\x0f\x43lassifyRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\"\n\x07queries\x18\x02 \x03(\x0b\x32\x11.fewshot.v1.Image\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x16\n\x0ereject_unknown\x18\x04 \x01(\x08\x12\x16\n\tthreshold\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12\x1a\n\rtarget_recall\x18\x06 \x01(\x01H\x01\x88\x01\x01\x42\x0c\n\n_thresholdB\x10\n\x0e_target_recall\"0\n\nLabelScore\x12\r\n\x05label\x18\x01 \x01(\t\x12\x13\n\x0bprobability\x18\x02 \x01(\x02\"\x92\x01\n\nPrediction\x12&\n\x06ranked\x18\x01 \x03(\x0b\x32\x16.fewshot.v1.LabelScore\x12\x15\n\rprobabilities\x18\x02 \x03(\x02\x12\x0f\n\x07unknown\x18\x03 \x01(\x08\x12\r\n\x05score\x18\x04 \x01(\x01\x12\x11\n\tthreshold\x18\x05 \x01(\x01\x12\x12\n\nscore_name\x18\x06 \x01(\t\"O\n\x10\x43lassifyResponse\x12+\n\x0bpredictions\x18\x01 \x03(\x0b\x32\x16.fewshot.v1.Prediction\x12\x0e\n\x06labels\x18\x02 \x03(\t\"!\n\x0eGetTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"\xa8\x01\n\x08TaskInfo\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06method\x18\x03 \x01(\t\x12\x0e\n\x06labels\x18\x04 \x03(\t\x12\x12\n\ncreated_at\x18\x05 \x01(\x01\x12\x12\n\nexpires_at\x18\x06 \x01(\x01\x12\x14\n\x0csupport_size\x18\x07 \x01(\r\x12\x0f\n\x07version\x18\x08 \x01(\x04\x12\r\n\x05shots\x18\t \x03(\r\"\x97\x01\n\x11UpdateTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12&\n\x03\x61\x64\x64\x18\x02 \x03(\x0b\x32\x19.fewshot.v1.LabelledImage\x12\x15\n\rremove_labels\x18\x03 \x03(\t\x12\x1d\n\x10\x65xpected_version\x18\x04 \x01(\x04H\x00\x88\x01\x01\x42\x13\n\x11_expected_version\"\x86\x01\n\x12UpdateTaskResponse\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x0e\n\x06labels\x18\x03 \x03(\t\x12\r\n\x05shots\x18\x04 \x03(\r\x12\x18\n\x10support_accuracy\x18\x05 \x01(\x02\x12\x15\n\radapt_seconds\x18\x06 \x01(\x01\"$\n\x11\x44\x65leteTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"%\n\x12\x44\x65leteTaskResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x08\"\x13\n\x11ListModelsRequest\"V\n\tInputSpec\x12\x10\n\x08\x63hannels\x18\x01 \x01(\r\x12\x0c\n\x04size\x18\x02 \x01(\r\x12\x0c\n\x04mean\x18\x03 \x03(\x02\x12\x0b\n\x03std\x18\x04 \x03(\x02\x12\x0e\n\x06resize\x18\x05 \x01(\t\"\xaf\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12\x0f\n\x07methods\x18\x03 \x03(\t\x12\x16\n\x0e\x64\x65\x66\x61ult_method\x18\x04 \x01(\t\x12$\n\x05input\x18\x05 \x01(\x0b\x32\x15.fewshot.v1.InputSpec\x12\x10\n\x08min_ways\x18\x06 \x01(\r\x12\x10\n\x08max_ways\x18\x07 \x01(\r\x12\x11\n\tmax_shots\x18\x08 \x01(\r\";\n\x12ListModelsResponse\x12%\n\x06models\x18\x01 \x03(\x0b\x32\x15.fewshot.v1.ModelInfo2\xf6\x03\n\x07\x46\x65wShot\x12<\n\x05\x41\x64\x61pt\x12\x18.fewshot.v1.AdaptRequest\x1a\x19.fewshot.v1.AdaptResponse\x12\x42\n\x0b\x41\x64\x61ptStream\x12\x16.fewshot.v1.AdaptChunk\x1a\x19.fewshot.v1.AdaptResponse(\x01\x12\x45\n\x08\x43lassify\x12\x1b.fewshot.v1.ClassifyRequest\x1a\x1c.fewshot.v1.ClassifyResponse\x12K\n\nUpdateTask\x12\x1d.fewshot.v1.UpdateTaskRequest\x1a\x1e.fewshot.v1.UpdateTaskResponse\x12;\n\x07GetTask\x12\x1a.fewshot.v1.GetTaskRequest\x1a\x14.fewshot.v1.TaskInfo\x12K\n\nDeleteTask\x12\x1d.fewshot.v1.DeleteTaskRequest\x1a\x1e.fewshot.v1.DeleteTaskResponse\x12K\n\nListModels\x12\x1d.fewshot.v1.ListModelsRequest\x1a\x1e.fewshot.v1.ListModelsResponseB\x02P\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x66\x65wshot/v1/fewshot.proto\x12\nfewshot.v1\x1a\x1cgoogle/protobuf/struct.proto\"K\n\x05Image\x12\x11\n\x07\x65ncoded\x18\x01 \x01(\x0cH\x00\x12\'\n\x06tensor\x18\x02 \x01(\x0b\x32\x15.fewshot.v1.RawTensorH\x00\x42\x06\n\x04\x64\x61ta\"7\n\tRawTensor\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"@\n\rLabelledImage\x12 \n\x05image\x18\x01 \x01(\x0b\x32\x11.fewshot.v1.Image\x12\r\n\x05label\x18\x02 \x01(\t\"\xd7\x01\n\rAdaptSettings\x12\x18\n\x0binner_steps\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x13\n\x06lambda\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x35\n\x06values\x18\x03 \x03(\x0b\x32%.fewshot.v1.AdaptSettings.ValuesEntry\x1a\x45\n\x0bValuesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12%\n\x05value\x18\x02 \x01(\x0b\x32\x16.google.protobuf.Value:\x02\x38\x01\x42\x0e\n\x0c_inner_stepsB\t\n\x07_lambda\"\x9b\x01\n\x0c\x41\x64\x61ptRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06method\x18\x02 \x01(\t\x12*\n\x07support\x18\x03 \x03(\x0b\x32\x19.fewshot.v1.LabelledImage\x12+\n\x08settings\x18\x04 \x01(\x0b\x32\x19.fewshot.v1.AdaptSettings\x12\x13\n\x0bttl_seconds\x18\x05 \x01(\r\"\x99\x01\n\nAdaptChunk\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06method\x18\x02 \x01(\t\x12+\n\x08settings\x18\x03 \x01(\x0b\x32\x19.fewshot.v1.AdaptSettings\x12\x13\n\x0bttl_seconds\x18\x04 \x01(\r\x12*\n\x07support\x18\x05 \x03(\x0b\x32\x19.fewshot.v1.LabelledImage\"\x94\x01\n\rAdaptResponse\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0e\n\x06labels\x18\x02 \x03(\t\x12\x18\n\x10support_accuracy\x18\x03 \x01(\x02\x12\x15\n\radapt_seconds\x18\x04 \x01(\x01\x12\x12\n\nexpires_at\x18\x05 \x01(\x01\x12\r\n\x05model\x18\x06 \x01(\t\x12\x0e\n\x06method\x18\x07 \x01(\t\"\xc1\x01\n\x0f\x43lassifyRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\"\n\x07queries\x18\x02 \x03(\x0b\x32\x11.fewshot.v1.Image\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x16\n\x0ereject_unknown\x18\x04 \x01(\x08\x12\x16\n\tthreshold\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12\x1a\n\rtarget_recall\x18\x06 \x01(\x01H\x01\x88\x01\x01\x42\x0c\n\n_thresholdB\x10\n\x0e_target_recall\"0\n\nLabelScore\x12\r\n\x05label\x18\x01 \x01(\t\x12\x13\n\x0bprobability\x18\x02 \x01(\x02\"\x92\x01\n\nPrediction\x12&\n\x06ranked\x18\x01 \x03(\x0b\x32\x16.fewshot.v1.LabelScore\x12\x15\n\rprobabilities\x18\x02 \x03(\x02\x12\x0f\n\x07unknown\x18\x03 \x01(\x08\x12\r\n\x05score\x18\x04 \x01(\x01\x12\x11\n\tthreshold\x18\x05 \x01(\x01\x12\x12\n\nscore_name\x18\x06 \x01(\t\"O\n\x10\x43lassifyResponse\x12+\n\x0bpredictions\x18\x01 \x03(\x0b\x32\x16.fewshot.v1.Prediction\x12\x0e\n\x06labels\x18\x02 \x03(\t\"!\n\x0eGetTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"\xa8\x01\n\x08TaskInfo\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06method\x18\x03 \x01(\t\x12\x0e\n\x06labels\x18\x04 \x03(\t\x12\x12\n\ncreated_at\x18\x05 \x01(\x01\x12\x12\n\nexpires_at\x18\x06 \x01(\x01\x12\x14\n\x0csupport_size\x18\x07 \x01(\r\x12\x0f\n\x07version\x18\x08 \x01(\x04\x12\r\n\x05shots\x18\t \x03(\r\"\x97\x01\n\x11UpdateTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12&\n\x03\x61\x64\x64\x18\x02 \x03(\x0b\x32\x19.fewshot.v1.LabelledImage\x12\x15\n\rremove_labels\x18\x03 \x03(\t\x12\x1d\n\x10\x65xpected_version\x18\x04 \x01(\x04H\x00\x88\x01\x01\x42\x13\n\x11_expected_version\"\x86\x01\n\x12UpdateTaskResponse\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x0e\n\x06labels\x18\x03 \x03(\t\x12\r\n\x05shots\x18\x04 \x03(\r\x12\x18\n\x10support_accuracy\x18\x05 \x01(\x02\x12\x15\n\radapt_seconds\x18\x06 \x01(\x01\"$\n\x11\x44\x65leteTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"%\n\x12\x44\x65leteTaskResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x08\"\x13\n\x11ListModelsRequest\"V\n\tInputSpec\x12\x10\n\x08\x63hannels\x18\x01 \x01(\r\x12\x0c\n\x04size\x18\x02 \x01(\r\x12\x0c\n\x04mean\x18\x03 \x03(\x02\x12\x0b\n\x03std\x18\x04 \x03(\x02\x12\x0e\n\x06resize\x18\x05 \x01(\t\"\xda\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12\x0f\n\x07methods\x18\x03 \x03(\t\x12\x16\n\x0e\x64\x65\x66\x61ult_method\x18\x04 \x01(\t\x12$\n\x05input\x18\x05 \x01(\x0b\x32\x15.fewshot.v1.InputSpec\x12\x10\n\x08min_ways\x18\x06 \x01(\r\x12\x10\n\x08max_ways\x18\x07 \x01(\r\x12\x11\n\tmax_shots\x18\x08 \x01(\r\x12)\n\x08settings\x18\t \x03(\x0b\x32\x17.fewshot.v1.SettingInfo\"e\n\x0bSettingInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x0b\n\x03min\x18\x03 \x01(\x01\x12\x0b\n\x03max\x18\x04 \x01(\x01\x12\x0f\n\x07\x63hoices\x18\x05 \x03(\t\x12\x0f\n\x07methods\x18\x06 \x03(\t\";\n\x12ListModelsResponse\x12%\n\x06models\x18\x01 \x03(\x0b\x32\x15.fewshot.v1.ModelInfo2\xf6\x03\n\x07\x46\x65wShot\x12<\n\x05\x41\x64\x61pt\x12\x18.fewshot.v1.AdaptRequest\x1a\x19.fewshot.v1.AdaptResponse\x12\x42\n\x0b\x41\x64\x61ptStream\x12\x16.fewshot.v1.AdaptChunk\x1a\x19.fewshot.v1.AdaptResponse(\x01\x12\x45\n\x08\x43lassify\x12\x1b.fewshot.v1.ClassifyRequest\x1a\x1c.fewshot.v1.ClassifyResponse\x12K\n\nUpdateTask\x12\x1d.fewshot.v1.UpdateTaskRequest\x1a\x1e.fewshot.v1.UpdateTaskResponse\x12;\n\x07GetTask\x12\x1a.fewshot.v1.GetTaskRequest\x1a\x14.fewshot.v1.TaskInfo\x12K\n\nDeleteTask\x12\x1d.fewshot.v1.DeleteTaskRequest\x1a\x1e.fewshot.v1.DeleteTaskResponse\x12K\n\nListModels\x12\x1d.fewshot.v1.ListModelsRequest\x1a\x1e.fewshot.v1.ListModelsResponseB\x02P\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,48 +33,54 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'fewshot.v1.fewshot_pb2', _g
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'P\001'
-  _globals['_IMAGE']._serialized_start=40
-  _globals['_IMAGE']._serialized_end=115
-  _globals['_RAWTENSOR']._serialized_start=117
-  _globals['_RAWTENSOR']._serialized_end=172
-  _globals['_LABELLEDIMAGE']._serialized_start=174
-  _globals['_LABELLEDIMAGE']._serialized_end=238
-  _globals['_ADAPTSETTINGS']._serialized_start=240
-  _globals['_ADAPTSETTINGS']._serialized_end=329
-  _globals['_ADAPTREQUEST']._serialized_start=332
-  _globals['_ADAPTREQUEST']._serialized_end=487
-  _globals['_ADAPTCHUNK']._serialized_start=490
-  _globals['_ADAPTCHUNK']._serialized_end=643
-  _globals['_ADAPTRESPONSE']._serialized_start=646
-  _globals['_ADAPTRESPONSE']._serialized_end=794
-  _globals['_CLASSIFYREQUEST']._serialized_start=797
-  _globals['_CLASSIFYREQUEST']._serialized_end=990
-  _globals['_LABELSCORE']._serialized_start=992
-  _globals['_LABELSCORE']._serialized_end=1040
-  _globals['_PREDICTION']._serialized_start=1043
-  _globals['_PREDICTION']._serialized_end=1189
-  _globals['_CLASSIFYRESPONSE']._serialized_start=1191
-  _globals['_CLASSIFYRESPONSE']._serialized_end=1270
-  _globals['_GETTASKREQUEST']._serialized_start=1272
-  _globals['_GETTASKREQUEST']._serialized_end=1305
-  _globals['_TASKINFO']._serialized_start=1308
-  _globals['_TASKINFO']._serialized_end=1476
-  _globals['_UPDATETASKREQUEST']._serialized_start=1479
-  _globals['_UPDATETASKREQUEST']._serialized_end=1630
-  _globals['_UPDATETASKRESPONSE']._serialized_start=1633
-  _globals['_UPDATETASKRESPONSE']._serialized_end=1767
-  _globals['_DELETETASKREQUEST']._serialized_start=1769
-  _globals['_DELETETASKREQUEST']._serialized_end=1805
-  _globals['_DELETETASKRESPONSE']._serialized_start=1807
-  _globals['_DELETETASKRESPONSE']._serialized_end=1844
-  _globals['_LISTMODELSREQUEST']._serialized_start=1846
-  _globals['_LISTMODELSREQUEST']._serialized_end=1865
-  _globals['_INPUTSPEC']._serialized_start=1867
-  _globals['_INPUTSPEC']._serialized_end=1953
-  _globals['_MODELINFO']._serialized_start=1956
-  _globals['_MODELINFO']._serialized_end=2131
-  _globals['_LISTMODELSRESPONSE']._serialized_start=2133
-  _globals['_LISTMODELSRESPONSE']._serialized_end=2192
-  _globals['_FEWSHOT']._serialized_start=2195
-  _globals['_FEWSHOT']._serialized_end=2697
+  _globals['_ADAPTSETTINGS_VALUESENTRY']._loaded_options = None
+  _globals['_ADAPTSETTINGS_VALUESENTRY']._serialized_options = b'8\001'
+  _globals['_IMAGE']._serialized_start=70
+  _globals['_IMAGE']._serialized_end=145
+  _globals['_RAWTENSOR']._serialized_start=147
+  _globals['_RAWTENSOR']._serialized_end=202
+  _globals['_LABELLEDIMAGE']._serialized_start=204
+  _globals['_LABELLEDIMAGE']._serialized_end=268
+  _globals['_ADAPTSETTINGS']._serialized_start=271
+  _globals['_ADAPTSETTINGS']._serialized_end=486
+  _globals['_ADAPTSETTINGS_VALUESENTRY']._serialized_start=390
+  _globals['_ADAPTSETTINGS_VALUESENTRY']._serialized_end=459
+  _globals['_ADAPTREQUEST']._serialized_start=489
+  _globals['_ADAPTREQUEST']._serialized_end=644
+  _globals['_ADAPTCHUNK']._serialized_start=647
+  _globals['_ADAPTCHUNK']._serialized_end=800
+  _globals['_ADAPTRESPONSE']._serialized_start=803
+  _globals['_ADAPTRESPONSE']._serialized_end=951
+  _globals['_CLASSIFYREQUEST']._serialized_start=954
+  _globals['_CLASSIFYREQUEST']._serialized_end=1147
+  _globals['_LABELSCORE']._serialized_start=1149
+  _globals['_LABELSCORE']._serialized_end=1197
+  _globals['_PREDICTION']._serialized_start=1200
+  _globals['_PREDICTION']._serialized_end=1346
+  _globals['_CLASSIFYRESPONSE']._serialized_start=1348
+  _globals['_CLASSIFYRESPONSE']._serialized_end=1427
+  _globals['_GETTASKREQUEST']._serialized_start=1429
+  _globals['_GETTASKREQUEST']._serialized_end=1462
+  _globals['_TASKINFO']._serialized_start=1465
+  _globals['_TASKINFO']._serialized_end=1633
+  _globals['_UPDATETASKREQUEST']._serialized_start=1636
+  _globals['_UPDATETASKREQUEST']._serialized_end=1787
+  _globals['_UPDATETASKRESPONSE']._serialized_start=1790
+  _globals['_UPDATETASKRESPONSE']._serialized_end=1924
+  _globals['_DELETETASKREQUEST']._serialized_start=1926
+  _globals['_DELETETASKREQUEST']._serialized_end=1962
+  _globals['_DELETETASKRESPONSE']._serialized_start=1964
+  _globals['_DELETETASKRESPONSE']._serialized_end=2001
+  _globals['_LISTMODELSREQUEST']._serialized_start=2003
+  _globals['_LISTMODELSREQUEST']._serialized_end=2022
+  _globals['_INPUTSPEC']._serialized_start=2024
+  _globals['_INPUTSPEC']._serialized_end=2110
+  _globals['_MODELINFO']._serialized_start=2113
+  _globals['_MODELINFO']._serialized_end=2331
+  _globals['_SETTINGINFO']._serialized_start=2333
+  _globals['_SETTINGINFO']._serialized_end=2434
+  _globals['_LISTMODELSRESPONSE']._serialized_start=2436
+  _globals['_LISTMODELSRESPONSE']._serialized_end=2495
+  _globals['_FEWSHOT']._serialized_start=2498
+  _globals['_FEWSHOT']._serialized_end=3000
 # @@protoc_insertion_point(module_scope)

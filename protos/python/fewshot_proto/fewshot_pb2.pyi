@@ -1,3 +1,4 @@
+from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -33,11 +34,20 @@ class LabelledImage(_message.Message):
     def __init__(self, image: _Optional[_Union[Image, _Mapping]] = ..., label: _Optional[str] = ...) -> None: ...
 
 class AdaptSettings(_message.Message):
-    __slots__ = ("inner_steps",)
+    __slots__ = ("inner_steps", "values")
+    class ValuesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: _struct_pb2.Value
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ...) -> None: ...
     INNER_STEPS_FIELD_NUMBER: _ClassVar[int]
     LAMBDA_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
     inner_steps: int
-    def __init__(self, inner_steps: _Optional[int] = ..., **kwargs) -> None: ...
+    values: _containers.MessageMap[str, _struct_pb2.Value]
+    def __init__(self, inner_steps: _Optional[int] = ..., values: _Optional[_Mapping[str, _struct_pb2.Value]] = ..., **kwargs) -> None: ...
 
 class AdaptRequest(_message.Message):
     __slots__ = ("model", "method", "support", "settings", "ttl_seconds")
@@ -220,7 +230,7 @@ class InputSpec(_message.Message):
     def __init__(self, channels: _Optional[int] = ..., size: _Optional[int] = ..., mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ..., resize: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "family", "methods", "default_method", "input", "min_ways", "max_ways", "max_shots")
+    __slots__ = ("name", "family", "methods", "default_method", "input", "min_ways", "max_ways", "max_shots", "settings")
     NAME_FIELD_NUMBER: _ClassVar[int]
     FAMILY_FIELD_NUMBER: _ClassVar[int]
     METHODS_FIELD_NUMBER: _ClassVar[int]
@@ -229,6 +239,7 @@ class ModelInfo(_message.Message):
     MIN_WAYS_FIELD_NUMBER: _ClassVar[int]
     MAX_WAYS_FIELD_NUMBER: _ClassVar[int]
     MAX_SHOTS_FIELD_NUMBER: _ClassVar[int]
+    SETTINGS_FIELD_NUMBER: _ClassVar[int]
     name: str
     family: str
     methods: _containers.RepeatedScalarFieldContainer[str]
@@ -237,7 +248,24 @@ class ModelInfo(_message.Message):
     min_ways: int
     max_ways: int
     max_shots: int
-    def __init__(self, name: _Optional[str] = ..., family: _Optional[str] = ..., methods: _Optional[_Iterable[str]] = ..., default_method: _Optional[str] = ..., input: _Optional[_Union[InputSpec, _Mapping]] = ..., min_ways: _Optional[int] = ..., max_ways: _Optional[int] = ..., max_shots: _Optional[int] = ...) -> None: ...
+    settings: _containers.RepeatedCompositeFieldContainer[SettingInfo]
+    def __init__(self, name: _Optional[str] = ..., family: _Optional[str] = ..., methods: _Optional[_Iterable[str]] = ..., default_method: _Optional[str] = ..., input: _Optional[_Union[InputSpec, _Mapping]] = ..., min_ways: _Optional[int] = ..., max_ways: _Optional[int] = ..., max_shots: _Optional[int] = ..., settings: _Optional[_Iterable[_Union[SettingInfo, _Mapping]]] = ...) -> None: ...
+
+class SettingInfo(_message.Message):
+    __slots__ = ("name", "kind", "min", "max", "choices", "methods")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    MIN_FIELD_NUMBER: _ClassVar[int]
+    MAX_FIELD_NUMBER: _ClassVar[int]
+    CHOICES_FIELD_NUMBER: _ClassVar[int]
+    METHODS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    kind: str
+    min: float
+    max: float
+    choices: _containers.RepeatedScalarFieldContainer[str]
+    methods: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., min: _Optional[float] = ..., max: _Optional[float] = ..., choices: _Optional[_Iterable[str]] = ..., methods: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models",)

@@ -1,7 +1,7 @@
 """Many tasks of one network in one call: per-task weights stacked along a task axis.
 
 The idea of multi-adapter servers (S-LoRA, Punica: requests for thousands of adapters in one batched
-kernel), for :class:`~fewshot.models.meta.network.MetaConv4`: ``T`` tasks' conv weights
+kernel), for :class:`~fewshot.models.inner_loop.network.MetaConv4`: ``T`` tasks' conv weights
 ``(T, O, I, 3, 3)`` become one grouped convolution (``groups=T``) over their images laid side by side
 along the channel axis ``(B, T*I, H, W)``; BatchNorm is per channel, so per task; the heads are one
 batched matrix product. The result equals ``T`` separate :meth:`MetaConv4.forward` calls to float
@@ -18,9 +18,9 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from fewshot.models.meta.inner_loop import InnerLoopTask, inner_loop, pack
-from fewshot.models.meta.network import BNStats, MetaConv4, Params
-from fewshot.models.meta.rules import UpdateRule
+from fewshot.models.inner_loop.engine import InnerLoopTask, inner_loop, pack
+from fewshot.models.inner_loop.network import BNStats, MetaConv4, Params
+from fewshot.models.inner_loop.rules import UpdateRule
 from fewshot.models.plan import finish_each
 
 
@@ -30,7 +30,7 @@ def stack(params: Sequence[Params]) -> Params:
 
 
 def unstack(params: Params, t: int) -> Params:
-    """Task ``t``'s parameters of a stacked dict (views: :func:`~fewshot.models.meta.inner_loop.pack` copies them)."""
+    """Task ``t``'s parameters of a stacked dict (views: :func:`~fewshot.models.inner_loop.engine.pack` copies them)."""
     return {k: v[t] for k, v in params.items()}
 
 
@@ -84,10 +84,10 @@ def stacked_inner_loop(net: MetaConv4, rule: UpdateRule, meta_params: Params, su
                        labels: Sequence[torch.Tensor], steps: int, bn_mode: str,
                        dtype: torch.dtype = torch.float32, head_init: str = "learned") -> list[InnerLoopTask]:
     """Adapt ``T`` tasks of one support shape ``(S, C, H, W)`` together (first-order, as serving):
-    the same tasks as ``T`` calls of :class:`~fewshot.models.meta.inner_loop.InnerLoopAdapter` to float
+    the same tasks as ``T`` calls of :class:`~fewshot.models.inner_loop.engine.InnerLoopAdapter` to float
     rounding (tested). ``rule.stackable`` must hold; with ``head_init="shared"`` every task has the same
     number of classes ``N`` (the shared row is replicated to ``N`` rows once, for all of them)."""
-    from fewshot.models.meta.inner_loop import shared_head
+    from fewshot.models.inner_loop.engine import shared_head
 
     tasks = len(supports)
     if head_init == "shared":
@@ -123,7 +123,7 @@ class StackedClassify:
     """Classify requests of different support-BatchNorm tasks of one network as one stacked call.
 
     ``run_many([(state, images, finish), ...])`` returns ``finish(logits)`` for each request (or the
-    exception its ``finish`` raised); ``state`` is an :class:`~fewshot.models.meta.inner_loop.InnerLoopTask`
+    exception its ``finish`` raised); ``state`` is an :class:`~fewshot.models.inner_loop.engine.InnerLoopTask`
     and every request's images are padded with zeros to the longest (each query is independent under
     frozen statistics, so padding changes nothing else)."""
 

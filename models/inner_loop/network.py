@@ -1,4 +1,4 @@
-"""The gradient-adapted classifier: Conv-4 + linear head as a pure function of its parameters.
+"""The inner-loop classifier: Conv-4 + linear head as a pure function of its parameters.
 
 ``forward(params, x, bn_stats=None)`` uses only ``torch.nn.functional`` ops on tensors passed in, so
 the same code runs in the inner loop (parameters are adapted tensors with autograd history), in
@@ -20,7 +20,7 @@ layer stays invariant to the scale of ``W_l``, the property CxGrad's implicit gr
 (CxGrad eq. 4, which the paper gets from batch statistics). Its features can then go through the metric
 path's transform (``transform="CL2N"``: ``(f - c) / ||f - c||`` with the backbone's centering vector
 ``center``) before the linear head, so the head can start as the nearest-centroid classifier
-(:func:`~fewshot.models.meta.inner_loop.centroid_head`). ``adapt_from`` blocks are the stem: neither
+(:func:`~fewshot.models.inner_loop.engine.centroid_head`). ``adapt_from`` blocks are the stem: neither
 adapted nor meta-trained, computed once per image (:meth:`MetaConv4.stem`, :meth:`MetaConv4.tail`).
 """
 

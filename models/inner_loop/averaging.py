@@ -16,7 +16,7 @@ import torch
 
 from fewshot.errors import ConfigError
 from fewshot.models.data import load_dataset
-from fewshot.models.meta.training import SNAPSHOTS, MetaTrainConfig, build_learner, validate
+from fewshot.models.inner_loop.training import SNAPSHOTS, MetaTrainConfig, build_learner, validate
 from fewshot.models.preprocess import InputSpec
 from fewshot.models.training import pick_device
 

@@ -27,9 +27,9 @@ from fewshot.models.data import check_dataset, dataset_spec, load_dataset
 from fewshot.models.distributed import Ranks
 from fewshot.models.episodes import EpisodeSampler
 from fewshot.models.evaluation import evaluate
-from fewshot.models.meta.inner_loop import InnerLoopAdapter, inner_loop
-from fewshot.models.meta.network import MetaConv4, Params, support_statistics
-from fewshot.models.meta.rules import UpdateRule, build_rule
+from fewshot.models.inner_loop.engine import InnerLoopAdapter, inner_loop
+from fewshot.models.inner_loop.network import MetaConv4, Params, support_statistics
+from fewshot.models.inner_loop.rules import UpdateRule, build_rule
 from fewshot.models.folders import canonical
 from fewshot.models.preprocess import InputSpec
 from fewshot.models.training import pick_device, plot_curves
@@ -90,8 +90,8 @@ class MetaTrainConfig:
     head_temperature: float = 10.0
 
     def __post_init__(self) -> None:
-        from fewshot.models.meta.network import BN_MODES
-        from fewshot.models.meta.rules import RULES
+        from fewshot.models.inner_loop.network import BN_MODES
+        from fewshot.models.inner_loop.rules import RULES
 
         if self.method not in RULES:
             raise ConfigError(f"unknown --method {self.method!r}: use one of {', '.join(RULES)}")
@@ -110,7 +110,7 @@ class MetaTrainConfig:
             raise ConfigError(f"--head-alpha must be positive (0: --alpha), got {self.head_alpha}")
         if self.rotations and self.dataset != "omniglot":
             raise ConfigError("--rotations applies to Omniglot only")
-        from fewshot.models.meta.inner_loop import HEAD_INITS
+        from fewshot.models.inner_loop.engine import HEAD_INITS
 
         if self.head_init not in HEAD_INITS:
             raise ConfigError(f"unknown --head-init {self.head_init!r}: use {' or '.join(HEAD_INITS)}")

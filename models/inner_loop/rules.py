@@ -3,7 +3,7 @@ changes the update rule, not the loop).
 
 A rule is an ``nn.Module``: its own parameters (learned step sizes, curvature factors, gates, CxGrad's
 ``g_phi``) are meta-learned in the outer loop together with the network's initial weights. The engine
-(:mod:`fewshot.models.meta.inner_loop`) calls, per task:
+(:mod:`fewshot.models.inner_loop.engine`) calls, per task:
 
 * ``begin(...)`` once, returning a per-task context (CxGrad: the context vector ``nu``);
 * per step ``t``: ``effective(params, ctx, t)`` (CxGrad: implicit gradient scaling), a support
@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from fewshot.errors import ConfigError
-from fewshot.models.meta.network import MetaConv4, Params
+from fewshot.models.inner_loop.network import MetaConv4, Params
 
 Context = dict[str, Any]
 LossFn = Callable[[Params, int], torch.Tensor]
@@ -31,7 +31,7 @@ class UpdateRule(nn.Module):
 
     name = "maml"
     #: Whether the rule runs on stacked tasks (parameters with a leading task axis, one summed loss;
-    #: :func:`fewshot.models.meta.stacked.stacked_inner_loop`): its update is elementwise or per task.
+    #: :func:`fewshot.models.inner_loop.stacked.stacked_inner_loop`): its update is elementwise or per task.
     stackable = True
 
     def __init__(self, net: MetaConv4, steps: int, alpha: float = 0.01, head_alpha: float = 0.0) -> None:

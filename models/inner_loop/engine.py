@@ -14,8 +14,8 @@ import torch
 
 from fewshot.errors import ConfigError
 from fewshot.models.interrupt import checkpoint
-from fewshot.models.meta.network import BN_MODES, BNStats, MetaConv4, Params, support_statistics
-from fewshot.models.meta.rules import Context, UpdateRule
+from fewshot.models.inner_loop.network import BN_MODES, BNStats, MetaConv4, Params, support_statistics
+from fewshot.models.inner_loop.rules import Context, UpdateRule
 
 
 @dataclass
@@ -83,7 +83,7 @@ def inner_loop(net: MetaConv4, rule: UpdateRule, params: Params, support: torch.
                steps: int, create_graph: bool = False, head_init: str = "learned") -> Adaptation:
     """Adapt ``params`` to the support set ``(S, C, H, W)``, ``(S,)`` with ``steps`` rule updates.
 
-    ``net`` may be a :class:`~fewshot.models.meta.stacked.StackedConv4` over ``T`` tasks of one
+    ``net`` may be a :class:`~fewshot.models.inner_loop.stacked.StackedConv4` over ``T`` tasks of one
     support shape (``(T, S, C, H, W)``, ``(T, S)``, parameters ``(T, ...)``): the loss is the sum of
     the tasks' losses, so each task's gradient is its own, and one backward pass serves them all.
 
@@ -227,10 +227,10 @@ class InnerLoopAdapter:
         return bool(self.rule.stackable) and self.head_init in ("learned", "shared") and len(set(shapes)) == 1
 
     def adapt_many(self, supports: list[torch.Tensor], labels: list[torch.Tensor]) -> list[InnerLoopTask]:
-        """Several tasks at once: one stacked inner loop (:mod:`fewshot.models.meta.stacked`) when
+        """Several tasks at once: one stacked inner loop (:mod:`fewshot.models.inner_loop.stacked`) when
         the rule allows it and the support shapes agree, else one :meth:`adapt` each. Equal to
         :meth:`adapt` per task to float rounding."""
-        from fewshot.models.meta.stacked import stacked_inner_loop
+        from fewshot.models.inner_loop.stacked import stacked_inner_loop
 
         ways = {int(y.max()) + 1 for y in labels}
         if len(supports) == 1 or not self.stacks([tuple(x.shape) for x in supports]) or len(ways) > 1:

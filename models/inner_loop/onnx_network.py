@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from fewshot.models.features import ONNX_OPSET
-from fewshot.models.meta.network import MetaConv4
+from fewshot.models.inner_loop.network import MetaConv4
 
 
 

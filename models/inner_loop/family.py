@@ -18,10 +18,11 @@ from fewshot.models.calibration import UNCALIBRATED, OpenSetCalibration, calibra
 from fewshot.models.card import accuracy_key
 from fewshot.models.family import Family, Part
 from fewshot.models.features import run_batch, run_in_chunks
-from fewshot.models.meta.inner_loop import InnerLoopAdapter, InnerLoopTask, pack
-from fewshot.models.meta.network import BN_MODES
-from fewshot.models.meta.onnx_network import network_input_names, network_inputs
-from fewshot.models.meta.stacked import StackedClassify, bucket
+from fewshot.models.inner_loop.engine import InnerLoopAdapter, InnerLoopTask, pack
+from fewshot.models.inner_loop.network import BN_MODES
+from fewshot.models.inner_loop.onnx_network import network_input_names, network_inputs
+from fewshot.models.inner_loop.rules import UpdateRule
+from fewshot.models.inner_loop.stacked import StackedClassify, bucket
 from fewshot.models.plan import ClassifyPlan, PlannedTask
 from fewshot.models.runtime import Engines, Session, TensorSpec
 from fewshot.models.settings import Setting
@@ -33,12 +34,12 @@ WAY_SWEEP = (2, 3, 5, 10)
 METHOD = "inner_loop"
 
 
-def meta_model_parts(method: str, architecture: dict[str, Any], loop: dict[str, Any],
+def inner_loop_model_parts(method: str, architecture: dict[str, Any], loop: dict[str, Any],
                      tensors: Mapping[str, torch.Tensor]) -> tuple[Any, torch.nn.Module, dict[str, torch.Tensor]]:
     """Network, update rule (eval mode) and meta-parameters of a gradient model, from its card's (or
     bundle manifest's) ``method``, ``architecture`` and ``inner_loop`` and its ``param.*``/``rule.*`` tensors."""
-    from fewshot.models.meta.network import MetaConv4
-    from fewshot.models.meta.rules import build_rule
+    from fewshot.models.inner_loop.network import MetaConv4
+    from fewshot.models.inner_loop.rules import build_rule
 
     net = MetaConv4(**{k: v for k, v in architecture.items() if k != "arch"})
     rule = build_rule(method, net, loop["steps"], loop["alpha"], loop.get("beta", 1.0), loop.get("head_alpha", 0.0))
@@ -61,7 +62,7 @@ class NetworkTask(PlannedTask):
 
     state: InnerLoopTask
     session: Session
-    #: The model's cross-task merger (stacked weights, :mod:`fewshot.models.meta.stacked`); ``None``: off.
+    #: The model's cross-task merger (stacked weights, :mod:`fewshot.models.inner_loop.stacked`); ``None``: off.
     stacker: StackedClassify | None = None
     open_set: OpenSetCalibration = UNCALIBRATED
 
@@ -134,10 +135,10 @@ class InnerLoopFamily(Family):
                  device: str = "auto") -> None:
         super().__init__(manifest, tensors, engines, device)
         self.loop: dict[str, Any] = self.manifest["inner_loop"]
-        #: How the head starts (:data:`~fewshot.models.meta.inner_loop.HEAD_INITS`): ``prototypes`` adapts any
+        #: How the head starts (:data:`~fewshot.models.inner_loop.engine.HEAD_INITS`): ``prototypes`` adapts any
         #: number of classes in the card's range; ``learned`` (cards before it) exactly the training ways.
         self.head_init: str = self.loop.get("head_init", "learned")
-        self.net, rule, params = meta_model_parts(self.manifest["method"], self.manifest["architecture"], self.loop, tensors)
+        self.net, rule, params = inner_loop_model_parts(self.manifest["method"], self.manifest["architecture"], self.loop, tensors)
         self.rule = rule.to(self.device)
         self.params = {k: v.to(self.device) for k, v in params.items()}
         self.session = engines.session("network")
@@ -178,9 +179,9 @@ class InnerLoopFamily(Family):
 
     @classmethod
     def load_shipped(cls, path: Any, card: Any, tensors: dict[str, torch.Tensor]) -> Any:
-        from fewshot.models.zoo import load_meta_model
+        from fewshot.models.zoo import load_inner_loop_model
 
-        return load_meta_model(path, card, tensors)
+        return load_inner_loop_model(path, card, tensors)
 
     @classmethod
     def methods_for(cls, manifest: Mapping[str, Any]) -> list[str]:
@@ -239,15 +240,29 @@ class InnerLoopFamily(Family):
         served (support BatchNorm), :data:`WAY_SWEEP` ways at the training shots and the dataset's
         settings of more ways at those shots (Omniglot's 20-way 1-shot)."""
         cfg, method, loop = card["training"]["config"], card["method"], card["inner_loop"]
-        runs = [(cfg["ways"], cfg["shots"], method, ["--bn", bn]) for bn in loop["bn_modes"]]
+        runs = [(cfg["ways"], cfg["shots"], method, ["--set", f"bn={bn}"]) for bn in loop["bn_modes"]]
         if loop.get("head_init", "learned") == "learned":
             return runs
         more = [w for w in WAY_SWEEP if w != cfg["ways"]]
         more += [w for w, s in settings if s == cfg["shots"] and w not in WAY_SWEEP and w != cfg["ways"]]
-        runs += [(w, cfg["shots"], method, ["--bn", loop["bn_mode"]]) for w in sorted(set(more))]
+        runs += [(w, cfg["shots"], method, ["--set", f"bn={loop['bn_mode']}"]) for w in sorted(set(more))]
         if loop.get("head_init") == "centroid":  # from a metric backbone: the dataset's other shots too (issue 33)
-            runs += [(w, s, method, ["--bn", loop["bn_mode"]]) for w, s in settings if s != cfg["shots"]]
+            runs += [(w, s, method, ["--set", f"bn={loop['bn_mode']}"]) for w, s in settings if s != cfg["shots"]]
         return runs
+
+    @classmethod
+    def open_set_runs(cls, card: Mapping[str, Any], settings: list[tuple[int, int]]) -> list[tuple[int, int, str, list[str]]]:
+        """Every given setting as served (the served BatchNorm), not only the training one."""
+        return [(w, s, card["method"], ["--set", f"bn={card['inner_loop']['bn_mode']}", "--open-set"]) for w, s in settings]
+
+    def inner_steps(self, adapter: NetworkAdapter) -> int:
+        return adapter.steps
+
+    @property
+    def plain_sgd(self) -> bool:
+        """The inner loop is plain SGD with the card's one step size and shared BatchNorm (MAML's rule):
+        what the reference loop (``fewshot bench``) computes too."""
+        return type(self.rule) is UpdateRule and not self.net.per_step_bn
 
     def part_inputs(self, part: Part) -> tuple[TensorSpec, ...]:
         if part.name != "network":

@@ -1,6 +1,6 @@
-"""A ``fewshot serve`` child process on loopback: started, probed through the standard health
-service, stopped (SIGTERM) or killed (SIGKILL) by PID. ``fewshot demo``, ``fewshot bench`` and the
-tests run the real server this way."""
+"""Launching ``fewshot serve`` as a child process on loopback: started, probed through the standard
+health service, stopped (SIGTERM) or killed (SIGKILL) by PID. ``fewshot demo`` and ``fewshot bench
+--compare`` run the real server this way, and so do the tests and ``scripts/``."""
 
 from __future__ import annotations
 
@@ -92,69 +92,3 @@ class ServerProcess:
 
     def __exit__(self, *exc) -> None:
         self.stop()
-
-
-def resident_mb(pid: int) -> float:
-    """Resident memory of process ``pid`` in MB (``/proc``, Linux)."""
-    with open(f"/proc/{pid}/status") as f:
-        return int(f.read().split("VmRSS:")[1].split()[0]) / 1024
-
-
-class ResidentMemory:
-    """Samples a process's resident memory every ``every`` seconds in a thread while the block runs:
-    ``peak`` (MB) since the start or :meth:`reset`, ``samples`` taken."""
-
-    def __init__(self, pid: int, every: float = 0.1) -> None:
-        import threading
-
-        self.pid, self.every, self.peak, self.samples = pid, every, 0.0, 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.every):
-            try:
-                value = resident_mb(self.pid)
-            except (OSError, IndexError):
-                return
-            self.peak, self.samples = max(self.peak, value), self.samples + 1
-
-    def reset(self) -> None:
-        self.peak = resident_mb(self.pid)
-
-    def __enter__(self) -> "ResidentMemory":
-        self.reset()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
-def adapt_load(target: str, pid: int, model: str, supports: list[tuple[list, list]], clients: int, warm: int,
-               tasks: int) -> dict[str, float]:
-    """``clients`` threads adapt centroid tasks of ``model`` from ``supports`` (``(support, queries)`` messages,
-    cycled) and classify each task's queries, ``tasks`` in all; the first ``warm`` are warm-up. Returns the
-    server's resident memory after warm-up and its peak over the rest (MB, sampled every 100 ms), the samples
-    taken and the seconds the load took."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from fewshot_proto import fewshot_pb2 as pb
-    from fewshot_proto import fewshot_pb2_grpc as pb_grpc
-
-    with grpc.insecure_channel(target, options=[("grpc.max_send_message_length", 64 << 20)]) as channel:
-        stub = pb_grpc.FewShotStub(channel)
-
-        def one(i: int) -> None:
-            support, queries = supports[i % len(supports)]
-            task = stub.Adapt(pb.AdaptRequest(model=model, method="centroid", support=support), timeout=120)
-            stub.Classify(pb.ClassifyRequest(task_id=task.task_id, queries=queries), timeout=120)
-
-        with ThreadPoolExecutor(clients) as pool:
-            list(pool.map(one, range(warm)))
-            after_warmup, started = resident_mb(pid), time.monotonic()
-            with ResidentMemory(pid) as rss:
-                list(pool.map(one, range(warm, tasks)))
-    return {"rss_after_warmup_mb": after_warmup, "rss_peak_mb": rss.peak, "samples": rss.samples,
-            "seconds": time.monotonic() - started}

@@ -1,0 +1,143 @@
+"""The wire's Adapt and Classify, checked and answered in one place for every transport.
+
+The gRPC service (and, through it, the HTTP/JSON API) and the Triton models (:mod:`fewshot.server.triton_models`)
+each turn what their client sent into the protobuf request of the RPC, then call the functions below: the
+same validation (model, method, support size, labels, settings with their bounds, the inner-loop work cap,
+the tenant; the Classify's query count and open-set option) and the same response building. So a request
+refused on one transport is refused on all, with the same status and message.
+
+Settings travel generically (``AdaptSettings.values``, a map of name to number or string); which ones a
+model takes, their kinds and bounds, come from the model's family (:meth:`Family.settings`), the one place
+they are declared, and :func:`model_info` reports them (``ListModels``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+from google.protobuf import struct_pb2
+
+from fewshot.models.calibration import OpenSetCalibration
+from fewshot.models.family import Family
+from fewshot.models.settings import Setting
+from fewshot.server.errors import InvalidRequest
+from fewshot.server.store import TaskRecord
+from fewshot.server.tasks import AdaptRequest, Rejection, ServiceLimits, check_task_id, get_model, resolve_method
+from fewshot_proto import fewshot_pb2 as pb
+
+#: The ``AdaptSettings`` fields that predate ``values``: aliases of the settings of the same name.
+ALIASES = ("inner_steps", "lambda")
+
+
+def settings_of(message: pb.AdaptSettings) -> dict[str, Any]:
+    """A request's settings by name (numbers as floats, choices as strings), from ``values`` and the two
+    alias fields; :class:`InvalidRequest` for a value that is neither, or an alias that contradicts ``values``."""
+    out: dict[str, Any] = {}
+    for name, value in message.values.items():
+        kind = value.WhichOneof("kind")
+        if kind == "number_value":
+            out[name] = value.number_value
+        elif kind == "string_value":
+            out[name] = value.string_value
+        else:
+            raise InvalidRequest(f"setting {name[:64]!r} must be a number or a string, got {kind or 'nothing'}")
+    for name in ALIASES:
+        if message.HasField(name):
+            alias = float(getattr(message, name))
+            if name in out and not (isinstance(out[name], float) and math.isclose(out[name], alias, rel_tol=1e-6)):
+                raise InvalidRequest(f"setting {name} is given twice with different values ({alias:g} and "
+                                     f"{out[name]!r}): give it once, in settings.values")
+            out.setdefault(name, alias)
+    return out
+
+
+def settings_message(values: Mapping[str, Any]) -> pb.AdaptSettings:
+    """Settings by name (numbers or strings) as an ``AdaptSettings`` (``values`` only)."""
+    message = pb.AdaptSettings()
+    for name, value in values.items():
+        message.values[name].CopyFrom(_value(name, value))
+    return message
+
+
+def _value(name: str, value: Any) -> struct_pb2.Value:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise InvalidRequest(f"setting {name[:64]!r} must be a number or a string, got {type(value).__name__}")
+    return struct_pb2.Value(string_value=value) if isinstance(value, str) else struct_pb2.Value(number_value=float(value))
+
+
+def support_of(labels: Sequence[str], images: Sequence[bytes], what: str = "images") -> list[pb.LabelledImage]:
+    """Labels and encoded images sent side by side (an HTTP form, a Triton request) as labelled images;
+    :class:`InvalidRequest` unless there is one label per image."""
+    if len(labels) != len(images):
+        raise InvalidRequest(f"{len(images)} {what} but {len(labels)} labels: send one label per image, in the same order")
+    return [pb.LabelledImage(image=pb.Image(encoded=b), label=label) for b, label in zip(images, labels)]
+
+
+def check_adapt(models: Mapping[str, Family], limits: ServiceLimits, model_name: str, method: str,
+                support: Sequence[pb.LabelledImage], settings: pb.AdaptSettings, ttl_seconds: int,
+                tenant: str) -> AdaptRequest:
+    """An Adapt's fields -> the validated :class:`AdaptRequest` (its images still encoded in ``support``)."""
+    model = get_model(models, model_name)
+    method = resolve_method(model, method)
+    limits.check_support(len(support))
+    return AdaptRequest.check(model, method, [item.label for item in support], settings_of(settings),
+                              limits.ttl(ttl_seconds), limits.max_image_steps, tenant)
+
+
+def adapt_response(request: AdaptRequest, record: TaskRecord, accuracy: float) -> pb.AdaptResponse:
+    return pb.AdaptResponse(task_id=record.task_id, labels=record.labels, support_accuracy=accuracy,
+                            adapt_seconds=request.seconds, expires_at=record.expires_at, model=request.model.name,
+                            method=request.method)
+
+
+def check_classify(limits: ServiceLimits, request: pb.ClassifyRequest) -> tuple[str, Rejection | None]:
+    """A Classify's task id and open-set option, validated with its query count."""
+    task_id = check_task_id(request.task_id)
+    limits.check_queries(len(request.queries))
+    rejection = Rejection.check(request.reject_unknown, request.threshold if request.HasField("threshold") else None,
+                                request.target_recall if request.HasField("target_recall") else None)
+    return task_id, rejection
+
+
+def classify_response(logits: torch.Tensor, labels: list[str], top_k: int, open_set: OpenSetCalibration,
+                      rejection: Rejection | None) -> pb.ClassifyResponse:
+    """``(Q, N)`` calibrated logits -> ranked predictions by probability (ties broken by label order),
+    each marked ``unknown`` or not when ``rejection`` is asked for."""
+    probs = torch.softmax(logits, dim=1).numpy()
+    k = min(max(top_k, 1), len(labels))
+    order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+    predictions = [pb.Prediction(ranked=[pb.LabelScore(label=labels[j], probability=float(p[j])) for j in idx],
+                                 probabilities=p.tolist()) for p, idx in zip(probs, order)]
+    if rejection is not None:
+        scores, threshold = rejection.apply(open_set, logits)
+        for prediction, score in zip(predictions, scores):
+            prediction.unknown, prediction.score, prediction.threshold = bool(score < threshold), float(score), threshold
+            prediction.score_name = open_set.score
+    return pb.ClassifyResponse(predictions=predictions, labels=labels)
+
+
+def setting_info(setting: Setting, methods: list[str]) -> pb.SettingInfo:
+    kind = "choice" if setting.choices else "integer" if setting.integer else "number"
+    bounds = {} if setting.choices else {"min": setting.lo, "max": setting.hi}
+    return pb.SettingInfo(name=setting.api, kind=kind, choices=setting.choices, methods=methods, **bounds)
+
+
+def model_settings(model: Family) -> list[pb.SettingInfo]:
+    """Every setting the model's methods take, once per distinct declaration, with the methods that take it."""
+    by_setting: dict[Setting, list[str]] = {}
+    for method in model.methods:
+        for setting in model.settings(method).values():
+            by_setting.setdefault(setting, []).append(method)
+    return [setting_info(s, methods) for s, methods in sorted(by_setting.items(), key=lambda kv: (kv[0].api, kv[1]))]
+
+
+def model_info(model: Family) -> pb.ModelInfo:
+    """A model's methods, input spec, limits and settings as the API reports them."""
+    spec, (min_ways, max_ways) = model.spec, model.way_range()
+    return pb.ModelInfo(name=model.name, family=model.family, methods=model.methods, default_method=model.default_method,
+                        input=pb.InputSpec(channels=spec.channels, size=spec.size, mean=spec.mean, std=spec.std, resize=spec.resize),
+                        min_ways=min_ways, max_ways=max_ways, max_shots=model.limits.get("max_shots", 0),
+                        settings=model_settings(model))
