@@ -1,5 +1,5 @@
 # syntax=docker/dockerfile:1
-# GPU deployment image of `fewshot serve` (README, "Deploy behind Triton"). Build from the repository root:
+# GPU deployment image of `fewshot serve` (docs/deploy.md, docs/triton.md). Build from the repository root:
 #   docker build -t fewshot:latest .
 # CUDA, cuDNN and cuBLAS come as pip wheels with torch and onnxruntime-gpu[cuda,cudnn] (both CUDA 13),
 # so the base only needs the CUDA 13 driver interface; the host needs an NVIDIA driver >= 580 and the

@@ -126,8 +126,8 @@ def write_onnx_model(repo: Path, model_name: str, onnx_path: Path, batched: bool
 
 
 def fewshot_model_configs(bundle_dir: Path, state_dir: Path, instances: int = 1) -> dict[str, str]:
-    """``config.pbtxt`` of ``fewshot_adapt`` and ``fewshot_classify`` (the tensor contract of README's
-    "Deploy behind Triton"). Strings travel as ``BYTES`` (``TYPE_STRING``): UTF-8 names and labels,
+    """``config.pbtxt`` of ``fewshot_adapt`` and ``fewshot_classify`` (the tensor contract of docs/triton.md,
+    "Adapt and Classify inside Triton"). Strings travel as ``BYTES`` (``TYPE_STRING``): UTF-8 names and labels,
     encoded image bytes (anything Pillow opens). ``bundle_dir`` and ``state_dir`` become parameters;
     a relative path there is read from the repository's root."""
     params = {"bundle_dir": str(bundle_dir), "state_dir": str(state_dir), "threads": str(PYTHON_THREADS)}

@@ -12,7 +12,9 @@ nothing else branches on the family.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+import importlib.util
 import os
 import sys
 from abc import ABC, abstractmethod
@@ -281,14 +283,37 @@ PLUGINS_ENV = "FEWSHOT_PLUGINS"
 
 
 def load_families() -> None:
-    """Import every family module (each registers itself), then the modules of ``$FEWSHOT_PLUGINS``."""
-    from fewshot.models import metric_adapter  # noqa: F401
-    from fewshot.models.inner_loop import family  # noqa: F401
+    """Import every family module (each registers itself), then the plugins of ``$FEWSHOT_PLUGINS``: a
+    comma-separated list of module names (importable from ``PYTHONPATH``) or paths of ``.py`` files (what a
+    process whose ``PYTHONPATH`` is not yours, such as Triton's python-backend stub, can still load)."""
+    from fewshot.models import metric_adapter  # noqa: F401  (imported to register the family)
+    from fewshot.models.inner_loop import family  # noqa: F401  (imported to register the family)
 
     for name in filter(None, (n.strip() for n in os.environ.get(PLUGINS_ENV, "").split(","))):
-        if name not in sys.modules:
-            try:
-                importlib.import_module(name)
-            except ImportError as exc:
-                raise ConfigError(f"${PLUGINS_ENV} names module {name!r}, which does not import ({exc}): "
-                                  "put its folder on PYTHONPATH, or fix the name") from None
+        _load_plugin(name)
+
+
+def _load_plugin(name: str) -> None:
+    """Import one plugin (a module name or a ``.py`` path) once per process."""
+    if name.endswith(".py"):
+        path = os.path.abspath(name)
+        key = "fewshot_plugin_" + hashlib.sha256(path.encode()).hexdigest()[:16]
+        if key in sys.modules:
+            return
+        spec = importlib.util.spec_from_file_location(key, path)
+        if spec is None or spec.loader is None or not os.path.isfile(path):
+            raise ConfigError(f"${PLUGINS_ENV} names {name!r}, which is not a readable .py file")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[key] = module
+        try:
+            spec.loader.exec_module(module)
+        except Exception:
+            del sys.modules[key]
+            raise
+        return
+    if name not in sys.modules:
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            raise ConfigError(f"${PLUGINS_ENV} names module {name!r}, which does not import ({exc}): "
+                              "put its folder on PYTHONPATH, give the path of its .py file, or fix the name") from None

@@ -8,7 +8,7 @@ RESOURCE_EXHAUSTED. Prints resident memory at start, its peak, and 10 s after th
 
 ``adapt``: C clients adapt W-way 5-shot centroid tasks of raw uint8 Tiny ImageNet images (and classify one
 query each) until T tasks, with ``--cache-mb M``; prints the resident memory after warm-up, its peak over the
-load and its level 3 s after, against the README's bound::
+load and its level 3 s after, against the bound of docs/serving.md::
 
     python scripts/memory_probe.py adapt --clients 3 --ways 20 --tasks 5000 --cache-mb 256
 

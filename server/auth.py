@@ -1,6 +1,6 @@
 """Who is calling: bearer tokens, tenants, per-tenant quotas, and rate limits on failed attempts.
 
-Two ways to configure it, usable together (README, "Security model"):
+Two ways to configure it, usable together (docs/errors-and-security.md, "Security model"):
 
 - ``--token`` / ``--token-file`` / ``$FEWSHOT_TOKEN``: one shared token; it grants the *default
   tenant* (``""``), the same tenant as a server without authentication and as the Triton models.

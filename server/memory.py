@@ -78,7 +78,7 @@ def trim() -> None:
 
 #: Resident memory above the level after warm-up, beyond the task cache and the request bodies, at the peak
 #: (ONNX Runtime arenas, gRPC's buffers, allocator slack): measured 87 MB under 3 clients adapting 20-way tasks
-#: with --cache-mb 256, 70 MB under six refused 8.3 MB-chunk streams (scripts/memory_probe.py, README).
+#: with --cache-mb 256, 70 MB under six refused 8.3 MB-chunk streams (scripts/memory_probe.py, BENCHMARKS.md).
 OVERHEAD_MB = 128
 #: Resident bytes per byte of request body charged (the bytes, what is parsed from them, gRPC's own copies).
 BODY_FACTOR = 1.5
@@ -88,7 +88,7 @@ RECEIVING_FACTOR = 2.0
 
 
 def peak_bound_mb(cache_mb: float, body_mb: float = 0.0, receiving_mb: float = 0.0) -> float:
-    """The README's bound on resident memory above its level after warm-up, at the peak: the task cache
+    """The bound on resident memory (docs/serving.md) above its level after warm-up, at the peak: the task cache
     (``--cache-mb``), ``BODY_FACTOR`` times the request bodies in flight (at most ``--max-inflight-body-mb``),
     ``RECEIVING_FACTOR`` times the messages being received (``receiving_mb``: at most one message per open call,
     which gRPC assembles whole before the server sees and charges it) and ``OVERHEAD_MB``. Decoded pixels of the

@@ -7,7 +7,7 @@ run in a thread pool, off the event loop.
 Every call goes through :meth:`FewShotService._call`, in this order: authenticate from metadata alone
 (a refused call's body is never parsed), parse the request bytes (a message that does not parse is
 INVALID_ARGUMENT, not UNKNOWN), validate, wait for an admission slot (heavy calls), then work in
-stages that stop once the client has gone. Errors map to the statuses of the README's error table;
+stages that stop once the client has gone. Errors map to the statuses of the error table (docs/errors-and-security.md);
 messages and log lines quote input only in bounded length, and log tasks by a short hash.
 """
 
@@ -45,7 +45,7 @@ __all__ = ["FewShotService", "ServiceLimits", "STATUSES"]  # ServiceLimits lives
 
 log = logging.getLogger("fewshot.server")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["FewShot"].full_name
-#: Every status the service answers with (the README's error table; the fuzz tests hold it to this).
+#: Every status the service answers with (docs/errors-and-security.md; the fuzz tests hold it to this).
 STATUSES = frozenset({grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
                       grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.UNAVAILABLE,
                       grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNIMPLEMENTED,

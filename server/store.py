@@ -9,7 +9,7 @@ SQLite file, on any number of hosts through PostgreSQL. A row changes only by :m
 (UpdateTask), which commits a new version by compare-and-set: of concurrent updates one wins, the
 others see ``False`` and retry on the new version.
 
-Consistency of deletes (README, "Task state"):
+Consistency of deletes (docs/serving.md, "Task state"):
 
 - In the process that deleted a task, no lookup that starts after :meth:`TaskStore.delete` returned
   finds it: the row goes first, then the cache entry, and a concurrent reload that read the row before

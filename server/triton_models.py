@@ -131,7 +131,7 @@ class _FewShotModel:
         if tensor is None:
             if optional:
                 return None
-            raise InvalidRequest(f"input {name!r} is missing: send it as a BYTES tensor (see README, Deploy behind Triton)")
+            raise InvalidRequest(f"input {name!r} is missing: send it as a BYTES tensor (docs/triton.md)")
         return [v if isinstance(v, bytes) else str(v).encode() for v in tensor.as_numpy().reshape(-1)]
 
     def _strings(self, request: Any, name: str, optional: bool = False) -> list[str] | None:

@@ -1,6 +1,6 @@
 """What all clients together can cost (issue 34), against real ``fewshot serve`` processes on loopback: one budget
 for request bodies in flight over streams, unary calls and HTTP; resident memory sampled every 100 ms within the
-README's bound at the peak, under oversized concurrent streams and under a sustained concurrent Adapt load; the
+bound at the peak (docs/serving.md), under oversized concurrent streams and under a sustained concurrent Adapt load; the
 idle process back near its start-up size; later AdaptStream chunks that name another model refused."""
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def _settle(pid: int, start: float, within: float, seconds: float = 15.0) -> flo
 
 def test_concurrent_oversized_streams_share_one_body_budget(omni_bundles, tmp_path):
     """Six clients at once each stream 30 chunks of 4 MB (each past --max-request-mb 64): all refused, most by the
-    process-wide budget of 96 MB; memory stays within the README's peak bound, and the idle process comes back
+    process-wide budget of 96 MB; memory stays within the peak bound (docs/serving.md), and the idle process comes back
     within the bound's fixed overhead (``OVERHEAD_MB``) of its start-up size (CI measured 102 MB)."""
     budget_mb, streams, chunk_mb = 96, 6, 4.0
     with ServerProcess(omni_bundles, tmp_path / "state", *SMALL, "--max-request-mb", "64",
@@ -116,7 +116,7 @@ def test_a_later_chunk_naming_another_model_or_method_is_invalid(server):
 
 def test_memory_stays_within_its_peak_bound_under_sustained_concurrent_adapts(omni_bundles, tmp_path, omniglot_test):
     """Three clients adapt 20-way 5-shot centroid tasks (and classify one query each) past what --cache-mb 16
-    holds; resident memory sampled every 100 ms over the load stays within the README's peak bound."""
+    holds; resident memory sampled every 100 ms over the load stays within the peak bound (docs/serving.md)."""
     cache_mb, clients, tasks = 16, 3, 360
     sampler = EpisodeSampler(omniglot_test, 20, 5, 1, seed=11)
     supports = []

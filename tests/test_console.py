@@ -1,7 +1,7 @@
 """The web console (issue 18) in a real headless Chromium (Debian's ``chromium`` and ``chromium-driver``,
 driven by Selenium): a 5-way task from real Omniglot images, a query classified, the label shown equal to
 the SDK's answer on the same task; the screenshot is saved as a test artifact (``docs/console.png`` is
-regenerated with ``FEWSHOT_CONSOLE_SCREENSHOT=docs/console.png make test``, see the README)."""
+regenerated with ``FEWSHOT_CONSOLE_SCREENSHOT=docs/console.png make test``, docs/http-api.md)."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 Unit tier: the seeded, recorded class split (or the user's own ``train/val/test``), non-image files ignored,
 an unreadable image named in the error, the decode cache. End to end: 30 Tiny ImageNet test classes written
-as JPEG files; the README's "Use your own images" block trains a direct-sum backbone and a MAML learner on
+as JPEG files; the "Use your own images" block of docs/training.md trains a direct-sum backbone and a MAML learner on
 them (a few hundred steps, small budgets substituted), packages, evaluates and exports them; a real server
 serves both bundles, and the SDK's answers on the folder's own files equal the bundles' family objects in
 process on the decoded test split.
@@ -116,7 +116,7 @@ def test_cli_says_in_one_line_what_is_wrong(tmp_path):
     assert run.returncode != 0 and "apply to folder:PATH datasets" in run.stderr
 
 
-#: The README block's budgets, made small enough for the test tier (each must be in the README as written).
+#: The block's budgets, made small enough for the test tier (each must be in docs/training.md as written).
 TEST_BUDGETS = {"--image-size 84": "--image-size 32", "--epochs 30": "--epochs 12", "--width 64": "--width 32",
                 "--iterations 3000": "--iterations 40 --first-order", "--val-every 500": "--val-every 40",
                 "fewshot package --run runs/my-photos --name": "fewshot package --tune-tasks 20 --calibration-tasks 20 --run runs/my-photos --name",
@@ -125,10 +125,10 @@ TEST_BUDGETS = {"--image-size 84": "--image-size 32", "--epochs 30": "--epochs 1
 
 @pytest.fixture(scope="module")
 def readme_run(photos):
-    """The README's "Use your own images" block, run by bash beside ``my-photos`` with the test budgets."""
+    """The "Use your own images" block of docs/training.md, run by bash beside ``my-photos`` with the test budgets."""
     block = re.search(r"```bash\n(# Use your own images.*?)```", (ROOT / "docs/training.md").read_text(), re.S).group(1)
     for old, new in TEST_BUDGETS.items():
-        assert old in block, f"README block lost {old!r}"
+        assert old in block, f"docs/training.md block lost {old!r}"
         block = block.replace(old, new)
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     run = subprocess.run(["bash", "-euo", "pipefail", "-c", block], cwd=photos.parent, capture_output=True, text=True,

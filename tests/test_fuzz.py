@@ -1,7 +1,7 @@
 """Property-based fuzzing (hypothesis) of image decoding, raw tensors and request validation.
 
 Only documented errors may escape: :class:`ImageError` (and the pixel budget's ``TooLarge``) in process,
-and over real gRPC only the statuses of the README's error table, never INTERNAL or UNKNOWN. The suite
+and over real gRPC only the statuses of the error table (docs/errors-and-security.md), never INTERNAL or UNKNOWN. The suite
 runs 6,000 examples (derandomised, so CI is repeatable); ``FEWSHOT_FUZZ_SCALE=20`` runs 20 times as many
 with fresh randomness.
 """

@@ -4,7 +4,6 @@ curl examples run as written."""
 
 from __future__ import annotations
 
-import base64
 import http.client
 import json
 import re
@@ -12,13 +11,13 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-import uuid
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
 from fixtures.postgres import PostgresServer
+from fixtures.transports import b64, http_call
 from support import SHIPPED
 
 from fewshot.models.data import load_dataset
@@ -32,33 +31,6 @@ from fewshot_proto import fewshot_pb2_grpc as pb_grpc
 
 ROOT = Path(__file__).resolve().parent.parent
 OMNI = "omniglot-conv4-directsum"
-
-
-def _http(method: str, url: str, body: dict | bytes | None = None, headers: dict | None = None,
-          files: list[tuple[str, bytes]] | None = None, fields: list[tuple[str, str]] | None = None) -> tuple[int, dict]:
-    """(status, JSON answer) of one HTTP call: a JSON body, or a multipart form of ``files`` and ``fields``."""
-    headers = dict(headers or {})
-    data = None
-    if files is not None or fields is not None:
-        boundary = uuid.uuid4().hex
-        parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode() for k, v in fields or []]
-        parts += [f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"; filename="{k}.png"\r\n'
-                  f"Content-Type: image/png\r\n\r\n".encode() + content + b"\r\n" for k, content in files or []]
-        data = b"".join(parts) + f"--{boundary}--\r\n".encode()
-        headers["content-type"] = f"multipart/form-data; boundary={boundary}"
-    elif body is not None:
-        data = body if isinstance(body, bytes) else json.dumps(body).encode()
-        headers["content-type"] = "application/json"
-    request = urllib.request.Request(url, data=data, method=method, headers=headers)
-    try:
-        with urllib.request.urlopen(request, timeout=120) as answer:
-            return answer.status, json.loads(answer.read())
-    except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read())
-
-
-def _b64(content: bytes) -> str:
-    return base64.b64encode(content).decode()
 
 
 @pytest.fixture(scope="module")
@@ -90,8 +62,8 @@ def test_every_rpc_over_http_answers_as_grpc_does(server, stub, name, method):
     labels = [f"c{c}" for c in ep.support_labels]
     queries = [png(data.images[j]) for j in ep.query]
     base = server.http_url
-    status, adapted = _http("POST", f"{base}/v1/tasks", {"model": name, "method": method, "support": [
-        {"image": {"encoded": _b64(images[i])}, "label": labels[i]} for i in first]})
+    status, adapted = http_call("POST", f"{base}/v1/tasks", {"model": name, "method": method, "support": [
+        {"image": {"encoded": b64(images[i])}, "label": labels[i]} for i in first]})
     assert status == 200, adapted
     twin = stub.Adapt(pb.AdaptRequest(model=name, method=method, support=[
         pb.LabelledImage(image=pb.Image(encoded=images[i]), label=labels[i]) for i in first]))
@@ -99,7 +71,7 @@ def test_every_rpc_over_http_answers_as_grpc_does(server, stub, name, method):
     task_id = adapted["task_id"]
     for reject in (False, True):
         fields = [("reject_unknown", "true")] if reject else []
-        status, answer = _http("POST", f"{base}/v1/tasks/{task_id}/classify", files=[("images", q) for q in queries],
+        status, answer = http_call("POST", f"{base}/v1/tasks/{task_id}/classify", files=[("images", q) for q in queries],
                                fields=fields + [("top_k", "3")])
         assert status == 200, answer
         expected = _grpc_json(stub.Classify(pb.ClassifyRequest(task_id=twin.task_id, queries=[pb.Image(encoded=q) for q in queries],
@@ -112,26 +84,26 @@ def test_every_rpc_over_http_answers_as_grpc_does(server, stub, name, method):
     rest = [i for i in range(len(labels)) if i not in first]
     if load_model(name).card.limits.get("max_ways", 5) < ways:
         rest = [i for i in rest if labels[i] in adapted["labels"]]
-    status, updated = _http("PATCH", f"{base}/v1/tasks/{task_id}", files=[("images", images[i]) for i in rest],
+    status, updated = http_call("PATCH", f"{base}/v1/tasks/{task_id}", files=[("images", images[i]) for i in rest],
                             fields=[("labels", labels[i]) for i in rest])
     assert status == 200, updated
     grpc_updated = stub.UpdateTask(pb.UpdateTaskRequest(task_id=twin.task_id, add=[
         pb.LabelledImage(image=pb.Image(encoded=images[i]), label=labels[i]) for i in rest]))
     assert updated["version"] == grpc_updated.version == 2 and updated["labels"] == list(grpc_updated.labels)
     assert updated["shots"] == list(grpc_updated.shots)
-    status, info = _http("GET", f"{base}/v1/tasks/{task_id}")
+    status, info = http_call("GET", f"{base}/v1/tasks/{task_id}")
     expected = _grpc_json(stub.GetTask(pb.GetTaskRequest(task_id=twin.task_id)))
     assert status == 200 and {k: v for k, v in info.items() if k not in ("task_id", "created_at", "expires_at")} == \
         {k: v for k, v in expected.items() if k not in ("task_id", "created_at", "expires_at")}
-    assert _http("DELETE", f"{base}/v1/tasks/{task_id}") == (200, {"deleted": True})
-    assert _http("GET", f"{base}/v1/tasks/{task_id}")[0] == 404
+    assert http_call("DELETE", f"{base}/v1/tasks/{task_id}") == (200, {"deleted": True})
+    assert http_call("GET", f"{base}/v1/tasks/{task_id}")[0] == 404
 
 
 def test_list_models_and_health_and_the_openapi_document(server, stub):
-    status, models = _http("GET", f"{server.http_url}/v1/models")
+    status, models = http_call("GET", f"{server.http_url}/v1/models")
     assert status == 200 and models == _grpc_json(stub.ListModels(pb.ListModelsRequest()))
-    assert _http("GET", f"{server.http_url}/healthz") == (200, {"status": "SERVING"})
-    status, spec = _http("GET", f"{server.http_url}/openapi.json")
+    assert http_call("GET", f"{server.http_url}/healthz") == (200, {"status": "SERVING"})
+    status, spec = http_call("GET", f"{server.http_url}/openapi.json")
     assert status == 200 and spec["openapi"].startswith("3.")
     paths = spec["paths"]
     assert {"/v1/tasks", "/v1/tasks/{task_id}", "/v1/tasks/{task_id}/classify", "/v1/models", "/healthz"} <= set(paths)
@@ -141,13 +113,13 @@ def test_list_models_and_health_and_the_openapi_document(server, stub):
 def test_bad_input_gets_the_mapped_status_and_the_services_message(server, stub, omniglot_test):
     base = server.http_url
     one = png(omniglot_test.images[0])
-    support = [{"image": {"encoded": _b64(png(omniglot_test.images[i]))}, "label": f"c{i}"} for i in range(3)]
-    _, task = _http("POST", f"{base}/v1/tasks", {"model": OMNI, "support": support})
+    support = [{"image": {"encoded": b64(png(omniglot_test.images[i]))}, "label": f"c{i}"} for i in range(3)]
+    _, task = http_call("POST", f"{base}/v1/tasks", {"model": OMNI, "support": support})
     cases = [
         ("JSON that does not parse", "POST", "/v1/tasks", {"body": b"{not json"}, 400, "not a AdaptRequest in JSON"),
         ("unknown field", "POST", "/v1/tasks", {"body": {"model": OMNI, "colour": 1}}, 400, "colour"),
         ("undecodable image", "POST", "/v1/tasks", {"body": {"model": OMNI, "support": [
-            {"image": {"encoded": _b64(b"not an image")}, "label": "a"}, support[1]]}}, 400, "image 0"),
+            {"image": {"encoded": b64(b"not an image")}, "label": "a"}, support[1]]}}, 400, "image 0"),
         ("one class", "POST", "/v1/tasks", {"body": {"model": OMNI, "support": support[:1]}}, 400, "at least 2"),
         ("files and labels of different counts", "POST", "/v1/tasks",
          {"files": [("images", one)] * 2, "fields": [("model", OMNI), ("labels", "a")]}, 400, "2 image files and 1 labels"),
@@ -162,14 +134,14 @@ def test_bad_input_gets_the_mapped_status_and_the_services_message(server, stub,
          {"files": [("images", one)], "fields": [("labels", "c0"), ("expected_version", "7")]}, 409, "version 1"),
     ]
     for what, method, path, kw, status, message in cases:
-        got, answer = _http(method, base + path, **kw)
+        got, answer = http_call(method, base + path, **kw)
         assert got == status and message in answer["message"], (what, got, answer)
         assert answer["code"] == {400: "INVALID_ARGUMENT", 404: "NOT_FOUND", 413: "RESOURCE_EXHAUSTED", 409: "ABORTED"}[status]
     # the same refusal over gRPC carries the same message
     with pytest.raises(grpc.RpcError) as err:
         stub.Adapt(pb.AdaptRequest(model="resnet-9000", support=[pb.LabelledImage(image=pb.Image(encoded=one), label="a")] * 2))
-    assert err.value.details() == _http("POST", f"{base}/v1/tasks", {"model": "resnet-9000", "support": [
-        {"image": {"encoded": _b64(one)}, "label": "a"}] * 2})[1]["message"]
+    assert err.value.details() == http_call("POST", f"{base}/v1/tasks", {"model": "resnet-9000", "support": [
+        {"image": {"encoded": b64(one)}, "label": "a"}] * 2})[1]["message"]
     # a body claiming more than the server takes is refused before it is read
     conn = http.client.HTTPConnection(base.removeprefix("http://"), timeout=30)
     conn.putrequest("POST", "/v1/tasks")
@@ -179,25 +151,25 @@ def test_bad_input_gets_the_mapped_status_and_the_services_message(server, stub,
     answer = conn.getresponse()
     assert answer.status == 413 and "at most" in json.loads(answer.read())["message"]
     conn.close()
-    assert _http("GET", f"{base}/healthz")[0] == 200  # and it keeps serving
+    assert http_call("GET", f"{base}/healthz")[0] == 200  # and it keeps serving
 
 
 def test_tokens_rates_and_a_database_outage_map_to_401_429_and_503(omni_bundles, tmp_path, omniglot_test):
-    support = [{"image": {"encoded": _b64(png(omniglot_test.images[i]))}, "label": f"c{i}"} for i in range(3)]
+    support = [{"image": {"encoded": b64(png(omniglot_test.images[i]))}, "label": f"c{i}"} for i in range(3)]
     port = free_port()
     with PostgresServer() as pg, ServerProcess(omni_bundles, tmp_path / "state", "--warmup-tasks", "0", "--store", pg.url,
                                                "--token", "tok", "--tenant-rps", "2", "--http-port", str(port)):
         base, auth = f"http://127.0.0.1:{port}", {"authorization": "Bearer tok"}
-        status, answer = _http("GET", f"{base}/v1/models")
+        status, answer = http_call("GET", f"{base}/v1/models")
         assert status == 401 and answer["code"] == "UNAUTHENTICATED"
-        assert _http("GET", f"{base}/v1/models", headers={"authorization": "Bearer wrong"})[0] == 401
-        statuses = [_http("GET", f"{base}/v1/models", headers=auth)[0] for _ in range(8)]
+        assert http_call("GET", f"{base}/v1/models", headers={"authorization": "Bearer wrong"})[0] == 401
+        statuses = [http_call("GET", f"{base}/v1/models", headers=auth)[0] for _ in range(8)]
         assert statuses[0] == 200 and 429 in statuses, statuses
         time.sleep(1.5)
-        status, task = _http("POST", f"{base}/v1/tasks", {"model": OMNI, "support": support}, headers=auth)
+        status, task = http_call("POST", f"{base}/v1/tasks", {"model": OMNI, "support": support}, headers=auth)
         assert status == 200, task
         pg.stop()
-        status, answer = _http("GET", f"{base}/v1/tasks/{task['task_id']}", headers=auth)
+        status, answer = http_call("GET", f"{base}/v1/tasks/{task['task_id']}", headers=auth)
         assert status == 503 and answer["code"] == "UNAVAILABLE" and "task database" in answer["message"]
         pg.start()
 
@@ -239,7 +211,7 @@ def test_the_openapi_document_describes_every_body_answer_and_status(server):
         urllib.request.urlopen(request, timeout=30)
     assert err.value.code == 405 and err.value.headers["Allow"] == "DELETE, GET, PATCH"
     assert json.loads(err.value.read())["code"] == "UNIMPLEMENTED"
-    status, answer = _http("POST", f"{server.http_url}/v1/tasks/{'a' * 32}/classify", {"task_id": "b" * 32, "queries": []})
+    status, answer = http_call("POST", f"{server.http_url}/v1/tasks/{'a' * 32}/classify", {"task_id": "b" * 32, "queries": []})
     assert status == 400 and "comes from the path" in answer["message"]
 
 

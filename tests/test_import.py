@@ -2,7 +2,7 @@
 
 The graph checks say what is wrong; one of our own backbones (the shipped Omniglot direct-sum one) exported
 to a plain ONNX file with foreign input and output names and imported as if it were foreign serves, over a
-real server, the shipped bundle's predictions on 20 tasks; the README's import block, with a sample and a
+real server, the shipped bundle's predictions on 20 tasks; the import block of docs/bundles.md, with a sample and a
 validation folder, centres, tunes and calibrates the bundle, and its open-set option answers.
 """
 
@@ -126,7 +126,7 @@ def test_an_imported_backbone_serves_the_shipped_models_predictions(foreign, exp
 
 
 def test_readme_block_imports_with_sample_and_validation_folders(foreign, tmp_path):
-    """The README's "Use your own backbone" import command, on Omniglot validation classes as PNG files."""
+    """The "Use your own backbone" import command, on Omniglot validation classes as PNG files."""
     from fewshot.export.loader import open_bundle
     from fewshot.export.registry import load_bundle
     from fewshot.models.zoo import load_model
@@ -143,7 +143,7 @@ def test_readme_block_imports_with_sample_and_validation_folders(foreign, tmp_pa
     subs = {"--input-size 224": "--input-size 28 --channels 1", "--mean 0.485,0.456,0.406 --std 0.229,0.224,0.225":
             "--mean 0.92 --std 0.22", "--out bundles": "--out bundles --tune-tasks 20 --calibration-tasks 20"}
     for old, new in subs.items():
-        assert old in command, f"README import command lost {old!r}"
+        assert old in command, f"docs/bundles.md import command lost {old!r}"
         command = command.replace(old, new)
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     run = subprocess.run(["bash", "-euo", "pipefail", "-c", command], cwd=tmp_path, capture_output=True, text=True,

@@ -13,6 +13,7 @@ import pytest
 import torch
 import tritonclient.grpc as grpcclient
 from fixtures.tritonserver import TritonProcess, TritonStartError, TritonUnavailable
+from fixtures.transports import triton_adapt, triton_adapt_inputs, triton_classify, triton_scalar, triton_strings
 from support import SHIPPED, SMALL
 from tritonclient.utils import InferenceServerException
 
@@ -50,31 +51,6 @@ def stub(server):
         yield pb_grpc.FewShotStub(channel)
 
 
-# -- the KServe v2 tensor contract of README's "Deploy behind Triton" ---------------------------------
-def _strings(name: str, values: list[bytes | str]) -> grpcclient.InferInput:
-    array = np.array([v.encode() if isinstance(v, str) else v for v in values], dtype=np.object_)
-    tensor = grpcclient.InferInput(name, [len(values)], "BYTES")
-    tensor.set_data_from_numpy(array)
-    return tensor
-
-
-def _adapt_inputs(model: str, labels: list, images: list[bytes], method: str | None = None) -> list[grpcclient.InferInput]:
-    inputs = [_strings("model", [model]), _strings("labels", labels), _strings("images", images)]
-    return inputs + ([_strings("method", [method])] if method else [])
-
-
-def triton_adapt(client, model: str, labels: list[str], images: list[bytes], method: str | None = None) -> tuple[str, list[str]]:
-    """``fewshot_adapt`` -> (task id, class labels)."""
-    result = client.infer("fewshot_adapt", _adapt_inputs(model, labels, images, method))
-    return result.as_numpy("task_id")[0].decode(), [v.decode() for v in result.as_numpy("labels")]
-
-
-def triton_classify(client, task_id: str, images: list[bytes]) -> tuple[np.ndarray, list[str]]:
-    """``fewshot_classify`` -> ((Q, N) probabilities, class labels)."""
-    result = client.infer("fewshot_classify", [_strings("task_id", [task_id]), _strings("images", images)])
-    return result.as_numpy("probabilities"), [v.decode() for v in result.as_numpy("labels")]
-
-
 def service_adapt(stub, model: str, labels: list[str], images: list[bytes], method: str = "") -> pb.AdaptResponse:
     support = [pb.LabelledImage(image=pb.Image(encoded=b), label=label) for b, label in zip(images, labels)]
     return stub.Adapt(pb.AdaptRequest(model=model, method=method, support=support))
@@ -90,13 +66,6 @@ def _task(data: ImageSet, episode) -> tuple[list[str], list[bytes], list[bytes],
     """A real episode as PNG bytes: (support labels, support images, query images, query labels)."""
     return ([f"class-{c}" for c in episode.support_labels], [png(data.images[i]) for i in episode.support],
             [png(data.images[i]) for i in episode.query], [f"class-{c}" for c in episode.query_labels])
-
-
-def _scalar(name: str, value: float | bool) -> grpcclient.InferInput:
-    dtype = "BOOL" if isinstance(value, bool) else "FP64"
-    tensor = grpcclient.InferInput(name, [1], dtype)
-    tensor.set_data_from_numpy(np.array([value], dtype=bool if dtype == "BOOL" else np.float64))
-    return tensor
 
 
 def _first_of_each_family() -> list[str]:
@@ -198,17 +167,17 @@ def test_bad_input_is_an_error_and_triton_keeps_serving(client, omniglot_test):
     labels, support, queries, truth = _task(omniglot_test, EpisodeSampler(omniglot_test, 5, 1, 15, seed=7).episode(0))
     live, _ = triton_adapt(client, OMNI, labels, support)
     cases = [
-        ("undecodable image", "fewshot_adapt", _adapt_inputs(OMNI, labels, [b"not an image", *support[1:]]), "INVALID_ARGUMENT"),
-        ("decompression bomb", "fewshot_adapt", _adapt_inputs(OMNI, labels, [_bomb(), *support[1:]]), "INVALID_ARGUMENT"),
-        ("one class", "fewshot_adapt", _adapt_inputs(OMNI, ["a"] * len(support), support), "INVALID_ARGUMENT"),
-        ("empty label", "fewshot_adapt", _adapt_inputs(OMNI, ["", *labels[1:]], support), "INVALID_ARGUMENT"),
-        ("label not UTF-8", "fewshot_adapt", _adapt_inputs(OMNI, [b"\xff\xfe", *labels[1:]], support), "INVALID_ARGUMENT"),
-        ("fewer labels than images", "fewshot_adapt", _adapt_inputs(OMNI, labels[:-1], support), "INVALID_ARGUMENT"),
-        ("unknown method", "fewshot_adapt", _adapt_inputs(OMNI, labels, support, "svm"), "INVALID_ARGUMENT"),
-        ("unknown model", "fewshot_adapt", _adapt_inputs("resnet-9000", labels, support), "NOT_FOUND"),
-        ("missing input", "fewshot_adapt", _adapt_inputs(OMNI, labels, support)[1:], "INVALID_ARGUMENT"),
-        ("unknown task", "fewshot_classify", [_strings("task_id", ["0" * 32]), _strings("images", queries[:1])], "NOT_FOUND"),
-        ("undecodable query", "fewshot_classify", [_strings("task_id", [live]), _strings("images", [b"GIF89a"])], "INVALID_ARGUMENT"),
+        ("undecodable image", "fewshot_adapt", triton_adapt_inputs(OMNI, labels, [b"not an image", *support[1:]]), "INVALID_ARGUMENT"),
+        ("decompression bomb", "fewshot_adapt", triton_adapt_inputs(OMNI, labels, [_bomb(), *support[1:]]), "INVALID_ARGUMENT"),
+        ("one class", "fewshot_adapt", triton_adapt_inputs(OMNI, ["a"] * len(support), support), "INVALID_ARGUMENT"),
+        ("empty label", "fewshot_adapt", triton_adapt_inputs(OMNI, ["", *labels[1:]], support), "INVALID_ARGUMENT"),
+        ("label not UTF-8", "fewshot_adapt", triton_adapt_inputs(OMNI, [b"\xff\xfe", *labels[1:]], support), "INVALID_ARGUMENT"),
+        ("fewer labels than images", "fewshot_adapt", triton_adapt_inputs(OMNI, labels[:-1], support), "INVALID_ARGUMENT"),
+        ("unknown method", "fewshot_adapt", triton_adapt_inputs(OMNI, labels, support, "svm"), "INVALID_ARGUMENT"),
+        ("unknown model", "fewshot_adapt", triton_adapt_inputs("resnet-9000", labels, support), "NOT_FOUND"),
+        ("missing input", "fewshot_adapt", triton_adapt_inputs(OMNI, labels, support)[1:], "INVALID_ARGUMENT"),
+        ("unknown task", "fewshot_classify", [triton_strings("task_id", ["0" * 32]), triton_strings("images", queries[:1])], "NOT_FOUND"),
+        ("undecodable query", "fewshot_classify", [triton_strings("task_id", [live]), triton_strings("images", [b"GIF89a"])], "INVALID_ARGUMENT"),
     ]
     for name, model, inputs, status in cases:
         with pytest.raises(InferenceServerException) as err:
@@ -235,9 +204,9 @@ def test_triton_rejects_unknown_queries_as_the_service_does(client, stub, name):
     queries = [png(data.images[i]) for i in np.concatenate([ep.known.query, ep.unknown])]
     task_id, _ = triton_adapt(client, name, labels, support)
     service_task = service_adapt(stub, name, labels, support).task_id  # the same support, adapted by the service
-    for option in ([], [_scalar("target_recall", 0.8)]):
-        result = client.infer("fewshot_classify", [_strings("task_id", [task_id]), _strings("images", queries),
-                                                   _scalar("reject_unknown", True), *option])
+    for option in ([], [triton_scalar("target_recall", 0.8)]):
+        result = client.infer("fewshot_classify", [triton_strings("task_id", [task_id]), triton_strings("images", queries),
+                                                   triton_scalar("reject_unknown", True), *option])
         recall = {"target_recall": 0.8} if option else {}
         served = stub.Classify(pb.ClassifyRequest(task_id=service_task, queries=[pb.Image(encoded=b) for b in queries],
                                                   reject_unknown=True, **recall))
@@ -246,11 +215,11 @@ def test_triton_rejects_unknown_queries_as_the_service_does(client, stub, name):
         assert result.as_numpy("threshold")[0] == pytest.approx(served.predictions[0].threshold)
         flags, n = result.as_numpy("unknown"), len(ep.known.query)
         assert flags[n:].mean() > flags[:n].mean() + 0.2  # unseen classes are told apart
-    plain = client.infer("fewshot_classify", [_strings("task_id", [task_id]), _strings("images", queries)])
+    plain = client.infer("fewshot_classify", [triton_strings("task_id", [task_id]), triton_strings("images", queries)])
     assert plain.as_numpy("unknown") is None  # without the option: the outputs of before
     with pytest.raises(InferenceServerException) as err:
-        client.infer("fewshot_classify", [_strings("task_id", [task_id]), _strings("images", queries[:1]),
-                                          _scalar("reject_unknown", True), _scalar("target_recall", 2.0)])
+        client.infer("fewshot_classify", [triton_strings("task_id", [task_id]), triton_strings("images", queries[:1]),
+                                          triton_scalar("reject_unknown", True), triton_scalar("target_recall", 2.0)])
     assert err.value.status() == "StatusCode.INVALID_ARGUMENT" and "0.5..0.99" in err.value.message()
 
 
