@@ -6,7 +6,7 @@ export MALLOC_MMAP_THRESHOLD_ ?= 33554432
 export MALLOC_TRIM_THRESHOLD_ ?= 67108864
 export MALLOC_TOP_PAD_ ?= 67108864
 
-.PHONY: install test test-unit test-triton triton-env demo models results clean
+.PHONY: install lint test test-unit test-triton triton-env demo models results clean
 
 # torch is pinned to the CPU build that pip finds locally (see ../shared/ENVIRONMENT.md): a plain
 # `torch` would pull several GB of CUDA wheels. CPU machines get `onnxruntime`; the GPU image
@@ -21,7 +21,13 @@ install: $(STAMP)
 # The Triton tests (tests/test_triton*.py) run a real `tritonserver` from .venv-triton (nvidia-pytriton's
 # binary; scripts/triton-env.sh, quick once made). `make test` runs them too; they skip, printing why,
 # only where that binary cannot run (here: if the venv could not be made). `make test-triton` insists.
-test: install
+# Lint, format and types (ruff and mypy, configured in pyproject.toml): seconds, so before the tests.
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	scripts/typecheck.sh
+
+test: install lint
 	scripts/triton-env.sh || echo "make test: .venv-triton could not be prepared; the Triton tests will skip and say why"
 	scripts/browser-env.sh
 	$(PY) -m pytest
@@ -50,4 +56,4 @@ results: install
 	$(PY) -m fewshot.tools.results --tasks 600
 
 clean:
-	rm -rf $(VENV) .venv-triton .cache .pytest_cache
+	rm -rf $(VENV) .venv-triton .cache .pytest_cache .mypy_cache .ruff_cache

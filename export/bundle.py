@@ -21,12 +21,13 @@ import torch
 from safetensors.torch import save_file
 
 from fewshot.errors import FewShotError
-from fewshot.models.features import ONNX_OPSET
-from fewshot.models.inner_loop.onnx_network import network_inputs
 from fewshot.models.card import MANIFEST_SCHEMA
 from fewshot.models.data import load_dataset
 from fewshot.models.episodes import EpisodeSampler
 from fewshot.models.family import family_of, open_shipped
+from fewshot.models.features import ONNX_OPSET
+from fewshot.models.inner_loop.family import NetworkAdapter
+from fewshot.models.inner_loop.onnx_network import network_inputs
 from fewshot.models.runtime import OnnxEngines, onnx_session
 from fewshot.models.zoo import load_model
 
@@ -95,7 +96,9 @@ def _network_feeds(model, tasks: int = 4) -> list[dict[str, np.ndarray]]:
     lo, hi = family.way_range()
     shots = int(model.card.training["config"]["shots"])
     samplers = [EpisodeSampler(data, w, shots, 15, seed=0) for w in sorted({lo, max(lo, min(5, hi)), min(10, hi)})]
-    adapter = family.adapter(bn_mode="support").adapter
+    network = family.adapter(bn_mode="support")
+    assert isinstance(network, NetworkAdapter), f"{model.name} is not an inner-loop model"
+    adapter = network.adapter
     feeds = []
     for i in range(tasks):
         ep = samplers[i % len(samplers)].episode(i)
@@ -109,7 +112,7 @@ def _fp16_agreement(model, fp32: dict[str, bytes], fp16: dict[str, bytes], tasks
     """Top-1 agreement (%) of the model's default method served from fp16 against fp32 graphs, on the
     queries of ``tasks`` real 1-shot tasks (the family objects the server builds from a bundle)."""
     data = load_dataset(model.card.dataset, "test", spec=model.spec)
-    parts = lambda files: {k.removesuffix(".onnx"): v for k, v in files.items()}  # noqa: E731
+    parts = lambda files: {k.removesuffix(".onnx"): v for k, v in files.items()}  # noqa: E731  (a one-line local helper)
     card = model.card.to_dict()
     a32 = family_of(card)(card, model.meta_tensors(), OnnxEngines(parts(fp32), "cpu")).adapter()
     f16 = family_of(card)(card, model.meta_tensors(), OnnxEngines(parts(fp16), "cpu"))
@@ -119,15 +122,25 @@ def _fp16_agreement(model, fp32: dict[str, bytes], fp16: dict[str, bytes], tasks
     same = total = 0
     for i in range(tasks):
         ep = sampler.episode(i)
-        xs, ys, xq = (model.spec.normalize(data.images[ep.support]), torch.as_tensor(ep.support_labels),
-                      model.spec.normalize(data.images[ep.query]))
+        xs, ys, xq = (
+            model.spec.normalize(data.images[ep.support]),
+            torch.as_tensor(ep.support_labels),
+            model.spec.normalize(data.images[ep.query]),
+        )
         p32, p16 = a32.adapt(xs, ys).classify(xq).argmax(1), a16.adapt(xs, ys).classify(xq).argmax(1)
         same, total = same + int((p32 == p16).sum()), total + len(p32)
     return 100.0 * same / total
 
 
-def export_model(name: str, out_dir: Path = DEFAULT_BUNDLE_DIR, fp16: bool = False, triton_repo: Path | None = None,
-                 log=print, triton_backend: str = "onnxruntime_onnx", triton_state_dir: Path | None = None) -> Path:
+def export_model(
+    name: str,
+    out_dir: Path = DEFAULT_BUNDLE_DIR,
+    fp16: bool = False,
+    triton_repo: Path | None = None,
+    log=print,
+    triton_backend: str = "onnxruntime_onnx",
+    triton_state_dir: Path | None = None,
+) -> Path:
     """Export shipped model ``name`` into ``out_dir/<name>/``; returns the bundle folder. With
     ``triton_repo``, also write its Triton models there (:func:`fewshot.export.triton.write_bundle_models`:
     ``triton_backend`` ``onnxruntime_onnx`` or ``python``, tasks of ``fewshot_adapt`` in ``triton_state_dir``)."""
@@ -186,8 +199,16 @@ def build_manifest(model, file_names: list[str], bundle: Path, parity: dict, fp1
     extra: dict[str, Any] = {}
     if "network.onnx" in file_names:
         extra["network_inputs"] = _graph_inputs(bundle / "network.onnx")
-    meta = card.manifest(card.feature_dim or _graph_output_dim(bundle / "backbone.onnx"), files, parity,
-                         "fp16" if fp16 else "fp32", ONNX_OPSET, source_fingerprint(model.path), BUNDLE_VERSION, extra)
+    meta = card.manifest(
+        card.feature_dim or _graph_output_dim(bundle / "backbone.onnx"),
+        files,
+        parity,
+        "fp16" if fp16 else "fp32",
+        ONNX_OPSET,
+        source_fingerprint(model.path),
+        BUNDLE_VERSION,
+        extra,
+    )
     if centered:
         meta["heads"] = dict(card.heads) | {"centering_vector": {"file": "meta.safetensors", "tensor": "center"}}
     return meta

@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,17 +39,23 @@ SAMPLE_LIMIT = 5000
 TUNE_TASKS, CALIBRATION_TASKS, SEED = 300, 300, 0
 
 
-class ImportError_(FewShotError, ValueError):  # noqa: N801  (not the builtin ImportError)
+class ImportError_(FewShotError, ValueError):
     """Raised when an ONNX file is not an image embedder the server can serve; the message says what to change."""
 
 
 def default_heads(transform: str) -> dict[str, Any]:
     """Head settings of an imported model without a validation folder: those tuned for the shipped Tiny
     ImageNet direct-sum model (natural images), under ``transform``."""
-    return {"centroid": {"transform": transform},
-            "laplacianshot": {"knn": 3, "lambda": {"1": 0.5, "5": 0.3}, "transform": transform, "rectify": True},
-            "logreg": {"transform": transform, "weight_decay": {"1": 0.03, "5": 0.01}, "steps": 100,
-                       "weight_decay_grid": [0.0001, 0.0003, 0.001, 0.003, 0.01, 0.03, 0.1]}}
+    return {
+        "centroid": {"transform": transform},
+        "laplacianshot": {"knn": 3, "lambda": {"1": 0.5, "5": 0.3}, "transform": transform, "rectify": True},
+        "logreg": {
+            "transform": transform,
+            "weight_decay": {"1": 0.03, "5": 0.01},
+            "steps": 100,
+            "weight_decay_grid": [0.0001, 0.0003, 0.001, 0.003, 0.01, 0.03, 0.1],
+        },
+    }
 
 
 def _dims(value_info: Any) -> list[int | str]:
@@ -65,18 +72,23 @@ def check_embedder(model: Any, channels: int, size: int, output: str | None = No
     initializers = {i.name for i in graph.initializer}
     inputs = [i for i in graph.input if i.name not in initializers]
     if len(inputs) != 1:
-        raise ImportError_(f"the graph has {len(inputs)} inputs ({', '.join(i.name for i in inputs)}); an image "
-                           "embedder takes one: a batch of images (N, C, H, W)")
+        raise ImportError_(
+            f"the graph has {len(inputs)} inputs ({', '.join(i.name for i in inputs)}); an image "
+            "embedder takes one: a batch of images (N, C, H, W)"
+        )
     (x,) = inputs
     shape = _dims(x)
     if x.type.tensor_type.elem_type != TensorProto.FLOAT:
-        raise ImportError_(f"input {x.name!r} is not float32 (ONNX element type {x.type.tensor_type.elem_type}); "
-                           "export the model in float32")
+        raise ImportError_(
+            f"input {x.name!r} is not float32 (ONNX element type {x.type.tensor_type.elem_type}); export the model in float32"
+        )
     if len(shape) != 4:
         raise ImportError_(f"input {x.name!r} has shape {shape}; an image embedder takes (N, C, H, W)")
     if isinstance(shape[0], int) and shape[0] > 0:
-        raise ImportError_(f"input {x.name!r} has a fixed batch of {shape[0]}; export with a dynamic batch axis "
-                           "(torch.onnx.export(..., dynamic_axes={'INPUT': {0: 'batch'}, 'OUTPUT': {0: 'batch'}}))")
+        raise ImportError_(
+            f"input {x.name!r} has a fixed batch of {shape[0]}; export with a dynamic batch axis "
+            "(torch.onnx.export(..., dynamic_axes={'INPUT': {0: 'batch'}, 'OUTPUT': {0: 'batch'}}))"
+        )
     if isinstance(shape[1], int) and shape[1] != channels:
         raise ImportError_(f"input {x.name!r} takes {shape[1]} channels, not --channels {channels}")
     for axis, side in zip(("height", "width"), shape[2:]):
@@ -85,15 +97,16 @@ def check_embedder(model: Any, channels: int, size: int, output: str | None = No
     outputs = {o.name: o for o in graph.output}
     if output is None:
         if len(outputs) != 1:
-            raise ImportError_(f"the graph has {len(outputs)} outputs ({', '.join(outputs)}); name the feature "
-                               "vector with --output")
+            raise ImportError_(f"the graph has {len(outputs)} outputs ({', '.join(outputs)}); name the feature vector with --output")
         output = next(iter(outputs))
     if output not in outputs:
         raise ImportError_(f"the graph has no output {output!r}; its outputs are {', '.join(outputs)}")
     out_shape = _dims(outputs[output])
     if out_shape and len(out_shape) != 2:
-        raise ImportError_(f"output {output!r} has shape {out_shape}; an image embedder gives one vector per "
-                           "image (N, D): flatten it in the model before exporting")
+        raise ImportError_(
+            f"output {output!r} has shape {out_shape}; an image embedder gives one vector per "
+            "image (N, D): flatten it in the model before exporting"
+        )
     return x.name, output
 
 
@@ -117,10 +130,20 @@ def _renamed(model: Any, old_in: str, old_out: str) -> bytes:
     return model.SerializeToString()
 
 
-def import_onnx(onnx_path: Path, name: str, spec: InputSpec, out_dir: Path, sample_folder: Path | None = None,
-                val_folder: Path | None = None, output: str | None = None, triton_repo: Path | None = None,
-                tune_tasks: int = TUNE_TASKS, calibration_tasks: int = CALIBRATION_TASKS,
-                log: Callable[[str], None] = print, triton_backend: str = "onnxruntime_onnx") -> Path:
+def import_onnx(
+    onnx_path: Path,
+    name: str,
+    spec: InputSpec,
+    out_dir: Path,
+    sample_folder: Path | None = None,
+    val_folder: Path | None = None,
+    output: str | None = None,
+    triton_repo: Path | None = None,
+    tune_tasks: int = TUNE_TASKS,
+    calibration_tasks: int = CALIBRATION_TASKS,
+    log: Callable[[str], None] = print,
+    triton_backend: str = "onnxruntime_onnx",
+) -> Path:
     """Write the metric bundle ``out_dir/name`` of the ONNX embedder at ``onnx_path``; returns its folder."""
     import onnx
 
@@ -138,18 +161,22 @@ def import_onnx(onnx_path: Path, name: str, spec: InputSpec, out_dir: Path, samp
         model = onnx.load(str(onnx_path))
     except FileNotFoundError:
         raise ImportError_(f"{onnx_path}: no such file") from None
-    except Exception as exc:  # noqa: BLE001  (protobuf's own errors: not an ONNX file)
+    except Exception as exc:
         raise ImportError_(f"{onnx_path} is not an ONNX model: {exc}") from exc
     old_in, old_out = check_embedder(model, spec.channels, spec.size, output)
     graph = _renamed(model, old_in, old_out)
     session = onnx_session(graph, "cpu")
     try:
-        probe = session.run(None, {"images": np.random.default_rng(SEED).standard_normal((2, spec.channels, spec.size, spec.size)).astype(np.float32)})[0]
-    except Exception as exc:  # noqa: BLE001  (ONNX Runtime's errors name the failing node)
+        probe = session.run(
+            None, {"images": np.random.default_rng(SEED).standard_normal((2, spec.channels, spec.size, spec.size)).astype(np.float32)}
+        )[0]
+    except Exception as exc:
         raise ImportError_(f"{onnx_path} does not run on a batch of 2 {spec.channels}x{spec.size}x{spec.size} images: {exc}") from exc
     if probe.ndim != 2 or probe.shape[0] != 2 or not np.isfinite(probe).all():
-        raise ImportError_(f"{onnx_path} gave {probe.shape} {'finite' if np.isfinite(probe).all() else 'non-finite'} "
-                           "outputs for 2 images; an image embedder gives 2 finite vectors")
+        raise ImportError_(
+            f"{onnx_path} gave {probe.shape} {'finite' if np.isfinite(probe).all() else 'non-finite'} "
+            "outputs for 2 images; an image embedder gives 2 finite vectors"
+        )
     dim = int(probe.shape[1])
     features = image_features(SessionFeatures(session, dim), spec)
     tensors: dict[str, torch.Tensor] = {}
@@ -167,22 +194,41 @@ def import_onnx(onnx_path: Path, name: str, spec: InputSpec, out_dir: Path, samp
         log(f"{name}: heads tuned on {tune_tasks} tasks of {val.num_classes} classes of {val_folder}: {record['accuracy']}")
     else:
         heads = default_heads("CL2N" if center is not None else "L2N")
-    card = ModelCard.from_dict({
-        "schema": CARD_SCHEMA, "name": name, "family": MetricFamily.family, "method": "imported ONNX embedder",
-        "architecture": {"arch": "onnx", "file": Path(onnx_path).name, "sha256": sha256(Path(onnx_path)),
-                         "input_name": old_in, "output_name": old_out},
-        "input": spec.to_dict(), "feature_dim": dim,
-        "training": {"command": "fewshot import", "seed": SEED, "imported_from": str(onnx_path)},
-        "data": {"dataset": None, "sample_folder": str(sample_folder) if sample_folder else None,
-                 "val_folder": str(val_folder) if val_folder else None},
-        "default_head": "centroid", "heads": heads, "limits": {"max_ways": 50, "max_shots": 50}, "accuracy": {},
-        **({"head_tuning": record} if record else {}),
-    })
+    card = ModelCard.from_dict(
+        {
+            "schema": CARD_SCHEMA,
+            "name": name,
+            "family": MetricFamily.family,
+            "method": "imported ONNX embedder",
+            "architecture": {
+                "arch": "onnx",
+                "file": Path(onnx_path).name,
+                "sha256": sha256(Path(onnx_path)),
+                "input_name": old_in,
+                "output_name": old_out,
+            },
+            "input": spec.to_dict(),
+            "feature_dim": dim,
+            "training": {"command": "fewshot import", "seed": SEED, "imported_from": str(onnx_path)},
+            "data": {
+                "dataset": None,
+                "sample_folder": str(sample_folder) if sample_folder else None,
+                "val_folder": str(val_folder) if val_folder else None,
+            },
+            "default_head": "centroid",
+            "heads": heads,
+            "limits": {"max_ways": 50, "max_shots": 50},
+            "accuracy": {},
+            **({"head_tuning": record} if record else {}),
+        }
+    )
     bundle = out_dir / name
     bundle.mkdir(parents=True, exist_ok=True)
     (bundle / "backbone.onnx").write_bytes(graph)
     save_file(tensors, str(bundle / "meta.safetensors"))  # empty without a sample folder
-    manifest = _manifest(card, bundle, center is not None, opset=max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0))
+    manifest = _manifest(
+        card, bundle, center is not None, opset=max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
+    )
     if val is not None:  # calibrated on the bundle's own family object, before its manifest is written
         block = calibrate_family(open_bundle(Bundle(bundle, manifest), "cpu"), name, val, calibration_tasks, SEED, log=log)
         if block:
@@ -198,10 +244,13 @@ def import_onnx(onnx_path: Path, name: str, spec: InputSpec, out_dir: Path, samp
 
 
 def _manifest(card: ModelCard, bundle: Path, centered: bool, opset: int) -> dict[str, Any]:
-    files = {f: {"sha256": sha256(bundle / f), "bytes": (bundle / f).stat().st_size} for f in ("backbone.onnx", "meta.safetensors")}
+    files: dict[str, dict[str, Any]] = {
+        f: {"sha256": sha256(bundle / f), "bytes": (bundle / f).stat().st_size} for f in ("backbone.onnx", "meta.safetensors")
+    }
     source = {"weights_sha256": files["backbone.onnx"]["sha256"], "card_sha256": ""}
     parity = {"imported": True}  # the graph is the model: nothing to compare it with
-    meta = card.manifest(int(card.feature_dim), files, parity, "fp32", opset, source, BUNDLE_VERSION)
+    assert card.feature_dim is not None  # an imported card always states it (measured from the graph)
+    meta = card.manifest(card.feature_dim, files, parity, "fp32", opset, source, BUNDLE_VERSION)
     if centered:
         meta["heads"] = dict(card.heads) | {"centering_vector": {"file": "meta.safetensors", "tensor": "center"}}
     return meta

@@ -16,6 +16,7 @@ from fewshot.export.registry import Bundle
 from fewshot.models.family import Adapter, Family, family_of
 from fewshot.models.runtime import Engines, OnnxEngines
 
+
 def open_bundle(bundle: Bundle, device: str = "auto", threads: int = 0, engines: Engines | None = None) -> Family:
     """The family object of ``bundle``; its parts (``<part>.onnx``) run in ONNX Runtime on ``device`` with
     ``threads`` intra-op threads unless ``engines`` runs them. ONNX Runtime sessions are made when the

@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from fewshot.errors import ConfigError, FewShotError
-from fewshot.models.family import family_of
 from fewshot.export.bundle import SCHEMA_VERSION, sha256
+from fewshot.models.family import family_of
 
 REQUIRED_KEYS = ("schema_version", "name", "version", "family", "method", "input", "files", "limits", "default_head", "heads")
 
@@ -90,7 +90,7 @@ class Registry:
     bundles: dict[str, Bundle] = field(default_factory=dict)
 
     @staticmethod
-    def load(root: str | Path) -> "Registry":
+    def load(root: str | Path) -> Registry:
         """Load every bundle under ``root``; the first bad one raises :class:`BundleError`."""
         root = Path(root)
         if not root.is_dir():

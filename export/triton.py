@@ -43,7 +43,7 @@ _ONNX_WRAPPER = Path(__file__).with_name("triton_onnx_model.py")
 #: ``model.py`` of the few-shot models: the classes live in the installed package, so the repository
 #: holds no copy of the logic (the Triton python environment needs ``fewshot`` installed).
 _FEWSHOT_MODEL_PY = '''"""Triton python-backend model {name}: see fewshot.server.triton_models."""
-from fewshot.server.triton_models import {cls} as TritonPythonModel  # noqa: F401
+from fewshot.server.triton_models import {cls} as TritonPythonModel  # noqa: F401  (the class name Triton's python backend looks up)
 '''
 
 
@@ -61,8 +61,16 @@ def _tensor(name: str, data_type: str, dims: list[int], optional: bool = False) 
     return {"name": name, "data_type": data_type, "dims": dims, **({"optional": True} if optional else {})}
 
 
-def _config(model_name: str, backend: str, max_batch_size: int, inputs: list[dict], outputs: list[dict],
-            instances: tuple[str, int], parameters: dict[str, str] | None = None, batching: bool = False) -> str:
+def _config(
+    model_name: str,
+    backend: str,
+    max_batch_size: int,
+    inputs: list[dict],
+    outputs: list[dict],
+    instances: tuple[str, int],
+    parameters: dict[str, str] | None = None,
+    batching: bool = False,
+) -> str:
     """A ``config.pbtxt`` built through Triton's own schema (``model_config_pb2.ModelConfig``, parsed
     from a dict and written with ``text_format``, as Triton's tooling does): a field that does not
     exist fails here, not when Triton loads the model."""
@@ -71,8 +79,13 @@ def _config(model_name: str, backend: str, max_batch_size: int, inputs: list[dic
         from tritonclient.grpc import model_config_pb2
     except ImportError:
         raise EnvironmentUnavailable("writing a Triton repository needs tritonclient: pip install 'fewshot[triton]'") from None
-    spec: dict[str, Any] = {"name": model_name, "max_batch_size": max_batch_size, "input": inputs, "output": outputs,
-                            "instance_group": [{"kind": instances[0], "count": instances[1]}]}
+    spec: dict[str, Any] = {
+        "name": model_name,
+        "max_batch_size": max_batch_size,
+        "input": inputs,
+        "output": outputs,
+        "instance_group": [{"kind": instances[0], "count": instances[1]}],
+    }
     spec["platform" if backend == "onnxruntime_onnx" else "backend"] = backend
     if batching:
         spec["dynamic_batching"] = {"max_queue_delay_microseconds": QUEUE_DELAY_US}
@@ -105,8 +118,16 @@ def onnx_model_config(model_name: str, onnx_path: Path, batched: bool, backend: 
     inputs = _graph_tensors([i for i in graph.input if i.name not in initializers], batched)
     outputs = _graph_tensors(graph.output, batched)
     if backend == "python":
-        return _config(model_name, backend, MAX_BATCH_SIZE if batched else 0, inputs, outputs, ("KIND_CPU", 1),
-                       {"threads": str(PYTHON_THREADS)}, batched)
+        return _config(
+            model_name,
+            backend,
+            MAX_BATCH_SIZE if batched else 0,
+            inputs,
+            outputs,
+            ("KIND_CPU", 1),
+            {"threads": str(PYTHON_THREADS)},
+            batched,
+        )
     return _config(model_name, backend, MAX_BATCH_SIZE if batched else 0, inputs, outputs, ("KIND_AUTO", 1), None, batched)
 
 
@@ -132,18 +153,32 @@ def fewshot_model_configs(bundle_dir: Path, state_dir: Path, instances: int = 1)
     a relative path there is read from the repository's root."""
     params = {"bundle_dir": str(bundle_dir), "state_dir": str(state_dir), "threads": str(PYTHON_THREADS)}
     strings = "TYPE_STRING"
-    adapt_in = [_tensor("model", strings, [1]), _tensor("labels", strings, [-1]), _tensor("images", strings, [-1]),
-                _tensor("method", strings, [1], optional=True), _tensor("settings", strings, [1], optional=True)]
+    adapt_in = [
+        _tensor("model", strings, [1]),
+        _tensor("labels", strings, [-1]),
+        _tensor("images", strings, [-1]),
+        _tensor("method", strings, [1], optional=True),
+        _tensor("settings", strings, [1], optional=True),
+    ]
     adapt_out = [_tensor("task_id", strings, [1]), _tensor("labels", strings, [-1])]
-    classify_in = [_tensor("task_id", strings, [1]), _tensor("images", strings, [-1]),
-                   _tensor("reject_unknown", "TYPE_BOOL", [1], optional=True),
-                   _tensor("threshold", "TYPE_FP64", [1], optional=True),
-                   _tensor("target_recall", "TYPE_FP64", [1], optional=True)]
-    classify_out = [_tensor("probabilities", "TYPE_FP32", [-1, -1]), _tensor("labels", strings, [-1]),
-                    _tensor("unknown", "TYPE_BOOL", [-1]), _tensor("scores", "TYPE_FP64", [-1]),
-                    _tensor("threshold", "TYPE_FP64", [1])]
-    return {ADAPT_MODEL: _config(ADAPT_MODEL, "python", 0, adapt_in, adapt_out, ("KIND_CPU", instances), params),
-            CLASSIFY_MODEL: _config(CLASSIFY_MODEL, "python", 0, classify_in, classify_out, ("KIND_CPU", instances), params)}
+    classify_in = [
+        _tensor("task_id", strings, [1]),
+        _tensor("images", strings, [-1]),
+        _tensor("reject_unknown", "TYPE_BOOL", [1], optional=True),
+        _tensor("threshold", "TYPE_FP64", [1], optional=True),
+        _tensor("target_recall", "TYPE_FP64", [1], optional=True),
+    ]
+    classify_out = [
+        _tensor("probabilities", "TYPE_FP32", [-1, -1]),
+        _tensor("labels", strings, [-1]),
+        _tensor("unknown", "TYPE_BOOL", [-1]),
+        _tensor("scores", "TYPE_FP64", [-1]),
+        _tensor("threshold", "TYPE_FP64", [1]),
+    ]
+    return {
+        ADAPT_MODEL: _config(ADAPT_MODEL, "python", 0, adapt_in, adapt_out, ("KIND_CPU", instances), params),
+        CLASSIFY_MODEL: _config(CLASSIFY_MODEL, "python", 0, classify_in, classify_out, ("KIND_CPU", instances), params),
+    }
 
 
 def write_fewshot_models(repo: Path, bundle_dir: Path, state_dir: Path, instances: int = 1) -> list[Path]:
@@ -167,8 +202,10 @@ def write_bundle_models(repo: Path, bundle: Bundle, backend: str = "onnxruntime_
     those models need ``fewshot`` and torch in Triton's python environment, which a stock Triton image
     lacks). Paths are written absolute."""
     folder = bundle.path.resolve()
-    folders = [write_onnx_model(repo, part_model_name(bundle.name, p.name), folder / f"{p.name}.onnx", p.batched, backend)
-               for p in family_of(bundle.manifest).parts]
+    folders = [
+        write_onnx_model(repo, part_model_name(bundle.name, p.name), folder / f"{p.name}.onnx", p.batched, backend)
+        for p in family_of(bundle.manifest).parts
+    ]
     if state_dir is not None:
         folders += write_fewshot_models(repo, folder.parent, Path(state_dir).resolve())
     return folders

@@ -20,12 +20,15 @@ def _train_configs():
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train a backbone: supervised (--loss/--metric/--combine) or meta-trained (--method)",
-                       description="--dataset omniglot, tinyimagenet or folder:PATH (your own images, one subfolder "
-                                   "per class; --image-size, --channels). "
-                                   "Without --method: supervised training with the direct-sum paper's losses. "
-                                   "With --method maml|fomaml|metasgd|mamlpp|maml-lslr|boil|metacurvature|metalstm|cxgrad|cxgrad-task: "
-                                   "episodic meta-training of that inner loop.")
+    p = sub.add_parser(
+        "train",
+        help="train a backbone: supervised (--loss/--metric/--combine) or meta-trained (--method)",
+        description="--dataset omniglot, tinyimagenet or folder:PATH (your own images, one subfolder "
+        "per class; --image-size, --channels). "
+        "Without --method: supervised training with the direct-sum paper's losses. "
+        "With --method maml|fomaml|metasgd|mamlpp|maml-lslr|boil|metacurvature|metalstm|cxgrad|cxgrad-task: "
+        "episodic meta-training of that inner loop.",
+    )
     seen: dict[str, object] = {}
     for cls in _train_configs():
         for f in dataclasses.fields(cls):
@@ -66,11 +69,14 @@ def _run_train(args: argparse.Namespace) -> None:
 
 
 def _add_average(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("average", help="average the weights of a meta-training run's last snapshots; keep if better "
-                       "on validation", description="Averages the meta-parameters (and learned update rule) of "
-                       "OUT/snapshots/ITER.pt for ITER >= --from-iteration, validates on the run's validation "
-                       "tasks and makes it OUT/best.pt only if it beats the best single checkpoint "
-                       "(kept as best-single.pt).")
+    p = sub.add_parser(
+        "average",
+        help="average the weights of a meta-training run's last snapshots; keep if better on validation",
+        description="Averages the meta-parameters (and learned update rule) of "
+        "OUT/snapshots/ITER.pt for ITER >= --from-iteration, validates on the run's validation "
+        "tasks and makes it OUT/best.pt only if it beats the best single checkpoint "
+        "(kept as best-single.pt).",
+    )
     p.add_argument("--run", required=True, help="meta-training run folder")
     p.add_argument("--from-iteration", type=int, required=True, help="first snapshot iteration to average")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -83,9 +89,11 @@ def _run_average(args: argparse.Namespace) -> None:
     if not (run / "best.pt").exists():
         raise ConfigError(f"{run} is not a meta-training run folder (no best.pt)")
     res = average_run(run, args.from_iteration, args.device)
-    print(f"average of {len(res.iterations)} snapshots ({res.iterations[0]}..{res.iterations[-1]}): val "
-          f"{res.accuracy:.2f} +- {res.ci95:.2f} vs best single {res.best_single:.2f}: "
-          f"{'kept as best.pt' if res.kept else 'not kept'}")
+    print(
+        f"average of {len(res.iterations)} snapshots ({res.iterations[0]}..{res.iterations[-1]}): val "
+        f"{res.accuracy:.2f} +- {res.ci95:.2f} vs best single {res.best_single:.2f}: "
+        f"{'kept as best.pt' if res.kept else 'not kept'}"
+    )
 
 
 def _setting(text: str) -> tuple[str, float | str]:
@@ -102,31 +110,49 @@ def _setting(text: str) -> tuple[str, float | str]:
 def _add_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="few-shot accuracy of a shipped model on seeded test tasks")
     p.add_argument("--model", required=True, help="shipped model name (models/zoo) or a model folder")
-    p.add_argument("--dataset", help="omniglot, tinyimagenet or folder:PATH (your own images, one subfolder per class, "
-                   "split as `fewshot train` splits them; any model, at its input size); default: the model's training dataset")
+    p.add_argument(
+        "--dataset",
+        help="omniglot, tinyimagenet or folder:PATH (your own images, one subfolder per class, "
+        "split as `fewshot train` splits them; any model, at its input size); default: the model's training dataset",
+    )
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
     p.add_argument("--ways", type=int, default=5)
     p.add_argument("--shots", type=int, default=1)
     p.add_argument("--queries", type=int, default=15)
     p.add_argument("--tasks", type=int, default=600)
-    p.add_argument("--head", help="metric models: centroid, laplacianshot, logreg (the heads its card has); "
-                   "default: the model's own method")
-    p.add_argument("--set", type=_setting, action="append", metavar="NAME=VALUE", default=[],
-                   help="a per-request setting of the method, as the server takes it (repeatable; e.g. inner_steps=10, "
-                   "bn=transductive, lambda=0.5, transform=L2N); the model's settings and their bounds are listed "
-                   "when one is wrong, and by `fewshot-client models`")
-    p.add_argument("--inner-precision", default="float32", choices=["float32", "bfloat16"],
-                   help="what the inner loop computes in (as `fewshot serve --inner-precision`)")
+    p.add_argument(
+        "--head", help="metric models: centroid, laplacianshot, logreg (the heads its card has); default: the model's own method"
+    )
+    p.add_argument(
+        "--set",
+        type=_setting,
+        action="append",
+        metavar="NAME=VALUE",
+        default=[],
+        help="a per-request setting of the method, as the server takes it (repeatable; e.g. inner_steps=10, "
+        "bn=transductive, lambda=0.5, transform=L2N); the model's settings and their bounds are listed "
+        "when one is wrong, and by `fewshot-client models`",
+    )
+    p.add_argument(
+        "--inner-precision",
+        default="float32",
+        choices=["float32", "bfloat16"],
+        help="what the inner loop computes in (as `fewshot serve --inner-precision`)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "torch"])
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--data-root", help="default: $FEWSHOT_DATA or ../shared/data")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--predictions", help="write every task's predicted query classes to this JSON file")
-    p.add_argument("--open-set", action="store_true", help="open-set protocol: each task's queries also hold --queries "
-                   "images of each of --ways unseen test classes; reports closed-set accuracy, the AUROC of the "
-                   "method's calibrated score (known vs unknown), known acceptance and unknown rejection at the "
-                   "calibrated threshold, and the ECE before and after temperature scaling")
+    p.add_argument(
+        "--open-set",
+        action="store_true",
+        help="open-set protocol: each task's queries also hold --queries "
+        "images of each of --ways unseen test classes; reports closed-set accuracy, the AUROC of the "
+        "method's calibrated score (known vs unknown), known acceptance and unknown rejection at the "
+        "calibrated threshold, and the ECE before and after temperature scaling",
+    )
     p.add_argument("--progress", action="store_true", help="show a progress bar")
 
 
@@ -156,25 +182,65 @@ def eval_row(args: argparse.Namespace) -> dict:
 
         if getattr(args, "predictions", None):
             raise ConfigError("--predictions is for closed-set runs; drop it or --open-set")
-        res = evaluate_open_set(adapter, data, lambda idx: model.spec.normalize(data.images[idx]), args.ways, args.shots,
-                                args.queries, args.tasks, args.seed, progress=args.progress)
+        res = evaluate_open_set(
+            adapter,
+            data,
+            lambda idx: model.spec.normalize(data.images[idx]),
+            args.ways,
+            args.shots,
+            args.queries,
+            args.tasks,
+            args.seed,
+            progress=args.progress,
+        )
         r2 = lambda v: None if v is None or v != v else round(v, 2)  # noqa: E731  (NaN: no threshold)
-        return {"model": model.name, "dataset": dataset, "split": args.split, "ways": args.ways, "shots": args.shots,
-                "queries": args.queries, "head": args.head or method, **model.describe(adapter), "tasks": res.tasks,
-                "seed": args.seed, "open_set": True, "accuracy": r2(res.accuracy), "ci95": r2(res.accuracy_ci95),
-                "auroc": r2(res.auroc), "auroc_ci95": r2(res.auroc_ci95), "score": res.score,
-                "temperature": round(res.temperature, 4), "threshold": res.threshold,
-                "acceptance": r2(res.acceptance), "acceptance_ci95": r2(res.acceptance_ci95),
-                "rejection": r2(res.rejection), "rejection_ci95": r2(res.rejection_ci95),
-                "ece_before": r2(res.ece_before), "ece_after": r2(res.ece_after), "seconds": r2(res.seconds)}
-    res = evaluate(adapter, data, model.spec.normalize, args.ways, args.shots, args.queries, args.tasks, args.seed,
-                   progress=args.progress)
+        return {
+            "model": model.name,
+            "dataset": dataset,
+            "split": args.split,
+            "ways": args.ways,
+            "shots": args.shots,
+            "queries": args.queries,
+            "head": args.head or method,
+            **model.describe(adapter),
+            "tasks": res.tasks,
+            "seed": args.seed,
+            "open_set": True,
+            "accuracy": r2(res.accuracy),
+            "ci95": r2(res.accuracy_ci95),
+            "auroc": r2(res.auroc),
+            "auroc_ci95": r2(res.auroc_ci95),
+            "score": res.score,
+            "temperature": round(res.temperature, 4),
+            "threshold": res.threshold,
+            "acceptance": r2(res.acceptance),
+            "acceptance_ci95": r2(res.acceptance_ci95),
+            "rejection": r2(res.rejection),
+            "rejection_ci95": r2(res.rejection_ci95),
+            "ece_before": r2(res.ece_before),
+            "ece_after": r2(res.ece_after),
+            "seconds": r2(res.seconds),
+        }
+    res = evaluate(adapter, data, model.spec.normalize, args.ways, args.shots, args.queries, args.tasks, args.seed, progress=args.progress)
     if getattr(args, "predictions", None):
-        Path(args.predictions).write_text(json.dumps({"seed": args.seed, "ways": args.ways, "shots": args.shots,
-                                                      "queries": args.queries, "predictions": res.predictions}))
-    return {"model": model.name, "dataset": dataset, "split": args.split, "ways": args.ways, "shots": args.shots,
-            "queries": args.queries, "head": args.head or method, **model.describe(adapter), "tasks": res.tasks,
-            "seed": args.seed, "accuracy": round(res.accuracy, 2), "ci95": round(res.ci95, 2), "seconds": round(res.seconds, 2)}
+        Path(args.predictions).write_text(
+            json.dumps({"seed": args.seed, "ways": args.ways, "shots": args.shots, "queries": args.queries, "predictions": res.predictions})
+        )
+    return {
+        "model": model.name,
+        "dataset": dataset,
+        "split": args.split,
+        "ways": args.ways,
+        "shots": args.shots,
+        "queries": args.queries,
+        "head": args.head or method,
+        **model.describe(adapter),
+        "tasks": res.tasks,
+        "seed": args.seed,
+        "accuracy": round(res.accuracy, 2),
+        "ci95": round(res.ci95, 2),
+        "seconds": round(res.seconds, 2),
+    }
 
 
 def _describe(row: dict) -> str:
@@ -182,12 +248,16 @@ def _describe(row: dict) -> str:
     if row.get("open_set"):
         open_set = f", open-set AUROC {row['auroc']:.2f} +- {row['auroc_ci95']:.2f} ({row['score']})"
         if row.get("acceptance") is not None:
-            open_set += (f", at the calibrated threshold known accepted {row['acceptance']:.2f} +- {row['acceptance_ci95']:.2f} %, "
-                         f"unknown rejected {row['rejection']:.2f} +- {row['rejection_ci95']:.2f} %")
+            open_set += (
+                f", at the calibrated threshold known accepted {row['acceptance']:.2f} +- {row['acceptance_ci95']:.2f} %, "
+                f"unknown rejected {row['rejection']:.2f} +- {row['rejection_ci95']:.2f} %"
+            )
         open_set += f", ECE {row['ece_before']:.2f} -> {row['ece_after']:.2f} (T={row['temperature']:g})"
-    return (f"{row['model']} {row['dataset']}/{row['split']} {row['ways']}-way {row['shots']}-shot {row['head']}: "
-            f"{row['accuracy']:.2f} +- {row['ci95']:.2f} %{open_set} over {row['tasks']} tasks (seed {row['seed']}, "
-            f"{row['seconds']:.1f} s)")
+    return (
+        f"{row['model']} {row['dataset']}/{row['split']} {row['ways']}-way {row['shots']}-shot {row['head']}: "
+        f"{row['accuracy']:.2f} +- {row['ci95']:.2f} %{open_set} over {row['tasks']} tasks (seed {row['seed']}, "
+        f"{row['seconds']:.1f} s)"
+    )
 
 
 def _run_eval(args: argparse.Namespace) -> None:
@@ -223,8 +293,9 @@ def _run_package(args: argparse.Namespace) -> None:
 
 
 def _add_tune(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("tune", help="choose head settings of a shipped metric model on its validation tasks, "
-                       "into its card (e.g. for a newly added head)")
+    p = sub.add_parser(
+        "tune", help="choose head settings of a shipped metric model on its validation tasks, into its card (e.g. for a newly added head)"
+    )
     p.add_argument("--model", required=True, help="shipped metric model name (models/zoo) or a model folder")
     p.add_argument("--head", action="append", required=True, help="head to tune (repeat); see `fewshot eval --head`")
     p.add_argument("--tasks", type=int, help="validation tasks (default: the count its card recorded)")
@@ -242,8 +313,11 @@ def _run_tune(args: argparse.Namespace) -> None:
 
 
 def _add_calibrate(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("calibrate", help="open-set calibration of a shipped model on validation episodes with "
-                       "distractor classes (temperature, score, thresholds per method and shot count), into its card")
+    p = sub.add_parser(
+        "calibrate",
+        help="open-set calibration of a shipped model on validation episodes with "
+        "distractor classes (temperature, score, thresholds per method and shot count), into its card",
+    )
     p.add_argument("--model", required=True, help="shipped model name (models/zoo) or a model folder")
     p.add_argument("--method", action="append", help="method to calibrate (repeat; default: every method)")
     p.add_argument("--tasks", type=int, default=300, help="validation episodes per method and shot count")
@@ -261,8 +335,7 @@ def _run_calibrate(args: argparse.Namespace) -> None:
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="export missing bundles, start the server, run the client SDK through real test tasks")
-    p.add_argument("--tasks", type=int, default=40, help="tasks per row (default 40: minutes; 600: RESULTS.md's "
-                   "tasks, `make demo FULL=1`)")
+    p.add_argument("--tasks", type=int, default=40, help="tasks per row (default 40: minutes; 600: RESULTS.md's tasks, `make demo FULL=1`)")
     p.add_argument("--keep", action="store_true", help="keep the server (gRPC, HTTP API, web console) up after the rows, until Ctrl-C")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model", action="append", help="model to demo (repeat; default: the flagship models)")
@@ -277,18 +350,25 @@ def _run_demo(args: argparse.Namespace) -> None:
 
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="in-process adaptation latency (--model), or a running server's latency and "
-                       "throughput (--target)")
+    p = sub.add_parser("bench", help="in-process adaptation latency (--model), or a running server's latency and throughput (--target)")
     p.add_argument("--model", action="append", help="model (in-process: exactly one; with --target: repeat, default all)")
     p.add_argument("--target", help="HOST:PORT of a running `fewshot serve`: benchmark it through the client SDK")
-    p.add_argument("--compare", action="store_true", help="the served path against its own engine in one run: "
-                   "Classify through a `fewshot serve` child (SDK, PNG bytes) vs the ONNX Runtime session on tensors, "
-                   "at 1/8/64 queries and concurrency 1/8; Adapt of the engine vs a plain torch reference loop")
+    p.add_argument(
+        "--compare",
+        action="store_true",
+        help="the served path against its own engine in one run: "
+        "Classify through a `fewshot serve` child (SDK, PNG bytes) vs the ONNX Runtime session on tensors, "
+        "at 1/8/64 queries and concurrency 1/8; Adapt of the engine vs a plain torch reference loop",
+    )
     p.add_argument("--bundles", help="with --compare: bundle directory (default: $FEWSHOT_BUNDLES, else bundles/)")
     p.add_argument("--calls", type=int, default=32, help="with --compare: Classify calls per round")
-    p.add_argument("--sections", nargs="+", choices=["classify", "adapt", "cold", "many"],
-                   default=["classify", "adapt", "cold", "many"],
-                   help="with --compare: which comparisons (many: inner-loop tasks merged and batched)")
+    p.add_argument(
+        "--sections",
+        nargs="+",
+        choices=["classify", "adapt", "cold", "many"],
+        default=["classify", "adapt", "cold", "many"],
+        help="with --compare: which comparisons (many: inner-loop tasks merged and batched)",
+    )
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8], help="with --target: client threads")
     p.add_argument("--requests", type=int, default=64, help="with --target: Adapt and Classify calls per row")
     p.add_argument("--token", default=os.environ.get("FEWSHOT_TOKEN"), help="with --target: bearer token")
@@ -316,12 +396,19 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="bundle directory (default: $FEWSHOT_BUNDLES, else bundles/ in the working directory)")
     p.add_argument("--fp16", action="store_true", help="float16 ONNX graphs (checked: >= 99.5%% top-1 agreement)")
     p.add_argument("--triton-repo", help="also write a Triton model repository here (backbones; networks of inner-loop models)")
-    p.add_argument("--triton-backend", default="onnxruntime_onnx", choices=["onnxruntime_onnx", "python"],
-                   help="how the repository runs the ONNX models: Triton's ONNX Runtime backend (default, production), or "
-                        "python-backend wrappers around ONNX Runtime for Triton builds without it")
-    p.add_argument("--triton-state-dir", help="also write the python-backend models fewshot_adapt/fewshot_classify "
-                   "(Adapt and Classify inside Triton; they need fewshot and torch in Triton's python environment), "
-                   "keeping tasks in this directory: give it `fewshot serve --state-dir` to share tasks with the service")
+    p.add_argument(
+        "--triton-backend",
+        default="onnxruntime_onnx",
+        choices=["onnxruntime_onnx", "python"],
+        help="how the repository runs the ONNX models: Triton's ONNX Runtime backend (default, production), or "
+        "python-backend wrappers around ONNX Runtime for Triton builds without it",
+    )
+    p.add_argument(
+        "--triton-state-dir",
+        help="also write the python-backend models fewshot_adapt/fewshot_classify "
+        "(Adapt and Classify inside Triton; they need fewshot and torch in Triton's python environment), "
+        "keeping tasks in this directory: give it `fewshot serve --state-dir` to share tasks with the service",
+    )
 
 
 def _run_export(args: argparse.Namespace) -> None:
@@ -329,21 +416,33 @@ def _run_export(args: argparse.Namespace) -> None:
 
     out = Path(args.out) if args.out else DEFAULT_BUNDLE_DIR
     for name in args.model:
-        export_model(name, out, fp16=args.fp16, triton_repo=Path(args.triton_repo) if args.triton_repo else None,
-                     triton_backend=args.triton_backend, triton_state_dir=Path(args.triton_state_dir) if args.triton_state_dir else None)
+        export_model(
+            name,
+            out,
+            fp16=args.fp16,
+            triton_repo=Path(args.triton_repo) if args.triton_repo else None,
+            triton_backend=args.triton_backend,
+            triton_state_dir=Path(args.triton_state_dir) if args.triton_state_dir else None,
+        )
 
 
 def _add_import(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("import", help="turn your own ONNX image embedder into a metric bundle (served like a shipped one)",
-                       description="Checks that the graph maps a float batch of images (N, C, S, S) to one vector per "
-                       "image (N, D), renames its input and output to images/features and writes a bundle of the metric "
-                       "family (centroid, LaplacianShot, logistic regression) into --out.")
+    p = sub.add_parser(
+        "import",
+        help="turn your own ONNX image embedder into a metric bundle (served like a shipped one)",
+        description="Checks that the graph maps a float batch of images (N, C, S, S) to one vector per "
+        "image (N, D), renames its input and output to images/features and writes a bundle of the metric "
+        "family (centroid, LaplacianShot, logistic regression) into --out.",
+    )
     p.add_argument("--onnx", required=True, help="the ONNX file (images -> one feature vector per image)")
     p.add_argument("--name", required=True, help="the bundle's model name")
     p.add_argument("--input-size", type=int, required=True, help="the side S of the square images the model takes")
     p.add_argument("--channels", type=int, default=3, choices=[1, 3])
-    p.add_argument("--mean", default="0.485,0.456,0.406", help="per-channel mean of pixels in [0, 1] the model was "
-                   "trained with (default: ImageNet's, as torchvision and timm models)")
+    p.add_argument(
+        "--mean",
+        default="0.485,0.456,0.406",
+        help="per-channel mean of pixels in [0, 1] the model was trained with (default: ImageNet's, as torchvision and timm models)",
+    )
     p.add_argument("--std", default="0.229,0.224,0.225", help="per-channel standard deviation (default: ImageNet's)")
     p.add_argument("--resize", default="bilinear", choices=["bilinear", "bicubic", "box"])
     p.add_argument("--output", help="the graph output holding the features, when it has several")
@@ -351,8 +450,9 @@ def _add_import(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--val-folder", help="one subfolder per class: tune the heads and calibrate open-set rejection on it")
     p.add_argument("--out", help="bundle directory (default: $FEWSHOT_BUNDLES, else bundles/)")
     p.add_argument("--triton-repo", help="also write its Triton model here")
-    p.add_argument("--triton-backend", default="onnxruntime_onnx", choices=["onnxruntime_onnx", "python"],
-                   help="as `fewshot export --triton-backend`")
+    p.add_argument(
+        "--triton-backend", default="onnxruntime_onnx", choices=["onnxruntime_onnx", "python"], help="as `fewshot export --triton-backend`"
+    )
     p.add_argument("--tune-tasks", type=int, default=300, help="seeded validation tasks for choosing head settings")
     p.add_argument("--calibration-tasks", type=int, default=300, help="open-set validation tasks per method and shot count")
 
@@ -364,12 +464,26 @@ def _run_import(args: argparse.Namespace) -> None:
 
     if not 16 <= args.input_size <= 1024:
         raise ConfigError(f"--input-size must be within 16..1024, got {args.input_size}")
-    spec = InputSpec(args.channels, args.input_size, parse_floats(args.mean, args.channels, "mean"),
-                     parse_floats(args.std, args.channels, "std"), args.resize)
-    import_onnx(Path(args.onnx), args.name, spec, Path(args.out) if args.out else DEFAULT_BUNDLE_DIR,
-                Path(args.sample_folder) if args.sample_folder else None, Path(args.val_folder) if args.val_folder else None,
-                args.output, Path(args.triton_repo) if args.triton_repo else None, args.tune_tasks, args.calibration_tasks,
-                triton_backend=args.triton_backend)
+    spec = InputSpec(
+        args.channels,
+        args.input_size,
+        parse_floats(args.mean, args.channels, "mean"),
+        parse_floats(args.std, args.channels, "std"),
+        args.resize,
+    )
+    import_onnx(
+        Path(args.onnx),
+        args.name,
+        spec,
+        Path(args.out) if args.out else DEFAULT_BUNDLE_DIR,
+        Path(args.sample_folder) if args.sample_folder else None,
+        Path(args.val_folder) if args.val_folder else None,
+        args.output,
+        Path(args.triton_repo) if args.triton_repo else None,
+        args.tune_tasks,
+        args.calibration_tasks,
+        triton_backend=args.triton_backend,
+    )
 
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:
@@ -426,9 +540,20 @@ def main(argv: list[str] | None = None) -> int:
     _add_token_hash(sub)
     args = parser.parse_args(argv)
     try:
-        {"train": _run_train, "average": _run_average, "eval": _run_eval, "package": _run_package, "tune": _run_tune, "calibrate": _run_calibrate, "demo": _run_demo, "bench": _run_bench, "export": _run_export,
-         "import": _run_import,
-         "serve": _run_serve, "token-hash": _run_token_hash}[args.command](args)
+        {
+            "train": _run_train,
+            "average": _run_average,
+            "eval": _run_eval,
+            "package": _run_package,
+            "tune": _run_tune,
+            "calibrate": _run_calibrate,
+            "demo": _run_demo,
+            "bench": _run_bench,
+            "export": _run_export,
+            "import": _run_import,
+            "serve": _run_serve,
+            "token-hash": _run_token_hash,
+        }[args.command](args)
     except (FewShotError, OSError) as exc:  # anything else is a bug: its traceback is shown
         print(f"fewshot {args.command}: error: {one_line(str(exc), 2000)}", file=sys.stderr)
         return 2

@@ -32,8 +32,13 @@ class Conv4(nn.Module):
             raise ConfigError(f"Conv4 takes 1 or 3 input channels, got {in_channels}")
         if not 0 <= pools <= 4:
             raise ConfigError(f"pools must be in 0..4, got {pools}")
-        self.config: dict[str, Any] = {"arch": "conv4", "in_channels": in_channels, "width": width,
-                                       "pools": pools, "image_size": image_size}
+        self.config: dict[str, Any] = {
+            "arch": "conv4",
+            "in_channels": in_channels,
+            "width": width,
+            "pools": pools,
+            "image_size": image_size,
+        }
         layers: list[nn.Module] = []
         channels, side = in_channels, image_size
         for block in range(4):
@@ -77,8 +82,7 @@ class ResNet12(nn.Module):
 
     def __init__(self, in_channels: int = 3, widths: tuple[int, ...] = (64, 160, 320, 640), image_size: int = 84) -> None:
         super().__init__()
-        self.config: dict[str, Any] = {"arch": "resnet12", "in_channels": in_channels, "widths": list(widths),
-                                       "image_size": image_size}
+        self.config: dict[str, Any] = {"arch": "resnet12", "in_channels": in_channels, "widths": list(widths), "image_size": image_size}
         blocks, cin = [], in_channels
         for w in widths:
             blocks.append(_ResBlock(cin, w))

@@ -20,8 +20,9 @@ accepted (a query whose score is below the threshold is ``unknown``). It is chos
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -71,8 +72,10 @@ class OpenSetCalibration:
     def threshold(self, acceptance: float = DEFAULT_ACCEPTANCE) -> float:
         """The score above which ``acceptance`` of known validation queries lay (interpolated)."""
         if not self.thresholds:
-            raise ConfigError("this model was packaged without open-set calibration: give an explicit threshold, "
-                              "or re-run `fewshot calibrate` and export it again")
+            raise ConfigError(
+                "this model was packaged without open-set calibration: give an explicit threshold, "
+                "or re-run `fewshot calibrate` and export it again"
+            )
         lo, hi = ACCEPTANCE_LEVELS[0], ACCEPTANCE_LEVELS[-1]
         if not lo <= acceptance <= hi:
             raise ConfigError(f"a target recall must be in {lo}..{hi}, got {acceptance}")
@@ -80,16 +83,20 @@ class OpenSetCalibration:
         return float(np.interp(acceptance, levels, [self.thresholds[a] for a in levels]))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"temperature": self.temperature, "score": self.score,
-                "thresholds": {f"{a:g}": t for a, t in sorted(self.thresholds.items())}}
+        return {
+            "temperature": self.temperature,
+            "score": self.score,
+            "thresholds": {f"{a:g}": t for a, t in sorted(self.thresholds.items())},
+        }
 
     @staticmethod
-    def from_dict(d: Mapping[str, Any] | None) -> "OpenSetCalibration":
+    def from_dict(d: Mapping[str, Any] | None) -> OpenSetCalibration:
         """The calibration :meth:`to_dict` wrote; ``None`` or ``{}``: uncalibrated (``T = 1``, max probability)."""
         if not d:
             return OpenSetCalibration()
-        return OpenSetCalibration(float(d["temperature"]), str(d["score"]),
-                                  {float(a): float(t) for a, t in d.get("thresholds", {}).items()})
+        return OpenSetCalibration(
+            float(d["temperature"]), str(d["score"]), {float(a): float(t) for a, t in d.get("thresholds", {}).items()}
+        )
 
 
 #: What tasks carry when their model has no calibration for them.

@@ -56,15 +56,16 @@ class ModelCard:
         return self.data["dataset"]
 
     @staticmethod
-    def from_dict(d: dict[str, Any], where: str = "card.json") -> "ModelCard":
+    def from_dict(d: dict[str, Any], where: str = "card.json") -> ModelCard:
         """A card from its JSON form (:class:`ConfigError` naming the problem when it is not one)."""
         if not isinstance(d, dict):
             raise ConfigError(f"{where} must hold a JSON object")
         if d.get("schema") != CARD_SCHEMA:
             raise ConfigError(f"{where} has card schema {d.get('schema')!r}; this version reads {CARD_SCHEMA}")
         names = [f.name for f in dataclasses.fields(ModelCard) if f.name not in ("family_blocks", "schema")]
-        required = [f.name for f in dataclasses.fields(ModelCard)
-                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        required = [
+            f.name for f in dataclasses.fields(ModelCard) if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        ]
         missing = [k for k in required if k not in d]
         if missing:
             raise ConfigError(f"{where} lacks {', '.join(missing)}")
@@ -82,7 +83,7 @@ class ModelCard:
         return out | self.family_blocks
 
     @staticmethod
-    def load(path: Path) -> "ModelCard":
+    def load(path: Path) -> ModelCard:
         file = Path(path) / "card.json"
         try:
             return ModelCard.from_dict(json.loads(file.read_text()), str(file))
@@ -92,17 +93,42 @@ class ModelCard:
     def save(self, path: Path) -> None:
         (Path(path) / "card.json").write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
-    def manifest(self, feature_dim: int, files: dict[str, dict[str, Any]], parity: dict[str, Any], precision: str,
-                 opset: int, source: dict[str, str], version: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    def manifest(
+        self,
+        feature_dim: int,
+        files: dict[str, dict[str, Any]],
+        parity: dict[str, Any],
+        precision: str,
+        opset: int,
+        source: dict[str, str],
+        version: str,
+        extra: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
         """The bundle manifest: the card's description of the model and its family blocks, the files
         with their sha256 and size, the export's parity figures and ``extra`` (e.g. the network inputs)."""
-        return {"schema_version": MANIFEST_SCHEMA, "name": self.name, "version": version, "family": self.family,
-                "method": self.method, "architecture": self.architecture, "input": self.input, "feature_dim": feature_dim,
-                "precision": precision, "opset": opset, "default_head": self.default_head, "heads": self.heads,
-                "limits": self.limits, "accuracy": self.accuracy, "parity": parity, "data": self.data,
-                "training": {"command": self.training["command"], "seed": self.training["seed"]},
-                "files": files, "source": source, **{k: v for k, v in self.family_blocks.items() if k in ("inner_loop", "open_set")},
-                **(extra or {})}
+        return {
+            "schema_version": MANIFEST_SCHEMA,
+            "name": self.name,
+            "version": version,
+            "family": self.family,
+            "method": self.method,
+            "architecture": self.architecture,
+            "input": self.input,
+            "feature_dim": feature_dim,
+            "precision": precision,
+            "opset": opset,
+            "default_head": self.default_head,
+            "heads": self.heads,
+            "limits": self.limits,
+            "accuracy": self.accuracy,
+            "parity": parity,
+            "data": self.data,
+            "training": {"command": self.training["command"], "seed": self.training["seed"]},
+            "files": files,
+            "source": source,
+            **{k: v for k, v in self.family_blocks.items() if k in ("inner_loop", "open_set")},
+            **(extra or {}),
+        }
 
 
 def accuracy_key(ways: int, shots: int, head: str, bn: str | None = None) -> str:

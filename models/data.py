@@ -103,7 +103,7 @@ class ImageSet:
             self._by_class = np.split(order, np.cumsum(counts)[:-1])
         return self._by_class
 
-    def subset(self, classes: list[int]) -> "ImageSet":
+    def subset(self, classes: list[int]) -> ImageSet:
         """The images of ``classes``, relabelled ``0..len(classes)-1`` in that order."""
         by_class = self.indices_by_class()
         idx = np.concatenate([by_class[c] for c in classes])
@@ -268,8 +268,9 @@ def load_image_folder(path: str | os.PathLike, spec: InputSpec) -> ImageSet:
     return ImageSet(np.stack(images), np.array(labels, dtype=np.int64), [c.name for c in classes])
 
 
-def load_dataset(name: str, split: str, root: str | os.PathLike | None = None, rotations: bool = False,
-                 spec: "InputSpec | None" = None) -> ImageSet:
+def load_dataset(
+    name: str, split: str, root: str | os.PathLike | None = None, rotations: bool = False, spec: InputSpec | None = None
+) -> ImageSet:
     """``omniglot``, ``tinyimagenet`` or ``folder:PATH`` (:mod:`fewshot.models.folders`) by split. A folder is
     decoded at ``spec``'s size and channels (the model's input spec), which it therefore needs."""
     if is_folder(name):
@@ -300,10 +301,11 @@ def dataset_spec(name: str, image_size: int = 0, channels: int = 0) -> InputSpec
         return folder_spec(name, image_size, channels)
     spec = InputSpec.for_dataset(name)
     if image_size not in (0, spec.size) or channels not in (0, spec.channels):
-        raise ConfigError(f"{name} images are {spec.size}x{spec.size} with {spec.channels} channel(s): "
-                          "--image-size and --channels apply to folder:PATH datasets")
+        raise ConfigError(
+            f"{name} images are {spec.size}x{spec.size} with {spec.channels} channel(s): "
+            "--image-size and --channels apply to folder:PATH datasets"
+        )
     return spec
-
 
 
 def check_dataset(name: str) -> None:

@@ -12,8 +12,8 @@ and every call is a no-op, so the single-process path is the same code.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 import torch
 import torch.distributed as dist
@@ -27,7 +27,7 @@ class Ranks:
     world: int = 1
 
     @classmethod
-    def from_environment(cls, device: torch.device) -> "Ranks":
+    def from_environment(cls, device: torch.device) -> Ranks:
         """Join the ``torchrun`` group if there is one (NCCL on CUDA, Gloo on CPU); else one rank."""
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world <= 1:
@@ -57,7 +57,7 @@ class Ranks:
         dist.all_reduce(flat, op=dist.ReduceOp.SUM)
         start = 0
         for p, g in zip(params, grads):
-            p.grad = flat[start:start + g.numel()].view_as(g).clone()
+            p.grad = flat[start : start + g.numel()].view_as(g).clone()
             start += g.numel()
 
     def scale_gradients(self, params: Iterable[torch.Tensor], factor: float) -> None:

@@ -50,8 +50,10 @@ class EpisodeSampler:
         self.by_class = dataset.indices_by_class()
         eligible = [c for c, idx in enumerate(self.by_class) if len(idx) >= shots + queries]
         if len(eligible) < ways:
-            raise ConfigError(f"{ways}-way {shots}-shot {queries}-query needs {ways} classes with at least "
-                             f"{shots + queries} images; this dataset has {len(eligible)}")
+            raise ConfigError(
+                f"{ways}-way {shots}-shot {queries}-query needs {ways} classes with at least "
+                f"{shots + queries} images; this dataset has {len(eligible)}"
+            )
         self.eligible = np.array(eligible)
         self.ways, self.shots, self.queries, self.seed = ways, shots, queries, seed
 
@@ -63,11 +65,15 @@ class EpisodeSampler:
         for c in classes:
             picked = rng.choice(self.by_class[c], size=self.shots + self.queries, replace=False)
             support.append(picked[: self.shots])
-            query.append(picked[self.shots:])
+            query.append(picked[self.shots :])
         labels = np.arange(self.ways)
-        return Episode(classes=classes, support=np.concatenate(support),
-                       support_labels=np.repeat(labels, self.shots), query=np.concatenate(query),
-                       query_labels=np.repeat(labels, self.queries))
+        return Episode(
+            classes=classes,
+            support=np.concatenate(support),
+            support_labels=np.repeat(labels, self.shots),
+            query=np.concatenate(query),
+            query_labels=np.repeat(labels, self.queries),
+        )
 
     def __iter__(self):
         i = 0

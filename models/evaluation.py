@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -57,8 +58,17 @@ def summarize(per_task: list[float], seconds: float = 0.0) -> EvalResult:
     return EvalResult(float(a.mean()) if len(a) else float("nan"), float(ci), len(a), seconds, list(per_task))
 
 
-def evaluate(adapter: Adapter, dataset: ImageSet, normalize: Callable[[np.ndarray], torch.Tensor], ways: int,
-             shots: int, queries: int = 15, tasks: int = 600, seed: int = 0, progress: bool = False) -> EvalResult:
+def evaluate(
+    adapter: Adapter,
+    dataset: ImageSet,
+    normalize: Callable[[np.ndarray], torch.Tensor],
+    ways: int,
+    shots: int,
+    queries: int = 15,
+    tasks: int = 600,
+    seed: int = 0,
+    progress: bool = False,
+) -> EvalResult:
     """Run ``tasks`` episodes through ``adapter`` on images, as the server does."""
     sampler = EpisodeSampler(dataset, ways, shots, queries, seed)
     start, per_task, predictions = time.perf_counter(), [], []
@@ -73,8 +83,9 @@ def evaluate(adapter: Adapter, dataset: ImageSet, normalize: Callable[[np.ndarra
     return result
 
 
-def evaluate_features(features: torch.Tensor, dataset: ImageSet, head: FewShotHead, ways: int, shots: int,
-                      queries: int = 15, tasks: int = 600, seed: int = 0) -> EvalResult:
+def evaluate_features(
+    features: torch.Tensor, dataset: ImageSet, head: FewShotHead, ways: int, shots: int, queries: int = 15, tasks: int = 600, seed: int = 0
+) -> EvalResult:
     """The same episodes on precomputed features ``(len(dataset), d)`` (validation and lambda tuning:
     with BatchNorm in eval mode a feature does not depend on its batch)."""
     sampler = EpisodeSampler(dataset, ways, shots, queries, seed)

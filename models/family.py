@@ -18,8 +18,9 @@ import importlib.util
 import os
 import sys
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import torch
 
@@ -34,14 +35,16 @@ if TYPE_CHECKING:
     from fewshot.models.zoo import ShippedModel
 
 #: Families by the name cards and manifests carry (filled as the family classes are defined).
-FAMILIES: dict[str, type["Family"]] = {}
+FAMILIES: dict[str, type[Family]] = {}
 
 
 class Task(Protocol):
     """An adapted task: ``calibrated_logits`` is ``plan().run`` and ``classify`` its softmax; ``open_set`` its
     calibration (:mod:`fewshot.models.calibration`); ``to_stored`` is what the task store keeps."""
 
-    transductive: bool
+    @property
+    def transductive(self) -> bool:
+        """Whether classification depends on the whole query batch (it never merges across requests)."""
 
     def plan(self) -> ClassifyPlan: ...
 
@@ -77,13 +80,12 @@ class Part:
     served: bool = True
 
 
-def family_of(manifest: Any) -> type["Family"]:
+def family_of(manifest: Any) -> type[Family]:
     """The family class of a card or manifest (:class:`ConfigError` for an unknown family)."""
     load_families()
     name = _get(manifest, "family")
     if name not in FAMILIES:
-        raise ConfigError(f"model {_get(manifest, 'name')} has unknown family {name!r} (this version knows "
-                          f"{', '.join(sorted(FAMILIES))})")
+        raise ConfigError(f"model {_get(manifest, 'name')} has unknown family {name!r} (this version knows {', '.join(sorted(FAMILIES))})")
     return FAMILIES[name]
 
 
@@ -107,8 +109,7 @@ class Family(ABC):
         if cls.__dict__.get("family"):
             FAMILIES[cls.family] = cls
 
-    def __init__(self, manifest: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], engines: Engines,
-                 device: str = "auto") -> None:
+    def __init__(self, manifest: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], engines: Engines, device: str = "auto") -> None:
         self.manifest, self.engines = dict(manifest), engines
         self.name: str = self.manifest["name"]
         self.spec = InputSpec.from_dict(self.manifest["input"])
@@ -156,8 +157,7 @@ class Family(ABC):
         """:class:`ConfigError` unless a task of ``ways`` classes fits this model."""
         lo, hi = self.way_range()
         if lo == hi and ways != lo:
-            raise ConfigError(f"model {self.name} adapts {lo}-way tasks (its head has {lo} outputs); the support "
-                              f"set has {ways} classes")
+            raise ConfigError(f"model {self.name} adapts {lo}-way tasks (its head has {lo} outputs); the support set has {ways} classes")
         if ways > hi:
             raise ConfigError(f"the support set has {ways} classes; model {self.name} allows at most {hi}")
 
@@ -238,8 +238,11 @@ class Family(ABC):
     def signatures(self) -> list[Signature]:
         """The Triton model of each served part and the tensors it must have."""
         images = TensorSpec("images", "FP32", (-1, self.spec.channels, self.spec.size, self.spec.size))
-        return [Signature(part_model_name(self.name, p.name), (images, *self.part_inputs(p)), (self.part_output(p),))
-                for p in self.parts if p.served]
+        return [
+            Signature(part_model_name(self.name, p.name), (images, *self.part_inputs(p)), (self.part_output(p),))
+            for p in self.parts
+            if p.served
+        ]
 
     def part_inputs(self, part: Part) -> tuple[TensorSpec, ...]:
         """Inputs of ``part`` besides ``images``."""
@@ -264,7 +267,7 @@ def methods_of(manifest: Any) -> list[str]:
     return family_of(manifest).methods_for(_mapping(manifest))
 
 
-def open_shipped(model: "ShippedModel", backend: str = "onnxruntime", device: str = "auto", threads: int = 0) -> Family:
+def open_shipped(model: ShippedModel, backend: str = "onnxruntime", device: str = "auto", threads: int = 0) -> Family:
     """A shipped model as its family's object, its parts exported in memory to ONNX Runtime (default)
     or run by the torch modules themselves (``backend="torch"``): what ``fewshot eval`` runs."""
     if backend == "onnxruntime":
@@ -315,5 +318,7 @@ def _load_plugin(name: str) -> None:
         try:
             importlib.import_module(name)
         except ImportError as exc:
-            raise ConfigError(f"${PLUGINS_ENV} names module {name!r}, which does not import ({exc}): "
-                              "put its folder on PYTHONPATH, give the path of its .py file, or fix the name") from None
+            raise ConfigError(
+                f"${PLUGINS_ENV} names module {name!r}, which does not import ({exc}): "
+                "put its folder on PYTHONPATH, give the path of its .py file, or fix the name"
+            ) from None

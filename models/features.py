@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import io
 import warnings
-from typing import Any, Callable, Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -41,7 +42,7 @@ def run_in_chunks(run: Callable[[np.ndarray], np.ndarray], x: np.ndarray, chunk:
     parts = []
     for start in range(0, len(x), chunk):
         interrupt.checkpoint(f"backbone images {start}..{min(start + chunk, len(x)) - 1}")
-        parts.append(run(x[start:start + chunk]))
+        parts.append(run(x[start : start + chunk]))
     return np.concatenate(parts)
 
 
@@ -72,9 +73,16 @@ def backbone_to_onnx(backbone: nn.Module, channels: int, size: int) -> bytes:
     buf = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(backbone, (torch.zeros(2, channels, size, size),), buf, dynamo=False,
-                          input_names=["images"], output_names=["features"], opset_version=ONNX_OPSET,
-                          dynamic_axes={"images": {0: "batch"}, "features": {0: "batch"}})
+        torch.onnx.export(
+            backbone,
+            (torch.zeros(2, channels, size, size),),
+            buf,
+            dynamo=False,
+            input_names=["images"],
+            output_names=["features"],
+            opset_version=ONNX_OPSET,
+            dynamic_axes={"images": {0: "batch"}, "features": {0: "batch"}},
+        )
     return buf.getvalue()
 
 
@@ -88,7 +96,7 @@ class SessionFeatures:
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         x = np.ascontiguousarray(images.detach().cpu().numpy(), dtype=np.float32)
-        run = lambda part: self.session.run(None, {"images": part})[0]  # noqa: E731
+        run = lambda part: self.session.run(None, {"images": part})[0]  # noqa: E731  (a one-line local helper)
         return torch.from_numpy(run_in_chunks(run, x, self.run_batch))
 
 

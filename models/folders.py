@@ -22,9 +22,20 @@ import numpy as np
 from tqdm import tqdm
 
 from fewshot.errors import ConfigError
-from fewshot.models.data import (FOLDER_PREFIX, IMAGE_SUFFIXES, DatasetError, ImageSet, atomic_save, cache_dir, class_folders,
-                                  decode_file, image_files, is_folder)
+from fewshot.models.data import (
+    FOLDER_PREFIX,
+    IMAGE_SUFFIXES,
+    DatasetError,
+    ImageSet,
+    atomic_save,
+    cache_dir,
+    class_folders,
+    decode_file,
+    image_files,
+    is_folder,
+)
 from fewshot.models.preprocess import InputSpec
+
 SPLITS = ("train", "val", "test")
 #: The seeded split of a folder without ``train/val/test``: 60% / 20% / 20% of the classes (at least
 #: :data:`MIN_SPLIT_CLASSES` each), permuted by ``numpy.random.default_rng(SPLIT_SEED)``.
@@ -35,7 +46,7 @@ DEFAULT_SIZE, DEFAULT_CHANNELS = 84, 3
 
 def folder_root(dataset: str) -> Path:
     """The folder of ``folder:PATH``, checked to exist."""
-    root = Path(dataset[len(FOLDER_PREFIX):]).expanduser()
+    root = Path(dataset[len(FOLDER_PREFIX) :]).expanduser()
     if not root.is_dir():
         raise DatasetError(f"dataset folder not found: {root} (folder:PATH needs a folder with one subfolder per class)")
     return root
@@ -57,11 +68,12 @@ def folder_split(dataset: str) -> dict[str, list[str]]:
         n = len(names)
         n_val, n_test = (max(MIN_SPLIT_CLASSES, round(f * n)) for f in SPLIT_FRACTIONS[1:])
         if n - n_val - n_test < MIN_SPLIT_CLASSES:
-            raise DatasetError(f"{root} has {n} class subfolders with images; a seeded train/val/test split needs at "
-                               f"least {3 * MIN_SPLIT_CLASSES} (or split them yourself into {root}/train, val and test)")
+            raise DatasetError(
+                f"{root} has {n} class subfolders with images; a seeded train/val/test split needs at "
+                f"least {3 * MIN_SPLIT_CLASSES} (or split them yourself into {root}/train, val and test)"
+            )
         order = [names[i] for i in np.random.default_rng(SPLIT_SEED).permutation(n)]
-        split = {"train": sorted(order[n_val + n_test:]), "val": sorted(order[:n_val]),
-                 "test": sorted(order[n_val:n_val + n_test])}
+        split = {"train": sorted(order[n_val + n_test :]), "val": sorted(order[:n_val]), "test": sorted(order[n_val : n_val + n_test])}
     for s, classes in split.items():
         if len(classes) < MIN_SPLIT_CLASSES:
             raise DatasetError(f"split {s} of {root} has {len(classes)} classes with images; it needs at least {MIN_SPLIT_CLASSES}")
@@ -84,15 +96,27 @@ def load_folder(dataset: str, split: str, spec: InputSpec, progress: bool = True
 
 def _decode(root: Path, tag: str, classes: list[str], dirs: list[Path], spec: InputSpec, progress: bool) -> ImageSet:
     files = [(i, f) for i, d in enumerate(dirs) for f in image_files(d)]
-    key = hashlib.sha256(json.dumps([str(root.resolve()), tag, spec.size, spec.channels, spec.resize, classes,
-                                     [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for _, f in files]]).encode()).hexdigest()[:16]
+    key = hashlib.sha256(
+        json.dumps(
+            [
+                str(root.resolve()),
+                tag,
+                spec.size,
+                spec.channels,
+                spec.resize,
+                classes,
+                [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for _, f in files],
+            ]
+        ).encode()
+    ).hexdigest()[:16]
     cached = cache_dir() / f"folder_{root.name}_{tag}_{key}.npz"
     if cached.exists():
         with np.load(cached, allow_pickle=False) as z:
             return ImageSet(z["images"], z["labels"], [str(c) for c in z["names"]])
     images = np.empty((len(files), spec.size, spec.size, spec.channels), dtype=np.uint8)
-    for j, (_, f) in enumerate(tqdm(files, desc=f"decode {root.name}/{tag}", unit="img", mininterval=2,
-                                    disable=not progress or len(files) < 500)):
+    for j, (_, f) in enumerate(
+        tqdm(files, desc=f"decode {root.name}/{tag}", unit="img", mininterval=2, disable=not progress or len(files) < 500)
+    ):
         images[j] = decode_file(f, spec)
     labels = np.array([i for i, _ in files], dtype=np.int64)
     atomic_save(cached, images=images, labels=labels, names=np.array(classes))
@@ -124,5 +148,4 @@ def folder_spec(dataset: str, image_size: int = 0, channels: int = 0) -> InputSp
     return InputSpec(channels, size, tuple(round(float(m), 4) for m in mean), tuple(round(max(float(s), 1e-3), 4) for s in std))
 
 
-__all__ = ["FOLDER_PREFIX", "canonical", "folder_root", "folder_spec", "folder_split", "is_folder", "load_folder",
-           "sample_files"]
+__all__ = ["FOLDER_PREFIX", "canonical", "folder_root", "folder_spec", "folder_split", "is_folder", "load_folder", "sample_files"]

@@ -9,8 +9,8 @@ Outside :func:`interruptible` (training, ``fewshot eval``) a checkpoint costs on
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Callable, Iterator
 
 _local = threading.local()
 

@@ -91,8 +91,10 @@ def complement_projection(x: torch.Tensor, weight: torch.Tensor, eps: float = DI
     w = weight.T  # (d, C): the paper's W
     d, c = w.shape
     if d <= c:
-        raise ConfigError(f"the direct sum needs feature dim d > number of classes C, got d={d}, C={c}: "
-                         "use --combine spectral (eq. 11) or a backbone with more feature dimensions")
+        raise ConfigError(
+            f"the direct sum needs feature dim d > number of classes C, got d={d}, C={c}: "
+            "use --combine spectral (eq. 11) or a backbone with more feature dimensions"
+        )
     gram = w.T @ w + eps * torch.eye(c, dtype=w.dtype, device=w.device)  # (C, C)
     coeff = torch.linalg.solve(gram, w.T @ x.T)  # (C, n)
     return x - (w @ coeff).T
@@ -119,8 +121,15 @@ class CombinedLoss(nn.Module):
     subspace is what ``l_cls`` learns, the metric term only shapes the features.
     """
 
-    def __init__(self, cls: ClsLoss = "sce", metric: MetricLoss = "none", combine: Combine = "sum",
-                 p: float = 0.3, metric_weight: float = 1.0, temperature: float = 1.0) -> None:
+    def __init__(
+        self,
+        cls: ClsLoss = "sce",
+        metric: MetricLoss = "none",
+        combine: Combine = "sum",
+        p: float = 0.3,
+        metric_weight: float = 1.0,
+        temperature: float = 1.0,
+    ) -> None:
         super().__init__()
         if cls == "none" and metric == "none":
             raise ConfigError("at least one of the classification and metric losses is needed")

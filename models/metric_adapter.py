@@ -8,15 +8,16 @@ registered head (:data:`fewshot.models.heads.HEADS`) from the model's card or ma
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, cast
 
 import torch
 
 from fewshot.errors import ConfigError
 from fewshot.models.calibration import UNCALIBRATED, OpenSetCalibration, calibration_for
-from fewshot.models.family import Family, Part
-from fewshot.models.features import FeatureExtractor, SessionFeatures
+from fewshot.models.family import Adapter, Family, Part
+from fewshot.models.features import SessionFeatures
 from fewshot.models.heads import HEADS, STATE_KINDS, FewShotHead, HeadState
 from fewshot.models.heads.transforms import TRANSFORMS
 from fewshot.models.plan import ClassifyPlan, PlannedTask
@@ -29,7 +30,8 @@ class MetricTask(PlannedTask):
     """A task's head state and the extractor that maps query images into its feature space."""
 
     state: HeadState
-    extract: FeatureExtractor
+    #: Query images -> features (the model's backbone; the identity for calibration on precomputed features).
+    extract: Callable[[torch.Tensor], torch.Tensor]
     open_set: OpenSetCalibration = UNCALIBRATED
 
     def plan(self) -> ClassifyPlan:
@@ -50,7 +52,7 @@ class MetricTask(PlannedTask):
 class MetricAdapter:
     """Frozen backbone features + head (nearest centroid, LaplacianShot, logistic regression, ...)."""
 
-    def __init__(self, extract: FeatureExtractor, head: FewShotHead, open_set: OpenSetCalibration = UNCALIBRATED) -> None:
+    def __init__(self, extract: Callable[[torch.Tensor], torch.Tensor], head: FewShotHead, open_set: OpenSetCalibration = UNCALIBRATED) -> None:
         self.extract, self.head, self.open_set = extract, head, open_set
 
     def adapt(self, support: torch.Tensor, labels: torch.Tensor) -> MetricTask:
@@ -76,8 +78,7 @@ class MetricFamily(Family):
     family = "metric"
     parts = (Part("backbone", "features", batched=True),)
 
-    def __init__(self, manifest: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], engines: Engines,
-                 device: str = "auto") -> None:
+    def __init__(self, manifest: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], engines: Engines, device: str = "auto") -> None:
         super().__init__(manifest, tensors, engines, device)
         self.center: torch.Tensor | None = tensors.get("center")
         self.feature_dim = int(self.manifest["feature_dim"])
@@ -106,11 +107,15 @@ class MetricFamily(Family):
 
     def adapter(self, method: str | None = None, shots: int = 1, **settings: Any) -> MetricAdapter:
         method = self.resolve_method(method)
-        return MetricAdapter(self.extract, HEADS[method].from_card(self.manifest["heads"][method], shots, self.center, **settings),
-                             calibration_for(self.manifest, method, shots))
+        return MetricAdapter(
+            self.extract,
+            HEADS[method].from_card(self.manifest["heads"][method], shots, self.center, **settings),
+            calibration_for(self.manifest, method, shots),
+        )
 
-    def describe(self, adapter: MetricAdapter) -> dict[str, Any]:
-        return adapter.head.describe()
+    def describe(self, adapter: Adapter) -> dict[str, Any]:
+        # a family is only given the adapters its own adapter() built
+        return cast(MetricAdapter, adapter).head.describe()
 
     def calibration_inputs(self, images: Any) -> Callable[[Any], torch.Tensor]:
         """The backbone's features of every validation image, computed once: the heads fit on them."""

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,8 +22,15 @@ from scipy.stats import rankdata
 from tqdm import tqdm
 
 from fewshot.errors import ConfigError
-from fewshot.models.calibration import (DEFAULT_ACCEPTANCE, SCORES, UNCALIBRATED, OpenSetCalibration, acceptance_thresholds,
-                                        expected_calibration_error, fit_temperature)
+from fewshot.models.calibration import (
+    DEFAULT_ACCEPTANCE,
+    SCORES,
+    UNCALIBRATED,
+    OpenSetCalibration,
+    acceptance_thresholds,
+    expected_calibration_error,
+    fit_temperature,
+)
 from fewshot.models.data import ImageSet
 from fewshot.models.episodes import Episode, EpisodeSampler
 
@@ -47,8 +55,9 @@ class OpenSetSampler:
             raise ConfigError("open-set episodes need at least 1 query per class")
         self.eligible_unknown = np.array([c for c, idx in enumerate(self.closed.by_class) if len(idx) >= queries])
         if len(self.eligible_unknown) < 2 * ways:
-            raise ConfigError(f"open-set {ways}-way episodes need {2 * ways} classes with {queries} images; this dataset "
-                              f"has {len(self.eligible_unknown)}")
+            raise ConfigError(
+                f"open-set {ways}-way episodes need {2 * ways} classes with {queries} images; this dataset has {len(self.eligible_unknown)}"
+            )
         self.ways, self.queries, self.seed = ways, queries, seed
 
     def episode(self, index: int) -> OpenEpisode:
@@ -81,8 +90,9 @@ class OpenScores:
     unknown: torch.Tensor
 
 
-def open_episodes(adapter: object, inputs: Callable[[np.ndarray], torch.Tensor], sampler: OpenSetSampler,
-                  tasks: int, progress: bool = False) -> Iterator[OpenScores]:
+def open_episodes(
+    adapter: object, inputs: Callable[[np.ndarray], torch.Tensor], sampler: OpenSetSampler, tasks: int, progress: bool = False
+) -> Iterator[OpenScores]:
     """``tasks`` episodes of ``sampler`` through ``adapter`` (as the server runs it): the support set
     adapted, then known and unknown queries classified in **one** call, as one Classify of a mixed
     batch (which matters for transductive heads). ``inputs(indices)`` gives the adapter's inputs:
@@ -127,9 +137,17 @@ def _mean_ci(values: list[float]) -> tuple[float, float]:
     return float(a.mean()), float(1.96 * a.std() / math.sqrt(len(a)))
 
 
-def evaluate_open_set(adapter: object, dataset: ImageSet, inputs: Callable[[np.ndarray], torch.Tensor], ways: int,
-                      shots: int, queries: int = 15, tasks: int = 600, seed: int = 0,
-                      progress: bool = False) -> OpenSetResult:
+def evaluate_open_set(
+    adapter: object,
+    dataset: ImageSet,
+    inputs: Callable[[np.ndarray], torch.Tensor],
+    ways: int,
+    shots: int,
+    queries: int = 15,
+    tasks: int = 600,
+    seed: int = 0,
+    progress: bool = False,
+) -> OpenSetResult:
     """``tasks`` open-set episodes through ``adapter``, scored by its calibration (``adapter.open_set``:
     temperature, score, threshold for :data:`~fewshot.models.calibration.DEFAULT_ACCEPTANCE`)."""
     cal: OpenSetCalibration = adapter.open_set
@@ -148,13 +166,37 @@ def evaluate_open_set(adapter: object, dataset: ImageSet, inputs: Callable[[np.n
     columns = list(zip(*per_task))
     (acc, acc_ci), (area, area_ci) = _mean_ci(list(columns[0])), _mean_ci(list(columns[1]))
     (accept, accept_ci), (reject, reject_ci) = _mean_ci(list(columns[2])), _mean_ci(list(columns[3]))
-    return OpenSetResult(acc, acc_ci, area, area_ci, accept, accept_ci, reject, reject_ci, before, after, cal.score,
-                         cal.temperature, threshold, len(per_task), time.perf_counter() - start, per_task)
+    return OpenSetResult(
+        acc,
+        acc_ci,
+        area,
+        area_ci,
+        accept,
+        accept_ci,
+        reject,
+        reject_ci,
+        before,
+        after,
+        cal.score,
+        cal.temperature,
+        threshold,
+        len(per_task),
+        time.perf_counter() - start,
+        per_task,
+    )
 
 
-def calibrate(adapter: object, dataset: ImageSet, inputs: Callable[[np.ndarray], torch.Tensor], ways: int, shots: int,
-              queries: int = 15, tasks: int = 300, seed: int = 0,
-              progress: bool = False) -> tuple[OpenSetCalibration, dict[str, Any]]:
+def calibrate(
+    adapter: object,
+    dataset: ImageSet,
+    inputs: Callable[[np.ndarray], torch.Tensor],
+    ways: int,
+    shots: int,
+    queries: int = 15,
+    tasks: int = 300,
+    seed: int = 0,
+    progress: bool = False,
+) -> tuple[OpenSetCalibration, dict[str, Any]]:
     """Calibrate ``adapter``'s method on ``tasks`` open-set **validation** episodes (``dataset`` is the
     validation split; distractor queries from other validation classes in every call):
 
@@ -170,11 +212,18 @@ def calibrate(adapter: object, dataset: ImageSet, inputs: Callable[[np.ndarray],
     known = torch.cat([e.known for e in episodes]).double()
     labels = np.concatenate([e.labels for e in episodes])
     temperature = fit_temperature(known.numpy(), labels)
-    areas = {name: float(np.mean([auroc(fn(e.known.double() / temperature).numpy(), fn(e.unknown.double() / temperature).numpy())
-                                  for e in episodes])) * 100 for name, fn in SCORES.items()}
+    areas = {
+        name: float(
+            np.mean([auroc(fn(e.known.double() / temperature).numpy(), fn(e.unknown.double() / temperature).numpy()) for e in episodes])
+        )
+        * 100
+        for name, fn in SCORES.items()
+    }
     score = max(SCORES, key=lambda name: areas[name])
     cal = OpenSetCalibration(temperature, score, acceptance_thresholds(SCORES[score](known / temperature).numpy()))
-    record = {"val_auroc": {k: round(v, 2) for k, v in areas.items()},
-              "val_ece_before": round(expected_calibration_error(torch.softmax(known, 1).numpy(), labels), 2),
-              "val_ece_after": round(expected_calibration_error(torch.softmax(known / temperature, 1).numpy(), labels), 2)}
+    record = {
+        "val_auroc": {k: round(v, 2) for k, v in areas.items()},
+        "val_ece_before": round(expected_calibration_error(torch.softmax(known, 1).numpy(), labels), 2),
+        "val_ece_after": round(expected_calibration_error(torch.softmax(known / temperature, 1).numpy(), labels), 2),
+    }
     return cal, record

@@ -11,32 +11,34 @@ written into the card's ``open_set`` block (and from there into every exported b
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import numpy as np
 import torch
 from safetensors.torch import save_file
 
 from fewshot.errors import ConfigError
+from fewshot.models.card import CARD_SCHEMA, ModelCard
 from fewshot.models.data import ImageSet, load_dataset
 from fewshot.models.features import OnnxFeatures, backbone_to_onnx
+from fewshot.models.metric_adapter import MetricFamily
 from fewshot.models.preprocess import InputSpec
 from fewshot.models.training import load_trained_backbone
 from fewshot.models.tuning import TuningTasks, tune_heads
-from fewshot.models.card import CARD_SCHEMA, ModelCard
-from fewshot.models.metric_adapter import MetricFamily
 from fewshot.models.zoo import ZOO_DIR, ShippedModel, load_model
 
 #: Classes per task of an inner-loop model with a prototype head (the metric models' maximum, 50).
 MIN_WAYS, MAX_WAYS = 2, 50
 
 
-def image_features(extract: Callable[[torch.Tensor], torch.Tensor], spec: InputSpec,
-                   chunk: int = 512) -> Callable[[np.ndarray], torch.Tensor]:
+def image_features(
+    extract: Callable[[torch.Tensor], torch.Tensor], spec: InputSpec, chunk: int = 512
+) -> Callable[[np.ndarray], torch.Tensor]:
     """``(n, H, W[, C])`` raw uint8 images -> ``(n, d)`` features by ``extract`` (normalised ``(b, C, H, W)``
     -> ``(b, d)``), normalised ``chunk`` at a time so that a large set never exists as float32 at once."""
-    return lambda images: torch.cat([extract(spec.normalize(images[i:i + chunk])) for i in range(0, len(images), chunk)])
+    return lambda images: torch.cat([extract(spec.normalize(images[i : i + chunk])) for i in range(0, len(images), chunk)])
 
 
 def _featurizer(backbone: torch.nn.Module, spec: InputSpec) -> Callable[[np.ndarray], torch.Tensor]:
@@ -45,14 +47,28 @@ def _featurizer(backbone: torch.nn.Module, spec: InputSpec) -> Callable[[np.ndar
     return image_features(OnnxFeatures(backbone_to_onnx(backbone, spec.channels, spec.size), backbone.feature_dim, "auto"), spec)
 
 
-def _validation(features: Callable[[np.ndarray], torch.Tensor], dataset: str, data_root: str | None,
-                center: torch.Tensor | None, tasks: int, seed: int, spec: InputSpec) -> TuningTasks:
+def _validation(
+    features: Callable[[np.ndarray], torch.Tensor],
+    dataset: str,
+    data_root: str | None,
+    center: torch.Tensor | None,
+    tasks: int,
+    seed: int,
+    spec: InputSpec,
+) -> TuningTasks:
     val: ImageSet = load_dataset(dataset, "val", data_root, spec=spec)
     return TuningTasks(features(val.images), val, center, tasks, seed)
 
 
-def package_run(checkpoint: Path, name: str, command: str, out_dir: Path = ZOO_DIR, tune_tasks: int = 500,
-                center_per_class: int = 100, calibration_tasks: int = 300) -> Path:
+def package_run(
+    checkpoint: Path,
+    name: str,
+    command: str,
+    out_dir: Path = ZOO_DIR,
+    tune_tasks: int = 500,
+    center_per_class: int = 100,
+    calibration_tasks: int = 300,
+) -> Path:
     """Turn a supervised training checkpoint into ``out_dir/name`` (weights + card)."""
     backbone, ck = load_trained_backbone(checkpoint)
     cfg = ck["config"]
@@ -65,17 +81,34 @@ def package_run(checkpoint: Path, name: str, command: str, out_dir: Path = ZOO_D
     heads, validation = tune_heads(_validation(features, cfg["dataset"], cfg.get("data_root"), center, tune_tasks, cfg["seed"], spec))
     path = out_dir / name
     path.mkdir(parents=True, exist_ok=True)
-    save_file({**{f"backbone.{k}": v.contiguous() for k, v in backbone.state_dict().items()}, "center": center.contiguous()},
-              str(path / "weights.safetensors"))
+    save_file(
+        {**{f"backbone.{k}": v.contiguous() for k, v in backbone.state_dict().items()}, "center": center.contiguous()},
+        str(path / "weights.safetensors"),
+    )
     card = {
-        "schema": CARD_SCHEMA, "name": name, "family": MetricFamily.family, "method": "direct-sum supervised pre-training",
-        "architecture": backbone.config, "feature_dim": backbone.feature_dim, "input": spec.to_dict(),
-        "training": {"command": command, "config": cfg, "dataset": cfg["dataset"], "seed": cfg["seed"],
-                     "train_classes": len(ck["classes"]), "steps": ck["step"], "best_val_accuracy": ck["best"]},
+        "schema": CARD_SCHEMA,
+        "name": name,
+        "family": MetricFamily.family,
+        "method": "direct-sum supervised pre-training",
+        "architecture": backbone.config,
+        "feature_dim": backbone.feature_dim,
+        "input": spec.to_dict(),
+        "training": {
+            "command": command,
+            "config": cfg,
+            "dataset": cfg["dataset"],
+            "seed": cfg["seed"],
+            "train_classes": len(ck["classes"]),
+            "steps": ck["step"],
+            "best_val_accuracy": ck["best"],
+        },
         "data": _data_record(cfg["dataset"]),
         "center": {"images_per_class": center_per_class, "split": "train", "seed": cfg["seed"]},
-        "default_head": "centroid", "heads": heads, "head_tuning": validation,
-        "limits": {"max_ways": 50, "max_shots": 50}, "accuracy": {},
+        "default_head": "centroid",
+        "heads": heads,
+        "head_tuning": validation,
+        "limits": {"max_ways": 50, "max_shots": 50},
+        "accuracy": {},
     }
     ModelCard.from_dict(card).save(path)
     calibrate_shipped(path, calibration_tasks, log=print)
@@ -96,8 +129,12 @@ def tune_shipped(name: str, heads: Iterable[str], tasks: int | None = None) -> d
     val = _validation(_featurizer(model.backbone, model.spec), card.dataset, None, model.center, tasks, seed, model.spec)
     block, new = tune_heads(val, list(heads))
     card.heads |= block
-    card.family_blocks["head_tuning"] = {**record, "tasks": tasks, "seed": seed,
-                                         "accuracy": {**record.get("accuracy", {}), **new["accuracy"]}}
+    card.family_blocks["head_tuning"] = {
+        **record,
+        "tasks": tasks,
+        "seed": seed,
+        "accuracy": {**record.get("accuracy", {}), **new["accuracy"]},
+    }
     card.save(model.path)
     calibrate_shipped(model.path, methods=list(heads))  # the heads' logits changed: so does their calibration
     return new["accuracy"]
@@ -129,9 +166,14 @@ def _data_record(dataset: str) -> dict[str, Any]:
     return record
 
 
-def calibrate_shipped(name: str | Path, tasks: int = CALIBRATION_TASKS, seed: int | None = None,
-                      data_root: str | None = None, methods: Iterable[str] | None = None,
-                      log: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
+def calibrate_shipped(
+    name: str | Path,
+    tasks: int = CALIBRATION_TASKS,
+    seed: int | None = None,
+    data_root: str | None = None,
+    methods: Iterable[str] | None = None,
+    log: Callable[[str], None] = lambda _: None,
+) -> dict[str, Any]:
     """Calibrate every method (or ``methods``) of shipped model ``name`` at 1 and 5 shots on ``tasks``
     open-set validation episodes (:func:`fewshot.models.openset.calibrate`) and write the card's
     ``open_set`` block; returns it. Metric heads run on precomputed validation features (the backbone
@@ -151,8 +193,16 @@ def calibrate_shipped(name: str | Path, tasks: int = CALIBRATION_TASKS, seed: in
     return block
 
 
-def calibrate_family(family: Any, name: str, val: ImageSet, tasks: int, seed: int, methods: Iterable[str] | None = None,
-                     previous: dict[str, Any] | None = None, log: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
+def calibrate_family(
+    family: Any,
+    name: str,
+    val: ImageSet,
+    tasks: int,
+    seed: int,
+    methods: Iterable[str] | None = None,
+    previous: dict[str, Any] | None = None,
+    log: Callable[[str], None] = lambda _: None,
+) -> dict[str, Any]:
     """The ``open_set`` block of a model's family object (a shipped model's or a bundle's) calibrated on
     the validation classes ``val`` (see :func:`calibrate_shipped`); ``{}`` when ``val`` is too small.
     ``previous``: the block so far (its other methods are kept)."""
@@ -160,13 +210,21 @@ def calibrate_family(family: Any, name: str, val: ImageSet, tasks: int, seed: in
 
     ways, queries = _calibration_shape(val, family.way_range())
     if not ways:
-        log(f"{name}: {val.num_classes} validation classes, or fewer than {max(CALIBRATION_SHOTS) + 1} images in one: "
+        log(
+            f"{name}: {val.num_classes} validation classes, or fewer than {max(CALIBRATION_SHOTS) + 1} images in one: "
             f"too few for open-set calibration (it needs twice the {max(2, family.way_range()[0])} ways of its tasks); "
-            "the model's tasks answer with uncalibrated probabilities")
+            "the model's tasks answer with uncalibrated probabilities"
+        )
         return {}
     inputs = family.calibration_inputs(val.images)
-    block: dict[str, Any] = {"tasks": tasks, "seed": seed, "ways": ways, "queries": queries,
-                             "split": "val", "methods": dict((previous or {}).get("methods", {}))}
+    block: dict[str, Any] = {
+        "tasks": tasks,
+        "seed": seed,
+        "ways": ways,
+        "queries": queries,
+        "split": "val",
+        "methods": dict((previous or {}).get("methods", {})),
+    }
     for method in methods or family.methods:
         by_shots, records = {}, {}
         for shots in CALIBRATION_SHOTS:
@@ -178,8 +236,7 @@ def calibrate_family(family: Any, name: str, val: ImageSet, tasks: int, seed: in
     return block
 
 
-def package_meta_run(checkpoint: Path, name: str, command: str, out_dir: Path = ZOO_DIR,
-                     calibration_tasks: int = 300) -> Path:
+def package_meta_run(checkpoint: Path, name: str, command: str, out_dir: Path = ZOO_DIR, calibration_tasks: int = 300) -> Path:
     """Turn a meta-training checkpoint into ``out_dir/name`` (weights + card)."""
     from fewshot.models.inner_loop.family import InnerLoopFamily
 
@@ -192,30 +249,47 @@ def package_meta_run(checkpoint: Path, name: str, command: str, out_dir: Path = 
     save_file(tensors, str(path / "weights.safetensors"))
     method = cfg["method"]
     head_init = cfg.get("head_init", "learned")
-    training = {"command": command, "config": cfg, "dataset": cfg["dataset"], "seed": cfg["seed"],
-                "iterations": ck["iteration"], "best_val_accuracy": ck["best"],
-                **({"averaged_iterations": ck["averaged_iterations"]} if "averaged_iterations" in ck else {})}
+    training = {
+        "command": command,
+        "config": cfg,
+        "dataset": cfg["dataset"],
+        "seed": cfg["seed"],
+        "iterations": ck["iteration"],
+        "best_val_accuracy": ck["best"],
+        **({"averaged_iterations": ck["averaged_iterations"]} if "averaged_iterations" in ck else {}),
+    }
     if cfg.get("init_from") and (out_dir / cfg["init_from"] / "card.json").exists():
         # fine-tuned from a shipped model (e.g. this one before a new head initialisation): keep its record
         training["initialised_from"] = ModelCard.load(out_dir / cfg["init_from"]).training
     # a prototype head adapts any number of classes (the card's range); a learned head its own rows only
     ways = {"min_ways": MIN_WAYS, "max_ways": MAX_WAYS} if head_init != "learned" else {"min_ways": cfg["ways"], "max_ways": cfg["ways"]}
     card = {
-        "schema": CARD_SCHEMA, "name": name, "family": InnerLoopFamily.family, "method": method,
-        "architecture": ck["net_config"], "input": ck["spec"], "feature_dim": None,
-        "inner_loop": {"steps": cfg["inner_steps"], "max_steps": 4 * cfg["inner_steps"], "alpha": cfg["alpha"],
-                       "beta": cfg["beta"], "bn_mode": "support",
-                       # a network with frozen statistics (--init-backbone) never reads a batch's: one mode
-                       "bn_modes": ["support"] if ck["net_config"].get("frozen_bn") else ["support", "transductive"],
-                       "second_order_training": not (cfg["first_order"] or method == "fomaml"), "head_init": head_init,
-                       **({"head_alpha": cfg["head_alpha"]} if cfg.get("head_alpha") else {})},
+        "schema": CARD_SCHEMA,
+        "name": name,
+        "family": InnerLoopFamily.family,
+        "method": method,
+        "architecture": ck["net_config"],
+        "input": ck["spec"],
+        "feature_dim": None,
+        "inner_loop": {
+            "steps": cfg["inner_steps"],
+            "max_steps": 4 * cfg["inner_steps"],
+            "alpha": cfg["alpha"],
+            "beta": cfg["beta"],
+            "bn_mode": "support",
+            # a network with frozen statistics (--init-backbone) never reads a batch's: one mode
+            "bn_modes": ["support"] if ck["net_config"].get("frozen_bn") else ["support", "transductive"],
+            "second_order_training": not (cfg["first_order"] or method == "fomaml"),
+            "head_init": head_init,
+            **({"head_alpha": cfg["head_alpha"]} if cfg.get("head_alpha") else {}),
+        },
         "training": training,
         "data": _data_record(cfg["dataset"]),
-        "default_head": method, "heads": {method: {}},
-        "limits": {**ways, "max_shots": 50}, "accuracy": {},
+        "default_head": method,
+        "heads": {method: {}},
+        "limits": {**ways, "max_shots": 50},
+        "accuracy": {},
     }
     ModelCard.from_dict(card).save(path)
     calibrate_shipped(path, calibration_tasks, log=print)
     return path
-
-

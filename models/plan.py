@@ -11,8 +11,9 @@ merges requests of different tasks of one model into one call (:mod:`fewshot.mod
 
 from __future__ import annotations
 
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
-from typing import Any, Callable, Hashable
+from typing import Any
 
 import torch
 

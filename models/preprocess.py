@@ -41,7 +41,7 @@ class InputSpec:
     resize: str = "bilinear"
 
     @staticmethod
-    def for_dataset(name: str) -> "InputSpec":
+    def for_dataset(name: str) -> InputSpec:
         """The spec of the built-in datasets."""
         if name == "omniglot":
             # 0 = ink, 255 = paper, as in the released arrays; statistics of the background set.
@@ -54,7 +54,7 @@ class InputSpec:
         return asdict(self) | {"value_range": [0, 255], "layout": "NCHW"}
 
     @staticmethod
-    def from_dict(d: dict[str, Any]) -> "InputSpec":
+    def from_dict(d: dict[str, Any]) -> InputSpec:
         return InputSpec(int(d["channels"]), int(d["size"]), tuple(d["mean"]), tuple(d["std"]), d.get("resize", "bilinear"))
 
     def prepare(self, image: Image.Image) -> np.ndarray:

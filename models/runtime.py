@@ -10,9 +10,10 @@ each part must have.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Protocol, Union
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -72,7 +73,7 @@ class Engines(Protocol):
         """The session of ``part`` (:class:`ConfigError` when this model has no such part)."""
 
 
-Source = Union[bytes, str, Path, Callable[[], bytes]]
+Source = bytes | str | Path | Callable[[], bytes]
 
 
 class OnnxEngines:
@@ -151,8 +152,10 @@ class Signature:
         """What differs between this signature and ``get_model_metadata(as_json=True)``."""
         out = []
         for kind, expected in (("input", self.inputs), ("output", self.outputs)):
-            served = {t["name"]: TensorSpec(t["name"], t["datatype"], tuple(int(d) for d in t.get("shape", ())))
-                      for t in metadata.get(f"{kind}s", ())}
+            served = {
+                t["name"]: TensorSpec(t["name"], t["datatype"], tuple(int(d) for d in t.get("shape", ())))
+                for t in metadata.get(f"{kind}s", ())
+            }
             for spec in expected:
                 got = served.get(spec.name)
                 if got is None:

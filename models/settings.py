@@ -9,8 +9,9 @@ models and ``fewshot eval`` refuse the same values with the same message.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 from fewshot.errors import ConfigError
 

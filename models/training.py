@@ -9,8 +9,8 @@ the metric loss always has positive pairs. A run folder holds ``last.pt`` (for `
 from __future__ import annotations
 
 import json
-import os
 import math
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,12 +24,12 @@ from tqdm import tqdm
 
 from fewshot.errors import ConfigError
 from fewshot.models.backbones import Conv4, ResNet12, build_backbone
-from fewshot.models.distributed import Ranks
 from fewshot.models.data import ImageSet, check_dataset, dataset_spec, load_dataset
+from fewshot.models.distributed import Ranks
 from fewshot.models.evaluation import evaluate_features
+from fewshot.models.folders import canonical
 from fewshot.models.heads.centroid import CentroidHead
 from fewshot.models.losses import CombinedLoss
-from fewshot.models.folders import canonical
 from fewshot.models.preprocess import InputSpec
 from fewshot.models.runtime import torch_device
 
@@ -70,8 +70,12 @@ class TrainConfig:
     def __post_init__(self) -> None:
         check_dataset(self.dataset)
         self.dataset = canonical(self.dataset)
-        choices = {"arch": ("conv4", "resnet12"), "loss": ("sce", "bce", "none"),
-                   "metric": ("nca", "proto", "none"), "combine": ("sum", "directsum", "spectral")}
+        choices = {
+            "arch": ("conv4", "resnet12"),
+            "loss": ("sce", "bce", "none"),
+            "metric": ("nca", "proto", "none"),
+            "combine": ("sum", "directsum", "spectral"),
+        }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"unknown --{key} {getattr(self, key)!r}: use one of {', '.join(allowed)}")
@@ -111,10 +115,11 @@ def _augment(x: torch.Tensor, flip: bool, gen: torch.Generator) -> torch.Tensor:
     padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
     dx = torch.randint(0, 2 * pad + 1, (b,), generator=gen)
     dy = torch.randint(0, 2 * pad + 1, (b,), generator=gen)
-    rows = (dy[:, None] + torch.arange(h)[None, :])  # (b, h)
-    cols = (dx[:, None] + torch.arange(w)[None, :])  # (b, w)
-    out = padded[torch.arange(b)[:, None, None, None], torch.arange(x.shape[1])[None, :, None, None],
-                 rows[:, None, :, None], cols[:, None, None, :]]
+    rows = dy[:, None] + torch.arange(h)[None, :]  # (b, h)
+    cols = dx[:, None] + torch.arange(w)[None, :]  # (b, w)
+    out = padded[
+        torch.arange(b)[:, None, None, None], torch.arange(x.shape[1])[None, :, None, None], rows[:, None, :, None], cols[:, None, None, :]
+    ]
     if flip:
         mask = torch.rand(b, generator=gen) < 0.5
         out[mask] = out[mask].flip(-1)
@@ -122,13 +127,14 @@ def _augment(x: torch.Tensor, flip: bool, gen: torch.Generator) -> torch.Tensor:
 
 
 @torch.no_grad()
-def extract_features(backbone: nn.Module, images: np.ndarray, spec: InputSpec, batch: int = 256,
-                     device: torch.device | None = None) -> torch.Tensor:
+def extract_features(
+    backbone: nn.Module, images: np.ndarray, spec: InputSpec, batch: int = 256, device: torch.device | None = None
+) -> torch.Tensor:
     """uint8 ``(N, H, W, C)`` -> float32 ``(N, d)`` in eval mode."""
     device = device or next(backbone.parameters()).device
     was_training = backbone.training
     backbone.eval()
-    out = [backbone(spec.normalize(images[i:i + batch]).to(device)).float().cpu() for i in range(0, len(images), batch)]
+    out = [backbone(spec.normalize(images[i : i + batch]).to(device)).float().cpu() for i in range(0, len(images), batch)]
     backbone.train(was_training)
     return torch.cat(out)
 
@@ -143,6 +149,7 @@ def _val_subset(data: ImageSet, per_class: int, seed: int) -> ImageSet:
 def plot_curves(metrics_path: Path, png_path: Path) -> None:
     """Training loss and validation accuracy against the step, from ``metrics.jsonl``."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -180,8 +187,10 @@ def train_supervised(cfg: TrainConfig, out_dir: Path, resume: bool = False, devi
         model = model.to(memory_format=torch.channels_last)
     criterion = CombinedLoss(cfg.loss, cfg.metric, cfg.combine, cfg.p, cfg.metric_weight, cfg.temperature)
     if cfg.combine == "directsum" and backbone.feature_dim <= train.num_classes:
-        raise ConfigError(f"--combine directsum needs feature dim > classes, got d={backbone.feature_dim}, "
-                         f"C={train.num_classes}: use fewer --pools, a wider backbone or --combine spectral")
+        raise ConfigError(
+            f"--combine directsum needs feature dim > classes, got d={backbone.feature_dim}, "
+            f"C={train.num_classes}: use fewer --pools, a wider backbone or --combine spectral"
+        )
     steps_per_epoch = len(train.images) // (cfg.batch_classes * cfg.batch_shots)
     if cfg.max_steps:  # smoke runs: short epochs, same code path
         steps_per_epoch = max(1, min(steps_per_epoch, cfg.max_steps // cfg.epochs))
@@ -190,7 +199,8 @@ def train_supervised(cfg: TrainConfig, out_dir: Path, resume: bool = False, devi
     log_every = max(1, min(50, steps_per_epoch // 5))
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / max(1, warmup) if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, total - warmup))))
+        opt, lambda s: (s + 1) / max(1, warmup) if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, total - warmup)))
+    )
     rng = np.random.default_rng(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     step, best = 0, -1.0
@@ -208,9 +218,22 @@ def train_supervised(cfg: TrainConfig, out_dir: Path, resume: bool = False, devi
     flip = spec.channels == 3
 
     def save(path: Path) -> None:
-        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(), "step": step,
-                    "best": best, "rng": rng, "gen": gen, "config": asdict(cfg), "backbone_config": backbone.config,
-                    "spec": spec.to_dict(), "classes": train.class_names}, path.with_suffix(".tmp"))
+        torch.save(
+            {
+                "model": model.state_dict(),
+                "opt": opt.state_dict(),
+                "sched": sched.state_dict(),
+                "step": step,
+                "best": best,
+                "rng": rng,
+                "gen": gen,
+                "config": asdict(cfg),
+                "backbone_config": backbone.config,
+                "spec": spec.to_dict(),
+                "classes": train.class_names,
+            },
+            path.with_suffix(".tmp"),
+        )
         path.with_suffix(".tmp").replace(path)
 
     log = metrics_path.open("a") if ranks.writer else open(os.devnull, "w")
@@ -226,7 +249,7 @@ def train_supervised(cfg: TrainConfig, out_dir: Path, resume: bool = False, devi
         # under torchrun each rank embeds every world-th image of the (same) batch; the batch's features are
         # gathered, rank by rank, so the loss (NCA and the direct sum are over the whole batch) is the whole
         # batch's on every rank; BatchNorm normalises each rank's share (SyncBatchNorm is GPU-only)
-        x, y = x[ranks.rank::ranks.world], torch.cat([y[r::ranks.world] for r in range(ranks.world)])
+        x, y = x[ranks.rank :: ranks.world], torch.cat([y[r :: ranks.world] for r in range(ranks.world)])
         x = x.to(dev).contiguous(memory_format=torch.channels_last) if dev.type == "cpu" else x.to(dev)
         # bfloat16 autocast: 2.5x faster Conv-4 training on AVX512-BF16 CPUs; losses stay float32.
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.amp):
@@ -246,8 +269,13 @@ def train_supervised(cfg: TrainConfig, out_dir: Path, resume: bool = False, devi
         acc_loss.append({k: float(v.detach()) for k, v in parts.items()})
         bar.update(1)
         if step % log_every == 0 or step == total:
-            row = {"kind": "train", "step": step, "epoch": step / steps_per_epoch, "lr": sched.get_last_lr()[0],
-                   "images_per_s": seen / (time.perf_counter() - t0)}
+            row = {
+                "kind": "train",
+                "step": step,
+                "epoch": step / steps_per_epoch,
+                "lr": sched.get_last_lr()[0],
+                "images_per_s": seen / (time.perf_counter() - t0),
+            }
             row |= {k: float(np.mean([a[k] for a in acc_loss])) for k in acc_loss[0]}
             log.write(json.dumps(row) + "\n"), log.flush()
             bar.set_postfix(loss=f"{row['loss']:.3f}", ips=f"{row['images_per_s']:.0f}")
@@ -257,8 +285,13 @@ def train_supervised(cfg: TrainConfig, out_dir: Path, resume: bool = False, devi
         elif step % steps_per_epoch == 0 or step == total:
             feats_val = extract_features(backbone, val.images, spec)
             res = evaluate_features(feats_val, val, CentroidHead("L2N"), 5, cfg.val_shots, 15, cfg.val_tasks, seed=cfg.seed)
-            log.write(json.dumps({"kind": "val", "step": step, "epoch": step / steps_per_epoch,
-                                  "accuracy": res.accuracy, "ci95": res.ci95}) + "\n"), log.flush()
+            (
+                log.write(
+                    json.dumps({"kind": "val", "step": step, "epoch": step / steps_per_epoch, "accuracy": res.accuracy, "ci95": res.ci95})
+                    + "\n"
+                ),
+                log.flush(),
+            )
             tqdm.write(f"step {step}: val 5-way {cfg.val_shots}-shot {res.accuracy:.2f} +- {res.ci95:.2f}")
             if res.accuracy > best:
                 best = res.accuracy
@@ -278,5 +311,5 @@ def load_trained_backbone(path: Path) -> tuple[nn.Module, dict[str, Any]]:
     ck = torch.load(path, map_location="cpu", weights_only=False)
     backbone = build_backbone(ck["backbone_config"])
     prefix = "backbone."
-    backbone.load_state_dict({k[len(prefix):]: v for k, v in ck["model"].items() if k.startswith(prefix)})
+    backbone.load_state_dict({k[len(prefix) :]: v for k, v in ck["model"].items() if k.startswith(prefix)})
     return backbone.eval(), ck

@@ -7,8 +7,9 @@ head then starts from it); each registered head then chooses its own settings wi
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 

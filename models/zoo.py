@@ -10,9 +10,10 @@ This module loads them (:func:`load_model`); packaging a training run and tuning
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from safetensors.torch import load_file
@@ -20,8 +21,8 @@ from safetensors.torch import load_file
 from fewshot.errors import ConfigError
 from fewshot.models.backbones import Conv4, build_backbone
 from fewshot.models.card import ModelCard, accuracy_key  # noqa: F401  (re-exported for the tools)
-from fewshot.models.features import backbone_to_onnx
 from fewshot.models.family import family_of
+from fewshot.models.features import backbone_to_onnx
 from fewshot.models.preprocess import InputSpec
 from fewshot.models.runtime import TorchSession
 
@@ -143,7 +144,7 @@ def model_dir(name_or_path: str | os.PathLike) -> Path:
     raise ModelNotFoundError(f"unknown model {name_or_path!r}: shipped models are {', '.join(names) or 'none'}")
 
 
-def load_model(name_or_path: str | os.PathLike) -> "ShippedModel | ShippedInnerLoopModel":
+def load_model(name_or_path: str | os.PathLike) -> ShippedModel | ShippedInnerLoopModel:
     """Load a shipped model (of any family) by zoo name or folder."""
     path = model_dir(name_or_path)
     card = ModelCard.load(path)

@@ -19,8 +19,12 @@ import subprocess
 import sys
 import time
 
-VARIANTS = {"one run, arena": (0, True), "one run, no arena": (0, False), "chunks of 64, arena": (64, True),
-            "chunks of 32, arena": (32, True)}
+VARIANTS = {
+    "one run, arena": (0, True),
+    "one run, no arena": (0, False),
+    "chunks of 64, arena": (64, True),
+    "chunks of 32, arena": (32, True),
+}
 BATCHES = (1, 5, 15, 25, 40, 75, 120, 200, 256)
 
 
@@ -41,7 +45,7 @@ def _one(bundle: str, chunk: int, arena: bool, runs: int, seed: int) -> dict:
     for i in range(runs):
         x = data.random((rng.choice(BATCHES), *inp.shape[1:]), dtype=np.float32)
         step = chunk or len(x)
-        np.concatenate([session.run(None, {inp.name: x[j:j + step]})[0] for j in range(0, len(x), step)])
+        np.concatenate([session.run(None, {inp.name: x[j : j + step]})[0] for j in range(0, len(x), step)])
         if i + 1 in (10, 50, 100, runs):
             marks[i + 1] = round(_rss_mb())
     return {"rss_mb_after_runs": marks, "seconds": round(time.perf_counter() - start, 2)}
@@ -60,8 +64,12 @@ def main() -> None:
         return
     print(f"{args.runs} runs of seeded batch sizes {BATCHES}, one thread, {args.bundle}")
     for name in VARIANTS:
-        out = subprocess.run([sys.executable, __file__, "--bundle", args.bundle, "--runs", str(args.runs), "--seed",
-                              str(args.seed), "--variant", name], capture_output=True, text=True, check=True).stdout
+        out = subprocess.run(
+            [sys.executable, __file__, "--bundle", args.bundle, "--runs", str(args.runs), "--seed", str(args.seed), "--variant", name],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
         row = json.loads(out)
         print(f"{name:22s} resident MB after runs {row['rss_mb_after_runs']}  {row['seconds']} s")
 

@@ -31,8 +31,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as state:
         log = Path(state) / "serve.log"
         with ServerProcess(Path(args.bundles), Path(state), log=log) as server, FewShotClient(server.target) as client:
-            task = client.adapt([encode_png(data.images[i]) for i in ep.support], [str(c) for c in ep.support_labels],
-                                model=args.model)
+            task = client.adapt([encode_png(data.images[i]) for i in ep.support], [str(c) for c in ep.support_labels], model=args.model)
             queries = [encode_png(data.images[i]) for i in range(args.queries)]
             for _ in range(5):
                 task.classify(queries)
@@ -41,10 +40,13 @@ def main() -> None:
                 start = time.perf_counter()
                 task.classify(queries)
                 ms.append(1e3 * (time.perf_counter() - start))
-        served = [json.loads(line)["ms"] for line in log.read_text().splitlines()
-                  if line.startswith("{") and '"rpc": "Classify"' in line][-args.calls:]
-    print(f"{args.model}, {args.queries} PNG queries, {args.calls} calls: client p50 {np.median(ms):.2f} ms, "
-          f"server-logged p50 {np.median(served):.2f} ms ({100 * np.median(served) / np.median(ms):.0f}% of the call)")
+        served = [json.loads(line)["ms"] for line in log.read_text().splitlines() if line.startswith("{") and '"rpc": "Classify"' in line][
+            -args.calls :
+        ]
+    print(
+        f"{args.model}, {args.queries} PNG queries, {args.calls} calls: client p50 {np.median(ms):.2f} ms, "
+        f"server-logged p50 {np.median(served):.2f} ms ({100 * np.median(served) / np.median(ms):.0f}% of the call)"
+    )
 
 
 if __name__ == "__main__":

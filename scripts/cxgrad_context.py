@@ -43,11 +43,22 @@ def main() -> None:
         nus.append(float(nu.norm()))
         gammas.append(rule.g_phi(nu).detach())
     g = torch.stack(gammas)
-    print(json.dumps({"model": args.model, "ways": args.ways, "shots": args.shots, "tasks": args.tasks, "seed": args.seed,
-                      "layers": rule.conv_names, "weight_norms": [round(float(params[n].norm()), 4) for n in rule.conv_names],
-                      "gamma_mean": [round(float(v), 4) for v in g.mean(0)],
-                      "gamma_spread": [float(f"{float(v):.3g}") for v in (g.max(0).values - g.min(0).values)],
-                      "nu_norm_max": float(f"{max(nus):.3g}")}))
+    print(
+        json.dumps(
+            {
+                "model": args.model,
+                "ways": args.ways,
+                "shots": args.shots,
+                "tasks": args.tasks,
+                "seed": args.seed,
+                "layers": rule.conv_names,
+                "weight_norms": [round(float(params[n].norm()), 4) for n in rule.conv_names],
+                "gamma_mean": [round(float(v), 4) for v in g.mean(0)],
+                "gamma_spread": [float(f"{float(v):.3g}") for v in (g.max(0).values - g.min(0).values)],
+                "nu_norm_max": float(f"{max(nus):.3g}"),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -43,8 +43,10 @@ def main() -> None:
         decoding.pyspng = fast
         p50 = {v: float(np.median(ms)) for v, ms in variants.items()}
         for variant, ms in variants.items():
-            print(f"{name}: decode {args.images} PNG queries, {variant}: p50 {p50[variant]:.2f} ms "
-                  f"(p10 {np.percentile(ms, 10):.2f}, p90 {np.percentile(ms, 90):.2f}) over {args.calls} calls")
+            print(
+                f"{name}: decode {args.images} PNG queries, {variant}: p50 {p50[variant]:.2f} ms "
+                f"(p10 {np.percentile(ms, 10):.2f}, p90 {np.percentile(ms, 90):.2f}) over {args.calls} calls"
+            )
         print(f"{name}: the fast path takes {p50['libspng fast path'] / p50['Pillow alone']:.2f}x Pillow's time")
 
 

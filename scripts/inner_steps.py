@@ -30,8 +30,15 @@ from fewshot.models.zoo import load_model
 def from_backbone(name: str, adapt_from: int) -> tuple:
     """``(net, rule, params, spec, dataset)`` of ``name``'s network as meta-training starts it (temperature 10)."""
     backbone = load_model(name)
-    cfg = MetaTrainConfig(method="maml", dataset=backbone.card.data["dataset"], width=backbone.card.architecture["width"],
-                          bn_train="support", init_backbone=name, head_init="centroid", adapt_from=adapt_from)
+    cfg = MetaTrainConfig(
+        method="maml",
+        dataset=backbone.card.data["dataset"],
+        width=backbone.card.architecture["width"],
+        bn_train="support",
+        init_backbone=name,
+        head_init="centroid",
+        adapt_from=adapt_from,
+    )
     net, rule = build_learner(cfg, backbone.spec)
     return net, rule, backbone_params(net, backbone, cfg.head_temperature), backbone.spec, cfg.dataset
 
@@ -68,9 +75,24 @@ def main() -> None:
             rule = UpdateRule(net, steps, args.alpha, args.head_alpha or args.alpha)
         adapter = InnerLoopAdapter(net, rule, params, steps, bn_mode, head_init=head_init)
         res = evaluate(adapter, data, spec.normalize, args.ways, args.shots, 15, args.tasks, args.seed)
-        print(json.dumps({"model": args.model or args.backbone, "split": args.split, "ways": args.ways, "shots": args.shots,
-                          "inner_steps": steps, "alpha": args.alpha, "head_alpha": args.head_alpha, "tasks": args.tasks,
-                          "seed": args.seed, "accuracy": round(res.accuracy, 2), "ci95": round(res.ci95, 2)}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "model": args.model or args.backbone,
+                    "split": args.split,
+                    "ways": args.ways,
+                    "shots": args.shots,
+                    "inner_steps": steps,
+                    "alpha": args.alpha,
+                    "head_alpha": args.head_alpha,
+                    "tasks": args.tasks,
+                    "seed": args.seed,
+                    "accuracy": round(res.accuracy, 2),
+                    "ci95": round(res.ci95, 2),
+                }
+            ),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

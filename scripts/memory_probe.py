@@ -32,14 +32,16 @@ from fewshot.tools.launch import ServerProcess
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # the memory probes are test fixtures (tests/fixtures/), not in the installed package
-from fixtures.memory import ResidentMemory as Sampler, adapt_load, resident_mb as rss_mb  # noqa: E402  (after the path)
+from fixtures.memory import ResidentMemory as Sampler  # noqa: E402  (after the path)
+from fixtures.memory import adapt_load  # noqa: E402  (after the path)
+from fixtures.memory import resident_mb as rss_mb  # noqa: E402  (after the path)
 
 
 def streams(target: str, pid: int, clients: int, chunks: int, chunk_mb: float, model: str) -> dict:
     from fewshot_proto import fewshot_pb2 as pb
     from fewshot_proto import fewshot_pb2_grpc as pb_grpc
 
-    blob = np.random.default_rng(0).integers(0, 256, int(chunk_mb * 2 ** 20), dtype=np.uint8).tobytes()
+    blob = np.random.default_rng(0).integers(0, 256, int(chunk_mb * 2**20), dtype=np.uint8).tobytes()
 
     def stream(i: int) -> str:
         def chunks_of():
@@ -58,8 +60,16 @@ def streams(target: str, pid: int, clients: int, chunks: int, chunk_mb: float, m
         codes = list(pool.map(stream, range(clients)))
         peak = sampler.peak
     time.sleep(10)
-    return {"load": "streams", "clients": clients, "chunks": chunks, "chunk_mb": chunk_mb, "codes": codes,
-            "rss_start_mb": round(start, 1), "rss_peak_mb": round(peak, 1), "rss_idle_10s_mb": round(rss_mb(pid), 1)}
+    return {
+        "load": "streams",
+        "clients": clients,
+        "chunks": chunks,
+        "chunk_mb": chunk_mb,
+        "codes": codes,
+        "rss_start_mb": round(start, 1),
+        "rss_peak_mb": round(peak, 1),
+        "rss_idle_10s_mb": round(rss_mb(pid), 1),
+    }
 
 
 def adapt(target: str, pid: int, clients: int, ways: int, tasks: int, model: str, cache_mb: int, warm: int = 60) -> dict:
@@ -79,13 +89,21 @@ def adapt(target: str, pid: int, clients: int, ways: int, tasks: int, model: str
     supports = []
     for e in range(8):
         ep = sampler.episode(e)
-        supports.append(([pb.LabelledImage(image=raw(j), label=f"c{c}") for j, c in zip(ep.support, ep.support_labels)],
-                         [raw(ep.query[0])]))
+        supports.append(
+            ([pb.LabelledImage(image=raw(j), label=f"c{c}") for j, c in zip(ep.support, ep.support_labels)], [raw(ep.query[0])])
+        )
     load = adapt_load(target, pid, model, supports, clients, warm, tasks)
     time.sleep(3)
-    return {"load": "adapt", "clients": clients, "ways": ways, "tasks": tasks, "cache_mb": cache_mb,
-            **{k: round(v, 1) for k, v in load.items()}, "rss_3s_after_mb": round(rss_mb(pid), 1),
-            "peak_growth_mb": round(load["rss_peak_mb"] - load["rss_after_warmup_mb"], 1)}
+    return {
+        "load": "adapt",
+        "clients": clients,
+        "ways": ways,
+        "tasks": tasks,
+        "cache_mb": cache_mb,
+        **{k: round(v, 1) for k, v in load.items()},
+        "rss_3s_after_mb": round(rss_mb(pid), 1),
+        "peak_growth_mb": round(load["rss_peak_mb"] - load["rss_after_warmup_mb"], 1),
+    }
 
 
 def main() -> None:
@@ -102,7 +120,7 @@ def main() -> None:
     argv = sys.argv[1:]
     cut = argv.index("--") if "--" in argv else len(argv)
     args = parser.parse_args(argv[:cut])
-    args.server_args = argv[cut + 1:]  # more `fewshot serve` flags, after --
+    args.server_args = argv[cut + 1 :]  # more `fewshot serve` flags, after --
     model = args.model or ("omniglot-conv4-directsum" if args.load == "streams" else "tinyimagenet-conv4-sce-nca-directsum")
     with tempfile.TemporaryDirectory() as tmp:
         models = Path(args.models) if args.models else Path(tmp) / "bundles"

@@ -35,13 +35,18 @@ def _diff(row: dict, file: str) -> str:
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = [START, "## Export parity (`fewshot export --fp16`)", "",
-             "Checked at export time; the export fails if fp32 differs from torch by more than 1e-4 times the output scale",
-             "(the largest absolute torch output, at least 1; shown in brackets where measured) or fp16 agrees",
-             "with fp32 on fewer than 99.5% of the queries of 600 real test tasks (seed 0). Reproduce a row with",
-             "`fewshot export --model NAME --fp16 --out DIR`; the whole table with `python scripts/parity.py`.", "",
-             "| model | backbone.onnx fp32 max abs diff (256 images) | network.onnx fp32 max abs diff (adapted weights) | fp16 top-1 agreement (600 tasks) |",
-             "|---|---|---|---|"]
+    lines = [
+        START,
+        "## Export parity (`fewshot export --fp16`)",
+        "",
+        "Checked at export time; the export fails if fp32 differs from torch by more than 1e-4 times the output scale",
+        "(the largest absolute torch output, at least 1; shown in brackets where measured) or fp16 agrees",
+        "with fp32 on fewer than 99.5% of the queries of 600 real test tasks (seed 0). Reproduce a row with",
+        "`fewshot export --model NAME --fp16 --out DIR`; the whole table with `python scripts/parity.py`.",
+        "",
+        "| model | backbone.onnx fp32 max abs diff (256 images) | network.onnx fp32 max abs diff (adapted weights) | fp16 top-1 agreement (600 tasks) |",
+        "|---|---|---|---|",
+    ]
     for r in rows:
         network = _diff(r, "network") if "network_max_abs_diff" in r else "n/a (metric model)"
         lines.append(f"| {r['model']} | {_diff(r, 'backbone')} | {network} | {r['fp16_top1_agreement']:.2f}% |")
@@ -59,7 +64,7 @@ def main() -> None:
     text = path.read_text()
     old = {}
     if START in text:
-        block = text[text.index(START):text.index(END) + len(END)]
+        block = text[text.index(START) : text.index(END) + len(END)]
         for line in block.splitlines():
             if line.startswith("| ") and not line.startswith("| model"):
                 old[line.split(" | ")[0][2:]] = line

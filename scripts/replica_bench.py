@@ -32,16 +32,27 @@ from fewshot.tools.launch import ServerProcess
 from fewshot_client import FewShotClient
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # PostgresServer is a test fixture, not in the installed package
-from fixtures.postgres import PostgresServer  # noqa: E402  (after the path)
+from fixtures.postgres import PostgresServer
 
 MODEL = "omniglot-conv4-directsum"
 
 
 def _replicas(bundles: Path, url: str, cores: list[int], root: Path) -> list[ServerProcess]:
     procs = []
-    for i, core in enumerate(cores):
-        proc = ServerProcess(bundles, root / f"r{core}-{time.monotonic_ns()}", "--store", url, "--threads", "1",
-                             "--workers", "2", "--warmup-tasks", "1", env={"OMP_NUM_THREADS": "1"})
+    for _i, core in enumerate(cores):
+        proc = ServerProcess(
+            bundles,
+            root / f"r{core}-{time.monotonic_ns()}",
+            "--store",
+            url,
+            "--threads",
+            "1",
+            "--workers",
+            "2",
+            "--warmup-tasks",
+            "1",
+            env={"OMP_NUM_THREADS": "1"},
+        )
         proc.start()
         os.sched_setaffinity(proc.pid, {core})  # taskset -p: the replica and all its threads on one core
         for tid in os.listdir(f"/proc/{proc.pid}/task"):
@@ -117,13 +128,24 @@ def main() -> None:
                     latency[name].append(1e3 * (time.perf_counter() - start))
     one, two = statistics.median(rows["1 replica"]), statistics.median(rows["2 replicas"])
     report = {
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores", "model": MODEL,
-        "clients": args.clients, "queries_per_call": args.queries, "seconds": args.seconds, "rounds": args.rounds,
-        "classify_calls_per_s": {k: {"median": round(statistics.median(v), 1), "min": round(min(v), 1), "max": round(max(v), 1)}
-                                 for k, v in rows.items()},
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "model": MODEL,
+        "clients": args.clients,
+        "queries_per_call": args.queries,
+        "seconds": args.seconds,
+        "rounds": args.rounds,
+        "classify_calls_per_s": {
+            k: {"median": round(statistics.median(v), 1), "min": round(min(v), 1), "max": round(max(v), 1)} for k, v in rows.items()
+        },
         "ratio_2_to_1": round(two / one, 2),
-        "adapt_ms": {k: {"median": round(float(np.median(v)), 1), "p10": round(float(np.percentile(v, 10)), 1),
-                         "p90": round(float(np.percentile(v, 90)), 1)} for k, v in latency.items()},
+        "adapt_ms": {
+            k: {
+                "median": round(float(np.median(v)), 1),
+                "p10": round(float(np.percentile(v, 10)), 1),
+                "p90": round(float(np.percentile(v, 90)), 1),
+            }
+            for k, v in latency.items()
+        },
         "adapt_ratio_postgresql_to_sqlite": round(float(np.median(latency["postgresql"]) / np.median(latency["sqlite"])), 2),
     }
     print(json.dumps(report, indent=1))

@@ -82,8 +82,7 @@ def model_dataset(name: str, bundles: Path | None) -> str:
     return str(json.loads(card.read_text())["data"]["dataset"])
 
 
-def episode_pool(models: Sequence[str], infos: dict[str, Any], bundles: Path | None, per_setting: int,
-                 seed: int) -> list[PoolEpisode]:
+def episode_pool(models: Sequence[str], infos: dict[str, Any], bundles: Path | None, per_setting: int, seed: int) -> list[PoolEpisode]:
     """``per_setting`` test episodes of each model and shot count, seeded like ``fewshot eval``."""
     from fewshot.models.data import ImageSet, load_dataset
     from fewshot.models.episodes import EpisodeSampler
@@ -182,8 +181,16 @@ def rss_summary(series: list[tuple[float, float]], warmup_s: float, duration_s: 
     start, end = after[0], series[-1]
     middle = min(series, key=lambda s: abs(s[0] - duration_s / 2))
     change = 100.0 * (end[1] - start[1]) / start[1]
-    return {"start": start[1], "middle": middle[1], "end": end[1], "change_pct": round(change, 2),
-            "warmup_s": warmup_s, "start_at_s": start[0], "middle_at_s": middle[0], "end_at_s": end[0]}
+    return {
+        "start": start[1],
+        "middle": middle[1],
+        "end": end[1],
+        "change_pct": round(change, 2),
+        "warmup_s": warmup_s,
+        "start_at_s": start[0],
+        "middle_at_s": middle[0],
+        "end_at_s": end[0],
+    }
 
 
 # ----------------------------------------------------------------------------- clients
@@ -205,8 +212,9 @@ class ClientStats:
 class SoakClient(threading.Thread):
     """One client: its own channel, seeded draws, at most ``max_live`` live tasks."""
 
-    def __init__(self, index: int, client: Any, pool: list[PoolEpisode], methods: dict[str, list[str]], seed: int,
-                 deadline: float, max_live: int) -> None:
+    def __init__(
+        self, index: int, client: Any, pool: list[PoolEpisode], methods: dict[str, list[str]], seed: int, deadline: float, max_live: int
+    ) -> None:
         super().__init__(name=f"soak-client-{index}", daemon=True)
         self.client, self.pool, self.methods = client, pool, methods
         self.rng = np.random.default_rng([seed, 7919, index])
@@ -247,8 +255,7 @@ class SoakClient(threading.Thread):
         ep = self.pool[self.rng.integers(len(self.pool))]
         methods = self.methods[ep.model]
         method = methods[self.rng.integers(len(methods))]
-        task = self.call("Adapt", lambda: self.client.adapt(ep.support, ep.support_labels, model=ep.model,
-                                                             method=method))
+        task = self.call("Adapt", lambda: self.client.adapt(ep.support, ep.support_labels, model=ep.model, method=method))
         if task is not None:
             self.live.append(Live(task, ep))
         while len(self.live) > self.max_live:
@@ -288,18 +295,23 @@ def percentiles(ms: list[float]) -> dict[str, float | None]:
     if not ms:
         return {"p50_ms": None, "p90_ms": None, "p99_ms": None, "max_ms": None}
     p50, p90, p99 = np.percentile(ms, (50, 90, 99))
-    return {"p50_ms": round(float(p50), 2), "p90_ms": round(float(p90), 2), "p99_ms": round(float(p99), 2),
-            "max_ms": round(float(max(ms)), 2)}
+    return {
+        "p50_ms": round(float(p50), 2),
+        "p90_ms": round(float(p90), 2),
+        "p99_ms": round(float(p99), 2),
+        "max_ms": round(float(max(ms)), 2),
+    }
 
 
 def machine() -> dict[str, Any]:
     processor = platform.processor()
     if not processor:  # empty on most Linux systems: the CPU model from /proc/cpuinfo instead
         with contextlib.suppress(OSError):
-            processor = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                              if line.startswith("model name")), "")
-    return {"processor": processor, "cpus": os.cpu_count(), "platform": platform.platform(),
-            "python": platform.python_version()}
+            processor = next(
+                (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")),
+                "",
+            )
+    return {"processor": processor, "cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}
 
 
 def soak(target: str, pid: int, args: argparse.Namespace, bundles: Path | None, log: Callable[[str], None]) -> dict:
@@ -317,8 +329,10 @@ def soak(target: str, pid: int, args: argparse.Namespace, bundles: Path | None, 
         raise SetupError(f"cannot read VmRSS of PID {pid} from /proc/{pid}/status")
     command = process_command(pid)
     if "serve" not in command.split():
-        raise SetupError(f"PID {pid} runs {command!r}, not `fewshot serve`: give the server process itself "
-                         "(not a shell or launcher around it), else its memory is not what is sampled")
+        raise SetupError(
+            f"PID {pid} runs {command!r}, not `fewshot serve`: give the server process itself "
+            "(not a shell or launcher around it), else its memory is not what is sampled"
+        )
     start = time.perf_counter()
     pool = episode_pool(args.models, infos, bundles, args.pool, args.seed)
     log(f"prepared {len(pool)} test episodes as PNG bytes in {time.perf_counter() - start:.1f} s")
@@ -329,8 +343,7 @@ def soak(target: str, pid: int, args: argparse.Namespace, bundles: Path | None, 
     clients = [FewShotClient(target, token=args.token, timeout=args.timeout, retries=0) for _ in range(args.clients)]
     try:
         t0 = time.monotonic()
-        workers = [SoakClient(i, c, pool, methods, args.seed, t0 + duration_s, args.max_live)
-                   for i, c in enumerate(clients)]
+        workers = [SoakClient(i, c, pool, methods, args.seed, t0 + duration_s, args.max_live) for i, c in enumerate(clients)]
         sampler = RssSampler(pid, t0, RSS_INTERVAL_S, warmup_s, duration_s)
         sampler.start()
         for w in workers:
@@ -352,36 +365,51 @@ def soak(target: str, pid: int, args: argparse.Namespace, bundles: Path | None, 
     rpcs = {}
     for rpc in RPCS:
         ms = [x for w in workers for x in w.stats.latency_ms[rpc]]
-        rpcs[rpc] = {"count": len(ms), **percentiles(ms),
-                     "errors": {code: n for (r, code), n in sorted(errors.items()) if r == rpc}}
+        rpcs[rpc] = {"count": len(ms), **percentiles(ms), "errors": {code: n for (r, code), n in sorted(errors.items()) if r == rpc}}
     by_code: Counter[str] = Counter()
     for (_, code), n in errors.items():
         by_code[code] += n
     images = sum(w.stats.images for w in workers)
     rss = rss_summary(series, warmup_s, duration_s)
     passed = not by_code and rss["change_pct"] is not None and rss["change_pct"] <= args.max_rss_growth
-    return {"settings": {"minutes": args.minutes, "clients": args.clients, "models": list(args.models),
-                         "seed": args.seed, "max_live": args.max_live, "timeout_s": args.timeout,
-                         "episodes": len(pool), "target": args.target or "own server",
-                         "serve_args": None if args.target else [*DEFAULT_SERVE_ARGS, *args.serve_arg],
-                         "max_rss_growth_pct": args.max_rss_growth, "machine": machine(),
-                         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
-            "wall_s": round(wall_s, 2), "rpcs": rpcs, "classify_images": images,
-            "classify_images_per_s": round(images / wall_s, 1), "errors": dict(sorted(by_code.items())),
-            "errors_total": sum(by_code.values()), "rss_mb": rss, "rss_series": [list(s) for s in series],
-            "passed": passed}
+    return {
+        "settings": {
+            "minutes": args.minutes,
+            "clients": args.clients,
+            "models": list(args.models),
+            "seed": args.seed,
+            "max_live": args.max_live,
+            "timeout_s": args.timeout,
+            "episodes": len(pool),
+            "target": args.target or "own server",
+            "serve_args": None if args.target else [*DEFAULT_SERVE_ARGS, *args.serve_arg],
+            "max_rss_growth_pct": args.max_rss_growth,
+            "machine": machine(),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        },
+        "wall_s": round(wall_s, 2),
+        "rpcs": rpcs,
+        "classify_images": images,
+        "classify_images_per_s": round(images / wall_s, 1),
+        "errors": dict(sorted(by_code.items())),
+        "errors_total": sum(by_code.values()),
+        "rss_mb": rss,
+        "rss_series": [list(s) for s in series],
+        "passed": passed,
+    }
 
 
 def describe(report: dict) -> str:
     s, rss = report["settings"], report["rss_mb"]
-    lines = [f"soak: {s['clients']} clients x {s['minutes']} min ({report['wall_s']:.0f} s), models "
-             f"{', '.join(s['models'])}, seed {s['seed']}, target {s['target']}"
-             + (f" ({' '.join(s['serve_args'])})" if s["serve_args"] is not None else ""),
-             f"machine: {s['machine']['processor'] or 'unknown CPU'}, {s['machine']['cpus']} CPUs",
-             f"{'rpc':11s} {'calls':>7s} {'p50':>8s} {'p90':>8s} {'p99':>8s} {'max':>8s}  (ms)  errors"]
+    lines = [
+        f"soak: {s['clients']} clients x {s['minutes']} min ({report['wall_s']:.0f} s), models "
+        f"{', '.join(s['models'])}, seed {s['seed']}, target {s['target']}"
+        + (f" ({' '.join(s['serve_args'])})" if s["serve_args"] is not None else ""),
+        f"machine: {s['machine']['processor'] or 'unknown CPU'}, {s['machine']['cpus']} CPUs",
+        f"{'rpc':11s} {'calls':>7s} {'p50':>8s} {'p90':>8s} {'p99':>8s} {'max':>8s}  (ms)  errors",
+    ]
     for rpc, r in report["rpcs"].items():
-        cells = " ".join(f"{r[k]:8.1f}" if r[k] is not None else f"{'-':>8s}"
-                         for k in ("p50_ms", "p90_ms", "p99_ms", "max_ms"))
+        cells = " ".join(f"{r[k]:8.1f}" if r[k] is not None else f"{'-':>8s}" for k in ("p50_ms", "p90_ms", "p99_ms", "max_ms"))
         errs = ", ".join(f"{c} {n}" for c, n in r["errors"].items()) or "0"
         lines.append(f"{rpc:11s} {r['count']:7d} {cells}        {errs}")
     lines.append(f"classify: {report['classify_images']} images, {report['classify_images_per_s']:.0f} images/s")
@@ -389,10 +417,12 @@ def describe(report: dict) -> str:
     if rss["start"] is None:
         lines.append("server RSS: no sample after the warm-up")
     else:
-        lines.append(f"server RSS: start {rss['start']:.1f} MiB (at {rss['start_at_s']:.0f} s, after "
-                     f"{rss['warmup_s']:.0f} s warm-up), middle {rss['middle']:.1f} MiB (at {rss['middle_at_s']:.0f} s), "
-                     f"end {rss['end']:.1f} MiB (at {rss['end_at_s']:.0f} s): {rss['change_pct']:+.2f}% "
-                     f"(limit +{s['max_rss_growth_pct']:g}%)")
+        lines.append(
+            f"server RSS: start {rss['start']:.1f} MiB (at {rss['start_at_s']:.0f} s, after "
+            f"{rss['warmup_s']:.0f} s warm-up), middle {rss['middle']:.1f} MiB (at {rss['middle_at_s']:.0f} s), "
+            f"end {rss['end']:.1f} MiB (at {rss['end_at_s']:.0f} s): {rss['change_pct']:+.2f}% "
+            f"(limit +{s['max_rss_growth_pct']:g}%)"
+        )
     lines.append("PASS" if report["passed"] else "FAIL")
     return "\n".join(lines)
 
@@ -402,18 +432,25 @@ class SetupError(RuntimeError):
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--minutes", type=float, default=10.0, help="length of the timed run (default 10)")
     p.add_argument("--clients", type=int, default=16, help="client threads, each with its own channel (default 16)")
     p.add_argument("--target", help="HOST:PORT of a running `fewshot serve` (default: start one)")
     p.add_argument("--pid", type=int, help="with --target: the server's PID (its VmRSS is sampled)")
-    p.add_argument("--token", default=os.environ.get("FEWSHOT_TOKEN"),
-                   help="bearer token (default $FEWSHOT_TOKEN, which a server started here reads too)")
+    p.add_argument(
+        "--token",
+        default=os.environ.get("FEWSHOT_TOKEN"),
+        help="bearer token (default $FEWSHOT_TOKEN, which a server started here reads too)",
+    )
     p.add_argument("--bundles", help="without --target: bundle directory to serve (default: $FEWSHOT_BUNDLES, else ./bundles)")
-    p.add_argument("--serve-arg", action="append", default=[], metavar="ARG",
-                   help=f"without --target: extra `fewshot serve` argument, repeat (after {' '.join(DEFAULT_SERVE_ARGS)}); "
-                        "write it as --serve-arg=--cache-mb=64")
+    p.add_argument(
+        "--serve-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help=f"without --target: extra `fewshot serve` argument, repeat (after {' '.join(DEFAULT_SERVE_ARGS)}); "
+        "write it as --serve-arg=--cache-mb=64",
+    )
     p.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), help="models to adapt (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="write the report as a JSON object to this file")
@@ -421,8 +458,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--pool", type=int, default=32, help="test episodes per model and shot count (default 32)")
     p.add_argument("--timeout", type=float, default=60.0, help="deadline of each call in seconds (default 60)")
     p.add_argument("--max-rss-growth", type=float, default=10.0, help="allowed RSS growth after warm-up, percent")
-    p.add_argument("--warmup", type=float, help="seconds before the memory baseline (default: 10%% of the run; ONNX "
-                   "Runtime's arenas reach their high-water once the largest merged batches have occurred)")
+    p.add_argument(
+        "--warmup",
+        type=float,
+        help="seconds before the memory baseline (default: 10%% of the run; ONNX "
+        "Runtime's arenas reach their high-water once the largest merged batches have occurred)",
+    )
     args = p.parse_args(argv)
     if args.target and args.pid is None:
         p.error("--target needs --pid (the server's resident memory is part of the check)")
@@ -460,8 +501,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 except (RuntimeError, TimeoutError) as err:
                     raise SetupError(str(err)) from err
                 target, pid = server.target, server.proc.pid
-                log(f"fewshot serve on {target} (pid {pid}), bundles {bundles}, state in {state}: "
-                    f"{' '.join([*DEFAULT_SERVE_ARGS, *args.serve_arg])}")
+                log(
+                    f"fewshot serve on {target} (pid {pid}), bundles {bundles}, state in {state}: "
+                    f"{' '.join([*DEFAULT_SERVE_ARGS, *args.serve_arg])}"
+                )
             report = soak(target, pid, args, bundles, log)
             if server is not None and report["errors_total"]:
                 log(f"--- last lines of the server log ({server.log}) ---\n{server.log.read_text()[-3000:]}")

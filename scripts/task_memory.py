@@ -55,8 +55,7 @@ def _one(bundles: str, model_name: str, method: str, tasks: int, seed: int, dtyp
         for i in range(tasks):
             xs, ys = supports[i % len(supports)]
             task, _ = adapter.adapt_scored(xs, ys)
-            record = TaskRecord(f"t{i:06d}", model.name, method, [f"c{c}" for c in range(ways)], 0.0, 4e9, len(ys),
-                                dump_task(task))
+            record = TaskRecord(f"t{i:06d}", model.name, method, [f"c{c}" for c in range(ways)], 0.0, 4e9, len(ys), dump_task(task))
             store.put(record, task)
             charge.append(store.cached_bytes)
             if i == 0:
@@ -69,9 +68,16 @@ def _one(bundles: str, model_name: str, method: str, tasks: int, seed: int, dtyp
     start = len(samples) // 10
     n, rss = np.array([s[0] for s in samples[start:]], float), np.array([s[1] for s in samples[start:]], float)
     slope = float(np.polyfit(n, rss, 1)[0])
-    return {"model": model_name, "method": method, "dtype": dtype, "tasks": tasks,
-            "rss_per_task_kb": round(slope / 1024, 1), "charge_per_task_kb": round(charge[-1] / tasks / 1024, 1),
-            "tensor_bytes_per_task_kb": round(params / 1024, 1), "rss_end_mb": round(samples[-1][1] / 2 ** 20, 1)}
+    return {
+        "model": model_name,
+        "method": method,
+        "dtype": dtype,
+        "tasks": tasks,
+        "rss_per_task_kb": round(slope / 1024, 1),
+        "charge_per_task_kb": round(charge[-1] / tasks / 1024, 1),
+        "tensor_bytes_per_task_kb": round(params / 1024, 1),
+        "rss_end_mb": round(samples[-1][1] / 2**20, 1),
+    }
 
 
 def agreement(bundles: str, model_name: str, tasks: int, seed: int) -> dict:
@@ -99,8 +105,15 @@ def agreement(bundles: str, model_name: str, tasks: int, seed: int) -> dict:
         half = task.classify(xq).argmax(1)
         same, total = same + int((full == half).sum()), total + len(yq)
         correct32, correct16 = correct32 + int((full == yq).sum()), correct16 + int((half == yq).sum())
-    return {"model": model_name, "tasks": tasks, "seed": seed, "queries": total, "top1_agreement": same / total,
-            "accuracy_float32": correct32 / total, "accuracy_float16": correct16 / total}
+    return {
+        "model": model_name,
+        "tasks": tasks,
+        "seed": seed,
+        "queries": total,
+        "top1_agreement": same / total,
+        "accuracy_float32": correct32 / total,
+        "accuracy_float16": correct16 / total,
+    }
 
 
 def main() -> None:
@@ -123,14 +136,32 @@ def main() -> None:
         print(json.dumps(_one(args.bundles, model, method, args.tasks, args.seed, args.dtype)))
         return
     for run in args.runs:
-        out = subprocess.run([sys.executable, __file__, "--one", run, "--bundles", args.bundles, "--tasks", str(args.tasks),
-                              "--seed", str(args.seed), "--dtype", args.dtype], capture_output=True, text=True)
+        out = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--one",
+                run,
+                "--bundles",
+                args.bundles,
+                "--tasks",
+                str(args.tasks),
+                "--seed",
+                str(args.seed),
+                "--dtype",
+                args.dtype,
+            ],
+            capture_output=True,
+            text=True,
+        )
         if out.returncode:
             sys.exit(f"{run}: {out.stderr.strip().splitlines()[-1]}")
         row = json.loads(out.stdout.strip().splitlines()[-1])
-        print(f"{row['model']} {row['method']} ({row['dtype']}, {row['tasks']} tasks): resident {row['rss_per_task_kb']} KB "
-              f"per task, charged {row['charge_per_task_kb']} KB, tensors {row['tensor_bytes_per_task_kb']} KB; "
-              f"process {row['rss_end_mb']} MB at the end")
+        print(
+            f"{row['model']} {row['method']} ({row['dtype']}, {row['tasks']} tasks): resident {row['rss_per_task_kb']} KB "
+            f"per task, charged {row['charge_per_task_kb']} KB, tensors {row['tensor_bytes_per_task_kb']} KB; "
+            f"process {row['rss_end_mb']} MB at the end"
+        )
 
 
 if __name__ == "__main__":

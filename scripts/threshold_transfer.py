@@ -26,7 +26,7 @@ from fewshot.models.zoo import load_model
 def scores(model, split: str, ways: int, tasks: int, seed: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """``{score name: (known scores, unknown scores)}`` pooled over ``tasks`` episodes of ``split``."""
     data = load_dataset(model.manifest["data"]["dataset"], split)
-    feats = torch.cat([model.extract(model.spec.normalize(data.images[i:i + 512])) for i in range(0, len(data.images), 512)])
+    feats = torch.cat([model.extract(model.spec.normalize(data.images[i : i + 512])) for i in range(0, len(data.images), 512)])
     feats = transform_features(feats, model.manifest["heads"]["centroid"]["transform"], model.center)
     sampler = OpenSetSampler(data, ways, 1, 15, seed)
     out: dict[str, tuple[list, list]] = {"raw": ([], []), "per-task scale": ([], [])}
@@ -57,8 +57,10 @@ def main() -> None:
     for name in val:
         threshold = np.quantile(val[name][0], 1 - args.accept)
         known, unknown = test[name]
-        print(f"{name}: test known accepted {100 * (known >= threshold).mean():.1f}%, unknown rejected "
-              f"{100 * (unknown < threshold).mean():.1f}% (validation known accepted {100 * args.accept:.0f}%)")
+        print(
+            f"{name}: test known accepted {100 * (known >= threshold).mean():.1f}%, unknown rejected "
+            f"{100 * (unknown < threshold).mean():.1f}% (validation known accepted {100 * args.accept:.0f}%)"
+        )
 
 
 if __name__ == "__main__":

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import AsyncIterator, Callable
 
 from fewshot.server.errors import Overloaded
 
@@ -20,8 +20,13 @@ from fewshot.server.errors import Overloaded
 class Admission:
     """Bounded concurrency with a bounded FIFO queue (single event loop)."""
 
-    def __init__(self, capacity: int, max_queue: int, on_change: Callable[[int, int], None] | None = None,
-                 on_saturated: Callable[[bool], None] | None = None) -> None:
+    def __init__(
+        self,
+        capacity: int,
+        max_queue: int,
+        on_change: Callable[[int, int], None] | None = None,
+        on_saturated: Callable[[bool], None] | None = None,
+    ) -> None:
         if capacity < 1 or max_queue < 0:
             raise ValueError("admission needs capacity >= 1 and max_queue >= 0")
         self.capacity, self.max_queue = capacity, max_queue
@@ -42,8 +47,10 @@ class Admission:
             self.running += 1
         elif len(self._waiting) >= self.max_queue:
             self._set_saturated(True)
-            raise Overloaded(f"the server is at capacity ({self.running} calls running, {len(self._waiting)} queued); "
-                             "nothing was done: retry after a short back-off")
+            raise Overloaded(
+                f"the server is at capacity ({self.running} calls running, {len(self._waiting)} queued); "
+                "nothing was done: retry after a short back-off"
+            )
         else:
             future = asyncio.get_running_loop().create_future()
             self._waiting.append(future)

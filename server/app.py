@@ -20,12 +20,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from fewshot.errors import ConfigError
+from fewshot.export.bundle import DEFAULT_BUNDLE_DIR
 from fewshot.export.loader import open_bundle
-from fewshot.models.family import Family, family_of
 from fewshot.export.registry import Registry
+from fewshot.models.family import Family, family_of
+from fewshot.server import memory
 from fewshot.server.admission import Admission
 from fewshot.server.auth import Authenticator, TokensFileError
-from fewshot.server import memory
 from fewshot.server.budget import BodyBudget
 from fewshot.server.config import ServeConfig
 from fewshot.server.metrics import ServiceMetrics
@@ -53,15 +54,17 @@ def server_credentials(cfg: ServeConfig) -> grpc.ServerCredentials | None:
             raise ConfigError(f"cannot read the {what} {path}: {exc.strerror or exc}") from None
 
     ca = read(cfg.tls_client_ca, "client CA certificate") if cfg.tls_client_ca else None
-    return grpc.ssl_server_credentials([(read(cfg.tls_key, "TLS key"), read(cfg.tls_cert, "TLS certificate"))],
-                                       root_certificates=ca, require_client_auth=ca is not None)
+    return grpc.ssl_server_credentials(
+        [(read(cfg.tls_key, "TLS key"), read(cfg.tls_cert, "TLS certificate"))], root_certificates=ca, require_client_auth=ca is not None
+    )
 
 
-def load_models(root: Path, device: str, threads: int, triton: TritonBackend | None = None) -> dict[str, Family]:
-    """Every bundle of ``root``, verified by the registry and loaded once; with ``triton``, backbone
-    and adapted-network inference go to that Triton server instead of in-process ONNX Runtime."""
+def load_models(root: Path | None, device: str, threads: int, triton: TritonBackend | None = None) -> dict[str, Family]:
+    """Every bundle of ``root`` (``None``: ``$FEWSHOT_BUNDLES``, else ``bundles``), verified by the registry and
+    loaded once; with ``triton``, backbone and adapted-network inference go to that Triton server instead of
+    in-process ONNX Runtime."""
     models = {}
-    for name, bundle in Registry.load(root).bundles.items():
+    for name, bundle in Registry.load(root or DEFAULT_BUNDLE_DIR).bundles.items():
         engines = triton.engines(name, family_of(bundle.manifest).parts) if triton is not None else None
         models[name] = open_bundle(bundle, device, threads, engines)
     return models
@@ -106,7 +109,7 @@ async def serve(cfg: ServeConfig, ready: asyncio.Event | None = None) -> None:
     metrics.cache_bytes.set_function(lambda: store.cached_bytes)
     executor = ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="fewshot-work")
     limits = ServiceLimits.from_config(cfg)
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]  # health.py imports aio in a version check mypy does not follow
     loop = asyncio.get_running_loop()
     stopping = False
 
@@ -124,8 +127,7 @@ async def serve(cfg: ServeConfig, ready: asyncio.Event | None = None) -> None:
     allocator = memory.configure()  # calls' memory goes back to the system when they end (server/memory.py)
     bodies = BodyBudget(cfg.max_inflight_body_mb << 20, on_release=memory.Trimmer().after if allocator else lambda size: None)
     metrics.body_bytes.set_function(lambda: bodies.held)
-    service = FewShotService(models, store, executor, metrics, limits, cfg.batch_delay_ms / 1e3, cfg.max_batch,
-                             auth, admission, bodies)
+    service = FewShotService(models, store, executor, metrics, limits, cfg.batch_delay_ms / 1e3, cfg.max_batch, auth, admission, bodies)
     size = cfg.max_message_mb << 20
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size)])
     service.add_to_server(server)
@@ -143,8 +145,13 @@ async def serve(cfg: ServeConfig, ready: asyncio.Event | None = None) -> None:
     if cfg.http_port is not None:
         from fewshot.server.http_api import HttpServer, http_app
 
-        http = HttpServer(http_app(service, limits.max_request_bytes, lambda: serving["now"] and not stopping), cfg.host,
-                          cfg.http_port, str(cfg.tls_cert) if cfg.tls_cert else None, str(cfg.tls_key) if cfg.tls_key else None)
+        http = HttpServer(
+            http_app(service, limits.max_request_bytes, lambda: serving["now"] and not stopping),
+            cfg.host,
+            cfg.http_port,
+            str(cfg.tls_cert) if cfg.tls_cert else None,
+            str(cfg.tls_key) if cfg.tls_key else None,
+        )
         http_port = await http.start()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -174,8 +181,11 @@ async def serve(cfg: ServeConfig, ready: asyncio.Event | None = None) -> None:
     backend = f"Triton at {cfg.triton_url}" if triton else "ONNX Runtime in process"
     security = ("mutual TLS" if cfg.tls_client_ca else "TLS") if credentials else "plaintext"
     security += f", {'tokens of ' + str(len(list(auth.tenant_names()))) + ' tenants' if cfg.tokens_file else 'one token' if cfg.token else 'no token'}"
-    print(f"fewshot serve: listening on {cfg.host}:{port} ({security}) with {', '.join(sorted(models))} ({backend}); "
-          f"tasks in {store}; {f'HTTP/JSON on {cfg.host}:{http_port}; ' if http else ''}pid {os.getpid()}", flush=True)
+    print(
+        f"fewshot serve: listening on {cfg.host}:{port} ({security}) with {', '.join(sorted(models))} ({backend}); "
+        f"tasks in {store}; {f'HTTP/JSON on {cfg.host}:{http_port}; ' if http else ''}pid {os.getpid()}",
+        flush=True,
+    )
     if ready is not None:
         ready.set()
     await stop.wait()

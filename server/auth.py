@@ -22,9 +22,9 @@ import re
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 from fewshot.errors import FewShotError
 from fewshot.server.errors import QuotaExceeded, Unauthenticated
@@ -62,13 +62,13 @@ def parse_tokens(text: str, source: str = "tokens file") -> dict[str, Tenant]:
         name, sep, rest = line.partition(":")
         name = name.strip()
         if not sep or not TENANT_NAME.fullmatch(name):
-            raise TokensFileError(f"{where}: expected `tenant: sha256-hex [max_tasks=N] [rps=R]` with a tenant name "
-                                  "of 1-64 letters, digits or _.@-")
+            raise TokensFileError(
+                f"{where}: expected `tenant: sha256-hex [max_tasks=N] [rps=R]` with a tenant name of 1-64 letters, digits or _.@-"
+            )
         fields = rest.split()
         digest = fields[0].lower().removeprefix("sha256:") if fields else ""
         if not re.fullmatch(r"[0-9a-f]{64}", digest):
-            raise TokensFileError(f"{where}: the token hash must be 64 hex digits (sha256 of the token; "
-                                  "`fewshot token-hash` prints it)")
+            raise TokensFileError(f"{where}: the token hash must be 64 hex digits (sha256 of the token; `fewshot token-hash` prints it)")
         options: dict[str, float] = {}
         for option in fields[1:]:
             key, _, value = option.partition("=")
@@ -128,8 +128,14 @@ class Authenticator:
         failures_per_minute: failed attempts an address may make before it is refused for a while.
     """
 
-    def __init__(self, token: str | None = None, tokens_file: Path | None = None, max_tasks: int = 0, rps: float = 0.0,
-                 failures_per_minute: float = 30.0) -> None:
+    def __init__(
+        self,
+        token: str | None = None,
+        tokens_file: Path | None = None,
+        max_tasks: int = 0,
+        rps: float = 0.0,
+        failures_per_minute: float = 30.0,
+    ) -> None:
         self.token_digest = token_hash(token) if token else None
         self.tokens_file, self.max_tasks, self.rps = tokens_file, max_tasks, rps
         self.failure_rate = failures_per_minute / 60.0
@@ -170,8 +176,7 @@ class Authenticator:
         attacker's failures cost the attacker, not the users behind the same NAT, proxy or ingress."""
         if not self.required:
             return self._admit(Tenant(DEFAULT_TENANT))
-        given = [value.decode(errors="replace") if isinstance(value, bytes) else value
-                 for key, value in metadata if key == "authorization"]
+        given = [value.decode(errors="replace") if isinstance(value, bytes) else value for key, value in metadata if key == "authorization"]
         digest = ""
         if len(given) > 1:
             tenant, why = None, f"{len(given)} authorization headers: send exactly one, `authorization: Bearer <token>`"
@@ -207,8 +212,10 @@ class Authenticator:
                 self._failures.popitem(last=False)
         if spent:
             what, wait = max(spent, key=lambda s: s[1])
-            raise QuotaExceeded(f"too many failed authentications from this {what}; a valid token is still accepted, "
-                                f"failing ones are refused for {wait:.0f} s")
+            raise QuotaExceeded(
+                f"too many failed authentications from this {what}; a valid token is still accepted, "
+                f"failing ones are refused for {wait:.0f} s"
+            )
 
     def quota_tasks(self, tenant: Tenant) -> int | None:
         """The tenant's live-task quota (``None``: unlimited)."""
@@ -226,5 +233,4 @@ class Authenticator:
             if bucket.take():
                 return tenant
             wait = bucket.wait()
-        raise QuotaExceeded(f"this tenant's request rate quota ({rate:g} per second) is used up; retry in "
-                            f"{wait * 1e3:.0f} ms")
+        raise QuotaExceeded(f"this tenant's request rate quota ({rate:g} per second) is used up; retry in {wait * 1e3:.0f} ms")

@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Callable, Hashable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Hashable
+from typing import Any
 
 import torch
 
 from fewshot.models.plan import finish_each
-
 
 Fn = Callable[[torch.Tensor], torch.Tensor]
 #: Runs a batch of requests' items at once -> one result (or the exception it raised) per item.
@@ -66,8 +66,9 @@ class Batcher:
         max_batch: images per call; a batch is flushed as soon as it reaches this size.
     """
 
-    def __init__(self, executor: Executor, max_delay: float = 0.002, max_batch: int = 256,
-                 on_batch: Callable[[int], None] | None = None) -> None:
+    def __init__(
+        self, executor: Executor, max_delay: float = 0.002, max_batch: int = 256, on_batch: Callable[[int], None] | None = None
+    ) -> None:
         self.executor, self.max_delay, self.max_batch = executor, max_delay, max_batch
         self.on_batch = on_batch or (lambda _: None)
         self._pending: dict[Hashable, _Pending] = {}

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from fewshot.server.errors import CallAbandoned, Overloaded, TooLarge
 
@@ -30,8 +30,7 @@ class CallBudget:
     on_stop: Callable[[str], None] = lambda stage: None
 
     @staticmethod
-    def for_call(max_pixels: int, time_remaining: float | None,
-                 on_stop: Callable[[str], None] = lambda stage: None) -> "CallBudget":
+    def for_call(max_pixels: int, time_remaining: float | None, on_stop: Callable[[str], None] = lambda stage: None) -> CallBudget:
         deadline = None if time_remaining is None else time.monotonic() + time_remaining
         return CallBudget(max_pixels, deadline, on_stop=on_stop)
 
@@ -53,8 +52,10 @@ class CallBudget:
         """Account ``pixels`` about to be decoded (:class:`TooLarge` past the call's budget)."""
         self.pixels += pixels
         if self.pixels > self.max_pixels:
-            raise TooLarge(f"the call's images hold more than {self.max_pixels} decoded pixels (width x height "
-                           f"summed; {self.pixels} so far); send fewer or smaller images per call")
+            raise TooLarge(
+                f"the call's images hold more than {self.max_pixels} decoded pixels (width x height "
+                f"summed; {self.pixels} so far); send fewer or smaller images per call"
+            )
 
 
 class BodyBudget:
@@ -66,8 +67,7 @@ class BodyBudget:
     was done, the client retries after a back-off. With ``--max-request-mb`` bounding one call, this bounds
     all of them together, so clients cannot make the process hold more than ``limit`` of bodies at once."""
 
-    def __init__(self, limit: int, flag: str = "--max-inflight-body-mb",
-                 on_release: Callable[[int], None] = lambda size: None) -> None:
+    def __init__(self, limit: int, flag: str = "--max-inflight-body-mb", on_release: Callable[[int], None] = lambda size: None) -> None:
         """``on_release``: called with what a call held once it gave it back (the allocator's trim)."""
         self.limit, self.flag, self.on_release = limit, flag, on_release
         self.held = 0
@@ -80,16 +80,18 @@ class BodyBudget:
             else:
                 self.held += size
                 return
-        raise Overloaded(f"the server's budget for request bodies in flight is used up ({held >> 20} of "
-                         f"{self.limit >> 20} MB held by calls now running, {self.flag}); nothing was done: retry "
-                         "after a short back-off, or send fewer images per call")
+        raise Overloaded(
+            f"the server's budget for request bodies in flight is used up ({held >> 20} of "
+            f"{self.limit >> 20} MB held by calls now running, {self.flag}); nothing was done: retry "
+            "after a short back-off, or send fewer images per call"
+        )
 
     def release(self, size: int) -> None:
         with self._lock:
             self.held -= size
         self.on_release(size)
 
-    def hold(self) -> "BodyHold":
+    def hold(self) -> BodyHold:
         """A call's share: charge it as bytes arrive, release it all once (``with`` or :meth:`BodyHold.close`)."""
         return BodyHold(self)
 
@@ -109,7 +111,7 @@ class BodyHold:
         if size:
             self.budget.release(size)
 
-    def __enter__(self) -> "BodyHold":
+    def __enter__(self) -> BodyHold:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -21,18 +21,19 @@ maps to HTTP by the error's class (``http_status``: 400, 401, 404, 409, 412, 413
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 import grpc
 from fastapi import FastAPI, Request
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, JSONResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.routing import Match
 from google.protobuf import json_format, struct_pb2
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from fewshot.errors import FewShotError
 from fewshot.server.budget import BodyHold
@@ -95,20 +96,28 @@ def _error(status: int, code: str, message: str) -> JSONResponse:
 def _as_json(message: Message) -> dict[str, Any]:
     """Protobuf's JSON mapping of ``message``, with its 64-bit integers as JSON numbers (the mapping
     writes them as strings; ours, versions and sizes, are far below 2**53)."""
-    return _numbers(message, json_format.MessageToDict(message, preserving_proto_field_name=True,
-                                                       always_print_fields_with_no_presence=True))
+    return _numbers(
+        message, json_format.MessageToDict(message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+    )
 
 
 def _numbers(message: Message, out: dict[str, Any]) -> dict[str, Any]:
-    wide = (FieldDescriptor.TYPE_INT64, FieldDescriptor.TYPE_UINT64, FieldDescriptor.TYPE_SINT64,
-            FieldDescriptor.TYPE_FIXED64, FieldDescriptor.TYPE_SFIXED64)
+    wide = (
+        FieldDescriptor.TYPE_INT64,
+        FieldDescriptor.TYPE_UINT64,
+        FieldDescriptor.TYPE_SINT64,
+        FieldDescriptor.TYPE_FIXED64,
+        FieldDescriptor.TYPE_SFIXED64,
+    )
     for field in message.DESCRIPTOR.fields:
         if field.name not in out:
             continue
         repeated = field.is_repeated
         if field.type in wide:
             out[field.name] = [int(v) for v in out[field.name]] if repeated else int(out[field.name])
-        elif field.type == FieldDescriptor.TYPE_MESSAGE and field.message_type.GetOptions().map_entry is False:
+        elif (
+            field.type == FieldDescriptor.TYPE_MESSAGE and field.message_type is not None and not field.message_type.GetOptions().map_entry
+        ):
             value = getattr(message, field.name)
             if repeated:
                 out[field.name] = [_numbers(m, o) for m, o in zip(value, out[field.name])]
@@ -122,14 +131,20 @@ async def _body(request: Request, limit: int, hold: BodyHold | None = None) -> b
     ``hold`` (the process-wide budget for bodies in flight: 429 when it is used up) before it is kept."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise HttpAbort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"the request has {int(declared)} bytes; the server "
-                        f"accepts at most {limit} per request: send fewer or smaller images", 413)
+        raise HttpAbort(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"the request has {int(declared)} bytes; the server accepts at most {limit} per request: send fewer or smaller images",
+            413,
+        )
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise HttpAbort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"the request is over {limit} bytes, what the server "
-                            "accepts per request: send fewer or smaller images", 413)
+            raise HttpAbort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"the request is over {limit} bytes, what the server accepts per request: send fewer or smaller images",
+                413,
+            )
         if hold is not None:
             try:
                 hold.charge(len(chunk))
@@ -139,8 +154,7 @@ async def _body(request: Request, limit: int, hold: BodyHold | None = None) -> b
     return b"".join(chunks)
 
 
-async def _request(request: Request, kind: type[Message], limit: int, fixed: dict[str, Any],
-                   hold: BodyHold | None = None) -> Message:
+async def _request(request: Request, kind: type[Message], limit: int, fixed: dict[str, Any], hold: BodyHold | None = None) -> Message:
     """The protobuf ``kind`` of an HTTP request: its JSON body (protobuf's JSON mapping), or its
     multipart form (image files in ``images``, their ``labels``, the other fields by name); ``fixed``
     fields (the path's task id) are set last."""
@@ -153,8 +167,11 @@ async def _request(request: Request, kind: type[Message], limit: int, fixed: dic
         try:
             json_format.Parse(body, message)
         except (json_format.ParseError, UnicodeDecodeError) as exc:
-            raise HttpAbort(grpc.StatusCode.INVALID_ARGUMENT, f"the body is not a {kind.DESCRIPTOR.name} in JSON "
-                            f"({' '.join(str(exc).split())[:200]})", 400) from None
+            raise HttpAbort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"the body is not a {kind.DESCRIPTOR.name} in JSON ({' '.join(str(exc).split())[:200]})",
+                400,
+            ) from None
     for name, value in fixed.items():
         if getattr(message, name):
             raise HttpAbort(grpc.StatusCode.INVALID_ARGUMENT, f"{name} comes from the path: leave it out of the body", 400)
@@ -162,7 +179,7 @@ async def _request(request: Request, kind: type[Message], limit: int, fixed: dic
     return message
 
 
-async def _from_form(request: Request, body: bytes, message: Message, limit: int) -> None:
+async def _from_form(request: Request, body: bytes, message: Any, limit: int) -> None:
     """Fill an AdaptRequest, ClassifyRequest or UpdateTaskRequest from a multipart form (already read,
     within ``limit`` bytes; a part may be as large as the body: the service checks each image's size)."""
     from starlette.datastructures import UploadFile
@@ -194,7 +211,7 @@ async def _from_form(request: Request, body: bytes, message: Message, limit: int
             raise HttpAbort(grpc.StatusCode.INVALID_ARGUMENT, f"form field {key!r}: {exc}", 400) from None
 
 
-def _set_form_field(message: Message, key: str, values: list[str]) -> None:
+def _set_form_field(message: Any, key: str, values: list[str]) -> None:
     """A form field as the message's field of that name or, for an Adapt, as the setting of that name (a
     number when it reads as one, else a string; the model's family checks it)."""
     if key == "remove_labels":
@@ -213,8 +230,12 @@ def _set_form_field(message: Message, key: str, values: list[str]) -> None:
 
 def http_app(service: Any, max_request_bytes: int, serving: Callable[[], bool] = lambda: True) -> FastAPI:
     """The ASGI application over ``service`` (a :class:`~fewshot.server.service.FewShotService`)."""
-    app = FastAPI(title="fewshot", version="1", description="Few-shot adaptation: adapt a model to labelled images, "
-                  "then classify queries. The same operations, validation and statuses as the gRPC API fewshot.v1.FewShot.")
+    app = FastAPI(
+        title="fewshot",
+        version="1",
+        description="Few-shot adaptation: adapt a model to labelled images, "
+        "then classify queries. The same operations, validation and statuses as the gRPC API fewshot.v1.FewShot.",
+    )
 
     async def call(request: Request, handler: Callable[[bytes, Any], Awaitable[Message]], message: Message) -> Any:
         context = HttpContext(request)
@@ -223,8 +244,9 @@ def http_app(service: Any, max_request_bytes: int, serving: Callable[[], bool] =
         except HttpAbort as abort:
             return _error(abort.http_status, abort.code.name, abort.message)
 
-    async def guarded(request: Request, handler: Callable[[bytes, Any], Awaitable[Message]], kind: type[Message],
-                      **fixed: Any) -> tuple[Message | None, Any]:
+    async def guarded(
+        request: Request, handler: Callable[[bytes, Any], Awaitable[Message]], kind: type[Message], **fixed: Any
+    ) -> tuple[Message | None, Any]:
         """``(the request message, the answer)``: the body read and parsed (charged to the body budget until the
         call ends), then the handler called; ``(None, the error)`` when the body cannot be read."""
         with service.bodies.hold() as hold:
@@ -238,31 +260,50 @@ def http_app(service: Any, max_request_bytes: int, serving: Callable[[], bool] =
     #: What each served model declares (``SettingInfo``): the schema of ``AdaptSettings.values`` and the form's settings.
     settings = settings_schema(info for model in service.models.values() for info in model_settings(model))
 
-    @app.get("/v1/models", operation_id="ListModels", summary="ListModels: the models, their methods, input and limits",
-             responses=responses("ListModelsResponse", statuses))
+    @app.get(
+        "/v1/models",
+        operation_id="ListModels",
+        summary="ListModels: the models, their methods, input and limits",
+        responses=responses("ListModelsResponse", statuses),
+    )
     async def list_models(request: Request) -> Any:
         return await call(request, service.ListModels, pb.ListModelsRequest())
 
-    @app.post("/v1/tasks", operation_id="Adapt", summary="Adapt: a new task from labelled images (JSON AdaptRequest or multipart: "
-              "model, method, images files with one labels field each)", responses=responses("AdaptResponse", statuses),
-              openapi_extra=json_body("AdaptRequest", form_schema(pb.AdaptRequest.DESCRIPTOR, FORM_NUMBERS, images=True, settings=settings)))
+    @app.post(
+        "/v1/tasks",
+        operation_id="Adapt",
+        summary="Adapt: a new task from labelled images (JSON AdaptRequest or multipart: "
+        "model, method, images files with one labels field each)",
+        responses=responses("AdaptResponse", statuses),
+        openapi_extra=json_body("AdaptRequest", form_schema(pb.AdaptRequest.DESCRIPTOR, FORM_NUMBERS, images=True, settings=settings)),
+    )
     async def adapt(request: Request) -> Any:
         return (await guarded(request, service.Adapt, pb.AdaptRequest))[1]
 
-    @app.post("/v1/tasks/{task_id}/classify", operation_id="Classify", summary="Classify queries (JSON ClassifyRequest or multipart images; "
-              "reject_unknown, threshold, target_recall, top_k)", responses=responses("ClassifyResponse", statuses),
-              openapi_extra=json_body("ClassifyBody", form_schema(pb.ClassifyRequest.DESCRIPTOR, FORM_NUMBERS, images=False)))
+    @app.post(
+        "/v1/tasks/{task_id}/classify",
+        operation_id="Classify",
+        summary="Classify queries (JSON ClassifyRequest or multipart images; reject_unknown, threshold, target_recall, top_k)",
+        responses=responses("ClassifyResponse", statuses),
+        openapi_extra=json_body("ClassifyBody", form_schema(pb.ClassifyRequest.DESCRIPTOR, FORM_NUMBERS, images=False)),
+    )
     async def classify(request: Request, task_id: str) -> Any:
         message, answer = await guarded(request, service.Classify, pb.ClassifyRequest, task_id=task_id)
-        if isinstance(answer, dict) and message is not None and not message.reject_unknown:  # as over gRPC: no open-set fields unless asked
+        if (
+            isinstance(answer, dict) and isinstance(message, pb.ClassifyRequest) and not message.reject_unknown
+        ):  # as over gRPC: no open-set fields unless asked
             for prediction in answer["predictions"]:
                 for key in OPEN_SET_FIELDS:
                     prediction.pop(key, None)
         return answer
 
-    @app.patch("/v1/tasks/{task_id}", operation_id="UpdateTask", summary="UpdateTask: add labelled images, remove classes",
-               responses=responses("UpdateTaskResponse", statuses),
-               openapi_extra=json_body("UpdateTaskBody", form_schema(pb.UpdateTaskRequest.DESCRIPTOR, FORM_NUMBERS, images=True)))
+    @app.patch(
+        "/v1/tasks/{task_id}",
+        operation_id="UpdateTask",
+        summary="UpdateTask: add labelled images, remove classes",
+        responses=responses("UpdateTaskResponse", statuses),
+        openapi_extra=json_body("UpdateTaskBody", form_schema(pb.UpdateTaskRequest.DESCRIPTOR, FORM_NUMBERS, images=True)),
+    )
     async def update(request: Request, task_id: str) -> Any:
         return (await guarded(request, service.UpdateTask, pb.UpdateTaskRequest, task_id=task_id))[1]
 
@@ -281,9 +322,15 @@ def http_app(service: Any, max_request_bytes: int, serving: Callable[[], bool] =
         """The web console: one page over this API (``server/console/index.html``, no build step)."""
         return HTMLResponse(console)
 
-    @app.get("/healthz", operation_id="Health", summary="200 while serving; 503 while saturated or stopping",
-             responses={200: {"description": "serving", "content": {"application/json": {"schema": _HEALTH}}},
-                        503: {"description": "saturated or stopping", "content": {"application/json": {"schema": _HEALTH}}}})
+    @app.get(
+        "/healthz",
+        operation_id="Health",
+        summary="200 while serving; 503 while saturated or stopping",
+        responses={
+            200: {"description": "serving", "content": {"application/json": {"schema": _HEALTH}}},
+            503: {"description": "saturated or stopping", "content": {"application/json": {"schema": _HEALTH}}},
+        },
+    )
     async def health() -> Any:
         ok = serving()
         return JSONResponse({"status": "SERVING" if ok else "NOT_SERVING"}, status_code=200 if ok else 503)
@@ -299,8 +346,9 @@ def http_app(service: Any, max_request_bytes: int, serving: Callable[[], bool] =
             if route.matches({"type": "http", "path": request.url.path, "method": ""})[0] != Match.NONE:
                 allowed |= set(getattr(route, "methods", None) or ())
         allowed.discard("HEAD")
-        response = _error(405, "UNIMPLEMENTED", f"{request.method[:16]} is not a method of {request.url.path[:128]}: use "
-                          f"{', '.join(sorted(allowed))}")
+        response = _error(
+            405, "UNIMPLEMENTED", f"{request.method[:16]} is not a method of {request.url.path[:128]}: use {', '.join(sorted(allowed))}"
+        )
         response.headers["Allow"] = ", ".join(sorted(allowed))
         return response
 
@@ -318,7 +366,8 @@ def http_app(service: Any, max_request_bytes: int, serving: Callable[[], bool] =
             # the task an Adapt answers with is what the task routes take (OpenAPI links: clients and testers follow them)
             doc["paths"]["/v1/tasks"]["post"]["responses"]["200"]["links"] = {
                 op: {"operationId": op, "parameters": {"task_id": "$response.body#/task_id"}}
-                for op in ("Classify", "UpdateTask", "GetTask", "DeleteTask")}
+                for op in ("Classify", "UpdateTask", "GetTask", "DeleteTask")
+            }
             schemas = doc.setdefault("components", {}).setdefault("schemas", {})
             schemas.pop("HTTPValidationError", None), schemas.pop("ValidationError", None)
             schemas.update(message_schemas(MESSAGES))
@@ -331,13 +380,23 @@ def http_app(service: Any, max_request_bytes: int, serving: Callable[[], bool] =
 
 
 #: The messages of the document: the routes' bodies (the path's task id left out) and answers.
-MESSAGES = [(pb.AdaptRequest.DESCRIPTOR, (), "AdaptRequest"), (pb.ClassifyRequest.DESCRIPTOR, ("task_id",), "ClassifyBody"),
-            (pb.UpdateTaskRequest.DESCRIPTOR, ("task_id",), "UpdateTaskBody"), (pb.AdaptResponse.DESCRIPTOR, (), "AdaptResponse"),
-            (pb.ClassifyResponse.DESCRIPTOR, (), "ClassifyResponse"), (pb.UpdateTaskResponse.DESCRIPTOR, (), "UpdateTaskResponse"),
-            (pb.TaskInfo.DESCRIPTOR, (), "TaskInfo"), (pb.DeleteTaskResponse.DESCRIPTOR, (), "DeleteTaskResponse"),
-            (pb.ListModelsResponse.DESCRIPTOR, (), "ListModelsResponse")]
-_HEALTH = {"type": "object", "required": ["status"], "additionalProperties": False,
-           "properties": {"status": {"type": "string", "enum": ["SERVING", "NOT_SERVING"]}}}
+MESSAGES = [
+    (pb.AdaptRequest.DESCRIPTOR, (), "AdaptRequest"),
+    (pb.ClassifyRequest.DESCRIPTOR, ("task_id",), "ClassifyBody"),
+    (pb.UpdateTaskRequest.DESCRIPTOR, ("task_id",), "UpdateTaskBody"),
+    (pb.AdaptResponse.DESCRIPTOR, (), "AdaptResponse"),
+    (pb.ClassifyResponse.DESCRIPTOR, (), "ClassifyResponse"),
+    (pb.UpdateTaskResponse.DESCRIPTOR, (), "UpdateTaskResponse"),
+    (pb.TaskInfo.DESCRIPTOR, (), "TaskInfo"),
+    (pb.DeleteTaskResponse.DESCRIPTOR, (), "DeleteTaskResponse"),
+    (pb.ListModelsResponse.DESCRIPTOR, (), "ListModelsResponse"),
+]
+_HEALTH = {
+    "type": "object",
+    "required": ["status"],
+    "additionalProperties": False,
+    "properties": {"status": {"type": "string", "enum": ["SERVING", "NOT_SERVING"]}},
+}
 
 
 class HttpServer:
@@ -350,13 +409,14 @@ class HttpServer:
             def install_signal_handlers(self) -> None:  # the gRPC server owns SIGINT/SIGTERM
                 pass
 
-            def capture_signals(self):  # noqa: ANN202 - uvicorn >= 0.29's name for the same hook
+            def capture_signals(self):
                 import contextlib
 
                 return contextlib.nullcontext()
 
-        config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off", access_log=False,
-                                ssl_certfile=tls_cert, ssl_keyfile=tls_key)
+        config = uvicorn.Config(
+            app, host=host, port=port, log_level="warning", lifespan="off", access_log=False, ssl_certfile=tls_cert, ssl_keyfile=tls_key
+        )
         self.server = Quiet(config)
         self.task: Any = None
 

@@ -19,10 +19,11 @@ from __future__ import annotations
 import io
 import threading
 import warnings
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -129,8 +130,9 @@ def _open_encoded(data: bytes, limits: ImageLimits, spec: InputSpec | None = Non
             image = Image.open(io.BytesIO(data), formats=limits.formats)
     width, height = image.size
     if width * height > limits.max_pixels:
-        raise ImageError(f"is {width}x{height} pixels; at most {limits.max_pixels} pixels are allowed "
-                         "(refused from its header, before decoding)")
+        raise ImageError(
+            f"is {width}x{height} pixels; at most {limits.max_pixels} pixels are allowed (refused from its header, before decoding)"
+        )
     return image
 
 
@@ -149,18 +151,18 @@ _PNG_COLOUR = {1: 0, 3: 2}
 def png_fast_header(data: bytes, spec: InputSpec) -> PngHeader | None:
     """The header of ``data`` if it is a PNG that libspng decodes to exactly what Pillow would give
     ``spec`` (8-bit, the spec's colour type, no ``tRNS`` chunk before the image data), else ``None``."""
-    if (pyspng is None or len(data) < 33 or not data.startswith(_PNG_SIGNATURE) or data[8:16] != b"\x00\x00\x00\rIHDR"):
+    if pyspng is None or len(data) < 33 or not data.startswith(_PNG_SIGNATURE) or data[8:16] != b"\x00\x00\x00\rIHDR":
         return None
     if data[24] != 8 or data[25] != _PNG_COLOUR.get(spec.channels):
         return None
     pos = 33  # after the IHDR chunk: walk the chunk headers up to the first IDAT
     while pos + 8 <= len(data):
-        kind = data[pos + 4:pos + 8]
+        kind = data[pos + 4 : pos + 8]
         if kind == b"IDAT":
             return PngHeader((int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")))
         if kind == b"tRNS":
             return None
-        pos += 12 + int.from_bytes(data[pos:pos + 4], "big")
+        pos += 12 + int.from_bytes(data[pos : pos + 4], "big")
     return None
 
 
@@ -192,8 +194,10 @@ def _resize_float(array: np.ndarray, spec: InputSpec) -> np.ndarray:
     """Resize a float (H, W, C) array channel by channel in Pillow's 32-bit float mode."""
     from fewshot.models.preprocess import _RESAMPLE
 
-    planes = [np.asarray(Image.fromarray(array[..., c], mode="F").resize((spec.size, spec.size), _RESAMPLE[spec.resize]))
-              for c in range(array.shape[-1])]
+    planes = [
+        np.asarray(Image.fromarray(array[..., c], mode="F").resize((spec.size, spec.size), _RESAMPLE[spec.resize]))
+        for c in range(array.shape[-1])
+    ]
     return np.stack(planes, axis=-1).astype(np.float32)
 
 
@@ -208,8 +212,10 @@ def _decode_raw(t: pb.RawTensor, spec: InputSpec, limits: ImageLimits) -> np.nda
     if height * width > limits.max_pixels:
         raise ImageError(f"is {width}x{height} pixels; at most {limits.max_pixels} pixels are allowed")
     if channels != spec.channels:
-        raise ImageError(f"has {channels} channels; this model takes {spec.channels}-channel images "
-                         f"(raw shape (H, W{', 3' if spec.channels == 3 else ''}))")
+        raise ImageError(
+            f"has {channels} channels; this model takes {spec.channels}-channel images "
+            f"(raw shape (H, W{', 3' if spec.channels == 3 else ''}))"
+        )
     dtype = np.dtype(RAW_DTYPES[t.dtype]).newbyteorder("<")
     expected = height * width * channels * dtype.itemsize
     if len(t.data) != expected:
@@ -253,8 +259,9 @@ def _encoded_bytes(image: pb.Image | bytes) -> bytes | None:
     return image.encoded if image.WhichOneof("data") == "encoded" else None
 
 
-def decode_batch(images: Sequence[pb.Image | bytes], spec: InputSpec, limits: ImageLimits, what: str,
-                 budget: CallBudget | None = None) -> torch.Tensor:
+def decode_batch(
+    images: Sequence[pb.Image | bytes], spec: InputSpec, limits: ImageLimits, what: str, budget: CallBudget | None = None
+) -> torch.Tensor:
     """Request images -> normalised ``(N, C, size, size)`` float32; errors name the image's index.
 
     Every encoded image is opened once, its header read and checked, before any is decoded; with
@@ -263,16 +270,18 @@ def decode_batch(images: Sequence[pb.Image | bytes], spec: InputSpec, limits: Im
     return spec.normalize(decode_pixels(images, spec, limits, what, budget))
 
 
-def decode_pixels(images: Sequence[pb.Image | bytes], spec: InputSpec, limits: ImageLimits, what: str,
-                  budget: CallBudget | None = None) -> np.ndarray:
+def decode_pixels(
+    images: Sequence[pb.Image | bytes], spec: InputSpec, limits: ImageLimits, what: str, budget: CallBudget | None = None
+) -> np.ndarray:
     """:func:`decode_batch` before normalisation: ``(N, size, size, C)`` pixels in 0..255, uint8 when every
     image was encoded or a uint8 tensor, else float32 (``spec.normalize`` of it is what :func:`decode_batch` gives)."""
     with _quiet_pillow():
         return _decode_batch(images, spec, limits, what, budget)
 
 
-def _decode_batch(images: Sequence[pb.Image | bytes], spec: InputSpec, limits: ImageLimits, what: str,
-                  budget: CallBudget | None) -> np.ndarray:
+def _decode_batch(
+    images: Sequence[pb.Image | bytes], spec: InputSpec, limits: ImageLimits, what: str, budget: CallBudget | None
+) -> np.ndarray:
     opened: list[Image.Image | PngHeader | None] = []
     for i, image in enumerate(images):
         data = _encoded_bytes(image)
@@ -281,15 +290,18 @@ def _decode_batch(images: Sequence[pb.Image | bytes], spec: InputSpec, limits: I
         except ImageError as exc:
             raise ImageError(f"{what} image {i} {exc}") from None
     if budget is not None:
-        budget.charge_pixels(sum(o.size[0] * o.size[1] if o is not None else _raw_pixels(image)
-                                 for o, image in zip(opened, images)))
+        budget.charge_pixels(sum(o.size[0] * o.size[1] if o is not None else _raw_pixels(image) for o, image in zip(opened, images)))
+
     def decode(i: int) -> np.ndarray:
         image, header = images[i], opened[i]
         if budget is not None:
             budget.check(f"decoding {what} image {i}")
         try:
-            return (_decode_one(image, spec, limits) if header is None
-                    else _decode_opened(header, _encoded_bytes(image), spec, limits))
+            if header is None:  # a raw tensor
+                return _decode_one(image, spec, limits)
+            encoded = _encoded_bytes(image)
+            assert encoded is not None  # a header was read from these bytes
+            return _decode_opened(header, encoded, spec, limits)
         except ImageError as exc:
             raise ImageError(f"{what} image {i} {exc}") from None
 
@@ -312,7 +324,7 @@ def _decode_batch(images: Sequence[pb.Image | bytes], spec: InputSpec, limits: I
             raise
         for i, array in zip(slow[half:], second.result()):
             arrays[i] = array
-    return np.stack(arrays)
+    return np.stack([a for a in arrays if a is not None])  # every index was decoded above
 
 
 #: Images per call from which decoding is split over two threads.
@@ -336,18 +348,21 @@ def _raw_pixels(image: pb.Image | bytes) -> int:
     return max(int(image.tensor.shape[0]), 0) * max(int(image.tensor.shape[1]), 0)
 
 
-def decode_for_model(images: Sequence[pb.Image | bytes], model: Family, limits: ImageLimits, what: str,
-                     budget: CallBudget | None = None) -> torch.Tensor:
+def decode_for_model(
+    images: Sequence[pb.Image | bytes], model: Family, limits: ImageLimits, what: str, budget: CallBudget | None = None
+) -> torch.Tensor:
     """:func:`decode_batch` for ``model``'s input; a bad image raises :class:`InvalidRequest` naming the
     image and the input the model takes."""
     return model.spec.normalize(decode_pixels_for_model(images, model, limits, what, budget))
 
 
-def decode_pixels_for_model(images: Sequence[pb.Image | bytes], model: Family, limits: ImageLimits, what: str,
-                            budget: CallBudget | None = None) -> np.ndarray:
+def decode_pixels_for_model(
+    images: Sequence[pb.Image | bytes], model: Family, limits: ImageLimits, what: str, budget: CallBudget | None = None
+) -> np.ndarray:
     """:func:`decode_pixels` for ``model``'s input (what a task keeps of its support images for UpdateTask)."""
     try:
         return decode_pixels(images, model.spec, limits, what, budget)
     except ImageError as exc:
-        raise InvalidRequest(f"{exc} (model {model.name} takes {model.spec.channels}-channel images, "
-                             f"resized to {model.spec.size}x{model.spec.size})") from None
+        raise InvalidRequest(
+            f"{exc} (model {model.name} takes {model.spec.channels}-channel images, resized to {model.spec.size}x{model.spec.size})"
+        ) from None

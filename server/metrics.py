@@ -3,7 +3,7 @@ stored tasks, merged batches."""
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, start_http_server
 
@@ -15,27 +15,40 @@ class ServiceMetrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self.requests = Counter("fewshot_requests", "RPCs by name, method and status code",
-                                ["rpc", "method", "code"], registry=self.registry)
-        self.latency = Histogram("fewshot_request_seconds", "RPC latency", ["rpc", "method"],
-                                 buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.cache = Counter("fewshot_task_cache_events", "Task cache hits, misses and evictions", ["event"],
-                             registry=self.registry)
+        self.requests = Counter(
+            "fewshot_requests", "RPCs by name, method and status code", ["rpc", "method", "code"], registry=self.registry
+        )
+        self.latency = Histogram(
+            "fewshot_request_seconds", "RPC latency", ["rpc", "method"], buckets=LATENCY_BUCKETS, registry=self.registry
+        )
+        self.cache = Counter("fewshot_task_cache_events", "Task cache hits, misses and evictions", ["event"], registry=self.registry)
         self.tasks = Gauge("fewshot_tasks_stored", "Live tasks in the persistent store", registry=self.registry)
         self.running = Gauge("fewshot_admission_running", "Heavy calls (Adapt, Classify) running now", registry=self.registry)
-        self.queue_depth = Gauge("fewshot_admission_queue_depth", "Heavy calls waiting for an admission slot",
-                                 registry=self.registry)
-        self.stopped = Counter("fewshot_abandoned_work", "Work of cancelled or expired calls stopped, by stage",
-                               ["stage"], registry=self.registry)
-        self.cache_bytes = Gauge("fewshot_task_cache_bytes", "Bytes the task cache is charged (tensors + per-entry overhead)",
-                                 registry=self.registry)
-        self.body_bytes = Gauge("fewshot_request_body_bytes", "Bytes of request bodies held by calls in flight "
-                                "(--max-inflight-body-mb bounds it)", registry=self.registry)
+        self.queue_depth = Gauge("fewshot_admission_queue_depth", "Heavy calls waiting for an admission slot", registry=self.registry)
+        self.stopped = Counter(
+            "fewshot_abandoned_work", "Work of cancelled or expired calls stopped, by stage", ["stage"], registry=self.registry
+        )
+        self.cache_bytes = Gauge(
+            "fewshot_task_cache_bytes", "Bytes the task cache is charged (tensors + per-entry overhead)", registry=self.registry
+        )
+        self.body_bytes = Gauge(
+            "fewshot_request_body_bytes",
+            "Bytes of request bodies held by calls in flight (--max-inflight-body-mb bounds it)",
+            registry=self.registry,
+        )
         ProcessCollector(registry=self.registry)  # process_resident_memory_bytes, CPU seconds, open fds
-        self.batch_images = Histogram("fewshot_batch_images", "Images per backbone or network call (merged Classify requests)",
-                                      buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512), registry=self.registry)
-        self.adapt_batch_tasks = Histogram("fewshot_adapt_batch_tasks", "Tasks per inner-loop call (stacked concurrent Adapts)",
-                                           buckets=(1, 2, 4, 8, 16, 32), registry=self.registry)
+        self.batch_images = Histogram(
+            "fewshot_batch_images",
+            "Images per backbone or network call (merged Classify requests)",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+            registry=self.registry,
+        )
+        self.adapt_batch_tasks = Histogram(
+            "fewshot_adapt_batch_tasks",
+            "Tasks per inner-loop call (stacked concurrent Adapts)",
+            buckets=(1, 2, 4, 8, 16, 32),
+            registry=self.registry,
+        )
 
     def count_tasks_with(self, count: Callable[[], int]) -> None:
         self.tasks.set_function(count)

@@ -10,7 +10,8 @@ document, and the statuses come from the error classes of ``server/errors.py``.
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 
@@ -18,11 +19,16 @@ from fewshot.server.errors import ServiceError
 
 #: Integer ranges of protobuf's integer types (the JSON mapping refuses values outside them).
 _INT_RANGES = {
-    FieldDescriptor.TYPE_INT32: (-(2 ** 31), 2 ** 31 - 1), FieldDescriptor.TYPE_SINT32: (-(2 ** 31), 2 ** 31 - 1),
-    FieldDescriptor.TYPE_SFIXED32: (-(2 ** 31), 2 ** 31 - 1), FieldDescriptor.TYPE_UINT32: (0, 2 ** 32 - 1),
-    FieldDescriptor.TYPE_FIXED32: (0, 2 ** 32 - 1), FieldDescriptor.TYPE_INT64: (-(2 ** 63), 2 ** 63 - 1),
-    FieldDescriptor.TYPE_SINT64: (-(2 ** 63), 2 ** 63 - 1), FieldDescriptor.TYPE_SFIXED64: (-(2 ** 63), 2 ** 63 - 1),
-    FieldDescriptor.TYPE_UINT64: (0, 2 ** 64 - 1), FieldDescriptor.TYPE_FIXED64: (0, 2 ** 64 - 1),
+    FieldDescriptor.TYPE_INT32: (-(2**31), 2**31 - 1),
+    FieldDescriptor.TYPE_SINT32: (-(2**31), 2**31 - 1),
+    FieldDescriptor.TYPE_SFIXED32: (-(2**31), 2**31 - 1),
+    FieldDescriptor.TYPE_UINT32: (0, 2**32 - 1),
+    FieldDescriptor.TYPE_FIXED32: (0, 2**32 - 1),
+    FieldDescriptor.TYPE_INT64: (-(2**63), 2**63 - 1),
+    FieldDescriptor.TYPE_SINT64: (-(2**63), 2**63 - 1),
+    FieldDescriptor.TYPE_SFIXED64: (-(2**63), 2**63 - 1),
+    FieldDescriptor.TYPE_UINT64: (0, 2**64 - 1),
+    FieldDescriptor.TYPE_FIXED64: (0, 2**64 - 1),
 }
 ERROR = "Error"
 #: What the schemas add to the descriptors where the service always refuses otherwise (the proto cannot say it).
@@ -65,19 +71,26 @@ def settings_schema(settings: Iterable[Any]) -> dict[str, Any]:
 
 
 #: Well-known protobuf messages whose JSON mapping is not an object of their fields: any JSON value.
-_WELL_KNOWN = {"google.protobuf.Value": {}}
+_WELL_KNOWN: dict[str, dict[str, Any]] = {"google.protobuf.Value": {}}
+
+
+def _message_type(field: FieldDescriptor) -> Descriptor:
+    """The message type of a message field (set on every field of ``TYPE_MESSAGE``)."""
+    assert field.message_type is not None, field.full_name
+    return field.message_type
 
 
 def _field_schema(field: FieldDescriptor, out: dict[str, Any]) -> dict[str, Any]:
-    if field.type == FieldDescriptor.TYPE_MESSAGE and field.message_type.full_name in _WELL_KNOWN:
-        return dict(_WELL_KNOWN[field.message_type.full_name])
+    if field.type == FieldDescriptor.TYPE_MESSAGE and _message_type(field).full_name in _WELL_KNOWN:
+        return dict(_WELL_KNOWN[_message_type(field).full_name])
     if field.type == FieldDescriptor.TYPE_MESSAGE:
-        entry = field.message_type
+        entry = _message_type(field)
         if entry.GetOptions().map_entry:
             return {"type": "object", "additionalProperties": _field_schema(entry.fields_by_name["value"], out)}
         _message(entry, out)
         item: dict[str, Any] = _ref(entry.name)
     elif field.type == FieldDescriptor.TYPE_ENUM:
+        assert field.enum_type is not None, field.full_name
         item = {"type": "string", "enum": [v.name for v in field.enum_type.values]}
     elif field.type in _INT_RANGES:
         low, high = _INT_RANGES[field.type]
@@ -94,7 +107,7 @@ def _field_schema(field: FieldDescriptor, out: dict[str, Any]) -> dict[str, Any]
 
 
 def _is_map(field: FieldDescriptor) -> bool:
-    return field.type == FieldDescriptor.TYPE_MESSAGE and field.message_type.GetOptions().map_entry
+    return field.type == FieldDescriptor.TYPE_MESSAGE and _message_type(field).GetOptions().map_entry
 
 
 def _message(descriptor: Descriptor, out: dict[str, Any], leave_out: tuple[str, ...] = (), name: str | None = None) -> None:
@@ -110,8 +123,9 @@ def _message(descriptor: Descriptor, out: dict[str, Any], leave_out: tuple[str, 
     if name in REQUIRED:
         schema["required"] = list(REQUIRED[name])
     if descriptor.oneofs:
-        schema["description"] = "; ".join(f"at most one of {', '.join(f.name for f in o.fields)}" for o in descriptor.oneofs
-                                          if not o.name.startswith("_"))
+        schema["description"] = "; ".join(
+            f"at most one of {', '.join(f.name for f in o.fields)}" for o in descriptor.oneofs if not o.name.startswith("_")
+        )
     out[name] = schema
 
 
@@ -121,14 +135,19 @@ def message_schemas(descriptors: list[tuple[Descriptor, tuple[str, ...], str]]) 
     out: dict[str, Any] = {}
     for descriptor, leave_out, name in descriptors:
         _message(descriptor, out, leave_out, name)
-    out[ERROR] = {"type": "object", "required": ["code", "message"], "additionalProperties": False,
-                  "properties": {"code": {"type": "string", "description": "the gRPC status name, e.g. NOT_FOUND"},
-                                 "message": {"type": "string", "description": "what was wrong and what to do"}}}
+    out[ERROR] = {
+        "type": "object",
+        "required": ["code", "message"],
+        "additionalProperties": False,
+        "properties": {
+            "code": {"type": "string", "description": "the gRPC status name, e.g. NOT_FOUND"},
+            "message": {"type": "string", "description": "what was wrong and what to do"},
+        },
+    }
     return out
 
 
-def form_schema(descriptor: Descriptor, numbers: dict[str, type], images: bool,
-                settings: dict[str, Any] | None = None) -> dict[str, Any]:
+def form_schema(descriptor: Descriptor, numbers: dict[str, type], images: bool, settings: dict[str, Any] | None = None) -> dict[str, Any]:
     """The multipart form of a request with image files: ``images`` (files) and, for labelled ones, one
     ``labels`` field per file; the message's other scalar fields by name (``numbers``: their types in a form)
     and, for an Adapt, each setting of ``settings`` (:func:`settings_schema`) by its name."""
@@ -164,7 +183,16 @@ def responses(schema_name: str | None, statuses: list[int]) -> dict[int | str, A
     return out
 
 
-_REASONS = {400: "invalid request", 401: "missing or wrong token", 404: "no such task or model", 405: "method not allowed",
-            409: "the task changed meanwhile (expected_version)", 412: "the task cannot be updated this way",
-            413: "request too large", 429: "quota, admission or body budget used up: retry after a back-off",
-            500: "internal error (a bug)", 503: "backend unavailable or stopping", 504: "deadline passed"}
+_REASONS = {
+    400: "invalid request",
+    401: "missing or wrong token",
+    404: "no such task or model",
+    405: "method not allowed",
+    409: "the task changed meanwhile (expected_version)",
+    412: "the task cannot be updated this way",
+    413: "request too large",
+    429: "quota, admission or body budget used up: retry after a back-off",
+    500: "internal error (a bug)",
+    503: "backend unavailable or stopping",
+    504: "deadline passed",
+}

@@ -14,7 +14,8 @@ they are declared, and :func:`model_info` reports them (``ListModels``).
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -48,8 +49,9 @@ def settings_of(message: pb.AdaptSettings) -> dict[str, Any]:
         if message.HasField(name):
             alias = float(getattr(message, name))
             if name in out and not (isinstance(out[name], float) and math.isclose(out[name], alias, rel_tol=1e-6)):
-                raise InvalidRequest(f"setting {name} is given twice with different values ({alias:g} and "
-                                     f"{out[name]!r}): give it once, in settings.values")
+                raise InvalidRequest(
+                    f"setting {name} is given twice with different values ({alias:g} and {out[name]!r}): give it once, in settings.values"
+                )
             out.setdefault(name, alias)
     return out
 
@@ -76,41 +78,61 @@ def support_of(labels: Sequence[str], images: Sequence[bytes], what: str = "imag
     return [pb.LabelledImage(image=pb.Image(encoded=b), label=label) for b, label in zip(images, labels)]
 
 
-def check_adapt(models: Mapping[str, Family], limits: ServiceLimits, model_name: str, method: str,
-                support: Sequence[pb.LabelledImage], settings: pb.AdaptSettings, ttl_seconds: int,
-                tenant: str) -> AdaptRequest:
+def check_adapt(
+    models: Mapping[str, Family],
+    limits: ServiceLimits,
+    model_name: str,
+    method: str,
+    support: Sequence[pb.LabelledImage],
+    settings: pb.AdaptSettings,
+    ttl_seconds: int,
+    tenant: str,
+) -> AdaptRequest:
     """An Adapt's fields -> the validated :class:`AdaptRequest` (its images still encoded in ``support``)."""
     model = get_model(models, model_name)
     method = resolve_method(model, method)
     limits.check_support(len(support))
-    return AdaptRequest.check(model, method, [item.label for item in support], settings_of(settings),
-                              limits.ttl(ttl_seconds), limits.max_image_steps, tenant)
+    return AdaptRequest.check(
+        model, method, [item.label for item in support], settings_of(settings), limits.ttl(ttl_seconds), limits.max_image_steps, tenant
+    )
 
 
 def adapt_response(request: AdaptRequest, record: TaskRecord, accuracy: float) -> pb.AdaptResponse:
-    return pb.AdaptResponse(task_id=record.task_id, labels=record.labels, support_accuracy=accuracy,
-                            adapt_seconds=request.seconds, expires_at=record.expires_at, model=request.model.name,
-                            method=request.method)
+    return pb.AdaptResponse(
+        task_id=record.task_id,
+        labels=record.labels,
+        support_accuracy=accuracy,
+        adapt_seconds=request.seconds,
+        expires_at=record.expires_at,
+        model=request.model.name,
+        method=request.method,
+    )
 
 
 def check_classify(limits: ServiceLimits, request: pb.ClassifyRequest) -> tuple[str, Rejection | None]:
     """A Classify's task id and open-set option, validated with its query count."""
     task_id = check_task_id(request.task_id)
     limits.check_queries(len(request.queries))
-    rejection = Rejection.check(request.reject_unknown, request.threshold if request.HasField("threshold") else None,
-                                request.target_recall if request.HasField("target_recall") else None)
+    rejection = Rejection.check(
+        request.reject_unknown,
+        request.threshold if request.HasField("threshold") else None,
+        request.target_recall if request.HasField("target_recall") else None,
+    )
     return task_id, rejection
 
 
-def classify_response(logits: torch.Tensor, labels: list[str], top_k: int, open_set: OpenSetCalibration,
-                      rejection: Rejection | None) -> pb.ClassifyResponse:
+def classify_response(
+    logits: torch.Tensor, labels: list[str], top_k: int, open_set: OpenSetCalibration, rejection: Rejection | None
+) -> pb.ClassifyResponse:
     """``(Q, N)`` calibrated logits -> ranked predictions by probability (ties broken by label order),
     each marked ``unknown`` or not when ``rejection`` is asked for."""
     probs = torch.softmax(logits, dim=1).numpy()
     k = min(max(top_k, 1), len(labels))
     order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
-    predictions = [pb.Prediction(ranked=[pb.LabelScore(label=labels[j], probability=float(p[j])) for j in idx],
-                                 probabilities=p.tolist()) for p, idx in zip(probs, order)]
+    predictions = [
+        pb.Prediction(ranked=[pb.LabelScore(label=labels[j], probability=float(p[j])) for j in idx], probabilities=p.tolist())
+        for p, idx in zip(probs, order)
+    ]
     if rejection is not None:
         scores, threshold = rejection.apply(open_set, logits)
         for prediction, score in zip(predictions, scores):
@@ -137,7 +159,14 @@ def model_settings(model: Family) -> list[pb.SettingInfo]:
 def model_info(model: Family) -> pb.ModelInfo:
     """A model's methods, input spec, limits and settings as the API reports them."""
     spec, (min_ways, max_ways) = model.spec, model.way_range()
-    return pb.ModelInfo(name=model.name, family=model.family, methods=model.methods, default_method=model.default_method,
-                        input=pb.InputSpec(channels=spec.channels, size=spec.size, mean=spec.mean, std=spec.std, resize=spec.resize),
-                        min_ways=min_ways, max_ways=max_ways, max_shots=model.limits.get("max_shots", 0),
-                        settings=model_settings(model))
+    return pb.ModelInfo(
+        name=model.name,
+        family=model.family,
+        methods=model.methods,
+        default_method=model.default_method,
+        input=pb.InputSpec(channels=spec.channels, size=spec.size, mean=spec.mean, std=spec.std, resize=spec.resize),
+        min_ways=min_ways,
+        max_ways=max_ways,
+        max_shots=model.limits.get("max_shots", 0),
+        settings=model_settings(model),
+    )

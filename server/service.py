@@ -17,9 +17,10 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
+from typing import Any, TypeVar
 
 import grpc
 import torch
@@ -36,8 +37,8 @@ from fewshot.server.config import ServeConfig
 from fewshot.server.errors import InvalidRequest, NotFound, ServiceError
 from fewshot.server.images import decode_for_model, decode_pixels_for_model
 from fewshot.server.metrics import ServiceMetrics
-from fewshot.server.store import TaskRecord, TaskStore
 from fewshot.server.requests import adapt_response, check_adapt, check_classify, classify_response, model_info
+from fewshot.server.store import TaskRecord, TaskStore
 from fewshot.server.tasks import AdaptRequest, ServiceLimits, TaskUpdate, check_task_id, find_task, task_ref
 from fewshot_proto import fewshot_pb2 as pb
 
@@ -46,10 +47,22 @@ __all__ = ["FewShotService", "ServiceLimits", "STATUSES"]  # ServiceLimits lives
 log = logging.getLogger("fewshot.server")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["FewShot"].full_name
 #: Every status the service answers with (docs/errors-and-security.md; the fuzz tests hold it to this).
-STATUSES = frozenset({grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
-                      grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.UNAVAILABLE,
-                      grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNIMPLEMENTED,
-                      grpc.StatusCode.ABORTED, grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.INTERNAL})
+STATUSES = frozenset(
+    {
+        grpc.StatusCode.OK,
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.NOT_FOUND,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.UNAUTHENTICATED,
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.UNIMPLEMENTED,
+        grpc.StatusCode.ABORTED,
+        grpc.StatusCode.FAILED_PRECONDITION,
+        grpc.StatusCode.INTERNAL,
+    }
+)
 #: Locks serialising UpdateTask calls of one task in this process (a task id hashes to one of them).
 UPDATE_LOCKS = 64
 #: Longest error text kept in a log line (messages are already bounded; this is the backstop).
@@ -64,8 +77,7 @@ def parse(kind: type[M], raw: bytes) -> M:
     try:
         message.ParseFromString(raw)
     except Exception as exc:  # DecodeError, or the C parser's own errors
-        raise InvalidRequest(f"the request is not a valid {kind.DESCRIPTOR.full_name} message "
-                             f"({one_line(str(exc), 120)})") from None
+        raise InvalidRequest(f"the request is not a valid {kind.DESCRIPTOR.full_name} message ({one_line(str(exc), 120)})") from None
     return message
 
 
@@ -102,10 +114,19 @@ class FewShotService:
     authentication comes before parsing and a parse failure has a status of our choosing.
     """
 
-    def __init__(self, models: dict[str, Family], store: TaskStore, executor: ThreadPoolExecutor,
-                 metrics: ServiceMetrics, limits: ServiceLimits | None = None, batch_delay: float = 0.002,
-                 max_batch: int = 256, auth: Authenticator | None = None, admission: Admission | None = None,
-                 bodies: BodyBudget | None = None) -> None:
+    def __init__(
+        self,
+        models: dict[str, Family],
+        store: TaskStore,
+        executor: ThreadPoolExecutor,
+        metrics: ServiceMetrics,
+        limits: ServiceLimits | None = None,
+        batch_delay: float = 0.002,
+        max_batch: int = 256,
+        auth: Authenticator | None = None,
+        admission: Admission | None = None,
+        bodies: BodyBudget | None = None,
+    ) -> None:
         self.models, self.store, self.executor, self.metrics = models, store, executor, metrics
         self.limits = limits or ServiceLimits.default()
         #: Request bytes all calls in flight hold together (``--max-inflight-body-mb``).
@@ -119,26 +140,31 @@ class FewShotService:
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
         """Register the ``fewshot.v1.FewShot`` methods on ``server`` (request bytes are parsed by us)."""
+
         def unary(fn: Callable) -> grpc.RpcMethodHandler:
             return grpc.unary_unary_rpc_method_handler(fn, response_serializer=lambda m: m.SerializeToString())
 
-        handlers = {"Adapt": unary(self.Adapt), "Classify": unary(self.Classify), "GetTask": unary(self.GetTask),
-                    "UpdateTask": unary(self.UpdateTask),
-                    "DeleteTask": unary(self.DeleteTask), "ListModels": unary(self.ListModels),
-                    "AdaptStream": grpc.stream_unary_rpc_method_handler(
-                        self.AdaptStream, response_serializer=lambda m: m.SerializeToString())}
+        handlers = {
+            "Adapt": unary(self.Adapt),
+            "Classify": unary(self.Classify),
+            "GetTask": unary(self.GetTask),
+            "UpdateTask": unary(self.UpdateTask),
+            "DeleteTask": unary(self.DeleteTask),
+            "ListModels": unary(self.ListModels),
+            "AdaptStream": grpc.stream_unary_rpc_method_handler(self.AdaptStream, response_serializer=lambda m: m.SerializeToString()),
+        }
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
 
     # -- plumbing -------------------------------------------------------------------------------
-    async def _call(self, rpc: str, context: grpc.aio.ServicerContext, body: Callable[[_Call], Awaitable[Any]],
-                    size: int = 0) -> Any:
+    async def _call(self, rpc: str, context: grpc.aio.ServicerContext, body: Callable[[_Call], Awaitable[Any]], size: int = 0) -> Any:
         """Authenticate, charge ``size`` bytes to the body budget (a unary call: twice its message, the bytes and
         their parsed copy, both held until it ends), run ``body``, map service errors to statuses, record metrics
         and one log line; the call's charge is given back when it ends."""
         fields: dict[str, Any] = {"method": ""}
         start, code, message, http_status = time.perf_counter(), grpc.StatusCode.OK, "", 500
-        budget = CallBudget.for_call(self.limits.max_call_pixels, context.time_remaining(),
-                                     lambda stage: self.metrics.stopped.labels(stage.split()[0]).inc())
+        budget = CallBudget.for_call(
+            self.limits.max_call_pixels, context.time_remaining(), lambda stage: self.metrics.stopped.labels(stage.split()[0]).inc()
+        )
         hold = self.bodies.hold()
         try:
             tenant = self.auth.authenticate(context.invocation_metadata() or (), context.peer())
@@ -166,8 +192,18 @@ class FewShotService:
             self.metrics.latency.labels(rpc, method).observe(seconds)
             task_id = fields.pop("_task_id", None)
             logged = message.replace(task_id, fields["task"]) if task_id and message else message
-            log.info(json.dumps({"rpc": rpc, "code": code.name, "ms": round(seconds * 1e3, 2), **fields,
-                                 **({"error": logged[:MAX_LOGGED_ERROR]} if logged else {}), "peer": context.peer()}))
+            log.info(
+                json.dumps(
+                    {
+                        "rpc": rpc,
+                        "code": code.name,
+                        "ms": round(seconds * 1e3, 2),
+                        **fields,
+                        **({"error": logged[:MAX_LOGGED_ERROR]} if logged else {}),
+                        "peer": context.peer(),
+                    }
+                )
+            )
         if hasattr(context, "http_status"):  # the HTTP/JSON API's context (server/http_api.py)
             context.http_status = http_status
         await context.abort(code, message)
@@ -196,8 +232,7 @@ class FewShotService:
 
         return await self._call("AdaptStream", context, body)
 
-    async def _read_stream(self, request_iterator: AsyncIterator[bytes], call: _Call,
-                           support: list[pb.LabelledImage]) -> _AdaptCall:
+    async def _read_stream(self, request_iterator: AsyncIterator[bytes], call: _Call, support: list[pb.LabelledImage]) -> _AdaptCall:
         """The AdaptStream's chunks as one Adapt (its images appended to ``support``), each chunk charged to
         the call's body budget and checked against the per-call limits as it arrives."""
         adapt: _AdaptCall | None = None
@@ -214,8 +249,10 @@ class FewShotService:
                 for name, first in (("model", adapt.model), ("method", adapt.method)):
                     later = getattr(chunk, name)
                     if later and later != first:
-                        raise InvalidRequest(f"a later AdaptStream chunk names {name} {one_line(later, 64)!r}, the "
-                                             f"first named {one_line(first, 64)!r}: set it in the first chunk only")
+                        raise InvalidRequest(
+                            f"a later AdaptStream chunk names {name} {one_line(later, 64)!r}, the "
+                            f"first named {one_line(first, 64)!r}: set it in the first chunk only"
+                        )
             support.extend(chunk.support)
             self.limits.check_support(len(support))
         if adapt is None:
@@ -223,8 +260,9 @@ class FewShotService:
         return adapt
 
     async def _adapt(self, adapt: _AdaptCall, call: _Call) -> pb.AdaptResponse:
-        request = check_adapt(self.models, self.limits, adapt.model, adapt.method, adapt.support, adapt.settings,
-                              adapt.ttl, call.tenant.name)
+        request = check_adapt(
+            self.models, self.limits, adapt.model, adapt.method, adapt.support, adapt.settings, adapt.ttl, call.tenant.name
+        )
         model = request.model
         call.fields.update(model=model.name, method=request.method, support=len(adapt.support))
         images = [item.image for item in adapt.support]
@@ -270,8 +308,13 @@ class FewShotService:
                     ran, logits = True, plan.run(x)
                 else:
                     ran, logits = self.batcher.run_if_idle(key, len(x), lambda: plan.run(x))
-                return (record, model, task, (plan, x, key, grouped),
-                        classify_response(logits, record.labels, request.top_k, task.open_set, rejection) if ran else None)
+                return (
+                    record,
+                    model,
+                    task,
+                    (plan, x, key, grouped),
+                    classify_response(logits, record.labels, request.top_k, task.open_set, rejection) if ran else None,
+                )
 
             async with self.admission.slot():
                 record, model, task, work, response = await self._offload(find_decode_run)
@@ -310,14 +353,20 @@ class FewShotService:
             request = parse(pb.UpdateTaskRequest, raw)
             task_id = call.about(check_task_id(request.task_id))
             self.limits.check_support(len(request.add))
-            update = TaskUpdate(task_id, None, [item.label for item in request.add], list(dict.fromkeys(request.remove_labels)),
-                                request.expected_version if request.HasField("expected_version") else None)
+            update = TaskUpdate(
+                task_id,
+                None,
+                [item.label for item in request.add],
+                list(dict.fromkeys(request.remove_labels)),
+                request.expected_version if request.HasField("expected_version") else None,
+            )
             images, budget = [item.image for item in request.add], call.budget
 
             def work() -> tuple[TaskRecord, float, float]:
                 decode = (lambda model: decode_pixels_for_model(images, model, self.limits.image, "added", budget)) if images else None
-                record, _, accuracy, seconds = update.apply(self.store, self.models, call.tenant.name, self.limits,
-                                                            check=budget.check, decode=decode)
+                record, _, accuracy, seconds = update.apply(
+                    self.store, self.models, call.tenant.name, self.limits, check=budget.check, decode=decode
+                )
                 return record, accuracy, seconds
 
             # one update of a task at a time in this process (others wait here, not in a worker thread);
@@ -325,8 +374,14 @@ class FewShotService:
             async with self._update_lock(task_id), self.admission.slot():
                 record, accuracy, seconds = await self._offload(work)
             call.fields.update(model=record.model, method=record.method, support=record.support_size, version=record.version)
-            return pb.UpdateTaskResponse(task_id=record.task_id, version=record.version, labels=record.labels,
-                                         shots=record.shots, support_accuracy=accuracy, adapt_seconds=seconds)
+            return pb.UpdateTaskResponse(
+                task_id=record.task_id,
+                version=record.version,
+                labels=record.labels,
+                shots=record.shots,
+                support_accuracy=accuracy,
+                adapt_seconds=seconds,
+            )
 
         return await self._call("UpdateTask", context, body, 2 * len(raw))
 
@@ -343,9 +398,17 @@ class FewShotService:
             rec = await self._offload(self.store.record, task_id, call.tenant.name)
             if rec is None:
                 raise NotFound(f"task {task_id} is unknown, deleted or expired")
-            return pb.TaskInfo(task_id=rec.task_id, model=rec.model, method=rec.method, labels=rec.labels,
-                               created_at=rec.created_at, expires_at=rec.expires_at, support_size=rec.support_size,
-                               version=rec.version, shots=rec.shots)
+            return pb.TaskInfo(
+                task_id=rec.task_id,
+                model=rec.model,
+                method=rec.method,
+                labels=rec.labels,
+                created_at=rec.created_at,
+                expires_at=rec.expires_at,
+                support_size=rec.support_size,
+                version=rec.version,
+                shots=rec.shots,
+            )
 
         return await self._call("GetTask", context, body, 2 * len(raw))
 

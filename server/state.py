@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-
 import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
@@ -71,7 +70,7 @@ def _read(blob: bytes) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     try:
         tensors: dict[str, torch.Tensor] = st_load(blob)
         header_len = int.from_bytes(blob[:8], "little")
-        return tensors, json.loads(blob[8:8 + header_len])["__metadata__"]
+        return tensors, json.loads(blob[8 : 8 + header_len])["__metadata__"]
     except Exception as exc:  # safetensors raises its own error types
         raise StateError(f"stored task is damaged ({exc})") from None
 

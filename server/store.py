@@ -40,16 +40,17 @@ import dataclasses
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 
 from fewshot.errors import ConfigError
 from fewshot.server.errors import QuotaExceeded  # noqa: F401 - raised by the databases' insert
-from fewshot.server.store_schema import COLUMNS, StoreUnavailable, StoreVersionError, TaskRecord  # noqa: F401
+from fewshot.server.store_schema import COLUMNS, StoreUnavailable, StoreVersionError, TaskRecord  # noqa: F401  (re-exported: callers import the row and its errors from the store)
 
 #: Bytes charged per cache entry on top of its tensors: the record, labels and Python objects.
 ENTRY_OVERHEAD = 4096
@@ -112,8 +113,9 @@ class TaskStore:
     row (the bound on serving a task another process deleted or updated, where no notification came).
     """
 
-    def __init__(self, where: Any, cache_bytes: int = 256 << 20,
-                 on_event: Callable[[str], None] | None = None, recheck: float = 0.5) -> None:
+    def __init__(
+        self, where: Any, cache_bytes: int = 256 << 20, on_event: Callable[[str], None] | None = None, recheck: float = 0.5
+    ) -> None:
         self.database = where if hasattr(where, "compare_and_set") else open_database(where)
         self.cache_bytes, self.on_event, self.recheck = cache_bytes, on_event or (lambda _: None), recheck
         self.stats = CacheStats()
@@ -137,8 +139,8 @@ class TaskStore:
         with self._lock:
             self._changes += 1
             if task_id is None:
-                for entry in self._cache.values():
-                    entry.checked = float("-inf")
+                for cached in self._cache.values():
+                    cached.checked = float("-inf")
                 return
             entry = self._cache.get(task_id)
             if entry is not None and (version == 0 or entry.record.version < version):
@@ -312,8 +314,9 @@ def open_database(where: str | Path) -> Any:
     (the file), or a folder (``--state-dir``: ``tasks.sqlite3`` in it)."""
     text = str(where)
     if "://" in text and not text.startswith(("postgresql://", "postgres://")):
-        raise ConfigError(f"unknown task database {text.split('://')[0]!r}: use postgresql://USER@HOST:PORT/DB, "
-                          "sqlite:PATH or a --state-dir folder")
+        raise ConfigError(
+            f"unknown task database {text.split('://')[0]!r}: use postgresql://USER@HOST:PORT/DB, sqlite:PATH or a --state-dir folder"
+        )
     if text.startswith(("postgresql://", "postgres://")):
         from fewshot.server.store_postgres import PostgresDatabase
 

@@ -22,8 +22,9 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from typing import Any
 from urllib.parse import urlsplit
 
 import psycopg
@@ -69,6 +70,13 @@ log = logging.getLogger(__name__)
 logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
 
 
+def _scalar(cursor: Any) -> Any:
+    """The one value of a query that always answers one row (``SELECT max(...)``, ``COUNT(*)``)."""
+    row = cursor.fetchone()
+    assert row is not None, "an aggregate query answered no row"
+    return row[0]
+
+
 def _reason(error: BaseException) -> str:
     """The first line of a psycopg error, cut to 200 characters."""
     return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
@@ -88,9 +96,15 @@ class PostgresDatabase:
 
     def __init__(self, url: str, pool_size: int = POOL_SIZE, connect_timeout: float = CONNECT_TIMEOUT) -> None:
         self.url, self.where, self.connect_timeout = url, _redacted(url), connect_timeout
-        self._pool = ConnectionPool(url, min_size=1, max_size=pool_size, open=False, name="fewshot-tasks",
-                                    kwargs={"autocommit": True, "connect_timeout": max(1, int(connect_timeout))},
-                                    check=ConnectionPool.check_connection)
+        self._pool = ConnectionPool(
+            url,
+            min_size=1,
+            max_size=pool_size,
+            open=False,
+            name="fewshot-tasks",
+            kwargs={"autocommit": True, "connect_timeout": max(1, int(connect_timeout))},
+            check=ConnectionPool.check_connection,
+        )
         self._pool.open(wait=False)
         self._stop = threading.Event()
         self._listener: threading.Thread | None = None
@@ -106,20 +120,25 @@ class PostgresDatabase:
             with self._pool.connection(timeout=self.connect_timeout) as conn:
                 yield conn
         except PoolTimeout as e:
-            raise StoreUnavailable(f"the task database {self.where} cannot be reached (no connection within "
-                                   f"{self.connect_timeout:g} s); nothing was stored: retry when it is back") from e
+            raise StoreUnavailable(
+                f"the task database {self.where} cannot be reached (no connection within "
+                f"{self.connect_timeout:g} s); nothing was stored: retry when it is back"
+            ) from e
         except (psycopg.OperationalError, psycopg.InterfaceError) as e:
-            raise StoreUnavailable(f"the task database {self.where} failed the call ({_reason(e)}); "
-                                   "nothing of this call was acknowledged: retry") from e
+            raise StoreUnavailable(
+                f"the task database {self.where} failed the call ({_reason(e)}); nothing of this call was acknowledged: retry"
+            ) from e
 
     def _migrate(self) -> None:
         with self._connection() as conn, conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
-            exists = conn.execute("SELECT to_regclass('fewshot_schema') IS NOT NULL").fetchone()[0]
-            version = conn.execute("SELECT max(version) FROM fewshot_schema").fetchone()[0] if exists else None
+            exists = _scalar(conn.execute("SELECT to_regclass('fewshot_schema') IS NOT NULL"))
+            version = _scalar(conn.execute("SELECT max(version) FROM fewshot_schema")) if exists else None
             if version is not None and version > SCHEMA_VERSION:
-                raise StoreVersionError(f"task database {self.where} has schema version {version}; this server knows "
-                                        f"{SCHEMA_VERSION}: upgrade the server or use another database")
+                raise StoreVersionError(
+                    f"task database {self.where} has schema version {version}; this server knows "
+                    f"{SCHEMA_VERSION}: upgrade the server or use another database"
+                )
             for statement in filter(str.strip, SCHEMA.split(";")):
                 conn.execute(statement)
             if version is None:
@@ -129,7 +148,7 @@ class PostgresDatabase:
 
     def schema_version(self) -> int:
         with self._connection() as conn:
-            return conn.execute("SELECT max(version) FROM fewshot_schema").fetchone()[0]
+            return _scalar(conn.execute("SELECT max(version) FROM fewshot_schema"))
 
     # -- writes -----------------------------------------------------------------------------------
     def insert(self, record: TaskRecord, max_live: int | None) -> None:
@@ -137,31 +156,52 @@ class PostgresDatabase:
             if max_live is not None:
                 # one tenant's inserts take turns (transaction lock), so the count and the insert are one step
                 conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"tenant:{record.tenant}",))
-                live = conn.execute("SELECT COUNT(*) FROM tasks WHERE tenant = %s AND expires_at > %s",
-                                    (record.tenant, time.time())).fetchone()[0]
+                live = _scalar(
+                    conn.execute("SELECT COUNT(*) FROM tasks WHERE tenant = %s AND expires_at > %s", (record.tenant, time.time()))
+                )
                 if live >= max_live:
-                    raise QuotaExceeded(f"this tenant has {live} live tasks, its quota: delete tasks or let them "
-                                        "expire, then adapt again")
-            conn.execute(f"INSERT INTO tasks ({COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
-                         (record.task_id, record.model, record.method, json.dumps(record.labels), record.created_at,
-                          record.expires_at, record.support_size, record.state, record.tenant, record.version,
-                          json.dumps(record.shots)))
+                    raise QuotaExceeded(f"this tenant has {live} live tasks, its quota: delete tasks or let them expire, then adapt again")
+            conn.execute(
+                f"INSERT INTO tasks ({COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                (
+                    record.task_id,
+                    record.model,
+                    record.method,
+                    json.dumps(record.labels),
+                    record.created_at,
+                    record.expires_at,
+                    record.support_size,
+                    record.state,
+                    record.tenant,
+                    record.version,
+                    json.dumps(record.shots),
+                ),
+            )
 
     def compare_and_set(self, record: TaskRecord) -> bool:
         with self._connection() as conn, conn.transaction():
-            changed = conn.execute("UPDATE tasks SET labels = %s, support_size = %s, state = %s, version = %s, shots = %s "
-                                   "WHERE task_id = %s AND tenant = %s AND version = %s AND expires_at > %s",
-                                   (json.dumps(record.labels), record.support_size, record.state, record.version,
-                                    json.dumps(record.shots), record.task_id, record.tenant, record.version - 1,
-                                    time.time())).rowcount
+            changed = conn.execute(
+                "UPDATE tasks SET labels = %s, support_size = %s, state = %s, version = %s, shots = %s "
+                "WHERE task_id = %s AND tenant = %s AND version = %s AND expires_at > %s",
+                (
+                    json.dumps(record.labels),
+                    record.support_size,
+                    record.state,
+                    record.version,
+                    json.dumps(record.shots),
+                    record.task_id,
+                    record.tenant,
+                    record.version - 1,
+                    time.time(),
+                ),
+            ).rowcount
             if changed:
                 conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, f"{record.task_id} {record.version}"))
         return bool(changed)
 
     def delete(self, task_id: str, tenant: str) -> float | None:
         with self._connection() as conn, conn.transaction():
-            row = conn.execute("DELETE FROM tasks WHERE task_id = %s AND tenant = %s RETURNING expires_at",
-                               (task_id, tenant)).fetchone()
+            row = conn.execute("DELETE FROM tasks WHERE task_id = %s AND tenant = %s RETURNING expires_at", (task_id, tenant)).fetchone()
             if row is not None:
                 conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, f"{task_id} 0"))
         return None if row is None else row[0]
@@ -170,8 +210,10 @@ class PostgresDatabase:
         total = 0
         while True:
             with self._connection() as conn:
-                gone = conn.execute("DELETE FROM tasks WHERE task_id IN (SELECT task_id FROM tasks WHERE expires_at <= %s "
-                                    "LIMIT %s FOR UPDATE SKIP LOCKED)", (now, PURGE_BATCH)).rowcount
+                gone = conn.execute(
+                    "DELETE FROM tasks WHERE task_id IN (SELECT task_id FROM tasks WHERE expires_at <= %s LIMIT %s FOR UPDATE SKIP LOCKED)",
+                    (now, PURGE_BATCH),
+                ).rowcount
             total += gone
             if gone < PURGE_BATCH:
                 return total
@@ -182,8 +224,9 @@ class PostgresDatabase:
             row = conn.execute(f"SELECT {COLUMNS} FROM tasks WHERE task_id = %s AND tenant = %s", (task_id, tenant)).fetchone()
         if row is None:
             return None
-        return TaskRecord(row[0], row[1], row[2], json.loads(row[3]), row[4], row[5], row[6], bytes(row[7]), row[8],
-                          row[9], json.loads(row[10]))
+        return TaskRecord(
+            row[0], row[1], row[2], json.loads(row[3]), row[4], row[5], row[6], bytes(row[7]), row[8], row[9], json.loads(row[10])
+        )
 
     def version_of(self, task_id: str) -> tuple[float, int] | None:
         with self._connection() as conn:
@@ -192,7 +235,7 @@ class PostgresDatabase:
 
     def count(self, now: float) -> int:
         with self._connection() as conn:
-            return conn.execute("SELECT COUNT(*) FROM tasks WHERE expires_at > %s", (now,)).fetchone()[0]
+            return _scalar(conn.execute("SELECT COUNT(*) FROM tasks WHERE expires_at > %s", (now,)))
 
     # -- notifications ----------------------------------------------------------------------------
     def listen(self, on_change: Callable[..., Any]) -> None:

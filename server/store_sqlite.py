@@ -83,8 +83,10 @@ class SQLiteDatabase:
         try:
             version = db.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
-                raise StoreVersionError(f"task store {self.path} has schema version {version}; this server knows "
-                                        f"{SCHEMA_VERSION}: upgrade the server or use another --state-dir")
+                raise StoreVersionError(
+                    f"task store {self.path} has schema version {version}; this server knows "
+                    f"{SCHEMA_VERSION}: upgrade the server or use another --state-dir"
+                )
             columns = {row[1] for row in db.execute("PRAGMA table_info(tasks)")}
             if columns and "tenant" not in columns:  # version 1
                 db.execute("ALTER TABLE tasks ADD COLUMN tenant TEXT NOT NULL DEFAULT ''")
@@ -104,15 +106,27 @@ class SQLiteDatabase:
         db.execute("BEGIN IMMEDIATE")  # the write lock first: the quota count and the insert are one step
         try:
             if max_live is not None:
-                live = db.execute("SELECT COUNT(*) FROM tasks WHERE tenant = ? AND expires_at > ?",
-                                  (record.tenant, time.time())).fetchone()[0]
+                live = db.execute(
+                    "SELECT COUNT(*) FROM tasks WHERE tenant = ? AND expires_at > ?", (record.tenant, time.time())
+                ).fetchone()[0]
                 if live >= max_live:
-                    raise QuotaExceeded(f"this tenant has {live} live tasks, its quota: delete tasks or let them "
-                                        "expire, then adapt again")
-            db.execute(f"INSERT INTO tasks ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                       (record.task_id, record.model, record.method, json.dumps(record.labels), record.created_at,
-                        record.expires_at, record.support_size, sqlite3.Binary(record.state), record.tenant,
-                        record.version, json.dumps(record.shots)))
+                    raise QuotaExceeded(f"this tenant has {live} live tasks, its quota: delete tasks or let them expire, then adapt again")
+            db.execute(
+                f"INSERT INTO tasks ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    record.task_id,
+                    record.model,
+                    record.method,
+                    json.dumps(record.labels),
+                    record.created_at,
+                    record.expires_at,
+                    record.support_size,
+                    sqlite3.Binary(record.state),
+                    record.tenant,
+                    record.version,
+                    json.dumps(record.shots),
+                ),
+            )
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
@@ -122,11 +136,21 @@ class SQLiteDatabase:
         db = self.db()
         db.execute("BEGIN IMMEDIATE")
         try:
-            changed = db.execute("UPDATE tasks SET labels = ?, support_size = ?, state = ?, version = ?, shots = ? "
-                                 "WHERE task_id = ? AND tenant = ? AND version = ? AND expires_at > ?",
-                                 (json.dumps(record.labels), record.support_size, sqlite3.Binary(record.state),
-                                  record.version, json.dumps(record.shots), record.task_id, record.tenant,
-                                  record.version - 1, time.time())).rowcount
+            changed = db.execute(
+                "UPDATE tasks SET labels = ?, support_size = ?, state = ?, version = ?, shots = ? "
+                "WHERE task_id = ? AND tenant = ? AND version = ? AND expires_at > ?",
+                (
+                    json.dumps(record.labels),
+                    record.support_size,
+                    sqlite3.Binary(record.state),
+                    record.version,
+                    json.dumps(record.shots),
+                    record.task_id,
+                    record.tenant,
+                    record.version - 1,
+                    time.time(),
+                ),
+            ).rowcount
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
@@ -134,20 +158,19 @@ class SQLiteDatabase:
         return bool(changed)
 
     def delete(self, task_id: str, tenant: str) -> float | None:
-        row = self.db().execute("DELETE FROM tasks WHERE task_id = ? AND tenant = ? RETURNING expires_at",
-                                (task_id, tenant)).fetchone()
+        row = self.db().execute("DELETE FROM tasks WHERE task_id = ? AND tenant = ? RETURNING expires_at", (task_id, tenant)).fetchone()
         return None if row is None else row[0]
 
     def purge_expired(self, now: float) -> int:
         return self.db().execute("DELETE FROM tasks WHERE expires_at <= ?", (now,)).rowcount
 
     def fetch(self, task_id: str, tenant: str) -> TaskRecord | None:
-        row = self.db().execute(f"SELECT {COLUMNS} FROM tasks WHERE task_id = ? AND tenant = ?",
-                                (task_id, tenant)).fetchone()
+        row = self.db().execute(f"SELECT {COLUMNS} FROM tasks WHERE task_id = ? AND tenant = ?", (task_id, tenant)).fetchone()
         if row is None:
             return None
-        return TaskRecord(row[0], row[1], row[2], json.loads(row[3]), row[4], row[5], row[6], bytes(row[7]), row[8],
-                          row[9], json.loads(row[10]))
+        return TaskRecord(
+            row[0], row[1], row[2], json.loads(row[3]), row[4], row[5], row[6], bytes(row[7]), row[8], row[9], json.loads(row[10])
+        )
 
     def version_of(self, task_id: str) -> tuple[float, int] | None:
         row = self.db().execute("SELECT expires_at, version FROM tasks WHERE task_id = ?", (task_id,)).fetchone()
@@ -156,7 +179,7 @@ class SQLiteDatabase:
     def count(self, now: float) -> int:
         return self.db().execute("SELECT COUNT(*) FROM tasks WHERE expires_at > ?", (now,)).fetchone()[0]
 
-    def listen(self, on_change) -> None:  # noqa: ARG002 - nothing pushes changes to a file
+    def listen(self, on_change) -> None:
         """SQLite has no notifications: other processes' changes are seen by re-reading rows."""
 
     def close(self) -> None:

@@ -8,23 +8,23 @@ limits), run it on decoded images and store the resulting :class:`TaskRecord`, a
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import math
 import re
 import secrets
 import time
 from collections import Counter
-import dataclasses
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Hashable, Mapping
-
-import math
+from typing import Any
 
 import numpy as np
 import torch
 
+from fewshot.errors import ConfigError
 from fewshot.models.calibration import ACCEPTANCE_LEVELS, DEFAULT_ACCEPTANCE, OpenSetCalibration
 from fewshot.models.family import Family
-from fewshot.errors import ConfigError
 from fewshot.models.interrupt import interruptible
 from fewshot.server.config import ServeConfig
 from fewshot.server.errors import Conflict, InvalidRequest, NotFound, NotUpdatable, TooLarge, quoted
@@ -63,14 +63,19 @@ class ServiceLimits:
     max_ttl: int = 30 * 24 * 3600
 
     @classmethod
-    def from_config(cls, cfg: ServeConfig) -> "ServiceLimits":
-        return cls(max_support=cfg.max_support, max_queries=cfg.max_queries, default_ttl=cfg.default_ttl,
-                   image=ImageLimits(max_bytes=int(cfg.max_image_mb * (1 << 20))),
-                   max_call_pixels=int(cfg.max_call_megapixels * (1 << 20)), max_image_steps=cfg.max_image_steps,
-                   max_request_bytes=cfg.max_request_mb << 20)
+    def from_config(cls, cfg: ServeConfig) -> ServiceLimits:
+        return cls(
+            max_support=cfg.max_support,
+            max_queries=cfg.max_queries,
+            default_ttl=cfg.default_ttl,
+            image=ImageLimits(max_bytes=int(cfg.max_image_mb * (1 << 20))),
+            max_call_pixels=int(cfg.max_call_megapixels * (1 << 20)),
+            max_image_steps=cfg.max_image_steps,
+            max_request_bytes=cfg.max_request_mb << 20,
+        )
 
     @classmethod
-    def default(cls) -> "ServiceLimits":
+    def default(cls) -> ServiceLimits:
         return cls.from_config(ServeConfig())
 
     def ttl(self, requested: int) -> int:
@@ -87,8 +92,10 @@ class ServiceLimits:
 
     def check_request_bytes(self, size: int) -> None:
         if size > self.max_request_bytes:
-            raise TooLarge(f"the Adapt carries more than {self.max_request_bytes} bytes ({size} so far); this server "
-                           "takes at most that per call or stream: send fewer or smaller images")
+            raise TooLarge(
+                f"the Adapt carries more than {self.max_request_bytes} bytes ({size} so far); this server "
+                "takes at most that per call or stream: send fewer or smaller images"
+            )
 
     def check_queries(self, count: int) -> None:
         if not count:
@@ -107,7 +114,7 @@ class Rejection:
     target_recall: float | None = None
 
     @staticmethod
-    def check(reject: bool, threshold: float | None, target_recall: float | None) -> "Rejection | None":
+    def check(reject: bool, threshold: float | None, target_recall: float | None) -> Rejection | None:
         """The option of a request, validated; ``None`` when rejection is not asked for."""
         if not reject:
             if threshold is not None or target_recall is not None:
@@ -151,13 +158,14 @@ def check_task_id(task_id: str) -> str:
     if not task_id:
         raise InvalidRequest("task_id is empty: use the id that Adapt returned")
     if not TASK_ID.fullmatch(task_id):
-        raise InvalidRequest(f"task_id {quoted(task_id, 16)} is not a task id: ids are at most {MAX_TASK_ID} "
-                             "letters, digits, '_' or '-' (Adapt returns 32 hex digits)")
+        raise InvalidRequest(
+            f"task_id {quoted(task_id, 16)} is not a task id: ids are at most {MAX_TASK_ID} "
+            "letters, digits, '_' or '-' (Adapt returns 32 hex digits)"
+        )
     return task_id
 
 
-def find_task(store: TaskStore, models: Mapping[str, Family], task_id: str,
-              tenant: str = "") -> tuple[TaskRecord, Any, Family]:
+def find_task(store: TaskStore, models: Mapping[str, Family], task_id: str, tenant: str = "") -> tuple[TaskRecord, Any, Family]:
     """``(record, ready-to-classify task, its model)`` of ``tenant``'s live task, from the store's cache
     or disk (blocking); :class:`NotFound` for an unknown, deleted, expired or unrestorable task, or
     one of another tenant (the same answer, so ids of other tenants cannot be probed)."""
@@ -197,8 +205,7 @@ def check_labels(model: Family, names: list[str]) -> tuple[list[str], torch.Tens
         raise InvalidRequest(f"support image {names.index('')} has an empty label: every image needs its class label")
     for i, n in enumerate(names):
         if len(n) > MAX_LABEL:
-            raise InvalidRequest(f"support image {i} has a label of {len(n)} characters ({quoted(n, 32)}); "
-                                 f"labels are at most {MAX_LABEL}")
+            raise InvalidRequest(f"support image {i} has a label of {len(n)} characters ({quoted(n, 32)}); labels are at most {MAX_LABEL}")
     counts = Counter(names)
     labels = list(counts)
     ways, shots = len(labels), max(counts.values())
@@ -210,9 +217,8 @@ def check_labels(model: Family, names: list[str]) -> tuple[list[str], torch.Tens
         raise InvalidRequest(str(exc)) from None
     max_shots = model.limits.get("max_shots")
     if max_shots is not None and shots > max_shots:
-        worst = max(counts, key=counts.get)
-        raise InvalidRequest(f"class {quoted(worst)} has {shots} images; model {model.name} allows at most "
-                             f"{max_shots} per class")
+        worst = max(counts, key=lambda name: counts[name])
+        raise InvalidRequest(f"class {quoted(worst)} has {shots} images; model {model.name} allows at most {max_shots} per class")
     index = {n: i for i, n in enumerate(labels)}
     return labels, torch.as_tensor([index[n] for n in names]), min(counts.values())
 
@@ -246,8 +252,15 @@ class AdaptRequest:
     pixels: np.ndarray | None = None
 
     @staticmethod
-    def check(model: Family, method: str | None, names: list[str], settings: Mapping[str, Any] | None = None,
-              ttl: int = 24 * 3600, max_image_steps: int | None = None, tenant: str = "") -> "AdaptRequest":
+    def check(
+        model: Family,
+        method: str | None,
+        names: list[str],
+        settings: Mapping[str, Any] | None = None,
+        ttl: int = 24 * 3600,
+        max_image_steps: int | None = None,
+        tenant: str = "",
+    ) -> AdaptRequest:
         """``settings``: the request's per-task settings by API name (``inner_steps``, ``lambda``; ``None``: not given)."""
         method = resolve_method(model, method)
         labels, targets, shots = check_labels(model, names)
@@ -259,8 +272,10 @@ class AdaptRequest:
             raise InvalidRequest(str(exc)) from None
         steps = model.inner_steps(adapter)
         if max_image_steps is not None and len(names) * steps > max_image_steps:
-            raise TooLarge(f"{len(names)} support images x {steps} inner steps = {len(names) * steps} image-steps; this "
-                           f"server runs at most {max_image_steps} per Adapt: send fewer images or ask fewer inner_steps")
+            raise TooLarge(
+                f"{len(names)} support images x {steps} inner steps = {len(names) * steps} image-steps; this "
+                f"server runs at most {max_image_steps} per Adapt: send fewer images or ask fewer inner_steps"
+            )
         return AdaptRequest(model, method, labels, targets, adapter, ttl, tenant=tenant, settings=given, names=list(names))
 
     def run(self, images: torch.Tensor, check: Callable[[str], None] | None = None) -> tuple[TaskRecord, Any, float]:
@@ -278,7 +293,7 @@ class AdaptRequest:
         return self.model.adapt_batch_key(self.adapter, tuple(images.shape))
 
     @staticmethod
-    def run_many(items: list[tuple["AdaptRequest", torch.Tensor]]) -> list[tuple[TaskRecord, Any, float]]:
+    def run_many(items: list[tuple[AdaptRequest, torch.Tensor]]) -> list[tuple[TaskRecord, Any, float]]:
         """Adapts of one :meth:`batch_key` as one call (``adapter.adapt_many``, equal to one by one to
         float rounding); each request's ``seconds`` is the batch's."""
         first = items[0][0]
@@ -296,8 +311,19 @@ class AdaptRequest:
         now = time.time()
         support = None if self.pixels is None else StoredSupport(self.pixels, self.names, self.settings)
         shots = torch.bincount(self.targets, minlength=len(self.labels)).tolist()
-        record = TaskRecord(secrets.token_hex(16), self.model.name, self.method, self.labels, now, now + self.ttl,
-                            images, dump_task(task, support), self.tenant, 1, shots)
+        record = TaskRecord(
+            secrets.token_hex(16),
+            self.model.name,
+            self.method,
+            self.labels,
+            now,
+            now + self.ttl,
+            images,
+            dump_task(task, support),
+            self.tenant,
+            1,
+            shots,
+        )
         return record, task, accuracy
 
 
@@ -318,15 +344,23 @@ class TaskUpdate:
             if not n:
                 raise InvalidRequest(f"added image {i} has an empty label: every image needs its class label")
             if len(n) > MAX_LABEL:
-                raise InvalidRequest(f"added image {i} has a label of {len(n)} characters ({quoted(n, 32)}); labels are "
-                                     f"at most {MAX_LABEL}")
+                raise InvalidRequest(
+                    f"added image {i} has a label of {len(n)} characters ({quoted(n, 32)}); labels are at most {MAX_LABEL}"
+                )
         both = set(self.names) & set(self.remove)
         if both:
             raise InvalidRequest(f"class {quoted(sorted(both)[0])} is both added to and removed from: do one per update")
 
-    def apply(self, store: TaskStore, models: Mapping[str, Family], tenant: str, limits: ServiceLimits,
-              attempts: int = 5, check: Callable[[str], None] | None = None,
-              decode: Callable[[Family], np.ndarray] | None = None) -> tuple[TaskRecord, Any, float, float]:
+    def apply(
+        self,
+        store: TaskStore,
+        models: Mapping[str, Family],
+        tenant: str,
+        limits: ServiceLimits,
+        attempts: int = 5,
+        check: Callable[[str], None] | None = None,
+        decode: Callable[[Family], np.ndarray] | None = None,
+    ) -> tuple[TaskRecord, Any, float, float]:
         """Re-adapt the task on (its stored support minus the removed classes) + the added images, with the
         method and settings of its Adapt, and commit it as the next version (compare and set). A
         concurrent update that committed first makes this one start again from the new version, at
@@ -338,8 +372,9 @@ class TaskUpdate:
             if current is None:
                 raise NotFound(f"task {self.task_id} is unknown, deleted or expired: adapt again")
             if self.expected_version is not None and current.version != self.expected_version:
-                raise Conflict(f"task {self.task_id} is at version {current.version}, not {self.expected_version}: "
-                               "read it again (GetTask) and retry")
+                raise Conflict(
+                    f"task {self.task_id} is at version {current.version}, not {self.expected_version}: read it again (GetTask) and retry"
+                )
             if current.model not in models:
                 raise NotFound(f"task {self.task_id} belongs to model {current.model!r}, which this server does not load")
             model = models[current.model]
@@ -350,12 +385,15 @@ class TaskUpdate:
             except StateError as exc:
                 raise NotFound(f"task {self.task_id} cannot be restored: {exc}") from None
             if support is None:
-                raise NotUpdatable(f"task {self.task_id} was stored without its support images (adapted by an older "
-                                   "server) and cannot be updated: adapt again with the whole support set")
+                raise NotUpdatable(
+                    f"task {self.task_id} was stored without its support images (adapted by an older "
+                    "server) and cannot be updated: adapt again with the whole support set"
+                )
             unknown = [n for n in self.remove if n not in current.labels]
             if unknown:
-                raise InvalidRequest(f"cannot remove {quoted(unknown[0])}: the task's classes are "
-                                     f"{', '.join(map(quoted, current.labels[:20]))}")
+                raise InvalidRequest(
+                    f"cannot remove {quoted(unknown[0])}: the task's classes are {', '.join(map(quoted, current.labels[:20]))}"
+                )
             keep = np.array([n not in self.remove for n in support.names], dtype=bool)
             names = [n for n, k in zip(support.names, keep) if k] + self.names
             limits.check_support(len(names))
@@ -367,9 +405,11 @@ class TaskUpdate:
             request = AdaptRequest.check(model, current.method, names, support.settings, 0, limits.max_image_steps, tenant)
             request.pixels = pixels
             record, task, accuracy = request.run(model.spec.normalize(pixels), check)
-            record = dataclasses.replace(record, task_id=current.task_id, created_at=current.created_at,
-                                         expires_at=current.expires_at, version=current.version + 1)
+            record = dataclasses.replace(
+                record, task_id=current.task_id, created_at=current.created_at, expires_at=current.expires_at, version=current.version + 1
+            )
             if store.update(record, task):
                 return record, task, accuracy, request.seconds
-        raise Conflict(f"task {self.task_id} was updated by {attempts} other calls while this update ran; nothing "
-                       "was changed by this one: retry it")
+        raise Conflict(
+            f"task {self.task_id} was updated by {attempts} other calls while this update ran; nothing was changed by this one: retry it"
+        )

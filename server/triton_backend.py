@@ -26,8 +26,8 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 import numpy as np
 
@@ -58,16 +58,23 @@ class TritonBackend:
         try:
             from tritonclient.grpc import aio
         except ImportError:
-            raise TritonNotReady("--feature-backend triton needs tritonclient: pip install 'tritonclient[grpc]' "
-                                 "(or the package's `triton` extra)") from None
+            raise TritonNotReady(
+                "--feature-backend triton needs tritonclient: pip install 'tritonclient[grpc]' (or the package's `triton` extra)"
+            ) from None
         self.url, self.timeout = url, timeout
         self.loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
         self.max_batch: dict[str, int] = {}
-        self.client = aio.InferenceServerClient(url, channel_args=[
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES), ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
-            ("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS)])
+        self.client = aio.InferenceServerClient(
+            url,
+            channel_args=[
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.initial_reconnect_backoff_ms", 100),
+                ("grpc.min_reconnect_backoff_ms", 100),
+                ("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS),
+            ],
+        )
 
     async def close(self) -> None:
         await self.client.close()
@@ -84,8 +91,7 @@ class TritonBackend:
         except InferenceServerException as exc:
             live, reason = False, _reason(exc)
         if not live:
-            raise TritonNotReady(f"Triton is not live at {self.url} ({reason}): start Triton on that address "
-                                 f"or point --triton-url at it")
+            raise TritonNotReady(f"Triton is not live at {self.url} ({reason}): start Triton on that address or point --triton-url at it")
         problems = []
         for sig in signatures:
             try:
@@ -99,9 +105,11 @@ class TritonBackend:
                 problems.append(f"model {sig.model!r}: {_reason(exc)}")
         if problems:
             raise TritonNotReady(
-                f"Triton at {self.url} cannot serve these bundles: " + "; ".join(problems) +
-                ". Write the repository with `fewshot export --triton-repo DIR --model NAME` from the same bundles "
-                "and load every model (with --model-control-mode=explicit: --load-model=NAME for each)")
+                f"Triton at {self.url} cannot serve these bundles: "
+                + "; ".join(problems)
+                + ". Write the repository with `fewshot export --triton-repo DIR --model NAME` from the same bundles "
+                "and load every model (with --model-control-mode=explicit: --load-model=NAME for each)"
+            )
 
     # -- inference ------------------------------------------------------------------------------
     async def infer(self, model: str, feeds: dict[str, np.ndarray], output: str) -> np.ndarray:
@@ -111,7 +119,7 @@ class TritonBackend:
         total = len(feeds["images"])
         if limit <= 0 or total <= limit:
             return await self._infer_once(model, feeds, output)
-        parts = [{**feeds, "images": feeds["images"][i:i + limit]} for i in range(0, total, limit)]
+        parts = [{**feeds, "images": feeds["images"][i : i + limit]} for i in range(0, total, limit)]
         return np.concatenate(await asyncio.gather(*(self._infer_once(model, p, output) for p in parts)))
 
     async def _infer_once(self, model: str, feeds: dict[str, np.ndarray], output: str) -> np.ndarray:
@@ -127,12 +135,16 @@ class TritonBackend:
         try:
             result = await self.client.infer(model, inputs, outputs=[InferRequestedOutput(output)], client_timeout=self.timeout)
         except InferenceServerException as exc:
-            raise BackendUnavailable(f"the inference backend (Triton at {self.url}, model {model}) failed: "
-                                     f"{_reason(exc)}; nothing was changed, retry when Triton is back") from None
+            raise BackendUnavailable(
+                f"the inference backend (Triton at {self.url}, model {model}) failed: "
+                f"{_reason(exc)}; nothing was changed, retry when Triton is back"
+            ) from None
         out = result.as_numpy(output)
         if out is None or len(out) != len(feeds["images"]):
-            raise BackendUnavailable(f"Triton model {model} returned no {output!r} for {len(feeds['images'])} images; "
-                                     f"nothing was changed, retry when Triton is back")
+            raise BackendUnavailable(
+                f"Triton model {model} returned no {output!r} for {len(feeds['images'])} images; "
+                f"nothing was changed, retry when Triton is back"
+            )
         return out
 
     def infer_blocking(self, model: str, feeds: dict[str, np.ndarray], output: str) -> np.ndarray:

@@ -31,16 +31,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 import torch
 
 from fewshot.errors import ConfigError
 from fewshot.export.loader import open_bundle
+from fewshot.export.registry import Registry
 from fewshot.models.family import family_of
 from fewshot.models.runtime import SessionEngines, part_model_name
-from fewshot.export.registry import Registry
 from fewshot.server.auth import DEFAULT_TENANT
 from fewshot.server.budget import CallBudget
 from fewshot.server.errors import BackendUnavailable, InvalidRequest, ServiceError
@@ -56,12 +56,17 @@ BLS_MAX_BATCH = 256
 
 def _bls(pb: Any, model: str, inputs: dict[str, np.ndarray], output: str) -> np.ndarray:
     """One BLS inference of Triton model ``model``; a failed call raises :class:`BackendUnavailable`."""
-    request = pb.InferenceRequest(model_name=model, requested_output_names=[output],
-                                  inputs=[pb.Tensor(k, np.ascontiguousarray(v, dtype=np.float32)) for k, v in inputs.items()])
+    request = pb.InferenceRequest(
+        model_name=model,
+        requested_output_names=[output],
+        inputs=[pb.Tensor(k, np.ascontiguousarray(v, dtype=np.float32)) for k, v in inputs.items()],
+    )
     response = request.exec()
     if response.has_error():
-        raise BackendUnavailable(f"Triton model {model} failed: {response.error().message()} (is it in the repository "
-                                 f"and loaded? with --model-control-mode=explicit, pass --load-model={model})")
+        raise BackendUnavailable(
+            f"Triton model {model} failed: {response.error().message()} (is it in the repository "
+            f"and loaded? with --model-control-mode=explicit, pass --load-model={model})"
+        )
     return pb.get_output_tensor_by_name(response, output).as_numpy()
 
 
@@ -83,8 +88,7 @@ class _FewShotModel:
     answering each request on its own (an error answers that request only)."""
 
     #: Triton error code by the gRPC status of the service's error (Triton has no RESOURCE_EXHAUSTED).
-    CODES = {"INVALID_ARGUMENT": "INVALID_ARG", "RESOURCE_EXHAUSTED": "INVALID_ARG", "NOT_FOUND": "NOT_FOUND",
-             "UNAVAILABLE": "UNAVAILABLE"}
+    CODES = {"INVALID_ARGUMENT": "INVALID_ARG", "RESOURCE_EXHAUSTED": "INVALID_ARG", "NOT_FOUND": "NOT_FOUND", "UNAVAILABLE": "UNAVAILABLE"}
 
     def initialize(self, args: dict[str, str]) -> None:
         import triton_python_backend_utils as pb_utils
@@ -94,17 +98,27 @@ class _FewShotModel:
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         missing = [k for k in ("bundle_dir", "state_dir") if not params.get(k)]
         if missing:
-            raise ConfigError(f"{config['name']}: config.pbtxt lacks the parameter(s) {', '.join(missing)}: "
-                             "write the repository with `fewshot export --triton-repo`")
+            raise ConfigError(
+                f"{config['name']}: config.pbtxt lacks the parameter(s) {', '.join(missing)}: "
+                "write the repository with `fewshot export --triton-repo`"
+            )
         threads = int(params.get("threads", "1"))
         torch.set_num_threads(threads)
         torch.set_num_interop_threads(1)
         root = Path(args["model_repository"]).parent  # relative paths in the config are read from the repository root
         self.limits = ServiceLimits.default()
         registry = Registry.load(root / params["bundle_dir"])
-        self.models = {name: open_bundle(b, "cpu", threads, SessionEngines(
-            {p.name: BlsSession(pb_utils, part_model_name(name, p.name), p.output) for p in family_of(b.manifest).parts}))
-            for name, b in registry.bundles.items()}
+        self.models = {
+            name: open_bundle(
+                b,
+                "cpu",
+                threads,
+                SessionEngines(
+                    {p.name: BlsSession(pb_utils, part_model_name(name, p.name), p.output) for p in family_of(b.manifest).parts}
+                ),
+            )
+            for name, b in registry.bundles.items()
+        }
         self.store = TaskStore(root / params["state_dir"])
 
     def execute(self, requests: list[Any]) -> list[Any]:
@@ -126,6 +140,12 @@ class _FewShotModel:
         """One request -> its output tensors by name; raises a ServiceError for bad input."""
         raise NotImplementedError
 
+    @overload
+    def _bytes(self, request: Any, name: str) -> list[bytes]: ...
+
+    @overload
+    def _bytes(self, request: Any, name: str, optional: bool) -> list[bytes] | None: ...
+
     def _bytes(self, request: Any, name: str, optional: bool = False) -> list[bytes] | None:
         tensor = self.pb.get_input_tensor_by_name(request, name)
         if tensor is None:
@@ -134,12 +154,24 @@ class _FewShotModel:
             raise InvalidRequest(f"input {name!r} is missing: send it as a BYTES tensor (docs/triton.md)")
         return [v if isinstance(v, bytes) else str(v).encode() for v in tensor.as_numpy().reshape(-1)]
 
+    @overload
+    def _strings(self, request: Any, name: str) -> list[str]: ...
+
+    @overload
+    def _strings(self, request: Any, name: str, optional: bool) -> list[str] | None: ...
+
     def _strings(self, request: Any, name: str, optional: bool = False) -> list[str] | None:
         values = self._bytes(request, name, optional)
         try:
             return None if values is None else [v.decode("utf-8") for v in values]
         except UnicodeDecodeError:
             raise InvalidRequest(f"input {name!r} is not UTF-8 text") from None
+
+    @overload
+    def _one(self, request: Any, name: str) -> str: ...
+
+    @overload
+    def _one(self, request: Any, name: str, optional: bool) -> str | None: ...
 
     def _one(self, request: Any, name: str, optional: bool = False) -> str | None:
         values = self._strings(request, name, optional)
@@ -158,8 +190,16 @@ class AdaptModel(_FewShotModel):
 
     def handle(self, request: Any) -> dict[str, np.ndarray]:
         support = support_of(self._strings(request, "labels"), self._bytes(request, "images"))
-        adapt = check_adapt(self.models, self.limits, self._one(request, "model"), self._one(request, "method", optional=True) or "",
-                            support, self._settings(request), 0, DEFAULT_TENANT)
+        adapt = check_adapt(
+            self.models,
+            self.limits,
+            self._one(request, "model"),
+            self._one(request, "method", optional=True) or "",
+            support,
+            self._settings(request),
+            0,
+            DEFAULT_TENANT,
+        )
         budget = CallBudget(self.limits.max_call_pixels)  # the per-call pixel cap; Triton bounds the time
         adapt.pixels = decode_pixels_for_model([item.image for item in support], adapt.model, self.limits.image, "support", budget)
         record, _, accuracy = adapt.run(adapt.model.spec.normalize(adapt.pixels))
@@ -186,9 +226,11 @@ class ClassifyModel(_FewShotModel):
     and answered by the service's own Classify handling (:mod:`fewshot.server.requests`)."""
 
     def handle(self, request: Any) -> dict[str, np.ndarray]:
-        message = pb.ClassifyRequest(task_id=self._one(request, "task_id") or "",
-                                     queries=[pb.Image(encoded=b) for b in self._bytes(request, "images")],
-                                     reject_unknown=bool(self._number(request, "reject_unknown")))
+        message = pb.ClassifyRequest(
+            task_id=self._one(request, "task_id") or "",
+            queries=[pb.Image(encoded=b) for b in self._bytes(request, "images")],
+            reject_unknown=bool(self._number(request, "reject_unknown")),
+        )
         for name in ("threshold", "target_recall"):
             value = self._number(request, name)
             if value is not None:
@@ -198,12 +240,16 @@ class ClassifyModel(_FewShotModel):
         budget = CallBudget(self.limits.max_call_pixels)
         logits = task.calibrated_logits(decode_for_model(list(message.queries), model, self.limits.image, "query", budget))
         response = classify_response(logits, record.labels, len(record.labels), task.open_set, rejection)
-        out = {"probabilities": np.array([p.probabilities for p in response.predictions], dtype=np.float32).reshape(len(logits), -1),
-               "labels": _strings_out(list(response.labels))}
+        out = {
+            "probabilities": np.array([p.probabilities for p in response.predictions], dtype=np.float32).reshape(len(logits), -1),
+            "labels": _strings_out(list(response.labels)),
+        }
         if rejection is not None:
-            out |= {"unknown": np.array([p.unknown for p in response.predictions], dtype=bool),
-                    "scores": np.array([p.score for p in response.predictions], dtype=np.float64),
-                    "threshold": np.array([response.predictions[0].threshold if response.predictions else np.nan])}
+            out |= {
+                "unknown": np.array([p.unknown for p in response.predictions], dtype=bool),
+                "scores": np.array([p.score for p in response.predictions], dtype=np.float64),
+                "threshold": np.array([response.predictions[0].threshold if response.predictions else np.nan]),
+            }
         return out
 
     def _number(self, request: Any, name: str) -> float | None:

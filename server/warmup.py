@@ -11,7 +11,7 @@ its port, so the first client call is served as fast as later ones (BENCHMARKS.m
 from __future__ import annotations
 
 import time
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 

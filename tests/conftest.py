@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from fewshot.models.data import load_omniglot
 from support import SHIPPED, SMALL
 
+from fewshot.models.data import load_omniglot
 
 torch.set_num_threads(2)
 
@@ -51,9 +50,27 @@ def server(exported, tmp_path_factory):
     from fewshot.tools.launch import ServerProcess, free_port
 
     metrics_port, http_port = free_port(), free_port()
-    proc = ServerProcess(exported[0], tmp_path_factory.mktemp("state"), *SMALL, "--max-message-mb", "4", "--max-image-mb", "1", "--max-support", "300",
-                         "--max-queries", "200", "--batch-delay-ms", "30", "--metrics-port", str(metrics_port),
-                         "--warmup-tasks", "1", "--http-port", str(http_port))
+    proc = ServerProcess(
+        exported[0],
+        tmp_path_factory.mktemp("state"),
+        *SMALL,
+        "--max-message-mb",
+        "4",
+        "--max-image-mb",
+        "1",
+        "--max-support",
+        "300",
+        "--max-queries",
+        "200",
+        "--batch-delay-ms",
+        "30",
+        "--metrics-port",
+        str(metrics_port),
+        "--warmup-tasks",
+        "1",
+        "--http-port",
+        str(http_port),
+    )
     proc.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
     proc.http_url = f"http://127.0.0.1:{http_port}"  # the HTTP/JSON API of the same process
     with proc:
@@ -66,8 +83,9 @@ def token_server(exported, tmp_path_factory):
     from fewshot.tools.launch import ServerProcess, free_port
 
     http_port = free_port()
-    with ServerProcess(exported[0], tmp_path_factory.mktemp("state-token"), *SMALL, "--token", "secret-token",
-                       "--http-port", str(http_port)) as proc:
+    with ServerProcess(
+        exported[0], tmp_path_factory.mktemp("state-token"), *SMALL, "--token", "secret-token", "--http-port", str(http_port)
+    ) as proc:
         proc.http_url = f"http://127.0.0.1:{http_port}"
         yield proc
 
@@ -78,9 +96,10 @@ def triton(exported, tmp_path_factory):
     on the python-backend variant of the repository built from the ``exported`` bundles, every model
     loaded, ``fewshot_adapt``/``fewshot_classify`` keeping tasks in ``triton.state_dir``. Skipped, with
     the reason, only where the binary cannot run."""
+    from fixtures.tritonserver import TritonProcess, TritonUnavailable
+
     from fewshot.export.registry import Registry
     from fewshot.export.triton import write_bundle_models
-    from fixtures.tritonserver import TritonProcess, TritonUnavailable
 
     repo, state = tmp_path_factory.mktemp("triton-python"), tmp_path_factory.mktemp("triton-state")
     for bundle in Registry.load(exported[0]).bundles.values():

@@ -28,7 +28,7 @@ OMNI = "omniglot-conv4-directsum"
 
 
 def _stream(target: str, chunks: int, chunk_mb: float) -> grpc.RpcError | None:
-    blob = np.random.default_rng(0).integers(0, 256, int(chunk_mb * 2 ** 20), dtype=np.uint8).tobytes()
+    blob = np.random.default_rng(0).integers(0, 256, int(chunk_mb * 2**20), dtype=np.uint8).tobytes()
 
     def messages():
         for k in range(chunks):
@@ -55,8 +55,9 @@ def test_concurrent_oversized_streams_share_one_body_budget(omni_bundles, tmp_pa
     process-wide budget of 96 MB; memory stays within the peak bound (docs/serving.md), and the idle process comes back
     within the bound's fixed overhead (``OVERHEAD_MB``) of its start-up size (CI measured 102 MB)."""
     budget_mb, streams, chunk_mb = 96, 6, 4.0
-    with ServerProcess(omni_bundles, tmp_path / "state", *SMALL, "--max-request-mb", "64",
-                       "--max-inflight-body-mb", str(budget_mb)) as proc:
+    with ServerProcess(
+        omni_bundles, tmp_path / "state", *SMALL, "--max-request-mb", "64", "--max-inflight-body-mb", str(budget_mb)
+    ) as proc:
         time.sleep(1)
         start = resident_mb(proc.pid)
         with ResidentMemory(proc.pid) as rss, ThreadPoolExecutor(streams) as pool:
@@ -78,16 +79,19 @@ def test_unary_and_http_bodies_are_charged_to_the_same_budget(omni_bundles, tmp_
     """With a 1 MB budget, a 0.6 MB Adapt (charged twice: bytes and parsed copy) and a 1.5 MB HTTP body are
     refused naming the flag; small calls pass."""
     port = free_port()
-    with ServerProcess(omni_bundles, tmp_path / "state", *SMALL, "--max-inflight-body-mb", "1",
-                       "--http-port", str(port)) as proc, grpc.insecure_channel(proc.target) as channel:
+    with (
+        ServerProcess(omni_bundles, tmp_path / "state", *SMALL, "--max-inflight-body-mb", "1", "--http-port", str(port)) as proc,
+        grpc.insecure_channel(proc.target) as channel,
+    ):
         stub = pb_grpc.FewShotStub(channel)
         big = pb.AdaptRequest(model=OMNI, support=[pb.LabelledImage(image=pb.Image(encoded=b"x" * 600_000), label="a")])
         with pytest.raises(grpc.RpcError) as err:
             stub.Adapt(big)
         assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "--max-inflight-body-mb" in err.value.details()
         assert stub.ListModels(pb.ListModelsRequest()).models
-        request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/tasks", data=b" " * 1_500_000, method="POST",
-                                         headers={"content-type": "application/json"})
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/v1/tasks", data=b" " * 1_500_000, method="POST", headers={"content-type": "application/json"}
+        )
         with pytest.raises(urllib.error.HTTPError) as http_err:
             urllib.request.urlopen(request, timeout=60)
         body = json.loads(http_err.value.read())
@@ -95,8 +99,11 @@ def test_unary_and_http_bodies_are_charged_to_the_same_budget(omni_bundles, tmp_
 
 
 def test_a_later_chunk_naming_another_model_or_method_is_invalid(server):
-    for first, later in [({"model": OMNI}, {"model": "another-model"}), ({"model": OMNI, "method": "centroid"},
-                                                                        {"method": "laplacianshot"})]:
+    for first, later in [
+        ({"model": OMNI}, {"model": "another-model"}),
+        ({"model": OMNI, "method": "centroid"}, {"method": "laplacianshot"}),
+    ]:
+
         def messages():
             yield pb.AdaptChunk(**first, support=[pb.LabelledImage(image=pb.Image(encoded=b"x"), label="a")])
             yield pb.AdaptChunk(**later, support=[pb.LabelledImage(image=pb.Image(encoded=b"y"), label="b")])
@@ -122,14 +129,20 @@ def test_memory_stays_within_its_peak_bound_under_sustained_concurrent_adapts(om
     supports = []
     for e in range(6):
         ep = sampler.episode(e)
-        supports.append(([pb.LabelledImage(image=pb.Image(encoded=png(omniglot_test.images[j])), label=f"c{c}")
-                          for j, c in zip(ep.support, ep.support_labels)], [pb.Image(encoded=png(omniglot_test.images[ep.query[0]]))]))
+        supports.append(
+            (
+                [
+                    pb.LabelledImage(image=pb.Image(encoded=png(omniglot_test.images[j])), label=f"c{c}")
+                    for j, c in zip(ep.support, ep.support_labels)
+                ],
+                [pb.Image(encoded=png(omniglot_test.images[ep.query[0]]))],
+            )
+        )
     with ServerProcess(omni_bundles, tmp_path / "state", *SMALL, "--cache-mb", str(cache_mb)) as proc:
         load = adapt_load(proc.target, proc.pid, OMNI, supports, clients, 30, tasks)
     warm, peak, samples = load["rss_after_warmup_mb"], load["rss_peak_mb"], load["samples"]
-    bound = peak_bound_mb(cache_mb=cache_mb, body_mb=clients * 2 * sum(len(s.SerializeToString()) for s in supports[0][0]) / 2 ** 20)
-    print(f"resident memory after warm-up {warm:.0f} MB, peak +{peak - warm:.0f} MB over {samples} samples "
-          f"(bound {bound:.0f} MB)")
+    bound = peak_bound_mb(cache_mb=cache_mb, body_mb=clients * 2 * sum(len(s.SerializeToString()) for s in supports[0][0]) / 2**20)
+    print(f"resident memory after warm-up {warm:.0f} MB, peak +{peak - warm:.0f} MB over {samples} samples (bound {bound:.0f} MB)")
     assert samples >= 20
     assert peak - warm <= bound, f"peak {peak - warm:.0f} MB over warm-up, bound {bound:.0f} MB"
 

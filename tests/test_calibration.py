@@ -5,8 +5,16 @@ import pytest
 import torch
 
 from fewshot.errors import ConfigError
-from fewshot.models.calibration import (ACCEPTANCE_LEVELS, SCORES, UNCALIBRATED, OpenSetCalibration, acceptance_thresholds,
-                                        calibration_for, expected_calibration_error, fit_temperature)
+from fewshot.models.calibration import (
+    ACCEPTANCE_LEVELS,
+    SCORES,
+    UNCALIBRATED,
+    OpenSetCalibration,
+    acceptance_thresholds,
+    calibration_for,
+    expected_calibration_error,
+    fit_temperature,
+)
 
 pytestmark = pytest.mark.unit
 

@@ -14,21 +14,33 @@ import grpc
 import grpc.aio
 import numpy as np
 import pytest
+from google.protobuf import struct_pb2
 from PIL import Image
 
 from fewshot.models.episodes import EpisodeSampler
-from fewshot_client import (AsyncFewShotClient, FewShotClient, InvalidArgument, NotFound, Prediction,
-                            ResourceExhausted, Unauthenticated, Unavailable, errors, to_image_proto)
-from fewshot_client.cli import main as cli_main
-from fewshot_client.messages import RetryPolicy, adapt_chunks, adapt_request
 from fewshot.models.preprocess import encode_png as png_bytes
 from fewshot.tools.launch import free_port as closed_port  # nothing listens on it
+from fewshot_client import (
+    AsyncFewShotClient,
+    FewShotClient,
+    InvalidArgument,
+    NotFound,
+    Prediction,
+    ResourceExhausted,
+    Unauthenticated,
+    Unavailable,
+    errors,
+    to_image_proto,
+)
+from fewshot_client.cli import main as cli_main
+from fewshot_client.messages import RetryPolicy, adapt_chunks, adapt_request
 
 OMNIGLOT = "omniglot-conv4-directsum"
 TINY = "tinyimagenet-conv4-sce-nca-directsum"
 
 
 # -- pure parts: image encoding -------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("shape", [(5, 7), (5, 7, 1), (5, 7, 3)])
 def test_uint8_array_round_trips_as_raw_tensor(shape):
@@ -82,21 +94,23 @@ def test_missing_file_raises_os_error(tmp_path):
 
 # -- pure parts: requests, chunks, errors, retry policy -------------------------------------------
 
+
 def test_adapt_request_checks_labels_and_sets_only_given_settings():
     images = [np.zeros((2, 2), np.uint8)] * 2
-    request = adapt_request(images, ["a", "b"], "m", None, None, 0.5, None)
-    assert request.settings.HasField("lambda") and not request.settings.HasField("inner_steps")
+    request = adapt_request(images, ["a", "b"], "m", None, {"lambda": 0.5}, None)
+    assert dict(request.settings.values) == {"lambda": struct_pb2.Value(number_value=0.5)}
+    assert adapt_request(images, ["a", "b"], "m", None, {"bn": "support"}, None).settings.values["bn"].string_value == "support"
     assert request.method == "" and request.ttl_seconds == 0 and [s.label for s in request.support] == ["a", "b"]
     with pytest.raises(ValueError, match="2 images but 1 labels"):
-        adapt_request(images, ["a"], "m", None, None, None, None)
+        adapt_request(images, ["a"], "m", None, {}, None)
     with pytest.raises(TypeError, match="labels must be strings"):
-        adapt_request(images, ["a", 1], "m", None, None, None, None)
+        adapt_request(images, ["a", 1], "m", None, {}, None)
 
 
 def test_adapt_chunks_are_bounded_and_carry_settings_first():
     rng = np.random.default_rng(3)
     images = [rng.integers(0, 256, (20, 20), dtype=np.uint8) for _ in range(10)]
-    request = adapt_request(images, [f"c{i % 3}" for i in range(10)], "m", "centroid", 2, 0.1, 60)
+    request = adapt_request(images, [f"c{i % 3}" for i in range(10)], "m", "centroid", {"inner_steps": 2, "lambda": 0.1}, 60)
     chunks = adapt_chunks(request, 500)
     assert len(chunks) == 10 and all(len(c.support) == 1 for c in chunks)
     assert (chunks[0].model, chunks[0].method, chunks[0].ttl_seconds) == ("m", "centroid", 60)
@@ -107,14 +121,21 @@ def test_adapt_chunks_are_bounded_and_carry_settings_first():
     assert len(adapt_chunks(request, 1 << 20)) == 1
 
 
-@pytest.mark.parametrize("code,cls", [
-    (grpc.StatusCode.INVALID_ARGUMENT, errors.InvalidArgument), (grpc.StatusCode.NOT_FOUND, errors.NotFound),
-    (grpc.StatusCode.RESOURCE_EXHAUSTED, errors.ResourceExhausted),
-    (grpc.StatusCode.UNAUTHENTICATED, errors.Unauthenticated), (grpc.StatusCode.UNAVAILABLE, errors.Unavailable),
-    (grpc.StatusCode.DEADLINE_EXCEEDED, errors.DeadlineExceeded), (grpc.StatusCode.INTERNAL, errors.ServiceError),
-    (grpc.StatusCode.FAILED_PRECONDITION, errors.FailedPrecondition), (grpc.StatusCode.ABORTED, errors.Aborted),
-    (grpc.StatusCode.UNKNOWN, errors.ServiceError),
-])
+@pytest.mark.parametrize(
+    "code,cls",
+    [
+        (grpc.StatusCode.INVALID_ARGUMENT, errors.InvalidArgument),
+        (grpc.StatusCode.NOT_FOUND, errors.NotFound),
+        (grpc.StatusCode.RESOURCE_EXHAUSTED, errors.ResourceExhausted),
+        (grpc.StatusCode.UNAUTHENTICATED, errors.Unauthenticated),
+        (grpc.StatusCode.UNAVAILABLE, errors.Unavailable),
+        (grpc.StatusCode.DEADLINE_EXCEEDED, errors.DeadlineExceeded),
+        (grpc.StatusCode.INTERNAL, errors.ServiceError),
+        (grpc.StatusCode.FAILED_PRECONDITION, errors.FailedPrecondition),
+        (grpc.StatusCode.ABORTED, errors.Aborted),
+        (grpc.StatusCode.UNKNOWN, errors.ServiceError),
+    ],
+)
 def test_rpc_errors_map_to_typed_exceptions(code, cls):
     rpc_error = grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details="what went wrong")
     error = errors.from_rpc_error(rpc_error)
@@ -135,6 +156,7 @@ def test_retry_policy_retries_only_unavailable_with_exponential_backoff():
 
 
 # -- no server: retries against a closed port, CLI usage and connection errors --------------------
+
 
 def test_closed_port_raises_unavailable_after_the_retries():
     client = FewShotClient(f"127.0.0.1:{closed_port()}", retries=3, backoff=0.05)
@@ -171,9 +193,9 @@ def test_cli_unreachable_server_is_one_error_line_exit_1():
 
 # -- against a real server ------------------------------------------------------------------------
 
+
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "fewshot_client.cli", *args], capture_output=True, text=True,
-                          timeout=120, check=False)
+    return subprocess.run([sys.executable, "-m", "fewshot_client.cli", *args], capture_output=True, text=True, timeout=120, check=False)
 
 
 @pytest.fixture(scope="module")
@@ -181,8 +203,12 @@ def episode(omniglot_test):
     """A real 5-way 1-shot Omniglot task: support (5, 28, 28, 1), labels, queries (25, 28, 28, 1), truth."""
     ep = EpisodeSampler(omniglot_test, 5, 1, 5, seed=3).episode(0)
     names = [f"char-{c}" for c in ep.classes]
-    return (omniglot_test.images[ep.support], [names[i] for i in ep.support_labels],
-            omniglot_test.images[ep.query], [names[i] for i in ep.query_labels])
+    return (
+        omniglot_test.images[ep.support],
+        [names[i] for i in ep.support_labels],
+        omniglot_test.images[ep.query],
+        [names[i] for i in ep.query_labels],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -238,14 +264,13 @@ def test_paths_bytes_pil_and_numpy_give_the_same_predictions(client, episode, tm
 def test_stream_gives_the_same_predictions_as_unary(client, server, episode):
     support, labels, queries, _ = episode
     unary = client.adapt(list(support), labels, OMNIGLOT, method="laplacianshot", lam=0.5, ttl_seconds=600)
-    streamed = client.adapt(list(support), labels, OMNIGLOT, method="laplacianshot", lam=0.5, ttl_seconds=600,
-                            stream=True)
+    streamed = client.adapt(list(support), labels, OMNIGLOT, method="laplacianshot", lam=0.5, ttl_seconds=600, stream=True)
     assert (streamed.labels, streamed.method) == (unary.labels, "laplacianshot")
     assert streamed.expires_at == pytest.approx(time.time() + 600, abs=60)
     assert_same(streamed.classify(list(queries)), unary.classify(list(queries)))
     # A tiny message limit makes the client stream on its own, one image per chunk.
     with FewShotClient(server.target, max_message_mb=0.004) as small:
-        request = adapt_request(list(support), labels, OMNIGLOT, None, None, None, None)
+        request = adapt_request(list(support), labels, OMNIGLOT, None, {}, None)
         assert len(adapt_chunks(request, int(0.004 * 2**20) // 4)) == 5
         chunked = small.adapt(list(support), labels, OMNIGLOT, method="laplacianshot", lam=0.5)
         with pytest.raises(ResourceExhausted):
@@ -258,11 +283,9 @@ def test_task_info_lookup_and_delete(client, episode):
     task = client.adapt(list(support), labels, OMNIGLOT, ttl_seconds=300)
     info = task.info()
     assert (info.task_id, info.model, info.method, info.labels) == (task.id, OMNIGLOT, task.method, task.labels)
-    assert info.support_size == 5 and info.created_at <= time.time() and info.expires_at == pytest.approx(
-        task.expires_at)
+    assert info.support_size == 5 and info.created_at <= time.time() and info.expires_at == pytest.approx(task.expires_at)
     again = client.task(task.id)
-    assert (again.id, again.labels, again.method, again.expires_at) == (task.id, task.labels, task.method,
-                                                                         task.expires_at)
+    assert (again.id, again.labels, again.method, again.expires_at) == (task.id, task.labels, task.method, task.expires_at)
     assert again.support_accuracy is None
     assert_same(again.classify(list(queries[:3])), task.classify(list(queries[:3])))
     assert task.delete() is True
@@ -318,9 +341,11 @@ def test_async_client_gives_the_same_predictions(client, server, episode):
         async with AsyncFewShotClient(server.target) as aclient:
             atask = await aclient.adapt(list(support), labels, OMNIGLOT)
             streamed = await aclient.adapt(list(support), labels, OMNIGLOT, stream=True)
-            results = await asyncio.gather(atask.classify(list(queries), top_k=2),
-                                           streamed.classify(list(queries), top_k=2),
-                                           aclient.classify(task.id, list(queries), top_k=2))
+            results = await asyncio.gather(
+                atask.classify(list(queries), top_k=2),
+                streamed.classify(list(queries), top_k=2),
+                aclient.classify(task.id, list(queries), top_k=2),
+            )
             info = await atask.info()
             looked_up = await aclient.task(atask.id)
             models = await aclient.models()
@@ -346,8 +371,9 @@ def test_cli_adapt_classify_models_delete(client, server, episode, tmp_path):
     query_paths = as_form(queries[:6], "paths", tmp_path / "queries")
     target = ["--target", server.target]
 
-    adapted = run_cli(*target, "adapt", "--model", OMNIGLOT, "--support", str(root), "--method", "laplacianshot",
-                      "--lam", "0.5", "--ttl", "600")
+    adapted = run_cli(
+        *target, "adapt", "--model", OMNIGLOT, "--support", str(root), "--method", "laplacianshot", "--lam", "0.5", "--ttl", "600"
+    )
     assert adapted.returncode == 0, adapted.stderr
     task_id = adapted.stdout.strip()
     assert adapted.stdout == task_id + "\n" and len(task_id) == 32

@@ -24,8 +24,10 @@ NAMES = ["alpha", "beta", "gamma", "delta", "epsilon"]
 @pytest.fixture(scope="module")
 def browser():
     if CHROMIUM is None or DRIVER is None:
-        pytest.fail("chromium and chromium-driver are not installed: `make test` installs them (apt-get install "
-                    "chromium chromium-driver); install them or run the tests through make")
+        pytest.fail(
+            "chromium and chromium-driver are not installed: `make test` installs them (apt-get install "
+            "chromium chromium-driver); install them or run the tests through make"
+        )
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
@@ -63,7 +65,9 @@ def test_the_console_adapts_a_5_way_task_and_shows_the_sdks_label(server, browse
         box = browser.find_element(By.CSS_SELECTOR, f'.class[data-name="{name}"]')
         box.find_element(By.CSS_SELECTOR, "input[type=file]").send_keys("\n".join(files[name]))
     wait.until(ready.element_to_be_clickable((By.ID, "adapt"))).click()
-    status = wait.until(lambda d: d.find_element(By.ID, "adapt-status").get_attribute("data-task") and d.find_element(By.ID, "adapt-status"))
+    status = wait.until(
+        lambda d: d.find_element(By.ID, "adapt-status").get_attribute("data-task") and d.find_element(By.ID, "adapt-status")
+    )
     task_id = status.get_attribute("data-task")
     browser.find_element(By.ID, "query-files").send_keys(str(query))
     wait.until(ready.element_to_be_clickable((By.ID, "classify"))).click()

@@ -62,8 +62,10 @@ def test_normalize_gives_the_torch_formulas_values_bit_for_bit(omniglot_test):
     from fewshot.models.preprocess import InputSpec
 
     rng = np.random.default_rng(0)
-    for spec, images in ((InputSpec.for_dataset("omniglot"), omniglot_test.images[:500]),
-                         (InputSpec.for_dataset("tinyimagenet"), rng.integers(0, 256, (200, 64, 64, 3), dtype=np.uint8))):
+    for spec, images in (
+        (InputSpec.for_dataset("omniglot"), omniglot_test.images[:500]),
+        (InputSpec.for_dataset("tinyimagenet"), rng.integers(0, 256, (200, 64, 64, 3), dtype=np.uint8)),
+    ):
         x = torch.as_tensor(images).permute(0, 3, 1, 2).float().div_(255.0)
         expected = (x - torch.tensor(spec.mean).view(1, -1, 1, 1)) / torch.tensor(spec.std).view(1, -1, 1, 1)
         got = spec.normalize(images)

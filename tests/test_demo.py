@@ -31,8 +31,13 @@ def test_demo_serves_every_flagship_row_and_matches_fewshot_eval(exported):
     manifests = {b.name: b.manifest for b in Registry.load(bundles).bundles.values()}
     methods = {name: methods_of(manifests[name]) for name in DEMO_MODELS}
     ways = {r[0]: int(r[1]) for r in rows}
-    figures = {(n, k, m) for n, ms in methods.items() for m in ms for k in (1, 5)
-               if family_of(manifests[n]).accuracy_key(manifests[n], ways.get(n, 5), k, m) in manifests[n]["accuracy"]}
+    figures = {
+        (n, k, m)
+        for n, ms in methods.items()
+        for m in ms
+        for k in (1, 5)
+        if family_of(manifests[n]).accuracy_key(manifests[n], ways.get(n, 5), k, m) in manifests[n]["accuracy"]
+    }
     assert {r[0] for r in rows} == set(DEMO_MODELS), out
     assert sorted((r[0], int(r[2]), r[3]) for r in rows) == sorted(figures), out
     assert all(len(methods[n]) >= 3 for n in DEMO_MODELS[:2]), methods  # the metric flagships: centroid, laplacianshot, logreg
@@ -43,6 +48,23 @@ def test_demo_serves_every_flagship_row_and_matches_fewshot_eval(exported):
         if method != "centroid" and method != "inner_loop":
             continue
         head = [] if method == "inner_loop" else ["--head", method]
-        measured = json.loads(_fewshot("eval", "--model", name, "--ways", ways, "--shots", shots, "--queries", "15",
-                                       "--tasks", str(TASKS), "--seed", "0", *head, "--json").splitlines()[-1])
+        measured = json.loads(
+            _fewshot(
+                "eval",
+                "--model",
+                name,
+                "--ways",
+                ways,
+                "--shots",
+                shots,
+                "--queries",
+                "15",
+                "--tasks",
+                str(TASKS),
+                "--seed",
+                "0",
+                *head,
+                "--json",
+            ).splitlines()[-1]
+        )
         assert abs(measured["accuracy"] - float(accuracy)) < 0.01, (name, shots, method, measured, accuracy)

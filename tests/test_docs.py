@@ -18,8 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 DOCS = sorted((ROOT / "docs").glob("*.md"))
 #: Every markdown file whose relative links are checked.
-LINKED = [README, *DOCS, ROOT / "RESULTS.md", ROOT / "BENCHMARKS.md", ROOT / "clients/python/README.md",
-          ROOT / "deploy/k8s/README.md"]
+LINKED = [README, *DOCS, ROOT / "RESULTS.md", ROOT / "BENCHMARKS.md", ROOT / "clients/python/README.md", ROOT / "deploy/k8s/README.md"]
 #: Where the measured figures live: the docs quote them from here.
 SOURCES = [ROOT / "RESULTS.md", ROOT / "BENCHMARKS.md"]
 
@@ -34,8 +33,10 @@ RUN_BY = {
     ("README.md", "# Python SDK"): ("tests/test_docs.py", "test_the_readme_python_example_runs_as_written"),
     ("README.md", "# HTTP/JSON API"): ("tests/test_http.py", "test_the_readme_curl_examples_run_as_written"),
     ("docs/training.md", "# Use your own images"): ("tests/test_folders.py", "readme_run"),
-    ("docs/bundles.md", "# Use your own backbone"): ("tests/test_import.py",
-                                                     "test_readme_block_imports_with_sample_and_validation_folders"),
+    ("docs/bundles.md", "# Use your own backbone"): (
+        "tests/test_import.py",
+        "test_readme_block_imports_with_sample_and_validation_folders",
+    ),
 }
 #: Fences of command blocks: ``bash`` is run by a test (RUN_BY), ``console`` is shown, not run.
 SHELL_FENCES = {"bash", "sh", "shell", "zsh", "console", "shell-session"}
@@ -60,22 +61,21 @@ NOT_QUOTED = {
     ("methods.md", "the 1e-6 relative"): "LaplacianShot's stopping tolerance, a constant",
     ("methods.md", "+-1.37"): "the 95% interval of the 200 validation tasks whose two means RESULTS.md quotes",
     ("triton.md", "(2.51, python backend only)"): "a version of tritonserver",
-    ("training.md", "2.5x faster than float32"): "measured once when bf16 autocast was added (commit 0f72f43); "
-                                                  "no command kept",
-    ("dependencies.md", "about 8x faster than torch eager"): "measured once when ONNX Runtime was chosen "
-                                                             "(commit 1e2f5bc); no command kept",
+    ("training.md", "2.5x faster than float32"): "measured once when bf16 autocast was added (commit 0f72f43); no command kept",
+    ("dependencies.md", "about 8x faster than torch eager"): "measured once when ONNX Runtime was chosen (commit 1e2f5bc); no command kept",
     ("dependencies.md", "2-15x faster per image"): "measured when pyspng was added (commit de030ea); "
-                                                  "BENCHMARKS.md's decode rows are the kept measurement",
-    ("dependencies.md", "made it 20-50x slower"): "measured once when threadpoolctl was added (commit 70a4238); "
-                                                 "no command kept",
+    "BENCHMARKS.md's decode rows are the kept measurement",
+    ("dependencies.md", "made it 20-50x slower"): "measured once when threadpoolctl was added (commit 70a4238); no command kept",
 }
 
 FENCE = re.compile(r"^(?P<fence>`{3,})(?P<lang>[^\n`]*)\n(?P<body>.*?)^(?P=fence)[ \t]*$", re.S | re.M)
 LINK = re.compile(r"!?\[(?P<text>[^\]]*)\]\((?P<target>[^)\s]+)(?:\s+\"[^\"]*\")?\)")
 HEADING = re.compile(r"^(#{1,6})[ \t]+(.+?)[ \t]*#*[ \t]*$", re.M)
 #: A figure: a number, then maybe a unit. Version numbers (x.y.z) are not figures.
-FIGURE = re.compile(r"(?<![\w.])(?P<sign>\+-|[+-])?(?P<n>\d[\d,]*(?:\.\d+)?(?:e-?\d+)?)(?![\d.]*\.\d)"
-                    r"(?P<unit>x\b|%|\s?(?:MB|GB|KB)\b)?")
+FIGURE = re.compile(
+    r"(?<![\w.])(?P<sign>\+-|[+-])?(?P<n>\d[\d,]*(?:\.\d+)?(?:e-?\d+)?)(?![\d.]*\.\d)"
+    r"(?P<unit>x\b|%|\s?(?:MB|GB|KB)\b)?"
+)
 
 
 def _rel(path: Path) -> str:
@@ -91,7 +91,7 @@ def _without_code(text: str) -> str:
 def _blocks(path: Path) -> list[tuple[str, str, str]]:
     """``(language, body, the text before the block)`` of every fenced block."""
     text = path.read_text()
-    return [(m.group("lang").strip(), m.group("body"), text[:m.start()]) for m in FENCE.finditer(text)]
+    return [(m.group("lang").strip(), m.group("body"), text[: m.start()]) for m in FENCE.finditer(text)]
 
 
 def slug(heading: str) -> str:
@@ -114,17 +114,19 @@ def anchors(path: Path) -> set[str]:
 
 
 def relative_links(path: Path) -> list[str]:
-    return [m.group("target") for m in LINK.finditer(_without_code(path.read_text()))
-            if not re.match(r"[a-z][a-z0-9+.-]*:", m.group("target"))]  # http:, https:, mailto: ...
+    return [
+        m.group("target") for m in LINK.finditer(_without_code(path.read_text())) if not re.match(r"[a-z][a-z0-9+.-]*:", m.group("target"))
+    ]  # http:, https:, mailto: ...
 
 
 @unit
 def test_slugs_follow_githubs_rules():
     assert slug("Replicas on several hosts: `--store postgresql://...`") == "replicas-on-several-hosts---store-postgresql"
-    assert slug("Resident memory per cached task (`scripts/task_memory.py`)") == \
-        "resident-memory-per-cached-task-scriptstask_memorypy"
-    assert slug("Pre-train, then meta-train: the shipped inner-loop models (issue 33)") == \
-        "pre-train-then-meta-train-the-shipped-inner-loop-models-issue-33"
+    assert slug("Resident memory per cached task (`scripts/task_memory.py`)") == "resident-memory-per-cached-task-scriptstask_memorypy"
+    assert (
+        slug("Pre-train, then meta-train: the shipped inner-loop models (issue 33)")
+        == "pre-train-then-meta-train-the-shipped-inner-loop-models-issue-33"
+    )
 
 
 @unit
@@ -170,12 +172,15 @@ def test_every_command_block_is_run_by_a_test_or_marked_as_not_run():
             elif lang == "console":
                 lead = " ".join(before.rstrip().rsplit("\n\n", 1)[-1].split())
                 if not NOT_RUN.search(lead):
-                    problems.append(f"{_rel(path)}: the ```console block {first!r} needs a sentence before it saying "
-                                    "why it is shown, not run")
+                    problems.append(
+                        f"{_rel(path)}: the ```console block {first!r} needs a sentence before it saying why it is shown, not run"
+                    )
             elif lang in SHELL_FENCES:
-                problems.append(f"{_rel(path)}: ```{lang} block {first!r} is run by no test: add it to RUN_BY (a "
-                                "comment as its first line, and a test that runs it) or make it ```console with a "
-                                "sentence saying why it is not run")
+                problems.append(
+                    f"{_rel(path)}: ```{lang} block {first!r} is run by no test: add it to RUN_BY (a "
+                    "comment as its first line, and a test that runs it) or make it ```console with a "
+                    "sentence saying why it is not run"
+                )
     problems += [f"{file}: no block starts with {first!r} (RUN_BY)" for file, first in set(RUN_BY) - found]
     assert not problems, "\n".join(problems)
 
@@ -189,8 +194,11 @@ def test_the_test_of_each_runnable_block_greps_it_from_its_file(key):
     source = _function_source(ROOT / test_file, name)
     assert f'"{file}"' in source, f"{test_file}::{name} does not read {file}"
     text = (ROOT / file).read_text()
-    patterns = [c.value for c in ast.walk(ast.parse(source)) if isinstance(c, ast.Constant)
-                and isinstance(c.value, str) and c.value.startswith("```")]
+    patterns = [
+        c.value
+        for c in ast.walk(ast.parse(source))
+        if isinstance(c, ast.Constant) and isinstance(c.value, str) and c.value.startswith("```")
+    ]
     hits = [m for p in patterns if (m := re.search(p, text, re.S))]
     assert hits and hits[0].group(1).startswith(first), f"{test_file}::{name} has no pattern that finds {first!r}"
 
@@ -213,7 +221,7 @@ def _figures(path: Path) -> list[tuple[str, int]]:
 
 def _quoted(figure: str, sources: str) -> bool:
     n = re.match(r"[\d,.e-]+", figure).group(0).replace(",", "")
-    unit = figure[len(re.match(r"[\d,.e-]+", figure).group(0)):].strip()
+    unit = figure[len(re.match(r"[\d,.e-]+", figure).group(0)) :].strip()
     number = re.escape(n) + r"(?![\d]|\.\d)"
     if unit:
         number += r"\s?" + re.escape(unit) + (r"(?!\w)" if unit[-1].isalnum() else "")
@@ -238,9 +246,10 @@ def test_every_figure_in_the_docs_is_quoted_from_results_or_benchmarks():
                 continue
             line = text.count("\n", 0, at) + 1
             unquoted.append(f"{_rel(path)}:{line}: {figure}")
-    assert not unquoted, ("figures in the docs that neither RESULTS.md nor BENCHMARKS.md holds (quote them from "
-                          "there, or move the measurement there with its command, machine and date):\n"
-                          + "\n".join(unquoted))
+    assert not unquoted, (
+        "figures in the docs that neither RESULTS.md nor BENCHMARKS.md holds (quote them from "
+        "there, or move the measurement there with its command, machine and date):\n" + "\n".join(unquoted)
+    )
     assert used == set(NOT_QUOTED), f"NOT_QUOTED entries for files that are gone: {set(NOT_QUOTED) - used}"
 
 
@@ -258,8 +267,9 @@ def test_the_readme_python_example_runs_as_written(server, omniglot_test, tmp_pa
             (tmp_path / name).write_bytes(encode_png(omniglot_test.images[index]))
     (tmp_path / "q.png").write_bytes(encode_png(omniglot_test.images[ep.query[0]]))
     assert '"127.0.0.1:50051"' in block
-    run = subprocess.run([sys.executable, "-c", block.replace("127.0.0.1:50051", server.target)], cwd=tmp_path,
-                         capture_output=True, text=True, timeout=120)
+    run = subprocess.run(
+        [sys.executable, "-c", block.replace("127.0.0.1:50051", server.target)], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
     assert run.returncode == 0, run.stderr
     label, score, scores = run.stdout.strip().split(" ", 2)
     assert label in ("cat", "dog") and 0 < float(score) <= 1

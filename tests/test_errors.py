@@ -15,7 +15,15 @@ from fewshot.errors import FewShotError
 pytestmark = pytest.mark.unit
 
 
-PACKAGES = ("fewshot", "fewshot.tools", "fewshot.models", "fewshot.models.heads", "fewshot.models.inner_loop", "fewshot.export", "fewshot.server")
+PACKAGES = (
+    "fewshot",
+    "fewshot.tools",
+    "fewshot.models",
+    "fewshot.models.heads",
+    "fewshot.models.inner_loop",
+    "fewshot.export",
+    "fewshot.server",
+)
 
 
 def _modules():
@@ -28,8 +36,12 @@ def _modules():
 
 
 def test_every_error_class_has_the_one_root():
-    classes = {cls for module in _modules() for _, cls in inspect.getmembers(module, inspect.isclass)
-               if issubclass(cls, BaseException) and cls.__module__.startswith("fewshot.")}
+    classes = {
+        cls
+        for module in _modules()
+        for _, cls in inspect.getmembers(module, inspect.isclass)
+        if issubclass(cls, BaseException) and cls.__module__.startswith("fewshot.")
+    }
     assert len(classes) >= 20
     assert [c.__qualname__ for c in classes if not issubclass(c, FewShotError)] == []
     assert all(c.__doc__ for c in classes), [c.__qualname__ for c in classes if not c.__doc__]

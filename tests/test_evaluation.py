@@ -31,8 +31,12 @@ def test_same_seed_same_numbers(omniglot_model, omniglot_test):
 
 
 def test_torch_and_onnxruntime_backends_agree(omniglot_model, omniglot_test):
-    res = [evaluate(open_shipped(omniglot_model, b, "cpu").adapter("centroid"), omniglot_test,
-                    omniglot_model.spec.normalize, 5, 1, 15, 20, seed=0) for b in ("torch", "onnxruntime")]
+    res = [
+        evaluate(
+            open_shipped(omniglot_model, b, "cpu").adapter("centroid"), omniglot_test, omniglot_model.spec.normalize, 5, 1, 15, 20, seed=0
+        )
+        for b in ("torch", "onnxruntime")
+    ]
     assert res[0].per_task == res[1].per_task
 
 
@@ -42,8 +46,22 @@ def _fewshot(*args: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize("head", ["centroid", "laplacianshot"])
 def test_eval_cli_prints_one_json_object(head):
-    proc = _fewshot("eval", "--model", "omniglot-conv4-directsum", "--dataset", "omniglot", "--ways", "5", "--shots", "1",
-                    "--tasks", "20", "--head", head, "--json")
+    proc = _fewshot(
+        "eval",
+        "--model",
+        "omniglot-conv4-directsum",
+        "--dataset",
+        "omniglot",
+        "--ways",
+        "5",
+        "--shots",
+        "1",
+        "--tasks",
+        "20",
+        "--head",
+        head,
+        "--json",
+    )
     assert proc.returncode == 0, proc.stderr
     row = json.loads(proc.stdout)
     for key in ("model", "dataset", "ways", "shots", "head", "tasks", "accuracy", "ci95", "seconds"):

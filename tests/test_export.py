@@ -6,6 +6,7 @@ import shutil
 import onnx
 import pytest
 import torch
+from support import SHIPPED
 
 from fewshot.export.loader import bundle_adapter
 from fewshot.export.registry import BundleError, Registry, load_bundle
@@ -13,8 +14,6 @@ from fewshot.models.data import load_dataset
 from fewshot.models.episodes import EpisodeSampler
 from fewshot.models.family import family_of, methods_of, open_shipped
 from fewshot.models.zoo import load_model
-
-from support import SHIPPED
 
 
 @pytest.mark.parametrize("name", SHIPPED)
@@ -144,18 +143,27 @@ def test_python_backend_variant_serves_the_same_models_and_the_few_shot_pair(exp
         if name.startswith("fewshot_"):
             continue
         _check_onnx_model(folder, config)
-    string, optional = model_config_pb2.TYPE_STRING, {"method"}
+    string, optional = model_config_pb2.TYPE_STRING, {"method", "settings"}
     adapt, classify = _parse_config(folders["fewshot_adapt"]), _parse_config(folders["fewshot_classify"])
     assert [(t.name, t.data_type, list(t.dims), t.optional) for t in adapt.input] == [
-        (n, string, d, n in optional) for n, d in (("model", [1]), ("labels", [-1]), ("images", [-1]), ("method", [1]))]
+        (n, string, d, n in optional) for n, d in (("model", [1]), ("labels", [-1]), ("images", [-1]), ("method", [1]), ("settings", [1]))
+    ]
     assert [(t.name, t.data_type, list(t.dims)) for t in adapt.output] == [("task_id", string, [1]), ("labels", string, [-1])]
     fp64, boolean = model_config_pb2.TYPE_FP64, model_config_pb2.TYPE_BOOL
     assert [(t.name, t.data_type, list(t.dims), t.optional) for t in classify.input] == [
-        ("task_id", string, [1], False), ("images", string, [-1], False), ("reject_unknown", boolean, [1], True),
-        ("threshold", fp64, [1], True), ("target_recall", fp64, [1], True)]
+        ("task_id", string, [1], False),
+        ("images", string, [-1], False),
+        ("reject_unknown", boolean, [1], True),
+        ("threshold", fp64, [1], True),
+        ("target_recall", fp64, [1], True),
+    ]
     assert [(t.name, t.data_type, list(t.dims)) for t in classify.output] == [
-        ("probabilities", model_config_pb2.TYPE_FP32, [-1, -1]), ("labels", string, [-1]), ("unknown", boolean, [-1]),
-        ("scores", fp64, [-1]), ("threshold", fp64, [1])]
+        ("probabilities", model_config_pb2.TYPE_FP32, [-1, -1]),
+        ("labels", string, [-1]),
+        ("unknown", boolean, [-1]),
+        ("scores", fp64, [-1]),
+        ("threshold", fp64, [1]),
+    ]
     for config in (adapt, classify):
         assert config.max_batch_size == 0
         assert config.parameters["bundle_dir"].string_value == str(out.resolve())
@@ -169,8 +177,24 @@ def test_export_command_writes_the_python_variant_with_the_few_shot_pair(tmp_pat
     from fewshot.cli import main
 
     name = "omniglot-conv4-directsum"
-    assert main(["export", "--model", name, "--out", str(tmp_path / "bundles"), "--triton-repo", str(tmp_path / "repo"),
-                 "--triton-backend", "python", "--triton-state-dir", str(tmp_path / "state")]) == 0
+    assert (
+        main(
+            [
+                "export",
+                "--model",
+                name,
+                "--out",
+                str(tmp_path / "bundles"),
+                "--triton-repo",
+                str(tmp_path / "repo"),
+                "--triton-backend",
+                "python",
+                "--triton-state-dir",
+                str(tmp_path / "state"),
+            ]
+        )
+        == 0
+    )
     assert sorted(p.name for p in (tmp_path / "repo").iterdir()) == ["fewshot_adapt", "fewshot_classify", f"{name}_backbone"]
     assert _parse_config(tmp_path / "repo" / f"{name}_backbone").backend == "python"
     assert _parse_config(tmp_path / "repo" / "fewshot_adapt").parameters["state_dir"].string_value == str(tmp_path / "state")

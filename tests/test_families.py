@@ -20,13 +20,19 @@ from fewshot.server.state import dump_task, load_task
 
 pytestmark = pytest.mark.unit
 
-MANIFEST = {"name": "toy", "family": "metric", "feature_dim": 8, "default_head": "centroid",
-            "input": {"channels": 1, "size": 2, "mean": [0.0], "std": [1.0], "resize": "bilinear",
-                      "value_range": [0, 255], "layout": "NCHW"},
-            "limits": {"max_ways": 10, "max_shots": 5},
-            "heads": {"centroid": {"transform": "L2N"},
-                      "laplacianshot": {"transform": "L2N", "knn": 3, "lambda": {"1": 0.5, "5": 0.1}, "rectify": False},
-                      "logreg": {"transform": "L2N", "weight_decay": {"1": 0.1, "5": 0.01}, "steps": 50}}}
+MANIFEST = {
+    "name": "toy",
+    "family": "metric",
+    "feature_dim": 8,
+    "default_head": "centroid",
+    "input": {"channels": 1, "size": 2, "mean": [0.0], "std": [1.0], "resize": "bilinear", "value_range": [0, 255], "layout": "NCHW"},
+    "limits": {"max_ways": 10, "max_shots": 5},
+    "heads": {
+        "centroid": {"transform": "L2N"},
+        "laplacianshot": {"transform": "L2N", "knn": 3, "lambda": {"1": 0.5, "5": 0.1}, "rectify": False},
+        "logreg": {"transform": "L2N", "weight_decay": {"1": 0.1, "5": 0.01}, "steps": 50},
+    },
+}
 
 
 def _toy(manifest: dict = MANIFEST) -> MetricFamily:
@@ -141,7 +147,7 @@ def test_a_new_head_is_one_class_and_then_works_through_the_family():
             self.transform = transform
 
         @classmethod
-        def from_card(cls, cfg: dict[str, Any], shots: int, center, **settings: Any) -> "NearestNeighbourHead":
+        def from_card(cls, cfg: dict[str, Any], shots: int, center, **settings: Any) -> NearestNeighbourHead:
             return cls(settings.get("transform") or cfg.get("transform", "UN"))
 
         @classmethod
@@ -172,8 +178,10 @@ def test_a_task_carries_its_methods_calibration_through_storage(method):
     from fewshot.models.calibration import OpenSetCalibration
 
     cal = OpenSetCalibration(0.25, "energy", {0.5: -1.0, 0.95: -2.0})
-    manifest = {**MANIFEST, "open_set": {"methods": {method: {"by_shots": {"1": {"temperature": 1.0, "score": "max_logit"},
-                                                                             "5": cal.to_dict()}}}}}
+    manifest = {
+        **MANIFEST,
+        "open_set": {"methods": {method: {"by_shots": {"1": {"temperature": 1.0, "score": "max_logit"}, "5": cal.to_dict()}}}},
+    }
     model = _toy(manifest)
     support, labels, query, _ = _task_data(shots=4)
     task = model.adapter(method, shots=4).adapt(support, labels)

@@ -117,10 +117,15 @@ def test_cli_says_in_one_line_what_is_wrong(tmp_path):
 
 
 #: The block's budgets, made small enough for the test tier (each must be in docs/training.md as written).
-TEST_BUDGETS = {"--image-size 84": "--image-size 32", "--epochs 30": "--epochs 12", "--width 64": "--width 32",
-                "--iterations 3000": "--iterations 40 --first-order", "--val-every 500": "--val-every 40",
-                "fewshot package --run runs/my-photos --name": "fewshot package --tune-tasks 20 --calibration-tasks 20 --run runs/my-photos --name",
-                "fewshot package --run runs/my-photos-maml --name": "fewshot package --calibration-tasks 20 --run runs/my-photos-maml --name"}
+TEST_BUDGETS = {
+    "--image-size 84": "--image-size 32",
+    "--epochs 30": "--epochs 12",
+    "--width 64": "--width 32",
+    "--iterations 3000": "--iterations 40 --first-order",
+    "--val-every 500": "--val-every 40",
+    "fewshot package --run runs/my-photos --name": "fewshot package --tune-tasks 20 --calibration-tasks 20 --run runs/my-photos --name",
+    "fewshot package --run runs/my-photos-maml --name": "fewshot package --calibration-tasks 20 --run runs/my-photos-maml --name",
+}
 
 
 @pytest.fixture(scope="module")
@@ -131,8 +136,7 @@ def readme_run(photos):
         assert old in block, f"docs/training.md block lost {old!r}"
         block = block.replace(old, new)
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    run = subprocess.run(["bash", "-euo", "pipefail", "-c", block], cwd=photos.parent, capture_output=True, text=True,
-                         timeout=900, env=env)
+    run = subprocess.run(["bash", "-euo", "pipefail", "-c", block], cwd=photos.parent, capture_output=True, text=True, timeout=900, env=env)
     assert run.returncode == 0, run.stderr[-3000:]
     return photos.parent, run.stdout
 
@@ -154,11 +158,10 @@ def test_readme_block_trains_packages_and_evaluates_on_the_folder(readme_run, ph
 
 @pytest.mark.parametrize("model", ["my-photos", "my-photos-maml"])
 def test_served_answers_on_the_folder_equal_the_bundle_in_process(readme_run, photos, model, tmp_path):
-    from fewshot_client import FewShotClient
-
     from fewshot.export.loader import open_bundle
     from fewshot.export.registry import load_bundle
     from fewshot.tools.launch import ServerProcess
+    from fewshot_client import FewShotClient
 
     work, _ = readme_run
     bundle = load_bundle(work / "bundles" / model)

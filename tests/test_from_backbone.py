@@ -4,7 +4,6 @@ backbone, zero inner steps answer as its nearest centroid, frozen statistics kee
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from fewshot.errors import ConfigError
 from fewshot.models.data import dataset_spec, load_dataset
@@ -22,8 +21,18 @@ BACKBONES = {"omniglot": "omniglot-conv4-directsum", "tinyimagenet": "tinyimagen
 
 
 def _learner(dataset: str, method: str = "cxgrad", adapt_from: int = 3, shots: int = 1):
-    cfg = MetaTrainConfig(method=method, dataset=dataset, ways=5, shots=shots, bn_train="support", head_init="centroid",
-                          init_backbone=BACKBONES[dataset], adapt_from=adapt_from, alpha=0.1, head_alpha=1.0)
+    cfg = MetaTrainConfig(
+        method=method,
+        dataset=dataset,
+        ways=5,
+        shots=shots,
+        bn_train="support",
+        head_init="centroid",
+        init_backbone=BACKBONES[dataset],
+        adapt_from=adapt_from,
+        alpha=0.1,
+        head_alpha=1.0,
+    )
     spec = dataset_spec(dataset)
     net, rule = build_learner(cfg, spec)
     backbone = load_model(BACKBONES[dataset])
@@ -41,8 +50,12 @@ def dataset(request):
 def episode(dataset):
     spec, test = dataset_spec(dataset), load_dataset(dataset, "test")
     ep = EpisodeSampler(test, 5, 2, 6, seed=3).episode(0)
-    return (spec.normalize(test.images[ep.support]), torch.as_tensor(ep.support_labels),
-            spec.normalize(test.images[ep.query]), torch.as_tensor(ep.query_labels))
+    return (
+        spec.normalize(test.images[ep.support]),
+        torch.as_tensor(ep.support_labels),
+        spec.normalize(test.images[ep.query]),
+        torch.as_tensor(ep.query_labels),
+    )
 
 
 def test_the_network_computes_the_backbones_features_and_stem_plus_tail_is_the_whole(dataset, episode):
@@ -65,7 +78,7 @@ def test_zero_inner_steps_answer_as_the_metric_paths_nearest_centroid(dataset, e
         logits = net.forward(centroid_head(net, params, xs, ys), xq)
         f = backbone.backbone.features(torch.cat([xs, xq]))
     head = CentroidHead(backbone.card.heads["centroid"]["transform"], backbone.center)
-    metric = head.fit(f[: len(xs)], ys).logits(f[len(xs):])
+    metric = head.fit(f[: len(xs)], ys).logits(f[len(xs) :])
     assert torch.equal(logits.argmax(1), metric.argmax(1))
     # the same ranking at temperature tau: logits = tau * metric + a constant per query
     tau = params["head.log_scale"].exp()
@@ -151,15 +164,13 @@ def test_an_adapter_from_a_backbone_adapts_through_its_stem_and_classifies(episo
 
 
 def test_options_that_need_a_backbone_are_refused_in_one_line():
-    for kwargs in ({"adapt_from": 3}, {"head_init": "centroid"},
-                   {"init_backbone": "omniglot-conv4-directsum", "bn_train": "transductive"}):
+    for kwargs in ({"adapt_from": 3}, {"head_init": "centroid"}, {"init_backbone": "omniglot-conv4-directsum", "bn_train": "transductive"}):
         with pytest.raises(ConfigError):
             MetaTrainConfig(method="maml", dataset="omniglot", bn_train=kwargs.pop("bn_train", "support"), **kwargs)
     with pytest.raises(ConfigError):
         MetaConv4(1, 8, 28, 5, adapt_from=2)  # a fixed stem needs frozen statistics
     with pytest.raises(ConfigError, match="width"):
-        cfg = MetaTrainConfig(method="maml", dataset="omniglot", bn_train="support", width=32,
-                              init_backbone="omniglot-conv4-directsum")
+        cfg = MetaTrainConfig(method="maml", dataset="omniglot", bn_train="support", width=32, init_backbone="omniglot-conv4-directsum")
         build_learner(cfg, dataset_spec("omniglot"))
     net = MetaConv4(1, 8, 28, 5)
     with pytest.raises(ConfigError, match="transformed"):

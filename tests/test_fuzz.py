@@ -31,8 +31,9 @@ LIMITS = ImageLimits(max_bytes=1 << 20, max_pixels=1 << 20)
 
 
 def fuzz(examples: int):
-    return settings(max_examples=examples * SCALE, deadline=None, derandomize=SCALE == 1, database=None,
-                    suppress_health_check=list(HealthCheck))
+    return settings(
+        max_examples=examples * SCALE, deadline=None, derandomize=SCALE == 1, database=None, suppress_health_check=list(HealthCheck)
+    )
 
 
 def _seed_images() -> list[bytes]:
@@ -85,8 +86,12 @@ def test_mutated_images_decode_or_raise_image_error(data):
 
 @pytest.mark.unit
 @fuzz(1000)
-@given(shape=st.lists(st.integers(-3, 70), max_size=4), dtype=st.sampled_from(["uint8", "float32", "float64", "", "int8"]),
-       data=st.binary(max_size=4 * 40 * 40 * 3), fill=st.none() | st.floats(allow_nan=True, allow_infinity=True, width=32))
+@given(
+    shape=st.lists(st.integers(-3, 70), max_size=4),
+    dtype=st.sampled_from(["uint8", "float32", "float64", "", "int8"]),
+    data=st.binary(max_size=4 * 40 * 40 * 3),
+    fill=st.none() | st.floats(allow_nan=True, allow_infinity=True, width=32),
+)
 def test_raw_tensors_decode_or_raise_image_error(shape, dtype, data, fill):
     if fill is not None and dtype == "float32" and shape and all(s > 0 for s in shape):
         data = np.full(int(np.prod(shape)), fill, dtype=np.float32).tobytes()
@@ -101,17 +106,33 @@ def test_raw_tensors_decode_or_raise_image_error(shape, dtype, data, fill):
 def _valid_requests() -> list[tuple[str, bytes]]:
     png = SEEDS[0]
     support = [pb.LabelledImage(image=pb.Image(encoded=png), label=f"c{i % 2}") for i in range(4)]
-    return [("Adapt", pb.AdaptRequest(model="omniglot-conv4-directsum", support=support).SerializeToString()),
-            ("Adapt", pb.AdaptRequest(model="omniglot-conv4-directsum", method="laplacianshot", support=support,
-                                      settings=pb.AdaptSettings(**{"lambda": 0.5}), ttl_seconds=60).SerializeToString()),
-            ("Classify", pb.ClassifyRequest(task_id="0" * 32, queries=[pb.Image(encoded=png)], top_k=2).SerializeToString()),
-            ("Classify", pb.ClassifyRequest(task_id="0" * 32, queries=[pb.Image(encoded=png)], reject_unknown=True,
-                                            target_recall=0.9).SerializeToString()),
-            ("UpdateTask", pb.UpdateTaskRequest(task_id="ef" * 16, add=support[:1], remove_labels=["c1"],
-                                                expected_version=1).SerializeToString()),
-            ("GetTask", pb.GetTaskRequest(task_id="ab" * 16).SerializeToString()),
-            ("DeleteTask", pb.DeleteTaskRequest(task_id="cd" * 16).SerializeToString()),
-            ("ListModels", b"")]
+    return [
+        ("Adapt", pb.AdaptRequest(model="omniglot-conv4-directsum", support=support).SerializeToString()),
+        (
+            "Adapt",
+            pb.AdaptRequest(
+                model="omniglot-conv4-directsum",
+                method="laplacianshot",
+                support=support,
+                settings=pb.AdaptSettings(**{"lambda": 0.5}),
+                ttl_seconds=60,
+            ).SerializeToString(),
+        ),
+        ("Classify", pb.ClassifyRequest(task_id="0" * 32, queries=[pb.Image(encoded=png)], top_k=2).SerializeToString()),
+        (
+            "Classify",
+            pb.ClassifyRequest(
+                task_id="0" * 32, queries=[pb.Image(encoded=png)], reject_unknown=True, target_recall=0.9
+            ).SerializeToString(),
+        ),
+        (
+            "UpdateTask",
+            pb.UpdateTaskRequest(task_id="ef" * 16, add=support[:1], remove_labels=["c1"], expected_version=1).SerializeToString(),
+        ),
+        ("GetTask", pb.GetTaskRequest(task_id="ab" * 16).SerializeToString()),
+        ("DeleteTask", pb.DeleteTaskRequest(task_id="cd" * 16).SerializeToString()),
+        ("ListModels", b""),
+    ]
 
 
 VALID = _valid_requests()

@@ -16,9 +16,9 @@ import grpc
 import numpy as np
 import pytest
 from fixtures.memory import ResidentMemory
-from support import SMALL
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
+from support import SMALL
 from test_images import blp, dds, ico_bomb, spider
 
 from fewshot.models.episodes import EpisodeSampler
@@ -33,17 +33,32 @@ OMNI, CXGRAD = "omniglot-conv4-directsum", "omniglot-conv4-cxgrad"
 
 def _metrics(port: int) -> dict[str, float]:
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-            if line and not line.startswith("#")}
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line and not line.startswith("#")}
 
 
 @pytest.fixture(scope="module")
 def limited(omni_bundles, tmp_path_factory):
     """A server with small admission and byte limits and a large pixel budget (so heavy calls can be made)."""
     port = free_port()
-    proc = ServerProcess(omni_bundles, tmp_path_factory.mktemp("limited"), *SMALL, "--max-inflight", "1", "--max-queue", "1",
-                         "--max-request-mb", "8", "--max-call-megapixels", "8192", "--max-queries", "1024",
-                         "--max-image-steps", "20", "--metrics-port", str(port))
+    proc = ServerProcess(
+        omni_bundles,
+        tmp_path_factory.mktemp("limited"),
+        *SMALL,
+        "--max-inflight",
+        "1",
+        "--max-queue",
+        "1",
+        "--max-request-mb",
+        "8",
+        "--max-call-megapixels",
+        "8192",
+        "--max-queries",
+        "1024",
+        "--max-image-steps",
+        "20",
+        "--metrics-port",
+        str(port),
+    )
     proc.metrics_port = port
     with proc:
         yield proc
@@ -51,8 +66,9 @@ def limited(omni_bundles, tmp_path_factory):
 
 def _support(omniglot_test, seed: int = 7, shots: int = 1):
     ep = EpisodeSampler(omniglot_test, 5, shots, 15, seed=seed).episode(0)
-    support = [pb.LabelledImage(image=pb.Image(encoded=png(omniglot_test.images[i])), label=f"c{c}")
-               for i, c in zip(ep.support, ep.support_labels)]
+    support = [
+        pb.LabelledImage(image=pb.Image(encoded=png(omniglot_test.images[i])), label=f"c{c}") for i, c in zip(ep.support, ep.support_labels)
+    ]
     return support, [pb.Image(encoded=png(omniglot_test.images[i])) for i in ep.query]
 
 
@@ -85,8 +101,9 @@ def test_no_classify_answers_for_a_task_once_delete_answered(server, omniglot_te
         for round_ in range(10):
             task_id = stub.Adapt(pb.AdaptRequest(model=OMNI, support=support)).task_id
             stop, outcomes = threading.Event(), []
-            threads = [threading.Thread(target=_classify_until_stopped, args=(stub, task_id, queries[:3], stop, outcomes))
-                       for _ in range(3)]
+            threads = [
+                threading.Thread(target=_classify_until_stopped, args=(stub, task_id, queries[:3], stop, outcomes)) for _ in range(3)
+            ]
             for t in threads:
                 t.start()
             time.sleep(0.05)
@@ -104,8 +121,12 @@ def test_no_classify_answers_for_a_task_once_delete_answered(server, omniglot_te
 def test_a_task_deleted_on_one_process_is_not_served_by_another_after_1s(omni_bundles, tmp_path, omniglot_test):
     support, queries = _support(omniglot_test)
     state = tmp_path / "shared"
-    with ServerProcess(omni_bundles, state, *SMALL) as a, ServerProcess(omni_bundles, state, *SMALL) as b, \
-            grpc.insecure_channel(a.target) as ca, grpc.insecure_channel(b.target) as cb:
+    with (
+        ServerProcess(omni_bundles, state, *SMALL) as a,
+        ServerProcess(omni_bundles, state, *SMALL) as b,
+        grpc.insecure_channel(a.target) as ca,
+        grpc.insecure_channel(b.target) as cb,
+    ):
         sa, sb = pb_grpc.FewShotStub(ca), pb_grpc.FewShotStub(cb)
         for _ in range(3):
             task_id = sa.Adapt(pb.AdaptRequest(model=OMNI, support=support)).task_id
@@ -115,8 +136,9 @@ def test_a_task_deleted_on_one_process_is_not_served_by_another_after_1s(omni_bu
             answered = time.monotonic()
             codes = []
             while time.monotonic() - answered < 1.5:
-                codes.append((time.monotonic() - answered,
-                              _code(lambda: sb.Classify(pb.ClassifyRequest(task_id=task_id, queries=queries[:2])))))
+                codes.append(
+                    (time.monotonic() - answered, _code(lambda: sb.Classify(pb.ClassifyRequest(task_id=task_id, queries=queries[:2]))))
+                )
             assert all(code == grpc.StatusCode.NOT_FOUND for at, code in codes if at > 1.0), codes
 
 
@@ -213,8 +235,9 @@ def test_adapt_stream_bytes_are_capped_as_chunks_arrive(limited):
     def chunks():
         for i in range(200):  # 200 MB if nothing stopped it
             sent.append(i)
-            yield pb.AdaptChunk(model=OMNI, support=[pb.LabelledImage(image=pb.Image(encoded=bytes([i % 256]) * (1 << 20)),
-                                                                       label=f"c{i % 5}")])
+            yield pb.AdaptChunk(
+                model=OMNI, support=[pb.LabelledImage(image=pb.Image(encoded=bytes([i % 256]) * (1 << 20)), label=f"c{i % 5}")]
+            )
 
     with grpc.insecure_channel(limited.target) as channel:
         with pytest.raises(grpc.RpcError) as err:
@@ -234,11 +257,17 @@ def test_resident_memory_stays_within_the_cache_budget(omni_bundles, tmp_path, o
     supports = []
     for i in range(6):
         ep = sampler.episode(i)
-        supports.append([pb.LabelledImage(image=pb.Image(encoded=png(omniglot_test.images[j])), label=f"c{c}")
-                         for j, c in zip(ep.support, ep.support_labels)])
+        supports.append(
+            [
+                pb.LabelledImage(image=pb.Image(encoded=png(omniglot_test.images[j])), label=f"c{c}")
+                for j, c in zip(ep.support, ep.support_labels)
+            ]
+        )
     query = [pb.Image(encoded=png(omniglot_test.images[0]))]
-    with ServerProcess(omni_bundles, tmp_path / "state", *SMALL, "--cache-mb", str(cache_mb), "--metrics-port", str(port)) as proc, \
-            grpc.insecure_channel(proc.target) as channel:
+    with (
+        ServerProcess(omni_bundles, tmp_path / "state", *SMALL, "--cache-mb", str(cache_mb), "--metrics-port", str(port)) as proc,
+        grpc.insecure_channel(proc.target) as channel,
+    ):
         stub = pb_grpc.FewShotStub(channel)
 
         def adapt_and_classify(i: int) -> None:
@@ -251,11 +280,13 @@ def test_resident_memory_stays_within_the_cache_budget(omni_bundles, tmp_path, o
             with ResidentMemory(proc.pid) as rss:  # sampled every 100 ms: the bound holds at the peak
                 list(pool.map(adapt_and_classify, range(30, tasks)))
         end = _metrics(port)
-    grown_mb = (end["process_resident_memory_bytes"] - warm) / 2 ** 20
-    peak_mb = rss.peak - warm / 2 ** 20
-    bound = peak_bound_mb(cache_mb, body_mb=4 * 2 * sum(len(s.SerializeToString()) for s in supports[0]) / 2 ** 20)
-    print(f"resident memory after warm-up {warm / 2 ** 20:.0f} MB, grew {grown_mb:.1f} MB over {tasks - 30} tasks, "
-          f"peak +{peak_mb:.1f} MB (--cache-mb {cache_mb}; cache charged {end['fewshot_task_cache_bytes'] / 2 ** 20:.1f} MB)")
+    grown_mb = (end["process_resident_memory_bytes"] - warm) / 2**20
+    peak_mb = rss.peak - warm / 2**20
+    bound = peak_bound_mb(cache_mb, body_mb=4 * 2 * sum(len(s.SerializeToString()) for s in supports[0]) / 2**20)
+    print(
+        f"resident memory after warm-up {warm / 2**20:.0f} MB, grew {grown_mb:.1f} MB over {tasks - 30} tasks, "
+        f"peak +{peak_mb:.1f} MB (--cache-mb {cache_mb}; cache charged {end['fewshot_task_cache_bytes'] / 2**20:.1f} MB)"
+    )
     assert end["fewshot_task_cache_bytes"] <= cache_mb << 20
     assert peak_mb <= bound, f"resident memory peaked {peak_mb:.0f} MB over warm-up with --cache-mb {cache_mb} (bound {bound:.0f})"
 
@@ -266,13 +297,15 @@ def test_long_identifiers_are_invalid_argument_with_short_messages(server, omnig
     long = "x" * 20000
     with grpc.insecure_channel(server.target) as channel:
         stub = pb_grpc.FewShotStub(channel)
-        requests = [(stub.Adapt, pb.AdaptRequest(model=long, support=support)),
-                    (stub.Adapt, pb.AdaptRequest(model=OMNI, method=long, support=support)),
-                    (stub.Adapt, pb.AdaptRequest(model=OMNI, support=[pb.LabelledImage(image=s.image, label=long + s.label)
-                                                                      for s in support])),
-                    (stub.Classify, pb.ClassifyRequest(task_id=long, queries=queries[:1])),
-                    (stub.GetTask, pb.GetTaskRequest(task_id=long)), (stub.DeleteTask, pb.DeleteTaskRequest(task_id=long)),
-                    (stub.UpdateTask, pb.UpdateTaskRequest(task_id=long, remove_labels=["a"]))]
+        requests = [
+            (stub.Adapt, pb.AdaptRequest(model=long, support=support)),
+            (stub.Adapt, pb.AdaptRequest(model=OMNI, method=long, support=support)),
+            (stub.Adapt, pb.AdaptRequest(model=OMNI, support=[pb.LabelledImage(image=s.image, label=long + s.label) for s in support])),
+            (stub.Classify, pb.ClassifyRequest(task_id=long, queries=queries[:1])),
+            (stub.GetTask, pb.GetTaskRequest(task_id=long)),
+            (stub.DeleteTask, pb.DeleteTaskRequest(task_id=long)),
+            (stub.UpdateTask, pb.UpdateTaskRequest(task_id=long, remove_labels=["a"])),
+        ]
         for rpc, request in requests:
             with pytest.raises(grpc.RpcError) as err:
                 rpc(request)
@@ -286,9 +319,15 @@ def test_messages_that_do_not_parse_are_invalid_argument(server):
     label = b"\x12\x01\xff"  # LabelledImage.label = b"\xff": not UTF-8
     adapt = b"\x0a" + bytes([len(OMNI)]) + OMNI.encode() + b"\x1a" + bytes([len(label)]) + label
     with grpc.insecure_channel(server.target) as channel:
-        for method, raw in [("Adapt", adapt), ("Adapt", b"\xff\xff\xff"), ("Classify", b"\x0a\x05ab"),
-                            ("GetTask", b"\x0a\x02\xc3\x28"), ("DeleteTask", b"\x08"), ("ListModels", b"\x0b"),
-                            ("UpdateTask", b"\x0a\x02\xc3\x28")]:
+        for method, raw in [
+            ("Adapt", adapt),
+            ("Adapt", b"\xff\xff\xff"),
+            ("Classify", b"\x0a\x05ab"),
+            ("GetTask", b"\x0a\x02\xc3\x28"),
+            ("DeleteTask", b"\x08"),
+            ("ListModels", b"\x0b"),
+            ("UpdateTask", b"\x0a\x02\xc3\x28"),
+        ]:
             call = channel.unary_unary(f"/fewshot.v1.FewShot/{method}")
             with pytest.raises(grpc.RpcError) as err:
                 call(raw)
@@ -307,12 +346,18 @@ def test_sigkill_at_a_random_moment_under_adapt_load_loses_no_acknowledged_task(
     episodes = []
     for i in range(40):
         ep = sampler.episode(i)
-        episodes.append(([pb.LabelledImage(image=pb.Image(encoded=png(omniglot_test.images[j])), label=f"c{c}")
-                          for j, c in zip(ep.support, ep.support_labels)],
-                         [pb.Image(encoded=png(omniglot_test.images[j])) for j in ep.query]))
+        episodes.append(
+            (
+                [
+                    pb.LabelledImage(image=pb.Image(encoded=png(omniglot_test.images[j])), label=f"c{c}")
+                    for j, c in zip(ep.support, ep.support_labels)
+                ],
+                [pb.Image(encoded=png(omniglot_test.images[j])) for j in ep.query],
+            )
+        )
     state = tmp_path / "state"
     acknowledged: dict[str, tuple[int, pb.ClassifyResponse | None]] = {}
-    for round_ in range(3):
+    for _round in range(3):
         proc = ServerProcess(omni_bundles, state, *SMALL).start()
         stop = threading.Event()
         lock = threading.Lock()

@@ -62,7 +62,7 @@ def test_centroid_is_batch_invariant_and_accurate_on_real_features(features, omn
     ep = EpisodeSampler(data, 5, 1, 15, seed=3).episode(0)
     state = CentroidHead("CL2N", omniglot_model.center).fit(feats[ep.support], torch.as_tensor(ep.support_labels))
     together = state.classify(feats[ep.query])
-    alone = torch.cat([state.classify(feats[ep.query][i:i + 1]) for i in range(len(ep.query))])
+    alone = torch.cat([state.classify(feats[ep.query][i : i + 1]) for i in range(len(ep.query))])
     assert torch.equal(together, alone)
     assert (together.argmax(1).numpy() == ep.query_labels).mean() > 0.8
 

@@ -62,20 +62,30 @@ def test_every_rpc_over_http_answers_as_grpc_does(server, stub, name, method):
     labels = [f"c{c}" for c in ep.support_labels]
     queries = [png(data.images[j]) for j in ep.query]
     base = server.http_url
-    status, adapted = http_call("POST", f"{base}/v1/tasks", {"model": name, "method": method, "support": [
-        {"image": {"encoded": b64(images[i])}, "label": labels[i]} for i in first]})
+    status, adapted = http_call(
+        "POST",
+        f"{base}/v1/tasks",
+        {"model": name, "method": method, "support": [{"image": {"encoded": b64(images[i])}, "label": labels[i]} for i in first]},
+    )
     assert status == 200, adapted
-    twin = stub.Adapt(pb.AdaptRequest(model=name, method=method, support=[
-        pb.LabelledImage(image=pb.Image(encoded=images[i]), label=labels[i]) for i in first]))
+    twin = stub.Adapt(
+        pb.AdaptRequest(
+            model=name, method=method, support=[pb.LabelledImage(image=pb.Image(encoded=images[i]), label=labels[i]) for i in first]
+        )
+    )
     assert adapted["labels"] == list(twin.labels) and adapted["method"] == twin.method
     task_id = adapted["task_id"]
     for reject in (False, True):
         fields = [("reject_unknown", "true")] if reject else []
-        status, answer = http_call("POST", f"{base}/v1/tasks/{task_id}/classify", files=[("images", q) for q in queries],
-                               fields=fields + [("top_k", "3")])
+        status, answer = http_call(
+            "POST", f"{base}/v1/tasks/{task_id}/classify", files=[("images", q) for q in queries], fields=fields + [("top_k", "3")]
+        )
         assert status == 200, answer
-        expected = _grpc_json(stub.Classify(pb.ClassifyRequest(task_id=twin.task_id, queries=[pb.Image(encoded=q) for q in queries],
-                                                               top_k=3, reject_unknown=reject)))
+        expected = _grpc_json(
+            stub.Classify(
+                pb.ClassifyRequest(task_id=twin.task_id, queries=[pb.Image(encoded=q) for q in queries], top_k=3, reject_unknown=reject)
+            )
+        )
         if not reject:
             for p in expected["predictions"]:
                 for key in ("unknown", "score", "threshold", "score_name"):
@@ -84,17 +94,20 @@ def test_every_rpc_over_http_answers_as_grpc_does(server, stub, name, method):
     rest = [i for i in range(len(labels)) if i not in first]
     if load_model(name).card.limits.get("max_ways", 5) < ways:
         rest = [i for i in rest if labels[i] in adapted["labels"]]
-    status, updated = http_call("PATCH", f"{base}/v1/tasks/{task_id}", files=[("images", images[i]) for i in rest],
-                            fields=[("labels", labels[i]) for i in rest])
+    status, updated = http_call(
+        "PATCH", f"{base}/v1/tasks/{task_id}", files=[("images", images[i]) for i in rest], fields=[("labels", labels[i]) for i in rest]
+    )
     assert status == 200, updated
-    grpc_updated = stub.UpdateTask(pb.UpdateTaskRequest(task_id=twin.task_id, add=[
-        pb.LabelledImage(image=pb.Image(encoded=images[i]), label=labels[i]) for i in rest]))
+    grpc_updated = stub.UpdateTask(
+        pb.UpdateTaskRequest(task_id=twin.task_id, add=[pb.LabelledImage(image=pb.Image(encoded=images[i]), label=labels[i]) for i in rest])
+    )
     assert updated["version"] == grpc_updated.version == 2 and updated["labels"] == list(grpc_updated.labels)
     assert updated["shots"] == list(grpc_updated.shots)
     status, info = http_call("GET", f"{base}/v1/tasks/{task_id}")
     expected = _grpc_json(stub.GetTask(pb.GetTaskRequest(task_id=twin.task_id)))
-    assert status == 200 and {k: v for k, v in info.items() if k not in ("task_id", "created_at", "expires_at")} == \
-        {k: v for k, v in expected.items() if k not in ("task_id", "created_at", "expires_at")}
+    assert status == 200 and {k: v for k, v in info.items() if k not in ("task_id", "created_at", "expires_at")} == {
+        k: v for k, v in expected.items() if k not in ("task_id", "created_at", "expires_at")
+    }
     assert http_call("DELETE", f"{base}/v1/tasks/{task_id}") == (200, {"deleted": True})
     assert http_call("GET", f"{base}/v1/tasks/{task_id}")[0] == 404
 
@@ -118,20 +131,49 @@ def test_bad_input_gets_the_mapped_status_and_the_services_message(server, stub,
     cases = [
         ("JSON that does not parse", "POST", "/v1/tasks", {"body": b"{not json"}, 400, "not a AdaptRequest in JSON"),
         ("unknown field", "POST", "/v1/tasks", {"body": {"model": OMNI, "colour": 1}}, 400, "colour"),
-        ("undecodable image", "POST", "/v1/tasks", {"body": {"model": OMNI, "support": [
-            {"image": {"encoded": b64(b"not an image")}, "label": "a"}, support[1]]}}, 400, "image 0"),
+        (
+            "undecodable image",
+            "POST",
+            "/v1/tasks",
+            {"body": {"model": OMNI, "support": [{"image": {"encoded": b64(b"not an image")}, "label": "a"}, support[1]]}},
+            400,
+            "image 0",
+        ),
         ("one class", "POST", "/v1/tasks", {"body": {"model": OMNI, "support": support[:1]}}, 400, "at least 2"),
-        ("files and labels of different counts", "POST", "/v1/tasks",
-         {"files": [("images", one)] * 2, "fields": [("model", OMNI), ("labels", "a")]}, 400, "2 image files and 1 labels"),
-        ("an uploaded image past --max-image-mb", "POST", "/v1/tasks",  # a part past 1 MB reaches the service's check
-         {"files": [("images", bytes(2 << 20)), ("images", one)], "fields": [("model", OMNI), ("labels", "a"), ("labels", "b")]},
-         400, "at most 1048576 are allowed"),
+        (
+            "files and labels of different counts",
+            "POST",
+            "/v1/tasks",
+            {"files": [("images", one)] * 2, "fields": [("model", OMNI), ("labels", "a")]},
+            400,
+            "2 `images` files but 1 labels",
+        ),
+        (
+            "an uploaded image past --max-image-mb",
+            "POST",
+            "/v1/tasks",  # a part past 1 MB reaches the service's check
+            {"files": [("images", bytes(2 << 20)), ("images", one)], "fields": [("model", OMNI), ("labels", "a"), ("labels", "b")]},
+            400,
+            "at most 1048576 are allowed",
+        ),
         ("unknown model", "POST", "/v1/tasks", {"body": {"model": "resnet-9000", "support": support}}, 404, "resnet-9000"),
         ("unknown task", "GET", "/v1/tasks/" + "0" * 32, {}, 404, "unknown"),
-        ("queries past the server's limit", "POST", f"/v1/tasks/{task['task_id']}/classify",
-         {"files": [("images", one)] * 201}, 413, "200"),
-        ("a stale expected version", "PATCH", f"/v1/tasks/{task['task_id']}",
-         {"files": [("images", one)], "fields": [("labels", "c0"), ("expected_version", "7")]}, 409, "version 1"),
+        (
+            "queries past the server's limit",
+            "POST",
+            f"/v1/tasks/{task['task_id']}/classify",
+            {"files": [("images", one)] * 201},
+            413,
+            "200",
+        ),
+        (
+            "a stale expected version",
+            "PATCH",
+            f"/v1/tasks/{task['task_id']}",
+            {"files": [("images", one)], "fields": [("labels", "c0"), ("expected_version", "7")]},
+            409,
+            "version 1",
+        ),
     ]
     for what, method, path, kw, status, message in cases:
         got, answer = http_call(method, base + path, **kw)
@@ -140,8 +182,12 @@ def test_bad_input_gets_the_mapped_status_and_the_services_message(server, stub,
     # the same refusal over gRPC carries the same message
     with pytest.raises(grpc.RpcError) as err:
         stub.Adapt(pb.AdaptRequest(model="resnet-9000", support=[pb.LabelledImage(image=pb.Image(encoded=one), label="a")] * 2))
-    assert err.value.details() == http_call("POST", f"{base}/v1/tasks", {"model": "resnet-9000", "support": [
-        {"image": {"encoded": b64(one)}, "label": "a"}] * 2})[1]["message"]
+    assert (
+        err.value.details()
+        == http_call("POST", f"{base}/v1/tasks", {"model": "resnet-9000", "support": [{"image": {"encoded": b64(one)}, "label": "a"}] * 2})[
+            1
+        ]["message"]
+    )
     # a body claiming more than the server takes is refused before it is read
     conn = http.client.HTTPConnection(base.removeprefix("http://"), timeout=30)
     conn.putrequest("POST", "/v1/tasks")
@@ -157,8 +203,23 @@ def test_bad_input_gets_the_mapped_status_and_the_services_message(server, stub,
 def test_tokens_rates_and_a_database_outage_map_to_401_429_and_503(omni_bundles, tmp_path, omniglot_test):
     support = [{"image": {"encoded": b64(png(omniglot_test.images[i]))}, "label": f"c{i}"} for i in range(3)]
     port = free_port()
-    with PostgresServer() as pg, ServerProcess(omni_bundles, tmp_path / "state", "--warmup-tasks", "0", "--store", pg.url,
-                                               "--token", "tok", "--tenant-rps", "2", "--http-port", str(port)):
+    with (
+        PostgresServer() as pg,
+        ServerProcess(
+            omni_bundles,
+            tmp_path / "state",
+            "--warmup-tasks",
+            "0",
+            "--store",
+            pg.url,
+            "--token",
+            "tok",
+            "--tenant-rps",
+            "2",
+            "--http-port",
+            str(port),
+        ),
+    ):
         base, auth = f"http://127.0.0.1:{port}", {"authorization": "Bearer tok"}
         status, answer = http_call("GET", f"{base}/v1/models")
         assert status == 401 and answer["code"] == "UNAUTHENTICATED"
@@ -220,9 +281,27 @@ def test_schemathesis_finds_nothing_on_the_live_document(server, tmp_path):
     operation: no server error, no undocumented status, answers and headers as documented
     (tests/schemathesis.toml says which statuses a schema-valid body may still get)."""
     st = Path(__import__("sys").executable).with_name("st")
-    run = subprocess.run([str(st), "--config-file", str(ROOT / "tests" / "schemathesis.toml"), "run",
-                          server.http_url + "/openapi.json", "--checks", "all", "--max-examples", "10", "--seed", "0",
-                          "--workers", "1"], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    run = subprocess.run(
+        [
+            str(st),
+            "--config-file",
+            str(ROOT / "tests" / "schemathesis.toml"),
+            "run",
+            server.http_url + "/openapi.json",
+            "--checks",
+            "all",
+            "--max-examples",
+            "10",
+            "--seed",
+            "0",
+            "--workers",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
     tail = run.stdout[-4000:]
     assert run.returncode == 0, tail
     assert re.search(r"\d+ generated, \d+ passed", tail) and "failure" not in tail.split("SUMMARY")[-1].lower(), tail

@@ -27,8 +27,14 @@ def encoded(fmt: str, size: tuple[int, int] = (40, 30), mode: str = "L") -> byte
 
 def dds() -> bytes:
     """The 912-byte DDS of issue 13 (Pillow: NotImplementedError 'Unknown pixel format flags 0')."""
-    return (b"DDS " + struct.pack("<7I", 124, 0x1007, 28, 28, 0, 0, 0) + bytes(44)
-            + struct.pack("<8I", 32, 0, 0, 8, 0, 0, 0, 0) + bytes(20) + bytes(784))
+    return (
+        b"DDS "
+        + struct.pack("<7I", 124, 0x1007, 28, 28, 0, 0, 0)
+        + bytes(44)
+        + struct.pack("<8I", 32, 0, 0, 8, 0, 0, 0, 0)
+        + bytes(20)
+        + bytes(784)
+    )
 
 
 def ico_bomb(side: int = 9000) -> bytes:
@@ -54,15 +60,17 @@ def test_every_allowed_format_decodes(fmt):
     assert decode_image(encoded(fmt, mode="L" if fmt != "JPEG" else "RGB"), SPEC).shape == (28, 28, 1)
 
 
-@pytest.mark.parametrize("data,name", [(dds(), "DDS"), (ico_bomb(), "ICO"), (blp(), "BLP"), (encoded("PCX"), "PCX"),
-                                       (encoded("PPM"), "PPM")])
+@pytest.mark.parametrize(
+    "data,name", [(dds(), "DDS"), (ico_bomb(), "ICO"), (blp(), "BLP"), (encoded("PCX"), "PCX"), (encoded("PPM"), "PPM")]
+)
 def test_formats_outside_the_allow_list_are_refused_by_name(data, name):
     with pytest.raises(ImageError, match=rf"in the {name} format, which this server does not accept"):
         decode_image(data, SPEC)
 
 
-@pytest.mark.parametrize("data", [spider(), b"\x89PNG\r\n\x1a\n" + bytes(40), encoded("PNG")[:60],
-                                  encoded("JPEG", mode="RGB")[:200], encoded("TIFF")[:50]])
+@pytest.mark.parametrize(
+    "data", [spider(), b"\x89PNG\r\n\x1a\n" + bytes(40), encoded("PNG")[:60], encoded("JPEG", mode="RGB")[:200], encoded("TIFF")[:50]]
+)
 def test_malformed_images_are_image_errors(data):
     with pytest.raises(ImageError):
         decode_image(data, SPEC)
@@ -70,13 +78,14 @@ def test_malformed_images_are_image_errors(data):
 
 def test_no_plugin_decodes_while_checking_limits(monkeypatch):
     """Oversized images of every allowed format, and the ICO bomb, are refused without one pixel decoded."""
+
     def no_decoding(self):
         raise AssertionError(f"{self.format} pixels were decoded")
 
     limits = ImageLimits(max_bytes=64 << 20, max_pixels=1 << 20)
     images = {fmt: encoded(fmt, (1500, 1500), "L" if fmt != "JPEG" else "RGB") for fmt in FORMATS}
     monkeypatch.setattr(ImageFile.ImageFile, "load", no_decoding)
-    for fmt, data in images.items():
+    for _fmt, data in images.items():
         with pytest.raises(ImageError, match="from its header, before decoding"):
             decode_image(data, SPEC, limits)
     with pytest.raises(ImageError, match="ICO format"):
@@ -131,11 +140,14 @@ def test_the_libspng_fast_path_gives_pillows_pixels(omniglot_test):
 
     cases = {
         gray_spec: [encode_png(omniglot_test.images[i]) for i in range(20)] + [png(rng.integers(0, 256, (40, 33), dtype=np.uint8))],
-        rgb_spec: [encode_png(tiny.images[i]) for i in range(20)] + [png(rng.integers(0, 256, (50, 70, 3), dtype=np.uint8)),
-                   png(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8), transparency=(1, 2, 3)),
-                   png(rng.integers(0, 256, (64, 64), dtype=np.uint8)),  # grayscale for an RGB model
-                   png(rng.integers(0, 256, (64, 64, 4), dtype=np.uint8)),
-                   png(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8), optimize=True, bits=4)],
+        rgb_spec: [encode_png(tiny.images[i]) for i in range(20)]
+        + [
+            png(rng.integers(0, 256, (50, 70, 3), dtype=np.uint8)),
+            png(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8), transparency=(1, 2, 3)),
+            png(rng.integers(0, 256, (64, 64), dtype=np.uint8)),  # grayscale for an RGB model
+            png(rng.integers(0, 256, (64, 64, 4), dtype=np.uint8)),
+            png(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8), optimize=True, bits=4),
+        ],
     }
     cases[gray_spec].append(png((rng.integers(0, 65535, (28, 28))).astype(np.uint16)))
     for spec, images in cases.items():

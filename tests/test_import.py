@@ -30,12 +30,21 @@ ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = "omniglot-conv4-directsum"
 
 
-def _onnx(module: torch.nn.Module, path: Path, shape=(2, 1, 28, 28), inputs=("pixel_values",), outputs=("embedding",),
-          dynamic: bool = True) -> Path:
+def _onnx(
+    module: torch.nn.Module, path: Path, shape=(2, 1, 28, 28), inputs=("pixel_values",), outputs=("embedding",), dynamic: bool = True
+) -> Path:
     args = tuple(torch.zeros(shape) for _ in inputs)
     axes = {n: {0: "n"} for n in (*inputs, *outputs)} if dynamic else None
-    torch.onnx.export(module.eval(), args, str(path), input_names=list(inputs), output_names=list(outputs),
-                      dynamic_axes=axes, opset_version=17, dynamo=False)
+    torch.onnx.export(
+        module.eval(),
+        args,
+        str(path),
+        input_names=list(inputs),
+        output_names=list(outputs),
+        dynamic_axes=axes,
+        opset_version=17,
+        dynamo=False,
+    )
     return path
 
 
@@ -80,12 +89,44 @@ def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 def test_cli_refuses_what_is_not_an_embedder_in_one_line(tmp_path):
     (tmp_path / "junk.onnx").write_bytes(b"not a model")
-    run = _cli("import", "--onnx", "junk.onnx", "--name", "x", "--input-size", "28", "--channels", "1", "--mean", "0.5",
-               "--std", "0.2", "--out", "b", cwd=tmp_path)
+    run = _cli(
+        "import",
+        "--onnx",
+        "junk.onnx",
+        "--name",
+        "x",
+        "--input-size",
+        "28",
+        "--channels",
+        "1",
+        "--mean",
+        "0.5",
+        "--std",
+        "0.2",
+        "--out",
+        "b",
+        cwd=tmp_path,
+    )
     assert run.returncode == 2 and "is not an ONNX model" in run.stderr and "Traceback" not in run.stderr
     _onnx(_Maps(), tmp_path / "maps.onnx")
-    run = _cli("import", "--onnx", "maps.onnx", "--name", "x", "--input-size", "28", "--channels", "1", "--mean", "0.5",
-               "--std", "0.2", "--out", "b", cwd=tmp_path)
+    run = _cli(
+        "import",
+        "--onnx",
+        "maps.onnx",
+        "--name",
+        "x",
+        "--input-size",
+        "28",
+        "--channels",
+        "1",
+        "--mean",
+        "0.5",
+        "--std",
+        "0.2",
+        "--out",
+        "b",
+        cwd=tmp_path,
+    )
     assert run.returncode == 2 and "flatten it in the model" in run.stderr and not (tmp_path / "b").exists()
 
 
@@ -100,13 +141,28 @@ def foreign(tmp_path_factory) -> Path:
 def test_an_imported_backbone_serves_the_shipped_models_predictions(foreign, exported, omniglot_test, tmp_path):
     """No sample folder: features L2-normalised, as the shipped model's own (L2N) heads; 20 seeded 5-way
     1-shot tasks, nearest centroid (the default method), over one real server holding both bundles."""
+    from fewshot.tools.launch import ServerProcess
     from fewshot_client import FewShotClient
 
-    from fewshot.tools.launch import ServerProcess
-
     bundles = tmp_path / "bundles"
-    run = _cli("import", "--onnx", str(foreign), "--name", "imported", "--input-size", "28", "--channels", "1",
-               "--mean", "0.92", "--std", "0.22", "--out", str(bundles), cwd=tmp_path)
+    run = _cli(
+        "import",
+        "--onnx",
+        str(foreign),
+        "--name",
+        "imported",
+        "--input-size",
+        "28",
+        "--channels",
+        "1",
+        "--mean",
+        "0.92",
+        "--std",
+        "0.22",
+        "--out",
+        str(bundles),
+        cwd=tmp_path,
+    )
     assert run.returncode == 0, run.stderr
     (bundles / SHIPPED).symlink_to(exported[0] / SHIPPED, target_is_directory=True)
     manifest = json.loads((bundles / "imported" / "manifest.json").read_text())
@@ -140,14 +196,16 @@ def test_readme_block_imports_with_sample_and_validation_folders(foreign, tmp_pa
     (tmp_path / "my-embedder.onnx").write_bytes(foreign.read_bytes())
     block = re.search(r"```bash\n(# Use your own backbone.*?)```", (ROOT / "docs/bundles.md").read_text(), re.S).group(1)
     command = next(line for line in block.replace("\\\n", " ").splitlines() if line.startswith("fewshot import"))
-    subs = {"--input-size 224": "--input-size 28 --channels 1", "--mean 0.485,0.456,0.406 --std 0.229,0.224,0.225":
-            "--mean 0.92 --std 0.22", "--out bundles": "--out bundles --tune-tasks 20 --calibration-tasks 20"}
+    subs = {
+        "--input-size 224": "--input-size 28 --channels 1",
+        "--mean 0.485,0.456,0.406 --std 0.229,0.224,0.225": "--mean 0.92 --std 0.22",
+        "--out bundles": "--out bundles --tune-tasks 20 --calibration-tasks 20",
+    }
     for old, new in subs.items():
         assert old in command, f"docs/bundles.md import command lost {old!r}"
         command = command.replace(old, new)
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    run = subprocess.run(["bash", "-euo", "pipefail", "-c", command], cwd=tmp_path, capture_output=True, text=True,
-                         timeout=600, env=env)
+    run = subprocess.run(["bash", "-euo", "pipefail", "-c", command], cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
     assert run.returncode == 0, run.stderr[-3000:]
     bundle = load_bundle(tmp_path / "bundles" / "my-embedder")
     m = bundle.manifest
@@ -160,7 +218,8 @@ def test_readme_block_imports_with_sample_and_validation_folders(foreign, tmp_pa
     spec = load_model(SHIPPED).spec
     images = np.stack([np.asarray(Image.open(f))[..., None] for f in sorted(photos.rglob("*.png"))])
     features = ort.InferenceSession(str(foreign), providers=["CPUExecutionProvider"]).run(
-        None, {"pixel_values": spec.normalize(images).numpy()})[0]
+        None, {"pixel_values": spec.normalize(images).numpy()}
+    )[0]
     center = load_file(str(bundle.file("meta.safetensors")))["center"].numpy()
     np.testing.assert_allclose(center, features.mean(0), rtol=1e-4, atol=1e-5)
     family = open_bundle(bundle, "cpu", 1)
@@ -174,15 +233,34 @@ def test_an_imported_backbone_serves_through_a_real_triton(foreign, omniglot_tes
     ``triton`` fixture's; skipped, with the reason, only where the binary cannot run) gives the features the
     bundle gives in process."""
     import tritonclient.grpc as grpcclient
+    from fixtures.tritonserver import TritonProcess, TritonUnavailable
 
     from fewshot.export.loader import open_bundle
     from fewshot.export.registry import load_bundle
     from fewshot.export.triton import backbone_model_name
-    from fixtures.tritonserver import TritonProcess, TritonUnavailable
 
-    run = _cli("import", "--onnx", str(foreign), "--name", "imported", "--input-size", "28", "--channels", "1",
-               "--mean", "0.92", "--std", "0.22", "--out", "bundles", "--triton-repo", "repo", "--triton-backend", "python",
-               cwd=tmp_path)
+    run = _cli(
+        "import",
+        "--onnx",
+        str(foreign),
+        "--name",
+        "imported",
+        "--input-size",
+        "28",
+        "--channels",
+        "1",
+        "--mean",
+        "0.92",
+        "--std",
+        "0.22",
+        "--out",
+        "bundles",
+        "--triton-repo",
+        "repo",
+        "--triton-backend",
+        "python",
+        cwd=tmp_path,
+    )
     assert run.returncode == 0, run.stderr
     family = open_bundle(load_bundle(tmp_path / "bundles" / "imported"), "cpu", 1)
     x = family.spec.normalize(omniglot_test.images[:64])

@@ -19,8 +19,12 @@ SPEC = InputSpec.for_dataset("omniglot")
 @pytest.fixture(scope="module")
 def task(omniglot_test):
     ep = EpisodeSampler(omniglot_test, 5, 1, 15, seed=11).episode(0)
-    return (SPEC.normalize(omniglot_test.images[ep.support]), torch.as_tensor(ep.support_labels),
-            SPEC.normalize(omniglot_test.images[ep.query]), torch.as_tensor(ep.query_labels))
+    return (
+        SPEC.normalize(omniglot_test.images[ep.support]),
+        torch.as_tensor(ep.support_labels),
+        SPEC.normalize(omniglot_test.images[ep.query]),
+        torch.as_tensor(ep.query_labels),
+    )
 
 
 def _trained_like(net: MetaConv4, seed: int = 0, dtype=torch.float32) -> dict:
@@ -106,8 +110,10 @@ def test_the_reference_loop_equals_the_engine(task):
         assert (reference_forward(ref_params, xq, ref_stats, net.bn_eps) - state.logits(xq)).abs().max() < 1e-4
 
 
-@pytest.mark.parametrize("method,bn_train,first_order", [(m, "transductive", m == "fomaml") for m in sorted(RULES)]
-                         + [("cxgrad", "support", False), ("cxgrad", "support", True)])
+@pytest.mark.parametrize(
+    "method,bn_train,first_order",
+    [(m, "transductive", m == "fomaml") for m in sorted(RULES)] + [("cxgrad", "support", False), ("cxgrad", "support", True)],
+)
 def test_every_rule_meta_trains_on_real_episodes(method, bn_train, first_order, task):
     torch.manual_seed(0)
     xs, ys, xq, yq = task
@@ -138,7 +144,7 @@ def test_support_batchnorm_query_is_batch_invariant(task):
         state = adapter.adapt(xs, ys)
         together = state.logits(xq)
         assert together.shape == (75, 5)
-        alone = torch.cat([state.logits(xq[i:i + 1]) for i in range(75)])
+        alone = torch.cat([state.logits(xq[i : i + 1]) for i in range(75)])
         # identical up to float32 rounding (oneDNN picks different conv kernels per batch size)
         assert (together - alone).abs().max() < 1e-5
         assert torch.equal(together.argmax(1), alone.argmax(1))
@@ -231,8 +237,7 @@ def test_cxgrad_head_alpha_steps_the_head_alone(task):
     for name in net.conv_names:
         torch.testing.assert_close(wider.params[name], base.params[name], rtol=0, atol=0)
     start = params["head.weight"].mean(0, keepdim=True).expand(5, -1)
-    torch.testing.assert_close(wider.params["head.weight"] - start, 5 * (base.params["head.weight"] - start),
-                               rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(wider.params["head.weight"] - start, 5 * (base.params["head.weight"] - start), rtol=1e-4, atol=1e-7)
     assert ContextualGradientScaling(net, 1, alpha=0.01).step_size("head.weight", 0) == 0.01  # authors' default
     loop = {"steps": 1, "alpha": 0.01, "beta": 1.0, "head_alpha": 0.05}
     tensors = {f"param.{k}": v for k, v in params.items()} | {f"rule.{k}": v for k, v in rule.state_dict().items()}

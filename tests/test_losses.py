@@ -3,8 +3,7 @@
 import pytest
 import torch
 
-from fewshot.models.losses import (CombinedLoss, bce_loss, complement_projection, nca_loss, proto_loss, sce_loss,
-                                   spectral_projection)
+from fewshot.models.losses import CombinedLoss, bce_loss, complement_projection, nca_loss, proto_loss, sce_loss, spectral_projection
 
 pytestmark = pytest.mark.unit
 

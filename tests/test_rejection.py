@@ -38,16 +38,14 @@ def test_served_open_set_figures_equal_fewshot_eval(client, capsys, name, method
     """20 open-set test episodes: Adapt over gRPC, one Classify of the known and unknown queries with
     rejection asked for; accuracy, AUROC of the served scores, acceptance and rejection at the served
     threshold equal the `fewshot eval --open-set` row of the same tasks."""
-    assert fewshot_main(["eval", "--model", name, "--head", method, "--open-set", "--tasks", str(TASKS), "--queries", "5",
-                         "--json"]) == 0
+    assert fewshot_main(["eval", "--model", name, "--head", method, "--open-set", "--tasks", str(TASKS), "--queries", "5", "--json"]) == 0
     row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     data = load_dataset("omniglot", "test")
     sampler = OpenSetSampler(data, 5, 1, 5, seed=0)
     per_task = []
     for i in range(TASKS):
         ep = sampler.episode(i)
-        task = client.adapt([png(data.images[j]) for j in ep.known.support], [f"c{c}" for c in ep.known.support_labels],
-                            name, method)
+        task = client.adapt([png(data.images[j]) for j in ep.known.support], [f"c{c}" for c in ep.known.support_labels], name, method)
         queries = np.concatenate([ep.known.query, ep.unknown])
         got = task.classify([png(data.images[j]) for j in queries], reject_unknown=True)
         n = len(ep.known.query)
@@ -55,8 +53,14 @@ def test_served_open_set_figures_equal_fewshot_eval(client, capsys, name, method
         unknown = np.array([p.unknown for p in got])
         assert all(p.score_name == row["score"] and p.threshold == pytest.approx(row["threshold"]) for p in got)
         assert np.array_equal(unknown, scores < got[0].threshold)
-        per_task.append((np.mean([p.label == f"c{c}" for p, c in zip(got[:n], ep.known.query_labels)]),
-                         auroc(scores[:n], scores[n:]), np.mean(~unknown[:n]), np.mean(unknown[n:])))
+        per_task.append(
+            (
+                np.mean([p.label == f"c{c}" for p, c in zip(got[:n], ep.known.query_labels)]),
+                auroc(scores[:n], scores[n:]),
+                np.mean(~unknown[:n]),
+                np.mean(unknown[n:]),
+            )
+        )
         task.delete()
     served = np.asarray(per_task).mean(0) * 100
     expected = [row["accuracy"], row["auroc"], row["acceptance"], row["rejection"]]
@@ -75,7 +79,7 @@ def test_an_unseen_class_is_answered_unknown_and_ranked_labels_stay(client):
     asked = task.classify(known + unknown, top_k=3, reject_unknown=True)
     assert not any(p.unknown or p.open_set_score is not None for p in plain)  # without the option: as before
     assert [p.ranked for p in asked] == [p.ranked for p in plain] and all(len(p.ranked) == 3 for p in asked)
-    assert np.mean([p.unknown for p in asked[len(known):]]) >= 0.6 and np.mean([p.unknown for p in asked[:len(known)]]) <= 0.2
+    assert np.mean([p.unknown for p in asked[len(known) :]]) >= 0.6 and np.mean([p.unknown for p in asked[: len(known)]]) <= 0.2
     # a lower target recall raises the threshold: more rejected; a threshold of the caller's own is used as given
     strict = task.classify(known + unknown, reject_unknown=True, target_recall=0.5)
     assert strict[0].threshold > asked[0].threshold and sum(p.unknown for p in strict) >= sum(p.unknown for p in asked)
@@ -83,13 +87,16 @@ def test_an_unseen_class_is_answered_unknown_and_ranked_labels_stay(client):
     assert all(p.unknown and p.threshold == 1e9 for p in everything)
 
 
-@pytest.mark.parametrize("fields,message", [
-    ({"threshold": 0.5}, "only with reject_unknown"),
-    ({"reject_unknown": True, "threshold": 0.5, "target_recall": 0.9}, "not both"),
-    ({"reject_unknown": True, "target_recall": 1.5}, "0.5..0.99"),
-    ({"reject_unknown": True, "target_recall": 0.1}, "0.5..0.99"),
-    ({"reject_unknown": True, "threshold": float("nan")}, "finite"),
-])
+@pytest.mark.parametrize(
+    "fields,message",
+    [
+        ({"threshold": 0.5}, "only with reject_unknown"),
+        ({"reject_unknown": True, "threshold": 0.5, "target_recall": 0.9}, "not both"),
+        ({"reject_unknown": True, "target_recall": 1.5}, "0.5..0.99"),
+        ({"reject_unknown": True, "target_recall": 0.1}, "0.5..0.99"),
+        ({"reject_unknown": True, "threshold": float("nan")}, "finite"),
+    ],
+)
 def test_bad_rejection_options_are_invalid_argument(stub, fields, message):
     data = load_dataset("omniglot", "test")
     with pytest.raises(grpc.RpcError) as err:
@@ -108,8 +115,24 @@ def test_cli_classify_reject_unknown(client, server, tmp_path):
     for j in np.concatenate([ep.known.query, ep.unknown]):
         paths.append(tmp_path / f"{j}.png")
         paths[-1].write_bytes(png(data.images[j]))
-    run = subprocess.run([sys.executable, "-m", "fewshot_client.cli", "--target", server.target, "classify", "--task", task.id,
-                          "--reject-unknown", "--json", *map(str, paths)], capture_output=True, text=True, timeout=60)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fewshot_client.cli",
+            "--target",
+            server.target,
+            "classify",
+            "--task",
+            task.id,
+            "--reject-unknown",
+            "--json",
+            *map(str, paths),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert run.returncode == 0, run.stderr
     rows = [json.loads(line) for line in run.stdout.splitlines()]
     expected = task.classify(paths, reject_unknown=True)

@@ -11,9 +11,9 @@ import time
 import grpc
 import pytest
 from certs import make_certificates
-from support import SMALL
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from support import SMALL
 
 from fewshot.models.episodes import EpisodeSampler
 from fewshot.models.preprocess import encode_png as png
@@ -41,60 +41,106 @@ def episode(omniglot_test):
 
 
 def _credentials(certs, client: bool = False) -> grpc.ChannelCredentials:
-    return grpc.ssl_channel_credentials(certs.ca_cert.read_bytes(),
-                                        certs.client_key.read_bytes() if client else None,
-                                        certs.client_cert.read_bytes() if client else None)
+    return grpc.ssl_channel_credentials(
+        certs.ca_cert.read_bytes(), certs.client_key.read_bytes() if client else None, certs.client_cert.read_bytes() if client else None
+    )
 
 
 def test_tls_serves_the_api_health_and_reflection(omni_bundles, tmp_path, certs, episode):
     support, labels, queries = episode
-    with ServerProcess(omni_bundles, tmp_path, *SMALL, "--tls-cert", str(certs.server_cert), "--tls-key",
-                       str(certs.server_key), credentials=_credentials(certs)) as proc:
+    with ServerProcess(
+        omni_bundles,
+        tmp_path,
+        *SMALL,
+        "--tls-cert",
+        str(certs.server_cert),
+        "--tls-key",
+        str(certs.server_key),
+        credentials=_credentials(certs),
+    ) as proc:
         with FewShotClient(proc.target, root_certificates=certs.ca_cert) as client:
             task = client.adapt(support, labels, model=OMNI)
             assert len(task.classify(queries)) == len(queries)
         with proc.channel() as channel:
-            assert health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest()).status == \
-                health_pb2.HealthCheckResponse.SERVING
+            assert (
+                health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.SERVING
+            )
             reflected = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
-                iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+                iter([reflection_pb2.ServerReflectionRequest(list_services="")])
+            )
             assert "fewshot.v1.FewShot" in {s.name for r in reflected for s in r.list_services_response.service}
         with FewShotClient(proc.target, retries=0, timeout=5) as plaintext, pytest.raises(Unavailable):
             plaintext.models()
-        with FewShotClient(proc.target, root_certificates=certs.other_ca_cert, retries=0, timeout=5) as untrusted, \
-                pytest.raises(Unavailable):
+        with (
+            FewShotClient(proc.target, root_certificates=certs.other_ca_cert, retries=0, timeout=5) as untrusted,
+            pytest.raises(Unavailable),
+        ):
             untrusted.models()
 
 
 def test_mutual_tls_requires_a_client_certificate_of_the_ca(omni_bundles, tmp_path, certs, capsys):
-    with ServerProcess(omni_bundles, tmp_path, *SMALL, "--tls-cert", str(certs.server_cert), "--tls-key",
-                       str(certs.server_key), "--tls-client-ca", str(certs.ca_cert),
-                       credentials=_credentials(certs, client=True)) as proc:
-        with FewShotClient(proc.target, root_certificates=certs.ca_cert, client_certificate=certs.client_cert,
-                           client_key=certs.client_key) as client:
+    with ServerProcess(
+        omni_bundles,
+        tmp_path,
+        *SMALL,
+        "--tls-cert",
+        str(certs.server_cert),
+        "--tls-key",
+        str(certs.server_key),
+        "--tls-client-ca",
+        str(certs.ca_cert),
+        credentials=_credentials(certs, client=True),
+    ) as proc:
+        with FewShotClient(
+            proc.target, root_certificates=certs.ca_cert, client_certificate=certs.client_cert, client_key=certs.client_key
+        ) as client:
             assert OMNI in {m.name for m in client.models()}
         for cert, key in [(None, None), (certs.other_client_cert, certs.other_client_key)]:
-            with FewShotClient(proc.target, root_certificates=certs.ca_cert, client_certificate=cert, client_key=key,
-                               retries=0, timeout=5) as client, pytest.raises(Unavailable):
+            with (
+                FewShotClient(
+                    proc.target, root_certificates=certs.ca_cert, client_certificate=cert, client_key=key, retries=0, timeout=5
+                ) as client,
+                pytest.raises(Unavailable),
+            ):
                 client.models()
-        assert client_main(["--target", proc.target, "--ca-cert", str(certs.ca_cert), "--client-cert",
-                            str(certs.client_cert), "--client-key", str(certs.client_key), "models"]) == 0
+        assert (
+            client_main(
+                [
+                    "--target",
+                    proc.target,
+                    "--ca-cert",
+                    str(certs.ca_cert),
+                    "--client-cert",
+                    str(certs.client_cert),
+                    "--client-key",
+                    str(certs.client_key),
+                    "models",
+                ]
+            )
+            == 0
+        )
         assert OMNI in capsys.readouterr().out
 
 
-TOKENS = {"acme": "acme-token-0123456789", "globex": "globex-token-9876543210", "small": "small-token-aaaaaaaa",
-          "slow": "slow-token-bbbbbbbbbb"}
+TOKENS = {
+    "acme": "acme-token-0123456789",
+    "globex": "globex-token-9876543210",
+    "small": "small-token-aaaaaaaa",
+    "slow": "slow-token-bbbbbbbbbb",
+}
 
 
 @pytest.fixture(scope="module")
 def tenants(omni_bundles, tmp_path_factory):
     state = tmp_path_factory.mktemp("tenants")
     tokens = state / "tokens.txt"
-    tokens.write_text("# tenant: sha256 [max_tasks=N] [rps=R]\n"
-                      f"acme: {token_hash(TOKENS['acme'])}\n"
-                      f"globex: sha256:{token_hash(TOKENS['globex'])}\n"
-                      f"small: {token_hash(TOKENS['small'])} max_tasks=2\n"
-                      f"slow: {token_hash(TOKENS['slow'])} rps=1\n")
+    tokens.write_text(
+        "# tenant: sha256 [max_tasks=N] [rps=R]\n"
+        f"acme: {token_hash(TOKENS['acme'])}\n"
+        f"globex: sha256:{token_hash(TOKENS['globex'])}\n"
+        f"small: {token_hash(TOKENS['small'])} max_tasks=2\n"
+        f"slow: {token_hash(TOKENS['slow'])} rps=1\n"
+    )
     proc = ServerProcess(omni_bundles, state, *SMALL, "--tokens", str(tokens))
     proc.tokens = tokens
     with proc:
@@ -111,8 +157,13 @@ def test_tenants_never_see_each_others_tasks(tenants, episode):
         task = acme.adapt(support, labels, model=OMNI)
         assert len(acme.classify(task.id, queries)) == len(queries)
         unknown = "0" * 32
-        for call in (lambda t: globex.classify(t, queries), globex.task_info, lambda t: globex.update(t, remove=labels[:1]),
-                     lambda t: globex.update(t, support[:1], labels[:1]), globex.delete):
+        for call in (
+            lambda t: globex.classify(t, queries),
+            globex.task_info,
+            lambda t: globex.update(t, remove=labels[:1]),
+            lambda t: globex.update(t, support[:1], labels[:1]),
+            globex.delete,
+        ):
             with pytest.raises(NotFound) as theirs:
                 call(task.id)
             with pytest.raises(NotFound) as nobodys:
@@ -135,8 +186,9 @@ def test_calls_without_a_valid_token_are_refused_before_parsing(tenants):
         with pytest.raises(grpc.RpcError) as err:
             stream(iter([b"\xff"] * 3))
         assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
-        assert health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest()).status == \
-            health_pb2.HealthCheckResponse.SERVING  # probes stay open
+        assert (
+            health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.SERVING
+        )  # probes stay open
 
 
 def test_tenant_quotas(tenants, episode):
@@ -192,13 +244,17 @@ def test_failed_authentications_are_throttled_without_locking_out_valid_tokens(o
     and then one a second; its failures are throttled (RESOURCE_EXHAUSTED, gRPC and HTTP sharing the count),
     while the valid client's calls, 4 a second, all succeed."""
     port = free_port()
-    with ServerProcess(omni_bundles, tmp_path, *SMALL, "--token", "valid-token-aaaaaaaa", "--http-port", str(port)) as proc, \
-            FewShotClient(proc.target, token="valid-token-aaaaaaaa", retries=0) as valid, \
-            FewShotClient(proc.target, token="wrong-token", retries=0) as wrong:
+    with (
+        ServerProcess(omni_bundles, tmp_path, *SMALL, "--token", "valid-token-aaaaaaaa", "--http-port", str(port)) as proc,
+        FewShotClient(proc.target, token="valid-token-aaaaaaaa", retries=0) as valid,
+        FewShotClient(proc.target, token="wrong-token", retries=0) as wrong,
+    ):
         codes = []
         for i in range(40):  # every other one over HTTP
             if i % 2:
-                codes.append({401: "UNAUTHENTICATED", 429: "RESOURCE_EXHAUSTED"}[_http_status(port, [("authorization", "Bearer wrong-token")])])
+                codes.append(
+                    {401: "UNAUTHENTICATED", 429: "RESOURCE_EXHAUSTED"}[_http_status(port, [("authorization", "Bearer wrong-token")])]
+                )
                 continue
             try:
                 wrong.models()
@@ -235,13 +291,14 @@ def test_two_authorization_headers_are_unauthenticated(omni_bundles, tmp_path):
     """Which of two tokens counts is never guessed: gRPC metadata and HTTP headers with two are refused."""
     port = free_port()
     token = "valid-token-aaaaaaaa"
-    with ServerProcess(omni_bundles, tmp_path, *SMALL, "--token", token, "--http-port", str(port)) as proc, \
-            grpc.insecure_channel(proc.target) as channel:
+    with (
+        ServerProcess(omni_bundles, tmp_path, *SMALL, "--token", token, "--http-port", str(port)) as proc,
+        grpc.insecure_channel(proc.target) as channel,
+    ):
         stub = pb_grpc.FewShotStub(channel)
         assert stub.ListModels(pb.ListModelsRequest(), metadata=[("authorization", f"Bearer {token}")]).models
         with pytest.raises(grpc.RpcError) as err:
-            stub.ListModels(pb.ListModelsRequest(), metadata=[("authorization", f"Bearer {token}"),
-                                                              ("authorization", "Bearer other")])
+            stub.ListModels(pb.ListModelsRequest(), metadata=[("authorization", f"Bearer {token}"), ("authorization", "Bearer other")])
         assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED and "2 authorization headers" in err.value.details()
         assert _http_status(port, [("authorization", f"Bearer {token}")]) == 200
         assert _http_status(port, [("authorization", f"Bearer {token}"), ("authorization", f"Bearer {token}")]) == 401
@@ -250,8 +307,10 @@ def test_two_authorization_headers_are_unauthenticated(omni_bundles, tmp_path):
 def test_single_token_from_a_file_or_the_environment(omni_bundles, tmp_path, episode):
     token_file = tmp_path / "token"
     token_file.write_text("file-token-dddddddd\n")
-    for args, env, token in [(("--token-file", str(token_file)), {}, "file-token-dddddddd"),
-                             ((), {"FEWSHOT_TOKEN": "env-token-eeeeeeee"}, "env-token-eeeeeeee")]:
+    for args, env, token in [
+        (("--token-file", str(token_file)), {}, "file-token-dddddddd"),
+        ((), {"FEWSHOT_TOKEN": "env-token-eeeeeeee"}, "env-token-eeeeeeee"),
+    ]:
         with ServerProcess(omni_bundles, tmp_path / "state", *SMALL, *args, env=env) as proc:
             with FewShotClient(proc.target, token=token, retries=0) as ok:
                 assert OMNI in {m.name for m in ok.models()}
@@ -262,7 +321,11 @@ def test_single_token_from_a_file_or_the_environment(omni_bundles, tmp_path, epi
 
 def test_tokens_file_errors_name_the_line():
     assert parse_tokens(f"a: {'0' * 64} max_tasks=3 rps=2.5\n")["0" * 64].max_tasks == 3
-    for text, message in [("no-colon\n", "line 1"), (f"a: {'0' * 63}\n", "64 hex digits"),
-                          (f"a: {'0' * 64} burst=3\n", "unknown option"), (f"a: {'0' * 64}\nb: {'0' * 64}\n", "line 2")]:
+    for text, message in [
+        ("no-colon\n", "line 1"),
+        (f"a: {'0' * 63}\n", "64 hex digits"),
+        (f"a: {'0' * 64} burst=3\n", "unknown option"),
+        (f"a: {'0' * 64}\nb: {'0' * 64}\n", "line 2"),
+    ]:
         with pytest.raises(TokensFileError, match=message):
             parse_tokens(text)

@@ -11,10 +11,10 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import numpy as np
 import pytest
-from support import SHIPPED, SMALL
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from PIL import Image
+from support import SHIPPED, SMALL
 
 from fewshot.cli import main as fewshot_main
 from fewshot.models.data import load_dataset
@@ -47,8 +47,10 @@ def stub(server):
 @pytest.fixture(scope="module")
 def omni_task(omniglot_test):
     ep = EpisodeSampler(omniglot_test, 5, 1, 15, seed=7).episode(0)
-    support = [pb.LabelledImage(image=pb.Image(encoded=png(omniglot_test.images[i])), label=f"char-{c}")
-               for i, c in zip(ep.support, ep.support_labels)]
+    support = [
+        pb.LabelledImage(image=pb.Image(encoded=png(omniglot_test.images[i])), label=f"char-{c}")
+        for i, c in zip(ep.support, ep.support_labels)
+    ]
     queries = [pb.Image(encoded=png(omniglot_test.images[i])) for i in ep.query]
     return support, queries, [f"char-{c}" for c in ep.query_labels]
 
@@ -73,19 +75,37 @@ def test_served_predictions_equal_fewshot_eval(server, stub, tmp_path, name, met
     card = load_model(name).card
     ways = 5
     out = tmp_path / "eval.json"
-    args = ["eval", "--model", name, "--tasks", str(TASKS), "--ways", str(ways), "--shots", "1", "--seed", "0",
-            "--predictions", str(out), "--head", method]
+    args = [
+        "eval",
+        "--model",
+        name,
+        "--tasks",
+        str(TASKS),
+        "--ways",
+        str(ways),
+        "--shots",
+        "1",
+        "--seed",
+        "0",
+        "--predictions",
+        str(out),
+        "--head",
+        method,
+    ]
     assert fewshot_main(args) == 0
     expected = json.loads(out.read_text())["predictions"]
     data = load_dataset(card.dataset, "test")
     sampler = EpisodeSampler(data, ways, 1, 15, seed=0)
     for i in range(TASKS):
         ep = sampler.episode(i)
-        support = [pb.LabelledImage(image=pb.Image(encoded=png(data.images[j])), label=f"class-{c}")
-                   for j, c in zip(ep.support, ep.support_labels)]
+        support = [
+            pb.LabelledImage(image=pb.Image(encoded=png(data.images[j])), label=f"class-{c}") for j, c in zip(ep.support, ep.support_labels)
+        ]
         task = stub.Adapt(_adapt_request(support, name, method=method))
         assert task.method == method and task.labels == [f"class-{c}" for c in range(ways)]
-        response = stub.Classify(pb.ClassifyRequest(task_id=task.task_id, queries=[pb.Image(encoded=png(data.images[j])) for j in ep.query]))
+        response = stub.Classify(
+            pb.ClassifyRequest(task_id=task.task_id, queries=[pb.Image(encoded=png(data.images[j])) for j in ep.query])
+        )
         served = [int(label.removeprefix("class-")) for label in _labels(response)]
         assert served == expected[i], (name, method, i)
 
@@ -110,18 +130,53 @@ def _bad_requests(support, queries):
     too_many = [pb.LabelledImage(image=one.image, label=f"c{i % 5}") for i in range(301)]
     huge = [pb.LabelledImage(image=pb.Image(encoded=b"\x89PNG" + bytes(5 << 20)), label="a"), support[1]]
     return [
-        ("undecodable image", adapt, _adapt_request([pb.LabelledImage(image=pb.Image(encoded=b"not an image"), label="a"), support[1]]), grpc.StatusCode.INVALID_ARGUMENT),
-        ("oversized image", adapt, _adapt_request([pb.LabelledImage(image=pb.Image(encoded=bytes(2 << 20)), label="a"), support[1]]), grpc.StatusCode.INVALID_ARGUMENT),
-        ("decompression bomb", adapt, _adapt_request([pb.LabelledImage(image=pb.Image(encoded=_bomb()), label="a"), support[1]]), grpc.StatusCode.INVALID_ARGUMENT),
-        ("wrong channel count", adapt, _adapt_request([pb.LabelledImage(image=_raw(np.zeros((28, 28, 3), np.uint8), "uint8"), label="a"), support[1]]), grpc.StatusCode.INVALID_ARGUMENT),
+        (
+            "undecodable image",
+            adapt,
+            _adapt_request([pb.LabelledImage(image=pb.Image(encoded=b"not an image"), label="a"), support[1]]),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+        (
+            "oversized image",
+            adapt,
+            _adapt_request([pb.LabelledImage(image=pb.Image(encoded=bytes(2 << 20)), label="a"), support[1]]),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+        (
+            "decompression bomb",
+            adapt,
+            _adapt_request([pb.LabelledImage(image=pb.Image(encoded=_bomb()), label="a"), support[1]]),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+        (
+            "wrong channel count",
+            adapt,
+            _adapt_request([pb.LabelledImage(image=_raw(np.zeros((28, 28, 3), np.uint8), "uint8"), label="a"), support[1]]),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
         ("one class", adapt, _adapt_request(support[:1]), grpc.StatusCode.INVALID_ARGUMENT),
         ("class without an image", adapt, _adapt_request([pb.LabelledImage(label="a"), *support[1:]]), grpc.StatusCode.INVALID_ARGUMENT),
-        ("empty label", adapt, _adapt_request([pb.LabelledImage(image=one.image, label=""), *support[1:]]), grpc.StatusCode.INVALID_ARGUMENT),
+        (
+            "empty label",
+            adapt,
+            _adapt_request([pb.LabelledImage(image=one.image, label=""), *support[1:]]),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
         ("too many ways", adapt, _adapt_request(many_ways), grpc.StatusCode.INVALID_ARGUMENT),
         ("too many shots", adapt, _adapt_request(many_shots), grpc.StatusCode.INVALID_ARGUMENT),
         ("unknown method", adapt, _adapt_request(support, method="svm"), grpc.StatusCode.INVALID_ARGUMENT),
-        ("setting of another method", adapt, _adapt_request(support, settings=pb.AdaptSettings(inner_steps=3)), grpc.StatusCode.INVALID_ARGUMENT),
-        ("lambda out of bounds", adapt, _adapt_request(support, method="laplacianshot", settings=pb.AdaptSettings(**{"lambda": -1.0})), grpc.StatusCode.INVALID_ARGUMENT),
+        (
+            "setting of another method",
+            adapt,
+            _adapt_request(support, settings=pb.AdaptSettings(inner_steps=3)),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+        (
+            "lambda out of bounds",
+            adapt,
+            _adapt_request(support, method="laplacianshot", settings=pb.AdaptSettings(**{"lambda": -1.0})),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
         ("NaN raw tensor", classify, None, grpc.StatusCode.INVALID_ARGUMENT),
         ("unknown model", adapt, _adapt_request(support, model="resnet-9000"), grpc.StatusCode.NOT_FOUND),
         ("unknown task", classify, pb.ClassifyRequest(task_id="0" * 32, queries=queries[:1]), grpc.StatusCode.NOT_FOUND),
@@ -157,9 +212,11 @@ def test_deleted_and_expired_tasks_are_not_found(stub, omni_task):
     short = stub.Adapt(_adapt_request(support, ttl_seconds=1))
     time.sleep(1.2)
     for task_id in (task.task_id, short.task_id):
-        for call in (lambda: stub.Classify(pb.ClassifyRequest(task_id=task_id, queries=queries[:1])),
-                     lambda: stub.GetTask(pb.GetTaskRequest(task_id=task_id)),
-                     lambda: stub.DeleteTask(pb.DeleteTaskRequest(task_id=task_id))):
+        for call in (
+            lambda: stub.Classify(pb.ClassifyRequest(task_id=task_id, queries=queries[:1])),
+            lambda: stub.GetTask(pb.GetTaskRequest(task_id=task_id)),
+            lambda: stub.DeleteTask(pb.DeleteTaskRequest(task_id=task_id)),
+        ):
             with pytest.raises(grpc.RpcError) as err:
                 call()
             assert err.value.code() == grpc.StatusCode.NOT_FOUND
@@ -184,11 +241,14 @@ def test_a_query_is_classified_the_same_alone_and_merged(server, stub, omniglot_
     tasks = []
     for i in range(8):
         ep = sampler.episode(i)
-        support = [pb.LabelledImage(image=pb.Image(encoded=png(omniglot_test.images[j])), label=str(c))
-                   for j, c in zip(ep.support, ep.support_labels)]
+        support = [
+            pb.LabelledImage(image=pb.Image(encoded=png(omniglot_test.images[j])), label=str(c))
+            for j, c in zip(ep.support, ep.support_labels)
+        ]
         method = "laplacianshot" if i % 2 else "centroid"
-        tasks.append((stub.Adapt(_adapt_request(support, method=method)).task_id,
-                      [pb.Image(encoded=png(omniglot_test.images[j])) for j in ep.query]))
+        tasks.append(
+            (stub.Adapt(_adapt_request(support, method=method)).task_id, [pb.Image(encoded=png(omniglot_test.images[j])) for j in ep.query])
+        )
     requests = [pb.ClassifyRequest(task_id=t, queries=q) for t, q in tasks]
     alone = [[list(p.probabilities) for p in stub.Classify(r).predictions] for r in requests]
     before = _batch_histogram(server)
@@ -208,8 +268,13 @@ def test_merged_classify_of_different_inner_loop_tasks_equals_per_task(server, s
 
     sampler = EpisodeSampler(omniglot_test, 5, 1, 1, seed=23)
     episodes = [sampler.episode(i) for i in range(8)]
-    supports = [[pb.LabelledImage(image=pb.Image(encoded=png(omniglot_test.images[j])), label=str(c))
-                 for j, c in zip(ep.support, ep.support_labels)] for ep in episodes]
+    supports = [
+        [
+            pb.LabelledImage(image=pb.Image(encoded=png(omniglot_test.images[j])), label=str(c))
+            for j, c in zip(ep.support, ep.support_labels)
+        ]
+        for ep in episodes
+    ]
     queries = [[pb.Image(encoded=png(omniglot_test.images[ep.query[0]]))] for ep in episodes]
 
     def probabilities(target_stub, task_id, q):
@@ -218,8 +283,20 @@ def test_merged_classify_of_different_inner_loop_tasks_equals_per_task(server, s
     alone = [probabilities(stub, stub.Adapt(_adapt_request(s, CXGRAD)).task_id, q) for s, q in zip(supports, queries)]
     port = free_port()
     # 4 workers: a request merges when it finds its key busy, so it needs a worker while another runs
-    merging = ServerProcess(omni_bundles, tmp_path / "state", "--workers", "4", "--warmup-tasks", "0", "--merge-tasks", "on",
-                            "--batch-delay-ms", "30", "--metrics-port", str(port))  # torch's own thread count (--threads 0)
+    merging = ServerProcess(
+        omni_bundles,
+        tmp_path / "state",
+        "--workers",
+        "4",
+        "--warmup-tasks",
+        "0",
+        "--merge-tasks",
+        "on",
+        "--batch-delay-ms",
+        "30",
+        "--metrics-port",
+        str(port),
+    )  # torch's own thread count (--threads 0)
     merging.metrics_url = f"http://127.0.0.1:{port}/metrics"
     with merging, grpc.insecure_channel(merging.target) as channel:
         merged_stub = pb_grpc.FewShotStub(channel)
@@ -228,8 +305,9 @@ def test_merged_classify_of_different_inner_loop_tasks_equals_per_task(server, s
         for _ in range(5):  # whether one does is timing: burst again (up to 5 times) until some call held several tasks
             before = _batch_histogram(merging)
             with ThreadPoolExecutor(rounds * len(ids)) as pool:
-                burst = list(pool.map(lambda i: probabilities(merged_stub, ids[i % len(ids)], queries[i % len(ids)]),
-                                      range(rounds * len(ids))))
+                burst = list(
+                    pool.map(lambda i: probabilities(merged_stub, ids[i % len(ids)], queries[i % len(ids)]), range(rounds * len(ids)))
+                )
             merged += burst
             calls = {le: n - before.get(le, 0.0) for le, n in _batch_histogram(merging).items()}
             if calls["1.0"] < calls["+Inf"]:
@@ -242,8 +320,11 @@ def test_merged_classify_of_different_inner_loop_tasks_equals_per_task(server, s
 def _batch_histogram(server) -> dict[str, float]:
     """Cumulative counts of backbone-call sizes (bucket bound -> calls), from the server's Prometheus metrics."""
     text = urllib.request.urlopen(server.metrics_url, timeout=5).read().decode()
-    return {line.split('le="')[1].split('"')[0]: float(line.rsplit(" ", 1)[1])
-            for line in text.splitlines() if line.startswith("fewshot_batch_images_bucket")}
+    return {
+        line.split('le="')[1].split('"')[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("fewshot_batch_images_bucket")
+    }
 
 
 def test_an_acknowledged_task_survives_sigkill(exported, tmp_path, omni_task):
@@ -276,8 +357,7 @@ def test_an_inner_loop_tasks_open_set_answers_are_identical_after_a_restart(omni
     finally:
         first.kill()
     with ServerProcess(omni_bundles, state, *SMALL) as second, grpc.insecure_channel(second.target) as channel:
-        after = pb_grpc.FewShotStub(channel).Classify(pb.ClassifyRequest(task_id=task, queries=queries, top_k=3,
-                                                                          reject_unknown=True))
+        after = pb_grpc.FewShotStub(channel).Classify(pb.ClassifyRequest(task_id=task, queries=queries, top_k=3, reject_unknown=True))
     assert all(p.score_name and p.threshold for p in before.predictions)
     assert after == before
 
@@ -302,7 +382,8 @@ def test_health_reflection_and_model_listing(server, stub):
         status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service="fewshot.v1.FewShot"))
         assert status.status == health_pb2.HealthCheckResponse.SERVING
         reflected = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
-            iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")])
+        )
         services = {s.name for r in reflected for s in r.list_services_response.service}
     assert {"fewshot.v1.FewShot", "grpc.health.v1.Health"} <= services
     models = {m.name: m for m in stub.ListModels(pb.ListModelsRequest()).models}
@@ -333,8 +414,13 @@ def test_concurrent_adapts_with_batching_on_equal_adapts_one_by_one(stub, omni_b
 
     sampler = EpisodeSampler(omniglot_test, 5, 1, 2, seed=29)
     episodes = [sampler.episode(i) for i in range(8)]
-    supports = [[pb.LabelledImage(image=pb.Image(encoded=png(omniglot_test.images[j])), label=str(c))
-                 for j, c in zip(ep.support, ep.support_labels)] for ep in episodes]
+    supports = [
+        [
+            pb.LabelledImage(image=pb.Image(encoded=png(omniglot_test.images[j])), label=str(c))
+            for j, c in zip(ep.support, ep.support_labels)
+        ]
+        for ep in episodes
+    ]
     queries = [[pb.Image(encoded=png(omniglot_test.images[j])) for j in ep.query] for ep in episodes]
 
     def probabilities(target_stub, task_id, q):
@@ -342,16 +428,20 @@ def test_concurrent_adapts_with_batching_on_equal_adapts_one_by_one(stub, omni_b
 
     alone = [probabilities(stub, stub.Adapt(_adapt_request(s, CXGRAD)).task_id, q) for s, q in zip(supports, queries)]
     port = free_port()
-    batching = ServerProcess(omni_bundles, tmp_path / "state", *SMALL, "--batch-adapts", "on", "--batch-delay-ms", "50",
-                             "--metrics-port", str(port))
+    batching = ServerProcess(
+        omni_bundles, tmp_path / "state", *SMALL, "--batch-adapts", "on", "--batch-delay-ms", "50", "--metrics-port", str(port)
+    )
     with batching, grpc.insecure_channel(batching.target) as channel:
         batched_stub = pb_grpc.FewShotStub(channel)
         with ThreadPoolExecutor(len(supports)) as pool:
             ids = list(pool.map(lambda s: batched_stub.Adapt(_adapt_request(s, CXGRAD)).task_id, supports))
         batched = [probabilities(batched_stub, t, q) for t, q in zip(ids, queries)]
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    calls = {line.split('le="')[1].split('"')[0]: float(line.rsplit(" ", 1)[1])
-             for line in text.splitlines() if line.startswith("fewshot_adapt_batch_tasks_bucket")}
+    calls = {
+        line.split('le="')[1].split('"')[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("fewshot_adapt_batch_tasks_bucket")
+    }
     assert calls.get("+Inf", 0.0) == 0.0, calls  # no stacked call: each task ran its own loop
     assert np.array_equal(np.array(batched).argmax(-1), np.array(alone).argmax(-1))
     np.testing.assert_allclose(np.array(batched), np.array(alone), rtol=0, atol=1e-5)

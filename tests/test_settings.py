@@ -56,8 +56,7 @@ def plugin_env(tmp_path_factory) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def knn_server(omni_bundles, tmp_path_factory, plugin_env):
     port = free_port()
-    with ServerProcess(omni_bundles, tmp_path_factory.mktemp("knn-state"), *SMALL, "--http-port", str(port),
-                       env=plugin_env) as proc:
+    with ServerProcess(omni_bundles, tmp_path_factory.mktemp("knn-state"), *SMALL, "--http-port", str(port), env=plugin_env) as proc:
         proc.http_url = f"http://127.0.0.1:{port}"
         yield proc
 
@@ -66,14 +65,23 @@ def knn_server(omni_bundles, tmp_path_factory, plugin_env):
 def task(omniglot_test) -> tuple[list[bytes], list[str], list[bytes]]:
     """A real 5-way 2-shot Omniglot task: (support PNGs, labels, query PNGs)."""
     ep = EpisodeSampler(omniglot_test, 5, 2, 2, seed=11).episode(0)
-    return ([png(omniglot_test.images[i]) for i in ep.support], [f"c{c}" for c in ep.support_labels],
-            [png(omniglot_test.images[i]) for i in ep.query])
+    return (
+        [png(omniglot_test.images[i]) for i in ep.support],
+        [f"c{c}" for c in ep.support_labels],
+        [png(omniglot_test.images[i]) for i in ep.query],
+    )
 
 
 def _grpc_adapt(stub, task, method: str, value: struct_pb2.Value) -> pb.AdaptResponse:
     images, labels, _ = task
-    return stub.Adapt(pb.AdaptRequest(model=OMNI, method=method, settings=pb.AdaptSettings(values={"knn": value}),
-                                      support=[pb.LabelledImage(image=pb.Image(encoded=b), label=y) for b, y in zip(images, labels)]))
+    return stub.Adapt(
+        pb.AdaptRequest(
+            model=OMNI,
+            method=method,
+            settings=pb.AdaptSettings(values={"knn": value}),
+            support=[pb.LabelledImage(image=pb.Image(encoded=b), label=y) for b, y in zip(images, labels)],
+        )
+    )
 
 
 def test_grpc_lists_accepts_and_bounds_the_new_setting(knn_server, task):
@@ -85,10 +93,12 @@ def test_grpc_lists_accepts_and_bounds_the_new_setting(knn_server, task):
         adapted = _grpc_adapt(stub, task, "laplacianshot", struct_pb2.Value(number_value=5))
         answer = stub.Classify(pb.ClassifyRequest(task_id=adapted.task_id, queries=[pb.Image(encoded=b) for b in task[2]]))
         assert len(answer.predictions) == len(task[2])
-        for method, value, says in [("laplacianshot", struct_pb2.Value(number_value=50), OUT_OF_BOUNDS),
-                                    ("laplacianshot", struct_pb2.Value(number_value=2.5), "knn must be an integer in 1..10, got 2.5"),
-                                    ("laplacianshot", struct_pb2.Value(string_value="five"), "knn must be a number in 1..10"),
-                                    ("centroid", struct_pb2.Value(number_value=5), "knn does not apply to method centroid")]:
+        for method, value, says in [
+            ("laplacianshot", struct_pb2.Value(number_value=50), OUT_OF_BOUNDS),
+            ("laplacianshot", struct_pb2.Value(number_value=2.5), "knn must be an integer in 1..10, got 2.5"),
+            ("laplacianshot", struct_pb2.Value(string_value="five"), "knn must be a number in 1..10"),
+            ("centroid", struct_pb2.Value(number_value=5), "knn does not apply to method centroid"),
+        ]:
             with pytest.raises(grpc.RpcError) as err:
                 _grpc_adapt(stub, task, method, value)
             assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and says in err.value.details(), err.value.details()
@@ -99,11 +109,16 @@ def test_http_json_multipart_and_the_openapi_document(knn_server, task):
     base = knn_server.http_url
     support = [{"image": {"encoded": b64(b)}, "label": y} for b, y in zip(images, labels)]
     for knn, status in ((5, 200), (50, 400)):
-        got, answer = http_call("POST", f"{base}/v1/tasks", {"model": OMNI, "method": "laplacianshot", "support": support,
-                                                            "settings": {"values": {"knn": knn}}})
+        got, answer = http_call(
+            "POST", f"{base}/v1/tasks", {"model": OMNI, "method": "laplacianshot", "support": support, "settings": {"values": {"knn": knn}}}
+        )
         assert got == status, answer
-        got, answer = http_call("POST", f"{base}/v1/tasks", files=[("images", b) for b in images],
-                                fields=[("model", OMNI), ("method", "laplacianshot"), ("knn", str(knn))] + [("labels", y) for y in labels])
+        got, answer = http_call(
+            "POST",
+            f"{base}/v1/tasks",
+            files=[("images", b) for b in images],
+            fields=[("model", OMNI), ("method", "laplacianshot"), ("knn", str(knn))] + [("labels", y) for y in labels],
+        )
         assert got == status, answer
     assert answer["code"] == "INVALID_ARGUMENT" and OUT_OF_BOUNDS in answer["message"]
     doc = http_call("GET", f"{base}/openapi.json")[1]
@@ -139,8 +154,9 @@ def test_the_sdk_sync_and_asyncio(knn_server, task):
 def _cli(tool: str, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     import os
 
-    return subprocess.run([str(Path(sys.executable).parent / tool), *args], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [str(Path(sys.executable).parent / tool), *args], capture_output=True, text=True, timeout=300, env={**os.environ, **(env or {})}
+    )
 
 
 def test_both_command_lines(knn_server, task, tmp_path, plugin_env):
@@ -165,8 +181,8 @@ def test_both_command_lines(knn_server, task, tmp_path, plugin_env):
 
 def test_triton_accepts_and_bounds_it_as_the_service_does(exported, tmp_path, plugin_env, task):
     import tritonclient.grpc as grpcclient
-    from fixtures.tritonserver import TritonProcess, TritonUnavailable
     from fixtures.transports import triton_adapt, triton_classify
+    from fixtures.tritonserver import TritonProcess, TritonUnavailable
     from tritonclient.utils import InferenceServerException
 
     from fewshot.export.registry import Registry

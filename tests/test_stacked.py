@@ -24,8 +24,13 @@ def episodes(omniglot_test):
     out = []
     for i in range(6):
         ep = sampler.episode(i)
-        out.append((SPEC.normalize(omniglot_test.images[ep.support]), torch.as_tensor(ep.support_labels),
-                    SPEC.normalize(omniglot_test.images[ep.query])))
+        out.append(
+            (
+                SPEC.normalize(omniglot_test.images[ep.support]),
+                torch.as_tensor(ep.support_labels),
+                SPEC.normalize(omniglot_test.images[ep.query]),
+            )
+        )
     return out
 
 
@@ -90,8 +95,18 @@ def test_a_plan_merges_only_support_mode_requests_of_at_most_16_queries(cxgrad, 
     assert cxgrad.adapter(bn_mode="support").adapt(support, labels).plan().group is None
 
 
-@pytest.mark.parametrize("method,head_init", [("maml", "learned"), ("mamlpp", "learned"), ("metasgd", "learned"),
-                                              ("boil", "learned"), ("cxgrad", "learned"), ("maml", "shared"), ("cxgrad", "shared")])
+@pytest.mark.parametrize(
+    "method,head_init",
+    [
+        ("maml", "learned"),
+        ("mamlpp", "learned"),
+        ("metasgd", "learned"),
+        ("boil", "learned"),
+        ("cxgrad", "learned"),
+        ("maml", "shared"),
+        ("cxgrad", "shared"),
+    ],
+)
 @pytest.mark.parametrize("bn_mode", ["support", "transductive"])
 def test_batched_adapt_equals_sequential_adapt(episodes, method, head_init, bn_mode):
     net = MetaConv4(1, 16, 28, 5, per_step_bn=3 if method == "mamlpp" else 0)
@@ -112,7 +127,8 @@ def test_batched_adapt_equals_sequential_adapt(episodes, method, head_init, bn_m
             torch.testing.assert_close(task.params[name], value, rtol=1e-2, atol=2e-3, msg=lambda m: f"{name}: {m}")
         held = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in task.params.values()}
         assert len(held) == 1 and sum(held.values()) == sum(t.nbytes for t in alone.params.values()) + sum(
-            m.nbytes + v.nbytes for m, v in alone.bn_stats or [])  # one buffer of its own, not a view of the stack
+            m.nbytes + v.nbytes for m, v in alone.bn_stats or []
+        )  # one buffer of its own, not a view of the stack
 
 
 def test_batched_adapt_of_the_shipped_cxgrad_model_equals_sequential(cxgrad, episodes):

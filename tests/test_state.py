@@ -32,10 +32,17 @@ def _support(seed: int = 0):
     return torch.randn(15, 32, generator=g), torch.arange(15) % 5, torch.randn(9, 32, generator=g), torch.randn(32, generator=g)
 
 
-@pytest.mark.parametrize("make", [lambda c: CentroidHead("CL2N", c), lambda c: CentroidHead("L2N", None),
-                                  lambda c: LaplacianShotHead(0.7, 3, "CL2N", c, rectify=True),
-                                  lambda c: LaplacianShotHead(0.3, 2, "UN", None), lambda c: LogRegHead(1e-3, "CL2N", c),
-                                  lambda c: LogRegHead(0.1, "L2N", None)])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda c: CentroidHead("CL2N", c),
+        lambda c: CentroidHead("L2N", None),
+        lambda c: LaplacianShotHead(0.7, 3, "CL2N", c, rectify=True),
+        lambda c: LaplacianShotHead(0.3, 2, "UN", None),
+        lambda c: LogRegHead(1e-3, "CL2N", c),
+        lambda c: LogRegHead(0.1, "L2N", None),
+    ],
+)
 def test_every_head_state_round_trips(make):
     features, labels, query, center = _support()
     task = MetricTask(make(center).fit(features, labels), _Model.extract)
@@ -55,8 +62,15 @@ def test_blobs_of_the_earlier_format_still_load():
     assert torch.equal(load_task(blob, _Model()).classify(query), state.classify(query))
 
 
-@pytest.mark.parametrize("blob", [b"", b"\x08" + bytes(7) + b"{}", st_save({"x": torch.zeros(1)}, metadata={"fewshot": '{"kind": "centroid"}'}),
-                                  st_save({"x": torch.zeros(1)}, metadata={"fewshot": '{"kind": "svm"}'})])
+@pytest.mark.parametrize(
+    "blob",
+    [
+        b"",
+        b"\x08" + bytes(7) + b"{}",
+        st_save({"x": torch.zeros(1)}, metadata={"fewshot": '{"kind": "centroid"}'}),
+        st_save({"x": torch.zeros(1)}, metadata={"fewshot": '{"kind": "svm"}'}),
+    ],
+)
 def test_damaged_or_unknown_blobs_are_state_errors(blob):
     with pytest.raises(StateError):
         load_task(blob, _Model())

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from concurrent.futures import ThreadPoolExecutor
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -16,8 +16,8 @@ import torch
 from fewshot.models.heads.centroid import CentroidState
 from fewshot.models.metric_adapter import MetricTask
 from fewshot.server.errors import QuotaExceeded
-from fewshot.server.store import ENTRY_OVERHEAD, TaskRecord, TaskStore, resident_bytes
 from fewshot.server.state import dump_task
+from fewshot.server.store import ENTRY_OVERHEAD, TaskRecord, TaskStore, resident_bytes
 
 pytestmark = pytest.mark.unit
 
@@ -123,8 +123,10 @@ def test_a_version_1_store_is_migrated(tmp_path):
         labels TEXT NOT NULL, created_at REAL NOT NULL, expires_at REAL NOT NULL, support_size INTEGER NOT NULL,
         state BLOB NOT NULL);""")
     rec = _record("old", _task())
-    db.execute("INSERT INTO tasks VALUES (?, ?, ?, ?, ?, ?, ?, ?)", ("old", "m", "centroid", '["a", "b"]', rec.created_at,
-                                                                     rec.expires_at, 5, rec.state))
+    db.execute(
+        "INSERT INTO tasks VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        ("old", "m", "centroid", '["a", "b"]', rec.created_at, rec.expires_at, 5, rec.state),
+    )
     db.commit()
     db.close()
     store = TaskStore(tmp_path)
@@ -150,7 +152,6 @@ def test_an_update_is_a_compare_and_set_seen_by_other_processes(database):
     time.sleep(0.06)
     assert theirs.get("t", lambda r: f"task v{r.version}")[1] == "task v2"
     assert not mine.update(dataclasses.replace(v2, task_id="missing", version=3))
-
 
 
 def test_a_store_opened_while_another_is_migrating_waits_for_it(tmp_path):
@@ -245,8 +246,9 @@ def test_postgres_schema_is_created_once_with_its_version_and_state_as_bytea(pos
         assert stores[0].database.schema_version() == SCHEMA_VERSION
         with psycopg.connect(url) as conn:
             assert conn.execute("SELECT count(*) FROM fewshot_schema").fetchone()[0] == 1
-            kind = conn.execute("SELECT data_type FROM information_schema.columns WHERE table_name = 'tasks' "
-                                "AND column_name = 'state'").fetchone()[0]
+            kind = conn.execute(
+                "SELECT data_type FROM information_schema.columns WHERE table_name = 'tasks' AND column_name = 'state'"
+            ).fetchone()[0]
             assert kind == "bytea"
             conn.execute("UPDATE fewshot_schema SET version = 99")
         from fewshot.server.store import StoreVersionError
@@ -276,8 +278,9 @@ def test_postgres_outage_answers_unavailable_keeps_cached_tasks_and_loses_nothin
     """The database stops: writes and uncached reads raise StoreUnavailable (UNAVAILABLE) within the
     connect timeout, a cached task is still served; once it is back, every acknowledged task is there
     and new writes succeed."""
-    from fewshot.server.store import StoreUnavailable
     from fixtures.postgres import PostgresServer
+
+    from fewshot.server.store import StoreUnavailable
 
     with PostgresServer() as pg:
         store = TaskStore(pg.url, recheck=0.0)

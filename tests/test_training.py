@@ -20,9 +20,32 @@ def _rows(run):
 
 def test_supervised_run_writes_checkpoints_metrics_curves_and_resumes(tmp_path):
     run = tmp_path / "sup"
-    common = ["--dataset", "omniglot", "--width", "32", "--pools", "2", "--loss", "sce", "--metric", "nca",
-              "--combine", "directsum", "--temperature", "64", "--batch-classes", "16", "--batch-shots", "4",
-              "--val-tasks", "20", "--threads", "2", "--out", str(run)]
+    common = [
+        "--dataset",
+        "omniglot",
+        "--width",
+        "32",
+        "--pools",
+        "2",
+        "--loss",
+        "sce",
+        "--metric",
+        "nca",
+        "--combine",
+        "directsum",
+        "--temperature",
+        "64",
+        "--batch-classes",
+        "16",
+        "--batch-shots",
+        "4",
+        "--val-tasks",
+        "20",
+        "--threads",
+        "2",
+        "--out",
+        str(run),
+    ]
     first = _train(*common, "--epochs", "1", "--max-steps", "25")
     assert first.returncode == 0, first.stderr
     for name in ("last.pt", "best.pt", "metrics.jsonl", "curves.png"):
@@ -37,15 +60,23 @@ def test_supervised_run_writes_checkpoints_metrics_curves_and_resumes(tmp_path):
     assert _rows(run)[-1]["step"] == 50
     # packaging tunes every registered head on validation tasks; the packaged model evaluates with each
     zoo = tmp_path / "zoo"
-    packaged = subprocess.run([sys.executable, "-m", "fewshot.cli", "package", "--run", str(run), "--name", "tiny",
-                               "--out", str(zoo), "--tune-tasks", "10"], capture_output=True, text=True, timeout=600)
+    packaged = subprocess.run(
+        [sys.executable, "-m", "fewshot.cli", "package", "--run", str(run), "--name", "tiny", "--out", str(zoo), "--tune-tasks", "10"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert packaged.returncode == 0, packaged.stderr
     card = json.loads((zoo / "tiny" / "card.json").read_text())
     assert set(card["heads"]) == {"centroid", "laplacianshot", "logreg"}
     assert set(card["head_tuning"]["accuracy"]) >= {"logreg_1shot", "logreg_5shot", "laplacianshot_1shot"}
     assert card["heads"]["logreg"]["weight_decay"]["1"] in card["heads"]["logreg"]["weight_decay_grid"]
-    row = subprocess.run([sys.executable, "-m", "fewshot.cli", "eval", "--model", str(zoo / "tiny"), "--head", "logreg",
-                          "--tasks", "5", "--json"], capture_output=True, text=True, timeout=600)
+    row = subprocess.run(
+        [sys.executable, "-m", "fewshot.cli", "eval", "--model", str(zoo / "tiny"), "--head", "logreg", "--tasks", "5", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert row.returncode == 0, row.stderr
     assert json.loads(row.stdout)["head"] == "logreg" and 20 < json.loads(row.stdout)["accuracy"] <= 100
 
@@ -54,8 +85,28 @@ def test_meta_run_writes_checkpoints_and_resumes_with_a_new_outer_lr_and_schedul
     import torch
 
     run = tmp_path / "meta"
-    common = ["--method", "cxgrad", "--dataset", "omniglot", "--width", "16", "--val-every", "4", "--val-tasks", "5",
-              "--meta-batch", "2", "--inner-steps", "2", "--bn-train", "support", "--threads", "2", "--out", str(run)]
+    common = [
+        "--method",
+        "cxgrad",
+        "--dataset",
+        "omniglot",
+        "--width",
+        "16",
+        "--val-every",
+        "4",
+        "--val-tasks",
+        "5",
+        "--meta-batch",
+        "2",
+        "--inner-steps",
+        "2",
+        "--bn-train",
+        "support",
+        "--threads",
+        "2",
+        "--out",
+        str(run),
+    ]
     proc = _train(*common, "--iterations", "4")
     assert proc.returncode == 0, proc.stderr
     assert (run / "best.pt").exists() and _rows(run)[-1]["kind"] == "val"
@@ -84,10 +135,38 @@ def test_fine_tuning_a_shipped_model_from_its_backbone_keeps_its_stem_and_resume
     from fewshot.models.zoo import ZOO_DIR
 
     run = tmp_path / "from-backbone"
-    common = ["--method", "cxgrad", "--dataset", "omniglot", "--val-every", "2", "--val-tasks", "3", "--meta-batch", "1",
-              "--inner-steps", "1", "--bn-train", "support", "--threads", "2", "--outer-lr", "1e-3", "--rule-lr", "1e-2",
-              "--init-backbone", "omniglot-conv4-directsum", "--head-init", "centroid", "--adapt-from", "3",
-              "--init-from", "omniglot-conv4-cxgrad", "--out", str(run)]
+    common = [
+        "--method",
+        "cxgrad",
+        "--dataset",
+        "omniglot",
+        "--val-every",
+        "2",
+        "--val-tasks",
+        "3",
+        "--meta-batch",
+        "1",
+        "--inner-steps",
+        "1",
+        "--bn-train",
+        "support",
+        "--threads",
+        "2",
+        "--outer-lr",
+        "1e-3",
+        "--rule-lr",
+        "1e-2",
+        "--init-backbone",
+        "omniglot-conv4-directsum",
+        "--head-init",
+        "centroid",
+        "--adapt-from",
+        "3",
+        "--init-from",
+        "omniglot-conv4-cxgrad",
+        "--out",
+        str(run),
+    ]
     proc = _train(*common, "--iterations", "2")
     assert proc.returncode == 0, proc.stderr
     shipped = load_file(str(ZOO_DIR / "omniglot-conv4-cxgrad" / "weights.safetensors"))
@@ -120,9 +199,38 @@ def test_a_ways_range_draws_each_episode_its_ways_and_validates_at_both_ends(tmp
 
     assert (fixed.support == EpisodeSampler(val, 5, 1, 2, seed=3).episode(7).support).all()
     run = tmp_path / "ways"
-    proc = _train("--method", "cxgrad", "--dataset", "omniglot", "--width", "16", "--val-every", "2", "--val-tasks", "3",
-                  "--meta-batch", "2", "--inner-steps", "1", "--bn-train", "support", "--threads", "2", "--iterations", "2",
-                  "--head-init", "shared", "--ways", "3", "--min-ways", "2", "--max-ways", "6", "--out", str(run))
+    proc = _train(
+        "--method",
+        "cxgrad",
+        "--dataset",
+        "omniglot",
+        "--width",
+        "16",
+        "--val-every",
+        "2",
+        "--val-tasks",
+        "3",
+        "--meta-batch",
+        "2",
+        "--inner-steps",
+        "1",
+        "--bn-train",
+        "support",
+        "--threads",
+        "2",
+        "--iterations",
+        "2",
+        "--head-init",
+        "shared",
+        "--ways",
+        "3",
+        "--min-ways",
+        "2",
+        "--max-ways",
+        "6",
+        "--out",
+        str(run),
+    )
     assert proc.returncode == 0, proc.stderr
     row = _rows(run)[-1]
     assert row["kind"] == "val" and set(row["by_ways"]) == {"3", "6"} and row["accuracy"] == row["by_ways"]["3"][0]
@@ -159,8 +267,28 @@ def test_average_of_snapshots_is_validated_and_kept_only_if_better(tmp_path):
     import torch
 
     run = tmp_path / "avg"
-    proc = _train("--method", "maml", "--dataset", "omniglot", "--width", "16", "--val-every", "2", "--val-tasks", "5",
-                  "--meta-batch", "2", "--inner-steps", "1", "--iterations", "6", "--threads", "2", "--out", str(run))
+    proc = _train(
+        "--method",
+        "maml",
+        "--dataset",
+        "omniglot",
+        "--width",
+        "16",
+        "--val-every",
+        "2",
+        "--val-tasks",
+        "5",
+        "--meta-batch",
+        "2",
+        "--inner-steps",
+        "1",
+        "--iterations",
+        "6",
+        "--threads",
+        "2",
+        "--out",
+        str(run),
+    )
     assert proc.returncode == 0, proc.stderr
     assert sorted(p.name for p in (run / "snapshots").iterdir()) == ["2.pt", "4.pt", "6.pt"]
     snaps = [torch.load(run / "snapshots" / f"{i}.pt", weights_only=False) for i in (4, 6)]
@@ -171,8 +299,12 @@ def test_average_of_snapshots_is_validated_and_kept_only_if_better(tmp_path):
         for k, v in mean[part].items():
             torch.testing.assert_close(v, (snaps[0][part][k] + snaps[1][part][k]) / 2)
     trained_best = torch.load(run / "best.pt", weights_only=False)["best"]
-    proc = subprocess.run([sys.executable, "-m", "fewshot.cli", "average", "--run", str(run), "--from-iteration", "4"],
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "fewshot.cli", "average", "--run", str(run), "--from-iteration", "4"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr
     row = _rows(run)[-1]
     assert row["kind"] == "val_average" and row["iterations"] == [4, 6] and row["best_single"] == trained_best
@@ -186,8 +318,12 @@ def test_average_of_snapshots_is_validated_and_kept_only_if_better(tmp_path):
             torch.testing.assert_close(v, (snaps[0]["meta"][k] + snaps[1]["meta"][k]) / 2)
     else:
         assert row["accuracy"] <= trained_best and best["best"] == trained_best and "averaged_iterations" not in best
-    proc = subprocess.run([sys.executable, "-m", "fewshot.cli", "average", "--run", str(run), "--from-iteration", "100"],
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "fewshot.cli", "average", "--run", str(run), "--from-iteration", "100"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 2 and "fewer than 2 snapshots at or after iteration 100" in proc.stderr
     assert proc.stderr.count("\n") == 1
 
@@ -201,17 +337,55 @@ def test_meta_training_under_torchrun_equals_one_process_on_the_same_tasks(tmp_p
 
     import torch
 
-    common = ["--method", "cxgrad", "--dataset", "omniglot", "--width", "16", "--val-every", "3", "--val-tasks", "5",
-              "--meta-batch", "4", "--inner-steps", "2", "--bn-train", "support", "--threads", "1", "--seed", "3"]
+    common = [
+        "--method",
+        "cxgrad",
+        "--dataset",
+        "omniglot",
+        "--width",
+        "16",
+        "--val-every",
+        "3",
+        "--val-tasks",
+        "5",
+        "--meta-batch",
+        "4",
+        "--inner-steps",
+        "2",
+        "--bn-train",
+        "support",
+        "--threads",
+        "1",
+        "--seed",
+        "3",
+    ]
     alone, together = tmp_path / "alone", tmp_path / "together"
     for iterations, resume in (("3", []), ("5", ["--resume"])):  # the same stages as below: the same log windows
         assert _train(*common, "--iterations", iterations, "--out", str(alone), *resume).returncode == 0
     torchrun = Path(sys.executable).parent / "torchrun"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for iterations, resume in (("3", []), ("5", ["--resume"])):
-        proc = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "fewshot.cli", "train", *common,
-                               "--iterations", iterations, "--out", str(together), *resume],
-                              capture_output=True, text=True, timeout=600, env=env)
+        proc = subprocess.run(
+            [
+                str(torchrun),
+                "--standalone",
+                "--nproc-per-node",
+                "2",
+                "-m",
+                "fewshot.cli",
+                "train",
+                *common,
+                "--iterations",
+                iterations,
+                "--out",
+                str(together),
+                *resume,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env=env,
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = (torch.load(run / "last.pt", weights_only=False) for run in (alone, together))
     assert a["iteration"] == b["iteration"] == 5
@@ -233,16 +407,37 @@ def test_supervised_training_under_torchrun_splits_each_batch_and_has_one_writer
     import os
     from pathlib import Path
 
-    common = ["--dataset", "omniglot", "--width", "32", "--pools", "2", "--loss", "sce", "--metric", "nca",
-              "--combine", "directsum", "--temperature", "64", "--batch-classes", "16", "--batch-shots", "4",
-              "--val-tasks", "10", "--threads", "1", "--no-amp"]
+    common = [
+        "--dataset",
+        "omniglot",
+        "--width",
+        "32",
+        "--pools",
+        "2",
+        "--loss",
+        "sce",
+        "--metric",
+        "nca",
+        "--combine",
+        "directsum",
+        "--temperature",
+        "64",
+        "--batch-classes",
+        "16",
+        "--batch-shots",
+        "4",
+        "--val-tasks",
+        "10",
+        "--threads",
+        "1",
+        "--no-amp",
+    ]
     alone, together = tmp_path / "alone", tmp_path / "together"
     torchrun = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc-per-node", "2", "-m", "fewshot.cli", "train"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for stage in (["--epochs", "1", "--max-steps", "10"], ["--epochs", "2", "--max-steps", "20", "--resume"]):
         assert _train(*common, *stage, "--out", str(alone)).returncode == 0
-        proc = subprocess.run([*torchrun, *common, *stage, "--out", str(together)], capture_output=True, text=True,
-                              timeout=600, env=env)
+        proc = subprocess.run([*torchrun, *common, *stage, "--out", str(together)], capture_output=True, text=True, timeout=600, env=env)
         assert proc.returncode == 0, proc.stderr[-3000:]
     assert [r["step"] for r in _rows(together) if r["kind"] == "val"] == [10, 20]  # one writer
     losses = [[r["loss"] for r in _rows(run) if r["kind"] == "train"] for run in (alone, together)]

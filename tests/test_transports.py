@@ -29,8 +29,13 @@ LIVE = "live"
 def support(omniglot_test) -> tuple[list[pb.LabelledImage], list[bytes]]:
     """A real 5-way 1-shot Omniglot task: (support, query PNGs)."""
     ep = EpisodeSampler(omniglot_test, 5, 1, 1, seed=3).episode(0)
-    return ([pb.LabelledImage(image=pb.Image(encoded=png(omniglot_test.images[i])), label=f"c{c}")
-             for i, c in zip(ep.support, ep.support_labels)], [png(omniglot_test.images[i]) for i in ep.query])
+    return (
+        [
+            pb.LabelledImage(image=pb.Image(encoded=png(omniglot_test.images[i])), label=f"c{c}")
+            for i, c in zip(ep.support, ep.support_labels)
+        ],
+        [png(omniglot_test.images[i]) for i in ep.query],
+    )
 
 
 def _adapt_cases(support: list[pb.LabelledImage]) -> list[tuple[str, pb.AdaptRequest, str]]:
@@ -60,10 +65,16 @@ def _classify_cases(queries: list[bytes]) -> list[tuple[str, pb.ClassifyRequest,
     return [
         ("unknown task", pb.ClassifyRequest(task_id=UNKNOWN_TASK, queries=images), "NOT_FOUND"),
         ("malformed task id", pb.ClassifyRequest(task_id="not-a-task", queries=images), "NOT_FOUND"),
-        ("threshold and target recall", pb.ClassifyRequest(task_id=LIVE, queries=images, reject_unknown=True,
-                                                           threshold=0.5, target_recall=0.9), "INVALID_ARGUMENT"),
-        ("target recall out of range", pb.ClassifyRequest(task_id=LIVE, queries=images, reject_unknown=True,
-                                                          target_recall=1.5), "INVALID_ARGUMENT"),
+        (
+            "threshold and target recall",
+            pb.ClassifyRequest(task_id=LIVE, queries=images, reject_unknown=True, threshold=0.5, target_recall=0.9),
+            "INVALID_ARGUMENT",
+        ),
+        (
+            "target recall out of range",
+            pb.ClassifyRequest(task_id=LIVE, queries=images, reject_unknown=True, target_recall=1.5),
+            "INVALID_ARGUMENT",
+        ),
         ("undecodable query", pb.ClassifyRequest(task_id=LIVE, queries=[pb.Image(encoded=b"GIF89a")]), "INVALID_ARGUMENT"),
         ("no queries", pb.ClassifyRequest(task_id=LIVE), "INVALID_ARGUMENT"),
     ]
@@ -90,8 +101,16 @@ def _http(base: str, request) -> tuple[str, str]:
 def _triton(client, request) -> tuple[str, str]:
     if isinstance(request, pb.AdaptRequest):
         settings = json_format.MessageToDict(request.settings).get("values") if request.settings.values else None
-        name, inputs = "fewshot_adapt", triton_adapt_inputs(request.model, [s.label for s in request.support],
-                                                            [s.image.encoded for s in request.support], request.method or None, settings)
+        name, inputs = (
+            "fewshot_adapt",
+            triton_adapt_inputs(
+                request.model,
+                [s.label for s in request.support],
+                [s.image.encoded for s in request.support],
+                request.method or None,
+                settings,
+            ),
+        )
     else:
         name = "fewshot_classify"
         inputs = [triton_strings("task_id", [request.task_id]), triton_strings("images", [q.encoded for q in request.queries])]

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 import tritonclient.grpc as grpcclient
-from fixtures.tritonserver import TritonProcess, TritonStartError, TritonUnavailable
 from fixtures.transports import triton_adapt, triton_adapt_inputs, triton_classify, triton_scalar, triton_strings
+from fixtures.tritonserver import TritonProcess, TritonStartError, TritonUnavailable
 from support import SHIPPED, SMALL
 from tritonclient.utils import InferenceServerException
 
@@ -64,8 +64,12 @@ def service_classify(stub, task_id: str, images: list[bytes]) -> np.ndarray:
 
 def _task(data: ImageSet, episode) -> tuple[list[str], list[bytes], list[bytes], list[str]]:
     """A real episode as PNG bytes: (support labels, support images, query images, query labels)."""
-    return ([f"class-{c}" for c in episode.support_labels], [png(data.images[i]) for i in episode.support],
-            [png(data.images[i]) for i in episode.query], [f"class-{c}" for c in episode.query_labels])
+    return (
+        [f"class-{c}" for c in episode.support_labels],
+        [png(data.images[i]) for i in episode.support],
+        [png(data.images[i]) for i in episode.query],
+        [f"class-{c}" for c in episode.query_labels],
+    )
 
 
 def _first_of_each_family() -> list[str]:
@@ -94,8 +98,12 @@ def test_backbone_features_equal_in_process_onnx_runtime(triton, client, exporte
 
             model = open_bundle(bundle, "cpu", 1)
             width = model.net.width
-            feeds = {k: v.numpy() for k, v in network_inputs(model.net, model.params, [(torch.zeros(width), torch.ones(width))] * 4,
-                                                              model.loop["steps"]).items()} | {"images": x}
+            feeds = {
+                k: v.numpy()
+                for k, v in network_inputs(
+                    model.net, model.params, [(torch.zeros(width), torch.ones(width))] * 4, model.loop["steps"]
+                ).items()
+            } | {"images": x}
             inputs = []
             for k, v in feeds.items():
                 inputs.append(grpcclient.InferInput(k, list(v.shape), "FP32"))
@@ -177,7 +185,12 @@ def test_bad_input_is_an_error_and_triton_keeps_serving(client, omniglot_test):
         ("unknown model", "fewshot_adapt", triton_adapt_inputs("resnet-9000", labels, support), "NOT_FOUND"),
         ("missing input", "fewshot_adapt", triton_adapt_inputs(OMNI, labels, support)[1:], "INVALID_ARGUMENT"),
         ("unknown task", "fewshot_classify", [triton_strings("task_id", ["0" * 32]), triton_strings("images", queries[:1])], "NOT_FOUND"),
-        ("undecodable query", "fewshot_classify", [triton_strings("task_id", [live]), triton_strings("images", [b"GIF89a"])], "INVALID_ARGUMENT"),
+        (
+            "undecodable query",
+            "fewshot_classify",
+            [triton_strings("task_id", [live]), triton_strings("images", [b"GIF89a"])],
+            "INVALID_ARGUMENT",
+        ),
     ]
     for name, model, inputs, status in cases:
         with pytest.raises(InferenceServerException) as err:
@@ -205,11 +218,14 @@ def test_triton_rejects_unknown_queries_as_the_service_does(client, stub, name):
     task_id, _ = triton_adapt(client, name, labels, support)
     service_task = service_adapt(stub, name, labels, support).task_id  # the same support, adapted by the service
     for option in ([], [triton_scalar("target_recall", 0.8)]):
-        result = client.infer("fewshot_classify", [triton_strings("task_id", [task_id]), triton_strings("images", queries),
-                                                   triton_scalar("reject_unknown", True), *option])
+        result = client.infer(
+            "fewshot_classify",
+            [triton_strings("task_id", [task_id]), triton_strings("images", queries), triton_scalar("reject_unknown", True), *option],
+        )
         recall = {"target_recall": 0.8} if option else {}
-        served = stub.Classify(pb.ClassifyRequest(task_id=service_task, queries=[pb.Image(encoded=b) for b in queries],
-                                                  reject_unknown=True, **recall))
+        served = stub.Classify(
+            pb.ClassifyRequest(task_id=service_task, queries=[pb.Image(encoded=b) for b in queries], reject_unknown=True, **recall)
+        )
         assert list(result.as_numpy("unknown")) == [p.unknown for p in served.predictions]
         np.testing.assert_allclose(result.as_numpy("scores"), [p.score for p in served.predictions], rtol=1e-6, atol=1e-6)
         assert result.as_numpy("threshold")[0] == pytest.approx(served.predictions[0].threshold)
@@ -218,8 +234,15 @@ def test_triton_rejects_unknown_queries_as_the_service_does(client, stub, name):
     plain = client.infer("fewshot_classify", [triton_strings("task_id", [task_id]), triton_strings("images", queries)])
     assert plain.as_numpy("unknown") is None  # without the option: the outputs of before
     with pytest.raises(InferenceServerException) as err:
-        client.infer("fewshot_classify", [triton_strings("task_id", [task_id]), triton_strings("images", queries[:1]),
-                                          triton_scalar("reject_unknown", True), triton_scalar("target_recall", 2.0)])
+        client.infer(
+            "fewshot_classify",
+            [
+                triton_strings("task_id", [task_id]),
+                triton_strings("images", queries[:1]),
+                triton_scalar("reject_unknown", True),
+                triton_scalar("target_recall", 2.0),
+            ],
+        )
     assert err.value.status() == "StatusCode.INVALID_ARGUMENT" and "0.5..0.99" in err.value.message()
 
 
@@ -240,11 +263,14 @@ def test_a_model_that_fails_to_load_is_named_with_the_reason(triton, tmp_path):
     """``triton`` only makes this skip where the binary cannot run; this test runs its own server."""
     folder = tmp_path / "repo" / "broken"
     (folder / "1").mkdir(parents=True)
-    (folder / "config.pbtxt").write_text('name: "broken"\nbackend: "python"\nmax_batch_size: 0\n'
-                                         'input [ { name: "x" data_type: TYPE_FP32 dims: [ 1 ] } ]\n'
-                                         'output [ { name: "y" data_type: TYPE_FP32 dims: [ 1 ] } ]\n')
-    (folder / "1" / "model.py").write_text("class TritonPythonModel:\n    def initialize(self, args):\n"
-                                           "        raise RuntimeError('no weights here')\n")
+    (folder / "config.pbtxt").write_text(
+        'name: "broken"\nbackend: "python"\nmax_batch_size: 0\n'
+        'input [ { name: "x" data_type: TYPE_FP32 dims: [ 1 ] } ]\n'
+        'output [ { name: "y" data_type: TYPE_FP32 dims: [ 1 ] } ]\n'
+    )
+    (folder / "1" / "model.py").write_text(
+        "class TritonPythonModel:\n    def initialize(self, args):\n        raise RuntimeError('no weights here')\n"
+    )
     proc = TritonProcess(tmp_path / "repo", models=["broken"], log=tmp_path / "tritonserver.log")
     with pytest.raises(TritonStartError, match=r"(?s)did not load broken: .*no weights here"):
         proc.start()

@@ -34,8 +34,12 @@ TASKS = 20
 def _cases() -> list[tuple[str, str]]:
     """Omniglot and Tiny ImageNet metric models with both heads (backbones in Triton), and every
     inner-loop model shipped (adapted networks in Triton)."""
-    cases = [(OMNI, "centroid"), (OMNI, "laplacianshot"), ("tinyimagenet-conv4-sce-nca-directsum", "centroid"),
-             ("tinyimagenet-conv4-sce-nca-directsum", "laplacianshot")]
+    cases = [
+        (OMNI, "centroid"),
+        (OMNI, "laplacianshot"),
+        ("tinyimagenet-conv4-sce-nca-directsum", "centroid"),
+        ("tinyimagenet-conv4-sce-nca-directsum", "laplacianshot"),
+    ]
     return cases + [(name, "inner_loop") for name in SHIPPED if "inner_loop" in methods_of(load_model(name).card)]
 
 
@@ -45,8 +49,7 @@ TASKS_PER_CASE = -(-TASKS // len(CASES))
 
 
 def _serve_triton(bundles, state_dir, url: str, *args: str) -> ServerProcess:
-    return ServerProcess(bundles, state_dir, *SMALL, "--feature-backend", "triton", "--triton-url", url,
-                         "--triton-timeout", "10", *args)
+    return ServerProcess(bundles, state_dir, *SMALL, "--feature-backend", "triton", "--triton-url", url, "--triton-timeout", "10", *args)
 
 
 def _stub(channel: grpc.Channel) -> pb_grpc.FewShotStub:
@@ -71,15 +74,17 @@ def _adapt_and_classify(stub, model: str, method: str, support, queries) -> tupl
 def _same(a: tuple[pb.AdaptResponse, pb.ClassifyResponse], b: tuple[pb.AdaptResponse, pb.ClassifyResponse], what: str) -> None:
     assert a[0].labels == b[0].labels and a[0].support_accuracy == b[0].support_accuracy, what
     assert [[r.label for r in p.ranked] for p in a[1].predictions] == [[r.label for r in p.ranked] for p in b[1].predictions], what
-    np.testing.assert_allclose([p.probabilities for p in a[1].predictions], [p.probabilities for p in b[1].predictions],
-                               rtol=0, atol=1e-6, err_msg=what)
+    np.testing.assert_allclose(
+        [p.probabilities for p in a[1].predictions], [p.probabilities for p in b[1].predictions], rtol=0, atol=1e-6, err_msg=what
+    )
 
 
 @pytest.fixture(scope="module")
 def triton_service(exported, triton, tmp_path_factory):
     """``fewshot serve`` over every shipped bundle with the session's Triton as its feature backend."""
-    with _serve_triton(exported[0], tmp_path_factory.mktemp("state-triton"), triton.grpc_url, "--max-support", "300",
-                       "--max-queries", "200") as proc:
+    with _serve_triton(
+        exported[0], tmp_path_factory.mktemp("state-triton"), triton.grpc_url, "--max-support", "300", "--max-queries", "200"
+    ) as proc:
         yield proc
 
 
@@ -101,8 +106,11 @@ def test_a_support_set_larger_than_tritons_max_batch_is_split(server, triton_ser
     """300 support images (20-way 15-shot) > the backbone's max_batch_size of 256: sent in parts, same task."""
     support, queries = _task(omniglot_test, 20, 15, 0, seed=3, queries=5)
     with grpc.insecure_channel(server.target) as a, grpc.insecure_channel(triton_service.target) as b:
-        _same(_adapt_and_classify(_stub(a), OMNI, "centroid", support, queries),
-              _adapt_and_classify(_stub(b), OMNI, "centroid", support, queries), "300-image support set")
+        _same(
+            _adapt_and_classify(_stub(a), OMNI, "centroid", support, queries),
+            _adapt_and_classify(_stub(b), OMNI, "centroid", support, queries),
+            "300-image support set",
+        )
 
 
 @pytest.fixture()
@@ -125,21 +133,24 @@ def test_triton_away_answers_unavailable_then_recovers(exported, own_triton, tmp
     state = tmp_path / "state"
     support, queries = _task(omniglot_test, 5, 1, 0, seed=11)
     other_support, _ = _task(omniglot_test, 5, 1, 1, seed=11)
-    with _serve_triton(_bundles_of(exported, tmp_path, OMNI), state, own_triton.grpc_url) as service, \
-            grpc.insecure_channel(service.target) as channel:
+    with (
+        _serve_triton(_bundles_of(exported, tmp_path, OMNI), state, own_triton.grpc_url) as service,
+        grpc.insecure_channel(service.target) as channel,
+    ):
         stub = _stub(channel)
         task, before = _adapt_and_classify(stub, OMNI, "laplacianshot", support, queries)
         own_triton.stop()
-        for call in (lambda: stub.Classify(pb.ClassifyRequest(task_id=task.task_id, queries=queries)),
-                     lambda: stub.Adapt(pb.AdaptRequest(model=OMNI, support=other_support))):
+        for call in (
+            lambda: stub.Classify(pb.ClassifyRequest(task_id=task.task_id, queries=queries)),
+            lambda: stub.Adapt(pb.AdaptRequest(model=OMNI, support=other_support)),
+        ):
             with pytest.raises(grpc.RpcError) as err:
                 call()
             assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "Triton" in err.value.details(), err.value.details()
         assert TaskStore(state).count() == 1, "the Adapt that failed stored nothing"
         assert stub.GetTask(pb.GetTaskRequest(task_id=task.task_id)).labels == task.labels, "task-store calls still work"
         own_triton.start()
-        after = _until_recovered(lambda: stub.Classify(pb.ClassifyRequest(task_id=task.task_id, queries=queries,
-                                                                          top_k=len(task.labels))))
+        after = _until_recovered(lambda: stub.Classify(pb.ClassifyRequest(task_id=task.task_id, queries=queries, top_k=len(task.labels))))
         _same((task, before), (task, after), "the task classifies as before the outage")
         assert stub.Adapt(pb.AdaptRequest(model=OMNI, support=other_support)).task_id
         assert TaskStore(state).count() == 2
@@ -159,9 +170,23 @@ def _until_recovered(call, seconds: float = 10.0):
 
 
 def _serve_and_fail(exported, tmp_path, url: str, *names: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "fewshot.cli", "serve", "--models", str(_bundles_of(exported, tmp_path, *names)),
-           "--state-dir", str(tmp_path / "state"), "--port", str(free_port()), *SMALL, "--feature-backend", "triton",
-           "--triton-url", url]
+    cmd = [
+        sys.executable,
+        "-m",
+        "fewshot.cli",
+        "serve",
+        "--models",
+        str(_bundles_of(exported, tmp_path, *names)),
+        "--state-dir",
+        str(tmp_path / "state"),
+        "--port",
+        str(free_port()),
+        *SMALL,
+        "--feature-backend",
+        "triton",
+        "--triton-url",
+        url,
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
 
 
@@ -183,8 +208,9 @@ def test_start_up_check_refuses_a_model_with_other_tensors(exported, triton, tmp
     with TritonProcess(repo, venv=triton.venv, models=[backbone_model_name(OMNI)], log=tmp_path / "triton.log") as wrong:
         result = _serve_and_fail(exported, tmp_path, wrong.grpc_url, OMNI)
     assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
-    assert (f"{backbone_model_name(OMNI)} input is images FP32 [-1, 3, 64, 64], the bundle needs images FP32 [-1, 1, 28, 28]"
-            in result.stderr), result.stderr
+    assert (
+        f"{backbone_model_name(OMNI)} input is images FP32 [-1, 3, 64, 64], the bundle needs images FP32 [-1, 1, 28, 28]" in result.stderr
+    ), result.stderr
     assert "output is features FP32" in result.stderr
 
 

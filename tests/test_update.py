@@ -51,8 +51,9 @@ def _probabilities(task, queries) -> np.ndarray:
     return np.array([[p.scores[label] for label in task.labels] for p in task.classify(queries)])
 
 
-@pytest.mark.parametrize("name,method,ways", [(OMNI, "centroid", 7), (OMNI, "laplacianshot", 7), (OMNI, "logreg", 7),
-                                              (CXGRAD, "inner_loop", 7)])
+@pytest.mark.parametrize(
+    "name,method,ways", [(OMNI, "centroid", 7), (OMNI, "laplacianshot", 7), (OMNI, "logreg", 7), (CXGRAD, "inner_loop", 7)]
+)
 def test_an_update_equals_a_fresh_adapt_on_the_union(client, data, name, method, ways):
     """Start from a 1-shot task; add shots (and, where the model allows more ways, new classes); then
     remove a class (metric heads). After each step the task predicts exactly as a fresh Adapt on the
@@ -108,8 +109,12 @@ def test_updates_of_two_servers_on_one_store_are_serialised(exported, tmp_path, 
     the loser re-adapts on the new version, so none is lost."""
     images, labels, _ = _episode(data, 11, 1, seed=13)
     state = tmp_path / "shared-state"
-    with ServerProcess(exported[0], state, *SMALL) as a, ServerProcess(exported[0], state, *SMALL) as b, \
-            FewShotClient(a.target) as ca, FewShotClient(b.target) as cb:
+    with (
+        ServerProcess(exported[0], state, *SMALL) as a,
+        ServerProcess(exported[0], state, *SMALL) as b,
+        FewShotClient(a.target) as ca,
+        FewShotClient(b.target) as cb,
+    ):
         task = ca.adapt(images[:5], labels[:5], OMNI)
         start = threading.Barrier(6)
 
@@ -151,8 +156,8 @@ def test_a_sigkill_during_updates_leaves_one_whole_version(exported, tmp_path, d
     with ServerProcess(exported[0], state, *SMALL) as again, FewShotClient(again.target) as c:
         info = c.task_info(task_id)
         assert info.version >= max(acknowledged)  # nothing acknowledged is lost (one more may have committed)
-        assert info.labels == labels[:4 + info.version] and info.support_size == len(info.labels)
-        fresh = c.adapt(images[:len(info.labels)], info.labels, OMNI)  # the version's own union, whole
+        assert info.labels == labels[: 4 + info.version] and info.support_size == len(info.labels)
+        fresh = c.adapt(images[: len(info.labels)], info.labels, OMNI)  # the version's own union, whole
         np.testing.assert_array_equal(_probabilities(c.task(task_id), queries), _probabilities(fresh, queries))
 
 
@@ -171,8 +176,12 @@ def test_bad_updates_get_clear_statuses_and_change_nothing(client, server, data)
         ("past the support limit", lambda: client.update(task.id, images[:1] * 301, ["x"] * 301), ResourceExhausted, "at most 300"),
         ("union past the support limit", lambda: client.update(task.id, images[:1] * 296, ["x"] * 296), ResourceExhausted, "at most 300"),
         ("stale expected version", lambda: client.update(task.id, images[:1], labels[:1], expected_version=7), Aborted, "version 1"),
-        ("past the model's most classes", lambda: client.update(cx.id, images[:1] * 46, [f"n{i}" for i in range(46)]),
-         InvalidArgument, "at most 50"),
+        (
+            "past the model's most classes",
+            lambda: client.update(cx.id, images[:1] * 46, [f"n{i}" for i in range(46)]),
+            InvalidArgument,
+            "at most 50",
+        ),
     ]
     for name, call, error, message in cases:
         with pytest.raises(error) as err:
@@ -187,13 +196,21 @@ def test_cli_update(client, server, data, tmp_path):
     task = client.adapt(images[:5], labels[:5], OMNI)
     (tmp_path / labels[5]).mkdir()
     (tmp_path / labels[5] / "new.png").write_bytes(images[5])
-    run = subprocess.run([sys.executable, "-m", "fewshot_client.cli", "--target", server.target, "update", "--task", task.id,
-                          "--support", str(tmp_path)], capture_output=True, text=True, timeout=60)
+    run = subprocess.run(
+        [sys.executable, "-m", "fewshot_client.cli", "--target", server.target, "update", "--task", task.id, "--support", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert run.returncode == 0, run.stderr
     assert run.stdout == "2\n" and "version 2" in run.stderr and run.stderr.count("\n") == 1
     assert client.task_info(task.id).labels == labels
-    nothing = subprocess.run([sys.executable, "-m", "fewshot_client.cli", "--target", server.target, "update", "--task",
-                              task.id], capture_output=True, text=True, timeout=60)
+    nothing = subprocess.run(
+        [sys.executable, "-m", "fewshot_client.cli", "--target", server.target, "update", "--task", task.id],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert nothing.returncode == 1 and "nothing to update" in nothing.stderr and nothing.stderr.count("\n") == 1
 
 

@@ -40,8 +40,9 @@ def _test_split(dataset: str):
 
 
 def _support(data, ep) -> list[pb.LabelledImage]:
-    return [pb.LabelledImage(image=pb.Image(encoded=png(data.images[j])), label=f"class-{c}")
-            for j, c in zip(ep.support, ep.support_labels)]
+    return [
+        pb.LabelledImage(image=pb.Image(encoded=png(data.images[j])), label=f"class-{c}") for j, c in zip(ep.support, ep.support_labels)
+    ]
 
 
 def test_listmodels_reports_the_range_of_classes_of_every_inner_loop_model(stub):
@@ -67,7 +68,9 @@ def test_served_predictions_equal_the_bundle_in_process_at_every_number_of_class
         ep = EpisodeSampler(data, ways, 1, 3, seed=100 * ways + i).episode(0)
         task = stub.Adapt(pb.AdaptRequest(model=name, support=_support(data, ep)))
         assert list(task.labels) == [f"class-{c}" for c in range(ways)]
-        response = stub.Classify(pb.ClassifyRequest(task_id=task.task_id, queries=[pb.Image(encoded=png(data.images[j])) for j in ep.query]))
+        response = stub.Classify(
+            pb.ClassifyRequest(task_id=task.task_id, queries=[pb.Image(encoded=png(data.images[j])) for j in ep.query])
+        )
         served = np.array([list(p.probabilities) for p in response.predictions])
         local = adapter.adapt(spec.normalize(data.images[ep.support]), torch.as_tensor(ep.support_labels))
         expected = local.classify(spec.normalize(data.images[ep.query])).numpy()

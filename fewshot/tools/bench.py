@@ -44,9 +44,17 @@ def _timed(fn, *args, **kwargs) -> tuple[Any, float]:
     return out, 1e3 * (time.perf_counter() - start)
 
 
-def bench_service(target: str, models: list[str] | None = None, concurrency: tuple[int, ...] = (1, 8),
-                  requests: int = 64, shots: int = 5, queries: int = 15, warmup: int = 4, seed: int = 0,
-                  token: str | None = None) -> list[dict]:
+def bench_service(
+    target: str,
+    models: list[str] | None = None,
+    concurrency: tuple[int, ...] = (1, 8),
+    requests: int = 64,
+    shots: int = 5,
+    queries: int = 15,
+    warmup: int = 4,
+    seed: int = 0,
+    token: str | None = None,
+) -> list[dict]:
     """One row per (model, method, concurrency)."""
     from fewshot_client import FewShotClient
 
@@ -66,8 +74,7 @@ def bench_service(target: str, models: list[str] | None = None, concurrency: tup
     return rows
 
 
-def _bench_one(client, model: str, method: str, episodes: list[EncodedTask], warmup: int, concurrency: int,
-               ways: int, shots: int) -> dict:
+def _bench_one(client, model: str, method: str, episodes: list[EncodedTask], warmup: int, concurrency: int, ways: int, shots: int) -> dict:
     def adapt(t: EncodedTask):
         return _timed(client.adapt, t.support, t.support_labels, model=model, method=method)
 
@@ -85,27 +92,50 @@ def _bench_one(client, model: str, method: str, episodes: list[EncodedTask], war
         classify_wall = time.perf_counter() - start
         list(pool.map(lambda a: a[0].delete(), adapted))
     images = sum(len(t.queries) for t in work)
-    return {"model": model, "method": method, "ways": ways, "shots": shots, "queries_per_call": len(work[0].queries),
-            "concurrency": concurrency, "requests": len(work), "adapt": percentiles([ms for _, ms in adapted]),
-            "adapt_per_s": round(len(work) / adapt_wall, 1), "classify": percentiles([ms for _, ms in classified]),
-            "classify_images_per_s": round(images / classify_wall, 1)}
+    return {
+        "model": model,
+        "method": method,
+        "ways": ways,
+        "shots": shots,
+        "queries_per_call": len(work[0].queries),
+        "concurrency": concurrency,
+        "requests": len(work),
+        "adapt": percentiles([ms for _, ms in adapted]),
+        "adapt_per_s": round(len(work) / adapt_wall, 1),
+        "classify": percentiles([ms for _, ms in classified]),
+        "classify_images_per_s": round(images / classify_wall, 1),
+    }
 
 
 def describe_service(row: dict) -> str:
     a, c = row["adapt"], row["classify"]
-    return (f"{row['model']:37s} {row['method']:13s} c={row['concurrency']:<2d} Adapt ({row['ways']}x{row['shots']}) "
-            f"p50/p90/p99 {a['p50_ms']:.1f}/{a['p90_ms']:.1f}/{a['p99_ms']:.1f} ms | Classify ({row['queries_per_call']} images) "
-            f"p50/p90/p99 {c['p50_ms']:.1f}/{c['p90_ms']:.1f}/{c['p99_ms']:.1f} ms, {row['classify_images_per_s']:.0f} images/s")
+    return (
+        f"{row['model']:37s} {row['method']:13s} c={row['concurrency']:<2d} Adapt ({row['ways']}x{row['shots']}) "
+        f"p50/p90/p99 {a['p50_ms']:.1f}/{a['p90_ms']:.1f}/{a['p99_ms']:.1f} ms | Classify ({row['queries_per_call']} images) "
+        f"p50/p90/p99 {c['p50_ms']:.1f}/{c['p90_ms']:.1f}/{c['p99_ms']:.1f} ms, {row['classify_images_per_s']:.0f} images/s"
+    )
 
 
 def _spread(ms: list[float]) -> dict[str, float]:
-    return {"median_ms": round(float(np.median(ms)), 2), "p10_ms": round(float(np.percentile(ms, 10)), 2),
-            "p90_ms": round(float(np.percentile(ms, 90)), 2)}
+    return {
+        "median_ms": round(float(np.median(ms)), 2),
+        "p10_ms": round(float(np.percentile(ms, 10)), 2),
+        "p90_ms": round(float(np.percentile(ms, 90)), 2),
+    }
 
 
-def bench_in_process(model_name: str, ways: int = 5, shots: int = 5, queries: int = 15, repeats: int = 20,
-                     warmup: int = 3, head: str | None = None, device: str = "auto", threads: int = 0,
-                     seed: int = 0) -> dict:
+def bench_in_process(
+    model_name: str,
+    ways: int = 5,
+    shots: int = 5,
+    queries: int = 15,
+    repeats: int = 20,
+    warmup: int = 3,
+    head: str | None = None,
+    device: str = "auto",
+    threads: int = 0,
+    seed: int = 0,
+) -> dict:
     """One row: ``repeats`` timed tasks (after ``warmup`` untimed ones) of the model's ``head`` (default:
     its own method), the backbone in ONNX Runtime; ``threads`` > 0 sets torch's thread count."""
     from fewshot.models.family import open_shipped
@@ -133,16 +163,28 @@ def bench_in_process(model_name: str, ways: int = 5, shots: int = 5, queries: in
         if i >= warmup:
             adapt_ms.append(1e3 * (t1 - t0))
             classify_ms.append(1e3 * (t2 - t1))
-    return {"model": model.name, "what": what, "ways": ways, "shots": shots, "queries": queries * ways,
-            "repeats": repeats, "device": str(torch_device(device)), "threads": torch.get_num_threads(),
-            "cpu": platform.processor() or platform.machine(), "adapt": _spread(adapt_ms), "classify": _spread(classify_ms)}
+    return {
+        "model": model.name,
+        "what": what,
+        "ways": ways,
+        "shots": shots,
+        "queries": queries * ways,
+        "repeats": repeats,
+        "device": str(torch_device(device)),
+        "threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(),
+        "adapt": _spread(adapt_ms),
+        "classify": _spread(classify_ms),
+    }
 
 
 def describe_in_process(row: dict) -> str:
     a, c = row["adapt"], row["classify"]
-    return (f"{row['model']} ({row['what']}), {row['ways']}-way {row['shots']}-shot, {row['repeats']} tasks on {row['device']} "
-            f"({row['threads']} threads): adapt median {a['median_ms']} ms [p10 {a['p10_ms']}, p90 {a['p90_ms']}], "
-            f"classify {row['queries']} queries median {c['median_ms']} ms [p10 {c['p10_ms']}, p90 {c['p90_ms']}]")
+    return (
+        f"{row['model']} ({row['what']}), {row['ways']}-way {row['shots']}-shot, {row['repeats']} tasks on {row['device']} "
+        f"({row['threads']} threads): adapt median {a['median_ms']} ms [p10 {a['p10_ms']}, p90 {a['p90_ms']}], "
+        f"classify {row['queries']} queries median {c['median_ms']} ms [p10 {c['p10_ms']}, p90 {c['p90_ms']}]"
+    )
 
 
 def _compare(args: argparse.Namespace) -> None:
@@ -155,8 +197,10 @@ def _compare(args: argparse.Namespace) -> None:
     log = (lambda row: None) if args.json else print
     if not args.bundles:
         ensure_bundles(bundles, args.model or shipped_models())
-    print(f"fewshot bench --compare: {torch.get_num_threads()} torch threads, threads={args.threads} per call, "
-          f"{platform.processor() or platform.machine()}; ratios, not times, are what carry between machines")
+    print(
+        f"fewshot bench --compare: {torch.get_num_threads()} torch threads, threads={args.threads} per call, "
+        f"{platform.processor() or platform.machine()}; ratios, not times, are what carry between machines"
+    )
     rows = []
     if "classify" in args.sections:
         rows += compare_classify(bundles, args.model, calls=args.calls, threads=args.threads, seed=args.seed, log=log)
@@ -177,14 +221,18 @@ def run_bench(args: argparse.Namespace) -> None:
     if args.compare:
         _compare(args)
     elif args.target:
-        print(f"fewshot bench --target {args.target}: {args.requests} calls per row, 5-way {args.shots}-shot, "
-              f"{args.queries} queries per class, PNG bytes through the client SDK")
-        for row in bench_service(args.target, args.model, tuple(args.concurrency), args.requests, args.shots,
-                                 args.queries, args.warmup, args.seed, args.token):
+        print(
+            f"fewshot bench --target {args.target}: {args.requests} calls per row, 5-way {args.shots}-shot, "
+            f"{args.queries} queries per class, PNG bytes through the client SDK"
+        )
+        for row in bench_service(
+            args.target, args.model, tuple(args.concurrency), args.requests, args.shots, args.queries, args.warmup, args.seed, args.token
+        ):
             print(json.dumps(row) if args.json else describe_service(row), flush=True)
     else:
         if not args.model or len(args.model) != 1:
             raise ConfigError("in-process bench takes exactly one --model (or use --target HOST:PORT)")
-        row = bench_in_process(args.model[0], args.ways, args.shots, args.queries, args.repeats, args.warmup,
-                               args.head, args.device, args.threads, args.seed)
+        row = bench_in_process(
+            args.model[0], args.ways, args.shots, args.queries, args.repeats, args.warmup, args.head, args.device, args.threads, args.seed
+        )
         print(json.dumps(row) if args.json else describe_in_process(row))

@@ -24,9 +24,10 @@ from __future__ import annotations
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -46,6 +47,7 @@ QUERIES, CONCURRENCY = (1, 8, 64), (1, 8)
 
 def _calls(fn: Callable[[int], Any], calls: int, concurrency: int) -> tuple[list[float], float]:
     """``fn(i)`` for ``i < calls`` from ``concurrency`` threads -> (per-call ms, wall seconds)."""
+
     def timed(i: int) -> float:
         start = time.perf_counter()
         fn(i)
@@ -59,14 +61,24 @@ def _calls(fn: Callable[[int], Any], calls: int, concurrency: int) -> tuple[list
 
 def _side(ms_rounds: list[list[float]], walls: list[float], images: int) -> dict[str, float]:
     """Median over rounds of p50 latency and of throughput."""
-    return {"p50_ms": round(statistics.median(float(np.median(m)) for m in ms_rounds), 2),
-            "p90_ms": round(statistics.median(float(np.percentile(m, 90)) for m in ms_rounds), 2),
-            "images_per_s": round(statistics.median(images / w for w in walls), 1)}
+    return {
+        "p50_ms": round(statistics.median(float(np.median(m)) for m in ms_rounds), 2),
+        "p90_ms": round(statistics.median(float(np.percentile(m, 90)) for m in ms_rounds), 2),
+        "images_per_s": round(statistics.median(images / w for w in walls), 1),
+    }
 
 
-def compare_classify(bundles: Path, models: list[str] | None = None, queries: tuple[int, ...] = QUERIES,
-                     concurrency: tuple[int, ...] = CONCURRENCY, calls: int = 32, rounds: int = 3, threads: int = 0,
-                     seed: int = 0, log: Callable[[str], None] = print) -> list[dict]:
+def compare_classify(
+    bundles: Path,
+    models: list[str] | None = None,
+    queries: tuple[int, ...] = QUERIES,
+    concurrency: tuple[int, ...] = CONCURRENCY,
+    calls: int = 32,
+    rounds: int = 3,
+    threads: int = 0,
+    seed: int = 0,
+    log: Callable[[str], None] = print,
+) -> list[dict]:
     """One row per (model, queries per call, concurrency)."""
     from fewshot.tools.launch import ServerProcess
     from fewshot_client import FewShotClient
@@ -75,8 +87,10 @@ def compare_classify(bundles: Path, models: list[str] | None = None, queries: tu
     names = models or sorted(registry.bundles)
     rows = []
     with tempfile.TemporaryDirectory(prefix="fewshot-compare-") as state:
-        with ServerProcess(bundles, Path(state), "--threads", str(threads), "--metrics-port", "0",
-                           log=Path(state) / "serve.log") as server, FewShotClient(server.target, timeout=300) as client:
+        with (
+            ServerProcess(bundles, Path(state), "--threads", str(threads), "--metrics-port", "0", log=Path(state) / "serve.log") as server,
+            FewShotClient(server.target, timeout=300) as client,
+        ):
             for name in names:
                 model = open_bundle(registry.get(name), "cpu", threads)
                 data = load_dataset(model.manifest["data"]["dataset"], "test")
@@ -84,12 +98,13 @@ def compare_classify(bundles: Path, models: list[str] | None = None, queries: tu
                 ep = EpisodeSampler(data, ways, 5, 15, seed).episode(0)
                 support = model.spec.normalize(data.images[ep.support])
                 task = model.adapter().adapt(support, torch.as_tensor(ep.support_labels))
-                served = client.adapt([encode_png(data.images[i]) for i in ep.support],
-                                      [f"class-{c}" for c in ep.support_labels], model=name)
+                served = client.adapt(
+                    [encode_png(data.images[i]) for i in ep.support], [f"class-{c}" for c in ep.support_labels], model=name
+                )
                 pool = np.random.default_rng(seed).choice(len(data.images), max(queries) * 4, replace=False)
                 raw_run = _raw_engine(model, task)
                 for q in queries:
-                    picks = [pool[(i * q) % len(pool):][:q] for i in range(calls)]
+                    picks = [pool[(i * q) % len(pool) :][:q] for i in range(calls)]
                     picks = [p if len(p) == q else pool[:q] for p in picks]
                     tensors = [np.ascontiguousarray(model.spec.normalize(data.images[p]).numpy()) for p in picks]
                     pngs = [[encode_png(data.images[i]) for i in p] for p in picks]
@@ -105,10 +120,18 @@ def compare_classify(bundles: Path, models: list[str] | None = None, queries: tu
                             srv_ms.append(ms)
                             srv_wall.append(wall)
                         raw, srv = _side(raw_ms, raw_wall, q * calls), _side(srv_ms, srv_wall, q * calls)
-                        row = {"model": name, "queries": q, "concurrency": c, "calls": calls, "rounds": rounds,
-                               "threads": threads, "raw": raw, "served": srv,
-                               "throughput_ratio": round(srv["images_per_s"] / raw["images_per_s"], 2),
-                               "p50_overhead_ms": round(srv["p50_ms"] - raw["p50_ms"], 2)}
+                        row = {
+                            "model": name,
+                            "queries": q,
+                            "concurrency": c,
+                            "calls": calls,
+                            "rounds": rounds,
+                            "threads": threads,
+                            "raw": raw,
+                            "served": srv,
+                            "throughput_ratio": round(srv["images_per_s"] / raw["images_per_s"], 2),
+                            "p50_overhead_ms": round(srv["p50_ms"] - raw["p50_ms"], 2),
+                        }
                         log(describe_classify(row))
                         rows.append(row)
                 served.delete()
@@ -128,14 +151,23 @@ def _raw_engine(model: Any, task: Any) -> Callable[[np.ndarray], np.ndarray]:
 
 def describe_classify(row: dict) -> str:
     r, s = row["raw"], row["served"]
-    return (f"{row['model']:37s} Classify {row['queries']:2d} queries c={row['concurrency']}: raw engine p50 "
-            f"{r['p50_ms']:7.2f} ms {r['images_per_s']:7.0f} img/s | served p50 {s['p50_ms']:7.2f} ms "
-            f"{s['images_per_s']:7.0f} img/s | ratio {row['throughput_ratio']:.2f}, overhead {row['p50_overhead_ms']:+.2f} ms")
+    return (
+        f"{row['model']:37s} Classify {row['queries']:2d} queries c={row['concurrency']}: raw engine p50 "
+        f"{r['p50_ms']:7.2f} ms {r['images_per_s']:7.0f} img/s | served p50 {s['p50_ms']:7.2f} ms "
+        f"{s['images_per_s']:7.0f} img/s | ratio {row['throughput_ratio']:.2f}, overhead {row['p50_overhead_ms']:+.2f} ms"
+    )
 
 
 # -- adaptation -------------------------------------------------------------------------------------
-def compare_adapt(bundles: Path, models: list[str] | None = None, shots: int = 5, repeats: int = 10, warmup: int = 3,
-                  seed: int = 0, log: Callable[[str], None] = print) -> list[dict]:
+def compare_adapt(
+    bundles: Path,
+    models: list[str] | None = None,
+    shots: int = 5,
+    repeats: int = 10,
+    warmup: int = 3,
+    seed: int = 0,
+    log: Callable[[str], None] = print,
+) -> list[dict]:
     """One row per inner-loop model: engine and reference p50 of one Adapt, ratio, logit agreement."""
     registry = Registry.load(bundles)
     rows = []
@@ -177,20 +209,32 @@ def compare_adapt(bundles: Path, models: list[str] | None = None, shots: int = 5
             if plain:
                 ref_ms.append(1e3 * (end - mid))
                 # the same loop on the engine's channels-last layout: the same rounding, so the same result
-                cl_params, cl_stats = reference_maml(model.params, xs.contiguous(memory_format=torch.channels_last), ys,
-                                                     loop["steps"], loop["alpha"], model.net.bn_eps)
+                cl_params, cl_stats = reference_maml(
+                    model.params, xs.contiguous(memory_format=torch.channels_last), ys, loop["steps"], loop["alpha"], model.net.bn_eps
+                )
                 with torch.no_grad():
                     ref = reference_forward(params, xq, stats, model.net.bn_eps)
                     same = reference_forward(cl_params, xq, cl_stats, model.net.bn_eps)
                 mine = state.logits(xq)
                 worst = max(worst, float((same.softmax(1) - mine.softmax(1)).abs().max()))
                 worst_layout = max(worst_layout, float((ref.softmax(1) - mine.softmax(1)).abs().max()))
-        row = {"model": name, "method": model.manifest["method"], "ways": ways, "shots": shots, "steps": loop["steps"],
-               "repeats": repeats, "threads": torch.get_num_threads(), "engine_p50_ms": round(float(np.median(engine_ms)), 1)}
+        row = {
+            "model": name,
+            "method": model.manifest["method"],
+            "ways": ways,
+            "shots": shots,
+            "steps": loop["steps"],
+            "repeats": repeats,
+            "threads": torch.get_num_threads(),
+            "engine_p50_ms": round(float(np.median(engine_ms)), 1),
+        }
         if plain:
-            row |= {"reference_p50_ms": round(float(np.median(ref_ms)), 1),
-                    "speedup": round(float(np.median(ref_ms)) / float(np.median(engine_ms)), 2),
-                    "max_abs_probability_diff": worst, "max_abs_probability_diff_nchw": worst_layout}
+            row |= {
+                "reference_p50_ms": round(float(np.median(ref_ms)), 1),
+                "speedup": round(float(np.median(ref_ms)) / float(np.median(engine_ms)), 2),
+                "max_abs_probability_diff": worst,
+                "max_abs_probability_diff_nchw": worst_layout,
+            }
             if worst > 1e-4:
                 raise AssertionError(f"{name}: the engine's and the reference loop's probabilities differ by {worst:.2e} > 1e-4")
         if bf16_ms:
@@ -203,17 +247,33 @@ def compare_adapt(bundles: Path, models: list[str] | None = None, shots: int = 5
 
 
 def describe_adapt(row: dict) -> str:
-    ref = (f"reference loop p50 {row['reference_p50_ms']:.1f} ms, engine {row['speedup']:.2f}x the reference, probabilities "
-           f"within {row['max_abs_probability_diff']:.1e} (of the NCHW reference: {row['max_abs_probability_diff_nchw']:.1e})") if "speedup" in row else "no plain reference for this rule"
-    half = (f" | bfloat16 p50 {row['bf16_p50_ms']:.1f} ms" + (f", {row['bf16_speedup']:.2f}x the reference" if "bf16_speedup" in row else "")
-            + f", top-1 agreement with float32 {100 * row['bf16_top1_agreement']:.2f}%") if "bf16_p50_ms" in row else ""
-    return (f"{row['model']:37s} Adapt {row['ways']}-way {row['shots']}-shot, {row['steps']} steps: engine p50 "
-            f"{row['engine_p50_ms']:.1f} ms | {ref}{half}")
+    ref = (
+        (
+            f"reference loop p50 {row['reference_p50_ms']:.1f} ms, engine {row['speedup']:.2f}x the reference, probabilities "
+            f"within {row['max_abs_probability_diff']:.1e} (of the NCHW reference: {row['max_abs_probability_diff_nchw']:.1e})"
+        )
+        if "speedup" in row
+        else "no plain reference for this rule"
+    )
+    half = (
+        (
+            f" | bfloat16 p50 {row['bf16_p50_ms']:.1f} ms"
+            + (f", {row['bf16_speedup']:.2f}x the reference" if "bf16_speedup" in row else "")
+            + f", top-1 agreement with float32 {100 * row['bf16_top1_agreement']:.2f}%"
+        )
+        if "bf16_p50_ms" in row
+        else ""
+    )
+    return (
+        f"{row['model']:37s} Adapt {row['ways']}-way {row['shots']}-shot, {row['steps']} steps: engine p50 "
+        f"{row['engine_p50_ms']:.1f} ms | {ref}{half}"
+    )
 
 
 # -- cold start -------------------------------------------------------------------------------------
-def compare_cold_start(bundles: Path, models: list[str] | None = None, later: int = 5, seed: int = 0,
-                       log: Callable[[str], None] = print) -> list[dict]:
+def compare_cold_start(
+    bundles: Path, models: list[str] | None = None, later: int = 5, seed: int = 0, log: Callable[[str], None] = print
+) -> list[dict]:
     """Per model and ``--warmup-tasks`` 0 or 1: a fresh ``fewshot serve``, then the first Adapt and the
     median of the ``later`` ones after it (5-way 5-shot real tasks of the model's own method)."""
     from fewshot.tools.launch import ServerProcess
@@ -239,17 +299,32 @@ def compare_cold_start(bundles: Path, models: list[str] | None = None, later: in
                             start = time.perf_counter()
                             client.adapt(images, labels, model=name).delete()
                             ms.append(1e3 * (time.perf_counter() - start))
-            row = {"model": name, "warmup_tasks": warm, "start_s": round(ready, 1), "first_adapt_ms": round(ms[0], 1),
-                   "later_adapt_p50_ms": round(float(np.median(ms[1:])), 1)}
-            log(f"{name:37s} --warmup-tasks {warm}: server ready in {row['start_s']:5.1f} s, first Adapt "
-                f"{row['first_adapt_ms']:7.1f} ms, next {later} p50 {row['later_adapt_p50_ms']:7.1f} ms")
+            row = {
+                "model": name,
+                "warmup_tasks": warm,
+                "start_s": round(ready, 1),
+                "first_adapt_ms": round(ms[0], 1),
+                "later_adapt_p50_ms": round(float(np.median(ms[1:])), 1),
+            }
+            log(
+                f"{name:37s} --warmup-tasks {warm}: server ready in {row['start_s']:5.1f} s, first Adapt "
+                f"{row['first_adapt_ms']:7.1f} ms, next {later} p50 {row['later_adapt_p50_ms']:7.1f} ms"
+            )
             rows.append(row)
     return rows
 
 
 # -- many tasks at once -----------------------------------------------------------------------------
-def compare_many_tasks(bundles: Path, models: list[str] | None = None, tasks: int = 16, calls: int = 24, rounds: int = 2,
-                       adapt_tasks: tuple[int, ...] = (1, 8, 32), seed: int = 0, log: Callable[[str], None] = print) -> list[dict]:
+def compare_many_tasks(
+    bundles: Path,
+    models: list[str] | None = None,
+    tasks: int = 16,
+    calls: int = 24,
+    rounds: int = 2,
+    adapt_tasks: tuple[int, ...] = (1, 8, 32),
+    seed: int = 0,
+    log: Callable[[str], None] = print,
+) -> list[dict]:
     """Per inner-loop model: (1) the engine: ``tasks`` tasks' one-query Classify as one network call
     each vs one stacked call (:class:`~fewshot.models.inner_loop.stacked.StackedClassify`), and Adapt of
     ``n`` 5-way 1-shot tasks one by one vs stacked (``adapt_many``); (2) served: ``tasks`` client
@@ -287,14 +362,19 @@ def compare_many_tasks(bundles: Path, models: list[str] | None = None, tasks: in
                 fn()
                 times[key].append(1e3 * (time.perf_counter() - start))
         per, stacked = (float(np.median(times[k][3:])) for k in ("per_task", "stacked"))
-        row = {"model": name, "section": "engine classify", "tasks": tasks, "per_task_p50_ms": round(per, 2),
-               "stacked_p50_ms": round(stacked, 2), "speedup": round(per / stacked, 2)}
-        log(f"{name:37s} engine: {tasks} tasks x 1 query, one call each p50 {per:.2f} ms, stacked {stacked:.2f} ms: "
-            f"{row['speedup']:.2f}x")
+        row = {
+            "model": name,
+            "section": "engine classify",
+            "tasks": tasks,
+            "per_task_p50_ms": round(per, 2),
+            "stacked_p50_ms": round(stacked, 2),
+            "speedup": round(per / stacked, 2),
+        }
+        log(f"{name:37s} engine: {tasks} tasks x 1 query, one call each p50 {per:.2f} ms, stacked {stacked:.2f} ms: {row['speedup']:.2f}x")
         rows.append(row)
         for n in adapt_tasks:
             seq_s, many_s = [], []
-            for r in range(3):
+            for _r in range(3):
                 start = time.perf_counter()
                 for x, y in zip(supports[:n], labels[:n]):
                     adapter.adapt(x, y)
@@ -303,18 +383,38 @@ def compare_many_tasks(bundles: Path, models: list[str] | None = None, tasks: in
                 seq_s.append(mid - start)
                 many_s.append(time.perf_counter() - mid)
             seq, many = float(np.median(seq_s)), float(np.median(many_s))
-            row = {"model": name, "section": "engine adapt", "tasks": n, "sequential_tasks_per_s": round(n / seq, 1),
-                   "batched_tasks_per_s": round(n / many, 1), "speedup": round(seq / many, 2)}
-            log(f"{name:37s} engine: Adapt {n:2d} tasks 5-way 1-shot, one by one {row['sequential_tasks_per_s']:.1f} "
-                f"tasks/s, stacked {row['batched_tasks_per_s']:.1f} tasks/s: {row['speedup']:.2f}x")
+            row = {
+                "model": name,
+                "section": "engine adapt",
+                "tasks": n,
+                "sequential_tasks_per_s": round(n / seq, 1),
+                "batched_tasks_per_s": round(n / many, 1),
+                "speedup": round(seq / many, 2),
+            }
+            log(
+                f"{name:37s} engine: Adapt {n:2d} tasks 5-way 1-shot, one by one {row['sequential_tasks_per_s']:.1f} "
+                f"tasks/s, stacked {row['batched_tasks_per_s']:.1f} tasks/s: {row['speedup']:.2f}x"
+            )
             rows.append(row)
-        encoded = [([encode_png(data.images[i]) for i in ep.support], [f"c{c}" for c in ep.support_labels],
-                    [encode_png(data.images[ep.query[0]])]) for ep in episodes[:tasks]]
+        encoded = [
+            ([encode_png(data.images[i]) for i in ep.support], [f"c{c}" for c in ep.support_labels], [encode_png(data.images[ep.query[0]])])
+            for ep in episodes[:tasks]
+        ]
         with tempfile.TemporaryDirectory(prefix="fewshot-many-") as state:
-            off = ServerProcess(bundles, Path(state) / "off", "--merge-tasks", "off", "--warmup-tasks", "0",
-                                "--metrics-port", "0", log=Path(state) / "off.log")
-            on = ServerProcess(bundles, Path(state) / "on", "--merge-tasks", "on", "--warmup-tasks", "0",
-                               "--metrics-port", "0", log=Path(state) / "on.log")
+            off = ServerProcess(
+                bundles,
+                Path(state) / "off",
+                "--merge-tasks",
+                "off",
+                "--warmup-tasks",
+                "0",
+                "--metrics-port",
+                "0",
+                log=Path(state) / "off.log",
+            )
+            on = ServerProcess(
+                bundles, Path(state) / "on", "--merge-tasks", "on", "--warmup-tasks", "0", "--metrics-port", "0", log=Path(state) / "on.log"
+            )
             with off, on, FewShotClient(off.target, timeout=300) as c_off, FewShotClient(on.target, timeout=300) as c_on:
                 served = {}
                 for key, client in (("off", c_off), ("on", c_on)):
@@ -325,6 +425,7 @@ def compare_many_tasks(bundles: Path, models: list[str] | None = None, tasks: in
                 walls: dict[str, list[float]] = {"off": [], "on": []}
                 for _ in range(rounds):
                     for key in ("off", "on"):
+
                         def client_loop(i: int, pairs=served[key]) -> None:
                             handle, q = pairs[i]
                             for _ in range(calls):
@@ -335,10 +436,19 @@ def compare_many_tasks(bundles: Path, models: list[str] | None = None, tasks: in
                             list(pool.map(client_loop, range(tasks)))
                             walls[key].append(time.perf_counter() - start)
             ips = {k: tasks * calls / float(np.median(w)) for k, w in walls.items()}
-            row = {"model": name, "section": "served classify", "clients": tasks, "calls_per_client": calls, "rounds": rounds,
-                   "merge_off_images_per_s": round(ips["off"], 1), "merge_on_images_per_s": round(ips["on"], 1),
-                   "speedup": round(ips["on"] / ips["off"], 2)}
-            log(f"{name:37s} served: {tasks} clients x 1 query on {tasks} tasks, --merge-tasks off {ips['off']:.0f} images/s, "
-                f"on {ips['on']:.0f} images/s: {row['speedup']:.2f}x")
+            row = {
+                "model": name,
+                "section": "served classify",
+                "clients": tasks,
+                "calls_per_client": calls,
+                "rounds": rounds,
+                "merge_off_images_per_s": round(ips["off"], 1),
+                "merge_on_images_per_s": round(ips["on"], 1),
+                "speedup": round(ips["on"] / ips["off"], 2),
+            }
+            log(
+                f"{name:37s} served: {tasks} clients x 1 query on {tasks} tasks, --merge-tasks off {ips['off']:.0f} images/s, "
+                f"on {ips['on']:.0f} images/s: {row['speedup']:.2f}x"
+            )
             rows.append(row)
     return rows

@@ -19,13 +19,12 @@ from tqdm import tqdm
 from fewshot.models.data import ImageSet, load_dataset
 from fewshot.models.episodes import Episode, EpisodeSampler
 from fewshot.models.evaluation import summarize
-from fewshot.models.preprocess import encode_png
 from fewshot.models.family import family_of
+from fewshot.models.preprocess import encode_png
 from fewshot.models.zoo import ZOO_DIR, shipped_models
 
 #: The flagship model of each path and dataset (the ablation and baseline models are served too).
-DEMO_MODELS = ("omniglot-conv4-directsum", "tinyimagenet-conv4-sce-nca-directsum", "omniglot-conv4-cxgrad",
-               "tinyimagenet-conv4-cxgrad")
+DEMO_MODELS = ("omniglot-conv4-directsum", "tinyimagenet-conv4-sce-nca-directsum", "omniglot-conv4-cxgrad", "tinyimagenet-conv4-cxgrad")
 
 
 @dataclass
@@ -39,8 +38,12 @@ class EncodedTask:
 
 
 def encode_episode(data: ImageSet, ep: Episode) -> EncodedTask:
-    return EncodedTask([encode_png(data.images[i]) for i in ep.support], [f"class-{c}" for c in ep.support_labels],
-                       [encode_png(data.images[i]) for i in ep.query], [f"class-{c}" for c in ep.query_labels])
+    return EncodedTask(
+        [encode_png(data.images[i]) for i in ep.support],
+        [f"class-{c}" for c in ep.support_labels],
+        [encode_png(data.images[i]) for i in ep.query],
+        [f"class-{c}" for c in ep.query_labels],
+    )
 
 
 def ensure_bundles(out: Path, names: list[str], log=print) -> None:
@@ -57,8 +60,14 @@ def ensure_bundles(out: Path, names: list[str], log=print) -> None:
 QUICK_TASKS = 40
 
 
-def run_demo(bundles: Path, tasks: int = QUICK_TASKS, seed: int = 0, models: list[str] | None = None,
-             shots: tuple[int, ...] = (1, 5), keep: bool = False) -> None:
+def run_demo(
+    bundles: Path,
+    tasks: int = QUICK_TASKS,
+    seed: int = 0,
+    models: list[str] | None = None,
+    shots: tuple[int, ...] = (1, 5),
+    keep: bool = False,
+) -> None:
     """The demo rows; with ``keep`` the server stays up afterwards (HTTP API and web console too) until Ctrl-C."""
     from fewshot.export.registry import Registry
     from fewshot.tools.launch import ServerProcess
@@ -104,15 +113,17 @@ def _figure(manifest: dict, ways: int, shots: int, method: str) -> dict | None:
     return manifest.get("accuracy", {}).get(family_of(manifest).accuracy_key(manifest, ways, shots, method))
 
 
-def _demo_row(client, name: str, method: str, manifest: dict, data: ImageSet, ways: int, shots: int, tasks: int,
-              seed: int, sample: bool = False) -> None:
+def _demo_row(
+    client, name: str, method: str, manifest: dict, data: ImageSet, ways: int, shots: int, tasks: int, seed: int, sample: bool = False
+) -> None:
     """One row: ``tasks`` tasks adapted and classified through the SDK; with ``sample``, the first task's first
     three served predictions are printed under it (label, then the ranked top 3 with probabilities)."""
     samples: list[str] = []
     sampler = EpisodeSampler(data, ways, shots, 15, seed)
     per_task, adapt_ms, classify_ms = [], [], []
-    for i in tqdm(range(tasks), desc=f"{name} {method} {shots}-shot", unit="task", leave=False, mininterval=1,
-                  disable=None):  # a bar on a terminal, none in a log
+    for i in tqdm(
+        range(tasks), desc=f"{name} {method} {shots}-shot", unit="task", leave=False, mininterval=1, disable=None
+    ):  # a bar on a terminal, none in a log
         t = encode_episode(data, sampler.episode(i))
         start = time.perf_counter()
         task = client.adapt(t.support, t.support_labels, model=name, method=method)
@@ -120,8 +131,10 @@ def _demo_row(client, name: str, method: str, manifest: dict, data: ImageSet, wa
         predictions = task.classify(t.queries, top_k=3)
         end = time.perf_counter()
         if sample and i == 0:
-            samples = [f"    served: query of {y} -> " + ", ".join(f"{label} {p:.3f}" for label, p in pred.ranked)
-                       for pred, y in zip(predictions[::15][:3], t.query_labels[::15][:3])]
+            samples = [
+                f"    served: query of {y} -> " + ", ".join(f"{label} {p:.3f}" for label, p in pred.ranked)
+                for pred, y in zip(predictions[::15][:3], t.query_labels[::15][:3])
+            ]
         task.delete()
         per_task.append(float(np.mean([p.label == y for p, y in zip(predictions, t.query_labels)])))
         adapt_ms.append(1e3 * (mid - start))
@@ -132,10 +145,15 @@ def _demo_row(client, name: str, method: str, manifest: dict, data: ImageSet, wa
     if ref:
         # fewer tasks than RESULTS.md: the two intervals overlap when the served figure agrees with it
         inside = abs(res.accuracy - ref["accuracy"]) <= ref["ci95"] + res.ci95
-        ref_txt = (f"   RESULTS.md ({ref['tasks']} tasks): {ref['accuracy']:.2f} +- {ref['ci95']:.2f}"
-                   f" {'(intervals overlap)' if inside else '(intervals DISJOINT)'}")
-    print(f"{name:37s} {ways}-way {shots}-shot {method:13s} {res.accuracy:6.2f} +- {res.ci95:.2f}   "
-          f"adapt p50 {np.median(adapt_ms):6.1f} ms, classify {ways * 15} queries p50 {np.median(classify_ms):6.1f} ms"
-          f"{ref_txt}", flush=True)
+        ref_txt = (
+            f"   RESULTS.md ({ref['tasks']} tasks): {ref['accuracy']:.2f} +- {ref['ci95']:.2f}"
+            f" {'(intervals overlap)' if inside else '(intervals DISJOINT)'}"
+        )
+    print(
+        f"{name:37s} {ways}-way {shots}-shot {method:13s} {res.accuracy:6.2f} +- {res.ci95:.2f}   "
+        f"adapt p50 {np.median(adapt_ms):6.1f} ms, classify {ways * 15} queries p50 {np.median(classify_ms):6.1f} ms"
+        f"{ref_txt}",
+        flush=True,
+    )
     for line in samples:
         print(line, flush=True)

@@ -31,8 +31,15 @@ def free_port() -> int:
 class ServerProcess:
     """``fewshot serve --models DIR --state-dir DIR --port P [args]`` as a child process (output in ``log``)."""
 
-    def __init__(self, models: Path, state_dir: Path, *args: str, log: Path | None = None,
-                 credentials: grpc.ChannelCredentials | None = None, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        models: Path,
+        state_dir: Path,
+        *args: str,
+        log: Path | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
         """``credentials``: the TLS channel credentials the health probe uses (a server given
         ``--tls-cert``); ``env``: extra environment variables of the child."""
         self.models, self.state_dir, self.args = Path(models), Path(state_dir), list(args)
@@ -42,12 +49,22 @@ class ServerProcess:
         self.log = log or self.state_dir / f"serve-{self.port}.log"
         self.proc: subprocess.Popen | None = None
 
-    def start(self, timeout: float = 90.0) -> "ServerProcess":
+    def start(self, timeout: float = 90.0) -> ServerProcess:
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "fewshot.cli", "serve", "--models", str(self.models), "--state-dir",
-               str(self.state_dir), "--port", str(self.port), *self.args]
-        self.proc = subprocess.Popen(cmd, stdout=self.log.open("ab"), stderr=subprocess.STDOUT,
-                                     env={**os.environ, **self.env})
+        cmd = [
+            sys.executable,
+            "-m",
+            "fewshot.cli",
+            "serve",
+            "--models",
+            str(self.models),
+            "--state-dir",
+            str(self.state_dir),
+            "--port",
+            str(self.port),
+            *self.args,
+        ]
+        self.proc = subprocess.Popen(cmd, stdout=self.log.open("ab"), stderr=subprocess.STDOUT, env={**os.environ, **self.env})
         deadline = time.monotonic() + timeout
         with self.channel() as channel:
             stub = health_pb2_grpc.HealthStub(channel)
@@ -87,7 +104,7 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 self.kill()
 
-    def __enter__(self) -> "ServerProcess":
+    def __enter__(self) -> ServerProcess:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -20,23 +20,40 @@ from pathlib import Path
 from typing import Any
 
 from fewshot.cli import main as fewshot_main
-from fewshot.models.family import family_of
 from fewshot.models.card import ModelCard
+from fewshot.models.family import family_of
 from fewshot.models.zoo import ZOO_DIR, accuracy_key, load_model, shipped_models
 
 SETTINGS = {"omniglot": [(5, 1), (5, 5), (20, 1), (20, 5)], "tinyimagenet": [(5, 1), (5, 5)]}
-ORDER = ["omniglot-conv4-directsum", "tinyimagenet-conv4-sce", "tinyimagenet-conv4-sce-nca-sum",
-         "tinyimagenet-conv4-sce-nca-directsum", "omniglot-conv4-maml", "omniglot-conv4-cxgrad", "tinyimagenet-conv4-maml",
-         "tinyimagenet-conv4-cxgrad"]
+ORDER = [
+    "omniglot-conv4-directsum",
+    "tinyimagenet-conv4-sce",
+    "tinyimagenet-conv4-sce-nca-sum",
+    "tinyimagenet-conv4-sce-nca-directsum",
+    "omniglot-conv4-maml",
+    "omniglot-conv4-cxgrad",
+    "tinyimagenet-conv4-maml",
+    "tinyimagenet-conv4-cxgrad",
+]
 #: Fields of every row; the others are the settings the method ran with.
-ROW_FIELDS = ("model", "dataset", "split", "ways", "shots", "queries", "head", "tasks", "seed", "accuracy", "ci95",
-              "seconds", "command")
+ROW_FIELDS = ("model", "dataset", "split", "ways", "shots", "queries", "head", "tasks", "seed", "accuracy", "ci95", "seconds", "command")
 #: What an open-set row (``fewshot eval --open-set``) adds.
-OPEN_SET_FIELDS = ("open_set", "auroc", "auroc_ci95", "score", "temperature", "threshold", "acceptance",
-                   "acceptance_ci95", "rejection", "rejection_ci95", "ece_before", "ece_after")
+OPEN_SET_FIELDS = (
+    "open_set",
+    "auroc",
+    "auroc_ci95",
+    "score",
+    "temperature",
+    "threshold",
+    "acceptance",
+    "acceptance_ci95",
+    "rejection",
+    "rejection_ci95",
+    "ece_before",
+    "ece_after",
+)
 #: Open-set rows: the flagship model of each path and dataset, every method, 5-way 1- and 5-shot.
-OPEN_SET_MODELS = ("omniglot-conv4-directsum", "tinyimagenet-conv4-sce-nca-directsum", "omniglot-conv4-cxgrad",
-                   "tinyimagenet-conv4-cxgrad")
+OPEN_SET_MODELS = ("omniglot-conv4-directsum", "tinyimagenet-conv4-sce-nca-directsum", "omniglot-conv4-cxgrad", "tinyimagenet-conv4-cxgrad")
 OPEN_SET_SETTINGS = [(5, 1), (5, 5)]
 START, END = "<!-- results.py: start -->", "<!-- results.py: end -->"
 
@@ -60,8 +77,14 @@ def open_set_runs(card: dict[str, Any]) -> list[tuple[int, int, str, list[str]]]
     return family_of(card).open_set_runs(card, OPEN_SET_SETTINGS)
 
 
-def measure(names: list[str], heads: list[str] | None, tasks: int, seed: int, open_set: bool = False,
-            on_row: Callable[[dict], None] = lambda row: None) -> list[dict]:
+def measure(
+    names: list[str],
+    heads: list[str] | None,
+    tasks: int,
+    seed: int,
+    open_set: bool = False,
+    on_row: Callable[[dict], None] = lambda row: None,
+) -> list[dict]:
     """The rows of ``names`` (each handed to ``on_row`` as soon as it is measured, so a long run that is
     stopped keeps what it measured)."""
     rows = []
@@ -72,15 +95,36 @@ def measure(names: list[str], heads: list[str] | None, tasks: int, seed: int, op
         for ways, shots, head, extra in runs:
             if heads and head not in heads:
                 continue
-            cli = ["--model", name, "--dataset", dataset, "--ways", str(ways), "--shots", str(shots), "--queries", "15",
-                   "--tasks", str(tasks), "--head", head, *extra, "--seed", str(seed)]
+            cli = [
+                "--model",
+                name,
+                "--dataset",
+                dataset,
+                "--ways",
+                str(ways),
+                "--shots",
+                str(shots),
+                "--queries",
+                "15",
+                "--tasks",
+                str(tasks),
+                "--head",
+                head,
+                *extra,
+                "--seed",
+                str(seed),
+            ]
             row = run_eval(cli)
             row["command"] = "fewshot eval " + " ".join(cli) + " --json"
             rows.append(row)
             on_row(row)
             extra_info = f" AUROC {row['auroc']:.2f} accept {row['acceptance']} reject {row['rejection']}" if open_set else ""
-            print(f"{name:40s} {ways:2d}-way {shots}-shot {head:14s} {row.get('bn', ''):12s} {row['accuracy']:6.2f} "
-                  f"+- {row['ci95']:.2f}{extra_info}", file=sys.stderr, flush=True)
+            print(
+                f"{name:40s} {ways:2d}-way {shots}-shot {head:14s} {row.get('bn', ''):12s} {row['accuracy']:6.2f} "
+                f"+- {row['ci95']:.2f}{extra_info}",
+                file=sys.stderr,
+                flush=True,
+            )
     return rows
 
 
@@ -101,8 +145,14 @@ def render(rows: list[dict], results_md: Path, zoo: Path = ZOO_DIR) -> None:
 def card_accuracy(rows: list[dict], name: str) -> dict[str, Any]:
     """A card's ``accuracy`` block: its rows by :func:`~fewshot.models.zoo.accuracy_key`."""
     mine = [r for r in rows if r["model"] == name and not r.get("open_set")]
-    return {"split": "test", "queries": 15, **{accuracy_key(r["ways"], r["shots"], r["head"], r.get("bn")):
-                                              {k: r[k] for k in ("accuracy", "ci95", "tasks", "seed")} for r in mine}}
+    return {
+        "split": "test",
+        "queries": 15,
+        **{
+            accuracy_key(r["ways"], r["shots"], r["head"], r.get("bn")): {k: r[k] for k in ("accuracy", "ci95", "tasks", "seed")}
+            for r in mine
+        },
+    }
 
 
 def _settings(row: dict) -> str:
@@ -128,18 +178,23 @@ def write_markdown(rows: list[dict], path: Path) -> None:
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['dataset']} | {r['ways']}-way {r['shots']}-shot | {r['head']} | {_settings(r)} | "
-                     f"{r['accuracy']:.2f} | {r['ci95']:.2f} | `{r['command']}` |")
-    lines += ["", "Inner-loop rows: `bn=support` is BatchNorm with the support set's statistics, frozen after adaptation "
-              "(batch-invariant, what the server uses); `bn=transductive` normalises each query batch with its own "
-              "statistics (the papers' protocol)."]
+        lines.append(
+            f"| {r['model']} | {r['dataset']} | {r['ways']}-way {r['shots']}-shot | {r['head']} | {_settings(r)} | "
+            f"{r['accuracy']:.2f} | {r['ci95']:.2f} | `{r['command']}` |"
+        )
+    lines += [
+        "",
+        "Inner-loop rows: `bn=support` is BatchNorm with the support set's statistics, frozen after adaptation "
+        "(batch-invariant, what the server uses); `bn=transductive` normalises each query batch with its own "
+        "statistics (the papers' protocol).",
+    ]
     if opened:
         lines += ["", *open_set_table(opened)]
     lines.append(END)
     block = "\n".join(lines)
     old = path.read_text() if path.exists() else "# Results\n\n" + START + END + "\n"
     if START in old and END in old:
-        new = old[: old.index(START)] + block + old[old.index(END) + len(END):]
+        new = old[: old.index(START)] + block + old[old.index(END) + len(END) :]
     else:
         new = old.rstrip() + "\n\n" + block + "\n"
     path.write_text(new)
@@ -148,6 +203,7 @@ def write_markdown(rows: list[dict], path: Path) -> None:
 def open_set_table(rows: list[dict]) -> list[str]:
     """The open-set block: closed-set accuracy, AUROC of the calibrated score, acceptance and rejection at
     the calibrated threshold, ECE before and after temperature scaling."""
+
     def ci(r: dict, key: str) -> str:
         return "n/a" if r.get(key) is None else f"{r[key]:.2f} +- {r[key + '_ci95' if key != 'accuracy' else 'ci95']:.2f}"
 
@@ -165,9 +221,11 @@ def open_set_table(rows: list[dict]) -> list[str]:
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['ways']}-way {r['shots']}-shot | {r['head']} | {r['score']} | {r['temperature']:.4g} | "
-                     f"{ci(r, 'accuracy')} | {ci(r, 'auroc')} | {ci(r, 'acceptance')} | {ci(r, 'rejection')} | "
-                     f"{r['ece_before']:.2f} -> {r['ece_after']:.2f} | `{r['command']}` |")
+        lines.append(
+            f"| {r['model']} | {r['ways']}-way {r['shots']}-shot | {r['head']} | {r['score']} | {r['temperature']:.4g} | "
+            f"{ci(r, 'accuracy')} | {ci(r, 'auroc')} | {ci(r, 'acceptance')} | {ci(r, 'rejection')} | "
+            f"{r['ece_before']:.2f} -> {r['ece_after']:.2f} | `{r['command']}` |"
+        )
     return lines
 
 
@@ -179,8 +237,9 @@ def main() -> None:
     parser.add_argument("--models", nargs="*", help="default: every shipped model")
     parser.add_argument("--heads", nargs="*", help="only these methods (e.g. logreg); default: all")
     parser.add_argument("--render", action="store_true", help="only render RESULTS.md and the cards from results.json")
-    parser.add_argument("--open-set", action="store_true", help="measure the open-set rows (default models: "
-                        + ", ".join(OPEN_SET_MODELS) + ")")
+    parser.add_argument(
+        "--open-set", action="store_true", help="measure the open-set rows (default models: " + ", ".join(OPEN_SET_MODELS) + ")"
+    )
     args = parser.parse_args()
     store = Path(args.out).with_name("results.json")
     rows = json.loads(store.read_text()) if store.exists() else []

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, Any, ClassVar, Mapping
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
@@ -50,7 +51,7 @@ def sq_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 #: Head states by their stored ``kind`` (filled as the state classes are defined).
-STATE_KINDS: dict[str, type["HeadState"]] = {}
+STATE_KINDS: dict[str, type[HeadState]] = {}
 
 
 class HeadState(ABC):
@@ -93,7 +94,7 @@ class HeadState(ABC):
         return tensors, meta
 
     @classmethod
-    def from_stored(cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> "HeadState":
+    def from_stored(cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> HeadState:
         """The state :meth:`to_stored` described; a missing optional field (``X | None``, e.g. ``center``)
         is ``None``, a missing required one raises ``KeyError``."""
         values = {}
@@ -108,7 +109,7 @@ class HeadState(ABC):
 
 
 #: Heads by name (filled as the head classes are defined; ``models/heads/__init__.py`` imports them all).
-HEADS: dict[str, type["FewShotHead"]] = {}
+HEADS: dict[str, type[FewShotHead]] = {}
 
 
 def nearest_shot(by_shot: Mapping[str, Any], shots: int) -> Any:
@@ -134,13 +135,13 @@ class FewShotHead(ABC):
 
     @classmethod
     @abstractmethod
-    def from_card(cls, cfg: dict[str, Any], shots: int, center: torch.Tensor | None, **settings: Any) -> "FewShotHead":
+    def from_card(cls, cfg: dict[str, Any], shots: int, center: torch.Tensor | None, **settings: Any) -> FewShotHead:
         """The head as the card's ``heads[name]`` block ``cfg`` configures it for ``shots``-shot tasks;
         ``settings`` (adapter keywords, already validated) override the card."""
 
     @classmethod
     @abstractmethod
-    def tune(cls, val: "TuningTasks") -> tuple[dict[str, Any], dict[str, float]]:
+    def tune(cls, val: TuningTasks) -> tuple[dict[str, Any], dict[str, float]]:
         """Choose this head's settings on validation tasks: ``(card block, validation accuracy by key)``."""
 
     def describe(self) -> dict[str, Any]:

@@ -40,11 +40,11 @@ class CentroidHead(FewShotHead):
         self.transform, self.center = transform, center
 
     @classmethod
-    def from_card(cls, cfg: dict[str, Any], shots: int, center: torch.Tensor | None, **settings: Any) -> "CentroidHead":
+    def from_card(cls, cfg: dict[str, Any], shots: int, center: torch.Tensor | None, **settings: Any) -> CentroidHead:
         return cls(settings.get("transform") or cfg["transform"], center)
 
     @classmethod
-    def tune(cls, val: "TuningTasks") -> tuple[dict[str, Any], dict[str, float]]:
+    def tune(cls, val: TuningTasks) -> tuple[dict[str, Any], dict[str, float]]:
         """Nothing beyond the model's transform (chosen by this head's validation accuracy)."""
         return {"transform": val.transform}, {}
 

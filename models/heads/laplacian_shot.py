@@ -63,7 +63,7 @@ def rectify_prototypes(support: torch.Tensor, labels: torch.Tensor, query: torch
     for c in range(n):  # row c is class c, whether or not it received points
         mask = assigned == c
         if mask.any():
-            protos[c] = (weights[mask, c:c + 1] * points[mask]).mean(0)
+            protos[c] = (weights[mask, c : c + 1] * points[mask]).mean(0)
     return protos, query
 
 
@@ -73,8 +73,9 @@ def laplacian_energy(y: torch.Tensor, unary: torch.Tensor, w: torch.Tensor, lam:
     return float((y * torch.log(y.clamp_min(1e-20)) + unary * y - 0.5 * lam * (w @ y) * y).sum())
 
 
-def laplacian_shot(prototypes: torch.Tensor, query: torch.Tensor, lam: float, knn: int = 3,
-                   max_iter: int = 20, tol: float = 1e-6) -> tuple[torch.Tensor, list[float]]:
+def laplacian_shot(
+    prototypes: torch.Tensor, query: torch.Tensor, lam: float, knn: int = 3, max_iter: int = 20, tol: float = 1e-6
+) -> tuple[torch.Tensor, list[float]]:
     """Bound updates of LaplacianShot.
 
     Args:
@@ -159,8 +160,9 @@ class LaplacianShotHead(FewShotHead):
     name = "laplacianshot"
     settings = {"lambda": Setting("lambda", "lam", 0.0, MAX_LAMBDA)}
 
-    def __init__(self, lam: float = 1.0, knn: int = 3, transform: str = "CL2N",
-                 center: torch.Tensor | None = None, rectify: bool = False) -> None:
+    def __init__(
+        self, lam: float = 1.0, knn: int = 3, transform: str = "CL2N", center: torch.Tensor | None = None, rectify: bool = False
+    ) -> None:
         if lam < 0 or knn < 1:
             raise ConfigError(f"lambda must be >= 0 and knn >= 1, got lambda={lam}, knn={knn}")
         self.lam, self.knn, self.transform, self.center, self.rectify = lam, knn, transform, center, rectify
@@ -171,18 +173,26 @@ class LaplacianShotHead(FewShotHead):
         return LaplacianShotState(s, labels, n, self.transform, self.center, self.lam, self.knn, self.rectify)
 
     @classmethod
-    def from_card(cls, cfg: dict[str, Any], shots: int, center: torch.Tensor | None, **settings: Any) -> "LaplacianShotHead":
+    def from_card(cls, cfg: dict[str, Any], shots: int, center: torch.Tensor | None, **settings: Any) -> LaplacianShotHead:
         """lambda: the one tuned for the nearest tuned shot count, unless the request gives one."""
         lam = settings.get("lam")
-        return cls(lam=float(nearest_shot(cfg["lambda"], shots) if lam is None else lam), knn=int(cfg["knn"]),
-                   transform=settings.get("transform") or cfg["transform"], center=center, rectify=bool(cfg["rectify"]))
+        return cls(
+            lam=float(nearest_shot(cfg["lambda"], shots) if lam is None else lam),
+            knn=int(cfg["knn"]),
+            transform=settings.get("transform") or cfg["transform"],
+            center=center,
+            rectify=bool(cfg["rectify"]),
+        )
 
     @classmethod
-    def tune(cls, val: "TuningTasks") -> tuple[dict[str, Any], dict[str, float]]:
+    def tune(cls, val: TuningTasks) -> tuple[dict[str, Any], dict[str, float]]:
         """lambda per shot count over :data:`LAMBDA_GRID`; rectification on or off for every shot count
         (whichever sums to more accuracy), under the model's transform, with ``knn = 3``."""
-        scores = {(shots, lam, rect): val.accuracy(cls(lam, 3, val.transform, val.center, rect), shots)
-                  for shots in (1, 5) for lam, rect in product(LAMBDA_GRID, (False, True))}
+        scores = {
+            (shots, lam, rect): val.accuracy(cls(lam, 3, val.transform, val.center, rect), shots)
+            for shots in (1, 5)
+            for lam, rect in product(LAMBDA_GRID, (False, True))
+        }
         rect = max((False, True), key=lambda r: sum(v for (_, _, rr), v in scores.items() if rr == r))
         lam = {str(shots): max(LAMBDA_GRID, key=lambda l: scores[(shots, l, rect)]) for shots in (1, 5)}
         block = {"knn": 3, "lambda": lam, "transform": val.transform, "rectify": rect, "lambda_grid": list(LAMBDA_GRID)}

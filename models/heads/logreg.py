@@ -49,8 +49,9 @@ class LogRegState(HeadState):
         return q @ self.weight.T.to(q.dtype) + self.bias.to(q.dtype)
 
 
-def fit_logistic_regression(x: torch.Tensor, labels: torch.Tensor, n: int, weight_decay: float,
-                            steps: int = MAX_STEPS) -> tuple[torch.Tensor, torch.Tensor]:
+def fit_logistic_regression(
+    x: torch.Tensor, labels: torch.Tensor, n: int, weight_decay: float, steps: int = MAX_STEPS
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(S, d)`` features, ``(S,)`` labels in ``0..n-1`` -> ``(weight (n, d), bias (n,))`` in float32,
     minimising ``L = mean_s CE(W x_s + b, y_s) + weight_decay / 2 * ||W||^2`` (bias not penalised).
 
@@ -84,8 +85,9 @@ def fit_logistic_regression(x: torch.Tensor, labels: torch.Tensor, n: int, weigh
     # One BLAS thread: the matrices are (n, S) and (S, S); on a loaded machine BLAS threads spinning on
     # them made a fit 20-50x slower than running it on one core.
     with threadpool_limits(limits=1, user_api="blas"):
-        result = minimize(objective, np.zeros(n * count + n), jac=True, method="L-BFGS-B",
-                          options={"maxiter": steps, "gtol": 1e-10, "ftol": 1e-15})
+        result = minimize(
+            objective, np.zeros(n * count + n), jac=True, method="L-BFGS-B", options={"maxiter": steps, "gtol": 1e-10, "ftol": 1e-15}
+        )
     theta = torch.from_numpy(result.x)
     return (theta[:-n].view(n, count) @ x64).float(), theta[-n:].float()
 
@@ -96,8 +98,9 @@ class LogRegHead(FewShotHead):
     name = "logreg"
     settings = {"weight_decay": Setting("weight_decay", "weight_decay", 0.0, MAX_WEIGHT_DECAY)}
 
-    def __init__(self, weight_decay: float = 1e-3, transform: str = "L2N", center: torch.Tensor | None = None,
-                 steps: int = MAX_STEPS) -> None:
+    def __init__(
+        self, weight_decay: float = 1e-3, transform: str = "L2N", center: torch.Tensor | None = None, steps: int = MAX_STEPS
+    ) -> None:
         if weight_decay < 0 or steps < 1:
             raise ConfigError(f"weight_decay must be >= 0 and steps >= 1, got {weight_decay} and {steps}")
         transform_features(torch.zeros(1, 1 if center is None else len(center)), transform, center)  # validates
@@ -110,22 +113,30 @@ class LogRegHead(FewShotHead):
         return LogRegState(weight, bias, self.transform, self.center)
 
     @classmethod
-    def from_card(cls, cfg: dict[str, Any], shots: int, center: torch.Tensor | None, **settings: Any) -> "LogRegHead":
+    def from_card(cls, cfg: dict[str, Any], shots: int, center: torch.Tensor | None, **settings: Any) -> LogRegHead:
         """The weight decay tuned for the nearest tuned shot count, unless the request gives one."""
         wd = settings.get("weight_decay")
-        return cls(float(nearest_shot(cfg["weight_decay"], shots) if wd is None else wd),
-                   settings.get("transform") or cfg["transform"], center, int(cfg.get("steps", MAX_STEPS)))
+        return cls(
+            float(nearest_shot(cfg["weight_decay"], shots) if wd is None else wd),
+            settings.get("transform") or cfg["transform"],
+            center,
+            int(cfg.get("steps", MAX_STEPS)),
+        )
 
     @classmethod
-    def tune(cls, val: "TuningTasks") -> tuple[dict[str, Any], dict[str, float]]:
+    def tune(cls, val: TuningTasks) -> tuple[dict[str, Any], dict[str, float]]:
         """Weight decay per shot count over :data:`WEIGHT_DECAY_GRID`, under the model's transform."""
         chosen, scores = {}, {}
         for shots in (1, 5):
             acc = {wd: val.accuracy(cls(wd, val.transform, val.center), shots) for wd in WEIGHT_DECAY_GRID}
             chosen[str(shots)] = max(WEIGHT_DECAY_GRID, key=acc.get)
             scores[f"logreg_{shots}shot"] = acc[chosen[str(shots)]]
-        return {"transform": val.transform, "weight_decay": chosen, "steps": MAX_STEPS,
-                "weight_decay_grid": list(WEIGHT_DECAY_GRID)}, scores
+        return {
+            "transform": val.transform,
+            "weight_decay": chosen,
+            "steps": MAX_STEPS,
+            "weight_decay_grid": list(WEIGHT_DECAY_GRID),
+        }, scores
 
     def describe(self) -> dict[str, Any]:
         return {"transform": self.transform, "weight_decay": self.weight_decay}

@@ -57,8 +57,10 @@ def average_run(run: Path, first_iteration: int, device: str = "auto") -> Averag
     """Average the snapshots of ``run`` from ``first_iteration`` on, validate, keep as ``best.pt`` if better."""
     its = [i for i in snapshot_iterations(run) if i >= first_iteration]
     if len(its) < 2:
-        raise ConfigError(f"{run}: fewer than 2 snapshots at or after iteration {first_iteration} "
-                         f"(have {snapshot_iterations(run) or 'none'}); train longer or lower --from-iteration")
+        raise ConfigError(
+            f"{run}: fewer than 2 snapshots at or after iteration {first_iteration} "
+            f"(have {snapshot_iterations(run) or 'none'}); train longer or lower --from-iteration"
+        )
     ck = average_checkpoints([run / SNAPSHOTS / f"{i}.pt" for i in its])
     cfg = MetaTrainConfig(**ck["config"])
     best_path, single_path = run / "best.pt", run / "best-single.pt"
@@ -78,8 +80,14 @@ def average_run(run: Path, first_iteration: int, device: str = "auto") -> Averag
     ck["best"] = res.accuracy if kept else single["best"]
     torch.save(ck if kept else single, best_path.with_suffix(".tmp"))
     best_path.with_suffix(".tmp").replace(best_path)
-    row = {"kind": "val_average", "iterations": its, "accuracy": res.accuracy, "ci95": res.ci95,
-           "best_single": single["best"], "kept": kept}
+    row = {
+        "kind": "val_average",
+        "iterations": its,
+        "accuracy": res.accuracy,
+        "ci95": res.ci95,
+        "best_single": single["best"],
+        "kept": kept,
+    }
     with (run / "metrics.jsonl").open("a") as log:
         log.write(json.dumps(row) + "\n")
     return AverageResult(its, res.accuracy, res.ci95, single["best"], kept)

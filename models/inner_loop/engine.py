@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 import torch
 
 from fewshot.errors import ConfigError
-from fewshot.models.interrupt import checkpoint
 from fewshot.models.inner_loop.network import BN_MODES, BNStats, MetaConv4, Params, support_statistics
 from fewshot.models.inner_loop.rules import Context, UpdateRule
+from fewshot.models.interrupt import checkpoint
 
 
 @dataclass
@@ -70,8 +70,10 @@ def centroid_head(net: MetaConv4, params: Params, support: torch.Tensor, labels:
     ``tau = exp(head.log_scale)``, so the logits are ``-tau ||z - p_c||^2`` up to a per-query constant:
     the centroid's ranking, at the learned temperature. Differentiable in the body and ``tau``."""
     if not net.transform:
-        raise ConfigError("the centroid head starts from transformed features: a network with a feature transform "
-                          "(initialised from a metric backbone, --init-backbone)")
+        raise ConfigError(
+            "the centroid head starts from transformed features: a network with a feature transform "
+            "(initialised from a metric backbone, --init-backbone)"
+        )
     z = net.embed(params, support).to(params["head.weight"].dtype)
     onehot = torch.nn.functional.one_hot(labels, int(labels.max()) + 1).to(z.dtype)
     means = (onehot.T @ z) / onehot.sum(0)[:, None]
@@ -79,8 +81,16 @@ def centroid_head(net: MetaConv4, params: Params, support: torch.Tensor, labels:
     return {**params, "head.weight": 2.0 * tau * means, "head.bias": -tau * (means * means).sum(1)}
 
 
-def inner_loop(net: MetaConv4, rule: UpdateRule, params: Params, support: torch.Tensor, labels: torch.Tensor,
-               steps: int, create_graph: bool = False, head_init: str = "learned") -> Adaptation:
+def inner_loop(
+    net: MetaConv4,
+    rule: UpdateRule,
+    params: Params,
+    support: torch.Tensor,
+    labels: torch.Tensor,
+    steps: int,
+    create_graph: bool = False,
+    head_init: str = "learned",
+) -> Adaptation:
     """Adapt ``params`` to the support set ``(S, C, H, W)``, ``(S,)`` with ``steps`` rule updates.
 
     ``net`` may be a :class:`~fewshot.models.inner_loop.stacked.StackedConv4` over ``T`` tasks of one
@@ -120,8 +130,9 @@ def inner_loop(net: MetaConv4, rule: UpdateRule, params: Params, support: torch.
             # retain_graph: in first-order meta-training the outer graph (through the rule's own
             # parameters, e.g. CxGrad's scaling) shares nodes with this loss and must survive it.
             grads = torch.autograd.grad(loss, [eff[n] for n in names] + extra, create_graph=create_graph, retain_graph=True)
-            params, ctx = rule.update(t, eff, dict(zip(names, grads[: len(names)])), list(grads[len(names):]),
-                                      loss if create_graph else loss.detach(), ctx)
+            params, ctx = rule.update(
+                t, eff, dict(zip(names, grads[: len(names)])), list(grads[len(names) :]), loss if create_graph else loss.detach(), ctx
+            )
             if not create_graph:
                 params = {k: v if v.requires_grad else v.detach().requires_grad_(True) for k, v in params.items()}
             per_step.append(params)
@@ -138,12 +149,12 @@ def pack(params: Params, stats: BNStats | None, dtype: torch.dtype = torch.float
     flat = torch.empty(sum(t.numel() for t in tensors), dtype=dtype, device=tensors[0].device)
     views, start = [], 0
     for t in tensors:
-        view = flat[start:start + t.numel()].view(t.shape)
+        view = flat[start : start + t.numel()].view(t.shape)
         view.copy_(t.detach())
         views.append(view)
         start += t.numel()
     packed = dict(zip(params, views))
-    rest = views[len(params):]
+    rest = views[len(params) :]
     return packed, ([(rest[i], rest[i + 1]) for i in range(0, len(rest), 2)] if stats is not None else None)
 
 
@@ -184,9 +195,17 @@ class InnerLoopTask:
 class InnerLoopAdapter:
     """Adapter of the MAML family: ``adapt`` runs the inner loop, the task keeps the adapted weights."""
 
-    def __init__(self, net: MetaConv4, rule: UpdateRule, meta_params: Params, steps: int, bn_mode: str = "support",
-                 dtype: torch.dtype = torch.float32, precision: torch.dtype = torch.float32,
-                 head_init: str = "learned") -> None:
+    def __init__(
+        self,
+        net: MetaConv4,
+        rule: UpdateRule,
+        meta_params: Params,
+        steps: int,
+        bn_mode: str = "support",
+        dtype: torch.dtype = torch.float32,
+        precision: torch.dtype = torch.float32,
+        head_init: str = "learned",
+    ) -> None:
         """``dtype``: what the adapted weights are held in (:func:`pack`); ``precision``: what the inner
         loop computes in (``bfloat16``: autocast, on CPUs with native bfloat16 or on CUDA; the weights,
         gradients and the frozen statistics stay float32)."""
@@ -214,8 +233,7 @@ class InnerLoopAdapter:
             net, inputs = self.net, support
             if self.net.adapt_from:  # a fixed stem runs once; the loop runs the adapted blocks on its output
                 net, inputs = self.net.tail(), self.net.stem(self.meta_params, support)
-            result = inner_loop(net, self.rule, self.meta_params, inputs, labels, self.steps, create_graph=False,
-                                head_init=self.head_init)
+            result = inner_loop(net, self.rule, self.meta_params, inputs, labels, self.steps, create_graph=False, head_init=self.head_init)
         params = {k: v.detach() for k, v in result.params.items()}
         stats = support_statistics(self.net, params, support, self.steps) if self.bn_mode == "support" else None
         params, stats = pack(params, stats, self.dtype)
@@ -237,5 +255,14 @@ class InnerLoopAdapter:
             return [self.adapt(x, y) for x, y in zip(supports, labels)]
         checked = [self._check(x, y) for x, y in zip(supports, labels)]
         with torch.autocast(checked[0][0].device.type, dtype=self.precision, enabled=self.precision != torch.float32):
-            return stacked_inner_loop(self.net, self.rule, self.meta_params, [x for x, _ in checked],
-                                      [y for _, y in checked], self.steps, self.bn_mode, self.dtype, self.head_init)
+            return stacked_inner_loop(
+                self.net,
+                self.rule,
+                self.meta_params,
+                [x for x, _ in checked],
+                [y for _, y in checked],
+                self.steps,
+                self.bn_mode,
+                self.dtype,
+                self.head_init,
+            )

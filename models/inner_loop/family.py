@@ -7,8 +7,9 @@ task's weights as inputs, in whatever runs the model's parts (ONNX Runtime, Trit
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -16,7 +17,7 @@ import torch
 from fewshot.errors import ConfigError
 from fewshot.models.calibration import UNCALIBRATED, OpenSetCalibration, calibration_for
 from fewshot.models.card import accuracy_key
-from fewshot.models.family import Family, Part
+from fewshot.models.family import Adapter, Family, Part
 from fewshot.models.features import run_batch, run_in_chunks
 from fewshot.models.inner_loop.engine import InnerLoopAdapter, InnerLoopTask, pack
 from fewshot.models.inner_loop.network import BN_MODES
@@ -34,8 +35,9 @@ WAY_SWEEP = (2, 3, 5, 10)
 METHOD = "inner_loop"
 
 
-def inner_loop_model_parts(method: str, architecture: dict[str, Any], loop: dict[str, Any],
-                     tensors: Mapping[str, torch.Tensor]) -> tuple[Any, torch.nn.Module, dict[str, torch.Tensor]]:
+def inner_loop_model_parts(
+    method: str, architecture: dict[str, Any], loop: dict[str, Any], tensors: Mapping[str, torch.Tensor]
+) -> tuple[Any, torch.nn.Module, dict[str, torch.Tensor]]:
     """Network, update rule (eval mode) and meta-parameters of a gradient model, from its card's (or
     bundle manifest's) ``method``, ``architecture`` and ``inner_loop`` and its ``param.*``/``rule.*`` tensors."""
     from fewshot.models.inner_loop.network import MetaConv4
@@ -74,7 +76,7 @@ class NetworkTask(PlannedTask):
             return self.state.logits(query)
         s = self.state
         feeds = {k: v.cpu().numpy() for k, v in network_inputs(s.net, *s.weights(), s.step).items()}
-        run = lambda part: self.session.run(None, {**feeds, "images": part})[0]  # noqa: E731
+        run = lambda part: self.session.run(None, {**feeds, "images": part})[0]  # noqa: E731  (a one-line local helper)
         images = np.ascontiguousarray(query.cpu().numpy(), dtype=np.float32)
         return torch.from_numpy(run_in_chunks(run, images, run_batch(self.session)))
 
@@ -92,22 +94,37 @@ class NetworkTask(PlannedTask):
         if size is None or self.stacker is None:
             return None
         ways = self.state.params["head.bias"].shape[-1]
-        return ("stacked", id(self.stacker), self.state.step, ways, size), (self.state, query, self.open_set.calibrate), self.stacker.run_many
+        return (
+            ("stacked", id(self.stacker), self.state.step, ways, size),
+            (self.state, query, self.open_set.calibrate),
+            self.stacker.run_many,
+        )
 
     def to_stored(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         s = self.state
         tensors = {f"param.{k}": v for k, v in s.params.items()}
         for i, (mean, var) in enumerate(s.bn_stats or []):
             tensors[f"bn.{i}.mean"], tensors[f"bn.{i}.var"] = mean, var
-        return tensors, {"kind": METHOD, "bn_mode": s.bn_mode, "step": s.step, "bn_layers": len(s.bn_stats or []),
-                         "support_losses": s.support_losses, "open_set": self.open_set.to_dict()}
+        return tensors, {
+            "kind": METHOD,
+            "bn_mode": s.bn_mode,
+            "step": s.step,
+            "bn_layers": len(s.bn_stats or []),
+            "support_losses": s.support_losses,
+            "open_set": self.open_set.to_dict(),
+        }
 
 
 class NetworkAdapter:
     """The inner loop (torch), with classification by the network part."""
 
-    def __init__(self, adapter: InnerLoopAdapter, session: Session, stacker: StackedClassify | None = None,
-                 open_set: OpenSetCalibration = UNCALIBRATED) -> None:
+    def __init__(
+        self,
+        adapter: InnerLoopAdapter,
+        session: Session,
+        stacker: StackedClassify | None = None,
+        open_set: OpenSetCalibration = UNCALIBRATED,
+    ) -> None:
         self.adapter, self.session, self.stacker, self.open_set = adapter, session, stacker, open_set
         self.steps, self.bn_mode = adapter.steps, adapter.bn_mode
 
@@ -131,8 +148,7 @@ class InnerLoopFamily(Family):
     family = "inner_loop"
     parts = (Part("backbone", "features", batched=True, served=False), Part("network", "logits", batched=False))
 
-    def __init__(self, manifest: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], engines: Engines,
-                 device: str = "auto") -> None:
+    def __init__(self, manifest: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], engines: Engines, device: str = "auto") -> None:
         super().__init__(manifest, tensors, engines, device)
         self.loop: dict[str, Any] = self.manifest["inner_loop"]
         #: How the head starts (:data:`~fewshot.models.inner_loop.engine.HEAD_INITS`): ``prototypes`` adapts any
@@ -161,14 +177,17 @@ class InnerLoopFamily(Family):
         """The inner loop under ``precision`` autocast (bfloat16: 1.4-1.6x faster on CPUs with native
         bfloat16, accuracy within the float32 interval: RESULTS.md); refused where the CPU lacks it."""
         if precision == torch.bfloat16 and self.device.type == "cpu" and not bfloat16_supported():
-            raise ConfigError("--inner-precision bfloat16 needs a CPU with native bfloat16 (AVX-512 BF16 or AMX) "
-                              "or a CUDA device; this one has neither: use float32")
+            raise ConfigError(
+                "--inner-precision bfloat16 needs a CPU with native bfloat16 (AVX-512 BF16 or AMX) "
+                "or a CUDA device; this one has neither: use float32"
+            )
         self.precision = precision
 
     def batch_adapts(self, on: bool) -> None:
         self.adapt_batching = on
 
-    def adapt_batch_key(self, adapter: NetworkAdapter, support_shape: tuple[int, ...]) -> Any:
+    def adapt_batch_key(self, adapter: Adapter, support_shape: tuple[int, ...]) -> Any:
+        adapter = cast(NetworkAdapter, adapter)  # a family is only given the adapters its own adapter() built
         if not self.adapt_batching or not adapter.adapter.stacks([support_shape]):
             return None
         return ("adapt", id(self), adapter.steps, adapter.bn_mode, str(adapter.adapter.dtype), support_shape)
@@ -202,20 +221,27 @@ class InnerLoopFamily(Family):
         return int(limits.get("min_ways", 2)), int(limits.get("max_ways", self.net.ways))
 
     def settings(self, method: str) -> dict[str, Setting]:
-        return {"inner_steps": Setting("inner_steps", "steps", 1, self.loop["max_steps"], integer=True),
-                "bn": Setting("bn", "bn_mode", choices=tuple(self.loop.get("bn_modes", BN_MODES)))}
+        return {
+            "inner_steps": Setting("inner_steps", "steps", 1, self.loop["max_steps"], integer=True),
+            "bn": Setting("bn", "bn_mode", choices=tuple(self.loop.get("bn_modes", BN_MODES))),
+        }
 
-    def adapter(self, method: str | None = None, shots: int = 1, steps: int | None = None,
-                bn_mode: str | None = None) -> NetworkAdapter:
+    def adapter(self, method: str | None = None, shots: int = 1, steps: int | None = None, bn_mode: str | None = None) -> NetworkAdapter:
         self.resolve_method(method)
         steps = self.loop["steps"] if steps is None else steps
         if not 1 <= steps <= self.loop["max_steps"]:
             raise ConfigError(f"inner steps must be in 1..{self.loop['max_steps']} for {self.name}, got {steps}")
-        return NetworkAdapter(InnerLoopAdapter(self.net, self.rule, self.params, steps, bn_mode or self.loop["bn_mode"],
-                                               self.task_dtype, self.precision, self.head_init), self.session, self.stacker,
-                              calibration_for(self.manifest, METHOD, shots))
+        return NetworkAdapter(
+            InnerLoopAdapter(
+                self.net, self.rule, self.params, steps, bn_mode or self.loop["bn_mode"], self.task_dtype, self.precision, self.head_init
+            ),
+            self.session,
+            self.stacker,
+            calibration_for(self.manifest, METHOD, shots),
+        )
 
-    def describe(self, adapter: NetworkAdapter) -> dict[str, Any]:
+    def describe(self, adapter: Adapter) -> dict[str, Any]:
+        adapter = cast(NetworkAdapter, adapter)  # a family is only given the adapters its own adapter() built
         row = {"method": self.manifest["method"], "bn": adapter.bn_mode, "inner_steps": adapter.steps}
         return row | ({"inner_precision": str(self.precision).removeprefix("torch.")} if self.precision != torch.float32 else {})
 
@@ -223,11 +249,16 @@ class InnerLoopFamily(Family):
         if meta.get("kind") != METHOD:
             raise ConfigError(f"a stored task of kind {meta.get('kind')!r} is not an inner-loop task")
         params = {k.removeprefix("param."): v.to(self.device) for k, v in tensors.items() if k.startswith("param.")}
-        stats = [(tensors[f"bn.{i}.mean"].to(self.device), tensors[f"bn.{i}.var"].to(self.device))
-                 for i in range(meta["bn_layers"])] or None
+        stats = [
+            (tensors[f"bn.{i}.mean"].to(self.device), tensors[f"bn.{i}.var"].to(self.device)) for i in range(meta["bn_layers"])
+        ] or None
         params, stats = pack(params, stats, self.task_dtype)
-        return NetworkTask(InnerLoopTask(self.net, params, meta["bn_mode"], stats, meta["step"], meta["support_losses"]),
-                           self.session, self.stacker, OpenSetCalibration.from_dict(meta.get("open_set")))
+        return NetworkTask(
+            InnerLoopTask(self.net, params, meta["bn_mode"], stats, meta["step"], meta["support_losses"]),
+            self.session,
+            self.stacker,
+            OpenSetCalibration.from_dict(meta.get("open_set")),
+        )
 
     @classmethod
     def accuracy_key(cls, manifest: Mapping[str, Any], ways: int, shots: int, method: str) -> str:
@@ -255,8 +286,8 @@ class InnerLoopFamily(Family):
         """Every given setting as served (the served BatchNorm), not only the training one."""
         return [(w, s, card["method"], ["--set", f"bn={card['inner_loop']['bn_mode']}", "--open-set"]) for w, s in settings]
 
-    def inner_steps(self, adapter: NetworkAdapter) -> int:
-        return adapter.steps
+    def inner_steps(self, adapter: Adapter) -> int:
+        return cast(NetworkAdapter, adapter).steps  # a family is only given the adapters its own adapter() built
 
     @property
     def plain_sgd(self) -> bool:
@@ -269,8 +300,7 @@ class InnerLoopFamily(Family):
             return ()
         width = self.net.width
         weights = network_inputs(self.net, self.params, [(torch.zeros(width), torch.ones(width))] * 4, self.loop["steps"])
-        return tuple(TensorSpec(n, "FP32", (-1, *t.shape[1:]) if n.startswith("head.") else tuple(t.shape))
-                     for n, t in weights.items())
+        return tuple(TensorSpec(n, "FP32", (-1, *t.shape[1:]) if n.startswith("head.") else tuple(t.shape)) for n, t in weights.items())
 
     def part_output(self, part: Part) -> TensorSpec:
         """``(batch, ways)``: the head's rows are a graph input (any number of classes)."""

@@ -57,9 +57,19 @@ class MetaConv4:
     BatchNorm affine parameters per inner step: ``bn{l}.weight.{t}``.
     """
 
-    def __init__(self, in_channels: int, width: int, image_size: int, ways: int, per_step_bn: int = 0,
-                 bn_eps: float = BN_EPS, pools: int = 4, frozen_bn: bool = False, transform: str = "",
-                 adapt_from: int = 0) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        width: int,
+        image_size: int,
+        ways: int,
+        per_step_bn: int = 0,
+        bn_eps: float = BN_EPS,
+        pools: int = 4,
+        frozen_bn: bool = False,
+        transform: str = "",
+        adapt_from: int = 0,
+    ) -> None:
         """``pools``: how many of the four blocks end with a max-pool (the first ``pools``; Omniglot's
         direct-sum backbone has 2). ``frozen_bn``, ``transform`` (``""``, ``L2N`` or ``CL2N``) and
         ``adapt_from`` (the first block the inner loop adapts; earlier blocks are a fixed stem): see the
@@ -89,9 +99,16 @@ class MetaConv4:
         so older cards read the same)."""
         extra = {"pools": self.pools, "frozen_bn": self.frozen_bn, "transform": self.transform, "adapt_from": self.adapt_from}
         defaults = {"pools": 4, "frozen_bn": False, "transform": "", "adapt_from": 0}
-        return {"arch": "conv4", "in_channels": self.in_channels, "width": self.width, "image_size": self.image_size,
-                "ways": self.ways, "per_step_bn": self.per_step_bn, "bn_eps": self.bn_eps,
-                **{k: v for k, v in extra.items() if v != defaults[k]}}
+        return {
+            "arch": "conv4",
+            "in_channels": self.in_channels,
+            "width": self.width,
+            "image_size": self.image_size,
+            "ways": self.ways,
+            "per_step_bn": self.per_step_bn,
+            "bn_eps": self.bn_eps,
+            **{k: v for k, v in extra.items() if v != defaults[k]},
+        }
 
     def frozen_names(self) -> list[str]:
         """Parameters outside meta-training: the stem's blocks and the frozen statistics."""
@@ -138,15 +155,21 @@ class MetaConv4:
     def stem(self, params: Params, x: torch.Tensor) -> torch.Tensor:
         """``(B, C, H, W)`` -> the input of block ``adapt_from`` (no graph: the stem is fixed)."""
         with torch.no_grad():
-            return self._blocks(params, x, self.frozen_statistics(params) if self.frozen_bn else None, None, None,
-                                0, self.adapt_from)
+            return self._blocks(params, x, self.frozen_statistics(params) if self.frozen_bn else None, None, None, 0, self.adapt_from)
 
-    def tail(self) -> "NetworkTail":
+    def tail(self) -> NetworkTail:
         """This network from block ``adapt_from`` on, fed :meth:`stem` outputs (the inner loop's view)."""
         return NetworkTail(self)
 
-    def embed(self, params: Params, x: torch.Tensor, bn_stats: BNStats | None = None, step: int | None = None,
-              record: BNStats | None = None, first: int = 0) -> torch.Tensor:
+    def embed(
+        self,
+        params: Params,
+        x: torch.Tensor,
+        bn_stats: BNStats | None = None,
+        step: int | None = None,
+        record: BNStats | None = None,
+        first: int = 0,
+    ) -> torch.Tensor:
         """:meth:`features` through the feature transform: what the head reads ``(B, feature_dim)``."""
         f = self.features(params, x, bn_stats, step, record, first)
         if self.transform == "CL2N":
@@ -157,14 +180,28 @@ class MetaConv4:
         suffix = f".{min(step or 0, self.per_step_bn - 1)}" if self.per_step_bn else ""
         return [n for l in range(4) for n in (f"bn{l}.weight{suffix}", f"bn{l}.bias{suffix}")]
 
-    def forward(self, params: Params, x: torch.Tensor, bn_stats: BNStats | None = None, step: int | None = None,
-                record: BNStats | None = None, first: int = 0) -> torch.Tensor:
+    def forward(
+        self,
+        params: Params,
+        x: torch.Tensor,
+        bn_stats: BNStats | None = None,
+        step: int | None = None,
+        record: BNStats | None = None,
+        first: int = 0,
+    ) -> torch.Tensor:
         """``(B, C, H, W)`` -> logits ``(B, N)``: :meth:`embed`, then the linear head (``N`` is the head's
         number of rows: ``ways``, or a task's own number of classes with a prototype head)."""
         return F.linear(self.embed(params, x, bn_stats, step, record, first), params["head.weight"], params["head.bias"])
 
-    def features(self, params: Params, x: torch.Tensor, bn_stats: BNStats | None = None, step: int | None = None,
-                 record: BNStats | None = None, first: int = 0) -> torch.Tensor:
+    def features(
+        self,
+        params: Params,
+        x: torch.Tensor,
+        bn_stats: BNStats | None = None,
+        step: int | None = None,
+        record: BNStats | None = None,
+        first: int = 0,
+    ) -> torch.Tensor:
         """``(B, C, H, W)`` -> ``(B, feature_dim)``, the body's flattened output.
 
         Args:
@@ -180,8 +217,9 @@ class MetaConv4:
             bn_stats = self.frozen_statistics(params)
         return self._blocks(params, x, bn_stats, step, record, first, 4).flatten(1)
 
-    def _blocks(self, params: Params, x: torch.Tensor, bn_stats: BNStats | None, step: int | None,
-                record: BNStats | None, first: int, last: int) -> torch.Tensor:
+    def _blocks(
+        self, params: Params, x: torch.Tensor, bn_stats: BNStats | None, step: int | None, record: BNStats | None, first: int, last: int
+    ) -> torch.Tensor:
         """Blocks ``first..last-1`` on ``x``."""
         suffix = f".{min(step or 0, self.per_step_bn - 1)}" if self.per_step_bn else ""
         h = x
@@ -222,21 +260,25 @@ class NetworkTail:
     def __getattr__(self, name: str):
         return getattr(self.net, name)
 
-    def forward(self, params: Params, h: torch.Tensor, bn_stats: BNStats | None = None, step: int | None = None,
-                record: BNStats | None = None) -> torch.Tensor:
+    def forward(
+        self, params: Params, h: torch.Tensor, bn_stats: BNStats | None = None, step: int | None = None, record: BNStats | None = None
+    ) -> torch.Tensor:
         return self.net.forward(params, h, bn_stats, step, record, first=self.net.adapt_from)
 
-    def features(self, params: Params, h: torch.Tensor, bn_stats: BNStats | None = None, step: int | None = None,
-                 record: BNStats | None = None) -> torch.Tensor:
+    def features(
+        self, params: Params, h: torch.Tensor, bn_stats: BNStats | None = None, step: int | None = None, record: BNStats | None = None
+    ) -> torch.Tensor:
         return self.net.features(params, h, bn_stats, step, record, first=self.net.adapt_from)
 
-    def embed(self, params: Params, h: torch.Tensor, bn_stats: BNStats | None = None, step: int | None = None,
-              record: BNStats | None = None) -> torch.Tensor:
+    def embed(
+        self, params: Params, h: torch.Tensor, bn_stats: BNStats | None = None, step: int | None = None, record: BNStats | None = None
+    ) -> torch.Tensor:
         return self.net.embed(params, h, bn_stats, step, record, first=self.net.adapt_from)
 
 
-def support_statistics(net: MetaConv4, params: Params, support: torch.Tensor, step: int | None = None,
-                       differentiable: bool = False) -> BNStats:
+def support_statistics(
+    net: MetaConv4, params: Params, support: torch.Tensor, step: int | None = None, differentiable: bool = False
+) -> BNStats:
     """Per-layer BatchNorm (mean, biased var) of the support set under ``params``; with
     ``differentiable`` the statistics keep their graph (meta-training in ``support`` mode). A
     ``frozen_bn`` network's statistics do not depend on the support set: :meth:`MetaConv4.frozen_statistics`."""

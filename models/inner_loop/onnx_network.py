@@ -15,7 +15,6 @@ from fewshot.models.features import ONNX_OPSET
 from fewshot.models.inner_loop.network import MetaConv4
 
 
-
 def network_input_names(net: MetaConv4, step: int) -> list[str]:
     """Names of the weight inputs of ``network.onnx`` (after ``images``), in order."""
     suffix = f".{min(step, net.per_step_bn - 1)}" if net.per_step_bn else ""
@@ -60,8 +59,14 @@ def network_to_onnx(net: MetaConv4, example: dict[str, torch.Tensor], step: int)
     buf = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(module, (images, *[example[n].detach().float() for n in names]), buf, dynamo=False,
-                          input_names=["images", *names], output_names=["logits"], opset_version=ONNX_OPSET,
-                          dynamic_axes={"images": {0: "batch"}, "head.weight": {0: "ways"}, "head.bias": {0: "ways"},
-                                        "logits": {0: "batch", 1: "ways"}})
+        torch.onnx.export(
+            module,
+            (images, *[example[n].detach().float() for n in names]),
+            buf,
+            dynamo=False,
+            input_names=["images", *names],
+            output_names=["logits"],
+            opset_version=ONNX_OPSET,
+            dynamic_axes={"images": {0: "batch"}, "head.weight": {0: "ways"}, "head.bias": {0: "ways"}, "logits": {0: "batch", 1: "ways"}},
+        )
     return buf.getvalue()

@@ -13,8 +13,9 @@ import torch
 import torch.nn.functional as F
 
 
-def reference_forward(p: dict[str, torch.Tensor], x: torch.Tensor, stats: list | None, eps: float,
-                      record: list | None = None) -> torch.Tensor:
+def reference_forward(
+    p: dict[str, torch.Tensor], x: torch.Tensor, stats: list | None, eps: float, record: list | None = None
+) -> torch.Tensor:
     """Conv-4 + linear head written plainly: conv (no bias) -> BatchNorm -> ReLU -> 2x2 max-pool, x4.
     ``stats`` None: batch statistics (appended to ``record`` when given); else the frozen (mean, var)
     per layer."""
@@ -31,8 +32,9 @@ def reference_forward(p: dict[str, torch.Tensor], x: torch.Tensor, stats: list |
     return F.linear(h.flatten(1), p["head.weight"], p["head.bias"])
 
 
-def reference_maml(params: dict[str, torch.Tensor], support: torch.Tensor, labels: torch.Tensor, steps: int,
-                   alpha: float, eps: float) -> tuple[dict[str, torch.Tensor], list]:
+def reference_maml(
+    params: dict[str, torch.Tensor], support: torch.Tensor, labels: torch.Tensor, steps: int, alpha: float, eps: float
+) -> tuple[dict[str, torch.Tensor], list]:
     """``steps`` of ``theta -= alpha * grad`` on the support loss (batch BatchNorm) for the convolutions
     and the head (MAML adapts those; the BatchNorm affine parameters are meta-learned only), then the
     support set's BatchNorm statistics under the adapted weights."""

@@ -14,7 +14,8 @@ A rule is an ``nn.Module``: its own parameters (learned step sizes, curvature fa
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -60,12 +61,12 @@ class UpdateRule(nn.Module):
     def start_at(self, params: Params) -> None:
         """Set the rule's own parameters for an initialisation ``params`` (a pretrained backbone): nothing here."""
 
-    def direction(self, name: str, grad: torch.Tensor, step: int, ctx: Context, params: Params,
-                  loss: torch.Tensor) -> torch.Tensor:
+    def direction(self, name: str, grad: torch.Tensor, step: int, ctx: Context, params: Params, loss: torch.Tensor) -> torch.Tensor:
         return grad
 
-    def update(self, step: int, params: Params, grads: dict[str, torch.Tensor], extra_grads: list[torch.Tensor],
-               loss: torch.Tensor, ctx: Context) -> tuple[Params, Context]:
+    def update(
+        self, step: int, params: Params, grads: dict[str, torch.Tensor], extra_grads: list[torch.Tensor], loss: torch.Tensor, ctx: Context
+    ) -> tuple[Params, Context]:
         new = dict(params)
         for name, g in grads.items():
             new[name] = params[name] - self.step_size(name, step) * self.direction(name, g, step, ctx, params, loss)
@@ -204,13 +205,15 @@ class ContextualGradientScaling(UpdateRule):
 
     name = "cxgrad"
 
-    def __init__(self, net: MetaConv4, steps: int, alpha: float = 0.01, beta: float = 1.0, context_dim: int = 100,
-                 head_alpha: float = 0.0) -> None:
+    def __init__(
+        self, net: MetaConv4, steps: int, alpha: float = 0.01, beta: float = 1.0, context_dim: int = 100, head_alpha: float = 0.0
+    ) -> None:
         super().__init__(net, steps, alpha, head_alpha)
         self.beta, self.context_dim = beta, context_dim
         self.conv_names = list(net.conv_names)
-        self.g_phi = nn.Sequential(nn.Linear(context_dim, context_dim), nn.ReLU(), nn.Linear(context_dim, len(self.conv_names)),
-                                   nn.Softplus())
+        self.g_phi = nn.Sequential(
+            nn.Linear(context_dim, context_dim), nn.ReLU(), nn.Linear(context_dim, len(self.conv_names)), nn.Softplus()
+        )
 
     @torch.no_grad()
     def start_at(self, params: Params) -> None:
@@ -306,14 +309,20 @@ def _key(name: str) -> str:
 
 
 RULES: dict[str, type[UpdateRule]] = {
-    "maml": UpdateRule, "fomaml": UpdateRule, "metasgd": MetaSGD, "mamlpp": MAMLPlusPlus, "boil": BOIL,
-    "metacurvature": MetaCurvature, "metalstm": MetaLSTM, "cxgrad": ContextualGradientScaling,
-    "cxgrad-task": TaskContextScaling, "maml-lslr": LearnedLayerSteps,
+    "maml": UpdateRule,
+    "fomaml": UpdateRule,
+    "metasgd": MetaSGD,
+    "mamlpp": MAMLPlusPlus,
+    "boil": BOIL,
+    "metacurvature": MetaCurvature,
+    "metalstm": MetaLSTM,
+    "cxgrad": ContextualGradientScaling,
+    "cxgrad-task": TaskContextScaling,
+    "maml-lslr": LearnedLayerSteps,
 }
 
 
-def build_rule(method: str, net: MetaConv4, steps: int, alpha: float, beta: float = 1.0,
-               head_alpha: float = 0.0) -> UpdateRule:
+def build_rule(method: str, net: MetaConv4, steps: int, alpha: float, beta: float = 1.0, head_alpha: float = 0.0) -> UpdateRule:
     """The update rule of ``method`` (one of :data:`RULES`); ``head_alpha`` (CxGrad, MAML, MAML-LSLR; 0: ``alpha``)."""
     if method not in RULES:
         raise ConfigError(f"unknown method {method!r}: use one of {', '.join(RULES)}")

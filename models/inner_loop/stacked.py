@@ -13,7 +13,8 @@ batcher merges them, :class:`StackedClassify`) and concurrent Adapts (:func:`sta
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -34,8 +35,9 @@ def unstack(params: Params, t: int) -> Params:
     return {k: v[t] for k, v in params.items()}
 
 
-def stacked_forward(net: MetaConv4, params: Params, x: torch.Tensor, bn_stats: BNStats | None = None,
-                    step: int | None = None, record: BNStats | None = None) -> torch.Tensor:
+def stacked_forward(
+    net: MetaConv4, params: Params, x: torch.Tensor, bn_stats: BNStats | None = None, step: int | None = None, record: BNStats | None = None
+) -> torch.Tensor:
     """``(T, B, C, H, W)`` images of ``T`` tasks, ``params`` stacked ``(T, ...)`` -> logits ``(T, B, ways)``.
 
     The same computation as :meth:`MetaConv4.forward` per task: ``bn_stats`` holds ``(T, O)`` means
@@ -71,8 +73,9 @@ class StackedConv4:
     def __init__(self, net: MetaConv4) -> None:
         self.net = net
 
-    def forward(self, params: Params, x: torch.Tensor, bn_stats: BNStats | None = None, step: int | None = None,
-                record: BNStats | None = None) -> torch.Tensor:
+    def forward(
+        self, params: Params, x: torch.Tensor, bn_stats: BNStats | None = None, step: int | None = None, record: BNStats | None = None
+    ) -> torch.Tensor:
         return stacked_forward(self.net, params, x, bn_stats, step, record)
 
     def task_losses(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -80,9 +83,17 @@ class StackedConv4:
         return F.cross_entropy(logits.transpose(1, 2), labels, reduction="none").mean(dim=1)
 
 
-def stacked_inner_loop(net: MetaConv4, rule: UpdateRule, meta_params: Params, supports: Sequence[torch.Tensor],
-                       labels: Sequence[torch.Tensor], steps: int, bn_mode: str,
-                       dtype: torch.dtype = torch.float32, head_init: str = "learned") -> list[InnerLoopTask]:
+def stacked_inner_loop(
+    net: MetaConv4,
+    rule: UpdateRule,
+    meta_params: Params,
+    supports: Sequence[torch.Tensor],
+    labels: Sequence[torch.Tensor],
+    steps: int,
+    bn_mode: str,
+    dtype: torch.dtype = torch.float32,
+    head_init: str = "learned",
+) -> list[InnerLoopTask]:
     """Adapt ``T`` tasks of one support shape ``(S, C, H, W)`` together (first-order, as serving):
     the same tasks as ``T`` calls of :class:`~fewshot.models.inner_loop.engine.InnerLoopAdapter` to float
     rounding (tested). ``rule.stackable`` must hold; with ``head_init="shared"`` every task has the same
@@ -138,12 +149,11 @@ class StackedClassify:
         params = stack([p for p, _ in weights])
         x = torch.zeros(len(images), longest, *images[0].shape[1:], device=params["head.bias"].device)
         for t, q in enumerate(images):
-            x[t, :len(q)] = q
-        stats = [(torch.stack([st[l][0] for _, st in weights]), torch.stack([st[l][1] for _, st in weights]))
-                 for l in range(4)]
+            x[t, : len(q)] = q
+        stats = [(torch.stack([st[l][0] for _, st in weights]), torch.stack([st[l][1] for _, st in weights])) for l in range(4)]
         out = stacked_forward(self.net, params, x, stats, step=states[0].step)
         out = out.cpu()
-        return [out[t, :len(q)] for t, q in enumerate(images)]
+        return [out[t, : len(q)] for t, q in enumerate(images)]
 
     def run_many(self, items: Sequence[tuple[Any, torch.Tensor, Callable[[torch.Tensor], Any]]]) -> list[Any]:
         return finish_each(self.logits([s for s, _, _ in items], [x for _, x, _ in items]), [f for _, _, f in items])

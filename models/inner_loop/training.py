@@ -27,10 +27,10 @@ from fewshot.models.data import check_dataset, dataset_spec, load_dataset
 from fewshot.models.distributed import Ranks
 from fewshot.models.episodes import EpisodeSampler
 from fewshot.models.evaluation import evaluate
+from fewshot.models.folders import canonical
 from fewshot.models.inner_loop.engine import InnerLoopAdapter, inner_loop
 from fewshot.models.inner_loop.network import MetaConv4, Params, support_statistics
 from fewshot.models.inner_loop.rules import UpdateRule, build_rule
-from fewshot.models.folders import canonical
 from fewshot.models.preprocess import InputSpec
 from fewshot.models.training import pick_device, plot_curves
 
@@ -104,8 +104,10 @@ class MetaTrainConfig:
         if self.outer_lr_schedule not in OUTER_LR_SCHEDULES:
             raise ConfigError(f"unknown --outer-lr-schedule {self.outer_lr_schedule!r}: use {' or '.join(OUTER_LR_SCHEDULES)}")
         if self.head_alpha and self.method not in ("cxgrad", "cxgrad-task", "maml", "fomaml", "maml-lslr"):
-            raise ConfigError("--head-alpha applies to --method cxgrad, cxgrad-task, maml, fomaml and maml-lslr only (the other rules step every "
-                              "layer by --alpha or learn their steps)")
+            raise ConfigError(
+                "--head-alpha applies to --method cxgrad, cxgrad-task, maml, fomaml and maml-lslr only (the other rules step every "
+                "layer by --alpha or learn their steps)"
+            )
         if self.head_alpha < 0:
             raise ConfigError(f"--head-alpha must be positive (0: --alpha), got {self.head_alpha}")
         if self.rotations and self.dataset != "omniglot":
@@ -116,8 +118,7 @@ class MetaTrainConfig:
             raise ConfigError(f"unknown --head-init {self.head_init!r}: use {' or '.join(HEAD_INITS)}")
         low, high = self.way_range()
         if not 2 <= low <= self.ways <= high:
-            raise ConfigError(f"--min-ways {low} and --max-ways {high} must satisfy 2 <= min-ways <= --ways "
-                              f"({self.ways}) <= max-ways")
+            raise ConfigError(f"--min-ways {low} and --max-ways {high} must satisfy 2 <= min-ways <= --ways ({self.ways}) <= max-ways")
         if self.init_backbone and self.bn_train != "support":
             raise ConfigError("--init-backbone keeps the backbone's BatchNorm statistics frozen: use --bn-train support")
         if self.adapt_from and not self.init_backbone:
@@ -127,8 +128,10 @@ class MetaTrainConfig:
         if self.head_temperature <= 0:
             raise ConfigError(f"--head-temperature must be positive, got {self.head_temperature}")
         if (low, high) != (self.ways, self.ways) and self.head_init == "learned":
-            raise ConfigError("--min-ways/--max-ways need a head that adapts any number of classes: "
-                              "--head-init shared or prototypes (the learned head has --ways rows)")
+            raise ConfigError(
+                "--min-ways/--max-ways need a head that adapts any number of classes: "
+                "--head-init shared or prototypes (the learned head has --ways rows)"
+            )
 
     def way_range(self) -> tuple[int, int]:
         """``(min_ways, max_ways)`` of the training episodes (``(ways, ways)`` unless a range is set)."""
@@ -162,15 +165,26 @@ def build_learner(cfg: MetaTrainConfig, spec: InputSpec) -> tuple[MetaConv4, Upd
         backbone = load_model(cfg.init_backbone)
         arch = backbone.card.architecture
         if arch.get("arch") != "conv4" or arch["width"] != cfg.width:
-            raise ConfigError(f"--init-backbone {cfg.init_backbone} is a {arch.get('arch')} of width {arch.get('width')}: "
-                              f"meta-training takes a Conv-4 of --width {cfg.width}")
+            raise ConfigError(
+                f"--init-backbone {cfg.init_backbone} is a {arch.get('arch')} of width {arch.get('width')}: "
+                f"meta-training takes a Conv-4 of --width {cfg.width}"
+            )
         if backbone.spec.to_dict() != spec.to_dict():
             raise ConfigError(f"--init-backbone {cfg.init_backbone} was trained on other inputs than --dataset {cfg.dataset}")
         if per_step_bn:
             raise ConfigError("--init-backbone does not apply to --method mamlpp (per-step BatchNorm)")
         transform = backbone.card.heads.get("centroid", {}).get("transform", "L2N")
-        net = MetaConv4(spec.channels, cfg.width, spec.size, cfg.ways, 0, pools=arch.get("pools", 4), frozen_bn=True,
-                        transform="" if transform == "UN" else transform, adapt_from=cfg.adapt_from)
+        net = MetaConv4(
+            spec.channels,
+            cfg.width,
+            spec.size,
+            cfg.ways,
+            0,
+            pools=arch.get("pools", 4),
+            frozen_bn=True,
+            transform="" if transform == "UN" else transform,
+            adapt_from=cfg.adapt_from,
+        )
     else:
         net = MetaConv4(spec.channels, cfg.width, spec.size, cfg.ways, per_step_bn)
     return net, build_rule(cfg.method, net, cfg.inner_steps, cfg.alpha, cfg.beta, cfg.head_alpha)
@@ -203,14 +217,16 @@ def backbone_params(net: MetaConv4, backbone, temperature: float) -> Params:
     return params
 
 
-def query_loss(net: MetaConv4, cfg: MetaTrainConfig, adaptation, support: torch.Tensor, query: torch.Tensor,
-               labels: torch.Tensor, iteration: int) -> torch.Tensor:
+def query_loss(
+    net: MetaConv4, cfg: MetaTrainConfig, adaptation, support: torch.Tensor, query: torch.Tensor, labels: torch.Tensor, iteration: int
+) -> torch.Tensor:
     """Query loss of one adapted task; MAML++ uses the multi-step loss with annealed weights."""
     return query_loss_and_logits(net, cfg, adaptation, support, query, labels, iteration)[0]
 
 
-def query_loss_and_logits(net: MetaConv4, cfg: MetaTrainConfig, adaptation, support: torch.Tensor,
-                          query: torch.Tensor, labels: torch.Tensor, iteration: int) -> tuple[torch.Tensor, torch.Tensor]:
+def query_loss_and_logits(
+    net: MetaConv4, cfg: MetaTrainConfig, adaptation, support: torch.Tensor, query: torch.Tensor, labels: torch.Tensor, iteration: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``query_loss`` and the query logits ``(Q, N)`` (detached) of the adapted weights after the last step."""
     logits: dict[int, torch.Tensor] = {}
 
@@ -233,16 +249,25 @@ def query_loss_and_logits(net: MetaConv4, cfg: MetaTrainConfig, adaptation, supp
 SNAPSHOTS = "snapshots"
 
 
-def validate(cfg: MetaTrainConfig, net: MetaConv4, rule: UpdateRule, params: dict[str, torch.Tensor], val,
-             spec: InputSpec, dev: torch.device | str, ways: int | None = None):
+def validate(
+    cfg: MetaTrainConfig,
+    net: MetaConv4,
+    rule: UpdateRule,
+    params: dict[str, torch.Tensor],
+    val,
+    spec: InputSpec,
+    dev: torch.device | str,
+    ways: int | None = None,
+):
     """Validation of meta-parameters: ``cfg.val_tasks`` seeded ``ways``-way tasks (default ``cfg.ways``) of
     the val split, support BatchNorm.
 
     The tasks depend only on ``cfg.seed``, so every validation of a run sees the same tasks (paired comparison).
     """
     adapter = InnerLoopAdapter(net, rule, params, cfg.inner_steps, "support", head_init=cfg.head_init)
-    return evaluate(adapter, val, lambda a: spec.normalize(a).to(dev), ways or cfg.ways, cfg.shots, cfg.queries,
-                    cfg.val_tasks, seed=cfg.seed)
+    return evaluate(
+        adapter, val, lambda a: spec.normalize(a).to(dev), ways or cfg.ways, cfg.shots, cfg.queries, cfg.val_tasks, seed=cfg.seed
+    )
 
 
 class WaysSampler:
@@ -258,8 +283,9 @@ class WaysSampler:
         return self.samplers[ways].episode(index)
 
 
-def _stem_features(net: MetaConv4, params: Params, images: np.ndarray, spec: InputSpec, dev: torch.device | str,
-                   chunk: int = 500) -> torch.Tensor:
+def _stem_features(
+    net: MetaConv4, params: Params, images: np.ndarray, spec: InputSpec, dev: torch.device | str, chunk: int = 500
+) -> torch.Tensor:
     """The fixed stem's output for every image ``(N, width, h, w)``, on the CPU (float32; 16 KB per Tiny
     ImageNet image: about 1 GB for its training split). Kept in the data cache under a digest of the stem's
     weights and the images, so the runs of one backbone (MAML, CxGrad, resumed ones) compute it once."""
@@ -277,7 +303,7 @@ def _stem_features(net: MetaConv4, params: Params, images: np.ndarray, spec: Inp
         return torch.from_numpy(np.load(path))
     out = []
     for i in tqdm(range(0, len(images), chunk), desc="stem features (once)", mininterval=5):
-        x = spec.normalize(images[i:i + chunk]).to(dev).contiguous(memory_format=torch.channels_last)
+        x = spec.normalize(images[i : i + chunk]).to(dev).contiguous(memory_format=torch.channels_last)
         out.append(net.stem(params, x).cpu().contiguous())
     features = torch.cat(out)
     atomic_save(path, array=features.numpy())
@@ -357,9 +383,19 @@ def train_meta(cfg: MetaTrainConfig, out_dir: Path, resume: bool = False, device
 
     def save(path: Path, optimizer: bool = True) -> None:
         path.parent.mkdir(exist_ok=True)
-        torch.save({"meta": meta.state_dict(), "rule": rule.state_dict(), "iteration": it, "best": best,
-                    "config": asdict(cfg), "net_config": net.config, "spec": spec.to_dict(),
-                    **({"opt": opt.state_dict()} if optimizer else {})}, path.with_suffix(".tmp"))
+        torch.save(
+            {
+                "meta": meta.state_dict(),
+                "rule": rule.state_dict(),
+                "iteration": it,
+                "best": best,
+                "config": asdict(cfg),
+                "net_config": net.config,
+                "spec": spec.to_dict(),
+                **({"opt": opt.state_dict()} if optimizer else {}),
+            },
+            path.with_suffix(".tmp"),
+        )
         path.with_suffix(".tmp").replace(path)
 
     learner = net.tail() if net.adapt_from else net
@@ -401,10 +437,14 @@ def train_meta(cfg: MetaTrainConfig, out_dir: Path, resume: bool = False, device
         window.append((total / cfg.meta_batch, acc / cfg.meta_batch))
         bar.update(1)
         if it % 25 == 0 or it == cfg.iterations:
-            row = {"kind": "train", "step": it, "loss": float(np.mean([w[0] for w in window])),
-                   "query_accuracy": 100 * float(np.mean([w[1] for w in window])),
-                   "seconds_per_iteration": (time.perf_counter() - t0) / len(window),
-                   "outer_lr": opt.param_groups[0]["lr"]}
+            row = {
+                "kind": "train",
+                "step": it,
+                "loss": float(np.mean([w[0] for w in window])),
+                "query_accuracy": 100 * float(np.mean([w[1] for w in window])),
+                "seconds_per_iteration": (time.perf_counter() - t0) / len(window),
+                "outer_lr": opt.param_groups[0]["lr"],
+            }
             log.write(json.dumps(row) + "\n"), log.flush()
             bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['query_accuracy']:.1f}")
             window, t0 = [], time.perf_counter()

@@ -3,14 +3,41 @@
 from fewshot_client import errors
 from fewshot_client.aio import AsyncFewShotClient, AsyncTask
 from fewshot_client.client import FewShotClient, Task
-from fewshot_client.errors import (Aborted, DeadlineExceeded, FailedPrecondition, FewShotError, InvalidArgument, NotFound,
-                                   ResourceExhausted, ServiceError, Unauthenticated, Unavailable)
+from fewshot_client.errors import (
+    Aborted,
+    DeadlineExceeded,
+    FailedPrecondition,
+    FewShotError,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    ServiceError,
+    Unauthenticated,
+    Unavailable,
+)
 from fewshot_client.images import to_image_proto
 from fewshot_client.messages import InputSpec, ModelInfo, Prediction, SettingInfo, TaskInfo
 
 __all__ = [
-    "Aborted", "AsyncFewShotClient", "AsyncTask", "DeadlineExceeded", "FailedPrecondition", "FewShotClient",
-    "FewShotError", "InputSpec",
-    "InvalidArgument", "ModelInfo", "NotFound", "Prediction", "ResourceExhausted", "ServiceError", "SettingInfo", "Task",
-    "TaskInfo", "Unauthenticated", "Unavailable", "errors", "to_image_proto",
+    "Aborted",
+    "AsyncFewShotClient",
+    "AsyncTask",
+    "DeadlineExceeded",
+    "FailedPrecondition",
+    "FewShotClient",
+    "FewShotError",
+    "InputSpec",
+    "InvalidArgument",
+    "ModelInfo",
+    "NotFound",
+    "Prediction",
+    "ResourceExhausted",
+    "ServiceError",
+    "SettingInfo",
+    "Task",
+    "TaskInfo",
+    "Unauthenticated",
+    "Unavailable",
+    "errors",
+    "to_image_proto",
 ]

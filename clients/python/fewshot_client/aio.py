@@ -12,9 +12,9 @@ import grpc
 import grpc.aio
 
 from fewshot_client import messages
-from fewshot_proto import fewshot_pb2, fewshot_pb2_grpc
 from fewshot_client.images import ImageLike
 from fewshot_client.messages import ModelInfo, Prediction, TaskFields, TaskInfo
+from fewshot_proto import fewshot_pb2, fewshot_pb2_grpc
 
 
 @dataclass
@@ -23,15 +23,22 @@ class AsyncTask(TaskFields):
 
     client: AsyncFewShotClient = field(kw_only=True, repr=False, compare=False)
 
-    async def classify(self, images: Sequence[ImageLike], top_k: int = 1, reject_unknown: bool = False,
-                 threshold: float | None = None, target_recall: float | None = None) -> list[Prediction]:
+    async def classify(
+        self,
+        images: Sequence[ImageLike],
+        top_k: int = 1,
+        reject_unknown: bool = False,
+        threshold: float | None = None,
+        target_recall: float | None = None,
+    ) -> list[Prediction]:
         """One prediction per image, with the ``top_k`` best labels ranked; ``reject_unknown``: each says
         whether it fits none of the labels (``prediction.unknown``), at the model's calibrated threshold
         for 95% acceptance of known classes, or at ``target_recall`` (0.5..0.99), or at ``threshold``."""
         return await self.client.classify(self.id, images, top_k, reject_unknown, threshold, target_recall)
 
-    async def update(self, images: Sequence[ImageLike] = (), labels: Sequence[str] = (), remove: Sequence[str] = (),
-                     expected_version: int | None = None) -> AsyncTask:
+    async def update(
+        self, images: Sequence[ImageLike] = (), labels: Sequence[str] = (), remove: Sequence[str] = (), expected_version: int | None = None
+    ) -> AsyncTask:
         """As :meth:`fewshot_client.client.Task.update`."""
         response = await self.client.update(self.id, images, labels, remove, expected_version)
         self.labels, self.version = list(response.labels), response.version
@@ -51,18 +58,29 @@ class AsyncFewShotClient:
     """The asyncio twin of ``FewShotClient``: same arguments (TLS ones included), same retries and
     errors; create it inside a running event loop and ``await client.close()`` (or use ``async with``)."""
 
-    def __init__(self, target: str | Sequence[str], token: str | None = None, timeout: float = 30.0, retries: int = 3,
-                 backoff: float = 0.2, max_message_mb: float = 64, *, tls: bool = False,
-                 root_certificates: messages.PemSource | None = None,
-                 client_certificate: messages.PemSource | None = None,
-                 client_key: messages.PemSource | None = None) -> None:
+    def __init__(
+        self,
+        target: str | Sequence[str],
+        token: str | None = None,
+        timeout: float = 30.0,
+        retries: int = 3,
+        backoff: float = 0.2,
+        max_message_mb: float = 64,
+        *,
+        tls: bool = False,
+        root_certificates: messages.PemSource | None = None,
+        client_certificate: messages.PemSource | None = None,
+        client_key: messages.PemSource | None = None,
+    ) -> None:
         self._config = messages.ClientConfig.of(token, timeout, retries, backoff, max_message_mb)
         credentials = messages.channel_credentials(tls, root_certificates, client_certificate, client_key)
-        options = self._config.channel_options()
         target, balancing = messages.channel_target(target)
-        options = options + balancing
-        self._channel = (grpc.aio.insecure_channel(target, options=options) if credentials is None
-                         else grpc.aio.secure_channel(target, credentials, options=options))
+        options: list[tuple[str, Any]] = [*self._config.channel_options(), *balancing]
+        self._channel = (
+            grpc.aio.insecure_channel(target, options=options)
+            if credentials is None
+            else grpc.aio.secure_channel(target, credentials, options=options)
+        )
         self._stub = fewshot_pb2_grpc.FewShotStub(self._channel)
 
     async def _call(self, rpc: Any, request: messages.Request) -> Any:
@@ -72,29 +90,58 @@ class AsyncFewShotClient:
             except grpc.RpcError as err:
                 await asyncio.sleep(self._config.retry.delay_after(err, attempt))
 
-    async def adapt(self, images: Sequence[ImageLike], labels: Sequence[str], model: str,
-                    method: str | None = None, inner_steps: int | None = None, lam: float | None = None,
-                    ttl_seconds: int | None = None, stream: bool | None = None,
-                    settings: Mapping[str, messages.SettingValue] | None = None) -> AsyncTask:
+    async def adapt(
+        self,
+        images: Sequence[ImageLike],
+        labels: Sequence[str],
+        model: str,
+        method: str | None = None,
+        inner_steps: int | None = None,
+        lam: float | None = None,
+        ttl_seconds: int | None = None,
+        stream: bool | None = None,
+        settings: Mapping[str, messages.SettingValue] | None = None,
+    ) -> AsyncTask:
         """Adapts ``model`` to the labelled support set and returns the new task (see
         ``FewShotClient.adapt``, settings included)."""
-        rpc, request = messages.adapt_call(self._stub, self._config.max_bytes, stream, images, labels, model,
-                                           method, messages.merge_settings(settings, inner_steps, lam), ttl_seconds)
+        rpc, request = messages.adapt_call(
+            self._stub,
+            self._config.max_bytes,
+            stream,
+            images,
+            labels,
+            model,
+            method,
+            messages.merge_settings(settings, inner_steps, lam),
+            ttl_seconds,
+        )
         response = await self._call(rpc, request)
         return AsyncTask(**vars(messages.adapted_fields(response)), client=self)
 
-    async def classify(self, task_id: str, images: Sequence[ImageLike], top_k: int = 1, reject_unknown: bool = False,
-                       threshold: float | None = None, target_recall: float | None = None) -> list[Prediction]:
+    async def classify(
+        self,
+        task_id: str,
+        images: Sequence[ImageLike],
+        top_k: int = 1,
+        reject_unknown: bool = False,
+        threshold: float | None = None,
+        target_recall: float | None = None,
+    ) -> list[Prediction]:
         """Classifies ``images`` against task ``task_id`` (open-set options: :meth:`AsyncTask.classify`)."""
         request = messages.classify_request(task_id, images, top_k, reject_unknown, threshold, target_recall)
         response = await self._call(self._stub.Classify, request)
         return messages.predictions(response)
 
-    async def update(self, task_id: str, images: Sequence[ImageLike] = (), labels: Sequence[str] = (),
-                     remove: Sequence[str] = (), expected_version: int | None = None) -> fewshot_pb2.UpdateTaskResponse:
+    async def update(
+        self,
+        task_id: str,
+        images: Sequence[ImageLike] = (),
+        labels: Sequence[str] = (),
+        remove: Sequence[str] = (),
+        expected_version: int | None = None,
+    ) -> fewshot_pb2.UpdateTaskResponse:
         """UpdateTask on ``task_id``."""
-        return await self._call(self._stub.UpdateTask, messages.update_request(task_id, images, labels, remove,
-                                                                                 expected_version))
+        return await self._call(self._stub.UpdateTask, messages.update_request(task_id, images, labels, remove, expected_version))
 
     async def task_info(self, task_id: str) -> TaskInfo:
         """The server's record of task ``task_id``; raises NotFound if there is none."""
@@ -118,7 +165,7 @@ class AsyncFewShotClient:
 
     async def close(self) -> None:
         """Closes the channel."""
-        await self._channel.close()
+        await self._channel.close(grace=None)
 
     async def __aenter__(self) -> AsyncFewShotClient:
         return self

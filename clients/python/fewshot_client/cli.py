@@ -6,8 +6,8 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 from fewshot_client.client import FewShotClient
 from fewshot_client.errors import FewShotError
@@ -48,11 +48,22 @@ def setting(text: str) -> tuple[str, float | str]:
 
 def cmd_adapt(client: FewShotClient, args: argparse.Namespace) -> None:
     images, labels = support_set(args.support)
-    task = client.adapt(images, labels, args.model, method=args.method, inner_steps=args.inner_steps,
-                        lam=args.lam, ttl_seconds=args.ttl, settings=dict(args.set or []))
+    task = client.adapt(
+        images,
+        labels,
+        args.model,
+        method=args.method,
+        inner_steps=args.inner_steps,
+        lam=args.lam,
+        ttl_seconds=args.ttl,
+        settings=dict(args.set or []),
+    )
     print(task.id)
-    print(f"adapted {task.model} ({task.method}) to {len(task.labels)} labels, {len(images)} images: "
-          f"support accuracy {task.support_accuracy:.3f}, {task.adapt_seconds:.3f} s", file=sys.stderr)
+    print(
+        f"adapted {task.model} ({task.method}) to {len(task.labels)} labels, {len(images)} images: "
+        f"support accuracy {task.support_accuracy:.3f}, {task.adapt_seconds:.3f} s",
+        file=sys.stderr,
+    )
 
 
 def cmd_update(client: FewShotClient, args: argparse.Namespace) -> None:
@@ -62,20 +73,26 @@ def cmd_update(client: FewShotClient, args: argparse.Namespace) -> None:
     response = client.update(args.task, images, labels, args.remove or [])
     print(response.version)
     shots = ", ".join(f"{label} {n}" for label, n in zip(response.labels, response.shots))
-    print(f"updated {args.task} to version {response.version}: {len(response.labels)} labels ({shots}), support "
-          f"accuracy {response.support_accuracy:.3f}, {response.adapt_seconds:.3f} s", file=sys.stderr)
+    print(
+        f"updated {args.task} to version {response.version}: {len(response.labels)} labels ({shots}), support "
+        f"accuracy {response.support_accuracy:.3f}, {response.adapt_seconds:.3f} s",
+        file=sys.stderr,
+    )
 
 
 def cmd_classify(client: FewShotClient, args: argparse.Namespace) -> None:
     reject = args.reject_unknown or args.threshold is not None or args.target_recall is not None
-    predictions = client.classify(args.task, args.images, top_k=args.top_k, reject_unknown=reject,
-                                  threshold=args.threshold, target_recall=args.target_recall)
+    predictions = client.classify(
+        args.task, args.images, top_k=args.top_k, reject_unknown=reject, threshold=args.threshold, target_recall=args.target_recall
+    )
     for path, p in zip(args.images, predictions):
         if args.json:
-            open_set = {"unknown": p.unknown, "open_set_score": p.open_set_score, "threshold": p.threshold,
-                        "score_name": p.score_name} if reject else {}
-            print(json.dumps({"path": path, "label": p.label, "score": p.score, "ranked": p.ranked,
-                              "scores": p.scores, **open_set}))
+            open_set = (
+                {"unknown": p.unknown, "open_set_score": p.open_set_score, "threshold": p.threshold, "score_name": p.score_name}
+                if reject
+                else {}
+            )
+            print(json.dumps({"path": path, "label": p.label, "score": p.score, "ranked": p.ranked, "scores": p.scores, **open_set}))
         else:
             verdict = ("\tunknown" if p.unknown else "\tknown") if reject else ""
             print(f"{path}\t{p.label}\t{p.score:.6f}{verdict}")
@@ -84,9 +101,11 @@ def cmd_classify(client: FewShotClient, args: argparse.Namespace) -> None:
 def cmd_models(client: FewShotClient, _args: argparse.Namespace) -> None:
     for m in client.models():
         spec = m.input
-        print(f"{m.name}\t{m.family}\tmethods {','.join(m.methods)} (default {m.default_method})\t"
-              f"input {spec.channels}x{spec.size}x{spec.size}\tways {m.min_ways}-{m.max_ways}\t"
-              f"shots <= {m.max_shots}\tsettings {', '.join(map(_describe_setting, m.settings)) or 'none'}")
+        print(
+            f"{m.name}\t{m.family}\tmethods {','.join(m.methods)} (default {m.default_method})\t"
+            f"input {spec.channels}x{spec.size}x{spec.size}\tways {m.min_ways}-{m.max_ways}\t"
+            f"shots <= {m.max_shots}\tsettings {', '.join(map(_describe_setting, m.settings)) or 'none'}"
+        )
 
 
 def _describe_setting(s: SettingInfo) -> str:
@@ -128,44 +147,70 @@ def read_token(path: Path) -> str:
 def parser() -> argparse.ArgumentParser:
     """The argument parser; each subcommand sets ``run``."""
     p = argparse.ArgumentParser(prog=PROG, description="Client of the fewshot.v1.FewShot service.")
-    p.add_argument("--target", default=os.environ.get("FEWSHOT_TARGET", "127.0.0.1:50051"),
-                   help="HOST:PORT of the server, IP:PORT,IP:PORT,... of replicas or dns:///NAME:PORT (calls "
-                        "balanced over them; default: $FEWSHOT_TARGET or 127.0.0.1:50051)")
+    p.add_argument(
+        "--target",
+        default=os.environ.get("FEWSHOT_TARGET", "127.0.0.1:50051"),
+        help="HOST:PORT of the server, IP:PORT,IP:PORT,... of replicas or dns:///NAME:PORT (calls "
+        "balanced over them; default: $FEWSHOT_TARGET or 127.0.0.1:50051)",
+    )
     token = p.add_mutually_exclusive_group()
-    token.add_argument("--token", default=os.environ.get("FEWSHOT_TOKEN"),
-                       help="bearer token (default: $FEWSHOT_TOKEN)")
-    token.add_argument("--token-file", type=Path, metavar="FILE",
-                       help="read the bearer token from FILE (surrounding whitespace stripped); "
-                            "overrides $FEWSHOT_TOKEN")
+    token.add_argument("--token", default=os.environ.get("FEWSHOT_TOKEN"), help="bearer token (default: $FEWSHOT_TOKEN)")
+    token.add_argument(
+        "--token-file",
+        type=Path,
+        metavar="FILE",
+        help="read the bearer token from FILE (surrounding whitespace stripped); overrides $FEWSHOT_TOKEN",
+    )
     p.add_argument("--timeout", type=float, default=30.0, help="seconds per call (default 30)")
     tls = p.add_argument_group("TLS", "any of --ca-cert, --client-cert, --client-key implies --tls")
-    tls.add_argument("--tls", action="store_true", default=env_flag("FEWSHOT_TLS"),
-                     help="connect over TLS, verifying the server against the system's CAs unless "
-                          "--ca-cert is given (default: on if $FEWSHOT_TLS is 1)")
-    tls.add_argument("--ca-cert", type=Path, metavar="FILE", default=env_path("FEWSHOT_CA_CERT"),
-                     help="PEM file of the CA(s) to verify the server against (default: $FEWSHOT_CA_CERT)")
-    tls.add_argument("--client-cert", type=Path, metavar="FILE", default=env_path("FEWSHOT_CLIENT_CERT"),
-                     help="PEM client certificate (chain) for mutual TLS, with --client-key "
-                          "(default: $FEWSHOT_CLIENT_CERT)")
-    tls.add_argument("--client-key", type=Path, metavar="FILE", default=env_path("FEWSHOT_CLIENT_KEY"),
-                     help="PEM private key of --client-cert (default: $FEWSHOT_CLIENT_KEY)")
+    tls.add_argument(
+        "--tls",
+        action="store_true",
+        default=env_flag("FEWSHOT_TLS"),
+        help="connect over TLS, verifying the server against the system's CAs unless --ca-cert is given (default: on if $FEWSHOT_TLS is 1)",
+    )
+    tls.add_argument(
+        "--ca-cert",
+        type=Path,
+        metavar="FILE",
+        default=env_path("FEWSHOT_CA_CERT"),
+        help="PEM file of the CA(s) to verify the server against (default: $FEWSHOT_CA_CERT)",
+    )
+    tls.add_argument(
+        "--client-cert",
+        type=Path,
+        metavar="FILE",
+        default=env_path("FEWSHOT_CLIENT_CERT"),
+        help="PEM client certificate (chain) for mutual TLS, with --client-key (default: $FEWSHOT_CLIENT_CERT)",
+    )
+    tls.add_argument(
+        "--client-key",
+        type=Path,
+        metavar="FILE",
+        default=env_path("FEWSHOT_CLIENT_KEY"),
+        help="PEM private key of --client-cert (default: $FEWSHOT_CLIENT_KEY)",
+    )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     adapt = sub.add_parser("adapt", help="adapt a model to a support directory; prints the task id")
     adapt.add_argument("--model", required=True)
-    adapt.add_argument("--support", required=True, type=Path, metavar="DIR",
-                       help="one subfolder per class (its name is the label) holding the images")
+    adapt.add_argument(
+        "--support", required=True, type=Path, metavar="DIR", help="one subfolder per class (its name is the label) holding the images"
+    )
     adapt.add_argument("--method", help="inner_loop, centroid or laplacianshot (default: the model's)")
-    adapt.add_argument("--set", type=setting, action="append", metavar="NAME=VALUE",
-                       help="a per-request setting (repeatable); which ones each model takes, with bounds: "
-                            f"`{PROG} models`")
+    adapt.add_argument(
+        "--set",
+        type=setting,
+        action="append",
+        metavar="NAME=VALUE",
+        help=f"a per-request setting (repeatable); which ones each model takes, with bounds: `{PROG} models`",
+    )
     adapt.add_argument("--inner-steps", type=int, help="shortcut for --set inner_steps=N")
     adapt.add_argument("--lam", type=float, help="shortcut for --set lambda=X")
     adapt.add_argument("--ttl", type=int, help="task time-to-live in seconds (default: the server's)")
     adapt.set_defaults(run=cmd_adapt)
 
-    update = sub.add_parser("update", help="add images (new shots or classes) to a task or remove classes; prints "
-                            "the new version")
+    update = sub.add_parser("update", help="add images (new shots or classes) to a task or remove classes; prints the new version")
     update.add_argument("--task", required=True, metavar="ID")
     update.add_argument("--support", type=Path, metavar="DIR", help="images to add: one subfolder per class")
     update.add_argument("--remove", action="append", metavar="LABEL", help="class to remove (repeat)")
@@ -175,10 +220,15 @@ def parser() -> argparse.ArgumentParser:
     classify.add_argument("--task", required=True, metavar="ID")
     classify.add_argument("--top-k", type=int, default=1, metavar="K")
     classify.add_argument("--json", action="store_true", help="print JSON lines")
-    classify.add_argument("--reject-unknown", action="store_true", help="say for each image whether it fits none of "
-                          "the task's labels (at the model's calibrated threshold for 95%% acceptance of known ones)")
-    classify.add_argument("--target-recall", type=float, metavar="R", help="with rejection: accept this fraction "
-                          "(0.5..0.99) of known-class images instead")
+    classify.add_argument(
+        "--reject-unknown",
+        action="store_true",
+        help="say for each image whether it fits none of "
+        "the task's labels (at the model's calibrated threshold for 95%% acceptance of known ones)",
+    )
+    classify.add_argument(
+        "--target-recall", type=float, metavar="R", help="with rejection: accept this fraction (0.5..0.99) of known-class images instead"
+    )
     classify.add_argument("--threshold", type=float, metavar="S", help="with rejection: this score threshold instead")
     classify.add_argument("images", nargs="+", metavar="IMAGE")
     classify.set_defaults(run=cmd_classify)
@@ -201,9 +251,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         token = read_token(args.token_file) if args.token_file else args.token
         targets = args.target.split(",") if "," in args.target else args.target
-        with FewShotClient(targets, token=token, timeout=args.timeout, tls=args.tls,
-                           root_certificates=args.ca_cert, client_certificate=args.client_cert,
-                           client_key=args.client_key) as client:
+        with FewShotClient(
+            targets,
+            token=token,
+            timeout=args.timeout,
+            tls=args.tls,
+            root_certificates=args.ca_cert,
+            client_certificate=args.client_cert,
+            client_key=args.client_key,
+        ) as client:
             run(client, args)
     except (FewShotError, CommandError, OSError, ValueError, TypeError) as err:
         message = " ".join(str(err).split())

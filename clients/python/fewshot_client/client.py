@@ -11,9 +11,9 @@ from typing import Any
 import grpc
 
 from fewshot_client import messages
-from fewshot_proto import fewshot_pb2, fewshot_pb2_grpc
 from fewshot_client.images import ImageLike
 from fewshot_client.messages import ModelInfo, Prediction, TaskFields, TaskInfo
+from fewshot_proto import fewshot_pb2, fewshot_pb2_grpc
 
 
 @dataclass
@@ -22,15 +22,22 @@ class Task(TaskFields):
 
     client: FewShotClient = field(kw_only=True, repr=False, compare=False)
 
-    def classify(self, images: Sequence[ImageLike], top_k: int = 1, reject_unknown: bool = False,
-                 threshold: float | None = None, target_recall: float | None = None) -> list[Prediction]:
+    def classify(
+        self,
+        images: Sequence[ImageLike],
+        top_k: int = 1,
+        reject_unknown: bool = False,
+        threshold: float | None = None,
+        target_recall: float | None = None,
+    ) -> list[Prediction]:
         """One prediction per image, with the ``top_k`` best labels ranked; ``reject_unknown``: each says
         whether it fits none of the labels (``prediction.unknown``), at the model's calibrated threshold
         for 95% acceptance of known classes, or at ``target_recall`` (0.5..0.99), or at ``threshold``."""
         return self.client.classify(self.id, images, top_k, reject_unknown, threshold, target_recall)
 
-    def update(self, images: Sequence[ImageLike] = (), labels: Sequence[str] = (), remove: Sequence[str] = (),
-               expected_version: int | None = None) -> Task:
+    def update(
+        self, images: Sequence[ImageLike] = (), labels: Sequence[str] = (), remove: Sequence[str] = (), expected_version: int | None = None
+    ) -> Task:
         """Adds labelled images (more shots, or new classes) and/or removes classes; the server re-adapts
         the task on the union support set under the same id and the next version. This handle's labels,
         version and support accuracy follow; returns it. ``expected_version``: apply only at that version
@@ -67,18 +74,29 @@ class FewShotClient:
     ``messages.channel_credentials``).
     """
 
-    def __init__(self, target: str | Sequence[str], token: str | None = None, timeout: float = 30.0, retries: int = 3,
-                 backoff: float = 0.2, max_message_mb: float = 64, *, tls: bool = False,
-                 root_certificates: messages.PemSource | None = None,
-                 client_certificate: messages.PemSource | None = None,
-                 client_key: messages.PemSource | None = None) -> None:
+    def __init__(
+        self,
+        target: str | Sequence[str],
+        token: str | None = None,
+        timeout: float = 30.0,
+        retries: int = 3,
+        backoff: float = 0.2,
+        max_message_mb: float = 64,
+        *,
+        tls: bool = False,
+        root_certificates: messages.PemSource | None = None,
+        client_certificate: messages.PemSource | None = None,
+        client_key: messages.PemSource | None = None,
+    ) -> None:
         self._config = messages.ClientConfig.of(token, timeout, retries, backoff, max_message_mb)
         credentials = messages.channel_credentials(tls, root_certificates, client_certificate, client_key)
-        options = self._config.channel_options()
         target, balancing = messages.channel_target(target)
-        options = options + balancing
-        self._channel = (grpc.insecure_channel(target, options=options) if credentials is None
-                         else grpc.secure_channel(target, credentials, options=options))
+        options: list[tuple[str, Any]] = [*self._config.channel_options(), *balancing]
+        self._channel = (
+            grpc.insecure_channel(target, options=options)
+            if credentials is None
+            else grpc.secure_channel(target, credentials, options=options)
+        )
         self._stub = fewshot_pb2_grpc.FewShotStub(self._channel)
 
     def _call(self, rpc: Any, request: messages.Request) -> Any:
@@ -88,9 +106,18 @@ class FewShotClient:
             except grpc.RpcError as err:
                 time.sleep(self._config.retry.delay_after(err, attempt))
 
-    def adapt(self, images: Sequence[ImageLike], labels: Sequence[str], model: str, method: str | None = None,
-              inner_steps: int | None = None, lam: float | None = None, ttl_seconds: int | None = None,
-              stream: bool | None = None, settings: Mapping[str, messages.SettingValue] | None = None) -> Task:
+    def adapt(
+        self,
+        images: Sequence[ImageLike],
+        labels: Sequence[str],
+        model: str,
+        method: str | None = None,
+        inner_steps: int | None = None,
+        lam: float | None = None,
+        ttl_seconds: int | None = None,
+        stream: bool | None = None,
+        settings: Mapping[str, messages.SettingValue] | None = None,
+    ) -> Task:
         """Adapts ``model`` to the labelled support set and returns the new task.
 
         ``settings``: per-request settings by name, e.g. ``{"inner_steps": 3, "bn": "support"}``; which ones a
@@ -100,18 +127,40 @@ class FewShotClient:
         Large support sets (over half the message size limit), or any with ``stream=True``, go
         through AdaptStream in chunks.
         """
-        rpc, request = messages.adapt_call(self._stub, self._config.max_bytes, stream, images, labels, model,
-                                           method, messages.merge_settings(settings, inner_steps, lam), ttl_seconds)
+        rpc, request = messages.adapt_call(
+            self._stub,
+            self._config.max_bytes,
+            stream,
+            images,
+            labels,
+            model,
+            method,
+            messages.merge_settings(settings, inner_steps, lam),
+            ttl_seconds,
+        )
         return Task(**vars(messages.adapted_fields(self._call(rpc, request))), client=self)
 
-    def classify(self, task_id: str, images: Sequence[ImageLike], top_k: int = 1, reject_unknown: bool = False,
-                 threshold: float | None = None, target_recall: float | None = None) -> list[Prediction]:
+    def classify(
+        self,
+        task_id: str,
+        images: Sequence[ImageLike],
+        top_k: int = 1,
+        reject_unknown: bool = False,
+        threshold: float | None = None,
+        target_recall: float | None = None,
+    ) -> list[Prediction]:
         """Classifies ``images`` against task ``task_id`` (open-set options: :meth:`Task.classify`)."""
         request = messages.classify_request(task_id, images, top_k, reject_unknown, threshold, target_recall)
         return messages.predictions(self._call(self._stub.Classify, request))
 
-    def update(self, task_id: str, images: Sequence[ImageLike] = (), labels: Sequence[str] = (),
-               remove: Sequence[str] = (), expected_version: int | None = None) -> fewshot_pb2.UpdateTaskResponse:
+    def update(
+        self,
+        task_id: str,
+        images: Sequence[ImageLike] = (),
+        labels: Sequence[str] = (),
+        remove: Sequence[str] = (),
+        expected_version: int | None = None,
+    ) -> fewshot_pb2.UpdateTaskResponse:
         """UpdateTask on ``task_id`` (see :meth:`Task.update`); the response has the new version,
         labels and per-class shots."""
         request = messages.update_request(task_id, images, labels, remove, expected_version)

@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import io
 import os
-from typing import Union
 
 import numpy as np
 from PIL import Image as PILImage
 
 from fewshot_proto import fewshot_pb2
 
-ImageLike = Union[str, os.PathLike, bytes, bytearray, memoryview, PILImage.Image, np.ndarray]
+ImageLike = str | os.PathLike | bytes | bytearray | memoryview | PILImage.Image | np.ndarray
 
-ACCEPTED = ("a file path (str or os.PathLike), encoded bytes (bytes, bytearray, memoryview), "
-            "a PIL image, or a numpy array (H, W) or (H, W, C) of uint8, float32 or float64")
+ACCEPTED = (
+    "a file path (str or os.PathLike), encoded bytes (bytes, bytearray, memoryview), "
+    "a PIL image, or a numpy array (H, W) or (H, W, C) of uint8, float32 or float64"
+)
 
 
 def to_image_proto(x: ImageLike) -> fewshot_pb2.Image:
@@ -45,8 +46,7 @@ def _png(image: PILImage.Image) -> bytes:
     try:
         image.save(buf, format="PNG")
     except OSError as err:
-        raise TypeError(f"a PIL image of mode {image.mode} cannot be encoded as PNG; "
-                        "convert it to L, RGB or RGBA first") from err
+        raise TypeError(f"a PIL image of mode {image.mode} cannot be encoded as PNG; convert it to L, RGB or RGBA first") from err
     return buf.getvalue()
 
 

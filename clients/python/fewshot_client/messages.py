@@ -7,20 +7,20 @@ import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import grpc
 from google.protobuf.message import Message
 
-from fewshot_proto import fewshot_pb2
 from fewshot_client.errors import FewShotError, from_rpc_error
 from fewshot_client.images import ImageLike, to_image_proto
+from fewshot_proto import fewshot_pb2
 
 # An RPC's request: one message, or the chunks of a client stream.
-Request = Union[Message, Sequence[fewshot_pb2.AdaptChunk]]
+Request = Message | Sequence[fewshot_pb2.AdaptChunk]
 
 # A PEM certificate or key: its content (bytes), or the path of a file holding it (str or os.PathLike).
-PemSource = Union[bytes, str, os.PathLike[str]]
+PemSource = bytes | str | os.PathLike[str]
 
 
 @dataclass
@@ -112,11 +112,12 @@ class TaskFields:
 
 
 #: A per-request setting's value: a number, or the name of one of its choices.
-SettingValue = Union[int, float, str]
+SettingValue = int | float | str
 
 
-def merge_settings(settings: Mapping[str, SettingValue] | None, inner_steps: int | None = None,
-                   lam: float | None = None) -> dict[str, SettingValue]:
+def merge_settings(
+    settings: Mapping[str, SettingValue] | None, inner_steps: int | None = None, lam: float | None = None
+) -> dict[str, SettingValue]:
     """``settings`` with the two keyword shortcuts ``inner_steps`` and ``lam`` (the setting ``lambda``) added."""
     out = dict(settings or {})
     for name, value in (("inner_steps", inner_steps), ("lambda", lam)):
@@ -140,8 +141,14 @@ def settings_message(settings: Mapping[str, SettingValue]) -> fewshot_pb2.AdaptS
     return message
 
 
-def adapt_request(images: Sequence[ImageLike], labels: Sequence[str], model: str, method: str | None,
-                  settings: Mapping[str, SettingValue], ttl_seconds: int | None) -> fewshot_pb2.AdaptRequest:
+def adapt_request(
+    images: Sequence[ImageLike],
+    labels: Sequence[str],
+    model: str,
+    method: str | None,
+    settings: Mapping[str, SettingValue],
+    ttl_seconds: int | None,
+) -> fewshot_pb2.AdaptRequest:
     """An AdaptRequest; raises ValueError/TypeError for mismatched or non-string labels."""
     if len(images) != len(labels):
         raise ValueError(f"{len(images)} images but {len(labels)} labels")
@@ -149,15 +156,20 @@ def adapt_request(images: Sequence[ImageLike], labels: Sequence[str], model: str
         if not isinstance(label, str):
             raise TypeError(f"labels must be strings, got {type(label).__name__} {label!r}")
     return fewshot_pb2.AdaptRequest(
-        model=model, method=method or "", ttl_seconds=ttl_seconds or 0, settings=settings_message(settings),
-        support=[fewshot_pb2.LabelledImage(image=to_image_proto(x), label=y) for x, y in zip(images, labels)])
+        model=model,
+        method=method or "",
+        ttl_seconds=ttl_seconds or 0,
+        settings=settings_message(settings),
+        support=[fewshot_pb2.LabelledImage(image=to_image_proto(x), label=y) for x, y in zip(images, labels)],
+    )
 
 
 def adapt_chunks(request: fewshot_pb2.AdaptRequest, chunk_bytes: int) -> list[fewshot_pb2.AdaptChunk]:
     """``request`` as AdaptStream chunks of at most about ``chunk_bytes`` each (one image per chunk at
     least); the first chunk carries the model, method, settings and ttl."""
-    chunks = [fewshot_pb2.AdaptChunk(model=request.model, method=request.method,
-                                     settings=request.settings, ttl_seconds=request.ttl_seconds)]
+    chunks = [
+        fewshot_pb2.AdaptChunk(model=request.model, method=request.method, settings=request.settings, ttl_seconds=request.ttl_seconds)
+    ]
     size = chunks[0].ByteSize()
     for item in request.support:
         item_bytes = item.ByteSize() + 8  # field tag and length prefix
@@ -169,9 +181,17 @@ def adapt_chunks(request: fewshot_pb2.AdaptRequest, chunk_bytes: int) -> list[fe
     return chunks
 
 
-def adapt_call(stub: Any, max_bytes: int, stream: bool | None, images: Sequence[ImageLike],
-               labels: Sequence[str], model: str, method: str | None, settings: Mapping[str, SettingValue],
-               ttl_seconds: int | None) -> tuple[Any, Request]:
+def adapt_call(
+    stub: Any,
+    max_bytes: int,
+    stream: bool | None,
+    images: Sequence[ImageLike],
+    labels: Sequence[str],
+    model: str,
+    method: str | None,
+    settings: Mapping[str, SettingValue],
+    ttl_seconds: int | None,
+) -> tuple[Any, Request]:
     """The stub method (Adapt or AdaptStream) and request to send: the stream is used when asked
     (``stream=True``) or, unless ``stream=False``, when the request exceeds half of ``max_bytes``."""
     request = adapt_request(images, labels, model, method, settings, ttl_seconds)
@@ -182,12 +202,19 @@ def adapt_call(stub: Any, max_bytes: int, stream: bool | None, images: Sequence[
     return stub.Adapt, request
 
 
-def classify_request(task_id: str, images: Sequence[ImageLike], top_k: int, reject_unknown: bool = False,
-                     threshold: float | None = None, target_recall: float | None = None) -> fewshot_pb2.ClassifyRequest:
+def classify_request(
+    task_id: str,
+    images: Sequence[ImageLike],
+    top_k: int,
+    reject_unknown: bool = False,
+    threshold: float | None = None,
+    target_recall: float | None = None,
+) -> fewshot_pb2.ClassifyRequest:
     """A ClassifyRequest for ``images`` (with the open-set option when ``reject_unknown``)."""
     optional = {k: v for k, v in (("threshold", threshold), ("target_recall", target_recall)) if v is not None}
-    return fewshot_pb2.ClassifyRequest(task_id=task_id, top_k=top_k, reject_unknown=reject_unknown, **optional,
-                                       queries=[to_image_proto(x) for x in images])
+    return fewshot_pb2.ClassifyRequest(
+        task_id=task_id, top_k=top_k, reject_unknown=reject_unknown, **optional, queries=[to_image_proto(x) for x in images]
+    )
 
 
 def predictions(response: fewshot_pb2.ClassifyResponse) -> list[Prediction]:
@@ -205,27 +232,42 @@ def predictions(response: fewshot_pb2.ClassifyResponse) -> list[Prediction]:
 
 def adapted_fields(response: fewshot_pb2.AdaptResponse) -> TaskFields:
     """The task fields of an AdaptResponse."""
-    return TaskFields(id=response.task_id, labels=list(response.labels), model=response.model,
-                      method=response.method, expires_at=response.expires_at,
-                      support_accuracy=float(response.support_accuracy), adapt_seconds=response.adapt_seconds)
+    return TaskFields(
+        id=response.task_id,
+        labels=list(response.labels),
+        model=response.model,
+        method=response.method,
+        expires_at=response.expires_at,
+        support_accuracy=float(response.support_accuracy),
+        adapt_seconds=response.adapt_seconds,
+    )
 
 
 def task_info(response: fewshot_pb2.TaskInfo) -> TaskInfo:
     """A TaskInfo dataclass from its message."""
-    return TaskInfo(task_id=response.task_id, model=response.model, method=response.method,
-                    labels=list(response.labels), created_at=response.created_at,
-                    expires_at=response.expires_at, support_size=response.support_size,
-                    version=response.version or 1, shots=dict(zip(response.labels, response.shots)))
+    return TaskInfo(
+        task_id=response.task_id,
+        model=response.model,
+        method=response.method,
+        labels=list(response.labels),
+        created_at=response.created_at,
+        expires_at=response.expires_at,
+        support_size=response.support_size,
+        version=response.version or 1,
+        shots=dict(zip(response.labels, response.shots)),
+    )
 
 
 def looked_up_fields(info: TaskInfo) -> TaskFields:
     """The task fields known from GetTask."""
-    return TaskFields(id=info.task_id, labels=info.labels, model=info.model, method=info.method,
-                      expires_at=info.expires_at, version=info.version)
+    return TaskFields(
+        id=info.task_id, labels=info.labels, model=info.model, method=info.method, expires_at=info.expires_at, version=info.version
+    )
 
 
-def update_request(task_id: str, images: Sequence[ImageLike], labels: Sequence[str], remove: Sequence[str],
-                   expected_version: int | None) -> fewshot_pb2.UpdateTaskRequest:
+def update_request(
+    task_id: str, images: Sequence[ImageLike], labels: Sequence[str], remove: Sequence[str], expected_version: int | None
+) -> fewshot_pb2.UpdateTaskRequest:
     """An UpdateTaskRequest; raises ValueError/TypeError for mismatched or non-string labels."""
     if len(images) != len(labels):
         raise ValueError(f"{len(images)} images but {len(labels)} labels")
@@ -234,20 +276,41 @@ def update_request(task_id: str, images: Sequence[ImageLike], labels: Sequence[s
             raise TypeError(f"labels must be strings, got {type(label).__name__} {label!r}")
     optional = {} if expected_version is None else {"expected_version": expected_version}
     return fewshot_pb2.UpdateTaskRequest(
-        task_id=task_id, remove_labels=list(remove), **optional,
-        add=[fewshot_pb2.LabelledImage(image=to_image_proto(x), label=y) for x, y in zip(images, labels)])
+        task_id=task_id,
+        remove_labels=list(remove),
+        **optional,
+        add=[fewshot_pb2.LabelledImage(image=to_image_proto(x), label=y) for x, y in zip(images, labels)],
+    )
 
 
 def model_infos(response: fewshot_pb2.ListModelsResponse) -> list[ModelInfo]:
     """The ModelInfo dataclasses of a ListModelsResponse."""
-    return [ModelInfo(name=m.name, family=m.family, methods=list(m.methods), default_method=m.default_method,
-                      input=InputSpec(channels=m.input.channels, size=m.input.size, mean=list(m.input.mean),
-                                      std=list(m.input.std), resize=m.input.resize),
-                      min_ways=m.min_ways, max_ways=m.max_ways, max_shots=m.max_shots,
-                      settings=[SettingInfo(name=s.name, kind=s.kind, min=None if s.kind == "choice" else s.min,
-                                            max=None if s.kind == "choice" else s.max, choices=list(s.choices),
-                                            methods=list(s.methods)) for s in m.settings])
-            for m in response.models]
+    return [
+        ModelInfo(
+            name=m.name,
+            family=m.family,
+            methods=list(m.methods),
+            default_method=m.default_method,
+            input=InputSpec(
+                channels=m.input.channels, size=m.input.size, mean=list(m.input.mean), std=list(m.input.std), resize=m.input.resize
+            ),
+            min_ways=m.min_ways,
+            max_ways=m.max_ways,
+            max_shots=m.max_shots,
+            settings=[
+                SettingInfo(
+                    name=s.name,
+                    kind=s.kind,
+                    min=None if s.kind == "choice" else s.min,
+                    max=None if s.kind == "choice" else s.max,
+                    choices=list(s.choices),
+                    methods=list(s.methods),
+                )
+                for s in m.settings
+            ],
+        )
+        for m in response.models
+    ]
 
 
 def sendable(request: Request) -> Message | Iterator[fewshot_pb2.AdaptChunk]:
@@ -271,7 +334,7 @@ class RetryPolicy:
         error: FewShotError = from_rpc_error(err)
         if error.code != grpc.StatusCode.UNAVAILABLE or attempt >= self.retries:
             raise error from None
-        return self.backoff * 2 ** attempt
+        return self.backoff * 2**attempt
 
 
 @dataclass(frozen=True)
@@ -283,18 +346,18 @@ class ClientConfig:
     retry: RetryPolicy
 
     @classmethod
-    def of(cls, token: str | None, timeout: float, retries: int, backoff: float,
-           max_message_mb: float) -> ClientConfig:
+    def of(cls, token: str | None, timeout: float, retries: int, backoff: float, max_message_mb: float) -> ClientConfig:
         """The config of a client; ``token`` is sent as a bearer token with every call."""
         metadata = (("authorization", f"Bearer {token}"),) if token else None
-        return cls(max_bytes=int(max_message_mb * 1024 * 1024),
-                   call_options={"timeout": timeout, "metadata": metadata},
-                   retry=RetryPolicy(retries, backoff))
+        return cls(
+            max_bytes=int(max_message_mb * 1024 * 1024),
+            call_options={"timeout": timeout, "metadata": metadata},
+            retry=RetryPolicy(retries, backoff),
+        )
 
     def channel_options(self) -> list[tuple[str, int]]:
         """gRPC channel options setting both message size limits to ``max_bytes``."""
-        return [("grpc.max_send_message_length", self.max_bytes),
-                ("grpc.max_receive_message_length", self.max_bytes)]
+        return [("grpc.max_send_message_length", self.max_bytes), ("grpc.max_receive_message_length", self.max_bytes)]
 
 
 def channel_target(target: str | Sequence[str]) -> tuple[str, list[tuple[str, str]]]:
@@ -321,8 +384,9 @@ def channel_target(target: str | Sequence[str]) -> tuple[str, list[tuple[str, st
         try:
             ipaddress.ip_address(host.strip("[]"))
         except ValueError:
-            raise ValueError(f"replica {t!r} is not IP:PORT: list IP addresses, or give one dns:///NAME:PORT whose "
-                             "addresses are the replicas") from None
+            raise ValueError(
+                f"replica {t!r} is not IP:PORT: list IP addresses, or give one dns:///NAME:PORT whose addresses are the replicas"
+            ) from None
         if not port.isdigit():
             raise ValueError(f"replica {t!r} has no port")
     if any(v6) and not all(v6):
@@ -345,8 +409,9 @@ def read_pem(source: PemSource | None, what: str) -> bytes | None:
         data, origin = bytes(source), f"the {what}"
     elif isinstance(source, (str, os.PathLike)):
         if isinstance(source, str) and "-----BEGIN" in source:
-            raise ValueError(f"the {what} is given as a str holding PEM content; a str is a file path, "
-                             f"pass the content as bytes (.encode())")
+            raise ValueError(
+                f"the {what} is given as a str holding PEM content; a str is a file path, pass the content as bytes (.encode())"
+            )
         path = Path(source)
         try:
             data = path.read_bytes()
@@ -361,9 +426,12 @@ def read_pem(source: PemSource | None, what: str) -> bytes | None:
     return data
 
 
-def channel_credentials(tls: bool = False, root_certificates: PemSource | None = None,
-                        client_certificate: PemSource | None = None,
-                        client_key: PemSource | None = None) -> grpc.ChannelCredentials | None:
+def channel_credentials(
+    tls: bool = False,
+    root_certificates: PemSource | None = None,
+    client_certificate: PemSource | None = None,
+    client_key: PemSource | None = None,
+) -> grpc.ChannelCredentials | None:
     """The TLS credentials of a channel, or None for a plaintext (insecure) one.
 
     TLS is used when ``tls`` is true or any certificate or key is given. ``root_certificates`` are
@@ -377,12 +445,12 @@ def channel_credentials(tls: bool = False, root_certificates: PemSource | None =
         OSError: a file that cannot be read.
     """
     if (client_certificate is None) != (client_key is None):
-        given, missing = (("client_certificate", "client_key") if client_key is None
-                          else ("client_key", "client_certificate"))
-        raise ValueError(f"mutual TLS needs both a client certificate and its key: {given} was given "
-                         f"without {missing}")
+        given, missing = ("client_certificate", "client_key") if client_key is None else ("client_key", "client_certificate")
+        raise ValueError(f"mutual TLS needs both a client certificate and its key: {given} was given without {missing}")
     if not (tls or root_certificates is not None or client_certificate is not None):
         return None
-    return grpc.ssl_channel_credentials(root_certificates=read_pem(root_certificates, "CA certificate"),
-                                        private_key=read_pem(client_key, "client key"),
-                                        certificate_chain=read_pem(client_certificate, "client certificate"))
+    return grpc.ssl_channel_credentials(
+        root_certificates=read_pem(root_certificates, "CA certificate"),
+        private_key=read_pem(client_key, "client key"),
+        certificate_chain=read_pem(client_certificate, "client certificate"),
+    )
