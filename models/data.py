@@ -63,7 +63,7 @@ def atomic_save(path: Path, **arrays: np.ndarray) -> None:
             if path.suffix == ".npy":
                 np.save(f, arrays["array"])
             else:
-                np.savez(f, **arrays)
+                np.savez(f, allow_pickle=True, **arrays)  # numpy's default, named so that **arrays types as arrays
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -157,6 +157,13 @@ def load_omniglot(split: str, root: str | os.PathLike | None = None, rotations: 
 
 
 # ----------------------------------------------------------------------------- Tiny ImageNet
+def _read_member(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
+    """The bytes of a regular file ``member`` of ``tar``."""
+    data = tar.extractfile(member)
+    assert data is not None  # extractfile gives None only for members that are not regular files
+    return data.read()
+
+
 def _tinyimagenet_arrays(root: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """All 200 x 550 images (train + val folders) as uint8 ``(N, 64, 64, 3)``, labels, sorted wnids."""
     cdir = cache_dir()
@@ -174,9 +181,9 @@ def _tinyimagenet_arrays(root: Path) -> tuple[np.ndarray, np.ndarray, list[str]]
                 continue
             name = member.name
             if name.endswith(".JPEG"):
-                files[name] = tar.extractfile(member).read()
+                files[name] = _read_member(tar, member)
             elif name.endswith("val/val_annotations.txt"):
-                val_annotations = tar.extractfile(member).read().decode()
+                val_annotations = _read_member(tar, member).decode()
     val_label = {line.split("\t")[0]: line.split("\t")[1] for line in val_annotations.splitlines() if line}
     items: list[tuple[str, str]] = []  # (wnid, path)
     for name in files:

@@ -16,19 +16,17 @@ from tqdm import tqdm
 from fewshot.models.data import ImageSet
 from fewshot.models.episodes import EpisodeSampler
 from fewshot.models.heads.base import FewShotHead
-from fewshot.models.plan import ClassifyPlan
 
 
 class TaskState(Protocol):
     """The adapted state of one task."""
 
-    transductive: bool
+    @property
+    def transductive(self) -> bool:
+        """Whether classification depends on the whole query batch."""
 
     def classify(self, query: torch.Tensor) -> torch.Tensor:
-        """``(Q, C, H, W)`` normalised query images -> ``(Q, N)`` probabilities (``softmax(plan().run)``)."""
-
-    def plan(self) -> ClassifyPlan:
-        """The same classification as a mergeable plan (``fewshot.models.plan``)."""
+        """``(Q, C, H, W)`` normalised query images -> ``(Q, N)`` probabilities."""
 
 
 class Adapter(Protocol):

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 import torch
 
 from fewshot.errors import ConfigError
+from fewshot.models.calibration import OpenSetCalibration
 from fewshot.models.card import accuracy_key
 from fewshot.models.plan import ClassifyPlan
 from fewshot.models.preprocess import InputSpec
@@ -32,7 +33,7 @@ from fewshot.models.runtime import Engines, OnnxEngines, SessionEngines, Signatu
 from fewshot.models.settings import Setting, check_settings
 
 if TYPE_CHECKING:
-    from fewshot.models.zoo import ShippedModel
+    from fewshot.models.zoo import ShippedInnerLoopModel, ShippedModel
 
 #: Families by the name cards and manifests carry (filled as the family classes are defined).
 FAMILIES: dict[str, type[Family]] = {}
@@ -59,6 +60,9 @@ class Task(Protocol):
 
 
 class Adapter(Protocol):
+    #: The open-set calibration its tasks classify with (open-set calibration replaces it while it measures).
+    open_set: OpenSetCalibration
+
     def adapt(self, support: torch.Tensor, labels: torch.Tensor) -> Task:
         """``(S, C, H, W)`` normalised images, ``(S,)`` labels in ``0..N-1`` -> the task."""
 
@@ -267,7 +271,9 @@ def methods_of(manifest: Any) -> list[str]:
     return family_of(manifest).methods_for(_mapping(manifest))
 
 
-def open_shipped(model: ShippedModel, backend: str = "onnxruntime", device: str = "auto", threads: int = 0) -> Family:
+def open_shipped(
+    model: ShippedModel | ShippedInnerLoopModel, backend: str = "onnxruntime", device: str = "auto", threads: int = 0
+) -> Family:
     """A shipped model as its family's object, its parts exported in memory to ONNX Runtime (default)
     or run by the torch modules themselves (``backend="torch"``): what ``fewshot eval`` runs."""
     if backend == "onnxruntime":

@@ -9,7 +9,7 @@ from __future__ import annotations
 import io
 import warnings
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import numpy as np
 import torch
@@ -59,7 +59,7 @@ class TorchFeatures:
     def __init__(self, backbone: nn.Module, device: torch.device | str = "cpu") -> None:
         self.backbone = backbone.eval().to(device)
         self.device = torch.device(device)
-        self.feature_dim = int(backbone.feature_dim)
+        self.feature_dim = int(cast(int, backbone.feature_dim))  # a plain int attribute (torch's stubs: Tensor | Module)
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
@@ -76,7 +76,7 @@ def backbone_to_onnx(backbone: nn.Module, channels: int, size: int) -> bytes:
         torch.onnx.export(
             backbone,
             (torch.zeros(2, channels, size, size),),
-            buf,
+            buf,  # type: ignore[arg-type]  # torch's stub: the TorchScript exporter takes a file object too
             dynamo=False,
             input_names=["images"],
             output_names=["features"],

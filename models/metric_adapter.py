@@ -52,7 +52,9 @@ class MetricTask(PlannedTask):
 class MetricAdapter:
     """Frozen backbone features + head (nearest centroid, LaplacianShot, logistic regression, ...)."""
 
-    def __init__(self, extract: Callable[[torch.Tensor], torch.Tensor], head: FewShotHead, open_set: OpenSetCalibration = UNCALIBRATED) -> None:
+    def __init__(
+        self, extract: Callable[[torch.Tensor], torch.Tensor], head: FewShotHead, open_set: OpenSetCalibration = UNCALIBRATED
+    ) -> None:
         self.extract, self.head, self.open_set = extract, head, open_set
 
     def adapt(self, support: torch.Tensor, labels: torch.Tensor) -> MetricTask:

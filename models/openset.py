@@ -14,7 +14,7 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -33,6 +33,9 @@ from fewshot.models.calibration import (
 )
 from fewshot.models.data import ImageSet
 from fewshot.models.episodes import Episode, EpisodeSampler
+
+if TYPE_CHECKING:
+    from fewshot.models.family import Adapter
 
 
 @dataclass(frozen=True)
@@ -91,7 +94,7 @@ class OpenScores:
 
 
 def open_episodes(
-    adapter: object, inputs: Callable[[np.ndarray], torch.Tensor], sampler: OpenSetSampler, tasks: int, progress: bool = False
+    adapter: Adapter, inputs: Callable[[np.ndarray], torch.Tensor], sampler: OpenSetSampler, tasks: int, progress: bool = False
 ) -> Iterator[OpenScores]:
     """``tasks`` episodes of ``sampler`` through ``adapter`` (as the server runs it): the support set
     adapted, then known and unknown queries classified in **one** call, as one Classify of a mixed
@@ -138,7 +141,7 @@ def _mean_ci(values: list[float]) -> tuple[float, float]:
 
 
 def evaluate_open_set(
-    adapter: object,
+    adapter: Adapter,
     dataset: ImageSet,
     inputs: Callable[[np.ndarray], torch.Tensor],
     ways: int,
@@ -187,7 +190,7 @@ def evaluate_open_set(
 
 
 def calibrate(
-    adapter: object,
+    adapter: Adapter,
     dataset: ImageSet,
     inputs: Callable[[np.ndarray], torch.Tensor],
     ways: int,

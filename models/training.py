@@ -29,7 +29,7 @@ from fewshot.models.distributed import Ranks
 from fewshot.models.evaluation import evaluate_features
 from fewshot.models.folders import canonical
 from fewshot.models.heads.centroid import CentroidHead
-from fewshot.models.losses import CombinedLoss
+from fewshot.models.losses import ClsLoss, Combine, CombinedLoss, MetricLoss
 from fewshot.models.preprocess import InputSpec
 from fewshot.models.runtime import torch_device
 
@@ -42,9 +42,9 @@ class TrainConfig:
     arch: str = "conv4"
     width: int = 64
     pools: int = 4
-    loss: str = "sce"
-    metric: str = "none"
-    combine: str = "sum"
+    loss: ClsLoss = "sce"
+    metric: MetricLoss = "none"
+    combine: Combine = "sum"
     p: float = 0.3
     metric_weight: float = 1.0
     temperature: float = 1.0
@@ -184,7 +184,7 @@ def train_supervised(cfg: TrainConfig, out_dir: Path, resume: bool = False, devi
     classifier = nn.Linear(backbone.feature_dim, train.num_classes).to(dev)
     model = nn.ModuleDict({"backbone": backbone, "classifier": classifier})
     if dev.type == "cpu":
-        model = model.to(memory_format=torch.channels_last)
+        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # torch's stub lacks Module.to(memory_format=)
     criterion = CombinedLoss(cfg.loss, cfg.metric, cfg.combine, cfg.p, cfg.metric_weight, cfg.temperature)
     if cfg.combine == "directsum" and backbone.feature_dim <= train.num_classes:
         raise ConfigError(
@@ -277,7 +277,8 @@ def train_supervised(cfg: TrainConfig, out_dir: Path, resume: bool = False, devi
                 "images_per_s": seen / (time.perf_counter() - t0),
             }
             row |= {k: float(np.mean([a[k] for a in acc_loss])) for k in acc_loss[0]}
-            log.write(json.dumps(row) + "\n"), log.flush()
+            log.write(json.dumps(row) + "\n")
+            log.flush()
             bar.set_postfix(loss=f"{row['loss']:.3f}", ips=f"{row['images_per_s']:.0f}")
             acc_loss, seen, t0 = [], 0, time.perf_counter()
         if (step % steps_per_epoch == 0 or step == total) and not ranks.writer:
@@ -285,13 +286,11 @@ def train_supervised(cfg: TrainConfig, out_dir: Path, resume: bool = False, devi
         elif step % steps_per_epoch == 0 or step == total:
             feats_val = extract_features(backbone, val.images, spec)
             res = evaluate_features(feats_val, val, CentroidHead("L2N"), 5, cfg.val_shots, 15, cfg.val_tasks, seed=cfg.seed)
-            (
-                log.write(
-                    json.dumps({"kind": "val", "step": step, "epoch": step / steps_per_epoch, "accuracy": res.accuracy, "ci95": res.ci95})
-                    + "\n"
-                ),
-                log.flush(),
+            log.write(
+                json.dumps({"kind": "val", "step": step, "epoch": step / steps_per_epoch, "accuracy": res.accuracy, "ci95": res.ci95})
+                + "\n"
             )
+            log.flush()
             tqdm.write(f"step {step}: val 5-way {cfg.val_shots}-shot {res.accuracy:.2f} +- {res.ci95:.2f}")
             if res.accuracy > best:
                 best = res.accuracy
@@ -306,7 +305,7 @@ def train_supervised(cfg: TrainConfig, out_dir: Path, resume: bool = False, devi
     return best_path
 
 
-def load_trained_backbone(path: Path) -> tuple[nn.Module, dict[str, Any]]:
+def load_trained_backbone(path: Path) -> tuple[Conv4 | ResNet12, dict[str, Any]]:
     """Backbone (eval mode, CPU) and the checkpoint dict of a training run's ``.pt`` file."""
     ck = torch.load(path, map_location="cpu", weights_only=False)
     backbone = build_backbone(ck["backbone_config"])

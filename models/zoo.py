@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from fewshot.errors import ConfigError
-from fewshot.models.backbones import Conv4, build_backbone
+from fewshot.models.backbones import Conv4, ResNet12, build_backbone
 from fewshot.models.card import ModelCard, accuracy_key  # noqa: F401  (re-exported for the tools)
 from fewshot.models.family import family_of
 from fewshot.models.features import backbone_to_onnx
@@ -39,7 +39,7 @@ class ShippedModel:
 
     name: str
     card: ModelCard
-    backbone: torch.nn.Module
+    backbone: Conv4 | ResNet12
     center: torch.Tensor | None
     path: Path
 
@@ -98,6 +98,7 @@ class ShippedInnerLoopModel:
             for l, (conv, bn) in enumerate(zip(convs, norms)):
                 conv.weight.copy_(p[f"conv{l}.weight"])
                 bn.weight.copy_(p[f"bn{l}.weight{suffix}"]), bn.bias.copy_(p[f"bn{l}.bias{suffix}"])
+                assert bn.running_mean is not None and bn.running_var is not None  # BatchNorm2d tracks running statistics by default
                 bn.running_mean.copy_(stats[l][0]), bn.running_var.copy_(stats[l][1])
                 if net.frozen_bn:  # the frozen statistics carry the backbone's epsilon (training.backbone_params)
                     bn.eps = net.bn_eps

@@ -7,6 +7,7 @@ server."""
 from __future__ import annotations
 
 import ast
+import builtins
 import re
 import subprocess
 import sys
@@ -274,3 +275,40 @@ def test_the_readme_python_example_runs_as_written(server, omniglot_test, tmp_pa
     label, score, scores = run.stdout.strip().split(" ", 2)
     assert label in ("cat", "dog") and 0 < float(score) <= 1
     assert set(ast.literal_eval(scores)) == {"cat", "dog"}
+
+
+def _defined_names() -> set[str]:
+    """Every class, function and module-level name defined in the package's and the SDK's Python files."""
+    names: set[str] = set()
+    for folder in ("fewshot", "models", "server", "export", "clients/python/fewshot_client", "protos/python/fewshot_proto"):
+        for path in (ROOT / folder).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                    names.add(node.name)
+                elif isinstance(node, ast.Assign):
+                    names |= {t.id for t in node.targets if isinstance(t, ast.Name)}
+                elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+                    names.add(node.target.id)
+    return names
+
+
+@unit
+def test_the_architecture_page_names_only_what_exists():
+    """Each file, folder, class and function docs/architecture.md names exists, and the three transports import
+    the one request core it says they share."""
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    files = {str(p.relative_to(ROOT)) for p in ROOT.rglob("*") if ".venv" not in p.parts and ".git" not in p.parts}
+    named = set(re.findall(r"`([\w./-]+\.(?:py|proto|toml|sh|html))`", text))
+    missing = [n for n in named if not any(f == n or f.endswith("/" + n) for f in files)]
+    assert not missing, f"docs/architecture.md names files that do not exist: {missing}"
+    folders = set(re.findall(r"`([\w.-]+(?:/[\w.-]+)*)/`", text))
+    assert not [f for f in folders if not any((ROOT / g / f).is_dir() for g in ("", "models", "server", "fewshot", "deploy"))], folders
+    identifiers = {m.split("(")[0].split(".")[-1] for m in re.findall(r"`([A-Za-z_][\w.]*)(?:\(|`)", text)}
+    code_like = {i for i in identifiers if re.fullmatch(r"[A-Z][a-z]+[A-Z]\w*|[a-z]+_[a-z_]+|[A-Z][A-Z_]{3,}", i)}
+    packages = {p.name for p in (ROOT / "clients" / "python").iterdir()} | {p.name for p in (ROOT / "protos" / "python").iterdir()}
+    triton_models = set(re.findall(r'"(fewshot_\w+)"', (ROOT / "export" / "triton.py").read_text()))
+    defined = _defined_names() | set(dir(builtins)) | packages | triton_models
+    assert not sorted(code_like - defined), f"docs/architecture.md names code that does not exist: {sorted(code_like - defined)}"
+    for transport in ("service.py", "http_api.py", "triton_models.py"):
+        source = (ROOT / "server" / transport).read_text()
+        assert "fewshot.server.requests import" in source or transport == "http_api.py" and "service." in source, transport

@@ -67,6 +67,8 @@ class HeadState(ABC):
     kind: ClassVar[str] = ""
     #: True when the prediction for one query depends on the other queries of the same call.
     transductive: bool = False
+    if TYPE_CHECKING:  # every concrete state is a dataclass (what dataclasses.fields needs)
+        __dataclass_fields__: ClassVar[dict[str, dataclasses.Field[Any]]]
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

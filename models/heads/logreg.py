@@ -129,7 +129,7 @@ class LogRegHead(FewShotHead):
         chosen, scores = {}, {}
         for shots in (1, 5):
             acc = {wd: val.accuracy(cls(wd, val.transform, val.center), shots) for wd in WEIGHT_DECAY_GRID}
-            chosen[str(shots)] = max(WEIGHT_DECAY_GRID, key=acc.get)
+            chosen[str(shots)] = max(WEIGHT_DECAY_GRID, key=acc.__getitem__)
             scores[f"logreg_{shots}shot"] = acc[chosen[str(shots)]]
         return {
             "transform": val.transform,

@@ -9,11 +9,12 @@ adapter interface (``adapt(support) -> task state``, ``state.classify(query)``).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from fewshot.errors import ConfigError
-from fewshot.models.inner_loop.network import BN_MODES, BNStats, MetaConv4, Params, support_statistics
+from fewshot.models.inner_loop.network import BN_MODES, BNStats, MetaConv4, NetworkTail, Params, support_statistics
 from fewshot.models.inner_loop.rules import Context, UpdateRule
 from fewshot.models.interrupt import checkpoint
 
@@ -51,7 +52,7 @@ def shared_head(params: Params, labels: torch.Tensor) -> Params:
     return {**params, "head.weight": w.mean(0, keepdim=True).expand(n, -1), "head.bias": b.mean().expand(n)}
 
 
-def prototype_head(net: MetaConv4, params: Params, support: torch.Tensor, labels: torch.Tensor) -> Params:
+def prototype_head(net: MetaConv4 | NetworkTail, params: Params, support: torch.Tensor, labels: torch.Tensor) -> Params:
     """``params`` with the head replaced by the prototype head of the support set ``(S, C, H, W)``,
     ``(S,)`` labels in ``0..N-1``: ``(N, d)`` weights ``2 m_c`` and ``(N,)`` biases ``-||m_c||^2``, so the
     logits are ``-||h - m_c||^2`` up to a per-query constant. Features under the support set's own
@@ -63,7 +64,7 @@ def prototype_head(net: MetaConv4, params: Params, support: torch.Tensor, labels
     return {**params, "head.weight": 2.0 * means, "head.bias": -(means * means).sum(1)}
 
 
-def centroid_head(net: MetaConv4, params: Params, support: torch.Tensor, labels: torch.Tensor) -> Params:
+def centroid_head(net: MetaConv4 | NetworkTail, params: Params, support: torch.Tensor, labels: torch.Tensor) -> Params:
     """``params`` with the head replaced by the nearest-centroid classifier on the transformed features
     ``z`` (``net.transform``, e.g. CL2N) of the support set ``(S, ...)``: prototypes ``p_c`` (class means of
     ``z``, as the metric path's centroid head), weights ``2 tau p_c`` and biases ``-tau ||p_c||^2`` with
@@ -82,7 +83,7 @@ def centroid_head(net: MetaConv4, params: Params, support: torch.Tensor, labels:
 
 
 def inner_loop(
-    net: MetaConv4,
+    net: MetaConv4 | NetworkTail,
     rule: UpdateRule,
     params: Params,
     support: torch.Tensor,
@@ -120,7 +121,8 @@ def inner_loop(
 
         ctx = rule.begin(params, support_loss)
         names = rule.adapted_names()
-        per_step, losses = [], []
+        per_step: list[Params] = []
+        losses: list[Any] = []  # per step: the support loss, a float (for stacked tasks a list, one per task)
         for t in range(steps):
             checkpoint(f"inner step {t}")
             eff = rule.effective(params, ctx, t)
@@ -230,7 +232,8 @@ class InnerLoopAdapter:
         # Tiny ImageNet's 64x64 inputs, BENCHMARKS.md); values equal to float rounding
         support = support.contiguous(memory_format=torch.channels_last)
         with torch.autocast(support.device.type, dtype=self.precision, enabled=self.precision != torch.float32):
-            net, inputs = self.net, support
+            net: MetaConv4 | NetworkTail = self.net
+            inputs = support
             if self.net.adapt_from:  # a fixed stem runs once; the loop runs the adapted blocks on its output
                 net, inputs = self.net.tail(), self.net.stem(self.meta_params, support)
             result = inner_loop(net, self.rule, self.meta_params, inputs, labels, self.steps, create_graph=False, head_init=self.head_init)

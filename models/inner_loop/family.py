@@ -37,7 +37,7 @@ METHOD = "inner_loop"
 
 def inner_loop_model_parts(
     method: str, architecture: dict[str, Any], loop: dict[str, Any], tensors: Mapping[str, torch.Tensor]
-) -> tuple[Any, torch.nn.Module, dict[str, torch.Tensor]]:
+) -> tuple[Any, UpdateRule, dict[str, torch.Tensor]]:
     """Network, update rule (eval mode) and meta-parameters of a gradient model, from its card's (or
     bundle manifest's) ``method``, ``architecture`` and ``inner_loop`` and its ``param.*``/``rule.*`` tensors."""
     from fewshot.models.inner_loop.network import MetaConv4
@@ -187,10 +187,10 @@ class InnerLoopFamily(Family):
         self.adapt_batching = on
 
     def adapt_batch_key(self, adapter: Adapter, support_shape: tuple[int, ...]) -> Any:
-        adapter = cast(NetworkAdapter, adapter)  # a family is only given the adapters its own adapter() built
-        if not self.adapt_batching or not adapter.adapter.stacks([support_shape]):
+        network = cast(NetworkAdapter, adapter)  # a family is only given the adapters its own adapter() built
+        if not self.adapt_batching or not network.adapter.stacks([support_shape]):
             return None
-        return ("adapt", id(self), adapter.steps, adapter.bn_mode, str(adapter.adapter.dtype), support_shape)
+        return ("adapt", id(self), network.steps, network.bn_mode, str(network.adapter.dtype), support_shape)
 
     def merge_tasks(self, on: bool) -> None:
         """Merge Classify requests of different tasks into one stacked call (``True``) or not."""
@@ -226,7 +226,11 @@ class InnerLoopFamily(Family):
             "bn": Setting("bn", "bn_mode", choices=tuple(self.loop.get("bn_modes", BN_MODES))),
         }
 
-    def adapter(self, method: str | None = None, shots: int = 1, steps: int | None = None, bn_mode: str | None = None) -> NetworkAdapter:
+    def adapter(
+        self, method: str | None = None, shots: int = 1, steps: int | None = None, bn_mode: str | None = None, **settings: Any
+    ) -> NetworkAdapter:
+        if settings:  # the base signature takes any settings; this family has only steps and bn_mode
+            raise TypeError(f"{type(self).__name__}.adapter() got an unexpected keyword argument {next(iter(settings))!r}")
         self.resolve_method(method)
         steps = self.loop["steps"] if steps is None else steps
         if not 1 <= steps <= self.loop["max_steps"]:
@@ -241,8 +245,8 @@ class InnerLoopFamily(Family):
         )
 
     def describe(self, adapter: Adapter) -> dict[str, Any]:
-        adapter = cast(NetworkAdapter, adapter)  # a family is only given the adapters its own adapter() built
-        row = {"method": self.manifest["method"], "bn": adapter.bn_mode, "inner_steps": adapter.steps}
+        network = cast(NetworkAdapter, adapter)  # a family is only given the adapters its own adapter() built
+        row = {"method": self.manifest["method"], "bn": network.bn_mode, "inner_steps": network.steps}
         return row | ({"inner_precision": str(self.precision).removeprefix("torch.")} if self.precision != torch.float32 else {})
 
     def decode(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> NetworkTask:

@@ -277,7 +277,7 @@ class NetworkTail:
 
 
 def support_statistics(
-    net: MetaConv4, params: Params, support: torch.Tensor, step: int | None = None, differentiable: bool = False
+    net: MetaConv4 | NetworkTail, params: Params, support: torch.Tensor, step: int | None = None, differentiable: bool = False
 ) -> BNStats:
     """Per-layer BatchNorm (mean, biased var) of the support set under ``params``; with
     ``differentiable`` the statistics keep their graph (meta-training in ``support`` mode). A

@@ -62,7 +62,7 @@ def network_to_onnx(net: MetaConv4, example: dict[str, torch.Tensor], step: int)
         torch.onnx.export(
             module,
             (images, *[example[n].detach().float() for n in names]),
-            buf,
+            buf,  # type: ignore[arg-type]  # torch's stub: the TorchScript exporter takes a file object too
             dynamo=False,
             input_names=["images", *names],
             output_names=["logits"],

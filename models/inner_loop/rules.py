@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -220,8 +220,8 @@ class ContextualGradientScaling(UpdateRule):
         """``g_phi(0)`` set to the norms of the adapted conv weights of ``params`` (through the last layer's
         bias): IGS then leaves a pretrained backbone's weights as they are and the first inner step is
         MAML's at the same ``alpha``; meta-training moves the scales from there."""
-        hidden = torch.relu(self.g_phi[0].bias)
-        last = self.g_phi[2]
+        hidden = torch.relu(cast(nn.Linear, self.g_phi[0]).bias)
+        last = cast(nn.Linear, self.g_phi[2])
         norms = torch.stack([params[n].norm() for n in self.conv_names]).to(last.bias)
         softplus_inverse = norms + torch.log(-torch.expm1(-norms))
         last.bias.copy_(softplus_inverse - last.weight @ hidden)
@@ -283,7 +283,7 @@ class TaskContextScaling(ContextualGradientScaling):
     def start_at(self, params: Params) -> None:
         """``g_phi`` constant at the norms of ``params``' adapted convs (its last weights zeroed): the first
         steps are MAML's; meta-training makes the scales depend on the context from there."""
-        self.g_phi[2].weight.zero_()
+        cast(nn.Linear, self.g_phi[2]).weight.zero_()
         super().start_at(params)
 
     def _context(self, loss: torch.Tensor, weights: list[torch.Tensor], grads: list[torch.Tensor]) -> torch.Tensor:
@@ -326,8 +326,10 @@ def build_rule(method: str, net: MetaConv4, steps: int, alpha: float, beta: floa
     """The update rule of ``method`` (one of :data:`RULES`); ``head_alpha`` (CxGrad, MAML, MAML-LSLR; 0: ``alpha``)."""
     if method not in RULES:
         raise ConfigError(f"unknown method {method!r}: use one of {', '.join(RULES)}")
-    if method in ("cxgrad", "cxgrad-task"):
-        return RULES[method](net, steps, alpha, beta, head_alpha=head_alpha)
+    if method == "cxgrad":
+        return ContextualGradientScaling(net, steps, alpha, beta, head_alpha=head_alpha)
+    if method == "cxgrad-task":
+        return TaskContextScaling(net, steps, alpha, beta, head_alpha=head_alpha)
     if method in ("maml", "fomaml"):
         return UpdateRule(net, steps, alpha, head_alpha)
     if method == "maml-lslr":

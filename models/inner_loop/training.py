@@ -15,6 +15,7 @@ import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,7 +30,7 @@ from fewshot.models.episodes import EpisodeSampler
 from fewshot.models.evaluation import evaluate
 from fewshot.models.folders import canonical
 from fewshot.models.inner_loop.engine import InnerLoopAdapter, inner_loop
-from fewshot.models.inner_loop.network import MetaConv4, Params, support_statistics
+from fewshot.models.inner_loop.network import MetaConv4, NetworkTail, Params, support_statistics
 from fewshot.models.inner_loop.rules import UpdateRule, build_rule
 from fewshot.models.preprocess import InputSpec
 from fewshot.models.training import pick_device, plot_curves
@@ -206,6 +207,7 @@ def backbone_params(net: MetaConv4, backbone, temperature: float) -> Params:
         n = w.norm()
         params[f"conv{l}.weight"] = w.clone()
         params[f"bn{l}.weight"], params[f"bn{l}.bias"] = bn.weight.detach().clone(), bn.bias.detach().clone()
+        assert bn.running_mean is not None and bn.running_var is not None  # a Conv-4's BatchNorm tracks running statistics
         params[f"bn{l}.mean"] = bn.running_mean.detach() / n
         params[f"bn{l}.var"] = (bn.running_var.detach() + bn.eps - net.bn_eps) / (n * n)
     if net.transform == "CL2N":
@@ -218,14 +220,26 @@ def backbone_params(net: MetaConv4, backbone, temperature: float) -> Params:
 
 
 def query_loss(
-    net: MetaConv4, cfg: MetaTrainConfig, adaptation, support: torch.Tensor, query: torch.Tensor, labels: torch.Tensor, iteration: int
+    net: MetaConv4 | NetworkTail,
+    cfg: MetaTrainConfig,
+    adaptation,
+    support: torch.Tensor,
+    query: torch.Tensor,
+    labels: torch.Tensor,
+    iteration: int,
 ) -> torch.Tensor:
     """Query loss of one adapted task; MAML++ uses the multi-step loss with annealed weights."""
     return query_loss_and_logits(net, cfg, adaptation, support, query, labels, iteration)[0]
 
 
 def query_loss_and_logits(
-    net: MetaConv4, cfg: MetaTrainConfig, adaptation, support: torch.Tensor, query: torch.Tensor, labels: torch.Tensor, iteration: int
+    net: MetaConv4 | NetworkTail,
+    cfg: MetaTrainConfig,
+    adaptation,
+    support: torch.Tensor,
+    query: torch.Tensor,
+    labels: torch.Tensor,
+    iteration: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``query_loss`` and the query logits ``(Q, N)`` (detached) of the adapted weights after the last step."""
     logits: dict[int, torch.Tensor] = {}
@@ -356,7 +370,7 @@ def train_meta(cfg: MetaTrainConfig, out_dir: Path, resume: bool = False, device
         _load_initial(cfg.init_from, meta, rule)
     meta, rule = meta.to(dev), rule.to(dev)
     ranks.broadcast(list(meta.parameters()) + list(rule.parameters()))
-    groups = [{"params": [p for p in meta.parameters() if p.requires_grad], "scale": 1.0}]
+    groups: list[dict[str, Any]] = [{"params": [p for p in meta.parameters() if p.requires_grad], "scale": 1.0}]
     if list(rule.parameters()):
         groups.append({"params": list(rule.parameters()), "scale": (cfg.rule_lr or cfg.outer_lr) / cfg.outer_lr})
     trained = [p for g in groups for p in g["params"]]
@@ -445,7 +459,8 @@ def train_meta(cfg: MetaTrainConfig, out_dir: Path, resume: bool = False, device
                 "seconds_per_iteration": (time.perf_counter() - t0) / len(window),
                 "outer_lr": opt.param_groups[0]["lr"],
             }
-            log.write(json.dumps(row) + "\n"), log.flush()
+            log.write(json.dumps(row) + "\n")
+            log.flush()
             bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['query_accuracy']:.1f}")
             window, t0 = [], time.perf_counter()
         if (it % cfg.val_every == 0 or it == cfg.iterations) and not ranks.writer:
@@ -457,7 +472,8 @@ def train_meta(cfg: MetaTrainConfig, out_dir: Path, resume: bool = False, device
             row = {"kind": "val", "step": it, "accuracy": res.accuracy, "ci95": res.ci95}
             if len(results) > 1:
                 row.update(score=score, by_ways={str(n): [r.accuracy, r.ci95] for n, r in results.items()})
-            log.write(json.dumps(row) + "\n"), log.flush()
+            log.write(json.dumps(row) + "\n")
+            log.flush()
             others = "".join(f", {n}-way {r.accuracy:.2f} +- {r.ci95:.2f}" for n, r in results.items() if n != cfg.ways)
             tqdm.write(f"iteration {it}: val {cfg.ways}-way {cfg.shots}-shot (support BN) {res.accuracy:.2f} +- {res.ci95:.2f}{others}")
             if score > best:
