@@ -93,6 +93,15 @@ def test_grpc_lists_accepts_and_bounds_the_new_setting(knn_server, task):
         adapted = _grpc_adapt(stub, task, "laplacianshot", struct_pb2.Value(number_value=5))
         answer = stub.Classify(pb.ClassifyRequest(task_id=adapted.task_id, queries=[pb.Image(encoded=b) for b in task[2]]))
         assert len(answer.predictions) == len(task[2])
+        # an old client's request (the field that predates `values`) still adapts
+        images, labels, _ = task
+        old = pb.AdaptRequest(
+            model=OMNI,
+            method="laplacianshot",
+            settings=pb.AdaptSettings(**{"lambda": 0.5}),
+            support=[pb.LabelledImage(image=pb.Image(encoded=b), label=y) for b, y in zip(images, labels)],
+        )
+        assert stub.Adapt(old).method == "laplacianshot"
         for method, value, says in [
             ("laplacianshot", struct_pb2.Value(number_value=50), OUT_OF_BOUNDS),
             ("laplacianshot", struct_pb2.Value(number_value=2.5), "knn must be an integer in 1..10, got 2.5"),
