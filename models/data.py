@@ -63,7 +63,7 @@ def atomic_save(path: Path, **arrays: np.ndarray) -> None:
             if path.suffix == ".npy":
                 np.save(f, arrays["array"])
             else:
-                np.savez(f, allow_pickle=True, **arrays)  # numpy's default, named so that **arrays types as arrays
+                np.savez(f, **arrays)  # type: ignore[arg-type]  # numpy 2's stub reads **arrays as its allow_pickle flag (numpy 1 has none)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -309,8 +309,8 @@ def _load_plugin(name: str) -> None:
         key = "fewshot_plugin_" + hashlib.sha256(path.encode()).hexdigest()[:16]
         if key in sys.modules:
             return
-        spec = importlib.util.spec_from_file_location(key, path)
-        if spec is None or spec.loader is None or not os.path.isfile(path):
+        spec = importlib.util.spec_from_file_location(key, path) if os.path.isfile(path) else None
+        if spec is None or spec.loader is None:
             raise ConfigError(f"${PLUGINS_ENV} names {name!r}, which is not a readable .py file")
         module = importlib.util.module_from_spec(spec)
         sys.modules[key] = module

@@ -311,4 +311,4 @@ def test_the_architecture_page_names_only_what_exists():
     assert not sorted(code_like - defined), f"docs/architecture.md names code that does not exist: {sorted(code_like - defined)}"
     for transport in ("service.py", "http_api.py", "triton_models.py"):
         source = (ROOT / "server" / transport).read_text()
-        assert "fewshot.server.requests import" in source or transport == "http_api.py" and "service." in source, transport
+        assert "from fewshot.server.requests import" in source, transport

@@ -7,6 +7,7 @@ and multipart), the SDK (sync and asyncio), ``fewshot-client adapt --set``, ``fe
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -161,8 +162,6 @@ def test_the_sdk_sync_and_asyncio(knn_server, task):
 
 
 def _cli(tool: str, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    import os
-
     return subprocess.run(
         [str(Path(sys.executable).parent / tool), *args], capture_output=True, text=True, timeout=300, env={**os.environ, **(env or {})}
     )
