@@ -207,4 +207,5 @@ async def serve(cfg: ServeConfig, ready: asyncio.Event | None = None) -> None:
 def run(cfg: ServeConfig) -> None:
     """Blocking entry point of ``fewshot serve``."""
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    memory.configure()  # before any thread of the server makes its malloc arena (serve() calls it again: idempotent)
     asyncio.run(serve(cfg))

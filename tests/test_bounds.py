@@ -19,12 +19,14 @@ from support import SMALL
 
 from fewshot.models.episodes import EpisodeSampler
 from fewshot.models.preprocess import encode_png as png
-from fewshot.server.memory import OVERHEAD_MB, peak_bound_mb
+from fewshot.server.memory import peak_bound_mb
 from fewshot.tools.launch import ServerProcess, free_port
 from fewshot_proto import fewshot_pb2 as pb
 from fewshot_proto import fewshot_pb2_grpc as pb_grpc
 
 OMNI = "omniglot-conv4-directsum"
+#: What the idle process may keep over its start-up size after refused streams (issue 34).
+IDLE_MB = 100
 
 
 def _stream(target: str, chunks: int, chunk_mb: float) -> grpc.RpcError | None:
@@ -53,7 +55,7 @@ def _settle(pid: int, start: float, within: float, seconds: float = 30.0) -> flo
 def test_concurrent_oversized_streams_share_one_body_budget(omni_bundles, tmp_path):
     """Six clients at once each stream 30 chunks of 4 MB (each past --max-request-mb 64): all refused, most by the
     process-wide budget of 96 MB; memory stays within the peak bound (docs/serving.md), and the idle process comes back
-    within ``OVERHEAD_MB`` (128 MB) of its start-up size. Start-up is measured once the server has answered six small concurrent
+    within ``IDLE_MB`` (100 MB, issue 34) of its start-up size. Start-up is measured once the server has answered six small concurrent
     streams (refused at decoding): gRPC's per-stream machinery and the decode path are then made, and what is left
     over the level is what the large streams held; the allocator returns it within the 30 s the check waits."""
     budget_mb, streams, chunk_mb = 96, 6, 4.0
@@ -73,9 +75,8 @@ def test_concurrent_oversized_streams_share_one_body_budget(omni_bundles, tmp_pa
         # each open stream may hold one more chunk in gRPC's receive path, not yet charged
         bound = peak_bound_mb(cache_mb=0, body_mb=budget_mb, receiving_mb=streams * chunk_mb)
         assert peak - start <= bound, f"peak {peak - start:.0f} MB over start-up, bound {bound:.0f} MB"
-        # issue 34 asks for 100 MB; 2 of 4 fresh-clone runs measured 102-103 MB: held to the bound's fixed overhead
-        idle = _settle(proc.pid, start, OVERHEAD_MB)
-        assert idle - start <= OVERHEAD_MB, f"idle {idle - start:.0f} MB over start-up"
+        idle = _settle(proc.pid, start, IDLE_MB)
+        assert idle - start <= IDLE_MB, f"idle {idle - start:.0f} MB over start-up"
         # and the budget was given back: a small Adapt stream still gets through to decoding
         err = _stream(proc.target, 1, 0.01)
         assert err is not None and err.code() == grpc.StatusCode.INVALID_ARGUMENT

@@ -52,6 +52,7 @@ NOT_QUOTED = {
     ("serving.md", "that is 1.15 GB"): "computed from the bound's formula with the defaults: 256 + 1.5 x 512 + 128 MB",
     ("serving.md", "fixed at 1 MB (by default it rises to\n  32 MB"): "glibc's settings (server/memory.py), not measured",
     ("serving.md", "held 16 MB or more"): "the malloc_trim threshold (server/memory.py), a constant",
+    ("serving.md", "within 100 MB of its start-up size"): "the limit tests/test_bounds.py holds the idle process to (issue 34)",
     ("serving.md", "8 MB per encoded image and 16.8 M pixels"): "limits of fewshot serve: flags and their defaults",
     ("serving.md", "64 MB per message"): "a limit of fewshot serve: a flag's default",
     ("serving.md", "older than 0.5 s"): "the re-read interval of the cache, a design constant (server/store.py)",
