@@ -492,6 +492,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve the bundles of a model directory over gRPC (fewshot.v1.FewShot)")
     add_arguments(p)  # every ServeConfig field (server/config.py), declared once there
     p.add_argument("--token-file", help="read the single token from this file (the default tenant)")
+    p.add_argument("--admin-token-file", help="read the admin token from this file (admin calls: load, unload, default version)")
 
 
 def _run_serve(args: argparse.Namespace) -> None:
@@ -499,15 +500,19 @@ def _run_serve(args: argparse.Namespace) -> None:
     from fewshot.server.app import run
     from fewshot.server.config import from_arguments
 
-    token = args.token
-    if args.token_file:
-        try:
-            token = Path(args.token_file).read_text().strip()
-        except OSError as exc:
-            raise ConfigError(f"cannot read --token-file {args.token_file}: {exc.strerror or exc}") from None
-        if not token:
-            raise ConfigError(f"--token-file {args.token_file} is empty")
-    run(from_arguments(args, models=args.models or DEFAULT_BUNDLE_DIR, token=token, store=args.store or None))
+    token = _read_token(args.token_file, "--token-file") if args.token_file else args.token
+    admin = _read_token(args.admin_token_file, "--admin-token-file") if args.admin_token_file else args.admin_token
+    run(from_arguments(args, models=args.models or DEFAULT_BUNDLE_DIR, token=token, admin_token=admin, store=args.store or None))
+
+
+def _read_token(path: str, flag: str) -> str:
+    try:
+        token = Path(path).read_text().strip()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {flag} {path}: {exc.strerror or exc}") from None
+    if not token:
+        raise ConfigError(f"{flag} {path} is empty")
+    return token
 
 
 def _add_token_hash(sub: argparse._SubParsersAction) -> None:

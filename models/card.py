@@ -12,7 +12,9 @@ version and required fields and says which are wrong; writing puts the fields in
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -135,3 +137,12 @@ def accuracy_key(ways: int, shots: int, head: str, bn: str | None = None) -> str
     """Key of a measured accuracy in a card's ``accuracy`` (written by ``fewshot/tools/results.py``, ``make
     results``), e.g. ``5way_1shot_centroid`` or, for inner-loop models, ``5way_1shot_cxgrad_support``."""
     return f"{ways}way_{shots}shot_{head}" + (f"_{bn}" if bn else "")
+
+
+def version_digest(manifest: Mapping[str, Any]) -> str:
+    """The identity of a bundle's weights: sha256 (hex) over its files and their sha256, as the manifest lists
+    them (``""`` for a manifest without files: a model card, what ``fewshot eval`` runs)."""
+    files = {name: info.get("sha256", "") for name, info in manifest.get("files", {}).items()}
+    if not files:
+        return ""
+    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()

@@ -26,7 +26,7 @@ import torch
 
 from fewshot.errors import ConfigError
 from fewshot.models.calibration import OpenSetCalibration
-from fewshot.models.card import accuracy_key
+from fewshot.models.card import accuracy_key, version_digest
 from fewshot.models.plan import ClassifyPlan
 from fewshot.models.preprocess import InputSpec
 from fewshot.models.runtime import Engines, OnnxEngines, SessionEngines, Signature, TensorSpec, part_model_name, torch_device
@@ -116,6 +116,10 @@ class Family(ABC):
     def __init__(self, manifest: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], engines: Engines, device: str = "auto") -> None:
         self.manifest, self.engines = dict(manifest), engines
         self.name: str = self.manifest["name"]
+        #: The exact version: its name (the bundle's version folder or manifest) and the identity of its weights
+        #: (:func:`fewshot.export.registry.version_digest`; ``""`` for a model card, as ``fewshot eval`` runs).
+        self.version: str = str(self.manifest.get("version", ""))
+        self.digest: str = version_digest(self.manifest)
         self.spec = InputSpec.from_dict(self.manifest["input"])
         self.limits: dict[str, Any] = dict(self.manifest.get("limits", {}))
         self.device = torch_device(device)

@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -22,9 +23,10 @@ from grpc_reflection.v1alpha import reflection
 from fewshot.errors import ConfigError
 from fewshot.export.bundle import DEFAULT_BUNDLE_DIR
 from fewshot.export.loader import open_bundle
-from fewshot.export.registry import Registry
+from fewshot.export.registry import Bundle, Registry
 from fewshot.models.family import Family, family_of
 from fewshot.server import memory
+from fewshot.server.admin import ADMIN_SERVICE_NAME, AdminAuth, AdminService, BundleRefused, ModelControl
 from fewshot.server.admission import Admission
 from fewshot.server.auth import Authenticator, TokensFileError
 from fewshot.server.budget import BodyBudget
@@ -33,6 +35,7 @@ from fewshot.server.metrics import ServiceMetrics
 from fewshot.server.service import SERVICE_NAME, FewShotService, ServiceLimits
 from fewshot.server.store import TaskStore
 from fewshot.server.triton_backend import TritonBackend
+from fewshot.server.versions import ServedModels
 from fewshot.server.warmup import warm_up
 
 log = logging.getLogger("fewshot.server")
@@ -59,18 +62,44 @@ def server_credentials(cfg: ServeConfig) -> grpc.ServerCredentials | None:
     )
 
 
-def load_models(root: Path | None, device: str, threads: int, triton: TritonBackend | None = None) -> dict[str, Family]:
-    """Every bundle of ``root`` (``None``: ``$FEWSHOT_BUNDLES``, else ``bundles``), verified by the registry and
-    loaded once; with ``triton``, backbone and adapted-network inference go to that Triton server instead of
-    in-process ONNX Runtime."""
-    models = {}
-    for name, bundle in Registry.load(root or DEFAULT_BUNDLE_DIR).bundles.items():
-        engines = triton.engines(name, family_of(bundle.manifest).parts) if triton is not None else None
-        models[name] = open_bundle(bundle, device, threads, engines)
-    return models
+def load_models(root: Path | None, device: str, threads: int, triton: TritonBackend | None = None) -> ServedModels:
+    """Every version of every bundle of ``root`` (``None``: ``$FEWSHOT_BUNDLES``, else ``bundles``), verified by
+    the registry and loaded once; with ``triton``, backbone and adapted-network inference go to that Triton
+    server instead of in-process ONNX Runtime (one version per model: Triton's models are named by model)."""
+    registry = Registry.load(root or DEFAULT_BUNDLE_DIR)
+    if triton is not None:
+        return ServedModels(
+            open_bundle(bundle, device, threads, triton.engines(name, family_of(bundle.manifest).parts))
+            for name, bundle in registry.bundles.items()
+        )
+    return ServedModels(open_bundle(b, device, threads) for versions in registry.versions.values() for b in versions.values())
 
 
-async def connect_triton(cfg: ServeConfig) -> tuple[TritonBackend, dict[str, Family]]:
+def configure_model(model: Family, cfg: ServeConfig) -> Family:
+    """Apply the server's task and inner-loop settings to a model loaded in process."""
+    import torch
+
+    model.hold_tasks_in(getattr(torch, cfg.task_dtype))
+    model.adapt_in(getattr(torch, cfg.inner_precision))
+    if cfg.merge_tasks != "auto":
+        model.merge_tasks(cfg.merge_tasks == "on")
+    if cfg.batch_adapts != "auto":
+        model.batch_adapts(cfg.batch_adapts == "on")
+    return model
+
+
+def open_version(cfg: ServeConfig) -> Callable[[Bundle], Family]:
+    """What loads a bundle at runtime (:class:`ModelControl`): in process, configured as the others."""
+
+    def opened(bundle: Bundle) -> Family:
+        if cfg.feature_backend == "triton":
+            raise BundleRefused("versions are loaded at runtime with --feature-backend onnxruntime only: restart the server to change them")
+        return configure_model(open_bundle(bundle, cfg.device, cfg.threads), cfg)
+
+    return opened
+
+
+async def connect_triton(cfg: ServeConfig) -> tuple[TritonBackend, ServedModels]:
     """The Triton backend of ``--feature-backend triton`` and the models that use it, once Triton is
     live and serves every model they need (else :class:`TritonNotReady`, one message for all)."""
     triton = TritonBackend(cfg.triton_url, cfg.triton_timeout)
@@ -94,17 +123,18 @@ async def serve(cfg: ServeConfig, ready: asyncio.Event | None = None) -> None:
         triton, models = await connect_triton(cfg)
     else:
         models = load_models(cfg.models, cfg.device, cfg.threads)
-        for model in models.values():
-            model.hold_tasks_in(getattr(torch, cfg.task_dtype))
-            model.adapt_in(getattr(torch, cfg.inner_precision))
-            if cfg.merge_tasks != "auto":
-                model.merge_tasks(cfg.merge_tasks == "on")
-            if cfg.batch_adapts != "auto":
-                model.batch_adapts(cfg.batch_adapts == "on")
+        for name in models:
+            for model in models.versions(name):
+                configure_model(model, cfg)
     credentials = server_credentials(cfg)
     auth = Authenticator(cfg.token, cfg.tokens_file, cfg.tenant_max_tasks, cfg.tenant_rps)
     metrics = ServiceMetrics()
     store = TaskStore(cfg.store or cfg.state_dir, cfg.cache_mb << 20, on_event=lambda e: metrics.cache.labels(e).inc())
+    for name in models:  # rows stored before versions were recorded: pinned to the version served for their model
+        default = models[name]
+        pinned = store.pin_unversioned(name, default.version, default.digest)
+        if pinned:
+            log.warning(json.dumps({"event": "tasks pinned", "model": name, "version": default.version, "tasks": pinned}))
     metrics.count_tasks_with(store.count)
     metrics.cache_bytes.set_function(lambda: store.cached_bytes)
     executor = ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="fewshot-work")
@@ -131,8 +161,11 @@ async def serve(cfg: ServeConfig, ready: asyncio.Event | None = None) -> None:
     size = cfg.max_message_mb << 20
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size)])
     service.add_to_server(server)
+    control = ModelControl(cfg.models or DEFAULT_BUNDLE_DIR, models, open_version(cfg))
+    admin = AdminService(control, AdminAuth(cfg.admin_token, auth.digests()), lambda name: service.describe_model(name))
+    admin.add_to_server(server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    reflection.enable_server_reflection((SERVICE_NAME, ADMIN_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     address = f"{cfg.host}:{cfg.port}"
     port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     if port == 0:
@@ -146,7 +179,7 @@ async def serve(cfg: ServeConfig, ready: asyncio.Event | None = None) -> None:
         from fewshot.server.http_api import HttpServer, http_app
 
         http = HttpServer(
-            http_app(service, limits.max_request_bytes, lambda: serving["now"] and not stopping),
+            http_app(service, limits.max_request_bytes, lambda: serving["now"] and not stopping, admin),
             cfg.host,
             cfg.http_port,
             str(cfg.tls_cert) if cfg.tls_cert else None,
@@ -178,6 +211,16 @@ async def serve(cfg: ServeConfig, ready: asyncio.Event | None = None) -> None:
             await loop.run_in_executor(executor, store.purge_expired)
 
     purger = loop.create_task(purge())
+
+    async def watch() -> None:  # --model-control poll: the model directory is what is served
+        while True:
+            await asyncio.sleep(cfg.poll_seconds)
+            try:
+                await loop.run_in_executor(None, control.poll)
+            except Exception:  # a bug must not stop the watcher: logged, tried again next time
+                log.exception("polling the model directory failed")
+
+    watcher = loop.create_task(watch()) if cfg.model_control == "poll" else None
     backend = f"Triton at {cfg.triton_url}" if triton else "ONNX Runtime in process"
     security = ("mutual TLS" if cfg.tls_client_ca else "TLS") if credentials else "plaintext"
     security += f", {'tokens of ' + str(len(list(auth.tenant_names()))) + ' tenants' if cfg.tokens_file else 'one token' if cfg.token else 'no token'}"
@@ -193,6 +236,8 @@ async def serve(cfg: ServeConfig, ready: asyncio.Event | None = None) -> None:
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     purger.cancel()
+    if watcher is not None:
+        watcher.cancel()
     if http is not None:
         await http.stop()
     await server.stop(grace=5.0)

@@ -163,6 +163,11 @@ class Authenticator:
             self._tenants = tenants
         return len(tenants)
 
+    def digests(self) -> set[str]:
+        """The sha256 digests of every token that grants a tenant (the admin token must be none of them)."""
+        with self._lock:
+            return set(self._tenants) | ({self.token_digest} if self.token_digest else set())
+
     def tenant_names(self) -> Iterable[str]:
         return sorted({t.name for t in self._tenants.values()})
 

@@ -54,6 +54,19 @@ class ServeConfig:
         "reloaded on SIGHUP (`fewshot token-hash` prints a token's hash)",
         flag="--tokens",
     )
+    admin_token: str | None = option(
+        None,
+        "the admin token: `authorization: Bearer ADMIN_TOKEN` on FewShotAdmin calls and /v1/admin routes (load, unload, "
+        "default version); no tenant token grants it; without it admin calls are refused (prefer --admin-token-file)",
+        env="FEWSHOT_ADMIN_TOKEN",
+    )
+    model_control: str = option(
+        "explicit",
+        "how the served model versions change at runtime: explicit (admin calls: fewshot-client models load|unload|default), "
+        "poll (also watch the model directory every --poll-seconds: new or changed versions loaded, removed ones unloaded)",
+        choices=("explicit", "poll"),
+    )
+    poll_seconds: float = option(5.0, "seconds between looks at the model directory with --model-control poll")
     tenant_max_tasks: int = option(0, "live tasks per tenant (0: unlimited)")
     tenant_rps: float = option(0.0, "requests per second per tenant (0: unlimited)")
     tls_cert: Path | None = option(None, "PEM certificate chain: serve TLS (with --tls-key)")

@@ -78,6 +78,21 @@ class NotUpdatable(ServiceError):
     http_status = 412
 
 
+class VersionNotLoaded(ServiceError):
+    """A task pinned to a model version this server does not load now: its state is valid only for that
+    version's backbone, so it is never answered with another (load the version again, or migrate the task)."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    http_status = 412
+
+
+class PermissionDenied(ServiceError):
+    """An admin call (load, unload, set the default version) without the admin credential."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+    http_status = 403
+
+
 class CallAbandoned(ServiceError):
     """The client cancelled the call or its deadline passed; the work stopped at the next stage boundary."""
 

@@ -14,6 +14,9 @@ maps to HTTP by the error's class (``http_status``: 400, 401, 404, 409, 412, 413
     GET    /v1/tasks/{id}             GetTask
     DELETE /v1/tasks/{id}             DeleteTask
     GET    /v1/models                 ListModels
+    POST   /v1/admin/models/{model}/versions/{version}/load     LoadModel          (admin token)
+    POST   /v1/admin/models/{model}/versions/{version}/unload   UnloadModel        (admin token)
+    POST   /v1/admin/models/{model}/versions/{version}/default  SetDefaultVersion  (admin token)
     GET    /healthz                   200 while serving, 503 while saturated or stopping
     GET    /openapi.json, /docs       the OpenAPI document (FastAPI's)
     GET    /                          the web console (``server/console/index.html``)
@@ -228,8 +231,9 @@ def _set_form_field(message: Any, key: str, values: list[str]) -> None:
         raise ValueError(f"{message.DESCRIPTOR.name} has no such field")
 
 
-def http_app(service: Any, max_request_bytes: int, serving: Callable[[], bool] = lambda: True) -> FastAPI:
-    """The ASGI application over ``service`` (a :class:`~fewshot.server.service.FewShotService`)."""
+def http_app(service: Any, max_request_bytes: int, serving: Callable[[], bool] = lambda: True, admin: Any = None) -> FastAPI:
+    """The ASGI application over ``service`` (a :class:`~fewshot.server.service.FewShotService`) and, when given,
+    ``admin`` (a :class:`~fewshot.server.admin.AdminService`)."""
     app = FastAPI(
         title="fewshot",
         version="1",
@@ -315,6 +319,25 @@ def http_app(service: Any, max_request_bytes: int, serving: Callable[[], bool] =
     async def delete_task(request: Request, task_id: str) -> Any:
         return await call(request, service.DeleteTask, pb.DeleteTaskRequest(task_id=task_id))
 
+    def admin_route(handler: Callable[[bytes, Any], Awaitable[Message]]) -> Callable[..., Awaitable[Any]]:
+        async def route(request: Request, model: str, version: str) -> Any:
+            return await call(request, handler, pb.ModelVersionRequest(model=model, version=version))
+
+        return route
+
+    if admin is not None:
+        for action, rpc, summary in (
+            ("load", "LoadModel", "verify and load a version from the model directory"),
+            ("unload", "UnloadModel", "stop serving a version (its tasks answer 412 until it is loaded again)"),
+            ("default", "SetDefaultVersion", "make a loaded version the one Adapt uses when a request names none"),
+        ):
+            app.post(
+                f"/v1/admin/models/{{model}}/versions/{{version}}/{action}",
+                operation_id=rpc,
+                summary=f"{rpc} (admin token): {summary}",
+                responses=responses("ModelAdminResponse", statuses),
+            )(admin_route(getattr(admin, rpc)))
+
     console = (Path(__file__).parent / "console" / "index.html").read_text()
 
     @app.get("/", include_in_schema=False)
@@ -390,6 +413,7 @@ MESSAGES = [
     (pb.TaskInfo.DESCRIPTOR, (), "TaskInfo"),
     (pb.DeleteTaskResponse.DESCRIPTOR, (), "DeleteTaskResponse"),
     (pb.ListModelsResponse.DESCRIPTOR, (), "ListModelsResponse"),
+    (pb.ModelAdminResponse.DESCRIPTOR, (), "ModelAdminResponse"),
 ]
 _HEALTH = {
     "type": "object",

@@ -24,9 +24,10 @@ from google.protobuf import struct_pb2
 from fewshot.models.calibration import OpenSetCalibration
 from fewshot.models.family import Family
 from fewshot.models.settings import Setting
-from fewshot.server.errors import InvalidRequest
+from fewshot.server.errors import InvalidRequest, ServiceError
 from fewshot.server.store import TaskRecord
 from fewshot.server.tasks import AdaptRequest, Rejection, ServiceLimits, check_task_id, get_model, resolve_method
+from fewshot.server.versions import ServedModels
 from fewshot_proto import fewshot_pb2 as pb
 
 #: The ``AdaptSettings`` fields that predate ``values``: aliases of the settings of the same name.
@@ -79,7 +80,7 @@ def support_of(labels: Sequence[str], images: Sequence[bytes], what: str = "imag
 
 
 def check_adapt(
-    models: Mapping[str, Family],
+    models: ServedModels,
     limits: ServiceLimits,
     model_name: str,
     method: str,
@@ -87,9 +88,11 @@ def check_adapt(
     settings: pb.AdaptSettings,
     ttl_seconds: int,
     tenant: str,
+    model_version: str = "",
 ) -> AdaptRequest:
-    """An Adapt's fields -> the validated :class:`AdaptRequest` (its images still encoded in ``support``)."""
-    model = get_model(models, model_name)
+    """An Adapt's fields -> the validated :class:`AdaptRequest` (its images still encoded in ``support``), on
+    ``model_version`` of the model (empty: its default version)."""
+    model = get_model(models, model_name, model_version)
     method = resolve_method(model, method)
     limits.check_support(len(support))
     return AdaptRequest.check(
@@ -106,6 +109,7 @@ def adapt_response(request: AdaptRequest, record: TaskRecord, accuracy: float) -
         expires_at=record.expires_at,
         model=request.model.name,
         method=request.method,
+        model_version=pb.ModelVersion(version=record.model_version, digest=record.model_digest),
     )
 
 
@@ -156,8 +160,39 @@ def model_settings(model: Family) -> list[pb.SettingInfo]:
     return [setting_info(s, methods) for s, methods in sorted(by_setting.items(), key=lambda kv: (kv[0].api, kv[1]))]
 
 
-def model_info(model: Family) -> pb.ModelInfo:
-    """A model's methods, input spec, limits and settings as the API reports them."""
+def task_info(record: TaskRecord, models: ServedModels) -> pb.TaskInfo:
+    """What GetTask reports of a stored task, with the model version it needs and whether it is loaded."""
+    try:
+        loaded = bool(models.pinned(record))
+    except ServiceError:
+        loaded = False
+    return pb.TaskInfo(
+        task_id=record.task_id,
+        model=record.model,
+        method=record.method,
+        labels=record.labels,
+        created_at=record.created_at,
+        expires_at=record.expires_at,
+        support_size=record.support_size,
+        version=record.version,
+        shots=record.shots,
+        model_version=pb.ModelVersion(version=record.model_version, digest=record.model_digest),
+        model_version_loaded=loaded,
+    )
+
+
+def models_info(models: ServedModels, live: Mapping[tuple[str, str], int]) -> list[pb.ModelInfo]:
+    """Every served model (its default version's description) with its loaded versions and their live tasks
+    (``live``: by model and version digest, :meth:`TaskStore.live_by_version`)."""
+    return [model_info(models[name], models, live) for name in models]
+
+
+def model_info(model: Family, models: ServedModels | None = None, live: Mapping[tuple[str, str], int] | None = None) -> pb.ModelInfo:
+    """A model's methods, input spec, limits and settings as the API reports them; with ``models``, its loaded
+    versions too (``live``: live tasks by model and digest)."""
+    live = live or {}
+    versions = models.versions(model.name) if models is not None else [model]
+    default = models.default_version(model.name) if models is not None else model.version
     spec, (min_ways, max_ways) = model.spec, model.way_range()
     return pb.ModelInfo(
         name=model.name,
@@ -169,4 +204,10 @@ def model_info(model: Family) -> pb.ModelInfo:
         max_ways=max_ways,
         max_shots=model.limits.get("max_shots", 0),
         settings=model_settings(model),
+        versions=[
+            pb.ModelVersionInfo(
+                version=v.version, digest=v.digest, default=v.version == default, live_tasks=live.get((v.name, v.digest), 0)
+            )
+            for v in versions
+        ],
     )

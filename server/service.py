@@ -37,9 +37,10 @@ from fewshot.server.config import ServeConfig
 from fewshot.server.errors import InvalidRequest, NotFound, ServiceError
 from fewshot.server.images import decode_for_model, decode_pixels_for_model
 from fewshot.server.metrics import ServiceMetrics
-from fewshot.server.requests import adapt_response, check_adapt, check_classify, classify_response, model_info
+from fewshot.server.requests import adapt_response, check_adapt, check_classify, classify_response, model_info, models_info, task_info
 from fewshot.server.store import TaskRecord, TaskStore
 from fewshot.server.tasks import AdaptRequest, ServiceLimits, TaskUpdate, check_task_id, find_task, task_ref
+from fewshot.server.versions import ServedModels
 from fewshot_proto import fewshot_pb2 as pb
 
 __all__ = ["FewShotService", "ServiceLimits", "STATUSES"]  # ServiceLimits lives in tasks.py, shared with Triton
@@ -105,6 +106,7 @@ class _AdaptCall:
     settings: pb.AdaptSettings
     ttl: int
     support: list[pb.LabelledImage]
+    model_version: str = ""
 
 
 class FewShotService:
@@ -116,7 +118,7 @@ class FewShotService:
 
     def __init__(
         self,
-        models: dict[str, Family],
+        models: ServedModels,
         store: TaskStore,
         executor: ThreadPoolExecutor,
         metrics: ServiceMetrics,
@@ -216,7 +218,9 @@ class FewShotService:
         async def body(call: _Call) -> pb.AdaptResponse:
             self.limits.check_request_bytes(len(raw))
             request = parse(pb.AdaptRequest, raw)
-            adapt = _AdaptCall(request.model, request.method, request.settings, request.ttl_seconds, list(request.support))
+            adapt = _AdaptCall(
+                request.model, request.method, request.settings, request.ttl_seconds, list(request.support), request.model_version
+            )
             return await self._adapt(adapt, call)
 
         return await self._call("Adapt", context, body, 2 * len(raw))
@@ -244,9 +248,9 @@ class FewShotService:
             chunk = parse(pb.AdaptChunk, raw)
             del raw
             if adapt is None:
-                adapt = _AdaptCall(chunk.model, chunk.method, chunk.settings, chunk.ttl_seconds, support)
-            else:  # later chunks may repeat the first chunk's model and method, not name others
-                for name, first in (("model", adapt.model), ("method", adapt.method)):
+                adapt = _AdaptCall(chunk.model, chunk.method, chunk.settings, chunk.ttl_seconds, support, chunk.model_version)
+            else:  # later chunks may repeat the first chunk's model, version and method, not name others
+                for name, first in (("model", adapt.model), ("method", adapt.method), ("model_version", adapt.model_version)):
                     later = getattr(chunk, name)
                     if later and later != first:
                         raise InvalidRequest(
@@ -261,10 +265,18 @@ class FewShotService:
 
     async def _adapt(self, adapt: _AdaptCall, call: _Call) -> pb.AdaptResponse:
         request = check_adapt(
-            self.models, self.limits, adapt.model, adapt.method, adapt.support, adapt.settings, adapt.ttl, call.tenant.name
+            self.models,
+            self.limits,
+            adapt.model,
+            adapt.method,
+            adapt.support,
+            adapt.settings,
+            adapt.ttl,
+            call.tenant.name,
+            adapt.model_version,
         )
         model = request.model
-        call.fields.update(model=model.name, method=request.method, support=len(adapt.support))
+        call.fields.update(model=model.name, model_version=model.version, method=request.method, support=len(adapt.support))
         images = [item.image for item in adapt.support]
         budget = call.budget
 
@@ -318,7 +330,7 @@ class FewShotService:
 
             async with self.admission.slot():
                 record, model, task, work, response = await self._offload(find_decode_run)
-                call.fields.update(model=model.name, method=record.method, queries=len(queries))
+                call.fields.update(model=model.name, model_version=model.version, method=record.method, queries=len(queries))
                 if response is None:  # merged with concurrent requests
                     logits = await self._classify(*work)
                     response = classify_response(logits, record.labels, request.top_k, task.open_set, rejection)
@@ -398,17 +410,7 @@ class FewShotService:
             rec = await self._offload(self.store.record, task_id, call.tenant.name)
             if rec is None:
                 raise NotFound(f"task {task_id} is unknown, deleted or expired")
-            return pb.TaskInfo(
-                task_id=rec.task_id,
-                model=rec.model,
-                method=rec.method,
-                labels=rec.labels,
-                created_at=rec.created_at,
-                expires_at=rec.expires_at,
-                support_size=rec.support_size,
-                version=rec.version,
-                shots=rec.shots,
-            )
+            return task_info(rec, self.models)
 
         return await self._call("GetTask", context, body, 2 * len(raw))
 
@@ -421,9 +423,15 @@ class FewShotService:
 
         return await self._call("DeleteTask", context, body, 2 * len(raw))
 
+    def describe_model(self, name: str) -> pb.ModelInfo | None:
+        """``name`` as ListModels reports it (blocking: counts its live tasks), or ``None`` when not served."""
+        if name not in self.models:
+            return None
+        return model_info(self.models[name], self.models, self.store.live_by_version())
+
     async def ListModels(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
         async def body(call: _Call) -> pb.ListModelsResponse:
             parse(pb.ListModelsRequest, raw)
-            return pb.ListModelsResponse(models=[model_info(m) for _, m in sorted(self.models.items())])
+            return pb.ListModelsResponse(models=models_info(self.models, await self._offload(self.store.live_by_version)))
 
         return await self._call("ListModels", context, body, 2 * len(raw))

@@ -273,6 +273,16 @@ class TaskStore:
         """Live tasks in the database (all processes sharing it)."""
         return self.database.count(time.time())
 
+    def live_by_version(self) -> dict[tuple[str, str], int]:
+        """Live tasks in the database by ``(model, model digest)``."""
+        return self.database.live_by_version(time.time())
+
+    def pin_unversioned(self, model: str, version: str, digest: str) -> int:
+        """Pin the rows of ``model`` stored before versions were recorded to ``version`` (``digest``): the
+        version the opening server loads for that name, the one the old server served (the store's
+        migration of old rows). Returns the rows pinned."""
+        return self.database.pin_unversioned(model, version, digest)
+
     def _remember(self, record: TaskRecord, task: Any) -> None:
         with self._lock:
             self._remember_locked(record, task, time.monotonic())

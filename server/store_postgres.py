@@ -18,7 +18,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -31,10 +30,20 @@ import psycopg
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from fewshot.server.errors import QuotaExceeded
-from fewshot.server.store_schema import COLUMNS, StoreUnavailable, StoreVersionError, TaskRecord
+from fewshot.server.store_schema import (
+    COLUMNS,
+    UPDATED,
+    StoreUnavailable,
+    StoreVersionError,
+    TaskRecord,
+    record_of,
+    row_values,
+    updated_values,
+)
 
 #: This schema's version (``fewshot_schema.version``); migrations from older versions go in :func:`_migrate`.
-SCHEMA_VERSION = 1
+#: 2 adds ``model_version`` and ``model_digest`` (tasks pinned to a model version).
+SCHEMA_VERSION = 2
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS fewshot_schema (version INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS tasks (
@@ -50,6 +59,8 @@ CREATE TABLE IF NOT EXISTS tasks (
     version INTEGER NOT NULL DEFAULT 1,
     shots TEXT NOT NULL DEFAULT '[]'
 );
+ALTER TABLE tasks ADD COLUMN IF NOT EXISTS model_version TEXT NOT NULL DEFAULT '';
+ALTER TABLE tasks ADD COLUMN IF NOT EXISTS model_digest TEXT NOT NULL DEFAULT '';
 CREATE INDEX IF NOT EXISTS tasks_expiry ON tasks (expires_at);
 CREATE INDEX IF NOT EXISTS tasks_tenant ON tasks (tenant, expires_at);
 """
@@ -161,39 +172,13 @@ class PostgresDatabase:
                 )
                 if live >= max_live:
                     raise QuotaExceeded(f"this tenant has {live} live tasks, its quota: delete tasks or let them expire, then adapt again")
-            conn.execute(
-                f"INSERT INTO tasks ({COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
-                (
-                    record.task_id,
-                    record.model,
-                    record.method,
-                    json.dumps(record.labels),
-                    record.created_at,
-                    record.expires_at,
-                    record.support_size,
-                    record.state,
-                    record.tenant,
-                    record.version,
-                    json.dumps(record.shots),
-                ),
-            )
+            conn.execute(f"INSERT INTO tasks ({COLUMNS}) VALUES ({', '.join(['%s'] * len(COLUMNS.split(',')))})", row_values(record))
 
     def compare_and_set(self, record: TaskRecord) -> bool:
         with self._connection() as conn, conn.transaction():
             changed = conn.execute(
-                "UPDATE tasks SET labels = %s, support_size = %s, state = %s, version = %s, shots = %s "
-                "WHERE task_id = %s AND tenant = %s AND version = %s AND expires_at > %s",
-                (
-                    json.dumps(record.labels),
-                    record.support_size,
-                    record.state,
-                    record.version,
-                    json.dumps(record.shots),
-                    record.task_id,
-                    record.tenant,
-                    record.version - 1,
-                    time.time(),
-                ),
+                f"UPDATE tasks SET {', '.join(f'{c} = %s' for c in UPDATED)} WHERE task_id = %s AND tenant = %s AND version = %s AND expires_at > %s",
+                (*updated_values(record), record.task_id, record.tenant, record.version - 1, time.time()),
             ).rowcount
             if changed:
                 conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, f"{record.task_id} {record.version}"))
@@ -222,11 +207,7 @@ class PostgresDatabase:
     def fetch(self, task_id: str, tenant: str) -> TaskRecord | None:
         with self._connection() as conn:
             row = conn.execute(f"SELECT {COLUMNS} FROM tasks WHERE task_id = %s AND tenant = %s", (task_id, tenant)).fetchone()
-        if row is None:
-            return None
-        return TaskRecord(
-            row[0], row[1], row[2], json.loads(row[3]), row[4], row[5], row[6], bytes(row[7]), row[8], row[9], json.loads(row[10])
-        )
+        return None if row is None else record_of(row)
 
     def version_of(self, task_id: str) -> tuple[float, int] | None:
         with self._connection() as conn:
@@ -236,6 +217,19 @@ class PostgresDatabase:
     def count(self, now: float) -> int:
         with self._connection() as conn:
             return _scalar(conn.execute("SELECT COUNT(*) FROM tasks WHERE expires_at > %s", (now,)))
+
+    def live_by_version(self, now: float) -> dict[tuple[str, str], int]:
+        with self._connection() as conn:
+            rows = conn.execute(
+                "SELECT model, model_digest, COUNT(*) FROM tasks WHERE expires_at > %s GROUP BY model, model_digest", (now,)
+            )
+            return {(m, d): n for m, d, n in rows}
+
+    def pin_unversioned(self, model: str, version: str, digest: str) -> int:
+        with self._connection() as conn, conn.transaction():
+            return conn.execute(
+                "UPDATE tasks SET model_version = %s, model_digest = %s WHERE model = %s AND model_digest = ''", (version, digest, model)
+            ).rowcount
 
     # -- notifications ----------------------------------------------------------------------------
     def listen(self, on_change: Callable[..., Any]) -> None:

@@ -3,15 +3,20 @@
 
 from __future__ import annotations
 
+import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 
 from fewshot.errors import FewShotError
 from fewshot.server.errors import ServiceError
 
-COLUMNS = "task_id, model, method, labels, created_at, expires_at, support_size, state, tenant, version, shots"
+COLUMNS = "task_id, model, method, labels, created_at, expires_at, support_size, state, tenant, version, shots, model_version, model_digest"
+#: What ``compare_and_set`` rewrites (a committed UpdateTask, a migration to another model version).
+UPDATED = ("labels", "support_size", "state", "version", "shots", "model_version", "model_digest")
 
 
 class StoreVersionError(FewShotError, RuntimeError):
@@ -44,6 +49,62 @@ class TaskRecord:
     version: int = 1
     #: Support images per class, in label order (empty for a task stored before version 3).
     shots: list[int] = field(default_factory=list)
+    #: The model version the state was computed with: its name and the digest of its weights
+    #: (:func:`fewshot.models.card.version_digest`); ``""`` for a row stored before versions were recorded,
+    #: until the server that opens the store pins it (:meth:`TaskStore.pin_unversioned`).
+    model_version: str = ""
+    model_digest: str = ""
 
     def expired(self, now: float | None = None) -> bool:
         return (time.time() if now is None else now) >= self.expires_at
+
+
+def row_values(record: TaskRecord, binary: Any = bytes) -> tuple[Any, ...]:
+    """``record`` as the values of :data:`COLUMNS`, in order (``binary`` wraps the state for the driver)."""
+    return (
+        record.task_id,
+        record.model,
+        record.method,
+        json.dumps(record.labels),
+        record.created_at,
+        record.expires_at,
+        record.support_size,
+        binary(record.state),
+        record.tenant,
+        record.version,
+        json.dumps(record.shots),
+        record.model_version,
+        record.model_digest,
+    )
+
+
+def updated_values(record: TaskRecord, binary: Any = bytes) -> tuple[Any, ...]:
+    """``record``'s values of :data:`UPDATED`, in order."""
+    return (
+        json.dumps(record.labels),
+        record.support_size,
+        binary(record.state),
+        record.version,
+        json.dumps(record.shots),
+        record.model_version,
+        record.model_digest,
+    )
+
+
+def record_of(row: Sequence[Any]) -> TaskRecord:
+    """A row of :data:`COLUMNS` as a record."""
+    return TaskRecord(
+        row[0],
+        row[1],
+        row[2],
+        json.loads(row[3]),
+        row[4],
+        row[5],
+        row[6],
+        bytes(row[7]),
+        row[8],
+        row[9],
+        json.loads(row[10]),
+        row[11],
+        row[12],
+    )

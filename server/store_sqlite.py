@@ -8,18 +8,17 @@ what a method returned has reached the disk.
 from __future__ import annotations
 
 import fcntl
-import json
 import sqlite3
 import threading
 import time
 from pathlib import Path
 
 from fewshot.server.errors import QuotaExceeded
-from fewshot.server.store_schema import COLUMNS, StoreVersionError, TaskRecord
+from fewshot.server.store_schema import COLUMNS, UPDATED, StoreVersionError, TaskRecord, record_of, row_values, updated_values
 
 #: Schema versions (``PRAGMA user_version``): 1 = the first release, 2 adds ``tenant``, 3 adds ``version``
-#: and ``shots`` (UpdateTask).
-SCHEMA_VERSION = 3
+#: and ``shots`` (UpdateTask), 4 adds ``model_version`` and ``model_digest`` (tasks pinned to a model version).
+SCHEMA_VERSION = 4
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS tasks (
     task_id TEXT PRIMARY KEY,
@@ -32,7 +31,9 @@ CREATE TABLE IF NOT EXISTS tasks (
     state BLOB NOT NULL,
     tenant TEXT NOT NULL DEFAULT '',
     version INTEGER NOT NULL DEFAULT 1,
-    shots TEXT NOT NULL DEFAULT '[]'
+    shots TEXT NOT NULL DEFAULT '[]',
+    model_version TEXT NOT NULL DEFAULT '',
+    model_digest TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS tasks_expiry ON tasks (expires_at);
 CREATE INDEX IF NOT EXISTS tasks_tenant ON tasks (tenant, expires_at);
@@ -93,6 +94,9 @@ class SQLiteDatabase:
             if columns and "version" not in columns:  # version 2
                 db.execute("ALTER TABLE tasks ADD COLUMN version INTEGER NOT NULL DEFAULT 1")
                 db.execute("ALTER TABLE tasks ADD COLUMN shots TEXT NOT NULL DEFAULT '[]'")
+            if columns and "model_digest" not in columns:  # version 3
+                db.execute("ALTER TABLE tasks ADD COLUMN model_version TEXT NOT NULL DEFAULT ''")
+                db.execute("ALTER TABLE tasks ADD COLUMN model_digest TEXT NOT NULL DEFAULT ''")
             for statement in filter(str.strip, SCHEMA.split(";")):
                 db.execute(statement)
             db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
@@ -112,20 +116,7 @@ class SQLiteDatabase:
                 if live >= max_live:
                     raise QuotaExceeded(f"this tenant has {live} live tasks, its quota: delete tasks or let them expire, then adapt again")
             db.execute(
-                f"INSERT INTO tasks ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    record.task_id,
-                    record.model,
-                    record.method,
-                    json.dumps(record.labels),
-                    record.created_at,
-                    record.expires_at,
-                    record.support_size,
-                    sqlite3.Binary(record.state),
-                    record.tenant,
-                    record.version,
-                    json.dumps(record.shots),
-                ),
+                f"INSERT INTO tasks ({COLUMNS}) VALUES ({', '.join('?' * len(COLUMNS.split(',')))})", row_values(record, sqlite3.Binary)
             )
             db.execute("COMMIT")
         except BaseException:
@@ -137,19 +128,8 @@ class SQLiteDatabase:
         db.execute("BEGIN IMMEDIATE")
         try:
             changed = db.execute(
-                "UPDATE tasks SET labels = ?, support_size = ?, state = ?, version = ?, shots = ? "
-                "WHERE task_id = ? AND tenant = ? AND version = ? AND expires_at > ?",
-                (
-                    json.dumps(record.labels),
-                    record.support_size,
-                    sqlite3.Binary(record.state),
-                    record.version,
-                    json.dumps(record.shots),
-                    record.task_id,
-                    record.tenant,
-                    record.version - 1,
-                    time.time(),
-                ),
+                f"UPDATE tasks SET {', '.join(f'{c} = ?' for c in UPDATED)} WHERE task_id = ? AND tenant = ? AND version = ? AND expires_at > ?",
+                (*updated_values(record, sqlite3.Binary), record.task_id, record.tenant, record.version - 1, time.time()),
             ).rowcount
             db.execute("COMMIT")
         except BaseException:
@@ -166,11 +146,7 @@ class SQLiteDatabase:
 
     def fetch(self, task_id: str, tenant: str) -> TaskRecord | None:
         row = self.db().execute(f"SELECT {COLUMNS} FROM tasks WHERE task_id = ? AND tenant = ?", (task_id, tenant)).fetchone()
-        if row is None:
-            return None
-        return TaskRecord(
-            row[0], row[1], row[2], json.loads(row[3]), row[4], row[5], row[6], bytes(row[7]), row[8], row[9], json.loads(row[10])
-        )
+        return None if row is None else record_of(row)
 
     def version_of(self, task_id: str) -> tuple[float, int] | None:
         row = self.db().execute("SELECT expires_at, version FROM tasks WHERE task_id = ?", (task_id,)).fetchone()
@@ -178,6 +154,19 @@ class SQLiteDatabase:
 
     def count(self, now: float) -> int:
         return self.db().execute("SELECT COUNT(*) FROM tasks WHERE expires_at > ?", (now,)).fetchone()[0]
+
+    def live_by_version(self, now: float) -> dict[tuple[str, str], int]:
+        rows = self.db().execute(
+            "SELECT model, model_digest, COUNT(*) FROM tasks WHERE expires_at > ? GROUP BY model, model_digest", (now,)
+        )
+        return {(m, d): n for m, d, n in rows}
+
+    def pin_unversioned(self, model: str, version: str, digest: str) -> int:
+        return (
+            self.db()
+            .execute("UPDATE tasks SET model_version = ?, model_digest = ? WHERE model = ? AND model_digest = ''", (version, digest, model))
+            .rowcount
+        )
 
     def listen(self, on_change) -> None:
         """SQLite has no notifications: other processes' changes are seen by re-reading rows."""

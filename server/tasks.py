@@ -31,6 +31,7 @@ from fewshot.server.errors import Conflict, InvalidRequest, NotFound, NotUpdatab
 from fewshot.server.images import ImageLimits
 from fewshot.server.state import StateError, StoredSupport, dump_task, load_support, load_task
 from fewshot.server.store import TaskRecord, TaskStore
+from fewshot.server.versions import ServedModels
 
 #: Length limits of identifiers and names (characters); longer ones are refused, never echoed whole.
 MAX_MODEL_NAME = 128
@@ -142,15 +143,14 @@ class Rejection:
         return open_set.scores(calibrated).double().numpy(), float(threshold)
 
 
-def get_model(models: Mapping[str, Family], name: str) -> Family:
-    """The served model called ``name`` (:class:`InvalidRequest` when empty, :class:`NotFound` when unknown)."""
+def get_model(models: ServedModels, name: str, version: str = "") -> Family:
+    """The served model called ``name`` at ``version`` (empty: its default version); :class:`InvalidRequest`
+    when the name is empty or too long, :class:`NotFound` when the model or that version is not loaded."""
     if not name:
         raise InvalidRequest(f"no model named: set `model` to one of {', '.join(sorted(models))}")
     if len(name) > MAX_MODEL_NAME:
         raise InvalidRequest(f"model name {quoted(name)} is longer than {MAX_MODEL_NAME} characters")
-    if name not in models:
-        raise NotFound(f"unknown model {quoted(name)}: this server has {', '.join(sorted(models))}")
-    return models[name]
+    return models.version(name, version)
 
 
 def check_task_id(task_id: str) -> str:
@@ -165,17 +165,17 @@ def check_task_id(task_id: str) -> str:
     return task_id
 
 
-def find_task(store: TaskStore, models: Mapping[str, Family], task_id: str, tenant: str = "") -> tuple[TaskRecord, Any, Family]:
-    """``(record, ready-to-classify task, its model)`` of ``tenant``'s live task, from the store's cache
-    or disk (blocking); :class:`NotFound` for an unknown, deleted, expired or unrestorable task, or
-    one of another tenant (the same answer, so ids of other tenants cannot be probed)."""
+def find_task(store: TaskStore, models: ServedModels, task_id: str, tenant: str = "") -> tuple[TaskRecord, Any, Family]:
+    """``(record, ready-to-classify task, the model version it is pinned to)`` of ``tenant``'s live task, from
+    the store's cache or disk (blocking); :class:`NotFound` for an unknown, deleted, expired or unrestorable
+    task, or one of another tenant (the same answer, so ids of other tenants cannot be probed);
+    :class:`VersionNotLoaded` when the version the task was adapted with is not loaded (checked on every
+    call, cached or not: a version unloaded at runtime stops answering at once)."""
     check_task_id(task_id)
 
     def decode(rec: TaskRecord) -> Any:
-        if rec.model not in models:
-            raise NotFound(f"task {task_id} belongs to model {rec.model!r}, which this server does not load")
         try:
-            return load_task(rec.state, models[rec.model])
+            return load_task(rec.state, models.pinned(rec))
         except StateError as exc:
             raise NotFound(f"task {task_id} cannot be restored: {exc}") from None
 
@@ -183,7 +183,7 @@ def find_task(store: TaskStore, models: Mapping[str, Family], task_id: str, tena
     if found is None:
         raise NotFound(f"task {task_id} is unknown, deleted or expired: adapt again")
     record, task = found
-    return record, task, models[record.model]
+    return record, task, models.pinned(record)
 
 
 def resolve_method(model: Family, method: str | None) -> str:
@@ -323,6 +323,8 @@ class AdaptRequest:
             self.tenant,
             1,
             shots,
+            self.model.version,
+            self.model.digest,
         )
         return record, task, accuracy
 
@@ -354,7 +356,7 @@ class TaskUpdate:
     def apply(
         self,
         store: TaskStore,
-        models: Mapping[str, Family],
+        models: ServedModels,
         tenant: str,
         limits: ServiceLimits,
         attempts: int = 5,
@@ -375,9 +377,7 @@ class TaskUpdate:
                 raise Conflict(
                     f"task {self.task_id} is at version {current.version}, not {self.expected_version}: read it again (GetTask) and retry"
                 )
-            if current.model not in models:
-                raise NotFound(f"task {self.task_id} belongs to model {current.model!r}, which this server does not load")
-            model = models[current.model]
+            model = models.pinned(current)  # the version the task was adapted with, never another
             if self.pixels is None and decode is not None:
                 self.pixels = decode(model)
             try:

@@ -48,6 +48,7 @@ from fewshot.server.images import decode_for_model, decode_pixels_for_model
 from fewshot.server.requests import adapt_response, check_adapt, check_classify, classify_response, settings_message, support_of
 from fewshot.server.store import TaskStore
 from fewshot.server.tasks import ServiceLimits, find_task
+from fewshot.server.versions import ServedModels
 from fewshot_proto import fewshot_pb2 as pb
 
 #: Images per BLS call to a backbone (its config's ``max_batch_size``).
@@ -87,8 +88,18 @@ class _FewShotModel:
     """What both models share: parameters, the models of the bundle directory, the task store, and
     answering each request on its own (an error answers that request only)."""
 
-    #: Triton error code by the gRPC status of the service's error (Triton has no RESOURCE_EXHAUSTED).
-    CODES = {"INVALID_ARGUMENT": "INVALID_ARG", "RESOURCE_EXHAUSTED": "INVALID_ARG", "NOT_FOUND": "NOT_FOUND", "UNAVAILABLE": "UNAVAILABLE"}
+    #: Triton error code by the gRPC status of the service's error. Triton has no RESOURCE_EXHAUSTED (answered
+    #: INVALID_ARG) and no FAILED_PRECONDITION: a task whose model version is not loaded answers INVALID_ARG with
+    #: the message starting ``FAILED_PRECONDITION:``, so a client tells it apart (docs/triton.md).
+    CODES = {
+        "INVALID_ARGUMENT": "INVALID_ARG",
+        "RESOURCE_EXHAUSTED": "INVALID_ARG",
+        "FAILED_PRECONDITION": "INVALID_ARG",
+        "NOT_FOUND": "NOT_FOUND",
+        "UNAVAILABLE": "UNAVAILABLE",
+    }
+    #: gRPC statuses named at the start of the message (Triton has no code of them and no other status maps to INVALID_ARG's meaning).
+    NAMED = ("FAILED_PRECONDITION",)
 
     def initialize(self, args: dict[str, str]) -> None:
         import triton_python_backend_utils as pb_utils
@@ -108,8 +119,8 @@ class _FewShotModel:
         root = Path(args["model_repository"]).parent  # relative paths in the config are read from the repository root
         self.limits = ServiceLimits.default()
         registry = Registry.load(root / params["bundle_dir"])
-        self.models = {
-            name: open_bundle(
+        self.models = ServedModels(
+            open_bundle(
                 b,
                 "cpu",
                 threads,
@@ -118,8 +129,10 @@ class _FewShotModel:
                 ),
             )
             for name, b in registry.bundles.items()
-        }
+        )
         self.store = TaskStore(root / params["state_dir"])
+        for name in self.models:  # rows stored before versions were recorded, as fewshot serve pins them
+            self.store.pin_unversioned(name, self.models[name].version, self.models[name].digest)
 
     def execute(self, requests: list[Any]) -> list[Any]:
         return [self._answer(r) for r in requests]
@@ -131,6 +144,8 @@ class _FewShotModel:
             return pb.InferenceResponse(output_tensors=[pb.Tensor(k, v) for k, v in outputs.items()])
         except ServiceError as exc:
             message, code = str(exc), self.CODES.get(exc.code.name, "INTERNAL")
+            if exc.code.name in self.NAMED:
+                message = f"{exc.code.name}: {message}"
         except Exception as exc:  # a bug: answer INTERNAL with the cause, keep serving
             message, code = f"internal error: {type(exc).__name__}: {exc}", "INTERNAL"
             pb.Logger.log_error(f"{type(self).__name__}: {message}")

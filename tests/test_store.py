@@ -18,6 +18,7 @@ from fewshot.models.metric_adapter import MetricTask
 from fewshot.server.errors import QuotaExceeded
 from fewshot.server.state import dump_task
 from fewshot.server.store import ENTRY_OVERHEAD, TaskRecord, TaskStore, resident_bytes
+from fewshot.server.store_sqlite import SCHEMA_VERSION as SQLITE_SCHEMA
 
 pytestmark = pytest.mark.unit
 
@@ -132,7 +133,12 @@ def test_a_version_1_store_is_migrated(tmp_path):
     store = TaskStore(tmp_path)
     assert store.record("old").labels == ["a", "b"] and store.record("old").tenant == ""
     assert store.record("old").version == 1 and store.record("old").shots == []  # stored before UpdateTask
-    assert store.database.db().execute("PRAGMA user_version").fetchone()[0] == 3
+    assert store.record("old").model_digest == ""  # stored before versions were recorded
+    assert store.database.db().execute("PRAGMA user_version").fetchone()[0] == SQLITE_SCHEMA
+    # the serving process pins such rows to the version it loads for their model; pinned rows stay
+    assert store.pin_unversioned("m", "1", "d" * 64) == 1 and store.pin_unversioned("m", "2", "e" * 64) == 0
+    assert (store.record("old").model_version, store.record("old").model_digest) == ("1", "d" * 64)
+    assert store.live_by_version() == {("m", "d" * 64): 1}
 
 
 def test_an_update_is_a_compare_and_set_seen_by_other_processes(database):

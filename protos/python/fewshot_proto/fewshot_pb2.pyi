@@ -7,6 +7,20 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class ModelVersionRequest(_message.Message):
+    __slots__ = ("model", "version")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    version: str
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
+
+class ModelAdminResponse(_message.Message):
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: ModelInfo
+    def __init__(self, model: _Optional[_Union[ModelInfo, _Mapping]] = ...) -> None: ...
+
 class Image(_message.Message):
     __slots__ = ("encoded", "tensor")
     ENCODED_FIELD_NUMBER: _ClassVar[int]
@@ -50,35 +64,39 @@ class AdaptSettings(_message.Message):
     def __init__(self, inner_steps: _Optional[int] = ..., values: _Optional[_Mapping[str, _struct_pb2.Value]] = ..., **kwargs) -> None: ...
 
 class AdaptRequest(_message.Message):
-    __slots__ = ("model", "method", "support", "settings", "ttl_seconds")
+    __slots__ = ("model", "method", "support", "settings", "ttl_seconds", "model_version")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
     SUPPORT_FIELD_NUMBER: _ClassVar[int]
     SETTINGS_FIELD_NUMBER: _ClassVar[int]
     TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     model: str
     method: str
     support: _containers.RepeatedCompositeFieldContainer[LabelledImage]
     settings: AdaptSettings
     ttl_seconds: int
-    def __init__(self, model: _Optional[str] = ..., method: _Optional[str] = ..., support: _Optional[_Iterable[_Union[LabelledImage, _Mapping]]] = ..., settings: _Optional[_Union[AdaptSettings, _Mapping]] = ..., ttl_seconds: _Optional[int] = ...) -> None: ...
+    model_version: str
+    def __init__(self, model: _Optional[str] = ..., method: _Optional[str] = ..., support: _Optional[_Iterable[_Union[LabelledImage, _Mapping]]] = ..., settings: _Optional[_Union[AdaptSettings, _Mapping]] = ..., ttl_seconds: _Optional[int] = ..., model_version: _Optional[str] = ...) -> None: ...
 
 class AdaptChunk(_message.Message):
-    __slots__ = ("model", "method", "settings", "ttl_seconds", "support")
+    __slots__ = ("model", "method", "settings", "ttl_seconds", "support", "model_version")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
     SETTINGS_FIELD_NUMBER: _ClassVar[int]
     TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     SUPPORT_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     model: str
     method: str
     settings: AdaptSettings
     ttl_seconds: int
     support: _containers.RepeatedCompositeFieldContainer[LabelledImage]
-    def __init__(self, model: _Optional[str] = ..., method: _Optional[str] = ..., settings: _Optional[_Union[AdaptSettings, _Mapping]] = ..., ttl_seconds: _Optional[int] = ..., support: _Optional[_Iterable[_Union[LabelledImage, _Mapping]]] = ...) -> None: ...
+    model_version: str
+    def __init__(self, model: _Optional[str] = ..., method: _Optional[str] = ..., settings: _Optional[_Union[AdaptSettings, _Mapping]] = ..., ttl_seconds: _Optional[int] = ..., support: _Optional[_Iterable[_Union[LabelledImage, _Mapping]]] = ..., model_version: _Optional[str] = ...) -> None: ...
 
 class AdaptResponse(_message.Message):
-    __slots__ = ("task_id", "labels", "support_accuracy", "adapt_seconds", "expires_at", "model", "method")
+    __slots__ = ("task_id", "labels", "support_accuracy", "adapt_seconds", "expires_at", "model", "method", "model_version")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     SUPPORT_ACCURACY_FIELD_NUMBER: _ClassVar[int]
@@ -86,6 +104,7 @@ class AdaptResponse(_message.Message):
     EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     labels: _containers.RepeatedScalarFieldContainer[str]
     support_accuracy: float
@@ -93,7 +112,8 @@ class AdaptResponse(_message.Message):
     expires_at: float
     model: str
     method: str
-    def __init__(self, task_id: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ..., support_accuracy: _Optional[float] = ..., adapt_seconds: _Optional[float] = ..., expires_at: _Optional[float] = ..., model: _Optional[str] = ..., method: _Optional[str] = ...) -> None: ...
+    model_version: ModelVersion
+    def __init__(self, task_id: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ..., support_accuracy: _Optional[float] = ..., adapt_seconds: _Optional[float] = ..., expires_at: _Optional[float] = ..., model: _Optional[str] = ..., method: _Optional[str] = ..., model_version: _Optional[_Union[ModelVersion, _Mapping]] = ...) -> None: ...
 
 class ClassifyRequest(_message.Message):
     __slots__ = ("task_id", "queries", "top_k", "reject_unknown", "threshold", "target_recall")
@@ -150,7 +170,7 @@ class GetTaskRequest(_message.Message):
     def __init__(self, task_id: _Optional[str] = ...) -> None: ...
 
 class TaskInfo(_message.Message):
-    __slots__ = ("task_id", "model", "method", "labels", "created_at", "expires_at", "support_size", "version", "shots")
+    __slots__ = ("task_id", "model", "method", "labels", "created_at", "expires_at", "support_size", "version", "shots", "model_version", "model_version_loaded")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
@@ -160,6 +180,8 @@ class TaskInfo(_message.Message):
     SUPPORT_SIZE_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     SHOTS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_LOADED_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     model: str
     method: str
@@ -169,7 +191,29 @@ class TaskInfo(_message.Message):
     support_size: int
     version: int
     shots: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, task_id: _Optional[str] = ..., model: _Optional[str] = ..., method: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ..., created_at: _Optional[float] = ..., expires_at: _Optional[float] = ..., support_size: _Optional[int] = ..., version: _Optional[int] = ..., shots: _Optional[_Iterable[int]] = ...) -> None: ...
+    model_version: ModelVersion
+    model_version_loaded: bool
+    def __init__(self, task_id: _Optional[str] = ..., model: _Optional[str] = ..., method: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ..., created_at: _Optional[float] = ..., expires_at: _Optional[float] = ..., support_size: _Optional[int] = ..., version: _Optional[int] = ..., shots: _Optional[_Iterable[int]] = ..., model_version: _Optional[_Union[ModelVersion, _Mapping]] = ..., model_version_loaded: _Optional[bool] = ...) -> None: ...
+
+class ModelVersion(_message.Message):
+    __slots__ = ("version", "digest")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    version: str
+    digest: str
+    def __init__(self, version: _Optional[str] = ..., digest: _Optional[str] = ...) -> None: ...
+
+class ModelVersionInfo(_message.Message):
+    __slots__ = ("version", "digest", "default", "live_tasks")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_FIELD_NUMBER: _ClassVar[int]
+    LIVE_TASKS_FIELD_NUMBER: _ClassVar[int]
+    version: str
+    digest: str
+    default: bool
+    live_tasks: int
+    def __init__(self, version: _Optional[str] = ..., digest: _Optional[str] = ..., default: _Optional[bool] = ..., live_tasks: _Optional[int] = ...) -> None: ...
 
 class UpdateTaskRequest(_message.Message):
     __slots__ = ("task_id", "add", "remove_labels", "expected_version")
@@ -230,7 +274,7 @@ class InputSpec(_message.Message):
     def __init__(self, channels: _Optional[int] = ..., size: _Optional[int] = ..., mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ..., resize: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "family", "methods", "default_method", "input", "min_ways", "max_ways", "max_shots", "settings")
+    __slots__ = ("name", "family", "methods", "default_method", "input", "min_ways", "max_ways", "max_shots", "settings", "versions")
     NAME_FIELD_NUMBER: _ClassVar[int]
     FAMILY_FIELD_NUMBER: _ClassVar[int]
     METHODS_FIELD_NUMBER: _ClassVar[int]
@@ -240,6 +284,7 @@ class ModelInfo(_message.Message):
     MAX_WAYS_FIELD_NUMBER: _ClassVar[int]
     MAX_SHOTS_FIELD_NUMBER: _ClassVar[int]
     SETTINGS_FIELD_NUMBER: _ClassVar[int]
+    VERSIONS_FIELD_NUMBER: _ClassVar[int]
     name: str
     family: str
     methods: _containers.RepeatedScalarFieldContainer[str]
@@ -249,7 +294,8 @@ class ModelInfo(_message.Message):
     max_ways: int
     max_shots: int
     settings: _containers.RepeatedCompositeFieldContainer[SettingInfo]
-    def __init__(self, name: _Optional[str] = ..., family: _Optional[str] = ..., methods: _Optional[_Iterable[str]] = ..., default_method: _Optional[str] = ..., input: _Optional[_Union[InputSpec, _Mapping]] = ..., min_ways: _Optional[int] = ..., max_ways: _Optional[int] = ..., max_shots: _Optional[int] = ..., settings: _Optional[_Iterable[_Union[SettingInfo, _Mapping]]] = ...) -> None: ...
+    versions: _containers.RepeatedCompositeFieldContainer[ModelVersionInfo]
+    def __init__(self, name: _Optional[str] = ..., family: _Optional[str] = ..., methods: _Optional[_Iterable[str]] = ..., default_method: _Optional[str] = ..., input: _Optional[_Union[InputSpec, _Mapping]] = ..., min_ways: _Optional[int] = ..., max_ways: _Optional[int] = ..., max_shots: _Optional[int] = ..., settings: _Optional[_Iterable[_Union[SettingInfo, _Mapping]]] = ..., versions: _Optional[_Iterable[_Union[ModelVersionInfo, _Mapping]]] = ...) -> None: ...
 
 class SettingInfo(_message.Message):
     __slots__ = ("name", "kind", "min", "max", "choices", "methods")

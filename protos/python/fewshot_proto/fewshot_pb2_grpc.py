@@ -358,3 +358,170 @@ class FewShot:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class FewShotAdminStub:
+    """What operators do to the served models at runtime, without a restart. Every call needs the admin
+    credential (`fewshot serve --admin-token-file`), which no tenant token grants.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.LoadModel = channel.unary_unary(
+                '/fewshot.v1.FewShotAdmin/LoadModel',
+                request_serializer=fewshot_dot_v1_dot_fewshot__pb2.ModelVersionRequest.SerializeToString,
+                response_deserializer=fewshot_dot_v1_dot_fewshot__pb2.ModelAdminResponse.FromString,
+                _registered_method=True)
+        self.UnloadModel = channel.unary_unary(
+                '/fewshot.v1.FewShotAdmin/UnloadModel',
+                request_serializer=fewshot_dot_v1_dot_fewshot__pb2.ModelVersionRequest.SerializeToString,
+                response_deserializer=fewshot_dot_v1_dot_fewshot__pb2.ModelAdminResponse.FromString,
+                _registered_method=True)
+        self.SetDefaultVersion = channel.unary_unary(
+                '/fewshot.v1.FewShotAdmin/SetDefaultVersion',
+                request_serializer=fewshot_dot_v1_dot_fewshot__pb2.ModelVersionRequest.SerializeToString,
+                response_deserializer=fewshot_dot_v1_dot_fewshot__pb2.ModelAdminResponse.FromString,
+                _registered_method=True)
+
+
+class FewShotAdminServicer:
+    """What operators do to the served models at runtime, without a restart. Every call needs the admin
+    credential (`fewshot serve --admin-token-file`), which no tenant token grants.
+    """
+
+    def LoadModel(self, request, context):
+        """Verify and load one version of a model from the model directory (NAME/VERSION/ or a flat bundle).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnloadModel(self, request, context):
+        """Stop serving one version: its tasks answer FAILED_PRECONDITION until it is loaded again.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetDefaultVersion(self, request, context):
+        """Make a loaded version the one Adapt uses when a request names none.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_FewShotAdminServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'LoadModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadModel,
+                    request_deserializer=fewshot_dot_v1_dot_fewshot__pb2.ModelVersionRequest.FromString,
+                    response_serializer=fewshot_dot_v1_dot_fewshot__pb2.ModelAdminResponse.SerializeToString,
+            ),
+            'UnloadModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnloadModel,
+                    request_deserializer=fewshot_dot_v1_dot_fewshot__pb2.ModelVersionRequest.FromString,
+                    response_serializer=fewshot_dot_v1_dot_fewshot__pb2.ModelAdminResponse.SerializeToString,
+            ),
+            'SetDefaultVersion': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetDefaultVersion,
+                    request_deserializer=fewshot_dot_v1_dot_fewshot__pb2.ModelVersionRequest.FromString,
+                    response_serializer=fewshot_dot_v1_dot_fewshot__pb2.ModelAdminResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'fewshot.v1.FewShotAdmin', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('fewshot.v1.FewShotAdmin', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class FewShotAdmin:
+    """What operators do to the served models at runtime, without a restart. Every call needs the admin
+    credential (`fewshot serve --admin-token-file`), which no tenant token grants.
+    """
+
+    @staticmethod
+    def LoadModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fewshot.v1.FewShotAdmin/LoadModel',
+            fewshot_dot_v1_dot_fewshot__pb2.ModelVersionRequest.SerializeToString,
+            fewshot_dot_v1_dot_fewshot__pb2.ModelAdminResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnloadModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fewshot.v1.FewShotAdmin/UnloadModel',
+            fewshot_dot_v1_dot_fewshot__pb2.ModelVersionRequest.SerializeToString,
+            fewshot_dot_v1_dot_fewshot__pb2.ModelAdminResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetDefaultVersion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fewshot.v1.FewShotAdmin/SetDefaultVersion',
+            fewshot_dot_v1_dot_fewshot__pb2.ModelVersionRequest.SerializeToString,
+            fewshot_dot_v1_dot_fewshot__pb2.ModelAdminResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

@@ -1,0 +1,210 @@
+"""Changing the served models at runtime (issue 36): load a version, unload one, set a model's default version,
+and watch the model directory (``--model-control poll``), all without a restart.
+
+:class:`ModelControl` does the work; the gRPC service ``fewshot.v1.FewShotAdmin`` (:class:`AdminService`), its
+HTTP twin (``/v1/admin/models/...``) and ``fewshot-client models load|unload|default`` call it. Every admin call
+needs the admin credential (``--admin-token-file`` or ``$FEWSHOT_ADMIN_TOKEN``), which no tenant token grants: a
+server started without one refuses them all.
+
+A version is served only once its bundle verifies (the manifest, then every file's size and sha256: a
+half-copied folder fails and is skipped, never served) and its ONNX Runtime sessions are made; then it is
+swapped into :class:`~fewshot.server.versions.ServedModels` whole, so calls in flight finish on the version they
+looked up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import threading
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import grpc
+
+from fewshot.errors import ConfigError
+from fewshot.export.registry import Bundle, BundleError, Registry, bundle_folders, load_bundle
+from fewshot.models.family import Family
+from fewshot.server.auth import token_hash
+from fewshot.server.errors import InvalidRequest, NotFound, PermissionDenied, ServiceError, quoted
+from fewshot.server.tasks import MAX_MODEL_NAME
+from fewshot.server.versions import ServedModels, describe
+from fewshot_proto import fewshot_pb2 as pb
+
+log = logging.getLogger("fewshot.server")
+
+ADMIN_SERVICE_NAME = "fewshot.v1.FewShotAdmin"
+
+
+class BundleRefused(ServiceError):
+    """A version whose bundle does not verify (missing or modified files, a bad manifest): not loaded; what was
+    served before goes on."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    http_status = 412
+
+
+class AdminAuth:
+    """The admin credential: one token, compared in constant time by its sha256; ``None``: admin calls refused."""
+
+    def __init__(self, token: str | None, tenant_digests: Iterable[str] = ()) -> None:
+        self.digest = token_hash(token) if token else None
+        if self.digest is not None and self.digest in set(tenant_digests):
+            raise ConfigError("the admin token is also a tenant token: give the admin its own token")
+
+    def check(self, metadata: Iterable[tuple[str, str | bytes]]) -> None:
+        """Raise :class:`PermissionDenied` unless the call carries ``authorization: Bearer <admin token>``."""
+        if self.digest is None:
+            raise PermissionDenied("admin calls are off: start the server with --admin-token-file (or $FEWSHOT_ADMIN_TOKEN)")
+        given = [v.decode(errors="replace") if isinstance(v, bytes) else v for k, v in metadata if k == "authorization"]
+        scheme, _, token = (given[0] if len(given) == 1 else "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token_hash(token.strip()), self.digest):
+            raise PermissionDenied("this call needs the admin token (`authorization: Bearer <admin token>`); tenant tokens do not grant it")
+
+
+class ModelControl:
+    """Loads, unloads and sets the default version of the models in ``models`` from the model directory ``root``;
+    ``open_version(bundle)`` makes a verified bundle's family object, configured as the server's others."""
+
+    def __init__(self, root: Path, models: ServedModels, open_version: Callable[[Bundle], Family]) -> None:
+        self.root, self.models, self.open_version = Path(root), models, open_version
+        self._lock = threading.Lock()  # one change at a time (loads are slow; lookups never wait on it)
+
+    def load(self, name: str, version: str, default: bool = False) -> Family:
+        """Verify and serve ``name`` at ``version`` from the model directory (reloaded when its files changed)."""
+        _check_name(name, version)
+        with self._lock:
+            bundle = self._bundle(name, version)
+            loaded = self.models.version(name, version) if version in {f.version for f in self.models.versions(name)} else None
+            if loaded is not None and loaded.digest == bundle.digest:
+                if default:
+                    self.models.set_default(name, version)
+                return loaded
+            family = self.open_version(bundle)
+            self.models.load(family, default)
+        _event("model loaded", family)
+        return family
+
+    def unload(self, name: str, version: str) -> Family:
+        _check_name(name, version)
+        with self._lock:
+            family = self.models.unload(name, version)
+        _event("model unloaded", family)
+        return family
+
+    def set_default(self, name: str, version: str) -> Family:
+        _check_name(name, version)
+        with self._lock:
+            family = self.models.set_default(name, version)
+        _event("default version set", family)
+        return family
+
+    def _bundle(self, name: str, version: str) -> Bundle:
+        """The verified bundle of ``name`` at ``version`` (:class:`NotFound`, :class:`BundleRefused`)."""
+        if not self.root.is_dir():
+            raise BundleRefused(f"model directory {self.root} does not exist")
+        for folder, folder_version in bundle_folders(self.root):
+            if folder_version is None and folder.name != name:
+                continue
+            if folder_version is not None and (folder.parent.name != name or folder_version != version):
+                continue
+            try:
+                bundle = load_bundle(folder, folder_version)
+            except BundleError as exc:
+                raise BundleRefused(f"{exc}: not loaded; what this server served before goes on") from None
+            if bundle.name == name and bundle.version == version:
+                return bundle
+        raise NotFound(f"model directory {self.root} holds no version {quoted(version, 32)} of model {quoted(name)}")
+
+    def poll(self) -> int:
+        """Make the served versions those of the model directory: load new or changed versions, unload versions
+        whose folder is gone. A bundle that does not verify is skipped and logged (a half-copied version is not
+        served; the one before it goes on). Returns the changes made."""
+        try:
+            registry = Registry.load(self.root, skip=lambda exc: log.warning(json.dumps({"event": "bundle skipped", "error": str(exc)})))
+        except BundleError as exc:
+            log.warning(json.dumps({"event": "model directory unreadable", "error": str(exc)}))
+            return 0
+        changes = 0
+        with self._lock:
+            for name, versions in registry.versions.items():
+                served = {f.version: f.digest for f in self.models.versions(name)}
+                for version, bundle in versions.items():
+                    if served.get(version) != bundle.digest:
+                        family = self.open_version(bundle)
+                        self.models.load(family)
+                        _event("model loaded", family, "poll")
+                        changes += 1
+            for name in list(self.models):
+                for family in self.models.versions(name):
+                    if family.version not in registry.versions.get(name, {}):
+                        self.models.unload(name, family.version)
+                        _event("model unloaded", family, "poll")
+                        changes += 1
+        return changes
+
+
+def _check_name(name: str, version: str) -> None:
+    if not name or len(name) > MAX_MODEL_NAME:
+        raise InvalidRequest(f"model must name a model (at most {MAX_MODEL_NAME} characters)")
+    if not version or len(version) > 32 or not all(c.isalnum() or c in "._-" for c in version):
+        raise InvalidRequest(f"version {quoted(version, 32)} is not a version name: letters, digits, '.', '_' or '-', at most 32")
+
+
+def _event(what: str, family: Family, by: str = "admin") -> None:
+    log.warning(json.dumps({"event": what, "model": family.name, "version": family.version, "digest": family.digest[:12], "by": by}))
+
+
+class AdminService:
+    """``fewshot.v1.FewShotAdmin`` over :class:`ModelControl`; ``describe(name)`` answers the model as ListModels
+    does. Register with :meth:`add_to_server`."""
+
+    def __init__(self, control: ModelControl, auth: AdminAuth, describe_model: Callable[[str], pb.ModelInfo | None]) -> None:
+        self.control, self.auth, self.describe_model = control, auth, describe_model
+
+    def add_to_server(self, server: grpc.aio.Server) -> None:
+        def unary(fn: Callable) -> grpc.RpcMethodHandler:
+            return grpc.unary_unary_rpc_method_handler(fn, response_serializer=lambda m: m.SerializeToString())
+
+        handlers = {
+            "LoadModel": unary(self.LoadModel),
+            "UnloadModel": unary(self.UnloadModel),
+            "SetDefaultVersion": unary(self.SetDefaultVersion),
+        }
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(ADMIN_SERVICE_NAME, handlers),))
+
+    async def _call(
+        self, rpc: str, raw: bytes, context: grpc.aio.ServicerContext, fn: Callable[[str, str], Family]
+    ) -> pb.ModelAdminResponse:
+        try:
+            self.auth.check(context.invocation_metadata() or ())
+            try:
+                request = pb.ModelVersionRequest.FromString(raw)
+            except Exception:
+                raise InvalidRequest("the request is not a ModelVersionRequest") from None
+            family = await asyncio.get_running_loop().run_in_executor(None, fn, request.model, request.version)
+            info = self.describe_model(family.name)
+            log.info(json.dumps({"rpc": rpc, "code": "OK", "model": family.name, "version": family.version}))
+            return pb.ModelAdminResponse(model=info) if info is not None else pb.ModelAdminResponse()
+        except ServiceError as exc:
+            log.info(json.dumps({"rpc": rpc, "code": exc.code.name, "error": str(exc)[:500]}))
+            if hasattr(context, "http_status"):
+                context.http_status = exc.http_status
+            await context.abort(exc.code, str(exc))
+            raise  # not reached: abort raises
+
+    async def LoadModel(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.ModelAdminResponse:
+        return await self._call("LoadModel", raw, context, self.control.load)
+
+    async def UnloadModel(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.ModelAdminResponse:
+        return await self._call("UnloadModel", raw, context, self.control.unload)
+
+    async def SetDefaultVersion(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.ModelAdminResponse:
+        return await self._call("SetDefaultVersion", raw, context, self.control.set_default)
+
+
+def loaded_summary(models: ServedModels) -> str:
+    """``name (version 1 (sha256 ...), version 2 (...)), ...``: what a log line says is served."""
+    return "; ".join(f"{name}: {', '.join(describe(f.version, f.digest) for f in models.versions(name))}" for name in models)
