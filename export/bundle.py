@@ -12,6 +12,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -140,12 +142,19 @@ def export_model(
     log=print,
     triton_backend: str = "onnxruntime_onnx",
     triton_state_dir: Path | None = None,
+    version: str | None = None,
+    served_as: str | None = None,
 ) -> Path:
-    """Export shipped model ``name`` into ``out_dir/<name>/``; returns the bundle folder. With
-    ``triton_repo``, also write its Triton models there (:func:`fewshot.export.triton.write_bundle_models`:
-    ``triton_backend`` ``onnxruntime_onnx`` or ``python``, tasks of ``fewshot_adapt`` in ``triton_state_dir``)."""
+    """Export shipped model ``name`` into ``out_dir/<name>/`` (with ``version``: ``out_dir/<name>/<version>/``, the
+    versioned layout a server loads side by side); returns the bundle folder. ``served_as``: the model name the
+    bundle serves under (a retrained model replacing another: default, its own). The folder appears whole (written
+    beside it, then renamed), so a server watching the directory never sees half of it. With ``triton_repo``, also
+    write its Triton models there (:func:`fewshot.export.triton.write_bundle_models`: ``triton_backend``
+    ``onnxruntime_onnx`` or ``python``, tasks of ``fewshot_adapt`` in ``triton_state_dir``)."""
+    if version is not None and not version.isdigit():
+        raise ExportError(f"--version {version!r}: a version is a positive integer (Triton's NAME/VERSION/ layout)")
     model = load_model(name)
-    name = model.name
+    name = served_as or model.name
     started = time.perf_counter()
     files = {f"{part}.onnx": export() for part, export in model.onnx_parts().items()}
     parity: dict[str, Any] = {"images": 256, "tolerance": FP32_TOLERANCE}
@@ -166,14 +175,22 @@ def export_model(
         if parity["fp16_top1_agreement"] < FP16_MIN_AGREEMENT:
             raise ExportError(f"{name}: fp16 agrees with fp32 on {parity['fp16_top1_agreement']:.2f}% < {FP16_MIN_AGREEMENT}%")
         files = half
-    bundle = out_dir / name
-    bundle.mkdir(parents=True, exist_ok=True)
+    bundle = out_dir / name if version is None else out_dir / name / version
+    bundle.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{bundle.name}.", dir=bundle.parent))
     for fname, blob in files.items():
-        (bundle / fname).write_bytes(blob)
+        (staging / fname).write_bytes(blob)
     tensors = model.meta_tensors()
-    save_file(tensors, str(bundle / "meta.safetensors"))
-    manifest = build_manifest(model, sorted(files) + ["meta.safetensors"], bundle, parity, fp16, "center" in tensors)
-    (bundle / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    save_file(tensors, str(staging / "meta.safetensors"))
+    manifest = build_manifest(model, sorted(files) + ["meta.safetensors"], staging, parity, fp16, "center" in tensors)
+    manifest["name"] = name
+    if version is not None:
+        manifest["version"] = version
+    (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    staging.chmod(0o755)
+    if bundle.exists():
+        shutil.rmtree(bundle)
+    staging.rename(bundle)
     if triton_repo is not None:
         from fewshot.export.registry import Bundle
         from fewshot.export.triton import write_bundle_models

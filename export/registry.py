@@ -120,7 +120,7 @@ def load_bundle(path: str | Path, version: str | None = None) -> Bundle:
 def bundle_folders(root: Path) -> list[tuple[Path, str | None]]:
     """Every bundle folder under ``root`` with its version folder's name (``None`` in the flat layout)."""
     found: list[tuple[Path, str | None]] = []
-    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):  # .NAME.*: an export being written
         if (folder / "manifest.json").exists():
             found.append((folder, None))
         else:

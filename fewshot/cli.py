@@ -395,6 +395,8 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", action="append", required=True, help="shipped model name (repeat for several)")
     p.add_argument("--out", help="bundle directory (default: $FEWSHOT_BUNDLES, else bundles/ in the working directory)")
     p.add_argument("--fp16", action="store_true", help="float16 ONNX graphs (checked: >= 99.5%% top-1 agreement)")
+    p.add_argument("--version", help="write DIR/NAME/VERSION/ (a positive integer): versions served side by side (docs/upgrading.md)")
+    p.add_argument("--as", dest="served_as", help="the model name the bundle serves under (a retrained model replacing another)")
     p.add_argument("--triton-repo", help="also write a Triton model repository here (backbones; networks of inner-loop models)")
     p.add_argument(
         "--triton-backend",
@@ -415,6 +417,8 @@ def _run_export(args: argparse.Namespace) -> None:
     from fewshot.export.bundle import DEFAULT_BUNDLE_DIR, export_model
 
     out = Path(args.out) if args.out else DEFAULT_BUNDLE_DIR
+    if args.served_as and len(args.model) > 1:
+        raise ConfigError(f"--as names one bundle; {len(args.model)} models were given: export them one at a time")
     for name in args.model:
         export_model(
             name,
@@ -423,6 +427,8 @@ def _run_export(args: argparse.Namespace) -> None:
             triton_repo=Path(args.triton_repo) if args.triton_repo else None,
             triton_backend=args.triton_backend,
             triton_state_dir=Path(args.triton_state_dir) if args.triton_state_dir else None,
+            version=args.version,
+            served_as=args.served_as,
         )
 
 

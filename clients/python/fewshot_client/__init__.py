@@ -10,13 +10,14 @@ from fewshot_client.errors import (
     FewShotError,
     InvalidArgument,
     NotFound,
+    PermissionDenied,
     ResourceExhausted,
     ServiceError,
     Unauthenticated,
     Unavailable,
 )
 from fewshot_client.images import to_image_proto
-from fewshot_client.messages import InputSpec, ModelInfo, Prediction, SettingInfo, TaskInfo
+from fewshot_client.messages import InputSpec, ModelInfo, ModelVersionInfo, Prediction, SettingInfo, TaskInfo
 
 __all__ = [
     "Aborted",
@@ -29,7 +30,9 @@ __all__ = [
     "InputSpec",
     "InvalidArgument",
     "ModelInfo",
+    "ModelVersionInfo",
     "NotFound",
+    "PermissionDenied",
     "Prediction",
     "ResourceExhausted",
     "ServiceError",

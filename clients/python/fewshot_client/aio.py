@@ -101,6 +101,7 @@ class AsyncFewShotClient:
         ttl_seconds: int | None = None,
         stream: bool | None = None,
         settings: Mapping[str, messages.SettingValue] | None = None,
+        model_version: str | None = None,
     ) -> AsyncTask:
         """Adapts ``model`` to the labelled support set and returns the new task (see
         ``FewShotClient.adapt``, settings included)."""
@@ -114,6 +115,7 @@ class AsyncFewShotClient:
             method,
             messages.merge_settings(settings, inner_steps, lam),
             ttl_seconds,
+            model_version,
         )
         response = await self._call(rpc, request)
         return AsyncTask(**vars(messages.adapted_fields(response)), client=self)

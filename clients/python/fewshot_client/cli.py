@@ -11,7 +11,7 @@ from pathlib import Path
 
 from fewshot_client.client import FewShotClient
 from fewshot_client.errors import FewShotError
-from fewshot_client.messages import SettingInfo
+from fewshot_client.messages import ModelInfo, SettingInfo
 
 PROG = "fewshot-client"
 
@@ -57,6 +57,7 @@ def cmd_adapt(client: FewShotClient, args: argparse.Namespace) -> None:
         lam=args.lam,
         ttl_seconds=args.ttl,
         settings=dict(args.set or []),
+        model_version=args.model_version,
     )
     print(task.id)
     print(
@@ -98,14 +99,31 @@ def cmd_classify(client: FewShotClient, args: argparse.Namespace) -> None:
             print(f"{path}\t{p.label}\t{p.score:.6f}{verdict}")
 
 
-def cmd_models(client: FewShotClient, _args: argparse.Namespace) -> None:
+def cmd_models(client: FewShotClient, args: argparse.Namespace) -> None:
+    action = getattr(args, "action", None)
+    if action is not None:  # load | unload | default: admin calls
+        token = read_token(args.admin_token_file) if args.admin_token_file else os.environ.get("FEWSHOT_ADMIN_TOKEN", "")
+        if not token:
+            raise CommandError(f"`models {action}` needs the admin token: --admin-token-file FILE or $FEWSHOT_ADMIN_TOKEN")
+        call = {"load": client.load_model, "unload": client.unload_model, "default": client.set_default_version}[action]
+        info = call(args.model, args.version, token)
+        done = {"load": "loaded", "unload": "unloaded", "default": "made the default version of"}[action]
+        print(f"{done} {args.model} version {args.version}", file=sys.stderr)
+        print(_describe_versions(info) if info is not None else f"{args.model}: no version loaded")
+        return
     for m in client.models():
         spec = m.input
         print(
             f"{m.name}\t{m.family}\tmethods {','.join(m.methods)} (default {m.default_method})\t"
             f"input {spec.channels}x{spec.size}x{spec.size}\tways {m.min_ways}-{m.max_ways}\t"
-            f"shots <= {m.max_shots}\tsettings {', '.join(map(_describe_setting, m.settings)) or 'none'}"
+            f"shots <= {m.max_shots}\tsettings {', '.join(map(_describe_setting, m.settings)) or 'none'}\t"
+            f"{_describe_versions(m)}"
         )
+
+
+def _describe_versions(m: ModelInfo) -> str:
+    """``versions 1 (3f2a9c1b8e7d, 12 tasks), 2* (...)``: the loaded versions, ``*`` marking the default."""
+    return "versions " + ", ".join(f"{v.version}{'*' if v.default else ''} ({v.digest[:12]}, {v.live_tasks} tasks)" for v in m.versions)
 
 
 def _describe_setting(s: SettingInfo) -> str:
@@ -233,7 +251,23 @@ def parser() -> argparse.ArgumentParser:
     classify.add_argument("images", nargs="+", metavar="IMAGE")
     classify.set_defaults(run=cmd_classify)
 
-    sub.add_parser("models", help="list the served models").set_defaults(run=cmd_models)
+    models = sub.add_parser(
+        "models", help="list the served models and their versions; load, unload or set the default version (admin token)"
+    )
+    models.set_defaults(run=cmd_models)
+    actions = models.add_subparsers(dest="action", metavar="ACTION")
+    for action, text in (
+        ("load", "verify and load VERSION of MODEL from the server's model directory"),
+        ("unload", "stop serving VERSION of MODEL (its tasks answer FAILED_PRECONDITION until it is loaded again)"),
+        ("default", "make the loaded VERSION the one adapts of MODEL use when they name none"),
+    ):
+        one = actions.add_parser(action, help=text)
+        one.add_argument("model", metavar="MODEL")
+        one.add_argument("version", metavar="VERSION")
+        one.add_argument(
+            "--admin-token-file", type=Path, metavar="FILE", help="read the admin token from FILE (default: $FEWSHOT_ADMIN_TOKEN)"
+        )
+    adapt.add_argument("--model-version", metavar="VERSION", help="one of the model's loaded versions (default: its default version)")
 
     delete = sub.add_parser("delete", help="delete a task")
     delete.add_argument("--task", required=True, metavar="ID")

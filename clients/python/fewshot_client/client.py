@@ -10,7 +10,7 @@ from typing import Any
 
 import grpc
 
-from fewshot_client import messages
+from fewshot_client import errors, messages
 from fewshot_client.images import ImageLike
 from fewshot_client.messages import ModelInfo, Prediction, TaskFields, TaskInfo
 from fewshot_proto import fewshot_pb2, fewshot_pb2_grpc
@@ -98,6 +98,7 @@ class FewShotClient:
             else grpc.secure_channel(target, credentials, options=options)
         )
         self._stub = fewshot_pb2_grpc.FewShotStub(self._channel)
+        self._admin = fewshot_pb2_grpc.FewShotAdminStub(self._channel)
 
     def _call(self, rpc: Any, request: messages.Request) -> Any:
         for attempt in itertools.count():
@@ -117,12 +118,14 @@ class FewShotClient:
         ttl_seconds: int | None = None,
         stream: bool | None = None,
         settings: Mapping[str, messages.SettingValue] | None = None,
+        model_version: str | None = None,
     ) -> Task:
         """Adapts ``model`` to the labelled support set and returns the new task.
 
         ``settings``: per-request settings by name, e.g. ``{"inner_steps": 3, "bn": "support"}``; which ones a
         model's methods take, with their bounds, is in :meth:`models` (``ModelInfo.settings``). ``inner_steps``
-        and ``lam`` are shortcuts for the settings ``inner_steps`` and ``lambda``.
+        and ``lam`` are shortcuts for the settings ``inner_steps`` and ``lambda``. ``model_version``: one of the
+        model's loaded versions (default: its default version); the task stays pinned to it.
 
         Large support sets (over half the message size limit), or any with ``stream=True``, go
         through AdaptStream in chunks.
@@ -137,6 +140,7 @@ class FewShotClient:
             method,
             messages.merge_settings(settings, inner_steps, lam),
             ttl_seconds,
+            model_version,
         )
         return Task(**vars(messages.adapted_fields(self._call(rpc, request))), client=self)
 
@@ -183,6 +187,28 @@ class FewShotClient:
     def models(self) -> list[ModelInfo]:
         """The models the server offers."""
         return messages.model_infos(self._call(self._stub.ListModels, fewshot_pb2.ListModelsRequest()))
+
+    # -- admin: the served model versions (the admin token, not a tenant's) --------------------------------
+    def _admin_call(self, rpc: Any, model: str, version: str, admin_token: str) -> ModelInfo | None:
+        request = fewshot_pb2.ModelVersionRequest(model=model, version=str(version))
+        try:
+            response = rpc(request, **messages.admin_options(self._config.call_options, admin_token))
+        except grpc.RpcError as err:
+            raise errors.from_rpc_error(err) from None
+        found = messages.model_infos(fewshot_pb2.ListModelsResponse(models=[response.model])) if response.HasField("model") else []
+        return found[0] if found else None
+
+    def load_model(self, model: str, version: str, admin_token: str) -> ModelInfo | None:
+        """Verifies and loads ``version`` of ``model`` from the server's model directory; the model as served after."""
+        return self._admin_call(self._admin.LoadModel, model, version, admin_token)
+
+    def unload_model(self, model: str, version: str, admin_token: str) -> ModelInfo | None:
+        """Stops serving ``version`` of ``model`` (its tasks raise FailedPrecondition until it is loaded again)."""
+        return self._admin_call(self._admin.UnloadModel, model, version, admin_token)
+
+    def set_default_version(self, model: str, version: str, admin_token: str) -> ModelInfo | None:
+        """Makes the loaded ``version`` the one adapts of ``model`` use when they name none."""
+        return self._admin_call(self._admin.SetDefaultVersion, model, version, admin_token)
 
     def close(self) -> None:
         """Closes the channel."""

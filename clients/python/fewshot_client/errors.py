@@ -43,7 +43,12 @@ class Aborted(FewShotError):
 
 
 class FailedPrecondition(FewShotError):
-    """The task cannot do this (e.g. an update of a task stored without its support images)."""
+    """The task cannot do this now: its model version is not loaded (adapted with a version since unloaded or
+    replaced), or an update of a task stored without its support images."""
+
+
+class PermissionDenied(FewShotError):
+    """An admin call without the admin token (tenant tokens do not grant it)."""
 
 
 class ServiceError(FewShotError):
@@ -59,6 +64,7 @@ _BY_CODE: dict[grpc.StatusCode, type[FewShotError]] = {
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
     grpc.StatusCode.ABORTED: Aborted,
     grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
 }
 
 

@@ -77,6 +77,24 @@ class ModelInfo:
     max_ways: int
     max_shots: int
     settings: list[SettingInfo] = field(default_factory=list)
+    #: The loaded versions, oldest first (the fields above describe the default one).
+    versions: list[ModelVersionInfo] = field(default_factory=list)
+
+    @property
+    def default_version(self) -> str:
+        """The version an adapt that names none gets."""
+        return next((v.version for v in self.versions if v.default), "")
+
+
+@dataclass
+class ModelVersionInfo:
+    """One loaded version of a model: its name, the digest of its weights, whether adapts use it by default,
+    and how many live tasks are pinned to it."""
+
+    version: str
+    digest: str
+    default: bool
+    live_tasks: int
 
 
 @dataclass
@@ -94,6 +112,11 @@ class TaskInfo:
     version: int = 1
     #: Support images per label (empty for tasks stored before updates existed).
     shots: dict[str, int] = field(default_factory=dict)
+    #: The model version the task was adapted with (and the digest of its weights); whether the server loads it
+    #: (if not, classify and update raise FailedPrecondition).
+    model_version: str = ""
+    model_digest: str = ""
+    model_version_loaded: bool = True
 
 
 @dataclass
@@ -109,6 +132,8 @@ class TaskFields:
     support_accuracy: float | None = None
     adapt_seconds: float | None = None
     version: int = 1
+    #: The model version the task is pinned to.
+    model_version: str = ""
 
 
 #: A per-request setting's value: a number, or the name of one of its choices.
@@ -148,6 +173,7 @@ def adapt_request(
     method: str | None,
     settings: Mapping[str, SettingValue],
     ttl_seconds: int | None,
+    model_version: str | None = None,
 ) -> fewshot_pb2.AdaptRequest:
     """An AdaptRequest; raises ValueError/TypeError for mismatched or non-string labels."""
     if len(images) != len(labels):
@@ -157,6 +183,7 @@ def adapt_request(
             raise TypeError(f"labels must be strings, got {type(label).__name__} {label!r}")
     return fewshot_pb2.AdaptRequest(
         model=model,
+        model_version=model_version or "",
         method=method or "",
         ttl_seconds=ttl_seconds or 0,
         settings=settings_message(settings),
@@ -168,7 +195,13 @@ def adapt_chunks(request: fewshot_pb2.AdaptRequest, chunk_bytes: int) -> list[fe
     """``request`` as AdaptStream chunks of at most about ``chunk_bytes`` each (one image per chunk at
     least); the first chunk carries the model, method, settings and ttl."""
     chunks = [
-        fewshot_pb2.AdaptChunk(model=request.model, method=request.method, settings=request.settings, ttl_seconds=request.ttl_seconds)
+        fewshot_pb2.AdaptChunk(
+            model=request.model,
+            model_version=request.model_version,
+            method=request.method,
+            settings=request.settings,
+            ttl_seconds=request.ttl_seconds,
+        )
     ]
     size = chunks[0].ByteSize()
     for item in request.support:
@@ -191,10 +224,11 @@ def adapt_call(
     method: str | None,
     settings: Mapping[str, SettingValue],
     ttl_seconds: int | None,
+    model_version: str | None = None,
 ) -> tuple[Any, Request]:
     """The stub method (Adapt or AdaptStream) and request to send: the stream is used when asked
     (``stream=True``) or, unless ``stream=False``, when the request exceeds half of ``max_bytes``."""
-    request = adapt_request(images, labels, model, method, settings, ttl_seconds)
+    request = adapt_request(images, labels, model, method, settings, ttl_seconds, model_version)
     if stream is None:
         stream = request.ByteSize() > max_bytes // 2
     if stream:
@@ -240,6 +274,7 @@ def adapted_fields(response: fewshot_pb2.AdaptResponse) -> TaskFields:
         expires_at=response.expires_at,
         support_accuracy=float(response.support_accuracy),
         adapt_seconds=response.adapt_seconds,
+        model_version=response.model_version.version,
     )
 
 
@@ -255,13 +290,22 @@ def task_info(response: fewshot_pb2.TaskInfo) -> TaskInfo:
         support_size=response.support_size,
         version=response.version or 1,
         shots=dict(zip(response.labels, response.shots)),
+        model_version=response.model_version.version,
+        model_digest=response.model_version.digest,
+        model_version_loaded=response.model_version_loaded,
     )
 
 
 def looked_up_fields(info: TaskInfo) -> TaskFields:
     """The task fields known from GetTask."""
     return TaskFields(
-        id=info.task_id, labels=info.labels, model=info.model, method=info.method, expires_at=info.expires_at, version=info.version
+        id=info.task_id,
+        labels=info.labels,
+        model=info.model,
+        method=info.method,
+        expires_at=info.expires_at,
+        version=info.version,
+        model_version=info.model_version,
     )
 
 
@@ -308,6 +352,7 @@ def model_infos(response: fewshot_pb2.ListModelsResponse) -> list[ModelInfo]:
                 )
                 for s in m.settings
             ],
+            versions=[ModelVersionInfo(v.version, v.digest, v.default, v.live_tasks) for v in m.versions],
         )
         for m in response.models
     ]
@@ -454,3 +499,10 @@ def channel_credentials(
         private_key=read_pem(client_key, "client key"),
         certificate_chain=read_pem(client_certificate, "client certificate"),
     )
+
+
+def admin_options(options: Mapping[str, Any], admin_token: str) -> dict[str, Any]:
+    """Call options of an admin call: ``options`` with the admin token as the bearer token instead of the tenant's."""
+    if not admin_token:
+        raise ValueError("admin calls need the admin token (fewshot serve --admin-token-file)")
+    return {**options, "metadata": (("authorization", f"Bearer {admin_token}"),)}

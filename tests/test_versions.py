@@ -1,0 +1,230 @@
+"""Model versions (issue 36) against real ``fewshot serve`` processes on loopback: a task answers only on the exact
+version it was adapted with (FAILED_PRECONDITION naming both versions otherwise, over gRPC and HTTP); versions side
+by side in the NAME/VERSION/ layout; load, unload and set the default at runtime under concurrent Classify load;
+bundles that do not verify are never served; the poll mode follows the model directory."""
+
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from fewshot_client import FailedPrecondition, FewShotClient, NotFound, PermissionDenied
+from support import SMALL
+
+from fewshot.export.bundle import export_model
+from fewshot.export.registry import load_bundle
+from fewshot.models.data import load_dataset
+from fewshot.models.episodes import EpisodeSampler
+from fewshot.models.preprocess import encode_png
+from fewshot.tools.launch import ServerProcess, free_port
+
+TINY = "tinyimagenet-conv4-sce-nca-directsum"
+#: The "retrained" model: another shipped Tiny ImageNet backbone of the same input and feature size, exported
+#: under TINY's name (what an operator does when shipping a retrained model).
+RETRAINED = "tinyimagenet-conv4-sce"
+ADMIN = "admin-secret"
+
+
+def quiet(*_: object) -> None:
+    pass
+
+
+@pytest.fixture(scope="module")
+def episodes():
+    """Three real 5-way 5-shot Tiny ImageNet tasks: (support, labels, queries)."""
+    data = load_dataset("tinyimagenet", "test")
+    sampler = EpisodeSampler(data, 5, 5, 3, seed=7)
+    out = []
+    for i in range(3):
+        ep = sampler.episode(i)
+        out.append((list(data.images[ep.support]), [f"c{ep.classes[j]}" for j in ep.support_labels], list(data.images[ep.query])))
+    return out
+
+
+@pytest.fixture(scope="module")
+def retrained(tmp_path_factory):
+    """The retrained bundle, exported once under TINY's name as version 2 (``DIR/TINY/2/``)."""
+    out = tmp_path_factory.mktemp("retrained")
+    export_model(RETRAINED, out, log=quiet, version="2", served_as=TINY)
+    return out / TINY / "2"
+
+
+def scores(predictions) -> np.ndarray:
+    return np.array([[p.scores[k] for k in sorted(p.scores)] for p in predictions])
+
+
+def digest(bundle) -> str:
+    return load_bundle(bundle).digest
+
+
+def test_a_task_answers_only_on_the_version_it_was_adapted_with(exported, retrained, episodes, tmp_path):
+    """Adapt on version 1; replace the model with another under the same name and version and restart: Classify and
+    UpdateTask answer FAILED_PRECONDITION naming both (gRPC and HTTP 412), GetTask says which version the task
+    needs. With both side by side (TINY/1, TINY/2): old tasks answer exactly as before, new ones use version 2."""
+    original, root, state = exported[0] / TINY, tmp_path / "models", tmp_path / "state"
+    root.mkdir()
+    (root / TINY).symlink_to(original, target_is_directory=True)
+    v1 = digest(original)
+    with ServerProcess(root, state, *SMALL) as proc, FewShotClient(proc.target) as client:
+        tasks = [client.adapt(support, labels, TINY) for support, labels, _ in episodes]
+        before = [scores(client.classify(t.id, queries)) for t, (_, _, queries) in zip(tasks, episodes)]
+        assert {t.model_version for t in tasks} == {"1"} and client.task_info(tasks[0].id).model_digest == v1
+
+    (root / TINY).unlink()  # the retrained model exported under the same name, and the server restarted
+    flat = shutil.copytree(retrained, root / TINY)
+    (flat / "manifest.json").write_text(json.dumps({**json.loads((flat / "manifest.json").read_text()), "version": "1"}))
+    v2 = digest(retrained)
+    http_port = free_port()
+    with ServerProcess(root, state, *SMALL, "--http-port", str(http_port)) as proc, FewShotClient(proc.target) as client:
+        for task, (support, labels, queries) in zip(tasks, episodes):
+            with pytest.raises(FailedPrecondition) as err:
+                client.classify(task.id, queries[:2])
+            message = str(err.value)
+            assert f"sha256 {v1[:12]}" in message and f"sha256 {v2[:12]}" in message, message
+            with pytest.raises(FailedPrecondition):
+                client.update(task.id, support[:1], labels[:1])
+        info = client.task_info(tasks[0].id)
+        assert (info.model_version, info.model_digest, info.model_version_loaded) == ("1", v1, False)
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{http_port}/v1/tasks/{tasks[0].id}/classify",
+            data=json.dumps({"queries": [{"encoded": base64.b64encode(encode_png(episodes[0][2][0])).decode()}]}).encode(),
+            headers={"content-type": "application/json"},
+        )
+        with pytest.raises(urllib.error.HTTPError) as http_err:
+            urllib.request.urlopen(request, timeout=60)
+        body = json.loads(http_err.value.read())
+        assert http_err.value.code == 412 and body["code"] == "FAILED_PRECONDITION" and v1[:12] in body["message"]
+
+    shutil.rmtree(root / TINY)  # both side by side: the original as version 1, the retrained as version 2
+    (root / TINY).mkdir()
+    (root / TINY / "1").symlink_to(original, target_is_directory=True)
+    shutil.copytree(retrained, root / TINY / "2")
+    with ServerProcess(root, state, *SMALL) as proc, FewShotClient(proc.target) as client:
+        after = [scores(client.classify(t.id, queries)) for t, (_, _, queries) in zip(tasks, episodes)]
+        for a, b in zip(before, after):
+            np.testing.assert_array_equal(a, b)  # identical scores: the same backbone, the same state
+        support, labels, queries = episodes[0]
+        new = client.adapt(support, labels, TINY)
+        assert new.model_version == "2" and client.task_info(new.id).model_digest == v2
+        again = client.adapt(support, labels, TINY, model_version="1")  # a version named: the original backbone
+        np.testing.assert_allclose(scores(client.classify(again.id, queries)), before[0], atol=1e-6)
+        (model,) = [m for m in client.models() if m.name == TINY]
+        assert [(v.version, v.digest, v.default, v.live_tasks) for v in model.versions] == [("1", v1, False, 4), ("2", v2, True, 1)]
+        with pytest.raises(NotFound, match="no loaded version '7'"):
+            client.adapt(support, labels, TINY, model_version="7")
+
+
+def _classify_load(client: FewShotClient, task_ids: dict[str, str], queries, stop: threading.Event) -> Counter:
+    """Classify each task of ``task_ids`` (name -> id) in turn until ``stop``; outcomes by (name, result)."""
+    outcomes: Counter = Counter()
+    while not stop.is_set():
+        for name, task_id in list(task_ids.items()):
+            try:
+                client.classify(task_id, queries)
+                outcomes[name, "ok"] += 1
+            except FailedPrecondition:
+                outcomes[name, "failed_precondition"] += 1
+            except Exception as exc:  # anything else is a failure the test reports
+                outcomes[name, type(exc).__name__] += 1
+    return outcomes
+
+
+def test_load_unload_and_default_at_runtime_under_load(exported, retrained, episodes, tmp_path):
+    """Under concurrent Classify: load version 2, make 1 the default again, refuse a corrupt and an incomplete
+    version (the served ones go on), unload 2. No call fails except those on the unloaded version, which get
+    FAILED_PRECONDITION. Admin calls need the admin token: a tenant token or none is PERMISSION_DENIED."""
+    root = tmp_path / "models"
+    (root / TINY).mkdir(parents=True)
+    (root / TINY / "1").symlink_to(exported[0] / TINY, target_is_directory=True)
+    (tmp_path / "admin").write_text(ADMIN + "\n")
+    support, labels, queries = episodes[0]
+    with (
+        ServerProcess(root, tmp_path / "state", *SMALL, "--admin-token-file", str(tmp_path / "admin"), "--token", "tenant") as proc,
+        FewShotClient(proc.target, token="tenant") as client,
+    ):
+        for token in ("", "tenant", "wrong"):
+            with pytest.raises((PermissionDenied, ValueError)):
+                client.load_model(TINY, "1", token)
+        tasks = {"v1": client.adapt(support, labels, TINY).id}
+        stop = threading.Event()
+        with ThreadPoolExecutor(2) as pool:
+            loads = [pool.submit(_classify_load, client, tasks, queries[:5], stop) for _ in range(2)]
+            shutil.copytree(retrained, root / TINY / "2")
+            info = client.load_model(TINY, "2", ADMIN)
+            assert [(v.version, v.default) for v in info.versions] == [("1", False), ("2", True)]
+            tasks["v2"] = client.adapt(support, labels, TINY).id
+            assert client.task_info(tasks["v2"]).model_version == "2"
+            assert client.set_default_version(TINY, "1", ADMIN).default_version == "1"
+            assert client.adapt(support, labels, TINY).model_version == "1"
+            corrupt = shutil.copytree(retrained, root / TINY / "3")
+            with open(corrupt / "meta.safetensors", "r+b") as f:  # one byte changed: the sha256 no longer matches
+                f.seek(200)
+                byte = f.read(1)
+                f.seek(200)
+                f.write(bytes([byte[0] ^ 0xFF]))
+            with pytest.raises(FailedPrecondition, match="does not match its sha256"):
+                client.load_model(TINY, "3", ADMIN)
+            incomplete = shutil.copytree(retrained, root / TINY / "4")
+            (incomplete / "backbone.onnx").unlink()
+            with pytest.raises(FailedPrecondition, match="backbone.onnx is missing"):
+                client.load_model(TINY, "4", ADMIN)
+            with pytest.raises(NotFound):
+                client.load_model(TINY, "5", ADMIN)
+            time.sleep(1)
+            client.unload_model(TINY, "2", ADMIN)
+            time.sleep(2)
+            stop.set()
+            outcomes = sum((f.result() for f in loads), Counter())
+        assert set(outcomes) <= {("v1", "ok"), ("v2", "ok"), ("v2", "failed_precondition")}, outcomes
+        assert outcomes["v1", "ok"] > 0 and outcomes["v2", "ok"] > 0 and outcomes["v2", "failed_precondition"] > 0, outcomes
+        (model,) = client.models()
+        assert [(v.version, v.default) for v in model.versions] == [("1", True)]
+        with pytest.raises(FailedPrecondition, match="version 2"):
+            client.classify(tasks["v2"], queries[:1])
+        client.load_model(TINY, "2", ADMIN)  # loaded again: its tasks answer again
+        assert len(client.classify(tasks["v2"], queries[:1])) == 1
+
+
+def _versions(client: FewShotClient) -> list[str]:
+    return [v.version for m in client.models() if m.name == TINY for v in m.versions]
+
+
+def _until(condition, seconds: float = 30.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def test_poll_mode_follows_the_model_directory_and_skips_half_copied_versions(exported, retrained, tmp_path):
+    """``--model-control poll``: a version folder copied in half (manifest first, a file missing) is not served;
+    once complete it is; a removed folder is unloaded."""
+    root = tmp_path / "models"
+    (root / TINY).mkdir(parents=True)
+    (root / TINY / "1").symlink_to(exported[0] / TINY, target_is_directory=True)
+    with (
+        ServerProcess(root, tmp_path / "state", *SMALL, "--model-control", "poll", "--poll-seconds", "0.5") as proc,
+        FewShotClient(proc.target) as client,
+    ):
+        half = root / TINY / "2"
+        half.mkdir()
+        shutil.copy(retrained / "manifest.json", half)
+        shutil.copy(retrained / "meta.safetensors", half)
+        time.sleep(2)
+        assert _versions(client) == ["1"]
+        assert "bundle skipped" in proc.log.read_text()
+        shutil.copy(retrained / "backbone.onnx", half)
+        assert _until(lambda: _versions(client) == ["1", "2"]), _versions(client)
+        shutil.rmtree(root / TINY / "2")
+        assert _until(lambda: _versions(client) == ["1"]), _versions(client)
