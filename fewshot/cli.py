@@ -521,6 +521,68 @@ def _read_token(path: str, flag: str) -> str:
     return token
 
 
+def _add_migrate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "migrate",
+        help="re-adapt the stored tasks of a model onto another of its versions (resumable; --dry-run: what it would change)",
+    )
+    p.add_argument("--model", required=True, help="the model whose tasks move")
+    p.add_argument(
+        "--to", required=True, metavar="VERSION", help="the version they move to (in the model directory; load it on the servers first)"
+    )
+    p.add_argument("--models", help="model directory (default: $FEWSHOT_BUNDLES, else bundles/)")
+    p.add_argument("--state-dir", default=".fewshot-state", help="the servers' task store (SQLite; default .fewshot-state)")
+    p.add_argument("--store", default=os.environ.get("FEWSHOT_STORE"), help="the servers' task database instead ($FEWSHOT_STORE)")
+    p.add_argument("--concurrency", type=int, default=2, help="tasks re-adapted at once (default 2: serving goes on beside it)")
+    p.add_argument("--threads", type=int, default=1, help="torch / ONNX Runtime threads per task (default 1)")
+    p.add_argument("--dry-run", action="store_true", help="change nothing: per task, how many support images would change their label")
+    p.add_argument("--limit", type=int, help="with --dry-run: look at this many tasks (default: all)")
+
+
+def _run_migrate(args: argparse.Namespace) -> None:
+    import json
+
+    import torch
+
+    from fewshot.export.bundle import DEFAULT_BUNDLE_DIR
+    from fewshot.export.loader import open_bundle
+    from fewshot.export.registry import Registry
+    from fewshot.server.migrate import dry_run_task, migrate
+    from fewshot.server.store import TaskStore
+
+    if args.concurrency < 1 or args.threads < 1:
+        raise ConfigError("--concurrency and --threads must be at least 1")
+    torch.set_num_threads(args.threads)
+    registry = Registry.load(Path(args.models) if args.models else DEFAULT_BUNDLE_DIR)
+    target = open_bundle(registry.version(args.model, args.to), "auto", args.threads)
+    store = TaskStore(args.store or Path(args.state_dir))
+    try:
+        if args.dry_run:
+            versions = {b.digest: b for b in registry.versions.get(args.model, {}).values()}
+            opened = {d: open_bundle(b, "auto", args.threads) for d, b in versions.items() if d != target.digest}
+            opened[target.digest] = target
+            pending = store.not_on(args.model, target.digest)[: args.limit]
+            changed = images = 0
+            for task_id, tenant in pending:
+                row = dry_run_task(store, opened, target, task_id, tenant)
+                changed, images = changed + row.get("changed", 0), images + row.get("images", 0)
+                print(json.dumps(row), flush=True)
+            print(f"dry run: {len(pending)} tasks, {changed} of {images} support images would change their label", file=sys.stderr)
+            return
+        progress = migrate(store, target, args.concurrency, lambda p: print(f"fewshot migrate: {p.line()}", file=sys.stderr, flush=True))
+        for task_id, reason in progress.failed.items():
+            print(f"fewshot migrate: task {task_id} not migrated: {reason}", file=sys.stderr)
+        print(
+            json.dumps(
+                {"model": args.model, "to": args.to, "migrated": progress.done, "failed": len(progress.failed), "left": progress.left}
+            )
+        )
+        if progress.failed:
+            raise ConfigError(f"{len(progress.failed)} tasks could not be migrated (listed above); the others were")
+    finally:
+        store.close()
+
+
 def _add_token_hash(sub: argparse._SubParsersAction) -> None:
     sub.add_parser("token-hash", help="read a token on stdin, print the sha256 hash a --tokens file line holds")
 
@@ -549,6 +611,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_import(sub)
     _add_serve(sub)
     _add_token_hash(sub)
+    _add_migrate(sub)
     args = parser.parse_args(argv)
     try:
         {
@@ -564,6 +627,7 @@ def main(argv: list[str] | None = None) -> int:
             "import": _run_import,
             "serve": _run_serve,
             "token-hash": _run_token_hash,
+            "migrate": _run_migrate,
         }[args.command](args)
     except (FewShotError, OSError) as exc:  # anything else is a bug: its traceback is shown
         print(f"fewshot {args.command}: error: {one_line(str(exc), 2000)}", file=sys.stderr)

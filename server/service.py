@@ -47,7 +47,7 @@ __all__ = ["FewShotService", "ServiceLimits", "STATUSES"]  # ServiceLimits lives
 
 log = logging.getLogger("fewshot.server")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["FewShot"].full_name
-#: Every status the service answers with (docs/errors-and-security.md; the fuzz tests hold it to this).
+#: Every status the services answer with (docs/errors-and-security.md; the fuzz tests hold it to this).
 STATUSES = frozenset(
     {
         grpc.StatusCode.OK,
@@ -61,6 +61,7 @@ STATUSES = frozenset(
         grpc.StatusCode.UNIMPLEMENTED,
         grpc.StatusCode.ABORTED,
         grpc.StatusCode.FAILED_PRECONDITION,
+        grpc.StatusCode.PERMISSION_DENIED,  # the admin service (server/admin.py)
         grpc.StatusCode.INTERNAL,
     }
 )

@@ -277,6 +277,10 @@ class TaskStore:
         """Live tasks in the database by ``(model, model digest)``."""
         return self.database.live_by_version(time.time())
 
+    def not_on(self, model: str, digest: str) -> list[tuple[str, str]]:
+        """``(task id, tenant)`` of every live task of ``model`` not pinned to the version ``digest``, oldest first."""
+        return self.database.not_on(model, digest, time.time())
+
     def pin_unversioned(self, model: str, version: str, digest: str) -> int:
         """Pin the rows of ``model`` stored before versions were recorded to ``version`` (``digest``): the
         version the opening server loads for that name, the one the old server served (the store's

@@ -225,6 +225,14 @@ class PostgresDatabase:
             )
             return {(m, d): n for m, d, n in rows}
 
+    def not_on(self, model: str, digest: str, now: float) -> list[tuple[str, str]]:
+        with self._connection() as conn:
+            rows = conn.execute(
+                "SELECT task_id, tenant FROM tasks WHERE model = %s AND model_digest != %s AND expires_at > %s ORDER BY created_at, task_id",
+                (model, digest, now),
+            )
+            return [(t, n) for t, n in rows]
+
     def pin_unversioned(self, model: str, version: str, digest: str) -> int:
         with self._connection() as conn, conn.transaction():
             return conn.execute(

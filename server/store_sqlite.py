@@ -161,6 +161,13 @@ class SQLiteDatabase:
         )
         return {(m, d): n for m, d, n in rows}
 
+    def not_on(self, model: str, digest: str, now: float) -> list[tuple[str, str]]:
+        rows = self.db().execute(
+            "SELECT task_id, tenant FROM tasks WHERE model = ? AND model_digest != ? AND expires_at > ? ORDER BY created_at, task_id",
+            (model, digest, now),
+        )
+        return [(t, n) for t, n in rows]
+
     def pin_unversioned(self, model: str, version: str, digest: str) -> int:
         return (
             self.db()

@@ -38,6 +38,7 @@ RUN_BY = {
         "tests/test_import.py",
         "test_readme_block_imports_with_sample_and_validation_folders",
     ),
+    ("docs/upgrading.md", "# Upgrade a model"): ("tests/test_versions.py", "test_the_upgrading_walkthrough_runs_as_written"),
 }
 #: Fences of command blocks: ``bash`` is run by a test (RUN_BY), ``console`` is shown, not run.
 SHELL_FENCES = {"bash", "sh", "shell", "zsh", "console", "shell-session"}

@@ -20,7 +20,7 @@ from fewshot_proto import fewshot_pb2_grpc as pb_grpc
 
 OMNI, CXGRAD = "omniglot-conv4-directsum", "omniglot-conv4-cxgrad"
 UNKNOWN_TASK = "0" * 32
-HTTP_STATUS = {"INVALID_ARGUMENT": 400, "NOT_FOUND": 404}
+HTTP_STATUS = {"INVALID_ARGUMENT": 400, "NOT_FOUND": 404, "FAILED_PRECONDITION": 412}
 #: A placeholder for the id of a live task of the transport a case is sent over.
 LIVE = "live"
 
@@ -148,3 +148,31 @@ def test_the_same_bad_requests_are_refused_alike_on_grpc_http_and_triton(server,
             # the messages agree up to the task's own id (each transport classifies its own live task)
             assert over_grpc[1].replace(served, LIVE) in in_triton_message.replace(in_triton, LIVE), (what, over_grpc, in_triton_message)
     client.close()
+
+
+def test_a_task_of_a_model_version_not_loaded_is_refused_alike_on_grpc_http_and_triton(server, triton, support):
+    """A stored task pinned to a version no server loads (as after its model was replaced: issue 36) is
+    FAILED_PRECONDITION over gRPC, 412 over HTTP and, Triton having no such code, INVALID_ARG with the message
+    starting ``FAILED_PRECONDITION:`` from the Triton models: the same message, naming both versions."""
+    import dataclasses
+
+    from fewshot.server.store import TaskStore
+
+    items, queries = support
+    client = grpcclient.InferenceServerClient(triton.grpc_url)
+    gone = "f" * 64
+    with grpc.insecure_channel(server.target) as channel:
+        stub = pb_grpc.FewShotStub(channel)
+        served = stub.Adapt(pb.AdaptRequest(model=OMNI, support=items)).task_id
+        in_triton, _ = triton_adapt(client, OMNI, [s.label for s in items], [s.image.encoded for s in items])
+        pinned = "a1" * 16  # the same id in both stores, pinned to a version that is not loaded
+        for state_dir, task_id in ((server.state_dir, served), (triton.state_dir, in_triton)):
+            store = TaskStore(state_dir)
+            store.put(dataclasses.replace(store.record(task_id), task_id=pinned, model_version="0", model_digest=gone))
+            store.close()
+        request = pb.ClassifyRequest(task_id=pinned, queries=[pb.Image(encoded=q) for q in queries])
+        answers = {"grpc": _grpc(stub, request), "http": _http(server.http_url, request), "triton": _triton(client, request)}
+    code, message = answers["grpc"]
+    assert code == "FAILED_PRECONDITION" and "version 0 (sha256 ffffffffffff)" in message and "it loads version 1 (sha256" in message
+    assert answers["http"] == (code, message)
+    assert answers["triton"] == ("INVALID_ARGUMENT", f"FAILED_PRECONDITION: {message}")

@@ -17,15 +17,15 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from fewshot_client import FailedPrecondition, FewShotClient, NotFound, PermissionDenied
 from support import SMALL
 
 from fewshot.export.bundle import export_model
 from fewshot.export.registry import load_bundle
-from fewshot.models.data import load_dataset
+from fewshot.models.data import cache_dir, data_root, load_dataset
 from fewshot.models.episodes import EpisodeSampler
 from fewshot.models.preprocess import encode_png
 from fewshot.tools.launch import ServerProcess, free_port
+from fewshot_client import FailedPrecondition, FewShotClient, NotFound, PermissionDenied
 
 TINY = "tinyimagenet-conv4-sce-nca-directsum"
 #: The "retrained" model: another shipped Tiny ImageNet backbone of the same input and feature size, exported
@@ -228,3 +228,118 @@ def test_poll_mode_follows_the_model_directory_and_skips_half_copied_versions(ex
         assert _until(lambda: _versions(client) == ["1", "2"]), _versions(client)
         shutil.rmtree(root / TINY / "2")
         assert _until(lambda: _versions(client) == ["1"]), _versions(client)
+
+
+def test_the_upgrading_walkthrough_runs_as_written(exported, episodes, tmp_path):
+    """The "Upgrade a model" block of docs/upgrading.md, run by bash against a server on its ``bundles`` folder."""
+    import os
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from fewshot.models.preprocess import encode_png as png
+
+    root = Path(__file__).resolve().parents[1]
+    block = re.search(r"```bash\n(# Upgrade a model.*?)```", (root / "docs/upgrading.md").read_text(), re.S).group(1)
+    (tmp_path / "bundles" / TINY).mkdir(parents=True)
+    (tmp_path / "bundles" / TINY / "1").symlink_to(exported[0] / TINY, target_is_directory=True)
+    (tmp_path / "admin.token").write_text(ADMIN)
+    support, labels, _ = episodes[0]
+    for i, (image, label) in enumerate(zip(support, labels)):
+        (tmp_path / "my-support" / label).mkdir(parents=True, exist_ok=True)
+        (tmp_path / "my-support" / label / f"{i}.png").write_bytes(png(image))
+    with ServerProcess(tmp_path / "bundles", tmp_path / "state", *SMALL, "--admin-token-file", str(tmp_path / "admin.token")) as proc:
+        env = {
+            **os.environ,
+            "FEWSHOT_TARGET": proc.target,
+            "FEWSHOT_DATA": str(data_root().resolve()),  # the export checks parity on real images
+            "FEWSHOT_CACHE": str(cache_dir().resolve()),
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        }
+        run = subprocess.run(["bash", "-euo", "pipefail", "-c", block], cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
+        assert run.returncode == 0, run.stderr[-3000:]
+        listed = [line for line in run.stdout.splitlines() if line.startswith(TINY + "\t")]  # `fewshot-client models`
+        assert "versions 1 (" in listed[0] and "2* (" in listed[0]  # step 2: both loaded, 2 the default
+        assert "versions 1* (" in listed[-1] and "2" not in listed[-1].split("versions", 1)[1].split("(")[0]  # step 4
+        with FewShotClient(proc.target) as client:
+            task = (tmp_path / "new-task.id").read_text().strip()
+            assert client.task_info(task).model_version == "2"
+            with pytest.raises(FailedPrecondition):
+                client.classify(task, support[:1])
+
+
+def test_migrating_200_tasks_survives_a_sigkill_and_resumes(exported, retrained, tmp_path):
+    """200 tasks adapted on version 1 move to version 2 with ``fewshot migrate``, killed (SIGKILL) half way and run
+    again: every task ends on version 2, none lost, each answering as a fresh Adapt of its support on version 2;
+    the tasks not yet migrated answer on version 1, exactly as before, while the first run works."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from fewshot.server.store import TaskStore
+
+    root, state = tmp_path / "models", tmp_path / "state"
+    (root / TINY).mkdir(parents=True)
+    (root / TINY / "1").symlink_to(exported[0] / TINY, target_is_directory=True)
+    shutil.copytree(retrained, root / TINY / "2")
+    data = load_dataset("tinyimagenet", "test")
+    sampler = EpisodeSampler(data, 5, 1, 1, seed=11)
+    supports = []
+    for i in range(200):
+        ep = sampler.episode(i)
+        supports.append((list(data.images[ep.support]), [f"c{ep.classes[j]}" for j in ep.support_labels]))
+    migrate = [sys.executable, "-m", "fewshot.cli", "migrate", "--model", TINY, "--to", "2", "--models", str(root), "--state-dir", str(state)]
+    with ServerProcess(root, state, *SMALL) as proc, FewShotClient(proc.target) as client:
+        tasks = [client.adapt(support, labels, TINY, model_version="1").id for support, labels in supports]
+        watched = tasks[-10:]  # migrated last (oldest first): answered on version 1 while the first run works
+        before = {t: scores(client.classify(t, supports[tasks.index(t)][0])) for t in watched}
+        store = TaskStore(state)
+        first = subprocess.Popen([*migrate, "--concurrency", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        checked = 0
+        while len(store.not_on(TINY, digest(retrained))) > 100:
+            for t in watched:
+                np.testing.assert_array_equal(scores(client.classify(t, supports[tasks.index(t)][0])), before[t])
+                checked += 1
+            assert first.poll() is None, first.communicate()[1][-2000:]
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait()
+        left = len(store.not_on(TINY, digest(retrained)))
+        assert 0 < left <= 100 and checked > 0, (left, checked)
+        for t in watched:  # still on version 1 after the kill
+            assert client.task_info(t).model_version == "1"
+        resumed = subprocess.run(migrate, capture_output=True, text=True, timeout=600)
+        assert resumed.returncode == 0, resumed.stderr[-2000:]
+        assert json.loads(resumed.stdout.strip().splitlines()[-1]) == {"model": TINY, "to": "2", "migrated": left, "failed": 0, "left": 0}
+        assert store.not_on(TINY, digest(retrained)) == []
+        store.close()
+        time.sleep(1)  # servers re-read tasks changed elsewhere within 0.5 s
+        for task, (support, labels) in zip(tasks, supports):
+            info = client.task_info(task)
+            assert (info.model_version, info.version) == ("2", 2)
+            fresh = client.adapt(support, labels, TINY, model_version="2")
+            np.testing.assert_allclose(scores(client.classify(task, support)), scores(client.classify(fresh.id, support)), atol=1e-6)
+
+
+def test_a_dry_run_says_what_a_migration_would_change(exported, retrained, episodes, tmp_path):
+    """``fewshot migrate --dry-run``: per task, support images (held out one at a time) whose label would change;
+    nothing is changed."""
+    import subprocess
+    import sys
+
+    root, state = tmp_path / "models", tmp_path / "state"
+    (root / TINY).mkdir(parents=True)
+    (root / TINY / "1").symlink_to(exported[0] / TINY, target_is_directory=True)
+    shutil.copytree(retrained, root / TINY / "2")
+    with ServerProcess(root, state, *SMALL) as proc, FewShotClient(proc.target) as client:
+        tasks = [client.adapt(support, labels, TINY, model_version="1").id for support, labels, _ in episodes]
+    dry = [sys.executable, "-m", "fewshot.cli", "migrate", "--model", TINY, "--to", "2", "--models", str(root), "--state-dir", str(state)]
+    run = subprocess.run([*dry, "--dry-run"], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = [json.loads(line) for line in run.stdout.splitlines()]
+    assert [r["task_id"] for r in rows] == tasks and all(r["from"] == "1" and r["images"] == 25 for r in rows)
+    assert all(0 <= r["changed"] <= 25 for r in rows) and sum(r["changed"] for r in rows) > 0  # another backbone moves some labels
+    assert "would change their label" in run.stderr
+    with ServerProcess(root, state, *SMALL) as proc, FewShotClient(proc.target) as client:
+        assert {client.task_info(t).model_version for t in tasks} == {"1"}  # nothing changed
