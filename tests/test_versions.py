@@ -249,7 +249,11 @@ def test_the_upgrading_walkthrough_runs_as_written(exported, episodes, tmp_path)
     for i, (image, label) in enumerate(zip(support, labels)):
         (tmp_path / "my-support" / label).mkdir(parents=True, exist_ok=True)
         (tmp_path / "my-support" / label / f"{i}.png").write_bytes(png(image))
-    with ServerProcess(tmp_path / "bundles", tmp_path / "state", *SMALL, "--admin-token-file", str(tmp_path / "admin.token")) as proc:
+    state = tmp_path / ".fewshot-state"  # fewshot serve's and fewshot migrate's default, in the folder the block runs in
+    with ServerProcess(tmp_path / "bundles", state, *SMALL, "--admin-token-file", str(tmp_path / "admin.token")) as proc:
+        with FewShotClient(proc.target) as client:
+            old = client.adapt(support, labels, TINY).id
+            before = scores(client.classify(old, support))
         env = {
             **os.environ,
             "FEWSHOT_TARGET": proc.target,
@@ -261,12 +265,17 @@ def test_the_upgrading_walkthrough_runs_as_written(exported, episodes, tmp_path)
         assert run.returncode == 0, run.stderr[-3000:]
         listed = [line for line in run.stdout.splitlines() if line.startswith(TINY + "\t")]  # `fewshot-client models`
         assert "versions 1 (" in listed[0] and "2* (" in listed[0]  # step 2: both loaded, 2 the default
-        assert "versions 1* (" in listed[-1] and "2" not in listed[-1].split("versions", 1)[1].split("(")[0]  # step 4
+        assert "versions 2* (" in listed[-1] and "1 (" not in listed[-1]  # step 4: version 1 unloaded
+        dry = [json.loads(line) for line in run.stdout.splitlines() if line.startswith('{"task_id"')]
+        assert [(r["task_id"], r["from"], r["images"]) for r in dry] == [(old, "1", 25)]  # step 3
+        assert "1 migrated, 0 left, 0 failed" in run.stderr
         with FewShotClient(proc.target) as client:
-            task = (tmp_path / "new-task.id").read_text().strip()
-            assert client.task_info(task).model_version == "2"
-            with pytest.raises(FailedPrecondition):
-                client.classify(task, support[:1])
+            info = client.task_info(old)
+            assert (info.model_version, info.version, info.model_version_loaded) == ("2", 2, True)
+            moved = scores(client.classify(old, support))
+            fresh = client.adapt(support, labels, TINY)
+            np.testing.assert_allclose(moved, scores(client.classify(fresh.id, support)), atol=1e-6)
+            assert not np.allclose(moved, before)  # another backbone
 
 
 def test_migrating_200_tasks_survives_a_sigkill_and_resumes(exported, retrained, tmp_path):
