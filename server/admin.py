@@ -21,6 +21,7 @@ import logging
 import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -66,11 +67,17 @@ class AdminAuth:
 
 class ModelControl:
     """Loads, unloads and sets the default version of the models in ``models`` from the model directory ``root``;
-    ``open_version(bundle)`` makes a verified bundle's family object, configured as the server's others."""
+    ``open_version(bundle)`` makes a verified bundle's family object, configured as the server's others.
 
-    def __init__(self, root: Path, models: ServedModels, open_version: Callable[[Bundle], Family]) -> None:
-        self.root, self.models, self.open_version = Path(root), models, open_version
+    With ``store``, every admin change is recorded in the task database (the model's served versions, by digest,
+    and its default: :meth:`TaskStore.set_control`), and :meth:`sync` applies what other processes recorded, from
+    their own model directory: replicas sharing one database converge on the same versions within one sync
+    interval plus the time to verify and open a bundle."""
+
+    def __init__(self, root: Path, models: ServedModels, open_version: Callable[[Bundle], Family], store: Any = None) -> None:
+        self.root, self.models, self.open_version, self.store = Path(root), models, open_version, store
         self._lock = threading.Lock()  # one change at a time (loads are slow; lookups never wait on it)
+        self._seen = 0  # the last generation of the shared state applied here
 
     def load(self, name: str, version: str, default: bool = False) -> Family:
         """Verify and serve ``name`` at ``version`` from the model directory (reloaded when its files changed)."""
@@ -84,6 +91,7 @@ class ModelControl:
                 return loaded
             family = self.open_version(bundle)
             self.models.load(family, default)
+            self._share(name)
         _event("model loaded", family)
         return family
 
@@ -91,6 +99,7 @@ class ModelControl:
         _check_name(name, version)
         with self._lock:
             family = self.models.unload(name, version)
+            self._share(name)
         _event("model unloaded", family)
         return family
 
@@ -98,8 +107,63 @@ class ModelControl:
         _check_name(name, version)
         with self._lock:
             family = self.models.set_default(name, version)
+            self._share(name)
         _event("default version set", family)
         return family
+
+    # -- replicas sharing one task database ------------------------------------------------------------
+    def _share(self, name: str) -> None:
+        """(Under the lock.) Record ``name``'s served versions and default for the other processes."""
+        if self.store is None:
+            return
+        versions = {f.version: f.digest for f in self.models.versions(name)}
+        state = {"versions": versions, "default": self.models.default_version(name) if versions else None}
+        generation = self.store.set_control(name, json.dumps(state, sort_keys=True))
+        if generation == self._seen + 1:  # nothing recorded elsewhere in between: ours is applied already
+            self._seen = generation
+
+    def sync(self) -> int:
+        """Apply what other processes recorded since the last sync (at start: everything recorded); the changes made.
+        A version is loaded from this process's model directory only if its digest is the recorded one."""
+        if self.store is None:
+            return 0
+        changes = 0
+        with self._lock:
+            for name, text, generation in self.store.control_since(self._seen):
+                changes += self._apply(name, json.loads(text))
+                self._seen = max(self._seen, generation)
+        return changes
+
+    def _apply(self, name: str, state: dict[str, Any]) -> int:
+        """(Under the lock.) Make ``name``'s served versions and default those of ``state``."""
+        wanted: dict[str, str] = state.get("versions", {})
+        served = {f.version: f.digest for f in self.models.versions(name)}
+        changes = 0
+        for version, digest in wanted.items():
+            if served.get(version) == digest:
+                continue
+            try:
+                bundle = self._bundle(name, version)
+                if bundle.digest != digest:
+                    raise BundleRefused(f"this model directory holds another {describe(version, bundle.digest)} than the recorded one")
+                family = self.open_version(bundle)
+            except ServiceError as exc:
+                log.warning(json.dumps({"event": "recorded version not loaded", "model": name, "version": version, "error": str(exc)}))
+                continue
+            self.models.load(family)
+            _event("model loaded", family, "sync")
+            changes += 1
+        for version in served:
+            if version not in wanted:
+                _event("model unloaded", self.models.unload(name, version), "sync")
+                changes += 1
+        default = state.get("default")
+        if default and default in {f.version for f in self.models.versions(name)} and (
+            name not in self.models or self.models.default_version(name) != default
+        ):
+            _event("default version set", self.models.set_default(name, default), "sync")
+            changes += 1
+        return changes
 
     def _bundle(self, name: str, version: str) -> Bundle:
         """The verified bundle of ``name`` at ``version`` (:class:`NotFound`, :class:`BundleRefused`)."""

@@ -161,7 +161,9 @@ async def serve(cfg: ServeConfig, ready: asyncio.Event | None = None) -> None:
     size = cfg.max_message_mb << 20
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size)])
     service.add_to_server(server)
-    control = ModelControl(cfg.models or DEFAULT_BUNDLE_DIR, models, open_version(cfg))
+    # explicit control: admin changes are recorded in the task database and replayed by every process sharing it
+    control = ModelControl(cfg.models or DEFAULT_BUNDLE_DIR, models, open_version(cfg), store if cfg.model_control == "explicit" else None)
+    control.sync()  # what other replicas' admin calls recorded before this one started
     admin = AdminService(control, AdminAuth(cfg.admin_token, auth.digests()), lambda name: service.describe_model(name))
     admin.add_to_server(server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -212,15 +214,17 @@ async def serve(cfg: ServeConfig, ready: asyncio.Event | None = None) -> None:
 
     purger = loop.create_task(purge())
 
-    async def watch() -> None:  # --model-control poll: the model directory is what is served
+    async def watch(every: float, look: Callable[[], int]) -> None:
+        """--model-control poll: the model directory is what is served; explicit: what admin calls recorded."""
         while True:
-            await asyncio.sleep(cfg.poll_seconds)
+            await asyncio.sleep(every)
             try:
-                await loop.run_in_executor(None, control.poll)
-            except Exception:  # a bug must not stop the watcher: logged, tried again next time
-                log.exception("polling the model directory failed")
+                await loop.run_in_executor(None, look)
+            except Exception:  # the database away, or a bug: logged, tried again next time; serving goes on
+                log.exception("updating the served model versions failed")
 
-    watcher = loop.create_task(watch()) if cfg.model_control == "poll" else None
+    poll = cfg.model_control == "poll"
+    watcher = loop.create_task(watch(cfg.poll_seconds, control.poll) if poll else watch(cfg.sync_seconds, control.sync))
     backend = f"Triton at {cfg.triton_url}" if triton else "ONNX Runtime in process"
     security = ("mutual TLS" if cfg.tls_client_ca else "TLS") if credentials else "plaintext"
     security += f", {'tokens of ' + str(len(list(auth.tenant_names()))) + ' tenants' if cfg.tokens_file else 'one token' if cfg.token else 'no token'}"
@@ -236,8 +240,7 @@ async def serve(cfg: ServeConfig, ready: asyncio.Event | None = None) -> None:
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     purger.cancel()
-    if watcher is not None:
-        watcher.cancel()
+    watcher.cancel()
     if http is not None:
         await http.stop()
     await server.stop(grace=5.0)

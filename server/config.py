@@ -67,6 +67,11 @@ class ServeConfig:
         choices=("explicit", "poll"),
     )
     poll_seconds: float = option(5.0, "seconds between looks at the model directory with --model-control poll")
+    sync_seconds: float = option(
+        1.0,
+        "with --model-control explicit: seconds between looks at the admin changes other replicas recorded in the "
+        "shared task database (a load, an unload, a default version), applied here from this replica's model directory",
+    )
     tenant_max_tasks: int = option(0, "live tasks per tenant (0: unlimited)")
     tenant_rps: float = option(0.0, "requests per second per tenant (0: unlimited)")
     tls_cert: Path | None = option(None, "PEM certificate chain: serve TLS (with --tls-key)")

@@ -277,6 +277,15 @@ class TaskStore:
         """Live tasks in the database by ``(model, model digest)``."""
         return self.database.live_by_version(time.time())
 
+    def set_control(self, model: str, state: str) -> int:
+        """Record ``state`` (JSON: the versions served of ``model`` and its default) for every process sharing the
+        database; returns its generation (:meth:`control_since`)."""
+        return self.database.set_control(model, state)
+
+    def control_since(self, generation: int) -> list[tuple[str, str, int]]:
+        """``(model, state, generation)`` recorded after ``generation``, oldest first."""
+        return self.database.control_since(generation)
+
     def not_on(self, model: str, digest: str) -> list[tuple[str, str]]:
         """``(task id, tenant)`` of every live task of ``model`` not pinned to the version ``digest``, oldest first."""
         return self.database.not_on(model, digest, time.time())

@@ -63,6 +63,7 @@ ALTER TABLE tasks ADD COLUMN IF NOT EXISTS model_version TEXT NOT NULL DEFAULT '
 ALTER TABLE tasks ADD COLUMN IF NOT EXISTS model_digest TEXT NOT NULL DEFAULT '';
 CREATE INDEX IF NOT EXISTS tasks_expiry ON tasks (expires_at);
 CREATE INDEX IF NOT EXISTS tasks_tenant ON tasks (tenant, expires_at);
+CREATE TABLE IF NOT EXISTS model_control (model TEXT PRIMARY KEY, state TEXT NOT NULL, generation BIGINT NOT NULL);
 """
 #: The notification channel of deletes and updates.
 CHANNEL = "fewshot_tasks"
@@ -238,6 +239,24 @@ class PostgresDatabase:
             return conn.execute(
                 "UPDATE tasks SET model_version = %s, model_digest = %s WHERE model = %s AND model_digest = ''", (version, digest, model)
             ).rowcount
+
+    def set_control(self, model: str, state: str) -> int:
+        with self._connection() as conn, conn.transaction():
+            conn.execute("LOCK TABLE model_control IN EXCLUSIVE MODE")  # generations in commit order
+            generation = _scalar(conn.execute("SELECT COALESCE(MAX(generation), 0) + 1 FROM model_control"))
+            conn.execute(
+                "INSERT INTO model_control (model, state, generation) VALUES (%s, %s, %s) "
+                "ON CONFLICT (model) DO UPDATE SET state = excluded.state, generation = excluded.generation",
+                (model, state, generation),
+            )
+        return generation
+
+    def control_since(self, generation: int) -> list[tuple[str, str, int]]:
+        with self._connection() as conn:
+            rows = conn.execute(
+                "SELECT model, state, generation FROM model_control WHERE generation > %s ORDER BY generation", (generation,)
+            )
+            return [(m, s, g) for m, s, g in rows]
 
     # -- notifications ----------------------------------------------------------------------------
     def listen(self, on_change: Callable[..., Any]) -> None:

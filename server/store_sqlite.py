@@ -37,6 +37,7 @@ CREATE TABLE IF NOT EXISTS tasks (
 );
 CREATE INDEX IF NOT EXISTS tasks_expiry ON tasks (expires_at);
 CREATE INDEX IF NOT EXISTS tasks_tenant ON tasks (tenant, expires_at);
+CREATE TABLE IF NOT EXISTS model_control (model TEXT PRIMARY KEY, state TEXT NOT NULL, generation INTEGER NOT NULL);
 """
 
 
@@ -174,6 +175,26 @@ class SQLiteDatabase:
             .execute("UPDATE tasks SET model_version = ?, model_digest = ? WHERE model = ? AND model_digest = ''", (version, digest, model))
             .rowcount
         )
+
+    def set_control(self, model: str, state: str) -> int:
+        db = self.db()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            generation = db.execute("SELECT COALESCE(MAX(generation), 0) + 1 FROM model_control").fetchone()[0]
+            db.execute(
+                "INSERT INTO model_control (model, state, generation) VALUES (?, ?, ?) "
+                "ON CONFLICT (model) DO UPDATE SET state = excluded.state, generation = excluded.generation",
+                (model, state, generation),
+            )
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        return generation
+
+    def control_since(self, generation: int) -> list[tuple[str, str, int]]:
+        rows = self.db().execute("SELECT model, state, generation FROM model_control WHERE generation > ? ORDER BY generation", (generation,))
+        return [(m, s, g) for m, s, g in rows]
 
     def listen(self, on_change) -> None:
         """SQLite has no notifications: other processes' changes are seen by re-reading rows."""

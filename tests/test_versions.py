@@ -352,3 +352,40 @@ def test_a_dry_run_says_what_a_migration_would_change(exported, retrained, episo
     assert "would change their label" in run.stderr
     with ServerProcess(root, state, *SMALL) as proc, FewShotClient(proc.target) as client:
         assert {client.task_info(t).model_version for t in tasks} == {"1"}  # nothing changed
+
+
+#: Seconds within which a replica applies an admin change made on another replica sharing its task database: the
+#: sync interval (--sync-seconds, 1 s) plus verifying and opening the bundle (docs/upgrading.md states it).
+CONVERGENCE_S = 5.0
+
+
+def _default(client: FewShotClient) -> str:
+    return next(m.default_version for m in client.models() if m.name == TINY)
+
+
+def test_two_replicas_on_one_postgresql_store_converge_on_admin_changes(exported, retrained, postgres, tmp_path):
+    """An admin load, default change and unload on one replica are applied by another sharing its PostgreSQL store
+    within CONVERGENCE_S; a replica started afterwards starts on the recorded versions."""
+    url = postgres.create_database("versions")
+    root, admin = tmp_path / "models", tmp_path / "admin"
+    (root / TINY).mkdir(parents=True)
+    (root / TINY / "1").symlink_to(exported[0] / TINY, target_is_directory=True)
+    admin.write_text(ADMIN)
+    flags = (*SMALL, "--store", url, "--admin-token-file", str(admin), "--sync-seconds", "1")
+    with (
+        ServerProcess(root, tmp_path / "a", *flags) as a,
+        ServerProcess(root, tmp_path / "b", *flags) as b,
+        FewShotClient(a.target) as ca,
+        FewShotClient(b.target) as cb,
+    ):
+        shutil.copytree(retrained, root / TINY / "2")
+        ca.load_model(TINY, "2", ADMIN)
+        assert _until(lambda: _versions(cb) == ["1", "2"] and _default(cb) == "2", CONVERGENCE_S), (_versions(cb), _default(cb))
+        ca.set_default_version(TINY, "1", ADMIN)
+        assert _until(lambda: _default(cb) == "1", CONVERGENCE_S), _default(cb)
+        ca.unload_model(TINY, "2", ADMIN)
+        assert _until(lambda: _versions(cb) == ["1"], CONVERGENCE_S), _versions(cb)
+        cb.load_model(TINY, "2", ADMIN)  # either replica takes admin calls
+        assert _until(lambda: _versions(ca) == ["1", "2"], CONVERGENCE_S), _versions(ca)
+        with ServerProcess(root, tmp_path / "c", *flags) as c, FewShotClient(c.target) as cc:
+            assert _versions(cc) == ["1", "2"] and _default(cc) == "1"  # started on what was recorded
