@@ -31,7 +31,7 @@ from fewshot.models.family import Family
 from fewshot.server.auth import token_hash
 from fewshot.server.errors import InvalidRequest, NotFound, PermissionDenied, ServiceError, quoted
 from fewshot.server.tasks import MAX_MODEL_NAME
-from fewshot.server.versions import ServedModels, describe
+from fewshot.server.versions import Canary, ServedModels, describe
 from fewshot_proto import fewshot_pb2 as pb
 
 log = logging.getLogger("fewshot.server")
@@ -111,13 +111,28 @@ class ModelControl:
         _event("default version set", family)
         return family
 
+    def set_canary(self, name: str, version: str, percent: float, tenants: Iterable[str]) -> Family:
+        """Send ``percent`` of ``name``'s Adapts naming no version, and all of ``tenants``', to ``version`` (empty:
+        end the canary)."""
+        tenants = sorted(tenants)
+        if version:
+            _check_name(name, version)
+        with self._lock:
+            family = self.models.set_canary(name, Canary(version, float(percent), frozenset(tenants)) if version else None)
+            self._share(name)
+        log.warning(json.dumps({"event": "canary set", "model": name, "version": version, "percent": percent, "tenants": tenants}))
+        return family
+
     # -- replicas sharing one task database ------------------------------------------------------------
     def _share(self, name: str) -> None:
         """(Under the lock.) Record ``name``'s served versions and default for the other processes."""
         if self.store is None:
             return
         versions = {f.version: f.digest for f in self.models.versions(name)}
-        state = {"versions": versions, "default": self.models.default_version(name) if versions else None}
+        state: dict[str, Any] = {"versions": versions, "default": self.models.default_version(name) if versions else None}
+        canary = self.models.canary(name)
+        if canary is not None:
+            state["canary"] = {"version": canary.version, "percent": canary.percent, "tenants": sorted(canary.tenants)}
         generation = self.store.set_control(name, json.dumps(state, sort_keys=True))
         if generation == self._seen + 1:  # nothing recorded elsewhere in between: ours is applied already
             self._seen = generation
@@ -158,11 +173,21 @@ class ModelControl:
                 _event("model unloaded", self.models.unload(name, version), "sync")
                 changes += 1
         default = state.get("default")
-        if default and default in {f.version for f in self.models.versions(name)} and (
-            name not in self.models or self.models.default_version(name) != default
+        if (
+            default
+            and default in {f.version for f in self.models.versions(name)}
+            and (name not in self.models or self.models.default_version(name) != default)
         ):
             _event("default version set", self.models.set_default(name, default), "sync")
             changes += 1
+        canary = state.get("canary")
+        wanted_canary = Canary(canary["version"], canary["percent"], frozenset(canary["tenants"])) if canary else None
+        if name in self.models and self.models.canary(name) != wanted_canary:
+            try:
+                self.models.set_canary(name, wanted_canary)
+                changes += 1
+            except ServiceError as exc:
+                log.warning(json.dumps({"event": "recorded canary not set", "model": name, "error": str(exc)}))
         return changes
 
     def _bundle(self, name: str, version: str) -> Bundle:
@@ -236,19 +261,24 @@ class AdminService:
             "LoadModel": unary(self.LoadModel),
             "UnloadModel": unary(self.UnloadModel),
             "SetDefaultVersion": unary(self.SetDefaultVersion),
+            "SetCanary": unary(self.SetCanary),
         }
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(ADMIN_SERVICE_NAME, handlers),))
 
     async def _call(
-        self, rpc: str, raw: bytes, context: grpc.aio.ServicerContext, fn: Callable[[str, str], Family]
+        self, rpc: str, raw: bytes, context: grpc.aio.ServicerContext, fn: Callable[..., Family], kind: Any = None
     ) -> pb.ModelAdminResponse:
+        """Authenticate, parse ``raw`` as ``kind`` (default ``ModelVersionRequest``), run ``fn(model, version)`` (for
+        another ``kind``: ``fn(request)``) off the event loop, and answer the model as served after it."""
         try:
             self.auth.check(context.invocation_metadata() or ())
+            message = kind or pb.ModelVersionRequest
             try:
-                request = pb.ModelVersionRequest.FromString(raw)
+                request = message.FromString(raw)
             except Exception:
-                raise InvalidRequest("the request is not a ModelVersionRequest") from None
-            family = await asyncio.get_running_loop().run_in_executor(None, fn, request.model, request.version)
+                raise InvalidRequest(f"the request is not a {message.DESCRIPTOR.name}") from None
+            args = (request.model, request.version) if kind is None else (request,)
+            family = await asyncio.get_running_loop().run_in_executor(None, fn, *args)
             info = self.describe_model(family.name)
             log.info(json.dumps({"rpc": rpc, "code": "OK", "model": family.name, "version": family.version}))
             return pb.ModelAdminResponse(model=info) if info is not None else pb.ModelAdminResponse()
@@ -267,6 +297,12 @@ class AdminService:
 
     async def SetDefaultVersion(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.ModelAdminResponse:
         return await self._call("SetDefaultVersion", raw, context, self.control.set_default)
+
+    async def SetCanary(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.ModelAdminResponse:
+        def run(request: pb.CanaryRequest) -> Family:
+            return self.control.set_canary(request.model, request.version, request.percent, list(request.tenants))
+
+        return await self._call("SetCanary", raw, context, run, pb.CanaryRequest)
 
 
 def loaded_summary(models: ServedModels) -> str:

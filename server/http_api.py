@@ -17,6 +17,7 @@ maps to HTTP by the error's class (``http_status``: 400, 401, 404, 409, 412, 413
     POST   /v1/admin/models/{model}/versions/{version}/load     LoadModel          (admin token)
     POST   /v1/admin/models/{model}/versions/{version}/unload   UnloadModel        (admin token)
     POST   /v1/admin/models/{model}/versions/{version}/default  SetDefaultVersion  (admin token)
+    POST   /v1/admin/models/{model}/canary                      SetCanary          (admin token; JSON CanaryRequest)
     GET    /healthz                   200 while serving, 503 while saturated or stopping
     GET    /openapi.json, /docs       the OpenAPI document (FastAPI's)
     GET    /                          the web console (``server/console/index.html``)
@@ -326,6 +327,17 @@ def http_app(service: Any, max_request_bytes: int, serving: Callable[[], bool] =
         return route
 
     if admin is not None:
+
+        @app.post(
+            "/v1/admin/models/{model}/canary",
+            operation_id="SetCanary",
+            summary="SetCanary (admin token): send a share of new Adapts (percent, or all of tenants) to a candidate version",
+            responses=responses("ModelAdminResponse", statuses),
+            openapi_extra=json_body("CanaryBody"),
+        )
+        async def set_canary(request: Request, model: str) -> Any:
+            return (await guarded(request, admin.SetCanary, pb.CanaryRequest, model=model))[1]
+
         for action, rpc, summary in (
             ("load", "LoadModel", "verify and load a version from the model directory"),
             ("unload", "UnloadModel", "stop serving a version (its tasks answer 412 until it is loaded again)"),
@@ -414,6 +426,7 @@ MESSAGES = [
     (pb.DeleteTaskResponse.DESCRIPTOR, (), "DeleteTaskResponse"),
     (pb.ListModelsResponse.DESCRIPTOR, (), "ListModelsResponse"),
     (pb.ModelAdminResponse.DESCRIPTOR, (), "ModelAdminResponse"),
+    (pb.CanaryRequest.DESCRIPTOR, ("model",), "CanaryBody"),
 ]
 _HEALTH = {
     "type": "object",

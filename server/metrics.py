@@ -21,6 +21,19 @@ class ServiceMetrics:
         self.latency = Histogram(
             "fewshot_request_seconds", "RPC latency", ["rpc", "method"], buckets=LATENCY_BUCKETS, registry=self.registry
         )
+        self.model_requests = Counter(
+            "fewshot_model_requests",
+            "Adapt, Classify and UpdateTask calls by model version and status code (a canary against its default)",
+            ["rpc", "model", "version", "code"],
+            registry=self.registry,
+        )
+        self.model_latency = Histogram(
+            "fewshot_model_request_seconds",
+            "Adapt, Classify and UpdateTask latency by model version",
+            ["rpc", "model", "version"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
         self.cache = Counter("fewshot_task_cache_events", "Task cache hits, misses and evictions", ["event"], registry=self.registry)
         self.tasks = Gauge("fewshot_tasks_stored", "Live tasks in the persistent store", registry=self.registry)
         self.running = Gauge("fewshot_admission_running", "Heavy calls (Adapt, Classify) running now", registry=self.registry)

@@ -92,7 +92,7 @@ def check_adapt(
 ) -> AdaptRequest:
     """An Adapt's fields -> the validated :class:`AdaptRequest` (its images still encoded in ``support``), on
     ``model_version`` of the model (empty: its default version)."""
-    model = get_model(models, model_name, model_version)
+    model = get_model(models, model_name, model_version, tenant)
     method = resolve_method(model, method)
     limits.check_support(len(support))
     return AdaptRequest.check(
@@ -193,6 +193,7 @@ def model_info(model: Family, models: ServedModels | None = None, live: Mapping[
     live = live or {}
     versions = models.versions(model.name) if models is not None else [model]
     default = models.default_version(model.name) if models is not None else model.version
+    canary = models.canary(model.name) if models is not None else None
     spec, (min_ways, max_ways) = model.spec, model.way_range()
     return pb.ModelInfo(
         name=model.name,
@@ -206,7 +207,15 @@ def model_info(model: Family, models: ServedModels | None = None, live: Mapping[
         settings=model_settings(model),
         versions=[
             pb.ModelVersionInfo(
-                version=v.version, digest=v.digest, default=v.version == default, live_tasks=live.get((v.name, v.digest), 0)
+                version=v.version,
+                digest=v.digest,
+                default=v.version == default,
+                live_tasks=live.get((v.name, v.digest), 0),
+                **(
+                    {"canary_percent": canary.percent, "canary_tenants": sorted(canary.tenants)}
+                    if canary is not None and canary.version == v.version
+                    else {}
+                ),
             )
             for v in versions
         ],

@@ -193,6 +193,9 @@ class FewShotService:
             method = fields.get("method", "")
             self.metrics.requests.labels(rpc, method, code.name).inc()
             self.metrics.latency.labels(rpc, method).observe(seconds)
+            if fields.get("model_version"):  # the version the call ran on: canaries are compared by it
+                self.metrics.model_requests.labels(rpc, fields["model"], fields["model_version"], code.name).inc()
+                self.metrics.model_latency.labels(rpc, fields["model"], fields["model_version"]).observe(seconds)
             task_id = fields.pop("_task_id", None)
             logged = message.replace(task_id, fields["task"]) if task_id and message else message
             log.info(
@@ -386,7 +389,13 @@ class FewShotService:
             # across processes the store's compare-and-set serialises them
             async with self._update_lock(task_id), self.admission.slot():
                 record, accuracy, seconds = await self._offload(work)
-            call.fields.update(model=record.model, method=record.method, support=record.support_size, version=record.version)
+            call.fields.update(
+                model=record.model,
+                model_version=record.model_version,
+                method=record.method,
+                support=record.support_size,
+                version=record.version,
+            )
             return pb.UpdateTaskResponse(
                 task_id=record.task_id,
                 version=record.version,

@@ -193,7 +193,9 @@ class SQLiteDatabase:
         return generation
 
     def control_since(self, generation: int) -> list[tuple[str, str, int]]:
-        rows = self.db().execute("SELECT model, state, generation FROM model_control WHERE generation > ? ORDER BY generation", (generation,))
+        rows = self.db().execute(
+            "SELECT model, state, generation FROM model_control WHERE generation > ? ORDER BY generation", (generation,)
+        )
         return [(m, s, g) for m, s, g in rows]
 
     def listen(self, on_change) -> None:

@@ -143,14 +143,15 @@ class Rejection:
         return open_set.scores(calibrated).double().numpy(), float(threshold)
 
 
-def get_model(models: ServedModels, name: str, version: str = "") -> Family:
-    """The served model called ``name`` at ``version`` (empty: its default version); :class:`InvalidRequest`
-    when the name is empty or too long, :class:`NotFound` when the model or that version is not loaded."""
+def get_model(models: ServedModels, name: str, version: str = "", tenant: str = "") -> Family:
+    """The served model called ``name`` at ``version`` (empty: its default version, or its canary's for the
+    canary's tenants and share of Adapts); :class:`InvalidRequest` when the name is empty or too long,
+    :class:`NotFound` when the model or that version is not loaded."""
     if not name:
         raise InvalidRequest(f"no model named: set `model` to one of {', '.join(sorted(models))}")
     if len(name) > MAX_MODEL_NAME:
         raise InvalidRequest(f"model name {quoted(name)} is longer than {MAX_MODEL_NAME} characters")
-    return models.version(name, version)
+    return models.for_adapt(name, version, tenant)
 
 
 def check_task_id(task_id: str) -> str:

@@ -10,18 +10,29 @@ runtime; each change replaces the maps whole (copy on write, under a lock), so a
 
 from __future__ import annotations
 
+import random
 import threading
 from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 
 from fewshot.export.registry import version_key
 from fewshot.models.family import Family
-from fewshot.server.errors import NotFound, VersionNotLoaded, quoted
+from fewshot.server.errors import InvalidRequest, NotFound, VersionNotLoaded, quoted
 from fewshot.server.store_schema import TaskRecord
 
 
 def describe(version: str, digest: str) -> str:
     """``version 2 (sha256 3f2a9c1b8e7d)``: how messages name a version."""
     return f"version {version} (sha256 {digest[:12]})" if digest else f"version {version}"
+
+
+@dataclass(frozen=True)
+class Canary:
+    """A candidate version that gets ``percent`` of a model's new Adapts naming no version, and all of ``tenants``'."""
+
+    version: str
+    percent: float = 0.0
+    tenants: frozenset[str] = field(default_factory=frozenset)
 
 
 class ServedModels(Mapping[str, Family]):
@@ -33,6 +44,8 @@ class ServedModels(Mapping[str, Family]):
         self._versions: dict[str, dict[str, Family]] = {}
         self._defaults: dict[str, str] = {}
         self._chosen: set[str] = set()  # names whose default an operator set
+        self._canaries: dict[str, Canary] = {}
+        self._random = random.Random()
         for family in families:
             self.load(family)
 
@@ -71,6 +84,19 @@ class ServedModels(Mapping[str, Family]):
             raise NotFound(f"model {name} has no loaded version {quoted(version, 32)}: it serves {self.loaded(name)}")
         return found
 
+    def canary(self, name: str) -> Canary | None:
+        return self._canaries.get(name)
+
+    def for_adapt(self, name: str, version: str = "", tenant: str = "") -> Family:
+        """The version an Adapt of ``name`` runs on: ``version`` if named; else the canary's version for the canary's
+        tenants and its share of the others; else the default."""
+        if version or name not in self._canaries:
+            return self.version(name, version)
+        canary = self._canaries[name]
+        if tenant in canary.tenants or self._random.random() * 100 < canary.percent:
+            return self.version(name, canary.version)
+        return self[name]
+
     def pinned(self, record: TaskRecord) -> Family:
         """The loaded version ``record`` was adapted with; :class:`VersionNotLoaded` when it is not loaded (a row
         stored before versions were recorded and not yet pinned is answered by the default version)."""
@@ -102,6 +128,8 @@ class ServedModels(Mapping[str, Family]):
         with self._lock:
             family = self.version(name, version)
             versions = {v: f for v, f in self._versions[name].items() if v != version}
+            if name in self._canaries and self._canaries[name].version == version:
+                self._canaries = {n: c for n, c in self._canaries.items() if n != name}
             if versions:
                 self._versions = {**self._versions, name: versions}
                 if self._defaults[name] == version:
@@ -121,7 +149,26 @@ class ServedModels(Mapping[str, Family]):
             self._set_default(name, version)
             return family
 
+    def set_canary(self, name: str, canary: Canary | None) -> Family:
+        """Send ``canary.percent`` of ``name``'s Adapts naming no version (and all of ``canary.tenants``') to
+        ``canary.version``, a loaded version other than the default; ``None`` ends it. Returns the candidate (or the
+        default)."""
+        with self._lock:
+            if canary is None or not canary.version:
+                self._canaries = {n: c for n, c in self._canaries.items() if n != name}
+                return self.version(name, "")
+            if not 0 <= canary.percent <= 100:
+                raise InvalidRequest(f"canary percent {canary.percent:g} is not in 0..100")
+            family = self.version(name, canary.version)
+            if canary.version == self._defaults[name]:
+                raise InvalidRequest(f"version {canary.version} is the default of {name}: a canary is another loaded version")
+            self._canaries = {**self._canaries, name: canary}
+            return family
+
     def _set_default(self, name: str, version: str | None) -> None:
         """(Under the lock.) ``version``, or the highest loaded one, as ``name``'s default."""
         versions = self._versions[name]
         self._defaults = {**self._defaults, name: version or max(versions, key=version_key)}
+        canary = self._canaries.get(name)
+        if canary is not None and canary.version == self._defaults[name]:  # the candidate became the default: done
+            self._canaries = {n: c for n, c in self._canaries.items() if n != name}

@@ -25,7 +25,7 @@ from fewshot.models.data import cache_dir, data_root, load_dataset
 from fewshot.models.episodes import EpisodeSampler
 from fewshot.models.preprocess import encode_png
 from fewshot.tools.launch import ServerProcess, free_port
-from fewshot_client import FailedPrecondition, FewShotClient, NotFound, PermissionDenied
+from fewshot_client import FailedPrecondition, FewShotClient, InvalidArgument, NotFound, PermissionDenied
 
 TINY = "tinyimagenet-conv4-sce-nca-directsum"
 #: The "retrained" model: another shipped Tiny ImageNet backbone of the same input and feature size, exported
@@ -299,7 +299,20 @@ def test_migrating_200_tasks_survives_a_sigkill_and_resumes(exported, retrained,
     for i in range(200):
         ep = sampler.episode(i)
         supports.append((list(data.images[ep.support]), [f"c{ep.classes[j]}" for j in ep.support_labels]))
-    migrate = [sys.executable, "-m", "fewshot.cli", "migrate", "--model", TINY, "--to", "2", "--models", str(root), "--state-dir", str(state)]
+    migrate = [
+        sys.executable,
+        "-m",
+        "fewshot.cli",
+        "migrate",
+        "--model",
+        TINY,
+        "--to",
+        "2",
+        "--models",
+        str(root),
+        "--state-dir",
+        str(state),
+    ]
     with ServerProcess(root, state, *SMALL) as proc, FewShotClient(proc.target) as client:
         tasks = [client.adapt(support, labels, TINY, model_version="1").id for support, labels in supports]
         watched = tasks[-10:]  # migrated last (oldest first): answered on version 1 while the first run works
@@ -389,3 +402,41 @@ def test_two_replicas_on_one_postgresql_store_converge_on_admin_changes(exported
         assert _until(lambda: _versions(ca) == ["1", "2"], CONVERGENCE_S), _versions(ca)
         with ServerProcess(root, tmp_path / "c", *flags) as c, FewShotClient(c.target) as cc:
             assert _versions(cc) == ["1", "2"] and _default(cc) == "1"  # started on what was recorded
+
+
+def test_a_canary_sends_a_share_of_adapts_and_chosen_tenants_to_a_candidate(exported, retrained, episodes, tmp_path):
+    """A canary on version 1 beside default version 2: about its percent of Adapts naming no version, and every Adapt
+    of its tenants, run on it; the Prometheus metrics count calls by version; ending it sends all to the default."""
+    from fewshot.server.auth import token_hash
+
+    root = tmp_path / "models"
+    (root / TINY).mkdir(parents=True)
+    (root / TINY / "1").symlink_to(exported[0] / TINY, target_is_directory=True)
+    shutil.copytree(retrained, root / TINY / "2")
+    (tmp_path / "admin").write_text(ADMIN)
+    (tmp_path / "tokens").write_text(f"alice: {token_hash('alice-token')}\nbob: {token_hash('bob-token')}\n")
+    metrics_port = free_port()
+    flags = ("--admin-token-file", str(tmp_path / "admin"), "--tokens", str(tmp_path / "tokens"), "--metrics-port", str(metrics_port))
+    support, labels, _ = episodes[0]
+    with (
+        ServerProcess(root, tmp_path / "state", *SMALL, *flags) as proc,
+        FewShotClient(proc.target, token="alice-token") as alice,
+        FewShotClient(proc.target, token="bob-token") as bob,
+    ):
+        info = alice.set_canary(TINY, "1", ADMIN, percent=50)
+        assert [(v.version, v.default, v.canary_percent) for v in info.versions] == [("1", False, 50.0), ("2", True, 0.0)]
+        on = Counter(bob.adapt(support, labels, TINY).model_version for _ in range(40))
+        assert 5 <= on["1"] <= 35 and on["1"] + on["2"] == 40, on  # binomial(40, 0.5): outside 5..35 with p < 1e-6
+        assert bob.adapt(support, labels, TINY, model_version="2").model_version == "2"  # a version named: no canary
+        alice.set_canary(TINY, "1", ADMIN, tenants=["alice"])
+        assert {alice.adapt(support, labels, TINY).model_version for _ in range(5)} == {"1"}
+        assert {bob.adapt(support, labels, TINY).model_version for _ in range(5)} == {"2"}
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=30) as answer:
+            metrics = answer.read().decode()
+        for version, count in (("1", on["1"] + 5), ("2", on["2"] + 6)):
+            line = f'fewshot_model_requests_total{{code="OK",model="{TINY}",rpc="Adapt",version="{version}"}} {float(count)}'
+            assert line in metrics, [m for m in metrics.splitlines() if m.startswith("fewshot_model_requests_total")]
+        alice.set_canary(TINY, None, ADMIN)
+        assert alice.adapt(support, labels, TINY).model_version == "2"
+        with pytest.raises(InvalidArgument, match="is the default"):
+            alice.set_canary(TINY, "2", ADMIN, percent=10)

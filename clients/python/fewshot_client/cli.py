@@ -11,7 +11,7 @@ from pathlib import Path
 
 from fewshot_client.client import FewShotClient
 from fewshot_client.errors import FewShotError
-from fewshot_client.messages import ModelInfo, SettingInfo
+from fewshot_client.messages import ModelInfo, ModelVersionInfo, SettingInfo
 
 PROG = "fewshot-client"
 
@@ -105,10 +105,15 @@ def cmd_models(client: FewShotClient, args: argparse.Namespace) -> None:
         token = read_token(args.admin_token_file) if args.admin_token_file else os.environ.get("FEWSHOT_ADMIN_TOKEN", "")
         if not token:
             raise CommandError(f"`models {action}` needs the admin token: --admin-token-file FILE or $FEWSHOT_ADMIN_TOKEN")
-        call = {"load": client.load_model, "unload": client.unload_model, "default": client.set_default_version}[action]
-        info = call(args.model, args.version, token)
-        done = {"load": "loaded", "unload": "unloaded", "default": "made the default version of"}[action]
-        print(f"{done} {args.model} version {args.version}", file=sys.stderr)
+        if action == "canary":
+            info = client.set_canary(args.model, args.version, token, args.percent, args.tenant or [])
+            done = f"{args.percent:g}% and tenants {', '.join(args.tenant or []) or 'none'} to" if args.version else "ended the canary of"
+            print(f"{done} {args.model}{' version ' + args.version if args.version else ''}", file=sys.stderr)
+        else:
+            call = {"load": client.load_model, "unload": client.unload_model, "default": client.set_default_version}[action]
+            info = call(args.model, args.version, token)
+            done = {"load": "loaded", "unload": "unloaded", "default": "made the default version of"}[action]
+            print(f"{done} {args.model} version {args.version}", file=sys.stderr)
         print(_describe_versions(info) if info is not None else f"{args.model}: no version loaded")
         return
     for m in client.models():
@@ -123,7 +128,13 @@ def cmd_models(client: FewShotClient, args: argparse.Namespace) -> None:
 
 def _describe_versions(m: ModelInfo) -> str:
     """``versions 1 (3f2a9c1b8e7d, 12 tasks), 2* (...)``: the loaded versions, ``*`` marking the default."""
-    return "versions " + ", ".join(f"{v.version}{'*' if v.default else ''} ({v.digest[:12]}, {v.live_tasks} tasks)" for v in m.versions)
+    return "versions " + ", ".join(map(_describe_version, m.versions))
+
+
+def _describe_version(v: ModelVersionInfo) -> str:
+    canary = f", canary {v.canary_percent:g}%" if v.canary_percent else ""
+    canary += f", canary tenants {'+'.join(v.canary_tenants)}" if v.canary_tenants else ""
+    return f"{v.version}{'*' if v.default else ''} ({v.digest[:12]}, {v.live_tasks} tasks{canary})"
 
 
 def _describe_setting(s: SettingInfo) -> str:
@@ -267,6 +278,14 @@ def parser() -> argparse.ArgumentParser:
         one.add_argument(
             "--admin-token-file", type=Path, metavar="FILE", help="read the admin token from FILE (default: $FEWSHOT_ADMIN_TOKEN)"
         )
+    canary = actions.add_parser("canary", help="send a share of MODEL's new adapts to a candidate VERSION (no VERSION: end the canary)")
+    canary.add_argument("model", metavar="MODEL")
+    canary.add_argument("version", metavar="VERSION", nargs="?")
+    canary.add_argument("--percent", type=float, default=0.0, help="share of adapts naming no version sent to VERSION, 0..100")
+    canary.add_argument("--tenant", action="append", metavar="NAME", help="a tenant whose adapts all go to VERSION (repeat)")
+    canary.add_argument(
+        "--admin-token-file", type=Path, metavar="FILE", help="read the admin token from FILE (default: $FEWSHOT_ADMIN_TOKEN)"
+    )
     adapt.add_argument("--model-version", metavar="VERSION", help="one of the model's loaded versions (default: its default version)")
 
     delete = sub.add_parser("delete", help="delete a task")

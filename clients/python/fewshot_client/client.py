@@ -210,6 +210,18 @@ class FewShotClient:
         """Makes the loaded ``version`` the one adapts of ``model`` use when they name none."""
         return self._admin_call(self._admin.SetDefaultVersion, model, version, admin_token)
 
+    def set_canary(
+        self, model: str, version: str | None, admin_token: str, percent: float = 0.0, tenants: Sequence[str] = ()
+    ) -> ModelInfo | None:
+        """Sends ``percent`` of ``model``'s adapts that name no version, and all of ``tenants``', to the loaded
+        ``version`` (a candidate beside the default); ``version=None`` ends the canary."""
+        request = fewshot_pb2.CanaryRequest(model=model, version=version or "", percent=percent, tenants=list(tenants))
+        try:
+            response = self._admin.SetCanary(request, **messages.admin_options(self._config.call_options, admin_token))
+        except grpc.RpcError as err:
+            raise errors.from_rpc_error(err) from None
+        return messages.model_infos(fewshot_pb2.ListModelsResponse(models=[response.model]))[0] if response.HasField("model") else None
+
     def close(self) -> None:
         """Closes the channel."""
         self._channel.close()

@@ -95,6 +95,9 @@ class ModelVersionInfo:
     digest: str
     default: bool
     live_tasks: int
+    #: A canary: the share of adapts naming no version that come here (0..100), and the tenants whose all do.
+    canary_percent: float = 0.0
+    canary_tenants: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -352,7 +355,9 @@ def model_infos(response: fewshot_pb2.ListModelsResponse) -> list[ModelInfo]:
                 )
                 for s in m.settings
             ],
-            versions=[ModelVersionInfo(v.version, v.digest, v.default, v.live_tasks) for v in m.versions],
+            versions=[
+                ModelVersionInfo(v.version, v.digest, v.default, v.live_tasks, v.canary_percent, list(v.canary_tenants)) for v in m.versions
+            ],
         )
         for m in response.models
     ]

@@ -7,6 +7,18 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class CanaryRequest(_message.Message):
+    __slots__ = ("model", "version", "percent", "tenants")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    PERCENT_FIELD_NUMBER: _ClassVar[int]
+    TENANTS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    version: str
+    percent: float
+    tenants: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., percent: _Optional[float] = ..., tenants: _Optional[_Iterable[str]] = ...) -> None: ...
+
 class ModelVersionRequest(_message.Message):
     __slots__ = ("model", "version")
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -204,16 +216,20 @@ class ModelVersion(_message.Message):
     def __init__(self, version: _Optional[str] = ..., digest: _Optional[str] = ...) -> None: ...
 
 class ModelVersionInfo(_message.Message):
-    __slots__ = ("version", "digest", "default", "live_tasks")
+    __slots__ = ("version", "digest", "default", "live_tasks", "canary_percent", "canary_tenants")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     DIGEST_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_FIELD_NUMBER: _ClassVar[int]
     LIVE_TASKS_FIELD_NUMBER: _ClassVar[int]
+    CANARY_PERCENT_FIELD_NUMBER: _ClassVar[int]
+    CANARY_TENANTS_FIELD_NUMBER: _ClassVar[int]
     version: str
     digest: str
     default: bool
     live_tasks: int
-    def __init__(self, version: _Optional[str] = ..., digest: _Optional[str] = ..., default: _Optional[bool] = ..., live_tasks: _Optional[int] = ...) -> None: ...
+    canary_percent: float
+    canary_tenants: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, version: _Optional[str] = ..., digest: _Optional[str] = ..., default: _Optional[bool] = ..., live_tasks: _Optional[int] = ..., canary_percent: _Optional[float] = ..., canary_tenants: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class UpdateTaskRequest(_message.Message):
     __slots__ = ("task_id", "add", "remove_labels", "expected_version")

@@ -386,6 +386,11 @@ class FewShotAdminStub:
                 request_serializer=fewshot_dot_v1_dot_fewshot__pb2.ModelVersionRequest.SerializeToString,
                 response_deserializer=fewshot_dot_v1_dot_fewshot__pb2.ModelAdminResponse.FromString,
                 _registered_method=True)
+        self.SetCanary = channel.unary_unary(
+                '/fewshot.v1.FewShotAdmin/SetCanary',
+                request_serializer=fewshot_dot_v1_dot_fewshot__pb2.CanaryRequest.SerializeToString,
+                response_deserializer=fewshot_dot_v1_dot_fewshot__pb2.ModelAdminResponse.FromString,
+                _registered_method=True)
 
 
 class FewShotAdminServicer:
@@ -414,6 +419,14 @@ class FewShotAdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetCanary(self, request, context):
+        """Send a share of new Adapts (a percentage, or all of chosen tenants) to a candidate version; an empty version
+        ends the canary.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FewShotAdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -430,6 +443,11 @@ def add_FewShotAdminServicer_to_server(servicer, server):
             'SetDefaultVersion': grpc.unary_unary_rpc_method_handler(
                     servicer.SetDefaultVersion,
                     request_deserializer=fewshot_dot_v1_dot_fewshot__pb2.ModelVersionRequest.FromString,
+                    response_serializer=fewshot_dot_v1_dot_fewshot__pb2.ModelAdminResponse.SerializeToString,
+            ),
+            'SetCanary': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetCanary,
+                    request_deserializer=fewshot_dot_v1_dot_fewshot__pb2.CanaryRequest.FromString,
                     response_serializer=fewshot_dot_v1_dot_fewshot__pb2.ModelAdminResponse.SerializeToString,
             ),
     }
@@ -515,6 +533,33 @@ class FewShotAdmin:
             target,
             '/fewshot.v1.FewShotAdmin/SetDefaultVersion',
             fewshot_dot_v1_dot_fewshot__pb2.ModelVersionRequest.SerializeToString,
+            fewshot_dot_v1_dot_fewshot__pb2.ModelAdminResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetCanary(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fewshot.v1.FewShotAdmin/SetCanary',
+            fewshot_dot_v1_dot_fewshot__pb2.CanaryRequest.SerializeToString,
             fewshot_dot_v1_dot_fewshot__pb2.ModelAdminResponse.FromString,
             options,
             channel_credentials,
