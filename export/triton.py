@@ -131,17 +131,19 @@ def onnx_model_config(model_name: str, onnx_path: Path, batched: bool, backend: 
     return _config(model_name, backend, MAX_BATCH_SIZE if batched else 0, inputs, outputs, ("KIND_AUTO", 1), None, batched)
 
 
-def write_onnx_model(repo: Path, model_name: str, onnx_path: Path, batched: bool, backend: str = "onnxruntime_onnx") -> Path:
-    """Write ``repo/<model_name>/{config.pbtxt, 1/model.onnx}`` (and ``1/model.py`` for the python
-    backend); returns the model folder."""
+def write_onnx_model(
+    repo: Path, model_name: str, onnx_path: Path, batched: bool, backend: str = "onnxruntime_onnx", version: str = "1"
+) -> Path:
+    """Write ``repo/<model_name>/{config.pbtxt, VERSION/model.onnx}`` (and ``VERSION/model.py`` for the python
+    backend; Triton serves the highest version by default); returns the model folder."""
     config = onnx_model_config(model_name, onnx_path, batched, backend)
     folder = Path(repo) / model_name
-    (folder / "1").mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(onnx_path, folder / "1" / "model.onnx")
+    (folder / version).mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(onnx_path, folder / version / "model.onnx")
     if backend == "python":
-        shutil.copyfile(_ONNX_WRAPPER, folder / "1" / "model.py")
+        shutil.copyfile(_ONNX_WRAPPER, folder / version / "model.py")
     else:
-        (folder / "1" / "model.py").unlink(missing_ok=True)  # a python variant written here before
+        (folder / version / "model.py").unlink(missing_ok=True)  # a python variant written here before
     (folder / "config.pbtxt").write_text(config)
     return folder
 
@@ -202,10 +204,12 @@ def write_bundle_models(repo: Path, bundle: Bundle, backend: str = "onnxruntime_
     those models need ``fewshot`` and torch in Triton's python environment, which a stock Triton image
     lacks). Paths are written absolute."""
     folder = bundle.path.resolve()
+    versioned = folder.name == bundle.version and folder.parent.name == bundle.name  # NAME/VERSION/: the same version in Triton
+    version = bundle.version if versioned else "1"
     folders = [
-        write_onnx_model(repo, part_model_name(bundle.name, p.name), folder / f"{p.name}.onnx", p.batched, backend)
+        write_onnx_model(repo, part_model_name(bundle.name, p.name), folder / f"{p.name}.onnx", p.batched, backend, version)
         for p in family_of(bundle.manifest).parts
     ]
     if state_dir is not None:
-        folders += write_fewshot_models(repo, folder.parent, Path(state_dir).resolve())
+        folders += write_fewshot_models(repo, folder.parent.parent if versioned else folder.parent, Path(state_dir).resolve())
     return folders

@@ -30,6 +30,7 @@ from fewshot.export.registry import Bundle, BundleError, Registry, bundle_folder
 from fewshot.models.family import Family
 from fewshot.server.auth import token_hash
 from fewshot.server.errors import InvalidRequest, NotFound, PermissionDenied, ServiceError, quoted
+from fewshot.server.migrate import Migrations
 from fewshot.server.tasks import MAX_MODEL_NAME
 from fewshot.server.versions import Canary, ServedModels, describe
 from fewshot_proto import fewshot_pb2 as pb
@@ -250,8 +251,14 @@ class AdminService:
     """``fewshot.v1.FewShotAdmin`` over :class:`ModelControl`; ``describe(name)`` answers the model as ListModels
     does. Register with :meth:`add_to_server`."""
 
-    def __init__(self, control: ModelControl, auth: AdminAuth, describe_model: Callable[[str], pb.ModelInfo | None]) -> None:
-        self.control, self.auth, self.describe_model = control, auth, describe_model
+    def __init__(
+        self,
+        control: ModelControl,
+        auth: AdminAuth,
+        describe_model: Callable[[str], pb.ModelInfo | None],
+        migrations: Migrations | None = None,
+    ) -> None:
+        self.control, self.auth, self.describe_model, self.migrations = control, auth, describe_model, migrations
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
         def unary(fn: Callable) -> grpc.RpcMethodHandler:
@@ -262,11 +269,12 @@ class AdminService:
             "UnloadModel": unary(self.UnloadModel),
             "SetDefaultVersion": unary(self.SetDefaultVersion),
             "SetCanary": unary(self.SetCanary),
+            "MigrateTasks": unary(self.MigrateTasks),
         }
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(ADMIN_SERVICE_NAME, handlers),))
 
     async def _call(
-        self, rpc: str, raw: bytes, context: grpc.aio.ServicerContext, fn: Callable[..., Family], kind: Any = None
+        self, rpc: str, raw: bytes, context: grpc.aio.ServicerContext, fn: Callable[..., Family | tuple[Family, Any]], kind: Any = None
     ) -> pb.ModelAdminResponse:
         """Authenticate, parse ``raw`` as ``kind`` (default ``ModelVersionRequest``), run ``fn(model, version)`` (for
         another ``kind``: ``fn(request)``) off the event loop, and answer the model as served after it."""
@@ -278,10 +286,11 @@ class AdminService:
             except Exception:
                 raise InvalidRequest(f"the request is not a {message.DESCRIPTOR.name}") from None
             args = (request.model, request.version) if kind is None else (request,)
-            family = await asyncio.get_running_loop().run_in_executor(None, fn, *args)
+            done = await asyncio.get_running_loop().run_in_executor(None, fn, *args)
+            family, migration = done if isinstance(done, tuple) else (done, None)
             info = self.describe_model(family.name)
             log.info(json.dumps({"rpc": rpc, "code": "OK", "model": family.name, "version": family.version}))
-            return pb.ModelAdminResponse(model=info) if info is not None else pb.ModelAdminResponse()
+            return pb.ModelAdminResponse(model=info, migration=migration)
         except ServiceError as exc:
             log.info(json.dumps({"rpc": rpc, "code": exc.code.name, "error": str(exc)[:500]}))
             if hasattr(context, "http_status"):
@@ -303,6 +312,20 @@ class AdminService:
             return self.control.set_canary(request.model, request.version, request.percent, list(request.tenants))
 
         return await self._call("SetCanary", raw, context, run, pb.CanaryRequest)
+
+    async def MigrateTasks(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.ModelAdminResponse:
+        def run(model: str, version: str) -> tuple[Family, pb.MigrationStatus]:
+            _check_name(model, version)
+            if self.migrations is None:
+                raise BundleRefused("this server runs no migrations: use `fewshot migrate`")
+            target = self.control.models.version(model, version)  # loaded here: the servers answer its tasks after
+            progress, running = self.migrations.start(target)
+            status = pb.MigrationStatus(
+                model=model, version=version, done=progress.done, left=progress.left, failed=len(progress.failed), running=running
+            )
+            return target, status
+
+        return await self._call("MigrateTasks", raw, context, run)
 
 
 def loaded_summary(models: ServedModels) -> str:

@@ -32,6 +32,7 @@ from fewshot.server.auth import Authenticator, TokensFileError
 from fewshot.server.budget import BodyBudget
 from fewshot.server.config import ServeConfig
 from fewshot.server.metrics import ServiceMetrics
+from fewshot.server.migrate import Migrations, Progress
 from fewshot.server.service import SERVICE_NAME, FewShotService, ServiceLimits
 from fewshot.server.store import TaskStore
 from fewshot.server.triton_backend import TritonBackend
@@ -164,7 +165,13 @@ async def serve(cfg: ServeConfig, ready: asyncio.Event | None = None) -> None:
     # explicit control: admin changes are recorded in the task database and replayed by every process sharing it
     control = ModelControl(cfg.models or DEFAULT_BUNDLE_DIR, models, open_version(cfg), store if cfg.model_control == "explicit" else None)
     control.sync()  # what other replicas' admin calls recorded before this one started
-    admin = AdminService(control, AdminAuth(cfg.admin_token, auth.digests()), lambda name: service.describe_model(name))
+
+    def migrated(name: str, version: str, progress: Progress) -> None:
+        for state, count in (("done", progress.done), ("left", progress.left), ("failed", len(progress.failed))):
+            metrics.migration.labels(name, version, state).set(count)
+
+    migrations = Migrations(store, migrated)
+    admin = AdminService(control, AdminAuth(cfg.admin_token, auth.digests()), lambda name: service.describe_model(name), migrations)
     admin.add_to_server(server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, ADMIN_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)

@@ -18,6 +18,7 @@ maps to HTTP by the error's class (``http_status``: 400, 401, 404, 409, 412, 413
     POST   /v1/admin/models/{model}/versions/{version}/unload   UnloadModel        (admin token)
     POST   /v1/admin/models/{model}/versions/{version}/default  SetDefaultVersion  (admin token)
     POST   /v1/admin/models/{model}/canary                      SetCanary          (admin token; JSON CanaryRequest)
+    POST   /v1/admin/models/{model}/versions/{version}/migrate  MigrateTasks       (admin token)
     GET    /healthz                   200 while serving, 503 while saturated or stopping
     GET    /openapi.json, /docs       the OpenAPI document (FastAPI's)
     GET    /                          the web console (``server/console/index.html``)
@@ -342,6 +343,7 @@ def http_app(service: Any, max_request_bytes: int, serving: Callable[[], bool] =
             ("load", "LoadModel", "verify and load a version from the model directory"),
             ("unload", "UnloadModel", "stop serving a version (its tasks answer 412 until it is loaded again)"),
             ("default", "SetDefaultVersion", "make a loaded version the one Adapt uses when a request names none"),
+            ("migrate", "MigrateTasks", "re-adapt the model's stored tasks onto a loaded version in the background (again: progress)"),
         ):
             app.post(
                 f"/v1/admin/models/{{model}}/versions/{{version}}/{action}",

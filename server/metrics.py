@@ -34,6 +34,12 @@ class ServiceMetrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self.migration = Gauge(
+            "fewshot_migration_tasks",
+            "Tasks of the last migration of each model (MigrateTasks), by state: done, left, failed",
+            ["model", "version", "state"],
+            registry=self.registry,
+        )
         self.cache = Counter("fewshot_task_cache_events", "Task cache hits, misses and evictions", ["event"], registry=self.registry)
         self.tasks = Gauge("fewshot_tasks_stored", "Live tasks in the persistent store", registry=self.registry)
         self.running = Gauge("fewshot_admission_running", "Heavy calls (Adapt, Classify) running now", registry=self.registry)

@@ -16,6 +16,8 @@ least 2 images; otherwise predicted by the whole task).
 from __future__ import annotations
 
 import dataclasses
+import json
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -26,12 +28,14 @@ from typing import Any
 import numpy as np
 
 from fewshot.models.family import Family
-from fewshot.server.errors import ServiceError
+from fewshot.server.errors import Conflict, ServiceError
 from fewshot.server.state import StateError, load_support
 from fewshot.server.store import TaskStore
 from fewshot.server.store_schema import TaskRecord
 from fewshot.server.tasks import AdaptRequest
 from fewshot.server.versions import describe
+
+log = logging.getLogger("fewshot.server")
 
 #: Compare-and-set attempts per task before it is counted as failed (a task updated concurrently each time).
 ATTEMPTS = 5
@@ -87,10 +91,18 @@ def migrate_task(store: TaskStore, target: Family, task_id: str, tenant: str) ->
     raise NotMigratable(f"it was updated by {ATTEMPTS} other calls while it was being migrated: run the migration again")
 
 
-def migrate(store: TaskStore, target: Family, concurrency: int = 2, on_progress: Callable[[Progress], None] | None = None) -> Progress:
-    """Migrate every live task of ``target.name`` not on ``target`` (``concurrency`` at once); the final progress."""
+def migrate(
+    store: TaskStore,
+    target: Family,
+    concurrency: int = 2,
+    on_progress: Callable[[Progress], None] | None = None,
+    progress: Progress | None = None,
+) -> Progress:
+    """Migrate every live task of ``target.name`` not on ``target`` (``concurrency`` at once), counting into
+    ``progress`` (a new one by default); the final progress."""
     pending = store.not_on(target.name, target.digest)
-    progress, lock = Progress(len(pending)), threading.Lock()
+    progress, lock = progress or Progress(0), threading.Lock()
+    progress.total = len(pending)
 
     def one(item: tuple[str, str]) -> None:
         task_id, tenant = item
@@ -110,6 +122,39 @@ def migrate(store: TaskStore, target: Family, concurrency: int = 2, on_progress:
     with ThreadPoolExecutor(max(1, concurrency), thread_name_prefix="fewshot-migrate") as pool:
         list(pool.map(one, pending))
     return progress
+
+
+class Migrations:
+    """Migrations the server runs in the background (the admin call ``MigrateTasks``): one per model at a time,
+    ``concurrency`` tasks at once beside the serving; ``on_progress(name, version, progress)`` after each task."""
+
+    def __init__(self, store: TaskStore, on_progress: Callable[[str, str, Progress], None], concurrency: int = 2) -> None:
+        self.store, self.on_progress, self.concurrency = store, on_progress, concurrency
+        self._lock = threading.Lock()
+        self._runs: dict[str, tuple[str, Progress, threading.Thread]] = {}
+
+    def start(self, target: Family) -> tuple[Progress, bool]:
+        """Start migrating ``target.name``'s tasks onto ``target`` unless a migration of that model runs: ``(its
+        progress, whether it runs)``. :class:`Conflict` when the running one goes to another version."""
+        with self._lock:
+            run = self._runs.get(target.name)
+            if run is not None and run[2].is_alive():
+                if run[0] != target.version:
+                    raise Conflict(f"a migration of {target.name} to version {run[0]} runs: wait for it to end")
+                return run[1], True
+            progress = Progress(0)
+            thread = threading.Thread(target=self._run, args=(target, progress), name=f"fewshot-migrate-{target.name}", daemon=True)
+            self._runs[target.name] = (target.version, progress, thread)
+            thread.start()
+            return progress, True
+
+    def _run(self, target: Family, progress: Progress) -> None:
+        try:
+            migrate(self.store, target, self.concurrency, lambda p: self.on_progress(target.name, target.version, p), progress)
+        except Exception:  # the database away, or a bug: logged; running it again resumes
+            log.exception("migration of %s to version %s stopped", target.name, target.version)
+        self.on_progress(target.name, target.version, progress)
+        log.warning(json.dumps({"event": "migration ended", "model": target.name, "version": target.version, "progress": progress.line()}))
 
 
 def held_out_predictions(model: Family, method: str, names: list[str], settings: dict[str, Any], pixels: np.ndarray) -> list[str]:

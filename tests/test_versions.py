@@ -440,3 +440,33 @@ def test_a_canary_sends_a_share_of_adapts_and_chosen_tenants_to_a_candidate(expo
         assert alice.adapt(support, labels, TINY).model_version == "2"
         with pytest.raises(InvalidArgument, match="is the default"):
             alice.set_canary(TINY, "2", ADMIN, percent=10)
+
+
+def _gauge(metrics_port: int, name: str, **labels: str) -> float | None:
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=30) as answer:
+        text = answer.read().decode()
+    want = name + "{" + ",".join(f'{k}="{v}"' for k, v in sorted(labels.items())) + "}"
+    return next((float(line.split()[-1]) for line in text.splitlines() if line.startswith(want + " ")), None)
+
+
+def test_the_admin_migration_runs_in_the_background_with_its_progress_in_the_metrics(exported, retrained, episodes, tmp_path):
+    """``MigrateTasks`` (``fewshot-client models migrate``): the server re-adapts the stored tasks onto the loaded
+    version in the background; ``fewshot_migration_tasks{state}`` counts them; then every task is on the version."""
+    root = tmp_path / "models"
+    (root / TINY).mkdir(parents=True)
+    (root / TINY / "1").symlink_to(exported[0] / TINY, target_is_directory=True)
+    shutil.copytree(retrained, root / TINY / "2")
+    (tmp_path / "admin").write_text(ADMIN)
+    metrics_port = free_port()
+    flags = ("--admin-token-file", str(tmp_path / "admin"), "--metrics-port", str(metrics_port))
+    with ServerProcess(root, tmp_path / "state", *SMALL, *flags) as proc, FewShotClient(proc.target) as client:
+        tasks = [client.adapt(s, labels, TINY, model_version="1").id for s, labels, _ in episodes for _ in range(2)]
+        status = client.migrate_tasks(TINY, "2", ADMIN)
+        assert status.model == TINY and status.version == "2" and status.running
+        labels = {"model": TINY, "version": "2"}
+        assert _until(lambda: _gauge(metrics_port, "fewshot_migration_tasks", state="done", **labels) == len(tasks), 60)
+        assert _gauge(metrics_port, "fewshot_migration_tasks", state="left", **labels) == 0
+        assert _gauge(metrics_port, "fewshot_migration_tasks", state="failed", **labels) == 0
+        assert {client.task_info(t).model_version for t in tasks} == {"2"}
+        with pytest.raises(NotFound):
+            client.migrate_tasks(TINY, "3", ADMIN)  # a version that is not loaded

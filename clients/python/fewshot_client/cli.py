@@ -110,6 +110,10 @@ def cmd_models(client: FewShotClient, args: argparse.Namespace) -> None:
             done = f"{args.percent:g}% and tenants {', '.join(args.tenant or []) or 'none'} to" if args.version else "ended the canary of"
             print(f"{done} {args.model}{' version ' + args.version if args.version else ''}", file=sys.stderr)
         else:
+            if action == "migrate":
+                status = client.migrate_tasks(args.model, args.version, token)
+                print(f"migrating {args.model} to version {args.version}: {status.done} done, {status.left} left, {status.failed} failed")
+                return
             call = {"load": client.load_model, "unload": client.unload_model, "default": client.set_default_version}[action]
             info = call(args.model, args.version, token)
             done = {"load": "loaded", "unload": "unloaded", "default": "made the default version of"}[action]
@@ -271,6 +275,7 @@ def parser() -> argparse.ArgumentParser:
         ("load", "verify and load VERSION of MODEL from the server's model directory"),
         ("unload", "stop serving VERSION of MODEL (its tasks answer FAILED_PRECONDITION until it is loaded again)"),
         ("default", "make the loaded VERSION the one adapts of MODEL use when they name none"),
+        ("migrate", "re-adapt MODEL's stored tasks onto its loaded VERSION in the server's background (called again: the progress)"),
     ):
         one = actions.add_parser(action, help=text)
         one.add_argument("model", metavar="MODEL")

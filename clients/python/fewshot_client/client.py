@@ -222,6 +222,15 @@ class FewShotClient:
             raise errors.from_rpc_error(err) from None
         return messages.model_infos(fewshot_pb2.ListModelsResponse(models=[response.model]))[0] if response.HasField("model") else None
 
+    def migrate_tasks(self, model: str, version: str, admin_token: str) -> fewshot_pb2.MigrationStatus:
+        """Starts re-adapting every stored task of ``model`` onto its loaded ``version`` in the server's background (as
+        ``fewshot migrate``); while it runs, a call answers its progress (``done``, ``left``, ``failed``)."""
+        request = fewshot_pb2.ModelVersionRequest(model=model, version=str(version))
+        try:
+            return self._admin.MigrateTasks(request, **messages.admin_options(self._config.call_options, admin_token)).migration
+        except grpc.RpcError as err:
+            raise errors.from_rpc_error(err) from None
+
     def close(self) -> None:
         """Closes the channel."""
         self._channel.close()

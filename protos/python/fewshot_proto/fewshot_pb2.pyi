@@ -7,6 +7,22 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class MigrationStatus(_message.Message):
+    __slots__ = ("model", "version", "done", "left", "failed", "running")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    LEFT_FIELD_NUMBER: _ClassVar[int]
+    FAILED_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    version: str
+    done: int
+    left: int
+    failed: int
+    running: bool
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., done: _Optional[int] = ..., left: _Optional[int] = ..., failed: _Optional[int] = ..., running: _Optional[bool] = ...) -> None: ...
+
 class CanaryRequest(_message.Message):
     __slots__ = ("model", "version", "percent", "tenants")
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -28,10 +44,12 @@ class ModelVersionRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
 
 class ModelAdminResponse(_message.Message):
-    __slots__ = ("model",)
+    __slots__ = ("model", "migration")
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    MIGRATION_FIELD_NUMBER: _ClassVar[int]
     model: ModelInfo
-    def __init__(self, model: _Optional[_Union[ModelInfo, _Mapping]] = ...) -> None: ...
+    migration: MigrationStatus
+    def __init__(self, model: _Optional[_Union[ModelInfo, _Mapping]] = ..., migration: _Optional[_Union[MigrationStatus, _Mapping]] = ...) -> None: ...
 
 class Image(_message.Message):
     __slots__ = ("encoded", "tensor")

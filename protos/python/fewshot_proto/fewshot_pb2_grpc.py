@@ -391,6 +391,11 @@ class FewShotAdminStub:
                 request_serializer=fewshot_dot_v1_dot_fewshot__pb2.CanaryRequest.SerializeToString,
                 response_deserializer=fewshot_dot_v1_dot_fewshot__pb2.ModelAdminResponse.FromString,
                 _registered_method=True)
+        self.MigrateTasks = channel.unary_unary(
+                '/fewshot.v1.FewShotAdmin/MigrateTasks',
+                request_serializer=fewshot_dot_v1_dot_fewshot__pb2.ModelVersionRequest.SerializeToString,
+                response_deserializer=fewshot_dot_v1_dot_fewshot__pb2.ModelAdminResponse.FromString,
+                _registered_method=True)
 
 
 class FewShotAdminServicer:
@@ -427,6 +432,14 @@ class FewShotAdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def MigrateTasks(self, request, context):
+        """Re-adapt, in the background, every stored task of the model onto the loaded version (as `fewshot migrate`);
+        answers at once with the progress (called again while it runs: its progress; after: a new run, which resumes).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FewShotAdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -448,6 +461,11 @@ def add_FewShotAdminServicer_to_server(servicer, server):
             'SetCanary': grpc.unary_unary_rpc_method_handler(
                     servicer.SetCanary,
                     request_deserializer=fewshot_dot_v1_dot_fewshot__pb2.CanaryRequest.FromString,
+                    response_serializer=fewshot_dot_v1_dot_fewshot__pb2.ModelAdminResponse.SerializeToString,
+            ),
+            'MigrateTasks': grpc.unary_unary_rpc_method_handler(
+                    servicer.MigrateTasks,
+                    request_deserializer=fewshot_dot_v1_dot_fewshot__pb2.ModelVersionRequest.FromString,
                     response_serializer=fewshot_dot_v1_dot_fewshot__pb2.ModelAdminResponse.SerializeToString,
             ),
     }
@@ -560,6 +578,33 @@ class FewShotAdmin:
             target,
             '/fewshot.v1.FewShotAdmin/SetCanary',
             fewshot_dot_v1_dot_fewshot__pb2.CanaryRequest.SerializeToString,
+            fewshot_dot_v1_dot_fewshot__pb2.ModelAdminResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MigrateTasks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fewshot.v1.FewShotAdmin/MigrateTasks',
+            fewshot_dot_v1_dot_fewshot__pb2.ModelVersionRequest.SerializeToString,
             fewshot_dot_v1_dot_fewshot__pb2.ModelAdminResponse.FromString,
             options,
             channel_credentials,
