@@ -53,6 +53,7 @@ NOT_QUOTED = {
     ("serving.md", "that is 1.15 GB"): "computed from the bound's formula with the defaults: 256 + 1.5 x 512 + 128 MB",
     ("serving.md", "fixed at 1 MB (by default it rises to\n  32 MB"): "glibc's settings (server/memory.py), not measured",
     ("serving.md", "held 16 MB or more"): "the malloc_trim threshold (server/memory.py), a constant",
+    ("README.md", "within 5 s)"): "the bound tests/test_versions.py holds replicas to (CONVERGENCE_S), not a measurement",
     ("upgrading.md", "**within 5 s**"): "the bound tests/test_versions.py holds replicas to (CONVERGENCE_S), not a measurement",
     ("serving.md", "within 100 MB of its start-up size"): "the limit tests/test_bounds.py holds the idle process to (issue 34)",
     ("serving.md", "8 MB per encoded image and 16.8 M pixels"): "limits of fewshot serve: flags and their defaults",
