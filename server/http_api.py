@@ -14,6 +14,9 @@ maps to HTTP by the error's class (``http_status``: 400, 401, 404, 409, 412, 413
     GET    /v1/tasks/{id}             GetTask
     DELETE /v1/tasks/{id}             DeleteTask
     GET    /v1/models                 ListModels
+    GET    /v1/tasks                  ListTasks    (?page_size=N&page_token=T)
+    GET    /v1/tasks/{id}/export      ExportTask
+    POST   /v1/tasks/import           ImportTask   (JSON ImportTaskRequest: the blob base64)
     POST   /v1/admin/models/{model}/versions/{version}/load     LoadModel          (admin token)
     POST   /v1/admin/models/{model}/versions/{version}/unload   UnloadModel        (admin token)
     POST   /v1/admin/models/{model}/versions/{version}/default  SetDefaultVersion  (admin token)
@@ -321,6 +324,44 @@ def http_app(service: Any, max_request_bytes: int, serving: Callable[[], bool] =
     async def delete_task(request: Request, task_id: str) -> Any:
         return await call(request, service.DeleteTask, pb.DeleteTaskRequest(task_id=task_id))
 
+    @app.get(
+        "/v1/tasks",
+        operation_id="ListTasks",
+        summary="ListTasks: the caller's live tasks, oldest first, a page at a time (page_size, page_token)",
+        responses=responses("ListTasksResponse", statuses),
+        openapi_extra={
+            "parameters": [
+                {"name": "page_size", "in": "query", "required": False, "schema": {"type": "integer", "minimum": 0, "maximum": 1000}},
+                {"name": "page_token", "in": "query", "required": False, "schema": {"type": "string"}},
+            ]
+        },
+    )
+    async def list_tasks(request: Request) -> Any:
+        size = request.query_params.get("page_size", "0")
+        if not size.isdigit() or len(size) > 6:
+            return _error(400, "INVALID_ARGUMENT", f"page_size {size[:16]!r} is not a whole number of tasks (0..1000)")
+        message = pb.ListTasksRequest(page_size=int(size), page_token=request.query_params.get("page_token", "")[:4096])
+        return await call(request, service.ListTasks, message)
+
+    @app.get(
+        "/v1/tasks/{task_id}/export",
+        operation_id="ExportTask",
+        summary="ExportTask: the task as one blob (base64 in JSON) that ImportTask takes on another deployment",
+        responses=responses("ExportTaskResponse", statuses),
+    )
+    async def export_task(request: Request, task_id: str) -> Any:
+        return await call(request, service.ExportTask, pb.ExportTaskRequest(task_id=task_id))
+
+    @app.post(
+        "/v1/tasks/import",
+        operation_id="ImportTask",
+        summary="ImportTask: a task from an ExportTask blob, under a new id",
+        responses=responses("AdaptResponse", statuses),
+        openapi_extra=json_body("ImportTaskRequest"),
+    )
+    async def import_task(request: Request) -> Any:
+        return (await guarded(request, service.ImportTask, pb.ImportTaskRequest))[1]
+
     def admin_route(handler: Callable[[bytes, Any], Awaitable[Message]]) -> Callable[..., Awaitable[Any]]:
         async def route(request: Request, model: str, version: str) -> Any:
             return await call(request, handler, pb.ModelVersionRequest(model=model, version=version))
@@ -428,6 +469,9 @@ MESSAGES = [
     (pb.DeleteTaskResponse.DESCRIPTOR, (), "DeleteTaskResponse"),
     (pb.ListModelsResponse.DESCRIPTOR, (), "ListModelsResponse"),
     (pb.ModelAdminResponse.DESCRIPTOR, (), "ModelAdminResponse"),
+    (pb.ListTasksResponse.DESCRIPTOR, (), "ListTasksResponse"),
+    (pb.ExportTaskResponse.DESCRIPTOR, (), "ExportTaskResponse"),
+    (pb.ImportTaskRequest.DESCRIPTOR, (), "ImportTaskRequest"),
     (pb.CanaryRequest.DESCRIPTOR, ("model",), "CanaryBody"),
 ]
 _HEALTH = {

@@ -13,6 +13,9 @@ they are declared, and :func:`model_info` reports them (``ListModels``).
 
 from __future__ import annotations
 
+import base64
+import binascii
+import json
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -158,6 +161,54 @@ def model_settings(model: Family) -> list[pb.SettingInfo]:
         for setting in model.settings(method).values():
             by_setting.setdefault(setting, []).append(method)
     return [setting_info(s, methods) for s, methods in sorted(by_setting.items(), key=lambda kv: (kv[0].api, kv[1]))]
+
+
+#: ListTasks' largest page.
+MAX_PAGE = 1000
+
+
+def page_size(requested: int) -> int:
+    """ListTasks' page size (0: 100), :class:`InvalidRequest` past :data:`MAX_PAGE`."""
+    if requested > MAX_PAGE:
+        raise InvalidRequest(f"page_size {requested} is more than {MAX_PAGE}: ask for at most {MAX_PAGE} tasks a page")
+    return requested or 100
+
+
+def page_after(token: str) -> tuple[float, str]:
+    """The ``(created_at, task_id)`` a page token continues after (:class:`InvalidRequest` for a token not made here)."""
+    if not token:
+        return (0.0, "")
+    try:
+        created, task_id = json.loads(base64.urlsafe_b64decode(token.encode()))
+        return float(created), check_task_id(str(task_id))
+    except (ValueError, TypeError, binascii.Error):
+        raise InvalidRequest("page_token is not one ListTasks returned: pass next_page_token as it came") from None
+
+
+def page_token(created_at: float, task_id: str) -> str:
+    return base64.urlsafe_b64encode(json.dumps([created_at, task_id]).encode()).decode()
+
+
+def task_summaries(rows: Sequence[Sequence[Any]], size: int) -> pb.ListTasksResponse:
+    """A ListTasks page from up to ``size + 1`` rows of ``SUMMARY`` (one more than the page: there is a next)."""
+    tasks = [
+        pb.TaskSummary(
+            task_id=r[0],
+            model=r[1],
+            model_version=pb.ModelVersion(version=r[2], digest=r[3]),
+            method=r[4],
+            ways=len(json.loads(r[5])),
+            support_size=r[6],
+            created_at=r[7],
+            updated_at=r[8] or r[7],
+            expires_at=r[9],
+            size_bytes=r[10],
+            version=r[11],
+        )
+        for r in rows[:size]
+    ]
+    more = len(rows) > size
+    return pb.ListTasksResponse(tasks=tasks, next_page_token=page_token(tasks[-1].created_at, tasks[-1].task_id) if more else "")
 
 
 def task_info(record: TaskRecord, models: ServedModels) -> pb.TaskInfo:

@@ -37,8 +37,20 @@ from fewshot.server.config import ServeConfig
 from fewshot.server.errors import InvalidRequest, NotFound, ServiceError
 from fewshot.server.images import decode_for_model, decode_pixels_for_model
 from fewshot.server.metrics import ServiceMetrics
-from fewshot.server.requests import adapt_response, check_adapt, check_classify, classify_response, model_info, models_info, task_info
+from fewshot.server.requests import (
+    adapt_response,
+    check_adapt,
+    check_classify,
+    classify_response,
+    model_info,
+    models_info,
+    page_after,
+    page_size,
+    task_info,
+    task_summaries,
+)
 from fewshot.server.store import TaskRecord, TaskStore
+from fewshot.server.task_blob import export_blob, import_blob
 from fewshot.server.tasks import AdaptRequest, ServiceLimits, TaskUpdate, check_task_id, find_task, task_ref
 from fewshot.server.versions import ServedModels
 from fewshot_proto import fewshot_pb2 as pb
@@ -154,6 +166,9 @@ class FewShotService:
             "UpdateTask": unary(self.UpdateTask),
             "DeleteTask": unary(self.DeleteTask),
             "ListModels": unary(self.ListModels),
+            "ListTasks": unary(self.ListTasks),
+            "ExportTask": unary(self.ExportTask),
+            "ImportTask": unary(self.ImportTask),
             "AdaptStream": grpc.stream_unary_rpc_method_handler(self.AdaptStream, response_serializer=lambda m: m.SerializeToString()),
         }
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
@@ -432,6 +447,46 @@ class FewShotService:
             return pb.DeleteTaskResponse(deleted=True)
 
         return await self._call("DeleteTask", context, body, 2 * len(raw))
+
+    async def ListTasks(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.ListTasksResponse:
+        async def body(call: _Call) -> pb.ListTasksResponse:
+            request = parse(pb.ListTasksRequest, raw)
+            size, after = page_size(request.page_size), page_after(request.page_token)
+            rows = await self._offload(self.store.list_tasks, call.tenant.name, after, size + 1)
+            return task_summaries(rows, size)
+
+        return await self._call("ListTasks", context, body, 2 * len(raw))
+
+    async def ExportTask(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.ExportTaskResponse:
+        async def body(call: _Call) -> pb.ExportTaskResponse:
+            task_id = call.about(check_task_id(parse(pb.ExportTaskRequest, raw).task_id))
+            record = await self._offload(self.store.record, task_id, call.tenant.name)
+            if record is None:
+                raise NotFound(f"task {task_id} is unknown, deleted or expired")
+            return pb.ExportTaskResponse(blob=export_blob(record))
+
+        return await self._call("ExportTask", context, body, 2 * len(raw))
+
+    async def ImportTask(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.AdaptResponse:
+        async def body(call: _Call) -> pb.AdaptResponse:
+            self.limits.check_request_bytes(len(raw))
+            request = parse(pb.ImportTaskRequest, raw)
+            ttl = self.limits.ttl(request.ttl_seconds)
+            async with self.admission.slot():
+                record, task = await self._offload(import_blob, request.blob, self.models, call.tenant.name, ttl)
+            call.fields.update(model=record.model, model_version=record.model_version, method=record.method)
+            await self._offload(lambda: self.store.put(record, task, self.auth.quota_tasks(call.tenant)))
+            call.about(record.task_id)
+            return pb.AdaptResponse(
+                task_id=record.task_id,
+                labels=record.labels,
+                expires_at=record.expires_at,
+                model=record.model,
+                method=record.method,
+                model_version=pb.ModelVersion(version=record.model_version, digest=record.model_digest),
+            )
+
+        return await self._call("ImportTask", context, body, 2 * len(raw))
 
     def describe_model(self, name: str) -> pb.ModelInfo | None:
         """``name`` as ListModels reports it (blocking: counts its live tasks), or ``None`` when not served."""

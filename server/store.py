@@ -277,6 +277,11 @@ class TaskStore:
         """Live tasks in the database by ``(model, model digest)``."""
         return self.database.live_by_version(time.time())
 
+    def list_tasks(self, tenant: str, after: tuple[float, str] = (0.0, ""), limit: int = 100) -> list[tuple]:
+        """Up to ``limit`` live tasks of ``tenant`` after ``(created_at, task_id)``, oldest first, as rows of
+        :data:`~fewshot.server.store_schema.SUMMARY` (never the state itself)."""
+        return self.database.list_tasks(tenant, time.time(), after, limit)
+
     def set_control(self, model: str, state: str) -> int:
         """Record ``state`` (JSON: the versions served of ``model`` and its default) for every process sharing the
         database; returns its generation (:meth:`control_since`)."""

@@ -32,6 +32,7 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 from fewshot.server.errors import QuotaExceeded
 from fewshot.server.store_schema import (
     COLUMNS,
+    SUMMARY,
     UPDATED,
     StoreUnavailable,
     StoreVersionError,
@@ -42,7 +43,8 @@ from fewshot.server.store_schema import (
 )
 
 #: This schema's version (``fewshot_schema.version``); migrations from older versions go in :func:`_migrate`.
-#: 2 adds ``model_version`` and ``model_digest`` (tasks pinned to a model version).
+#: 2 adds ``model_version``, ``model_digest`` (tasks pinned to a model version) and ``updated_at``, and the
+#: ``model_control`` table (admin changes shared by replicas).
 SCHEMA_VERSION = 2
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS fewshot_schema (version INTEGER NOT NULL);
@@ -61,6 +63,7 @@ CREATE TABLE IF NOT EXISTS tasks (
 );
 ALTER TABLE tasks ADD COLUMN IF NOT EXISTS model_version TEXT NOT NULL DEFAULT '';
 ALTER TABLE tasks ADD COLUMN IF NOT EXISTS model_digest TEXT NOT NULL DEFAULT '';
+ALTER TABLE tasks ADD COLUMN IF NOT EXISTS updated_at DOUBLE PRECISION NOT NULL DEFAULT 0;
 CREATE INDEX IF NOT EXISTS tasks_expiry ON tasks (expires_at);
 CREATE INDEX IF NOT EXISTS tasks_tenant ON tasks (tenant, expires_at);
 CREATE TABLE IF NOT EXISTS model_control (model TEXT PRIMARY KEY, state TEXT NOT NULL, generation BIGINT NOT NULL);
@@ -239,6 +242,14 @@ class PostgresDatabase:
             return conn.execute(
                 "UPDATE tasks SET model_version = %s, model_digest = %s WHERE model = %s AND model_digest = ''", (version, digest, model)
             ).rowcount
+
+    def list_tasks(self, tenant: str, now: float, after: tuple[float, str], limit: int) -> list[tuple]:
+        with self._connection() as conn:
+            return conn.execute(
+                f"SELECT {SUMMARY.format(size='octet_length(state)')} FROM tasks WHERE tenant = %s AND expires_at > %s "
+                "AND (created_at > %s OR (created_at = %s AND task_id > %s)) ORDER BY created_at, task_id LIMIT %s",
+                (tenant, now, after[0], after[0], after[1], limit),
+            ).fetchall()
 
     def set_control(self, model: str, state: str) -> int:
         with self._connection() as conn, conn.transaction():

@@ -14,9 +14,11 @@ import grpc
 from fewshot.errors import FewShotError
 from fewshot.server.errors import ServiceError
 
-COLUMNS = "task_id, model, method, labels, created_at, expires_at, support_size, state, tenant, version, shots, model_version, model_digest"
+COLUMNS = "task_id, model, method, labels, created_at, expires_at, support_size, state, tenant, version, shots, model_version, model_digest, updated_at"
 #: What ``compare_and_set`` rewrites (a committed UpdateTask, a migration to another model version).
-UPDATED = ("labels", "support_size", "state", "version", "shots", "model_version", "model_digest")
+UPDATED = ("labels", "support_size", "state", "version", "shots", "model_version", "model_digest", "updated_at")
+#: What ListTasks reads of a row (the state's size, not the state).
+SUMMARY = "task_id, model, model_version, model_digest, method, labels, support_size, created_at, updated_at, expires_at, {size}, version"
 
 
 class StoreVersionError(FewShotError, RuntimeError):
@@ -54,6 +56,8 @@ class TaskRecord:
     #: until the server that opens the store pins it (:meth:`TaskStore.pin_unversioned`).
     model_version: str = ""
     model_digest: str = ""
+    #: When the state was last written (adapted, updated, migrated); 0 for a row stored before it was recorded.
+    updated_at: float = 0.0
 
     def expired(self, now: float | None = None) -> bool:
         return (time.time() if now is None else now) >= self.expires_at
@@ -75,6 +79,7 @@ def row_values(record: TaskRecord, binary: Any = bytes) -> tuple[Any, ...]:
         json.dumps(record.shots),
         record.model_version,
         record.model_digest,
+        record.updated_at,
     )
 
 
@@ -88,6 +93,7 @@ def updated_values(record: TaskRecord, binary: Any = bytes) -> tuple[Any, ...]:
         json.dumps(record.shots),
         record.model_version,
         record.model_digest,
+        record.updated_at,
     )
 
 
@@ -107,4 +113,5 @@ def record_of(row: Sequence[Any]) -> TaskRecord:
         json.loads(row[10]),
         row[11],
         row[12],
+        row[13],
     )

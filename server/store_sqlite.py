@@ -14,10 +14,11 @@ import time
 from pathlib import Path
 
 from fewshot.server.errors import QuotaExceeded
-from fewshot.server.store_schema import COLUMNS, UPDATED, StoreVersionError, TaskRecord, record_of, row_values, updated_values
+from fewshot.server.store_schema import COLUMNS, SUMMARY, UPDATED, StoreVersionError, TaskRecord, record_of, row_values, updated_values
 
 #: Schema versions (``PRAGMA user_version``): 1 = the first release, 2 adds ``tenant``, 3 adds ``version``
-#: and ``shots`` (UpdateTask), 4 adds ``model_version`` and ``model_digest`` (tasks pinned to a model version).
+#: and ``shots`` (UpdateTask), 4 adds ``model_version``, ``model_digest`` (tasks pinned to a model version) and
+#: ``updated_at``, and the ``model_control`` table (admin changes shared by replicas).
 SCHEMA_VERSION = 4
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS tasks (
@@ -33,7 +34,8 @@ CREATE TABLE IF NOT EXISTS tasks (
     version INTEGER NOT NULL DEFAULT 1,
     shots TEXT NOT NULL DEFAULT '[]',
     model_version TEXT NOT NULL DEFAULT '',
-    model_digest TEXT NOT NULL DEFAULT ''
+    model_digest TEXT NOT NULL DEFAULT '',
+    updated_at REAL NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS tasks_expiry ON tasks (expires_at);
 CREATE INDEX IF NOT EXISTS tasks_tenant ON tasks (tenant, expires_at);
@@ -98,6 +100,7 @@ class SQLiteDatabase:
             if columns and "model_digest" not in columns:  # version 3
                 db.execute("ALTER TABLE tasks ADD COLUMN model_version TEXT NOT NULL DEFAULT ''")
                 db.execute("ALTER TABLE tasks ADD COLUMN model_digest TEXT NOT NULL DEFAULT ''")
+                db.execute("ALTER TABLE tasks ADD COLUMN updated_at REAL NOT NULL DEFAULT 0")
             for statement in filter(str.strip, SCHEMA.split(";")):
                 db.execute(statement)
             db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
@@ -174,6 +177,17 @@ class SQLiteDatabase:
             self.db()
             .execute("UPDATE tasks SET model_version = ?, model_digest = ? WHERE model = ? AND model_digest = ''", (version, digest, model))
             .rowcount
+        )
+
+    def list_tasks(self, tenant: str, now: float, after: tuple[float, str], limit: int) -> list[tuple]:
+        return (
+            self.db()
+            .execute(
+                f"SELECT {SUMMARY.format(size='length(state)')} FROM tasks WHERE tenant = ? AND expires_at > ? "
+                "AND (created_at > ? OR (created_at = ? AND task_id > ?)) ORDER BY created_at, task_id LIMIT ?",
+                (tenant, now, after[0], after[0], after[1], limit),
+            )
+            .fetchall()
         )
 
     def set_control(self, model: str, state: str) -> int:

@@ -326,6 +326,7 @@ class AdaptRequest:
             shots,
             self.model.version,
             self.model.digest,
+            now,
         )
         return record, task, accuracy
 

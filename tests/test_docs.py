@@ -55,6 +55,7 @@ NOT_QUOTED = {
     ("serving.md", "held 16 MB or more"): "the malloc_trim threshold (server/memory.py), a constant",
     ("README.md", "within 5 s)"): "the bound tests/test_versions.py holds replicas to (CONVERGENCE_S), not a measurement",
     ("upgrading.md", "**within 5 s**"): "the bound tests/test_versions.py holds replicas to (CONVERGENCE_S), not a measurement",
+    ("serving.md", "at most 1,000 a page"): "ListTasks' page size limit, a constant (server/requests.py MAX_PAGE)",
     ("serving.md", "within 100 MB of its start-up size"): "the limit tests/test_bounds.py holds the idle process to (issue 34)",
     ("serving.md", "8 MB per encoded image and 16.8 M pixels"): "limits of fewshot serve: flags and their defaults",
     ("serving.md", "64 MB per message"): "a limit of fewshot serve: a flag's default",

@@ -17,7 +17,7 @@ from fewshot_client.errors import (
     Unavailable,
 )
 from fewshot_client.images import to_image_proto
-from fewshot_client.messages import InputSpec, ModelInfo, ModelVersionInfo, Prediction, SettingInfo, TaskInfo
+from fewshot_client.messages import InputSpec, ModelInfo, ModelVersionInfo, Prediction, SettingInfo, TaskInfo, TaskPage, TaskSummary
 
 __all__ = [
     "Aborted",
@@ -39,6 +39,8 @@ __all__ = [
     "SettingInfo",
     "Task",
     "TaskInfo",
+    "TaskPage",
+    "TaskSummary",
     "Unauthenticated",
     "Unavailable",
     "errors",

@@ -13,7 +13,7 @@ import grpc.aio
 
 from fewshot_client import messages
 from fewshot_client.images import ImageLike
-from fewshot_client.messages import ModelInfo, Prediction, TaskFields, TaskInfo
+from fewshot_client.messages import ModelInfo, Prediction, TaskFields, TaskInfo, TaskPage
 from fewshot_proto import fewshot_pb2, fewshot_pb2_grpc
 
 
@@ -159,6 +159,20 @@ class AsyncFewShotClient:
         """Deletes task ``task_id`` (True); raises NotFound if there is none."""
         response = await self._call(self._stub.DeleteTask, fewshot_pb2.DeleteTaskRequest(task_id=task_id))
         return response.deleted
+
+    async def list_tasks(self, page_size: int = 100, page_token: str = "") -> TaskPage:
+        """One page of this tenant's live tasks (see ``FewShotClient.list_tasks``)."""
+        request = fewshot_pb2.ListTasksRequest(page_size=page_size, page_token=page_token)
+        return messages.task_page(await self._call(self._stub.ListTasks, request))
+
+    async def export_task(self, task_id: str) -> bytes:
+        """Task ``task_id`` as one blob (see ``FewShotClient.export_task``)."""
+        return (await self._call(self._stub.ExportTask, fewshot_pb2.ExportTaskRequest(task_id=task_id))).blob
+
+    async def import_task(self, blob: bytes, ttl_seconds: int | None = None) -> AsyncTask:
+        """A new task from an ``export_task`` blob (see ``FewShotClient.import_task``)."""
+        response = await self._call(self._stub.ImportTask, fewshot_pb2.ImportTaskRequest(blob=blob, ttl_seconds=ttl_seconds or 0))
+        return AsyncTask(**vars(messages.adapted_fields(response)), client=self)
 
     async def models(self) -> list[ModelInfo]:
         """The models the server offers."""

@@ -147,6 +147,34 @@ def _describe_setting(s: SettingInfo) -> str:
     return f"{s.name} {what} ({'/'.join(s.methods)})"
 
 
+def cmd_tasks(client: FewShotClient, args: argparse.Namespace) -> None:
+    token = ""
+    while True:
+        page = client.list_tasks(args.page_size, token)
+        for t in page.tasks:
+            print(
+                f"{t.task_id}\t{t.model} version {t.model_version}\t{t.method}\t{t.ways} ways, {t.support_size} images\t"
+                f"v{t.version}\t{t.size_bytes} bytes\tcreated {t.created_at:.0f} updated {t.updated_at:.0f} expires {t.expires_at:.0f}"
+            )
+        token = page.next_page_token
+        if not token or not args.all:
+            break
+    if token:
+        print(f"more: --page-token {token}", file=sys.stderr)
+
+
+def cmd_export(client: FewShotClient, args: argparse.Namespace) -> None:
+    blob = client.export_task(args.task)
+    args.out.write_bytes(blob)
+    print(f"exported {args.task} to {args.out} ({len(blob)} bytes)", file=sys.stderr)
+
+
+def cmd_import(client: FewShotClient, args: argparse.Namespace) -> None:
+    task = client.import_task(args.blob.read_bytes(), args.ttl)
+    print(task.id)
+    print(f"imported {task.model} version {task.model_version} ({task.method}) with {len(task.labels)} labels", file=sys.stderr)
+
+
 def cmd_delete(client: FewShotClient, args: argparse.Namespace) -> None:
     if not client.delete(args.task):
         raise CommandError(f"task {args.task} does not exist")
@@ -292,6 +320,21 @@ def parser() -> argparse.ArgumentParser:
         "--admin-token-file", type=Path, metavar="FILE", help="read the admin token from FILE (default: $FEWSHOT_ADMIN_TOKEN)"
     )
     adapt.add_argument("--model-version", metavar="VERSION", help="one of the model's loaded versions (default: its default version)")
+
+    tasks = sub.add_parser("tasks", help="list your live tasks, oldest first")
+    tasks.add_argument("--page-size", type=int, default=100, metavar="N")
+    tasks.add_argument("--all", action="store_true", help="every page, not only the first")
+    tasks.set_defaults(run=cmd_tasks)
+
+    export = sub.add_parser("export", help="write a task as one blob (its stored state) that `import` takes on another server")
+    export.add_argument("--task", required=True, metavar="ID")
+    export.add_argument("--out", required=True, type=Path, metavar="FILE")
+    export.set_defaults(run=cmd_export)
+
+    imported = sub.add_parser("import", help="a new task from an exported blob; prints its id")
+    imported.add_argument("blob", type=Path, metavar="FILE")
+    imported.add_argument("--ttl", type=int, help="time-to-live in seconds (default: the server's)")
+    imported.set_defaults(run=cmd_import)
 
     delete = sub.add_parser("delete", help="delete a task")
     delete.add_argument("--task", required=True, metavar="ID")

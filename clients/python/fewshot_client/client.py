@@ -12,7 +12,7 @@ import grpc
 
 from fewshot_client import errors, messages
 from fewshot_client.images import ImageLike
-from fewshot_client.messages import ModelInfo, Prediction, TaskFields, TaskInfo
+from fewshot_client.messages import ModelInfo, Prediction, TaskFields, TaskInfo, TaskPage
 from fewshot_proto import fewshot_pb2, fewshot_pb2_grpc
 
 
@@ -183,6 +183,21 @@ class FewShotClient:
         """Deletes task ``task_id`` (True); raises NotFound if there is none."""
         request = fewshot_pb2.DeleteTaskRequest(task_id=task_id)
         return self._call(self._stub.DeleteTask, request).deleted
+
+    def list_tasks(self, page_size: int = 100, page_token: str = "") -> TaskPage:
+        """One page of this tenant's live tasks, oldest first (pass ``next_page_token`` on for the next)."""
+        request = fewshot_pb2.ListTasksRequest(page_size=page_size, page_token=page_token)
+        return messages.task_page(self._call(self._stub.ListTasks, request))
+
+    def export_task(self, task_id: str) -> bytes:
+        """Task ``task_id`` as one blob (its stored state, integrity-checked) that :meth:`import_task` takes elsewhere."""
+        return self._call(self._stub.ExportTask, fewshot_pb2.ExportTaskRequest(task_id=task_id)).blob
+
+    def import_task(self, blob: bytes, ttl_seconds: int | None = None) -> Task:
+        """A new task of this tenant from an :meth:`export_task` blob; FailedPrecondition when its model version is
+        not loaded here, InvalidArgument when the blob is corrupt or of a newer format."""
+        response = self._call(self._stub.ImportTask, fewshot_pb2.ImportTaskRequest(blob=blob, ttl_seconds=ttl_seconds or 0))
+        return Task(**vars(messages.adapted_fields(response)), client=self)
 
     def models(self) -> list[ModelInfo]:
         """The models the server offers."""

@@ -123,6 +123,54 @@ class TaskInfo:
 
 
 @dataclass
+class TaskSummary:
+    """One task of ListTasks: what it is and what it weighs, without its state."""
+
+    task_id: str
+    model: str
+    model_version: str
+    method: str
+    ways: int
+    support_size: int
+    created_at: float
+    updated_at: float
+    expires_at: float
+    size_bytes: int
+    version: int
+
+
+@dataclass
+class TaskPage:
+    """A page of ListTasks; ``next_page_token`` is empty on the last page."""
+
+    tasks: list[TaskSummary]
+    next_page_token: str
+
+
+def task_page(response: fewshot_pb2.ListTasksResponse) -> TaskPage:
+    """A TaskPage from its message."""
+    return TaskPage(
+        [
+            TaskSummary(
+                t.task_id,
+                t.model,
+                t.model_version.version,
+                t.method,
+                t.ways,
+                t.support_size,
+                t.created_at,
+                t.updated_at,
+                t.expires_at,
+                t.size_bytes,
+                t.version,
+            )
+            for t in response.tasks
+        ],
+        response.next_page_token,
+    )
+
+
+@dataclass
 class TaskFields:
     """The data part of a task handle; ``support_accuracy`` and ``adapt_seconds`` are only known to
     the handle that Adapt returned, not to one looked up by id."""

@@ -69,6 +69,21 @@ class FewShotStub:
                 request_serializer=fewshot_dot_v1_dot_fewshot__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=fewshot_dot_v1_dot_fewshot__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
+        self.ListTasks = channel.unary_unary(
+                '/fewshot.v1.FewShot/ListTasks',
+                request_serializer=fewshot_dot_v1_dot_fewshot__pb2.ListTasksRequest.SerializeToString,
+                response_deserializer=fewshot_dot_v1_dot_fewshot__pb2.ListTasksResponse.FromString,
+                _registered_method=True)
+        self.ExportTask = channel.unary_unary(
+                '/fewshot.v1.FewShot/ExportTask',
+                request_serializer=fewshot_dot_v1_dot_fewshot__pb2.ExportTaskRequest.SerializeToString,
+                response_deserializer=fewshot_dot_v1_dot_fewshot__pb2.ExportTaskResponse.FromString,
+                _registered_method=True)
+        self.ImportTask = channel.unary_unary(
+                '/fewshot.v1.FewShot/ImportTask',
+                request_serializer=fewshot_dot_v1_dot_fewshot__pb2.ImportTaskRequest.SerializeToString,
+                response_deserializer=fewshot_dot_v1_dot_fewshot__pb2.AdaptResponse.FromString,
+                _registered_method=True)
 
 
 class FewShotServicer:
@@ -121,6 +136,28 @@ class FewShotServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListTasks(self, request, context):
+        """The calling tenant's live tasks, oldest first, a page at a time.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExportTask(self, request, context):
+        """A task's stored state as one versioned, integrity-checked blob (ImportTask takes it on another deployment).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ImportTask(self, request, context):
+        """A task from an ExportTask blob, under a new id of the calling tenant; refused when the blob is corrupt, of a
+        newer format, or of a model or model version this server does not load.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FewShotServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -158,6 +195,21 @@ def add_FewShotServicer_to_server(servicer, server):
                     servicer.ListModels,
                     request_deserializer=fewshot_dot_v1_dot_fewshot__pb2.ListModelsRequest.FromString,
                     response_serializer=fewshot_dot_v1_dot_fewshot__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'ListTasks': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTasks,
+                    request_deserializer=fewshot_dot_v1_dot_fewshot__pb2.ListTasksRequest.FromString,
+                    response_serializer=fewshot_dot_v1_dot_fewshot__pb2.ListTasksResponse.SerializeToString,
+            ),
+            'ExportTask': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExportTask,
+                    request_deserializer=fewshot_dot_v1_dot_fewshot__pb2.ExportTaskRequest.FromString,
+                    response_serializer=fewshot_dot_v1_dot_fewshot__pb2.ExportTaskResponse.SerializeToString,
+            ),
+            'ImportTask': grpc.unary_unary_rpc_method_handler(
+                    servicer.ImportTask,
+                    request_deserializer=fewshot_dot_v1_dot_fewshot__pb2.ImportTaskRequest.FromString,
+                    response_serializer=fewshot_dot_v1_dot_fewshot__pb2.AdaptResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -349,6 +401,87 @@ class FewShot:
             '/fewshot.v1.FewShot/ListModels',
             fewshot_dot_v1_dot_fewshot__pb2.ListModelsRequest.SerializeToString,
             fewshot_dot_v1_dot_fewshot__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTasks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fewshot.v1.FewShot/ListTasks',
+            fewshot_dot_v1_dot_fewshot__pb2.ListTasksRequest.SerializeToString,
+            fewshot_dot_v1_dot_fewshot__pb2.ListTasksResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportTask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fewshot.v1.FewShot/ExportTask',
+            fewshot_dot_v1_dot_fewshot__pb2.ExportTaskRequest.SerializeToString,
+            fewshot_dot_v1_dot_fewshot__pb2.ExportTaskResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ImportTask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fewshot.v1.FewShot/ImportTask',
+            fewshot_dot_v1_dot_fewshot__pb2.ImportTaskRequest.SerializeToString,
+            fewshot_dot_v1_dot_fewshot__pb2.AdaptResponse.FromString,
             options,
             channel_credentials,
             insecure,
