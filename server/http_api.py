@@ -16,7 +16,7 @@ maps to HTTP by the error's class (``http_status``: 400, 401, 404, 409, 412, 413
     GET    /v1/models                 ListModels
     GET    /v1/tasks                  ListTasks    (?page_size=N&page_token=T)
     GET    /v1/tasks/{id}/export      ExportTask
-    POST   /v1/tasks/import           ImportTask   (JSON ImportTaskRequest: the blob base64)
+    POST   /v1/tasks:import           ImportTask   (JSON ImportTaskRequest: the blob base64)
     POST   /v1/admin/models/{model}/versions/{version}/load     LoadModel          (admin token)
     POST   /v1/admin/models/{model}/versions/{version}/unload   UnloadModel        (admin token)
     POST   /v1/admin/models/{model}/versions/{version}/default  SetDefaultVersion  (admin token)
@@ -353,7 +353,7 @@ def http_app(service: Any, max_request_bytes: int, serving: Callable[[], bool] =
         return await call(request, service.ExportTask, pb.ExportTaskRequest(task_id=task_id))
 
     @app.post(
-        "/v1/tasks/import",
+        "/v1/tasks:import",
         operation_id="ImportTask",
         summary="ImportTask: a task from an ExportTask blob, under a new id",
         responses=responses("AdaptResponse", statuses),

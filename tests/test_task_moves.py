@@ -117,6 +117,10 @@ def test_a_task_moves_from_sqlite_to_postgresql_with_identical_predictions(serve
         )
         assert run.returncode == 0, run.stderr
         assert target.task_info(run.stdout.strip()).labels == task.labels
+        status, exported = http_call("GET", f"{server.http_url}/v1/tasks/{task.id}/export")  # and over HTTP (base64)
+        assert status == 200
+        status, imported = http_call("POST", f"{server.http_url}/v1/tasks:import", {"blob": exported["blob"]})
+        assert status == 200 and imported["labels"] == task.labels and imported["model_version"]["version"] == task.model_version
         corrupt = bytearray(blob)
         corrupt[-100] ^= 0xFF
         with pytest.raises(InvalidArgument, match="does not match its sha256"):
