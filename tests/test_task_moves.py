@@ -11,7 +11,6 @@ import sys
 
 import numpy as np
 import pytest
-from fewshot_client import FailedPrecondition, FewShotClient, InvalidArgument
 from fixtures.transports import http_call
 from support import SMALL
 
@@ -19,6 +18,7 @@ from fewshot.models.episodes import EpisodeSampler
 from fewshot.server.auth import token_hash
 from fewshot.server.task_blob import MAGIC
 from fewshot.tools.launch import ServerProcess, free_port
+from fewshot_client import FailedPrecondition, FewShotClient, InvalidArgument
 
 OMNI = "omniglot-conv4-directsum"
 
@@ -63,12 +63,21 @@ def test_list_tasks_pages_one_tenants_live_tasks(omni_bundles, tasks_data, tmp_p
                 break
         assert pages == [mine[:2], mine[2:]]
         first = alice.list_tasks(10).tasks[0]
-        assert (first.model, first.model_version, first.method, first.ways, first.support_size, first.version) == (OMNI, "1", "centroid", 5, 5, 1)
+        assert (first.model, first.model_version, first.method, first.ways, first.support_size, first.version) == (
+            OMNI,
+            "1",
+            "centroid",
+            5,
+            5,
+            1,
+        )
         assert first.size_bytes > 0 and first.created_at <= first.updated_at < first.expires_at
         assert [t.task_id for t in bob.list_tasks().tasks] == [theirs]
         status, answer = http_call("GET", f"http://127.0.0.1:{port}/v1/tasks?page_size=3", headers={"authorization": "Bearer alice-token"})
         assert status == 200 and [t["task_id"] for t in answer["tasks"]] == mine[:3] and answer["next_page_token"]
-        status, answer = http_call("GET", f"http://127.0.0.1:{port}/v1/tasks?page_size=many", headers={"authorization": "Bearer alice-token"})
+        status, answer = http_call(
+            "GET", f"http://127.0.0.1:{port}/v1/tasks?page_size=many", headers={"authorization": "Bearer alice-token"}
+        )
         assert status == 400 and answer["code"] == "INVALID_ARGUMENT"
         with pytest.raises(InvalidArgument, match="page_token"):
             alice.list_tasks(2, "not-a-token")
