@@ -382,9 +382,18 @@ def test_two_replicas_on_one_postgresql_store_converge_on_admin_changes(exported
             assert _versions(cc) == ["1", "2"] and _default(cc) == "1"  # started on what was recorded
 
 
-def test_a_canary_sends_a_share_of_adapts_and_chosen_tenants_to_a_candidate(exported, retrained, episodes, tmp_path):
+def _gauge(metrics_port: int, name: str, **labels: str) -> float | None:
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=30) as answer:
+        text = answer.read().decode()
+    want = name + "{" + ",".join(f'{k}="{v}"' for k, v in sorted(labels.items())) + "}"
+    return next((float(line.split()[-1]) for line in text.splitlines() if line.startswith(want + " ")), None)
+
+
+def test_a_canary_then_a_background_migration(exported, retrained, episodes, tmp_path):
     """A canary on version 1 beside default version 2: about its percent of Adapts naming no version, and every Adapt
-    of its tenants, run on it; the Prometheus metrics count calls by version; ending it sends all to the default."""
+    of its tenants, run on it; the Prometheus metrics count calls by version; ending it sends all to the default.
+    Then ``MigrateTasks`` (``fewshot-client models migrate``) moves the version-1 tasks of every tenant onto version 2
+    in the server's background, ``fewshot_migration_tasks{state}`` counting them."""
     from fewshot.server.auth import token_hash
 
     root = tmp_path / "models"
@@ -419,32 +428,12 @@ def test_a_canary_sends_a_share_of_adapts_and_chosen_tenants_to_a_candidate(expo
         with pytest.raises(InvalidArgument, match="is the default"):
             alice.set_canary(TINY, "2", ADMIN, percent=10)
 
-
-def _gauge(metrics_port: int, name: str, **labels: str) -> float | None:
-    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=30) as answer:
-        text = answer.read().decode()
-    want = name + "{" + ",".join(f'{k}="{v}"' for k, v in sorted(labels.items())) + "}"
-    return next((float(line.split()[-1]) for line in text.splitlines() if line.startswith(want + " ")), None)
-
-
-def test_the_admin_migration_runs_in_the_background_with_its_progress_in_the_metrics(exported, retrained, episodes, tmp_path):
-    """``MigrateTasks`` (``fewshot-client models migrate``): the server re-adapts the stored tasks onto the loaded
-    version in the background; ``fewshot_migration_tasks{state}`` counts them; then every task is on the version."""
-    root = tmp_path / "models"
-    (root / TINY).mkdir(parents=True)
-    (root / TINY / "1").symlink_to(exported[0] / TINY, target_is_directory=True)
-    shutil.copytree(retrained, root / TINY / "2")
-    (tmp_path / "admin").write_text(ADMIN)
-    metrics_port = free_port()
-    flags = ("--admin-token-file", str(tmp_path / "admin"), "--metrics-port", str(metrics_port))
-    with ServerProcess(root, tmp_path / "state", *SMALL, *flags) as proc, FewShotClient(proc.target) as client:
-        tasks = [client.adapt(s, labels, TINY, model_version="1").id for s, labels, _ in episodes for _ in range(2)]
-        status = client.migrate_tasks(TINY, "2", ADMIN)
-        assert status.model == TINY and status.version == "2" and status.running
-        labels = {"model": TINY, "version": "2"}
-        assert _until(lambda: _gauge(metrics_port, "fewshot_migration_tasks", state="done", **labels) == len(tasks), 60)
-        assert _gauge(metrics_port, "fewshot_migration_tasks", state="left", **labels) == 0
-        assert _gauge(metrics_port, "fewshot_migration_tasks", state="failed", **labels) == 0
-        assert {client.task_info(t).model_version for t in tasks} == {"2"}
+        on_1 = [t for c in (alice, bob) for t in c.list_tasks(1000).tasks if t.model_version == "1"]
+        status = alice.migrate_tasks(TINY, "2", ADMIN)
+        assert status.model == TINY and status.version == "2" and status.running and len(on_1) == on["1"] + 5
+        labels_2 = {"model": TINY, "version": "2"}
+        assert _until(lambda: _gauge(metrics_port, "fewshot_migration_tasks", state="done", **labels_2) == len(on_1), 60)
+        assert _gauge(metrics_port, "fewshot_migration_tasks", state="failed", **labels_2) == 0
+        assert {t.model_version for c in (alice, bob) for t in c.list_tasks(1000).tasks} == {"2"}
         with pytest.raises(NotFound):
-            client.migrate_tasks(TINY, "3", ADMIN)  # a version that is not loaded
+            alice.migrate_tasks(TINY, "3", ADMIN)  # a version that is not loaded
