@@ -22,8 +22,8 @@ if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$fingerprint" && -x "$VENV/bin/python
 fi
 test -x "$VENV/bin/python" || "$PYTHON" -m venv "$VENV"
 # pip's notes about local index folders lacking a package are noise here; real errors still show.
-# --no-compile: modules are compiled when first imported (measured: 134 s -> 111 s for this venv).
-"$VENV/bin/python" -m pip install -q --no-compile --disable-pip-version-check "${REQUIREMENTS[@]}" -e protos/python -e clients/python -e . \
+#: modules are compiled when first imported (measured: 134 s -> 111 s for this venv).
+"$VENV/bin/python" -m pip install -q --disable-pip-version-check "${REQUIREMENTS[@]}" -e protos/python -e clients/python -e . \
     2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
 "$VENV/bin/python" -m pip check --disable-pip-version-check
 "$VENV/bin/python" -c "import numpy, torch, onnxruntime, pytriton, fewshot.server.tasks; assert numpy.__version__ < '2', numpy.__version__"
