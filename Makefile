@@ -11,7 +11,6 @@ export MALLOC_TOP_PAD_ ?= 67108864
 # torch is pinned to the CPU build that pip finds locally (see ../shared/ENVIRONMENT.md): a plain
 # `torch` would pull several GB of CUDA wheels. CPU machines get `onnxruntime`; the GPU image
 # installs `onnxruntime-gpu` instead (the two packages overwrite each other).
-#: modules are compiled when first imported, not all at install (torch's thousands: ~20 s less).
 $(STAMP): pyproject.toml clients/python/pyproject.toml protos/python/pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q --disable-pip-version-check -e protos/python -e clients/python -e '.[cpu,test]'
