@@ -326,8 +326,3 @@ class AdminService:
             return target, status
 
         return await self._call("MigrateTasks", raw, context, run)
-
-
-def loaded_summary(models: ServedModels) -> str:
-    """``name (version 1 (sha256 ...), version 2 (...)), ...``: what a log line says is served."""
-    return "; ".join(f"{name}: {', '.join(describe(f.version, f.digest) for f in models.versions(name))}" for name in models)

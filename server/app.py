@@ -131,11 +131,8 @@ async def serve(cfg: ServeConfig, ready: asyncio.Event | None = None) -> None:
     auth = Authenticator(cfg.token, cfg.tokens_file, cfg.tenant_max_tasks, cfg.tenant_rps)
     metrics = ServiceMetrics()
     store = TaskStore(cfg.store or cfg.state_dir, cfg.cache_mb << 20, on_event=lambda e: metrics.cache.labels(e).inc())
-    for name in models:  # rows stored before versions were recorded: pinned to the version served for their model
-        default = models[name]
-        pinned = store.pin_unversioned(name, default.version, default.digest)
-        if pinned:
-            log.warning(json.dumps({"event": "tasks pinned", "model": name, "version": default.version, "tasks": pinned}))
+    for name, pinned in models.pin_old_rows(store).items():  # rows stored before versions were recorded
+        log.warning(json.dumps({"event": "tasks pinned", "model": name, "version": models[name].version, "tasks": pinned}))
     metrics.count_tasks_with(store.count)
     metrics.cache_bytes.set_function(lambda: store.cached_bytes)
     executor = ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="fewshot-work")

@@ -103,15 +103,16 @@ def check_adapt(
     )
 
 
-def adapt_response(request: AdaptRequest, record: TaskRecord, accuracy: float) -> pb.AdaptResponse:
+def adapt_response(record: TaskRecord, accuracy: float = 0.0, seconds: float = 0.0) -> pb.AdaptResponse:
+    """What Adapt (and ImportTask, without accuracy and time) answers of the stored task ``record``."""
     return pb.AdaptResponse(
         task_id=record.task_id,
         labels=record.labels,
         support_accuracy=accuracy,
-        adapt_seconds=request.seconds,
+        adapt_seconds=seconds,
         expires_at=record.expires_at,
-        model=request.model.name,
-        method=request.method,
+        model=record.model,
+        method=record.method,
         model_version=pb.ModelVersion(version=record.model_version, digest=record.model_digest),
     )
 

@@ -317,7 +317,7 @@ class FewShotService:
         # durable before we acknowledge; the tenant's quota is checked in the same transaction
         await self._offload(lambda: self.store.put(record, task, self.auth.quota_tasks(call.tenant)))
         call.about(record.task_id)
-        return adapt_response(request, record, accuracy)
+        return adapt_response(record, accuracy, request.seconds)
 
     # -- Classify -------------------------------------------------------------------------------
     async def Classify(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.ClassifyResponse:
@@ -432,12 +432,16 @@ class FewShotService:
     async def GetTask(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.TaskInfo:
         async def body(call: _Call) -> pb.TaskInfo:
             task_id = call.about(check_task_id(parse(pb.GetTaskRequest, raw).task_id))
-            rec = await self._offload(self.store.record, task_id, call.tenant.name)
-            if rec is None:
-                raise NotFound(f"task {task_id} is unknown, deleted or expired")
-            return task_info(rec, self.models)
+            return task_info(await self._record(task_id, call.tenant.name), self.models)
 
         return await self._call("GetTask", context, body, 2 * len(raw))
+
+    async def _record(self, task_id: str, tenant: str) -> TaskRecord:
+        """``tenant``'s stored record of ``task_id`` (:class:`NotFound` when there is none)."""
+        record = await self._offload(self.store.record, task_id, tenant)
+        if record is None:
+            raise NotFound(f"task {task_id} is unknown, deleted or expired")
+        return record
 
     async def DeleteTask(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.DeleteTaskResponse:
         async def body(call: _Call) -> pb.DeleteTaskResponse:
@@ -460,10 +464,7 @@ class FewShotService:
     async def ExportTask(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.ExportTaskResponse:
         async def body(call: _Call) -> pb.ExportTaskResponse:
             task_id = call.about(check_task_id(parse(pb.ExportTaskRequest, raw).task_id))
-            record = await self._offload(self.store.record, task_id, call.tenant.name)
-            if record is None:
-                raise NotFound(f"task {task_id} is unknown, deleted or expired")
-            return pb.ExportTaskResponse(blob=export_blob(record))
+            return pb.ExportTaskResponse(blob=export_blob(await self._record(task_id, call.tenant.name)))
 
         return await self._call("ExportTask", context, body, 2 * len(raw))
 
@@ -477,14 +478,7 @@ class FewShotService:
             call.fields.update(model=record.model, model_version=record.model_version, method=record.method)
             await self._offload(lambda: self.store.put(record, task, self.auth.quota_tasks(call.tenant)))
             call.about(record.task_id)
-            return pb.AdaptResponse(
-                task_id=record.task_id,
-                labels=record.labels,
-                expires_at=record.expires_at,
-                model=record.model,
-                method=record.method,
-                model_version=pb.ModelVersion(version=record.model_version, digest=record.model_digest),
-            )
+            return adapt_response(record)
 
         return await self._call("ImportTask", context, body, 2 * len(raw))
 

@@ -131,8 +131,7 @@ class _FewShotModel:
             for name, b in registry.bundles.items()
         )
         self.store = TaskStore(root / params["state_dir"])
-        for name in self.models:  # rows stored before versions were recorded, as fewshot serve pins them
-            self.store.pin_unversioned(name, self.models[name].version, self.models[name].digest)
+        self.models.pin_old_rows(self.store)  # rows stored before versions were recorded, as fewshot serve pins them
 
     def execute(self, requests: list[Any]) -> list[Any]:
         return [self._answer(r) for r in requests]
@@ -219,7 +218,7 @@ class AdaptModel(_FewShotModel):
         adapt.pixels = decode_pixels_for_model([item.image for item in support], adapt.model, self.limits.image, "support", budget)
         record, _, accuracy = adapt.run(adapt.model.spec.normalize(adapt.pixels))
         self.store.put(record)  # durable before we answer; this process never classifies, so nothing to cache
-        response = adapt_response(adapt, record, accuracy)
+        response = adapt_response(record, accuracy, adapt.seconds)
         return {"task_id": _strings_out([response.task_id]), "labels": _strings_out(list(response.labels))}
 
     def _settings(self, request: Any) -> pb.AdaptSettings:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from fewshot.export.registry import version_key
 from fewshot.models.family import Family
 from fewshot.server.errors import InvalidRequest, NotFound, VersionNotLoaded, quoted
+from fewshot.server.store import TaskStore
 from fewshot.server.store_schema import TaskRecord
 
 
@@ -109,6 +110,12 @@ class ServedModels(Mapping[str, Family]):
             f"task {record.task_id} was adapted with model {record.model} {describe(record.model_version, record.model_digest)}, "
             f"which this server does not load (it loads {self.loaded(record.model)}): load that version again, or adapt the task anew"
         )
+
+    def pin_old_rows(self, store: TaskStore) -> dict[str, int]:
+        """Pin the stored rows of each served model that predate version records to its default version (the one
+        the old server served for that name): the store's migration of old rows. Returns the rows pinned by name."""
+        pinned = {name: store.pin_unversioned(name, self[name].version, self[name].digest) for name in self}
+        return {name: n for name, n in pinned.items() if n}
 
     # -- changes --------------------------------------------------------------------------------------
     def load(self, family: Family, default: bool = False) -> None:

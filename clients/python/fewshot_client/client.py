@@ -204,14 +204,16 @@ class FewShotClient:
         return messages.model_infos(self._call(self._stub.ListModels, fewshot_pb2.ListModelsRequest()))
 
     # -- admin: the served model versions (the admin token, not a tenant's) --------------------------------
-    def _admin_call(self, rpc: Any, model: str, version: str, admin_token: str) -> ModelInfo | None:
-        request = fewshot_pb2.ModelVersionRequest(model=model, version=str(version))
+    def _admin_rpc(self, rpc: Any, request: Any, admin_token: str) -> fewshot_pb2.ModelAdminResponse:
+        """One admin call, with the admin token instead of the tenant's; failures raise the typed errors."""
         try:
-            response = rpc(request, **messages.admin_options(self._config.call_options, admin_token))
+            return rpc(request, **messages.admin_options(self._config.call_options, admin_token))
         except grpc.RpcError as err:
             raise errors.from_rpc_error(err) from None
-        found = messages.model_infos(fewshot_pb2.ListModelsResponse(models=[response.model])) if response.HasField("model") else []
-        return found[0] if found else None
+
+    def _admin_call(self, rpc: Any, model: str, version: str, admin_token: str) -> ModelInfo | None:
+        response = self._admin_rpc(rpc, fewshot_pb2.ModelVersionRequest(model=model, version=str(version)), admin_token)
+        return messages.model_infos(fewshot_pb2.ListModelsResponse(models=[response.model]))[0] if response.HasField("model") else None
 
     def load_model(self, model: str, version: str, admin_token: str) -> ModelInfo | None:
         """Verifies and loads ``version`` of ``model`` from the server's model directory; the model as served after."""
@@ -231,20 +233,14 @@ class FewShotClient:
         """Sends ``percent`` of ``model``'s adapts that name no version, and all of ``tenants``', to the loaded
         ``version`` (a candidate beside the default); ``version=None`` ends the canary."""
         request = fewshot_pb2.CanaryRequest(model=model, version=version or "", percent=percent, tenants=list(tenants))
-        try:
-            response = self._admin.SetCanary(request, **messages.admin_options(self._config.call_options, admin_token))
-        except grpc.RpcError as err:
-            raise errors.from_rpc_error(err) from None
+        response = self._admin_rpc(self._admin.SetCanary, request, admin_token)
         return messages.model_infos(fewshot_pb2.ListModelsResponse(models=[response.model]))[0] if response.HasField("model") else None
 
     def migrate_tasks(self, model: str, version: str, admin_token: str) -> fewshot_pb2.MigrationStatus:
         """Starts re-adapting every stored task of ``model`` onto its loaded ``version`` in the server's background (as
         ``fewshot migrate``); while it runs, a call answers its progress (``done``, ``left``, ``failed``)."""
         request = fewshot_pb2.ModelVersionRequest(model=model, version=str(version))
-        try:
-            return self._admin.MigrateTasks(request, **messages.admin_options(self._config.call_options, admin_token)).migration
-        except grpc.RpcError as err:
-            raise errors.from_rpc_error(err) from None
+        return self._admin_rpc(self._admin.MigrateTasks, request, admin_token).migration
 
     def close(self) -> None:
         """Closes the channel."""
