@@ -6,7 +6,7 @@ export MALLOC_MMAP_THRESHOLD_ ?= 33554432
 export MALLOC_TRIM_THRESHOLD_ ?= 67108864
 export MALLOC_TOP_PAD_ ?= 67108864
 
-.PHONY: install lint test test-unit test-triton triton-env demo models results clean
+.PHONY: install lint test test-unit test-triton triton-env triton-env-soft demo models results clean
 
 # torch is pinned to the CPU build that pip finds locally (see ../shared/ENVIRONMENT.md): a plain
 # `torch` would pull several GB of CUDA wheels. CPU machines get `onnxruntime`; the GPU image
@@ -27,10 +27,14 @@ lint: install
 	$(VENV)/bin/ruff format --check .
 	scripts/typecheck.sh
 
-test: install lint
-	scripts/triton-env.sh || echo "make test: .venv-triton could not be prepared; the Triton tests will skip and say why"
+# The two virtual environments install side by side (-j2: each pip run is mostly one core), then the tests.
+test:
+	$(MAKE) --no-print-directory -j2 --output-sync=target lint triton-env-soft
 	scripts/browser-env.sh
 	$(PY) -m pytest
+
+triton-env-soft:
+	scripts/triton-env.sh || echo "make test: .venv-triton could not be prepared; the Triton tests will skip and say why"
 
 # The fast tier alone (about 45 s, 129 tests): families, heads, validation, state, images, store, batcher, results, inner loops; no export, no server.
 test-unit: install
