@@ -169,6 +169,7 @@ def fewshot_model_configs(bundle_dir: Path, state_dir: Path, instances: int = 1)
         _tensor("reject_unknown", "TYPE_BOOL", [1], optional=True),
         _tensor("threshold", "TYPE_FP64", [1], optional=True),
         _tensor("target_recall", "TYPE_FP64", [1], optional=True),
+        _tensor("explain", "TYPE_INT32", [1], optional=True),
     ]
     classify_out = [
         _tensor("probabilities", "TYPE_FP32", [-1, -1]),
@@ -176,6 +177,9 @@ def fewshot_model_configs(bundle_dir: Path, state_dir: Path, instances: int = 1)
         _tensor("unknown", "TYPE_BOOL", [-1]),
         _tensor("scores", "TYPE_FP64", [-1]),
         _tensor("threshold", "TYPE_FP64", [1]),
+        _tensor("nearest_index", "TYPE_INT32", [-1, -1]),
+        _tensor("nearest_label", strings, [-1, -1]),
+        _tensor("nearest_similarity", "TYPE_FP64", [-1, -1]),
     ]
     return {
         ADAPT_MODEL: _config(ADAPT_MODEL, "python", 0, adapt_in, adapt_out, ("KIND_CPU", instances), params),

@@ -333,6 +333,58 @@ def _run_calibrate(args: argparse.Namespace) -> None:
     calibrate_shipped(args.model, args.tasks, args.seed, args.data_root, args.method, log=print)
 
 
+def _add_report(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "report",
+        help="measure the support-set report on seeded tasks: the accuracy estimate against each task's own "
+        "queries, planted mislabels and duplicates (RESULTS.md); fits the estimate map on validation tasks",
+    )
+    p.add_argument("--model", required=True, help="shipped model name (models/zoo) or a model folder")
+    p.add_argument("--method", help="head or method (default: the model's own)")
+    p.add_argument("--dataset", help="default: the model's training dataset")
+    p.add_argument("--ways", type=int, default=5)
+    p.add_argument("--shots", type=int, default=5)
+    p.add_argument("--tasks", type=int, default=600, help="test tasks (default 600)")
+    p.add_argument("--fit-tasks", type=int, default=300, help="validation tasks the estimate map is fitted on")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--card", action="store_true", help="measure with the settings the card holds (not the ones fitted now)")
+    p.add_argument("--write-card", action="store_true", help="store the fitted estimate map and mislabel threshold in the model card")
+    p.add_argument("--data-root", help="default: $FEWSHOT_DATA or ../shared/data")
+    p.add_argument("--json", action="store_true", help="one JSON line instead of the summary")
+
+
+def _run_report(args: argparse.Namespace) -> None:
+    from fewshot.models.family import open_shipped
+    from fewshot.models.zoo import load_model, model_dir
+    from fewshot.tools.report_check import run, write_settings
+
+    if min(args.tasks, args.fit_tasks) < 2:
+        raise ConfigError("--tasks and --fit-tasks must be at least 2")
+    if args.shots < 2:
+        raise ConfigError("the report estimates accuracy by holding support images out: --shots must be at least 2")
+    shipped = load_model(args.model)
+    family = open_shipped(shipped, threads=1)
+    method = family.resolve_method(args.method)
+    dataset = args.dataset or family.manifest["data"]["dataset"]
+    figures, settings = run(
+        family, method, dataset, args.ways, args.shots, args.tasks, args.seed, args.fit_tasks, args.card, args.data_root, not args.json
+    )
+    if args.write_card:
+        write_settings(model_dir(args.model) / "card.json", method, args.shots, settings)
+    if args.json:
+        print(json.dumps(figures))
+        return
+    e, m, d = figures["estimate"], figures["mislabel"], figures["duplicates"]
+    print(
+        f"{family.name} {method} {args.ways}-way {args.shots}-shot, {args.tasks} test tasks (seed {args.seed}): accuracy {figures['accuracy']:.1f}%\n"
+        f"  estimate: mean |estimate - accuracy| {e['mad']:.2f} points, correlation {e['corr']:.3f}, 95% interval holds it in "
+        f"{e['interval_coverage']:.1f}% (constant {figures['constant']['mad']:.2f}, held-out 0/1 {figures['loo_01']['mad']:.2f} / {figures['loo_01']['corr']:.3f})\n"
+        f"  mislabel: AUROC {m['auroc']:.4f}, recall {m['recall']:.1f}% with {m['clean_flagged']:.2f}% of clean images flagged (gain > {m['threshold']:.2f})\n"
+        f"  duplicates found: exact {d['exact_found']:.1f}%, JPEG q90 {d['jpeg90_found']:.1f}%; clean tasks with a duplicate flag: "
+        f"{figures['clean_tasks_with_a_duplicate_flag']}"
+    )
+
+
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="export missing bundles, start the server, run the client SDK through real test tasks")
     p.add_argument("--tasks", type=int, default=40, help="tasks per row (default 40: minutes; 600: RESULTS.md's tasks, `make demo FULL=1`)")
@@ -359,6 +411,11 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
         help="the served path against its own engine in one run: "
         "Classify through a `fewshot serve` child (SDK, PNG bytes) vs the ONNX Runtime session on tensors, "
         "at 1/8/64 queries and concurrency 1/8; Adapt of the engine vs a plain torch reference loop",
+    )
+    p.add_argument(
+        "--options",
+        action="store_true",
+        help="with --target: Adapt without and with the support-set report, Classify without and with explain=3, side by side",
     )
     p.add_argument("--bundles", help="with --compare: bundle directory (default: $FEWSHOT_BUNDLES, else bundles/)")
     p.add_argument("--calls", type=int, default=32, help="with --compare: Classify calls per round")
@@ -605,6 +662,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_package(sub)
     _add_tune(sub)
     _add_calibrate(sub)
+    _add_report(sub)
     _add_demo(sub)
     _add_bench(sub)
     _add_export(sub)
@@ -621,6 +679,7 @@ def main(argv: list[str] | None = None) -> int:
             "package": _run_package,
             "tune": _run_tune,
             "calibrate": _run_calibrate,
+            "report": _run_report,
             "demo": _run_demo,
             "bench": _run_bench,
             "export": _run_export,

@@ -3,7 +3,8 @@ manifest built from it.
 
 :class:`ModelCard` names every field a card has; ``family_blocks`` holds what only one family has
 (``inner_loop`` settings, the ``center`` record, ``head_tuning``) and the open-set calibration
-(``open_set``: :mod:`fewshot.models.calibration`), copied into the manifest as they
+(``open_set``: :mod:`fewshot.models.calibration`) and the support-set report's settings (``report``:
+:mod:`fewshot.models.report`), copied into the manifest as they
 are, so a family reads the same block from a card and from a bundle. Reading a card checks its schema
 version and required fields and says which are wrong; writing puts the fields in the order of
 :class:`ModelCard`, the family blocks last.
@@ -27,7 +28,7 @@ CARD_SCHEMA = 1
 #: Version of the bundle manifest layout (``manifest.json``).
 MANIFEST_SCHEMA = 1
 #: Blocks that only some families' cards carry.
-FAMILY_BLOCKS = ("inner_loop", "center", "head_tuning", "open_set")
+FAMILY_BLOCKS = ("inner_loop", "center", "head_tuning", "open_set", "report")
 
 
 @dataclass
@@ -128,7 +129,7 @@ class ModelCard:
             "training": {"command": self.training["command"], "seed": self.training["seed"]},
             "files": files,
             "source": source,
-            **{k: v for k, v in self.family_blocks.items() if k in ("inner_loop", "open_set")},
+            **{k: v for k, v in self.family_blocks.items() if k in ("inner_loop", "open_set", "report")},
             **(extra or {}),
         }
 

@@ -29,6 +29,7 @@ from fewshot.models.calibration import OpenSetCalibration
 from fewshot.models.card import accuracy_key, version_digest
 from fewshot.models.plan import ClassifyPlan
 from fewshot.models.preprocess import InputSpec
+from fewshot.models.report import HeldOut, ReportSettings
 from fewshot.models.runtime import Engines, OnnxEngines, SessionEngines, Signature, TensorSpec, part_model_name, torch_device
 from fewshot.models.settings import Setting, check_settings
 
@@ -55,6 +56,10 @@ class Task(Protocol):
     def classify(self, query: torch.Tensor) -> torch.Tensor:
         """``(Q, C, H, W)`` normalised images -> ``(Q, N)`` probabilities."""
 
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """``(B, C, H, W)`` normalised images -> ``(B, d)`` features in the task's own space (the report's
+        outliers and mislabels, the nearest-support explanations)."""
+
     def to_stored(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """``(tensors, JSON-able metadata with its "kind")`` from which :meth:`Family.decode` rebuilds it."""
 
@@ -69,6 +74,10 @@ class Adapter(Protocol):
     def adapt_scored(self, support: torch.Tensor, labels: torch.Tensor) -> tuple[Task, torch.Tensor]:
         """The task and ``task.classify(support)``, without a second pass of the backbone where the
         family can avoid it (the server reports the support accuracy of every Adapt)."""
+
+    def adapt_reported(self, support: torch.Tensor, labels: torch.Tensor) -> tuple[Task, torch.Tensor, HeldOut, torch.Tensor]:
+        """:meth:`adapt_scored`, the held-out predictions of the support set and its ``(S, d)`` features in the
+        task's space (:mod:`fewshot.models.report`: the support-set report)."""
 
 
 @dataclass(frozen=True)
@@ -182,6 +191,12 @@ class Family(ABC):
     def adapter(self, method: str | None = None, shots: int = 1, **settings: Any) -> Adapter:
         """The adapter of ``method`` (default: the model's) for ``shots``-shot tasks; ``settings`` are
         adapter keywords from :meth:`check_settings`."""
+
+    def report_settings(self, method: str, shots: int) -> ReportSettings:
+        """What the support-set report of ``method`` runs with at ``shots`` shots: the estimate map and mislabel
+        threshold fitted on validation tasks (the card's ``report`` block, ``fewshot report --write-card``), or
+        the defaults (the held-out accuracy itself) where none were fitted."""
+        return ReportSettings.for_manifest(self.manifest, method, shots)
 
     def inner_steps(self, adapter: Adapter) -> int:
         """Inner-loop steps ``adapter`` runs per support image (the server caps support images x steps per

@@ -21,6 +21,7 @@ from fewshot.models.features import SessionFeatures
 from fewshot.models.heads import HEADS, STATE_KINDS, FewShotHead, HeadState
 from fewshot.models.heads.transforms import TRANSFORMS
 from fewshot.models.plan import ClassifyPlan, PlannedTask
+from fewshot.models.report import HeldOut
 from fewshot.models.runtime import Engines, TensorSpec
 from fewshot.models.settings import Setting
 
@@ -43,6 +44,10 @@ class MetricTask(PlannedTask):
     def head_logits(self, features: torch.Tensor) -> torch.Tensor:
         """``(Q, d)`` features -> ``(Q, N)`` calibrated logits."""
         return self.open_set.calibrate(self.state.logits(features))
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """``(B, C, H, W)`` normalised images -> ``(B, d)`` features in the head's space (its transform)."""
+        return self.state.embed(self.extract(images))
 
     def to_stored(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         tensors, meta = self.state.to_stored()
@@ -67,6 +72,15 @@ class MetricAdapter:
         features = self.extract(support)
         task = MetricTask(self.head.fit(features, labels), self.extract, self.open_set)
         return task, torch.softmax(task.head_logits(features), dim=1)
+
+    def adapt_reported(self, support: torch.Tensor, labels: torch.Tensor) -> tuple[MetricTask, torch.Tensor, HeldOut, torch.Tensor]:
+        """:meth:`adapt_scored`, the held-out predictions of the support set (:meth:`FewShotHead.held_out_logits`
+        on the same features: no extra backbone pass) and the ``(S, d)`` support features in the head's space."""
+        features = self.extract(support)
+        task = MetricTask(self.head.fit(features, labels), self.extract, self.open_set)
+        logits, fits = self.head.held_out_logits(features, labels)
+        held = HeldOut(torch.softmax(self.open_set.calibrate(logits), dim=1), "leave-one-out" if fits == 0 else "leave-one-shot-out", fits)
+        return task, torch.softmax(task.head_logits(features), dim=1), held, task.state.embed(features)
 
 
 #: Every metric head takes the feature transform as a setting (``fewshot eval --transform``).

@@ -52,7 +52,7 @@ from fewshot.server.tasks import MAX_TASK_ID, TASK_ID
 from fewshot_proto import fewshot_pb2 as pb
 
 #: Form fields of a multipart Adapt, Classify or UpdateTask besides the image files, by their protobuf type.
-FORM_NUMBERS = {"ttl_seconds": int, "top_k": int, "threshold": float, "target_recall": float, "expected_version": int}
+FORM_NUMBERS = {"ttl_seconds": int, "top_k": int, "threshold": float, "target_recall": float, "expected_version": int, "explain": int}
 
 
 def _form_setting(text: str) -> struct_pb2.Value:
@@ -224,8 +224,8 @@ def _set_form_field(message: Any, key: str, values: list[str]) -> None:
     number when it reads as one, else a string; the model's family checks it)."""
     if key == "remove_labels":
         message.remove_labels.extend(values)
-    elif key in ("reject_unknown",):
-        message.reject_unknown = values[-1].lower() in ("1", "true", "yes", "on")
+    elif key in message.DESCRIPTOR.fields_by_name and message.DESCRIPTOR.fields_by_name[key].type == FieldDescriptor.TYPE_BOOL:
+        setattr(message, key, values[-1].lower() in ("1", "true", "yes", "on"))  # reject_unknown, report
     elif key in FORM_NUMBERS:
         setattr(message, key, FORM_NUMBERS[key](values[-1]))
     elif key in {f.name for f in message.DESCRIPTOR.fields}:
@@ -292,17 +292,16 @@ def http_app(service: Any, max_request_bytes: int, serving: Callable[[], bool] =
     @app.post(
         "/v1/tasks/{task_id}/classify",
         operation_id="Classify",
-        summary="Classify queries (JSON ClassifyRequest or multipart images; reject_unknown, threshold, target_recall, top_k)",
+        summary="Classify queries (JSON ClassifyRequest or multipart images; reject_unknown, threshold, target_recall, top_k, explain)",
         responses=responses("ClassifyResponse", statuses),
         openapi_extra=json_body("ClassifyBody", form_schema(pb.ClassifyRequest.DESCRIPTOR, FORM_NUMBERS, images=False)),
     )
     async def classify(request: Request, task_id: str) -> Any:
         message, answer = await guarded(request, service.Classify, pb.ClassifyRequest, task_id=task_id)
-        if (
-            isinstance(answer, dict) and isinstance(message, pb.ClassifyRequest) and not message.reject_unknown
-        ):  # as over gRPC: no open-set fields unless asked
+        if isinstance(answer, dict) and isinstance(message, pb.ClassifyRequest):  # as over gRPC: no fields that were not asked for
+            unasked = (OPEN_SET_FIELDS if not message.reject_unknown else ()) + (("nearest",) if not message.explain else ())
             for prediction in answer["predictions"]:
-                for key in OPEN_SET_FIELDS:
+                for key in unasked:
                     prediction.pop(key, None)
         return answer
 

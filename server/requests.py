@@ -26,8 +26,10 @@ from google.protobuf import struct_pb2
 
 from fewshot.models.calibration import OpenSetCalibration
 from fewshot.models.family import Family
+from fewshot.models.report import Report
 from fewshot.models.settings import Setting
 from fewshot.server.errors import InvalidRequest, ServiceError
+from fewshot.server.state import StateError, load_report
 from fewshot.server.store import TaskRecord
 from fewshot.server.tasks import AdaptRequest, Rejection, ServiceLimits, check_task_id, get_model, resolve_method
 from fewshot.server.versions import ServedModels
@@ -103,6 +105,32 @@ def check_adapt(
     )
 
 
+def report_message(record: TaskRecord) -> pb.SupportReport | None:
+    """The support-set report stored with ``record`` as the wire's message (labels by name, support images by index),
+    or ``None`` for a task adapted without one."""
+    try:
+        stored = load_report(record.state)
+    except StateError:
+        return None
+    if stored is None:
+        return None
+    report = Report.from_dict(stored)
+    names = record.labels
+    message = pb.SupportReport(scheme=report.scheme, held_out=report.held_out, extra_adaptations=report.extra_adaptations, note=report.note)
+    if report.estimate is not None:
+        message.estimate, message.low, message.high = report.estimate, report.low or 0.0, report.high or 0.0
+    for a, b, percent in report.confusions:
+        message.confusions.add(label_a=names[a], label_b=names[b], percent=percent)
+    for f in report.flags:
+        flag = message.flags.add(index=f.index, kind=f.kind, score=f.score)
+        if f.other is not None:
+            flag.other = f.other
+        flag.label = names[f.label]
+        if f.looks_like is not None:
+            flag.looks_like = names[f.looks_like]
+    return message
+
+
 def adapt_response(record: TaskRecord, accuracy: float = 0.0, seconds: float = 0.0) -> pb.AdaptResponse:
     """What Adapt (and ImportTask, without accuracy and time) answers of the stored task ``record``."""
     return pb.AdaptResponse(
@@ -114,6 +142,7 @@ def adapt_response(record: TaskRecord, accuracy: float = 0.0, seconds: float = 0
         model=record.model,
         method=record.method,
         model_version=pb.ModelVersion(version=record.model_version, digest=record.model_digest),
+        report=report_message(record),
     )
 
 
@@ -230,6 +259,7 @@ def task_info(record: TaskRecord, models: ServedModels) -> pb.TaskInfo:
         shots=record.shots,
         model_version=pb.ModelVersion(version=record.model_version, digest=record.model_digest),
         model_version_loaded=loaded,
+        report=report_message(record),
     )
 
 

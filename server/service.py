@@ -35,6 +35,7 @@ from fewshot.server.batcher import Batcher
 from fewshot.server.budget import BodyBudget, BodyHold, CallBudget
 from fewshot.server.config import ServeConfig
 from fewshot.server.errors import InvalidRequest, NotFound, ServiceError
+from fewshot.server.explain import SupportFeatures, check_explain, explain, stored_state
 from fewshot.server.images import decode_for_model, decode_pixels_for_model
 from fewshot.server.metrics import ServiceMetrics
 from fewshot.server.requests import (
@@ -46,6 +47,7 @@ from fewshot.server.requests import (
     models_info,
     page_after,
     page_size,
+    report_message,
     task_info,
     task_summaries,
 )
@@ -120,6 +122,7 @@ class _AdaptCall:
     ttl: int
     support: list[pb.LabelledImage]
     model_version: str = ""
+    report: bool = False
 
 
 class FewShotService:
@@ -152,6 +155,8 @@ class FewShotService:
         #: Adapts, where the model stacks them: sizes count tasks, at most 32 per stacked inner loop
         self.adapt_batcher = Batcher(executor, batch_delay, 32, on_batch=metrics.adapt_batch_tasks.observe)
         self._update_locks: list[asyncio.Lock] = []  # made in the event loop, on the first UpdateTask
+        #: Support features of recently explained tasks (Classify with ``explain``), bounded in bytes.
+        self.support_features = SupportFeatures()
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
         """Register the ``fewshot.v1.FewShot`` methods on ``server`` (request bytes are parsed by us)."""
@@ -238,7 +243,13 @@ class FewShotService:
             self.limits.check_request_bytes(len(raw))
             request = parse(pb.AdaptRequest, raw)
             adapt = _AdaptCall(
-                request.model, request.method, request.settings, request.ttl_seconds, list(request.support), request.model_version
+                request.model,
+                request.method,
+                request.settings,
+                request.ttl_seconds,
+                list(request.support),
+                request.model_version,
+                request.report,
             )
             return await self._adapt(adapt, call)
 
@@ -267,7 +278,7 @@ class FewShotService:
             chunk = parse(pb.AdaptChunk, raw)
             del raw
             if adapt is None:
-                adapt = _AdaptCall(chunk.model, chunk.method, chunk.settings, chunk.ttl_seconds, support, chunk.model_version)
+                adapt = _AdaptCall(chunk.model, chunk.method, chunk.settings, chunk.ttl_seconds, support, chunk.model_version, chunk.report)
             else:  # later chunks may repeat the first chunk's model, version and method, not name others
                 for name, first in (("model", adapt.model), ("method", adapt.method), ("model_version", adapt.model_version)):
                     later = getattr(chunk, name)
@@ -294,6 +305,7 @@ class FewShotService:
             call.tenant.name,
             adapt.model_version,
         )
+        request.report = adapt.report
         model = request.model
         call.fields.update(model=model.name, model_version=model.version, method=request.method, support=len(adapt.support))
         images = [item.image for item in adapt.support]
@@ -324,6 +336,7 @@ class FewShotService:
         async def body(call: _Call) -> pb.ClassifyResponse:
             request = parse(pb.ClassifyRequest, raw)
             task_id, rejection = check_classify(self.limits, request)
+            k = check_explain(request.explain)
             call.about(task_id)
             budget, queries = call.budget, list(request.queries)
 
@@ -353,6 +366,9 @@ class FewShotService:
                 if response is None:  # merged with concurrent requests
                     logits = await self._classify(*work)
                     response = classify_response(logits, record.labels, request.top_k, task.open_set, rejection)
+                if k:
+                    state = stored_state(self.store, task_id, call.tenant.name)
+                    await self._offload(explain, response, record, task, model, work[1], k, self.support_features, state)
             if self.store.deleted_since(task_id, call.started):  # DeleteTask answered while we worked
                 raise NotFound(f"task {task_id} was deleted during this call")
             return response
@@ -418,6 +434,7 @@ class FewShotService:
                 shots=record.shots,
                 support_accuracy=accuracy,
                 adapt_seconds=seconds,
+                report=report_message(record),
             )
 
         return await self._call("UpdateTask", context, body, 2 * len(raw))

@@ -50,8 +50,9 @@ class StoredSupport:
         return p
 
 
-def dump_task(task: Task, support: StoredSupport | None = None) -> bytes:
-    """The adapted state of ``task`` (and its support set) as one safetensors blob (tensors + JSON metadata)."""
+def dump_task(task: Task, support: StoredSupport | None = None, report: dict[str, Any] | None = None) -> bytes:
+    """The adapted state of ``task`` (and its support set, and its support-set report's JSON form) as one
+    safetensors blob (tensors + JSON metadata)."""
     if not hasattr(task, "to_stored"):
         raise TypeError(f"cannot store a task of type {type(task).__name__}")
     tensors, meta = task.to_stored()
@@ -63,6 +64,8 @@ def dump_task(task: Task, support: StoredSupport | None = None) -> bytes:
         tensors[SUPPORT + "pixels"] = torch.from_numpy(np.ascontiguousarray(support.compact()))
         tensors[SUPPORT + "targets"] = torch.as_tensor([index[n] for n in support.names], dtype=torch.int32)
         extra["support"] = json.dumps({"labels": labels, "settings": support.settings})
+    if report is not None:
+        extra["report"] = json.dumps(report)
     return st_save(tensors, metadata={"fewshot": json.dumps(meta), **extra})
 
 
@@ -83,6 +86,17 @@ def load_support(blob: bytes) -> StoredSupport | None:
     info = json.loads(metadata["support"])
     names = [info["labels"][int(t)] for t in tensors[SUPPORT + "targets"]]
     return StoredSupport(tensors[SUPPORT + "pixels"].numpy(), names, info.get("settings", {}))
+
+
+def load_report(blob: bytes) -> dict[str, Any] | None:
+    """The support-set report stored with a task (:func:`fewshot.models.report.Report.to_dict`), or ``None``
+    (adapted without one). Reads the blob's header only."""
+    try:
+        header_len = int.from_bytes(blob[:8], "little")
+        metadata = json.loads(blob[8 : 8 + header_len]).get("__metadata__") or {}
+    except (ValueError, TypeError) as exc:
+        raise StateError(f"stored task is damaged ({exc})") from None
+    return json.loads(metadata["report"]) if "report" in metadata else None
 
 
 def load_task(blob: bytes, model: Family) -> Any:

@@ -26,10 +26,11 @@ from fewshot.errors import ConfigError
 from fewshot.models.calibration import ACCEPTANCE_LEVELS, DEFAULT_ACCEPTANCE, OpenSetCalibration
 from fewshot.models.family import Family
 from fewshot.models.interrupt import interruptible
+from fewshot.models.report import adapt_with_report
 from fewshot.server.config import ServeConfig
 from fewshot.server.errors import Conflict, InvalidRequest, NotFound, NotUpdatable, TooLarge, quoted
 from fewshot.server.images import ImageLimits
-from fewshot.server.state import StateError, StoredSupport, dump_task, load_support, load_task
+from fewshot.server.state import StateError, StoredSupport, dump_task, load_report, load_support, load_task
 from fewshot.server.store import TaskRecord, TaskStore
 from fewshot.server.versions import ServedModels
 
@@ -251,6 +252,10 @@ class AdaptRequest:
     #: The decoded support pixels (``decode_pixels_for_model``), set by the caller: stored with the task
     #: so that UpdateTask can re-adapt on the union; ``None``: not kept (the task cannot be updated).
     pixels: np.ndarray | None = None
+    #: Compute the support-set report (:mod:`fewshot.models.report`) and store it with the task.
+    report: bool = False
+    #: The fewest images of a class (what the adapter and the report settings are chosen for).
+    shots: int = 1
 
     @staticmethod
     def check(
@@ -277,21 +282,27 @@ class AdaptRequest:
                 f"{len(names)} support images x {steps} inner steps = {len(names) * steps} image-steps; this "
                 f"server runs at most {max_image_steps} per Adapt: send fewer images or ask fewer inner_steps"
             )
-        return AdaptRequest(model, method, labels, targets, adapter, ttl, tenant=tenant, settings=given, names=list(names))
+        return AdaptRequest(model, method, labels, targets, adapter, ttl, tenant=tenant, settings=given, names=list(names), shots=shots)
 
     def run(self, images: torch.Tensor, check: Callable[[str], None] | None = None) -> tuple[TaskRecord, Any, float]:
         """Adapt on normalised ``(S, C, H, W)`` images -> (record to store, task, support accuracy).
         ``check(stage)`` is called at each stage boundary (it raises to stop an abandoned call)."""
         with interruptible(check or (lambda stage: None)):
             start = time.perf_counter()
-            task, support_probabilities = self.adapter.adapt_scored(images, self.targets)
+            report = None
+            if self.report:
+                settings = self.model.report_settings(self.method, self.shots)
+                task, support_probabilities, made = adapt_with_report(self.adapter, images, self.targets, self.pixels, settings)
+                report = made.to_dict()
+            else:
+                task, support_probabilities = self.adapter.adapt_scored(images, self.targets)
             self.seconds = time.perf_counter() - start
-        return self._result(task, support_probabilities, len(images))
+        return self._result(task, support_probabilities, len(images), report)
 
     def batch_key(self, images: torch.Tensor) -> Hashable | None:
         """The key under which this Adapt may run with concurrent ones of the same model, settings and
-        support shape (:meth:`run_many`), or ``None`` (it runs alone)."""
-        return self.model.adapt_batch_key(self.adapter, tuple(images.shape))
+        support shape (:meth:`run_many`), or ``None`` (it runs alone: so does every Adapt with a report)."""
+        return None if self.report else self.model.adapt_batch_key(self.adapter, tuple(images.shape))
 
     @staticmethod
     def run_many(items: list[tuple[AdaptRequest, torch.Tensor]]) -> list[tuple[TaskRecord, Any, float]]:
@@ -307,7 +318,9 @@ class AdaptRequest:
             results.append(request._result(task, task.classify(images), len(images)))
         return results
 
-    def _result(self, task: Any, support_probabilities: torch.Tensor, images: int) -> tuple[TaskRecord, Any, float]:
+    def _result(
+        self, task: Any, support_probabilities: torch.Tensor, images: int, report: dict[str, Any] | None = None
+    ) -> tuple[TaskRecord, Any, float]:
         accuracy = float((support_probabilities.argmax(1) == self.targets).float().mean())
         now = time.time()
         support = None if self.pixels is None else StoredSupport(self.pixels, self.names, self.settings)
@@ -320,7 +333,7 @@ class AdaptRequest:
             now,
             now + self.ttl,
             images,
-            dump_task(task, support),
+            dump_task(task, support, report),
             self.tenant,
             1,
             shots,
@@ -406,6 +419,7 @@ class TaskUpdate:
                 pixels = np.concatenate([pixels, self.pixels.astype(np.promote_types(pixels.dtype, self.pixels.dtype))])
             request = AdaptRequest.check(model, current.method, names, support.settings, 0, limits.max_image_steps, tenant)
             request.pixels = pixels
+            request.report = load_report(current.state) is not None  # a task with a report keeps an up-to-date one
             record, task, accuracy = request.run(model.spec.normalize(pixels), check)
             record = dataclasses.replace(
                 record, task_id=current.task_id, created_at=current.created_at, expires_at=current.expires_at, version=current.version + 1

@@ -18,8 +18,10 @@ Tensor contract (KServe v2; ``BYTES`` is Triton's ``TYPE_STRING``, one element p
   Outputs ``task_id`` BYTES [1], ``labels`` BYTES [N] (the classes in order of first appearance).
 - ``fewshot_classify``: inputs ``task_id`` BYTES [1], ``images`` BYTES [Q], optional ``reject_unknown``
   BOOL [1] with at most one of ``threshold`` / ``target_recall`` FP64 [1] (the gRPC Classify's open-set
-  option). Outputs ``probabilities`` FP32 [Q, N] (column j is class ``labels[j]``), ``labels`` BYTES [N];
-  with ``reject_unknown`` also ``unknown`` BOOL [Q], ``scores`` FP64 [Q] and ``threshold`` FP64 [1].
+  option) and optional ``explain`` INT32 [1] (k, at most 10). Outputs ``probabilities`` FP32 [Q, N] (column j is
+  class ``labels[j]``), ``labels`` BYTES [N]; with ``reject_unknown`` also ``unknown`` BOOL [Q], ``scores`` FP64 [Q]
+  and ``threshold`` FP64 [1]; with ``explain`` the k support images nearest each query, as gRPC's Classify gives
+  them: ``nearest_index`` INT32 [Q, k], ``nearest_label`` BYTES [Q, k], ``nearest_similarity`` FP64 [Q, k].
 
 Bad input (an undecodable image, one class, an unknown model or task, ...) answers that request with a
 Triton error carrying the service's message and status (``INVALID_ARG``, ``NOT_FOUND``, ``UNAVAILABLE``
@@ -44,6 +46,7 @@ from fewshot.models.runtime import SessionEngines, part_model_name
 from fewshot.server.auth import DEFAULT_TENANT
 from fewshot.server.budget import CallBudget
 from fewshot.server.errors import BackendUnavailable, InvalidRequest, ServiceError
+from fewshot.server.explain import SupportFeatures, check_explain, explain, stored_state
 from fewshot.server.images import decode_for_model, decode_pixels_for_model
 from fewshot.server.requests import adapt_response, check_adapt, check_classify, classify_response, settings_message, support_of
 from fewshot.server.store import TaskStore
@@ -131,6 +134,7 @@ class _FewShotModel:
             for name, b in registry.bundles.items()
         )
         self.store = TaskStore(root / params["state_dir"])
+        self.support_features = SupportFeatures()  # for Classify with explain
         self.models.pin_old_rows(self.store)  # rows stored before versions were recorded, as fewshot serve pins them
 
     def execute(self, requests: list[Any]) -> list[Any]:
@@ -250,9 +254,11 @@ class ClassifyModel(_FewShotModel):
             if value is not None:
                 setattr(message, name, value)
         task_id, rejection = check_classify(self.limits, message)
+        k = check_explain(int(self._number(request, "explain") or 0))
         record, task, model = find_task(self.store, self.models, task_id, DEFAULT_TENANT)
         budget = CallBudget(self.limits.max_call_pixels)
-        logits = task.calibrated_logits(decode_for_model(list(message.queries), model, self.limits.image, "query", budget))
+        x = decode_for_model(list(message.queries), model, self.limits.image, "query", budget)
+        logits = task.calibrated_logits(x)
         response = classify_response(logits, record.labels, len(record.labels), task.open_set, rejection)
         out = {
             "probabilities": np.array([p.probabilities for p in response.predictions], dtype=np.float32).reshape(len(logits), -1),
@@ -263,6 +269,19 @@ class ClassifyModel(_FewShotModel):
                 "unknown": np.array([p.unknown for p in response.predictions], dtype=bool),
                 "scores": np.array([p.score for p in response.predictions], dtype=np.float64),
                 "threshold": np.array([response.predictions[0].threshold if response.predictions else np.nan]),
+            }
+        if k:  # the service's explanations: the k support images nearest each query
+            explain(response, record, task, model, x, k, self.support_features, stored_state(self.store, task_id, DEFAULT_TENANT))
+            nearest = [list(p.nearest) for p in response.predictions]
+            width = min(len(m) for m in nearest) if nearest else 0
+            out |= {
+                "nearest_index": np.array([[m.index for m in row[:width]] for row in nearest], dtype=np.int32).reshape(len(nearest), width),
+                "nearest_label": np.array([[m.label.encode() for m in row[:width]] for row in nearest], dtype=object).reshape(
+                    len(nearest), width
+                ),
+                "nearest_similarity": np.array([[m.similarity for m in row[:width]] for row in nearest], dtype=np.float64).reshape(
+                    len(nearest), width
+                ),
             }
         return out
 

@@ -1,6 +1,6 @@
 """The web console (issue 18) in a real headless Chromium (Debian's ``chromium`` and ``chromium-driver``,
-driven by Selenium): a 5-way task from real Omniglot images, a query classified, the label shown equal to
-the SDK's answer on the same task; the screenshot is saved as a test artifact (``docs/console.png`` is
+driven by Selenium): a 5-way task from real Omniglot images, with its support-set report (issue 37: a duplicate
+flagged with its thumbnail), a query classified, the label shown equal to the SDK's answer on the same task; the screenshot is saved as a test artifact (``docs/console.png`` is
 regenerated with ``FEWSHOT_CONSOLE_SCREENSHOT=docs/console.png make test``, docs/http-api.md)."""
 
 from __future__ import annotations
@@ -53,6 +53,9 @@ def test_the_console_adapts_a_5_way_task_and_shows_the_sdks_label(server, browse
         path = tmp_path / f"{NAMES[c]}-{k}.png"
         path.write_bytes(png(omniglot_test.images[index]))
         files.setdefault(NAMES[c], []).append(str(path))
+    copy = tmp_path / "alpha-copy.png"  # an exact duplicate: the report flags it, with its thumbnail
+    copy.write_bytes(Path(files["alpha"][0]).read_bytes())
+    files["alpha"].append(str(copy))
     query = tmp_path / "query.png"
     query.write_bytes(png(omniglot_test.images[ep.query[0]]))
     wait = WebDriverWait(browser, 60)
@@ -69,12 +72,18 @@ def test_the_console_adapts_a_5_way_task_and_shows_the_sdks_label(server, browse
         lambda d: d.find_element(By.ID, "adapt-status").get_attribute("data-task") and d.find_element(By.ID, "adapt-status")
     )
     task_id = status.get_attribute("data-task")
+    estimate = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#report .estimate"))[0].text
+    assert estimate.startswith("Expected accuracy on new images:"), estimate
+    flagged = browser.find_element(By.CSS_SELECTOR, '#report .flag[data-kind="duplicate"]')
+    assert flagged.get_attribute("data-index") == "2" and flagged.find_element(By.TAG_NAME, "img")  # alpha's third image
     browser.find_element(By.ID, "query-files").send_keys(str(query))
     wait.until(ready.element_to_be_clickable((By.ID, "classify"))).click()
     shown = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#results .label"))[0].get_attribute("data-label")
+    matches = browser.find_elements(By.CSS_SELECTOR, "#results .nearest .match")  # the answer explained, with thumbnails
+    assert len(matches) == 3 and all(m.find_elements(By.TAG_NAME, "img") for m in matches)
     with FewShotClient(server.target) as client:
         task = client.task(task_id)
-        assert sorted(task.labels) == sorted(NAMES) and client.task_info(task_id).support_size == 10
+        assert sorted(task.labels) == sorted(NAMES) and client.task_info(task_id).support_size == 11
         expected = task.classify([query.read_bytes()])[0].label
     assert shown == expected
     assert browser.find_element(By.CSS_SELECTOR, f'#tasks tr[data-task="{task_id}"]')  # listed, with Delete

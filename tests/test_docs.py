@@ -56,6 +56,8 @@ NOT_QUOTED = {
     ("README.md", "within 5 s)"): "the bound tests/test_versions.py holds replicas to (CONVERGENCE_S), not a measurement",
     ("upgrading.md", "**within 5 s**"): "the bound tests/test_versions.py holds replicas to (CONVERGENCE_S), not a measurement",
     ("serving.md", "at most 1,000 a page"): "ListTasks' page size limit, a constant (server/requests.py MAX_PAGE)",
+    ("serving.md", "to flag 2% of clean images"): "the share the mislabel threshold is fitted to flag (report_check.CLEAN_FLAGGED)",
+    ("serving.md", "of at least 0.98 on images"): "the near-duplicate threshold, a constant (models/report.py NEAR_DUPLICATE_COSINE)",
     ("serving.md", "within 100 MB of its start-up size"): "the limit tests/test_bounds.py holds the idle process to (issue 34)",
     ("serving.md", "8 MB per encoded image and 16.8 M pixels"): "limits of fewshot serve: flags and their defaults",
     ("serving.md", "64 MB per message"): "a limit of fewshot serve: a flag's default",

@@ -47,18 +47,18 @@ def test_supervised_run_writes_checkpoints_metrics_curves_and_resumes(tmp_path):
         "--out",
         str(run),
     ]
-    first = _train(*common, "--epochs", "1", "--max-steps", "25")
+    first = _train(*common, "--epochs", "1", "--max-steps", "12")
     assert first.returncode == 0, first.stderr
     for name in ("last.pt", "best.pt", "metrics.jsonl", "curves.png"):
         assert (run / name).exists(), name
     rows = _rows(run)
-    assert rows[-1]["kind"] == "val" and rows[-1]["step"] == 25 and 20 < rows[-1]["accuracy"] <= 100
+    assert rows[-1]["kind"] == "val" and rows[-1]["step"] == 12 and 20 < rows[-1]["accuracy"] <= 100
     train_rows = [r for r in rows if r["kind"] == "train"]
     assert len(train_rows) >= 2 and all(0 < r["cls"] < 20 and 0 <= r["metric"] < 20 for r in train_rows)
-    second = _train(*common, "--epochs", "2", "--max-steps", "50", "--resume")
+    second = _train(*common, "--epochs", "2", "--max-steps", "24", "--resume")
     assert second.returncode == 0, second.stderr
     assert "resumed" in second.stdout + second.stderr
-    assert _rows(run)[-1]["step"] == 50
+    assert _rows(run)[-1]["step"] == 24
     # packaging tunes every registered head on validation tasks; the packaged model evaluates with each
     zoo = tmp_path / "zoo"
     packaged = subprocess.run(

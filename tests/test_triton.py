@@ -299,3 +299,26 @@ def test_triton_process_stops_and_starts_again_on_the_same_repository(triton, ex
 def test_a_missing_triton_environment_says_what_to_do(tmp_path):
     with pytest.raises(TritonUnavailable, match="scripts/triton-env.sh"):
         TritonProcess(tmp_path, venv=tmp_path / "nowhere").start()
+
+
+@pytest.mark.parametrize("name", [OMNI, CXGRAD])
+def test_triton_explains_answers_as_the_service_does(client, stub, name):
+    """fewshot_classify's explain option: the same nearest support images, labels and similarities as the
+    service's Classify of a task adapted on the same support set; a support image's nearest is itself."""
+    data = _data("omniglot")
+    labels, support, queries, _ = _task(data, EpisodeSampler(data, 5, 2, 2, seed=9).episode(0))
+    task_id, _ = triton_adapt(client, name, labels, support)
+    service_task = service_adapt(stub, name, labels, support).task_id
+    asked = [support[3], *queries]
+    explain = grpcclient.InferInput("explain", [1], "INT32")
+    explain.set_data_from_numpy(np.array([3], dtype=np.int32))
+    result = client.infer("fewshot_classify", [triton_strings("task_id", [task_id]), triton_strings("images", asked), explain])
+    served = stub.Classify(pb.ClassifyRequest(task_id=service_task, queries=[pb.Image(encoded=b) for b in asked], explain=3))
+    assert result.as_numpy("nearest_index").tolist() == [[m.index for m in p.nearest] for p in served.predictions]
+    assert [[v.decode() for v in row] for row in result.as_numpy("nearest_label")] == [
+        [m.label for m in p.nearest] for p in served.predictions
+    ]
+    np.testing.assert_allclose(
+        result.as_numpy("nearest_similarity"), [[m.similarity for m in p.nearest] for p in served.predictions], rtol=1e-5, atol=1e-5
+    )
+    assert result.as_numpy("nearest_index")[0, 0] == 3

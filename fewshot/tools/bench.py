@@ -11,6 +11,9 @@ bytes), then ``requests`` Classify calls of ``queries`` per class against those 
 ``concurrency`` client threads. Reports p50/p90/p99 latency of each RPC and Classify throughput in
 images/s (query images over the wall time of the Classify phase).
 
+**What the report and explanations cost** (``--target HOST:PORT --options``, :func:`bench_options`): Adapt
+without and with the support-set report, Classify without and with ``explain``, side by side on the same tasks.
+
 **The served path against its own engine** (``--compare``): :mod:`fewshot.tools.compare`.
 """
 
@@ -105,6 +108,75 @@ def _bench_one(client, model: str, method: str, episodes: list[EncodedTask], war
         "classify": percentiles([ms for _, ms in classified]),
         "classify_images_per_s": round(images / classify_wall, 1),
     }
+
+
+def bench_options(
+    target: str,
+    models: list[str] | None = None,
+    requests: int = 32,
+    shots: int = 5,
+    queries: int = 15,
+    warmup: int = 4,
+    seed: int = 0,
+    token: str | None = None,
+    explain: int = 3,
+) -> list[dict]:
+    """What the support-set report costs Adapt and explanations cost Classify, side by side on one server: per
+    model and method, on each of ``requests`` real tasks, Adapt without and with ``report`` (the order alternating
+    task by task, so drift hits both), then Classify of its queries without and with ``explain`` against the
+    task adapted with the report (alternating too). One client thread; p50 and spread of each, and the ratios."""
+    from fewshot_client import FewShotClient
+
+    rows = []
+    with FewShotClient(target, token=token, timeout=300.0) as client:
+        for info in client.models():
+            if models and info.name not in models:
+                continue
+            data = load_dataset(load_model(info.name).card.dataset, "test")
+            ways = max(info.min_ways, min(5, info.max_ways))
+            sampler = EpisodeSampler(data, ways, shots, queries, seed)
+            episodes = [encode_episode(data, sampler.episode(i)) for i in range(requests + warmup)]
+            for method in info.methods:
+                times: dict[str, list[float]] = {"adapt": [], "adapt_report": [], "classify": [], "classify_explain": []}
+                for i, t in enumerate(episodes):
+                    plain = lambda: _timed(client.adapt, t.support, t.support_labels, model=info.name, method=method)  # noqa: E731
+                    reported = lambda: _timed(client.adapt, t.support, t.support_labels, model=info.name, method=method, report=True)  # noqa: E731
+                    (a, ms_a), (b, ms_b) = (plain(), reported()) if i % 2 == 0 else reversed((reported(), plain()))
+                    (_, ms_c), (_, ms_d) = (
+                        (_timed(b.classify, t.queries), _timed(b.classify, t.queries, explain=explain))
+                        if i % 2 == 0
+                        else reversed((_timed(b.classify, t.queries, explain=explain), _timed(b.classify, t.queries)))
+                    )
+                    a.delete()
+                    b.delete()
+                    if i >= warmup:
+                        for key, ms in zip(times, (ms_a, ms_b, ms_c, ms_d)):
+                            times[key].append(ms)
+                p50 = {k: float(np.median(v)) for k, v in times.items()}
+                rows.append(
+                    {
+                        "model": info.name,
+                        "method": method,
+                        "ways": ways,
+                        "shots": shots,
+                        "queries_per_call": ways * queries,
+                        "explain": explain,
+                        "requests": requests,
+                        **{k: _spread(v) for k, v in times.items()},
+                        "report_over_plain": round(p50["adapt_report"] / p50["adapt"], 2),
+                        "explain_over_plain": round(p50["classify_explain"] / p50["classify"], 2),
+                    }
+                )
+    return rows
+
+
+def describe_options(row: dict) -> str:
+    return (
+        f"{row['model']:37s} {row['method']:13s} Adapt ({row['ways']}x{row['shots']}) p50 {row['adapt']['median_ms']:.1f} ms, "
+        f"with report {row['adapt_report']['median_ms']:.1f} ms ({row['report_over_plain']:.2f}x) | Classify "
+        f"({row['queries_per_call']} images) p50 {row['classify']['median_ms']:.1f} ms, with explain={row['explain']} "
+        f"{row['classify_explain']['median_ms']:.1f} ms ({row['explain_over_plain']:.2f}x)"
+    )
 
 
 def describe_service(row: dict) -> str:
@@ -220,6 +292,13 @@ def run_bench(args: argparse.Namespace) -> None:
     ``--target``, else in process on exactly one ``--model``."""
     if args.compare:
         _compare(args)
+    elif args.target and args.options:
+        print(
+            f"fewshot bench --target {args.target} --options: {args.requests} tasks per row, 5-way {args.shots}-shot, "
+            f"{args.queries} queries per class; Adapt without/with report, Classify without/with explain, alternating"
+        )
+        for row in bench_options(args.target, args.model, args.requests, args.shots, args.queries, args.warmup, args.seed, args.token):
+            print(json.dumps(row) if args.json else describe_options(row), flush=True)
     elif args.target:
         print(
             f"fewshot bench --target {args.target}: {args.requests} calls per row, 5-way {args.shots}-shot, "

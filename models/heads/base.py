@@ -84,6 +84,13 @@ class HeadState(ABC):
         """``(Q, d)`` query features -> ``(Q, N)`` class probabilities, ``softmax(logits)``."""
         return torch.softmax(self.logits(query), dim=1)
 
+    def embed(self, features: torch.Tensor) -> torch.Tensor:
+        """``(B, d)`` backbone features -> ``(B, d)`` in the space the head measures in (its feature transform):
+        what the support-set report and the nearest-support explanations compare."""
+        from fewshot.models.heads.transforms import transform_features
+
+        return transform_features(features, getattr(self, "transform", "UN"), getattr(self, "center", None))
+
     def to_stored(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """``(tensors, JSON-able metadata)`` of this state."""
         tensors, meta = {}, {}
@@ -153,3 +160,21 @@ class FewShotHead(ABC):
     @abstractmethod
     def fit(self, support: torch.Tensor, labels: torch.Tensor) -> HeadState:
         """``(S, d)`` features and ``(S,)`` labels in ``0..N-1`` -> the task's state."""
+
+    def held_out_logits(self, support: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """``(S, N)`` logits of each support image by this head fitted without it (NaN rows: the only image of its
+        class), and the fits that took. By default leave-one-shot-out: fit ``k`` holds out the ``k``-th image of
+        every class with at least 2 (``shots`` fits; a transductive head classifies each held-out fold together)."""
+        from fewshot.models.report import shot_ranks
+
+        n = check_support(support, labels)
+        counts = torch.bincount(labels, minlength=n)
+        holdable, ranks = counts[labels] >= 2, shot_ranks(labels)
+        out = torch.full((len(labels), n), float("nan"))
+        fits = 0
+        for k in range(int(counts.max())):
+            hold = holdable & (ranks == k)
+            if hold.any():
+                out[hold] = self.fit(support[~hold], labels[~hold]).logits(support[hold]).float()
+                fits += 1
+        return out, fits

@@ -52,3 +52,17 @@ class CentroidHead(FewShotHead):
         n = check_support(support, labels)
         s = transform_features(support, self.transform, self.center)
         return CentroidState(class_means(s, labels, n), self.transform, self.center)
+
+    def held_out_logits(self, support: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Leave-one-out in closed form, no refit: image ``i`` of class ``y`` (``n_y`` images, mean ``m_y``) is
+        measured against ``(n_y m_y - x_i) / (n_y - 1)`` for its own class and the full means of the others."""
+        n = check_support(support, labels)
+        s = transform_features(support, self.transform, self.center)
+        onehot = torch.nn.functional.one_hot(labels, n).to(s.dtype)
+        counts, sums = onehot.sum(0), onehot.T @ s
+        logits = -sq_distances(s, sums / counts[:, None])
+        own = counts[labels]
+        without = (sums[labels] - s) / (own - 1).clamp_min(1)[:, None]
+        logits[torch.arange(len(labels)), labels] = -((s - without) ** 2).sum(1)
+        logits[own < 2] = float("nan")
+        return logits, 0

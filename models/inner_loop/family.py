@@ -25,6 +25,7 @@ from fewshot.models.inner_loop.onnx_network import network_input_names, network_
 from fewshot.models.inner_loop.rules import UpdateRule
 from fewshot.models.inner_loop.stacked import StackedClassify, bucket
 from fewshot.models.plan import ClassifyPlan, PlannedTask
+from fewshot.models.report import HeldOut, k_fold
 from fewshot.models.runtime import Engines, Session, TensorSpec
 from fewshot.models.settings import Setting
 
@@ -33,6 +34,8 @@ WAY_SWEEP = (2, 3, 5, 10)
 
 #: The one method an inner-loop model offers (a request may also name the model's own, e.g. ``cxgrad``).
 METHOD = "inner_loop"
+#: Folds of an inner-loop task's held-out predictions (the support-set report): 2 inner loops on half the shots.
+REPORT_FOLDS = 2
 
 
 def inner_loop_model_parts(
@@ -100,6 +103,21 @@ class NetworkTask(PlannedTask):
             self.stacker.run_many,
         )
 
+    @torch.no_grad()
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """``(B, C, H, W)`` normalised images -> ``(B, d)``: what the adapted network's head reads (its body and
+        feature transform, with the task's weights and frozen statistics; torch)."""
+        params, stats = self.state.weights()
+        device = next(iter(params.values())).device
+        images = images.to(device).contiguous(memory_format=torch.channels_last)
+        return self.state.net.embed(params, images, stats, step=self.state.step).float().cpu()
+
+    def embedded_probabilities(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """``(B, d)`` :meth:`embed` output -> ``(B, N)`` calibrated probabilities (the head of the adapted network)."""
+        params, _ = self.state.weights()
+        logits = torch.nn.functional.linear(embeddings, params["head.weight"].float().cpu(), params["head.bias"].float().cpu())
+        return torch.softmax(self.open_set.calibrate(logits), dim=1)
+
     def to_stored(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         s = self.state
         tensors = {f"param.{k}": v for k, v in s.params.items()}
@@ -139,6 +157,13 @@ class NetworkAdapter:
         """The task and its ``(S, N)`` probabilities on the support set (one network pass)."""
         task = self.adapt(support, labels)
         return task, task.classify(support)
+
+    def adapt_reported(self, support: torch.Tensor, labels: torch.Tensor) -> tuple[NetworkTask, torch.Tensor, HeldOut, torch.Tensor]:
+        """:meth:`adapt_scored`, held-out predictions by two more inner loops on half the shots each
+        (:func:`~fewshot.models.report.k_fold`) and the ``(S, d)`` support features of the adapted network."""
+        task = self.adapt(support, labels)
+        embeddings = task.embed(support)  # one torch pass gives the features and (through the head) the probabilities
+        return task, task.embedded_probabilities(embeddings), k_fold(self, support, labels, REPORT_FOLDS), embeddings
 
 
 class InnerLoopFamily(Family):

@@ -17,7 +17,18 @@ from fewshot_client.errors import (
     Unavailable,
 )
 from fewshot_client.images import to_image_proto
-from fewshot_client.messages import InputSpec, ModelInfo, ModelVersionInfo, Prediction, SettingInfo, TaskInfo, TaskPage, TaskSummary
+from fewshot_client.messages import (
+    InputSpec,
+    ModelInfo,
+    ModelVersionInfo,
+    Prediction,
+    SettingInfo,
+    SupportFlag,
+    SupportReport,
+    TaskInfo,
+    TaskPage,
+    TaskSummary,
+)
 
 __all__ = [
     "Aborted",
@@ -37,6 +48,8 @@ __all__ = [
     "ResourceExhausted",
     "ServiceError",
     "SettingInfo",
+    "SupportFlag",
+    "SupportReport",
     "Task",
     "TaskInfo",
     "TaskPage",

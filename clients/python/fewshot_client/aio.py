@@ -30,11 +30,14 @@ class AsyncTask(TaskFields):
         reject_unknown: bool = False,
         threshold: float | None = None,
         target_recall: float | None = None,
+        explain: int = 0,
     ) -> list[Prediction]:
         """One prediction per image, with the ``top_k`` best labels ranked; ``reject_unknown``: each says
         whether it fits none of the labels (``prediction.unknown``), at the model's calibrated threshold
-        for 95% acceptance of known classes, or at ``target_recall`` (0.5..0.99), or at ``threshold``."""
-        return await self.client.classify(self.id, images, top_k, reject_unknown, threshold, target_recall)
+        for 95% acceptance of known classes, or at ``target_recall`` (0.5..0.99), or at ``threshold``.
+        ``explain``: each prediction also names the ``explain`` (at most 10) support images nearest its query
+        (``prediction.nearest``)."""
+        return await self.client.classify(self.id, images, top_k, reject_unknown, threshold, target_recall, explain)
 
     async def update(
         self, images: Sequence[ImageLike] = (), labels: Sequence[str] = (), remove: Sequence[str] = (), expected_version: int | None = None
@@ -43,6 +46,7 @@ class AsyncTask(TaskFields):
         response = await self.client.update(self.id, images, labels, remove, expected_version)
         self.labels, self.version = list(response.labels), response.version
         self.support_accuracy, self.adapt_seconds = float(response.support_accuracy), response.adapt_seconds
+        self.report = messages.report_of(response)
         return self
 
     async def info(self) -> TaskInfo:
@@ -102,6 +106,7 @@ class AsyncFewShotClient:
         stream: bool | None = None,
         settings: Mapping[str, messages.SettingValue] | None = None,
         model_version: str | None = None,
+        report: bool = False,
     ) -> AsyncTask:
         """Adapts ``model`` to the labelled support set and returns the new task (see
         ``FewShotClient.adapt``, settings included)."""
@@ -116,6 +121,7 @@ class AsyncFewShotClient:
             messages.merge_settings(settings, inner_steps, lam),
             ttl_seconds,
             model_version,
+            report,
         )
         response = await self._call(rpc, request)
         return AsyncTask(**vars(messages.adapted_fields(response)), client=self)
@@ -128,9 +134,10 @@ class AsyncFewShotClient:
         reject_unknown: bool = False,
         threshold: float | None = None,
         target_recall: float | None = None,
+        explain: int = 0,
     ) -> list[Prediction]:
         """Classifies ``images`` against task ``task_id`` (open-set options: :meth:`AsyncTask.classify`)."""
-        request = messages.classify_request(task_id, images, top_k, reject_unknown, threshold, target_recall)
+        request = messages.classify_request(task_id, images, top_k, reject_unknown, threshold, target_recall, explain)
         response = await self._call(self._stub.Classify, request)
         return messages.predictions(response)
 

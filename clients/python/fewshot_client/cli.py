@@ -11,7 +11,7 @@ from pathlib import Path
 
 from fewshot_client.client import FewShotClient
 from fewshot_client.errors import FewShotError
-from fewshot_client.messages import ModelInfo, ModelVersionInfo, SettingInfo
+from fewshot_client.messages import ModelInfo, ModelVersionInfo, SettingInfo, SupportReport
 
 PROG = "fewshot-client"
 
@@ -58,6 +58,7 @@ def cmd_adapt(client: FewShotClient, args: argparse.Namespace) -> None:
         ttl_seconds=args.ttl,
         settings=dict(args.set or []),
         model_version=args.model_version,
+        report=args.report,
     )
     print(task.id)
     print(
@@ -65,6 +66,35 @@ def cmd_adapt(client: FewShotClient, args: argparse.Namespace) -> None:
         f"support accuracy {task.support_accuracy:.3f}, {task.adapt_seconds:.3f} s",
         file=sys.stderr,
     )
+    if task.report is not None:
+        print(report_text(task.report, [str(p) for p in images]), file=sys.stderr)
+
+
+def report_text(report: SupportReport, names: Sequence[str]) -> str:
+    """The support-set report as lines for a person (``names``: what to call each support image)."""
+    if report.estimate is None:
+        lines = [f"expected accuracy: not available ({report.note})"]
+    else:
+        lines = [
+            f"expected accuracy on new images: {report.estimate:.1f}% (95% interval {report.low:.1f}-{report.high:.1f}%; "
+            f"{report.scheme}, {report.held_out} images held out, {report.extra_adaptations} extra adaptations)"
+        ]
+        if report.note:
+            lines.append(f"  note: {report.note}")
+    for a, b, percent in report.confusions:
+        lines.append(f"  may confuse {a!r} and {b!r} ({percent:.1f}%)")
+    for f in report.flags:
+        name = names[f.index] if f.index < len(names) else f"image {f.index}"
+        what = {
+            "mislabel": f"labelled {f.label!r} but looks like {f.looks_like!r} (gain {f.score:.2f})",
+            "duplicate": f"the same image as {names[f.other] if f.other is not None and f.other < len(names) else f.other}",
+            "near_duplicate": f"nearly the same image as {names[f.other] if f.other is not None and f.other < len(names) else f.other} (cosine {f.score:.3f})",
+            "outlier": f"far from the other {f.label!r} images ({f.score:.2f}x the usual distance)",
+        }.get(f.kind, f"{f.kind} ({f.score:.3f})")
+        lines.append(f"  {f.kind}: {name}: {what}")
+    if not report.flags:
+        lines.append("  no support image flagged")
+    return "\n".join(lines)
 
 
 def cmd_update(client: FewShotClient, args: argparse.Namespace) -> None:
@@ -84,7 +114,13 @@ def cmd_update(client: FewShotClient, args: argparse.Namespace) -> None:
 def cmd_classify(client: FewShotClient, args: argparse.Namespace) -> None:
     reject = args.reject_unknown or args.threshold is not None or args.target_recall is not None
     predictions = client.classify(
-        args.task, args.images, top_k=args.top_k, reject_unknown=reject, threshold=args.threshold, target_recall=args.target_recall
+        args.task,
+        args.images,
+        top_k=args.top_k,
+        reject_unknown=reject,
+        threshold=args.threshold,
+        target_recall=args.target_recall,
+        explain=args.explain,
     )
     for path, p in zip(args.images, predictions):
         if args.json:
@@ -93,10 +129,16 @@ def cmd_classify(client: FewShotClient, args: argparse.Namespace) -> None:
                 if reject
                 else {}
             )
-            print(json.dumps({"path": path, "label": p.label, "score": p.score, "ranked": p.ranked, "scores": p.scores, **open_set}))
+            nearest = {"nearest": [{"index": i, "label": label, "similarity": sim} for i, label, sim in p.nearest]} if args.explain else {}
+            print(
+                json.dumps(
+                    {"path": path, "label": p.label, "score": p.score, "ranked": p.ranked, "scores": p.scores, **open_set, **nearest}
+                )
+            )
         else:
             verdict = ("\tunknown" if p.unknown else "\tknown") if reject else ""
-            print(f"{path}\t{p.label}\t{p.score:.6f}{verdict}")
+            near = "".join(f"\tnear support {i} ({label}, {sim:.3f})" for i, label, sim in p.nearest)
+            print(f"{path}\t{p.label}\t{p.score:.6f}{verdict}{near}")
 
 
 def cmd_models(client: FewShotClient, args: argparse.Namespace) -> None:
@@ -290,6 +332,9 @@ def parser() -> argparse.ArgumentParser:
     classify.add_argument(
         "--target-recall", type=float, metavar="R", help="with rejection: accept this fraction (0.5..0.99) of known-class images instead"
     )
+    classify.add_argument(
+        "--explain", type=int, default=0, metavar="K", help="also name the K (at most 10) support images nearest each query (support index)"
+    )
     classify.add_argument("--threshold", type=float, metavar="S", help="with rejection: this score threshold instead")
     classify.add_argument("images", nargs="+", metavar="IMAGE")
     classify.set_defaults(run=cmd_classify)
@@ -320,6 +365,11 @@ def parser() -> argparse.ArgumentParser:
         "--admin-token-file", type=Path, metavar="FILE", help="read the admin token from FILE (default: $FEWSHOT_ADMIN_TOKEN)"
     )
     adapt.add_argument("--model-version", metavar="VERSION", help="one of the model's loaded versions (default: its default version)")
+    adapt.add_argument(
+        "--report",
+        action="store_true",
+        help="also compute the support-set report (expected accuracy, confused labels, flagged images) and print it",
+    )
 
     tasks = sub.add_parser("tasks", help="list your live tasks, oldest first")
     tasks.add_argument("--page-size", type=int, default=100, metavar="N")

@@ -29,11 +29,14 @@ class Task(TaskFields):
         reject_unknown: bool = False,
         threshold: float | None = None,
         target_recall: float | None = None,
+        explain: int = 0,
     ) -> list[Prediction]:
         """One prediction per image, with the ``top_k`` best labels ranked; ``reject_unknown``: each says
         whether it fits none of the labels (``prediction.unknown``), at the model's calibrated threshold
-        for 95% acceptance of known classes, or at ``target_recall`` (0.5..0.99), or at ``threshold``."""
-        return self.client.classify(self.id, images, top_k, reject_unknown, threshold, target_recall)
+        for 95% acceptance of known classes, or at ``target_recall`` (0.5..0.99), or at ``threshold``.
+        ``explain``: each prediction also names the ``explain`` (at most 10) support images nearest its query
+        (``prediction.nearest``)."""
+        return self.client.classify(self.id, images, top_k, reject_unknown, threshold, target_recall, explain)
 
     def update(
         self, images: Sequence[ImageLike] = (), labels: Sequence[str] = (), remove: Sequence[str] = (), expected_version: int | None = None
@@ -45,6 +48,7 @@ class Task(TaskFields):
         response = self.client.update(self.id, images, labels, remove, expected_version)
         self.labels, self.version = list(response.labels), response.version
         self.support_accuracy, self.adapt_seconds = float(response.support_accuracy), response.adapt_seconds
+        self.report = messages.report_of(response)
         return self
 
     def info(self) -> TaskInfo:
@@ -119,13 +123,16 @@ class FewShotClient:
         stream: bool | None = None,
         settings: Mapping[str, messages.SettingValue] | None = None,
         model_version: str | None = None,
+        report: bool = False,
     ) -> Task:
         """Adapts ``model`` to the labelled support set and returns the new task.
 
         ``settings``: per-request settings by name, e.g. ``{"inner_steps": 3, "bn": "support"}``; which ones a
         model's methods take, with their bounds, is in :meth:`models` (``ModelInfo.settings``). ``inner_steps``
         and ``lam`` are shortcuts for the settings ``inner_steps`` and ``lambda``. ``model_version``: one of the
-        model's loaded versions (default: its default version); the task stays pinned to it.
+        model's loaded versions (default: its default version); the task stays pinned to it. ``report``: also
+        compute the support-set report (``task.report``: the expected accuracy with its interval, confused
+        labels, flagged images; about one more adaptation of cost).
 
         Large support sets (over half the message size limit), or any with ``stream=True``, go
         through AdaptStream in chunks.
@@ -141,6 +148,7 @@ class FewShotClient:
             messages.merge_settings(settings, inner_steps, lam),
             ttl_seconds,
             model_version,
+            report,
         )
         return Task(**vars(messages.adapted_fields(self._call(rpc, request))), client=self)
 
@@ -152,9 +160,10 @@ class FewShotClient:
         reject_unknown: bool = False,
         threshold: float | None = None,
         target_recall: float | None = None,
+        explain: int = 0,
     ) -> list[Prediction]:
         """Classifies ``images`` against task ``task_id`` (open-set options: :meth:`Task.classify`)."""
-        request = messages.classify_request(task_id, images, top_k, reject_unknown, threshold, target_recall)
+        request = messages.classify_request(task_id, images, top_k, reject_unknown, threshold, target_recall, explain)
         return messages.predictions(self._call(self._stub.Classify, request))
 
     def update(

@@ -28,7 +28,9 @@ class Prediction:
     """One query's result: the top-1 ``label`` and its ``score`` (probability), ``scores`` for every
     label of the task, and the ``ranked`` top-k ``(label, probability)`` pairs, best first. With
     ``reject_unknown``: ``unknown`` is True when the query fits none of the task's classes (the ranked
-    labels are still there), by its ``open_set_score`` (``score_name``) against ``threshold``."""
+    labels are still there), by its ``open_set_score`` (``score_name``) against ``threshold``. With ``explain=k``:
+    ``nearest`` holds the ``k`` support images nearest the query in the model's feature space, as
+    ``(support index, label, cosine similarity)``, nearest first."""
 
     label: str
     score: float
@@ -38,6 +40,7 @@ class Prediction:
     open_set_score: float | None = None
     threshold: float | None = None
     score_name: str | None = None
+    nearest: list[tuple[int, str, float]] = field(default_factory=list)
 
 
 @dataclass
@@ -120,6 +123,61 @@ class TaskInfo:
     model_version: str = ""
     model_digest: str = ""
     model_version_loaded: bool = True
+    #: The stored support-set report (a task adapted with ``report=True``), else ``None``.
+    report: SupportReport | None = None
+
+
+@dataclass
+class SupportFlag:
+    """A support image worth a look: ``kind`` is ``mislabel`` (the support set fits itself better with the image
+    under ``looks_like``), ``duplicate`` / ``near_duplicate`` (of support image ``other``) or ``outlier`` (far from
+    its class); ``index`` is its place in the support set, ``label`` the label it was given."""
+
+    index: int
+    kind: str
+    score: float
+    label: str
+    other: int | None = None
+    looks_like: str = ""
+
+
+@dataclass
+class SupportReport:
+    """How well a task is expected to work (Adapt with ``report=True``): ``estimate`` is the expected accuracy
+    (percent) on new queries, with its 95% interval ``low``..``high`` (``None`` when no image could be held out:
+    ``note`` says why); ``confusions`` the most confused label pairs ``(a, b, percent)``; ``flags`` the support
+    images worth a look. ``scheme``: how images were held out; ``extra_adaptations``: what that took."""
+
+    estimate: float | None
+    low: float | None
+    high: float | None
+    scheme: str
+    held_out: int
+    extra_adaptations: int
+    note: str
+    confusions: list[tuple[str, str, float]]
+    flags: list[SupportFlag]
+
+
+def support_report(message: fewshot_pb2.SupportReport) -> SupportReport:
+    """The SupportReport dataclass of its message."""
+    has = message.HasField
+    return SupportReport(
+        message.estimate if has("estimate") else None,
+        message.low if has("low") else None,
+        message.high if has("high") else None,
+        message.scheme,
+        message.held_out,
+        message.extra_adaptations,
+        message.note,
+        [(c.label_a, c.label_b, c.percent) for c in message.confusions],
+        [SupportFlag(f.index, f.kind, f.score, f.label, f.other if f.HasField("other") else None, f.looks_like) for f in message.flags],
+    )
+
+
+def report_of(response: Any) -> SupportReport | None:
+    """The report a response carries (AdaptResponse, TaskInfo, UpdateTaskResponse), or ``None``."""
+    return support_report(response.report) if response.HasField("report") else None
 
 
 @dataclass
@@ -185,6 +243,8 @@ class TaskFields:
     version: int = 1
     #: The model version the task is pinned to.
     model_version: str = ""
+    #: The support-set report (adapted with ``report=True``; updated by :meth:`update`), else ``None``.
+    report: SupportReport | None = None
 
 
 #: A per-request setting's value: a number, or the name of one of its choices.
@@ -225,6 +285,7 @@ def adapt_request(
     settings: Mapping[str, SettingValue],
     ttl_seconds: int | None,
     model_version: str | None = None,
+    report: bool = False,
 ) -> fewshot_pb2.AdaptRequest:
     """An AdaptRequest; raises ValueError/TypeError for mismatched or non-string labels."""
     if len(images) != len(labels):
@@ -237,6 +298,7 @@ def adapt_request(
         model_version=model_version or "",
         method=method or "",
         ttl_seconds=ttl_seconds or 0,
+        report=report,
         settings=settings_message(settings),
         support=[fewshot_pb2.LabelledImage(image=to_image_proto(x), label=y) for x, y in zip(images, labels)],
     )
@@ -252,6 +314,7 @@ def adapt_chunks(request: fewshot_pb2.AdaptRequest, chunk_bytes: int) -> list[fe
             method=request.method,
             settings=request.settings,
             ttl_seconds=request.ttl_seconds,
+            report=request.report,
         )
     ]
     size = chunks[0].ByteSize()
@@ -276,10 +339,11 @@ def adapt_call(
     settings: Mapping[str, SettingValue],
     ttl_seconds: int | None,
     model_version: str | None = None,
+    report: bool = False,
 ) -> tuple[Any, Request]:
     """The stub method (Adapt or AdaptStream) and request to send: the stream is used when asked
     (``stream=True``) or, unless ``stream=False``, when the request exceeds half of ``max_bytes``."""
-    request = adapt_request(images, labels, model, method, settings, ttl_seconds, model_version)
+    request = adapt_request(images, labels, model, method, settings, ttl_seconds, model_version, report)
     if stream is None:
         stream = request.ByteSize() > max_bytes // 2
     if stream:
@@ -294,11 +358,18 @@ def classify_request(
     reject_unknown: bool = False,
     threshold: float | None = None,
     target_recall: float | None = None,
+    explain: int = 0,
 ) -> fewshot_pb2.ClassifyRequest:
-    """A ClassifyRequest for ``images`` (with the open-set option when ``reject_unknown``)."""
+    """A ClassifyRequest for ``images`` (with the open-set option when ``reject_unknown``; ``explain`` nearest
+    support images per query)."""
     optional = {k: v for k, v in (("threshold", threshold), ("target_recall", target_recall)) if v is not None}
     return fewshot_pb2.ClassifyRequest(
-        task_id=task_id, top_k=top_k, reject_unknown=reject_unknown, **optional, queries=[to_image_proto(x) for x in images]
+        task_id=task_id,
+        top_k=top_k,
+        reject_unknown=reject_unknown,
+        explain=explain,
+        **optional,
+        queries=[to_image_proto(x) for x in images],
     )
 
 
@@ -311,7 +382,8 @@ def predictions(response: fewshot_pb2.ClassifyResponse) -> list[Prediction]:
         ranked = [(s.label, float(s.probability)) for s in p.ranked]
         label, score = ranked[0] if ranked else max(scores.items(), key=lambda kv: kv[1])
         open_set = {"open_set_score": p.score, "threshold": p.threshold, "score_name": p.score_name} if p.score_name else {}
-        result.append(Prediction(label=label, score=score, scores=scores, ranked=ranked, unknown=p.unknown, **open_set))
+        nearest = [(m.index, m.label, m.similarity) for m in p.nearest]
+        result.append(Prediction(label=label, score=score, scores=scores, ranked=ranked, unknown=p.unknown, nearest=nearest, **open_set))
     return result
 
 
@@ -326,6 +398,7 @@ def adapted_fields(response: fewshot_pb2.AdaptResponse) -> TaskFields:
         support_accuracy=float(response.support_accuracy),
         adapt_seconds=response.adapt_seconds,
         model_version=response.model_version.version,
+        report=report_of(response),
     )
 
 
@@ -344,6 +417,7 @@ def task_info(response: fewshot_pb2.TaskInfo) -> TaskInfo:
         model_version=response.model_version.version,
         model_digest=response.model_version.digest,
         model_version_loaded=response.model_version_loaded,
+        report=report_of(response),
     )
 
 
@@ -357,6 +431,7 @@ def looked_up_fields(info: TaskInfo) -> TaskFields:
         expires_at=info.expires_at,
         version=info.version,
         model_version=info.model_version,
+        report=info.report,
     )
 
 

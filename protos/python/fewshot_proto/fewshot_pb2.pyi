@@ -94,39 +94,91 @@ class AdaptSettings(_message.Message):
     def __init__(self, inner_steps: _Optional[int] = ..., values: _Optional[_Mapping[str, _struct_pb2.Value]] = ..., **kwargs) -> None: ...
 
 class AdaptRequest(_message.Message):
-    __slots__ = ("model", "method", "support", "settings", "ttl_seconds", "model_version")
+    __slots__ = ("model", "method", "support", "settings", "ttl_seconds", "model_version", "report")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
     SUPPORT_FIELD_NUMBER: _ClassVar[int]
     SETTINGS_FIELD_NUMBER: _ClassVar[int]
     TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    REPORT_FIELD_NUMBER: _ClassVar[int]
     model: str
     method: str
     support: _containers.RepeatedCompositeFieldContainer[LabelledImage]
     settings: AdaptSettings
     ttl_seconds: int
     model_version: str
-    def __init__(self, model: _Optional[str] = ..., method: _Optional[str] = ..., support: _Optional[_Iterable[_Union[LabelledImage, _Mapping]]] = ..., settings: _Optional[_Union[AdaptSettings, _Mapping]] = ..., ttl_seconds: _Optional[int] = ..., model_version: _Optional[str] = ...) -> None: ...
+    report: bool
+    def __init__(self, model: _Optional[str] = ..., method: _Optional[str] = ..., support: _Optional[_Iterable[_Union[LabelledImage, _Mapping]]] = ..., settings: _Optional[_Union[AdaptSettings, _Mapping]] = ..., ttl_seconds: _Optional[int] = ..., model_version: _Optional[str] = ..., report: _Optional[bool] = ...) -> None: ...
 
 class AdaptChunk(_message.Message):
-    __slots__ = ("model", "method", "settings", "ttl_seconds", "support", "model_version")
+    __slots__ = ("model", "method", "settings", "ttl_seconds", "support", "model_version", "report")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
     SETTINGS_FIELD_NUMBER: _ClassVar[int]
     TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     SUPPORT_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    REPORT_FIELD_NUMBER: _ClassVar[int]
     model: str
     method: str
     settings: AdaptSettings
     ttl_seconds: int
     support: _containers.RepeatedCompositeFieldContainer[LabelledImage]
     model_version: str
-    def __init__(self, model: _Optional[str] = ..., method: _Optional[str] = ..., settings: _Optional[_Union[AdaptSettings, _Mapping]] = ..., ttl_seconds: _Optional[int] = ..., support: _Optional[_Iterable[_Union[LabelledImage, _Mapping]]] = ..., model_version: _Optional[str] = ...) -> None: ...
+    report: bool
+    def __init__(self, model: _Optional[str] = ..., method: _Optional[str] = ..., settings: _Optional[_Union[AdaptSettings, _Mapping]] = ..., ttl_seconds: _Optional[int] = ..., support: _Optional[_Iterable[_Union[LabelledImage, _Mapping]]] = ..., model_version: _Optional[str] = ..., report: _Optional[bool] = ...) -> None: ...
+
+class SupportReport(_message.Message):
+    __slots__ = ("estimate", "low", "high", "scheme", "held_out", "extra_adaptations", "note", "confusions", "flags")
+    ESTIMATE_FIELD_NUMBER: _ClassVar[int]
+    LOW_FIELD_NUMBER: _ClassVar[int]
+    HIGH_FIELD_NUMBER: _ClassVar[int]
+    SCHEME_FIELD_NUMBER: _ClassVar[int]
+    HELD_OUT_FIELD_NUMBER: _ClassVar[int]
+    EXTRA_ADAPTATIONS_FIELD_NUMBER: _ClassVar[int]
+    NOTE_FIELD_NUMBER: _ClassVar[int]
+    CONFUSIONS_FIELD_NUMBER: _ClassVar[int]
+    FLAGS_FIELD_NUMBER: _ClassVar[int]
+    estimate: float
+    low: float
+    high: float
+    scheme: str
+    held_out: int
+    extra_adaptations: int
+    note: str
+    confusions: _containers.RepeatedCompositeFieldContainer[ClassConfusion]
+    flags: _containers.RepeatedCompositeFieldContainer[SupportFlag]
+    def __init__(self, estimate: _Optional[float] = ..., low: _Optional[float] = ..., high: _Optional[float] = ..., scheme: _Optional[str] = ..., held_out: _Optional[int] = ..., extra_adaptations: _Optional[int] = ..., note: _Optional[str] = ..., confusions: _Optional[_Iterable[_Union[ClassConfusion, _Mapping]]] = ..., flags: _Optional[_Iterable[_Union[SupportFlag, _Mapping]]] = ...) -> None: ...
+
+class ClassConfusion(_message.Message):
+    __slots__ = ("label_a", "label_b", "percent")
+    LABEL_A_FIELD_NUMBER: _ClassVar[int]
+    LABEL_B_FIELD_NUMBER: _ClassVar[int]
+    PERCENT_FIELD_NUMBER: _ClassVar[int]
+    label_a: str
+    label_b: str
+    percent: float
+    def __init__(self, label_a: _Optional[str] = ..., label_b: _Optional[str] = ..., percent: _Optional[float] = ...) -> None: ...
+
+class SupportFlag(_message.Message):
+    __slots__ = ("index", "kind", "score", "other", "label", "looks_like")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    OTHER_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    LOOKS_LIKE_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    kind: str
+    score: float
+    other: int
+    label: str
+    looks_like: str
+    def __init__(self, index: _Optional[int] = ..., kind: _Optional[str] = ..., score: _Optional[float] = ..., other: _Optional[int] = ..., label: _Optional[str] = ..., looks_like: _Optional[str] = ...) -> None: ...
 
 class AdaptResponse(_message.Message):
-    __slots__ = ("task_id", "labels", "support_accuracy", "adapt_seconds", "expires_at", "model", "method", "model_version")
+    __slots__ = ("task_id", "labels", "support_accuracy", "adapt_seconds", "expires_at", "model", "method", "model_version", "report")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     SUPPORT_ACCURACY_FIELD_NUMBER: _ClassVar[int]
@@ -135,6 +187,7 @@ class AdaptResponse(_message.Message):
     MODEL_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    REPORT_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     labels: _containers.RepeatedScalarFieldContainer[str]
     support_accuracy: float
@@ -143,23 +196,36 @@ class AdaptResponse(_message.Message):
     model: str
     method: str
     model_version: ModelVersion
-    def __init__(self, task_id: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ..., support_accuracy: _Optional[float] = ..., adapt_seconds: _Optional[float] = ..., expires_at: _Optional[float] = ..., model: _Optional[str] = ..., method: _Optional[str] = ..., model_version: _Optional[_Union[ModelVersion, _Mapping]] = ...) -> None: ...
+    report: SupportReport
+    def __init__(self, task_id: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ..., support_accuracy: _Optional[float] = ..., adapt_seconds: _Optional[float] = ..., expires_at: _Optional[float] = ..., model: _Optional[str] = ..., method: _Optional[str] = ..., model_version: _Optional[_Union[ModelVersion, _Mapping]] = ..., report: _Optional[_Union[SupportReport, _Mapping]] = ...) -> None: ...
 
 class ClassifyRequest(_message.Message):
-    __slots__ = ("task_id", "queries", "top_k", "reject_unknown", "threshold", "target_recall")
+    __slots__ = ("task_id", "queries", "top_k", "reject_unknown", "threshold", "target_recall", "explain")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     QUERIES_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     REJECT_UNKNOWN_FIELD_NUMBER: _ClassVar[int]
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     TARGET_RECALL_FIELD_NUMBER: _ClassVar[int]
+    EXPLAIN_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     queries: _containers.RepeatedCompositeFieldContainer[Image]
     top_k: int
     reject_unknown: bool
     threshold: float
     target_recall: float
-    def __init__(self, task_id: _Optional[str] = ..., queries: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., top_k: _Optional[int] = ..., reject_unknown: _Optional[bool] = ..., threshold: _Optional[float] = ..., target_recall: _Optional[float] = ...) -> None: ...
+    explain: int
+    def __init__(self, task_id: _Optional[str] = ..., queries: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., top_k: _Optional[int] = ..., reject_unknown: _Optional[bool] = ..., threshold: _Optional[float] = ..., target_recall: _Optional[float] = ..., explain: _Optional[int] = ...) -> None: ...
+
+class SupportMatch(_message.Message):
+    __slots__ = ("index", "label", "similarity")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    SIMILARITY_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    label: str
+    similarity: float
+    def __init__(self, index: _Optional[int] = ..., label: _Optional[str] = ..., similarity: _Optional[float] = ...) -> None: ...
 
 class LabelScore(_message.Message):
     __slots__ = ("label", "probability")
@@ -170,20 +236,22 @@ class LabelScore(_message.Message):
     def __init__(self, label: _Optional[str] = ..., probability: _Optional[float] = ...) -> None: ...
 
 class Prediction(_message.Message):
-    __slots__ = ("ranked", "probabilities", "unknown", "score", "threshold", "score_name")
+    __slots__ = ("ranked", "probabilities", "unknown", "score", "threshold", "score_name", "nearest")
     RANKED_FIELD_NUMBER: _ClassVar[int]
     PROBABILITIES_FIELD_NUMBER: _ClassVar[int]
     UNKNOWN_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     SCORE_NAME_FIELD_NUMBER: _ClassVar[int]
+    NEAREST_FIELD_NUMBER: _ClassVar[int]
     ranked: _containers.RepeatedCompositeFieldContainer[LabelScore]
     probabilities: _containers.RepeatedScalarFieldContainer[float]
     unknown: bool
     score: float
     threshold: float
     score_name: str
-    def __init__(self, ranked: _Optional[_Iterable[_Union[LabelScore, _Mapping]]] = ..., probabilities: _Optional[_Iterable[float]] = ..., unknown: _Optional[bool] = ..., score: _Optional[float] = ..., threshold: _Optional[float] = ..., score_name: _Optional[str] = ...) -> None: ...
+    nearest: _containers.RepeatedCompositeFieldContainer[SupportMatch]
+    def __init__(self, ranked: _Optional[_Iterable[_Union[LabelScore, _Mapping]]] = ..., probabilities: _Optional[_Iterable[float]] = ..., unknown: _Optional[bool] = ..., score: _Optional[float] = ..., threshold: _Optional[float] = ..., score_name: _Optional[str] = ..., nearest: _Optional[_Iterable[_Union[SupportMatch, _Mapping]]] = ...) -> None: ...
 
 class ClassifyResponse(_message.Message):
     __slots__ = ("predictions", "labels")
@@ -200,7 +268,7 @@ class GetTaskRequest(_message.Message):
     def __init__(self, task_id: _Optional[str] = ...) -> None: ...
 
 class TaskInfo(_message.Message):
-    __slots__ = ("task_id", "model", "method", "labels", "created_at", "expires_at", "support_size", "version", "shots", "model_version", "model_version_loaded")
+    __slots__ = ("task_id", "model", "method", "labels", "created_at", "expires_at", "support_size", "version", "shots", "model_version", "model_version_loaded", "report")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
@@ -212,6 +280,7 @@ class TaskInfo(_message.Message):
     SHOTS_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_LOADED_FIELD_NUMBER: _ClassVar[int]
+    REPORT_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     model: str
     method: str
@@ -223,7 +292,8 @@ class TaskInfo(_message.Message):
     shots: _containers.RepeatedScalarFieldContainer[int]
     model_version: ModelVersion
     model_version_loaded: bool
-    def __init__(self, task_id: _Optional[str] = ..., model: _Optional[str] = ..., method: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ..., created_at: _Optional[float] = ..., expires_at: _Optional[float] = ..., support_size: _Optional[int] = ..., version: _Optional[int] = ..., shots: _Optional[_Iterable[int]] = ..., model_version: _Optional[_Union[ModelVersion, _Mapping]] = ..., model_version_loaded: _Optional[bool] = ...) -> None: ...
+    report: SupportReport
+    def __init__(self, task_id: _Optional[str] = ..., model: _Optional[str] = ..., method: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ..., created_at: _Optional[float] = ..., expires_at: _Optional[float] = ..., support_size: _Optional[int] = ..., version: _Optional[int] = ..., shots: _Optional[_Iterable[int]] = ..., model_version: _Optional[_Union[ModelVersion, _Mapping]] = ..., model_version_loaded: _Optional[bool] = ..., report: _Optional[_Union[SupportReport, _Mapping]] = ...) -> None: ...
 
 class ModelVersion(_message.Message):
     __slots__ = ("version", "digest")
@@ -262,20 +332,22 @@ class UpdateTaskRequest(_message.Message):
     def __init__(self, task_id: _Optional[str] = ..., add: _Optional[_Iterable[_Union[LabelledImage, _Mapping]]] = ..., remove_labels: _Optional[_Iterable[str]] = ..., expected_version: _Optional[int] = ...) -> None: ...
 
 class UpdateTaskResponse(_message.Message):
-    __slots__ = ("task_id", "version", "labels", "shots", "support_accuracy", "adapt_seconds")
+    __slots__ = ("task_id", "version", "labels", "shots", "support_accuracy", "adapt_seconds", "report")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     SHOTS_FIELD_NUMBER: _ClassVar[int]
     SUPPORT_ACCURACY_FIELD_NUMBER: _ClassVar[int]
     ADAPT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    REPORT_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     version: int
     labels: _containers.RepeatedScalarFieldContainer[str]
     shots: _containers.RepeatedScalarFieldContainer[int]
     support_accuracy: float
     adapt_seconds: float
-    def __init__(self, task_id: _Optional[str] = ..., version: _Optional[int] = ..., labels: _Optional[_Iterable[str]] = ..., shots: _Optional[_Iterable[int]] = ..., support_accuracy: _Optional[float] = ..., adapt_seconds: _Optional[float] = ...) -> None: ...
+    report: SupportReport
+    def __init__(self, task_id: _Optional[str] = ..., version: _Optional[int] = ..., labels: _Optional[_Iterable[str]] = ..., shots: _Optional[_Iterable[int]] = ..., support_accuracy: _Optional[float] = ..., adapt_seconds: _Optional[float] = ..., report: _Optional[_Union[SupportReport, _Mapping]] = ...) -> None: ...
 
 class DeleteTaskRequest(_message.Message):
     __slots__ = ("task_id",)

@@ -1,0 +1,204 @@
+"""``fewshot report``: how well the support-set report (:mod:`fewshot.models.report`) measures, on seeded tasks.
+
+1. **Fit** the model's estimate map (:class:`~fewshot.models.report.EstimateMap`) on ``--fit-tasks`` validation
+   tasks (the validation split, seed ``seed + 1``) and the mislabel threshold that flags 2% of their clean images,
+   unless ``--card`` uses the card's; ``--write-card`` stores them in the card's ``report`` block (what the server uses).
+2. **Measure** on ``--tasks`` test tasks (``--ways``-way ``--shots``-shot, 15 queries per class, seed ``--seed``),
+   per task, the report of the clean support set against the task's accuracy on its own queries: mean absolute
+   difference (points) and correlation, next to two references on the same tasks (the constant estimate: the
+   mean accuracy of the validation tasks; the held-out 0/1 accuracy itself), and how often the 95% interval
+   holds the task's accuracy; whether a clean task gets a duplicate flag.
+3. **Plant** in copies of the same tasks: one support label changed to another class (the mislabel score's AUROC,
+   changed image against clean images, and the recall and clean flag rate at the shipped threshold); an exact
+   duplicate and a JPEG quality-90 re-encoded duplicate, each replacing a support image (found or not).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from fewshot.models.data import ImageSet, load_dataset
+from fewshot.models.episodes import EpisodeSampler
+from fewshot.models.family import Family
+from fewshot.models.openset import auroc
+from fewshot.models.report import EstimateMap, ReportSettings, adapt_with_report, build_report, mislabel_scores, pixel_duplicates
+
+#: Share of clean validation images the fitted mislabel threshold flags.
+CLEAN_FLAGGED = 0.02
+
+QUERIES = 15
+
+
+def jpeg90(image: np.ndarray) -> np.ndarray:
+    """``(H, W, C)`` uint8 -> the same image encoded as JPEG at quality 90 and decoded again."""
+    squeeze = image.shape[-1] == 1
+    buf = io.BytesIO()
+    Image.fromarray(image[..., 0] if squeeze else image).save(buf, format="JPEG", quality=90)
+    out = np.asarray(Image.open(io.BytesIO(buf.getvalue())))
+    return out[..., None] if squeeze else out
+
+
+def _task(data: ImageSet, sampler: EpisodeSampler, i: int) -> tuple[np.ndarray, torch.Tensor, np.ndarray, np.ndarray]:
+    ep = sampler.episode(i)
+    return data.images[ep.support], torch.as_tensor(ep.support_labels), data.images[ep.query], np.asarray(ep.query_labels)
+
+
+def _accuracy(task: Any, family: Family, query: np.ndarray, labels: np.ndarray) -> float:
+    return float((task.classify(family.spec.normalize(query)).argmax(1).numpy() == labels).mean())
+
+
+def fit_settings(
+    family: Family, method: str, data: ImageSet, ways: int, shots: int, tasks: int, seed: int, progress: bool
+) -> tuple[ReportSettings, float]:
+    """``(settings, mean accuracy)`` from ``tasks`` tasks of ``data`` (the validation split): the estimate map by
+    least squares, the mislabel threshold that flags :data:`CLEAN_FLAGGED` of the (clean) support images."""
+    adapter = family.adapter(method, shots=shots)
+    sampler = EpisodeSampler(data, ways, shots, QUERIES, seed)
+    p_true, loo, accuracy, scores = [], [], [], []
+    for i in tqdm(range(tasks), desc="fit", disable=not progress, leave=False):
+        support, labels, query, qlabels = _task(data, sampler, i)
+        x = family.spec.normalize(support)
+        task, _, held, embeddings = adapter.adapt_reported(x, labels)
+        report = build_report(held, labels)
+        scores.extend(mislabel_scores(embeddings, labels)[0].tolist())
+        if report.p_true is None:
+            continue
+        p_true.append(report.p_true)
+        loo.append(report.loo_accuracy)
+        accuracy.append(_accuracy(task, family, query, qlabels))
+    gain = max(0.0, float(np.nanquantile(np.asarray(scores), 1.0 - CLEAN_FLAGGED)))  # never flag an image whose relabelling fits worse
+    return ReportSettings(EstimateMap.fit(p_true, loo, accuracy), gain), float(np.mean(accuracy))
+
+
+def measure(
+    family: Family,
+    method: str,
+    data: ImageSet,
+    ways: int,
+    shots: int,
+    tasks: int,
+    seed: int,
+    settings: ReportSettings,
+    constant: float,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """The figures of one model and method on ``tasks`` test tasks (module docstring), as a JSON-able dict."""
+    adapter = family.adapter(method, shots=shots)
+    sampler = EpisodeSampler(data, ways, shots, QUERIES, seed)
+    rng = np.random.default_rng(seed)
+    rows: dict[str, list[float]] = {k: [] for k in ("accuracy", "estimate", "low", "high", "loo", "p_true")}
+    swapped, clean, false_dups, found_exact, found_near = [], [], 0, 0, 0
+    adapt_seconds, report_seconds = [], []
+    start = time.perf_counter()
+    for i in tqdm(range(tasks), desc=f"{family.name} {method}", disable=not progress, leave=False):
+        support, labels, query, qlabels = _task(data, sampler, i)
+        x = family.spec.normalize(support)
+        t0 = time.perf_counter()
+        adapter.adapt(x, labels)
+        t1 = time.perf_counter()
+        task, _, report = adapt_with_report(adapter, x, labels, support, settings)
+        adapt_seconds.append(t1 - t0)
+        report_seconds.append(time.perf_counter() - t1)
+        rows["accuracy"].append(_accuracy(task, family, query, qlabels))
+        for key in ("estimate", "low", "high"):
+            rows[key].append(getattr(report, key) / 100.0)
+        rows["loo"].append(report.loo_accuracy)
+        rows["p_true"].append(report.p_true)
+        false_dups += any(f.kind in ("duplicate", "near_duplicate") for f in report.flags)
+        # one label changed: the changed image's score against the clean images' (the same task's embeddings
+        # are those of the task adapted on the changed labels, as the server would see them)
+        j = int(rng.integers(len(labels)))
+        changed = labels.clone()
+        changed[j] = (labels[j] + int(rng.integers(1, ways))) % ways
+        scores, _ = mislabel_scores(adapter.adapt(x, changed).embed(x), changed)
+        s = scores.numpy()
+        swapped.append(float(s[j]))
+        clean.extend(np.delete(s, j).tolist())
+        # duplicates: the last image of class 0 becomes a copy of its first, the last of class 1 a JPEG copy of its first
+        planted = support.copy()
+        firsts = [int(np.flatnonzero(labels.numpy() == c)[0]) for c in (0, 1)]
+        lasts = [int(np.flatnonzero(labels.numpy() == c)[-1]) for c in (0, 1)]
+        planted[lasts[0]] = support[firsts[0]]
+        planted[lasts[1]] = jpeg90(support[firsts[1]])
+        flagged = {(f.index, f.kind, f.other) for f in pixel_duplicates(planted, labels)}  # the report's duplicate flags
+        found_exact += (lasts[0], "duplicate", firsts[0]) in flagged
+        found_near += any(f[0] == lasts[1] and f[1] in ("duplicate", "near_duplicate") and f[2] == firsts[1] for f in flagged)
+    acc = np.asarray(rows["accuracy"])
+    est = np.asarray(rows["estimate"])
+    loo = np.asarray(rows["loo"])
+    sw, cl = np.asarray(swapped), np.asarray(clean)
+    inside = (np.asarray(rows["low"]) <= acc) & (acc <= np.asarray(rows["high"]))
+    mad = lambda e: float(100.0 * np.abs(acc - e).mean())  # noqa: E731  (a one-line local helper)
+    corr = lambda e: float(np.corrcoef(acc, e)[0, 1]) if np.std(e) > 0 else float("nan")  # noqa: E731
+    return {
+        "model": family.name,
+        "method": method,
+        "ways": ways,
+        "shots": shots,
+        "tasks": tasks,
+        "seed": seed,
+        "accuracy": float(100.0 * acc.mean()),
+        "estimate": {
+            "mad": mad(est),
+            "corr": corr(est),
+            "interval_coverage": float(100.0 * inside.mean()),
+            "map": settings.mapping.to_dict(),
+        },
+        "constant": {"mad": mad(np.full_like(acc, constant)), "value": 100.0 * constant},
+        "loo_01": {"mad": mad(loo), "corr": corr(loo)},
+        "mislabel": {
+            "auroc": auroc(sw, cl),
+            "threshold": settings.mislabel_gain,
+            "recall": float(100.0 * (sw > settings.mislabel_gain).mean()),
+            "clean_flagged": float(100.0 * (cl > settings.mislabel_gain).mean()),
+        },
+        "duplicates": {"exact_found": float(100.0 * found_exact / tasks), "jpeg90_found": float(100.0 * found_near / tasks)},
+        "clean_tasks_with_a_duplicate_flag": false_dups,
+        "adapt_seconds_median": float(np.median(adapt_seconds)),
+        "report_seconds_median": float(np.median(report_seconds)),
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def run(
+    family: Family,
+    method: str,
+    dataset: str,
+    ways: int,
+    shots: int,
+    tasks: int,
+    seed: int,
+    fit_tasks: int,
+    card_settings: bool,
+    data_root: str | None = None,
+    progress: bool = False,
+) -> tuple[dict[str, Any], ReportSettings]:
+    """Fit the settings on validation tasks (or, ``card_settings``, use the card's), then :func:`measure`:
+    ``(figures, settings)``."""
+    val = load_dataset(dataset, "val", root=data_root, spec=family.spec)
+    settings, constant = fit_settings(family, method, val, ways, shots, fit_tasks, seed + 1, progress)
+    if card_settings:
+        settings = family.report_settings(method, shots)
+    test = load_dataset(dataset, "test", root=data_root, spec=family.spec)
+    figures = measure(family, method, test, ways, shots, tasks, seed, settings, constant, progress)
+    figures["dataset"] = dataset
+    figures["fit_tasks"] = fit_tasks
+    return figures, settings
+
+
+def write_settings(card_path: Path, method: str, shots: int, settings: ReportSettings) -> None:
+    """Store ``settings`` in the card's ``report.methods[method]`` (the map under ``by_shots[shots]``)."""
+    card = json.loads(card_path.read_text())
+    block = card.setdefault("report", {}).setdefault("methods", {}).setdefault(method, {})
+    block.setdefault("by_shots", {})[str(shots)] = settings.mapping.to_dict()
+    block["mislabel_gain"] = settings.mislabel_gain
+    card_path.write_text(json.dumps(card, indent=2) + "\n")

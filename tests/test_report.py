@@ -1,0 +1,265 @@
+"""The support-set report (issue 37): held-out predictions and what they are read into, on real data and models, then
+over a real ``fewshot serve`` (gRPC, HTTP, the CLI): a planted mislabel and duplicates are flagged, the report is
+stored with the task, returned by GetTask and recomputed by UpdateTask."""
+
+from __future__ import annotations
+
+import base64
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from fixtures.transports import http_call
+
+from fewshot.models.episodes import EpisodeSampler
+from fewshot.models.family import open_shipped
+from fewshot.models.heads.centroid import CentroidHead
+from fewshot.models.report import (
+    HeldOut,
+    build_report,
+    centroid_distances,
+    k_fold,
+    mislabel_scores,
+    pixel_duplicates,
+)
+from fewshot.models.zoo import load_model
+from fewshot.tools.report_check import jpeg90
+from fewshot_client import FewShotClient
+
+OMNI, OMNI_INNER = "omniglot-conv4-directsum", "omniglot-conv4-cxgrad"
+
+
+def _log_likelihood(e: torch.Tensor, labels: torch.Tensor, temperature: float = 0.1) -> float:
+    """The held-out nearest-centroid log-likelihood of a whole support set, by brute force."""
+    n = int(labels.max()) + 1
+    dist = centroid_distances(torch.nn.functional.normalize(e.double(), dim=1), labels, n)
+    rows = ~torch.isnan(dist).any(1)
+    return float(torch.log_softmax(-dist[rows] / temperature, 1)[torch.arange(int(rows.sum())), labels[rows]].sum())
+
+
+@pytest.mark.unit
+def test_closed_form_leave_one_out_equals_refitting_the_centroid_without_each_image():
+    torch.manual_seed(0)
+    features, labels = torch.randn(13, 6), torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2, 3, 1, 0, 3])
+    head = CentroidHead("L2N")
+    logits, fits = head.held_out_logits(features, labels)
+    assert fits == 0
+    for i in range(len(labels)):
+        keep = torch.arange(len(labels)) != i
+        expected = head.fit(features[keep], labels[keep]).logits(features[i : i + 1])[0]
+        torch.testing.assert_close(logits[i], expected.float(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.unit
+def test_mislabel_score_is_the_exact_gain_of_relabelling_each_image():
+    """The incremental gain equals recomputing the whole held-out likelihood with the image relabelled, for tasks
+    whose classes have 1, 2 or many images (a class emptied to one image stops being held out)."""
+    torch.manual_seed(1)
+    for trial in range(12):
+        n = 2 + trial % 4
+        labels = torch.cat([torch.arange(n), torch.randint(0, n, (trial,))])
+        e = torch.randn(len(labels), 5)
+        scores, looks_like = mislabel_scores(e, labels)
+        base = _log_likelihood(e, labels)
+        for k in range(len(labels)):
+            if torch.isnan(scores[k]):
+                assert (labels == labels[k]).sum() == 1  # only the image of a 1-image class is left out
+                continue
+            moved = labels.clone()
+            moved[k] = looks_like[k]
+            assert moved[k] != labels[k]
+            assert float(scores[k]) == pytest.approx(_log_likelihood(e, moved) - base, abs=1e-9)
+
+
+@pytest.mark.unit
+def test_k_fold_holds_out_every_image_of_a_class_with_two_or_more_once():
+    class Recorder:
+        def __init__(self):
+            self.seen = []
+
+        def adapt(self, support, labels):
+            self.seen.append(set(support[:, 0].tolist()))
+            n = int(labels.max()) + 1
+            assert set(labels.tolist()) == set(range(n))  # every fold keeps every class
+
+            class Task:
+                def classify(self, query):
+                    return torch.full((len(query), n), 1.0 / n)
+
+            return Task()
+
+    labels = torch.tensor([0, 1, 2, 0, 1, 0, 1, 0])  # class 2 has one image: never held out
+    support = torch.arange(len(labels), dtype=torch.float32)[:, None].repeat(1, 3)
+    recorder = Recorder()
+    held = k_fold(recorder, support, labels, 2)
+    assert held.scheme == "2-fold" and held.adaptations == 2
+    assert held.held.tolist() == [True, True, False, True, True, True, True, True]
+    assert all(2.0 in s for s in recorder.seen)  # the 1-image class is in every fold's support
+
+
+@pytest.mark.unit
+def test_one_shot_tasks_say_plainly_that_there_is_no_estimate():
+    labels = torch.arange(5)
+    held = HeldOut(torch.full((5, 5), float("nan")), "leave-one-out", 0)
+    report = build_report(held, labels)
+    assert report.estimate is None and report.held_out == 0 and "every class has 1 image" in report.note
+
+
+@pytest.mark.unit
+def test_duplicates_exact_and_jpeg_reencoded_are_found_and_distinct_photos_are_not():
+    from fewshot.models.data import load_tinyimagenet
+
+    tiny = load_tinyimagenet("test")
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        pixels = tiny.images[rng.choice(len(tiny.images), 25, replace=False)].copy()
+        labels = torch.arange(5).repeat_interleave(5)
+        assert pixel_duplicates(pixels, labels) == []  # 25 different photos
+        pixels[7], pixels[19] = pixels[3], jpeg90(pixels[12])
+        flags = {(f.index, f.kind, f.other) for f in pixel_duplicates(pixels, labels)}
+        assert flags == {(7, "duplicate", 3), (19, "near_duplicate", 12)}
+
+
+@pytest.fixture(scope="module")
+def omniglot_tasks(omniglot_test):
+    """Six real 5-way 5-shot Omniglot tasks: (uint8 support (25, 28, 28, 1), labels (25,))."""
+    sampler = EpisodeSampler(omniglot_test, 5, 5, 1, seed=11)
+    return [(omniglot_test.images[ep.support], torch.as_tensor(ep.support_labels)) for ep in map(sampler.episode, range(6))]
+
+
+@pytest.mark.parametrize("name", [OMNI, OMNI_INNER])
+def test_a_planted_mislabel_is_flagged_with_the_class_it_looks_like(name, omniglot_tasks):
+    """With the shipped model and its card's settings: in each task one image is given another class's label; the
+    report flags that image as a mislabel that looks like its true class, and clean tasks get a high estimate."""
+    from fewshot.models.report import adapt_with_report
+
+    family = open_shipped(load_model(name), threads=1)
+    method = family.default_method
+    adapter = family.adapter(method, shots=5)
+    settings = family.report_settings(method, 5)
+    for pixels, labels in omniglot_tasks[:4]:
+        x = family.spec.normalize(pixels)
+        _, _, clean = adapt_with_report(adapter, x, labels, pixels, settings)
+        assert clean.estimate is not None and clean.low <= clean.estimate <= clean.high and clean.estimate > 80
+        assert not [f for f in clean.flags if f.kind in ("mislabel", "duplicate", "near_duplicate")]
+        changed = labels.clone()
+        changed[7] = (labels[7] + 2) % 5
+        _, _, report = adapt_with_report(adapter, x, changed, pixels, settings)
+        mislabels = [f for f in report.flags if f.kind == "mislabel"]
+        assert [(f.index, f.looks_like) for f in mislabels] == [(7, int(labels[7]))], report.flags
+
+
+def _png(image: np.ndarray) -> bytes:
+    from fewshot.models.preprocess import encode_png
+
+    return encode_png(image)
+
+
+def test_adapt_with_a_report_over_grpc_http_and_the_cli(server, omniglot_tasks, tmp_path):
+    """Over a real server: Adapt(report) flags a planted mislabel and a duplicate and stores the report (GetTask);
+    an Adapt without it carries none; UpdateTask recomputes it; the HTTP API and the CLI show the same report."""
+    pixels, labels = omniglot_tasks[4]
+    names = [f"c{int(y)}" for y in labels]
+    names[7] = f"c{(int(labels[7]) + 2) % 5}"  # a mislabel
+    images = [_png(p) for p in pixels]
+    first, copy = [i for i in range(len(labels)) if i != 7 and int(labels[i]) == int(labels[-1])][:2]
+    images[copy] = images[first]  # an exact duplicate
+    with FewShotClient(server.target) as client:
+        plain = client.adapt(images, names, OMNI)
+        assert plain.report is None and client.task_info(plain.id).report is None
+        task = client.adapt(images, names, OMNI, report=True)
+        report = task.report
+        assert report is not None and report.scheme == "leave-one-out" and report.held_out == 25 and report.extra_adaptations == 0
+        assert report.estimate is not None and report.low <= report.estimate <= report.high
+        flags = {(f.index, f.kind) for f in report.flags}
+        assert (7, "mislabel") in flags
+        mislabel = next(f for f in report.flags if f.kind == "mislabel")
+        assert mislabel.label == names[7] and mislabel.looks_like == f"c{int(labels[7])}"
+        duplicate = next(f for f in report.flags if f.kind == "duplicate")
+        assert (duplicate.index, duplicate.other) == (copy, first)
+        assert client.task_info(task.id).report == report  # stored with the task
+        assert all(a in task.labels and b in task.labels and 0 <= p <= 100 for a, b, p in report.confusions)
+        # UpdateTask: the mislabelled image's class removed; the report follows the new support set
+        task.update(remove=[names[7]])
+        assert task.report is not None and task.report.held_out == 25 - names.count(names[7])
+        assert client.task_info(task.id).report == task.report
+    # HTTP: the same request as JSON, the report in the answer's JSON
+    body = {
+        "model": OMNI,
+        "report": True,
+        "support": [{"image": {"encoded": base64.b64encode(b).decode()}, "label": n} for b, n in zip(images, names)],
+    }
+    status, answer = http_call("POST", f"{server.http_url}/v1/tasks", body)
+    assert status == 200, answer
+    assert any(f["kind"] == "mislabel" and f["index"] == 7 for f in answer["report"]["flags"])
+    status, info = http_call("GET", f"{server.http_url}/v1/tasks/{answer['task_id']}")
+    assert status == 200 and info["report"] == answer["report"]
+    # the CLI prints it, naming the file
+    support = tmp_path / "support"
+    for i, (image, name) in enumerate(zip(images, names)):
+        (support / name).mkdir(parents=True, exist_ok=True)
+        (support / name / f"{i:02d}.png").write_bytes(image)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fewshot_client.cli",
+            "--target",
+            server.target,
+            "adapt",
+            "--model",
+            OMNI,
+            "--support",
+            str(support),
+            "--report",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr
+    assert "expected accuracy on new images:" in run.stderr
+    assert f"mislabel: {support / names[7] / '07.png'}: labelled {names[7]!r} but looks like 'c{int(labels[7])}'" in run.stderr
+
+
+def test_report_json_round_trips():
+    from fewshot.models.report import Flag, Report
+
+    report = Report(91.5, 85.0, 97.0, "leave-one-out", 25, 0, "", [(0, 3, 12.5)], [Flag(7, "mislabel", 4.2, 1, looks_like=3)], 0.9, 0.92)
+    assert Report.from_dict(json.loads(json.dumps(report.to_dict()))) == report
+
+
+@pytest.mark.parametrize("model", [OMNI, OMNI_INNER])
+def test_a_support_image_as_a_query_is_explained_by_itself(server, omniglot_tasks, model):
+    """Classify(explain=3) of support images: the nearest support image of each is itself (similarity 1), the
+    matches are ranked and labelled; over HTTP the same; without explain there is no ``nearest``; more than 10 is
+    INVALID_ARGUMENT."""
+    from fewshot_client import InvalidArgument
+
+    pixels, labels = omniglot_tasks[5]
+    names = [f"c{int(y)}" for y in labels]
+    images = [_png(p) for p in pixels]
+    with FewShotClient(server.target) as client:
+        task = client.adapt(images, names, model)
+        picked = [0, 6, 13, 24]
+        answers = task.classify([images[i] for i in picked], explain=3)
+        for i, p in zip(picked, answers):
+            assert len(p.nearest) == 3 and p.nearest[0][0] == i and p.nearest[0][1] == names[i]
+            assert p.nearest[0][2] == pytest.approx(1.0, abs=1e-4)
+            assert all(a[2] >= b[2] for a, b in zip(p.nearest, p.nearest[1:]))
+        assert task.classify([images[0]])[0].nearest == []
+        with pytest.raises(InvalidArgument, match="at most 10"):
+            task.classify([images[0]], explain=11)
+        status, answer = http_call(
+            "POST",
+            f"{server.http_url}/v1/tasks/{task.id}/classify",
+            {"queries": [{"encoded": base64.b64encode(images[6]).decode()}], "explain": 2},
+        )
+        assert status == 200 and [m["index"] for m in answer["predictions"][0]["nearest"]][0] == 6
+        status, answer = http_call(
+            "POST", f"{server.http_url}/v1/tasks/{task.id}/classify", {"queries": [{"encoded": base64.b64encode(images[6]).decode()}]}
+        )
+        assert status == 200 and "nearest" not in answer["predictions"][0]
