@@ -49,7 +49,7 @@ RELABEL_CHUNK = 16
 #: Centred pixel cosine (on images averaged down to ``DUPLICATE_GRID`` squared cells) at or above which two
 #: support images are near duplicates.
 NEAR_DUPLICATE_COSINE = 0.98
-DUPLICATE_GRID = 16
+DUPLICATE_GRID = 32
 #: Distance to the class mean (without the image) over the task's median such distance, above which an
 #: image is an outlier.
 OUTLIER_RATIO = 2.0
@@ -375,7 +375,7 @@ def pixel_duplicates(pixels: np.ndarray, labels: torch.Tensor) -> list[Flag]:
         else:
             first[key] = i
     x = torch.as_tensor(np.asarray(pixels, dtype=np.float32)).permute(0, 3, 1, 2)
-    small = torch.nn.functional.adaptive_avg_pool2d(x, min(DUPLICATE_GRID, x.shape[-1])).flatten(1).double()
+    small = torch.nn.functional.adaptive_avg_pool2d(x, min(DUPLICATE_GRID, x.shape[-1])).flatten(1)
     centred = small - small.mean(1, keepdim=True)
     norms = centred.norm(dim=1)
     unit = centred / norms.clamp_min(1e-9)[:, None]

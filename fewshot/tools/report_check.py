@@ -202,3 +202,81 @@ def write_settings(card_path: Path, method: str, shots: int, settings: ReportSet
     block.setdefault("by_shots", {})[str(shots)] = settings.mapping.to_dict()
     block["mislabel_gain"] = settings.mislabel_gain
     card_path.write_text(json.dumps(card, indent=2) + "\n")
+
+
+START, END = "<!-- report_check.py: start -->", "<!-- report_check.py: end -->"
+
+
+def render_markdown(rows: list[dict[str, Any]], moves: list[dict[str, Any]], path: Path) -> None:
+    """RESULTS.md's "Support-set report" block (between :data:`START` and :data:`END`) from ``fewshot report --json``
+    rows and ``scripts/task_moves_check.py`` lines."""
+    tasks = sorted({r["tasks"] for r in rows})
+    lines = [
+        START,
+        "## Support-set report",
+        "",
+        f"The support-set report (`models/report.py`, docs/serving.md) on {'/'.join(map(str, tasks))} seeded 5-way 5-shot test "
+        "tasks per row (seed 0, 15 queries per class), each method with the estimate map and mislabel threshold fitted on "
+        f"{rows[0]['fit_tasks']} validation tasks (seed 1) and written into its card: `scripts/report-shipped.sh`, one",
+        "`fewshot report --model M --method X --ways 5 --shots 5 --tasks 600 --fit-tasks 300 --seed 0 --write-card --json`",
+        "per row. **Estimate**: mean absolute difference (points) between the estimate and the task's accuracy on its own",
+        "75 queries, their correlation, and how often the 95% interval held that accuracy; next to the constant estimate",
+        "(the mean accuracy of the validation tasks) and the held-out 0/1 accuracy itself, on the same tasks.",
+        "**Mislabel**: one support label per task changed to another class; AUROC of the mislabel score (the changed",
+        "image against the task's 24 clean ones), and at the fitted threshold the share of changed images flagged and",
+        "of clean images flagged. **Duplicates**: an exact copy and a JPEG quality-90 copy of a support image each",
+        "replacing another image of its class: the share of tasks where each is flagged as a copy of the right image, and",
+        "the clean tasks with any duplicate flag. **Cost**: median seconds of Adapt with the report over plain Adapt, in",
+        "process on one thread.",
+        "",
+        "| model | method | accuracy | estimate MAD | corr | interval holds | constant MAD | held-out 0/1 MAD / corr "
+        "| mislabel AUROC | recall / clean flagged | exact / JPEG copies found | clean tasks flagged | cost |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        e, m, d = r["estimate"], r["mislabel"], r["duplicates"]
+        cost = r["report_seconds_median"] / r["adapt_seconds_median"]
+        lines.append(
+            f"| {r['model']} | {r['method']} | {r['accuracy']:.2f} | {e['mad']:.2f} | {e['corr']:.3f} | {e['interval_coverage']:.1f}% "
+            f"| {r['constant']['mad']:.2f} | {r['loo_01']['mad']:.2f} / {r['loo_01']['corr']:.3f} | {m['auroc']:.4f} "
+            f"| {m['recall']:.1f}% / {m['clean_flagged']:.2f}% | {d['exact_found']:.1f}% / {d['jpeg90_found']:.1f}% "
+            f"| {r['clean_tasks_with_a_duplicate_flag']} of {r['tasks']} | {cost:.2f}x |"
+        )
+    if moves:
+        models = [x for x in moves if "model" in x]
+        lines += [
+            "",
+            "### Moving tasks (ExportTask, ImportTask)",
+            "",
+            f"`.venv/bin/python scripts/task_moves_check.py --tasks {models[0]['tasks']} --seed {models[0]['seed']}`: every shipped",
+            "model's seeded 5-way 5-shot test tasks adapted on a `fewshot serve` with a SQLite store, exported, imported into",
+            "one with a PostgreSQL store (a real server), and classified on both (75 queries each): tasks whose labels and",
+            "every probability are identical, and the largest absolute difference.",
+            "",
+            "| model | tasks | identical | largest difference |",
+            "|---|---|---|---|",
+            *[f"| {x['model']} | {x['tasks']} | {x['identical']} | {x['max_abs_diff']:.3g} |" for x in models],
+            "",
+            "Bad blobs, refused on the PostgreSQL-backed server:",
+            "",
+            *[f"- {what}: `{answer}`" for x in moves if "refusals" in x for what, answer in x["refusals"].items()],
+        ]
+    lines.append(END)
+    text = path.read_text()
+    if START in text:
+        text = text[: text.index(START)] + "\n".join(lines) + text[text.index(END) + len(END) :]
+    else:
+        text = text.rstrip("\n") + "\n\n" + "\n".join(lines) + "\n"
+    path.write_text(text)
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="render RESULTS.md's support-set report block from the measured JSON lines")
+    parser.add_argument("--report", type=Path, default=Path("runs/report/report.jsonl"))
+    parser.add_argument("--moves", type=Path, default=Path("runs/moves/task_moves.jsonl"))
+    parser.add_argument("--results", type=Path, default=Path("RESULTS.md"))
+    ns = parser.parse_args()
+    read = lambda p: [json.loads(x) for x in p.read_text().splitlines() if x.strip()] if p.exists() else []  # noqa: E731
+    render_markdown(read(ns.report), read(ns.moves), ns.results)
