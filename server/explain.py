@@ -23,8 +23,9 @@ from fewshot_proto import fewshot_pb2 as pb
 
 #: The most nearest support images a Classify may ask for per query.
 MAX_EXPLAIN = 10
-#: Bytes of support features kept across tasks (least recently used first out).
-CACHE_BYTES = 64 << 20
+#: Bytes of support features kept across tasks (least recently used first out; part of the memory bound,
+#: :func:`fewshot.server.memory.peak_bound_mb`).
+CACHE_BYTES = 32 << 20
 
 
 def check_explain(k: int) -> int:

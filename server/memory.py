@@ -99,7 +99,10 @@ def peak_bound_mb(cache_mb: float, body_mb: float = 0.0, receiving_mb: float = 0
     """The bound on resident memory (docs/serving.md) above its level after warm-up, at the peak: the task cache
     (``--cache-mb``), ``BODY_FACTOR`` times the request bodies in flight (at most ``--max-inflight-body-mb``),
     ``RECEIVING_FACTOR`` times the messages being received (``receiving_mb``: at most one message per open call,
-    which gRPC assembles whole before the server sees and charges it) and ``OVERHEAD_MB``. Decoded pixels of the
+    which gRPC assembles whole before the server sees and charges it), ``OVERHEAD_MB`` and the support features kept
+    for explained answers (:data:`fewshot.server.explain.CACHE_BYTES`). Decoded pixels of the
     calls running come on top (each call at most ``--max-call-megapixels``; a few MB for the shipped models'
     image sizes)."""
-    return cache_mb + BODY_FACTOR * body_mb + RECEIVING_FACTOR * receiving_mb + OVERHEAD_MB
+    from fewshot.server.explain import CACHE_BYTES
+
+    return cache_mb + BODY_FACTOR * body_mb + RECEIVING_FACTOR * receiving_mb + OVERHEAD_MB + CACHE_BYTES / (1 << 20)

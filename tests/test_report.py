@@ -263,3 +263,18 @@ def test_a_support_image_as_a_query_is_explained_by_itself(server, omniglot_task
             "POST", f"{server.http_url}/v1/tasks/{task.id}/classify", {"queries": [{"encoded": base64.b64encode(images[6]).decode()}]}
         )
         assert status == 200 and "nearest" not in answer["predictions"][0]
+
+
+@pytest.mark.unit
+def test_nearest_support_ranks_by_cosine_and_breaks_ties_by_index():
+    from fewshot.server.errors import InvalidRequest
+    from fewshot.server.explain import MAX_EXPLAIN, check_explain, nearest
+
+    support = torch.tensor([[1.0, 0.0], [2.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    sims, order = nearest(torch.tensor([[3.0, 0.1], [0.0, -1.0]]), support, 3)
+    assert order[0].tolist() == [0, 1, 3] and sims[0, 0] == pytest.approx(sims[0, 1])  # equal cosines: the lower index first
+    assert order[1].tolist() == [0, 1, 3] and sims[1, -1] == pytest.approx(-(0.5**0.5))  # image 2, opposite, is not among the 3
+    assert nearest(torch.ones(1, 2), support, 10)[1].shape == (1, 4)  # k past the support size: all of it
+    assert check_explain(MAX_EXPLAIN) == MAX_EXPLAIN
+    with pytest.raises(InvalidRequest, match="at most 10"):
+        check_explain(MAX_EXPLAIN + 1)
