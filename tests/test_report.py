@@ -278,3 +278,21 @@ def test_nearest_support_ranks_by_cosine_and_breaks_ties_by_index():
     assert check_explain(MAX_EXPLAIN) == MAX_EXPLAIN
     with pytest.raises(InvalidRequest, match="at most 10"):
         check_explain(MAX_EXPLAIN + 1)
+
+
+def test_fewshot_report_measures_a_model_and_refuses_bad_options_in_one_line(capsys, tmp_path):
+    """``fewshot report`` end to end on a few tasks (the figures RESULTS.md quotes come from the same code at 600), and
+    its refusals."""
+    from fewshot.cli import main
+
+    assert main(["report", "--model", OMNI, "--method", "centroid", "--tasks", "4", "--fit-tasks", "4", "--json"]) == 0
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert row["model"] == OMNI and row["tasks"] == 4 and row["duplicates"] == {"exact_found": 100.0, "jpeg90_found": 100.0}
+    assert 0.0 <= row["mislabel"]["auroc"] <= 1.0 and row["estimate"]["mad"] >= 0.0
+    for args, message in (
+        (["--shots", "1"], "--shots must be at least 2"),
+        (["--tasks", "1"], "--tasks and --fit-tasks must be at least 2"),
+    ):
+        assert main(["report", "--model", OMNI, *args]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
