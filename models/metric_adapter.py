@@ -49,6 +49,13 @@ class MetricTask(PlannedTask):
         """``(B, C, H, W)`` normalised images -> ``(B, d)`` features in the head's space (its transform)."""
         return self.state.embed(self.extract(images))
 
+    def logits_and_embeddings(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(Q, C, H, W)`` -> ``((Q, N) calibrated logits, (Q, d) features in the head's space)`` from one backbone
+        pass (a Classify that explains its answers): the logits are the plan's (:meth:`head_logits` of the same
+        batch-invariant features)."""
+        features = self.extract(images)
+        return self.head_logits(features), self.state.embed(features)
+
     def to_stored(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         tensors, meta = self.state.to_stored()
         return tensors, {"kind": self.state.kind, **meta, "open_set": self.open_set.to_dict()}

@@ -96,11 +96,13 @@ def explain(
     k: int,
     cache: SupportFeatures,
     state: Callable[[], bytes],
+    embedded: bool = False,
 ) -> None:
     """Fill each prediction of ``response`` with the ``k`` support images nearest its query ``x`` (``(Q, C, H, W)``
-    normalised); ``state()`` reads the task's stored state when its support features are not cached."""
+    normalised, or with ``embedded`` already the queries' ``(Q, d)`` features: ``task.logits_and_embeddings``);
+    ``state()`` reads the task's stored state when its support features are not cached."""
     support, labels = cache.get(record, task, model, state)
-    similarity, order = nearest(task.embed(x), support, k)
+    similarity, order = nearest(x if embedded else task.embed(x), support, k)
     for prediction, sims, idx in zip(response.predictions, similarity.tolist(), order.tolist()):
         for s, i in zip(sims, idx):
             prediction.nearest.add(index=i, label=record.labels[labels[i]], similarity=s)

@@ -348,7 +348,10 @@ class FewShotService:
                 budget.check("classification")
                 plan = task.plan()
                 key, grouped = self._merge(plan, x)
-                if key is None:  # depends on the whole batch: never merged
+                if k and hasattr(task, "logits_and_embeddings"):  # explained: the features once, for both
+                    (logits, embedded), ran = task.logits_and_embeddings(x), True
+                    x = embedded
+                elif key is None:  # depends on the whole batch: never merged
                     ran, logits = True, plan.run(x)
                 else:
                     ran, logits = self.batcher.run_if_idle(key, len(x), lambda: plan.run(x))
@@ -368,7 +371,8 @@ class FewShotService:
                     response = classify_response(logits, record.labels, request.top_k, task.open_set, rejection)
                 if k:
                     state = stored_state(self.store, task_id, call.tenant.name)
-                    await self._offload(explain, response, record, task, model, work[1], k, self.support_features, state)
+                    embedded = hasattr(task, "logits_and_embeddings")  # work[1]: the queries' features, else their pixels
+                    await self._offload(explain, response, record, task, model, work[1], k, self.support_features, state, embedded)
             if self.store.deleted_since(task_id, call.started):  # DeleteTask answered while we worked
                 raise NotFound(f"task {task_id} was deleted during this call")
             return response

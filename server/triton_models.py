@@ -258,7 +258,11 @@ class ClassifyModel(_FewShotModel):
         record, task, model = find_task(self.store, self.models, task_id, DEFAULT_TENANT)
         budget = CallBudget(self.limits.max_call_pixels)
         x = decode_for_model(list(message.queries), model, self.limits.image, "query", budget)
-        logits = task.calibrated_logits(x)
+        embedded = bool(k) and hasattr(task, "logits_and_embeddings")  # explained: the features once, for both
+        if embedded:
+            logits, x = task.logits_and_embeddings(x)
+        else:
+            logits = task.calibrated_logits(x)
         response = classify_response(logits, record.labels, len(record.labels), task.open_set, rejection)
         out = {
             "probabilities": np.array([p.probabilities for p in response.predictions], dtype=np.float32).reshape(len(logits), -1),
@@ -271,7 +275,7 @@ class ClassifyModel(_FewShotModel):
                 "threshold": np.array([response.predictions[0].threshold if response.predictions else np.nan]),
             }
         if k:  # the service's explanations: the k support images nearest each query
-            explain(response, record, task, model, x, k, self.support_features, stored_state(self.store, task_id, DEFAULT_TENANT))
+            explain(response, record, task, model, x, k, self.support_features, stored_state(self.store, task_id, DEFAULT_TENANT), embedded)
             nearest = [list(p.nearest) for p in response.predictions]
             width = min(len(m) for m in nearest) if nearest else 0
             out |= {
