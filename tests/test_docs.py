@@ -50,6 +50,7 @@ NOT_RUN = re.compile(r"not run|no test runs|shown, not run|is shown|a synopsis",
 NOT_QUOTED = {
     ("serving.md", "plus 4 KB per entry"): "a constant of the cache's charge (server/store.py), not a measurement",
     ("serving.md", "at most 64 MB\n  each"): "the message size limit, a flag's default",
+    ("serving.md", "2 x R + 160 MB at every moment"): "the bound's formula (server/memory.py peak_bound_mb), not a measurement",
     ("serving.md", "that is 1.18 GB"): "computed from the bound's formula with the defaults: 256 + 1.5 x 512 + 160 MB",
     (
         "serving.md",

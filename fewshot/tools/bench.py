@@ -171,11 +171,11 @@ def bench_options(
 
 
 def describe_options(row: dict) -> str:
+    ms = lambda key: f"{row[key]['median_ms']:.1f} ms ({row[key]['p10_ms']:.0f}-{row[key]['p90_ms']:.0f})"  # noqa: E731
     return (
-        f"{row['model']:37s} {row['method']:13s} Adapt ({row['ways']}x{row['shots']}) p50 {row['adapt']['median_ms']:.1f} ms, "
-        f"with report {row['adapt_report']['median_ms']:.1f} ms ({row['report_over_plain']:.2f}x) | Classify "
-        f"({row['queries_per_call']} images) p50 {row['classify']['median_ms']:.1f} ms, with explain={row['explain']} "
-        f"{row['classify_explain']['median_ms']:.1f} ms ({row['explain_over_plain']:.2f}x)"
+        f"{row['model']:37s} {row['method']:13s} Adapt ({row['ways']}x{row['shots']}) p50 {ms('adapt')}, with report "
+        f"{ms('adapt_report')}: {row['report_over_plain']:.2f}x | Classify ({row['queries_per_call']} images) p50 "
+        f"{ms('classify')}, with explain={row['explain']} {ms('classify_explain')}: {row['explain_over_plain']:.2f}x"
     )
 
 
