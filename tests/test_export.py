@@ -156,6 +156,7 @@ def test_python_backend_variant_serves_the_same_models_and_the_few_shot_pair(exp
         ("reject_unknown", boolean, [1], True),
         ("threshold", fp64, [1], True),
         ("target_recall", fp64, [1], True),
+        ("explain", model_config_pb2.TYPE_INT32, [1], True),
     ]
     assert [(t.name, t.data_type, list(t.dims)) for t in classify.output] == [
         ("probabilities", model_config_pb2.TYPE_FP32, [-1, -1]),
@@ -163,6 +164,9 @@ def test_python_backend_variant_serves_the_same_models_and_the_few_shot_pair(exp
         ("unknown", boolean, [-1]),
         ("scores", fp64, [-1]),
         ("threshold", fp64, [1]),
+        ("nearest_index", model_config_pb2.TYPE_INT32, [-1, -1]),
+        ("nearest_label", string, [-1, -1]),
+        ("nearest_similarity", fp64, [-1, -1]),
     ]
     for config in (adapt, classify):
         assert config.max_batch_size == 0
