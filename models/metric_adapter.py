@@ -76,18 +76,22 @@ class MetricAdapter:
     def adapt_scored(self, support: torch.Tensor, labels: torch.Tensor) -> tuple[MetricTask, torch.Tensor]:
         """The task and its ``(S, N)`` probabilities on the support set itself (what ``classify(support)``
         gives), from one backbone pass over the support images."""
-        features = self.extract(support)
-        task = MetricTask(self.head.fit(features, labels), self.extract, self.open_set)
-        return task, torch.softmax(task.head_logits(features), dim=1)
+        task, probabilities, _ = self._fit(support, labels)
+        return task, probabilities
 
     def adapt_reported(self, support: torch.Tensor, labels: torch.Tensor) -> tuple[MetricTask, torch.Tensor, HeldOut, torch.Tensor]:
         """:meth:`adapt_scored`, the held-out predictions of the support set (:meth:`FewShotHead.held_out_logits`
         on the same features: no extra backbone pass) and the ``(S, d)`` support features in the head's space."""
-        features = self.extract(support)
-        task = MetricTask(self.head.fit(features, labels), self.extract, self.open_set)
+        task, probabilities, features = self._fit(support, labels)
         logits, fits = self.head.held_out_logits(features, labels)
         held = HeldOut(torch.softmax(self.open_set.calibrate(logits), dim=1), "leave-one-out" if fits == 0 else "leave-one-shot-out", fits)
-        return task, torch.softmax(task.head_logits(features), dim=1), held, task.state.embed(features)
+        return task, probabilities, held, task.state.embed(features)
+
+    def _fit(self, support: torch.Tensor, labels: torch.Tensor) -> tuple[MetricTask, torch.Tensor, torch.Tensor]:
+        """``(task, (S, N) support probabilities, (S, d) backbone features)`` from one backbone pass."""
+        features = self.extract(support)
+        task = MetricTask(self.head.fit(features, labels), self.extract, self.open_set)
+        return task, torch.softmax(task.head_logits(features), dim=1), features
 
 
 #: Every metric head takes the feature transform as a setting (``fewshot eval --transform``).

@@ -241,33 +241,30 @@ class Report:
         )
 
 
-def held_out_statistics(held: HeldOut, labels: torch.Tensor) -> tuple[float, float, int] | None:
-    """``(mean held-out probability of the true class, held-out 0/1 accuracy, images held out)`` or ``None``."""
+def _per_image(held: HeldOut, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``((n,) held-out probability of each held-out image's true class, (n,) 1.0 where it was predicted right)``,
+    or ``None`` when no image was held out."""
     rows = held.held
     if not rows.any():
         return None
-    p = held.probabilities[rows].double()
-    y = labels[rows]
-    p_true = p[torch.arange(len(y)), y]
-    return float(p_true.mean()), float((p.argmax(1) == y).double().mean()), int(rows.sum())
+    p, y = held.probabilities[rows].double(), labels[rows]
+    return p[torch.arange(len(y)), y], (p.argmax(1) == y).double()
 
 
 def estimate(held: HeldOut, labels: torch.Tensor, mapping: EstimateMap = IDENTITY_MAP) -> tuple[float, float, float, float, float] | None:
-    """``(estimate, low, high, p_true, loo)`` as fractions, or ``None`` when nothing was held out. The interval is
+    """``(estimate, low, high, p_true, loo)`` as fractions, or ``None`` when nothing was held out (``p_true``: the mean
+    held-out probability of the true class, ``loo``: the held-out 0/1 accuracy). The interval is
     ``1.96 * sqrt(se^2 + sd^2)``: ``se`` the estimate's sampling error over the held-out images (the map applied
     to each image's own statistics), ``sd`` the map's residual spread on validation tasks."""
-    stats = held_out_statistics(held, labels)
-    if stats is None:
+    per_image = _per_image(held, labels)
+    if per_image is None:
         return None
-    p_true, loo, count = stats
-    value = mapping(p_true, loo)
-    rows = held.held
-    p = held.probabilities[rows].double()
-    y = labels[rows]
-    per_image = mapping.a * p[torch.arange(len(y)), y] + mapping.b * (p.argmax(1) == y).double()
-    se = float(per_image.std(unbiased=True)) / math.sqrt(count) if count > 1 else 0.5
+    p_true, correct = per_image
+    value = mapping(float(p_true.mean()), float(correct.mean()))
+    count = len(p_true)
+    se = float((mapping.a * p_true + mapping.b * correct).std(unbiased=True)) / math.sqrt(count) if count > 1 else 0.5
     half = 1.96 * math.sqrt(se * se + mapping.sd * mapping.sd)
-    return value, max(0.0, value - half), min(1.0, value + half), p_true, loo
+    return value, max(0.0, value - half), min(1.0, value + half), float(p_true.mean()), float(correct.mean())
 
 
 def confusions(held: HeldOut, labels: torch.Tensor, top: int = TOP_CONFUSIONS) -> list[tuple[int, int, float]]:
@@ -290,17 +287,22 @@ def confusions(held: HeldOut, labels: torch.Tensor, top: int = TOP_CONFUSIONS) -
     return sorted(pairs, key=lambda t: -t[2])[:top]
 
 
-def centroid_distances(e: torch.Tensor, labels: torch.Tensor, n: int) -> torch.Tensor:
+def _class_distances(e: torch.Tensor, labels: torch.Tensor, n: int) -> torch.Tensor:
     """``(S, d)``, ``(S,)`` -> ``(S, N)`` squared distances of each image to each class mean, its own class's mean
-    taken without it (leave-one-out; NaN for the only image of a class)."""
+    taken without it (for the only image of a class that column is meaningless: :func:`centroid_distances` drops it)."""
     onehot = torch.nn.functional.one_hot(labels, n).to(e.dtype)
     counts, sums = onehot.sum(0), onehot.T @ e
     dist = torch.cdist(e, sums / counts.clamp_min(1)[:, None]) ** 2
-    own = counts[labels]
-    without = (sums[labels] - e) / (own - 1).clamp_min(1)[:, None]
-    rows = torch.arange(len(labels))
-    dist[rows, labels] = ((e - without) ** 2).sum(1)
-    dist[own < 2] = float("nan")
+    without = (sums[labels] - e) / (counts[labels] - 1).clamp_min(1)[:, None]
+    dist[torch.arange(len(labels)), labels] = ((e - without) ** 2).sum(1)
+    return dist
+
+
+def centroid_distances(e: torch.Tensor, labels: torch.Tensor, n: int) -> torch.Tensor:
+    """``(S, d)``, ``(S,)`` -> ``(S, N)`` squared distances of each image to each class mean, its own class's mean
+    taken without it (leave-one-out; NaN for the only image of a class)."""
+    dist = _class_distances(e, labels, n)
+    dist[torch.bincount(labels, minlength=n)[labels] < 2] = float("nan")
     return dist
 
 
@@ -326,7 +328,11 @@ def mislabel_scores(
     n, size = int(labels.max()) + 1, len(labels)
     onehot = torch.nn.functional.one_hot(labels, n).to(e.dtype)
     counts, sums = onehot.sum(0), onehot.T @ e
-    base_dist = centroid_distances(e, labels, n)
+    # every row's distances to the full class means, its own class's without it (a 1-image class's row is left out,
+    # unless a candidate joins its class, which rewrites that row's own column)
+    raw = _class_distances(e, labels, n)
+    base_dist = raw.clone()
+    base_dist[counts[labels] < 2] = float("nan")
     base = _log_likelihood(base_dist, labels, temperature)
     logp = torch.log_softmax(-base_dist / temperature, dim=1)
     own = logp.gather(1, labels[:, None]).squeeze(1)
@@ -336,10 +342,6 @@ def mislabel_scores(
     scores[torch.isnan(margin)] = float("nan")
     tried = torch.argsort(torch.nan_to_num(margin, nan=float("-inf")), descending=True)[:candidates]
     tried = tried[~torch.isnan(margin[tried])]
-    # every row's distances to the full class means, its own class's without it (a 1-image class's own column is
-    # meaningless, but such a row is left out unless a candidate joins its class, which rewrites that column)
-    raw = torch.cdist(e, sums / counts.clamp_min(1)[:, None]) ** 2
-    raw[torch.arange(size), labels] = torch.nan_to_num(base_dist[torch.arange(size), labels], nan=0.0)
     for k in tried.split(RELABEL_CHUNK):  # (K,) candidates, each moved from its class y to its most likely other c
         y, c = labels[k], alt.indices[k]
         moved = labels.expand(len(k), size).clone()
@@ -381,7 +383,7 @@ def pixel_duplicates(pixels: np.ndarray, labels: torch.Tensor) -> list[Flag]:
     unit = centred / norms.clamp_min(1e-9)[:, None]
     cos = (unit @ unit.T).tril(-1)  # cos[i, j] for j < i, 0 elsewhere
     cos[:, norms < 1e-6] = 0.0  # a flat image is like any other flat image only exactly
-    best, other = cos.max(1) if len(pixels) > 1 else (torch.zeros(len(pixels)), torch.zeros(len(pixels), dtype=torch.long))
+    best, other = cos.max(1)
     flags = []
     for i in range(1, len(pixels)):
         if i in exact:

@@ -16,9 +16,9 @@ from typing import Any
 import torch
 
 from fewshot.models.family import Family
-from fewshot.server.errors import InvalidRequest, NotFound, NotUpdatable
-from fewshot.server.state import StateError, load_support
+from fewshot.server.errors import InvalidRequest, NotFound
 from fewshot.server.store import TaskRecord
+from fewshot.server.tasks import stored_support
 from fewshot_proto import fewshot_pb2 as pb
 
 #: The most nearest support images a Classify may ask for per query.
@@ -58,22 +58,14 @@ class SupportFeatures:
 
     def get(self, record: TaskRecord, task: Any, model: Family, state: Callable[[], bytes]) -> tuple[torch.Tensor, list[int]]:
         """``((S, d) features, (S,) label index of each image)`` of the task's stored support set (blocking: on a miss,
-        ``state()`` reads the stored task, and one feature pass runs); :class:`NotUpdatable` for a task stored without
-        its support images."""
+        ``state()`` reads the stored task, and one feature pass runs); :func:`~fewshot.server.tasks.stored_support`'s
+        errors for a task stored without its support images."""
         key = (record.task_id, record.version, record.model_digest)
         with self._lock:
             if key in self._items:
                 self._items.move_to_end(key)
                 return self._items[key]
-        try:
-            support = load_support(record.state or state())
-        except StateError as exc:
-            raise NotUpdatable(f"task {record.task_id} cannot be explained: {exc}") from None
-        if support is None:
-            raise NotUpdatable(
-                f"task {record.task_id} was stored without its support images (adapted by an older server), which "
-                "explanations need: adapt again with the whole support set"
-            )
+        support = stored_support(record.state or state(), record.task_id, "cannot be explained")
         index = {n: i for i, n in enumerate(record.labels)}
         value = (task.embed(model.spec.normalize(support.pixels)).float(), [index[n] for n in support.names])
         size = value[0].numel() * 4

@@ -188,6 +188,22 @@ def find_task(store: TaskStore, models: ServedModels, task_id: str, tenant: str 
     return record, task, models.pinned(record)
 
 
+def stored_support(state: bytes, task_id: str, refusal: str) -> StoredSupport:
+    """The support set stored with a task (what UpdateTask re-adapts on and explanations measure against):
+    :class:`NotFound` for a state that cannot be read, :class:`NotUpdatable` for a task stored without its support
+    images (``refusal`` says what it therefore cannot do, e.g. "cannot be updated")."""
+    try:
+        support = load_support(state)
+    except StateError as exc:
+        raise NotFound(f"task {task_id} cannot be restored: {exc}") from None
+    if support is None:
+        raise NotUpdatable(
+            f"task {task_id} was stored without its support images (adapted by an older server) and {refusal}: "
+            "adapt again with the whole support set"
+        )
+    return support
+
+
 def resolve_method(model: Family, method: str | None) -> str:
     """``method`` (empty: the model's own) as one of ``model.methods``, or any name its family accepts
     for one (an inner-loop model's own method, e.g. ``cxgrad``, for ``inner_loop``)."""
@@ -395,15 +411,7 @@ class TaskUpdate:
             model = models.pinned(current)  # the version the task was adapted with, never another
             if self.pixels is None and decode is not None:
                 self.pixels = decode(model)
-            try:
-                support = load_support(current.state)
-            except StateError as exc:
-                raise NotFound(f"task {self.task_id} cannot be restored: {exc}") from None
-            if support is None:
-                raise NotUpdatable(
-                    f"task {self.task_id} was stored without its support images (adapted by an older "
-                    "server) and cannot be updated: adapt again with the whole support set"
-                )
+            support = stored_support(current.state, self.task_id, "cannot be updated")
             unknown = [n for n in self.remove if n not in current.labels]
             if unknown:
                 raise InvalidRequest(

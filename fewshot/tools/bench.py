@@ -23,6 +23,7 @@ import argparse
 import json
 import platform
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -63,18 +64,25 @@ def bench_service(
 
     rows = []
     with FewShotClient(target, token=token, timeout=300.0) as client:
-        infos = client.models()
-        for info in infos:
-            if models and info.name not in models:
-                continue
-            data = load_dataset(load_model(info.name).card.dataset, "test")
-            ways = max(info.min_ways, min(5, info.max_ways))
-            sampler = EpisodeSampler(data, ways, shots, queries, seed)
-            episodes = [encode_episode(data, sampler.episode(i)) for i in range(requests + warmup)]
+        for info, ways, episodes in _served_episodes(client, models, requests + warmup, shots, queries, seed):
             for method in info.methods:
                 for c in concurrency:
                     rows.append(_bench_one(client, info.name, method, episodes, warmup, c, ways, shots))
     return rows
+
+
+def _served_episodes(
+    client: Any, models: list[str] | None, count: int, shots: int, queries: int, seed: int
+) -> Iterator[tuple[Any, int, list[EncodedTask]]]:
+    """``(ModelInfo, ways, count encoded test tasks)`` for each model the server serves (``models``: only these):
+    5-way where the model allows it, else its nearest number of ways."""
+    for info in client.models():
+        if models and info.name not in models:
+            continue
+        data = load_dataset(load_model(info.name).card.dataset, "test")
+        ways = max(info.min_ways, min(5, info.max_ways))
+        sampler = EpisodeSampler(data, ways, shots, queries, seed)
+        yield info, ways, [encode_episode(data, sampler.episode(i)) for i in range(count)]
 
 
 def _bench_one(client, model: str, method: str, episodes: list[EncodedTask], warmup: int, concurrency: int, ways: int, shots: int) -> dict:
@@ -129,13 +137,7 @@ def bench_options(
 
     rows = []
     with FewShotClient(target, token=token, timeout=300.0) as client:
-        for info in client.models():
-            if models and info.name not in models:
-                continue
-            data = load_dataset(load_model(info.name).card.dataset, "test")
-            ways = max(info.min_ways, min(5, info.max_ways))
-            sampler = EpisodeSampler(data, ways, shots, queries, seed)
-            episodes = [encode_episode(data, sampler.episode(i)) for i in range(requests + warmup)]
+        for info, ways, episodes in _served_episodes(client, models, requests + warmup, shots, queries, seed):
             for method in info.methods:
                 times: dict[str, list[float]] = {"adapt": [], "adapt_report": [], "classify": [], "classify_explain": []}
                 for i, t in enumerate(episodes):
