@@ -160,7 +160,12 @@ def export_model(
     parity: dict[str, Any] = {"images": 256, "tolerance": FP32_TOLERANCE}
     images = _real_images(model)
     feeds = {"backbone": [{"images": images.numpy()}], "network": _network_feeds(model) if "network.onnx" in files else []}
-    for part, what in (("backbone", f"{len(images)} real images"), ("network", "adapted weights of real tasks")):
+    feeds["stem"] = feeds["backbone"]
+    for part, what in (
+        ("backbone", f"{len(images)} real images"),
+        ("stem", f"{len(images)} real images"),
+        ("network", "adapted weights of real tasks"),
+    ):
         if f"{part}.onnx" not in files:
             continue
         diff, scale = _part_parity(model, part, files[f"{part}.onnx"], feeds[part])
@@ -239,10 +244,19 @@ def _graph_output_dim(path: Path) -> int:
     return int(dims[-1].dim_value)
 
 
+#: What this exporter writes into a bundle; a bundle of an older exporter is exported again by ``make demo`` and
+#: the benchmarks (it still serves: 2 added the optional ``stem.onnx`` of inner-loop networks with a fixed stem).
+EXPORTER = "2"
+
+
 def source_fingerprint(model_path: Path) -> dict[str, str]:
     """sha256 of the shipped model's weights and card, so a stale bundle is detected after retraining,
-    re-tuning or re-measuring (a new head in the card, new accuracy figures)."""
-    return {"weights_sha256": sha256(model_path / "weights.safetensors"), "card_sha256": sha256(model_path / "card.json")}
+    re-tuning or re-measuring (a new head in the card, new accuracy figures), and the exporter's :data:`EXPORTER`."""
+    return {
+        "weights_sha256": sha256(model_path / "weights.safetensors"),
+        "card_sha256": sha256(model_path / "card.json"),
+        "exporter": EXPORTER,
+    }
 
 
 def bundle_is_current(bundle_dir: Path, model_path: Path) -> bool:

@@ -13,7 +13,7 @@ from typing import Any
 from safetensors.torch import load_file
 
 from fewshot.export.registry import Bundle
-from fewshot.models.family import Adapter, Family, family_of
+from fewshot.models.family import Adapter, Family, family_of, parts_in
 from fewshot.models.runtime import Engines, OnnxEngines
 
 
@@ -22,7 +22,7 @@ def open_bundle(bundle: Bundle, device: str = "auto", threads: int = 0, engines:
     ``threads`` intra-op threads unless ``engines`` runs them. ONNX Runtime sessions are made when the
     family first needs a part (an inner-loop model never opens its backbone)."""
     cls = family_of(bundle.manifest)
-    engines = engines or OnnxEngines({p.name: bundle.file(f"{p.name}.onnx") for p in cls.parts}, device, threads)
+    engines = engines or OnnxEngines({p.name: bundle.file(f"{p.name}.onnx") for p in parts_in(bundle.manifest)}, device, threads)
     return cls(bundle.manifest, load_file(str(bundle.file("meta.safetensors"))), engines, device)
 
 

@@ -98,7 +98,7 @@ def load_bundle(path: str | Path, version: str | None = None) -> Bundle:
         family = family_of(manifest)
     except ConfigError as exc:
         raise BundleError(f"{where}: manifest.json: {exc}") from None
-    for required in [f"{p.name}.onnx" for p in family.parts] + ["meta.safetensors"]:
+    for required in [f"{p.name}.onnx" for p in family.parts if not p.optional] + ["meta.safetensors"]:
         if required not in manifest["files"]:
             raise BundleError(f"{where}: manifest.json does not list {required}, required for {family.family} models")
     for fname, info in manifest["files"].items():

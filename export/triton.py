@@ -29,7 +29,7 @@ import onnx
 
 from fewshot.errors import ConfigError, EnvironmentUnavailable
 from fewshot.export.registry import Bundle
-from fewshot.models.family import family_of
+from fewshot.models.family import parts_in
 from fewshot.models.runtime import part_model_name
 
 MAX_BATCH_SIZE = 256
@@ -212,7 +212,7 @@ def write_bundle_models(repo: Path, bundle: Bundle, backend: str = "onnxruntime_
     version = bundle.version if versioned else "1"
     folders = [
         write_onnx_model(repo, part_model_name(bundle.name, p.name), folder / f"{p.name}.onnx", p.batched, backend, version)
-        for p in family_of(bundle.manifest).parts
+        for p in parts_in(bundle.manifest)
     ]
     if state_dir is not None:
         folders += write_fewshot_models(repo, folder.parent.parent if versioned else folder.parent, Path(state_dir).resolve())

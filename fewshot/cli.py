@@ -417,6 +417,17 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="with --target: Adapt without and with the support-set report, Classify without and with explain=3, side by side",
     )
+    p.add_argument(
+        "--sweep",
+        action="store_true",
+        help="with --target: the latency-throughput curve of Adapt and Classify per model: closed loop at --concurrency "
+        "(default 1 2 4 ... 64), then open loop (Poisson arrivals) at --rates; writes --out/sweep.{md,jsonl,png}",
+    )
+    p.add_argument("--rpc", nargs="+", choices=["adapt", "classify"], default=["adapt", "classify"], help="with --sweep: which RPCs")
+    p.add_argument("--rates", type=float, nargs="+", help="with --sweep: open-loop calls/s (default: 0.25x-1.5x the closed-loop peak)")
+    p.add_argument("--seconds", type=float, default=10.0, help="with --sweep: seconds per load level")
+    p.add_argument("--metrics-url", help="with --sweep: the server's Prometheus endpoint, for its queue wait per level")
+    p.add_argument("--out", default="runs/sweep", help="with --sweep: folder of the table, JSON lines and plot")
     p.add_argument("--bundles", help="with --compare: bundle directory (default: $FEWSHOT_BUNDLES, else bundles/)")
     p.add_argument("--calls", type=int, default=32, help="with --compare: Classify calls per round")
     p.add_argument(
@@ -426,7 +437,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
         default=["classify", "adapt", "cold", "many"],
         help="with --compare: which comparisons (many: inner-loop tasks merged and batched)",
     )
-    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8], help="with --target: client threads")
+    p.add_argument("--concurrency", type=int, nargs="+", help="with --target: client threads (default 1 8; with --sweep 1 2 4 ... 64)")
     p.add_argument("--requests", type=int, default=64, help="with --target: Adapt and Classify calls per row")
     p.add_argument("--token", default=os.environ.get("FEWSHOT_TOKEN"), help="with --target: bearer token")
     p.add_argument("--ways", type=int, default=5)

@@ -85,12 +85,15 @@ class Part:
     """An ONNX graph of a model (``<name>.onnx`` in a bundle): ``images`` (and, for the network, the
     task's weights) -> ``output``. ``batched``: its first axis is a batch that Triton may merge across
     requests (the backbone); the network's weights are per task, so it is not. ``served``: the server
-    runs it (an inner-loop bundle's backbone is exported for other uses, not served)."""
+    runs it (an inner-loop bundle's backbone is exported for other uses, not served). ``optional``: a
+    bundle may lack it (one exported before the part existed, or a model without it); the family then
+    computes it in torch (:meth:`Family.parts_in`)."""
 
     name: str
     output: str
     batched: bool
     served: bool = True
+    optional: bool = False
 
 
 def family_of(manifest: Any) -> type[Family]:
@@ -263,7 +266,7 @@ class Family(ABC):
         images = TensorSpec("images", "FP32", (-1, self.spec.channels, self.spec.size, self.spec.size))
         return [
             Signature(part_model_name(self.name, p.name), (images, *self.part_inputs(p)), (self.part_output(p),))
-            for p in self.parts
+            for p in parts_in(self.manifest)
             if p.served
         ]
 
@@ -274,6 +277,13 @@ class Family(ABC):
     @abstractmethod
     def part_output(self, part: Part) -> TensorSpec:
         """The output of ``part``."""
+
+
+def parts_in(manifest: Any) -> tuple[Part, ...]:
+    """The parts a bundle carries: every required part of its family, and the optional ones its manifest
+    lists among its files (a model card lists none: a shipped model gives its parts in memory)."""
+    files = _get(manifest, "files") or {}
+    return tuple(p for p in family_of(manifest).parts if not p.optional or f"{p.name}.onnx" in files)
 
 
 def _get(manifest: Any, key: str) -> Any:

@@ -66,9 +66,9 @@ class TorchFeatures:
         return self.backbone(images.to(self.device)).float().cpu()
 
 
-def backbone_to_onnx(backbone: nn.Module, channels: int, size: int) -> bytes:
-    """Serialise ``backbone.features`` to a single-file ONNX model with a dynamic batch axis
-    (input ``images``, output ``features``)."""
+def backbone_to_onnx(backbone: nn.Module, channels: int, size: int, output: str = "features") -> bytes:
+    """Serialise ``backbone`` (its ``forward``) to a single-file ONNX model with a dynamic batch axis
+    (input ``images``, output ``output``)."""
     backbone = backbone.eval().cpu()
     buf = io.BytesIO()
     with warnings.catch_warnings():
@@ -79,9 +79,9 @@ def backbone_to_onnx(backbone: nn.Module, channels: int, size: int) -> bytes:
             buf,  # type: ignore[arg-type]  # torch's stub: the TorchScript exporter takes a file object too
             dynamo=False,
             input_names=["images"],
-            output_names=["features"],
+            output_names=[output],
             opset_version=ONNX_OPSET,
-            dynamic_axes={"images": {0: "batch"}, "features": {0: "batch"}},
+            dynamic_axes={"images": {0: "batch"}, output: {0: "batch"}},
         )
     return buf.getvalue()
 

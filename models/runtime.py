@@ -9,6 +9,7 @@ each part must have.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -44,6 +45,10 @@ def onnx_providers(device: str = "auto") -> list[str]:
     return ["CPUExecutionProvider"]
 
 
+#: Environment variable: ``1`` lets ONNX Runtime's threads spin between runs (its default; off here).
+SPIN_ENV = "FEWSHOT_ORT_SPIN"
+
+
 def onnx_session(model: bytes | str, device: str = "auto", threads: int = 0) -> Any:
     """An ONNX Runtime ``InferenceSession`` of ``model`` (bytes or a path) on ``device``, with
     ``threads`` intra-op threads (0: ONNX Runtime's default) and only errors logged."""
@@ -53,6 +58,11 @@ def onnx_session(model: bytes | str, device: str = "auto", threads: int = 0) -> 
     if threads:
         opts.intra_op_num_threads = threads
     opts.log_severity_level = 3
+    if os.environ.get(SPIN_ENV) != "1":
+        # ONNX Runtime's intra-op threads spin after each run by default; beside the torch inner loop, the gRPC
+        # threads and the decoding on the same cores that spinning took their CPU (an Adapt with the stem in
+        # ONNX Runtime ran 1.5-2x slower with it: BENCHMARKS.md). FEWSHOT_ORT_SPIN=1 turns it back on.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(model, opts, providers=onnx_providers(device))
 
 
@@ -72,6 +82,9 @@ class Engines(Protocol):
     def session(self, part: str) -> Session:
         """The session of ``part`` (:class:`ConfigError` when this model has no such part)."""
 
+    def has(self, part: str) -> bool:
+        """Whether ``part`` runs here (an optional part may be absent)."""
+
 
 Source = bytes | str | Path | Callable[[], bytes]
 
@@ -84,6 +97,9 @@ class OnnxEngines:
         self.sources, self.device, self.threads = dict(sources), device, threads
         self._sessions: dict[str, Any] = {}
         self._lock = threading.Lock()
+
+    def has(self, part: str) -> bool:
+        return part in self.sources
 
     def session(self, part: str) -> Any:
         with self._lock:
@@ -115,6 +131,9 @@ class SessionEngines:
 
     def __init__(self, sessions: Mapping[str, Session]) -> None:
         self.sessions = dict(sessions)
+
+    def has(self, part: str) -> bool:
+        return part in self.sessions
 
     def session(self, part: str) -> Session:
         if part not in self.sessions:

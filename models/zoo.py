@@ -104,6 +104,13 @@ class ShippedInnerLoopModel:
                     bn.eps = net.bn_eps
         return backbone.eval()
 
+    def stem_module(self) -> torch.nn.Module:
+        """The blocks before ``adapt_from`` of :meth:`body` (the fixed stem): ``(B, C, H, W)`` -> its output
+        ``(B, width, h, w)``; a bundle ships it as ``stem.onnx``."""
+        net, encoder = self.net, self.body().encoder
+        layers = sum(3 + (block < net.pools) for block in range(net.adapt_from))  # conv, BatchNorm, ReLU (, pool)
+        return torch.nn.Sequential(*list(encoder)[:layers]).eval()
+
     def example_statistics(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """BatchNorm statistics to trace the network with: the frozen ones, or unit ones."""
         if self.net.frozen_bn:
@@ -127,11 +134,17 @@ class ShippedInnerLoopModel:
             example = network_inputs(net, self.meta_params, self.example_statistics(), step)
             return network_to_onnx(net, example, step)
 
-        return {"backbone": lambda: backbone_to_onnx(self.body(), spec.channels, spec.size), "network": network}
+        parts = {"backbone": lambda: backbone_to_onnx(self.body(), spec.channels, spec.size), "network": network}
+        if net.adapt_from:
+            parts["stem"] = lambda: backbone_to_onnx(self.stem_module(), spec.channels, spec.size, "stem")
+        return parts
 
     def torch_parts(self, device: str = "auto") -> dict[str, TorchSession]:
         module, names = self.network_module()
-        return {"backbone": TorchSession(self.body(), ["images"], device), "network": TorchSession(module, names, device)}
+        parts = {"backbone": TorchSession(self.body(), ["images"], device), "network": TorchSession(module, names, device)}
+        if self.net.adapt_from:
+            parts["stem"] = TorchSession(self.stem_module(), ["images"], device)
+        return parts
 
 
 def model_dir(name_or_path: str | os.PathLike) -> Path:

@@ -4,12 +4,14 @@ A call past both is refused at once with RESOURCE_EXHAUSTED (:class:`Overloaded`
 retry after a short back-off) instead of joining an unbounded queue. A waiting call whose client
 cancels or whose deadline passes leaves the queue. ``on_saturated(True)`` is called when the queue
 fills and ``on_saturated(False)`` once it has drained to half (the readiness signal of the health
-service); ``on_change(running, waiting)`` feeds the Prometheus gauges.
+service); ``on_change(running, waiting)`` feeds the Prometheus gauges and ``on_wait(seconds)`` the histogram of
+how long each admitted call waited for its slot (0 for one admitted at once).
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -26,6 +28,7 @@ class Admission:
         max_queue: int,
         on_change: Callable[[int, int], None] | None = None,
         on_saturated: Callable[[bool], None] | None = None,
+        on_wait: Callable[[float], None] | None = None,
     ) -> None:
         if capacity < 1 or max_queue < 0:
             raise ValueError("admission needs capacity >= 1 and max_queue >= 0")
@@ -34,6 +37,7 @@ class Admission:
         self._waiting: deque[asyncio.Future] = deque()
         self._on_change = on_change or (lambda running, waiting: None)
         self._on_saturated = on_saturated or (lambda saturated: None)
+        self._on_wait = on_wait or (lambda seconds: None)
         self.saturated = False
 
     @property
@@ -43,6 +47,7 @@ class Admission:
     @asynccontextmanager
     async def slot(self) -> AsyncIterator[None]:
         """Hold one running slot for the block (:class:`Overloaded` when the queue is full)."""
+        arrived = time.perf_counter()
         if self.running < self.capacity and not self._waiting:
             self.running += 1
         elif len(self._waiting) >= self.max_queue:
@@ -65,6 +70,7 @@ class Admission:
                 else:
                     self._remove(future)
                 raise
+        self._on_wait(time.perf_counter() - arrived)
         self._changed()
         try:
             yield

@@ -24,7 +24,7 @@ from fewshot.errors import ConfigError
 from fewshot.export.bundle import DEFAULT_BUNDLE_DIR
 from fewshot.export.loader import open_bundle
 from fewshot.export.registry import Bundle, Registry
-from fewshot.models.family import Family, family_of
+from fewshot.models.family import Family, parts_in
 from fewshot.server import memory
 from fewshot.server.admin import ADMIN_SERVICE_NAME, AdminAuth, AdminService, BundleRefused, ModelControl
 from fewshot.server.admission import Admission
@@ -70,7 +70,7 @@ def load_models(root: Path | None, device: str, threads: int, triton: TritonBack
     registry = Registry.load(root or DEFAULT_BUNDLE_DIR)
     if triton is not None:
         return ServedModels(
-            open_bundle(bundle, device, threads, triton.engines(name, family_of(bundle.manifest).parts))
+            open_bundle(bundle, device, threads, triton.engines(name, parts_in(bundle.manifest)))
             for name, bundle in registry.bundles.items()
         )
     return ServedModels(open_bundle(b, device, threads) for versions in registry.versions.values() for b in versions.values())
@@ -151,7 +151,7 @@ async def serve(cfg: ServeConfig, ready: asyncio.Event | None = None) -> None:
         loop.create_task(health_servicer.set(SERVICE_NAME, status))
         log.warning(json.dumps({"event": "saturated" if saturated else "drained", "queue": cfg.max_queue}))
 
-    admission = Admission(cfg.max_inflight, cfg.max_queue, metrics.admission_changed, readiness)
+    admission = Admission(cfg.max_inflight, cfg.max_queue, metrics.admission_changed, readiness, metrics.admission_waited)
     allocator = memory.configure()  # calls' memory goes back to the system when they end (server/memory.py)
     bodies = BodyBudget(cfg.max_inflight_body_mb << 20, on_release=memory.Trimmer().after if allocator else lambda size: None)
     metrics.body_bytes.set_function(lambda: bodies.held)

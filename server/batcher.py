@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Callable, Hashable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -64,13 +65,20 @@ class Batcher:
         executor: where ``run`` executes (off the event loop).
         max_delay: the longest a queued request waits for the running call of its key to end.
         max_batch: images per call; a batch is flushed as soon as it reaches this size.
+        on_batch: called with each merged call's size; ``on_wait`` with how long it waited for a worker thread.
     """
 
     def __init__(
-        self, executor: Executor, max_delay: float = 0.002, max_batch: int = 256, on_batch: Callable[[int], None] | None = None
+        self,
+        executor: Executor,
+        max_delay: float = 0.002,
+        max_batch: int = 256,
+        on_batch: Callable[[int], None] | None = None,
+        on_wait: Callable[[float], None] | None = None,
     ) -> None:
         self.executor, self.max_delay, self.max_batch = executor, max_delay, max_batch
         self.on_batch = on_batch or (lambda _: None)
+        self.on_wait = on_wait or (lambda _: None)
         self._pending: dict[Hashable, _Pending] = {}
         self._running: dict[Hashable, int] = {}  # calls of each key now in the executor
         self._direct: dict[Hashable, int] = {}  # calls of each key run by run_if_idle (worker threads)
@@ -127,8 +135,14 @@ class Batcher:
         """``work()`` in the executor, counted as running for ``key``; when the last running call of
         ``key`` ends, its queue starts."""
         self._running[key] = self._running.get(key, 0) + 1
+        submitted = time.perf_counter()
+
+        def timed() -> Any:
+            self.on_wait(time.perf_counter() - submitted)
+            return work()
+
         try:
-            return await asyncio.get_running_loop().run_in_executor(self.executor, work)
+            return await asyncio.get_running_loop().run_in_executor(self.executor, timed)
         finally:
             self._running[key] -= 1
             if not self._running[key]:

@@ -44,6 +44,13 @@ class ServiceMetrics:
         self.tasks = Gauge("fewshot_tasks_stored", "Live tasks in the persistent store", registry=self.registry)
         self.running = Gauge("fewshot_admission_running", "Heavy calls (Adapt, Classify) running now", registry=self.registry)
         self.queue_depth = Gauge("fewshot_admission_queue_depth", "Heavy calls waiting for an admission slot", registry=self.registry)
+        self.queue_wait = Histogram(
+            "fewshot_queue_seconds",
+            "Time a call's work waited before it ran, by queue: admission (for a running slot), worker (for a worker thread)",
+            ["queue"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
         self.stopped = Counter(
             "fewshot_abandoned_work", "Work of cancelled or expired calls stopped, by stage", ["stage"], registry=self.registry
         )
@@ -71,6 +78,12 @@ class ServiceMetrics:
 
     def count_tasks_with(self, count: Callable[[], int]) -> None:
         self.tasks.set_function(count)
+
+    def admission_waited(self, seconds: float) -> None:
+        self.queue_wait.labels("admission").observe(seconds)
+
+    def worker_waited(self, seconds: float) -> None:
+        self.queue_wait.labels("worker").observe(seconds)
 
     def admission_changed(self, running: int, waiting: int) -> None:
         self.running.set(running)

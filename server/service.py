@@ -151,9 +151,9 @@ class FewShotService:
         self.bodies = bodies or BodyBudget(ServeConfig().max_inflight_body_mb << 20)
         self.auth = auth or Authenticator()
         self.admission = admission or Admission(capacity=64, max_queue=256)
-        self.batcher = Batcher(executor, batch_delay, max_batch, on_batch=metrics.batch_images.observe)
+        self.batcher = Batcher(executor, batch_delay, max_batch, on_batch=metrics.batch_images.observe, on_wait=metrics.worker_waited)
         #: Adapts, where the model stacks them: sizes count tasks, at most 32 per stacked inner loop
-        self.adapt_batcher = Batcher(executor, batch_delay, 32, on_batch=metrics.adapt_batch_tasks.observe)
+        self.adapt_batcher = Batcher(executor, batch_delay, 32, on_batch=metrics.adapt_batch_tasks.observe, on_wait=metrics.worker_waited)
         self._update_locks: list[asyncio.Lock] = []  # made in the event loop, on the first UpdateTask
         #: Support features of recently explained tasks (Classify with ``explain``), bounded in bytes.
         self.support_features = SupportFeatures()
@@ -235,7 +235,14 @@ class FewShotService:
         await context.abort(code, message)
 
     async def _offload(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+        """``fn(*args)`` on a worker thread; how long it waited for one goes to ``fewshot_queue_seconds{queue="worker"}``."""
+        submitted = time.perf_counter()
+
+        def timed() -> Any:
+            self.metrics.worker_waited(time.perf_counter() - submitted)
+            return fn(*args)
+
+        return await asyncio.get_running_loop().run_in_executor(self.executor, timed)
 
     # -- Adapt ----------------------------------------------------------------------------------
     async def Adapt(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.AdaptResponse:

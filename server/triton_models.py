@@ -41,7 +41,7 @@ import torch
 from fewshot.errors import ConfigError
 from fewshot.export.loader import open_bundle
 from fewshot.export.registry import Registry
-from fewshot.models.family import family_of
+from fewshot.models.family import parts_in
 from fewshot.models.runtime import SessionEngines, part_model_name
 from fewshot.server.auth import DEFAULT_TENANT
 from fewshot.server.budget import CallBudget
@@ -127,9 +127,7 @@ class _FewShotModel:
                 b,
                 "cpu",
                 threads,
-                SessionEngines(
-                    {p.name: BlsSession(pb_utils, part_model_name(name, p.name), p.output) for p in family_of(b.manifest).parts}
-                ),
+                SessionEngines({p.name: BlsSession(pb_utils, part_model_name(name, p.name), p.output) for p in parts_in(b.manifest)}),
             )
             for name, b in registry.bundles.items()
         )

@@ -12,7 +12,7 @@ from fewshot.export.loader import bundle_adapter
 from fewshot.export.registry import BundleError, Registry, load_bundle
 from fewshot.models.data import load_dataset
 from fewshot.models.episodes import EpisodeSampler
-from fewshot.models.family import family_of, methods_of, open_shipped
+from fewshot.models.family import methods_of, open_shipped, parts_in
 from fewshot.models.zoo import load_model
 
 
@@ -94,12 +94,12 @@ def _parse_config(folder):
 
 def _check_onnx_model(folder, config) -> None:
     """``config`` serves ``1/model.onnx`` with its exact inputs and outputs (batch axis owned by Triton
-    when ``max_batch_size > 0``: the backbones, dynamically batched; the networks run per request)."""
+    when ``max_batch_size > 0``: the backbones and stems, dynamically batched; the networks run per request)."""
     from tritonclient.grpc import model_config_pb2
 
     graph = onnx.load(str(folder / "1" / "model.onnx")).graph
     batched = config.max_batch_size > 0
-    assert batched == folder.name.endswith("_backbone") and batched == config.HasField("dynamic_batching")
+    assert batched == folder.name.endswith(("_backbone", "_stem")) and batched == config.HasField("dynamic_batching")
     assert len(config.instance_group) == 1
     for spec, tensor in ((config.input, graph.input), (config.output, graph.output)):
         assert [s.name for s in spec] == [t.name for t in tensor]
@@ -111,7 +111,7 @@ def _check_onnx_model(folder, config) -> None:
 
 def _expected_models(out) -> list[str]:
     bundles = Registry.load(out).bundles.values()
-    return sorted(f"{b.name}_{p.name}" for b in bundles for p in family_of(b.manifest).parts)
+    return sorted(f"{b.name}_{p.name}" for b in bundles for p in parts_in(b.manifest))
 
 
 def test_triton_configs_parse_and_match_the_onnx_files(exported):

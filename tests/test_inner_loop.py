@@ -110,6 +110,41 @@ def test_the_reference_loop_equals_the_engine(task):
         assert (reference_forward(ref_params, xq, ref_stats, net.bn_eps) - state.logits(xq)).abs().max() < 1e-4
 
 
+@pytest.mark.parametrize("name", ["omniglot-conv4-maml", "omniglot-conv4-cxgrad", "tinyimagenet-conv4-maml", "tinyimagenet-conv4-cxgrad"])
+def test_the_fast_inner_loop_equals_the_plain_one_for_every_shipped_model(name, exported):
+    """The served inner loop of each shipped model (its stem in ONNX Runtime from the bundle's stem.onnx, run
+    once; the first adapted convolution as a matrix product over the stem's patches; only the adapted tensors
+    tracked) against the plain reference loop (MAML or CxGrad written out, the whole network on the images at
+    every step, convolutions as convolutions) and against the engine on the torch stem: the same adapted
+    weights within 1e-5 and the same predictions on the task's queries."""
+    from fewshot.export.loader import open_bundle
+    from fewshot.export.registry import Registry
+    from fewshot.models.data import load_dataset
+    from fewshot.models.inner_loop.engine import InnerLoopAdapter as Engine
+    from fewshot.models.inner_loop.reference import reference_adapt
+    from fewshot.tools.compare import reference_settings
+
+    model = open_bundle(Registry.load(exported[0]).get(name), "cpu")
+    assert model.stem is not None, "the bundle's stem.onnx is what the served loop runs"
+    data = load_dataset(model.manifest["data"]["dataset"], "test")
+    settings = reference_settings(model)
+    assert settings is not None
+    fast = model.adapter().adapter
+    torch_stem = Engine(fast.net, fast.rule, fast.meta_params, fast.steps, fast.bn_mode, head_init=fast.head_init)
+    for i in range(2):
+        ep = EpisodeSampler(data, 5, 5, 15, seed=i).episode(0)
+        xs, ys = model.spec.normalize(data.images[ep.support]), torch.as_tensor(ep.support_labels)
+        xq = model.spec.normalize(data.images[ep.query])
+        served, plain = fast.adapt(xs, ys), torch_stem.adapt(xs, ys)
+        ref, _ = reference_adapt(model.params, xs, ys, **settings)
+        for k in ("conv3.weight", "head.weight", "head.bias"):
+            assert (served.params[k] - ref[k]).abs().max() < 1e-5, (name, k)
+            assert (served.params[k] - plain.params[k]).abs().max() < 1e-5, (name, k)
+        labels = served.logits(xq).argmax(1)
+        assert torch.equal(labels, plain.logits(xq).argmax(1))
+        assert (labels == torch.as_tensor(ep.query_labels)).float().mean() > 0.5  # a real task, answered well
+
+
 @pytest.mark.parametrize(
     "method,bn_train,first_order",
     [(m, "transductive", m == "fomaml") for m in sorted(RULES)] + [("cxgrad", "support", False), ("cxgrad", "support", True)],

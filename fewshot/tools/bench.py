@@ -294,6 +294,28 @@ def run_bench(args: argparse.Namespace) -> None:
     ``--target``, else in process on exactly one ``--model``."""
     if args.compare:
         _compare(args)
+    elif args.target and args.sweep:
+        from fewshot.tools.sweep import CONCURRENCY, run_sweep, write
+
+        print(
+            f"fewshot bench --target {args.target} --sweep: {args.seconds:g} s per level, 5-way {args.shots}-shot Adapt, "
+            f"Classify of {5 * args.queries} PNG queries, seed {args.seed}"
+        )
+        levels = run_sweep(
+            args.target,
+            args.model,
+            tuple(args.rpc),
+            tuple(args.concurrency or CONCURRENCY),
+            tuple(args.rates) if args.rates else None,
+            args.seconds,
+            args.shots,
+            args.queries,
+            args.seed,
+            args.token,
+            args.metrics_url,
+        )
+        write(levels, Path(args.out))
+        print(f"table, JSON lines and plot in {args.out}/sweep.md, sweep.jsonl, sweep.png")
     elif args.target and args.options:
         print(
             f"fewshot bench --target {args.target} --options: {args.requests} tasks per row, 5-way {args.shots}-shot, "
@@ -307,7 +329,15 @@ def run_bench(args: argparse.Namespace) -> None:
             f"{args.queries} queries per class, PNG bytes through the client SDK"
         )
         for row in bench_service(
-            args.target, args.model, tuple(args.concurrency), args.requests, args.shots, args.queries, args.warmup, args.seed, args.token
+            args.target,
+            args.model,
+            tuple(args.concurrency or (1, 8)),
+            args.requests,
+            args.shots,
+            args.queries,
+            args.warmup,
+            args.seed,
+            args.token,
         ):
             print(json.dumps(row) if args.json else describe_service(row), flush=True)
     else:

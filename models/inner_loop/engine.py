@@ -8,13 +8,14 @@ adapter interface (``adapt(support) -> task state``, ``state.classify(query)``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from fewshot.errors import ConfigError
-from fewshot.models.inner_loop.network import BN_MODES, BNStats, MetaConv4, NetworkTail, Params, support_statistics
+from fewshot.models.inner_loop.network import BN_MODES, BNStats, MetaConv4, NetworkTail, Params, StemColumns, support_statistics
 from fewshot.models.inner_loop.rules import Context, UpdateRule
 from fewshot.models.interrupt import checkpoint
 
@@ -52,7 +53,7 @@ def shared_head(params: Params, labels: torch.Tensor) -> Params:
     return {**params, "head.weight": w.mean(0, keepdim=True).expand(n, -1), "head.bias": b.mean().expand(n)}
 
 
-def prototype_head(net: MetaConv4 | NetworkTail, params: Params, support: torch.Tensor, labels: torch.Tensor) -> Params:
+def prototype_head(net: MetaConv4 | NetworkTail, params: Params, support: torch.Tensor | StemColumns, labels: torch.Tensor) -> Params:
     """``params`` with the head replaced by the prototype head of the support set ``(S, C, H, W)``,
     ``(S,)`` labels in ``0..N-1``: ``(N, d)`` weights ``2 m_c`` and ``(N,)`` biases ``-||m_c||^2``, so the
     logits are ``-||h - m_c||^2`` up to a per-query constant. Features under the support set's own
@@ -64,7 +65,7 @@ def prototype_head(net: MetaConv4 | NetworkTail, params: Params, support: torch.
     return {**params, "head.weight": 2.0 * means, "head.bias": -(means * means).sum(1)}
 
 
-def centroid_head(net: MetaConv4 | NetworkTail, params: Params, support: torch.Tensor, labels: torch.Tensor) -> Params:
+def centroid_head(net: MetaConv4 | NetworkTail, params: Params, support: torch.Tensor | StemColumns, labels: torch.Tensor) -> Params:
     """``params`` with the head replaced by the nearest-centroid classifier on the transformed features
     ``z`` (``net.transform``, e.g. CL2N) of the support set ``(S, ...)``: prototypes ``p_c`` (class means of
     ``z``, as the metric path's centroid head), weights ``2 tau p_c`` and biases ``-tau ||p_c||^2`` with
@@ -86,7 +87,7 @@ def inner_loop(
     net: MetaConv4 | NetworkTail,
     rule: UpdateRule,
     params: Params,
-    support: torch.Tensor,
+    support: torch.Tensor | StemColumns,
     labels: torch.Tensor,
     steps: int,
     create_graph: bool = False,
@@ -111,7 +112,11 @@ def inner_loop(
             params = shared_head(params, labels)
         elif head_init == "centroid":
             params = centroid_head(net, params, support, labels)
-        params = {k: v if v.requires_grad else v.detach().requires_grad_(True) for k, v in params.items()}
+        names = rule.adapted_names()
+        # the adapted tensors need a gradient; the others only where they already have one (meta-training):
+        # a served loop then builds no graph through the fixed parameters (the frozen statistics' norms, ...)
+        adapted = set(names)
+        params = {k: v.detach().requires_grad_(True) if k in adapted and not v.requires_grad else v for k, v in params.items()}
 
         def task_losses(p: Params, step: int) -> torch.Tensor:
             return net.task_losses(net.forward(p, support, step=step), labels)
@@ -120,7 +125,6 @@ def inner_loop(
             return task_losses(p, step).sum()
 
         ctx = rule.begin(params, support_loss)
-        names = rule.adapted_names()
         per_step: list[Params] = []
         losses: list[Any] = []  # per step: the support loss, a float (for stacked tasks a list, one per task)
         for t in range(steps):
@@ -136,7 +140,7 @@ def inner_loop(
                 t, eff, dict(zip(names, grads[: len(names)])), list(grads[len(names) :]), loss if create_graph else loss.detach(), ctx
             )
             if not create_graph:
-                params = {k: v if v.requires_grad else v.detach().requires_grad_(True) for k, v in params.items()}
+                params = {k: v.detach().requires_grad_(True) if k in adapted and not v.requires_grad else v for k, v in params.items()}
             per_step.append(params)
             losses.append(values.detach().tolist())
     return Adaptation(params, per_step, losses, ctx)
@@ -207,16 +211,18 @@ class InnerLoopAdapter:
         dtype: torch.dtype = torch.float32,
         precision: torch.dtype = torch.float32,
         head_init: str = "learned",
+        stem: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         """``dtype``: what the adapted weights are held in (:func:`pack`); ``precision``: what the inner
         loop computes in (``bfloat16``: autocast, on CPUs with native bfloat16 or on CUDA; the weights,
-        gradients and the frozen statistics stay float32)."""
+        gradients and the frozen statistics stay float32). ``stem``: what computes the fixed stem of a
+        network with ``adapt_from`` > 0 (``stem.onnx`` in ONNX Runtime; default the torch blocks)."""
         if bn_mode not in BN_MODES:
             raise ConfigError(f"unknown BatchNorm mode {bn_mode!r}: use {' or '.join(BN_MODES)}")
         if head_init not in HEAD_INITS:
             raise ConfigError(f"unknown head initialisation {head_init!r}: use {' or '.join(HEAD_INITS)}")
         self.net, self.rule, self.steps, self.bn_mode, self.dtype = net, rule, steps, bn_mode, dtype
-        self.precision, self.head_init = precision, head_init
+        self.precision, self.head_init, self.stem = precision, head_init, stem
         self.meta_params = {k: v.detach() for k, v in meta_params.items()}
 
     def _check(self, support: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -233,9 +239,11 @@ class InnerLoopAdapter:
         support = support.contiguous(memory_format=torch.channels_last)
         with torch.autocast(support.device.type, dtype=self.precision, enabled=self.precision != torch.float32):
             net: MetaConv4 | NetworkTail = self.net
-            inputs = support
+            inputs: torch.Tensor | StemColumns = support
             if self.net.adapt_from:  # a fixed stem runs once; the loop runs the adapted blocks on its output
-                net, inputs = self.net.tail(), self.net.stem(self.meta_params, support)
+                net = self.net.tail()
+                stem = self.net.stem(self.meta_params, support) if self.stem is None else self.stem(support).to(support.device)
+                inputs = StemColumns.of(stem)  # the first adapted convolution as a matrix product (network.StemColumns)
             result = inner_loop(net, self.rule, self.meta_params, inputs, labels, self.steps, create_graph=False, head_init=self.head_init)
         params = {k: v.detach() for k, v in result.params.items()}
         stats = support_statistics(self.net, params, support, self.steps) if self.bn_mode == "support" else None

@@ -166,12 +166,32 @@ class NetworkAdapter:
         return task, task.embedded_probabilities(embeddings), k_fold(self, support, labels, REPORT_FOLDS), embeddings
 
 
+class StemFeatures:
+    """The fixed stem (``stem.onnx``) run by a :class:`~fewshot.models.runtime.Session`: ``(B, C, H, W)``
+    normalised images -> ``(B, c, h, w)`` stem outputs, in runs of at most :func:`run_batch` images."""
+
+    def __init__(self, session: Session, shape: tuple[int, int, int]) -> None:
+        self.session, self.shape = session, shape
+        self.run_batch = run_batch(session)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        x = np.ascontiguousarray(images.detach().cpu().numpy(), dtype=np.float32)
+        run = lambda part: self.session.run(None, {"images": part})[0]  # noqa: E731  (a one-line local helper)
+        return torch.from_numpy(run_in_chunks(run, x, self.run_batch)).view(len(x), *self.shape)
+
+
 class InnerLoopFamily(Family):
     """``network.onnx`` (and ``backbone.onnx``, the network's body, for Triton's feature models), the
     meta-parameters and the learned update rule of ``meta.safetensors``; one method, the inner loop."""
 
     family = "inner_loop"
-    parts = (Part("backbone", "features", batched=True, served=False), Part("network", "logits", batched=False))
+    parts = (
+        Part("backbone", "features", batched=True, served=False),
+        Part("network", "logits", batched=False),
+        # the fixed stem of a network that adapts its last blocks only: run once per Adapt, in ONNX Runtime
+        # (2.5-3x torch eager on this CPU, BENCHMARKS.md); a bundle without it runs the stem in torch
+        Part("stem", "stem", batched=True, optional=True),
+    )
 
     def __init__(self, manifest: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], engines: Engines, device: str = "auto") -> None:
         super().__init__(manifest, tensors, engines, device)
@@ -183,6 +203,11 @@ class InnerLoopFamily(Family):
         self.rule = rule.to(self.device)
         self.params = {k: v.to(self.device) for k, v in params.items()}
         self.session = engines.session("network")
+        #: The fixed stem (``adapt_from`` > 0) in its engine, where the bundle has one; on CUDA the stem stays
+        #: in torch beside the loop (no round trip through host memory).
+        self.stem: StemFeatures | None = None
+        if self.net.adapt_from and engines.has("stem") and self.device.type == "cpu":
+            self.stem = StemFeatures(engines.session("stem"), self.stem_shape())
         #: Cross-task Classify merging (stacked weights, in torch on the model's device): on where it
         #: wins, CUDA; on CPU one network call per task is as fast (BENCHMARKS.md). ``merge_tasks`` sets it.
         self.stacker: StackedClassify | None = StackedClassify(self.net) if self.device.type == "cuda" else None
@@ -262,7 +287,15 @@ class InnerLoopFamily(Family):
             raise ConfigError(f"inner steps must be in 1..{self.loop['max_steps']} for {self.name}, got {steps}")
         return NetworkAdapter(
             InnerLoopAdapter(
-                self.net, self.rule, self.params, steps, bn_mode or self.loop["bn_mode"], self.task_dtype, self.precision, self.head_init
+                self.net,
+                self.rule,
+                self.params,
+                steps,
+                bn_mode or self.loop["bn_mode"],
+                self.task_dtype,
+                self.precision,
+                self.head_init,
+                self.stem,
             ),
             self.session,
             self.stacker,
@@ -318,12 +351,6 @@ class InnerLoopFamily(Family):
     def inner_steps(self, adapter: Adapter) -> int:
         return cast(NetworkAdapter, adapter).steps  # a family is only given the adapters its own adapter() built
 
-    @property
-    def plain_sgd(self) -> bool:
-        """The inner loop is plain SGD with the card's one step size and shared BatchNorm (MAML's rule):
-        what the reference loop (``fewshot bench``) computes too."""
-        return type(self.rule) is UpdateRule and not self.net.per_step_bn
-
     def part_inputs(self, part: Part) -> tuple[TensorSpec, ...]:
         if part.name != "network":
             return ()
@@ -331,8 +358,18 @@ class InnerLoopFamily(Family):
         weights = network_inputs(self.net, self.params, [(torch.zeros(width), torch.ones(width))] * 4, self.loop["steps"])
         return tuple(TensorSpec(n, "FP32", (-1, *t.shape[1:]) if n.startswith("head.") else tuple(t.shape)) for n, t in weights.items())
 
+    def stem_shape(self) -> tuple[int, int, int]:
+        """``(channels, height, width)`` of one image's stem output (the input of block ``adapt_from``)."""
+        side = self.spec.size
+        for _ in range(min(self.net.adapt_from, self.net.pools)):
+            side //= 2
+        return self.net.width, side, side
+
     def part_output(self, part: Part) -> TensorSpec:
-        """``(batch, ways)``: the head's rows are a graph input (any number of classes)."""
+        """The network's ``(batch, ways)`` logits (the head's rows are a graph input: any number of classes);
+        the stem's ``(batch, channels, height, width)``."""
+        if part.name == "stem":
+            return TensorSpec("stem", "FP32", (-1, *self.stem_shape()))
         return TensorSpec("logits", "FP32", (-1, -1))
 
     def network_input_names(self) -> list[str]:

@@ -27,6 +27,7 @@ adapted nor meta-trained, computed once per image (:meth:`MetaConv4.stem`, :meth
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -45,6 +46,40 @@ Params = dict[str, torch.Tensor]
 FEATURE_TRANSFORMS: tuple[str, ...] = ("", "L2N", "CL2N")
 #: Per BatchNorm layer: (mean, var) of its input channels.
 BNStats = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+#: Largest im2col matrix (bytes) :class:`StemColumns` builds; a larger support set convolves as usual.
+COLUMNS_MAX_BYTES = 64 << 20
+
+
+@dataclass(frozen=True)
+class StemColumns:
+    """The stem output ``(B, c, h, w)`` unfolded once into the 3x3 patches of the first adapted convolution:
+    ``cols`` ``(B*h*w, c*9)``. That convolution's input is fixed during the inner loop, so at every step it
+    is one matrix product ``cols @ W^T`` and its weight gradient one more (``cols^T @ dY``), instead of a
+    convolution forward and backward each (what the inner loop spends most in: BENCHMARKS.md)."""
+
+    cols: torch.Tensor
+    batch: int
+    height: int
+    width: int
+
+    @staticmethod
+    def of(h: torch.Tensor) -> StemColumns | torch.Tensor:
+        """``h`` unfolded, or ``h`` itself where the matrix would exceed :data:`COLUMNS_MAX_BYTES`."""
+        b, c, hh, ww = h.shape
+        if b * hh * ww * c * 9 * h.element_size() > COLUMNS_MAX_BYTES:
+            return h
+        cols = F.unfold(h, 3, padding=1).transpose(1, 2).reshape(b * hh * ww, c * 9)
+        return StemColumns(cols.contiguous(), b, hh, ww)
+
+    def __len__(self) -> int:
+        return self.batch
+
+    def conv(self, weight: torch.Tensor) -> torch.Tensor:
+        """The 3x3, padding-1 convolution with ``weight`` ``(o, c, 3, 3)``: ``(B, o, h, w)`` (channels-last strides)."""
+        out = self.cols.to(weight.dtype) @ weight.flatten(1).T
+        return out.view(self.batch, self.height, self.width, -1).permute(0, 3, 1, 2)
 
 
 class MetaConv4:
@@ -164,7 +199,7 @@ class MetaConv4:
     def embed(
         self,
         params: Params,
-        x: torch.Tensor,
+        x: torch.Tensor | StemColumns,
         bn_stats: BNStats | None = None,
         step: int | None = None,
         record: BNStats | None = None,
@@ -183,7 +218,7 @@ class MetaConv4:
     def forward(
         self,
         params: Params,
-        x: torch.Tensor,
+        x: torch.Tensor | StemColumns,
         bn_stats: BNStats | None = None,
         step: int | None = None,
         record: BNStats | None = None,
@@ -196,7 +231,7 @@ class MetaConv4:
     def features(
         self,
         params: Params,
-        x: torch.Tensor,
+        x: torch.Tensor | StemColumns,
         bn_stats: BNStats | None = None,
         step: int | None = None,
         record: BNStats | None = None,
@@ -218,13 +253,21 @@ class MetaConv4:
         return self._blocks(params, x, bn_stats, step, record, first, 4).flatten(1)
 
     def _blocks(
-        self, params: Params, x: torch.Tensor, bn_stats: BNStats | None, step: int | None, record: BNStats | None, first: int, last: int
+        self,
+        params: Params,
+        x: torch.Tensor | StemColumns,
+        bn_stats: BNStats | None,
+        step: int | None,
+        record: BNStats | None,
+        first: int,
+        last: int,
     ) -> torch.Tensor:
         """Blocks ``first..last-1`` on ``x``."""
         suffix = f".{min(step or 0, self.per_step_bn - 1)}" if self.per_step_bn else ""
         h = x
         for l in range(first, last):
-            h = F.conv2d(h, params[f"conv{l}.weight"], padding=1)
+            w = params[f"conv{l}.weight"]
+            h = h.conv(w) if isinstance(h, StemColumns) else F.conv2d(h, w, padding=1)
             gamma, beta = params[f"bn{l}.weight{suffix}"], params[f"bn{l}.bias{suffix}"]
             if bn_stats is None:
                 if record is not None:
@@ -243,6 +286,7 @@ class MetaConv4:
                     h = F.batch_norm(h, mean, var, gamma, beta, training=False, eps=self.bn_eps)
             # = max_pool(relu(h)) (relu is monotone), on a quarter of the values
             h = F.relu(F.max_pool2d(h, 2)) if l < self.pools else F.relu(h)
+        assert isinstance(h, torch.Tensor), "no block ran on the stem's columns"
         return h
 
     def task_losses(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -261,17 +305,32 @@ class NetworkTail:
         return getattr(self.net, name)
 
     def forward(
-        self, params: Params, h: torch.Tensor, bn_stats: BNStats | None = None, step: int | None = None, record: BNStats | None = None
+        self,
+        params: Params,
+        h: torch.Tensor | StemColumns,
+        bn_stats: BNStats | None = None,
+        step: int | None = None,
+        record: BNStats | None = None,
     ) -> torch.Tensor:
         return self.net.forward(params, h, bn_stats, step, record, first=self.net.adapt_from)
 
     def features(
-        self, params: Params, h: torch.Tensor, bn_stats: BNStats | None = None, step: int | None = None, record: BNStats | None = None
+        self,
+        params: Params,
+        h: torch.Tensor | StemColumns,
+        bn_stats: BNStats | None = None,
+        step: int | None = None,
+        record: BNStats | None = None,
     ) -> torch.Tensor:
         return self.net.features(params, h, bn_stats, step, record, first=self.net.adapt_from)
 
     def embed(
-        self, params: Params, h: torch.Tensor, bn_stats: BNStats | None = None, step: int | None = None, record: BNStats | None = None
+        self,
+        params: Params,
+        h: torch.Tensor | StemColumns,
+        bn_stats: BNStats | None = None,
+        step: int | None = None,
+        record: BNStats | None = None,
     ) -> torch.Tensor:
         return self.net.embed(params, h, bn_stats, step, record, first=self.net.adapt_from)
 

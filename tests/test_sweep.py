@@ -1,0 +1,74 @@
+"""`fewshot bench --sweep` (the latency-throughput curve) against a real server, and the queue-wait histogram."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import urllib.request
+
+from fewshot.tools.sweep import _level, mark_knees
+
+
+def test_a_level_counts_refusals_and_errors_apart_from_latency():
+    results = [(0.010, "ok"), (0.020, "ok"), (0.001, "refused"), (0.002, "refused"), (5.0, "DeadlineExceeded: too slow")]
+    level = _level("m", "centroid", "classify", "open", 40.0, results, 2.0, None)
+    assert (level.sent, level.answered, level.refused, level.errors) == (5, 2, 2, 1)
+    assert level.p50_ms == 15.0 and level.p99_ms is not None and level.p99_ms <= 20.0  # refused and failed calls are no latency
+    assert level.achieved_per_s == 1.0 and level.offered_per_s == 40.0 and level.concurrency is None
+    assert level.error_examples == ["DeadlineExceeded: too slow"]
+
+
+def test_the_knee_is_the_level_of_highest_power():
+    levels = [
+        _level("m", "x", "adapt", "closed", c, [(ms / 1e3, "ok")] * n, 1.0, None) for c, n, ms in ((1, 10, 100), (2, 18, 110), (4, 20, 200))
+    ]
+    mark_knees(levels)
+    assert [lv.knee for lv in levels] == [False, True, False]  # 18/110 > 10/100 > 20/200
+
+
+def test_the_sweep_drives_a_real_server_and_writes_its_table_and_plot(server, tmp_path):
+    out = tmp_path / "sweep"
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fewshot.cli",
+            "bench",
+            "--target",
+            server.target,
+            "--sweep",
+            "--model",
+            "omniglot-conv4-directsum",
+            "--seconds",
+            "0.6",
+            "--concurrency",
+            "1",
+            "4",
+            "--rates",
+            "5",
+            "40",
+            "--metrics-url",
+            server.metrics_url,
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    levels = [json.loads(line) for line in (out / "sweep.jsonl").read_text().splitlines()]
+    assert {(lv["rpc"], lv["mode"]) for lv in levels} == {(r, m) for r in ("adapt", "classify") for m in ("closed", "open")}
+    assert len(levels) == 2 * (2 + 2)
+    for lv in levels:
+        assert lv["sent"] == lv["answered"] + lv["refused"] + lv["errors"] and lv["answered"] > 0, lv
+        assert lv["p50_ms"] <= lv["p90_ms"] <= lv["p99_ms"] and lv["queue_ms"] is not None, lv
+    assert sum(lv["knee"] for lv in levels) == 4  # one per curve
+    table = (out / "sweep.md").read_text()
+    assert table.count("(knee)") == 4 and table.count("| omniglot-conv4-directsum | adapt | ") == 4
+    assert (out / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    metrics = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
+    for queue in ("admission", "worker"):
+        count = [line for line in metrics.splitlines() if line.startswith(f'fewshot_queue_seconds_count{{queue="{queue}"}}')]
+        assert count and float(count[0].split()[-1]) > 0, queue
