@@ -28,7 +28,7 @@ import numpy as np
 from fewshot.models.data import load_dataset
 from fewshot.models.episodes import EpisodeSampler
 from fewshot.tools.demo import encode_episode
-from fewshot.tools.launch import ServerProcess
+from fewshot.tools.launch import ServerProcess, pin
 from fewshot_client import FewShotClient
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # PostgresServer is a test fixture, not in the installed package
@@ -54,9 +54,7 @@ def _replicas(bundles: Path, url: str, cores: list[int], root: Path) -> list[Ser
             env={"OMP_NUM_THREADS": "1"},
         )
         proc.start()
-        os.sched_setaffinity(proc.pid, {core})  # taskset -p: the replica and all its threads on one core
-        for tid in os.listdir(f"/proc/{proc.pid}/task"):
-            os.sched_setaffinity(int(tid), {core})
+        pin(proc.pid, {core})  # the replica and all its threads on one core
         procs.append(proc)
     return procs
 

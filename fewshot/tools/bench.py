@@ -277,7 +277,7 @@ def _compare(args: argparse.Namespace) -> None:
     )
     rows = []
     if "classify" in args.sections:
-        rows += compare_classify(bundles, args.model, calls=args.calls, threads=args.threads, seed=args.seed, log=log)
+        rows += compare_classify(bundles, args.model, calls=args.calls, threads=args.threads, seed=args.seed, log=log, pinned=args.pin)
     if "adapt" in args.sections:
         rows += compare_adapt(bundles, args.model, args.shots, args.repeats, args.warmup, args.seed, log=log)
     if "cold" in args.sections:

@@ -21,6 +21,7 @@ agreement with float32.
 
 from __future__ import annotations
 
+import os
 import statistics
 import tempfile
 import time
@@ -32,6 +33,7 @@ from typing import Any, cast
 import numpy as np
 import torch
 
+from fewshot.errors import ConfigError
 from fewshot.export.loader import open_bundle
 from fewshot.export.registry import Registry
 from fewshot.models.data import load_dataset
@@ -79,19 +81,30 @@ def compare_classify(
     threads: int = 0,
     seed: int = 0,
     log: Callable[[str], None] = print,
+    pinned: bool = False,
 ) -> list[dict]:
-    """One row per (model, queries per call, concurrency)."""
-    from fewshot.tools.launch import ServerProcess
+    """One row per (model, queries per call, concurrency). ``pinned`` (a machine of 2 cores or more): the server
+    child and the raw engine run on the last core with one thread, the client on the others, so the served side
+    is measured without the client's CPU."""
+    from fewshot.tools.launch import ServerProcess, pin
     from fewshot_client import FewShotClient
 
     registry = Registry.load(bundles)
     names = models or sorted(registry.bundles)
     rows = []
+    cores = sorted(os.sched_getaffinity(0))
+    if pinned and len(cores) < 2:
+        raise ConfigError("--pin needs 2 cores or more (the server on one, the client on the others)")
+    server_core, client_cores = {cores[-1]}, set(cores[:-1])
+    threads = 1 if pinned else threads
+    here = os.getpid()
     with tempfile.TemporaryDirectory(prefix="fewshot-compare-") as state:
         with (
             ServerProcess(bundles, Path(state), "--threads", str(threads), "--metrics-port", "0", log=Path(state) / "serve.log") as server,
             FewShotClient(server.target, timeout=300) as client,
         ):
+            if pinned:
+                pin(server.pid, server_core)
             for name in names:
                 model = open_bundle(registry.get(name), "cpu", threads)
                 data = load_dataset(model.manifest["data"]["dataset"], "test")
@@ -114,9 +127,13 @@ def compare_classify(
                         raw_run(tensors[0])  # warm both sides for this shape
                         served.classify(pngs[0])
                         for _ in range(rounds):
+                            if pinned:  # the raw engine on the server's core, the client on the others
+                                pin(here, server_core)
                             ms, wall = _calls(lambda i: raw_run(tensors[i]), calls, c)
                             raw_ms.append(ms)
                             raw_wall.append(wall)
+                            if pinned:
+                                pin(here, client_cores)
                             ms, wall = _calls(lambda i: served.classify(pngs[i]), calls, c)
                             srv_ms.append(ms)
                             srv_wall.append(wall)
@@ -128,6 +145,7 @@ def compare_classify(
                             "calls": calls,
                             "rounds": rounds,
                             "threads": threads,
+                            "pinned": pinned,
                             "raw": raw,
                             "served": srv,
                             "throughput_ratio": round(srv["images_per_s"] / raw["images_per_s"], 2),
@@ -136,6 +154,8 @@ def compare_classify(
                         log(describe_classify(row))
                         rows.append(row)
                 served.delete()
+    if pinned:
+        pin(here, set(cores))
     return rows
 
 

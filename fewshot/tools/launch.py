@@ -18,6 +18,16 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from fewshot.errors import FewShotError
 
 
+def pin(pid: int, cores: set[int]) -> None:
+    """Every thread of process ``pid`` (``os.getpid()``: this one) onto ``cores`` (``taskset -a -p``'s call);
+    threads made later inherit their creator's set."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            os.sched_setaffinity(int(tid), cores)
+        except ProcessLookupError:  # a thread that ended meanwhile
+            pass
+
+
 class ServerStartError(FewShotError, RuntimeError):
     """``fewshot serve`` exited or did not become healthy in time; the message ends with its log."""
 

@@ -46,8 +46,11 @@ def class_means(features: torch.Tensor, labels: torch.Tensor, n: int) -> torch.T
 
 def sq_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``(m, d)``, ``(n, d)`` -> ``(m, n)`` squared Euclidean distances, computed row by row so the
-    result for one row does not depend on the other rows (batch invariance)."""
-    return ((a[:, None, :] - b[None, :, :]) ** 2).sum(-1)
+    result for one row does not depend on the other rows (batch invariance). One column at a time: the same
+    values as broadcasting ``(m, n, d)``, without that temporary (64 queries x 5 classes x 3136 features is
+    4 MB, a fresh mapping per call under the server's allocator settings; BENCHMARKS.md, "The served path
+    against its own engine")."""
+    return torch.stack([((a - row) ** 2).sum(1) for row in b], 1) if len(b) else a.new_zeros(len(a), 0)
 
 
 #: Head states by their stored ``kind`` (filled as the state classes are defined).
