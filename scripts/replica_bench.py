@@ -96,7 +96,8 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     data = load_dataset("omniglot", "test")
-    episodes = [encode_episode(data, EpisodeSampler(data, 5, 1, 1, seed=0).episode(i)) for i in range(16)]
+    per_class = max(1, -(-args.queries // 5))  # enough queries per episode for --queries images per call
+    episodes = [encode_episode(data, EpisodeSampler(data, 5, 1, per_class, seed=0).episode(i)) for i in range(16)]
     queries = episodes[0].queries[: args.queries]
     root = Path(tempfile.mkdtemp(prefix="replica-bench-"))
     rows: dict[str, list[float]] = {"1 replica": [], "2 replicas": []}

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import urllib.request
+from pathlib import Path
 
 from fewshot.tools.sweep import _level, mark_knees
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_a_level_counts_refusals_and_errors_apart_from_latency():
@@ -72,3 +76,26 @@ def test_the_sweep_drives_a_real_server_and_writes_its_table_and_plot(server, tm
     for queue in ("admission", "worker"):
         count = [line for line in metrics.splitlines() if line.startswith(f'fewshot_queue_seconds_count{{queue="{queue}"}}')]
         assert count and float(count[0].split()[-1]) > 0, queue
+
+
+def test_the_gpu_bench_script_runs_end_to_end_on_cpu(omni_bundles, tmp_path):
+    """scripts/gpu-bench.sh --device cpu (on bundles exported already): every section writes its rows, none fails,
+    and the CUDA-only one says why it did not run."""
+    run = subprocess.run(
+        ["bash", "scripts/gpu-bench.sh", "--device", "cpu", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "GPU_BENCH_BUNDLES": str(omni_bundles)},
+        cwd=ROOT,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    report = json.loads((tmp_path / "gpu-bench.json").read_text())
+    sections = report["sections"]
+    assert sections["graphs"] == {"skipped": "CUDA graphs need a CUDA device"}
+    for name in ("onnxruntime", "adapt", "many"):
+        assert "error" not in sections[name] and sections[name]["rows"], (name, sections[name].get("error"))
+    assert {r["model"] for r in sections["onnxruntime"]["rows"]} == {"omniglot-conv4-directsum", "omniglot-conv4-cxgrad"}
+    (adapt,) = sections["adapt"]["rows"]
+    assert adapt["model"] == "omniglot-conv4-cxgrad" and adapt["max_abs_probability_diff"] < 1e-4
+    assert {r["tasks"] for r in sections["many"]["rows"] if r["section"] == "engine adapt"} == {1, 8}

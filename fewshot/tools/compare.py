@@ -180,6 +180,18 @@ def describe_classify(row: dict) -> str:
 
 
 # -- adaptation -------------------------------------------------------------------------------------
+def clock(device: str) -> Callable[[], float]:
+    """``time.perf_counter``, after waiting for the device's queued work where it is a CUDA device."""
+    if torch.device(device).type != "cuda":
+        return time.perf_counter
+
+    def now() -> float:
+        torch.cuda.synchronize()
+        return time.perf_counter()
+
+    return now
+
+
 def reference_settings(model: InnerLoopFamily) -> dict[str, Any] | None:
     """The keywords of :func:`reference_adapt` that reproduce ``model``'s inner loop, or ``None`` where the
     reference does not cover its rule (MAML and CxGrad with one set of BatchNorm parameters are covered)."""
@@ -206,13 +218,16 @@ def compare_adapt(
     warmup: int = 3,
     seed: int = 0,
     log: Callable[[str], None] = print,
+    device: str = "cpu",
 ) -> list[dict]:
     """One row per inner-loop model: engine and reference p50 of one Adapt (the reference as written, and
-    fed the stem's output once), the ratios, the agreement of their probabilities on the task's queries."""
+    fed the stem's output once), the ratios, the agreement of their probabilities on the task's queries;
+    on ``device`` (``cuda``: the clock waits for the device)."""
     registry = Registry.load(bundles)
     rows = []
+    now = clock(device)
     for name in models or sorted(registry.bundles):
-        model = open_bundle(registry.get(name), "cpu")
+        model = open_bundle(registry.get(name), device)
         if not isinstance(model, InnerLoopFamily):
             continue
         settings = reference_settings(model)
@@ -222,7 +237,7 @@ def compare_adapt(
         sampler = EpisodeSampler(data, ways, shots, 15, seed)
         adapter = model.adapter(bn_mode="support").adapter
         bf16 = None
-        if bfloat16_supported():
+        if bfloat16_supported() or torch.device(device).type == "cuda":
             model.adapt_in(torch.bfloat16)
             bf16 = model.adapter(bn_mode="support").adapter
             model.adapt_in(torch.float32)
@@ -230,21 +245,21 @@ def compare_adapt(
         worst, agree, total = 0.0, 0, 0
         for i in range(warmup + repeats):
             ep = sampler.episode(i)
-            xs, ys = model.spec.normalize(data.images[ep.support]), torch.as_tensor(ep.support_labels)
-            xq = model.spec.normalize(data.images[ep.query])
+            xs, ys = model.spec.normalize(data.images[ep.support]).to(device), torch.as_tensor(ep.support_labels).to(device)
+            xq = model.spec.normalize(data.images[ep.query]).to(device)
             # the sides alternate within each repeat, so drift on a shared machine hits them alike
-            start = time.perf_counter()
+            start = now()
             state = adapter.adapt(xs, ys)
-            took = {"engine": time.perf_counter() - start}
+            took = {"engine": now() - start}
             if settings is not None:
                 for side, once in (("reference", False), ("stem_once", True)):
-                    start = time.perf_counter()
+                    start = now()
                     params, stats = reference_adapt(model.params, xs, ys, stem_once=once, **settings)
-                    took[side] = time.perf_counter() - start
+                    took[side] = now() - start
             if bf16 is not None:
-                start = time.perf_counter()
+                start = now()
                 half = bf16.adapt(xs, ys)
-                took["bf16"] = time.perf_counter() - start
+                took["bf16"] = now() - start
             if i < warmup:
                 continue
             for side, seconds in took.items():
@@ -254,7 +269,7 @@ def compare_adapt(
                 total += len(xq)
             if settings is not None:
                 with torch.no_grad():
-                    ref = reference_forward(params, xq, stats, settings["arch"])
+                    ref = reference_forward(params, xq, stats, settings["arch"]).cpu()
                 worst = max(worst, float((ref.softmax(1) - state.logits(xq).softmax(1)).abs().max()))
         engine = float(np.median(times["engine"]))
         row = {
@@ -373,12 +388,15 @@ def compare_many_tasks(
     adapt_tasks: tuple[int, ...] = (1, 8, 32),
     seed: int = 0,
     log: Callable[[str], None] = print,
+    device: str = "cpu",
+    served_rows: bool = True,
 ) -> list[dict]:
     """Per inner-loop model: (1) the engine: ``tasks`` tasks' one-query Classify as one network call
     each vs one stacked call (:class:`~fewshot.models.inner_loop.stacked.StackedClassify`), and Adapt of
     ``n`` 5-way 1-shot tasks one by one vs stacked (``adapt_many``); (2) served: ``tasks`` client
     threads, each classifying one query at a time against its own task, on a ``fewshot serve
-    --merge-tasks off`` and an ``on`` child, rounds alternating."""
+    --merge-tasks off`` and an ``on`` child, rounds alternating (``served_rows``). The engine parts run on
+    ``device``."""
     from fewshot.models.inner_loop.stacked import StackedClassify
     from fewshot.tools.launch import ServerProcess
     from fewshot_client import FewShotClient
@@ -386,15 +404,16 @@ def compare_many_tasks(
     registry = Registry.load(bundles)
     names = [n for n in models or sorted(registry.bundles) if issubclass(family_of(registry.get(n).manifest), InnerLoopFamily)]
     rows = []
+    now = clock(device)
     for name in names:
-        model = open_bundle(registry.get(name), "cpu")
+        model = open_bundle(registry.get(name), device)
         data = load_dataset(model.manifest["data"]["dataset"], "test")
         ways = model.way_range()[0]
         sampler = EpisodeSampler(data, ways, 1, 1, seed)
         episodes = [sampler.episode(i) for i in range(max(tasks, *adapt_tasks))]
-        supports = [model.spec.normalize(data.images[ep.support]) for ep in episodes]
-        labels = [torch.as_tensor(ep.support_labels) for ep in episodes]
-        queries = [model.spec.normalize(data.images[ep.query[:1]]) for ep in episodes]
+        supports = [model.spec.normalize(data.images[ep.support]).to(device) for ep in episodes]
+        labels = [torch.as_tensor(ep.support_labels).to(device) for ep in episodes]
+        queries = [model.spec.normalize(data.images[ep.query[:1]]).to(device) for ep in episodes]
         adapter = model.adapter(bn_mode="support")
         adapted = [adapter.adapt(x, y) for x, y in zip(supports[:tasks], labels[:tasks])]
         merger = StackedClassify(model.net)
@@ -407,9 +426,9 @@ def compare_many_tasks(
         times = {"per_task": [], "stacked": []}
         for _ in range(3 + 20):
             for key, fn in (("per_task", per_task), ("stacked", lambda: merger.logits(states, queries[:tasks]))):
-                start = time.perf_counter()
+                start = now()
                 fn()
-                times[key].append(1e3 * (time.perf_counter() - start))
+                times[key].append(1e3 * (now() - start))
         per, stacked = (float(np.median(times[k][3:])) for k in ("per_task", "stacked"))
         row = {
             "model": name,
@@ -424,13 +443,13 @@ def compare_many_tasks(
         for n in adapt_tasks:
             seq_s, many_s = [], []
             for _r in range(3):
-                start = time.perf_counter()
+                start = now()
                 for x, y in zip(supports[:n], labels[:n]):
                     adapter.adapt(x, y)
-                mid = time.perf_counter()
+                mid = now()
                 adapter.adapt_many(supports[:n], labels[:n])
                 seq_s.append(mid - start)
-                many_s.append(time.perf_counter() - mid)
+                many_s.append(now() - mid)
             seq, many = float(np.median(seq_s)), float(np.median(many_s))
             row = {
                 "model": name,
@@ -445,6 +464,8 @@ def compare_many_tasks(
                 f"tasks/s, stacked {row['batched_tasks_per_s']:.1f} tasks/s: {row['speedup']:.2f}x"
             )
             rows.append(row)
+        if not served_rows:
+            continue
         encoded = [
             ([encode_png(data.images[i]) for i in ep.support], [f"c{c}" for c in ep.support_labels], [encode_png(data.images[ep.query[0]])])
             for ep in episodes[:tasks]

@@ -92,6 +92,7 @@ def inner_loop(
     steps: int,
     create_graph: bool = False,
     head_init: str = "learned",
+    record_losses: bool = True,
 ) -> Adaptation:
     """Adapt ``params`` to the support set ``(S, C, H, W)``, ``(S,)`` with ``steps`` rule updates.
 
@@ -102,6 +103,8 @@ def inner_loop(
     ``create_graph=True`` keeps the graph of every inner gradient (second-order meta-gradients);
     ``False`` is first-order (and what evaluation and serving use: the adapted values are the same).
     ``head_init="prototypes"`` starts the head from the support prototypes (:func:`prototype_head`).
+    ``record_losses=False`` leaves :attr:`Adaptation.losses` empty: reading them waits for the device, which a
+    CUDA graph capture (:mod:`fewshot.models.inner_loop.graphs`) cannot do.
     """
     if head_init not in HEAD_INITS:
         raise ConfigError(f"unknown head initialisation {head_init!r}: use {' or '.join(HEAD_INITS)}")
@@ -142,7 +145,8 @@ def inner_loop(
             if not create_graph:
                 params = {k: v.detach().requires_grad_(True) if k in adapted and not v.requires_grad else v for k, v in params.items()}
             per_step.append(params)
-            losses.append(values.detach().tolist())
+            if record_losses:
+                losses.append(values.detach().tolist())
     return Adaptation(params, per_step, losses, ctx)
 
 
