@@ -80,6 +80,5 @@ class GraphedAdapter:
         if key not in self._graphs:
             self._graphs[key] = _Captured(a, cols, labels, head)
         params = {**a.meta_params, **self._graphs[key].replay(cols, labels, head)}
-        stats = support_statistics(a.net, params, support, a.steps)
-        params, stats = pack(params, stats, a.dtype)
-        return InnerLoopTask(a.net, params, a.bn_mode, stats, a.steps, [])
+        packed, stats = pack(params, support_statistics(a.net, params, support, a.steps), a.dtype)
+        return InnerLoopTask(a.net, packed, a.bn_mode, stats, a.steps, [])
