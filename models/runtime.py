@@ -60,8 +60,8 @@ def onnx_session(model: bytes | str, device: str = "auto", threads: int = 0) -> 
     opts.log_severity_level = 3
     if os.environ.get(SPIN_ENV) != "1":
         # ONNX Runtime's intra-op threads spin after each run by default; beside the torch inner loop, the gRPC
-        # threads and the decoding on the same cores that spinning took their CPU (an Adapt with the stem in
-        # ONNX Runtime ran 1.5-2x slower with it: BENCHMARKS.md). FEWSHOT_ORT_SPIN=1 turns it back on.
+        # threads and the decoding on the same cores that spinning took their CPU (BENCHMARKS.md, "Speed under load"):
+        # an Adapt with the stem in ONNX Runtime waited on them. FEWSHOT_ORT_SPIN=1 turns it back on.
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(model, opts, providers=onnx_providers(device))
 

@@ -18,7 +18,7 @@ from fewshot.errors import ConfigError
 from fewshot.models.calibration import UNCALIBRATED, OpenSetCalibration, calibration_for
 from fewshot.models.card import accuracy_key
 from fewshot.models.family import Adapter, Family, Part
-from fewshot.models.features import run_batch, run_in_chunks
+from fewshot.models.features import SessionFeatures, run_batch, run_in_chunks
 from fewshot.models.inner_loop.engine import InnerLoopAdapter, InnerLoopTask, pack
 from fewshot.models.inner_loop.network import BN_MODES
 from fewshot.models.inner_loop.onnx_network import network_input_names, network_inputs
@@ -171,13 +171,10 @@ class StemFeatures:
     normalised images -> ``(B, c, h, w)`` stem outputs, in runs of at most :func:`run_batch` images."""
 
     def __init__(self, session: Session, shape: tuple[int, int, int]) -> None:
-        self.session, self.shape = session, shape
-        self.run_batch = run_batch(session)
+        self.run, self.shape = SessionFeatures(session, shape[0] * shape[1] * shape[2]), shape
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        x = np.ascontiguousarray(images.detach().cpu().numpy(), dtype=np.float32)
-        run = lambda part: self.session.run(None, {"images": part})[0]  # noqa: E731  (a one-line local helper)
-        return torch.from_numpy(run_in_chunks(run, x, self.run_batch)).view(len(x), *self.shape)
+        return self.run(images).view(len(images), *self.shape)
 
 
 class InnerLoopFamily(Family):
