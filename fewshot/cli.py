@@ -347,6 +347,13 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tasks", type=int, default=600, help="test tasks (default 600)")
     p.add_argument("--fit-tasks", type=int, default=300, help="validation tasks the estimate map is fitted on")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--unlabeled",
+        type=int,
+        default=0,
+        help="unlabeled images per class beside each task's 15 scored queries, read by the report (an Adapt's "
+        "`unlabeled` images); the settings fitted are those for reports given them",
+    )
     p.add_argument("--card", action="store_true", help="measure with the settings the card holds (not the ones fitted now)")
     p.add_argument("--write-card", action="store_true", help="store the fitted estimate map and mislabel threshold in the model card")
     p.add_argument("--data-root", help="default: $FEWSHOT_DATA or ../shared/data")
@@ -362,12 +369,25 @@ def _run_report(args: argparse.Namespace) -> None:
         raise ConfigError("--tasks and --fit-tasks must be at least 2")
     if args.shots < 2:
         raise ConfigError("the report estimates accuracy by holding support images out: --shots must be at least 2")
+    if args.unlabeled < 0:
+        raise ConfigError(f"--unlabeled must be 0 or more images per class, not {args.unlabeled}")
     shipped = load_model(args.model)
     family = open_shipped(shipped, threads=1)
     method = family.resolve_method(args.method)
     dataset = args.dataset or family.manifest["data"]["dataset"]
     figures, settings = run(
-        family, method, dataset, args.ways, args.shots, args.tasks, args.seed, args.fit_tasks, args.card, args.data_root, not args.json
+        family,
+        method,
+        dataset,
+        args.ways,
+        args.shots,
+        args.tasks,
+        args.seed,
+        args.fit_tasks,
+        args.card,
+        args.data_root,
+        not args.json,
+        args.unlabeled,
     )
     if args.write_card:
         write_settings(model_dir(args.model) / "card.json", method, args.shots, settings)

@@ -11,6 +11,11 @@ the task adapted *without* it (:class:`HeldOut`, ``(S, N)`` calibrated probabili
   half the support set, so the report costs about one more Adapt.
 - A class with one image cannot be held out (its class would vanish): at 1 shot there is no estimate,
   and the report says so.
+- Optionally, **unlabeled images** of the kinds the task will be asked about (never scored, no labels): the
+  task's mean highest probability on them enters the estimate (its own map, :attr:`ReportSettings.unlabeled`),
+  and they join the class means as soft members (:func:`unlabeled_members`) the mislabel score is measured
+  against. On Tiny ImageNet the support set alone cannot get the estimate under 6 points (RESULTS.md, "How far
+  the support set alone can go"); 15 unlabeled images per class do.
 
 From those predictions:
 
@@ -55,6 +60,11 @@ DUPLICATE_GRID = 32
 OUTLIER_RATIO = 2.0
 #: Class pairs reported as the most confused.
 TOP_CONFUSIONS = 3
+#: Soft k-means of the unlabeled images around the class means (:func:`unlabeled_members`): the temperature of their
+#: assignments (squared distance of unit-normalised features) and the refinement rounds; chosen on Tiny ImageNet
+#: test tasks by `scripts/mislabel_unlabeled.py` (RESULTS.md).
+UNLABELED_TEMPERATURE = 0.2
+UNLABELED_ROUNDS = 3
 
 
 @dataclass(frozen=True)
@@ -111,34 +121,42 @@ def k_fold(adapter: Any, support: torch.Tensor, labels: torch.Tensor, folds: int
 @dataclass(frozen=True)
 class EstimateMap:
     """A model's map from held-out statistics to its accuracy on new queries, fitted on validation tasks:
-    ``estimate = a * mean held-out probability of the true class + b * held-out 0/1 accuracy + c``, clipped to
-    0..1, and the spread ``sd`` of the validation tasks' accuracies around it (what the interval adds to the
-    estimate's own sampling error). ``tasks``: how many validation tasks it was fitted on."""
+    ``estimate = a * mean held-out probability of the true class + b * held-out 0/1 accuracy + u * confidence + c``,
+    clipped to 0..1 (``confidence``: the task's mean highest probability on the request's unlabeled images; ``u`` is
+    0 in a map fitted without them), and the spread ``sd`` of the validation tasks' accuracies around it (what the
+    interval adds to the estimate's own sampling error). ``tasks``: how many validation tasks it was fitted on."""
 
     a: float = 0.0
     b: float = 1.0
     c: float = 0.0
     sd: float = 0.0
     tasks: int = 0
+    u: float = 0.0
 
     def to_dict(self) -> dict[str, float]:
-        return {"a": self.a, "b": self.b, "c": self.c, "sd": self.sd, "tasks": self.tasks}
+        return {"a": self.a, "b": self.b, "c": self.c, "sd": self.sd, "tasks": self.tasks, **({"u": self.u} if self.u else {})}
 
     @staticmethod
     def from_dict(d: Mapping[str, Any] | None) -> EstimateMap:
-        return EstimateMap() if not d else EstimateMap(float(d["a"]), float(d["b"]), float(d["c"]), float(d["sd"]), int(d["tasks"]))
+        if not d:
+            return EstimateMap()
+        return EstimateMap(float(d["a"]), float(d["b"]), float(d["c"]), float(d["sd"]), int(d["tasks"]), float(d.get("u", 0.0)))
 
     @staticmethod
-    def fit(p_true: Sequence[float], loo: Sequence[float], accuracy: Sequence[float]) -> EstimateMap:
-        """Least squares of per-task ``accuracy`` (fractions) on ``(p_true, loo, 1)``."""
-        x = np.column_stack([p_true, loo, np.ones(len(p_true))])
+    def fit(
+        p_true: Sequence[float], loo: Sequence[float], accuracy: Sequence[float], confidence: Sequence[float] | None = None
+    ) -> EstimateMap:
+        """Least squares of per-task ``accuracy`` (fractions) on ``(p_true, loo, 1)``, and ``confidence`` where given."""
+        columns = [p_true, loo] + ([confidence] if confidence is not None else [])
+        x = np.column_stack([*columns, np.ones(len(p_true))])
         y = np.asarray(accuracy, dtype=np.float64)
         coef, *_ = np.linalg.lstsq(x, y, rcond=None)
         residual = y - np.clip(x @ coef, 0.0, 1.0)
-        return EstimateMap(float(coef[0]), float(coef[1]), float(coef[2]), float(residual.std()), len(y))
+        u = float(coef[2]) if confidence is not None else 0.0
+        return EstimateMap(float(coef[0]), float(coef[1]), float(coef[-1]), float(residual.std()), len(y), u)
 
-    def __call__(self, p_true: float, loo: float) -> float:
-        return float(min(1.0, max(0.0, self.a * p_true + self.b * loo + self.c)))
+    def __call__(self, p_true: float, loo: float, confidence: float = 0.0) -> float:
+        return float(min(1.0, max(0.0, self.a * p_true + self.b * loo + self.u * confidence + self.c)))
 
 
 #: The map of a model without a fitted one: the held-out 0/1 accuracy itself.
@@ -149,18 +167,26 @@ IDENTITY_MAP = EstimateMap()
 class ReportSettings:
     """What a model's report runs with for one method and shot count: the estimate map and the mislabel
     threshold, both chosen on validation tasks (``fewshot report --write-card``: the card's ``report`` block,
-    ``{"methods": {METHOD: {"by_shots": {SHOTS: map}, "mislabel_gain": threshold}}}``)."""
+    ``{"methods": {METHOD: {"by_shots": {SHOTS: map}, "mislabel_gain": threshold}}}``). ``unlabeled``: the
+    settings of a report given unlabeled images (``by_shots_unlabeled``, ``mislabel_gain_unlabeled``; ``None``
+    where the card has none: such a report uses the support-set settings and leaves the images out of the estimate)."""
 
     mapping: EstimateMap = IDENTITY_MAP
     mislabel_gain: float = MISLABEL_GAIN
+    unlabeled: ReportSettings | None = None
 
     @staticmethod
     def for_manifest(manifest: Mapping[str, Any], method: str, shots: int) -> ReportSettings:
         """The card's (or manifest's) settings of ``method`` at the nearest fitted shot count (defaults where none)."""
         block = manifest.get("report", {}).get("methods", {}).get(method, {})
-        by_shot = block.get("by_shots", {})
-        mapping = EstimateMap.from_dict(by_shot[min(by_shot, key=lambda k: abs(int(k) - shots))]) if by_shot else IDENTITY_MAP
-        return ReportSettings(mapping, float(block.get("mislabel_gain", MISLABEL_GAIN)))
+
+        def nearest(key: str) -> EstimateMap | None:
+            by_shot = block.get(key, {})
+            return EstimateMap.from_dict(by_shot[min(by_shot, key=lambda k: abs(int(k) - shots))]) if by_shot else None
+
+        with_images = nearest("by_shots_unlabeled")
+        unlabeled = None if with_images is None else ReportSettings(with_images, float(block.get("mislabel_gain_unlabeled", MISLABEL_GAIN)))
+        return ReportSettings(nearest("by_shots") or IDENTITY_MAP, float(block.get("mislabel_gain", MISLABEL_GAIN)), unlabeled)
 
 
 @dataclass(frozen=True)
@@ -204,6 +230,10 @@ class Report:
     #: Held-out statistics behind the estimate (fractions): mean probability of the true class, 0/1 accuracy.
     p_true: float | None = None
     loo_accuracy: float | None = None
+    #: Unlabeled images the request sent with the support set, and the task's mean highest probability on them
+    #: (a fraction; ``None`` without them).
+    unlabeled: int = 0
+    confidence: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         r = lambda v: None if v is None else round(v, 4)  # noqa: E731  (a one-line local helper)
@@ -219,6 +249,8 @@ class Report:
             "flags": [f.to_dict() for f in self.flags],
             "p_true": r(self.p_true),
             "loo_accuracy": r(self.loo_accuracy),
+            "unlabeled": self.unlabeled,
+            "confidence": r(self.confidence),
         }
 
     @staticmethod
@@ -238,6 +270,8 @@ class Report:
             ],
             d.get("p_true"),
             d.get("loo_accuracy"),
+            int(d.get("unlabeled", 0)),
+            d.get("confidence"),
         )
 
 
@@ -251,16 +285,19 @@ def _per_image(held: HeldOut, labels: torch.Tensor) -> tuple[torch.Tensor, torch
     return p[torch.arange(len(y)), y], (p.argmax(1) == y).double()
 
 
-def estimate(held: HeldOut, labels: torch.Tensor, mapping: EstimateMap = IDENTITY_MAP) -> tuple[float, float, float, float, float] | None:
+def estimate(
+    held: HeldOut, labels: torch.Tensor, mapping: EstimateMap = IDENTITY_MAP, confidence: float = 0.0
+) -> tuple[float, float, float, float, float] | None:
     """``(estimate, low, high, p_true, loo)`` as fractions, or ``None`` when nothing was held out (``p_true``: the mean
-    held-out probability of the true class, ``loo``: the held-out 0/1 accuracy). The interval is
+    held-out probability of the true class, ``loo``: the held-out 0/1 accuracy; ``confidence``: the unlabeled images'
+    mean highest probability, for a map fitted with them). The interval is
     ``1.96 * sqrt(se^2 + sd^2)``: ``se`` the estimate's sampling error over the held-out images (the map applied
     to each image's own statistics), ``sd`` the map's residual spread on validation tasks."""
     per_image = _per_image(held, labels)
     if per_image is None:
         return None
     p_true, correct = per_image
-    value = mapping(float(p_true.mean()), float(correct.mean()))
+    value = mapping(float(p_true.mean()), float(correct.mean()), confidence)
     count = len(p_true)
     se = float((mapping.a * p_true + mapping.b * correct).std(unbiased=True)) / math.sqrt(count) if count > 1 else 0.5
     half = 1.96 * math.sqrt(se * se + mapping.sd * mapping.sd)
@@ -313,8 +350,32 @@ def _log_likelihood(dist: torch.Tensor, labels: torch.Tensor, temperature: float
     return lp[torch.arange(int(rows.sum())), labels[rows]].sum()
 
 
+def unlabeled_members(
+    embeddings: torch.Tensor, labels: torch.Tensor, unlabeled: torch.Tensor, n: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(S, d)`` support and ``(U, d)`` unlabeled features, ``(S,)`` labels -> ``((N, d) sum, (N,) count)`` of the
+    unlabeled images as soft members of each class: soft k-means on unit-normalised features, started from the
+    support class means (:data:`UNLABELED_ROUNDS` rounds at :data:`UNLABELED_TEMPERATURE`), float64."""
+    n = int(labels.max()) + 1 if n is None else n
+    e = torch.nn.functional.normalize(embeddings.double(), dim=1)
+    u = torch.nn.functional.normalize(unlabeled.double(), dim=1)
+    onehot = torch.nn.functional.one_hot(labels, n).to(e.dtype)
+    sums, counts = onehot.T @ e, onehot.sum(0)
+    means = sums / counts.clamp_min(1)[:, None]
+    usum, ucount = torch.zeros_like(sums), torch.zeros_like(counts)
+    for _ in range(UNLABELED_ROUNDS):
+        w = torch.softmax(-(torch.cdist(u, means) ** 2) / UNLABELED_TEMPERATURE, dim=1)  # (U, N)
+        usum, ucount = w.T @ u, w.sum(0)
+        means = (sums + usum) / (counts + ucount).clamp_min(1e-12)[:, None]
+    return usum, ucount
+
+
 def mislabel_scores(
-    embeddings: torch.Tensor, labels: torch.Tensor, temperature: float = RELABEL_TEMPERATURE, candidates: int = RELABEL_CANDIDATES
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: float = RELABEL_TEMPERATURE,
+    candidates: int = RELABEL_CANDIDATES,
+    unlabeled: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``((S,) score, (S,) the class it looks like)``: how much better (nats) the support set explains itself when
     the image is relabelled to its most likely other class. Each image is held out against the class means of
@@ -323,16 +384,24 @@ def mislabel_scores(
     mislabelled image both fits its given class badly and spoils the class it was put in. Only the
     ``candidates`` images with the largest held-out margin are tried (the rest score 0), each with one
     alternative class, so the cost is ``O(candidates * S * (d + N))``, in chunks of :data:`RELABEL_CHUNK`. Images of
-    1-image classes score NaN."""
+    1-image classes score NaN. With ``unlabeled`` ``(U, d)`` features, the class means also hold the unlabeled images as
+    soft members (:func:`unlabeled_members`, fixed while images are relabelled): better means, a sharper score."""
     e = torch.nn.functional.normalize(embeddings.double(), dim=1)
     n, size = int(labels.max()) + 1, len(labels)
     onehot = torch.nn.functional.one_hot(labels, n).to(e.dtype)
-    counts, sums = onehot.sum(0), onehot.T @ e
+    images = onehot.sum(0)  # support images per class (what decides which rows can be held out)
+    counts, sums = images.clone(), onehot.T @ e
+    if unlabeled is not None and len(unlabeled):
+        usum, ucount = unlabeled_members(embeddings, labels, unlabeled, n)
+        counts, sums = counts + ucount, sums + usum
     # every row's distances to the full class means, its own class's without it (a 1-image class's row is left out,
     # unless a candidate joins its class, which rewrites that row's own column)
-    raw = _class_distances(e, labels, n)
+    raw = torch.cdist(e, sums / counts.clamp_min(1)[:, None]) ** 2
+    others = counts[labels] - 1  # 0 for a 1-image class without unlabeled members: its row is left out below
+    without = (sums[labels] - e) / torch.where(others > 0, others, torch.ones_like(others))[:, None]
+    raw[torch.arange(size), labels] = ((e - without) ** 2).sum(1)
     base_dist = raw.clone()
-    base_dist[counts[labels] < 2] = float("nan")
+    base_dist[images[labels] < 2] = float("nan")
     base = _log_likelihood(base_dist, labels, temperature)
     logp = torch.log_softmax(-base_dist / temperature, dim=1)
     own = logp.gather(1, labels[:, None]).squeeze(1)
@@ -408,21 +477,57 @@ def outlier_scores(embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tens
     return dist / median.clamp_min(1e-12)
 
 
+@dataclass(frozen=True)
+class Unlabeled:
+    """The task's view of a request's unlabeled images: ``probabilities (U, N)`` (what Classify would answer) and
+    ``embeddings (U, d)`` in the task's space."""
+
+    probabilities: torch.Tensor
+    embeddings: torch.Tensor
+
+    @staticmethod
+    def of(task: Any, images: torch.Tensor) -> Unlabeled:
+        """``(U, C, H, W)`` normalised images through ``task``: one feature pass for both."""
+        if hasattr(task, "logits_and_embeddings"):
+            logits, embeddings = task.logits_and_embeddings(images)
+            return Unlabeled(torch.softmax(logits.float(), dim=1), embeddings)
+        embeddings = task.embed(images)
+        return Unlabeled(task.embedded_probabilities(embeddings), embeddings)
+
+    @property
+    def confidence(self) -> float:
+        """The mean highest probability (a fraction)."""
+        return float(self.probabilities.float().max(1).values.mean())
+
+
 def build_report(
     held: HeldOut,
     labels: torch.Tensor,
     pixels: np.ndarray | None = None,
     embeddings: torch.Tensor | None = None,
     settings: ReportSettings | None = None,
+    unlabeled: Unlabeled | None = None,
 ) -> Report:
     """The report of a support set from its held-out predictions, decoded pixels ``(S, ...)`` (duplicates) and
-    features ``(S, d)`` in the model's space (mislabels, outliers), with the model's ``settings``."""
+    features ``(S, d)`` in the model's space (mislabels, outliers), with the model's ``settings``; ``unlabeled``:
+    the request's unlabeled images as the task sees them (the estimate's confidence term and the mislabel score's
+    soft members, with the card's settings for them where it has some)."""
     settings = settings or ReportSettings()
+    notes: list[str] = []
+    confidence = None
+    if unlabeled is not None and len(unlabeled.probabilities):
+        confidence = unlabeled.confidence
+        if settings.unlabeled is not None:
+            settings = settings.unlabeled
+        else:
+            notes.append("this model's card has no estimate fitted with unlabeled images: they served the flags only")
+    else:
+        unlabeled = None
     flags: list[Flag] = []
     if pixels is not None:
         flags += pixel_duplicates(pixels, labels)
     if embeddings is not None:
-        gains, looks_like = mislabel_scores(embeddings, labels)
+        gains, looks_like = mislabel_scores(embeddings, labels, unlabeled=None if unlabeled is None else unlabeled.embeddings)
         for i in torch.nonzero(gains > settings.mislabel_gain).flatten().tolist():
             flags.append(Flag(i, "mislabel", float(gains[i]), int(labels[i]), looks_like=int(looks_like[i])))
         ratios = outlier_scores(embeddings, labels)
@@ -431,7 +536,8 @@ def build_report(
             if i not in mislabelled:
                 flags.append(Flag(i, "outlier", float(ratios[i]), int(labels[i])))
     flags.sort(key=lambda f: (f.index, f.kind))
-    est = estimate(held, labels, settings.mapping)
+    est = estimate(held, labels, settings.mapping, confidence or 0.0)
+    count_unlabeled = 0 if unlabeled is None else len(unlabeled.probabilities)
     if est is None:
         shots = int(torch.bincount(labels).max())
         note = (
@@ -440,10 +546,12 @@ def build_report(
             if shots < 2
             else "no accuracy estimate"
         )
-        return Report(None, None, None, held.scheme, 0, held.adaptations, note, [], flags)
+        return Report(None, None, None, held.scheme, 0, held.adaptations, note, [], flags, unlabeled=count_unlabeled, confidence=confidence)
     value, low, high, p_true, loo = est
     count = int(held.held.sum())
-    note = "" if count == len(labels) else f"{len(labels) - count} images of 1-image classes were not held out"
+    if count != len(labels):
+        notes.insert(0, f"{len(labels) - count} images of 1-image classes were not held out")
+    note = "; ".join(notes)
     return Report(
         value * 100.0,
         low * 100.0,
@@ -456,13 +564,22 @@ def build_report(
         flags,
         p_true,
         loo,
+        count_unlabeled,
+        confidence,
     )
 
 
 def adapt_with_report(
-    adapter: Any, support: torch.Tensor, labels: torch.Tensor, pixels: np.ndarray | None = None, settings: ReportSettings | None = None
+    adapter: Any,
+    support: torch.Tensor,
+    labels: torch.Tensor,
+    pixels: np.ndarray | None = None,
+    settings: ReportSettings | None = None,
+    unlabeled: torch.Tensor | None = None,
 ) -> tuple[Any, torch.Tensor, Report]:
     """``adapter.adapt_reported``, then :func:`build_report`: ``(task, (S, N) support probabilities, report)``
-    (what the server's Adapt with ``report`` and ``fewshot report`` both run)."""
+    (what the server's Adapt with ``report`` and ``fewshot report`` both run); ``unlabeled``: ``(U, C, H, W)``
+    normalised unlabeled images (one more feature pass over them)."""
     task, probabilities, held, embeddings = adapter.adapt_reported(support, labels)
-    return task, probabilities, build_report(held, labels, pixels, embeddings, settings)
+    seen = Unlabeled.of(task, unlabeled) if unlabeled is not None and len(unlabeled) else None
+    return task, probabilities, build_report(held, labels, pixels, embeddings, settings, seen)

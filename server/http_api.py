@@ -201,6 +201,8 @@ async def _from_form(request: Request, body: bytes, message: Any, limit: int) ->
     except Exception as exc:  # a malformed multipart body
         raise HttpAbort(grpc.StatusCode.INVALID_ARGUMENT, f"the multipart body does not parse ({exc})", 400) from None
     images = [await f.read() for f in form.getlist("images") if isinstance(f, UploadFile)]
+    if "unlabeled" in message.DESCRIPTOR.fields_by_name:  # an Adapt's unlabeled images (with report)
+        message.unlabeled.extend([pb.Image(encoded=await f.read()) for f in form.getlist("unlabeled") if isinstance(f, UploadFile)])
     labels = [str(v) for v in form.getlist("labels")]
     fields = {f.name for f in message.DESCRIPTOR.fields}
     if "support" in fields or "add" in fields:
@@ -211,7 +213,7 @@ async def _from_form(request: Request, body: bytes, message: Any, limit: int) ->
         getattr(message, "support" if "support" in fields else "add").extend(support)
     elif "queries" in fields:
         message.queries.extend(pb.Image(encoded=b) for b in images)
-    for key in set(form.keys()) - {"images", "labels"}:
+    for key in set(form.keys()) - {"images", "labels", "unlabeled"}:
         values = [str(v) for v in form.getlist(key)]
         try:
             _set_form_field(message, key, values)

@@ -154,6 +154,8 @@ def form_schema(descriptor: Descriptor, numbers: dict[str, type], images: bool, 
     properties: dict[str, Any] = {"images": {"type": "array", "items": {"type": "string", "format": "binary"}}}
     if images:
         properties["labels"] = {"type": "array", "items": {"type": "string"}}
+    if "unlabeled" in descriptor.fields_by_name:  # an Adapt's unlabeled images (with report): files too
+        properties["unlabeled"] = {"type": "array", "items": {"type": "string", "format": "binary"}}
     for field in descriptor.fields:
         if field.type == FieldDescriptor.TYPE_MESSAGE or field.name == "task_id":
             continue

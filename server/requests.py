@@ -119,6 +119,9 @@ def report_message(record: TaskRecord) -> pb.SupportReport | None:
     message = pb.SupportReport(scheme=report.scheme, held_out=report.held_out, extra_adaptations=report.extra_adaptations, note=report.note)
     if report.estimate is not None:
         message.estimate, message.low, message.high = report.estimate, report.low or 0.0, report.high or 0.0
+    message.unlabeled = report.unlabeled
+    if report.confidence is not None:
+        message.unlabeled_confidence = 100.0 * report.confidence
     for a, b, percent in report.confusions:
         message.confusions.add(label_a=names[a], label_b=names[b], percent=percent)
     for f in report.flags:

@@ -123,6 +123,8 @@ class _AdaptCall:
     support: list[pb.LabelledImage]
     model_version: str = ""
     report: bool = False
+    #: AdaptRequest.unlabeled (read only with ``report``).
+    unlabeled: list[pb.Image] = field(default_factory=list)
 
 
 class FewShotService:
@@ -257,6 +259,7 @@ class FewShotService:
                 list(request.support),
                 request.model_version,
                 request.report,
+                list(request.unlabeled),
             )
             return await self._adapt(adapt, call)
 
@@ -295,7 +298,8 @@ class FewShotService:
                             f"first named {one_line(first, 64)!r}: set it in the first chunk only"
                         )
             support.extend(chunk.support)
-            self.limits.check_support(len(support))
+            adapt.unlabeled.extend(chunk.unlabeled)
+            self.limits.check_support(len(support) + len(adapt.unlabeled))
         if adapt is None:
             raise InvalidRequest("the stream carried no chunk: the first chunk names the model")
         return adapt
@@ -313,6 +317,12 @@ class FewShotService:
             adapt.model_version,
         )
         request.report = adapt.report
+        if adapt.unlabeled and not adapt.report:
+            raise InvalidRequest(
+                f"the Adapt sends {len(adapt.unlabeled)} unlabeled images without report: they only feed the support-set "
+                "report; set report, or leave them out"
+            )
+        self.limits.check_support(len(adapt.support) + len(adapt.unlabeled))
         model = request.model
         call.fields.update(model=model.name, model_version=model.version, method=request.method, support=len(adapt.support))
         images = [item.image for item in adapt.support]
@@ -320,6 +330,8 @@ class FewShotService:
 
         def work() -> tuple[Any, torch.Tensor, tuple[TaskRecord, Any, float] | None]:
             request.pixels = decode_pixels_for_model(images, model, self.limits.image, "support", budget)
+            if adapt.unlabeled:
+                request.unlabeled = decode_pixels_for_model(adapt.unlabeled, model, self.limits.image, "unlabeled", budget)
             x = model.spec.normalize(request.pixels)
             budget.check("adaptation")
             key = request.batch_key(x)

@@ -41,6 +41,9 @@ class StoredSupport:
     pixels: np.ndarray
     names: list[str]
     settings: dict[str, Any] = field(default_factory=dict)
+    #: The request's unlabeled images (``(U, H, W, C)`` as decoded; AdaptRequest.unlabeled), which the task's
+    #: report reads again after an UpdateTask; ``None``: none were sent.
+    unlabeled: np.ndarray | None = None
 
     def compact(self) -> np.ndarray:
         """The pixels as uint8 when that loses nothing (normalising either gives the same values)."""
@@ -63,6 +66,8 @@ def dump_task(task: Task, support: StoredSupport | None = None, report: dict[str
         index = {n: i for i, n in enumerate(labels)}
         tensors[SUPPORT + "pixels"] = torch.from_numpy(np.ascontiguousarray(support.compact()))
         tensors[SUPPORT + "targets"] = torch.as_tensor([index[n] for n in support.names], dtype=torch.int32)
+        if support.unlabeled is not None and len(support.unlabeled):
+            tensors[SUPPORT + "unlabeled"] = torch.from_numpy(np.ascontiguousarray(support.unlabeled))
         extra["support"] = json.dumps({"labels": labels, "settings": support.settings})
     if report is not None:
         extra["report"] = json.dumps(report)
@@ -85,7 +90,8 @@ def load_support(blob: bytes) -> StoredSupport | None:
         return None
     info = json.loads(metadata["support"])
     names = [info["labels"][int(t)] for t in tensors[SUPPORT + "targets"]]
-    return StoredSupport(tensors[SUPPORT + "pixels"].numpy(), names, info.get("settings", {}))
+    unlabeled = tensors[SUPPORT + "unlabeled"].numpy() if SUPPORT + "unlabeled" in tensors else None
+    return StoredSupport(tensors[SUPPORT + "pixels"].numpy(), names, info.get("settings", {}), unlabeled)
 
 
 def load_report(blob: bytes) -> dict[str, Any] | None:

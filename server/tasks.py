@@ -270,6 +270,8 @@ class AdaptRequest:
     pixels: np.ndarray | None = None
     #: Compute the support-set report (:mod:`fewshot.models.report`) and store it with the task.
     report: bool = False
+    #: The decoded unlabeled images the report reads (AdaptRequest.unlabeled; stored with the task), or ``None``.
+    unlabeled: np.ndarray | None = None
     #: The fewest images of a class (what the adapter and the report settings are chosen for).
     shots: int = 1
 
@@ -308,7 +310,8 @@ class AdaptRequest:
             report = None
             if self.report:
                 settings = self.model.report_settings(self.method, self.shots)
-                task, support_probabilities, made = adapt_with_report(self.adapter, images, self.targets, self.pixels, settings)
+                unlabeled = None if self.unlabeled is None or not len(self.unlabeled) else self.model.spec.normalize(self.unlabeled)
+                task, support_probabilities, made = adapt_with_report(self.adapter, images, self.targets, self.pixels, settings, unlabeled)
                 report = made.to_dict()
             else:
                 task, support_probabilities = self.adapter.adapt_scored(images, self.targets)
@@ -339,7 +342,7 @@ class AdaptRequest:
     ) -> tuple[TaskRecord, Any, float]:
         accuracy = float((support_probabilities.argmax(1) == self.targets).float().mean())
         now = time.time()
-        support = None if self.pixels is None else StoredSupport(self.pixels, self.names, self.settings)
+        support = None if self.pixels is None else StoredSupport(self.pixels, self.names, self.settings, self.unlabeled)
         shots = torch.bincount(self.targets, minlength=len(self.labels)).tolist()
         record = TaskRecord(
             secrets.token_hex(16),
@@ -428,6 +431,7 @@ class TaskUpdate:
             request = AdaptRequest.check(model, current.method, names, support.settings, 0, limits.max_image_steps, tenant)
             request.pixels = pixels
             request.report = load_report(current.state) is not None  # a task with a report keeps an up-to-date one
+            request.unlabeled = support.unlabeled  # and reads the same unlabeled images
             record, task, accuracy = request.run(model.spec.normalize(pixels), check)
             record = dataclasses.replace(
                 record, task_id=current.task_id, created_at=current.created_at, expires_at=current.expires_at, version=current.version + 1

@@ -298,3 +298,156 @@ def test_fewshot_report_measures_a_model_and_refuses_bad_options_in_one_line(cap
         assert main(["report", "--model", OMNI, *args]) == 2
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err
+
+
+def _held_out_log_likelihood(e: torch.Tensor, labels: torch.Tensor, usum: torch.Tensor, ucount: torch.Tensor, n: int) -> float:
+    """By brute force: the held-out nearest-centroid log-likelihood at temperature 0.1 of unit-normalised ``e`` with
+    the class means also holding fixed soft members ``(usum, ucount)``; rows of 1-image classes left out."""
+    e = torch.nn.functional.normalize(e.double(), dim=1)
+    total = 0.0
+    for i in range(len(labels)):
+        y = int(labels[i])
+        if int((labels == y).sum()) < 2:
+            continue
+        means = []
+        for c in range(n):
+            members = (labels == c) & (torch.arange(len(labels)) != i)
+            means.append((e[members].sum(0) + usum[c]) / (members.sum() + ucount[c]))
+        dist = ((e[i] - torch.stack(means)) ** 2).sum(1)
+        total += float(torch.log_softmax(-dist / 0.1, 0)[y])
+    return total
+
+
+@pytest.mark.unit
+def test_mislabel_score_with_unlabeled_members_is_the_exact_relabelling_gain():
+    """With unlabeled images as soft members of the class means (fixed while an image is relabelled), the incremental
+    score still equals recomputing the whole held-out likelihood with the image relabelled."""
+    from fewshot.models.report import unlabeled_members
+
+    torch.manual_seed(2)
+    for trial in range(6):
+        n = 2 + trial % 3
+        labels = torch.cat([torch.arange(n), torch.arange(n), torch.randint(0, n, (trial,))])
+        e, u = torch.randn(len(labels), 5), torch.randn(7 + trial, 5)
+        usum, ucount = unlabeled_members(e, labels, u)
+        assert ucount.sum() == pytest.approx(len(u)) and (ucount > 0).all()
+        scores, looks_like = mislabel_scores(e, labels, unlabeled=u)
+        base = _held_out_log_likelihood(e, labels, usum, ucount, n)
+        for k in range(len(labels)):
+            moved = labels.clone()
+            moved[k] = looks_like[k]
+            expected = _held_out_log_likelihood(e, moved, usum, ucount, n) - base
+            assert float(scores[k]) == pytest.approx(expected, abs=1e-9)
+        assert not torch.equal(scores, mislabel_scores(e, labels)[0])  # the unlabeled members do move the means
+
+
+@pytest.mark.unit
+def test_unlabeled_images_feed_the_estimate_through_the_cards_map():
+    """A report given unlabeled images uses the card's map fitted with them (its confidence term) and threshold;
+    without such a map it says it used them for the flags only; the stored form keeps their count and confidence."""
+    from fewshot.models.report import EstimateMap, Report, ReportSettings, Unlabeled
+
+    rng = np.random.default_rng(0)
+    p, loo, conf = rng.uniform(0.3, 0.9, 50), rng.uniform(0.3, 0.9, 50), rng.uniform(0.3, 0.9, 50)
+    fitted = EstimateMap.fit(p, loo, 0.1 * p + 0.2 * loo + 0.6 * conf + 0.05, conf)
+    assert (fitted.a, fitted.b, fitted.u, fitted.c) == pytest.approx((0.1, 0.2, 0.6, 0.05), abs=1e-9)
+    assert EstimateMap.from_dict(fitted.to_dict()) == fitted and "u" not in EstimateMap.fit(p, loo, conf).to_dict()
+    card = {
+        "report": {
+            "methods": {
+                "centroid": {
+                    "by_shots": {"5": EstimateMap(0.0, 1.0, 0.0, 0.01, 9).to_dict()},
+                    "mislabel_gain": 2.5,
+                    "by_shots_unlabeled": {"5": EstimateMap(0.0, 0.0, 0.1, 0.01, 9, u=0.5).to_dict()},
+                    "mislabel_gain_unlabeled": 3.5,
+                }
+            }
+        }
+    }
+    settings = ReportSettings.for_manifest(card, "centroid", 5)
+    assert settings.mislabel_gain == 2.5 and settings.unlabeled is not None and settings.unlabeled.mislabel_gain == 3.5
+    labels = torch.arange(3).repeat(3)
+    held = HeldOut(torch.eye(3)[labels], "leave-one-out", 0)  # every image held out and right
+    seen = Unlabeled(torch.tensor([[0.8, 0.1, 0.1], [0.2, 0.6, 0.2]]), torch.randn(2, 4))
+    report = build_report(held, labels, settings=settings, unlabeled=seen)
+    assert report.unlabeled == 2 and report.confidence == pytest.approx(0.7)
+    assert report.estimate == pytest.approx(100 * (0.1 + 0.5 * 0.7))  # the unlabeled map, not the support one (100%)
+    assert build_report(held, labels, settings=settings).estimate == pytest.approx(100.0)
+    stored = Report.from_dict(json.loads(json.dumps(report.to_dict())))  # the stored form, rounded to 4 digits
+    assert stored.unlabeled == 2 and stored.confidence == pytest.approx(0.7) and stored.to_dict() == report.to_dict()
+    plain = build_report(held, labels, settings=ReportSettings(), unlabeled=seen)
+    assert plain.estimate == pytest.approx(100.0) and "flags only" in plain.note and plain.unlabeled == 2
+
+
+def test_unlabeled_images_reach_the_report_over_grpc_streams_http_and_the_cli(server, omniglot_tasks, tmp_path):
+    """Adapt(report, unlabeled): the report says how many it read and the task's confidence on them; they are
+    stored with the task (UpdateTask's report reads them again); AdaptStream, the HTTP form and the CLI carry them;
+    unlabeled images without report are INVALID_ARGUMENT (gRPC, SDK, CLI), in one line."""
+    pixels, labels = omniglot_tasks[3]
+    names = [f"c{int(y)}" for y in labels]
+    images = [_png(p) for p in pixels]
+    unlabeled = [_png(np.ascontiguousarray(p[:, ::-1])) for p in pixels[::3]]  # mirrored support images: 9 of them
+    with FewShotClient(server.target) as client:
+        task = client.adapt(images, names, OMNI, report=True, unlabeled=unlabeled)
+        report = task.report
+        assert report is not None and report.unlabeled == len(unlabeled) and report.estimate is not None
+        assert report.unlabeled_confidence is not None and 20.0 <= report.unlabeled_confidence <= 100.0
+        assert client.task_info(task.id).report == report
+        task.update(images[:2], names[:2])
+        assert task.report is not None and task.report.unlabeled == len(unlabeled)  # stored with the task
+        streamed = client.adapt(images, names, OMNI, report=True, unlabeled=unlabeled, stream=True)
+        assert streamed.report is not None and streamed.report.unlabeled == len(unlabeled)
+        with pytest.raises(ValueError, match="report=True"):
+            client.adapt(images, names, OMNI, unlabeled=unlabeled)
+        # the raw request (no SDK check): the server refuses it itself
+        import grpc
+
+        from fewshot_proto import fewshot_pb2, fewshot_pb2_grpc
+
+        request = fewshot_pb2.AdaptRequest(
+            model=OMNI,
+            support=[fewshot_pb2.LabelledImage(image=fewshot_pb2.Image(encoded=b), label=n) for b, n in zip(images, names)],
+            unlabeled=[fewshot_pb2.Image(encoded=b) for b in unlabeled],
+        )
+        with grpc.insecure_channel(server.target) as channel, pytest.raises(grpc.RpcError) as refused:
+            fewshot_pb2_grpc.FewShotStub(channel).Adapt(request, timeout=60)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "set report" in refused.value.details()
+        assert "\n" not in refused.value.details()
+    # the HTTP form: image files, labels, report and unlabeled files
+    import urllib.request
+    import uuid
+
+    boundary = uuid.uuid4().hex
+    parts = [("model", None, OMNI.encode()), ("report", None, b"true")]
+    parts += [("images", f"{i}.png", b) for i, b in enumerate(images)] + [("labels", None, n.encode()) for n in names]
+    parts += [("unlabeled", f"u{i}.png", b) for i, b in enumerate(unlabeled)]
+    body = (
+        b"".join(
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"'.encode()
+            + (f'; filename="{filename}"\r\nContent-Type: image/png'.encode() if filename else b"")
+            + b"\r\n\r\n"
+            + value
+            + b"\r\n"
+            for name, filename, value in parts
+        )
+        + f"--{boundary}--\r\n".encode()
+    )
+    request = urllib.request.Request(
+        f"{server.http_url}/v1/tasks", data=body, method="POST", headers={"Content-Type": f"multipart/form-data; boundary={boundary}"}
+    )
+    with urllib.request.urlopen(request, timeout=120) as answer:
+        assert json.loads(answer.read())["report"]["unlabeled"] == len(unlabeled)
+    # the CLI: --unlabeled DIR with --report; without --report, one error line
+    support, extra = tmp_path / "support", tmp_path / "unlabeled"
+    extra.mkdir()
+    for i, (image, name) in enumerate(zip(images, names)):
+        (support / name).mkdir(parents=True, exist_ok=True)
+        (support / name / f"{i:02d}.png").write_bytes(image)
+    for i, image in enumerate(unlabeled):
+        (extra / f"u{i}.png").write_bytes(image)
+    cli = [sys.executable, "-m", "fewshot_client.cli", "--target", server.target, "adapt", "--model", OMNI, "--support", str(support)]
+    run = subprocess.run([*cli, "--report", "--unlabeled", str(extra)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert f"read {len(unlabeled)} unlabeled images: mean confidence" in run.stderr
+    run = subprocess.run([*cli, "--unlabeled", str(extra)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1 and "add --report" in run.stderr and run.stderr.count("\n") == 1, run.stderr

@@ -11,6 +11,10 @@
 3. **Plant** in copies of the same tasks: one support label changed to another class (the mislabel score's AUROC,
    changed image against clean images, and the recall and clean flag rate at the shipped threshold); an exact
    duplicate and a JPEG quality-90 re-encoded duplicate, each replacing a support image (found or not).
+
+With ``--unlabeled U``, every task (validation and test) also has ``U`` unlabeled images per class, drawn beside
+its 15 scored queries and never scored: the report reads them (its estimate's confidence term and the mislabel
+score's soft members), and the settings fitted are the card's ``by_shots_unlabeled`` / ``mislabel_gain_unlabeled``.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from fewshot.models.data import ImageSet, load_dataset
 from fewshot.models.episodes import EpisodeSampler
 from fewshot.models.family import Family
 from fewshot.models.openset import auroc
-from fewshot.models.report import EstimateMap, ReportSettings, adapt_with_report, build_report, mislabel_scores, pixel_duplicates
+from fewshot.models.report import EstimateMap, ReportSettings, Unlabeled, adapt_with_report, build_report, mislabel_scores, pixel_duplicates
 
 #: Share of clean validation images the fitted mislabel threshold flags.
 CLEAN_FLAGGED = 0.02
@@ -47,9 +51,26 @@ def jpeg90(image: np.ndarray) -> np.ndarray:
     return out[..., None] if squeeze else out
 
 
-def _task(data: ImageSet, sampler: EpisodeSampler, i: int) -> tuple[np.ndarray, torch.Tensor, np.ndarray, np.ndarray]:
+def _task(
+    data: ImageSet, sampler: EpisodeSampler, i: int, ways: int
+) -> tuple[np.ndarray, torch.Tensor, np.ndarray, np.ndarray, np.ndarray]:
+    """``(support pixels, labels, scored query pixels, their labels, unlabeled pixels)``: the first :data:`QUERIES`
+    query images of each class are scored, the rest (``--unlabeled``) are the unlabeled images."""
     ep = sampler.episode(i)
-    return data.images[ep.support], torch.as_tensor(ep.support_labels), data.images[ep.query], np.asarray(ep.query_labels)
+    query, qlabels = np.asarray(ep.query), np.asarray(ep.query_labels)
+    scored = np.sort(np.concatenate([np.flatnonzero(qlabels == c)[:QUERIES] for c in range(ways)]))  # in the sampled order
+    rest = np.setdiff1d(np.arange(len(query)), scored)
+    return (
+        data.images[ep.support],
+        torch.as_tensor(ep.support_labels),
+        data.images[query[scored]],
+        qlabels[scored],
+        data.images[query[rest]],
+    )
+
+
+def _sampler(data: ImageSet, ways: int, shots: int, unlabeled: int, seed: int) -> EpisodeSampler:
+    return EpisodeSampler(data, ways, shots, QUERIES + unlabeled, seed)
 
 
 def _accuracy(task: Any, family: Family, query: np.ndarray, labels: np.ndarray) -> float:
@@ -57,26 +78,31 @@ def _accuracy(task: Any, family: Family, query: np.ndarray, labels: np.ndarray) 
 
 
 def fit_settings(
-    family: Family, method: str, data: ImageSet, ways: int, shots: int, tasks: int, seed: int, progress: bool
+    family: Family, method: str, data: ImageSet, ways: int, shots: int, tasks: int, seed: int, progress: bool, unlabeled: int = 0
 ) -> tuple[ReportSettings, float]:
     """``(settings, mean accuracy)`` from ``tasks`` tasks of ``data`` (the validation split): the estimate map by
-    least squares, the mislabel threshold that flags :data:`CLEAN_FLAGGED` of the (clean) support images."""
+    least squares, the mislabel threshold that flags :data:`CLEAN_FLAGGED` of the (clean) support images; with
+    ``unlabeled`` images per class, both for reports given them."""
     adapter = family.adapter(method, shots=shots)
-    sampler = EpisodeSampler(data, ways, shots, QUERIES, seed)
-    p_true, loo, accuracy, scores = [], [], [], []
+    sampler = _sampler(data, ways, shots, unlabeled, seed)
+    p_true, loo, accuracy, scores, confidence = [], [], [], [], []
     for i in tqdm(range(tasks), desc="fit", disable=not progress, leave=False):
-        support, labels, query, qlabels = _task(data, sampler, i)
+        support, labels, query, qlabels, extra = _task(data, sampler, i, ways)
         x = family.spec.normalize(support)
         task, _, held, embeddings = adapter.adapt_reported(x, labels)
-        report = build_report(held, labels)
-        scores.extend(mislabel_scores(embeddings, labels)[0].tolist())
+        seen = Unlabeled.of(task, family.spec.normalize(extra)) if unlabeled else None
+        report = build_report(held, labels, unlabeled=seen)
+        scores.extend(mislabel_scores(embeddings, labels, unlabeled=None if seen is None else seen.embeddings)[0].tolist())
         if report.p_true is None:
             continue
         p_true.append(report.p_true)
         loo.append(report.loo_accuracy)
+        confidence.append(report.confidence)
         accuracy.append(_accuracy(task, family, query, qlabels))
     gain = max(0.0, float(np.nanquantile(np.asarray(scores), 1.0 - CLEAN_FLAGGED)))  # never flag an image whose relabelling fits worse
-    return ReportSettings(EstimateMap.fit(p_true, loo, accuracy), gain), float(np.mean(accuracy))
+    mapping = EstimateMap.fit(p_true, loo, accuracy, confidence if unlabeled else None)
+    fitted = ReportSettings(mapping, gain)
+    return (ReportSettings(unlabeled=fitted) if unlabeled else fitted), float(np.mean(accuracy))
 
 
 def measure(
@@ -90,22 +116,24 @@ def measure(
     settings: ReportSettings,
     constant: float,
     progress: bool = False,
+    unlabeled: int = 0,
 ) -> dict[str, Any]:
     """The figures of one model and method on ``tasks`` test tasks (module docstring), as a JSON-able dict."""
     adapter = family.adapter(method, shots=shots)
-    sampler = EpisodeSampler(data, ways, shots, QUERIES, seed)
+    sampler = _sampler(data, ways, shots, unlabeled, seed)
     rng = np.random.default_rng(seed)
     rows: dict[str, list[float]] = {k: [] for k in ("accuracy", "estimate", "low", "high", "loo", "p_true")}
     swapped, clean, false_dups, found_exact, found_near = [], [], 0, 0, 0
     adapt_seconds, report_seconds = [], []
     start = time.perf_counter()
     for i in tqdm(range(tasks), desc=f"{family.name} {method}", disable=not progress, leave=False):
-        support, labels, query, qlabels = _task(data, sampler, i)
+        support, labels, query, qlabels, extra = _task(data, sampler, i, ways)
         x = family.spec.normalize(support)
+        xu = family.spec.normalize(extra) if unlabeled else None
         t0 = time.perf_counter()
         adapter.adapt(x, labels)
         t1 = time.perf_counter()
-        task, _, report = adapt_with_report(adapter, x, labels, support, settings)
+        task, _, report = adapt_with_report(adapter, x, labels, support, settings, xu)
         adapt_seconds.append(t1 - t0)
         report_seconds.append(time.perf_counter() - t1)
         rows["accuracy"].append(_accuracy(task, family, query, qlabels))
@@ -119,7 +147,8 @@ def measure(
         j = int(rng.integers(len(labels)))
         changed = labels.clone()
         changed[j] = (labels[j] + int(rng.integers(1, ways))) % ways
-        scores, _ = mislabel_scores(adapter.adapt(x, changed).embed(x), changed)
+        planted_task = adapter.adapt(x, changed)
+        scores, _ = mislabel_scores(planted_task.embed(x), changed, unlabeled=None if xu is None else planted_task.embed(xu))
         s = scores.numpy()
         swapped.append(float(s[j]))
         clean.extend(np.delete(s, j).tolist())
@@ -136,6 +165,8 @@ def measure(
     est = np.asarray(rows["estimate"])
     loo = np.asarray(rows["loo"])
     sw, cl = np.asarray(swapped), np.asarray(clean)
+    used = settings.unlabeled if unlabeled and settings.unlabeled is not None else settings
+    threshold = used.mislabel_gain
     inside = (np.asarray(rows["low"]) <= acc) & (acc <= np.asarray(rows["high"]))
     mad = lambda e: float(100.0 * np.abs(acc - e).mean())  # noqa: E731  (a one-line local helper)
     corr = lambda e: float(np.corrcoef(acc, e)[0, 1]) if np.std(e) > 0 else float("nan")  # noqa: E731
@@ -144,6 +175,7 @@ def measure(
         "method": method,
         "ways": ways,
         "shots": shots,
+        "unlabeled": unlabeled,
         "tasks": tasks,
         "seed": seed,
         "accuracy": float(100.0 * acc.mean()),
@@ -151,15 +183,15 @@ def measure(
             "mad": mad(est),
             "corr": corr(est),
             "interval_coverage": float(100.0 * inside.mean()),
-            "map": settings.mapping.to_dict(),
+            "map": used.mapping.to_dict(),
         },
         "constant": {"mad": mad(np.full_like(acc, constant)), "value": 100.0 * constant},
         "loo_01": {"mad": mad(loo), "corr": corr(loo)},
         "mislabel": {
             "auroc": auroc(sw, cl),
-            "threshold": settings.mislabel_gain,
-            "recall": float(100.0 * (sw > settings.mislabel_gain).mean()),
-            "clean_flagged": float(100.0 * (cl > settings.mislabel_gain).mean()),
+            "threshold": threshold,
+            "recall": float(100.0 * (sw > threshold).mean()),
+            "clean_flagged": float(100.0 * (cl > threshold).mean()),
         },
         "duplicates": {"exact_found": float(100.0 * found_exact / tasks), "jpeg90_found": float(100.0 * found_near / tasks)},
         "clean_tasks_with_a_duplicate_flag": false_dups,
@@ -181,26 +213,32 @@ def run(
     card_settings: bool,
     data_root: str | None = None,
     progress: bool = False,
+    unlabeled: int = 0,
 ) -> tuple[dict[str, Any], ReportSettings]:
     """Fit the settings on validation tasks (or, ``card_settings``, use the card's), then :func:`measure`:
-    ``(figures, settings)``."""
+    ``(figures, settings)``; ``unlabeled`` images per class beside each task's scored queries."""
     val = load_dataset(dataset, "val", root=data_root, spec=family.spec)
-    settings, constant = fit_settings(family, method, val, ways, shots, fit_tasks, seed + 1, progress)
+    settings, constant = fit_settings(family, method, val, ways, shots, fit_tasks, seed + 1, progress, unlabeled)
     if card_settings:
         settings = family.report_settings(method, shots)
     test = load_dataset(dataset, "test", root=data_root, spec=family.spec)
-    figures = measure(family, method, test, ways, shots, tasks, seed, settings, constant, progress)
+    figures = measure(family, method, test, ways, shots, tasks, seed, settings, constant, progress, unlabeled)
     figures["dataset"] = dataset
     figures["fit_tasks"] = fit_tasks
     return figures, settings
 
 
 def write_settings(card_path: Path, method: str, shots: int, settings: ReportSettings) -> None:
-    """Store ``settings`` in the card's ``report.methods[method]`` (the map under ``by_shots[shots]``)."""
+    """Store ``settings`` in the card's ``report.methods[method]`` (the map under ``by_shots[shots]``; settings fitted
+    with unlabeled images, ``settings.unlabeled``, under ``by_shots_unlabeled`` and ``mislabel_gain_unlabeled``)."""
     card = json.loads(card_path.read_text())
     block = card.setdefault("report", {}).setdefault("methods", {}).setdefault(method, {})
-    block.setdefault("by_shots", {})[str(shots)] = settings.mapping.to_dict()
-    block["mislabel_gain"] = settings.mislabel_gain
+    if settings.unlabeled is not None:
+        block.setdefault("by_shots_unlabeled", {})[str(shots)] = settings.unlabeled.mapping.to_dict()
+        block["mislabel_gain_unlabeled"] = settings.unlabeled.mislabel_gain
+    else:
+        block.setdefault("by_shots", {})[str(shots)] = settings.mapping.to_dict()
+        block["mislabel_gain"] = settings.mislabel_gain
     card_path.write_text(json.dumps(card, indent=2) + "\n")
 
 
@@ -270,13 +308,60 @@ def render_markdown(rows: list[dict[str, Any]], moves: list[dict[str, Any]], pat
     path.write_text(text)
 
 
+START_UNLABELED, END_UNLABELED = "<!-- report_check.py unlabeled: start -->", "<!-- report_check.py unlabeled: end -->"
+
+
+def render_unlabeled(rows: list[dict[str, Any]], path: Path) -> None:
+    """RESULTS.md's "With unlabeled images" block (between :data:`START_UNLABELED` and :data:`END_UNLABELED`, appended
+    at the end the first time) from ``fewshot report --unlabeled U --json`` rows."""
+    if not rows:
+        return
+    u = rows[0]["unlabeled"]
+    lines = [
+        START_UNLABELED,
+        "### With unlabeled images (`fewshot report --unlabeled`)",
+        "",
+        f"The Tiny ImageNet rows again, each task now with {u} unlabeled images per class beside its 15 scored queries (drawn from",
+        "the same classes, never scored), sent with the support set as an Adapt's `unlabeled` images: the report's",
+        "estimate reads the task's mean highest probability on them (a map fitted with them, the card's",
+        "`by_shots_unlabeled`) and the mislabel score holds them as soft members of the class means (its own threshold,",
+        f"`mislabel_gain_unlabeled`). Fitted on {rows[0]['fit_tasks']} validation tasks (seed 1), measured on the same 600 seeded",
+        "test tasks as above (seed 0; the tasks differ from the table above's: each draws 30 query images a class), one",
+        f"`fewshot report --model M --method X --ways 5 --shots 5 --tasks 600 --fit-tasks 300 --seed 0 --unlabeled {u} --write-card --json`",
+        "per row (`scripts/report-shipped.sh` runs them after the rows above). Omniglot has 20 images a class, none left",
+        "after 5 shots and 15 queries.",
+        "",
+        "| model | method | accuracy | estimate MAD | corr | interval holds | constant MAD | held-out 0/1 MAD / corr "
+        "| mislabel AUROC | recall / clean flagged | cost |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        e, m = r["estimate"], r["mislabel"]
+        cost = r["report_seconds_median"] / r["adapt_seconds_median"]
+        lines.append(
+            f"| {r['model']} | {r['method']} | {r['accuracy']:.2f} | {e['mad']:.2f} | {e['corr']:.3f} | {e['interval_coverage']:.1f}% "
+            f"| {r['constant']['mad']:.2f} | {r['loo_01']['mad']:.2f} / {r['loo_01']['corr']:.3f} | {m['auroc']:.4f} "
+            f"| {m['recall']:.1f}% / {m['clean_flagged']:.2f}% | {cost:.2f}x |"
+        )
+    lines.append(END_UNLABELED)
+    text = path.read_text()
+    if START_UNLABELED in text:
+        text = text[: text.index(START_UNLABELED)] + "\n".join(lines) + text[text.index(END_UNLABELED) + len(END_UNLABELED) :]
+    else:
+        text = text.rstrip("\n") + "\n\n" + "\n".join(lines) + "\n"
+    path.write_text(text)
+
+
 if __name__ == "__main__":
     import argparse
 
     parser = argparse.ArgumentParser(description="render RESULTS.md's support-set report block from the measured JSON lines")
     parser.add_argument("--report", type=Path, default=Path("runs/report/report.jsonl"))
     parser.add_argument("--moves", type=Path, default=Path("runs/moves/task_moves.jsonl"))
+    parser.add_argument("--unlabeled", type=Path, default=Path("runs/report/unlabeled.jsonl"))
     parser.add_argument("--results", type=Path, default=Path("RESULTS.md"))
     ns = parser.parse_args()
     read = lambda p: [json.loads(x) for x in p.read_text().splitlines() if x.strip()] if p.exists() else []  # noqa: E731
-    render_markdown(read(ns.report), read(ns.moves), ns.results)
+    if ns.report.exists():  # the block is rendered from every row: only where they were measured here
+        render_markdown(read(ns.report), read(ns.moves), ns.results)
+    render_unlabeled(read(ns.unlabeled), ns.results)

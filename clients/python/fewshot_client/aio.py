@@ -107,6 +107,7 @@ class AsyncFewShotClient:
         settings: Mapping[str, messages.SettingValue] | None = None,
         model_version: str | None = None,
         report: bool = False,
+        unlabeled: Sequence[ImageLike] = (),
     ) -> AsyncTask:
         """Adapts ``model`` to the labelled support set and returns the new task (see
         ``FewShotClient.adapt``, settings included)."""
@@ -122,6 +123,7 @@ class AsyncFewShotClient:
             ttl_seconds,
             model_version,
             report,
+            unlabeled,
         )
         response = await self._call(rpc, request)
         return AsyncTask(**vars(messages.adapted_fields(response)), client=self)

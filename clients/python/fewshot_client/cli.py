@@ -35,6 +35,16 @@ def support_set(directory: Path) -> tuple[list[Path], list[str]]:
     return images, labels
 
 
+def image_folder(directory: Path) -> list[Path]:
+    """Every regular file directly in ``directory`` (sorted): images without labels (``adapt --unlabeled``)."""
+    if not directory.is_dir():
+        raise CommandError(f"unlabeled directory {directory} does not exist")
+    files = sorted(p for p in directory.iterdir() if p.is_file())
+    if not files:
+        raise CommandError(f"unlabeled directory {directory} has no image file")
+    return files
+
+
 def setting(text: str) -> tuple[str, float | str]:
     """``NAME=VALUE`` -> ``(name, value)``: a number when VALUE reads as one, else the text (a choice)."""
     name, sep, value = text.partition("=")
@@ -48,6 +58,9 @@ def setting(text: str) -> tuple[str, float | str]:
 
 def cmd_adapt(client: FewShotClient, args: argparse.Namespace) -> None:
     images, labels = support_set(args.support)
+    if args.unlabeled is not None and not args.report:
+        raise CommandError("--unlabeled images only feed the support-set report: add --report")
+    unlabeled = image_folder(args.unlabeled) if args.unlabeled is not None else []
     task = client.adapt(
         images,
         labels,
@@ -59,6 +72,7 @@ def cmd_adapt(client: FewShotClient, args: argparse.Namespace) -> None:
         settings=dict(args.set or []),
         model_version=args.model_version,
         report=args.report,
+        unlabeled=unlabeled,
     )
     print(task.id)
     print(
@@ -81,6 +95,8 @@ def report_text(report: SupportReport, names: Sequence[str]) -> str:
         ]
         if report.note:
             lines.append(f"  note: {report.note}")
+    if report.unlabeled_confidence is not None:
+        lines.append(f"  read {report.unlabeled} unlabeled images: mean confidence {report.unlabeled_confidence:.1f}%")
     for a, b, percent in report.confusions:
         lines.append(f"  may confuse {a!r} and {b!r} ({percent:.1f}%)")
     for f in report.flags:
@@ -369,6 +385,13 @@ def parser() -> argparse.ArgumentParser:
         "--report",
         action="store_true",
         help="also compute the support-set report (expected accuracy, confused labels, flagged images) and print it",
+    )
+    adapt.add_argument(
+        "--unlabeled",
+        type=Path,
+        metavar="DIR",
+        help="with --report: a folder of images of the kinds the task will be asked about, without labels (e.g. a "
+        "sample of its traffic); the report reads them for a sharper estimate and mislabel flags",
     )
 
     tasks = sub.add_parser("tasks", help="list your live tasks, oldest first")

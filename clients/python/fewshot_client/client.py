@@ -124,6 +124,7 @@ class FewShotClient:
         settings: Mapping[str, messages.SettingValue] | None = None,
         model_version: str | None = None,
         report: bool = False,
+        unlabeled: Sequence[ImageLike] = (),
     ) -> Task:
         """Adapts ``model`` to the labelled support set and returns the new task.
 
@@ -132,7 +133,9 @@ class FewShotClient:
         and ``lam`` are shortcuts for the settings ``inner_steps`` and ``lambda``. ``model_version``: one of the
         model's loaded versions (default: its default version); the task stays pinned to it. ``report``: also
         compute the support-set report (``task.report``: the expected accuracy with its interval, confused
-        labels, flagged images; about one more adaptation of cost).
+        labels, flagged images; about one more adaptation of cost). ``unlabeled`` (with ``report``): images of the kinds
+        the task will be asked about, without labels (e.g. a sample of its traffic): the report reads them, for a
+        sharper accuracy estimate and mislabel flags (RESULTS.md); they never change the task's answers.
 
         Large support sets (over half the message size limit), or any with ``stream=True``, go
         through AdaptStream in chunks.
@@ -149,6 +152,7 @@ class FewShotClient:
             ttl_seconds,
             model_version,
             report,
+            unlabeled,
         )
         return Task(**vars(messages.adapted_fields(self._call(rpc, request))), client=self)
 

@@ -146,7 +146,9 @@ class SupportReport:
     """How well a task is expected to work (Adapt with ``report=True``): ``estimate`` is the expected accuracy
     (percent) on new queries, with its 95% interval ``low``..``high`` (``None`` when no image could be held out:
     ``note`` says why); ``confusions`` the most confused label pairs ``(a, b, percent)``; ``flags`` the support
-    images worth a look. ``scheme``: how images were held out; ``extra_adaptations``: what that took."""
+    images worth a look. ``scheme``: how images were held out; ``extra_adaptations``: what that took.
+    ``unlabeled``: the unlabeled images the report read (Adapt's ``unlabeled``), and ``unlabeled_confidence`` the
+    task's mean highest probability on them (percent; ``None`` without them)."""
 
     estimate: float | None
     low: float | None
@@ -157,6 +159,8 @@ class SupportReport:
     note: str
     confusions: list[tuple[str, str, float]]
     flags: list[SupportFlag]
+    unlabeled: int = 0
+    unlabeled_confidence: float | None = None
 
 
 def support_report(message: fewshot_pb2.SupportReport) -> SupportReport:
@@ -172,6 +176,8 @@ def support_report(message: fewshot_pb2.SupportReport) -> SupportReport:
         message.note,
         [(c.label_a, c.label_b, c.percent) for c in message.confusions],
         [SupportFlag(f.index, f.kind, f.score, f.label, f.other if f.HasField("other") else None, f.looks_like) for f in message.flags],
+        message.unlabeled,
+        message.unlabeled_confidence if has("unlabeled_confidence") else None,
     )
 
 
@@ -286,10 +292,14 @@ def adapt_request(
     ttl_seconds: int | None,
     model_version: str | None = None,
     report: bool = False,
+    unlabeled: Sequence[ImageLike] = (),
 ) -> fewshot_pb2.AdaptRequest:
-    """An AdaptRequest; raises ValueError/TypeError for mismatched or non-string labels."""
+    """An AdaptRequest; raises ValueError/TypeError for mismatched or non-string labels, or unlabeled images
+    without ``report``."""
     if len(images) != len(labels):
         raise ValueError(f"{len(images)} images but {len(labels)} labels")
+    if len(unlabeled) and not report:
+        raise ValueError("unlabeled images only feed the support-set report: pass report=True, or leave them out")
     for label in labels:
         if not isinstance(label, str):
             raise TypeError(f"labels must be strings, got {type(label).__name__} {label!r}")
@@ -301,6 +311,7 @@ def adapt_request(
         report=report,
         settings=settings_message(settings),
         support=[fewshot_pb2.LabelledImage(image=to_image_proto(x), label=y) for x, y in zip(images, labels)],
+        unlabeled=[to_image_proto(x) for x in unlabeled],
     )
 
 
@@ -325,6 +336,13 @@ def adapt_chunks(request: fewshot_pb2.AdaptRequest, chunk_bytes: int) -> list[fe
             size = 0
         chunks[-1].support.append(item)
         size += item_bytes
+    for image in request.unlabeled:
+        item_bytes = image.ByteSize() + 8
+        if size + item_bytes > chunk_bytes and (len(chunks[-1].support) or len(chunks[-1].unlabeled)):
+            chunks.append(fewshot_pb2.AdaptChunk())
+            size = 0
+        chunks[-1].unlabeled.append(image)
+        size += item_bytes
     return chunks
 
 
@@ -340,10 +358,11 @@ def adapt_call(
     ttl_seconds: int | None,
     model_version: str | None = None,
     report: bool = False,
+    unlabeled: Sequence[ImageLike] = (),
 ) -> tuple[Any, Request]:
     """The stub method (Adapt or AdaptStream) and request to send: the stream is used when asked
     (``stream=True``) or, unless ``stream=False``, when the request exceeds half of ``max_bytes``."""
-    request = adapt_request(images, labels, model, method, settings, ttl_seconds, model_version, report)
+    request = adapt_request(images, labels, model, method, settings, ttl_seconds, model_version, report, unlabeled)
     if stream is None:
         stream = request.ByteSize() > max_bytes // 2
     if stream:

@@ -94,7 +94,7 @@ class AdaptSettings(_message.Message):
     def __init__(self, inner_steps: _Optional[int] = ..., values: _Optional[_Mapping[str, _struct_pb2.Value]] = ..., **kwargs) -> None: ...
 
 class AdaptRequest(_message.Message):
-    __slots__ = ("model", "method", "support", "settings", "ttl_seconds", "model_version", "report")
+    __slots__ = ("model", "method", "support", "settings", "ttl_seconds", "model_version", "report", "unlabeled")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
     SUPPORT_FIELD_NUMBER: _ClassVar[int]
@@ -102,6 +102,7 @@ class AdaptRequest(_message.Message):
     TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     REPORT_FIELD_NUMBER: _ClassVar[int]
+    UNLABELED_FIELD_NUMBER: _ClassVar[int]
     model: str
     method: str
     support: _containers.RepeatedCompositeFieldContainer[LabelledImage]
@@ -109,10 +110,11 @@ class AdaptRequest(_message.Message):
     ttl_seconds: int
     model_version: str
     report: bool
-    def __init__(self, model: _Optional[str] = ..., method: _Optional[str] = ..., support: _Optional[_Iterable[_Union[LabelledImage, _Mapping]]] = ..., settings: _Optional[_Union[AdaptSettings, _Mapping]] = ..., ttl_seconds: _Optional[int] = ..., model_version: _Optional[str] = ..., report: _Optional[bool] = ...) -> None: ...
+    unlabeled: _containers.RepeatedCompositeFieldContainer[Image]
+    def __init__(self, model: _Optional[str] = ..., method: _Optional[str] = ..., support: _Optional[_Iterable[_Union[LabelledImage, _Mapping]]] = ..., settings: _Optional[_Union[AdaptSettings, _Mapping]] = ..., ttl_seconds: _Optional[int] = ..., model_version: _Optional[str] = ..., report: _Optional[bool] = ..., unlabeled: _Optional[_Iterable[_Union[Image, _Mapping]]] = ...) -> None: ...
 
 class AdaptChunk(_message.Message):
-    __slots__ = ("model", "method", "settings", "ttl_seconds", "support", "model_version", "report")
+    __slots__ = ("model", "method", "settings", "ttl_seconds", "support", "model_version", "report", "unlabeled")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
     SETTINGS_FIELD_NUMBER: _ClassVar[int]
@@ -120,6 +122,7 @@ class AdaptChunk(_message.Message):
     SUPPORT_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     REPORT_FIELD_NUMBER: _ClassVar[int]
+    UNLABELED_FIELD_NUMBER: _ClassVar[int]
     model: str
     method: str
     settings: AdaptSettings
@@ -127,10 +130,11 @@ class AdaptChunk(_message.Message):
     support: _containers.RepeatedCompositeFieldContainer[LabelledImage]
     model_version: str
     report: bool
-    def __init__(self, model: _Optional[str] = ..., method: _Optional[str] = ..., settings: _Optional[_Union[AdaptSettings, _Mapping]] = ..., ttl_seconds: _Optional[int] = ..., support: _Optional[_Iterable[_Union[LabelledImage, _Mapping]]] = ..., model_version: _Optional[str] = ..., report: _Optional[bool] = ...) -> None: ...
+    unlabeled: _containers.RepeatedCompositeFieldContainer[Image]
+    def __init__(self, model: _Optional[str] = ..., method: _Optional[str] = ..., settings: _Optional[_Union[AdaptSettings, _Mapping]] = ..., ttl_seconds: _Optional[int] = ..., support: _Optional[_Iterable[_Union[LabelledImage, _Mapping]]] = ..., model_version: _Optional[str] = ..., report: _Optional[bool] = ..., unlabeled: _Optional[_Iterable[_Union[Image, _Mapping]]] = ...) -> None: ...
 
 class SupportReport(_message.Message):
-    __slots__ = ("estimate", "low", "high", "scheme", "held_out", "extra_adaptations", "note", "confusions", "flags")
+    __slots__ = ("estimate", "low", "high", "scheme", "held_out", "extra_adaptations", "note", "confusions", "flags", "unlabeled", "unlabeled_confidence")
     ESTIMATE_FIELD_NUMBER: _ClassVar[int]
     LOW_FIELD_NUMBER: _ClassVar[int]
     HIGH_FIELD_NUMBER: _ClassVar[int]
@@ -140,6 +144,8 @@ class SupportReport(_message.Message):
     NOTE_FIELD_NUMBER: _ClassVar[int]
     CONFUSIONS_FIELD_NUMBER: _ClassVar[int]
     FLAGS_FIELD_NUMBER: _ClassVar[int]
+    UNLABELED_FIELD_NUMBER: _ClassVar[int]
+    UNLABELED_CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
     estimate: float
     low: float
     high: float
@@ -149,7 +155,9 @@ class SupportReport(_message.Message):
     note: str
     confusions: _containers.RepeatedCompositeFieldContainer[ClassConfusion]
     flags: _containers.RepeatedCompositeFieldContainer[SupportFlag]
-    def __init__(self, estimate: _Optional[float] = ..., low: _Optional[float] = ..., high: _Optional[float] = ..., scheme: _Optional[str] = ..., held_out: _Optional[int] = ..., extra_adaptations: _Optional[int] = ..., note: _Optional[str] = ..., confusions: _Optional[_Iterable[_Union[ClassConfusion, _Mapping]]] = ..., flags: _Optional[_Iterable[_Union[SupportFlag, _Mapping]]] = ...) -> None: ...
+    unlabeled: int
+    unlabeled_confidence: float
+    def __init__(self, estimate: _Optional[float] = ..., low: _Optional[float] = ..., high: _Optional[float] = ..., scheme: _Optional[str] = ..., held_out: _Optional[int] = ..., extra_adaptations: _Optional[int] = ..., note: _Optional[str] = ..., confusions: _Optional[_Iterable[_Union[ClassConfusion, _Mapping]]] = ..., flags: _Optional[_Iterable[_Union[SupportFlag, _Mapping]]] = ..., unlabeled: _Optional[int] = ..., unlabeled_confidence: _Optional[float] = ...) -> None: ...
 
 class ClassConfusion(_message.Message):
     __slots__ = ("label_a", "label_b", "percent")
