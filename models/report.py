@@ -174,6 +174,9 @@ class ReportSettings:
     mapping: EstimateMap = IDENTITY_MAP
     mislabel_gain: float = MISLABEL_GAIN
     unlabeled: ReportSettings | None = None
+    #: The mislabel threshold is on the standardised gain (:func:`standardized`), as for reports given unlabeled
+    #: images, not on the gain in nats.
+    standardize: bool = False
 
     @staticmethod
     def for_manifest(manifest: Mapping[str, Any], method: str, shots: int) -> ReportSettings:
@@ -185,7 +188,11 @@ class ReportSettings:
             return EstimateMap.from_dict(by_shot[min(by_shot, key=lambda k: abs(int(k) - shots))]) if by_shot else None
 
         with_images = nearest("by_shots_unlabeled")
-        unlabeled = None if with_images is None else ReportSettings(with_images, float(block.get("mislabel_gain_unlabeled", MISLABEL_GAIN)))
+        unlabeled = (
+            None
+            if with_images is None
+            else ReportSettings(with_images, float(block.get("mislabel_gain_unlabeled", MISLABEL_GAIN)), standardize=True)
+        )
         return ReportSettings(nearest("by_shots") or IDENTITY_MAP, float(block.get("mislabel_gain", MISLABEL_GAIN)), unlabeled)
 
 
@@ -432,6 +439,35 @@ def mislabel_scores(
     return scores, alt.indices
 
 
+def standardized(gains: torch.Tensor) -> torch.Tensor:
+    """``(S,)`` relabelling gains -> ``(S,)`` each image's gain in standard deviations above the mean of the task's
+    *other* images' gains (a studentised, leave-self-out score: a task where every image fits badly does not flag
+    them all, and one image's own gain never hides it). NaN where the gain is NaN or fewer than 3 images have one."""
+    g = gains.double()
+    finite = ~torch.isnan(g)
+    n = int(finite.sum())
+    out = torch.full_like(g, float("nan"))
+    if n < 3:
+        return out
+    v = g[finite]
+    others_mean = (v.sum() - v) / (n - 1)
+    others_var = ((v * v).sum() - v * v) / (n - 1) - others_mean**2
+    out[finite] = (v - others_mean) / others_var.clamp_min(0).sqrt().clamp_min(1e-6)
+    return out
+
+
+def mislabel_evidence(
+    embeddings: torch.Tensor, labels: torch.Tensor, settings: ReportSettings, unlabeled: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``((S,) score, (S,) flagged, (S,) the class it looks like)``: :func:`mislabel_scores` (with the ``(U, d)``
+    unlabeled features as soft members where given), standardised where ``settings`` say so; an image is flagged
+    when its score is above the settings' threshold and relabelling it does fit the set better (gain > 0)."""
+    gains, looks_like = mislabel_scores(embeddings, labels, unlabeled=unlabeled)
+    score = standardized(gains) if settings.standardize else gains
+    flagged = (score > settings.mislabel_gain) & (gains > 0)
+    return score, flagged, looks_like
+
+
 def pixel_duplicates(pixels: np.ndarray, labels: torch.Tensor) -> list[Flag]:
     """``(S, H, W, C)`` decoded support pixels -> a ``duplicate`` flag for each image equal to an earlier one
     (the same decoded bytes), a ``near_duplicate`` flag for each whose centred cosine with an earlier one, on
@@ -527,9 +563,9 @@ def build_report(
     if pixels is not None:
         flags += pixel_duplicates(pixels, labels)
     if embeddings is not None:
-        gains, looks_like = mislabel_scores(embeddings, labels, unlabeled=None if unlabeled is None else unlabeled.embeddings)
-        for i in torch.nonzero(gains > settings.mislabel_gain).flatten().tolist():
-            flags.append(Flag(i, "mislabel", float(gains[i]), int(labels[i]), looks_like=int(looks_like[i])))
+        scores, flagged, looks_like = mislabel_evidence(embeddings, labels, settings, None if unlabeled is None else unlabeled.embeddings)
+        for i in torch.nonzero(flagged).flatten().tolist():
+            flags.append(Flag(i, "mislabel", float(scores[i]), int(labels[i]), looks_like=int(looks_like[i])))
         ratios = outlier_scores(embeddings, labels)
         mislabelled = {f.index for f in flags if f.kind == "mislabel"}
         for i in torch.nonzero(ratios > OUTLIER_RATIO).flatten().tolist():

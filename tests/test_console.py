@@ -67,6 +67,7 @@ def test_the_console_adapts_a_5_way_task_and_shows_the_sdks_label(server, browse
         browser.find_element(By.ID, "add-class").click()
         box = browser.find_element(By.CSS_SELECTOR, f'.class[data-name="{name}"]')
         box.find_element(By.CSS_SELECTOR, "input[type=file]").send_keys("\n".join(files[name]))
+    browser.find_element(By.ID, "unlabeled-files").send_keys(str(query))  # the report reads it, unlabeled
     wait.until(ready.element_to_be_clickable((By.ID, "adapt"))).click()
     status = wait.until(
         lambda d: d.find_element(By.ID, "adapt-status").get_attribute("data-task") and d.find_element(By.ID, "adapt-status")
@@ -74,6 +75,7 @@ def test_the_console_adapts_a_5_way_task_and_shows_the_sdks_label(server, browse
     task_id = status.get_attribute("data-task")
     estimate = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#report .estimate"))[0].text
     assert estimate.startswith("Expected accuracy on new images:"), estimate
+    assert browser.find_element(By.CSS_SELECTOR, "#report .unlabeled").text.startswith("Read 1 unlabeled images: mean confidence")
     flagged = browser.find_element(By.CSS_SELECTOR, '#report .flag[data-kind="duplicate"]')
     assert flagged.get_attribute("data-index") == "2" and flagged.find_element(By.TAG_NAME, "img")  # alpha's third image
     browser.find_element(By.ID, "query-files").send_keys(str(query))

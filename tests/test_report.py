@@ -451,3 +451,24 @@ def test_unlabeled_images_reach_the_report_over_grpc_streams_http_and_the_cli(se
     assert f"read {len(unlabeled)} unlabeled images: mean confidence" in run.stderr
     run = subprocess.run([*cli, "--unlabeled", str(extra)], capture_output=True, text=True, timeout=120)
     assert run.returncode == 1 and "add --report" in run.stderr and run.stderr.count("\n") == 1, run.stderr
+
+
+@pytest.mark.unit
+def test_the_standardised_mislabel_score_compares_each_image_with_the_others_and_flags_only_real_gains():
+    from fewshot.models.report import ReportSettings, mislabel_evidence, standardized
+
+    gains = torch.tensor([0.5, -1.0, float("nan"), 0.0, 6.0], dtype=torch.float64)
+    z = standardized(gains)
+    for i in (0, 1, 3, 4):
+        others = torch.tensor([g for j, g in enumerate(gains.tolist()) if j != i and j != 2], dtype=torch.float64)
+        assert float(z[i]) == pytest.approx((float(gains[i]) - float(others.mean())) / float(others.std(unbiased=False)))
+    assert torch.isnan(z[2]) and torch.isnan(standardized(torch.tensor([1.0, 2.0]))).all()
+    torch.manual_seed(3)
+    labels = torch.arange(4).repeat(4)
+    e = torch.nn.functional.one_hot(labels, 8).double() + 0.05 * torch.randn(16, 8, dtype=torch.float64)
+    e[5] = torch.nn.functional.one_hot(torch.tensor(3), 8).double()  # image 5 (class 1) looks like class 3
+    score, flagged, looks_like = mislabel_evidence(e, labels, ReportSettings(mislabel_gain=3.0, standardize=True))
+    assert flagged.nonzero().flatten().tolist() == [5] and int(looks_like[5]) == 3 and float(score[5]) > 3.0
+    clean = labels.clone()
+    clean[5] = 3
+    assert not mislabel_evidence(e, clean, ReportSettings(mislabel_gain=3.0, standardize=True))[1].any()  # no real gain: no flag

@@ -34,7 +34,15 @@ from fewshot.models.data import ImageSet, load_dataset
 from fewshot.models.episodes import EpisodeSampler
 from fewshot.models.family import Family
 from fewshot.models.openset import auroc
-from fewshot.models.report import EstimateMap, ReportSettings, Unlabeled, adapt_with_report, build_report, mislabel_scores, pixel_duplicates
+from fewshot.models.report import (
+    EstimateMap,
+    ReportSettings,
+    Unlabeled,
+    adapt_with_report,
+    build_report,
+    mislabel_evidence,
+    pixel_duplicates,
+)
 
 #: Share of clean validation images the fitted mislabel threshold flags.
 CLEAN_FLAGGED = 0.02
@@ -92,7 +100,8 @@ def fit_settings(
         task, _, held, embeddings = adapter.adapt_reported(x, labels)
         seen = Unlabeled.of(task, family.spec.normalize(extra)) if unlabeled else None
         report = build_report(held, labels, unlabeled=seen)
-        scores.extend(mislabel_scores(embeddings, labels, unlabeled=None if seen is None else seen.embeddings)[0].tolist())
+        kind = ReportSettings(standardize=bool(unlabeled))
+        scores.extend(mislabel_evidence(embeddings, labels, kind, None if seen is None else seen.embeddings)[0].tolist())
         if report.p_true is None:
             continue
         p_true.append(report.p_true)
@@ -101,7 +110,7 @@ def fit_settings(
         accuracy.append(_accuracy(task, family, query, qlabels))
     gain = max(0.0, float(np.nanquantile(np.asarray(scores), 1.0 - CLEAN_FLAGGED)))  # never flag an image whose relabelling fits worse
     mapping = EstimateMap.fit(p_true, loo, accuracy, confidence if unlabeled else None)
-    fitted = ReportSettings(mapping, gain)
+    fitted = ReportSettings(mapping, gain, standardize=bool(unlabeled))
     return (ReportSettings(unlabeled=fitted) if unlabeled else fitted), float(np.mean(accuracy))
 
 
@@ -124,6 +133,8 @@ def measure(
     rng = np.random.default_rng(seed)
     rows: dict[str, list[float]] = {k: [] for k in ("accuracy", "estimate", "low", "high", "loo", "p_true")}
     swapped, clean, false_dups, found_exact, found_near = [], [], 0, 0, 0
+    swapped_flagged, clean_flagged = [], []
+    used = settings.unlabeled if unlabeled and settings.unlabeled is not None else settings
     adapt_seconds, report_seconds = [], []
     start = time.perf_counter()
     for i in tqdm(range(tasks), desc=f"{family.name} {method}", disable=not progress, leave=False):
@@ -148,10 +159,12 @@ def measure(
         changed = labels.clone()
         changed[j] = (labels[j] + int(rng.integers(1, ways))) % ways
         planted_task = adapter.adapt(x, changed)
-        scores, _ = mislabel_scores(planted_task.embed(x), changed, unlabeled=None if xu is None else planted_task.embed(xu))
-        s = scores.numpy()
+        scores, flagged, _ = mislabel_evidence(planted_task.embed(x), changed, used, None if xu is None else planted_task.embed(xu))
+        s, f = scores.numpy(), flagged.numpy()
         swapped.append(float(s[j]))
         clean.extend(np.delete(s, j).tolist())
+        swapped_flagged.append(bool(f[j]))
+        clean_flagged.extend(np.delete(f, j).tolist())
         # duplicates: the last image of class 0 becomes a copy of its first, the last of class 1 a JPEG copy of its first
         planted = support.copy()
         firsts = [int(np.flatnonzero(labels.numpy() == c)[0]) for c in (0, 1)]
@@ -165,7 +178,6 @@ def measure(
     est = np.asarray(rows["estimate"])
     loo = np.asarray(rows["loo"])
     sw, cl = np.asarray(swapped), np.asarray(clean)
-    used = settings.unlabeled if unlabeled and settings.unlabeled is not None else settings
     threshold = used.mislabel_gain
     inside = (np.asarray(rows["low"]) <= acc) & (acc <= np.asarray(rows["high"]))
     mad = lambda e: float(100.0 * np.abs(acc - e).mean())  # noqa: E731  (a one-line local helper)
@@ -190,8 +202,9 @@ def measure(
         "mislabel": {
             "auroc": auroc(sw, cl),
             "threshold": threshold,
-            "recall": float(100.0 * (sw > threshold).mean()),
-            "clean_flagged": float(100.0 * (cl > threshold).mean()),
+            "score": "standardized gain" if used.standardize else "gain",
+            "recall": float(100.0 * np.mean(swapped_flagged)),
+            "clean_flagged": float(100.0 * np.mean(clean_flagged)),
         },
         "duplicates": {"exact_found": float(100.0 * found_exact / tasks), "jpeg90_found": float(100.0 * found_near / tasks)},
         "clean_tasks_with_a_duplicate_flag": false_dups,

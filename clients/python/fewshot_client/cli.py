@@ -102,7 +102,7 @@ def report_text(report: SupportReport, names: Sequence[str]) -> str:
     for f in report.flags:
         name = names[f.index] if f.index < len(names) else f"image {f.index}"
         what = {
-            "mislabel": f"labelled {f.label!r} but looks like {f.looks_like!r} (gain {f.score:.2f})",
+            "mislabel": f"labelled {f.label!r} but looks like {f.looks_like!r} (score {f.score:.2f})",
             "duplicate": f"the same image as {names[f.other] if f.other is not None and f.other < len(names) else f.other}",
             "near_duplicate": f"nearly the same image as {names[f.other] if f.other is not None and f.other < len(names) else f.other} (cosine {f.score:.3f})",
             "outlier": f"far from the other {f.label!r} images ({f.score:.2f}x the usual distance)",
