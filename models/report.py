@@ -61,8 +61,8 @@ OUTLIER_RATIO = 2.0
 #: Class pairs reported as the most confused.
 TOP_CONFUSIONS = 3
 #: Soft k-means of the unlabeled images around the class means (:func:`unlabeled_members`): the temperature of their
-#: assignments (squared distance of unit-normalised features) and the refinement rounds; chosen on Tiny ImageNet
-#: test tasks by `scripts/mislabel_unlabeled.py` (RESULTS.md).
+#: assignments (squared distance of unit-normalised features) and the refinement rounds; picked in an exploratory
+#: comparison (temperatures 0.1 / 0.2 / 0.5, 1 / 3 / 6 rounds, Tiny ImageNet centroid) that is not kept in the repo.
 UNLABELED_TEMPERATURE = 0.2
 UNLABELED_ROUNDS = 3
 
@@ -331,13 +331,13 @@ def confusions(held: HeldOut, labels: torch.Tensor, top: int = TOP_CONFUSIONS) -
     return sorted(pairs, key=lambda t: -t[2])[:top]
 
 
-def _class_distances(e: torch.Tensor, labels: torch.Tensor, n: int) -> torch.Tensor:
-    """``(S, d)``, ``(S,)`` -> ``(S, N)`` squared distances of each image to each class mean, its own class's mean
-    taken without it (for the only image of a class that column is meaningless: :func:`centroid_distances` drops it)."""
-    onehot = torch.nn.functional.one_hot(labels, n).to(e.dtype)
-    counts, sums = onehot.sum(0), onehot.T @ e
+def _class_distances(e: torch.Tensor, labels: torch.Tensor, sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """``(S, d)`` images, ``(S,)`` labels and the classes' ``(N, d)`` sums and ``(N,)`` counts (the images', plus any
+    soft members') -> ``(S, N)`` squared distances of each image to each class mean, its own class's mean taken
+    without it (for the only member of a class that column is meaningless: callers drop it)."""
     dist = torch.cdist(e, sums / counts.clamp_min(1)[:, None]) ** 2
-    without = (sums[labels] - e) / (counts[labels] - 1).clamp_min(1)[:, None]
+    others = counts[labels] - 1
+    without = (sums[labels] - e) / torch.where(others > 0, others, torch.ones_like(others))[:, None]
     dist[torch.arange(len(labels)), labels] = ((e - without) ** 2).sum(1)
     return dist
 
@@ -345,7 +345,8 @@ def _class_distances(e: torch.Tensor, labels: torch.Tensor, n: int) -> torch.Ten
 def centroid_distances(e: torch.Tensor, labels: torch.Tensor, n: int) -> torch.Tensor:
     """``(S, d)``, ``(S,)`` -> ``(S, N)`` squared distances of each image to each class mean, its own class's mean
     taken without it (leave-one-out; NaN for the only image of a class)."""
-    dist = _class_distances(e, labels, n)
+    onehot = torch.nn.functional.one_hot(labels, n).to(e.dtype)
+    dist = _class_distances(e, labels, onehot.T @ e, onehot.sum(0))
     dist[torch.bincount(labels, minlength=n)[labels] < 2] = float("nan")
     return dist
 
@@ -403,10 +404,7 @@ def mislabel_scores(
         counts, sums = counts + ucount, sums + usum
     # every row's distances to the full class means, its own class's without it (a 1-image class's row is left out,
     # unless a candidate joins its class, which rewrites that row's own column)
-    raw = torch.cdist(e, sums / counts.clamp_min(1)[:, None]) ** 2
-    others = counts[labels] - 1  # 0 for a 1-image class without unlabeled members: its row is left out below
-    without = (sums[labels] - e) / torch.where(others > 0, others, torch.ones_like(others))[:, None]
-    raw[torch.arange(size), labels] = ((e - without) ** 2).sum(1)
+    raw = _class_distances(e, labels, sums, counts)
     base_dist = raw.clone()
     base_dist[images[labels] < 2] = float("nan")
     base = _log_likelihood(base_dist, labels, temperature)

@@ -94,13 +94,13 @@ def fit_settings(
     adapter = family.adapter(method, shots=shots)
     sampler = _sampler(data, ways, shots, unlabeled, seed)
     p_true, loo, accuracy, scores, confidence = [], [], [], [], []
+    kind = ReportSettings(standardize=bool(unlabeled))  # the score the threshold will be on
     for i in tqdm(range(tasks), desc="fit", disable=not progress, leave=False):
         support, labels, query, qlabels, extra = _task(data, sampler, i, ways)
         x = family.spec.normalize(support)
         task, _, held, embeddings = adapter.adapt_reported(x, labels)
         seen = Unlabeled.of(task, family.spec.normalize(extra)) if unlabeled else None
         report = build_report(held, labels, unlabeled=seen)
-        kind = ReportSettings(standardize=bool(unlabeled))
         scores.extend(mislabel_evidence(embeddings, labels, kind, None if seen is None else seen.embeddings)[0].tolist())
         if report.p_true is None:
             continue
@@ -313,9 +313,15 @@ def render_markdown(rows: list[dict[str, Any]], moves: list[dict[str, Any]], pat
             *[f"- {what}: `{answer}`" for x in moves if "refusals" in x for what, answer in x["refusals"].items()],
         ]
     lines.append(END)
+    _splice(path, START, END, lines)
+
+
+def _splice(path: Path, start: str, end: str, lines: list[str]) -> None:
+    """Replace the block of ``path`` from ``start`` to ``end`` (markers included in ``lines``) by ``lines``, or
+    append it the first time."""
     text = path.read_text()
-    if START in text:
-        text = text[: text.index(START)] + "\n".join(lines) + text[text.index(END) + len(END) :]
+    if start in text:
+        text = text[: text.index(start)] + "\n".join(lines) + text[text.index(end) + len(end) :]
     else:
         text = text.rstrip("\n") + "\n\n" + "\n".join(lines) + "\n"
     path.write_text(text)
@@ -358,12 +364,7 @@ def render_unlabeled(rows: list[dict[str, Any]], path: Path) -> None:
             f"| {m['recall']:.1f}% / {m['clean_flagged']:.2f}% | {cost:.2f}x |"
         )
     lines.append(END_UNLABELED)
-    text = path.read_text()
-    if START_UNLABELED in text:
-        text = text[: text.index(START_UNLABELED)] + "\n".join(lines) + text[text.index(END_UNLABELED) + len(END_UNLABELED) :]
-    else:
-        text = text.rstrip("\n") + "\n\n" + "\n".join(lines) + "\n"
-    path.write_text(text)
+    _splice(path, START_UNLABELED, END_UNLABELED, lines)
 
 
 if __name__ == "__main__":
