@@ -28,10 +28,14 @@ lint: install
 	scripts/typecheck.sh
 
 # The two virtual environments install side by side (-j2: each pip run is mostly one core), then the tests.
+# pytest-xdist: TEST_WORKERS processes, each test file whole on one of them (its module fixtures made once), the
+# session fixtures (exported bundles, the shared servers) once per worker. Run serially, the suite leaves one of 2
+# cores idle much of the time (pytest waits on the servers it started); a second worker uses it.
+TEST_WORKERS ?= 2
 test:
 	$(MAKE) --no-print-directory -j2 --output-sync=target lint triton-env-soft
 	scripts/browser-env.sh
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 triton-env-soft:
 	scripts/triton-env.sh || echo "make test: .venv-triton could not be prepared; the Triton tests will skip and say why"

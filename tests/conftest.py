@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import pytest
 import torch
 from support import SHIPPED, SMALL
@@ -24,13 +27,30 @@ def omniglot_model():
 
 
 @pytest.fixture(scope="session")
-def exported(tmp_path_factory):
-    """Every shipped model exported once: ``(bundle dir, Triton repository)``."""
+def exported(tmp_path_factory, worker_id):
+    """Every shipped model exported once: ``(bundle dir, Triton repository)``, read-only to the tests. Under
+    pytest-xdist (``make test``) the workers share one export: the first to get the lock writes it into the
+    run's common temporary folder, the others wait for it and read it."""
+    from filelock import FileLock
+
     from fewshot.export.bundle import export_model
 
-    out, repo = tmp_path_factory.mktemp("bundles"), tmp_path_factory.mktemp("triton")
-    for name in SHIPPED:
-        export_model(name, out, triton_repo=repo, log=lambda *_: None)
+    def export(out: Path, repo: Path) -> tuple[Path, Path]:
+        for name in SHIPPED:
+            export_model(name, out, triton_repo=repo, log=lambda *_: None)
+        return out, repo
+
+    if worker_id == "master":  # one process: its own temporary folders
+        return export(tmp_path_factory.mktemp("bundles"), tmp_path_factory.mktemp("triton"))
+    shared = tmp_path_factory.getbasetemp().parent  # this run's folder, above every worker's own
+    out, repo, done = shared / "bundles", shared / "triton", shared / "exported.done"
+    with FileLock(str(shared / "exported.lock")):
+        if not done.exists():
+            for d in (out, repo):
+                shutil.rmtree(d, ignore_errors=True)  # a worker that died half-way
+                d.mkdir()
+            export(out, repo)
+            done.touch()
     return out, repo
 
 
