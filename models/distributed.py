@@ -97,5 +97,8 @@ class Ranks:
             dist.barrier()
 
     def close(self) -> None:
+        """Leave the process group together: a last barrier, so that no rank tears its connections down while
+        another still has work on them (a rank then aborted in Gloo's teardown, once, on a loaded machine)."""
         if self.world > 1 and dist.is_initialized():
+            dist.barrier()
             dist.destroy_process_group()
