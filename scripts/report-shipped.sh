@@ -34,6 +34,6 @@ measure() {  # measure OUT EXTRA_ARGS ROWS...: one `fewshot report` per row not 
   done
 }
 measure "$out" "" "${rows[@]}"
-# the same Tiny ImageNet rows with 15 unlabeled images per class beside the 15 scored queries (Omniglot has 20 images
+# the same Tiny ImageNet rows with 30 unlabeled images per class beside the 15 scored queries (Omniglot has 20 images
 # a class: none left after 5 shots and 15 queries): runs/report/unlabeled.jsonl
-measure runs/report/unlabeled.jsonl "--unlabeled 15" "${rows[0]}" "${rows[1]}" "${rows[2]}" "${rows[6]}"
+measure runs/report/unlabeled.jsonl "--unlabeled 30" "${rows[0]}" "${rows[1]}" "${rows[2]}" "${rows[6]}"

@@ -259,5 +259,9 @@ async def serve(cfg: ServeConfig, ready: asyncio.Event | None = None) -> None:
 def run(cfg: ServeConfig) -> None:
     """Blocking entry point of ``fewshot serve``."""
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    # One access-log line per call is written on the event loop; its format is the message alone, so the record
+    # need not find its caller's frame or name its thread and process (the logging docs' "Optimization" settings).
+    logging._srcfile = None
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     memory.configure()  # before any thread of the server makes its malloc arena (serve() calls it again: idempotent)
     asyncio.run(serve(cfg))

@@ -62,6 +62,8 @@ class ServiceMetrics:
             "Bytes of request bodies held by calls in flight (--max-inflight-body-mb bounds it)",
             registry=self.registry,
         )
+        self._admission_wait, self._worker_wait = self.queue_wait.labels("admission"), self.queue_wait.labels("worker")
+        self._call_children: dict[tuple[str, ...], tuple] = {}
         ProcessCollector(registry=self.registry)  # process_resident_memory_bytes, CPU seconds, open fds
         self.batch_images = Histogram(
             "fewshot_batch_images",
@@ -76,14 +78,31 @@ class ServiceMetrics:
             registry=self.registry,
         )
 
+    def call_ended(self, rpc: str, method: str, code: str, seconds: float, model: str = "", version: str = "") -> None:
+        """Count one ended call and its latency (``model``/``version``: the model version it ran on, where it ran on
+        one). The labelled children are looked up once per label set and kept (a handful of RPCs, methods, codes
+        and served versions): ``labels()`` takes a lock and builds a key on every call, on the event loop."""
+        key = (rpc, method, code, model, version)
+        children = self._call_children.get(key)
+        if children is None:
+            children = (self.requests.labels(rpc, method, code), self.latency.labels(rpc, method))
+            if version:
+                children += (self.model_requests.labels(rpc, model, version, code), self.model_latency.labels(rpc, model, version))
+            self._call_children[key] = children
+        children[0].inc()
+        children[1].observe(seconds)
+        if version:
+            children[2].inc()
+            children[3].observe(seconds)
+
     def count_tasks_with(self, count: Callable[[], int]) -> None:
         self.tasks.set_function(count)
 
     def admission_waited(self, seconds: float) -> None:
-        self.queue_wait.labels("admission").observe(seconds)
+        self._admission_wait.observe(seconds)
 
     def worker_waited(self, seconds: float) -> None:
-        self.queue_wait.labels("worker").observe(seconds)
+        self._worker_wait.observe(seconds)
 
     def admission_changed(self, running: int, waiting: int) -> None:
         self.running.set(running)

@@ -213,11 +213,8 @@ class FewShotService:
             hold.close()
             seconds = time.perf_counter() - start
             method = fields.get("method", "")
-            self.metrics.requests.labels(rpc, method, code.name).inc()
-            self.metrics.latency.labels(rpc, method).observe(seconds)
-            if fields.get("model_version"):  # the version the call ran on: canaries are compared by it
-                self.metrics.model_requests.labels(rpc, fields["model"], fields["model_version"], code.name).inc()
-                self.metrics.model_latency.labels(rpc, fields["model"], fields["model_version"]).observe(seconds)
+            # by the version the call ran on, where it ran on one: canaries are compared by it
+            self.metrics.call_ended(rpc, method, code.name, seconds, fields.get("model", ""), fields.get("model_version", ""))
             task_id = fields.pop("_task_id", None)
             logged = message.replace(task_id, fields["task"]) if task_id and message else message
             log.info(
