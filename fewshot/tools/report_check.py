@@ -345,7 +345,7 @@ def render_unlabeled(rows: list[dict[str, Any]], path: Path) -> None:
         "estimate reads the task's mean highest probability on them (a map fitted with them, the card's",
         "`by_shots_unlabeled`) and the mislabel score holds them as soft members of the class means (its own threshold,",
         f"`mislabel_gain_unlabeled`). Fitted on {rows[0]['fit_tasks']} validation tasks (seed 1), measured on 600 seeded test",
-        "tasks (seed 0; not the tasks of the table above: each draws 30 query images a class). Cost: Adapt with the report",
+        f"tasks (seed 0; not the tasks of the table above: each draws {QUERIES + u} query images a class). Cost: Adapt with the report",
         f"and its {5 * u} unlabeled images over plain Adapt (the held-out predictions, one feature pass over them), one",
         f"`fewshot report --model M --method X --ways 5 --shots 5 --tasks 600 --fit-tasks 300 --seed 0 --unlabeled {u} --write-card --json`",
         "per row (`scripts/report-shipped.sh` runs them after the rows above). Omniglot has 20 images a class, none left",
