@@ -3,7 +3,7 @@
 # mislabel threshold) of every flagship model and method on validation tasks, writes them into the model cards, and
 # measures the report on TASKS (default 600) seeded 5-way 5-shot test tasks: one JSON line per row in
 # runs/report/report.jsonl (RESULTS.md, "Support-set report"), then the Tiny ImageNet rows again with unlabeled
-# images (runs/report/unlabeled.jsonl). Each row runs on one thread.
+# images (runs/report/unlabeled.jsonl), then the MAML models (runs/report/maml.jsonl). Each row runs on one thread.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TASKS=${1:-600}
@@ -37,3 +37,6 @@ measure "$out" "" "${rows[@]}"
 # the same Tiny ImageNet rows with 30 unlabeled images per class beside the 15 scored queries (Omniglot has 20 images
 # a class: none left after 5 shots and 15 queries): runs/report/unlabeled.jsonl
 measure runs/report/unlabeled.jsonl "--unlabeled 30" "${rows[0]}" "${rows[1]}" "${rows[2]}" "${rows[6]}"
+# the shipped MAML models (support set alone: runs/report/maml.jsonl; Tiny ImageNet's with unlabeled images too)
+measure runs/report/maml.jsonl "" "tinyimagenet-conv4-maml inner_loop" "omniglot-conv4-maml inner_loop"
+measure runs/report/unlabeled.jsonl "--unlabeled 30" "tinyimagenet-conv4-maml inner_loop"

@@ -280,19 +280,9 @@ def render_markdown(rows: list[dict[str, Any]], moves: list[dict[str, Any]], pat
         "the clean tasks with any duplicate flag. **Cost**: median seconds of Adapt with the report over plain Adapt, in",
         "process on one thread.",
         "",
-        "| model | method | accuracy | estimate MAD | corr | interval holds | constant MAD | held-out 0/1 MAD / corr "
-        "| mislabel AUROC | recall / clean flagged | exact / JPEG copies found | clean tasks flagged | cost |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        *TABLE_HEAD,
     ]
-    for r in rows:
-        e, m, d = r["estimate"], r["mislabel"], r["duplicates"]
-        cost = r["report_seconds_median"] / r["adapt_seconds_median"]
-        lines.append(
-            f"| {r['model']} | {r['method']} | {r['accuracy']:.2f} | {e['mad']:.2f} | {e['corr']:.3f} | {e['interval_coverage']:.1f}% "
-            f"| {r['constant']['mad']:.2f} | {r['loo_01']['mad']:.2f} / {r['loo_01']['corr']:.3f} | {m['auroc']:.4f} "
-            f"| {m['recall']:.1f}% / {m['clean_flagged']:.2f}% | {d['exact_found']:.1f}% / {d['jpeg90_found']:.1f}% "
-            f"| {r['clean_tasks_with_a_duplicate_flag']} of {r['tasks']} | {cost:.2f}x |"
-        )
+    lines += [_table_row(r) for r in rows]
     if moves:
         models = [x for x in moves if "model" in x]
         lines += [
@@ -314,6 +304,49 @@ def render_markdown(rows: list[dict[str, Any]], moves: list[dict[str, Any]], pat
         ]
     lines.append(END)
     _splice(path, START, END, lines)
+
+
+#: The columns of the support-set report tables (the main block and the MAML block).
+TABLE_HEAD = [
+    "| model | method | accuracy | estimate MAD | corr | interval holds | constant MAD | held-out 0/1 MAD / corr "
+    "| mislabel AUROC | recall / clean flagged | exact / JPEG copies found | clean tasks flagged | cost |",
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+]
+
+
+def _table_row(r: dict[str, Any]) -> str:
+    """One ``fewshot report --json`` row under :data:`TABLE_HEAD`."""
+    e, m, d = r["estimate"], r["mislabel"], r["duplicates"]
+    cost = r["report_seconds_median"] / r["adapt_seconds_median"]
+    return (
+        f"| {r['model']} | {r['method']} | {r['accuracy']:.2f} | {e['mad']:.2f} | {e['corr']:.3f} | {e['interval_coverage']:.1f}% "
+        f"| {r['constant']['mad']:.2f} | {r['loo_01']['mad']:.2f} / {r['loo_01']['corr']:.3f} | {m['auroc']:.4f} "
+        f"| {m['recall']:.1f}% / {m['clean_flagged']:.2f}% | {d['exact_found']:.1f}% / {d['jpeg90_found']:.1f}% "
+        f"| {r['clean_tasks_with_a_duplicate_flag']} of {r['tasks']} | {cost:.2f}x |"
+    )
+
+
+START_MAML, END_MAML = "<!-- report_check.py maml: start -->", "<!-- report_check.py maml: end -->"
+
+
+def render_maml(rows: list[dict[str, Any]], path: Path) -> None:
+    """RESULTS.md's "The MAML models" block (between :data:`START_MAML` and :data:`END_MAML`, appended at the end the
+    first time) from the ``fewshot report --json`` rows of the shipped MAML models (support set alone)."""
+    if not rows:
+        return
+    lines = [
+        START_MAML,
+        "### The MAML models (`fewshot report`, support set alone)",
+        "",
+        "The shipped MAML inner-loop models, measured as the rows of the main table (the same columns, tasks and seeds; the",
+        "same 2-fold held-out adaptation as CxGrad), their settings fitted on validation tasks and written into their cards:",
+        "`scripts/report-shipped.sh` runs them after the unlabeled rows, into `runs/report/maml.jsonl`.",
+        "",
+        *TABLE_HEAD,
+        *[_table_row(r) for r in rows],
+        END_MAML,
+    ]
+    _splice(path, START_MAML, END_MAML, lines)
 
 
 def _splice(path: Path, start: str, end: str, lines: list[str]) -> None:
@@ -374,9 +407,11 @@ if __name__ == "__main__":
     parser.add_argument("--report", type=Path, default=Path("runs/report/report.jsonl"))
     parser.add_argument("--moves", type=Path, default=Path("runs/moves/task_moves.jsonl"))
     parser.add_argument("--unlabeled", type=Path, default=Path("runs/report/unlabeled.jsonl"))
+    parser.add_argument("--maml", type=Path, default=Path("runs/report/maml.jsonl"))
     parser.add_argument("--results", type=Path, default=Path("RESULTS.md"))
     ns = parser.parse_args()
     read = lambda p: [json.loads(x) for x in p.read_text().splitlines() if x.strip()] if p.exists() else []  # noqa: E731
     if ns.report.exists():  # the block is rendered from every row: only where they were measured here
         render_markdown(read(ns.report), read(ns.moves), ns.results)
     render_unlabeled(read(ns.unlabeled), ns.results)
+    render_maml(read(ns.maml), ns.results)
