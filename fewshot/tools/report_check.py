@@ -280,9 +280,8 @@ def render_markdown(rows: list[dict[str, Any]], moves: list[dict[str, Any]], pat
         "the clean tasks with any duplicate flag. **Cost**: median seconds of Adapt with the report over plain Adapt, in",
         "process on one thread.",
         "",
-        *TABLE_HEAD,
+        *_table(rows),
     ]
-    lines += [_table_row(r) for r in rows]
     if moves:
         models = [x for x in moves if "model" in x]
         lines += [
@@ -306,24 +305,23 @@ def render_markdown(rows: list[dict[str, Any]], moves: list[dict[str, Any]], pat
     _splice(path, START, END, lines)
 
 
-#: The columns of the support-set report tables (the main block and the MAML block).
-TABLE_HEAD = [
-    "| model | method | accuracy | estimate MAD | corr | interval holds | constant MAD | held-out 0/1 MAD / corr "
-    "| mislabel AUROC | recall / clean flagged | exact / JPEG copies found | clean tasks flagged | cost |",
-    "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-]
-
-
-def _table_row(r: dict[str, Any]) -> str:
-    """One ``fewshot report --json`` row under :data:`TABLE_HEAD`."""
-    e, m, d = r["estimate"], r["mislabel"], r["duplicates"]
-    cost = r["report_seconds_median"] / r["adapt_seconds_median"]
-    return (
-        f"| {r['model']} | {r['method']} | {r['accuracy']:.2f} | {e['mad']:.2f} | {e['corr']:.3f} | {e['interval_coverage']:.1f}% "
-        f"| {r['constant']['mad']:.2f} | {r['loo_01']['mad']:.2f} / {r['loo_01']['corr']:.3f} | {m['auroc']:.4f} "
-        f"| {m['recall']:.1f}% / {m['clean_flagged']:.2f}% | {d['exact_found']:.1f}% / {d['jpeg90_found']:.1f}% "
-        f"| {r['clean_tasks_with_a_duplicate_flag']} of {r['tasks']} | {cost:.2f}x |"
-    )
+def _table(rows: list[dict[str, Any]], duplicates: bool = True) -> list[str]:
+    """``fewshot report --json`` rows as a Markdown table (header included); ``duplicates``: with the planted-copy
+    columns (the unlabeled block leaves them out: the copies are found from pixels, whatever else the task has)."""
+    copies = ["exact / JPEG copies found", "clean tasks flagged"] if duplicates else []
+    head = ["model", "method", "accuracy", "estimate MAD", "corr", "interval holds", "constant MAD", "held-out 0/1 MAD / corr",
+            "mislabel AUROC", "recall / clean flagged", *copies, "cost"]  # fmt: skip
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        e, m, d = r["estimate"], r["mislabel"], r["duplicates"]
+        cells = [r["model"], r["method"], f"{r['accuracy']:.2f}", f"{e['mad']:.2f}", f"{e['corr']:.3f}", f"{e['interval_coverage']:.1f}%",
+                 f"{r['constant']['mad']:.2f}", f"{r['loo_01']['mad']:.2f} / {r['loo_01']['corr']:.3f}", f"{m['auroc']:.4f}",
+                 f"{m['recall']:.1f}% / {m['clean_flagged']:.2f}%"]  # fmt: skip
+        if duplicates:
+            cells += [f"{d['exact_found']:.1f}% / {d['jpeg90_found']:.1f}%", f"{r['clean_tasks_with_a_duplicate_flag']} of {r['tasks']}"]
+        cells.append(f"{r['report_seconds_median'] / r['adapt_seconds_median']:.2f}x")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 START_MAML, END_MAML = "<!-- report_check.py maml: start -->", "<!-- report_check.py maml: end -->"
@@ -342,8 +340,7 @@ def render_maml(rows: list[dict[str, Any]], path: Path) -> None:
         "same 2-fold held-out adaptation as CxGrad), their settings fitted on validation tasks and written into their cards:",
         "`scripts/report-shipped.sh` runs them after the unlabeled rows, into `runs/report/maml.jsonl`.",
         "",
-        *TABLE_HEAD,
-        *[_table_row(r) for r in rows],
+        *_table(rows),
         END_MAML,
     ]
     _splice(path, START_MAML, END_MAML, lines)
@@ -384,19 +381,9 @@ def render_unlabeled(rows: list[dict[str, Any]], path: Path) -> None:
         "per row (`scripts/report-shipped.sh` runs them after the rows above). Omniglot has 20 images a class, none left",
         "after 5 shots and 15 queries.",
         "",
-        "| model | method | accuracy | estimate MAD | corr | interval holds | constant MAD | held-out 0/1 MAD / corr "
-        "| mislabel AUROC | recall / clean flagged | cost |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        *_table(rows, duplicates=False),
+        END_UNLABELED,
     ]
-    for r in rows:
-        e, m = r["estimate"], r["mislabel"]
-        cost = r["report_seconds_median"] / r["adapt_seconds_median"]
-        lines.append(
-            f"| {r['model']} | {r['method']} | {r['accuracy']:.2f} | {e['mad']:.2f} | {e['corr']:.3f} | {e['interval_coverage']:.1f}% "
-            f"| {r['constant']['mad']:.2f} | {r['loo_01']['mad']:.2f} / {r['loo_01']['corr']:.3f} | {m['auroc']:.4f} "
-            f"| {m['recall']:.1f}% / {m['clean_flagged']:.2f}% | {cost:.2f}x |"
-        )
-    lines.append(END_UNLABELED)
     _splice(path, START_UNLABELED, END_UNLABELED, lines)
 
 
