@@ -19,7 +19,7 @@ from __future__ import annotations
 import io
 import threading
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -282,9 +282,9 @@ def decode_pixels(
 def _decode_batch(
     images: Sequence[pb.Image | bytes], spec: InputSpec, limits: ImageLimits, what: str, budget: CallBudget | None
 ) -> np.ndarray:
+    encoded = [_encoded_bytes(image) for image in images]  # read once: a message's bytes field is a fresh copy
     opened: list[Image.Image | PngHeader | None] = []
-    for i, image in enumerate(images):
-        data = _encoded_bytes(image)
+    for i, data in enumerate(encoded):
         try:
             opened.append(None if data is None else _open_encoded(data, limits, spec))
         except ImageError as exc:
@@ -293,23 +293,19 @@ def _decode_batch(
         budget.charge_pixels(sum(o.size[0] * o.size[1] if o is not None else _raw_pixels(image) for o, image in zip(opened, images)))
 
     def decode(i: int) -> np.ndarray:
-        image, header = images[i], opened[i]
+        header, data = opened[i], encoded[i]
         if budget is not None:
             budget.check(f"decoding {what} image {i}")
         try:
-            if header is None:  # a raw tensor
-                return _decode_one(image, spec, limits)
-            encoded = _encoded_bytes(image)
-            assert encoded is not None  # a header was read from these bytes
-            return _decode_opened(header, encoded, spec, limits)
+            if header is None or data is None:  # a raw tensor
+                return _decode_one(images[i], spec, limits)
+            return _decode_opened(header, data, spec, limits)
         except ImageError as exc:
             raise ImageError(f"{what} image {i} {exc}") from None
 
     arrays: list[np.ndarray | None] = [None] * len(images)
     slow = [i for i, header in enumerate(opened) if not isinstance(header, PngHeader)]
-    for i in range(len(images)):  # libspng's images (microseconds each) in this thread
-        if isinstance(opened[i], PngHeader):
-            arrays[i] = decode(i)
+    _decode_fast_pngs(encoded, opened, arrays, spec, what, budget, decode)
     if len(slow) < PARALLEL_FROM:
         for i in slow:
             arrays[i] = decode(i)
@@ -325,6 +321,33 @@ def _decode_batch(
         for i, array in zip(slow[half:], second.result()):
             arrays[i] = array
     return np.stack([a for a in arrays if a is not None])  # every index was decoded above
+
+
+def _decode_fast_pngs(
+    encoded: list[bytes | None],
+    opened: Sequence[Image.Image | PngHeader | None],
+    arrays: list[np.ndarray | None],
+    spec: InputSpec,
+    what: str,
+    budget: CallBudget | None,
+    decode: Callable[[int], np.ndarray],
+) -> None:
+    """libspng's images of the model's own size into ``arrays``, in one loop (a few microseconds of decoding each,
+    so the per-image steps around it count): the call's liveness checked before each, any other size or a PNG
+    libspng refuses handed to ``decode`` (the general path, which says what is wrong with it)."""
+    size, shape = (spec.size, spec.size), (spec.size, spec.size, spec.channels)
+    for i, header in enumerate(opened):
+        if not isinstance(header, PngHeader):
+            continue
+        if header.size != size:
+            arrays[i] = decode(i)
+            continue
+        if budget is not None:
+            budget.check_each(what, i)
+        try:
+            arrays[i] = pyspng.load(encoded[i]).reshape(shape)
+        except Exception:  # damaged or unusual: Pillow decodes it, or says what is wrong with it
+            arrays[i] = decode(i)
 
 
 #: Images per call from which decoding is split over two threads.

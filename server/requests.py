@@ -169,9 +169,10 @@ def classify_response(
     probs = torch.softmax(logits, dim=1).numpy()
     k = min(max(top_k, 1), len(labels))
     order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+    top = np.take_along_axis(probs, order, 1).tolist()  # Python floats in one call rather than one per value
     predictions = [
-        pb.Prediction(ranked=[pb.LabelScore(label=labels[j], probability=float(p[j])) for j in idx], probabilities=p.tolist())
-        for p, idx in zip(probs, order)
+        pb.Prediction(ranked=[pb.LabelScore(label=labels[j], probability=v) for j, v in zip(idx, values)], probabilities=row)
+        for row, idx, values in zip(probs.tolist(), order.tolist(), top)
     ]
     if rejection is not None:
         scores, threshold = rejection.apply(open_set, logits)

@@ -6,6 +6,7 @@ import torch
 
 from fewshot.models.episodes import EpisodeSampler
 from fewshot.models.family import open_shipped
+from fewshot.models.heads.base import sq_distances
 from fewshot.models.heads.centroid import CentroidHead
 from fewshot.models.heads.laplacian_shot import LaplacianShotHead, rectify_prototypes
 from fewshot.models.heads.transforms import transform_features
@@ -65,6 +66,20 @@ def test_centroid_is_batch_invariant_and_accurate_on_real_features(features, omn
     alone = torch.cat([state.classify(feats[ep.query][i : i + 1]) for i in range(len(ep.query))])
     assert torch.equal(together, alone)
     assert (together.argmax(1).numpy() == ep.query_labels).mean() > 0.8
+
+
+@pytest.mark.parametrize("classes", [2, 5, 20, 200])
+def test_squared_distances_in_blocks_equal_the_whole_broadcast_row_by_row(features, classes):
+    """sq_distances goes through the queries in blocks sized by the number of classes (200 classes: one query a
+    block): every entry is exactly the broadcast form's, and a query's row is the same alone or with others."""
+    feats, _ = features
+    query, prototypes = feats[:75], feats[100 : 100 + classes]
+    whole = ((query[:, None, :] - prototypes[None]) ** 2).sum(-1)
+    got = sq_distances(query, prototypes)
+    assert torch.equal(got, whole)
+    assert torch.equal(torch.cat([sq_distances(query[i : i + 1], prototypes) for i in range(len(query))]), got)
+    assert sq_distances(query[:0], prototypes).shape == (0, classes)
+    assert sq_distances(query, prototypes[:0]).shape == (75, 0)
 
 
 def test_heads_reject_bad_support():

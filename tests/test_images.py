@@ -116,6 +116,30 @@ def test_a_large_batch_decodes_in_two_threads_to_the_same_arrays_and_names_a_bad
             decode_batch(broken, SPEC, ImageLimits(), "query")
 
 
+def test_the_libspng_loop_checks_the_call_and_names_a_damaged_image():
+    """PNGs of the model's own format go through libspng in one loop: an abandoned call stops before the first
+    is decoded, and a PNG whose header passes but whose pixel data is damaged falls back to Pillow, whose
+    error names the image."""
+    from fewshot.models.preprocess import encode_png
+    from fewshot.server.errors import CallAbandoned
+    from fewshot.server.images import png_fast_header
+
+    rng = np.random.default_rng(1)
+    encoded = [encode_png(rng.integers(0, 256, (28, 28, 1), dtype=np.uint8)) for _ in range(6)]
+    assert all(png_fast_header(b, SPEC) is not None for b in encoded)
+    budget = CallBudget()
+    budget.abandon()
+    with pytest.raises(CallAbandoned, match="before decoding query image 0"):
+        decode_batch(encoded, SPEC, ImageLimits(), "query", budget)
+    damaged = bytearray(encoded[4])
+    idat = damaged.index(b"IDAT")
+    damaged[idat + 10 : idat + 20] = bytes(10)  # inside the compressed data: the chunk's CRC no longer matches
+    broken = [*encoded[:4], bytes(damaged), encoded[5]]
+    assert png_fast_header(broken[4], SPEC) is not None
+    with pytest.raises(ImageError, match="query image 4 cannot be decoded"):
+        decode_batch(broken, SPEC, ImageLimits(), "query")
+
+
 def _pillow_only(data: bytes, spec: InputSpec) -> np.ndarray:
     """What Pillow alone makes of ``data`` (the reference of the libspng fast path)."""
     array = spec.prepare(Image.open(io.BytesIO(data)))

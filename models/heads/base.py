@@ -44,13 +44,27 @@ def class_means(features: torch.Tensor, labels: torch.Tensor, n: int) -> torch.T
     return (onehot.T @ features) / onehot.sum(0)[:, None]
 
 
+#: Bytes of one block of query-minus-prototype differences in :func:`sq_distances`: under the server's 1 MB
+#: fresh-mapping threshold (``server/memory.py``), so the block's memory is reused from call to call.
+DIFFERENCE_BLOCK_BYTES = (1 << 20) - (64 << 10)
+
+
 def sq_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``(m, d)``, ``(n, d)`` -> ``(m, n)`` squared Euclidean distances, computed row by row so the
-    result for one row does not depend on the other rows (batch invariance). One column at a time: the same
-    values as broadcasting ``(m, n, d)``, without that temporary (64 queries x 5 classes x 3136 features is
-    4 MB, a fresh mapping per call under the server's allocator settings; BENCHMARKS.md, "The served path
-    against its own engine")."""
-    return torch.stack([((a - row) ** 2).sum(1) for row in b], 1) if len(b) else a.new_zeros(len(a), 0)
+    """``(m, d)``, ``(n, d)`` -> ``(m, n)`` squared Euclidean distances ``sum_k (a_ik - b_jk)^2``, each an
+    independent sum over ``k``, so the result for one row does not depend on the other rows (batch invariance).
+
+    Rows go in blocks whose ``(rows, n, d)`` differences fit :data:`DIFFERENCE_BLOCK_BYTES`: the same values as
+    broadcasting the whole ``(m, n, d)`` at once, without that temporary (64 queries x 5 classes x 3136 features
+    is 4 MB, a fresh mapping per call under the server's allocator settings; BENCHMARKS.md, "The served path
+    against its own engine"), and with three tensor operations per block rather than per class."""
+    if not len(b) or not len(a):
+        return a.new_zeros(len(a), len(b))
+    rows = max(1, DIFFERENCE_BLOCK_BYTES // (b.numel() * b.element_size()))
+    blocks = []
+    for start in range(0, len(a), rows):
+        diff = a[start : start + rows, None, :] - b[None]
+        blocks.append(diff.mul_(diff).sum(-1))
+    return torch.cat(blocks)
 
 
 #: Head states by their stored ``kind`` (filled as the state classes are defined).

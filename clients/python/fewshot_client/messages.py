@@ -396,13 +396,16 @@ def predictions(response: fewshot_pb2.ClassifyResponse) -> list[Prediction]:
     """The predictions of a ClassifyResponse, one per query."""
     labels = list(response.labels)
     result = []
-    for p in response.predictions:
-        scores = dict(zip(labels, (float(v) for v in p.probabilities)))
-        ranked = [(s.label, float(s.probability)) for s in p.ranked]
+    for p in response.predictions:  # a protobuf float field reads as a Python float: no conversion needed
+        scores = dict(zip(labels, p.probabilities))
+        ranked = [(s.label, s.probability) for s in p.ranked]
         label, score = ranked[0] if ranked else max(scores.items(), key=lambda kv: kv[1])
-        open_set = {"open_set_score": p.score, "threshold": p.threshold, "score_name": p.score_name} if p.score_name else {}
-        nearest = [(m.index, m.label, m.similarity) for m in p.nearest]
-        result.append(Prediction(label=label, score=score, scores=scores, ranked=ranked, unknown=p.unknown, nearest=nearest, **open_set))
+        prediction = Prediction(label, score, scores, ranked, p.unknown)
+        if p.score_name:
+            prediction.open_set_score, prediction.threshold, prediction.score_name = p.score, p.threshold, p.score_name
+        if p.nearest:
+            prediction.nearest = [(m.index, m.label, m.similarity) for m in p.nearest]
+        result.append(prediction)
     return result
 
 
