@@ -451,6 +451,9 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--bundles", help="with --compare: bundle directory (default: $FEWSHOT_BUNDLES, else bundles/)")
     p.add_argument("--calls", type=int, default=32, help="with --compare: Classify calls per round")
     p.add_argument(
+        "--rounds", type=int, default=3, help="with --compare: rounds of raw and served calls, alternating (the median is reported)"
+    )
+    p.add_argument(
         "--pin",
         action="store_true",
         help="with --compare: the server and the raw engine on the last core (one thread), the client on the others",

@@ -99,3 +99,39 @@ def test_the_gpu_bench_script_runs_end_to_end_on_cpu(omni_bundles, tmp_path):
     (adapt,) = sections["adapt"]["rows"]
     assert adapt["model"] == "omniglot-conv4-cxgrad" and adapt["max_abs_probability_diff"] < 1e-4
     assert {r["tasks"] for r in sections["many"]["rows"] if r["section"] == "engine adapt"} == {1, 8}
+
+
+def test_the_classify_stages_script_times_every_stage_of_the_served_path(omni_bundles):
+    """scripts/classify_stages.py on both Omniglot bundles (a metric head and an adapted network), three calls
+    each: every stage timed, the shares adding up (no timing asserted)."""
+    run = subprocess.run(
+        [
+            sys.executable,
+            "scripts/classify_stages.py",
+            "--bundles",
+            str(omni_bundles),
+            "--model",
+            "omniglot-conv4-directsum",
+            "--model",
+            "omniglot-conv4-cxgrad",
+            "--queries",
+            "8",
+            "--calls",
+            "3",
+            "--warmup",
+            "1",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = [json.loads(line) for line in run.stdout.splitlines()]
+    assert [r["model"] for r in rows] == ["omniglot-conv4-directsum", "omniglot-conv4-cxgrad"]
+    for row in rows:
+        stages = row["stages"]
+        assert list(stages) == ["parse", "decode", "normalize", "engine", "head", "response"]
+        assert all(s["p50_ms"] > 0 and s["p10_ms"] <= s["p90_ms"] for s in stages.values()), stages
+        assert abs(sum(s["share"] for s in stages.values()) - 1) < 0.01

@@ -267,6 +267,9 @@ def _compare(args: argparse.Namespace) -> None:
     from fewshot.tools.compare import compare_adapt, compare_classify, compare_cold_start, compare_many_tasks
     from fewshot.tools.demo import ensure_bundles
 
+    for flag, value in (("--calls", args.calls), ("--rounds", args.rounds)):
+        if value < 1:
+            raise ConfigError(f"{flag} {value}: give at least 1")
     bundles = Path(args.bundles) if args.bundles else DEFAULT_BUNDLE_DIR
     log = (lambda row: None) if args.json else print
     if not args.bundles:
@@ -277,7 +280,9 @@ def _compare(args: argparse.Namespace) -> None:
     )
     rows = []
     if "classify" in args.sections:
-        rows += compare_classify(bundles, args.model, calls=args.calls, threads=args.threads, seed=args.seed, log=log, pinned=args.pin)
+        rows += compare_classify(
+            bundles, args.model, calls=args.calls, rounds=args.rounds, threads=args.threads, seed=args.seed, log=log, pinned=args.pin
+        )
     if "adapt" in args.sections:
         rows += compare_adapt(bundles, args.model, args.shots, args.repeats, args.warmup, args.seed, log=log)
     if "cold" in args.sections:
