@@ -135,3 +135,30 @@ def test_the_classify_stages_script_times_every_stage_of_the_served_path(omni_bu
         assert list(stages) == ["parse", "decode", "normalize", "engine", "head", "response"]
         assert all(s["p50_ms"] > 0 and s["p10_ms"] <= s["p90_ms"] for s in stages.values()), stages
         assert abs(sum(s["share"] for s in stages.values()) - 1) < 0.01
+
+
+def test_the_adapt_profile_script_names_the_operators_of_an_inner_loop(omni_bundles):
+    """scripts/adapt_profile.py on the Omniglot CxGrad bundle, two tasks: the Adapt time and the operators with
+    their shares, which add up to the whole; a metric model is refused with a one-line reason."""
+    run = subprocess.run(
+        [sys.executable, "scripts/adapt_profile.py", "--bundles", str(omni_bundles), "--model", "omniglot-conv4-cxgrad"]
+        + ["--tasks", "2", "--warmup", "1", "--top", "5"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    lines = [line for line in run.stdout.splitlines() if line.strip()]
+    assert lines[0].startswith("omniglot-conv4-cxgrad: Adapt 5-way 5-shot, 2 tasks under the profiler, p50 ")
+    shares = [float(line.split("%")[0].split()[-1]) for line in lines[1:]]
+    assert len(shares) == 6 and abs(sum(shares) - 100) < 1.0, lines
+    assert "aten::" in lines[1]
+    refused = subprocess.run(
+        [sys.executable, "scripts/adapt_profile.py", "--bundles", str(omni_bundles), "--model", "omniglot-conv4-directsum"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert refused.returncode != 0 and "is not an inner-loop model" in refused.stderr
