@@ -17,6 +17,7 @@ goes through Pillow.
 from __future__ import annotations
 
 import io
+import struct
 import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -143,26 +144,29 @@ class PngHeader:
     size: tuple[int, int]
 
 
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+#: The PNG signature and the start of its first chunk, which must be a 13-byte IHDR.
+_PNG_START = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR"
 #: IHDR colour types by model channels: 0 (grayscale) for 1-channel models, 2 (RGB) for 3-channel ones.
 _PNG_COLOUR = {1: 0, 3: 2}
+_CHUNK_HEADER = struct.Struct(">I4s")  # a chunk's data length and type
+_IHDR_SIZE = struct.Struct(">II")  # width, height
 
 
 def png_fast_header(data: bytes, spec: InputSpec) -> PngHeader | None:
     """The header of ``data`` if it is a PNG that libspng decodes to exactly what Pillow would give
     ``spec`` (8-bit, the spec's colour type, no ``tRNS`` chunk before the image data), else ``None``."""
-    if pyspng is None or len(data) < 33 or not data.startswith(_PNG_SIGNATURE) or data[8:16] != b"\x00\x00\x00\rIHDR":
+    if pyspng is None or len(data) < 33 or not data.startswith(_PNG_START):
         return None
     if data[24] != 8 or data[25] != _PNG_COLOUR.get(spec.channels):
         return None
-    pos = 33  # after the IHDR chunk: walk the chunk headers up to the first IDAT
-    while pos + 8 <= len(data):
-        kind = data[pos + 4 : pos + 8]
+    pos, last = 33, len(data) - 8  # after the IHDR chunk: walk the chunk headers up to the first IDAT
+    while pos <= last:
+        length, kind = _CHUNK_HEADER.unpack_from(data, pos)
         if kind == b"IDAT":
-            return PngHeader((int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")))
+            return PngHeader(_IHDR_SIZE.unpack_from(data, 16))
         if kind == b"tRNS":
             return None
-        pos += 12 + int.from_bytes(data[pos : pos + 4], "big")
+        pos += 12 + length
     return None
 
 
