@@ -5,8 +5,10 @@ core with one thread and the server's allocator settings (``server/memory.py``),
 images of the model's dataset against a 5-way 5-shot task (seed 0): parsing the request bytes, decoding the
 PNGs (``decode_pixels_for_model``), normalising them, the engine (``plan.heavy``: the backbone, or the adapted
 network), the head (``plan.finish``: the head and its temperature) and building the response
-(``classify_response``, serialised). Prints per model one line per stage with its median, p10 and p90 over
-``--calls`` calls (after ``--warmup``) and its share of the summed medians; ``--json`` writes them as JSON.
+(``classify_response``, serialised); then the client SDK's own two steps, which run on the client's core: building
+the serialised request from the PNG bytes and reading the answer into predictions. Prints per model one line per
+stage with its median, p10 and p90 over ``--calls`` calls (after ``--warmup``) and, for the server's stages, its
+share of their summed medians; ``--json`` writes them as JSON.
 Read it beside ``fewshot bench --compare --pin`` (the served call against the engine alone) and
 ``scripts/grpc_floor.py`` (gRPC's own round trip)::
 
@@ -26,6 +28,8 @@ import numpy as np
 import torch
 
 STAGES = ("parse", "decode", "normalize", "engine", "head", "response")
+#: The client SDK's own work per call, on the client's core: building the request, reading the answer.
+CLIENT_STAGES = ("sdk request", "sdk answer")
 
 
 def stages(bundles: Path, name: str, queries: int, calls: int, warmup: int) -> dict[str, dict[str, float]]:
@@ -37,6 +41,7 @@ def stages(bundles: Path, name: str, queries: int, calls: int, warmup: int) -> d
     from fewshot.models.preprocess import encode_png
     from fewshot.server.images import ImageLimits, decode_pixels_for_model
     from fewshot.server.requests import classify_response
+    from fewshot_client import messages
     from fewshot_proto import fewshot_pb2 as pb
 
     model = open_bundle(Registry.load(bundles).get(name), "cpu", 1)
@@ -46,7 +51,8 @@ def stages(bundles: Path, name: str, queries: int, calls: int, warmup: int) -> d
     picks = np.random.default_rng(0).choice(len(data.images), queries, replace=False)
     raw = pb.ClassifyRequest(task_id="t", queries=[pb.Image(encoded=encode_png(data.images[i])) for i in picks]).SerializeToString()
     labels, limits = [f"class-{c}" for c in range(5)], ImageLimits()
-    times: dict[str, list[float]] = {s: [] for s in STAGES}
+    pngs = [q.encoded for q in pb.ClassifyRequest.FromString(raw).queries]
+    times: dict[str, list[float]] = {s: [] for s in (*STAGES, *CLIENT_STAGES)}
     for i in range(warmup + calls):
         marks = [time.perf_counter()]
         request = pb.ClassifyRequest.FromString(raw)
@@ -60,18 +66,22 @@ def stages(bundles: Path, name: str, queries: int, calls: int, warmup: int) -> d
         marks.append(time.perf_counter())
         logits = plan.finish(out)
         marks.append(time.perf_counter())
-        classify_response(logits, labels, 1, task.open_set, None).SerializeToString()
+        answer = classify_response(logits, labels, 1, task.open_set, None).SerializeToString()
+        marks.append(time.perf_counter())
+        messages.classify_request("t", pngs, 1, False, None, None, 0).SerializeToString()
+        marks.append(time.perf_counter())
+        messages.predictions(pb.ClassifyResponse.FromString(answer))
         marks.append(time.perf_counter())
         if i >= warmup:
-            for stage, start, end in zip(STAGES, marks, marks[1:]):
+            for stage, start, end in zip((*STAGES, *CLIENT_STAGES), marks, marks[1:]):
                 times[stage].append(1e3 * (end - start))
-    total = sum(statistics.median(v) for v in times.values())
+    total = sum(statistics.median(times[s]) for s in STAGES)
     return {
         stage: {
             "p50_ms": round(statistics.median(v), 3),
             "p10_ms": round(float(np.percentile(v, 10)), 3),
             "p90_ms": round(float(np.percentile(v, 90)), 3),
-            "share": round(statistics.median(v) / total, 3),
+            "share": round(statistics.median(v) / total, 3) if stage in STAGES else None,
         }
         for stage, v in times.items()
     }
@@ -100,9 +110,10 @@ def main() -> None:
             print(json.dumps({"model": name, "queries": args.queries, "calls": args.calls, "stages": rows}), flush=True)
             continue
         for stage, r in rows.items():
+            share = f"{100 * r['share']:5.1f}%" if r["share"] is not None else "(client)"
             print(
-                f"{name:37s} {args.queries} queries {stage:9s} p50 {r['p50_ms']:8.3f} ms "
-                f"[p10 {r['p10_ms']:.3f}, p90 {r['p90_ms']:.3f}] {100 * r['share']:5.1f}%",
+                f"{name:37s} {args.queries} queries {stage:11s} p50 {r['p50_ms']:8.3f} ms "
+                f"[p10 {r['p10_ms']:.3f}, p90 {r['p90_ms']:.3f}] {share}",
                 flush=True,
             )
 
