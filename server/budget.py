@@ -48,12 +48,6 @@ class CallBudget:
             self.on_stop(stage)
             raise CallAbandoned(f"the call's deadline passed; its work stopped before {stage}")
 
-    def check_each(self, what: str, index: int) -> None:
-        """:meth:`check` before decoding ``what`` image ``index``, its stage named only when the call stops (a
-        per-image check in the decoding loop)."""
-        if self.abandoned.is_set() or (self.deadline is not None and time.monotonic() >= self.deadline):
-            self.check(f"decoding {what} image {index}")
-
     def charge_pixels(self, pixels: int) -> None:
         """Account ``pixels`` about to be decoded (:class:`TooLarge` past the call's budget)."""
         self.pixels += pixels

@@ -20,7 +20,7 @@ import io
 import struct
 import threading
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -309,7 +309,9 @@ def _decode_batch(
 
     arrays: list[np.ndarray | None] = [None] * len(images)
     slow = [i for i, header in enumerate(opened) if not isinstance(header, PngHeader)]
-    _decode_fast_pngs(encoded, opened, arrays, spec, what, budget, decode)
+    for i, header in enumerate(opened):  # libspng's images (microseconds each) in this thread
+        if isinstance(header, PngHeader):
+            arrays[i] = decode(i)
     if len(slow) < PARALLEL_FROM:
         for i in slow:
             arrays[i] = decode(i)
@@ -325,33 +327,6 @@ def _decode_batch(
         for i, array in zip(slow[half:], second.result()):
             arrays[i] = array
     return np.stack([a for a in arrays if a is not None])  # every index was decoded above
-
-
-def _decode_fast_pngs(
-    encoded: list[bytes | None],
-    opened: Sequence[Image.Image | PngHeader | None],
-    arrays: list[np.ndarray | None],
-    spec: InputSpec,
-    what: str,
-    budget: CallBudget | None,
-    decode: Callable[[int], np.ndarray],
-) -> None:
-    """libspng's images of the model's own size into ``arrays``, in one loop (a few microseconds of decoding each,
-    so the per-image steps around it count): the call's liveness checked before each, any other size or a PNG
-    libspng refuses handed to ``decode`` (the general path, which says what is wrong with it)."""
-    size, shape = (spec.size, spec.size), (spec.size, spec.size, spec.channels)
-    for i, header in enumerate(opened):
-        if not isinstance(header, PngHeader):
-            continue
-        if header.size != size:
-            arrays[i] = decode(i)
-            continue
-        if budget is not None:
-            budget.check_each(what, i)
-        try:
-            arrays[i] = pyspng.load(encoded[i]).reshape(shape)
-        except Exception:  # damaged or unusual: Pillow decodes it, or says what is wrong with it
-            arrays[i] = decode(i)
 
 
 #: Images per call from which decoding is split over two threads.

@@ -116,10 +116,10 @@ def test_a_large_batch_decodes_in_two_threads_to_the_same_arrays_and_names_a_bad
             decode_batch(broken, SPEC, ImageLimits(), "query")
 
 
-def test_the_libspng_loop_checks_the_call_and_names_a_damaged_image():
-    """PNGs of the model's own format go through libspng in one loop: an abandoned call stops before the first
-    is decoded, and a PNG whose header passes but whose pixel data is damaged falls back to Pillow, whose
-    error names the image."""
+def test_libspng_decoding_checks_the_call_and_names_a_damaged_image():
+    """PNGs of the model's own format go through libspng: an abandoned call stops before the first is decoded,
+    and a PNG whose header passes but whose pixel data is damaged falls back to Pillow, whose error names the
+    image."""
     from fewshot.models.preprocess import encode_png
     from fewshot.server.errors import CallAbandoned
     from fewshot.server.images import png_fast_header
